@@ -1,0 +1,21 @@
+//! Airlock's guest side.
+//!
+//! * [`runner`]: the wasmtime runner. It takes a component, a tool name, JSON
+//!   arguments and a [`grants::GrantSet`], and runs exactly one call in a fresh
+//!   store that can do only what the grant set allows.
+//! * [`grants`]: the grant set (the policy decision, made on the host) and the
+//!   HTTP rule matcher shared with the host's egress proxy.
+//! * [`audit`]: capability decisions recorded during a call.
+//! * [`artifact`]: the envelope around precompiled components.
+//!
+//! **Invariant:** the runner enforces the grant set it is handed and never
+//! widens it; deciding what to grant is the host policy module's job.
+
+pub mod artifact;
+pub mod audit;
+pub mod grants;
+pub mod runner;
+
+pub use audit::{AuditEvent, Decision};
+pub use grants::{DirGrant, GrantSet, HttpRule, Limits};
+pub use runner::{CallError, CallOutcome, CallResult, EngineConfig, Loaded, Metering, Runner, RunnerError};

@@ -1,0 +1,665 @@
+//! The wasmtime runner: one fresh store per call, built from a grant set.
+//!
+//! **Invariants**
+//! * Every call gets a new `Store` whose WASI context holds only the granted
+//!   directories and environment; sockets are always denied; outgoing HTTP
+//!   passes the [`HttpGrant`](crate::grants::HttpGrant) check.
+//! * Memory (all linear memories together), fuel, wall time and captured
+//!   output are bounded on every call; hitting a bound ends the call with a
+//!   structured [`CallError`] and an audit event.
+//! * Precompiled bytes are deserialized only after the
+//!   [`artifact`](crate::artifact) envelope proves they came from an engine
+//!   with this exact configuration.
+
+use crate::artifact::{self, ArtifactError};
+use crate::audit::{AuditEvent, AuditLog, Decision};
+use crate::grants::{GrantSet, HttpGrant, HttpVerdict};
+use airlock_wasm_tools::contract::{self, ContractError};
+use airlock_wasm_tools::value::{args_to_vals, val_to_json};
+use airlock_wasm_tools::{Tool, ToolSet};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use wasmtime::component::{Component, ComponentExportIndex, InstancePre, Linker, ResourceTable, Val};
+use wasmtime::{Engine, ResourceLimiter, Store, Trap};
+use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
+use wasmtime_wasi::{FsPerms, WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
+use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpHooks, WasiHttpView};
+
+/// The WASI version whose `wasi:cli/environment` Airlock wraps for auditing.
+const WASI_CLI_ENVIRONMENT: &str = "wasi:cli/environment@0.2.12";
+
+/// How often (in fuel units) a running call yields to the executor so the
+/// wall-clock timeout can fire even in a tight loop.
+const FUEL_YIELD_INTERVAL: u64 = 100_000;
+
+/// Errors setting up the runner or loading a component.
+#[derive(Debug, thiserror::Error)]
+pub enum RunnerError {
+    /// The wasmtime engine could not be created.
+    #[error("The wasmtime engine could not be created: {0}.")]
+    Engine(String),
+    /// The component is invalid or cannot be linked.
+    #[error(transparent)]
+    Contract(#[from] ContractError),
+    /// The component imports something Airlock does not provide.
+    #[error("The component cannot be linked: {0}.")]
+    Link(String),
+    /// A precompiled artifact was refused.
+    #[error(transparent)]
+    Artifact(#[from] ArtifactError),
+    /// wasmtime refused the precompiled payload.
+    #[error("The precompiled component could not be loaded: {0}.")]
+    Deserialize(String),
+    /// Precompilation failed.
+    #[error("The component could not be compiled: {0}.")]
+    Compile(String),
+}
+
+/// Engine settings. Host and guest must use the same settings; the
+/// [`fingerprint`](EngineConfig::fingerprint) pins them into artifacts.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EngineConfig {
+    /// Use the pooling instance allocator (fast instantiation).
+    pub pooling: bool,
+    /// Maximum number of concurrent instances when pooling.
+    pub pool_instances: u32,
+    /// Largest linear memory any call may use, in bytes (the pool's slot size).
+    pub max_memory_bytes: u64,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        Self { pooling: true, pool_instances: 64, max_memory_bytes: 4 << 30 }
+    }
+}
+
+impl EngineConfig {
+    /// A string that changes whenever compiled code would be incompatible.
+    /// Pooling is a runtime-only choice and is not part of it.
+    pub fn fingerprint(&self) -> String {
+        format!(
+            "airlock-engine/1 wasmtime/48 {} fuel=1 max_memory={}",
+            std::env::consts::ARCH,
+            self.max_memory_bytes
+        )
+    }
+
+    fn wasmtime_config(&self) -> wasmtime::Config {
+        let mut c = wasmtime::Config::new();
+        c.consume_fuel(true);
+        c.wasm_component_model(true);
+        // The same tunables on every machine, so artifacts move between
+        // host and guest.
+        c.memory_reservation(self.max_memory_bytes);
+        c.memory_guard_size(32 << 20);
+        c.memory_reservation_for_growth(0);
+        if self.pooling {
+            let mut p = wasmtime::PoolingAllocationConfig::new();
+            let n = self.pool_instances;
+            p.total_component_instances(n);
+            p.total_core_instances(n * 4);
+            p.total_memories(n * 2);
+            p.total_tables(n * 4);
+            p.max_memory_size(self.max_memory_bytes as usize);
+            p.max_core_instances_per_component(32);
+            p.max_memories_per_component(4);
+            p.max_tables_per_component(16);
+            c.allocation_strategy(wasmtime::InstanceAllocationStrategy::Pooling(p));
+        }
+        c
+    }
+}
+
+/// Everything a call's store holds.
+struct CallState {
+    wasi: WasiCtx,
+    http: WasiHttpCtx,
+    table: ResourceTable,
+    hooks: EgressHooks,
+    limiter: MemoryLimiter,
+    env: Vec<(String, String)>,
+    audit: AuditLog,
+}
+
+impl WasiView for CallState {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        WasiCtxView { ctx: &mut self.wasi, table: &mut self.table }
+    }
+}
+
+impl WasiHttpView for CallState {
+    fn http(&mut self) -> WasiHttpCtxView<'_> {
+        WasiHttpCtxView { ctx: &mut self.http, table: &mut self.table, hooks: &mut self.hooks }
+    }
+}
+
+/// Outgoing HTTP: every request is checked against the grant and recorded.
+struct EgressHooks {
+    grant: Arc<HttpGrant>,
+    audit: AuditLog,
+}
+
+impl WasiHttpHooks for EgressHooks {
+    fn send_request(
+        &mut self,
+        request: http::Request<wasmtime_wasi_http::WasiBody>,
+        options: Option<wasmtime_wasi_http::RequestOptions>,
+        fut: Box<dyn Future<Output = Result<(), wasmtime_wasi_http::Error>> + Send>,
+    ) -> Box<
+        dyn Future<
+                Output = Result<
+                    (
+                        http::Response<wasmtime_wasi_http::WasiBody>,
+                        Box<dyn Future<Output = Result<(), wasmtime_wasi_http::Error>> + Send>,
+                    ),
+                    wasmtime_wasi_http::Error,
+                >,
+            > + Send,
+    > {
+        drop(fut);
+        let uri = request.uri().clone();
+        let scheme = uri.scheme_str().unwrap_or("https").to_ascii_lowercase();
+        let host = uri.host().unwrap_or("").to_string();
+        let port = uri.port_u16().unwrap_or(if scheme == "https" { 443 } else { 80 });
+        let target = format!("{} {scheme}://{host}:{port}{}", request.method(), uri.path());
+        match self.grant.check(&scheme, &host, port) {
+            HttpVerdict::Denied(reason) => {
+                self.audit.record("http.request", target, Decision::Deny, reason);
+                Box::new(async { Err(wasmtime_wasi_http::Error::HttpRequestDenied) })
+            }
+            HttpVerdict::Allowed(reason) => {
+                self.audit.record("http.request", target, Decision::Allow, reason);
+                Box::new(async move {
+                    use http_body_util::BodyExt;
+                    let (res, io) = wasmtime_wasi_http::default_send_request(request, options).await?;
+                    Ok((
+                        res.map(BodyExt::boxed_unsync),
+                        Box::new(io) as Box<dyn Future<Output = Result<(), wasmtime_wasi_http::Error>> + Send>,
+                    ))
+                })
+            }
+        }
+    }
+}
+
+/// Memory limiter that also measures the peak.
+struct MemoryLimiter {
+    limit: u64,
+    total: u64,
+    peak: u64,
+    hit: bool,
+    audit: AuditLog,
+}
+
+impl ResourceLimiter for MemoryLimiter {
+    fn memory_growing(&mut self, current: usize, desired: usize, _max: Option<usize>) -> wasmtime::Result<bool> {
+        let next = self.total - current as u64 + desired as u64;
+        if next > self.limit {
+            self.hit = true;
+            self.audit.record(
+                "limit.memory",
+                format!("{next} bytes"),
+                Decision::Deny,
+                format!("linear memory would exceed the limit of {} bytes", self.limit),
+            );
+            wasmtime::bail!("memory limit of {} bytes exceeded", self.limit);
+        }
+        self.total = next;
+        self.peak = self.peak.max(next);
+        Ok(true)
+    }
+
+    fn table_growing(&mut self, _current: usize, desired: usize, _max: Option<usize>) -> wasmtime::Result<bool> {
+        Ok(desired <= 1_000_000)
+    }
+}
+
+/// A component ready to be called.
+pub struct Loaded {
+    component: Component,
+    pre: InstancePre<CallState>,
+    exports: BTreeMap<String, (Option<ComponentExportIndex>, ComponentExportIndex)>,
+    /// Its tools, schemas and imports.
+    pub tools: ToolSet,
+    /// sha256 of the component bytes (or of the artifact payload).
+    pub digest: String,
+}
+
+impl Loaded {
+    /// The underlying wasmtime component.
+    pub fn component(&self) -> &Component {
+        &self.component
+    }
+}
+
+/// Why a call did not produce a value.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum CallError {
+    /// No tool of that name.
+    #[error("The component has no tool named {tool:?}.")]
+    UnknownTool {
+        /// The requested name.
+        tool: String,
+        /// The names that exist.
+        available: Vec<String>,
+    },
+    /// The JSON arguments do not fit the tool's parameters.
+    #[error("Bad arguments: {path}: {message}.")]
+    BadArguments {
+        /// Path of the bad field, e.g. `args.filter.limit`.
+        path: String,
+        /// What is wrong.
+        message: String,
+    },
+    /// The component trapped (panic, unreachable, exit with an error code...).
+    #[error("The tool trapped: {message}.")]
+    Trap {
+        /// wasmtime's description of the trap.
+        message: String,
+    },
+    /// The wall-clock limit passed.
+    #[error("The tool did not finish within {limit_ms} ms.")]
+    Timeout {
+        /// The limit.
+        limit_ms: u64,
+    },
+    /// Linear memory would have grown past the limit.
+    #[error("The tool tried to use more than {limit_bytes} bytes of memory.")]
+    OutOfMemory {
+        /// The limit.
+        limit_bytes: u64,
+    },
+    /// The fuel (CPU budget) ran out.
+    #[error("The tool used up its CPU budget of {fuel} fuel.")]
+    CpuLimit {
+        /// The budget.
+        fuel: u64,
+    },
+    /// The tool wrote more than the output cap.
+    #[error("The tool wrote more than {limit_bytes} bytes to {stream}.")]
+    OutputLimit {
+        /// `stdout` or `stderr`.
+        stream: String,
+        /// The cap.
+        limit_bytes: u64,
+    },
+    /// The tool failed after a capability was denied.
+    #[error("The tool was denied {action} on {target}: {reason}.")]
+    Denied {
+        /// What was attempted (`http.request`, `socket.connect`...).
+        action: String,
+        /// On what.
+        target: String,
+        /// Why it was denied.
+        reason: String,
+        /// How the tool failed afterwards.
+        message: String,
+    },
+    /// A granted resource could not be set up (e.g. a granted directory is missing).
+    #[error("The grant could not be applied: {message}.")]
+    Grant {
+        /// What failed.
+        message: String,
+    },
+    /// The component could not be instantiated or its result not converted.
+    #[error("The component is invalid: {message}.")]
+    InvalidComponent {
+        /// What failed.
+        message: String,
+    },
+}
+
+/// A value or an error, serialized as `{"ok": value}` or `{"error": {...}}`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CallResult {
+    /// The tool returned this value.
+    Ok(Value),
+    /// The call failed.
+    Error(CallError),
+}
+
+/// What a call cost.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Metering {
+    /// Wall time of the whole call (instantiation included), microseconds.
+    pub wall_us: u64,
+    /// Fuel budget.
+    pub fuel_limit: u64,
+    /// Fuel used.
+    pub fuel_used: u64,
+    /// Peak linear memory, bytes.
+    pub peak_memory_bytes: u64,
+    /// Bytes the tool wrote to stdout.
+    pub stdout_bytes: u64,
+    /// Bytes the tool wrote to stderr.
+    pub stderr_bytes: u64,
+}
+
+/// Everything a call produced.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CallOutcome {
+    /// The tool called.
+    pub tool: String,
+    /// Value or error.
+    pub result: CallResult,
+    /// Cost.
+    pub metering: Metering,
+    /// Capability decisions, in order.
+    pub audit: Vec<AuditEvent>,
+    /// Captured stdout (lossy UTF-8).
+    pub stdout: String,
+    /// Captured stderr (lossy UTF-8).
+    pub stderr: String,
+}
+
+/// The runner: an engine, a linker with WASI + WASI-HTTP, and a tokio runtime.
+pub struct Runner {
+    engine: Engine,
+    linker: Linker<CallState>,
+    config: EngineConfig,
+    rt: tokio::runtime::Runtime,
+}
+
+impl Runner {
+    /// Create a runner.
+    ///
+    /// # Errors
+    /// [`RunnerError::Engine`] when wasmtime rejects the configuration (for
+    /// example, the pooling allocator cannot reserve address space).
+    pub fn new(config: EngineConfig) -> Result<Self, RunnerError> {
+        let engine = Engine::new(&config.wasmtime_config()).map_err(|e| RunnerError::Engine(format!("{e:#}")))?;
+        let mut linker = Linker::<CallState>::new(&engine);
+        wasmtime_wasi::p2::add_to_linker_async(&mut linker).map_err(|e| RunnerError::Engine(format!("{e:#}")))?;
+        wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut linker)
+            .map_err(|e| RunnerError::Engine(format!("{e:#}")))?;
+        // Wrap `get-environment` so every read of the environment is audited.
+        linker.allow_shadowing(true);
+        linker
+            .instance(WASI_CLI_ENVIRONMENT)
+            .and_then(|mut i| {
+                i.func_wrap("get-environment", |mut store, (): ()| {
+                    let state: &mut CallState = store.data_mut();
+                    let keys: Vec<&str> = state.env.iter().map(|(k, _)| k.as_str()).collect();
+                    let target = if keys.is_empty() { "(none)".to_string() } else { keys.join(",") };
+                    state.audit.record("env.read", target, Decision::Allow, "the component read its environment; only granted keys are present");
+                    Ok((state.env.clone(),))
+                })
+            })
+            .map_err(|e| RunnerError::Engine(format!("{e:#}")))?;
+        linker.allow_shadowing(false);
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .thread_name("airlock-runner")
+            .build()
+            .map_err(|e| RunnerError::Engine(format!("tokio runtime: {e}")))?;
+        Ok(Self { engine, linker, config, rt })
+    }
+
+    /// The engine (for reading types).
+    pub fn engine(&self) -> &Engine {
+        &self.engine
+    }
+
+    /// This runner's engine fingerprint.
+    pub fn fingerprint(&self) -> String {
+        self.config.fingerprint()
+    }
+
+    /// Compile component bytes into an artifact for [`Runner::load_precompiled`].
+    ///
+    /// # Errors
+    /// The bytes are not a valid component.
+    pub fn precompile(&self, wasm: &[u8]) -> Result<Vec<u8>, RunnerError> {
+        contract::compile(&self.engine, wasm)?;
+        let payload = self.engine.precompile_component(wasm).map_err(|e| RunnerError::Compile(format!("{e:#}")))?;
+        Ok(artifact::wrap(&self.fingerprint(), &payload))
+    }
+
+    /// Compile and load component bytes.
+    ///
+    /// # Errors
+    /// Invalid component, or imports Airlock does not provide.
+    pub fn load_wasm(&self, wasm: &[u8]) -> Result<Loaded, RunnerError> {
+        let (component, tools) = ToolSet::from_bytes(&self.engine, wasm)?;
+        self.finish_load(component, tools, hex::encode(Sha256::digest(wasm)))
+    }
+
+    /// Load an artifact made by [`Runner::precompile`] with the same engine
+    /// configuration. `docs` supplies tool descriptions (they are not part of
+    /// the compiled code).
+    ///
+    /// # Errors
+    /// A foreign, corrupt or incompatible artifact.
+    pub fn load_precompiled(&self, bytes: &[u8], docs: &airlock_wasm_tools::docs::Docs) -> Result<Loaded, RunnerError> {
+        let payload = artifact::unwrap(&self.fingerprint(), bytes)?;
+        // SAFETY: `artifact::unwrap` verified that the payload's sha256 matches
+        // the envelope and that the envelope was written by an engine with this
+        // exact configuration via `Engine::precompile_component`; wasmtime
+        // additionally checks its own version and settings header and returns
+        // an error (not UB) on mismatch. The payload comes from the host, which
+        // is the trusted side of the sandbox.
+        let component = unsafe { Component::deserialize(&self.engine, payload) }
+            .map_err(|e| RunnerError::Deserialize(format!("{e:#}")))?;
+        let tools = ToolSet::from_component(&self.engine, &component, docs);
+        self.finish_load(component, tools, hex::encode(Sha256::digest(payload)))
+    }
+
+    fn finish_load(&self, component: Component, tools: ToolSet, digest: String) -> Result<Loaded, RunnerError> {
+        let pre = self.linker.instantiate_pre(&component).map_err(|e| RunnerError::Link(format!("{e:#}")))?;
+        let mut exports = BTreeMap::new();
+        for t in &tools.tools {
+            let (outer, idx) = export_index(&component, t)
+                .ok_or_else(|| RunnerError::Link(format!("export for tool {} not found", t.name)))?;
+            exports.insert(t.name.clone(), (outer, idx));
+        }
+        Ok(Loaded { component, pre, exports, tools, digest })
+    }
+
+    /// Run one call, blocking the current thread.
+    pub fn invoke(&self, loaded: &Loaded, tool: &str, args: &Value, grants: &GrantSet) -> CallOutcome {
+        self.rt.block_on(self.invoke_async(loaded, tool, args, grants))
+    }
+
+    /// Run one call.
+    pub async fn invoke_async(&self, loaded: &Loaded, tool: &str, args: &Value, grants: &GrantSet) -> CallOutcome {
+        let start = Instant::now();
+        let audit = AuditLog::new(start);
+        let limits = grants.limits;
+        let stdout = MemoryOutputPipe::new(limits.max_output_bytes as usize);
+        let stderr = MemoryOutputPipe::new(limits.max_output_bytes as usize);
+        let mut metering = Metering { fuel_limit: limits.fuel, ..Metering::default() };
+        let finish = |result: CallResult, metering: Metering| CallOutcome {
+            tool: tool.to_string(),
+            result,
+            metering: Metering {
+                wall_us: start.elapsed().as_micros() as u64,
+                stdout_bytes: stdout.contents().len() as u64,
+                stderr_bytes: stderr.contents().len() as u64,
+                ..metering
+            },
+            audit: audit.snapshot(),
+            stdout: String::from_utf8_lossy(&stdout.contents()).into_owned(),
+            stderr: String::from_utf8_lossy(&stderr.contents()).into_owned(),
+        };
+
+        let Some(t) = loaded.tools.tool(tool) else {
+            let available = loaded.tools.tools.iter().map(|t| t.name.clone()).collect();
+            return finish(CallResult::Error(CallError::UnknownTool { tool: tool.into(), available }), metering);
+        };
+        let params = match args_to_vals(&t.param_types, args) {
+            Ok(p) => p,
+            Err(e) => {
+                return finish(CallResult::Error(CallError::BadArguments { path: e.path, message: e.message }), metering);
+            }
+        };
+        let wasi = match build_wasi(grants, &audit, &stdout, &stderr) {
+            Ok(w) => w,
+            Err(message) => return finish(CallResult::Error(CallError::Grant { message }), metering),
+        };
+        let state = CallState {
+            wasi,
+            http: WasiHttpCtx::new(),
+            table: ResourceTable::new(),
+            hooks: EgressHooks { grant: Arc::new(grants.http.clone()), audit: audit.clone() },
+            limiter: MemoryLimiter { limit: limits.memory_bytes, total: 0, peak: 0, hit: false, audit: audit.clone() },
+            env: grants.env.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+            audit: audit.clone(),
+        };
+        let mut store = Store::new(&self.engine, state);
+        store.limiter(|s| &mut s.limiter);
+        if let Err(e) = store.set_fuel(limits.fuel) {
+            return finish(CallResult::Error(CallError::Grant { message: format!("{e:#}") }), metering);
+        }
+        if let Err(e) = store.fuel_async_yield_interval(Some(FUEL_YIELD_INTERVAL)) {
+            return finish(CallResult::Error(CallError::Grant { message: format!("{e:#}") }), metering);
+        }
+
+        let (outer, idx) = loaded.exports[&t.name];
+        let n_results = usize::from(t.result_type.is_some());
+        let run = async {
+            let instance = loaded.pre.instantiate_async(&mut store).await?;
+            let idx = match outer {
+                Some(o) => instance
+                    .get_export_index(&mut store, Some(&o), &t.function)
+                    .ok_or_else(|| wasmtime::format_err!("export {} vanished", t.function))?,
+                None => idx,
+            };
+            let func = instance
+                .get_func(&mut store, idx)
+                .ok_or_else(|| wasmtime::format_err!("export {} is not a function", t.function))?;
+            let mut results = vec![Val::Bool(false); n_results];
+            func.call_async(&mut store, &params, &mut results).await?;
+            wasmtime::Result::<Vec<Val>>::Ok(results)
+        };
+        let outcome = tokio::time::timeout(Duration::from_millis(limits.timeout_ms), run).await;
+
+        metering.fuel_used = limits.fuel.saturating_sub(store.get_fuel().unwrap_or(0));
+        metering.peak_memory_bytes = store.data().limiter.peak;
+        let result = match outcome {
+            Err(_elapsed) => {
+                audit.record(
+                    "limit.time",
+                    format!("{} ms", limits.timeout_ms),
+                    Decision::Deny,
+                    "the call ran past its wall-clock limit and was stopped",
+                );
+                CallResult::Error(CallError::Timeout { limit_ms: limits.timeout_ms })
+            }
+            Ok(Ok(results)) => match results.first().map(|v| val_to_json(v, "result")).transpose() {
+                Ok(v) => CallResult::Ok(v.unwrap_or(Value::Null)),
+                Err(e) => CallResult::Error(CallError::InvalidComponent { message: e.to_string() }),
+            },
+            Ok(Err(e)) => CallResult::Error(classify(
+                &e,
+                &store.data().limiter,
+                &audit,
+                limits,
+                [("stdout", &stdout), ("stderr", &stderr)],
+            )),
+        };
+        drop(store);
+        finish(result, metering)
+    }
+}
+
+fn export_index(component: &Component, t: &Tool) -> Option<(Option<ComponentExportIndex>, ComponentExportIndex)> {
+    match &t.interface {
+        Some(i) => {
+            let outer = component.get_export_index(None, i)?;
+            let inner = component.get_export_index(Some(&outer), &t.function)?;
+            Some((Some(outer), inner))
+        }
+        None => Some((None, component.get_export_index(None, &t.function)?)),
+    }
+}
+
+fn build_wasi(
+    grants: &GrantSet,
+    audit: &AuditLog,
+    stdout: &MemoryOutputPipe,
+    stderr: &MemoryOutputPipe,
+) -> Result<WasiCtx, String> {
+    let mut b = WasiCtxBuilder::new();
+    b.stdout(stdout.clone()).stderr(stderr.clone());
+    for (k, v) in &grants.env {
+        b.env(k, v);
+    }
+    for d in &grants.dirs {
+        let perms = if d.writable { FsPerms::ReadWrite } else { FsPerms::ReadOnly };
+        let mode = if d.writable { "rw" } else { "ro" };
+        b.preopened_dir(&d.host_path, &d.guest_path, perms).map_err(|e| {
+            format!("directory {} (granted as {}) cannot be opened: {e:#}", d.host_path.display(), d.guest_path)
+        })?;
+        audit.record(
+            "fs.preopen",
+            format!("{} ({mode})", d.guest_path),
+            Decision::Allow,
+            format!("granted by policy from host directory {}", d.host_path.display()),
+        );
+    }
+    // Sockets: TCP and UDP are "enabled" only so that each attempt reaches the
+    // address check, which denies it and records the attempt.
+    b.allow_tcp(true).allow_udp(true).allow_ip_name_lookup(false);
+    let sock_audit = audit.clone();
+    b.socket_addr_check(move |addr, usage| {
+        sock_audit.record(
+            "socket.connect",
+            format!("{usage:?} {addr}"),
+            Decision::Deny,
+            "raw sockets are never granted; use outgoing HTTP",
+        );
+        Box::pin(async { false })
+    });
+    Ok(b.build())
+}
+
+fn classify(
+    e: &wasmtime::Error,
+    limiter: &MemoryLimiter,
+    audit: &AuditLog,
+    limits: crate::grants::Limits,
+    pipes: [(&str, &MemoryOutputPipe); 2],
+) -> CallError {
+    let message = first_line(e);
+    if limiter.hit {
+        return CallError::OutOfMemory { limit_bytes: limits.memory_bytes };
+    }
+    if matches!(e.downcast_ref::<Trap>(), Some(Trap::OutOfFuel)) {
+        audit.record("limit.cpu", format!("{} fuel", limits.fuel), Decision::Deny, "the call used up its CPU budget");
+        return CallError::CpuLimit { fuel: limits.fuel };
+    }
+    let chain = format!("{e:?}");
+    for (name, pipe) in pipes {
+        if chain.contains("write beyond capacity") && pipe.contents().len() as u64 + 4096 >= limits.max_output_bytes
+            || pipe.contents().len() as u64 >= limits.max_output_bytes
+        {
+            audit.record(
+                "limit.output",
+                format!("{name} {} bytes", limits.max_output_bytes),
+                Decision::Deny,
+                "the call wrote more output than allowed",
+            );
+            return CallError::OutputLimit { stream: name.to_string(), limit_bytes: limits.max_output_bytes };
+        }
+    }
+    if let Some(exit) = e.downcast_ref::<wasmtime_wasi::I32Exit>() {
+        return CallError::Trap { message: format!("the tool exited with status {}", exit.0) };
+    }
+    if let Some(d) = audit.first_denial() {
+        return CallError::Denied { action: d.action, target: d.target, reason: d.reason, message };
+    }
+    CallError::Trap { message }
+}
+
+fn first_line(e: &wasmtime::Error) -> String {
+    // `{:#}` joins the context chain; keep it on one line and drop backtraces.
+    let s = format!("{e:#}");
+    s.lines().next().unwrap_or("").trim().to_string()
+}
