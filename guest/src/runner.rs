@@ -31,6 +31,10 @@ use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpHooks, WasiHttpVi
 
 /// The WASI version whose `wasi:cli/environment` Airlock wraps for auditing.
 const WASI_CLI_ENVIRONMENT: &str = "wasi:cli/environment@0.2.12";
+/// The WASI version whose `wasi:filesystem/types` `open-at` Airlock wraps for auditing.
+const WASI_FILESYSTEM_TYPES: &str = "wasi:filesystem/types@0.2.12";
+/// The WASI version whose `wasi:filesystem/preopens` Airlock wraps for auditing.
+const WASI_FILESYSTEM_PREOPENS: &str = "wasi:filesystem/preopens@0.2.12";
 
 /// How often (in fuel units) a running call yields to the executor so the
 /// wall-clock timeout can fire even in a tight loop.
@@ -392,6 +396,7 @@ impl Runner {
                 })
             })
             .map_err(|e| RunnerError::Engine(format!("{e:#}")))?;
+        add_audited_open_at(&mut linker).map_err(|e| RunnerError::Engine(format!("{e:#}")))?;
         linker.allow_shadowing(false);
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
@@ -552,9 +557,14 @@ impl Runner {
                 );
                 CallResult::Error(CallError::Timeout { limit_ms: limits.timeout_ms })
             }
-            Ok(Ok(results)) => match results.first().map(|v| val_to_json(v, "result")).transpose() {
-                Ok(v) => CallResult::Ok(v.unwrap_or(Value::Null)),
-                Err(e) => CallResult::Error(CallError::InvalidComponent { message: e.to_string() }),
+            Ok(Ok(results)) => match output_overflow(&audit, limits, [("stdout", &stdout), ("stderr", &stderr)]) {
+                // The tool handled the failed write itself, but it was still
+                // stopped by the cap: report the limit, not its partial answer.
+                Some(e) => CallResult::Error(e),
+                None => match results.first().map(|v| val_to_json(v, "result")).transpose() {
+                    Ok(v) => CallResult::Ok(v.unwrap_or(Value::Null)),
+                    Err(e) => CallResult::Error(CallError::InvalidComponent { message: e.to_string() }),
+                },
             },
             Ok(Err(e)) => CallResult::Error(classify(
                 &e,
@@ -567,6 +577,63 @@ impl Runner {
         drop(store);
         finish(result, metering)
     }
+}
+
+/// Wrap `descriptor.open-at` so every file open is an audit event: denials
+/// (outside the preopen, writing a read-only grant) as `deny`, the rest as
+/// `allow` with their outcome.
+fn add_audited_open_at(linker: &mut Linker<CallState>) -> wasmtime::Result<()> {
+    use wasmtime::component::Resource;
+    use wasmtime_wasi::filesystem::{Descriptor, WasiFilesystemView};
+    use wasmtime_wasi::p2::bindings::filesystem::types::{
+        self as fs, DescriptorFlags, ErrorCode, Host as _, HostDescriptor as _, OpenFlags, PathFlags,
+    };
+    use wasmtime_wasi::p2::bindings::filesystem::preopens::Host as _;
+    linker.instance(WASI_FILESYSTEM_PREOPENS)?.func_wrap("get-directories", |mut store, (): ()| {
+        let state: &mut CallState = store.data_mut();
+        let audit = state.audit.clone();
+        let dirs = state.filesystem().get_directories()?;
+        let names: Vec<&str> = dirs.iter().map(|(_, n)| n.as_str()).collect();
+        audit.record(
+            "fs.preopens",
+            if names.is_empty() { "(none)".to_string() } else { names.join(",") },
+            Decision::Allow,
+            "only granted directories are visible; any other path cannot even be named",
+        );
+        Ok((dirs,))
+    })?;
+    type Args = (Resource<Descriptor>, PathFlags, String, OpenFlags, DescriptorFlags);
+    linker.instance(WASI_FILESYSTEM_TYPES)?.func_wrap_async(
+        "[method]descriptor.open-at",
+        |mut store, (fd, path_flags, path, open_flags, flags): Args| {
+            Box::new(async move {
+                let state: &mut CallState = store.data_mut();
+                let audit = state.audit.clone();
+                let writes = flags.intersects(DescriptorFlags::WRITE | DescriptorFlags::MUTATE_DIRECTORY)
+                    || open_flags.intersects(OpenFlags::CREATE | OpenFlags::TRUNCATE);
+                let target = format!("{path} ({})", if writes { "write" } else { "read" });
+                let mut view = state.filesystem();
+                match view.open_at(fd, path_flags, path, open_flags, flags).await {
+                    Ok(new_fd) => {
+                        audit.record("fs.open", target, Decision::Allow, "inside a granted directory");
+                        Ok((Ok(new_fd),))
+                    }
+                    Err(e) => {
+                        let code: fs::ErrorCode = view.convert_error_code(e)?;
+                        let (decision, reason) = match code {
+                            ErrorCode::NotPermitted | ErrorCode::Access | ErrorCode::ReadOnly => (
+                                Decision::Deny,
+                                format!("refused by the sandbox ({code:?}): outside the grant or not writable"),
+                            ),
+                            other => (Decision::Allow, format!("permitted, but failed: {other:?}")),
+                        };
+                        audit.record("fs.open", target, decision, reason);
+                        Ok((Err(code),))
+                    }
+                }
+            })
+        },
+    )
 }
 
 fn export_index(component: &Component, t: &Tool) -> Option<(Option<ComponentExportIndex>, ComponentExportIndex)> {
@@ -635,19 +702,8 @@ fn classify(
         audit.record("limit.cpu", format!("{} fuel", limits.fuel), Decision::Deny, "the call used up its CPU budget");
         return CallError::CpuLimit { fuel: limits.fuel };
     }
-    let chain = format!("{e:?}");
-    for (name, pipe) in pipes {
-        if chain.contains("write beyond capacity") && pipe.contents().len() as u64 + 4096 >= limits.max_output_bytes
-            || pipe.contents().len() as u64 >= limits.max_output_bytes
-        {
-            audit.record(
-                "limit.output",
-                format!("{name} {} bytes", limits.max_output_bytes),
-                Decision::Deny,
-                "the call wrote more output than allowed",
-            );
-            return CallError::OutputLimit { stream: name.to_string(), limit_bytes: limits.max_output_bytes };
-        }
+    if let Some(e) = output_overflow(audit, limits, pipes) {
+        return e;
     }
     if let Some(exit) = e.downcast_ref::<wasmtime_wasi::I32Exit>() {
         return CallError::Trap { message: format!("the tool exited with status {}", exit.0) };
@@ -656,6 +712,22 @@ fn classify(
         return CallError::Denied { action: d.action, target: d.target, reason: d.reason, message };
     }
     CallError::Trap { message }
+}
+
+/// A stream that reached its cap: further writes failed (or trapped).
+fn output_overflow(
+    audit: &AuditLog,
+    limits: crate::grants::Limits,
+    pipes: [(&str, &MemoryOutputPipe); 2],
+) -> Option<CallError> {
+    let (name, _) = pipes.into_iter().find(|(_, p)| p.contents().len() as u64 >= limits.max_output_bytes)?;
+    audit.record(
+        "limit.output",
+        format!("{name} {} bytes", limits.max_output_bytes),
+        Decision::Deny,
+        "the call wrote more output than allowed; further writes failed",
+    );
+    Some(CallError::OutputLimit { stream: name.to_string(), limit_bytes: limits.max_output_bytes })
 }
 
 fn first_line(e: &wasmtime::Error) -> String {

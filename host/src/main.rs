@@ -1,1 +1,222 @@
-fn main(){}
+//! `airlock`: the command-line edge. Parses arguments, calls the library,
+//! prints JSON or text. `anyhow` lives only here.
+
+use airlock::policy::{Policy, PolicyError};
+use airlock::report::static_report;
+use airlock_guest::{CallResult, EngineConfig, Runner};
+use anyhow::{Context, bail};
+use clap::{Parser, Subcommand, ValueEnum};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+#[derive(Parser)]
+#[command(name = "airlock", version, about = "Run untrusted agent tools in a Wasm-in-microVM sandbox")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Show a component's tools (with JSON Schemas), imports and capability classes.
+    Inspect {
+        /// The component (.wasm).
+        component: PathBuf,
+        /// A WIT package (file or directory) to take doc comments from.
+        #[arg(long)]
+        wit: Option<PathBuf>,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Run one tool call and print the result, metering and audit events as JSON.
+    Run {
+        /// The component (.wasm).
+        component: PathBuf,
+        /// Policy file (TOML). Without it nothing is granted.
+        #[arg(long)]
+        policy: Option<PathBuf>,
+        /// Tool name (see `airlock inspect`).
+        #[arg(long)]
+        tool: String,
+        /// Arguments as a JSON object.
+        #[arg(long, default_value = "{}")]
+        args: String,
+        /// Where the call runs.
+        #[arg(long, value_enum, default_value_t = Isolation::Process)]
+        isolation: Isolation,
+    },
+    /// Policy tools.
+    Policy {
+        #[command(subcommand)]
+        cmd: PolicyCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum PolicyCmd {
+    /// Validate a policy; with --component, also print the static capability report.
+    Check {
+        /// Policy file (TOML).
+        policy: PathBuf,
+        /// Component to compare the policy with.
+        #[arg(long)]
+        component: Option<PathBuf>,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum, PartialEq, Eq)]
+enum Isolation {
+    /// Wasm sandbox in this process (development).
+    Process,
+    /// Wasm sandbox inside a KVM microVM.
+    Vm,
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_env("AIRLOCK_LOG"))
+        .with_writer(std::io::stderr)
+        .init();
+    match run(Cli::parse()) {
+        Ok(code) => code,
+        Err(e) => {
+            let _ = writeln!(std::io::stderr(), "error: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn read_component(path: &Path) -> anyhow::Result<Vec<u8>> {
+    std::fs::read(path).with_context(|| format!("cannot read component {}", path.display()))
+}
+
+fn print_json(v: &impl serde::Serialize) -> anyhow::Result<()> {
+    let mut out = std::io::stdout().lock();
+    serde_json::to_writer_pretty(&mut out, v)?;
+    writeln!(out)?;
+    Ok(())
+}
+
+fn load_policy(path: &Path) -> anyhow::Result<Policy> {
+    Policy::load(path).map_err(|e| match e {
+        PolicyError::Field { .. } => anyhow::anyhow!("invalid policy {}: {e}", path.display()),
+        other => anyhow::anyhow!("{other}"),
+    })
+}
+
+fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.cmd {
+        Cmd::Inspect { component, wit, json } => {
+            let bytes = read_component(&component)?;
+            let runner = Runner::new(EngineConfig { pooling: false, ..EngineConfig::default() })?;
+            let (_c, mut set) = airlock_wasm_tools::ToolSet::from_bytes(runner.engine(), &bytes)?;
+            if let Some(w) = wit {
+                let docs = airlock_wasm_tools::docs::from_wit_path(&w)
+                    .map_err(|e| anyhow::anyhow!("cannot read WIT {}: {e}", w.display()))?;
+                for t in &mut set.tools {
+                    let key = match &t.interface {
+                        Some(i) => format!("{i}#{}", t.function),
+                        None => t.function.clone(),
+                    };
+                    if let Some(d) = docs.functions.get(&key) {
+                        t.description = Some(d.trim().to_string());
+                    }
+                }
+            }
+            if json {
+                print_json(&serde_json::json!({
+                    "tools": set.tools,
+                    "skipped": set.skipped,
+                    "imports": set.imports,
+                    "capabilities": set.capability_classes(),
+                }))?;
+            } else {
+                print_inspect_text(&set)?;
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Run { component, policy, tool, args, isolation } => {
+            if isolation == Isolation::Vm {
+                bail!("--isolation vm is not available yet (the VMM milestone); use --isolation process");
+            }
+            let args: serde_json::Value =
+                serde_json::from_str(&args).context("--args is not valid JSON")?;
+            let policy = match policy {
+                Some(p) => load_policy(&p)?,
+                None => Policy::default(),
+            };
+            let bytes = read_component(&component)?;
+            let runner = Runner::new(EngineConfig { pooling: false, ..EngineConfig::default() })?;
+            let loaded = runner.load_wasm(&bytes)?;
+            let outcome = runner.invoke(&loaded, &tool, &args, &policy.grant_set());
+            print_json(&outcome)?;
+            Ok(match outcome.result {
+                CallResult::Ok(_) => ExitCode::SUCCESS,
+                CallResult::Error(_) => ExitCode::from(1),
+            })
+        }
+        Cmd::Policy { cmd: PolicyCmd::Check { policy, component, json } } => {
+            let pol = load_policy(&policy)?;
+            let report = match component {
+                Some(c) => {
+                    let bytes = read_component(&c)?;
+                    let runner = Runner::new(EngineConfig { pooling: false, ..EngineConfig::default() })?;
+                    let (_c, set) = airlock_wasm_tools::ToolSet::from_bytes(runner.engine(), &bytes)?;
+                    Some(static_report(&set, &pol))
+                }
+                None => None,
+            };
+            if json {
+                print_json(&serde_json::json!({"valid": true, "policy": pol, "report": report}))?;
+            } else {
+                let mut out = std::io::stdout().lock();
+                writeln!(out, "policy {} is valid", policy.display())?;
+                if let Some(r) = &report {
+                    let caps: Vec<String> = r.requested.iter().map(|c| format!("{c:?}")).collect();
+                    writeln!(out, "component requests: {}", caps.join(", "))?;
+                    if r.findings.is_empty() {
+                        writeln!(out, "no findings: every grant is used and every request is granted")?;
+                    }
+                    for f in &r.findings {
+                        writeln!(out, "[{:?}] {}: {}", f.severity, f.subject, f.message)?;
+                    }
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+fn print_inspect_text(set: &airlock_wasm_tools::ToolSet) -> anyhow::Result<()> {
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "tools ({}):", set.tools.len())?;
+    for t in &set.tools {
+        let params: Vec<&str> = t.param_types.iter().map(|(n, _)| n.as_str()).collect();
+        writeln!(out, "  {}({})", t.name, params.join(", "))?;
+        if let Some(d) = &t.description {
+            for line in d.lines() {
+                writeln!(out, "      {line}")?;
+            }
+        }
+    }
+    if !set.skipped.is_empty() {
+        writeln!(out, "skipped exports:")?;
+        for s in &set.skipped {
+            writeln!(out, "  {}: {}", s.export, s.reason)?;
+        }
+    }
+    writeln!(out, "imports:")?;
+    for i in &set.imports {
+        writeln!(out, "  {:<40} {:?}", i.name, i.class)?;
+    }
+    writeln!(out, "capabilities:")?;
+    for c in set.capability_classes() {
+        writeln!(out, "  {c:?}: {}", c.describe())?;
+    }
+    Ok(())
+}

@@ -16,9 +16,46 @@ pub struct Docs {
     pub functions: BTreeMap<String, String>,
 }
 
-/// Read docs from the WIT embedded in a component binary. Returns empty docs
-/// when the component carries none (this is not an error).
+/// Name of the custom section that carries a WIT package's source text, for
+/// toolchains whose output drops doc comments (`cargo xtask examples` adds it).
+pub const WIT_SECTION: &str = "airlock-wit";
+
+/// Read docs from the component binary: first from an [`WIT_SECTION`] custom
+/// section, then from the WIT that toolchains embed. Returns empty docs when
+/// the component carries none (this is not an error).
 pub fn from_component(bytes: &[u8]) -> Docs {
+    let mut docs = from_embedded_wit(bytes);
+    if let Some(text) = wit_section(bytes) {
+        let mut resolve = Resolve::default();
+        match resolve.push_str("airlock-wit.wit", &text) {
+            Ok(pkg) => {
+                for (_, &w) in &resolve.packages[pkg].worlds {
+                    for (k, v) in collect(&resolve, w).functions {
+                        docs.functions.entry(k).or_insert(v);
+                    }
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "the {WIT_SECTION} section does not parse; ignoring it"),
+        }
+    }
+    docs
+}
+
+fn wit_section(bytes: &[u8]) -> Option<String> {
+    for payload in wasmparser::Parser::new(0).parse_all(bytes) {
+        match payload {
+            Ok(wasmparser::Payload::CustomSection(c)) if c.name() == WIT_SECTION => {
+                return String::from_utf8(c.data().to_vec()).ok();
+            }
+            Ok(wasmparser::Payload::ModuleSection { .. } | wasmparser::Payload::ComponentSection { .. }) => {}
+            Ok(_) => {}
+            Err(_) => return None,
+        }
+    }
+    None
+}
+
+fn from_embedded_wit(bytes: &[u8]) -> Docs {
     match wit_component::decode(bytes) {
         Ok(decoded) => {
             let resolve = decoded.resolve();

@@ -1,1 +1,146 @@
-fn main(){}
+//! `cargo xtask`: build orchestration.
+//!
+//! * `cargo xtask examples` — build the example components for wasm32-wasip2
+//!   and embed their WIT (with doc comments) as an `airlock-wit` section.
+//! * `cargo xtask bench runner` — per-call latency of the runner's fast path
+//!   against instantiate-from-bytes, printed as a ratio.
+
+use anyhow::{Context, bail};
+use clap::{Parser, Subcommand};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+#[derive(Parser)]
+#[command(name = "xtask")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Build the example components into examples/target/wasm32-wasip2/release/.
+    Examples,
+    /// Benchmarks that print ratios measured in one run.
+    Bench {
+        /// Which benchmark: `runner`.
+        which: String,
+        /// Calls per measurement.
+        #[arg(long, default_value_t = 2000)]
+        iterations: u32,
+    },
+}
+
+/// Example crates and their output names.
+pub const EXAMPLES: &[&str] = &["kitchen", "files", "fetch", "escape"];
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask lives in the workspace").to_path_buf()
+}
+
+fn main() -> anyhow::Result<()> {
+    match Cli::parse().cmd {
+        Cmd::Examples => examples(),
+        Cmd::Bench { which, iterations } => match which.as_str() {
+            "runner" => bench_runner(iterations),
+            other => bail!("unknown benchmark {other:?}; available: runner"),
+        },
+    }
+}
+
+fn examples() -> anyhow::Result<()> {
+    let dir = root().join("examples");
+    let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+        .args(["build", "--release", "--target", "wasm32-wasip2"])
+        .current_dir(&dir)
+        .status()
+        .context("cannot run cargo")?;
+    if !status.success() {
+        bail!("building the examples failed (is the wasm32-wasip2 target installed? `rustup target add wasm32-wasip2`)");
+    }
+    for name in EXAMPLES {
+        let wasm = dir.join("target/wasm32-wasip2/release").join(format!("{name}.wasm"));
+        embed_wit(&wasm, &dir.join(name).join("wit"))?;
+        eprintln!("built {}", wasm.display());
+    }
+    Ok(())
+}
+
+/// Append the crate's WIT source as an `airlock-wit` custom section, replacing
+/// the component in place (idempotent: skipped when already present).
+fn embed_wit(wasm: &Path, wit_dir: &Path) -> anyhow::Result<()> {
+    use wasm_encoder::{CustomSection, Encode, Section};
+    let mut bytes = std::fs::read(wasm).with_context(|| format!("reading {}", wasm.display()))?;
+    if airlock_wasm_tools::docs::from_component(&bytes).functions.values().next().is_some() {
+        return Ok(());
+    }
+    let mut files: Vec<PathBuf> = std::fs::read_dir(wit_dir)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "wit"))
+        .collect();
+    files.sort();
+    if files.len() != 1 {
+        bail!("{} must hold exactly one .wit file to embed", wit_dir.display());
+    }
+    let text = std::fs::read_to_string(&files[0])?;
+    let section = CustomSection { name: airlock_wasm_tools::docs::WIT_SECTION.into(), data: text.as_bytes().into() };
+    bytes.push(section.id());
+    section.encode(&mut bytes);
+    std::fs::write(wasm, bytes)?;
+    Ok(())
+}
+
+fn median(mut v: Vec<Duration>) -> Duration {
+    v.sort();
+    v[v.len() / 2]
+}
+
+/// Per-call latency of a trivial tool: precompiled + InstancePre + pooling
+/// (fresh store per call) vs compiling and instantiating from bytes each call.
+fn bench_runner(iterations: u32) -> anyhow::Result<()> {
+    use airlock_guest::{EngineConfig, GrantSet, Runner};
+    let wasm_path = root().join("examples/target/wasm32-wasip2/release/kitchen.wasm");
+    if !wasm_path.exists() {
+        examples()?;
+    }
+    let wasm = std::fs::read(&wasm_path)?;
+    let args = serde_json::json!({"name": "bench", "excited": false});
+    let grants = GrantSet::default();
+
+    let fast = Runner::new(EngineConfig::default())?;
+    let artifact = fast.precompile(&wasm)?;
+    let loaded = fast.load_precompiled(&artifact, &Default::default())?;
+    let slow = Runner::new(EngineConfig { pooling: false, ..EngineConfig::default() })?;
+
+    let call = |runner: &Runner, loaded: &airlock_guest::Loaded| {
+        let out = runner.invoke(loaded, "greet", &args, &grants);
+        assert!(matches!(out.result, airlock_guest::CallResult::Ok(_)), "{out:?}");
+    };
+    for _ in 0..50 {
+        call(&fast, &loaded);
+    }
+    let slow_iters = (iterations / 20).max(10);
+    let mut fast_t = Vec::new();
+    let mut slow_t = Vec::new();
+    // Alternate rounds so both see the same machine conditions.
+    for _ in 0..5 {
+        let t = Instant::now();
+        for _ in 0..iterations / 5 {
+            call(&fast, &loaded);
+        }
+        fast_t.push(t.elapsed() / (iterations / 5));
+        let t = Instant::now();
+        for _ in 0..slow_iters / 5 {
+            let l = slow.load_wasm(&wasm)?;
+            call(&slow, &l);
+        }
+        slow_t.push(t.elapsed() / (slow_iters / 5).max(1));
+    }
+    let (f, s) = (median(fast_t), median(slow_t));
+    println!("bench runner: trivial tool `greet` of kitchen.wasm, median of 5 rounds");
+    println!("  fast path (precompiled, InstancePre, pooling, fresh store): {:>10.1} us/call", f.as_secs_f64() * 1e6);
+    println!("  reference (compile + instantiate from bytes, fresh store): {:>10.1} us/call", s.as_secs_f64() * 1e6);
+    println!("  ratio fast/reference: {:.4}  (reference is {:.0}x slower)", f.as_secs_f64() / s.as_secs_f64(), s.as_secs_f64() / f.as_secs_f64());
+    Ok(())
+}

@@ -1,0 +1,7 @@
+//! Airlock host: policy, and (in later milestones) the VMM, devices, sandbox
+//! pool, API, registry, audit log and egress proxy.
+//!
+//! The `airlock` binary (`main.rs`) is a thin layer over this library.
+
+pub mod policy;
+pub mod report;
