@@ -7,13 +7,17 @@
 //!   HTTP rule matcher shared with the host's egress proxy.
 //! * [`audit`]: capability decisions recorded during a call.
 //! * [`artifact`]: the envelope around precompiled components.
+//! * [`proto`]: the host↔guest protocol (framed messages).
+//! * [`agent`]: serves the protocol in the guest (used by the `airlock-init` binary).
 //!
 //! **Invariant:** the runner enforces the grant set it is handed and never
 //! widens it; deciding what to grant is the host policy module's job.
 
+pub mod agent;
 pub mod artifact;
 pub mod audit;
 pub mod grants;
+pub mod proto;
 pub mod runner;
 
 pub use audit::{AuditEvent, Decision};

@@ -153,17 +153,7 @@ impl WasiHttpHooks for EgressHooks {
         request: http::Request<wasmtime_wasi_http::WasiBody>,
         options: Option<wasmtime_wasi_http::RequestOptions>,
         fut: Box<dyn Future<Output = Result<(), wasmtime_wasi_http::Error>> + Send>,
-    ) -> Box<
-        dyn Future<
-                Output = Result<
-                    (
-                        http::Response<wasmtime_wasi_http::WasiBody>,
-                        Box<dyn Future<Output = Result<(), wasmtime_wasi_http::Error>> + Send>,
-                    ),
-                    wasmtime_wasi_http::Error,
-                >,
-            > + Send,
-    > {
+    ) -> EgressFuture {
         drop(fut);
         let uri = request.uri().clone();
         let scheme = uri.scheme_str().unwrap_or("https").to_ascii_lowercase();
@@ -177,17 +167,49 @@ impl WasiHttpHooks for EgressHooks {
             }
             HttpVerdict::Allowed(reason) => {
                 self.audit.record("http.request", target, Decision::Allow, reason);
-                Box::new(async move {
-                    use http_body_util::BodyExt;
-                    let (res, io) = wasmtime_wasi_http::default_send_request(request, options).await?;
-                    Ok((
-                        res.map(BodyExt::boxed_unsync),
-                        Box::new(io) as Box<dyn Future<Output = Result<(), wasmtime_wasi_http::Error>> + Send>,
-                    ))
-                })
+                send_allowed(request, options)
             }
         }
     }
+}
+
+type EgressFuture = Box<
+    dyn Future<
+            Output = Result<
+                (
+                    http::Response<wasmtime_wasi_http::WasiBody>,
+                    Box<dyn Future<Output = Result<(), wasmtime_wasi_http::Error>> + Send>,
+                ),
+                wasmtime_wasi_http::Error,
+            >,
+        > + Send,
+>;
+
+/// Send a request the grant allowed, straight from this process.
+#[cfg(feature = "direct-http")]
+fn send_allowed(
+    request: http::Request<wasmtime_wasi_http::WasiBody>,
+    options: Option<wasmtime_wasi_http::RequestOptions>,
+) -> EgressFuture {
+    Box::new(async move {
+        use http_body_util::BodyExt;
+        let (res, io) = wasmtime_wasi_http::default_send_request(request, options).await?;
+        Ok((
+            res.map(BodyExt::boxed_unsync),
+            Box::new(io) as Box<dyn Future<Output = Result<(), wasmtime_wasi_http::Error>> + Send>,
+        ))
+    })
+}
+
+/// Without direct HTTP (the in-VM build) requests must go through the host's
+/// egress proxy; until that proxy is connected they fail closed.
+#[cfg(not(feature = "direct-http"))]
+fn send_allowed(
+    _request: http::Request<wasmtime_wasi_http::WasiBody>,
+    _options: Option<wasmtime_wasi_http::RequestOptions>,
+) -> EgressFuture {
+    tracing::warn!("outgoing HTTP allowed by the grant, but no egress path is built in; failing closed");
+    Box::new(async { Err(wasmtime_wasi_http::Error::DestinationUnavailable) })
 }
 
 /// Memory limiter that also measures the peak.

@@ -8,7 +8,7 @@ use std::path::PathBuf;
 /// Path of a built example component. Panics with the fix if it is missing.
 pub fn example(name: &str) -> PathBuf {
     let p = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../examples/target/wasm32-wasip2/release")
+        .join("../examples/out")
         .join(format!("{name}.wasm"));
     assert!(p.exists(), "{} is missing: run `cargo xtask examples` first", p.display());
     p

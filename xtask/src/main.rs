@@ -1,7 +1,9 @@
 //! `cargo xtask`: build orchestration.
 //!
 //! * `cargo xtask examples` — build the example components for wasm32-wasip2
-//!   and embed their WIT (with doc comments) as an `airlock-wit` section.
+//!   into `examples/out/`, with their WIT (doc comments) embedded as an
+//!   `airlock-wit` custom section.
+//! * `cargo xtask kernel` — build the guest kernel, cached under the cache dir.
 //! * `cargo xtask bench runner` — per-call latency of the runner's fast path
 //!   against instantiate-from-bytes, printed as a ratio.
 
@@ -10,6 +12,8 @@ use clap::{Parser, Subcommand};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
+
+mod kernel;
 
 #[derive(Parser)]
 #[command(name = "xtask")]
@@ -20,8 +24,10 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Build the example components into examples/target/wasm32-wasip2/release/.
+    /// Build the example components into examples/out/.
     Examples,
+    /// Build the guest kernel (vmlinux + bzImage), cached by source version + config.
+    Kernel,
     /// Benchmarks that print ratios measured in one run.
     Bench {
         /// Which benchmark: `runner`.
@@ -35,13 +41,17 @@ enum Cmd {
 /// Example crates and their output names.
 pub const EXAMPLES: &[&str] = &["kitchen", "files", "fetch", "escape"];
 
-fn root() -> PathBuf {
+pub fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask lives in the workspace").to_path_buf()
 }
 
 fn main() -> anyhow::Result<()> {
     match Cli::parse().cmd {
         Cmd::Examples => examples(),
+        Cmd::Kernel => kernel::build().map(|k| {
+            println!("vmlinux {}", k.vmlinux.display());
+            println!("bzImage {}", k.bzimage.display());
+        }),
         Cmd::Bench { which, iterations } => match which.as_str() {
             "runner" => bench_runner(iterations),
             other => bail!("unknown benchmark {other:?}; available: runner"),
@@ -49,32 +59,39 @@ fn main() -> anyhow::Result<()> {
     }
 }
 
+/// Where built example components end up (with their WIT embedded).
+fn examples_out() -> PathBuf {
+    root().join("examples/out")
+}
+
 fn examples() -> anyhow::Result<()> {
     let dir = root().join("examples");
     let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-        .args(["build", "--release", "--target", "wasm32-wasip2"])
+        .args(["build", "--release", "--locked", "--target", "wasm32-wasip2"])
         .current_dir(&dir)
         .status()
         .context("cannot run cargo")?;
     if !status.success() {
         bail!("building the examples failed (is the wasm32-wasip2 target installed? `rustup target add wasm32-wasip2`)");
     }
+    let target_dir = std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| dir.join("target"));
+    let built = target_dir.join("wasm32-wasip2/release");
+    let out = examples_out();
+    std::fs::create_dir_all(&out)?;
     for name in EXAMPLES {
-        let wasm = dir.join("target/wasm32-wasip2/release").join(format!("{name}.wasm"));
-        embed_wit(&wasm, &dir.join(name).join("wit"))?;
-        eprintln!("built {}", wasm.display());
+        let src = built.join(format!("{name}.wasm"));
+        let dst = out.join(format!("{name}.wasm"));
+        let bytes = std::fs::read(&src).with_context(|| format!("reading {}", src.display()))?;
+        let bytes = embed_wit(bytes, &dir.join(name).join("wit"))?;
+        std::fs::write(&dst, bytes)?;
+        eprintln!("built {}", dst.display());
     }
     Ok(())
 }
 
-/// Append the crate's WIT source as an `airlock-wit` custom section, replacing
-/// the component in place (idempotent: skipped when already present).
-fn embed_wit(wasm: &Path, wit_dir: &Path) -> anyhow::Result<()> {
+/// Append the crate's WIT source as an `airlock-wit` custom section.
+fn embed_wit(mut bytes: Vec<u8>, wit_dir: &Path) -> anyhow::Result<Vec<u8>> {
     use wasm_encoder::{CustomSection, Encode, Section};
-    let mut bytes = std::fs::read(wasm).with_context(|| format!("reading {}", wasm.display()))?;
-    if airlock_wasm_tools::docs::from_component(&bytes).functions.values().next().is_some() {
-        return Ok(());
-    }
     let mut files: Vec<PathBuf> = std::fs::read_dir(wit_dir)?
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| p.extension().is_some_and(|x| x == "wit"))
@@ -87,8 +104,7 @@ fn embed_wit(wasm: &Path, wit_dir: &Path) -> anyhow::Result<()> {
     let section = CustomSection { name: airlock_wasm_tools::docs::WIT_SECTION.into(), data: text.as_bytes().into() };
     bytes.push(section.id());
     section.encode(&mut bytes);
-    std::fs::write(wasm, bytes)?;
-    Ok(())
+    Ok(bytes)
 }
 
 fn median(mut v: Vec<Duration>) -> Duration {
@@ -100,7 +116,7 @@ fn median(mut v: Vec<Duration>) -> Duration {
 /// (fresh store per call) vs compiling and instantiating from bytes each call.
 fn bench_runner(iterations: u32) -> anyhow::Result<()> {
     use airlock_guest::{EngineConfig, GrantSet, Runner};
-    let wasm_path = root().join("examples/target/wasm32-wasip2/release/kitchen.wasm");
+    let wasm_path = examples_out().join("kitchen.wasm");
     if !wasm_path.exists() {
         examples()?;
     }

@@ -1,6 +1,6 @@
 //! `kitchen`: a pure tool set with rich WIT types and doc comments.
 //!
-//! Build: `cargo xtask examples`; inspect: `airlock inspect examples/target/wasm32-wasip2/release/kitchen.wasm`.
+//! Build: `cargo xtask examples`; inspect: `airlock inspect examples/out/kitchen.wasm`.
 
 wit_bindgen::generate!({ path: "wit", world: "kitchen" });
 

@@ -1,0 +1,209 @@
+//! `airlock-init`: PID 1 of the Airlock microVM.
+//!
+//! Mounts proc/sys/dev/tmp, makes sure the RNG is ready, mounts virtio-fs
+//! tags and the weights device named on the kernel command line, then serves
+//! the host↔guest protocol on a vsock port and runs each call with the
+//! wasmtime runner. It never leaves the VM hanging: on shutdown, on the end
+//! of the host connection and on any fatal error it says why on the serial
+//! console and reboots (the VMM, run with `reboot=t`, treats that as exit).
+//!
+//! Kernel command line (all optional):
+//! * `airlock.port=N` — vsock port to listen on (default 1024).
+//! * `airlock.fs=tag:/path[,tag:/path]` — virtio-fs mounts.
+//! * `airlock.weights=/dev/pmem0:/weights` — read-only erofs with DAX.
+//! * `airlock.selftest=1` — run the built-in self-test (example components
+//!   under /selftest), print `AIRLOCK-SELFTEST ...` lines, reboot.
+//! * `airlock.selftest=panic` — end PID 1 on purpose (guest kernel panic).
+
+#[cfg(target_os = "linux")]
+fn main() {
+    linux::main()
+}
+
+#[cfg(not(target_os = "linux"))]
+fn main() {
+    eprintln!("airlock-init runs only as PID 1 of a Linux guest");
+    std::process::exit(2);
+}
+
+#[cfg(target_os = "linux")]
+mod linux {
+    use airlock_guest::agent::{self, SessionEnd};
+    use airlock_guest::proto::BootStage;
+    use airlock_guest::{CallResult, EngineConfig, GrantSet, Runner};
+    use nix::mount::{MsFlags, mount};
+    use nix::sys::reboot::{RebootMode, reboot};
+    use nix::time::{ClockId, clock_gettime};
+    use std::collections::BTreeMap;
+    use std::io::Write;
+
+    const DEFAULT_PORT: u32 = 1024;
+
+    fn boot_us() -> u64 {
+        clock_gettime(ClockId::CLOCK_BOOTTIME).map(|t| t.tv_sec() as u64 * 1_000_000 + t.tv_nsec() as u64 / 1000).unwrap_or(0)
+    }
+
+    /// Print to the serial console (stdout is /dev/console for PID 1).
+    fn console(line: &str) {
+        let mut out = std::io::stdout().lock();
+        let _ = writeln!(out, "{line}");
+        let _ = out.flush();
+    }
+
+    /// Say why on the console, then reboot (never returns).
+    fn power_off(reason: &str) -> ! {
+        console(&format!("airlock-init: {reason}; powering off"));
+        nix::unistd::sync();
+        let _ = reboot(RebootMode::RB_AUTOBOOT);
+        // reboot(2) returned: nothing else can be done; never spin.
+        std::process::exit(1);
+    }
+
+    fn fatal(what: &str, e: impl std::fmt::Display) -> ! {
+        power_off(&format!("fatal: {what}: {e}"))
+    }
+
+    fn mount_fs(src: &str, target: &str, fstype: &str, flags: MsFlags, data: Option<&str>) -> Result<(), String> {
+        std::fs::create_dir_all(target).map_err(|e| format!("mkdir {target}: {e}"))?;
+        mount(Some(src), target, Some(fstype), flags, data).map_err(|e| format!("mount {fstype} {src} on {target}: {e}"))
+    }
+
+    fn cmdline() -> BTreeMap<String, String> {
+        let text = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
+        text.split_whitespace()
+            .filter_map(|w| w.strip_prefix("airlock."))
+            .map(|w| match w.split_once('=') {
+                Some((k, v)) => (k.to_string(), v.to_string()),
+                None => (w.to_string(), "1".to_string()),
+            })
+            .collect()
+    }
+
+    /// Block until the kernel's RNG is initialized (getrandom without
+    /// GRND_NONBLOCK), reporting if it was not ready at once.
+    fn ensure_rng() {
+        let mut buf = [0u8; 16];
+        // SAFETY: buf is a valid writable buffer of buf.len() bytes for the
+        // duration of the call; flags are valid getrandom flags.
+        let ready = unsafe { nix::libc::getrandom(buf.as_mut_ptr().cast(), buf.len(), nix::libc::GRND_NONBLOCK) };
+        if ready < 0 {
+            console("airlock-init: RNG not ready yet; waiting");
+            // SAFETY: as above, with blocking flags (0).
+            let r = unsafe { nix::libc::getrandom(buf.as_mut_ptr().cast(), buf.len(), 0) };
+            if r < 0 {
+                fatal("getrandom", std::io::Error::last_os_error());
+            }
+        }
+    }
+
+    pub fn main() {
+        let mut boot = vec![BootStage { stage: "init".into(), at_us: boot_us() }];
+        if std::process::id() != 1 {
+            eprintln!("airlock-init must run as PID 1 inside the Airlock guest");
+            std::process::exit(2);
+        }
+        let nodev = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
+        for (src, target, fstype, flags) in [
+            ("proc", "/proc", "proc", nodev),
+            ("sysfs", "/sys", "sysfs", nodev),
+            ("devtmpfs", "/dev", "devtmpfs", MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC),
+            ("tmpfs", "/tmp", "tmpfs", nodev),
+        ] {
+            if let Err(e) = mount_fs(src, target, fstype, flags, None) {
+                fatal("mounting the base filesystems", e);
+            }
+        }
+        tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new("info"))
+            .with_writer(std::io::stderr)
+            .without_time()
+            .init();
+        ensure_rng();
+        let params = cmdline();
+        if let Some(spec) = params.get("fs") {
+            for m in spec.split(',').filter(|s| !s.is_empty()) {
+                let Some((tag, path)) = m.split_once(':') else { fatal("airlock.fs", format!("{m:?} is not tag:/path")) };
+                if let Err(e) = mount_fs(tag, path, "virtiofs", MsFlags::empty(), None) {
+                    fatal("virtio-fs", e);
+                }
+            }
+        }
+        if let Some(spec) = params.get("weights") {
+            let Some((dev, path)) = spec.split_once(':') else { fatal("airlock.weights", format!("{spec:?} is not /dev/pmemN:/path")) };
+            if let Err(e) = mount_fs(dev, path, "erofs", MsFlags::MS_RDONLY, Some("dax")) {
+                fatal("weights", e);
+            }
+        }
+        boot.push(BootStage { stage: "mounts".into(), at_us: boot_us() });
+
+        match params.get("selftest").map(String::as_str) {
+            Some("panic") => {
+                console("airlock-init: self-test: ending PID 1 on purpose");
+                std::process::exit(3); // the kernel panics: "Attempted to kill init"
+            }
+            Some(_) => selftest(),
+            None => {}
+        }
+
+        let runner = Runner::new(EngineConfig { pool_instances: 8, ..EngineConfig::default() })
+            .unwrap_or_else(|e| fatal("starting the runner", e));
+        boot.push(BootStage { stage: "runner".into(), at_us: boot_us() });
+        let port = params.get("port").and_then(|p| p.parse().ok()).unwrap_or(DEFAULT_PORT);
+        let listener = vsock_listen(port).unwrap_or_else(|e| fatal("vsock listen", e));
+        console(&format!("airlock-init: ready on vsock port {port}"));
+        let mut conn = vsock_accept(&listener).unwrap_or_else(|e| fatal("vsock accept", e));
+        boot.push(BootStage { stage: "ready".into(), at_us: boot_us() });
+        match agent::serve(&mut conn, &runner, boot) {
+            Ok(SessionEnd::Shutdown) => power_off("shutdown requested by the host"),
+            Ok(SessionEnd::Closed) => power_off("the host closed the control connection"),
+            Err(e) => fatal("control connection", e),
+        }
+    }
+
+    fn vsock_listen(port: u32) -> nix::Result<std::os::fd::OwnedFd> {
+        use nix::sys::socket::{AddressFamily, Backlog, SockFlag, SockType, VsockAddr, bind, listen, socket};
+        let fd = socket(AddressFamily::Vsock, SockType::Stream, SockFlag::SOCK_CLOEXEC, None)?;
+        bind(std::os::fd::AsRawFd::as_raw_fd(&fd), &VsockAddr::new(nix::libc::VMADDR_CID_ANY, port))?;
+        listen(&fd, Backlog::new(1)?)?;
+        Ok(fd)
+    }
+
+    fn vsock_accept(listener: &std::os::fd::OwnedFd) -> nix::Result<std::fs::File> {
+        use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+        let raw = nix::sys::socket::accept(listener.as_raw_fd())?;
+        // SAFETY: accept(2) returned a new descriptor that nothing else owns.
+        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+        Ok(std::fs::File::from(fd))
+    }
+
+    /// Self-test: compile and call the example components shipped under
+    /// /selftest, print the outcomes, reboot.
+    fn selftest() -> ! {
+        console("AIRLOCK-SELFTEST-START");
+        let runner = Runner::new(EngineConfig { pool_instances: 4, ..EngineConfig::default() })
+            .unwrap_or_else(|e| fatal("starting the runner", e));
+        let cases: [(&str, &str, serde_json::Value); 3] = [
+            ("kitchen", "greet", serde_json::json!({"name": "microVM"})),
+            ("kitchen", "recipes_summarize", serde_json::json!({"values": [1, 2, 3, 4]})),
+            ("escape", "spin", serde_json::json!({})),
+        ];
+        let mut all_ok = true;
+        for (component, tool, args) in cases {
+            let path = format!("/selftest/{component}.wasm");
+            let bytes = std::fs::read(&path).unwrap_or_else(|e| fatal(&path, e));
+            let loaded = runner.load_wasm(&bytes).unwrap_or_else(|e| fatal(&path, e));
+            let mut grants = GrantSet::default();
+            grants.limits.fuel = 20_000_000;
+            let out = runner.invoke(&loaded, tool, &args, &grants);
+            let expected_error = tool == "spin";
+            all_ok &= matches!(out.result, CallResult::Ok(_)) != expected_error;
+            let json = serde_json::to_string(&serde_json::json!({
+                "component": component, "tool": tool, "result": out.result, "audit": out.audit,
+            }))
+            .unwrap_or_default();
+            console(&format!("AIRLOCK-SELFTEST {json}"));
+        }
+        console(&format!("AIRLOCK-SELFTEST-DONE {}", if all_ok { "ok" } else { "failed" }));
+        power_off("self-test finished")
+    }
+}
