@@ -32,6 +32,10 @@ rustup target add wasm32-wasip2 x86_64-unknown-linux-musl >/dev/null
 step "building example components (cargo xtask examples)"
 cargo xtask examples
 
+# --- guest image: kernel (cached by config hash), static init, initramfs ---
+step "guest image (cargo xtask guest-image; the kernel build takes minutes once, then is cached)"
+cargo xtask guest-image
+
 # --- the suite ---
 step "unit and integration tests"
 cargo test --workspace --locked

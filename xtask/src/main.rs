@@ -4,6 +4,8 @@
 //!   into `examples/out/`, with their WIT (doc comments) embedded as an
 //!   `airlock-wit` custom section.
 //! * `cargo xtask kernel` — build the guest kernel, cached under the cache dir.
+//! * `cargo xtask rootfs [--selftest]` — build the initramfs, reproducibly.
+//! * `cargo xtask guest-image` — all of the above, paths in `<cache>/guest-image.json`.
 //! * `cargo xtask bench runner` — per-call latency of the runner's fast path
 //!   against instantiate-from-bytes, printed as a ratio.
 
@@ -13,6 +15,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+mod image;
 mod kernel;
 
 #[derive(Parser)]
@@ -28,6 +31,14 @@ enum Cmd {
     Examples,
     /// Build the guest kernel (vmlinux + bzImage), cached by source version + config.
     Kernel,
+    /// Build the guest initramfs (static musl init), reproducibly, cached.
+    Rootfs {
+        /// Include the self-test components (examples/out) under /selftest.
+        #[arg(long)]
+        selftest: bool,
+    },
+    /// Kernel + init + both initramfs images; writes <cache>/guest-image.json.
+    GuestImage,
     /// Benchmarks that print ratios measured in one run.
     Bench {
         /// Which benchmark: `runner`.
@@ -48,6 +59,13 @@ pub fn root() -> PathBuf {
 fn main() -> anyhow::Result<()> {
     match Cli::parse().cmd {
         Cmd::Examples => examples(),
+        Cmd::Rootfs { selftest } => {
+            let init = image::build_init()?;
+            let p = image::build_rootfs(&init, selftest)?;
+            println!("{}", p.display());
+            Ok(())
+        }
+        Cmd::GuestImage => image::guest_image(),
         Cmd::Kernel => kernel::build().map(|k| {
             println!("vmlinux {}", k.vmlinux.display());
             println!("bzImage {}", k.bzimage.display());
@@ -60,7 +78,7 @@ fn main() -> anyhow::Result<()> {
 }
 
 /// Where built example components end up (with their WIT embedded).
-fn examples_out() -> PathBuf {
+pub fn examples_out() -> PathBuf {
     root().join("examples/out")
 }
 

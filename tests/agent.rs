@@ -1,0 +1,72 @@
+//! The guest agent over a real socket: the host side speaks the protocol to
+//! `agent::serve` running in a thread, exactly as it will over vsock.
+
+mod common;
+
+use airlock_guest::agent::{self, SessionEnd};
+use airlock_guest::proto::{self, FrameLimits, Message, ProtoError};
+use airlock_guest::{CallResult, EngineConfig, GrantSet, Runner};
+use serde_json::json;
+use std::os::unix::net::UnixStream;
+use std::thread::JoinHandle;
+
+fn start() -> (UnixStream, JoinHandle<Result<SessionEnd, ProtoError>>, Runner) {
+    let (host, mut guest) = UnixStream::pair().unwrap();
+    let t = std::thread::spawn(move || {
+        let runner = Runner::new(EngineConfig { pooling: false, ..EngineConfig::default() }).unwrap();
+        agent::serve(&mut guest, &runner, vec![])
+    });
+    let host_runner = Runner::new(EngineConfig { pooling: false, ..EngineConfig::default() }).unwrap();
+    (host, t, host_runner)
+}
+
+fn recv(s: &mut UnixStream) -> Message {
+    proto::read_frame(s, FrameLimits::default()).unwrap().msg
+}
+
+#[test]
+fn load_invoke_shutdown() {
+    let (mut host, guest, runner) = start();
+    let Message::Hello { protocol, engine, .. } = recv(&mut host) else { panic!("expected hello") };
+    assert_eq!(protocol, proto::PROTOCOL_VERSION);
+    assert_eq!(engine, runner.fingerprint());
+
+    let wasm = common::example_bytes("kitchen");
+    let artifact = runner.precompile(&wasm).unwrap();
+    let digest = runner.load_precompiled(&artifact, &Default::default()).unwrap().digest;
+    let docs = airlock_wasm_tools::docs::from_component(&wasm).functions;
+    proto::write_frame(&mut host, &Message::Load { digest: digest.clone(), docs }, &artifact).unwrap();
+    let Message::Loaded { tools, .. } = recv(&mut host) else { panic!("expected loaded") };
+    assert!(tools.contains(&"greet".to_string()));
+
+    let invoke = Message::Invoke { id: 9, digest: digest.clone(), tool: "greet".into(), args: json!({"name": "vsock"}), grants: GrantSet::default() };
+    proto::write_frame(&mut host, &invoke, b"").unwrap();
+    let Message::Result { id, outcome } = recv(&mut host) else { panic!("expected result") };
+    assert_eq!(id, 9);
+    assert_eq!(outcome.result, CallResult::Ok(json!("Hello, vsock.")));
+
+    // Unknown digest: an error answer, the session goes on.
+    let invoke = Message::Invoke { id: 10, digest: "nope".into(), tool: "greet".into(), args: json!({}), grants: GrantSet::default() };
+    proto::write_frame(&mut host, &invoke, b"").unwrap();
+    assert!(matches!(recv(&mut host), Message::Error { id: Some(10), .. }));
+
+    // A corrupted artifact is refused.
+    let mut bad = artifact.clone();
+    let n = bad.len();
+    bad[n - 10] ^= 1;
+    proto::write_frame(&mut host, &Message::Load { digest, docs: Default::default() }, &bad).unwrap();
+    assert!(matches!(recv(&mut host), Message::Error { message, .. } if message.contains("sha256")));
+
+    proto::write_frame(&mut host, &Message::Shutdown, b"").unwrap();
+    assert_eq!(guest.join().unwrap().unwrap(), SessionEnd::Shutdown);
+}
+
+#[test]
+fn a_bad_frame_ends_the_session_with_an_error() {
+    use std::io::Write;
+    let (mut host, guest, _runner) = start();
+    let _hello = recv(&mut host);
+    host.write_all(b"GET / HTTP/1.1\r\n\r\n").unwrap();
+    assert!(matches!(recv(&mut host), Message::Error { id: None, .. }));
+    assert!(matches!(guest.join().unwrap(), Err(ProtoError::BadMagic)));
+}

@@ -1,0 +1,141 @@
+//! `cargo xtask rootfs` / `cargo xtask guest-image`: the guest initramfs
+//! (static musl `airlock-init` + directory skeleton, optionally the self-test
+//! components), built reproducibly — same inputs, same bytes — and cached by
+//! a hash of its inputs.
+
+use anyhow::{Context, bail};
+use sha2::{Digest, Sha256};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// Bump when the layout below changes.
+const RECIPE: &str = "airlock-rootfs-recipe/1";
+
+/// A file to put in the image.
+struct Input {
+    path_in_image: String,
+    bytes: Vec<u8>,
+    mode: u32,
+}
+
+/// Build the static musl init (release) and return its path.
+pub fn build_init() -> anyhow::Result<PathBuf> {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let status = Command::new(cargo)
+        .args([
+            "build", "--release", "--locked", "--target", "x86_64-unknown-linux-musl",
+            "-p", "airlock-guest", "--bin", "airlock-init", "--no-default-features",
+        ])
+        .current_dir(super::root())
+        .status()?;
+    if !status.success() {
+        bail!("building airlock-init for x86_64-unknown-linux-musl failed (`rustup target add x86_64-unknown-linux-musl`?)");
+    }
+    let target_dir = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| super::root().join("target"));
+    Ok(target_dir.join("x86_64-unknown-linux-musl/release/airlock-init"))
+}
+
+/// Build (or find) the initramfs. With `selftest`, the example components the
+/// init's self-test runs are included under /selftest.
+pub fn build_rootfs(init: &Path, selftest: bool) -> anyhow::Result<PathBuf> {
+    let mut inputs = vec![Input {
+        path_in_image: "init".into(),
+        bytes: std::fs::read(init).with_context(|| format!("reading {}", init.display()))?,
+        mode: 0o100_755,
+    }];
+    if selftest {
+        for name in ["kitchen", "escape"] {
+            let p = super::examples_out().join(format!("{name}.wasm"));
+            let bytes = std::fs::read(&p).with_context(|| format!("{} is missing: run `cargo xtask examples`", p.display()))?;
+            inputs.push(Input { path_in_image: format!("selftest/{name}.wasm"), bytes, mode: 0o100_644 });
+        }
+    }
+    let mut h = Sha256::new();
+    h.update(RECIPE);
+    for i in &inputs {
+        h.update(i.path_in_image.as_bytes());
+        h.update(i.mode.to_le_bytes());
+        h.update(Sha256::digest(&i.bytes));
+    }
+    let key = hex::encode(&h.finalize()[..8]);
+    let name = if selftest { "initramfs-selftest.cpio.gz" } else { "initramfs.cpio.gz" };
+    let out = super::kernel::cache_dir().join("rootfs").join(&key).join(name);
+    if out.exists() {
+        return Ok(out);
+    }
+    let bytes = cpio_gz(&inputs, selftest)?;
+    std::fs::create_dir_all(out.parent().expect("has parent"))?;
+    let tmp = out.with_extension("tmp");
+    std::fs::write(&tmp, &bytes)?;
+    std::fs::rename(&tmp, &out)?;
+    Ok(out)
+}
+
+/// The archive: directories, /dev/console, then the files, in a fixed order
+/// with fixed inode numbers, owners and times.
+fn cpio_gz(inputs: &[Input], selftest: bool) -> anyhow::Result<Vec<u8>> {
+    use cpio::newc::Builder;
+    let mut dirs = vec!["dev", "proc", "sys", "tmp", "run", "mnt"];
+    if selftest {
+        dirs.push("selftest");
+    }
+    let mut cpio: Vec<u8> = Vec::new();
+    let mut ino = 1u32;
+    let mut next = || {
+        ino += 1;
+        ino
+    };
+    for d in dirs {
+        let w = Builder::new(d).ino(next()).mode(0o040_755).nlink(2).mtime(0).uid(0).gid(0).write(&mut cpio, 0);
+        w.finish()?;
+    }
+    let w = Builder::new("dev/console")
+        .ino(next())
+        .mode(0o020_600)
+        .nlink(1)
+        .rdev_major(5)
+        .rdev_minor(1)
+        .write(&mut cpio, 0);
+    w.finish()?;
+    let mut files: Vec<&Input> = inputs.iter().collect();
+    files.sort_by(|a, b| a.path_in_image.cmp(&b.path_in_image));
+    for f in files {
+        let size = u32::try_from(f.bytes.len()).context("file too large for cpio")?;
+        let mut w = Builder::new(&f.path_in_image).ino(next()).mode(f.mode).nlink(1).mtime(0).write(&mut cpio, size);
+        w.write_all(&f.bytes)?;
+        w.finish()?;
+    }
+    cpio::newc::trailer(&mut cpio)?;
+    let mut gz = flate2::GzBuilder::new().mtime(0).write(Vec::new(), flate2::Compression::default());
+    gz.write_all(&cpio)?;
+    Ok(gz.finish()?)
+}
+
+/// Paths of a complete guest image, written to `<cache>/guest-image.json`
+/// for tests and the demo.
+pub fn guest_image() -> anyhow::Result<()> {
+    let kernel = super::kernel::build()?;
+    let init = build_init()?;
+    let rootfs = build_rootfs(&init, false)?;
+    let selftest = build_rootfs(&init, true)?;
+    let manifest = serde_json::json!({
+        "vmlinux": kernel.vmlinux,
+        "bzimage": kernel.bzimage,
+        "initramfs": rootfs,
+        "initramfs_selftest": selftest,
+        "init": init,
+    });
+    let path = super::kernel::cache_dir().join("guest-image.json");
+    std::fs::write(&path, serde_json::to_vec_pretty(&manifest)?)?;
+    let size = |p: &Path| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0);
+    eprintln!("guest image ({}):", path.display());
+    eprintln!("  vmlinux            {:>10} bytes  {}", size(&kernel.vmlinux), kernel.vmlinux.display());
+    eprintln!("  bzImage            {:>10} bytes  {}", size(&kernel.bzimage), kernel.bzimage.display());
+    eprintln!("  initramfs          {:>10} bytes  {}", size(&rootfs), rootfs.display());
+    eprintln!("  initramfs-selftest {:>10} bytes  {}", size(&selftest), selftest.display());
+    println!("{}", path.display());
+    Ok(())
+}
