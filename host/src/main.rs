@@ -47,6 +47,11 @@ enum Cmd {
         #[arg(long, value_enum, default_value_t = Isolation::Process)]
         isolation: Isolation,
     },
+    /// Boot the guest in a microVM on this host's KVM and report how it ended.
+    Vm {
+        #[command(subcommand)]
+        cmd: VmCmd,
+    },
     /// Policy tools.
     Policy {
         #[command(subcommand)]
@@ -66,6 +71,32 @@ enum PolicyCmd {
         /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum VmCmd {
+    /// Boot kernel + initramfs, run until the guest powers off (or the
+    /// timeout), print the exit, wall time and console as JSON.
+    Boot {
+        /// Uncompressed ELF kernel (vmlinux).
+        #[arg(long)]
+        kernel: PathBuf,
+        /// Initramfs.
+        #[arg(long)]
+        initrd: PathBuf,
+        /// Extra kernel command line.
+        #[arg(long, default_value = "")]
+        cmdline: String,
+        /// Guest memory, MiB.
+        #[arg(long, default_value_t = 256)]
+        memory_mib: u32,
+        /// vCPUs.
+        #[arg(long, default_value_t = 1)]
+        vcpus: u8,
+        /// Wall-clock limit, seconds.
+        #[arg(long, default_value_t = 60)]
+        timeout_secs: u64,
     },
 }
 
@@ -159,6 +190,30 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 CallResult::Ok(_) => ExitCode::SUCCESS,
                 CallResult::Error(_) => ExitCode::from(1),
             })
+        }
+        Cmd::Vm { cmd: VmCmd::Boot { kernel, initrd, cmdline, memory_mib, vcpus, timeout_secs } } => {
+            let cfg = airlock::vmm::VmConfig {
+                kernel,
+                initrd,
+                cmdline_extra: cmdline,
+                memory_mib,
+                vcpus,
+                timeout: std::time::Duration::from_secs(timeout_secs),
+                console_cap: 1 << 20,
+            };
+            let report = airlock::vmm::run(&cfg)?;
+            let exit = match &report.exit {
+                airlock::vmm::VmExit::Reset => "reset".to_string(),
+                airlock::vmm::VmExit::Halted => "halted".to_string(),
+                airlock::vmm::VmExit::Timeout => "timeout".to_string(),
+                airlock::vmm::VmExit::Error(e) => format!("error: {e}"),
+            };
+            print_json(&serde_json::json!({
+                "exit": exit,
+                "wall_ms": report.wall.as_millis() as u64,
+                "console": report.console,
+            }))?;
+            Ok(ExitCode::SUCCESS)
         }
         Cmd::Policy { cmd: PolicyCmd::Check { policy, component, json } } => {
             let pol = load_policy(&policy)?;

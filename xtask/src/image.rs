@@ -28,6 +28,9 @@ pub fn build_init() -> anyhow::Result<PathBuf> {
             "-p", "airlock-guest", "--bin", "airlock-init", "--no-default-features",
         ])
         .current_dir(super::root())
+        // wasmtime's build script compiles a little C; Debian's musl-tools
+        // names its compiler musl-gcc.
+        .env("CC_x86_64_unknown_linux_musl", std::env::var("CC_x86_64_unknown_linux_musl").unwrap_or_else(|_| "musl-gcc".into()))
         .status()?;
     if !status.success() {
         bail!("building airlock-init for x86_64-unknown-linux-musl failed (`rustup target add x86_64-unknown-linux-musl`?)");

@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 
 mod image;
 mod kernel;
+mod nested;
 
 #[derive(Parser)]
 #[command(name = "xtask")]
@@ -39,6 +40,8 @@ enum Cmd {
     },
     /// Kernel + init + both initramfs images; writes <cache>/guest-image.json.
     GuestImage,
+    /// The nested-KVM harness (outer QEMU TCG VM); writes <cache>/nested.json.
+    Nested,
     /// Benchmarks that print ratios measured in one run.
     Bench {
         /// Which benchmark: `runner`.
@@ -66,6 +69,7 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Cmd::GuestImage => image::guest_image(),
+        Cmd::Nested => nested::build(),
         Cmd::Kernel => kernel::build().map(|k| {
             println!("vmlinux {}", k.vmlinux.display());
             println!("bzImage {}", k.bzimage.display());

@@ -1,0 +1,86 @@
+//! 8250 UART at the legacy COM1 ports (0x3f8..0x3ff, IRQ 4), built on
+//! vm-superio. The guest console goes to a capped per-VM log and to tracing.
+
+use std::io::Write;
+use std::sync::{Arc, Mutex};
+use vm_superio::{Serial, Trigger};
+use vmm_sys_util::eventfd::EventFd;
+
+/// First I/O port of COM1.
+pub const COM1_BASE: u16 = 0x3f8;
+/// Interrupt line of COM1.
+pub const COM1_IRQ: u32 = 4;
+
+/// Raises the serial interrupt through a KVM irqfd.
+pub struct IrqTrigger(pub EventFd);
+
+impl Trigger for IrqTrigger {
+    type E = std::io::Error;
+    fn trigger(&self) -> std::io::Result<()> {
+        self.0.write(1)
+    }
+}
+
+/// The console log: keeps at most `cap` bytes (the first ones: boot messages
+/// and the reason for a failure are at the start or are the last line, which
+/// `tail` keeps separately).
+#[derive(Clone)]
+pub struct ConsoleLog {
+    inner: Arc<Mutex<LogInner>>,
+}
+
+struct LogInner {
+    buf: Vec<u8>,
+    cap: usize,
+    dropped: u64,
+    line: Vec<u8>,
+}
+
+impl ConsoleLog {
+    /// A log capped at `cap` bytes.
+    pub fn new(cap: usize) -> Self {
+        Self { inner: Arc::new(Mutex::new(LogInner { buf: Vec::new(), cap, dropped: 0, line: Vec::new() })) }
+    }
+
+    /// Everything kept so far, lossy UTF-8, with a note if bytes were dropped.
+    pub fn text(&self) -> String {
+        let g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let mut s = String::from_utf8_lossy(&g.buf).into_owned();
+        if g.dropped > 0 {
+            s.push_str(&format!("\n[airlock: {} console bytes dropped over the cap]\n", g.dropped));
+        }
+        s
+    }
+}
+
+impl Write for ConsoleLog {
+    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+        let mut g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        for &b in data {
+            if g.buf.len() < g.cap {
+                g.buf.push(b);
+            } else {
+                g.dropped += 1;
+            }
+            if b == b'\n' {
+                let line = std::mem::take(&mut g.line);
+                tracing::debug!(target: "airlock::guest_console", "{}", String::from_utf8_lossy(&line).trim_end());
+            } else if g.line.len() < 4096 {
+                g.line.push(b);
+            }
+        }
+        Ok(data.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// The COM1 device.
+pub type Com1 = Serial<IrqTrigger, vm_superio::serial::NoEvents, ConsoleLog>;
+
+/// Create COM1 writing to `log`, raising `irq`.
+pub fn com1(irq: EventFd, log: ConsoleLog) -> Com1 {
+    Serial::new(IrqTrigger(irq), log)
+}

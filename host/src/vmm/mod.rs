@@ -1,0 +1,347 @@
+//! Airlock's VMM: boots the guest kernel (ELF `vmlinux`, 64-bit boot
+//! protocol) with an initramfs on KVM, one thread per vCPU, an in-kernel
+//! irqchip and PIT, and a COM1 serial console.
+//!
+//! **Architecture invariants**
+//! * Hosts whose `/dev/kvm` cannot run the guest (PVM, missing) are refused
+//!   with a clear error before anything is created — never a hang.
+//! * Every run has a wall-clock limit; on the limit, on guest reset (the
+//!   guest runs with `reboot=t`: triple fault → KVM shutdown exit), on a guest
+//!   panic and on host-side errors, all vCPU threads are stopped and joined and
+//!   every fd and mapping is dropped before [`Vm::run`] returns.
+//!
+//! Not yet here (next milestone): virtio-mmio vsock, virtio-fs, pmem.
+
+pub mod layout;
+
+use crate::devices::serial::{COM1_BASE, COM1_IRQ, Com1, ConsoleLog, com1};
+use kvm_bindings::{KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY, kvm_pit_config, kvm_userspace_memory_region};
+use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
+use linux_loader::loader::{Cmdline, KernelLoader, elf::Elf, load_cmdline};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vmm_sys_util::eventfd::EventFd;
+
+/// Errors of the VMM.
+#[derive(Debug, thiserror::Error)]
+pub enum VmmError {
+    /// /dev/kvm is PVM: stock guests hang on it.
+    #[error("/dev/kvm on this host is PVM (/sys/module/kvm_pvm exists); it cannot run Airlock's stock Linux guest. Run VM tests inside the nested harness (cargo xtask nested).")]
+    PvmHost,
+    /// /dev/kvm cannot be opened.
+    #[error("/dev/kvm cannot be opened: {0}.")]
+    NoKvm(String),
+    /// A KVM ioctl failed.
+    #[error("KVM {what} failed: {source}.")]
+    Kvm {
+        /// Which step.
+        what: &'static str,
+        /// The error.
+        source: kvm_ioctls::Error,
+    },
+    /// Guest memory could not be set up.
+    #[error("Guest memory: {0}.")]
+    Memory(String),
+    /// A boot file could not be read.
+    #[error("Cannot read {path}: {message}.")]
+    File {
+        /// The file.
+        path: PathBuf,
+        /// The OS error.
+        message: String,
+    },
+    /// The kernel could not be loaded.
+    #[error("The kernel cannot be loaded: {0}.")]
+    Kernel(String),
+    /// The configuration is not usable.
+    #[error("Bad VM configuration: {0}.")]
+    Config(String),
+}
+
+fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmmError {
+    move |source| VmmError::Kvm { what, source }
+}
+
+/// What to boot.
+#[derive(Debug, Clone)]
+pub struct VmConfig {
+    /// Uncompressed ELF kernel.
+    pub kernel: PathBuf,
+    /// Initramfs (cpio, optionally gzip).
+    pub initrd: PathBuf,
+    /// Extra kernel command line (appended to the base line).
+    pub cmdline_extra: String,
+    /// Guest memory in MiB (64..=3072).
+    pub memory_mib: u32,
+    /// vCPUs (1..=16).
+    pub vcpus: u8,
+    /// Wall-clock limit for the whole run.
+    pub timeout: Duration,
+    /// Cap on the kept console log.
+    pub console_cap: usize,
+}
+
+/// The base kernel command line: serial console, reset by triple fault,
+/// no legacy probing, RNG trusted at once.
+pub const BASE_CMDLINE: &str =
+    "console=ttyS0 reboot=t panic=-1 8250.nr_uarts=1 random.trust_cpu=on i8042.noaux i8042.nomux i8042.dumbkbd quiet";
+
+/// How a run ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VmExit {
+    /// The guest reset itself (its way of powering off) or panicked (panic=-1 → reset).
+    Reset,
+    /// The guest halted with interrupts off.
+    Halted,
+    /// The wall-clock limit passed and the VM was stopped.
+    Timeout,
+    /// KVM reported an error exit (failed entry, internal error).
+    Error(String),
+}
+
+/// The result of one VM run.
+#[derive(Debug, Clone)]
+pub struct RunReport {
+    /// How it ended.
+    pub exit: VmExit,
+    /// The guest console.
+    pub console: String,
+    /// Wall time from VM creation to the end.
+    pub wall: Duration,
+}
+
+/// Refuse hosts whose KVM cannot run the guest.
+///
+/// # Errors
+/// [`VmmError::PvmHost`] or [`VmmError::NoKvm`].
+pub fn check_host() -> Result<Kvm, VmmError> {
+    if Path::new("/sys/module/kvm_pvm").exists() {
+        return Err(VmmError::PvmHost);
+    }
+    Kvm::new().map_err(|e| VmmError::NoKvm(e.to_string()))
+}
+
+fn read(path: &Path) -> Result<std::fs::File, VmmError> {
+    std::fs::File::open(path).map_err(|e| VmmError::File { path: path.into(), message: e.to_string() })
+}
+
+/// Boot a VM and run it until it resets, halts, fails or times out.
+///
+/// # Errors
+/// Anything that prevents the VM from starting; once it runs, its end is a
+/// [`VmExit`] in the report.
+pub fn run(cfg: &VmConfig) -> Result<RunReport, VmmError> {
+    let start = Instant::now();
+    if !(64..=3072).contains(&cfg.memory_mib) {
+        return Err(VmmError::Config(format!("memory_mib must be 64..=3072, got {}", cfg.memory_mib)));
+    }
+    if !(1..=16).contains(&cfg.vcpus) {
+        return Err(VmmError::Config(format!("vcpus must be 1..=16, got {}", cfg.vcpus)));
+    }
+    let kvm = check_host()?;
+    let vm = kvm.create_vm().map_err(kvm_err("create VM"))?;
+    vm.set_tss_address(0xfffb_d000).map_err(kvm_err("set TSS address"))?;
+    vm.create_irq_chip().map_err(kvm_err("create irqchip"))?;
+    vm.create_pit2(kvm_pit_config { flags: KVM_PIT_SPEAKER_DUMMY, ..Default::default() })
+        .map_err(kvm_err("create PIT"))?;
+
+    let mem_size = u64::from(cfg.memory_mib) << 20;
+    let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), mem_size as usize)])
+        .map_err(|e| VmmError::Memory(e.to_string()))?;
+    for (slot, region) in mem.iter().enumerate() {
+        let host = mem.get_host_address(region.start_addr()).map_err(|e| VmmError::Memory(e.to_string()))?;
+        let r = kvm_userspace_memory_region {
+            slot: slot as u32,
+            flags: 0,
+            guest_phys_addr: region.start_addr().0,
+            memory_size: region.len(),
+            userspace_addr: host as u64,
+        };
+        // SAFETY: the region is a live mapping owned by `mem`, which outlives
+        // the VM fd (both are dropped at the end of this function, the VM
+        // first because vCPU threads are joined before `mem` goes away).
+        unsafe { vm.set_user_memory_region(r) }.map_err(kvm_err("set memory region"))?;
+    }
+
+    // Kernel, command line, initramfs, zero page, MP table.
+    let mut kernel = read(&cfg.kernel)?;
+    let loaded = Elf::load(&mem, None, &mut kernel, Some(GuestAddress(layout::HIGH_RAM_START)))
+        .map_err(|e| VmmError::Kernel(e.to_string()))?;
+    let mut cmdline = Cmdline::new(layout::CMDLINE_MAX).map_err(|e| VmmError::Config(e.to_string()))?;
+    cmdline.insert_str(BASE_CMDLINE).map_err(|e| VmmError::Config(e.to_string()))?;
+    if !cfg.cmdline_extra.is_empty() {
+        cmdline.insert_str(&cfg.cmdline_extra).map_err(|e| VmmError::Config(format!("command line: {e}")))?;
+    }
+    load_cmdline(&mem, GuestAddress(layout::CMDLINE), &cmdline).map_err(|e| VmmError::Config(e.to_string()))?;
+    let cmdline_len = cmdline.as_cstring().map_err(|e| VmmError::Config(e.to_string()))?.as_bytes().len();
+
+    let initrd = std::fs::read(&cfg.initrd).map_err(|e| VmmError::File { path: cfg.initrd.clone(), message: e.to_string() })?;
+    let initrd_addr = (mem_size - initrd.len() as u64) & !0xfff;
+    if initrd_addr <= loaded.kernel_end {
+        return Err(VmmError::Config("the initramfs does not fit above the kernel; give the VM more memory".into()));
+    }
+    mem.write_slice(&initrd, GuestAddress(initrd_addr)).map_err(|e| VmmError::Memory(e.to_string()))?;
+
+    let mut params = linux_loader::loader::bootparam::boot_params::default();
+    params.hdr.type_of_loader = 0xff;
+    params.hdr.boot_flag = 0xaa55;
+    params.hdr.header = 0x5372_6448; // "HdrS"
+    params.hdr.kernel_alignment = 0x0100_0000;
+    params.hdr.cmd_line_ptr = layout::CMDLINE as u32;
+    params.hdr.cmdline_size = cmdline_len as u32;
+    params.hdr.ramdisk_image = initrd_addr as u32;
+    params.hdr.ramdisk_size = initrd.len() as u32;
+    params.e820_table[0].addr = 0;
+    params.e820_table[0].size = layout::LOW_RAM_END;
+    params.e820_table[0].r#type = 1;
+    params.e820_table[1].addr = layout::HIGH_RAM_START;
+    params.e820_table[1].size = mem_size - layout::HIGH_RAM_START;
+    params.e820_table[1].r#type = 1;
+    params.e820_entries = 2;
+    mem.write_obj(params, GuestAddress(layout::ZERO_PAGE)).map_err(|e| VmmError::Memory(e.to_string()))?;
+    let (mp_addr, mp) = layout::mptable(cfg.vcpus);
+    mem.write_slice(&mp, GuestAddress(mp_addr)).map_err(|e| VmmError::Memory(e.to_string()))?;
+
+    // Devices.
+    let console = ConsoleLog::new(cfg.console_cap);
+    let irq = EventFd::new(libc_efd_nonblock()).map_err(|e| VmmError::Memory(format!("eventfd: {e}")))?;
+    vm.register_irqfd(&irq, COM1_IRQ).map_err(kvm_err("register serial irqfd"))?;
+    let serial = Arc::new(Mutex::new(com1(irq, console.clone())));
+
+    // vCPUs.
+    let cpuid = kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(kvm_err("get supported CPUID"))?;
+    let mut vcpus = Vec::new();
+    for id in 0..cfg.vcpus {
+        let vcpu = vm.create_vcpu(u64::from(id)).map_err(kvm_err("create vCPU"))?;
+        let mut c = cpuid.clone();
+        for e in c.as_mut_slice() {
+            if e.function == 1 {
+                e.ebx = (e.ebx & 0x00ff_ffff) | (u32::from(id) << 24); // initial APIC id
+            }
+        }
+        vcpu.set_cpuid2(&c).map_err(kvm_err("set CPUID"))?;
+        set_lint(&vcpu)?;
+        if id == 0 {
+            let mut sregs = vcpu.get_sregs().map_err(kvm_err("get sregs"))?;
+            layout::setup_long_mode(&mem, &mut sregs).map_err(|e| VmmError::Memory(e.to_string()))?;
+            vcpu.set_sregs(&sregs).map_err(kvm_err("set sregs"))?;
+            vcpu.set_regs(&layout::boot_regs(loaded.kernel_load.0)).map_err(kvm_err("set regs"))?;
+            vcpu.set_fpu(&layout::boot_fpu()).map_err(kvm_err("set FPU"))?;
+        }
+        vcpus.push(vcpu);
+    }
+
+    let exit = run_vcpus(vcpus, &vm, &serial, cfg.timeout);
+    drop(vm);
+    drop(mem);
+    Ok(RunReport { exit, console: console.text(), wall: start.elapsed() })
+}
+
+fn libc_efd_nonblock() -> i32 {
+    libc::EFD_NONBLOCK
+}
+
+/// LINT0 as ExtINT and LINT1 as NMI, as a PC's BIOS would leave them.
+fn set_lint(vcpu: &VcpuFd) -> Result<(), VmmError> {
+    const LINT0: usize = 0x350;
+    const LINT1: usize = 0x360;
+    let mut lapic = vcpu.get_lapic().map_err(kvm_err("get LAPIC"))?;
+    for (off, mode) in [(LINT0, 7u32), (LINT1, 4u32)] {
+        let bytes: [u8; 4] = std::array::from_fn(|i| lapic.regs[off + i] as u8);
+        let v = (u32::from_le_bytes(bytes) & !0x700) | (mode << 8);
+        for (i, b) in v.to_le_bytes().iter().enumerate() {
+            lapic.regs[off + i] = *b as i8;
+        }
+    }
+    vcpu.set_lapic(&lapic).map_err(kvm_err("set LAPIC"))
+}
+
+/// Signal used to kick vCPU threads out of KVM_RUN.
+fn kick_signal() -> i32 {
+    vmm_sys_util::signal::SIGRTMIN() + 1
+}
+
+extern "C" fn noop_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
+
+fn run_vcpus(vcpus: Vec<VcpuFd>, _vm: &VmFd, serial: &Arc<Mutex<Com1>>, timeout: Duration) -> VmExit {
+    static HANDLER: std::sync::Once = std::sync::Once::new();
+    HANDLER.call_once(|| {
+        if let Err(e) = vmm_sys_util::signal::register_signal_handler(kick_signal(), noop_handler) {
+            tracing::warn!(error = %e, "cannot install the vCPU kick handler");
+        }
+    });
+    let stop = Arc::new(AtomicBool::new(false));
+    let (tx, rx) = mpsc::channel::<VmExit>();
+    let mut threads = Vec::new();
+    for (i, mut vcpu) in vcpus.into_iter().enumerate() {
+        let stop = stop.clone();
+        let tx = tx.clone();
+        let serial = serial.clone();
+        let t = std::thread::Builder::new()
+            .name(format!("airlock-vcpu{i}"))
+            .spawn(move || {
+                let exit = vcpu_loop(&mut vcpu, &serial, &stop);
+                stop.store(true, Ordering::SeqCst);
+                let _ = tx.send(exit);
+            })
+            .expect("spawn vCPU thread");
+        threads.push(t);
+    }
+    drop(tx);
+    let exit = match rx.recv_timeout(timeout) {
+        Ok(e) => e,
+        Err(_) => VmExit::Timeout,
+    };
+    stop.store(true, Ordering::SeqCst);
+    for t in threads {
+        // Kick every vCPU until it leaves KVM_RUN and sees `stop`.
+        while !t.is_finished() {
+            use vmm_sys_util::signal::Killable;
+            let _ = t.kill(kick_signal());
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let _ = t.join();
+    }
+    exit
+}
+
+fn vcpu_loop(vcpu: &mut VcpuFd, serial: &Arc<Mutex<Com1>>, stop: &AtomicBool) -> VmExit {
+    let com1 = COM1_BASE..COM1_BASE + 8;
+    loop {
+        if stop.load(Ordering::SeqCst) {
+            return VmExit::Timeout;
+        }
+        match vcpu.run() {
+            Ok(VcpuExit::IoOut(port, data)) => {
+                if com1.contains(&port) {
+                    if let Some(&b) = data.first() {
+                        let mut s = serial.lock().unwrap_or_else(|p| p.into_inner());
+                        let _ = s.write((port - COM1_BASE) as u8, b);
+                    }
+                }
+            }
+            Ok(VcpuExit::IoIn(port, data)) => {
+                if com1.contains(&port) {
+                    let mut s = serial.lock().unwrap_or_else(|p| p.into_inner());
+                    data[0] = s.read((port - COM1_BASE) as u8);
+                } else {
+                    data.fill(0xff); // no device
+                }
+            }
+            Ok(VcpuExit::MmioRead(_, data)) => data.fill(0),
+            Ok(VcpuExit::MmioWrite(..)) => {}
+            Ok(VcpuExit::Shutdown) => return VmExit::Reset,
+            Ok(VcpuExit::Hlt) => return VmExit::Halted,
+            Ok(VcpuExit::SystemEvent(..)) => return VmExit::Reset,
+            Ok(VcpuExit::FailEntry(reason, cpu)) => return VmExit::Error(format!("entry failed: reason {reason:#x} on cpu {cpu}")),
+            Ok(VcpuExit::InternalError) => return VmExit::Error("KVM internal error".into()),
+            Ok(other) => tracing::debug!(exit = ?other, "unhandled vCPU exit"),
+            Err(e) if e.errno() == 4 || e.errno() == 11 => {} // EINTR/EAGAIN: kicked
+            Err(e) => return VmExit::Error(format!("KVM_RUN: {e}")),
+        }
+    }
+}

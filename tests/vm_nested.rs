@@ -1,0 +1,126 @@
+//! VM tests on real KVM, inside the nested harness (../shared/NESTED-KVM.md):
+//! QEMU TCG with an emulated SVM CPU runs Debian's cloud kernel + kvm-amd,
+//! and inside it the static `airlock` boots our guest with its own VMM.
+//!
+//! Needs `cargo xtask nested` (scripts/test.sh runs it), which writes
+//! `<cache>/nested.json`. One outer boot runs every scenario (see
+//! `xtask/src/nested.rs`); this test checks each one.
+
+use serde_json::Value;
+use std::collections::BTreeMap;
+use std::io::Read;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+fn manifest() -> Value {
+    let cache = std::env::var_os("AIRLOCK_CACHE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap()).join(".cache/airlock"));
+    let p = cache.join("nested.json");
+    let text = std::fs::read_to_string(&p)
+        .unwrap_or_else(|e| panic!("{} is missing ({e}): run `cargo xtask nested` (scripts/test.sh does)", p.display()));
+    serde_json::from_str(&text).unwrap()
+}
+
+/// Boot the outer VM once; return its console and each scenario's output.
+fn outer() -> &'static (String, BTreeMap<String, (String, i32)>) {
+    static OUT: OnceLock<(String, BTreeMap<String, (String, i32)>)> = OnceLock::new();
+    OUT.get_or_init(|| {
+        let m = manifest();
+        let mut child = Command::new("qemu-system-x86_64")
+            .args(["-accel", "tcg,thread=multi", "-cpu", "EPYC,+svm", "-smp", "2", "-m", "2048"])
+            .args(["-nographic", "-no-reboot", "-nodefaults", "-serial", "stdio"])
+            .arg("-kernel")
+            .arg(m["outer_kernel"].as_str().unwrap())
+            .arg("-initrd")
+            .arg(m["outer_initramfs"].as_str().unwrap())
+            .args(["-append", "console=ttyS0 panic=-1 quiet"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("qemu-system-x86_64 is not installed (apt-get install qemu-system-x86)");
+        let mut stdout = child.stdout.take().unwrap();
+        let reader = std::thread::spawn(move || {
+            let mut s = Vec::new();
+            let _ = stdout.read_to_end(&mut s);
+            String::from_utf8_lossy(&s).replace('\r', "")
+        });
+        let start = Instant::now();
+        let limit = Duration::from_secs(40 * 60);
+        while child.try_wait().unwrap().is_none() {
+            if start.elapsed() > limit {
+                let _ = child.kill();
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        let _ = child.wait();
+        let console = reader.join().unwrap();
+        let mut results = BTreeMap::new();
+        let mut cur: Option<(String, String)> = None;
+        for line in console.lines() {
+            if let Some(name) = line.strip_prefix("NESTED-RESULT-BEGIN ") {
+                cur = Some((name.trim().to_string(), String::new()));
+            } else if let Some(rest) = line.strip_prefix("NESTED-RESULT-END ") {
+                let mut parts = rest.split_whitespace();
+                let name = parts.next().unwrap_or("").to_string();
+                let code = parts.next().and_then(|c| c.parse().ok()).unwrap_or(-1);
+                if let Some((n, body)) = cur.take() {
+                    assert_eq!(n, name);
+                    results.insert(n, (body, code));
+                }
+            } else if let Some((_, body)) = cur.as_mut() {
+                body.push_str(line);
+                body.push('\n');
+            }
+        }
+        (console, results)
+    })
+}
+
+fn scenario(name: &str) -> (Value, i32) {
+    let (console, results) = outer();
+    assert!(console.contains("NESTED-END"), "the outer VM did not finish; console:\n{console}");
+    assert!(!console.contains("NESTED-ERROR"), "harness error; console:\n{console}");
+    let (body, code) = results.get(name).unwrap_or_else(|| panic!("scenario {name} did not run; console:\n{console}"));
+    let json = body.find('{').and_then(|i| serde_json::from_str(&body[i..]).ok()).unwrap_or(Value::Null);
+    (json, *code)
+}
+
+#[test]
+fn our_vmm_boots_the_guest_and_runs_tools_inside_it() {
+    let (v, code) = scenario("selftest");
+    assert_eq!(code, 0, "{v}");
+    let console = v["console"].as_str().unwrap_or("");
+    assert_eq!(v["exit"], "reset", "the guest did not power off cleanly; console:\n{console}");
+    assert!(console.contains(r#""result":{"ok":"Hello, microVM."}"#), "console:\n{console}");
+    assert!(console.contains(r#""kind":"cpu_limit""#), "console:\n{console}");
+    assert!(console.contains("AIRLOCK-SELFTEST-DONE ok"), "console:\n{console}");
+}
+
+#[test]
+fn a_guest_kernel_panic_is_reported_and_cleaned_up() {
+    let (v, code) = scenario("panic");
+    assert_eq!(code, 0, "the host process must survive: {v}");
+    assert_eq!(v["exit"], "reset");
+    assert!(v["console"].as_str().unwrap().contains("Kernel panic"), "{v}");
+}
+
+#[test]
+fn a_guest_that_never_finishes_is_stopped_at_the_timeout() {
+    let (v, code) = scenario("never-ready");
+    assert_eq!(code, 0, "the host process must survive: {v}");
+    assert_eq!(v["exit"], "timeout", "{v}");
+    assert!(v["console"].as_str().unwrap().contains("airlock-init: ready on vsock port"), "{v}");
+}
+
+#[test]
+fn bad_input_is_a_clear_error_and_the_host_is_not_refused_as_pvm() {
+    let (console, results) = outer();
+    let (body, code) = results.get("pvm-free-check").unwrap_or_else(|| panic!("console:\n{console}"));
+    assert_eq!(*code, 2, "{body}");
+    assert!(body.contains("Cannot read /nonexistent.cpio.gz"), "{body}");
+}
