@@ -36,6 +36,10 @@ cargo xtask examples
 step "guest image (cargo xtask guest-image; the kernel build takes minutes once, then is cached)"
 cargo xtask guest-image
 
+# --- nested-KVM harness: outer QEMU TCG VM with SVM + Debian cloud kernel ---
+step "nested-KVM harness (cargo xtask nested)"
+cargo xtask nested
+
 # --- the suite ---
 step "unit and integration tests"
 cargo test --workspace --locked

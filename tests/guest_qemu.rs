@@ -6,57 +6,24 @@
 //! Needs `cargo xtask guest-image` (scripts/test.sh runs it), which writes
 //! `<cache>/guest-image.json`.
 
-use std::io::Read;
-use std::path::PathBuf;
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+mod common;
 
-fn image() -> serde_json::Value {
-    let cache = std::env::var_os("AIRLOCK_CACHE")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap()).join(".cache/airlock"));
-    let p = cache.join("guest-image.json");
-    let text = std::fs::read_to_string(&p)
-        .unwrap_or_else(|e| panic!("{} is missing ({e}): run `cargo xtask guest-image` (scripts/test.sh does)", p.display()));
-    serde_json::from_str(&text).unwrap()
-}
+use std::process::Command;
+use std::time::Duration;
 
 /// Boot under QEMU TCG microvm; returns (console output, exited by itself).
 fn boot(initrd_key: &str, extra_cmdline: &str, timeout: Duration) -> (String, bool) {
-    let img = image();
-    let mut child = Command::new("qemu-system-x86_64")
-        .args(["-M", "microvm,acpi=off,rtc=off", "-accel", "tcg", "-cpu", "max", "-smp", "1", "-m", "512"])
+    let img = common::manifest("guest-image.json", "guest-image");
+    let mut cmd = Command::new("qemu-system-x86_64");
+    cmd.args(["-M", "microvm,acpi=off,rtc=off", "-accel", "tcg", "-cpu", "max", "-smp", "1", "-m", "512"])
         .args(["-nodefaults", "-no-user-config", "-nographic", "-no-reboot", "-serial", "stdio"])
         .arg("-kernel")
         .arg(img["vmlinux"].as_str().unwrap())
         .arg("-initrd")
         .arg(img[initrd_key].as_str().unwrap())
         .arg("-append")
-        .arg(format!("console=ttyS0 reboot=t panic=-1 8250.nr_uarts=1 random.trust_cpu=on quiet {extra_cmdline}"))
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("qemu-system-x86_64 is not installed (apt-get install qemu-system-x86)");
-    let mut stdout = child.stdout.take().unwrap();
-    let reader = std::thread::spawn(move || {
-        let mut s = Vec::new();
-        let _ = stdout.read_to_end(&mut s);
-        String::from_utf8_lossy(&s).into_owned()
-    });
-    let start = Instant::now();
-    let exited = loop {
-        if let Some(_status) = child.try_wait().unwrap() {
-            break true;
-        }
-        if start.elapsed() > timeout {
-            let _ = child.kill();
-            let _ = child.wait();
-            break false;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    };
-    (reader.join().unwrap(), exited)
+        .arg(format!("console=ttyS0 reboot=t panic=-1 8250.nr_uarts=1 random.trust_cpu=on quiet {extra_cmdline}"));
+    common::run_with_timeout(cmd, timeout)
 }
 
 #[test]
@@ -65,7 +32,7 @@ fn selftest_runs_components_in_the_guest_and_reboots() {
     assert!(exited, "the guest did not power off within the timeout; console:\n{out}");
     assert!(out.contains("AIRLOCK-SELFTEST-START"), "init never started; console:\n{out}");
     assert!(out.contains(r#""result":{"ok":"Hello, microVM."}"#), "console:\n{out}");
-    assert!(out.contains(r#""tool":"recipes_summarize","result":{"ok":{"count":4"#), "console:\n{out}");
+    assert!(out.contains(r#""result":{"ok":{"count":4,"max":4.0,"mean":2.5,"min":1.0}}"#), "console:\n{out}");
     assert!(out.contains(r#""kind":"cpu_limit""#), "the spin tool was not stopped; console:\n{out}");
     assert!(out.contains("AIRLOCK-SELFTEST-DONE ok"), "console:\n{out}");
     assert!(out.contains("airlock-init: self-test finished; powering off"), "console:\n{out}");

@@ -6,59 +6,28 @@
 //! `<cache>/nested.json`. One outer boot runs every scenario (see
 //! `xtask/src/nested.rs`); this test checks each one.
 
+mod common;
+
 use serde_json::Value;
 use std::collections::BTreeMap;
-use std::io::Read;
-use std::path::PathBuf;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::OnceLock;
-use std::time::{Duration, Instant};
-
-fn manifest() -> Value {
-    let cache = std::env::var_os("AIRLOCK_CACHE")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap()).join(".cache/airlock"));
-    let p = cache.join("nested.json");
-    let text = std::fs::read_to_string(&p)
-        .unwrap_or_else(|e| panic!("{} is missing ({e}): run `cargo xtask nested` (scripts/test.sh does)", p.display()));
-    serde_json::from_str(&text).unwrap()
-}
+use std::time::Duration;
 
 /// Boot the outer VM once; return its console and each scenario's output.
 fn outer() -> &'static (String, BTreeMap<String, (String, i32)>) {
     static OUT: OnceLock<(String, BTreeMap<String, (String, i32)>)> = OnceLock::new();
     OUT.get_or_init(|| {
-        let m = manifest();
-        let mut child = Command::new("qemu-system-x86_64")
-            .args(["-accel", "tcg,thread=multi", "-cpu", "EPYC,+svm", "-smp", "2", "-m", "2048"])
+        let m = common::manifest("nested.json", "nested");
+        let mut cmd = Command::new("qemu-system-x86_64");
+        cmd.args(["-accel", "tcg,thread=multi", "-cpu", "EPYC,+svm", "-smp", "2", "-m", "2048"])
             .args(["-nographic", "-no-reboot", "-nodefaults", "-serial", "stdio"])
             .arg("-kernel")
             .arg(m["outer_kernel"].as_str().unwrap())
             .arg("-initrd")
             .arg(m["outer_initramfs"].as_str().unwrap())
-            .args(["-append", "console=ttyS0 panic=-1 quiet"])
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("qemu-system-x86_64 is not installed (apt-get install qemu-system-x86)");
-        let mut stdout = child.stdout.take().unwrap();
-        let reader = std::thread::spawn(move || {
-            let mut s = Vec::new();
-            let _ = stdout.read_to_end(&mut s);
-            String::from_utf8_lossy(&s).replace('\r', "")
-        });
-        let start = Instant::now();
-        let limit = Duration::from_secs(40 * 60);
-        while child.try_wait().unwrap().is_none() {
-            if start.elapsed() > limit {
-                let _ = child.kill();
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(200));
-        }
-        let _ = child.wait();
-        let console = reader.join().unwrap();
+            .args(["-append", "console=ttyS0 panic=-1 quiet"]);
+        let (console, _exited) = common::run_with_timeout(cmd, Duration::from_secs(40 * 60));
         let mut results = BTreeMap::new();
         let mut cur: Option<(String, String)> = None;
         for line in console.lines() {

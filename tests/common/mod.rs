@@ -51,3 +51,49 @@ pub fn http_server() -> SocketAddr {
     });
     rx.recv().unwrap()
 }
+
+/// Run a command to completion or until `timeout` (then kill it); return its
+/// stdout (carriage returns removed) and whether it exited by itself.
+pub fn run_with_timeout(mut cmd: std::process::Command, timeout: std::time::Duration) -> (String, bool) {
+    use std::io::Read;
+    use std::process::Stdio;
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start {cmd:?}: {e}"));
+    let mut stdout = child.stdout.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut s = Vec::new();
+        let _ = stdout.read_to_end(&mut s);
+        String::from_utf8_lossy(&s).replace('\r', "")
+    });
+    let start = std::time::Instant::now();
+    let exited = loop {
+        if child.try_wait().unwrap().is_some() {
+            break true;
+        }
+        if start.elapsed() > timeout {
+            let _ = child.kill();
+            let _ = child.wait();
+            break false;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    };
+    (reader.join().unwrap(), exited)
+}
+
+/// The cache directory (`$AIRLOCK_CACHE` or `~/.cache/airlock`).
+pub fn cache_dir() -> PathBuf {
+    std::env::var_os("AIRLOCK_CACHE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").expect("HOME")).join(".cache/airlock"))
+}
+
+/// A manifest written by `cargo xtask <what>` into the cache directory.
+pub fn manifest(file: &str, xtask: &str) -> serde_json::Value {
+    let p = cache_dir().join(file);
+    let text = std::fs::read_to_string(&p)
+        .unwrap_or_else(|e| panic!("{} is missing ({e}): run `cargo xtask {xtask}` (scripts/test.sh does)", p.display()));
+    serde_json::from_str(&text).expect("manifest is JSON")
+}

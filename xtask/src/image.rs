@@ -38,7 +38,18 @@ pub fn build_init() -> anyhow::Result<PathBuf> {
     let target_dir = std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| super::root().join("target"));
-    Ok(target_dir.join("x86_64-unknown-linux-musl/release/airlock-init"))
+    strip(&target_dir.join("x86_64-unknown-linux-musl/release/airlock-init"))
+}
+
+/// A copy without symbols or debug info (`<path>.stripped`): the guest has no
+/// use for them and they would be most of the initramfs.
+pub fn strip(path: &Path) -> anyhow::Result<PathBuf> {
+    let out = path.with_extension("stripped");
+    let status = Command::new("strip").arg("--strip-all").arg("-o").arg(&out).arg(path).status()?;
+    if !status.success() {
+        bail!("strip {} failed", path.display());
+    }
+    Ok(out)
 }
 
 /// Build (or find) the initramfs. With `selftest`, the example components the

@@ -57,7 +57,7 @@ fn build_musl_airlock() -> anyhow::Result<PathBuf> {
         .env("CC_x86_64_unknown_linux_musl", "musl-gcc")
         .current_dir(super::root()))?;
     let target_dir = std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| super::root().join("target"));
-    Ok(target_dir.join("x86_64-unknown-linux-musl/release/airlock"))
+    super::image::strip(&target_dir.join("x86_64-unknown-linux-musl/release/airlock"))
 }
 
 const OUTER_INIT: &str = r#"#!/bin/busybox sh
@@ -77,9 +77,11 @@ poweroff -f
 "#;
 
 const VM_TESTS: &str = r#"# Each scenario: its name, then `airlock vm boot` arguments.
+# `airlock_only=<name>` on the outer kernel command line runs just that one.
 G=/guest
 result() {
   name=$1; shift
+  if [ -n "$airlock_only" ] && [ "$airlock_only" != "$name" ]; then return; fi
   echo "NESTED-RESULT-BEGIN $name"
   /airlock vm boot --kernel $G/vmlinux "$@" 2>&1
   echo "NESTED-RESULT-END $name $?"

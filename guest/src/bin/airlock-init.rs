@@ -141,7 +141,7 @@ mod linux {
                 console("airlock-init: self-test: ending PID 1 on purpose");
                 std::process::exit(3); // the kernel panics: "Attempted to kill init"
             }
-            Some(_) => selftest(),
+            Some(_) => selftest(&boot),
             None => {}
         }
 
@@ -178,8 +178,9 @@ mod linux {
 
     /// Self-test: compile and call the example components shipped under
     /// /selftest, print the outcomes, reboot.
-    fn selftest() -> ! {
-        console("AIRLOCK-SELFTEST-START");
+    fn selftest(boot: &[BootStage]) -> ! {
+        let stages: Vec<String> = boot.iter().map(|s| format!("{}={}us", s.stage, s.at_us)).collect();
+        console(&format!("AIRLOCK-SELFTEST-START boot: {}", stages.join(" ")));
         let runner = Runner::new(EngineConfig { pool_instances: 4, ..EngineConfig::default() })
             .unwrap_or_else(|e| fatal("starting the runner", e));
         let cases: [(&str, &str, serde_json::Value); 3] = [

@@ -106,44 +106,31 @@ fn limits(v: &Value) -> Result<Limits, PolicyError> {
 
 /// `1048576`, `"64 MiB"`, `"512KiB"`, `"1GiB"`, `"100 B"`.
 fn size(v: &Value, path: &str) -> Result<u64, PolicyError> {
-    match v {
-        Value::Integer(n) if *n > 0 => Ok(*n as u64),
-        Value::String(s) => {
-            let s = s.trim();
-            let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
-            let (num, unit) = s.split_at(split);
-            let n: u64 = num.parse().map_err(|_| field(path, format!("expected a size like \"64 MiB\", got {s:?}")))?;
-            let mult = match unit.trim() {
-                "" | "B" => 1,
-                "KiB" => 1 << 10,
-                "MiB" => 1 << 20,
-                "GiB" => 1 << 30,
-                other => return Err(field(path, format!("unknown unit {other:?}; use B, KiB, MiB or GiB"))),
-            };
-            n.checked_mul(mult).ok_or_else(|| field(path, "too large"))
-        }
-        other => Err(field(path, format!("expected a size (integer bytes or \"64 MiB\"), got {other}"))),
-    }
+    with_unit(v, path, "size", "\"64 MiB\"", &[("", 1), ("B", 1), ("KiB", 1 << 10), ("MiB", 1 << 20), ("GiB", 1 << 30)])
 }
 
 /// `"500ms"`, `"10s"`, `"2m"`, or integer milliseconds.
 fn duration_ms(v: &Value, path: &str) -> Result<u64, PolicyError> {
+    with_unit(v, path, "duration", "\"10s\"", &[("ms", 1), ("s", 1000), ("m", 60_000)])
+}
+
+/// A positive integer, or a string `<n><unit>` with one of `units` (name, multiplier).
+fn with_unit(v: &Value, path: &str, what: &str, example: &str, units: &[(&str, u64)]) -> Result<u64, PolicyError> {
     match v {
         Value::Integer(n) if *n > 0 => Ok(*n as u64),
         Value::String(s) => {
             let s = s.trim();
             let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
             let (num, unit) = s.split_at(split);
-            let n: u64 = num.parse().map_err(|_| field(path, format!("expected a duration like \"10s\", got {s:?}")))?;
-            let mult = match unit.trim() {
-                "ms" => 1,
-                "s" => 1000,
-                "m" => 60_000,
-                other => return Err(field(path, format!("unknown unit {other:?}; use ms, s or m"))),
-            };
+            let n: u64 = num.parse().map_err(|_| field(path, format!("expected a {what} like {example}, got {s:?}")))?;
+            let unit = unit.trim();
+            let mult = units.iter().find(|(u, _)| *u == unit).map(|(_, m)| *m).ok_or_else(|| {
+                let names: Vec<&str> = units.iter().map(|(u, _)| *u).filter(|u| !u.is_empty()).collect();
+                field(path, format!("unknown unit {unit:?}; use one of {}", names.join(", ")))
+            })?;
             n.checked_mul(mult).ok_or_else(|| field(path, "too large"))
         }
-        other => Err(field(path, format!("expected a duration (\"10s\", \"500ms\") , got {other}"))),
+        other => Err(field(path, format!("expected a {what} (a positive integer or a string like {example}), got {other}"))),
     }
 }
 
