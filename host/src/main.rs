@@ -98,6 +98,31 @@ enum VmCmd {
         #[arg(long, default_value_t = 60)]
         timeout_secs: u64,
     },
+    /// Boot `count` rounds of `parallel` VMs and report how each ended plus
+    /// this process's fds, threads and RSS before and after (leak check).
+    Soak(SoakArgs),
+}
+
+#[derive(clap::Args)]
+struct SoakArgs {
+    /// Uncompressed ELF kernel (vmlinux).
+    #[arg(long)]
+    kernel: PathBuf,
+    /// Initramfs.
+    #[arg(long)]
+    initrd: PathBuf,
+    /// Extra kernel command line.
+    #[arg(long, default_value = "")]
+    cmdline: String,
+    /// Boots in a row.
+    #[arg(long, default_value_t = 20)]
+    count: u32,
+    /// VMs at once in each round.
+    #[arg(long, default_value_t = 1)]
+    parallel: u32,
+    /// Wall-clock limit per VM, seconds.
+    #[arg(long, default_value_t = 120)]
+    timeout_secs: u64,
 }
 
 #[derive(Clone, Copy, ValueEnum, PartialEq, Eq)]
@@ -213,6 +238,38 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 "wall_ms": report.wall.as_millis() as u64,
                 "console": report.console,
             }))?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Vm { cmd: VmCmd::Soak(a) } => {
+            let cfg = airlock::vmm::VmConfig {
+                kernel: a.kernel,
+                initrd: a.initrd,
+                cmdline_extra: a.cmdline,
+                memory_mib: 256,
+                vcpus: 1,
+                timeout: std::time::Duration::from_secs(a.timeout_secs),
+                console_cap: 256 << 10,
+            };
+            // One warm-up boot so lazily created process state (signal
+            // handler, allocator arenas) is not counted as a leak.
+            airlock::vmm::run(&cfg)?;
+            let before = airlock::vmm::ProcessUsage::now();
+            let mut exits = Vec::new();
+            for _ in 0..a.count {
+                let round: Vec<_> = (0..a.parallel)
+                    .map(|_| {
+                        let cfg = cfg.clone();
+                        std::thread::spawn(move || airlock::vmm::run(&cfg))
+                    })
+                    .collect();
+                for t in round {
+                    let r = t.join().map_err(|_| anyhow::anyhow!("a VM thread panicked"))??;
+                    exits.push(serde_json::json!({"exit": format!("{:?}", r.exit), "wall_ms": r.wall.as_millis() as u64,
+                        "selftest_ok": r.console.contains("AIRLOCK-SELFTEST-DONE ok")}));
+                }
+            }
+            let after = airlock::vmm::ProcessUsage::now();
+            print_json(&serde_json::json!({"before": before, "after": after, "runs": exits}))?;
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Policy { cmd: PolicyCmd::Check { policy, component, json } } => {

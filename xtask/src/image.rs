@@ -153,3 +153,49 @@ pub fn guest_image() -> anyhow::Result<()> {
     println!("{}", path.display());
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn inputs(init: &[u8]) -> Vec<Input> {
+        vec![
+            Input { path_in_image: "init".into(), bytes: init.to_vec(), mode: 0o100_755 },
+            Input { path_in_image: "selftest/a.wasm".into(), bytes: b"\0asm".to_vec(), mode: 0o100_644 },
+        ]
+    }
+
+    #[test]
+    fn same_inputs_same_bytes() {
+        let a = cpio_gz(&inputs(b"init-v1"), true).unwrap();
+        let b = cpio_gz(&inputs(b"init-v1"), true).unwrap();
+        assert_eq!(a, b);
+        assert_ne!(a, cpio_gz(&inputs(b"init-v2"), true).unwrap());
+    }
+
+    #[test]
+    fn archive_has_the_skeleton_console_and_files() {
+        use std::io::Read;
+        let gz = cpio_gz(&inputs(b"init-v1"), true).unwrap();
+        let mut raw = Vec::new();
+        flate2::read::GzDecoder::new(gz.as_slice()).read_to_end(&mut raw).unwrap();
+        let mut names = Vec::new();
+        let mut rest: &[u8] = &raw;
+        loop {
+            let r = cpio::newc::Reader::new(rest).unwrap();
+            if r.entry().is_trailer() {
+                break;
+            }
+            names.push((r.entry().name().to_string(), r.entry().mode(), r.entry().mtime()));
+            rest = r.finish().unwrap();
+        }
+        let find = |n: &str| names.iter().find(|(x, ..)| x == n).unwrap_or_else(|| panic!("{n} missing: {names:?}"));
+        assert_eq!(find("init").1, 0o100_755);
+        assert_eq!(find("dev/console").1, 0o020_600);
+        assert_eq!(find("selftest/a.wasm").1, 0o100_644);
+        for d in ["dev", "proc", "sys", "tmp", "run", "mnt", "selftest"] {
+            assert_eq!(find(d).1, 0o040_755);
+        }
+        assert!(names.iter().all(|(_, _, mtime)| *mtime == 0));
+    }
+}

@@ -90,6 +90,15 @@ result selftest --initrd $G/initramfs-selftest.cpio.gz --cmdline airlock.selftes
 result panic --initrd $G/initramfs-selftest.cpio.gz --cmdline airlock.selftest=panic --timeout-secs 300
 result never-ready --initrd $G/initramfs.cpio.gz --timeout-secs 20
 result pvm-free-check --initrd /nonexistent.cpio.gz
+soak() {
+  name=$1; shift
+  if [ -n "$airlock_only" ] && [ "$airlock_only" != "$name" ]; then return; fi
+  echo "NESTED-RESULT-BEGIN $name"
+  /airlock vm soak --kernel $G/vmlinux "$@" 2>&1
+  echo "NESTED-RESULT-END $name $?"
+}
+soak twenty-boots --initrd $G/initramfs-selftest.cpio.gz --cmdline airlock.selftest=panic --count 20 --timeout-secs 120
+soak four-at-once --initrd $G/initramfs-selftest.cpio.gz --cmdline airlock.selftest=1 --count 1 --parallel 4 --timeout-secs 900
 "#;
 
 /// Build everything and write `<cache>/nested.json`.

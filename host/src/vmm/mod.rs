@@ -114,6 +114,34 @@ pub struct RunReport {
     pub wall: Duration,
 }
 
+/// This process's resource usage, for leak checks across many boots.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct ProcessUsage {
+    /// Open file descriptors.
+    pub fds: usize,
+    /// Threads.
+    pub threads: usize,
+    /// Resident set size, KiB.
+    pub rss_kib: u64,
+}
+
+impl ProcessUsage {
+    /// Read it from /proc/self.
+    pub fn now() -> Self {
+        let fds = std::fs::read_dir("/proc/self/fd").map(|d| d.count()).unwrap_or(0);
+        let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+        let field = |name: &str| -> u64 {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(name))
+                .and_then(|v| v.split_whitespace().next())
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0)
+        };
+        Self { fds, threads: field("Threads:") as usize, rss_kib: field("VmRSS:") }
+    }
+}
+
 /// Refuse hosts whose KVM cannot run the guest.
 ///
 /// # Errors
