@@ -107,12 +107,3 @@ fn twenty_boots_in_a_row_leak_no_fds_threads_or_memory() {
     let growth = a["rss_kib"].as_i64().unwrap() - b["rss_kib"].as_i64().unwrap();
     assert!(growth < 4096, "RSS grew by {growth} KiB over 20 boots: {v}");
 }
-
-#[test]
-fn four_vms_at_once_run_their_calls_independently() {
-    let (v, code) = scenario("four-at-once");
-    assert_eq!(code, 0, "{v}");
-    let runs = v["runs"].as_array().unwrap();
-    assert_eq!(runs.len(), 4);
-    assert!(runs.iter().all(|r| r["exit"] == "Reset" && r["selftest_ok"] == true), "{v}");
-}

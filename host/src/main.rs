@@ -264,8 +264,14 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     .collect();
                 for t in round {
                     let r = t.join().map_err(|_| anyhow::anyhow!("a VM thread panicked"))??;
-                    exits.push(serde_json::json!({"exit": format!("{:?}", r.exit), "wall_ms": r.wall.as_millis() as u64,
-                        "selftest_ok": r.console.contains("AIRLOCK-SELFTEST-DONE ok")}));
+                    let ok = r.console.contains("AIRLOCK-SELFTEST-DONE ok");
+                    let mut run = serde_json::json!({"exit": format!("{:?}", r.exit), "wall_ms": r.wall.as_millis() as u64,
+                        "selftest_ok": ok});
+                    if !ok {
+                        let tail: String = r.console.chars().rev().take(3000).collect::<Vec<_>>().into_iter().rev().collect();
+                        run["console_tail"] = serde_json::Value::String(tail);
+                    }
+                    exits.push(run);
                 }
             }
             let after = airlock::vmm::ProcessUsage::now();

@@ -98,7 +98,6 @@ soak() {
   echo "NESTED-RESULT-END $name $?"
 }
 soak twenty-boots --initrd $G/initramfs-selftest.cpio.gz --cmdline airlock.selftest=panic --count 20 --timeout-secs 120
-soak four-at-once --initrd $G/initramfs-selftest.cpio.gz --cmdline airlock.selftest=1 --count 1 --parallel 4 --timeout-secs 900
 "#;
 
 /// Build everything and write `<cache>/nested.json`.
