@@ -7,7 +7,10 @@ use std::path::PathBuf;
 
 /// Path of a built example component. Panics with the fix if it is missing.
 pub fn example(name: &str) -> PathBuf {
-    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+    // Runtime value: a test binary reused from a shared target directory must
+    // look in the checkout it is run from.
+    let manifest = std::env::var_os("CARGO_MANIFEST_DIR").map(PathBuf::from).unwrap_or_else(|| env!("CARGO_MANIFEST_DIR").into());
+    let p = manifest
         .join("../examples/out")
         .join(format!("{name}.wasm"));
     assert!(p.exists(), "{} is missing: run `cargo xtask examples` first", p.display());

@@ -55,8 +55,14 @@ enum Cmd {
 /// Example crates and their output names.
 pub const EXAMPLES: &[&str] = &["kitchen", "files", "fetch", "escape"];
 
+/// The workspace root. Read from the environment `cargo run` sets, not from
+/// the compile-time value: clones that share a cached target directory reuse
+/// this binary, and it must act on the clone it is run from.
 pub fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask lives in the workspace").to_path_buf()
+    let manifest = std::env::var_os("CARGO_MANIFEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")));
+    manifest.parent().expect("xtask lives in the workspace").to_path_buf()
 }
 
 fn main() -> anyhow::Result<()> {
