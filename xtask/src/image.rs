@@ -45,10 +45,14 @@ pub fn build_init() -> anyhow::Result<PathBuf> {
 /// use for them and they would be most of the initramfs.
 pub fn strip(path: &Path) -> anyhow::Result<PathBuf> {
     let out = path.with_extension("stripped");
-    let status = Command::new("strip").arg("--strip-all").arg("-o").arg(&out).arg(path).status()?;
+    // Strip into a private file and rename it into place, so two builds
+    // sharing a target directory never see a half-written or missing file.
+    let tmp = path.with_extension(format!("stripped.{}", std::process::id()));
+    let status = Command::new("strip").arg("--strip-all").arg("-o").arg(&tmp).arg(path).status()?;
     if !status.success() {
         bail!("strip {} failed", path.display());
     }
+    std::fs::rename(&tmp, &out)?;
     Ok(out)
 }
 
