@@ -10,13 +10,25 @@ use serde_json::json;
 use std::os::unix::net::UnixStream;
 use std::thread::JoinHandle;
 
-fn start() -> (UnixStream, JoinHandle<Result<SessionEnd, ProtoError>>, Runner) {
+fn start() -> (
+    UnixStream,
+    JoinHandle<Result<SessionEnd, ProtoError>>,
+    Runner,
+) {
     let (host, mut guest) = UnixStream::pair().unwrap();
     let t = std::thread::spawn(move || {
-        let runner = Runner::new(EngineConfig { pooling: false, ..EngineConfig::default() }).unwrap();
+        let runner = Runner::new(EngineConfig {
+            pooling: false,
+            ..EngineConfig::default()
+        })
+        .unwrap();
         agent::serve(&mut guest, &runner, vec![])
     });
-    let host_runner = Runner::new(EngineConfig { pooling: false, ..EngineConfig::default() }).unwrap();
+    let host_runner = Runner::new(EngineConfig {
+        pooling: false,
+        ..EngineConfig::default()
+    })
+    .unwrap();
     (host, t, host_runner)
 }
 
@@ -27,35 +39,80 @@ fn recv(s: &mut UnixStream) -> Message {
 #[test]
 fn load_invoke_shutdown() {
     let (mut host, guest, runner) = start();
-    let Message::Hello { protocol, engine, .. } = recv(&mut host) else { panic!("expected hello") };
+    let Message::Hello {
+        protocol, engine, ..
+    } = recv(&mut host)
+    else {
+        panic!("expected hello")
+    };
     assert_eq!(protocol, proto::PROTOCOL_VERSION);
     assert_eq!(engine, runner.fingerprint());
 
     let wasm = common::example_bytes("kitchen");
     let artifact = runner.precompile(&wasm).unwrap();
-    let digest = runner.load_precompiled(&artifact, &Default::default()).unwrap().digest;
+    let digest = runner
+        .load_precompiled(&artifact, &Default::default())
+        .unwrap()
+        .digest;
     let docs = airlock_wasm_tools::docs::from_component(&wasm).functions;
-    proto::write_frame(&mut host, &Message::Load { digest: digest.clone(), docs }, &artifact).unwrap();
-    let Message::Loaded { tools, .. } = recv(&mut host) else { panic!("expected loaded") };
+    proto::write_frame(
+        &mut host,
+        &Message::Load {
+            digest: digest.clone(),
+            docs,
+        },
+        &artifact,
+    )
+    .unwrap();
+    let Message::Loaded { tools, .. } = recv(&mut host) else {
+        panic!("expected loaded")
+    };
     assert!(tools.contains(&"greet".to_string()));
 
-    let invoke = Message::Invoke { id: 9, digest: digest.clone(), tool: "greet".into(), args: json!({"name": "vsock"}), grants: GrantSet::default() };
+    let invoke = Message::Invoke {
+        id: 9,
+        digest: digest.clone(),
+        tool: "greet".into(),
+        args: json!({"name": "vsock"}),
+        grants: GrantSet::default(),
+    };
     proto::write_frame(&mut host, &invoke, b"").unwrap();
-    let Message::Result { id, outcome } = recv(&mut host) else { panic!("expected result") };
+    let Message::Result { id, outcome } = recv(&mut host) else {
+        panic!("expected result")
+    };
     assert_eq!(id, 9);
     assert_eq!(outcome.result, CallResult::Ok(json!("Hello, vsock.")));
 
     // Unknown digest: an error answer, the session goes on.
-    let invoke = Message::Invoke { id: 10, digest: "nope".into(), tool: "greet".into(), args: json!({}), grants: GrantSet::default() };
+    let invoke = Message::Invoke {
+        id: 10,
+        digest: "nope".into(),
+        tool: "greet".into(),
+        args: json!({}),
+        grants: GrantSet::default(),
+    };
     proto::write_frame(&mut host, &invoke, b"").unwrap();
-    assert!(matches!(recv(&mut host), Message::Error { id: Some(10), .. }));
+    assert!(matches!(
+        recv(&mut host),
+        Message::Error { id: Some(10), .. }
+    ));
 
     // A corrupted artifact is refused.
     let mut bad = artifact.clone();
     let n = bad.len();
     bad[n - 10] ^= 1;
-    proto::write_frame(&mut host, &Message::Load { digest, docs: Default::default() }, &bad).unwrap();
-    assert!(matches!(recv(&mut host), Message::Error { message, .. } if message.contains("sha256")));
+    proto::write_frame(
+        &mut host,
+        &Message::Load {
+            digest,
+            docs: Default::default(),
+        },
+        &bad,
+    )
+    .unwrap();
+    assert!(
+        matches!(recv(&mut host), Message::Error { message, .. } if message.contains("sha256"))
+    );
 
     proto::write_frame(&mut host, &Message::Shutdown, b"").unwrap();
     assert_eq!(guest.join().unwrap().unwrap(), SessionEnd::Shutdown);

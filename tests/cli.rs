@@ -7,12 +7,19 @@ use std::path::Path;
 use std::process::{Command, Output};
 
 fn airlock(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_airlock")).args(args).output().expect("run airlock")
+    Command::new(env!("CARGO_BIN_EXE_airlock"))
+        .args(args)
+        .output()
+        .expect("run airlock")
 }
 
 fn stdout_json(o: &Output) -> Value {
     serde_json::from_slice(&o.stdout).unwrap_or_else(|e| {
-        panic!("stdout is not JSON ({e}): {}\nstderr: {}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
+        panic!(
+            "stdout is not JSON ({e}): {}\nstderr: {}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        )
     })
 }
 
@@ -34,11 +41,22 @@ fn inspect_lists_tools_schemas_and_capabilities() {
     let v = stdout_json(&o);
     let tools = v["tools"].as_array().unwrap();
     assert_eq!(tools.len(), 6);
-    let search = tools.iter().find(|t| t["name"] == "recipes_search").unwrap();
+    let search = tools
+        .iter()
+        .find(|t| t["name"] == "recipes_search")
+        .unwrap();
     assert_eq!(search["description"], "Search the built-in recipe book.");
     assert_eq!(search["interface"], "airlock:kitchen/recipes@0.1.0");
-    assert_eq!(search["parameters"]["properties"]["filter"]["properties"]["limit"]["type"], "integer");
-    assert!(v["capabilities"].as_array().unwrap().contains(&json!("stdio")));
+    assert_eq!(
+        search["parameters"]["properties"]["filter"]["properties"]["limit"]["type"],
+        "integer"
+    );
+    assert!(
+        v["capabilities"]
+            .as_array()
+            .unwrap()
+            .contains(&json!("stdio"))
+    );
 
     let text = airlock(&["inspect", common::example("escape").to_str().unwrap()]);
     assert!(text.status.success());
@@ -55,7 +73,11 @@ fn inspect_rejects_garbage_with_a_clear_error() {
     std::fs::write(&bad, b"\0asm\x0d\0\x01\0garbage").unwrap();
     let o = airlock(&["inspect", bad.to_str().unwrap()]);
     assert_eq!(o.status.code(), Some(2));
-    assert!(stderr(&o).contains("The component is invalid"), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("The component is invalid"),
+        "{}",
+        stderr(&o)
+    );
     let o = airlock(&["inspect", "/nonexistent.wasm"]);
     assert_eq!(o.status.code(), Some(2));
     assert!(stderr(&o).contains("cannot read component /nonexistent.wasm"));
@@ -72,14 +94,28 @@ fn run_with_a_policy_prints_result_metering_and_audit() {
     );
     let files = common::example("files");
     let o = airlock(&[
-        "run", files.to_str().unwrap(), "--policy", &policy, "--tool", "files_read",
-        "--args", r#"{"path": "/data/hello.txt"}"#, "--isolation", "process",
+        "run",
+        files.to_str().unwrap(),
+        "--policy",
+        &policy,
+        "--tool",
+        "files_read",
+        "--args",
+        r#"{"path": "/data/hello.txt"}"#,
+        "--isolation",
+        "process",
     ]);
     assert!(o.status.success(), "{}", stderr(&o));
     let v = stdout_json(&o);
     assert_eq!(v["result"]["ok"]["ok"], "hi there");
     assert!(v["metering"]["fuel_used"].as_u64().unwrap() > 0);
-    assert!(v["audit"].as_array().unwrap().iter().any(|e| e["action"] == "fs.open" && e["decision"] == "allow"));
+    assert!(
+        v["audit"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["action"] == "fs.open" && e["decision"] == "allow")
+    );
 }
 
 #[test]
@@ -87,21 +123,49 @@ fn run_reports_errors_and_bad_input() {
     let dir = tempfile::tempdir().unwrap();
     let escape = common::example("escape");
     let policy = write_policy(dir.path(), "version = 1\n[limits]\nfuel = 1000000\n");
-    let o = airlock(&["run", escape.to_str().unwrap(), "--policy", &policy, "--tool", "spin"]);
+    let o = airlock(&[
+        "run",
+        escape.to_str().unwrap(),
+        "--policy",
+        &policy,
+        "--tool",
+        "spin",
+    ]);
     assert_eq!(o.status.code(), Some(1));
     assert_eq!(stdout_json(&o)["result"]["error"]["kind"], "cpu_limit");
 
-    let o = airlock(&["run", escape.to_str().unwrap(), "--tool", "read-env", "--args", "{not json"]);
+    let o = airlock(&[
+        "run",
+        escape.to_str().unwrap(),
+        "--tool",
+        "read-env",
+        "--args",
+        "{not json",
+    ]);
     assert_eq!(o.status.code(), Some(2));
     assert!(stderr(&o).contains("--args is not valid JSON"));
 
-    let o = airlock(&["run", escape.to_str().unwrap(), "--tool", "read-env", "--args", r#"{"key": 5}"#]);
+    let o = airlock(&[
+        "run",
+        escape.to_str().unwrap(),
+        "--tool",
+        "read-env",
+        "--args",
+        r#"{"key": 5}"#,
+    ]);
     assert_eq!(o.status.code(), Some(1));
     let v = stdout_json(&o);
     assert_eq!(v["result"]["error"]["kind"], "bad_arguments");
     assert_eq!(v["result"]["error"]["path"], "args.key");
 
-    let o = airlock(&["run", escape.to_str().unwrap(), "--tool", "spin", "--isolation", "vm"]);
+    let o = airlock(&[
+        "run",
+        escape.to_str().unwrap(),
+        "--tool",
+        "spin",
+        "--isolation",
+        "vm",
+    ]);
     assert_eq!(o.status.code(), Some(2));
     assert!(stderr(&o).contains("--isolation vm"));
 }
@@ -109,10 +173,17 @@ fn run_reports_errors_and_bad_input() {
 #[test]
 fn policy_check_validates_and_reports() {
     let dir = tempfile::tempdir().unwrap();
-    let bad = write_policy(dir.path(), "version = 1\n[[filesystem]]\nhost = \"x\"\nguest = \"/x\"\nmode = \"rwx\"\n");
+    let bad = write_policy(
+        dir.path(),
+        "version = 1\n[[filesystem]]\nhost = \"x\"\nguest = \"/x\"\nmode = \"rwx\"\n",
+    );
     let o = airlock(&["policy", "check", &bad]);
     assert_eq!(o.status.code(), Some(2));
-    assert!(stderr(&o).contains("filesystem[0].mode: expected \"ro\" or \"rw\", got \"rwx\""), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("filesystem[0].mode: expected \"ro\" or \"rw\", got \"rwx\""),
+        "{}",
+        stderr(&o)
+    );
 
     std::fs::create_dir(dir.path().join("data")).unwrap();
     let good = write_policy(
@@ -125,10 +196,24 @@ fn policy_check_validates_and_reports() {
 
     // fetch imports HTTP (not granted) and no filesystem (granted): both reported.
     let fetch = common::example("fetch");
-    let o = airlock(&["policy", "check", &good, "--component", fetch.to_str().unwrap(), "--json"]);
+    let o = airlock(&[
+        "policy",
+        "check",
+        &good,
+        "--component",
+        fetch.to_str().unwrap(),
+        "--json",
+    ]);
     assert!(o.status.success(), "{}", stderr(&o));
-    let findings = stdout_json(&o)["report"]["findings"].as_array().unwrap().clone();
-    let has = |sev: &str, subject: &str| findings.iter().any(|f| f["severity"] == sev && f["subject"] == subject);
+    let findings = stdout_json(&o)["report"]["findings"]
+        .as_array()
+        .unwrap()
+        .clone();
+    let has = |sev: &str, subject: &str| {
+        findings
+            .iter()
+            .any(|f| f["severity"] == sev && f["subject"] == subject)
+    };
     assert!(has("will_be_denied", "http.allow"), "{findings:?}");
     assert!(has("over_grant", "filesystem[0]"), "{findings:?}");
 }

@@ -4,7 +4,10 @@
 mod common;
 
 use airlock_guest::grants::{HttpGrant, HttpRule};
-use airlock_guest::{CallError, CallOutcome, CallResult, Decision, DirGrant, EngineConfig, GrantSet, Limits, Loaded, Runner};
+use airlock_guest::{
+    CallError, CallOutcome, CallResult, Decision, DirGrant, EngineConfig, GrantSet, Limits, Loaded,
+    Runner,
+};
 use serde_json::{Value, json};
 use std::sync::OnceLock;
 
@@ -14,7 +17,9 @@ fn runner() -> &'static Runner {
 }
 
 fn load(name: &str) -> Loaded {
-    runner().load_wasm(&common::example_bytes(name)).expect("load example")
+    runner()
+        .load_wasm(&common::example_bytes(name))
+        .expect("load example")
 }
 
 fn call(l: &Loaded, tool: &str, args: Value, g: &GrantSet) -> CallOutcome {
@@ -36,7 +41,9 @@ fn err(o: &CallOutcome) -> &CallError {
 }
 
 fn has_event(o: &CallOutcome, action: &str, decision: Decision) -> bool {
-    o.audit.iter().any(|e| e.action == action && e.decision == decision)
+    o.audit
+        .iter()
+        .any(|e| e.action == action && e.decision == decision)
 }
 
 // ---------- the pure tool, schemas and values ----------
@@ -47,39 +54,95 @@ fn kitchen_tools_have_names_descriptions_and_schemas() {
     let names: Vec<&str> = l.tools.tools.iter().map(|t| t.name.as_str()).collect();
     assert_eq!(
         names,
-        ["greet", "recipes_echo-primitives", "recipes_echo-shapes", "recipes_scale", "recipes_search", "recipes_summarize"]
+        [
+            "greet",
+            "recipes_echo-primitives",
+            "recipes_echo-shapes",
+            "recipes_scale",
+            "recipes_search",
+            "recipes_summarize"
+        ]
     );
     let greet = l.tools.tool("greet").unwrap();
     assert_eq!(greet.description.as_deref(), Some("Greet someone by name."));
-    assert_eq!(greet.parameters["required"], json!(["name"]), "option params are not required");
+    assert_eq!(
+        greet.parameters["required"],
+        json!(["name"]),
+        "option params are not required"
+    );
     let scale = l.tools.tool("recipes_scale").unwrap();
-    assert!(scale.description.as_deref().unwrap().starts_with("Scale every ingredient"));
-    assert_eq!(scale.parameters["properties"]["servings"], json!({"type": "integer", "minimum": 0, "maximum": 65535}));
+    assert!(
+        scale
+            .description
+            .as_deref()
+            .unwrap()
+            .starts_with("Scale every ingredient")
+    );
+    assert_eq!(
+        scale.parameters["properties"]["servings"],
+        json!({"type": "integer", "minimum": 0, "maximum": 65535})
+    );
 }
 
 #[test]
 fn calls_with_records_variants_flags_options_results() {
     let l = load("kitchen");
     let g = GrantSet::default();
-    assert_eq!(ok(&call(&l, "greet", json!({"name": "Ada"}), &g)), &json!("Hello, Ada."));
-    assert_eq!(ok(&call(&l, "greet", json!({"name": "Ada", "excited": true}), &g)), &json!("Hello, Ada!"));
+    assert_eq!(
+        ok(&call(&l, "greet", json!({"name": "Ada"}), &g)),
+        &json!("Hello, Ada.")
+    );
+    assert_eq!(
+        ok(&call(
+            &l,
+            "greet",
+            json!({"name": "Ada", "excited": true}),
+            &g
+        )),
+        &json!("Hello, Ada!")
+    );
 
     let recipe = json!({"title": "T", "servings": 2, "diet": ["vegan"],
         "ingredients": [{"name": "oats", "amount": 50.0, "unit": "gram", "note": "rolled"}]});
-    let out = call(&l, "recipes_scale", json!({"recipe": recipe, "servings": 4}), &g);
+    let out = call(
+        &l,
+        "recipes_scale",
+        json!({"recipe": recipe, "servings": 4}),
+        &g,
+    );
     assert_eq!(ok(&out)["ok"]["ingredients"][0]["amount"], json!(100.0));
     assert_eq!(ok(&out)["ok"]["ingredients"][0]["note"], json!("rolled"));
     let zero = json!({"title": "T", "servings": 0, "diet": [], "ingredients": []});
-    let out = call(&l, "recipes_scale", json!({"recipe": zero, "servings": 4}), &g);
+    let out = call(
+        &l,
+        "recipes_scale",
+        json!({"recipe": zero, "servings": 4}),
+        &g,
+    );
     assert!(ok(&out)["err"].as_str().unwrap().contains("0 servings"));
 
-    let out = call(&l, "recipes_search",
-        json!({"filter": {"text": "o", "limit": 10, "diet": ["vegan"], "max-time": {"minutes": 90}}}), &g);
-    assert_eq!(ok(&out), &json!([{"title": "Lentil soup", "score": 1.0, "time": {"hours-and-minutes": [1, 10]}}]));
-
-    assert_eq!(ok(&call(&l, "recipes_summarize", json!({"values": []}), &g)), &Value::Null);
+    let out = call(
+        &l,
+        "recipes_search",
+        json!({"filter": {"text": "o", "limit": 10, "diet": ["vegan"], "max-time": {"minutes": 90}}}),
+        &g,
+    );
     assert_eq!(
-        ok(&call(&l, "recipes_summarize", json!({"values": [1, 2.5, 3]}), &g)),
+        ok(&out),
+        &json!([{"title": "Lentil soup", "score": 1.0, "time": {"hours-and-minutes": [1, 10]}}])
+    );
+
+    assert_eq!(
+        ok(&call(&l, "recipes_summarize", json!({"values": []}), &g)),
+        &Value::Null
+    );
+    assert_eq!(
+        ok(&call(
+            &l,
+            "recipes_summarize",
+            json!({"values": [1, 2.5, 3]}),
+            &g
+        )),
         &json!({"count": 3, "min": 1.0, "max": 3.0, "mean": 6.5 / 3.0})
     );
 }
@@ -101,10 +164,16 @@ fn every_wit_type_round_trips_and_matches_its_schema() {
     ];
     for p in cases {
         let args = json!({"p": p});
-        assert!(params_schema.is_valid(&args), "schema rejects valid args {args}");
+        assert!(
+            params_schema.is_valid(&args),
+            "schema rejects valid args {args}"
+        );
         let out = call(&l, "recipes_echo-primitives", args, &g);
         let v = ok(&out);
-        assert!(result_schema.is_valid(v), "result {v} does not match its schema");
+        assert!(
+            result_schema.is_valid(v),
+            "result {v} does not match its schema"
+        );
         assert_eq!(v, &p);
     }
 
@@ -112,23 +181,52 @@ fn every_wit_type_round_trips_and_matches_its_schema() {
     let params_schema = jsonschema::validator_for(&shapes.parameters).unwrap();
     let result_schema = jsonschema::validator_for(&shapes.result).unwrap();
     let cases = [
-        (json!({"minutes": 5}), "gram", json!([]), Value::Null, json!({"ok": null}), json!(["a", -1])),
-        (json!({"hours-and-minutes": [2, 30]}), "piece", json!(["vegan", "nut-free"]), json!({"some": null}),
-         json!({"err": "bad"}), json!(["", i64::MAX])),
-        (json!({"overnight": null}), "teaspoon", json!(["vegetarian", "vegan", "gluten-free", "nut-free"]),
-         json!({"some": 7}), json!({"ok": null}), json!(["z", 0])),
+        (
+            json!({"minutes": 5}),
+            "gram",
+            json!([]),
+            Value::Null,
+            json!({"ok": null}),
+            json!(["a", -1]),
+        ),
+        (
+            json!({"hours-and-minutes": [2, 30]}),
+            "piece",
+            json!(["vegan", "nut-free"]),
+            json!({"some": null}),
+            json!({"err": "bad"}),
+            json!(["", i64::MAX]),
+        ),
+        (
+            json!({"overnight": null}),
+            "teaspoon",
+            json!(["vegetarian", "vegan", "gluten-free", "nut-free"]),
+            json!({"some": 7}),
+            json!({"ok": null}),
+            json!(["z", 0]),
+        ),
     ];
     for (d, u, f, o, r, t) in cases {
         let args = json!({"d": d, "u": u, "f": f, "o": o, "r": r, "t": t});
-        assert!(params_schema.is_valid(&args), "schema rejects valid args {args}");
+        assert!(
+            params_schema.is_valid(&args),
+            "schema rejects valid args {args}"
+        );
         let out = call(&l, "recipes_echo-shapes", args, &g);
         let v = ok(&out);
-        assert!(result_schema.is_valid(v), "result {v} does not match its schema");
+        assert!(
+            result_schema.is_valid(v),
+            "result {v} does not match its schema"
+        );
         assert_eq!(v, &json!([d, u, f, o, r, t]));
     }
     // A bare string is accepted for a payload-less variant case.
-    let out = call(&l, "recipes_echo-shapes",
-        json!({"d": "overnight", "u": "gram", "f": [], "o": null, "r": {"ok": null}, "t": ["a", 1]}), &g);
+    let out = call(
+        &l,
+        "recipes_echo-shapes",
+        json!({"d": "overnight", "u": "gram", "f": [], "o": null, "r": {"ok": null}, "t": ["a", 1]}),
+        &g,
+    );
     assert_eq!(ok(&out)[0], json!({"overnight": null}));
 }
 
@@ -142,26 +240,59 @@ fn bad_arguments_name_the_field() {
         other => panic!("expected bad arguments, got {other:?}"),
     };
     assert_eq!(
-        bad("recipes_search", filter(json!({"text": "x", "limit": -3, "diet": [], "max-time": null}))),
+        bad(
+            "recipes_search",
+            filter(json!({"text": "x", "limit": -3, "diet": [], "max-time": null}))
+        ),
         "args.filter.limit: expected u32, got -3"
     );
-    assert_eq!(bad("recipes_search", filter(json!({"text": "x", "diet": [], "max-time": null}))),
-        "args.filter.limit: missing required field");
-    assert!(bad("recipes_search", filter(json!({"text": "x", "limit": 1, "diet": [], "max-time": null, "extra": 1})))
-        .starts_with("args.filter.extra: unknown field"));
-    assert!(bad("recipes_search", filter(json!({"text": "x", "limit": 1, "diet": ["keto"], "max-time": null})))
-        .starts_with("args.filter.diet[0]: unknown flag \"keto\""));
-    assert!(bad("recipes_search", filter(json!({"text": "x", "limit": 1, "diet": [], "max-time": {"days": 1}})))
-        .starts_with("args.filter.max-time: unknown case \"days\""));
-    assert_eq!(bad("recipes_search", filter(json!({"text": "x", "limit": 1, "diet": [], "max-time": {"minutes": "5"}}))),
-        "args.filter.max-time.minutes: expected u32, got string \"5\"");
+    assert_eq!(
+        bad(
+            "recipes_search",
+            filter(json!({"text": "x", "diet": [], "max-time": null}))
+        ),
+        "args.filter.limit: missing required field"
+    );
+    assert!(
+        bad(
+            "recipes_search",
+            filter(json!({"text": "x", "limit": 1, "diet": [], "max-time": null, "extra": 1}))
+        )
+        .starts_with("args.filter.extra: unknown field")
+    );
+    assert!(
+        bad(
+            "recipes_search",
+            filter(json!({"text": "x", "limit": 1, "diet": ["keto"], "max-time": null}))
+        )
+        .starts_with("args.filter.diet[0]: unknown flag \"keto\"")
+    );
+    assert!(
+        bad(
+            "recipes_search",
+            filter(json!({"text": "x", "limit": 1, "diet": [], "max-time": {"days": 1}}))
+        )
+        .starts_with("args.filter.max-time: unknown case \"days\"")
+    );
+    assert_eq!(
+        bad(
+            "recipes_search",
+            filter(json!({"text": "x", "limit": 1, "diet": [], "max-time": {"minutes": "5"}}))
+        ),
+        "args.filter.max-time.minutes: expected u32, got string \"5\""
+    );
     assert!(bad("greet", json!({})).starts_with("args.name: missing required argument"));
     assert!(bad("greet", json!({"name": 3})).starts_with("args.name: expected string"));
-    assert!(bad("greet", json!({"name": "a", "loud": true})).starts_with("args.loud: unknown field"));
+    assert!(
+        bad("greet", json!({"name": "a", "loud": true})).starts_with("args.loud: unknown field")
+    );
     assert!(bad("greet", json!(["a"])).starts_with("args: expected an object"));
     let prim = json!({"b": true, "u8v": 256, "u16v": 0, "u32v": 0, "u64v": 0, "s8v": 0, "s16v": 0,
                       "s32v": 0, "s64v": 0, "f32v": 0, "f64v": 0, "c": "ab", "s": ""});
-    assert_eq!(bad("recipes_echo-primitives", json!({"p": prim})), "args.p.u8v: expected u8, got 256");
+    assert_eq!(
+        bad("recipes_echo-primitives", json!({"p": prim})),
+        "args.p.u8v: expected u8, got 256"
+    );
     let out = call(&l, "no-such-tool", json!({}), &g);
     assert!(matches!(err(&out), CallError::UnknownTool { available, .. } if available.len() == 6));
 }
@@ -178,7 +309,11 @@ fn data_dir() -> tempfile::TempDir {
 
 fn dir_grant(d: &tempfile::TempDir, writable: bool) -> GrantSet {
     GrantSet {
-        dirs: vec![DirGrant { host_path: d.path().to_path_buf(), guest_path: "/data".into(), writable }],
+        dirs: vec![DirGrant {
+            host_path: d.path().to_path_buf(),
+            guest_path: "/data".into(),
+            writable,
+        }],
         ..GrantSet::default()
     }
 }
@@ -193,14 +328,28 @@ fn files_in_a_read_only_grant() {
     assert!(has_event(&out, "fs.preopen", Decision::Allow));
     let out = call(&l, "files_read", json!({"path": "/data/notes.txt"}), &g);
     assert_eq!(ok(&out)["ok"], json!("alpha\nneedle here\nomega\n"));
-    assert!(out.audit.iter().any(|e| e.action == "fs.open" && e.target.contains("notes.txt") && e.decision == Decision::Allow));
-    let out = call(&l, "files_search", json!({"dir": "/data", "needle": "needle"}), &g);
+    assert!(out.audit.iter().any(|e| e.action == "fs.open"
+        && e.target.contains("notes.txt")
+        && e.decision == Decision::Allow));
+    let out = call(
+        &l,
+        "files_search",
+        json!({"dir": "/data", "needle": "needle"}),
+        &g,
+    );
     assert_eq!(ok(&out)["ok"].as_array().unwrap().len(), 2);
 
     // Writing is refused by the sandbox and audited.
-    let out = call(&l, "files_write", json!({"path": "/data/new.txt", "content": "x"}), &g);
+    let out = call(
+        &l,
+        "files_write",
+        json!({"path": "/data/new.txt", "content": "x"}),
+        &g,
+    );
     assert!(ok(&out)["err"].as_str().unwrap().contains("cannot write"));
-    assert!(out.audit.iter().any(|e| e.action == "fs.open" && e.decision == Decision::Deny && e.target.contains("write")));
+    assert!(out.audit.iter().any(|e| e.action == "fs.open"
+        && e.decision == Decision::Deny
+        && e.target.contains("write")));
     assert!(!d.path().join("new.txt").exists());
 }
 
@@ -208,24 +357,47 @@ fn files_in_a_read_only_grant() {
 fn files_in_a_read_write_grant_and_nothing_without_grant() {
     let l = load("files");
     let d = data_dir();
-    let out = call(&l, "files_write", json!({"path": "/data/new.txt", "content": "written"}), &dir_grant(&d, true));
+    let out = call(
+        &l,
+        "files_write",
+        json!({"path": "/data/new.txt", "content": "written"}),
+        &dir_grant(&d, true),
+    );
     assert_eq!(ok(&out)["ok"], json!(7));
-    assert_eq!(std::fs::read_to_string(d.path().join("new.txt")).unwrap(), "written");
+    assert_eq!(
+        std::fs::read_to_string(d.path().join("new.txt")).unwrap(),
+        "written"
+    );
     // The next call gets a fresh store: with no grant the same file is unreachable.
-    let out = call(&l, "files_read", json!({"path": "/data/new.txt"}), &GrantSet::default());
+    let out = call(
+        &l,
+        "files_read",
+        json!({"path": "/data/new.txt"}),
+        &GrantSet::default(),
+    );
     assert!(ok(&out)["err"].as_str().is_some());
-    assert!(out.audit.iter().any(|e| e.action == "fs.preopens" && e.target == "(none)"));
+    assert!(
+        out.audit
+            .iter()
+            .any(|e| e.action == "fs.preopens" && e.target == "(none)")
+    );
 }
 
 #[test]
 fn a_missing_granted_directory_is_a_grant_error() {
     let l = load("files");
     let g = GrantSet {
-        dirs: vec![DirGrant { host_path: "/nonexistent/airlock".into(), guest_path: "/data".into(), writable: false }],
+        dirs: vec![DirGrant {
+            host_path: "/nonexistent/airlock".into(),
+            guest_path: "/data".into(),
+            writable: false,
+        }],
         ..GrantSet::default()
     };
     let out = call(&l, "files_list", json!({"dir": "/data"}), &g);
-    assert!(matches!(err(&out), CallError::Grant { message } if message.contains("/nonexistent/airlock")));
+    assert!(
+        matches!(err(&out), CallError::Grant { message } if message.contains("/nonexistent/airlock"))
+    );
 }
 
 // ---------- HTTP ----------
@@ -245,12 +417,19 @@ fn http_allowed_host_is_reached() {
     let addr = common::http_server();
     let l = load("fetch");
     let g = http_grant(&[&format!("http://127.0.0.1:{}", addr.port())], &[]);
-    let out = call(&l, "fetch", json!({"url": format!("http://{addr}/weather")}), &g);
+    let out = call(
+        &l,
+        "fetch",
+        json!({"url": format!("http://{addr}/weather")}),
+        &g,
+    );
     let v = ok(&out);
     assert_eq!(v["ok"]["status"], json!(200));
     assert_eq!(v["ok"]["body"], json!("hello from /weather"));
     assert_eq!(v["ok"]["content-type"], json!("text/plain"));
-    assert!(out.audit.iter().any(|e| e.action == "http.request" && e.decision == Decision::Allow && e.target.contains("/weather")));
+    assert!(out.audit.iter().any(|e| e.action == "http.request"
+        && e.decision == Decision::Allow
+        && e.target.contains("/weather")));
 }
 
 #[test]
@@ -258,16 +437,41 @@ fn http_unlisted_host_and_deny_rules_are_denied() {
     let addr = common::http_server();
     let l = load("fetch");
     // No rules at all.
-    let out = call(&l, "fetch", json!({"url": format!("http://{addr}/x")}), &GrantSet::default());
-    assert!(ok(&out)["err"].as_str().unwrap().contains("HttpRequestDenied"), "{out:?}");
-    assert!(out.audit.iter().any(|e| e.action == "http.request" && e.decision == Decision::Deny && e.reason == "no allow rule matches"));
+    let out = call(
+        &l,
+        "fetch",
+        json!({"url": format!("http://{addr}/x")}),
+        &GrantSet::default(),
+    );
+    assert!(
+        ok(&out)["err"]
+            .as_str()
+            .unwrap()
+            .contains("HttpRequestDenied"),
+        "{out:?}"
+    );
+    assert!(out.audit.iter().any(|e| e.action == "http.request"
+        && e.decision == Decision::Deny
+        && e.reason == "no allow rule matches"));
     // Allowed by wildcard but a deny rule wins.
     let g = http_grant(&["*"], &[&format!("127.0.0.1:{}", addr.port())]);
     let out = call(&l, "fetch", json!({"url": format!("http://{addr}/x")}), &g);
-    assert!(ok(&out)["err"].as_str().unwrap().contains("HttpRequestDenied"));
-    assert!(out.audit.iter().any(|e| e.decision == Decision::Deny && e.reason.contains("deny rule")));
+    assert!(
+        ok(&out)["err"]
+            .as_str()
+            .unwrap()
+            .contains("HttpRequestDenied")
+    );
+    assert!(
+        out.audit
+            .iter()
+            .any(|e| e.decision == Decision::Deny && e.reason.contains("deny rule"))
+    );
     // Another port on the same host is not covered.
-    let g = http_grant(&[&format!("http://127.0.0.1:{}", addr.port() as u32 + 1)], &[]);
+    let g = http_grant(
+        &[&format!("http://127.0.0.1:{}", addr.port() as u32 + 1)],
+        &[],
+    );
     let out = call(&l, "fetch", json!({"url": format!("http://{addr}/x")}), &g);
     assert!(has_event(&out, "http.request", Decision::Deny));
 }
@@ -277,10 +481,17 @@ fn http_unlisted_host_and_deny_rules_are_denied() {
 #[test]
 fn only_granted_environment_is_visible() {
     let l = load("escape");
-    let g = GrantSet { env: [("API_BASE".to_string(), "https://x".to_string())].into(), ..GrantSet::default() };
+    let g = GrantSet {
+        env: [("API_BASE".to_string(), "https://x".to_string())].into(),
+        ..GrantSet::default()
+    };
     let out = call(&l, "read-env", json!({"key": "API_BASE"}), &g);
     assert_eq!(ok(&out)["ok"], json!("https://x"));
-    assert!(out.audit.iter().any(|e| e.action == "env.read" && e.target == "API_BASE"));
+    assert!(
+        out.audit
+            .iter()
+            .any(|e| e.action == "env.read" && e.target == "API_BASE")
+    );
     let out = call(&l, "read-env", json!({"key": "HOME"}), &g);
     assert!(ok(&out)["err"].as_str().unwrap().contains("HOME"));
     assert!(has_event(&out, "env.read", Decision::Allow));
@@ -293,17 +504,32 @@ fn escape_attempts_are_all_denied_or_stopped() {
     let l = load("escape");
     let d = data_dir();
     let mut g = dir_grant(&d, false);
-    g.limits = Limits { memory_bytes: 32 << 20, fuel: 50_000_000, timeout_ms: 3_000, max_output_bytes: 64 << 10 };
+    g.limits = Limits {
+        memory_bytes: 32 << 20,
+        fuel: 50_000_000,
+        timeout_ms: 3_000,
+        max_output_bytes: 64 << 10,
+    };
 
     // Absolute path outside any grant: WASI has no ambient paths at all.
     let out = call(&l, "read-outside", json!({"path": "/etc/passwd"}), &g);
     assert!(ok(&out)["err"].as_str().unwrap().contains("/etc/passwd"));
-    assert!(out.audit.iter().any(|e| e.action == "fs.preopens" && e.target == "/data"));
+    assert!(
+        out.audit
+            .iter()
+            .any(|e| e.action == "fs.preopens" && e.target == "/data")
+    );
 
     // Climbing out of the grant with `..`.
     let out = call(&l, "climb-out", json!({"dir": "/data", "depth": 3}), &g);
     assert!(ok(&out).get("err").is_some(), "{out:?}");
-    assert!(out.audit.iter().any(|e| e.action == "fs.open" && e.decision == Decision::Deny && e.target.contains("..")), "{:?}", out.audit);
+    assert!(
+        out.audit.iter().any(|e| e.action == "fs.open"
+            && e.decision == Decision::Deny
+            && e.target.contains("..")),
+        "{:?}",
+        out.audit
+    );
 
     // Writing into a read-only grant.
     let out = call(&l, "write-readonly", json!({"path": "/data/pwned"}), &g);
@@ -313,18 +539,31 @@ fn escape_attempts_are_all_denied_or_stopped() {
 
     // An unlisted host.
     let out = call(&l, "reach-host", json!({"url": "http://example.com/"}), &g);
-    assert!(ok(&out)["err"].as_str().unwrap().contains("HttpRequestDenied"));
+    assert!(
+        ok(&out)["err"]
+            .as_str()
+            .unwrap()
+            .contains("HttpRequestDenied")
+    );
     assert!(has_event(&out, "http.request", Decision::Deny));
 
     // Env it was not granted.
     let out = call(&l, "read-env", json!({"key": "PATH"}), &g);
     assert!(ok(&out).get("err").is_some());
-    assert!(out.audit.iter().any(|e| e.action == "env.read" && e.target == "(none)"));
+    assert!(
+        out.audit
+            .iter()
+            .any(|e| e.action == "env.read" && e.target == "(none)")
+    );
 
     // Raw sockets.
     let out = call(&l, "open-socket", json!({"addr": "127.0.0.1:22"}), &g);
     assert!(ok(&out).get("err").is_some());
-    assert!(has_event(&out, "socket.connect", Decision::Deny), "{:?}", out.audit);
+    assert!(
+        has_event(&out, "socket.connect", Decision::Deny),
+        "{:?}",
+        out.audit
+    );
 
     // Endless loop: stopped by the CPU budget.
     let out = call(&l, "spin", json!({}), &g);
@@ -334,13 +573,22 @@ fn escape_attempts_are_all_denied_or_stopped() {
 
     // Unbounded allocation: stopped by the memory limit.
     let out = call(&l, "hog-memory", json!({}), &g);
-    assert_eq!(err(&out), &CallError::OutOfMemory { limit_bytes: 32 << 20 });
+    assert_eq!(
+        err(&out),
+        &CallError::OutOfMemory {
+            limit_bytes: 32 << 20
+        }
+    );
     assert!(has_event(&out, "limit.memory", Decision::Deny));
     assert!(out.metering.peak_memory_bytes <= 32 << 20);
 
     // Gigabytes of output: stopped at the cap.
     let out = call(&l, "flood-output", json!({}), &g);
-    assert!(matches!(err(&out), CallError::OutputLimit { stream, limit_bytes } if stream == "stdout" && *limit_bytes == 64 << 10), "{:?}", out.result);
+    assert!(
+        matches!(err(&out), CallError::OutputLimit { stream, limit_bytes } if stream == "stdout" && *limit_bytes == 64 << 10),
+        "{:?}",
+        out.result
+    );
     assert!(out.stdout.len() <= 64 << 10);
     assert!(has_event(&out, "limit.output", Decision::Deny));
 }
@@ -356,14 +604,22 @@ fn wall_clock_limit_stops_spinning_and_sleeping_calls() {
         let out = call(&l, tool, json!({}), &g);
         assert_eq!(err(&out), &CallError::Timeout { limit_ms: 300 }, "{tool}");
         assert!(has_event(&out, "limit.time", Decision::Deny));
-        assert!(t.elapsed() < std::time::Duration::from_secs(5), "{tool} was not stopped promptly");
+        assert!(
+            t.elapsed() < std::time::Duration::from_secs(5),
+            "{tool} was not stopped promptly"
+        );
     }
 }
 
 #[test]
 fn metering_is_reported() {
     let l = load("kitchen");
-    let out = call(&l, "recipes_summarize", json!({"values": [1, 2, 3]}), &GrantSet::default());
+    let out = call(
+        &l,
+        "recipes_summarize",
+        json!({"values": [1, 2, 3]}),
+        &GrantSet::default(),
+    );
     ok(&out);
     assert!(out.metering.fuel_used > 0 && out.metering.fuel_used < out.metering.fuel_limit);
     assert!(out.metering.peak_memory_bytes >= 64 << 10);
@@ -379,18 +635,44 @@ fn precompiled_artifacts_load_and_mismatches_are_refused() {
     let art = r.precompile(&wasm).unwrap();
     let docs = airlock_wasm_tools::docs::from_component(&wasm);
     let l = r.load_precompiled(&art, &docs).unwrap();
-    assert_eq!(ok(&r.invoke(&l, "greet", &json!({"name": "P"}), &GrantSet::default())), &json!("Hello, P."));
-    assert_eq!(l.tools.tool("greet").unwrap().description.as_deref(), Some("Greet someone by name."));
+    assert_eq!(
+        ok(&r.invoke(&l, "greet", &json!({"name": "P"}), &GrantSet::default())),
+        &json!("Hello, P.")
+    );
+    assert_eq!(
+        l.tools.tool("greet").unwrap().description.as_deref(),
+        Some("Greet someone by name.")
+    );
 
-    let other = Runner::new(EngineConfig { max_memory_bytes: 1 << 30, pooling: false, ..EngineConfig::default() }).unwrap();
-    let e = other.load_precompiled(&art, &docs).err().expect("mismatch refused");
+    let other = Runner::new(EngineConfig {
+        max_memory_bytes: 1 << 30,
+        pooling: false,
+        ..EngineConfig::default()
+    })
+    .unwrap();
+    let e = other
+        .load_precompiled(&art, &docs)
+        .err()
+        .expect("mismatch refused");
     assert!(e.to_string().contains("recompile"), "{e}");
 
     let mut corrupt = art.clone();
     let n = corrupt.len();
     corrupt[n - 100] ^= 0xff;
-    assert!(r.load_precompiled(&corrupt, &docs).err().unwrap().to_string().contains("sha256"));
-    assert!(r.load_precompiled(&wasm, &docs).err().unwrap().to_string().contains("bad magic"));
+    assert!(
+        r.load_precompiled(&corrupt, &docs)
+            .err()
+            .unwrap()
+            .to_string()
+            .contains("sha256")
+    );
+    assert!(
+        r.load_precompiled(&wasm, &docs)
+            .err()
+            .unwrap()
+            .to_string()
+            .contains("bad magic")
+    );
 }
 
 #[test]

@@ -20,13 +20,28 @@ fn outer() -> &'static (String, BTreeMap<String, (String, i32)>) {
     OUT.get_or_init(|| {
         let m = common::manifest("nested.json", "nested");
         let mut cmd = Command::new("qemu-system-x86_64");
-        cmd.args(["-accel", "tcg,thread=multi", "-cpu", "EPYC,+svm", "-smp", "2", "-m", "2048"])
-            .args(["-nographic", "-no-reboot", "-nodefaults", "-serial", "stdio"])
-            .arg("-kernel")
-            .arg(m["outer_kernel"].as_str().unwrap())
-            .arg("-initrd")
-            .arg(m["outer_initramfs"].as_str().unwrap())
-            .args(["-append", "console=ttyS0 panic=-1 quiet"]);
+        cmd.args([
+            "-accel",
+            "tcg,thread=multi",
+            "-cpu",
+            "EPYC,+svm",
+            "-smp",
+            "2",
+            "-m",
+            "2048",
+        ])
+        .args([
+            "-nographic",
+            "-no-reboot",
+            "-nodefaults",
+            "-serial",
+            "stdio",
+        ])
+        .arg("-kernel")
+        .arg(m["outer_kernel"].as_str().unwrap())
+        .arg("-initrd")
+        .arg(m["outer_initramfs"].as_str().unwrap())
+        .args(["-append", "console=ttyS0 panic=-1 quiet"]);
         let (console, _exited) = common::run_with_timeout(cmd, Duration::from_secs(40 * 60));
         let mut results = BTreeMap::new();
         let mut cur: Option<(String, String)> = None;
@@ -52,10 +67,21 @@ fn outer() -> &'static (String, BTreeMap<String, (String, i32)>) {
 
 fn scenario(name: &str) -> (Value, i32) {
     let (console, results) = outer();
-    assert!(console.contains("NESTED-END"), "the outer VM did not finish; console:\n{console}");
-    assert!(!console.contains("NESTED-ERROR"), "harness error; console:\n{console}");
-    let (body, code) = results.get(name).unwrap_or_else(|| panic!("scenario {name} did not run; console:\n{console}"));
-    let json = body.find('{').and_then(|i| serde_json::from_str(&body[i..]).ok()).unwrap_or(Value::Null);
+    assert!(
+        console.contains("NESTED-END"),
+        "the outer VM did not finish; console:\n{console}"
+    );
+    assert!(
+        !console.contains("NESTED-ERROR"),
+        "harness error; console:\n{console}"
+    );
+    let (body, code) = results
+        .get(name)
+        .unwrap_or_else(|| panic!("scenario {name} did not run; console:\n{console}"));
+    let json = body
+        .find('{')
+        .and_then(|i| serde_json::from_str(&body[i..]).ok())
+        .unwrap_or(Value::Null);
     (json, *code)
 }
 
@@ -64,10 +90,22 @@ fn our_vmm_boots_the_guest_and_runs_tools_inside_it() {
     let (v, code) = scenario("selftest");
     assert_eq!(code, 0, "{v}");
     let console = v["console"].as_str().unwrap_or("");
-    assert_eq!(v["exit"], "reset", "the guest did not power off cleanly; console:\n{console}");
-    assert!(console.contains(r#""result":{"ok":"Hello, microVM."}"#), "console:\n{console}");
-    assert!(console.contains(r#""kind":"cpu_limit""#), "console:\n{console}");
-    assert!(console.contains("AIRLOCK-SELFTEST-DONE ok"), "console:\n{console}");
+    assert_eq!(
+        v["exit"], "reset",
+        "the guest did not power off cleanly; console:\n{console}"
+    );
+    assert!(
+        console.contains(r#""result":{"ok":"Hello, microVM."}"#),
+        "console:\n{console}"
+    );
+    assert!(
+        console.contains(r#""kind":"cpu_limit""#),
+        "console:\n{console}"
+    );
+    assert!(
+        console.contains("AIRLOCK-SELFTEST-DONE ok"),
+        "console:\n{console}"
+    );
 }
 
 #[test]
@@ -75,7 +113,10 @@ fn a_guest_kernel_panic_is_reported_and_cleaned_up() {
     let (v, code) = scenario("panic");
     assert_eq!(code, 0, "the host process must survive: {v}");
     assert_eq!(v["exit"], "reset");
-    assert!(v["console"].as_str().unwrap().contains("Kernel panic"), "{v}");
+    assert!(
+        v["console"].as_str().unwrap().contains("Kernel panic"),
+        "{v}"
+    );
 }
 
 #[test]
@@ -83,13 +124,21 @@ fn a_guest_that_never_finishes_is_stopped_at_the_timeout() {
     let (v, code) = scenario("never-ready");
     assert_eq!(code, 0, "the host process must survive: {v}");
     assert_eq!(v["exit"], "timeout", "{v}");
-    assert!(v["console"].as_str().unwrap().contains("airlock-init: ready on vsock port"), "{v}");
+    assert!(
+        v["console"]
+            .as_str()
+            .unwrap()
+            .contains("airlock-init: ready on vsock port"),
+        "{v}"
+    );
 }
 
 #[test]
 fn bad_input_is_a_clear_error_and_the_host_is_not_refused_as_pvm() {
     let (console, results) = outer();
-    let (body, code) = results.get("pvm-free-check").unwrap_or_else(|| panic!("console:\n{console}"));
+    let (body, code) = results
+        .get("pvm-free-check")
+        .unwrap_or_else(|| panic!("console:\n{console}"));
     assert_eq!(*code, 2, "{body}");
     assert!(body.contains("Cannot read /nonexistent.cpio.gz"), "{body}");
 }

@@ -24,8 +24,20 @@ pub enum SessionEnd {
 /// # Errors
 /// Protocol violations by the host (bad frames) end the session with an error;
 /// a bad request (unknown component, invalid artifact) only answers `Error`.
-pub fn serve<S: Read + Write>(conn: &mut S, runner: &Runner, boot: Vec<BootStage>) -> Result<SessionEnd, ProtoError> {
-    proto::write_frame(conn, &Message::Hello { protocol: proto::PROTOCOL_VERSION, engine: runner.fingerprint(), boot }, b"")?;
+pub fn serve<S: Read + Write>(
+    conn: &mut S,
+    runner: &Runner,
+    boot: Vec<BootStage>,
+) -> Result<SessionEnd, ProtoError> {
+    proto::write_frame(
+        conn,
+        &Message::Hello {
+            protocol: proto::PROTOCOL_VERSION,
+            engine: runner.fingerprint(),
+            boot,
+        },
+        b"",
+    )?;
     let mut loaded: HashMap<String, Loaded> = HashMap::new();
     loop {
         let frame = match proto::read_frame(conn, FrameLimits::default()) {
@@ -33,7 +45,14 @@ pub fn serve<S: Read + Write>(conn: &mut S, runner: &Runner, boot: Vec<BootStage
             Err(ProtoError::Closed) => return Ok(SessionEnd::Closed),
             Err(e) => {
                 // Tell the host why before hanging up; a bad frame is never trusted.
-                let _ = proto::write_frame(conn, &Message::Error { id: None, message: e.to_string() }, b"");
+                let _ = proto::write_frame(
+                    conn,
+                    &Message::Error {
+                        id: None,
+                        message: e.to_string(),
+                    },
+                    b"",
+                );
                 return Err(e);
             }
         };
@@ -48,19 +67,37 @@ pub fn serve<S: Read + Write>(conn: &mut S, runner: &Runner, boot: Vec<BootStage
                     }
                     Ok(l) => Message::Error {
                         id: None,
-                        message: format!("The artifact's digest is {}, not the announced {digest}.", l.digest),
+                        message: format!(
+                            "The artifact's digest is {}, not the announced {digest}.",
+                            l.digest
+                        ),
                     },
-                    Err(e) => Message::Error { id: None, message: e.to_string() },
+                    Err(e) => Message::Error {
+                        id: None,
+                        message: e.to_string(),
+                    },
                 };
                 proto::write_frame(conn, &reply, b"")?;
             }
-            Message::Invoke { id, digest, tool, args, grants } => {
+            Message::Invoke {
+                id,
+                digest,
+                tool,
+                args,
+                grants,
+            } => {
                 let reply = match loaded.get(&digest) {
                     Some(l) => {
                         tracing::info!(id, tool = %tool, "invoke");
-                        Message::Result { id, outcome: Box::new(runner.invoke(l, &tool, &args, &grants)) }
+                        Message::Result {
+                            id,
+                            outcome: Box::new(runner.invoke(l, &tool, &args, &grants)),
+                        }
                     }
-                    None => Message::Error { id: Some(id), message: format!("No component with digest {digest} is loaded.") },
+                    None => Message::Error {
+                        id: Some(id),
+                        message: format!("No component with digest {digest} is loaded."),
+                    },
                 };
                 proto::write_frame(conn, &reply, b"")?;
             }

@@ -20,7 +20,9 @@ pub enum ArtifactError {
     #[error("The artifact header is truncated or malformed.")]
     BadHeader,
     /// Built by an engine with another configuration.
-    #[error("The artifact was compiled for engine {found:?}, but this runner's engine is {expected:?}; recompile it.")]
+    #[error(
+        "The artifact was compiled for engine {found:?}, but this runner's engine is {expected:?}; recompile it."
+    )]
     EngineMismatch {
         /// This runner's engine fingerprint.
         expected: String,
@@ -54,7 +56,10 @@ pub fn unwrap<'a>(expected_fingerprint: &str, bytes: &'a [u8]) -> Result<&'a [u8
     let (hash, payload) = split_line(rest)?;
     let fp = std::str::from_utf8(fp).map_err(|_| ArtifactError::BadHeader)?;
     if fp != expected_fingerprint {
-        return Err(ArtifactError::EngineMismatch { expected: expected_fingerprint.into(), found: fp.into() });
+        return Err(ArtifactError::EngineMismatch {
+            expected: expected_fingerprint.into(),
+            found: fp.into(),
+        });
     }
     if hash != hex::encode(Sha256::digest(payload)).as_bytes() {
         return Err(ArtifactError::HashMismatch);
@@ -63,7 +68,11 @@ pub fn unwrap<'a>(expected_fingerprint: &str, bytes: &'a [u8]) -> Result<&'a [u8
 }
 
 fn split_line(b: &[u8]) -> Result<(&[u8], &[u8]), ArtifactError> {
-    let i = b.iter().take(512).position(|&c| c == b'\n').ok_or(ArtifactError::BadHeader)?;
+    let i = b
+        .iter()
+        .take(512)
+        .position(|&c| c == b'\n')
+        .ok_or(ArtifactError::BadHeader)?;
     Ok((&b[..i], &b[i + 1..]))
 }
 
@@ -75,11 +84,17 @@ mod tests {
     fn round_trip_and_rejections() {
         let a = wrap("fp1", b"payload");
         assert_eq!(unwrap("fp1", &a).unwrap(), b"payload");
-        assert!(matches!(unwrap("fp2", &a), Err(ArtifactError::EngineMismatch { .. })));
+        assert!(matches!(
+            unwrap("fp2", &a),
+            Err(ArtifactError::EngineMismatch { .. })
+        ));
         let mut bad = a.clone();
         *bad.last_mut().unwrap() ^= 1;
         assert_eq!(unwrap("fp1", &bad), Err(ArtifactError::HashMismatch));
         assert_eq!(unwrap("fp1", b"\0asm"), Err(ArtifactError::BadMagic));
-        assert_eq!(unwrap("fp1", &a[..MAGIC.len() + 2]), Err(ArtifactError::BadHeader));
+        assert_eq!(
+            unwrap("fp1", &a[..MAGIC.len() + 2]),
+            Err(ArtifactError::BadHeader)
+        );
     }
 }

@@ -40,11 +40,20 @@ pub struct AuditLog {
 impl AuditLog {
     /// A new, empty log whose clock starts now.
     pub fn new(start: Instant) -> Self {
-        Self { start, events: Arc::default() }
+        Self {
+            start,
+            events: Arc::default(),
+        }
     }
 
     /// Record one decision.
-    pub fn record(&self, action: &str, target: impl Into<String>, decision: Decision, reason: impl Into<String>) {
+    pub fn record(
+        &self,
+        action: &str,
+        target: impl Into<String>,
+        decision: Decision,
+        reason: impl Into<String>,
+    ) {
         let ev = AuditEvent {
             at_us: self.start.elapsed().as_micros() as u64,
             action: action.to_string(),
@@ -63,7 +72,10 @@ impl AuditLog {
 
     /// Whether any decision was a denial.
     pub fn first_denial(&self) -> Option<AuditEvent> {
-        self.lock().iter().find(|e| e.decision == Decision::Deny).cloned()
+        self.lock()
+            .iter()
+            .find(|e| e.decision == Decision::Deny)
+            .cloned()
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Vec<AuditEvent>> {

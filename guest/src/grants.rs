@@ -103,10 +103,19 @@ impl HttpRule {
         if host != "*" {
             let bare = host.strip_prefix("*.").unwrap_or(&host);
             if bare.is_empty() || bare.contains('*') {
-                return Err(RuleError::Host(host, "a wildcard may only be a leading `*.`"));
+                return Err(RuleError::Host(
+                    host,
+                    "a wildcard may only be a leading `*.`",
+                ));
             }
-            if !bare.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '[' | ']' | ':')) {
-                return Err(RuleError::Host(host, "only letters, digits, `.`, `-` are allowed"));
+            if !bare
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '[' | ']' | ':'))
+            {
+                return Err(RuleError::Host(
+                    host,
+                    "only letters, digits, `.`, `-` are allowed",
+                ));
             }
         }
         Ok(Self { scheme, host, port })
@@ -129,7 +138,11 @@ impl HttpRule {
         let host = host.to_ascii_lowercase();
         let host = host.trim_end_matches('.');
         match self.host.strip_prefix("*.") {
-            Some(suffix) => host.len() > suffix.len() + 1 && host.ends_with(suffix) && host.as_bytes()[host.len() - suffix.len() - 1] == b'.',
+            Some(suffix) => {
+                host.len() > suffix.len() + 1
+                    && host.ends_with(suffix)
+                    && host.as_bytes()[host.len() - suffix.len() - 1] == b'.'
+            }
             None => host == self.host,
         }
     }
@@ -235,33 +248,102 @@ mod tests {
     #[test]
     fn parses_rules() {
         let r = HttpRule::parse("https://API.example.com:8443").unwrap();
-        assert_eq!(r, HttpRule { scheme: Some("https".into()), host: "api.example.com".into(), port: Some(8443) });
-        assert_eq!(HttpRule::parse("*.example.com").unwrap().to_string(), "*.example.com");
+        assert_eq!(
+            r,
+            HttpRule {
+                scheme: Some("https".into()),
+                host: "api.example.com".into(),
+                port: Some(8443)
+            }
+        );
+        assert_eq!(
+            HttpRule::parse("*.example.com").unwrap().to_string(),
+            "*.example.com"
+        );
         assert_eq!(HttpRule::parse("127.0.0.1:8080").unwrap().port, Some(8080));
-        assert_eq!(HttpRule::parse("ftp://x"), Err(RuleError::Scheme("ftp".into())));
-        assert_eq!(HttpRule::parse("x:99999"), Err(RuleError::Port("99999".into())));
+        assert_eq!(
+            HttpRule::parse("ftp://x"),
+            Err(RuleError::Scheme("ftp".into()))
+        );
+        assert_eq!(
+            HttpRule::parse("x:99999"),
+            Err(RuleError::Port("99999".into()))
+        );
         assert_eq!(HttpRule::parse("x:0"), Err(RuleError::Port("0".into())));
-        assert!(matches!(HttpRule::parse("a.*.com"), Err(RuleError::Host(..))));
-        assert!(matches!(HttpRule::parse("http://x/path"), Err(RuleError::Path(_))));
+        assert!(matches!(
+            HttpRule::parse("a.*.com"),
+            Err(RuleError::Host(..))
+        ));
+        assert!(matches!(
+            HttpRule::parse("http://x/path"),
+            Err(RuleError::Path(_))
+        ));
         assert_eq!(HttpRule::parse(""), Err(RuleError::Empty));
         assert!(HttpRule::parse("http://x/").is_ok());
     }
 
     #[test]
     fn matching_rules() {
-        let g = grant(&["https://api.example.com", "*.github.com", "http://127.0.0.1:8080"], &["evil.github.com"]);
-        assert!(matches!(g.check("https", "api.example.com", 443), HttpVerdict::Allowed(_)));
-        assert!(matches!(g.check("http", "api.example.com", 80), HttpVerdict::Denied(_)), "scheme pinned");
-        assert!(matches!(g.check("https", "api.example.com", 8443), HttpVerdict::Denied(_)), "port pinned to default");
-        assert!(matches!(g.check("https", "raw.github.com", 443), HttpVerdict::Allowed(_)));
-        assert!(matches!(g.check("http", "a.b.github.com", 80), HttpVerdict::Allowed(_)));
-        assert!(matches!(g.check("https", "github.com", 443), HttpVerdict::Denied(_)), "apex not covered by *.");
-        assert!(matches!(g.check("https", "evilgithub.com", 443), HttpVerdict::Denied(_)));
-        assert!(matches!(g.check("https", "evil.github.com", 443), HttpVerdict::Denied(r) if r.contains("deny rule")));
-        assert!(matches!(g.check("http", "127.0.0.1", 8080), HttpVerdict::Allowed(_)));
-        assert!(matches!(g.check("http", "127.0.0.1", 8081), HttpVerdict::Denied(_)));
-        assert!(matches!(HttpGrant::default().check("https", "x.com", 443), HttpVerdict::Denied(r) if r == "no allow rule matches"));
+        let g = grant(
+            &[
+                "https://api.example.com",
+                "*.github.com",
+                "http://127.0.0.1:8080",
+            ],
+            &["evil.github.com"],
+        );
+        assert!(matches!(
+            g.check("https", "api.example.com", 443),
+            HttpVerdict::Allowed(_)
+        ));
+        assert!(
+            matches!(
+                g.check("http", "api.example.com", 80),
+                HttpVerdict::Denied(_)
+            ),
+            "scheme pinned"
+        );
+        assert!(
+            matches!(
+                g.check("https", "api.example.com", 8443),
+                HttpVerdict::Denied(_)
+            ),
+            "port pinned to default"
+        );
+        assert!(matches!(
+            g.check("https", "raw.github.com", 443),
+            HttpVerdict::Allowed(_)
+        ));
+        assert!(matches!(
+            g.check("http", "a.b.github.com", 80),
+            HttpVerdict::Allowed(_)
+        ));
+        assert!(
+            matches!(g.check("https", "github.com", 443), HttpVerdict::Denied(_)),
+            "apex not covered by *."
+        );
+        assert!(matches!(
+            g.check("https", "evilgithub.com", 443),
+            HttpVerdict::Denied(_)
+        ));
+        assert!(
+            matches!(g.check("https", "evil.github.com", 443), HttpVerdict::Denied(r) if r.contains("deny rule"))
+        );
+        assert!(matches!(
+            g.check("http", "127.0.0.1", 8080),
+            HttpVerdict::Allowed(_)
+        ));
+        assert!(matches!(
+            g.check("http", "127.0.0.1", 8081),
+            HttpVerdict::Denied(_)
+        ));
+        assert!(
+            matches!(HttpGrant::default().check("https", "x.com", 443), HttpVerdict::Denied(r) if r == "no allow rule matches")
+        );
         let any = grant(&["*"], &[]);
-        assert!(matches!(any.check("http", "x", 1234), HttpVerdict::Allowed(_)));
+        assert!(matches!(
+            any.check("http", "x", 1234),
+            HttpVerdict::Allowed(_)
+        ));
     }
 }

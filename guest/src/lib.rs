@@ -22,4 +22,6 @@ pub mod runner;
 
 pub use audit::{AuditEvent, Decision};
 pub use grants::{DirGrant, GrantSet, HttpRule, Limits};
-pub use runner::{CallError, CallOutcome, CallResult, EngineConfig, Loaded, Metering, Runner, RunnerError};
+pub use runner::{
+    CallError, CallOutcome, CallResult, EngineConfig, Loaded, Metering, Runner, RunnerError,
+};

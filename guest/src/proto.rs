@@ -29,7 +29,10 @@ pub struct FrameLimits {
 
 impl Default for FrameLimits {
     fn default() -> Self {
-        Self { max_json: 16 << 20, max_blob: 256 << 20 }
+        Self {
+            max_json: 16 << 20,
+            max_blob: 256 << 20,
+        }
     }
 }
 
@@ -169,8 +172,16 @@ pub struct Frame {
 /// I/O errors, or a part too large for the u32 length field.
 pub fn write_frame(w: &mut impl Write, msg: &Message, blob: &[u8]) -> Result<(), ProtoError> {
     let json = serde_json::to_vec(msg).map_err(|e| ProtoError::Malformed(e.to_string()))?;
-    let jl = u32::try_from(json.len()).map_err(|_| ProtoError::TooLarge { part: "json", len: u32::MAX, max: u32::MAX })?;
-    let bl = u32::try_from(blob.len()).map_err(|_| ProtoError::TooLarge { part: "blob", len: u32::MAX, max: u32::MAX })?;
+    let jl = u32::try_from(json.len()).map_err(|_| ProtoError::TooLarge {
+        part: "json",
+        len: u32::MAX,
+        max: u32::MAX,
+    })?;
+    let bl = u32::try_from(blob.len()).map_err(|_| ProtoError::TooLarge {
+        part: "blob",
+        len: u32::MAX,
+        max: u32::MAX,
+    })?;
     let mut header = [0u8; HEADER_LEN];
     header[0..4].copy_from_slice(&MAGIC);
     header[4..6].copy_from_slice(&PROTOCOL_VERSION.to_be_bytes());
@@ -210,10 +221,18 @@ pub fn read_frame(r: &mut impl Read, limits: FrameLimits) -> Result<Frame, Proto
     let jl = u32::from_be_bytes(header[6..10].try_into().expect("4 bytes"));
     let bl = u32::from_be_bytes(header[10..14].try_into().expect("4 bytes"));
     if jl > limits.max_json {
-        return Err(ProtoError::TooLarge { part: "json", len: jl, max: limits.max_json });
+        return Err(ProtoError::TooLarge {
+            part: "json",
+            len: jl,
+            max: limits.max_json,
+        });
     }
     if bl > limits.max_blob {
-        return Err(ProtoError::TooLarge { part: "blob", len: bl, max: limits.max_blob });
+        return Err(ProtoError::TooLarge {
+            part: "blob",
+            len: bl,
+            max: limits.max_blob,
+        });
     }
     let mut json = vec![0u8; jl as usize];
     r.read_exact(&mut json)?;
@@ -237,13 +256,42 @@ mod tests {
 
     #[test]
     fn frames_round_trip() {
-        round_trip(Message::Hello { protocol: 1, engine: "e".into(), boot: vec![BootStage { stage: "init".into(), at_us: 5 }] }, b"");
-        round_trip(Message::Load { digest: "d".into(), docs: BTreeMap::new() }, b"\x00\x01artifact");
         round_trip(
-            Message::Invoke { id: 7, digest: "d".into(), tool: "t".into(), args: serde_json::json!({"a": [1, 2]}), grants: GrantSet::default() },
+            Message::Hello {
+                protocol: 1,
+                engine: "e".into(),
+                boot: vec![BootStage {
+                    stage: "init".into(),
+                    at_us: 5,
+                }],
+            },
             b"",
         );
-        round_trip(Message::HttpResponse { id: 1, status: Err("denied".into()), headers: vec![] }, b"body");
+        round_trip(
+            Message::Load {
+                digest: "d".into(),
+                docs: BTreeMap::new(),
+            },
+            b"\x00\x01artifact",
+        );
+        round_trip(
+            Message::Invoke {
+                id: 7,
+                digest: "d".into(),
+                tool: "t".into(),
+                args: serde_json::json!({"a": [1, 2]}),
+                grants: GrantSet::default(),
+            },
+            b"",
+        );
+        round_trip(
+            Message::HttpResponse {
+                id: 1,
+                status: Err("denied".into()),
+                headers: vec![],
+            },
+            b"body",
+        );
         round_trip(Message::Shutdown, b"");
     }
 
@@ -255,29 +303,50 @@ mod tests {
 
         let mut bad = buf.clone();
         bad[0] = b'X';
-        assert!(matches!(read_frame(&mut bad.as_slice(), limits), Err(ProtoError::BadMagic)));
+        assert!(matches!(
+            read_frame(&mut bad.as_slice(), limits),
+            Err(ProtoError::BadMagic)
+        ));
 
         let mut v2 = buf.clone();
         v2[5] = 2;
-        assert!(matches!(read_frame(&mut v2.as_slice(), limits), Err(ProtoError::Version { found: 2 })));
+        assert!(matches!(
+            read_frame(&mut v2.as_slice(), limits),
+            Err(ProtoError::Version { found: 2 })
+        ));
 
         let mut huge = buf.clone();
         huge[6..10].copy_from_slice(&u32::MAX.to_be_bytes());
-        assert!(matches!(read_frame(&mut huge.as_slice(), limits), Err(ProtoError::TooLarge { part: "json", .. })));
+        assert!(matches!(
+            read_frame(&mut huge.as_slice(), limits),
+            Err(ProtoError::TooLarge { part: "json", .. })
+        ));
 
         let mut big_blob = buf.clone();
         big_blob[10..14].copy_from_slice(&(300u32 << 20).to_be_bytes());
-        assert!(matches!(read_frame(&mut big_blob.as_slice(), limits), Err(ProtoError::TooLarge { part: "blob", .. })));
+        assert!(matches!(
+            read_frame(&mut big_blob.as_slice(), limits),
+            Err(ProtoError::TooLarge { part: "blob", .. })
+        ));
 
         let truncated = &buf[..buf.len() - 1];
-        assert!(matches!(read_frame(&mut &truncated[..], limits), Err(ProtoError::Io(_))));
-        assert!(matches!(read_frame(&mut &b""[..], limits), Err(ProtoError::Closed)));
+        assert!(matches!(
+            read_frame(&mut &truncated[..], limits),
+            Err(ProtoError::Io(_))
+        ));
+        assert!(matches!(
+            read_frame(&mut &b""[..], limits),
+            Err(ProtoError::Closed)
+        ));
 
         let mut junk = Vec::new();
         junk.extend_from_slice(&buf[..6]);
         junk.extend_from_slice(&3u32.to_be_bytes());
         junk.extend_from_slice(&0u32.to_be_bytes());
         junk.extend_from_slice(b"{x}");
-        assert!(matches!(read_frame(&mut junk.as_slice(), limits), Err(ProtoError::Malformed(_))));
+        assert!(matches!(
+            read_frame(&mut junk.as_slice(), limits),
+            Err(ProtoError::Malformed(_))
+        ));
     }
 }

@@ -23,7 +23,9 @@ use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use wasmtime::component::{Component, ComponentExportIndex, InstancePre, Linker, ResourceTable, Val};
+use wasmtime::component::{
+    Component, ComponentExportIndex, InstancePre, Linker, ResourceTable, Val,
+};
 use wasmtime::{Engine, ResourceLimiter, Store, Trap};
 use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
 use wasmtime_wasi::{FsPerms, WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
@@ -77,7 +79,11 @@ pub struct EngineConfig {
 
 impl Default for EngineConfig {
     fn default() -> Self {
-        Self { pooling: true, pool_instances: 64, max_memory_bytes: 4 << 30 }
+        Self {
+            pooling: true,
+            pool_instances: 64,
+            max_memory_bytes: 4 << 30,
+        }
     }
 }
 
@@ -131,13 +137,20 @@ struct CallState {
 
 impl WasiView for CallState {
     fn ctx(&mut self) -> WasiCtxView<'_> {
-        WasiCtxView { ctx: &mut self.wasi, table: &mut self.table }
+        WasiCtxView {
+            ctx: &mut self.wasi,
+            table: &mut self.table,
+        }
     }
 }
 
 impl WasiHttpView for CallState {
     fn http(&mut self) -> WasiHttpCtxView<'_> {
-        WasiHttpCtxView { ctx: &mut self.http, table: &mut self.table, hooks: &mut self.hooks }
+        WasiHttpCtxView {
+            ctx: &mut self.http,
+            table: &mut self.table,
+            hooks: &mut self.hooks,
+        }
     }
 }
 
@@ -158,15 +171,23 @@ impl WasiHttpHooks for EgressHooks {
         let uri = request.uri().clone();
         let scheme = uri.scheme_str().unwrap_or("https").to_ascii_lowercase();
         let host = uri.host().unwrap_or("").to_string();
-        let port = uri.port_u16().unwrap_or(if scheme == "https" { 443 } else { 80 });
-        let target = format!("{} {scheme}://{host}:{port}{}", request.method(), uri.path());
+        let port = uri
+            .port_u16()
+            .unwrap_or(if scheme == "https" { 443 } else { 80 });
+        let target = format!(
+            "{} {scheme}://{host}:{port}{}",
+            request.method(),
+            uri.path()
+        );
         match self.grant.check(&scheme, &host, port) {
             HttpVerdict::Denied(reason) => {
-                self.audit.record("http.request", target, Decision::Deny, reason);
+                self.audit
+                    .record("http.request", target, Decision::Deny, reason);
                 Box::new(async { Err(wasmtime_wasi_http::Error::HttpRequestDenied) })
             }
             HttpVerdict::Allowed(reason) => {
-                self.audit.record("http.request", target, Decision::Allow, reason);
+                self.audit
+                    .record("http.request", target, Decision::Allow, reason);
                 send_allowed(request, options)
             }
         }
@@ -208,7 +229,9 @@ fn send_allowed(
     _request: http::Request<wasmtime_wasi_http::WasiBody>,
     _options: Option<wasmtime_wasi_http::RequestOptions>,
 ) -> EgressFuture {
-    tracing::warn!("outgoing HTTP allowed by the grant, but no egress path is built in; failing closed");
+    tracing::warn!(
+        "outgoing HTTP allowed by the grant, but no egress path is built in; failing closed"
+    );
     Box::new(async { Err(wasmtime_wasi_http::Error::DestinationUnavailable) })
 }
 
@@ -222,7 +245,12 @@ struct MemoryLimiter {
 }
 
 impl ResourceLimiter for MemoryLimiter {
-    fn memory_growing(&mut self, current: usize, desired: usize, _max: Option<usize>) -> wasmtime::Result<bool> {
+    fn memory_growing(
+        &mut self,
+        current: usize,
+        desired: usize,
+        _max: Option<usize>,
+    ) -> wasmtime::Result<bool> {
         let next = self.total - current as u64 + desired as u64;
         if next > self.limit {
             self.hit = true;
@@ -230,7 +258,10 @@ impl ResourceLimiter for MemoryLimiter {
                 "limit.memory",
                 format!("{next} bytes"),
                 Decision::Deny,
-                format!("linear memory would exceed the limit of {} bytes", self.limit),
+                format!(
+                    "linear memory would exceed the limit of {} bytes",
+                    self.limit
+                ),
             );
             wasmtime::bail!("memory limit of {} bytes exceeded", self.limit);
         }
@@ -239,7 +270,12 @@ impl ResourceLimiter for MemoryLimiter {
         Ok(true)
     }
 
-    fn table_growing(&mut self, _current: usize, desired: usize, _max: Option<usize>) -> wasmtime::Result<bool> {
+    fn table_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _max: Option<usize>,
+    ) -> wasmtime::Result<bool> {
         Ok(desired <= 1_000_000)
     }
 }
@@ -399,9 +435,11 @@ impl Runner {
     /// [`RunnerError::Engine`] when wasmtime rejects the configuration (for
     /// example, the pooling allocator cannot reserve address space).
     pub fn new(config: EngineConfig) -> Result<Self, RunnerError> {
-        let engine = Engine::new(&config.wasmtime_config()).map_err(|e| RunnerError::Engine(format!("{e:#}")))?;
+        let engine = Engine::new(&config.wasmtime_config())
+            .map_err(|e| RunnerError::Engine(format!("{e:#}")))?;
         let mut linker = Linker::<CallState>::new(&engine);
-        wasmtime_wasi::p2::add_to_linker_async(&mut linker).map_err(|e| RunnerError::Engine(format!("{e:#}")))?;
+        wasmtime_wasi::p2::add_to_linker_async(&mut linker)
+            .map_err(|e| RunnerError::Engine(format!("{e:#}")))?;
         wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut linker)
             .map_err(|e| RunnerError::Engine(format!("{e:#}")))?;
         // Wrap `get-environment` so every read of the environment is audited.
@@ -412,8 +450,17 @@ impl Runner {
                 i.func_wrap("get-environment", |mut store, (): ()| {
                     let state: &mut CallState = store.data_mut();
                     let keys: Vec<&str> = state.env.iter().map(|(k, _)| k.as_str()).collect();
-                    let target = if keys.is_empty() { "(none)".to_string() } else { keys.join(",") };
-                    state.audit.record("env.read", target, Decision::Allow, "the component read its environment; only granted keys are present");
+                    let target = if keys.is_empty() {
+                        "(none)".to_string()
+                    } else {
+                        keys.join(",")
+                    };
+                    state.audit.record(
+                        "env.read",
+                        target,
+                        Decision::Allow,
+                        "the component read its environment; only granted keys are present",
+                    );
                     Ok((state.env.clone(),))
                 })
             })
@@ -426,7 +473,12 @@ impl Runner {
             .thread_name("airlock-runner")
             .build()
             .map_err(|e| RunnerError::Engine(format!("tokio runtime: {e}")))?;
-        Ok(Self { engine, linker, config, rt })
+        Ok(Self {
+            engine,
+            linker,
+            config,
+            rt,
+        })
     }
 
     /// The engine (for reading types).
@@ -445,7 +497,10 @@ impl Runner {
     /// The bytes are not a valid component.
     pub fn precompile(&self, wasm: &[u8]) -> Result<Vec<u8>, RunnerError> {
         contract::compile(&self.engine, wasm)?;
-        let payload = self.engine.precompile_component(wasm).map_err(|e| RunnerError::Compile(format!("{e:#}")))?;
+        let payload = self
+            .engine
+            .precompile_component(wasm)
+            .map_err(|e| RunnerError::Compile(format!("{e:#}")))?;
         Ok(artifact::wrap(&self.fingerprint(), &payload))
     }
 
@@ -464,7 +519,11 @@ impl Runner {
     ///
     /// # Errors
     /// A foreign, corrupt or incompatible artifact.
-    pub fn load_precompiled(&self, bytes: &[u8], docs: &airlock_wasm_tools::docs::Docs) -> Result<Loaded, RunnerError> {
+    pub fn load_precompiled(
+        &self,
+        bytes: &[u8],
+        docs: &airlock_wasm_tools::docs::Docs,
+    ) -> Result<Loaded, RunnerError> {
         let payload = artifact::unwrap(&self.fingerprint(), bytes)?;
         // SAFETY: `artifact::unwrap` verified that the payload's sha256 matches
         // the envelope and that the envelope was written by an engine with this
@@ -478,30 +537,61 @@ impl Runner {
         self.finish_load(component, tools, hex::encode(Sha256::digest(payload)))
     }
 
-    fn finish_load(&self, component: Component, tools: ToolSet, digest: String) -> Result<Loaded, RunnerError> {
-        let pre = self.linker.instantiate_pre(&component).map_err(|e| RunnerError::Link(format!("{e:#}")))?;
+    fn finish_load(
+        &self,
+        component: Component,
+        tools: ToolSet,
+        digest: String,
+    ) -> Result<Loaded, RunnerError> {
+        let pre = self
+            .linker
+            .instantiate_pre(&component)
+            .map_err(|e| RunnerError::Link(format!("{e:#}")))?;
         let mut exports = BTreeMap::new();
         for t in &tools.tools {
-            let (outer, idx) = export_index(&component, t)
-                .ok_or_else(|| RunnerError::Link(format!("export for tool {} not found", t.name)))?;
+            let (outer, idx) = export_index(&component, t).ok_or_else(|| {
+                RunnerError::Link(format!("export for tool {} not found", t.name))
+            })?;
             exports.insert(t.name.clone(), (outer, idx));
         }
-        Ok(Loaded { component, pre, exports, tools, digest })
+        Ok(Loaded {
+            component,
+            pre,
+            exports,
+            tools,
+            digest,
+        })
     }
 
     /// Run one call, blocking the current thread.
-    pub fn invoke(&self, loaded: &Loaded, tool: &str, args: &Value, grants: &GrantSet) -> CallOutcome {
-        self.rt.block_on(self.invoke_async(loaded, tool, args, grants))
+    pub fn invoke(
+        &self,
+        loaded: &Loaded,
+        tool: &str,
+        args: &Value,
+        grants: &GrantSet,
+    ) -> CallOutcome {
+        self.rt
+            .block_on(self.invoke_async(loaded, tool, args, grants))
     }
 
     /// Run one call.
-    pub async fn invoke_async(&self, loaded: &Loaded, tool: &str, args: &Value, grants: &GrantSet) -> CallOutcome {
+    pub async fn invoke_async(
+        &self,
+        loaded: &Loaded,
+        tool: &str,
+        args: &Value,
+        grants: &GrantSet,
+    ) -> CallOutcome {
         let start = Instant::now();
         let audit = AuditLog::new(start);
         let limits = grants.limits;
         let stdout = MemoryOutputPipe::new(limits.max_output_bytes as usize);
         let stderr = MemoryOutputPipe::new(limits.max_output_bytes as usize);
-        let mut metering = Metering { fuel_limit: limits.fuel, ..Metering::default() };
+        let mut metering = Metering {
+            fuel_limit: limits.fuel,
+            ..Metering::default()
+        };
         let finish = |result: CallResult, metering: Metering| CallOutcome {
             tool: tool.to_string(),
             result,
@@ -518,34 +608,71 @@ impl Runner {
 
         let Some(t) = loaded.tools.tool(tool) else {
             let available = loaded.tools.tools.iter().map(|t| t.name.clone()).collect();
-            return finish(CallResult::Error(CallError::UnknownTool { tool: tool.into(), available }), metering);
+            return finish(
+                CallResult::Error(CallError::UnknownTool {
+                    tool: tool.into(),
+                    available,
+                }),
+                metering,
+            );
         };
         let params = match args_to_vals(&t.param_types, args) {
             Ok(p) => p,
             Err(e) => {
-                return finish(CallResult::Error(CallError::BadArguments { path: e.path, message: e.message }), metering);
+                return finish(
+                    CallResult::Error(CallError::BadArguments {
+                        path: e.path,
+                        message: e.message,
+                    }),
+                    metering,
+                );
             }
         };
         let wasi = match build_wasi(grants, &audit, &stdout, &stderr) {
             Ok(w) => w,
-            Err(message) => return finish(CallResult::Error(CallError::Grant { message }), metering),
+            Err(message) => {
+                return finish(CallResult::Error(CallError::Grant { message }), metering);
+            }
         };
         let state = CallState {
             wasi,
             http: WasiHttpCtx::new(),
             table: ResourceTable::new(),
-            hooks: EgressHooks { grant: Arc::new(grants.http.clone()), audit: audit.clone() },
-            limiter: MemoryLimiter { limit: limits.memory_bytes, total: 0, peak: 0, hit: false, audit: audit.clone() },
-            env: grants.env.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+            hooks: EgressHooks {
+                grant: Arc::new(grants.http.clone()),
+                audit: audit.clone(),
+            },
+            limiter: MemoryLimiter {
+                limit: limits.memory_bytes,
+                total: 0,
+                peak: 0,
+                hit: false,
+                audit: audit.clone(),
+            },
+            env: grants
+                .env
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
             audit: audit.clone(),
         };
         let mut store = Store::new(&self.engine, state);
         store.limiter(|s| &mut s.limiter);
         if let Err(e) = store.set_fuel(limits.fuel) {
-            return finish(CallResult::Error(CallError::Grant { message: format!("{e:#}") }), metering);
+            return finish(
+                CallResult::Error(CallError::Grant {
+                    message: format!("{e:#}"),
+                }),
+                metering,
+            );
         }
         if let Err(e) = store.fuel_async_yield_interval(Some(FUEL_YIELD_INTERVAL)) {
-            return finish(CallResult::Error(CallError::Grant { message: format!("{e:#}") }), metering);
+            return finish(
+                CallResult::Error(CallError::Grant {
+                    message: format!("{e:#}"),
+                }),
+                metering,
+            );
         }
 
         let (outer, idx) = loaded.exports[&t.name];
@@ -577,17 +704,27 @@ impl Runner {
                     Decision::Deny,
                     "the call ran past its wall-clock limit and was stopped",
                 );
-                CallResult::Error(CallError::Timeout { limit_ms: limits.timeout_ms })
+                CallResult::Error(CallError::Timeout {
+                    limit_ms: limits.timeout_ms,
+                })
             }
-            Ok(Ok(results)) => match output_overflow(&audit, limits, [("stdout", &stdout), ("stderr", &stderr)]) {
-                // The tool handled the failed write itself, but it was still
-                // stopped by the cap: report the limit, not its partial answer.
-                Some(e) => CallResult::Error(e),
-                None => match results.first().map(|v| val_to_json(v, "result")).transpose() {
-                    Ok(v) => CallResult::Ok(v.unwrap_or(Value::Null)),
-                    Err(e) => CallResult::Error(CallError::InvalidComponent { message: e.to_string() }),
-                },
-            },
+            Ok(Ok(results)) => {
+                match output_overflow(&audit, limits, [("stdout", &stdout), ("stderr", &stderr)]) {
+                    // The tool handled the failed write itself, but it was still
+                    // stopped by the cap: report the limit, not its partial answer.
+                    Some(e) => CallResult::Error(e),
+                    None => match results
+                        .first()
+                        .map(|v| val_to_json(v, "result"))
+                        .transpose()
+                    {
+                        Ok(v) => CallResult::Ok(v.unwrap_or(Value::Null)),
+                        Err(e) => CallResult::Error(CallError::InvalidComponent {
+                            message: e.to_string(),
+                        }),
+                    },
+                }
+            }
             Ok(Err(e)) => CallResult::Error(classify(
                 &e,
                 &store.data().limiter,
@@ -607,24 +744,38 @@ impl Runner {
 fn add_audited_open_at(linker: &mut Linker<CallState>) -> wasmtime::Result<()> {
     use wasmtime::component::Resource;
     use wasmtime_wasi::filesystem::{Descriptor, WasiFilesystemView};
-    use wasmtime_wasi::p2::bindings::filesystem::types::{
-        self as fs, DescriptorFlags, ErrorCode, Host as _, HostDescriptor as _, OpenFlags, PathFlags,
-    };
     use wasmtime_wasi::p2::bindings::filesystem::preopens::Host as _;
-    linker.instance(WASI_FILESYSTEM_PREOPENS)?.func_wrap("get-directories", |mut store, (): ()| {
-        let state: &mut CallState = store.data_mut();
-        let audit = state.audit.clone();
-        let dirs = state.filesystem().get_directories()?;
-        let names: Vec<&str> = dirs.iter().map(|(_, n)| n.as_str()).collect();
-        audit.record(
-            "fs.preopens",
-            if names.is_empty() { "(none)".to_string() } else { names.join(",") },
-            Decision::Allow,
-            "only granted directories are visible; any other path cannot even be named",
-        );
-        Ok((dirs,))
-    })?;
-    type Args = (Resource<Descriptor>, PathFlags, String, OpenFlags, DescriptorFlags);
+    use wasmtime_wasi::p2::bindings::filesystem::types::{
+        self as fs, DescriptorFlags, ErrorCode, Host as _, HostDescriptor as _, OpenFlags,
+        PathFlags,
+    };
+    linker.instance(WASI_FILESYSTEM_PREOPENS)?.func_wrap(
+        "get-directories",
+        |mut store, (): ()| {
+            let state: &mut CallState = store.data_mut();
+            let audit = state.audit.clone();
+            let dirs = state.filesystem().get_directories()?;
+            let names: Vec<&str> = dirs.iter().map(|(_, n)| n.as_str()).collect();
+            audit.record(
+                "fs.preopens",
+                if names.is_empty() {
+                    "(none)".to_string()
+                } else {
+                    names.join(",")
+                },
+                Decision::Allow,
+                "only granted directories are visible; any other path cannot even be named",
+            );
+            Ok((dirs,))
+        },
+    )?;
+    type Args = (
+        Resource<Descriptor>,
+        PathFlags,
+        String,
+        OpenFlags,
+        DescriptorFlags,
+    );
     linker.instance(WASI_FILESYSTEM_TYPES)?.func_wrap_async(
         "[method]descriptor.open-at",
         |mut store, (fd, path_flags, path, open_flags, flags): Args| {
@@ -658,7 +809,10 @@ fn add_audited_open_at(linker: &mut Linker<CallState>) -> wasmtime::Result<()> {
     )
 }
 
-fn export_index(component: &Component, t: &Tool) -> Option<(Option<ComponentExportIndex>, ComponentExportIndex)> {
+fn export_index(
+    component: &Component,
+    t: &Tool,
+) -> Option<(Option<ComponentExportIndex>, ComponentExportIndex)> {
     match &t.interface {
         Some(i) => {
             let outer = component.get_export_index(None, i)?;
@@ -681,21 +835,35 @@ fn build_wasi(
         b.env(k, v);
     }
     for d in &grants.dirs {
-        let perms = if d.writable { FsPerms::ReadWrite } else { FsPerms::ReadOnly };
+        let perms = if d.writable {
+            FsPerms::ReadWrite
+        } else {
+            FsPerms::ReadOnly
+        };
         let mode = if d.writable { "rw" } else { "ro" };
-        b.preopened_dir(&d.host_path, &d.guest_path, perms).map_err(|e| {
-            format!("directory {} (granted as {}) cannot be opened: {e:#}", d.host_path.display(), d.guest_path)
-        })?;
+        b.preopened_dir(&d.host_path, &d.guest_path, perms)
+            .map_err(|e| {
+                format!(
+                    "directory {} (granted as {}) cannot be opened: {e:#}",
+                    d.host_path.display(),
+                    d.guest_path
+                )
+            })?;
         audit.record(
             "fs.preopen",
             format!("{} ({mode})", d.guest_path),
             Decision::Allow,
-            format!("granted by policy from host directory {}", d.host_path.display()),
+            format!(
+                "granted by policy from host directory {}",
+                d.host_path.display()
+            ),
         );
     }
     // Sockets: TCP and UDP are "enabled" only so that each attempt reaches the
     // address check, which denies it and records the attempt.
-    b.allow_tcp(true).allow_udp(true).allow_ip_name_lookup(false);
+    b.allow_tcp(true)
+        .allow_udp(true)
+        .allow_ip_name_lookup(false);
     let sock_audit = audit.clone();
     b.socket_addr_check(move |addr, usage| {
         sock_audit.record(
@@ -718,20 +886,34 @@ fn classify(
 ) -> CallError {
     let message = first_line(e);
     if limiter.hit {
-        return CallError::OutOfMemory { limit_bytes: limits.memory_bytes };
+        return CallError::OutOfMemory {
+            limit_bytes: limits.memory_bytes,
+        };
     }
     if matches!(e.downcast_ref::<Trap>(), Some(Trap::OutOfFuel)) {
-        audit.record("limit.cpu", format!("{} fuel", limits.fuel), Decision::Deny, "the call used up its CPU budget");
+        audit.record(
+            "limit.cpu",
+            format!("{} fuel", limits.fuel),
+            Decision::Deny,
+            "the call used up its CPU budget",
+        );
         return CallError::CpuLimit { fuel: limits.fuel };
     }
     if let Some(e) = output_overflow(audit, limits, pipes) {
         return e;
     }
     if let Some(exit) = e.downcast_ref::<wasmtime_wasi::I32Exit>() {
-        return CallError::Trap { message: format!("the tool exited with status {}", exit.0) };
+        return CallError::Trap {
+            message: format!("the tool exited with status {}", exit.0),
+        };
     }
     if let Some(d) = audit.first_denial() {
-        return CallError::Denied { action: d.action, target: d.target, reason: d.reason, message };
+        return CallError::Denied {
+            action: d.action,
+            target: d.target,
+            reason: d.reason,
+            message,
+        };
     }
     CallError::Trap { message }
 }
@@ -742,14 +924,19 @@ fn output_overflow(
     limits: crate::grants::Limits,
     pipes: [(&str, &MemoryOutputPipe); 2],
 ) -> Option<CallError> {
-    let (name, _) = pipes.into_iter().find(|(_, p)| p.contents().len() as u64 >= limits.max_output_bytes)?;
+    let (name, _) = pipes
+        .into_iter()
+        .find(|(_, p)| p.contents().len() as u64 >= limits.max_output_bytes)?;
     audit.record(
         "limit.output",
         format!("{name} {} bytes", limits.max_output_bytes),
         Decision::Deny,
         "the call wrote more output than allowed; further writes failed",
     );
-    Some(CallError::OutputLimit { stream: name.to_string(), limit_bytes: limits.max_output_bytes })
+    Some(CallError::OutputLimit {
+        stream: name.to_string(),
+        limit_bytes: limits.max_output_bytes,
+    })
 }
 
 fn first_line(e: &wasmtime::Error) -> String {

@@ -11,7 +11,11 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 #[derive(Parser)]
-#[command(name = "airlock", version, about = "Run untrusted agent tools in a Wasm-in-microVM sandbox")]
+#[command(
+    name = "airlock",
+    version,
+    about = "Run untrusted agent tools in a Wasm-in-microVM sandbox"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -167,9 +171,16 @@ fn load_policy(path: &Path) -> anyhow::Result<Policy> {
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.cmd {
-        Cmd::Inspect { component, wit, json } => {
+        Cmd::Inspect {
+            component,
+            wit,
+            json,
+        } => {
             let bytes = read_component(&component)?;
-            let runner = Runner::new(EngineConfig { pooling: false, ..EngineConfig::default() })?;
+            let runner = Runner::new(EngineConfig {
+                pooling: false,
+                ..EngineConfig::default()
+            })?;
             let (_c, mut set) = airlock_wasm_tools::ToolSet::from_bytes(runner.engine(), &bytes)?;
             if let Some(w) = wit {
                 let docs = airlock_wasm_tools::docs::from_wit_path(&w)
@@ -196,9 +207,17 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Cmd::Run { component, policy, tool, args, isolation } => {
+        Cmd::Run {
+            component,
+            policy,
+            tool,
+            args,
+            isolation,
+        } => {
             if isolation == Isolation::Vm {
-                bail!("--isolation vm is not available yet (the VMM milestone); use --isolation process");
+                bail!(
+                    "--isolation vm is not available yet (the VMM milestone); use --isolation process"
+                );
             }
             let args: serde_json::Value =
                 serde_json::from_str(&args).context("--args is not valid JSON")?;
@@ -207,7 +226,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 None => Policy::default(),
             };
             let bytes = read_component(&component)?;
-            let runner = Runner::new(EngineConfig { pooling: false, ..EngineConfig::default() })?;
+            let runner = Runner::new(EngineConfig {
+                pooling: false,
+                ..EngineConfig::default()
+            })?;
             let loaded = runner.load_wasm(&bytes)?;
             let outcome = runner.invoke(&loaded, &tool, &args, &policy.grant_set());
             print_json(&outcome)?;
@@ -216,7 +238,17 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 CallResult::Error(_) => ExitCode::from(1),
             })
         }
-        Cmd::Vm { cmd: VmCmd::Boot { kernel, initrd, cmdline, memory_mib, vcpus, timeout_secs } } => {
+        Cmd::Vm {
+            cmd:
+                VmCmd::Boot {
+                    kernel,
+                    initrd,
+                    cmdline,
+                    memory_mib,
+                    vcpus,
+                    timeout_secs,
+                },
+        } => {
             let cfg = airlock::vmm::VmConfig {
                 kernel,
                 initrd,
@@ -240,7 +272,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }))?;
             Ok(ExitCode::SUCCESS)
         }
-        Cmd::Vm { cmd: VmCmd::Soak(a) } => {
+        Cmd::Vm {
+            cmd: VmCmd::Soak(a),
+        } => {
             let cfg = airlock::vmm::VmConfig {
                 kernel: a.kernel,
                 initrd: a.initrd,
@@ -263,12 +297,22 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     })
                     .collect();
                 for t in round {
-                    let r = t.join().map_err(|_| anyhow::anyhow!("a VM thread panicked"))??;
+                    let r = t
+                        .join()
+                        .map_err(|_| anyhow::anyhow!("a VM thread panicked"))??;
                     let ok = r.console.contains("AIRLOCK-SELFTEST-DONE ok");
                     let mut run = serde_json::json!({"exit": format!("{:?}", r.exit), "wall_ms": r.wall.as_millis() as u64,
                         "selftest_ok": ok});
                     if !ok {
-                        let tail: String = r.console.chars().rev().take(3000).collect::<Vec<_>>().into_iter().rev().collect();
+                        let tail: String = r
+                            .console
+                            .chars()
+                            .rev()
+                            .take(3000)
+                            .collect::<Vec<_>>()
+                            .into_iter()
+                            .rev()
+                            .collect();
                         run["console_tail"] = serde_json::Value::String(tail);
                     }
                     exits.push(run);
@@ -278,13 +322,24 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             print_json(&serde_json::json!({"before": before, "after": after, "runs": exits}))?;
             Ok(ExitCode::SUCCESS)
         }
-        Cmd::Policy { cmd: PolicyCmd::Check { policy, component, json } } => {
+        Cmd::Policy {
+            cmd:
+                PolicyCmd::Check {
+                    policy,
+                    component,
+                    json,
+                },
+        } => {
             let pol = load_policy(&policy)?;
             let report = match component {
                 Some(c) => {
                     let bytes = read_component(&c)?;
-                    let runner = Runner::new(EngineConfig { pooling: false, ..EngineConfig::default() })?;
-                    let (_c, set) = airlock_wasm_tools::ToolSet::from_bytes(runner.engine(), &bytes)?;
+                    let runner = Runner::new(EngineConfig {
+                        pooling: false,
+                        ..EngineConfig::default()
+                    })?;
+                    let (_c, set) =
+                        airlock_wasm_tools::ToolSet::from_bytes(runner.engine(), &bytes)?;
                     Some(static_report(&set, &pol))
                 }
                 None => None,
@@ -298,7 +353,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     let caps: Vec<String> = r.requested.iter().map(|c| format!("{c:?}")).collect();
                     writeln!(out, "component requests: {}", caps.join(", "))?;
                     if r.findings.is_empty() {
-                        writeln!(out, "no findings: every grant is used and every request is granted")?;
+                        writeln!(
+                            out,
+                            "no findings: every grant is used and every request is granted"
+                        )?;
                     }
                     for f in &r.findings {
                         writeln!(out, "[{:?}] {}: {}", f.severity, f.subject, f.message)?;

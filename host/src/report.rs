@@ -47,7 +47,12 @@ pub fn static_report(tools: &ToolSet, policy: &Policy) -> Report {
     let has = |c: CapabilityClass| requested.contains(&c);
     let mut f = Vec::new();
     let mut push = |severity, capability, subject: &str, message: String| {
-        f.push(Finding { severity, capability, subject: subject.to_string(), message })
+        f.push(Finding {
+            severity,
+            capability,
+            subject: subject.to_string(),
+            message,
+        })
     };
 
     for imp in &tools.imports {
@@ -56,7 +61,10 @@ pub fn static_report(tools: &ToolSet, policy: &Policy) -> Report {
                 Severity::Blocking,
                 imp.class,
                 &imp.name,
-                format!("the component imports {}, which Airlock does not provide; it cannot be instantiated", imp.name),
+                format!(
+                    "the component imports {}, which Airlock does not provide; it cannot be instantiated",
+                    imp.name
+                ),
             );
         }
     }
@@ -69,8 +77,13 @@ pub fn static_report(tools: &ToolSet, policy: &Policy) -> Report {
             "the component imports wasi:http/outgoing-handler but the policy allows no host; every request will be denied".into());
     }
     if has(CapabilityClass::Sockets) {
-        push(Severity::WillBeDenied, CapabilityClass::Sockets, "wasi:sockets",
-            "the component imports wasi:sockets; raw sockets are never granted (use outgoing HTTP)".into());
+        push(
+            Severity::WillBeDenied,
+            CapabilityClass::Sockets,
+            "wasi:sockets",
+            "the component imports wasi:sockets; raw sockets are never granted (use outgoing HTTP)"
+                .into(),
+        );
     }
     if has(CapabilityClass::Environment) && policy.env.is_empty() {
         push(Severity::WillBeDenied, CapabilityClass::Environment, "env",
@@ -78,13 +91,24 @@ pub fn static_report(tools: &ToolSet, policy: &Policy) -> Report {
     }
     if !has(CapabilityClass::Filesystem) {
         for (i, r) in policy.filesystem.iter().enumerate() {
-            push(Severity::OverGrant, CapabilityClass::Filesystem, &format!("filesystem[{i}]"),
-                format!("{} is granted but the component does not import wasi:filesystem", r.guest));
+            push(
+                Severity::OverGrant,
+                CapabilityClass::Filesystem,
+                &format!("filesystem[{i}]"),
+                format!(
+                    "{} is granted but the component does not import wasi:filesystem",
+                    r.guest
+                ),
+            );
         }
     }
     if !has(CapabilityClass::HttpOutgoing) && !policy.http.allow.is_empty() {
-        push(Severity::OverGrant, CapabilityClass::HttpOutgoing, "http.allow",
-            "hosts are allowed but the component does not import wasi:http/outgoing-handler".into());
+        push(
+            Severity::OverGrant,
+            CapabilityClass::HttpOutgoing,
+            "http.allow",
+            "hosts are allowed but the component does not import wasi:http/outgoing-handler".into(),
+        );
     }
     if !has(CapabilityClass::Environment) && !policy.env.is_empty() {
         push(Severity::OverGrant, CapabilityClass::Environment, "env",
@@ -92,8 +116,15 @@ pub fn static_report(tools: &ToolSet, policy: &Policy) -> Report {
     }
     for (i, r) in policy.filesystem.iter().enumerate() {
         if !r.host.is_dir() {
-            push(Severity::Warning, CapabilityClass::Filesystem, &format!("filesystem[{i}].host"),
-                format!("{} is not an existing directory; calls will fail until it exists", r.host.display()));
+            push(
+                Severity::Warning,
+                CapabilityClass::Filesystem,
+                &format!("filesystem[{i}].host"),
+                format!(
+                    "{} is not an existing directory; calls will fail until it exists",
+                    r.host.display()
+                ),
+            );
         }
     }
     f.sort_by_key(|x| match x.severity {
@@ -102,5 +133,8 @@ pub fn static_report(tools: &ToolSet, policy: &Policy) -> Report {
         Severity::OverGrant => 2,
         Severity::Warning => 3,
     });
-    Report { requested, findings: f }
+    Report {
+        requested,
+        findings: f,
+    }
 }

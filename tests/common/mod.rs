@@ -9,11 +9,17 @@ use std::path::PathBuf;
 pub fn example(name: &str) -> PathBuf {
     // Runtime value: a test binary reused from a shared target directory must
     // look in the checkout it is run from.
-    let manifest = std::env::var_os("CARGO_MANIFEST_DIR").map(PathBuf::from).unwrap_or_else(|| env!("CARGO_MANIFEST_DIR").into());
+    let manifest = std::env::var_os("CARGO_MANIFEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| env!("CARGO_MANIFEST_DIR").into());
     let p = manifest
         .join("../examples/out")
         .join(format!("{name}.wasm"));
-    assert!(p.exists(), "{} is missing: run `cargo xtask examples` first", p.display());
+    assert!(
+        p.exists(),
+        "{} is missing: run `cargo xtask examples` first",
+        p.display()
+    );
     p
 }
 
@@ -29,7 +35,10 @@ pub fn http_server() -> SocketAddr {
     use hyper::service::service_fn;
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
         rt.block_on(async move {
             let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
             tx.send(listener.local_addr().unwrap()).unwrap();
@@ -57,7 +66,10 @@ pub fn http_server() -> SocketAddr {
 
 /// Run a command to completion or until `timeout` (then kill it); return its
 /// stdout (carriage returns removed) and whether it exited by itself.
-pub fn run_with_timeout(mut cmd: std::process::Command, timeout: std::time::Duration) -> (String, bool) {
+pub fn run_with_timeout(
+    mut cmd: std::process::Command,
+    timeout: std::time::Duration,
+) -> (String, bool) {
     use std::io::Read;
     use std::process::Stdio;
     let mut child = cmd
@@ -90,13 +102,19 @@ pub fn run_with_timeout(mut cmd: std::process::Command, timeout: std::time::Dura
 pub fn cache_dir() -> PathBuf {
     std::env::var_os("AIRLOCK_CACHE")
         .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").expect("HOME")).join(".cache/airlock"))
+        .unwrap_or_else(|| {
+            PathBuf::from(std::env::var_os("HOME").expect("HOME")).join(".cache/airlock")
+        })
 }
 
 /// A manifest written by `cargo xtask <what>` into the cache directory.
 pub fn manifest(file: &str, xtask: &str) -> serde_json::Value {
     let p = cache_dir().join(file);
-    let text = std::fs::read_to_string(&p)
-        .unwrap_or_else(|e| panic!("{} is missing ({e}): run `cargo xtask {xtask}` (scripts/test.sh does)", p.display()));
+    let text = std::fs::read_to_string(&p).unwrap_or_else(|e| {
+        panic!(
+            "{} is missing ({e}): run `cargo xtask {xtask}` (scripts/test.sh does)",
+            p.display()
+        )
+    });
     serde_json::from_str(&text).expect("manifest is JSON")
 }

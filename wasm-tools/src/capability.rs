@@ -55,7 +55,10 @@ impl CapabilityClass {
     /// Whether using this class has an effect outside the sandbox that a
     /// policy must grant (as opposed to always-available, harmless classes).
     pub fn needs_grant(self) -> bool {
-        matches!(self, Self::Filesystem | Self::Sockets | Self::HttpOutgoing | Self::Environment)
+        matches!(
+            self,
+            Self::Filesystem | Self::Sockets | Self::HttpOutgoing | Self::Environment
+        )
     }
 
     /// Short explanation for reports.

@@ -123,11 +123,18 @@ impl ToolSet {
 
         let mut imports: Vec<ImportInfo> = ty
             .imports(engine)
-            .map(|(name, _)| ImportInfo { name: name.to_string(), class: CapabilityClass::of_import(name) })
+            .map(|(name, _)| ImportInfo {
+                name: name.to_string(),
+                class: CapabilityClass::of_import(name),
+            })
             .collect();
         imports.sort_by(|a, b| a.name.cmp(&b.name));
 
-        ToolSet { tools, skipped, imports }
+        ToolSet {
+            tools,
+            skipped,
+            imports,
+        }
     }
 
     /// Compile `bytes` with `engine` and read the tool set, taking docs from the
@@ -162,7 +169,8 @@ impl ToolSet {
 /// [`ContractError::InvalidComponent`] for anything that is not a valid component.
 pub fn compile(engine: &Engine, bytes: &[u8]) -> Result<Component, ContractError> {
     check_is_component(bytes)?;
-    Component::from_binary(engine, bytes).map_err(|e| ContractError::InvalidComponent(format!("{e:#}")))
+    Component::from_binary(engine, bytes)
+        .map_err(|e| ContractError::InvalidComponent(format!("{e:#}")))
 }
 
 /// Cheap structural check before handing bytes to the compiler, so the error
@@ -175,7 +183,9 @@ fn check_is_component(bytes: &[u8]) -> Result<(), ContractError> {
         )));
     }
     if &bytes[0..4] != b"\0asm" {
-        return Err(ContractError::InvalidComponent("missing the WebAssembly magic number \\0asm".into()));
+        return Err(ContractError::InvalidComponent(
+            "missing the WebAssembly magic number \\0asm".into(),
+        ));
     }
     if wasmparser::Parser::is_core_wasm(bytes) {
         return Err(ContractError::InvalidComponent(
@@ -208,14 +218,23 @@ fn consider(
         None => fname.to_string(),
     };
     let skip = |reason: String, skipped: &mut Vec<SkippedExport>| {
-        skipped.push(SkippedExport { export: export.clone(), reason })
+        skipped.push(SkippedExport {
+            export: export.clone(),
+            reason,
+        })
     };
     if fname.starts_with('[') {
-        skip("resource constructors and methods are not tools".into(), skipped);
+        skip(
+            "resource constructors and methods are not tools".into(),
+            skipped,
+        );
         return;
     }
     if f.async_() {
-        skip("async-lifted functions are not supported yet".into(), skipped);
+        skip(
+            "async-lifted functions are not supported yet".into(),
+            skipped,
+        );
         return;
     }
     let mut props = serde_json::Map::new();
@@ -223,7 +242,10 @@ fn consider(
     let mut param_types = Vec::new();
     for (pname, pty) in f.params() {
         let Some(s) = type_schema(&pty) else {
-            skip(format!("parameter `{pname}` has a type with no JSON form"), skipped);
+            skip(
+                format!("parameter `{pname}` has a type with no JSON form"),
+                skipped,
+            );
             return;
         };
         props.insert(pname.to_string(), s);
@@ -234,7 +256,10 @@ fn consider(
     }
     let results: Vec<Type> = f.results().collect();
     if results.len() > 1 {
-        skip("functions with more than one result are not supported".into(), skipped);
+        skip(
+            "functions with more than one result are not supported".into(),
+            skipped,
+        );
         return;
     }
     let result_type = results.into_iter().next();
@@ -266,7 +291,13 @@ fn consider(
 
 fn sanitize(s: &str) -> String {
     s.chars()
-        .map(|c| if c.is_ascii_alphanumeric() || c == '_' || c == '-' { c } else { '_' })
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '_' || c == '-' {
+                c
+            } else {
+                '_'
+            }
+        })
         .collect()
 }
 
@@ -311,8 +342,16 @@ fn assign_names(raw: &[RawTool]) -> Vec<String> {
     for r in raw {
         *counts.entry(short(r)).or_default() += 1;
     }
-    let mut names: Vec<String> =
-        raw.iter().map(|r| if counts[&short(r)] > 1 { long(r) } else { short(r) }).collect();
+    let mut names: Vec<String> = raw
+        .iter()
+        .map(|r| {
+            if counts[&short(r)] > 1 {
+                long(r)
+            } else {
+                short(r)
+            }
+        })
+        .collect();
     let mut counts: BTreeMap<String, usize> = BTreeMap::new();
     for n in &names {
         *counts.entry(n.clone()).or_default() += 1;
@@ -343,7 +382,10 @@ mod tests {
     }
 
     fn valid(n: &str) -> bool {
-        !n.is_empty() && n.len() <= 64 && n.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+        !n.is_empty()
+            && n.len() <= 64
+            && n.chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
     }
 
     #[test]
@@ -372,11 +414,20 @@ mod tests {
     #[test]
     fn rejects_non_components() {
         let engine = Engine::default();
-        assert!(matches!(compile(&engine, b""), Err(ContractError::InvalidComponent(m)) if m.contains("too short")));
-        assert!(matches!(compile(&engine, b"hello world!"), Err(ContractError::InvalidComponent(m)) if m.contains("magic")));
+        assert!(
+            matches!(compile(&engine, b""), Err(ContractError::InvalidComponent(m)) if m.contains("too short"))
+        );
+        assert!(
+            matches!(compile(&engine, b"hello world!"), Err(ContractError::InvalidComponent(m)) if m.contains("magic"))
+        );
         let core = b"\0asm\x01\0\0\0";
-        assert!(matches!(compile(&engine, core), Err(ContractError::InvalidComponent(m)) if m.contains("core WebAssembly module")));
+        assert!(
+            matches!(compile(&engine, core), Err(ContractError::InvalidComponent(m)) if m.contains("core WebAssembly module"))
+        );
         let truncated = b"\0asm\x0d\0\x01\0\x01\x05";
-        assert!(matches!(compile(&engine, truncated), Err(ContractError::InvalidComponent(_))));
+        assert!(matches!(
+            compile(&engine, truncated),
+            Err(ContractError::InvalidComponent(_))
+        ));
     }
 }

@@ -35,7 +35,9 @@ pub fn from_component(bytes: &[u8]) -> Docs {
                     }
                 }
             }
-            Err(e) => tracing::warn!(error = %e, "the {WIT_SECTION} section does not parse; ignoring it"),
+            Err(e) => {
+                tracing::warn!(error = %e, "the {WIT_SECTION} section does not parse; ignoring it")
+            }
         }
     }
     docs
@@ -47,7 +49,10 @@ fn wit_section(bytes: &[u8]) -> Option<String> {
             Ok(wasmparser::Payload::CustomSection(c)) if c.name() == WIT_SECTION => {
                 return String::from_utf8(c.data().to_vec()).ok();
             }
-            Ok(wasmparser::Payload::ModuleSection { .. } | wasmparser::Payload::ComponentSection { .. }) => {}
+            Ok(
+                wasmparser::Payload::ModuleSection { .. }
+                | wasmparser::Payload::ComponentSection { .. },
+            ) => {}
             Ok(_) => {}
             Err(_) => return None,
         }
@@ -94,7 +99,9 @@ pub fn from_wit_path(path: &Path) -> Result<Docs, String> {
         if let Some(name) = resolve.id_of(iface) {
             for (fname, f) in &i.functions {
                 if let Some(d) = &f.docs.contents {
-                    docs.functions.entry(format!("{name}#{fname}")).or_insert_with(|| d.clone());
+                    docs.functions
+                        .entry(format!("{name}#{fname}"))
+                        .or_insert_with(|| d.clone());
                 }
             }
         }
@@ -120,7 +127,8 @@ fn collect(resolve: &Resolve, world: wit_parser::WorldId) -> Docs {
                 let iface = &resolve.interfaces[*id];
                 for (fname, f) in &iface.functions {
                     if let Some(d) = &f.docs.contents {
-                        docs.functions.insert(format!("{export_name}#{fname}"), d.clone());
+                        docs.functions
+                            .insert(format!("{export_name}#{fname}"), d.clone());
                     }
                 }
                 if let Some(d) = &iface.docs.contents {

@@ -20,7 +20,10 @@ pub struct ValueError {
 
 impl ValueError {
     fn new(path: &str, message: impl Into<String>) -> Self {
-        Self { path: path.to_string(), message: message.into() }
+        Self {
+            path: path.to_string(),
+            message: message.into(),
+        }
     }
     fn expected(path: &str, what: &str, got: &Value) -> Self {
         Self::new(path, format!("expected {what}, got {}", describe(got)))
@@ -49,7 +52,10 @@ fn describe(v: &Value) -> String {
 /// A [`ValueError`] naming the path of the first field that does not fit.
 pub fn json_to_val(ty: &Type, v: &Value, path: &str) -> Result<Val, ValueError> {
     Ok(match ty {
-        Type::Bool => Val::Bool(v.as_bool().ok_or_else(|| ValueError::expected(path, "bool", v))?),
+        Type::Bool => Val::Bool(
+            v.as_bool()
+                .ok_or_else(|| ValueError::expected(path, "bool", v))?,
+        ),
         Type::S8 => Val::S8(int(v, path, ty)?),
         Type::U8 => Val::U8(int(v, path, ty)?),
         Type::S16 => Val::S16(int(v, path, ty)?),
@@ -61,33 +67,53 @@ pub fn json_to_val(ty: &Type, v: &Value, path: &str) -> Result<Val, ValueError> 
         Type::Float32 => Val::Float32(float(v, path, "f32")? as f32),
         Type::Float64 => Val::Float64(float(v, path, "f64")?),
         Type::Char => {
-            let s = v.as_str().ok_or_else(|| ValueError::expected(path, "char", v))?;
+            let s = v
+                .as_str()
+                .ok_or_else(|| ValueError::expected(path, "char", v))?;
             let mut it = s.chars();
             match (it.next(), it.next()) {
                 (Some(c), None) => Val::Char(c),
-                _ => return Err(ValueError::expected(path, "char (exactly one character)", v)),
+                _ => {
+                    return Err(ValueError::expected(
+                        path,
+                        "char (exactly one character)",
+                        v,
+                    ));
+                }
             }
         }
         Type::String => Val::String(
-            v.as_str().ok_or_else(|| ValueError::expected(path, "string", v))?.to_string(),
+            v.as_str()
+                .ok_or_else(|| ValueError::expected(path, "string", v))?
+                .to_string(),
         ),
         Type::List(l) => {
-            let arr = v.as_array().ok_or_else(|| ValueError::expected(path, "list", v))?;
+            let arr = v
+                .as_array()
+                .ok_or_else(|| ValueError::expected(path, "list", v))?;
             let elem = l.ty();
             Val::List(items(&elem, arr, path)?)
         }
         Type::FixedLengthList(l) => {
-            let arr = v.as_array().ok_or_else(|| ValueError::expected(path, "list", v))?;
+            let arr = v
+                .as_array()
+                .ok_or_else(|| ValueError::expected(path, "list", v))?;
             if arr.len() != l.len() as usize {
                 return Err(ValueError::new(
                     path,
-                    format!("expected a list of exactly {} item(s), got {}", l.len(), arr.len()),
+                    format!(
+                        "expected a list of exactly {} item(s), got {}",
+                        l.len(),
+                        arr.len()
+                    ),
                 ));
             }
             Val::FixedLengthList(items(&l.ty(), arr, path)?)
         }
         Type::Map(m) => {
-            let arr = v.as_array().ok_or_else(|| ValueError::expected(path, "map (list of [key, value] pairs)", v))?;
+            let arr = v
+                .as_array()
+                .ok_or_else(|| ValueError::expected(path, "map (list of [key, value] pairs)", v))?;
             let (kt, vt) = (m.key(), m.value());
             let mut out = Vec::with_capacity(arr.len());
             for (i, pair) in arr.iter().enumerate() {
@@ -103,12 +129,18 @@ pub fn json_to_val(ty: &Type, v: &Value, path: &str) -> Result<Val, ValueError> 
             Val::Map(out)
         }
         Type::Tuple(t) => {
-            let arr = v.as_array().ok_or_else(|| ValueError::expected(path, "tuple (array)", v))?;
+            let arr = v
+                .as_array()
+                .ok_or_else(|| ValueError::expected(path, "tuple (array)", v))?;
             let types: Vec<Type> = t.types().collect();
             if arr.len() != types.len() {
                 return Err(ValueError::new(
                     path,
-                    format!("expected a tuple of {} item(s), got {}", types.len(), arr.len()),
+                    format!(
+                        "expected a tuple of {} item(s), got {}",
+                        types.len(),
+                        arr.len()
+                    ),
                 ));
             }
             let mut out = Vec::with_capacity(arr.len());
@@ -118,13 +150,17 @@ pub fn json_to_val(ty: &Type, v: &Value, path: &str) -> Result<Val, ValueError> 
             Val::Tuple(out)
         }
         Type::Record(r) => {
-            let obj = v.as_object().ok_or_else(|| ValueError::expected(path, "record (object)", v))?;
+            let obj = v
+                .as_object()
+                .ok_or_else(|| ValueError::expected(path, "record (object)", v))?;
             let mut out = Vec::new();
             let mut known = Vec::new();
             for f in r.fields() {
                 known.push(f.name);
                 let p = join(path, f.name);
-                let x = obj.get(f.name).ok_or_else(|| ValueError::new(&p, "missing required field"))?;
+                let x = obj
+                    .get(f.name)
+                    .ok_or_else(|| ValueError::new(&p, "missing required field"))?;
                 out.push((f.name.to_string(), json_to_val(&f.ty, x, &p)?));
             }
             reject_unknown(obj, &known, path)?;
@@ -134,33 +170,54 @@ pub fn json_to_val(ty: &Type, v: &Value, path: &str) -> Result<Val, ValueError> 
             let (name, payload) = single_key(v, path, "variant")?;
             let case = var.cases().find(|c| c.name == name).ok_or_else(|| {
                 let names: Vec<&str> = var.cases().map(|c| c.name).collect();
-                ValueError::new(path, format!("unknown case {name:?}, expected one of {names:?}"))
+                ValueError::new(
+                    path,
+                    format!("unknown case {name:?}, expected one of {names:?}"),
+                )
             })?;
             let p = join(path, name);
             let payload = match &case.ty {
                 Some(t) => Some(Box::new(json_to_val(t, payload, &p)?)),
                 None if payload.is_null() => None,
-                None => return Err(ValueError::expected(&p, "null (case has no payload)", payload)),
+                None => {
+                    return Err(ValueError::expected(
+                        &p,
+                        "null (case has no payload)",
+                        payload,
+                    ));
+                }
             };
             Val::Variant(name.to_string(), payload)
         }
         Type::Enum(e) => {
-            let s = v.as_str().ok_or_else(|| ValueError::expected(path, "enum (string)", v))?;
+            let s = v
+                .as_str()
+                .ok_or_else(|| ValueError::expected(path, "enum (string)", v))?;
             if !e.names().any(|n| n == s) {
                 let names: Vec<&str> = e.names().collect();
-                return Err(ValueError::new(path, format!("unknown case {s:?}, expected one of {names:?}")));
+                return Err(ValueError::new(
+                    path,
+                    format!("unknown case {s:?}, expected one of {names:?}"),
+                ));
             }
             Val::Enum(s.to_string())
         }
         Type::Flags(f) => {
-            let arr = v.as_array().ok_or_else(|| ValueError::expected(path, "flags (array of names)", v))?;
+            let arr = v
+                .as_array()
+                .ok_or_else(|| ValueError::expected(path, "flags (array of names)", v))?;
             let mut out: Vec<String> = Vec::new();
             for (i, x) in arr.iter().enumerate() {
                 let p = format!("{path}[{i}]");
-                let s = x.as_str().ok_or_else(|| ValueError::expected(&p, "flag name (string)", x))?;
+                let s = x
+                    .as_str()
+                    .ok_or_else(|| ValueError::expected(&p, "flag name (string)", x))?;
                 if !f.names().any(|n| n == s) {
                     let names: Vec<&str> = f.names().collect();
-                    return Err(ValueError::new(&p, format!("unknown flag {s:?}, expected one of {names:?}")));
+                    return Err(ValueError::new(
+                        &p,
+                        format!("unknown flag {s:?}, expected one of {names:?}"),
+                    ));
                 }
                 if out.iter().any(|o| o == s) {
                     return Err(ValueError::new(&p, format!("flag {s:?} given twice")));
@@ -176,9 +233,16 @@ pub fn json_to_val(ty: &Type, v: &Value, path: &str) -> Result<Val, ValueError> 
             } else if matches!(inner_ty, Type::Option(_)) {
                 let (name, payload) = single_key(v, path, "option (null or {\"some\": value})")?;
                 if name != "some" {
-                    return Err(ValueError::new(path, format!("expected key \"some\", got {name:?}")));
+                    return Err(ValueError::new(
+                        path,
+                        format!("expected key \"some\", got {name:?}"),
+                    ));
                 }
-                Val::Option(Some(Box::new(json_to_val(&inner_ty, payload, &join(path, "some"))?)))
+                Val::Option(Some(Box::new(json_to_val(
+                    &inner_ty,
+                    payload,
+                    &join(path, "some"),
+                )?)))
             } else {
                 Val::Option(Some(Box::new(json_to_val(&inner_ty, v, path)?)))
             }
@@ -197,7 +261,10 @@ pub fn json_to_val(ty: &Type, v: &Value, path: &str) -> Result<Val, ValueError> 
                 "ok" => Val::Result(Ok(conv(r.ok())?)),
                 "err" => Val::Result(Err(conv(r.err())?)),
                 other => {
-                    return Err(ValueError::new(path, format!("expected key \"ok\" or \"err\", got {other:?}")));
+                    return Err(ValueError::new(
+                        path,
+                        format!("expected key \"ok\" or \"err\", got {other:?}"),
+                    ));
                 }
             }
         }
@@ -267,7 +334,11 @@ pub fn val_to_json(val: &Val, path: &str) -> Result<Value, ValueError> {
         Val::Option(None) => Value::Null,
         Val::Option(Some(inner)) => {
             let j = val_to_json(inner, path)?;
-            if matches!(**inner, Val::Option(_)) { one("some", j) } else { j }
+            if matches!(**inner, Val::Option(_)) {
+                one("some", j)
+            } else {
+                j
+            }
         }
         Val::Result(r) => {
             let (key, payload) = match r {
@@ -281,7 +352,10 @@ pub fn val_to_json(val: &Val, path: &str) -> Result<Value, ValueError> {
             one(key, inner)
         }
         Val::Resource(_) | Val::Future(_) | Val::Stream(_) | Val::ErrorContext(_) => {
-            return Err(ValueError::new(path, "resources, futures and streams have no JSON form"));
+            return Err(ValueError::new(
+                path,
+                "resources, futures and streams have no JSON form",
+            ));
         }
     })
 }
@@ -297,7 +371,9 @@ fn float_json(x: f64) -> Value {
 
 fn float(v: &Value, path: &str, what: &str) -> Result<f64, ValueError> {
     match v {
-        Value::Number(n) => n.as_f64().ok_or_else(|| ValueError::expected(path, what, v)),
+        Value::Number(n) => n
+            .as_f64()
+            .ok_or_else(|| ValueError::expected(path, what, v)),
         Value::String(s) if s == "NaN" => Ok(f64::NAN),
         Value::String(s) if s == "Infinity" => Ok(f64::INFINITY),
         Value::String(s) if s == "-Infinity" => Ok(f64::NEG_INFINITY),
@@ -332,7 +408,11 @@ fn items(elem: &Type, arr: &[Value], path: &str) -> Result<Vec<Val>, ValueError>
         .collect()
 }
 
-fn single_key<'a>(v: &'a Value, path: &str, what: &str) -> Result<(&'a str, &'a Value), ValueError> {
+fn single_key<'a>(
+    v: &'a Value,
+    path: &str,
+    what: &str,
+) -> Result<(&'a str, &'a Value), ValueError> {
     match v.as_object() {
         Some(o) if o.len() == 1 => {
             let (k, x) = o.iter().next().expect("one entry");
@@ -340,7 +420,10 @@ fn single_key<'a>(v: &'a Value, path: &str, what: &str) -> Result<(&'a str, &'a 
         }
         Some(o) => Err(ValueError::new(
             path,
-            format!("expected {what} as an object with exactly one key, got {} keys", o.len()),
+            format!(
+                "expected {what} as an object with exactly one key, got {} keys",
+                o.len()
+            ),
         )),
         // A bare string names a case without payload: accept it for variants.
         None => match v.as_str() {
@@ -363,7 +446,11 @@ fn reject_unknown(obj: &Map<String, Value>, known: &[&str], path: &str) -> Resul
 }
 
 fn join(path: &str, key: &str) -> String {
-    if path.is_empty() { key.to_string() } else { format!("{path}.{key}") }
+    if path.is_empty() {
+        key.to_string()
+    } else {
+        format!("{path}.{key}")
+    }
 }
 
 fn one(key: &str, v: Value) -> Value {
@@ -385,7 +472,13 @@ pub fn args_to_vals(params: &[(String, Type)], args: &Value) -> Result<Vec<Val>,
     let obj = match args {
         Value::Object(o) => o,
         Value::Null if params.is_empty() => &empty,
-        other => return Err(ValueError::expected("args", "an object of named arguments", other)),
+        other => {
+            return Err(ValueError::expected(
+                "args",
+                "an object of named arguments",
+                other,
+            ));
+        }
     };
     let mut out = Vec::with_capacity(params.len());
     for (name, ty) in params {

@@ -24,16 +24,29 @@ pub fn build_init() -> anyhow::Result<PathBuf> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let status = Command::new(cargo)
         .args([
-            "build", "--release", "--locked", "--target", "x86_64-unknown-linux-musl",
-            "-p", "airlock-guest", "--bin", "airlock-init", "--no-default-features",
+            "build",
+            "--release",
+            "--locked",
+            "--target",
+            "x86_64-unknown-linux-musl",
+            "-p",
+            "airlock-guest",
+            "--bin",
+            "airlock-init",
+            "--no-default-features",
         ])
         .current_dir(super::root())
         // wasmtime's build script compiles a little C; Debian's musl-tools
         // names its compiler musl-gcc.
-        .env("CC_x86_64_unknown_linux_musl", std::env::var("CC_x86_64_unknown_linux_musl").unwrap_or_else(|_| "musl-gcc".into()))
+        .env(
+            "CC_x86_64_unknown_linux_musl",
+            std::env::var("CC_x86_64_unknown_linux_musl").unwrap_or_else(|_| "musl-gcc".into()),
+        )
         .status()?;
     if !status.success() {
-        bail!("building airlock-init for x86_64-unknown-linux-musl failed (`rustup target add x86_64-unknown-linux-musl`?)");
+        bail!(
+            "building airlock-init for x86_64-unknown-linux-musl failed (`rustup target add x86_64-unknown-linux-musl`?)"
+        );
     }
     let target_dir = std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
@@ -48,7 +61,12 @@ pub fn strip(path: &Path) -> anyhow::Result<PathBuf> {
     // Strip into a private file and rename it into place, so two builds
     // sharing a target directory never see a half-written or missing file.
     let tmp = path.with_extension(format!("stripped.{}", std::process::id()));
-    let status = Command::new("strip").arg("--strip-all").arg("-o").arg(&tmp).arg(path).status()?;
+    let status = Command::new("strip")
+        .arg("--strip-all")
+        .arg("-o")
+        .arg(&tmp)
+        .arg(path)
+        .status()?;
     if !status.success() {
         bail!("strip {} failed", path.display());
     }
@@ -67,8 +85,14 @@ pub fn build_rootfs(init: &Path, selftest: bool) -> anyhow::Result<PathBuf> {
     if selftest {
         for name in ["kitchen", "escape"] {
             let p = super::examples_out().join(format!("{name}.wasm"));
-            let bytes = std::fs::read(&p).with_context(|| format!("{} is missing: run `cargo xtask examples`", p.display()))?;
-            inputs.push(Input { path_in_image: format!("selftest/{name}.wasm"), bytes, mode: 0o100_644 });
+            let bytes = std::fs::read(&p).with_context(|| {
+                format!("{} is missing: run `cargo xtask examples`", p.display())
+            })?;
+            inputs.push(Input {
+                path_in_image: format!("selftest/{name}.wasm"),
+                bytes,
+                mode: 0o100_644,
+            });
         }
     }
     let mut h = Sha256::new();
@@ -79,8 +103,15 @@ pub fn build_rootfs(init: &Path, selftest: bool) -> anyhow::Result<PathBuf> {
         h.update(Sha256::digest(&i.bytes));
     }
     let key = hex::encode(&h.finalize()[..8]);
-    let name = if selftest { "initramfs-selftest.cpio.gz" } else { "initramfs.cpio.gz" };
-    let out = super::kernel::cache_dir().join("rootfs").join(&key).join(name);
+    let name = if selftest {
+        "initramfs-selftest.cpio.gz"
+    } else {
+        "initramfs.cpio.gz"
+    };
+    let out = super::kernel::cache_dir()
+        .join("rootfs")
+        .join(&key)
+        .join(name);
     if out.exists() {
         return Ok(out);
     }
@@ -107,7 +138,14 @@ fn cpio_gz(inputs: &[Input], selftest: bool) -> anyhow::Result<Vec<u8>> {
         ino
     };
     for d in dirs {
-        let w = Builder::new(d).ino(next()).mode(0o040_755).nlink(2).mtime(0).uid(0).gid(0).write(&mut cpio, 0);
+        let w = Builder::new(d)
+            .ino(next())
+            .mode(0o040_755)
+            .nlink(2)
+            .mtime(0)
+            .uid(0)
+            .gid(0)
+            .write(&mut cpio, 0);
         w.finish()?;
     }
     let w = Builder::new("dev/console")
@@ -122,12 +160,19 @@ fn cpio_gz(inputs: &[Input], selftest: bool) -> anyhow::Result<Vec<u8>> {
     files.sort_by(|a, b| a.path_in_image.cmp(&b.path_in_image));
     for f in files {
         let size = u32::try_from(f.bytes.len()).context("file too large for cpio")?;
-        let mut w = Builder::new(&f.path_in_image).ino(next()).mode(f.mode).nlink(1).mtime(0).write(&mut cpio, size);
+        let mut w = Builder::new(&f.path_in_image)
+            .ino(next())
+            .mode(f.mode)
+            .nlink(1)
+            .mtime(0)
+            .write(&mut cpio, size);
         w.write_all(&f.bytes)?;
         w.finish()?;
     }
     cpio::newc::trailer(&mut cpio)?;
-    let mut gz = flate2::GzBuilder::new().mtime(0).write(Vec::new(), flate2::Compression::default());
+    let mut gz = flate2::GzBuilder::new()
+        .mtime(0)
+        .write(Vec::new(), flate2::Compression::default());
     gz.write_all(&cpio)?;
     Ok(gz.finish()?)
 }
@@ -150,10 +195,26 @@ pub fn guest_image() -> anyhow::Result<()> {
     std::fs::write(&path, serde_json::to_vec_pretty(&manifest)?)?;
     let size = |p: &Path| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0);
     eprintln!("guest image ({}):", path.display());
-    eprintln!("  vmlinux            {:>10} bytes  {}", size(&kernel.vmlinux), kernel.vmlinux.display());
-    eprintln!("  bzImage            {:>10} bytes  {}", size(&kernel.bzimage), kernel.bzimage.display());
-    eprintln!("  initramfs          {:>10} bytes  {}", size(&rootfs), rootfs.display());
-    eprintln!("  initramfs-selftest {:>10} bytes  {}", size(&selftest), selftest.display());
+    eprintln!(
+        "  vmlinux            {:>10} bytes  {}",
+        size(&kernel.vmlinux),
+        kernel.vmlinux.display()
+    );
+    eprintln!(
+        "  bzImage            {:>10} bytes  {}",
+        size(&kernel.bzimage),
+        kernel.bzimage.display()
+    );
+    eprintln!(
+        "  initramfs          {:>10} bytes  {}",
+        size(&rootfs),
+        rootfs.display()
+    );
+    eprintln!(
+        "  initramfs-selftest {:>10} bytes  {}",
+        size(&selftest),
+        selftest.display()
+    );
     println!("{}", path.display());
     Ok(())
 }
@@ -164,8 +225,16 @@ mod tests {
 
     fn inputs(init: &[u8]) -> Vec<Input> {
         vec![
-            Input { path_in_image: "init".into(), bytes: init.to_vec(), mode: 0o100_755 },
-            Input { path_in_image: "selftest/a.wasm".into(), bytes: b"\0asm".to_vec(), mode: 0o100_644 },
+            Input {
+                path_in_image: "init".into(),
+                bytes: init.to_vec(),
+                mode: 0o100_755,
+            },
+            Input {
+                path_in_image: "selftest/a.wasm".into(),
+                bytes: b"\0asm".to_vec(),
+                mode: 0o100_644,
+            },
         ]
     }
 
@@ -182,7 +251,9 @@ mod tests {
         use std::io::Read;
         let gz = cpio_gz(&inputs(b"init-v1"), true).unwrap();
         let mut raw = Vec::new();
-        flate2::read::GzDecoder::new(gz.as_slice()).read_to_end(&mut raw).unwrap();
+        flate2::read::GzDecoder::new(gz.as_slice())
+            .read_to_end(&mut raw)
+            .unwrap();
         let mut names = Vec::new();
         let mut rest: &[u8] = &raw;
         loop {
@@ -190,10 +261,19 @@ mod tests {
             if r.entry().is_trailer() {
                 break;
             }
-            names.push((r.entry().name().to_string(), r.entry().mode(), r.entry().mtime()));
+            names.push((
+                r.entry().name().to_string(),
+                r.entry().mode(),
+                r.entry().mtime(),
+            ));
             rest = r.finish().unwrap();
         }
-        let find = |n: &str| names.iter().find(|(x, ..)| x == n).unwrap_or_else(|| panic!("{n} missing: {names:?}"));
+        let find = |n: &str| {
+            names
+                .iter()
+                .find(|(x, ..)| x == n)
+                .unwrap_or_else(|| panic!("{n} missing: {names:?}"))
+        };
         assert_eq!(find("init").1, 0o100_755);
         assert_eq!(find("dev/console").1, 0o020_600);
         assert_eq!(find("selftest/a.wasm").1, 0o100_644);

@@ -22,9 +22,12 @@ pub struct Kernel {
 
 /// The cache directory: `$AIRLOCK_CACHE` or `~/.cache/airlock`.
 pub fn cache_dir() -> PathBuf {
-    std::env::var_os("AIRLOCK_CACHE").map(PathBuf::from).unwrap_or_else(|| {
-        PathBuf::from(std::env::var_os("HOME").unwrap_or_else(|| "/root".into())).join(".cache/airlock")
-    })
+    std::env::var_os("AIRLOCK_CACHE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(std::env::var_os("HOME").unwrap_or_else(|| "/root".into()))
+                .join(".cache/airlock")
+        })
 }
 
 fn fragment() -> PathBuf {
@@ -32,15 +35,23 @@ fn fragment() -> PathBuf {
 }
 
 fn source_version() -> anyhow::Result<String> {
-    let out = Command::new("dpkg-query").args(["-W", "-f=${Version}", "linux-source-6.1"]).output();
+    let out = Command::new("dpkg-query")
+        .args(["-W", "-f=${Version}", "linux-source-6.1"])
+        .output();
     match out {
-        Ok(o) if o.status.success() && !o.stdout.is_empty() => Ok(String::from_utf8_lossy(&o.stdout).into_owned()),
-        _ => bail!("linux-source-6.1 is not installed; run `apt-get install linux-source-6.1` (scripts/test.sh does)"),
+        Ok(o) if o.status.success() && !o.stdout.is_empty() => {
+            Ok(String::from_utf8_lossy(&o.stdout).into_owned())
+        }
+        _ => bail!(
+            "linux-source-6.1 is not installed; run `apt-get install linux-source-6.1` (scripts/test.sh does)"
+        ),
     }
 }
 
 fn run(cmd: &mut Command) -> anyhow::Result<()> {
-    let status = cmd.status().with_context(|| format!("cannot run {cmd:?}"))?;
+    let status = cmd
+        .status()
+        .with_context(|| format!("cannot run {cmd:?}"))?;
     if !status.success() {
         bail!("{cmd:?} failed with {status}");
     }
@@ -58,7 +69,10 @@ pub fn build() -> anyhow::Result<Kernel> {
     let key = hex::encode(&h.finalize()[..8]);
     let cache = cache_dir().join("kernel");
     let out = cache.join(&key);
-    let kernel = Kernel { vmlinux: out.join("vmlinux"), bzimage: out.join("bzImage") };
+    let kernel = Kernel {
+        vmlinux: out.join("vmlinux"),
+        bzimage: out.join("bzImage"),
+    };
     if kernel.vmlinux.exists() && kernel.bzimage.exists() {
         eprintln!("kernel: cached ({key}, linux-source {version})");
         return Ok(kernel);
@@ -69,13 +83,18 @@ pub fn build() -> anyhow::Result<Kernel> {
     if !src.join("Makefile").exists() {
         eprintln!("kernel: unpacking {TARBALL}");
         std::fs::create_dir_all(&src_root)?;
-        run(Command::new("tar").args(["-xJf", TARBALL, "-C"]).arg(&src_root))?;
+        run(Command::new("tar")
+            .args(["-xJf", TARBALL, "-C"])
+            .arg(&src_root))?;
     }
     let build = cache.join(format!("build-{key}"));
     std::fs::create_dir_all(&build)?;
     let make = |args: &[&str]| {
         let mut c = Command::new("make");
-        c.arg("-C").arg(&src).arg(format!("O={}", build.display())).args(args);
+        c.arg("-C")
+            .arg(&src)
+            .arg(format!("O={}", build.display()))
+            .args(args);
         c
     };
     eprintln!("kernel: configuring (tinyconfig + kernel/airlock.config)");
@@ -87,8 +106,12 @@ pub fn build() -> anyhow::Result<Kernel> {
         .arg(fragment()))?;
     run(&mut make(&["-s", "olddefconfig"]))?;
     verify_config(&build.join(".config"), &String::from_utf8_lossy(&frag))?;
-    let jobs = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2);
-    eprintln!("kernel: building vmlinux and bzImage with {jobs} jobs (a few minutes; cached afterwards)");
+    let jobs = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(2);
+    eprintln!(
+        "kernel: building vmlinux and bzImage with {jobs} jobs (a few minutes; cached afterwards)"
+    );
     run(&mut make(&[&format!("-j{jobs}"), "vmlinux", "bzImage"]))?;
     std::fs::create_dir_all(&out)?;
     std::fs::copy(build.join("vmlinux"), &kernel.vmlinux)?;
@@ -107,13 +130,20 @@ pub fn build() -> anyhow::Result<Kernel> {
 fn verify_config(config: &Path, fragment: &str) -> anyhow::Result<()> {
     let cfg = std::fs::read_to_string(config)?;
     let mut missing = Vec::new();
-    for line in fragment.lines().map(str::trim).filter(|l| l.starts_with("CONFIG_")) {
+    for line in fragment
+        .lines()
+        .map(str::trim)
+        .filter(|l| l.starts_with("CONFIG_"))
+    {
         if !cfg.lines().any(|l| l.trim() == line) {
             missing.push(line.to_string());
         }
     }
     if !missing.is_empty() {
-        bail!("the kernel config dropped these options (unmet dependencies?): {}", missing.join(", "));
+        bail!(
+            "the kernel config dropped these options (unmet dependencies?): {}",
+            missing.join(", ")
+        );
     }
     Ok(())
 }

@@ -62,7 +62,10 @@ pub fn root() -> PathBuf {
     let manifest = std::env::var_os("CARGO_MANIFEST_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")));
-    manifest.parent().expect("xtask lives in the workspace").to_path_buf()
+    manifest
+        .parent()
+        .expect("xtask lives in the workspace")
+        .to_path_buf()
 }
 
 fn main() -> anyhow::Result<()> {
@@ -95,14 +98,24 @@ pub fn examples_out() -> PathBuf {
 fn examples() -> anyhow::Result<()> {
     let dir = root().join("examples");
     let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-        .args(["build", "--release", "--locked", "--target", "wasm32-wasip2"])
+        .args([
+            "build",
+            "--release",
+            "--locked",
+            "--target",
+            "wasm32-wasip2",
+        ])
         .current_dir(&dir)
         .status()
         .context("cannot run cargo")?;
     if !status.success() {
-        bail!("building the examples failed (is the wasm32-wasip2 target installed? `rustup target add wasm32-wasip2`)");
+        bail!(
+            "building the examples failed (is the wasm32-wasip2 target installed? `rustup target add wasm32-wasip2`)"
+        );
     }
-    let target_dir = std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| dir.join("target"));
+    let target_dir = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| dir.join("target"));
     let built = target_dir.join("wasm32-wasip2/release");
     let out = examples_out();
     std::fs::create_dir_all(&out)?;
@@ -126,10 +139,16 @@ fn embed_wit(mut bytes: Vec<u8>, wit_dir: &Path) -> anyhow::Result<Vec<u8>> {
         .collect();
     files.sort();
     if files.len() != 1 {
-        bail!("{} must hold exactly one .wit file to embed", wit_dir.display());
+        bail!(
+            "{} must hold exactly one .wit file to embed",
+            wit_dir.display()
+        );
     }
     let text = std::fs::read_to_string(&files[0])?;
-    let section = CustomSection { name: airlock_wasm_tools::docs::WIT_SECTION.into(), data: text.as_bytes().into() };
+    let section = CustomSection {
+        name: airlock_wasm_tools::docs::WIT_SECTION.into(),
+        data: text.as_bytes().into(),
+    };
     bytes.push(section.id());
     section.encode(&mut bytes);
     Ok(bytes)
@@ -155,11 +174,17 @@ fn bench_runner(iterations: u32) -> anyhow::Result<()> {
     let fast = Runner::new(EngineConfig::default())?;
     let artifact = fast.precompile(&wasm)?;
     let loaded = fast.load_precompiled(&artifact, &Default::default())?;
-    let slow = Runner::new(EngineConfig { pooling: false, ..EngineConfig::default() })?;
+    let slow = Runner::new(EngineConfig {
+        pooling: false,
+        ..EngineConfig::default()
+    })?;
 
     let call = |runner: &Runner, loaded: &airlock_guest::Loaded| {
         let out = runner.invoke(loaded, "greet", &args, &grants);
-        assert!(matches!(out.result, airlock_guest::CallResult::Ok(_)), "{out:?}");
+        assert!(
+            matches!(out.result, airlock_guest::CallResult::Ok(_)),
+            "{out:?}"
+        );
     };
     for _ in 0..50 {
         call(&fast, &loaded);
@@ -183,8 +208,18 @@ fn bench_runner(iterations: u32) -> anyhow::Result<()> {
     }
     let (f, s) = (median(fast_t), median(slow_t));
     println!("bench runner: trivial tool `greet` of kitchen.wasm, median of 5 rounds");
-    println!("  fast path (precompiled, InstancePre, pooling, fresh store): {:>10.1} us/call", f.as_secs_f64() * 1e6);
-    println!("  reference (compile + instantiate from bytes, fresh store): {:>10.1} us/call", s.as_secs_f64() * 1e6);
-    println!("  ratio fast/reference: {:.4}  (reference is {:.0}x slower)", f.as_secs_f64() / s.as_secs_f64(), s.as_secs_f64() / f.as_secs_f64());
+    println!(
+        "  fast path (precompiled, InstancePre, pooling, fresh store): {:>10.1} us/call",
+        f.as_secs_f64() * 1e6
+    );
+    println!(
+        "  reference (compile + instantiate from bytes, fresh store): {:>10.1} us/call",
+        s.as_secs_f64() * 1e6
+    );
+    println!(
+        "  ratio fast/reference: {:.4}  (reference is {:.0}x slower)",
+        f.as_secs_f64() / s.as_secs_f64(),
+        s.as_secs_f64() / f.as_secs_f64()
+    );
     Ok(())
 }

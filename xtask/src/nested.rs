@@ -17,7 +17,9 @@ use std::process::Command;
 const RECIPE: &str = "airlock-nested-recipe/1";
 
 fn run(cmd: &mut Command) -> anyhow::Result<()> {
-    let status = cmd.status().with_context(|| format!("cannot run {cmd:?}"))?;
+    let status = cmd
+        .status()
+        .with_context(|| format!("cannot run {cmd:?}"))?;
     if !status.success() {
         bail!("{cmd:?} failed with {status}");
     }
@@ -26,7 +28,9 @@ fn run(cmd: &mut Command) -> anyhow::Result<()> {
 
 /// Debian's cloud kernel package: download once, extract into the cache.
 fn outer_kernel(cache: &Path) -> anyhow::Result<PathBuf> {
-    let dep = Command::new("apt-cache").args(["depends", "linux-image-cloud-amd64"]).output()?;
+    let dep = Command::new("apt-cache")
+        .args(["depends", "linux-image-cloud-amd64"])
+        .output()?;
     let text = String::from_utf8_lossy(&dep.stdout);
     let pkg = text
         .lines()
@@ -39,12 +43,17 @@ fn outer_kernel(cache: &Path) -> anyhow::Result<PathBuf> {
     if !done.exists() {
         eprintln!("nested: downloading {pkg}");
         std::fs::create_dir_all(&dir)?;
-        run(Command::new("apt-get").args(["download", &pkg]).current_dir(&dir))?;
+        run(Command::new("apt-get")
+            .args(["download", &pkg])
+            .current_dir(&dir))?;
         let deb = std::fs::read_dir(&dir)?
             .filter_map(|e| e.ok().map(|e| e.path()))
             .find(|p| p.extension().is_some_and(|x| x == "deb"))
             .context("apt-get download produced no .deb")?;
-        run(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(dir.join("x")))?;
+        run(Command::new("dpkg-deb")
+            .arg("-x")
+            .arg(&deb)
+            .arg(dir.join("x")))?;
         std::fs::write(&done, b"")?;
     }
     Ok(dir.join("x"))
@@ -53,10 +62,22 @@ fn outer_kernel(cache: &Path) -> anyhow::Result<PathBuf> {
 fn build_musl_airlock() -> anyhow::Result<PathBuf> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     run(Command::new(cargo)
-        .args(["build", "--release", "--locked", "--target", "x86_64-unknown-linux-musl", "-p", "airlock", "--bin", "airlock"])
+        .args([
+            "build",
+            "--release",
+            "--locked",
+            "--target",
+            "x86_64-unknown-linux-musl",
+            "-p",
+            "airlock",
+            "--bin",
+            "airlock",
+        ])
         .env("CC_x86_64_unknown_linux_musl", "musl-gcc")
         .current_dir(super::root()))?;
-    let target_dir = std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| super::root().join("target"));
+    let target_dir = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| super::root().join("target"));
     super::image::strip(&target_dir.join("x86_64-unknown-linux-musl/release/airlock"))
 }
 
@@ -111,9 +132,15 @@ pub fn build() -> anyhow::Result<()> {
     let outer = outer_kernel(&cache)?;
     let vmlinuz = std::fs::read_dir(outer.join("boot"))?
         .filter_map(|e| e.ok().map(|e| e.path()))
-        .find(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("vmlinuz-")))
+        .find(|p| {
+            p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("vmlinuz-"))
+        })
         .context("no vmlinuz in the cloud kernel package")?;
-    let modules = std::fs::read_dir(outer.join("lib/modules"))?.next().context("no modules")??.path();
+    let modules = std::fs::read_dir(outer.join("lib/modules"))?
+        .next()
+        .context("no modules")??
+        .path();
     let busybox = PathBuf::from("/bin/busybox");
     if !busybox.exists() {
         bail!("/bin/busybox is missing: apt-get install busybox-static");
@@ -124,12 +151,28 @@ pub fn build() -> anyhow::Result<()> {
         ("vm-tests.sh".into(), PathBuf::new(), 0o100_644),
         ("bin/busybox".into(), busybox, 0o100_755),
         ("airlock".into(), airlock, 0o100_755),
-        ("lib/modules/irqbypass.ko".into(), modules.join("kernel/virt/lib/irqbypass.ko"), 0o100_644),
-        ("lib/modules/kvm.ko".into(), modules.join("kernel/arch/x86/kvm/kvm.ko"), 0o100_644),
-        ("lib/modules/kvm-amd.ko".into(), modules.join("kernel/arch/x86/kvm/kvm-amd.ko"), 0o100_644),
+        (
+            "lib/modules/irqbypass.ko".into(),
+            modules.join("kernel/virt/lib/irqbypass.ko"),
+            0o100_644,
+        ),
+        (
+            "lib/modules/kvm.ko".into(),
+            modules.join("kernel/arch/x86/kvm/kvm.ko"),
+            0o100_644,
+        ),
+        (
+            "lib/modules/kvm-amd.ko".into(),
+            modules.join("kernel/arch/x86/kvm/kvm-amd.ko"),
+            0o100_644,
+        ),
         ("guest/vmlinux".into(), kernel.vmlinux.clone(), 0o100_644),
         ("guest/initramfs.cpio.gz".into(), rootfs, 0o100_644),
-        ("guest/initramfs-selftest.cpio.gz".into(), selftest, 0o100_644),
+        (
+            "guest/initramfs-selftest.cpio.gz".into(),
+            selftest,
+            0o100_644,
+        ),
     ];
     let mut h = Sha256::new();
     h.update(RECIPE);
@@ -165,20 +208,47 @@ fn outer_cpio(files: &[(String, Vec<u8>, u32)]) -> anyhow::Result<Vec<u8>> {
     use cpio::newc::Builder;
     let mut cpio = Vec::new();
     let mut ino = 1;
-    for d in ["bin", "dev", "proc", "sys", "tmp", "lib", "lib/modules", "guest"] {
+    for d in [
+        "bin",
+        "dev",
+        "proc",
+        "sys",
+        "tmp",
+        "lib",
+        "lib/modules",
+        "guest",
+    ] {
         ino += 1;
-        Builder::new(d).ino(ino).mode(0o040_755).nlink(2).write(&mut cpio, 0).finish()?;
+        Builder::new(d)
+            .ino(ino)
+            .mode(0o040_755)
+            .nlink(2)
+            .write(&mut cpio, 0)
+            .finish()?;
     }
     ino += 1;
-    Builder::new("dev/console").ino(ino).mode(0o020_600).nlink(1).rdev_major(5).rdev_minor(1).write(&mut cpio, 0).finish()?;
+    Builder::new("dev/console")
+        .ino(ino)
+        .mode(0o020_600)
+        .nlink(1)
+        .rdev_major(5)
+        .rdev_minor(1)
+        .write(&mut cpio, 0)
+        .finish()?;
     for (name, bytes, mode) in files {
         ino += 1;
-        let mut w = Builder::new(name).ino(ino).mode(*mode).nlink(1).write(&mut cpio, u32::try_from(bytes.len())?);
+        let mut w = Builder::new(name)
+            .ino(ino)
+            .mode(*mode)
+            .nlink(1)
+            .write(&mut cpio, u32::try_from(bytes.len())?);
         w.write_all(bytes)?;
         w.finish()?;
     }
     cpio::newc::trailer(&mut cpio)?;
-    let mut gz = flate2::GzBuilder::new().mtime(0).write(Vec::new(), flate2::Compression::fast());
+    let mut gz = flate2::GzBuilder::new()
+        .mtime(0)
+        .write(Vec::new(), flate2::Compression::fast());
     gz.write_all(&cpio)?;
     Ok(gz.finish()?)
 }

@@ -13,7 +13,11 @@ impl Guest for Escape {
     }
 
     fn climb_out(dir: String, depth: u8) -> Result<String, String> {
-        let path = format!("{}/{}etc/passwd", dir.trim_end_matches('/'), "../".repeat(depth as usize));
+        let path = format!(
+            "{}/{}etc/passwd",
+            dir.trim_end_matches('/'),
+            "../".repeat(depth as usize)
+        );
         std::fs::read_to_string(&path).map_err(|e| format!("read {path}: {e}"))
     }
 
@@ -31,11 +35,18 @@ impl Guest for Escape {
             None => (rest, "/"),
         };
         let req = OutgoingRequest::new(Fields::new());
-        let scheme = if scheme == "https" { Scheme::Https } else { Scheme::Http };
+        let scheme = if scheme == "https" {
+            Scheme::Https
+        } else {
+            Scheme::Http
+        };
         req.set_scheme(Some(&scheme)).map_err(|()| "bad scheme")?;
-        req.set_authority(Some(authority)).map_err(|()| "bad authority")?;
-        req.set_path_with_query(Some(path)).map_err(|()| "bad path")?;
-        let pending = outgoing_handler::handle(req, None).map_err(|e| format!("request refused: {e:?}"))?;
+        req.set_authority(Some(authority))
+            .map_err(|()| "bad authority")?;
+        req.set_path_with_query(Some(path))
+            .map_err(|()| "bad path")?;
+        let pending =
+            outgoing_handler::handle(req, None).map_err(|e| format!("request refused: {e:?}"))?;
         pending.subscribe().block();
         match pending.get() {
             Some(Ok(Ok(resp))) => Ok(format!("reached {url}: status {}", resp.status())),

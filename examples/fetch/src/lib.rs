@@ -13,7 +13,9 @@ const MAX_BODY: usize = 1 << 20;
 
 /// Split `scheme://authority/path?query`.
 fn split_url(url: &str) -> Result<(Scheme, String, String), String> {
-    let (scheme, rest) = url.split_once("://").ok_or_else(|| format!("not an absolute URL: {url}"))?;
+    let (scheme, rest) = url
+        .split_once("://")
+        .ok_or_else(|| format!("not an absolute URL: {url}"))?;
     let scheme = match scheme.to_ascii_lowercase().as_str() {
         "http" => Scheme::Http,
         "https" => Scheme::Https,
@@ -26,7 +28,11 @@ fn split_url(url: &str) -> Result<(Scheme, String, String), String> {
     if authority.is_empty() {
         return Err(format!("no host in URL: {url}"));
     }
-    let path = if path.starts_with('?') { format!("/{path}") } else { path };
+    let path = if path.starts_with('?') {
+        format!("/{path}")
+    } else {
+        path
+    };
     Ok((scheme, authority.to_string(), path))
 }
 
@@ -36,9 +42,12 @@ impl Guest for Fetch {
         let req = OutgoingRequest::new(Fields::new());
         req.set_method(&Method::Get).map_err(|()| "bad method")?;
         req.set_scheme(Some(&scheme)).map_err(|()| "bad scheme")?;
-        req.set_authority(Some(&authority)).map_err(|()| format!("bad authority {authority:?}"))?;
-        req.set_path_with_query(Some(&path)).map_err(|()| format!("bad path {path:?}"))?;
-        let pending = outgoing_handler::handle(req, None).map_err(|e| format!("request failed: {e:?}"))?;
+        req.set_authority(Some(&authority))
+            .map_err(|()| format!("bad authority {authority:?}"))?;
+        req.set_path_with_query(Some(&path))
+            .map_err(|()| format!("bad path {path:?}"))?;
+        let pending =
+            outgoing_handler::handle(req, None).map_err(|e| format!("request failed: {e:?}"))?;
         pending.subscribe().block();
         let resp = pending
             .get()
@@ -64,10 +73,16 @@ impl Guest for Fetch {
                     }
                 }
                 Err(StreamError::Closed) => break,
-                Err(StreamError::LastOperationFailed(e)) => return Err(format!("reading body: {}", e.to_debug_string())),
+                Err(StreamError::LastOperationFailed(e)) => {
+                    return Err(format!("reading body: {}", e.to_debug_string()));
+                }
             }
         }
-        Ok(Response { status, content_type, body: String::from_utf8_lossy(&buf).into_owned() })
+        Ok(Response {
+            status,
+            content_type,
+            body: String::from_utf8_lossy(&buf).into_owned(),
+        })
     }
 }
 

@@ -17,7 +17,11 @@ impl Guest for Files {
         for e in fs::read_dir(&dir).map_err(|e| err("cannot list", &dir, e))? {
             let e = e.map_err(|e| err("cannot list", &dir, e))?;
             let md = e.metadata().map_err(|e| err("cannot stat in", &dir, e))?;
-            out.push(Entry { name: e.file_name().to_string_lossy().into_owned(), is_dir: md.is_dir(), size: md.len() });
+            out.push(Entry {
+                name: e.file_name().to_string_lossy().into_owned(),
+                is_dir: md.is_dir(),
+                size: md.len(),
+            });
         }
         out.sort_by(|a, b| a.name.cmp(&b.name));
         Ok(out)
@@ -34,10 +38,16 @@ impl Guest for Files {
                 continue;
             }
             let path = format!("{}/{}", dir.trim_end_matches('/'), entry.name);
-            let Ok(text) = fs::read_to_string(&path) else { continue };
+            let Ok(text) = fs::read_to_string(&path) else {
+                continue;
+            };
             for (i, line) in text.lines().enumerate() {
                 if line.contains(&needle) {
-                    out.push(LineMatch { path: path.clone(), line: i as u32 + 1, text: line.to_string() });
+                    out.push(LineMatch {
+                        path: path.clone(),
+                        line: i as u32 + 1,
+                        text: line.to_string(),
+                    });
                 }
             }
         }

@@ -11,13 +11,22 @@ use exports::airlock::kitchen::recipes::{
 struct Kitchen;
 
 fn book() -> Vec<(Recipe, Duration)> {
-    let ing = |name: &str, amount: f64, unit: Unit| Ingredient { name: name.into(), amount, unit, note: None };
+    let ing = |name: &str, amount: f64, unit: Unit| Ingredient {
+        name: name.into(),
+        amount,
+        unit,
+        note: None,
+    };
     vec![
         (
             Recipe {
                 title: "Pancakes".into(),
                 servings: 4,
-                ingredients: vec![ing("flour", 200.0, Unit::Gram), ing("milk", 300.0, Unit::Millilitre), ing("egg", 2.0, Unit::Piece)],
+                ingredients: vec![
+                    ing("flour", 200.0, Unit::Gram),
+                    ing("milk", 300.0, Unit::Millilitre),
+                    ing("egg", 2.0, Unit::Piece),
+                ],
                 diet: Diet::VEGETARIAN | Diet::NUT_FREE,
             },
             Duration::Minutes(20),
@@ -26,7 +35,10 @@ fn book() -> Vec<(Recipe, Duration)> {
             Recipe {
                 title: "Overnight oats".into(),
                 servings: 1,
-                ingredients: vec![ing("oats", 50.0, Unit::Gram), ing("oat milk", 150.0, Unit::Millilitre)],
+                ingredients: vec![
+                    ing("oats", 50.0, Unit::Gram),
+                    ing("oat milk", 150.0, Unit::Millilitre),
+                ],
                 diet: Diet::VEGETARIAN | Diet::VEGAN | Diet::NUT_FREE,
             },
             Duration::Overnight,
@@ -35,7 +47,10 @@ fn book() -> Vec<(Recipe, Duration)> {
             Recipe {
                 title: "Lentil soup".into(),
                 servings: 6,
-                ingredients: vec![ing("lentils", 400.0, Unit::Gram), ing("cumin", 2.0, Unit::Teaspoon)],
+                ingredients: vec![
+                    ing("lentils", 400.0, Unit::Gram),
+                    ing("cumin", 2.0, Unit::Teaspoon),
+                ],
                 diet: Diet::VEGETARIAN | Diet::VEGAN | Diet::GLUTEN_FREE | Diet::NUT_FREE,
             },
             Duration::HoursAndMinutes((1, 10)),
@@ -59,7 +74,14 @@ impl Recipes for Kitchen {
         let f = f64::from(servings) / f64::from(recipe.servings);
         Ok(Recipe {
             servings,
-            ingredients: recipe.ingredients.into_iter().map(|i| Ingredient { amount: i.amount * f, ..i }).collect(),
+            ingredients: recipe
+                .ingredients
+                .into_iter()
+                .map(|i| Ingredient {
+                    amount: i.amount * f,
+                    ..i
+                })
+                .collect(),
             ..recipe
         })
     }
@@ -69,11 +91,26 @@ impl Recipes for Kitchen {
         let mut hits: Vec<Hit> = book()
             .into_iter()
             .filter(|(r, _)| r.diet.contains(filter.diet))
-            .filter(|(_, d)| filter.max_time.as_ref().is_none_or(|m| minutes(d) <= minutes(m)))
+            .filter(|(_, d)| {
+                filter
+                    .max_time
+                    .as_ref()
+                    .is_none_or(|m| minutes(d) <= minutes(m))
+            })
             .filter_map(|(r, time)| {
                 let title = r.title.to_lowercase();
-                let score = if title.contains(&text) { 1.0 } else if r.ingredients.iter().any(|i| i.name.contains(&text)) { 0.5 } else { 0.0 };
-                (score > 0.0).then_some(Hit { title: r.title, score, time })
+                let score = if title.contains(&text) {
+                    1.0
+                } else if r.ingredients.iter().any(|i| i.name.contains(&text)) {
+                    0.5
+                } else {
+                    0.0
+                };
+                (score > 0.0).then_some(Hit {
+                    title: r.title,
+                    score,
+                    time,
+                })
             })
             .collect();
         hits.truncate(filter.limit as usize);
@@ -87,7 +124,12 @@ impl Recipes for Kitchen {
         let min = values.iter().copied().fold(f64::INFINITY, f64::min);
         let max = values.iter().copied().fold(f64::NEG_INFINITY, f64::max);
         let mean = values.iter().sum::<f64>() / values.len() as f64;
-        Some(Stats { count: values.len() as u64, min, max, mean })
+        Some(Stats {
+            count: values.len() as u64,
+            min,
+            max,
+            mean,
+        })
     }
 
     fn echo_primitives(p: Primitives) -> Primitives {
@@ -102,14 +144,25 @@ impl Recipes for Kitchen {
         o: Option<Option<u8>>,
         r: Result<(), String>,
         t: (String, i64),
-    ) -> (Duration, Unit, Diet, Option<Option<u8>>, Result<(), String>, (String, i64)) {
+    ) -> (
+        Duration,
+        Unit,
+        Diet,
+        Option<Option<u8>>,
+        Result<(), String>,
+        (String, i64),
+    ) {
         (d, u, f, o, r, t)
     }
 }
 
 impl Guest for Kitchen {
     fn greet(name: String, excited: Option<bool>) -> String {
-        if excited.unwrap_or(false) { format!("Hello, {name}!") } else { format!("Hello, {name}.") }
+        if excited.unwrap_or(false) {
+            format!("Hello, {name}!")
+        } else {
+            format!("Hello, {name}.")
+        }
     }
 }
 

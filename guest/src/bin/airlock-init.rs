@@ -40,7 +40,9 @@ mod linux {
     const DEFAULT_PORT: u32 = 1024;
 
     fn boot_us() -> u64 {
-        clock_gettime(ClockId::CLOCK_BOOTTIME).map(|t| t.tv_sec() as u64 * 1_000_000 + t.tv_nsec() as u64 / 1000).unwrap_or(0)
+        clock_gettime(ClockId::CLOCK_BOOTTIME)
+            .map(|t| t.tv_sec() as u64 * 1_000_000 + t.tv_nsec() as u64 / 1000)
+            .unwrap_or(0)
     }
 
     /// Print to the serial console (stdout is /dev/console for PID 1).
@@ -63,9 +65,16 @@ mod linux {
         power_off(&format!("fatal: {what}: {e}"))
     }
 
-    fn mount_fs(src: &str, target: &str, fstype: &str, flags: MsFlags, data: Option<&str>) -> Result<(), String> {
+    fn mount_fs(
+        src: &str,
+        target: &str,
+        fstype: &str,
+        flags: MsFlags,
+        data: Option<&str>,
+    ) -> Result<(), String> {
         std::fs::create_dir_all(target).map_err(|e| format!("mkdir {target}: {e}"))?;
-        mount(Some(src), target, Some(fstype), flags, data).map_err(|e| format!("mount {fstype} {src} on {target}: {e}"))
+        mount(Some(src), target, Some(fstype), flags, data)
+            .map_err(|e| format!("mount {fstype} {src} on {target}: {e}"))
     }
 
     fn cmdline() -> BTreeMap<String, String> {
@@ -85,7 +94,9 @@ mod linux {
         let mut buf = [0u8; 16];
         // SAFETY: buf is a valid writable buffer of buf.len() bytes for the
         // duration of the call; flags are valid getrandom flags.
-        let ready = unsafe { nix::libc::getrandom(buf.as_mut_ptr().cast(), buf.len(), nix::libc::GRND_NONBLOCK) };
+        let ready = unsafe {
+            nix::libc::getrandom(buf.as_mut_ptr().cast(), buf.len(), nix::libc::GRND_NONBLOCK)
+        };
         if ready < 0 {
             console("airlock-init: RNG not ready yet; waiting");
             // SAFETY: as above, with blocking flags (0).
@@ -97,7 +108,10 @@ mod linux {
     }
 
     pub fn main() {
-        let mut boot = vec![BootStage { stage: "init".into(), at_us: boot_us() }];
+        let mut boot = vec![BootStage {
+            stage: "init".into(),
+            at_us: boot_us(),
+        }];
         if std::process::id() != 1 {
             eprintln!("airlock-init must run as PID 1 inside the Airlock guest");
             std::process::exit(2);
@@ -106,7 +120,12 @@ mod linux {
         for (src, target, fstype, flags) in [
             ("proc", "/proc", "proc", nodev),
             ("sysfs", "/sys", "sysfs", nodev),
-            ("devtmpfs", "/dev", "devtmpfs", MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC),
+            (
+                "devtmpfs",
+                "/dev",
+                "devtmpfs",
+                MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
+            ),
             ("tmpfs", "/tmp", "tmpfs", nodev),
         ] {
             if let Err(e) = mount_fs(src, target, fstype, flags, None) {
@@ -122,19 +141,29 @@ mod linux {
         let params = cmdline();
         if let Some(spec) = params.get("fs") {
             for m in spec.split(',').filter(|s| !s.is_empty()) {
-                let Some((tag, path)) = m.split_once(':') else { fatal("airlock.fs", format!("{m:?} is not tag:/path")) };
+                let Some((tag, path)) = m.split_once(':') else {
+                    fatal("airlock.fs", format!("{m:?} is not tag:/path"))
+                };
                 if let Err(e) = mount_fs(tag, path, "virtiofs", MsFlags::empty(), None) {
                     fatal("virtio-fs", e);
                 }
             }
         }
         if let Some(spec) = params.get("weights") {
-            let Some((dev, path)) = spec.split_once(':') else { fatal("airlock.weights", format!("{spec:?} is not /dev/pmemN:/path")) };
+            let Some((dev, path)) = spec.split_once(':') else {
+                fatal(
+                    "airlock.weights",
+                    format!("{spec:?} is not /dev/pmemN:/path"),
+                )
+            };
             if let Err(e) = mount_fs(dev, path, "erofs", MsFlags::MS_RDONLY, Some("dax")) {
                 fatal("weights", e);
             }
         }
-        boot.push(BootStage { stage: "mounts".into(), at_us: boot_us() });
+        boot.push(BootStage {
+            stage: "mounts".into(),
+            at_us: boot_us(),
+        });
 
         match params.get("selftest").map(String::as_str) {
             Some("panic") => {
@@ -145,14 +174,26 @@ mod linux {
             None => {}
         }
 
-        let runner = Runner::new(EngineConfig { pool_instances: 8, ..EngineConfig::default() })
-            .unwrap_or_else(|e| fatal("starting the runner", e));
-        boot.push(BootStage { stage: "runner".into(), at_us: boot_us() });
-        let port = params.get("port").and_then(|p| p.parse().ok()).unwrap_or(DEFAULT_PORT);
+        let runner = Runner::new(EngineConfig {
+            pool_instances: 8,
+            ..EngineConfig::default()
+        })
+        .unwrap_or_else(|e| fatal("starting the runner", e));
+        boot.push(BootStage {
+            stage: "runner".into(),
+            at_us: boot_us(),
+        });
+        let port = params
+            .get("port")
+            .and_then(|p| p.parse().ok())
+            .unwrap_or(DEFAULT_PORT);
         let listener = vsock_listen(port).unwrap_or_else(|e| fatal("vsock listen", e));
         console(&format!("airlock-init: ready on vsock port {port}"));
         let mut conn = vsock_accept(&listener).unwrap_or_else(|e| fatal("vsock accept", e));
-        boot.push(BootStage { stage: "ready".into(), at_us: boot_us() });
+        boot.push(BootStage {
+            stage: "ready".into(),
+            at_us: boot_us(),
+        });
         match agent::serve(&mut conn, &runner, boot) {
             Ok(SessionEnd::Shutdown) => power_off("shutdown requested by the host"),
             Ok(SessionEnd::Closed) => power_off("the host closed the control connection"),
@@ -161,9 +202,19 @@ mod linux {
     }
 
     fn vsock_listen(port: u32) -> nix::Result<std::os::fd::OwnedFd> {
-        use nix::sys::socket::{AddressFamily, Backlog, SockFlag, SockType, VsockAddr, bind, listen, socket};
-        let fd = socket(AddressFamily::Vsock, SockType::Stream, SockFlag::SOCK_CLOEXEC, None)?;
-        bind(std::os::fd::AsRawFd::as_raw_fd(&fd), &VsockAddr::new(nix::libc::VMADDR_CID_ANY, port))?;
+        use nix::sys::socket::{
+            AddressFamily, Backlog, SockFlag, SockType, VsockAddr, bind, listen, socket,
+        };
+        let fd = socket(
+            AddressFamily::Vsock,
+            SockType::Stream,
+            SockFlag::SOCK_CLOEXEC,
+            None,
+        )?;
+        bind(
+            std::os::fd::AsRawFd::as_raw_fd(&fd),
+            &VsockAddr::new(nix::libc::VMADDR_CID_ANY, port),
+        )?;
         listen(&fd, Backlog::new(1)?)?;
         Ok(fd)
     }
@@ -179,13 +230,26 @@ mod linux {
     /// Self-test: compile and call the example components shipped under
     /// /selftest, print the outcomes, reboot.
     fn selftest(boot: &[BootStage]) -> ! {
-        let stages: Vec<String> = boot.iter().map(|s| format!("{}={}us", s.stage, s.at_us)).collect();
-        console(&format!("AIRLOCK-SELFTEST-START boot: {}", stages.join(" ")));
-        let runner = Runner::new(EngineConfig { pool_instances: 4, ..EngineConfig::default() })
-            .unwrap_or_else(|e| fatal("starting the runner", e));
+        let stages: Vec<String> = boot
+            .iter()
+            .map(|s| format!("{}={}us", s.stage, s.at_us))
+            .collect();
+        console(&format!(
+            "AIRLOCK-SELFTEST-START boot: {}",
+            stages.join(" ")
+        ));
+        let runner = Runner::new(EngineConfig {
+            pool_instances: 4,
+            ..EngineConfig::default()
+        })
+        .unwrap_or_else(|e| fatal("starting the runner", e));
         let cases: [(&str, &str, serde_json::Value); 3] = [
             ("kitchen", "greet", serde_json::json!({"name": "microVM"})),
-            ("kitchen", "recipes_summarize", serde_json::json!({"values": [1, 2, 3, 4]})),
+            (
+                "kitchen",
+                "recipes_summarize",
+                serde_json::json!({"values": [1, 2, 3, 4]}),
+            ),
             ("escape", "spin", serde_json::json!({})),
         ];
         let mut all_ok = true;
@@ -204,7 +268,10 @@ mod linux {
             .unwrap_or_default();
             console(&format!("AIRLOCK-SELFTEST {json}"));
         }
-        console(&format!("AIRLOCK-SELFTEST-DONE {}", if all_ok { "ok" } else { "failed" }));
+        console(&format!(
+            "AIRLOCK-SELFTEST-DONE {}",
+            if all_ok { "ok" } else { "failed" }
+        ));
         power_off("self-test finished")
     }
 }

@@ -39,7 +39,14 @@ struct LogInner {
 impl ConsoleLog {
     /// A log capped at `cap` bytes.
     pub fn new(cap: usize) -> Self {
-        Self { inner: Arc::new(Mutex::new(LogInner { buf: Vec::new(), cap, dropped: 0, line: Vec::new() })) }
+        Self {
+            inner: Arc::new(Mutex::new(LogInner {
+                buf: Vec::new(),
+                cap,
+                dropped: 0,
+                line: Vec::new(),
+            })),
+        }
     }
 
     /// Everything kept so far, lossy UTF-8, with a note if bytes were dropped.
@@ -47,7 +54,10 @@ impl ConsoleLog {
         let g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         let mut s = String::from_utf8_lossy(&g.buf).into_owned();
         if g.dropped > 0 {
-            s.push_str(&format!("\n[airlock: {} console bytes dropped over the cap]\n", g.dropped));
+            s.push_str(&format!(
+                "\n[airlock: {} console bytes dropped over the cap]\n",
+                g.dropped
+            ));
         }
         s
     }

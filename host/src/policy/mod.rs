@@ -95,7 +95,12 @@ pub struct Policy {
 impl Default for Policy {
     /// The empty policy: nothing granted, default limits.
     fn default() -> Self {
-        Self { limits: Limits::default(), filesystem: vec![], env: BTreeMap::new(), http: HttpGrant::default() }
+        Self {
+            limits: Limits::default(),
+            filesystem: vec![],
+            env: BTreeMap::new(),
+            http: HttpGrant::default(),
+        }
     }
 }
 
@@ -106,10 +111,16 @@ impl Policy {
     /// # Errors
     /// [`PolicyError`] naming the file or the field.
     pub fn load(path: &Path) -> Result<Self, PolicyError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| PolicyError::Io { path: path.display().to_string(), message: e.to_string() })?;
+        let text = std::fs::read_to_string(path).map_err(|e| PolicyError::Io {
+            path: path.display().to_string(),
+            message: e.to_string(),
+        })?;
         let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
-        let base = if base.as_os_str().is_empty() { PathBuf::from(".") } else { base };
+        let base = if base.as_os_str().is_empty() {
+            PathBuf::from(".")
+        } else {
+            base
+        };
         let base = std::fs::canonicalize(&base).unwrap_or(base);
         parse(&text, &base)
     }
@@ -120,7 +131,11 @@ impl Policy {
             dirs: self
                 .filesystem
                 .iter()
-                .map(|f| DirGrant { host_path: f.host.clone(), guest_path: f.guest.clone(), writable: f.mode == Mode::Rw })
+                .map(|f| DirGrant {
+                    host_path: f.host.clone(),
+                    guest_path: f.guest.clone(),
+                    writable: f.mode == Mode::Rw,
+                })
                 .collect(),
             env: self.env.clone(),
             http: self.http.clone(),

@@ -1,7 +1,8 @@
 //! Policy text → [`Policy`], with errors that name the field.
 
 use super::{
-    FsRule, MAX_MEMORY_BYTES, MAX_OUTPUT_BYTES, MAX_TIMEOUT_MS, MIN_MEMORY_BYTES, Mode, Policy, PolicyError,
+    FsRule, MAX_MEMORY_BYTES, MAX_OUTPUT_BYTES, MAX_TIMEOUT_MS, MIN_MEMORY_BYTES, Mode, Policy,
+    PolicyError,
 };
 use airlock_guest::grants::{HttpGrant, HttpRule, Limits};
 use std::collections::BTreeMap;
@@ -9,7 +10,10 @@ use std::path::{Component, Path};
 use toml::{Table, Value};
 
 fn field(path: &str, message: impl Into<String>) -> PolicyError {
-    PolicyError::Field { field: path.to_string(), message: message.into() }
+    PolicyError::Field {
+        field: path.to_string(),
+        message: message.into(),
+    }
 }
 
 fn kind(v: &Value) -> &'static str {
@@ -22,13 +26,18 @@ fn kind(v: &Value) -> &'static str {
 /// [`PolicyError`] for the first problem found.
 pub fn parse(text: &str, base: &Path) -> Result<Policy, PolicyError> {
     let table: Table = text.parse().map_err(|e: toml::de::Error| {
-        let (line, column) = e
-            .span()
-            .map(|s| line_col(text, s.start))
-            .unwrap_or((0, 0));
-        PolicyError::Syntax { line, column, message: e.message().to_string() }
+        let (line, column) = e.span().map(|s| line_col(text, s.start)).unwrap_or((0, 0));
+        PolicyError::Syntax {
+            line,
+            column,
+            message: e.message().to_string(),
+        }
     })?;
-    check_keys(&table, "", &["version", "limits", "filesystem", "env", "http"])?;
+    check_keys(
+        &table,
+        "",
+        &["version", "limits", "filesystem", "env", "http"],
+    )?;
 
     match table.get("version") {
         None => return Err(field("version", "missing; write `version = 1` at the top")),
@@ -62,15 +71,23 @@ fn line_col(text: &str, offset: usize) -> (usize, usize) {
 fn check_keys(t: &Table, prefix: &str, allowed: &[&str]) -> Result<(), PolicyError> {
     for k in t.keys() {
         if !allowed.contains(&k.as_str()) {
-            let path = if prefix.is_empty() { k.clone() } else { format!("{prefix}.{k}") };
-            return Err(field(&path, format!("unknown field; expected one of {allowed:?}")));
+            let path = if prefix.is_empty() {
+                k.clone()
+            } else {
+                format!("{prefix}.{k}")
+            };
+            return Err(field(
+                &path,
+                format!("unknown field; expected one of {allowed:?}"),
+            ));
         }
     }
     Ok(())
 }
 
 fn table<'a>(v: &'a Value, path: &str) -> Result<&'a Table, PolicyError> {
-    v.as_table().ok_or_else(|| field(path, format!("expected a table, got a {}", kind(v))))
+    v.as_table()
+        .ok_or_else(|| field(path, format!("expected a table, got a {}", kind(v))))
 }
 
 fn limits(v: &Value) -> Result<Limits, PolicyError> {
@@ -80,13 +97,24 @@ fn limits(v: &Value) -> Result<Limits, PolicyError> {
     if let Some(v) = t.get("memory") {
         l.memory_bytes = size(v, "limits.memory")?;
         if !(MIN_MEMORY_BYTES..=MAX_MEMORY_BYTES).contains(&l.memory_bytes) {
-            return Err(field("limits.memory", format!("must be between 1 MiB and 4 GiB, got {} bytes", l.memory_bytes)));
+            return Err(field(
+                "limits.memory",
+                format!(
+                    "must be between 1 MiB and 4 GiB, got {} bytes",
+                    l.memory_bytes
+                ),
+            ));
         }
     }
     if let Some(v) = t.get("fuel") {
         l.fuel = match v {
             Value::Integer(n) if *n > 0 => *n as u64,
-            other => return Err(field("limits.fuel", format!("expected a positive integer, got {other}"))),
+            other => {
+                return Err(field(
+                    "limits.fuel",
+                    format!("expected a positive integer, got {other}"),
+                ));
+            }
         };
     }
     if let Some(v) = t.get("timeout") {
@@ -98,7 +126,10 @@ fn limits(v: &Value) -> Result<Limits, PolicyError> {
     if let Some(v) = t.get("max_output") {
         l.max_output_bytes = size(v, "limits.max_output")?;
         if !(1..=MAX_OUTPUT_BYTES).contains(&l.max_output_bytes) {
-            return Err(field("limits.max_output", "must be between 1 byte and 64 MiB"));
+            return Err(field(
+                "limits.max_output",
+                "must be between 1 byte and 64 MiB",
+            ));
         }
     }
     Ok(l)
@@ -106,38 +137,86 @@ fn limits(v: &Value) -> Result<Limits, PolicyError> {
 
 /// `1048576`, `"64 MiB"`, `"512KiB"`, `"1GiB"`, `"100 B"`.
 fn size(v: &Value, path: &str) -> Result<u64, PolicyError> {
-    with_unit(v, path, "size", "\"64 MiB\"", &[("", 1), ("B", 1), ("KiB", 1 << 10), ("MiB", 1 << 20), ("GiB", 1 << 30)])
+    with_unit(
+        v,
+        path,
+        "size",
+        "\"64 MiB\"",
+        &[
+            ("", 1),
+            ("B", 1),
+            ("KiB", 1 << 10),
+            ("MiB", 1 << 20),
+            ("GiB", 1 << 30),
+        ],
+    )
 }
 
 /// `"500ms"`, `"10s"`, `"2m"`, or integer milliseconds.
 fn duration_ms(v: &Value, path: &str) -> Result<u64, PolicyError> {
-    with_unit(v, path, "duration", "\"10s\"", &[("ms", 1), ("s", 1000), ("m", 60_000)])
+    with_unit(
+        v,
+        path,
+        "duration",
+        "\"10s\"",
+        &[("ms", 1), ("s", 1000), ("m", 60_000)],
+    )
 }
 
 /// A positive integer, or a string `<n><unit>` with one of `units` (name, multiplier).
-fn with_unit(v: &Value, path: &str, what: &str, example: &str, units: &[(&str, u64)]) -> Result<u64, PolicyError> {
+fn with_unit(
+    v: &Value,
+    path: &str,
+    what: &str,
+    example: &str,
+    units: &[(&str, u64)],
+) -> Result<u64, PolicyError> {
     match v {
         Value::Integer(n) if *n > 0 => Ok(*n as u64),
         Value::String(s) => {
             let s = s.trim();
             let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
             let (num, unit) = s.split_at(split);
-            let n: u64 = num.parse().map_err(|_| field(path, format!("expected a {what} like {example}, got {s:?}")))?;
+            let n: u64 = num
+                .parse()
+                .map_err(|_| field(path, format!("expected a {what} like {example}, got {s:?}")))?;
             let unit = unit.trim();
-            let mult = units.iter().find(|(u, _)| *u == unit).map(|(_, m)| *m).ok_or_else(|| {
-                let names: Vec<&str> = units.iter().map(|(u, _)| *u).filter(|u| !u.is_empty()).collect();
-                field(path, format!("unknown unit {unit:?}; use one of {}", names.join(", ")))
-            })?;
+            let mult = units
+                .iter()
+                .find(|(u, _)| *u == unit)
+                .map(|(_, m)| *m)
+                .ok_or_else(|| {
+                    let names: Vec<&str> = units
+                        .iter()
+                        .map(|(u, _)| *u)
+                        .filter(|u| !u.is_empty())
+                        .collect();
+                    field(
+                        path,
+                        format!("unknown unit {unit:?}; use one of {}", names.join(", ")),
+                    )
+                })?;
             n.checked_mul(mult).ok_or_else(|| field(path, "too large"))
         }
-        other => Err(field(path, format!("expected a {what} (a positive integer or a string like {example}), got {other}"))),
+        other => Err(field(
+            path,
+            format!(
+                "expected a {what} (a positive integer or a string like {example}), got {other}"
+            ),
+        )),
     }
 }
 
 fn filesystem(v: &Value, base: &Path) -> Result<Vec<FsRule>, PolicyError> {
-    let arr = v
-        .as_array()
-        .ok_or_else(|| field("filesystem", format!("expected an array of tables ([[filesystem]]), got a {}", kind(v))))?;
+    let arr = v.as_array().ok_or_else(|| {
+        field(
+            "filesystem",
+            format!(
+                "expected an array of tables ([[filesystem]]), got a {}",
+                kind(v)
+            ),
+        )
+    })?;
     let mut out: Vec<FsRule> = Vec::new();
     for (i, item) in arr.iter().enumerate() {
         let p = format!("filesystem[{i}]");
@@ -146,7 +225,10 @@ fn filesystem(v: &Value, base: &Path) -> Result<Vec<FsRule>, PolicyError> {
         let get_str = |k: &str| -> Result<&str, PolicyError> {
             match t.get(k) {
                 Some(Value::String(s)) => Ok(s.as_str()),
-                Some(other) => Err(field(&format!("{p}.{k}"), format!("expected a string, got {other}"))),
+                Some(other) => Err(field(
+                    &format!("{p}.{k}"),
+                    format!("expected a string, got {other}"),
+                )),
                 None => Err(field(&format!("{p}.{k}"), "missing required field")),
             }
         };
@@ -156,22 +238,44 @@ fn filesystem(v: &Value, base: &Path) -> Result<Vec<FsRule>, PolicyError> {
         }
         let guest = get_str("guest")?;
         if !guest.starts_with('/') {
-            return Err(field(&format!("{p}.guest"), format!("must be an absolute path, got {guest:?}")));
+            return Err(field(
+                &format!("{p}.guest"),
+                format!("must be an absolute path, got {guest:?}"),
+            ));
         }
-        if Path::new(guest).components().any(|c| matches!(c, Component::ParentDir)) {
+        if Path::new(guest)
+            .components()
+            .any(|c| matches!(c, Component::ParentDir))
+        {
             return Err(field(&format!("{p}.guest"), "must not contain `..`"));
         }
         let mode = match get_str("mode")? {
             "ro" => Mode::Ro,
             "rw" => Mode::Rw,
-            other => return Err(field(&format!("{p}.mode"), format!("expected \"ro\" or \"rw\", got {other:?}"))),
+            other => {
+                return Err(field(
+                    &format!("{p}.mode"),
+                    format!("expected \"ro\" or \"rw\", got {other:?}"),
+                ));
+            }
         };
         let guest = guest.trim_end_matches('/').to_string();
-        let guest = if guest.is_empty() { "/".to_string() } else { guest };
+        let guest = if guest.is_empty() {
+            "/".to_string()
+        } else {
+            guest
+        };
         if out.iter().any(|r| r.guest == guest) {
-            return Err(field(&format!("{p}.guest"), format!("{guest} is granted twice")));
+            return Err(field(
+                &format!("{p}.guest"),
+                format!("{guest} is granted twice"),
+            ));
         }
-        out.push(FsRule { host: base.join(host), guest, mode });
+        out.push(FsRule {
+            host: base.join(host),
+            guest,
+            mode,
+        });
     }
     Ok(out)
 }
@@ -181,10 +285,16 @@ fn env(v: &Value) -> Result<BTreeMap<String, String>, PolicyError> {
     let mut out = BTreeMap::new();
     for (k, v) in t {
         let p = format!("env.{k}");
-        let valid = k.chars().next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+        let valid = k
+            .chars()
+            .next()
+            .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
             && k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
         if !valid {
-            return Err(field(&p, "environment keys are letters, digits and `_`, not starting with a digit"));
+            return Err(field(
+                &p,
+                "environment keys are letters, digits and `_`, not starting with a digit",
+            ));
         }
         match v {
             Value::String(s) => {
@@ -201,17 +311,27 @@ fn http(v: &Value) -> Result<HttpGrant, PolicyError> {
     check_keys(t, "http", &["allow", "deny"])?;
     let rules = |k: &str| -> Result<Vec<HttpRule>, PolicyError> {
         let Some(v) = t.get(k) else { return Ok(vec![]) };
-        let arr = v.as_array().ok_or_else(|| field(&format!("http.{k}"), format!("expected an array of strings, got a {}", kind(v))))?;
+        let arr = v.as_array().ok_or_else(|| {
+            field(
+                &format!("http.{k}"),
+                format!("expected an array of strings, got a {}", kind(v)),
+            )
+        })?;
         arr.iter()
             .enumerate()
             .map(|(i, r)| {
                 let p = format!("http.{k}[{i}]");
-                let s = r.as_str().ok_or_else(|| field(&p, format!("expected a string, got {r}")))?;
+                let s = r
+                    .as_str()
+                    .ok_or_else(|| field(&p, format!("expected a string, got {r}")))?;
                 HttpRule::parse(s).map_err(|e| field(&p, e.to_string()))
             })
             .collect()
     };
-    Ok(HttpGrant { allow: rules("allow")?, deny: rules("deny")? })
+    Ok(HttpGrant {
+        allow: rules("allow")?,
+        deny: rules("deny")?,
+    })
 }
 
 #[cfg(test)]
@@ -253,8 +373,23 @@ mod tests {
             deny = ["evil.github.com"]
         "#)
         .unwrap();
-        assert_eq!(pol.limits, Limits { memory_bytes: 32 << 20, fuel: 5000, timeout_ms: 2000, max_output_bytes: 4096 });
-        assert_eq!(pol.filesystem[0], FsRule { host: "/base/data".into(), guest: "/data".into(), mode: Mode::Ro });
+        assert_eq!(
+            pol.limits,
+            Limits {
+                memory_bytes: 32 << 20,
+                fuel: 5000,
+                timeout_ms: 2000,
+                max_output_bytes: 4096
+            }
+        );
+        assert_eq!(
+            pol.filesystem[0],
+            FsRule {
+                host: "/base/data".into(),
+                guest: "/data".into(),
+                mode: Mode::Ro
+            }
+        );
         assert_eq!(pol.filesystem[1].mode, Mode::Rw);
         assert_eq!(pol.env["API_BASE"], "https://x");
         assert_eq!(pol.http.allow.len(), 2);
@@ -275,24 +410,59 @@ mod tests {
         assert_eq!(err_field(""), "version");
         assert_eq!(err_field("version = 2"), "version");
         assert_eq!(err_field("version = 1\nbogus = 3"), "bogus");
-        assert_eq!(err_field("version = 1\n[limits]\nmemory = \"12 XB\""), "limits.memory");
-        assert_eq!(err_field("version = 1\n[limits]\nmemory = \"8 GiB\""), "limits.memory");
-        assert_eq!(err_field("version = 1\n[limits]\nfuel = -1"), "limits.fuel");
-        assert_eq!(err_field("version = 1\n[limits]\ntimeout = \"3h\""), "limits.timeout");
-        assert_eq!(err_field("version = 1\n[limits]\nspeed = 1"), "limits.speed");
-        assert_eq!(err_field("version = 1\n[[filesystem]]\nhost=\"a\"\nguest=\"/a\"\nmode=\"x\""), "filesystem[0].mode");
-        assert_eq!(err_field("version = 1\n[[filesystem]]\nhost=\"a\"\nguest=\"a\"\nmode=\"ro\""), "filesystem[0].guest");
-        assert_eq!(err_field("version = 1\n[[filesystem]]\nhost=\"a\"\nguest=\"/a/../b\"\nmode=\"ro\""), "filesystem[0].guest");
-        assert_eq!(err_field("version = 1\n[[filesystem]]\nguest=\"/a\"\nmode=\"ro\""), "filesystem[0].host");
         assert_eq!(
-            err_field("version = 1\n[[filesystem]]\nhost=\"a\"\nguest=\"/a\"\nmode=\"ro\"\n[[filesystem]]\nhost=\"b\"\nguest=\"/a\"\nmode=\"rw\""),
+            err_field("version = 1\n[limits]\nmemory = \"12 XB\""),
+            "limits.memory"
+        );
+        assert_eq!(
+            err_field("version = 1\n[limits]\nmemory = \"8 GiB\""),
+            "limits.memory"
+        );
+        assert_eq!(err_field("version = 1\n[limits]\nfuel = -1"), "limits.fuel");
+        assert_eq!(
+            err_field("version = 1\n[limits]\ntimeout = \"3h\""),
+            "limits.timeout"
+        );
+        assert_eq!(
+            err_field("version = 1\n[limits]\nspeed = 1"),
+            "limits.speed"
+        );
+        assert_eq!(
+            err_field("version = 1\n[[filesystem]]\nhost=\"a\"\nguest=\"/a\"\nmode=\"x\""),
+            "filesystem[0].mode"
+        );
+        assert_eq!(
+            err_field("version = 1\n[[filesystem]]\nhost=\"a\"\nguest=\"a\"\nmode=\"ro\""),
+            "filesystem[0].guest"
+        );
+        assert_eq!(
+            err_field("version = 1\n[[filesystem]]\nhost=\"a\"\nguest=\"/a/../b\"\nmode=\"ro\""),
+            "filesystem[0].guest"
+        );
+        assert_eq!(
+            err_field("version = 1\n[[filesystem]]\nguest=\"/a\"\nmode=\"ro\""),
+            "filesystem[0].host"
+        );
+        assert_eq!(
+            err_field(
+                "version = 1\n[[filesystem]]\nhost=\"a\"\nguest=\"/a\"\nmode=\"ro\"\n[[filesystem]]\nhost=\"b\"\nguest=\"/a\"\nmode=\"rw\""
+            ),
             "filesystem[1].guest"
         );
         assert_eq!(err_field("version = 1\n[env]\n\"1X\" = \"v\""), "env.1X");
         assert_eq!(err_field("version = 1\n[env]\nX = 3"), "env.X");
-        assert_eq!(err_field("version = 1\n[http]\nallow = [\"ftp://x\"]"), "http.allow[0]");
-        assert_eq!(err_field("version = 1\n[http]\nallow = \"x\""), "http.allow");
-        assert_eq!(err_field("version = 1\n[http]\ndeny = [\"x:0\"]"), "http.deny[0]");
+        assert_eq!(
+            err_field("version = 1\n[http]\nallow = [\"ftp://x\"]"),
+            "http.allow[0]"
+        );
+        assert_eq!(
+            err_field("version = 1\n[http]\nallow = \"x\""),
+            "http.allow"
+        );
+        assert_eq!(
+            err_field("version = 1\n[http]\ndeny = [\"x:0\"]"),
+            "http.deny[0]"
+        );
         assert_eq!(err_field("version = 1\nfilesystem = 3"), "filesystem");
     }
 

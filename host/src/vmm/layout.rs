@@ -62,8 +62,16 @@ fn segment(index: u16, flags: u16) -> kvm_segment {
 ///
 /// # Errors
 /// Guest memory too small for the tables.
-pub fn setup_long_mode(mem: &GuestMemoryMmap, sregs: &mut kvm_sregs) -> Result<(), vm_memory::GuestMemoryError> {
-    let gdt = [0, gdt_entry(CODE64, 0, 0xfffff), gdt_entry(DATA, 0, 0xfffff), gdt_entry(TSS, 0, 0xfffff)];
+pub fn setup_long_mode(
+    mem: &GuestMemoryMmap,
+    sregs: &mut kvm_sregs,
+) -> Result<(), vm_memory::GuestMemoryError> {
+    let gdt = [
+        0,
+        gdt_entry(CODE64, 0, 0xfffff),
+        gdt_entry(DATA, 0, 0xfffff),
+        gdt_entry(TSS, 0, 0xfffff),
+    ];
     for (i, e) in gdt.iter().enumerate() {
         mem.write_obj(*e, GuestAddress(GDT_ADDR + i as u64 * 8))?;
     }
@@ -99,12 +107,23 @@ pub fn setup_long_mode(mem: &GuestMemoryMmap, sregs: &mut kvm_sregs) -> Result<(
 
 /// General registers for the 64-bit boot protocol entry.
 pub fn boot_regs(entry: u64) -> kvm_regs {
-    kvm_regs { rflags: 0x2, rip: entry, rsp: BOOT_STACK, rbp: BOOT_STACK, rsi: ZERO_PAGE, ..Default::default() }
+    kvm_regs {
+        rflags: 0x2,
+        rip: entry,
+        rsp: BOOT_STACK,
+        rbp: BOOT_STACK,
+        rsi: ZERO_PAGE,
+        ..Default::default()
+    }
 }
 
 /// Reset state of the x87/SSE unit.
 pub fn boot_fpu() -> kvm_fpu {
-    kvm_fpu { fcw: 0x37f, mxcsr: 0x1f80, ..Default::default() }
+    kvm_fpu {
+        fcw: 0x37f,
+        mxcsr: 0x1f80,
+        ..Default::default()
+    }
 }
 
 /// An Intel MultiProcessor table (spec 1.4) at `LOW_RAM_END`: one processor
@@ -182,7 +201,10 @@ mod tests {
         assert_eq!(gdt_entry(CODE64, 0, 0xfffff), 0x00af_9b00_0000_ffff);
         assert_eq!(gdt_entry(DATA, 0, 0xfffff), 0x00cf_9300_0000_ffff);
         let s = segment(1, CODE64);
-        assert_eq!((s.l, s.g, s.present, s.s, s.type_, s.selector), (1, 1, 1, 1, 0xb, 8));
+        assert_eq!(
+            (s.l, s.g, s.present, s.s, s.type_, s.selector),
+            (1, 1, 1, 1, 0xb, 8)
+        );
     }
 
     #[test]
@@ -196,6 +218,9 @@ mod tests {
         let len = u16::from_le_bytes([table[4], table[5]]) as usize;
         assert_eq!(len, table.len());
         assert_eq!(table.iter().fold(0u8, |a, b| a.wrapping_add(*b)), 0);
-        assert_eq!(u16::from_le_bytes([table[34], table[35]]), 2 + 1 + 1 + 24 + 2);
+        assert_eq!(
+            u16::from_le_bytes([table[34], table[35]]),
+            2 + 1 + 1 + 24 + 2
+        );
     }
 }

@@ -15,7 +15,9 @@
 pub mod layout;
 
 use crate::devices::serial::{COM1_BASE, COM1_IRQ, Com1, ConsoleLog, com1};
-use kvm_bindings::{KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY, kvm_pit_config, kvm_userspace_memory_region};
+use kvm_bindings::{
+    KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY, kvm_pit_config, kvm_userspace_memory_region,
+};
 use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
 use linux_loader::loader::{Cmdline, KernelLoader, elf::Elf, load_cmdline};
 use std::path::{Path, PathBuf};
@@ -30,7 +32,9 @@ use vmm_sys_util::eventfd::EventFd;
 #[derive(Debug, thiserror::Error)]
 pub enum VmmError {
     /// /dev/kvm is PVM: stock guests hang on it.
-    #[error("/dev/kvm on this host is PVM (/sys/module/kvm_pvm exists); it cannot run Airlock's stock Linux guest. Run VM tests inside the nested harness (cargo xtask nested).")]
+    #[error(
+        "/dev/kvm on this host is PVM (/sys/module/kvm_pvm exists); it cannot run Airlock's stock Linux guest. Run VM tests inside the nested harness (cargo xtask nested)."
+    )]
     PvmHost,
     /// /dev/kvm cannot be opened.
     #[error("/dev/kvm cannot be opened: {0}.")]
@@ -87,8 +91,7 @@ pub struct VmConfig {
 
 /// The base kernel command line: serial console, reset by triple fault,
 /// no legacy probing, RNG trusted at once.
-pub const BASE_CMDLINE: &str =
-    "console=ttyS0 reboot=t panic=-1 8250.nr_uarts=1 random.trust_cpu=on i8042.noaux i8042.nomux i8042.dumbkbd quiet";
+pub const BASE_CMDLINE: &str = "console=ttyS0 reboot=t panic=-1 8250.nr_uarts=1 random.trust_cpu=on i8042.noaux i8042.nomux i8042.dumbkbd quiet";
 
 /// How a run ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -128,7 +131,9 @@ pub struct ProcessUsage {
 impl ProcessUsage {
     /// Read it from /proc/self.
     pub fn now() -> Self {
-        let fds = std::fs::read_dir("/proc/self/fd").map(|d| d.count()).unwrap_or(0);
+        let fds = std::fs::read_dir("/proc/self/fd")
+            .map(|d| d.count())
+            .unwrap_or(0);
         let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
         let field = |name: &str| -> u64 {
             status
@@ -138,7 +143,11 @@ impl ProcessUsage {
                 .and_then(|v| v.parse().ok())
                 .unwrap_or(0)
         };
-        Self { fds, threads: field("Threads:") as usize, rss_kib: field("VmRSS:") }
+        Self {
+            fds,
+            threads: field("Threads:") as usize,
+            rss_kib: field("VmRSS:"),
+        }
     }
 }
 
@@ -154,7 +163,10 @@ pub fn check_host() -> Result<Kvm, VmmError> {
 }
 
 fn read(path: &Path) -> Result<std::fs::File, VmmError> {
-    std::fs::File::open(path).map_err(|e| VmmError::File { path: path.into(), message: e.to_string() })
+    std::fs::File::open(path).map_err(|e| VmmError::File {
+        path: path.into(),
+        message: e.to_string(),
+    })
 }
 
 /// Boot a VM and run it until it resets, halts, fails or times out.
@@ -165,23 +177,35 @@ fn read(path: &Path) -> Result<std::fs::File, VmmError> {
 pub fn run(cfg: &VmConfig) -> Result<RunReport, VmmError> {
     let start = Instant::now();
     if !(64..=3072).contains(&cfg.memory_mib) {
-        return Err(VmmError::Config(format!("memory_mib must be 64..=3072, got {}", cfg.memory_mib)));
+        return Err(VmmError::Config(format!(
+            "memory_mib must be 64..=3072, got {}",
+            cfg.memory_mib
+        )));
     }
     if !(1..=16).contains(&cfg.vcpus) {
-        return Err(VmmError::Config(format!("vcpus must be 1..=16, got {}", cfg.vcpus)));
+        return Err(VmmError::Config(format!(
+            "vcpus must be 1..=16, got {}",
+            cfg.vcpus
+        )));
     }
     let kvm = check_host()?;
     let vm = kvm.create_vm().map_err(kvm_err("create VM"))?;
-    vm.set_tss_address(0xfffb_d000).map_err(kvm_err("set TSS address"))?;
+    vm.set_tss_address(0xfffb_d000)
+        .map_err(kvm_err("set TSS address"))?;
     vm.create_irq_chip().map_err(kvm_err("create irqchip"))?;
-    vm.create_pit2(kvm_pit_config { flags: KVM_PIT_SPEAKER_DUMMY, ..Default::default() })
-        .map_err(kvm_err("create PIT"))?;
+    vm.create_pit2(kvm_pit_config {
+        flags: KVM_PIT_SPEAKER_DUMMY,
+        ..Default::default()
+    })
+    .map_err(kvm_err("create PIT"))?;
 
     let mem_size = u64::from(cfg.memory_mib) << 20;
     let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), mem_size as usize)])
         .map_err(|e| VmmError::Memory(e.to_string()))?;
     for (slot, region) in mem.iter().enumerate() {
-        let host = mem.get_host_address(region.start_addr()).map_err(|e| VmmError::Memory(e.to_string()))?;
+        let host = mem
+            .get_host_address(region.start_addr())
+            .map_err(|e| VmmError::Memory(e.to_string()))?;
         let r = kvm_userspace_memory_region {
             slot: slot as u32,
             flags: 0,
@@ -197,22 +221,43 @@ pub fn run(cfg: &VmConfig) -> Result<RunReport, VmmError> {
 
     // Kernel, command line, initramfs, zero page, MP table.
     let mut kernel = read(&cfg.kernel)?;
-    let loaded = Elf::load(&mem, None, &mut kernel, Some(GuestAddress(layout::HIGH_RAM_START)))
-        .map_err(|e| VmmError::Kernel(e.to_string()))?;
-    let mut cmdline = Cmdline::new(layout::CMDLINE_MAX).map_err(|e| VmmError::Config(e.to_string()))?;
-    cmdline.insert_str(BASE_CMDLINE).map_err(|e| VmmError::Config(e.to_string()))?;
+    let loaded = Elf::load(
+        &mem,
+        None,
+        &mut kernel,
+        Some(GuestAddress(layout::HIGH_RAM_START)),
+    )
+    .map_err(|e| VmmError::Kernel(e.to_string()))?;
+    let mut cmdline =
+        Cmdline::new(layout::CMDLINE_MAX).map_err(|e| VmmError::Config(e.to_string()))?;
+    cmdline
+        .insert_str(BASE_CMDLINE)
+        .map_err(|e| VmmError::Config(e.to_string()))?;
     if !cfg.cmdline_extra.is_empty() {
-        cmdline.insert_str(&cfg.cmdline_extra).map_err(|e| VmmError::Config(format!("command line: {e}")))?;
+        cmdline
+            .insert_str(&cfg.cmdline_extra)
+            .map_err(|e| VmmError::Config(format!("command line: {e}")))?;
     }
-    load_cmdline(&mem, GuestAddress(layout::CMDLINE), &cmdline).map_err(|e| VmmError::Config(e.to_string()))?;
-    let cmdline_len = cmdline.as_cstring().map_err(|e| VmmError::Config(e.to_string()))?.as_bytes().len();
+    load_cmdline(&mem, GuestAddress(layout::CMDLINE), &cmdline)
+        .map_err(|e| VmmError::Config(e.to_string()))?;
+    let cmdline_len = cmdline
+        .as_cstring()
+        .map_err(|e| VmmError::Config(e.to_string()))?
+        .as_bytes()
+        .len();
 
-    let initrd = std::fs::read(&cfg.initrd).map_err(|e| VmmError::File { path: cfg.initrd.clone(), message: e.to_string() })?;
+    let initrd = std::fs::read(&cfg.initrd).map_err(|e| VmmError::File {
+        path: cfg.initrd.clone(),
+        message: e.to_string(),
+    })?;
     let initrd_addr = (mem_size - initrd.len() as u64) & !0xfff;
     if initrd_addr <= loaded.kernel_end {
-        return Err(VmmError::Config("the initramfs does not fit above the kernel; give the VM more memory".into()));
+        return Err(VmmError::Config(
+            "the initramfs does not fit above the kernel; give the VM more memory".into(),
+        ));
     }
-    mem.write_slice(&initrd, GuestAddress(initrd_addr)).map_err(|e| VmmError::Memory(e.to_string()))?;
+    mem.write_slice(&initrd, GuestAddress(initrd_addr))
+        .map_err(|e| VmmError::Memory(e.to_string()))?;
 
     let mut params = linux_loader::loader::bootparam::boot_params::default();
     params.hdr.type_of_loader = 0xff;
@@ -230,21 +275,29 @@ pub fn run(cfg: &VmConfig) -> Result<RunReport, VmmError> {
     params.e820_table[1].size = mem_size - layout::HIGH_RAM_START;
     params.e820_table[1].r#type = 1;
     params.e820_entries = 2;
-    mem.write_obj(params, GuestAddress(layout::ZERO_PAGE)).map_err(|e| VmmError::Memory(e.to_string()))?;
+    mem.write_obj(params, GuestAddress(layout::ZERO_PAGE))
+        .map_err(|e| VmmError::Memory(e.to_string()))?;
     let (mp_addr, mp) = layout::mptable(cfg.vcpus);
-    mem.write_slice(&mp, GuestAddress(mp_addr)).map_err(|e| VmmError::Memory(e.to_string()))?;
+    mem.write_slice(&mp, GuestAddress(mp_addr))
+        .map_err(|e| VmmError::Memory(e.to_string()))?;
 
     // Devices.
     let console = ConsoleLog::new(cfg.console_cap);
-    let irq = EventFd::new(libc_efd_nonblock()).map_err(|e| VmmError::Memory(format!("eventfd: {e}")))?;
-    vm.register_irqfd(&irq, COM1_IRQ).map_err(kvm_err("register serial irqfd"))?;
+    let irq =
+        EventFd::new(libc_efd_nonblock()).map_err(|e| VmmError::Memory(format!("eventfd: {e}")))?;
+    vm.register_irqfd(&irq, COM1_IRQ)
+        .map_err(kvm_err("register serial irqfd"))?;
     let serial = Arc::new(Mutex::new(com1(irq, console.clone())));
 
     // vCPUs.
-    let cpuid = kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(kvm_err("get supported CPUID"))?;
+    let cpuid = kvm
+        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+        .map_err(kvm_err("get supported CPUID"))?;
     let mut vcpus = Vec::new();
     for id in 0..cfg.vcpus {
-        let vcpu = vm.create_vcpu(u64::from(id)).map_err(kvm_err("create vCPU"))?;
+        let vcpu = vm
+            .create_vcpu(u64::from(id))
+            .map_err(kvm_err("create vCPU"))?;
         let mut c = cpuid.clone();
         for e in c.as_mut_slice() {
             if e.function == 1 {
@@ -255,10 +308,13 @@ pub fn run(cfg: &VmConfig) -> Result<RunReport, VmmError> {
         set_lint(&vcpu)?;
         if id == 0 {
             let mut sregs = vcpu.get_sregs().map_err(kvm_err("get sregs"))?;
-            layout::setup_long_mode(&mem, &mut sregs).map_err(|e| VmmError::Memory(e.to_string()))?;
+            layout::setup_long_mode(&mem, &mut sregs)
+                .map_err(|e| VmmError::Memory(e.to_string()))?;
             vcpu.set_sregs(&sregs).map_err(kvm_err("set sregs"))?;
-            vcpu.set_regs(&layout::boot_regs(loaded.kernel_load.0)).map_err(kvm_err("set regs"))?;
-            vcpu.set_fpu(&layout::boot_fpu()).map_err(kvm_err("set FPU"))?;
+            vcpu.set_regs(&layout::boot_regs(loaded.kernel_load.0))
+                .map_err(kvm_err("set regs"))?;
+            vcpu.set_fpu(&layout::boot_fpu())
+                .map_err(kvm_err("set FPU"))?;
         }
         vcpus.push(vcpu);
     }
@@ -266,7 +322,11 @@ pub fn run(cfg: &VmConfig) -> Result<RunReport, VmmError> {
     let exit = run_vcpus(vcpus, &vm, &serial, cfg.timeout);
     drop(vm);
     drop(mem);
-    Ok(RunReport { exit, console: console.text(), wall: start.elapsed() })
+    Ok(RunReport {
+        exit,
+        console: console.text(),
+        wall: start.elapsed(),
+    })
 }
 
 fn libc_efd_nonblock() -> i32 {
@@ -295,7 +355,12 @@ fn kick_signal() -> i32 {
 
 extern "C" fn noop_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
 
-fn run_vcpus(vcpus: Vec<VcpuFd>, _vm: &VmFd, serial: &Arc<Mutex<Com1>>, timeout: Duration) -> VmExit {
+fn run_vcpus(
+    vcpus: Vec<VcpuFd>,
+    _vm: &VmFd,
+    serial: &Arc<Mutex<Com1>>,
+    timeout: Duration,
+) -> VmExit {
     static HANDLER: std::sync::Once = std::sync::Once::new();
     HANDLER.call_once(|| {
         if let Err(e) = vmm_sys_util::signal::register_signal_handler(kick_signal(), noop_handler) {
@@ -365,7 +430,9 @@ fn vcpu_loop(vcpu: &mut VcpuFd, serial: &Arc<Mutex<Com1>>, stop: &AtomicBool) ->
             Ok(VcpuExit::Shutdown) => return VmExit::Reset,
             Ok(VcpuExit::Hlt) => return VmExit::Halted,
             Ok(VcpuExit::SystemEvent(..)) => return VmExit::Reset,
-            Ok(VcpuExit::FailEntry(reason, cpu)) => return VmExit::Error(format!("entry failed: reason {reason:#x} on cpu {cpu}")),
+            Ok(VcpuExit::FailEntry(reason, cpu)) => {
+                return VmExit::Error(format!("entry failed: reason {reason:#x} on cpu {cpu}"));
+            }
             Ok(VcpuExit::InternalError) => return VmExit::Error("KVM internal error".into()),
             Ok(other) => tracing::debug!(exit = ?other, "unhandled vCPU exit"),
             Err(e) if e.errno() == 4 || e.errno() == 11 => {} // EINTR/EAGAIN: kicked
