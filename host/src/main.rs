@@ -83,15 +83,8 @@ enum VmCmd {
     /// Boot kernel + initramfs, run until the guest powers off (or the
     /// timeout), print the exit, wall time and console as JSON.
     Boot {
-        /// Uncompressed ELF kernel (vmlinux).
-        #[arg(long)]
-        kernel: PathBuf,
-        /// Initramfs.
-        #[arg(long)]
-        initrd: PathBuf,
-        /// Extra kernel command line.
-        #[arg(long, default_value = "")]
-        cmdline: String,
+        #[command(flatten)]
+        image: BootImage,
         /// Guest memory, MiB.
         #[arg(long, default_value_t = 256)]
         memory_mib: u32,
@@ -107,8 +100,9 @@ enum VmCmd {
     Soak(SoakArgs),
 }
 
+/// What a VM boots: shared by `vm boot` and `vm soak`.
 #[derive(clap::Args)]
-struct SoakArgs {
+struct BootImage {
     /// Uncompressed ELF kernel (vmlinux).
     #[arg(long)]
     kernel: PathBuf,
@@ -118,6 +112,32 @@ struct SoakArgs {
     /// Extra kernel command line.
     #[arg(long, default_value = "")]
     cmdline: String,
+}
+
+impl BootImage {
+    fn config(
+        self,
+        memory_mib: u32,
+        vcpus: u8,
+        timeout_secs: u64,
+        console_cap: usize,
+    ) -> airlock::vmm::VmConfig {
+        airlock::vmm::VmConfig {
+            kernel: self.kernel,
+            initrd: self.initrd,
+            cmdline_extra: self.cmdline,
+            memory_mib,
+            vcpus,
+            timeout: std::time::Duration::from_secs(timeout_secs),
+            console_cap,
+        }
+    }
+}
+
+#[derive(clap::Args)]
+struct SoakArgs {
+    #[command(flatten)]
+    image: BootImage,
     /// Boots in a row.
     #[arg(long, default_value_t = 20)]
     count: u32,
@@ -177,10 +197,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             json,
         } => {
             let bytes = read_component(&component)?;
-            let runner = Runner::new(EngineConfig {
-                pooling: false,
-                ..EngineConfig::default()
-            })?;
+            let runner = cli_runner()?;
             let (_c, mut set) = airlock_wasm_tools::ToolSet::from_bytes(runner.engine(), &bytes)?;
             if let Some(w) = wit {
                 let docs = airlock_wasm_tools::docs::from_wit_path(&w)
@@ -226,10 +243,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 None => Policy::default(),
             };
             let bytes = read_component(&component)?;
-            let runner = Runner::new(EngineConfig {
-                pooling: false,
-                ..EngineConfig::default()
-            })?;
+            let runner = cli_runner()?;
             let loaded = runner.load_wasm(&bytes)?;
             let outcome = runner.invoke(&loaded, &tool, &args, &policy.grant_set());
             print_json(&outcome)?;
@@ -241,23 +255,13 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Cmd::Vm {
             cmd:
                 VmCmd::Boot {
-                    kernel,
-                    initrd,
-                    cmdline,
+                    image,
                     memory_mib,
                     vcpus,
                     timeout_secs,
                 },
         } => {
-            let cfg = airlock::vmm::VmConfig {
-                kernel,
-                initrd,
-                cmdline_extra: cmdline,
-                memory_mib,
-                vcpus,
-                timeout: std::time::Duration::from_secs(timeout_secs),
-                console_cap: 1 << 20,
-            };
+            let cfg = image.config(memory_mib, vcpus, timeout_secs, 1 << 20);
             let report = airlock::vmm::run(&cfg)?;
             let exit = match &report.exit {
                 airlock::vmm::VmExit::Reset => "reset".to_string(),
@@ -275,15 +279,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Cmd::Vm {
             cmd: VmCmd::Soak(a),
         } => {
-            let cfg = airlock::vmm::VmConfig {
-                kernel: a.kernel,
-                initrd: a.initrd,
-                cmdline_extra: a.cmdline,
-                memory_mib: 256,
-                vcpus: 1,
-                timeout: std::time::Duration::from_secs(a.timeout_secs),
-                console_cap: 256 << 10,
-            };
+            let cfg = a.image.config(256, 1, a.timeout_secs, 256 << 10);
             // One warm-up boot so lazily created process state (signal
             // handler, allocator arenas) is not counted as a leak.
             airlock::vmm::run(&cfg)?;
@@ -334,10 +330,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let report = match component {
                 Some(c) => {
                     let bytes = read_component(&c)?;
-                    let runner = Runner::new(EngineConfig {
-                        pooling: false,
-                        ..EngineConfig::default()
-                    })?;
+                    let runner = cli_runner()?;
                     let (_c, set) =
                         airlock_wasm_tools::ToolSet::from_bytes(runner.engine(), &bytes)?;
                     Some(static_report(&set, &pol))
@@ -366,6 +359,15 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+/// The CLI runs one call per process: no pooling (it would only reserve
+/// address space for instances that never come).
+fn cli_runner() -> anyhow::Result<Runner> {
+    Ok(Runner::new(EngineConfig {
+        pooling: false,
+        ..EngineConfig::default()
+    })?)
 }
 
 fn print_inspect_text(set: &airlock_wasm_tools::ToolSet) -> anyhow::Result<()> {
