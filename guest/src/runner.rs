@@ -284,7 +284,8 @@ impl ResourceLimiter for MemoryLimiter {
 pub struct Loaded {
     component: Component,
     pre: InstancePre<CallState>,
-    exports: BTreeMap<String, (Option<ComponentExportIndex>, ComponentExportIndex)>,
+    /// Tool name → the function's export index, resolved once at load time.
+    exports: BTreeMap<String, ComponentExportIndex>,
     /// Its tools, schemas and imports.
     pub tools: ToolSet,
     /// sha256 of the component bytes (or of the artifact payload).
@@ -549,10 +550,10 @@ impl Runner {
             .map_err(|e| RunnerError::Link(format!("{e:#}")))?;
         let mut exports = BTreeMap::new();
         for t in &tools.tools {
-            let (outer, idx) = export_index(&component, t).ok_or_else(|| {
+            let idx = export_index(&component, t).ok_or_else(|| {
                 RunnerError::Link(format!("export for tool {} not found", t.name))
             })?;
-            exports.insert(t.name.clone(), (outer, idx));
+            exports.insert(t.name.clone(), idx);
         }
         Ok(Loaded {
             component,
@@ -675,16 +676,10 @@ impl Runner {
             );
         }
 
-        let (outer, idx) = loaded.exports[&t.name];
+        let idx = loaded.exports[&t.name];
         let n_results = usize::from(t.result_type.is_some());
         let run = async {
             let instance = loaded.pre.instantiate_async(&mut store).await?;
-            let idx = match outer {
-                Some(o) => instance
-                    .get_export_index(&mut store, Some(&o), &t.function)
-                    .ok_or_else(|| wasmtime::format_err!("export {} vanished", t.function))?,
-                None => idx,
-            };
             let func = instance
                 .get_func(&mut store, idx)
                 .ok_or_else(|| wasmtime::format_err!("export {} is not a function", t.function))?;
@@ -809,18 +804,15 @@ fn add_audited_open_at(linker: &mut Linker<CallState>) -> wasmtime::Result<()> {
     )
 }
 
-fn export_index(
-    component: &Component,
-    t: &Tool,
-) -> Option<(Option<ComponentExportIndex>, ComponentExportIndex)> {
-    match &t.interface {
-        Some(i) => {
-            let outer = component.get_export_index(None, i)?;
-            let inner = component.get_export_index(Some(&outer), &t.function)?;
-            Some((Some(outer), inner))
-        }
-        None => Some((None, component.get_export_index(None, &t.function)?)),
-    }
+/// The export index of a tool's function (inside its interface, if any).
+/// Component-level indices are valid for every instance of the component, so
+/// calls need no name lookups.
+fn export_index(component: &Component, t: &Tool) -> Option<ComponentExportIndex> {
+    let outer = match &t.interface {
+        Some(i) => Some(component.get_export_index(None, i)?),
+        None => None,
+    };
+    component.get_export_index(outer.as_ref(), &t.function)
 }
 
 fn build_wasi(
