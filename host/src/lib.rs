@@ -1,9 +1,10 @@
-//! Airlock host: policy, and (in later milestones) the VMM, devices, sandbox
-//! pool, API, registry, audit log and egress proxy.
+//! Airlock host: policy, static reports, the HTTP service (registry, API,
+//! MCP, audit log) and the VMM with its devices.
 //!
 //! The `airlock` binary (`main.rs`) is a thin layer over this library.
 
 pub mod devices;
 pub mod policy;
 pub mod report;
+pub mod service;
 pub mod vmm;

@@ -61,6 +61,36 @@ enum Cmd {
         #[command(subcommand)]
         cmd: PolicyCmd,
     },
+    /// Run the HTTP service (API, MCP endpoint, registry, audit log).
+    Serve {
+        /// Config file (TOML; see docs/service.md).
+        #[arg(long)]
+        config: PathBuf,
+        /// Listen address (overrides the config), e.g. 127.0.0.1:0 for any free port.
+        #[arg(long)]
+        listen: Option<std::net::SocketAddr>,
+        /// Data directory (overrides the config).
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+    },
+    /// Audit-log tools.
+    Audit {
+        #[command(subcommand)]
+        cmd: AuditCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum AuditCmd {
+    /// Check the hash chain of a data directory's audit log (exit 1 when broken).
+    Verify {
+        /// The service's data directory.
+        #[arg(long)]
+        data_dir: PathBuf,
+        /// A head recorded earlier (`seq:hash`), to detect removal of the newest records.
+        #[arg(long)]
+        anchor: Option<String>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -318,6 +348,39 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             print_json(&serde_json::json!({"before": before, "after": after, "runs": exits}))?;
             Ok(ExitCode::SUCCESS)
         }
+        Cmd::Serve {
+            config,
+            listen,
+            data_dir,
+        } => serve(&config, listen, data_dir),
+        Cmd::Audit {
+            cmd: AuditCmd::Verify { data_dir, anchor },
+        } => {
+            let anchor = match &anchor {
+                Some(a) => {
+                    let (seq, hash) = a
+                        .split_once(':')
+                        .and_then(|(s, h)| Some((s.parse::<i64>().ok()?, h)))
+                        .context("--anchor must be <seq>:<hash>")?;
+                    Some((seq, hash))
+                }
+                None => None,
+            };
+            if !data_dir.join("airlock.db").exists() {
+                bail!(
+                    "{} is not an Airlock data directory (no airlock.db)",
+                    data_dir.display()
+                );
+            }
+            let store = airlock::service::store::Store::open(&data_dir)?;
+            let v = store.audit_verify(anchor)?;
+            print_json(&v)?;
+            Ok(if v.ok {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            })
+        }
         Cmd::Policy {
             cmd:
                 PolicyCmd::Check {
@@ -359,6 +422,62 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+fn serve(
+    config: &Path,
+    listen: Option<std::net::SocketAddr>,
+    data_dir: Option<PathBuf>,
+) -> anyhow::Result<ExitCode> {
+    use airlock::service::{Service, api, config::Config};
+    // Flags override the file; a config without data_dir is fine with --data-dir.
+    let text = std::fs::read_to_string(config)
+        .with_context(|| format!("cannot read config {}", config.display()))?;
+    let text = match &data_dir {
+        Some(d) => format!(
+            "data_dir = {}\n{text}",
+            toml::Value::from(d.display().to_string())
+        ),
+        None => text,
+    };
+    let mut cfg = Config::parse(&text)
+        .map_err(|e| anyhow::anyhow!("invalid config {}: {e}", config.display()))?;
+    if let Some(l) = listen {
+        cfg.listen = l;
+    }
+    let service = std::sync::Arc::new(Service::new(cfg)?);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("airlock-serve")
+        .build()?;
+    let result = rt.block_on(async {
+        let listener = tokio::net::TcpListener::bind(service.config.listen)
+            .await
+            .with_context(|| format!("cannot listen on {}", service.config.listen))?;
+        let addr = listener.local_addr()?;
+        // The one line on stdout: scripts and tests read the bound address from it.
+        println!("airlock: listening on http://{addr}");
+        std::io::stdout().flush()?;
+        tracing::info!(%addr, data_dir = %service.config.data_dir.display(), "serving");
+        let shutdown = async {
+            let mut term =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                    .expect("install SIGTERM handler");
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {},
+                _ = term.recv() => {},
+            }
+            tracing::info!("shutting down: finishing requests in flight");
+        };
+        api::serve(service.clone(), listener, shutdown).await?;
+        anyhow::Ok(())
+    });
+    // Drop the server runtime before the service (the runner owns a runtime of
+    // its own, which must not be dropped from inside an async context).
+    drop(rt);
+    drop(service);
+    result?;
+    Ok(ExitCode::SUCCESS)
 }
 
 /// The CLI runs one call per process: no pooling (it would only reserve

@@ -1,0 +1,321 @@
+//! `airlock serve` configuration: a TOML file, overridable by flags.
+//!
+//! ```toml
+//! listen = "127.0.0.1:8420"
+//! data_dir = "/var/lib/airlock"
+//! allowed_origins = ["http://localhost:3000"]   # for /mcp; none by default
+//! allowed_host_dirs = ["/srv/airlock/shared"]   # what policies may grant
+//!
+//! [limits]
+//! max_upload_bytes = 67108864
+//! max_request_bytes = 1048576
+//! max_args_bytes = 262144
+//! max_concurrent_calls_per_tenant = 8
+//!
+//! [[tokens]]
+//! name = "ci-admin"
+//! token = "…"             # or token_sha256 = "<hex>"
+//! tenant = "acme"
+//! role = "admin"           # admin | invoker | auditor
+//! ```
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+/// A configuration problem, naming the field.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("The config file {path} could not be read: {message}.")]
+    Io {
+        /// The path.
+        path: String,
+        /// The OS error.
+        message: String,
+    },
+    /// The file is not valid TOML or has unknown/mistyped fields.
+    #[error("The config file is not valid: {0}")]
+    Syntax(String),
+    /// A field has a bad value.
+    #[error("{field}: {message}.")]
+    Field {
+        /// Path of the field (`tokens[2].role`).
+        field: String,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+/// What a token may do inside its tenant.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// Everything: upload, delete, policies, invoke, audit.
+    Admin,
+    /// List and call tools.
+    Invoker,
+    /// Read-only: components, policies, reports, audit.
+    Auditor,
+}
+
+/// One bearer token as written in the config file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TokenEntry {
+    name: String,
+    token: Option<String>,
+    token_sha256: Option<String>,
+    tenant: String,
+    role: Role,
+}
+
+/// A validated token: only its sha256 is kept in memory.
+#[derive(Debug, Clone)]
+pub struct Token {
+    /// Who this is, in audit records.
+    pub name: String,
+    /// sha256 of the token text.
+    pub sha256: [u8; 32],
+    /// The tenant it acts in.
+    pub tenant: String,
+    /// What it may do.
+    pub role: Role,
+}
+
+/// Size and concurrency limits.
+#[derive(Debug, Clone, Copy, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// Largest component upload, bytes.
+    pub max_upload_bytes: u64,
+    /// Largest other request body (JSON, policy), bytes.
+    pub max_request_bytes: u64,
+    /// Largest tool-call arguments object (serialized JSON), bytes.
+    pub max_args_bytes: u64,
+    /// Calls one tenant may have running at once; more get 429.
+    pub max_concurrent_calls_per_tenant: u32,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_upload_bytes: 64 << 20,
+            max_request_bytes: 1 << 20,
+            max_args_bytes: 256 << 10,
+            max_concurrent_calls_per_tenant: 8,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct File {
+    listen: Option<String>,
+    data_dir: Option<PathBuf>,
+    #[serde(default)]
+    allowed_origins: Vec<String>,
+    #[serde(default)]
+    allowed_host_dirs: Vec<PathBuf>,
+    #[serde(default)]
+    limits: Limits,
+    #[serde(default)]
+    tokens: Vec<TokenEntry>,
+}
+
+/// The validated service configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Where to listen (127.0.0.1 by default).
+    pub listen: SocketAddr,
+    /// Blob store, database, compiled-artifact cache.
+    pub data_dir: PathBuf,
+    /// `Origin` values accepted on `/mcp` (requests without `Origin` are accepted).
+    pub allowed_origins: Vec<String>,
+    /// Host directories (canonical) that policies may grant, with everything below them.
+    pub allowed_host_dirs: Vec<PathBuf>,
+    /// Limits.
+    pub limits: Limits,
+    /// Bearer tokens.
+    pub tokens: Vec<Token>,
+}
+
+/// The default listen address.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:8420";
+
+fn field(field: impl Into<String>, message: impl Into<String>) -> ConfigError {
+    ConfigError::Field {
+        field: field.into(),
+        message: message.into(),
+    }
+}
+
+impl Config {
+    /// Read and validate a config file.
+    ///
+    /// # Errors
+    /// [`ConfigError`] naming the file or the field.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Io {
+            path: path.display().to_string(),
+            message: e.to_string(),
+        })?;
+        Self::parse(&text)
+    }
+
+    /// Validate config text.
+    ///
+    /// # Errors
+    /// [`ConfigError`] naming the field.
+    pub fn parse(text: &str) -> Result<Self, ConfigError> {
+        let f: File = toml::from_str(text).map_err(|e| ConfigError::Syntax(e.to_string()))?;
+        let listen = f
+            .listen
+            .as_deref()
+            .unwrap_or(DEFAULT_LISTEN)
+            .parse()
+            .map_err(|_| field("listen", "expected an address like 127.0.0.1:8420"))?;
+        let data_dir = f
+            .data_dir
+            .ok_or_else(|| field("data_dir", "required (or pass --data-dir)"))?;
+        let mut tokens: Vec<Token> = Vec::new();
+        for (i, t) in f.tokens.into_iter().enumerate() {
+            let at = |k: &str| format!("tokens[{i}].{k}");
+            let sha256: [u8; 32] = match (&t.token, &t.token_sha256) {
+                (Some(tok), None) => {
+                    if tok.len() < 16 {
+                        return Err(field(at("token"), "must be at least 16 characters"));
+                    }
+                    Sha256::digest(tok.as_bytes()).into()
+                }
+                (None, Some(h)) => hex::decode(h)
+                    .ok()
+                    .and_then(|b| b.try_into().ok())
+                    .ok_or_else(|| field(at("token_sha256"), "expected 64 hex digits"))?,
+                _ => {
+                    return Err(field(
+                        at("token"),
+                        "give exactly one of `token` and `token_sha256`",
+                    ));
+                }
+            };
+            if !valid_name(&t.tenant) {
+                return Err(field(
+                    at("tenant"),
+                    "expected 1-32 characters of a-z, 0-9 and '-'",
+                ));
+            }
+            if t.name.is_empty() {
+                return Err(field(at("name"), "must not be empty"));
+            }
+            if tokens.iter().any(|o| o.sha256 == sha256) {
+                return Err(field(at("token"), "the same token appears twice"));
+            }
+            tokens.push(Token {
+                name: t.name,
+                sha256,
+                tenant: t.tenant,
+                role: t.role,
+            });
+        }
+        if tokens.is_empty() {
+            return Err(field(
+                "tokens",
+                "at least one token is required (every API call is authenticated)",
+            ));
+        }
+        let l = f.limits;
+        for (name, v) in [
+            ("limits.max_upload_bytes", l.max_upload_bytes),
+            ("limits.max_request_bytes", l.max_request_bytes),
+            ("limits.max_args_bytes", l.max_args_bytes),
+            (
+                "limits.max_concurrent_calls_per_tenant",
+                u64::from(l.max_concurrent_calls_per_tenant),
+            ),
+        ] {
+            if v == 0 {
+                return Err(field(name, "must be greater than 0"));
+            }
+        }
+        let mut allowed_host_dirs = Vec::new();
+        for (i, d) in f.allowed_host_dirs.iter().enumerate() {
+            let c = std::fs::canonicalize(d).map_err(|e| {
+                field(
+                    format!("allowed_host_dirs[{i}]"),
+                    format!("{}: {e}", d.display()),
+                )
+            })?;
+            allowed_host_dirs.push(c);
+        }
+        Ok(Self {
+            listen,
+            data_dir,
+            allowed_origins: f.allowed_origins,
+            allowed_host_dirs,
+            limits: l,
+            tokens,
+        })
+    }
+
+    /// The token whose sha256 matches `presented`, if any.
+    pub fn authenticate(&self, presented: &str) -> Option<&Token> {
+        let h: [u8; 32] = Sha256::digest(presented.as_bytes()).into();
+        // Compare digests, not tokens: the time taken does not depend on how
+        // much of a real token an attacker has guessed.
+        self.tokens.iter().find(|t| t.sha256 == h)
+    }
+}
+
+/// Tenant and component names: 1-32 of `a-z 0-9 -`, not starting with `-`.
+pub fn valid_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 32
+        && !s.starts_with('-')
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const OK: &str = r#"
+data_dir = "/tmp/x"
+[[tokens]]
+name = "a"
+token = "0123456789abcdef"
+tenant = "acme"
+role = "admin"
+"#;
+
+    #[test]
+    fn minimal_config_validates_with_defaults() {
+        let c = Config::parse(OK).unwrap();
+        assert_eq!(c.listen.to_string(), DEFAULT_LISTEN);
+        assert!(c.authenticate("0123456789abcdef").is_some());
+        assert!(c.authenticate("0123456789abcdeX").is_none());
+        assert_eq!(c.limits.max_concurrent_calls_per_tenant, 8);
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        let bad_role = OK.replace("\"admin\"", "\"root\"");
+        assert!(
+            matches!(Config::parse(&bad_role), Err(ConfigError::Syntax(m)) if m.contains("root"))
+        );
+        let short = OK.replace("0123456789abcdef", "short");
+        let e = Config::parse(&short).unwrap_err().to_string();
+        assert!(e.starts_with("tokens[0].token"), "{e}");
+        let tenant = OK.replace("acme", "Acme Corp");
+        let e = Config::parse(&tenant).unwrap_err().to_string();
+        assert!(e.starts_with("tokens[0].tenant"), "{e}");
+        let zero = format!("{OK}\n[limits]\nmax_args_bytes = 0\n");
+        let e = Config::parse(&zero).unwrap_err().to_string();
+        assert!(e.starts_with("limits.max_args_bytes"), "{e}");
+        let none = "data_dir = \"/x\"\n";
+        let e = Config::parse(none).unwrap_err().to_string();
+        assert!(e.starts_with("tokens"), "{e}");
+    }
+}

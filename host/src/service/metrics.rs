@@ -1,0 +1,92 @@
+//! Prometheus metrics (OpenMetrics text via `prometheus-client`).
+
+use airlock_guest::{CallOutcome, Decision};
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+type Labels = Vec<(&'static str, String)>;
+
+pub(crate) struct Metrics {
+    registry: Registry,
+    calls: Family<Labels, Counter>,
+    denials: Family<Labels, Counter>,
+    duration: Histogram,
+    pub(crate) running: Gauge,
+    pub(crate) uploads: Counter,
+}
+
+impl Metrics {
+    pub(crate) fn new() -> Self {
+        let mut registry = Registry::default();
+        let calls = Family::<Labels, Counter>::default();
+        let denials = Family::<Labels, Counter>::default();
+        // 100 µs .. ~26 s
+        let duration = Histogram::new(exponential_buckets(0.0001, 4.0, 10));
+        let running = Gauge::default();
+        let uploads = Counter::default();
+        let vms = Gauge::<i64>::default();
+        registry.register(
+            "airlock_calls",
+            "Tool calls by tenant and outcome (ok or the error kind)",
+            calls.clone(),
+        );
+        registry.register(
+            "airlock_denials",
+            "Capability denials by tenant and action",
+            denials.clone(),
+        );
+        registry.register(
+            "airlock_call_duration_seconds",
+            "Wall time of tool calls, instantiation included",
+            duration.clone(),
+        );
+        registry.register(
+            "airlock_calls_running",
+            "Tool calls running now",
+            running.clone(),
+        );
+        registry.register("airlock_uploads", "Components registered", uploads.clone());
+        registry.register(
+            "airlock_vms_running",
+            "MicroVMs running now (0 while calls run with process isolation)",
+            vms,
+        );
+        Self {
+            registry,
+            calls,
+            denials,
+            duration,
+            running,
+            uploads,
+        }
+    }
+
+    pub(crate) fn observe_call(&self, tenant: &str, outcome_kind: &str, o: &CallOutcome) {
+        self.calls
+            .get_or_create(&vec![
+                ("tenant", tenant.to_string()),
+                ("outcome", outcome_kind.to_string()),
+            ])
+            .inc();
+        for e in o.audit.iter().filter(|e| e.decision == Decision::Deny) {
+            self.denials
+                .get_or_create(&vec![
+                    ("tenant", tenant.to_string()),
+                    ("action", e.action.clone()),
+                ])
+                .inc();
+        }
+        self.duration.observe(o.metering.wall_us as f64 / 1e6);
+    }
+
+    pub(crate) fn encode(&self) -> String {
+        let mut s = String::new();
+        // Writing into a String cannot fail.
+        let _ = encode(&mut s, &self.registry);
+        s
+    }
+}

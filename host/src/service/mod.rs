@@ -1,0 +1,628 @@
+//! `airlock serve`: the HTTP service. Users upload components and policies,
+//! LLM clients list and call tools (REST, OpenAI/Anthropic shapes, MCP), and
+//! security teams read reports and the hash-chained audit log.
+//!
+//! * [`config`]: the config file (listen address, data dir, tokens, limits).
+//! * [`store`]: data directory — sha256 blob store + SQLite metadata.
+//! * [`audit`]: the hash-chained audit log and its verification.
+//! * [`export`]: tool descriptions in OpenAI, Anthropic and MCP shapes.
+//! * [`api`]: the axum router (`/v1`, `/mcp`, `/metrics`, health).
+//! * [`mcp`]: the MCP streamable-HTTP endpoint (JSON-RPC).
+//!
+//! This module holds [`Service`], the HTTP-free core both the REST API and
+//! MCP call: authentication result ([`Principal`]), validation, the compiled
+//! component cache and invocation.
+//!
+//! **Invariants:** every call runs with the grant set of the component's
+//! latest policy version, decided by [`crate::policy`]; a tenant only ever
+//! sees its own components, policies and audit records; every invocation,
+//! upload, deletion and policy change appends one audit record.
+
+pub mod api;
+pub mod audit;
+pub mod config;
+pub mod export;
+pub mod mcp;
+mod metrics;
+pub mod store;
+
+use crate::policy::{self, Policy};
+use airlock_guest::{CallError, CallOutcome, CallResult, Decision, EngineConfig, Loaded, Runner};
+use config::{Config, Role};
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use store::{StagedBlob, Store, StoreError};
+use tokio::sync::Semaphore;
+
+pub use config::ConfigError;
+
+/// Everything a request can fail with. Each maps to one HTTP status and a
+/// JSON body `{"error": {"code", "message", "field"?}}`.
+#[derive(Debug, thiserror::Error)]
+pub enum ServiceError {
+    /// No or unknown bearer token.
+    #[error("A valid bearer token is required (Authorization: Bearer <token>).")]
+    Unauthorized,
+    /// The token's role may not do this.
+    #[error("Role {role} may not {action}.")]
+    Forbidden {
+        /// The role.
+        role: &'static str,
+        /// What was attempted.
+        action: &'static str,
+    },
+    /// Something named in the request does not exist (in this tenant).
+    #[error("{0}")]
+    NotFound(String),
+    /// The request is malformed; `field` names the bad part.
+    #[error("{message}")]
+    BadRequest {
+        /// Machine-readable code (`invalid_component`, `invalid_policy`, ...).
+        code: &'static str,
+        /// The field or part at fault.
+        field: Option<String>,
+        /// What is wrong.
+        message: String,
+    },
+    /// A size limit was exceeded.
+    #[error("{field} is larger than the limit of {limit} bytes.")]
+    TooLarge {
+        /// What was too large.
+        field: &'static str,
+        /// The limit.
+        limit: u64,
+    },
+    /// The tenant already has the maximum number of calls running.
+    #[error("This tenant already has {limit} calls running; retry later.")]
+    TooManyCalls {
+        /// The limit.
+        limit: u32,
+    },
+    /// The name is taken.
+    #[error("{0}")]
+    Conflict(String),
+    /// Storage failed.
+    #[error("{0}")]
+    Store(StoreError),
+    /// The engine failed in a way that is not the request's fault.
+    #[error("Internal error: {0}")]
+    Internal(String),
+}
+
+impl From<StoreError> for ServiceError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::NoComponent(_) | StoreError::NoPolicy { .. } => {
+                Self::NotFound(e.to_string())
+            }
+            StoreError::Exists(_) => Self::Conflict(e.to_string()),
+            other => Self::Store(other),
+        }
+    }
+}
+
+fn bad(
+    code: &'static str,
+    field: impl Into<Option<String>>,
+    message: impl Into<String>,
+) -> ServiceError {
+    ServiceError::BadRequest {
+        code,
+        field: field.into(),
+        message: message.into(),
+    }
+}
+
+/// The authenticated caller.
+#[derive(Debug, Clone)]
+pub struct Principal {
+    /// Token name (the actor in audit records).
+    pub name: String,
+    /// Tenant.
+    pub tenant: String,
+    /// Role.
+    pub role: Role,
+}
+
+/// What a principal wants to do, for role checks.
+#[derive(Debug, Clone, Copy)]
+pub enum Action {
+    /// Upload, delete, put policies.
+    Manage,
+    /// Call tools (and list them).
+    Invoke,
+    /// Read components, tools, policies, reports.
+    Read,
+    /// Read and verify the audit log.
+    Audit,
+}
+
+impl Principal {
+    /// Check the role.
+    ///
+    /// # Errors
+    /// [`ServiceError::Forbidden`].
+    pub fn require(&self, action: Action) -> Result<(), ServiceError> {
+        let ok = match (self.role, action) {
+            (Role::Admin, _) => true,
+            (Role::Invoker, Action::Invoke | Action::Read) => true,
+            (Role::Auditor, Action::Read | Action::Audit) => true,
+            _ => false,
+        };
+        if ok {
+            return Ok(());
+        }
+        Err(ServiceError::Forbidden {
+            role: match self.role {
+                Role::Admin => "admin",
+                Role::Invoker => "invoker",
+                Role::Auditor => "auditor",
+            },
+            action: match action {
+                Action::Manage => "change components or policies",
+                Action::Invoke => "call tools",
+                Action::Read => "read components",
+                Action::Audit => "read the audit log",
+            },
+        })
+    }
+}
+
+/// The separator between component and tool in exported tool names
+/// (`kitchen__word-count`): allowed by OpenAI, Anthropic and MCP name rules.
+pub const TOOL_SEP: &str = "__";
+
+/// A tool as offered to LLMs: one of a component's tools, under its
+/// exported name.
+#[derive(Debug, Clone)]
+pub struct OfferedTool {
+    /// `component__tool`.
+    pub name: String,
+    /// Component name.
+    pub component: String,
+    /// The tool.
+    pub tool: airlock_wasm_tools::Tool,
+}
+
+/// The answer to one invocation.
+#[derive(Debug, Clone, Serialize)]
+pub struct Invocation {
+    /// Component name.
+    pub component: String,
+    /// Exported tool name.
+    pub tool: String,
+    /// `{"ok": value}` or `{"error": {...}}`.
+    pub result: CallResult,
+    /// What it cost.
+    pub metering: airlock_guest::Metering,
+    /// The audit record of this call and its capability events.
+    pub audit: InvocationAudit,
+    /// Captured stdout.
+    pub stdout: String,
+    /// Captured stderr.
+    pub stderr: String,
+    /// Where the call ran.
+    pub isolation: &'static str,
+    /// Policy version the call ran under (0: none).
+    pub policy_version: i64,
+}
+
+/// Audit ids of one invocation.
+#[derive(Debug, Clone, Serialize)]
+pub struct InvocationAudit {
+    /// Sequence number of the audit record.
+    pub record: i64,
+    /// The capability decisions, each with an id `<record>.<n>`.
+    pub events: Vec<serde_json::Value>,
+}
+
+/// The service core.
+pub struct Service {
+    /// Configuration.
+    pub config: Config,
+    store: Store,
+    runner: Runner,
+    engine_id: String,
+    cache: Mutex<HashMap<String, Arc<Loaded>>>,
+    tenants: Mutex<HashMap<String, Arc<Semaphore>>>,
+    metrics: metrics::Metrics,
+    sessions: Mutex<HashMap<String, String>>,
+}
+
+impl Service {
+    /// Open the data directory and create the engine.
+    ///
+    /// # Errors
+    /// The data directory or the engine cannot be set up.
+    pub fn new(config: Config) -> Result<Self, ServiceError> {
+        let store = Store::open(&config.data_dir)?;
+        let runner = Runner::new(EngineConfig::default())
+            .map_err(|e| ServiceError::Internal(e.to_string()))?;
+        let engine_id = hex::encode(&Sha256::digest(runner.fingerprint().as_bytes())[..8]);
+        Ok(Self {
+            config,
+            store,
+            runner,
+            engine_id,
+            cache: Mutex::new(HashMap::new()),
+            tenants: Mutex::new(HashMap::new()),
+            metrics: metrics::Metrics::new(),
+            sessions: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// The data store.
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// Resolve a bearer token.
+    ///
+    /// # Errors
+    /// [`ServiceError::Unauthorized`].
+    pub fn authenticate(&self, token: Option<&str>) -> Result<Principal, ServiceError> {
+        let t = token
+            .and_then(|t| self.config.authenticate(t))
+            .ok_or(ServiceError::Unauthorized)?;
+        Ok(Principal {
+            name: t.name.clone(),
+            tenant: t.tenant.clone(),
+            role: t.role,
+        })
+    }
+
+    /// Parse and validate policy text for this service: the format rules of
+    /// [`crate::policy`], plus every granted host directory must be absolute
+    /// and inside one of the config's `allowed_host_dirs`.
+    ///
+    /// # Errors
+    /// [`ServiceError::BadRequest`] naming the policy field.
+    pub fn validate_policy(&self, text: &str) -> Result<Policy, ServiceError> {
+        let p = policy::parse(text, Path::new("/")).map_err(|e| {
+            let field = match &e {
+                policy::PolicyError::Field { field, .. } => Some(format!("policy.{field}")),
+                _ => Some("policy".to_string()),
+            };
+            bad("invalid_policy", field, e.to_string())
+        })?;
+        for (i, fs) in p.filesystem.iter().enumerate() {
+            let real = std::fs::canonicalize(&fs.host).unwrap_or_else(|_| fs.host.clone());
+            if !self
+                .config
+                .allowed_host_dirs
+                .iter()
+                .any(|root| real.starts_with(root))
+            {
+                return Err(bad(
+                    "invalid_policy",
+                    format!("policy.filesystem[{i}].host"),
+                    format!(
+                        "{} is not inside a directory this server allows policies to grant (allowed_host_dirs)",
+                        fs.host.display()
+                    ),
+                ));
+            }
+        }
+        Ok(p)
+    }
+
+    /// Validate a staged upload, cache its compiled form, and register it.
+    /// Returns (created, audit seq, tool names).
+    ///
+    /// # Errors
+    /// Invalid name, component or policy; name taken.
+    pub fn register_upload(
+        &self,
+        who: &Principal,
+        name: &str,
+        staged: StagedBlob,
+        policy_text: Option<&str>,
+    ) -> Result<(bool, Option<i64>, Vec<String>), ServiceError> {
+        who.require(Action::Manage)?;
+        if !config::valid_name(name) {
+            return Err(bad(
+                "invalid_name",
+                Some("name".to_string()),
+                "a component name is 1-32 characters of a-z, 0-9 and '-', not starting with '-'",
+            ));
+        }
+        if let Some(t) = policy_text {
+            self.validate_policy(t)?;
+        }
+        let bytes = staged.read()?;
+        let loaded = self.runner.load_wasm(&bytes).map_err(|e| {
+            bad(
+                "invalid_component",
+                Some("component".to_string()),
+                e.to_string(),
+            )
+        })?;
+        let mut names = Vec::new();
+        for t in &loaded.tools.tools {
+            let exported = format!("{name}{TOOL_SEP}{}", t.name);
+            if exported.len() > 64 {
+                return Err(bad(
+                    "invalid_name",
+                    Some("name".to_string()),
+                    format!(
+                        "the exported tool name {exported:?} would be longer than 64 characters; choose a shorter component name"
+                    ),
+                ));
+            }
+            names.push(exported);
+        }
+        let payload = loaded
+            .component()
+            .serialize()
+            .map_err(|e| ServiceError::Internal(format!("serializing compiled code: {e}")))?;
+        let artifact = airlock_guest::artifact::wrap(&self.runner.fingerprint(), &payload);
+        let digest = staged.digest.clone();
+        self.store
+            .put_artifact(&digest, &self.engine_id, &artifact)?;
+        let (created, seq) =
+            self.store
+                .register(&who.tenant, &who.name, name, staged, policy_text)?;
+        self.cache_put(digest, Arc::new(loaded));
+        if created {
+            self.metrics.uploads.inc();
+        }
+        Ok((created, seq, names))
+    }
+
+    fn cache_put(&self, digest: String, l: Arc<Loaded>) {
+        self.cache
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(digest, l);
+    }
+
+    /// The loaded (compiled, linked) component, from memory, the artifact
+    /// cache, or compiled from the blob.
+    fn loaded(&self, digest: &str) -> Result<Arc<Loaded>, ServiceError> {
+        if let Some(l) = self
+            .cache
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(digest)
+        {
+            return Ok(l.clone());
+        }
+        let wasm = self.store.read_blob(digest)?;
+        let docs = airlock_wasm_tools::docs::from_component(&wasm);
+        let loaded = match self.store.artifact(digest, &self.engine_id) {
+            Some(a) => self.runner.load_precompiled(&a, &docs),
+            None => self.runner.load_wasm(&wasm),
+        }
+        .or_else(|e| {
+            tracing::warn!(%digest, error = %e, "cached artifact refused; compiling from the blob");
+            self.runner.load_wasm(&wasm)
+        })
+        .map_err(|e| ServiceError::Internal(format!("stored component {digest}: {e}")))?;
+        let l = Arc::new(loaded);
+        self.cache_put(digest.to_string(), l.clone());
+        Ok(l)
+    }
+
+    /// The tools of one component.
+    ///
+    /// # Errors
+    /// Unknown component.
+    pub fn component_tools(
+        &self,
+        tenant: &str,
+        component: &str,
+    ) -> Result<(store::ComponentRow, Arc<Loaded>), ServiceError> {
+        let row = self.store.get(tenant, component)?;
+        let l = self.loaded(&row.digest)?;
+        Ok((row, l))
+    }
+
+    /// Every tool the tenant can call, sorted by exported name.
+    ///
+    /// # Errors
+    /// Storage failure.
+    pub fn offered_tools(&self, tenant: &str) -> Result<Vec<OfferedTool>, ServiceError> {
+        let mut out = Vec::new();
+        for c in self.store.list(tenant)? {
+            let l = self.loaded(&c.digest)?;
+            for t in &l.tools.tools {
+                out.push(OfferedTool {
+                    name: format!("{}{TOOL_SEP}{}", c.name, t.name),
+                    component: c.name.clone(),
+                    tool: t.clone(),
+                });
+            }
+        }
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(out)
+    }
+
+    /// The policy a component's calls run under (latest version; empty if none).
+    fn effective_policy(
+        &self,
+        tenant: &str,
+        component: &str,
+    ) -> Result<(Policy, i64), ServiceError> {
+        match self.store.policy(tenant, component, None) {
+            Ok(row) => {
+                // Policies were validated when stored; a failure here means the
+                // server's allowed_host_dirs changed since. Refuse, don't widen.
+                let p = self.validate_policy(&row.text).map_err(|e| {
+                    bad(
+                        "policy_no_longer_valid",
+                        Some(format!("policy v{}", row.version)),
+                        format!("the stored policy is not valid under this server's config: {e}"),
+                    )
+                })?;
+                Ok((p, row.version))
+            }
+            Err(StoreError::NoPolicy { .. }) => Ok((Policy::default(), 0)),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    fn tenant_slot(&self, tenant: &str) -> Result<tokio::sync::OwnedSemaphorePermit, ServiceError> {
+        let limit = self.config.limits.max_concurrent_calls_per_tenant;
+        let sem = self
+            .tenants
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(tenant.to_string())
+            .or_insert_with(|| Arc::new(Semaphore::new(limit as usize)))
+            .clone();
+        sem.try_acquire_owned()
+            .map_err(|_| ServiceError::TooManyCalls { limit })
+    }
+
+    /// Call a tool by exported name (`component__tool`) with JSON arguments.
+    ///
+    /// # Errors
+    /// Role, unknown tool, argument size or shape, tenant concurrency.
+    pub async fn invoke(
+        self: &Arc<Self>,
+        who: &Principal,
+        exported: &str,
+        args: serde_json::Value,
+    ) -> Result<Invocation, ServiceError> {
+        who.require(Action::Invoke)?;
+        let args_len = args.to_string().len() as u64;
+        if args_len > self.config.limits.max_args_bytes {
+            return Err(ServiceError::TooLarge {
+                field: "arguments",
+                limit: self.config.limits.max_args_bytes,
+            });
+        }
+        if !args.is_object() {
+            return Err(bad(
+                "bad_arguments",
+                Some("arguments".to_string()),
+                "arguments must be a JSON object of parameter names to values",
+            ));
+        }
+        let (component, tool) = exported.split_once(TOOL_SEP).ok_or_else(|| {
+            ServiceError::NotFound(format!(
+                "No tool named {exported:?}: tool names are <component>{TOOL_SEP}<tool>."
+            ))
+        })?;
+        let (row, loaded) = self.component_tools(&who.tenant, component)?;
+        if loaded.tools.tool(tool).is_none() {
+            return Err(ServiceError::NotFound(format!(
+                "Component {component:?} has no tool named {tool:?}."
+            )));
+        }
+        let (policy, policy_version) = self.effective_policy(&who.tenant, component)?;
+        let _permit = self.tenant_slot(&who.tenant)?;
+        self.metrics.running.inc();
+        let svc = self.clone();
+        let tool_owned = tool.to_string();
+        let grants = policy.grant_set();
+        let outcome: CallOutcome = tokio::spawn(async move {
+            svc.runner
+                .invoke_async(&loaded, &tool_owned, &args, &grants)
+                .await
+        })
+        .await
+        .map_err(|e| ServiceError::Internal(format!("the call task failed: {e}")))?;
+        self.metrics.running.dec();
+        if let CallResult::Error(CallError::BadArguments { path, message }) = &outcome.result {
+            return Err(bad(
+                "bad_arguments",
+                Some(path.clone()),
+                format!("{path}: {message}"),
+            ));
+        }
+        let denied = outcome.audit.iter().any(|e| e.decision == Decision::Deny);
+        let decision = match (&outcome.result, denied) {
+            (_, true) => "deny",
+            (CallResult::Error(_), false) => "error",
+            (CallResult::Ok(_), false) => "allow",
+        };
+        let result_kind = match &outcome.result {
+            CallResult::Ok(_) => "ok".to_string(),
+            CallResult::Error(e) => serde_json::to_value(e)
+                .ok()
+                .and_then(|v| v["kind"].as_str().map(str::to_string))
+                .unwrap_or_else(|| "error".into()),
+        };
+        self.metrics
+            .observe_call(&who.tenant, &result_kind, &outcome);
+        let seq = self.store.audit_append(&audit::NewRecord {
+            tenant: &who.tenant,
+            actor: &who.name,
+            kind: "invoke",
+            component,
+            tool,
+            decision,
+            body: serde_json::json!({
+                "digest": row.digest,
+                "policy_version": policy_version,
+                "isolation": "process",
+                "result": result_kind,
+                "metering": outcome.metering,
+                "events": outcome.audit,
+            }),
+        })?;
+        let events = outcome
+            .audit
+            .iter()
+            .enumerate()
+            .map(|(i, e)| {
+                let mut v = serde_json::to_value(e).unwrap_or_default();
+                v["id"] = format!("{seq}.{i}").into();
+                v
+            })
+            .collect();
+        Ok(Invocation {
+            component: component.to_string(),
+            tool: exported.to_string(),
+            result: outcome.result,
+            metering: outcome.metering,
+            audit: InvocationAudit {
+                record: seq,
+                events,
+            },
+            stdout: outcome.stdout,
+            stderr: outcome.stderr,
+            isolation: "process",
+            policy_version,
+        })
+    }
+
+    /// Start an MCP session for a principal; returns its id.
+    pub fn new_session(&self, who: &Principal) -> String {
+        let mut b = [0u8; 16];
+        let _ = getrandom::fill(&mut b);
+        let id = hex::encode(b);
+        self.sessions
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id.clone(), who.tenant.clone());
+        id
+    }
+
+    /// Whether `id` is a live session of `who`'s tenant.
+    pub fn session_valid(&self, id: &str, who: &Principal) -> bool {
+        self.sessions
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(id)
+            .is_some_and(|t| *t == who.tenant)
+    }
+
+    /// End an MCP session.
+    pub fn end_session(&self, id: &str) -> bool {
+        self.sessions
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(id)
+            .is_some()
+    }
+
+    /// Prometheus text.
+    pub fn metrics_text(&self) -> String {
+        self.metrics.encode()
+    }
+}

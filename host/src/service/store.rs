@@ -1,0 +1,706 @@
+//! The data directory: a content-addressed blob store (sha256) for component
+//! bytes, a cache of precompiled artifacts, and an SQLite database for
+//! metadata (components, policy versions, audit log).
+//!
+//! ```text
+//! <data>/airlock.db            SQLite (WAL, synchronous=FULL)
+//! <data>/blobs/<sha256>        component bytes, immutable
+//! <data>/tmp/                  uploads in progress (emptied at start)
+//! <data>/artifacts/<sha256>-<engine>.cwasm   precompiled, per engine config
+//! ```
+//!
+//! **Invariants:** a blob is renamed into `blobs/` only after its bytes are
+//! fsynced and its digest computed; a component row is committed only after
+//! its blob is in place (and the directory fsynced). A crash at any point
+//! therefore leaves either no component or a complete one; stray temporary
+//! files and unreferenced blobs are removed at the next start.
+
+use super::audit::{self, AuditError, NewRecord};
+use rusqlite::{Connection, OptionalExtension, params};
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, MutexGuard};
+
+/// Store errors.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// A filesystem operation failed.
+    #[error("The data directory could not be used ({what}): {source}.")]
+    Io {
+        /// What was being done.
+        what: String,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// The database failed.
+    #[error("The database failed: {0}.")]
+    Db(#[from] rusqlite::Error),
+    /// The audit log failed.
+    #[error(transparent)]
+    Audit(#[from] AuditError),
+    /// A component of that name exists with other bytes.
+    #[error("A component named {0:?} already exists with different bytes; delete it first.")]
+    Exists(String),
+    /// No such component.
+    #[error("No component named {0:?}.")]
+    NoComponent(String),
+    /// No such policy version.
+    #[error("Component {component:?} has no policy version {version}.")]
+    NoPolicy {
+        /// The component.
+        component: String,
+        /// The version asked for.
+        version: i64,
+    },
+}
+
+fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> StoreError {
+    let what = what.into();
+    move |source| StoreError::Io { what, source }
+}
+
+/// A registered component.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct ComponentRow {
+    /// Name, unique in the tenant.
+    pub name: String,
+    /// sha256 of the bytes.
+    pub digest: String,
+    /// Size in bytes.
+    pub size: i64,
+    /// Upload time, ms since epoch.
+    pub created_ms: i64,
+    /// Token name that uploaded it.
+    pub created_by: String,
+    /// Latest policy version (0: none, nothing granted).
+    pub policy_version: i64,
+}
+
+/// One policy version.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct PolicyRow {
+    /// 1, 2, ...
+    pub version: i64,
+    /// The TOML text as uploaded.
+    pub text: String,
+    /// sha256 of the text.
+    pub sha256: String,
+    /// When, ms since epoch.
+    pub created_ms: i64,
+    /// Token name.
+    pub created_by: String,
+}
+
+/// An upload written to `tmp/` and fsynced, not yet registered.
+#[derive(Debug)]
+pub struct StagedBlob {
+    path: PathBuf,
+    /// sha256 of the bytes.
+    pub digest: String,
+    /// Size.
+    pub size: u64,
+}
+
+/// Writes an upload to `tmp/` while hashing it.
+pub struct BlobWriter {
+    file: std::fs::File,
+    /// `None` once handed over to a [`StagedBlob`].
+    path: Option<PathBuf>,
+    hasher: Sha256,
+    size: u64,
+}
+
+impl BlobWriter {
+    /// Append a chunk.
+    ///
+    /// # Errors
+    /// Write failure.
+    pub fn write(&mut self, chunk: &[u8]) -> Result<(), StoreError> {
+        self.file
+            .write_all(chunk)
+            .map_err(io("writing an upload"))?;
+        self.hasher.update(chunk);
+        self.size += chunk.len() as u64;
+        Ok(())
+    }
+
+    /// Bytes written so far.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// fsync and hand back the staged blob.
+    ///
+    /// # Errors
+    /// fsync failure.
+    pub fn finish(mut self) -> Result<StagedBlob, StoreError> {
+        self.file.sync_all().map_err(io("fsyncing an upload"))?;
+        Ok(StagedBlob {
+            path: self.path.take().unwrap_or_default(),
+            digest: hex::encode(std::mem::take(&mut self.hasher).finalize()),
+            size: self.size,
+        })
+    }
+}
+
+impl Drop for BlobWriter {
+    fn drop(&mut self) {
+        // An upload abandoned midway (limit hit, client gone): remove it now
+        // rather than at the next start.
+        if let Some(p) = self.path.take() {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}
+
+impl StagedBlob {
+    /// Read the staged bytes (for validation).
+    ///
+    /// # Errors
+    /// Read failure.
+    pub fn read(&self) -> Result<Vec<u8>, StoreError> {
+        std::fs::read(&self.path).map_err(io("reading an upload"))
+    }
+}
+
+impl Drop for StagedBlob {
+    fn drop(&mut self) {
+        // Registered blobs were renamed away; anything left is an abandoned upload.
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// The data directory.
+pub struct Store {
+    dir: PathBuf,
+    db: Mutex<Connection>,
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+fn fsync_dir(dir: &Path) -> Result<(), StoreError> {
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io(format!("fsyncing {}", dir.display())))
+}
+
+impl Store {
+    /// Open (creating if needed) a data directory, and clean up after any crash.
+    ///
+    /// # Errors
+    /// The directory or database cannot be used.
+    pub fn open(dir: &Path) -> Result<Self, StoreError> {
+        for sub in ["blobs", "tmp", "artifacts"] {
+            std::fs::create_dir_all(dir.join(sub))
+                .map_err(io(format!("creating {}", dir.join(sub).display())))?;
+        }
+        let db = Connection::open(dir.join("airlock.db"))?;
+        db.execute_batch(
+            "PRAGMA journal_mode = WAL;
+             PRAGMA synchronous = FULL;
+             PRAGMA foreign_keys = ON;
+             CREATE TABLE IF NOT EXISTS components(
+                tenant TEXT NOT NULL, name TEXT NOT NULL, digest TEXT NOT NULL,
+                size INTEGER NOT NULL, created_ms INTEGER NOT NULL, created_by TEXT NOT NULL,
+                PRIMARY KEY (tenant, name));
+             CREATE TABLE IF NOT EXISTS policies(
+                tenant TEXT NOT NULL, component TEXT NOT NULL, version INTEGER NOT NULL,
+                text TEXT NOT NULL, sha256 TEXT NOT NULL, created_ms INTEGER NOT NULL,
+                created_by TEXT NOT NULL,
+                PRIMARY KEY (tenant, component, version));",
+        )?;
+        audit::init(&db)?;
+        let store = Self {
+            dir: dir.to_path_buf(),
+            db: Mutex::new(db),
+        };
+        store.collect_garbage()?;
+        Ok(store)
+    }
+
+    fn db(&self) -> MutexGuard<'_, Connection> {
+        // A panic while holding the lock cannot leave SQLite half-written
+        // (transactions roll back on drop), so a poisoned lock is still usable.
+        self.db.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Remove abandoned uploads and blobs/artifacts no component refers to.
+    fn collect_garbage(&self) -> Result<(), StoreError> {
+        let tmp = self.dir.join("tmp");
+        for e in std::fs::read_dir(&tmp).map_err(io("listing tmp/"))? {
+            let e = e.map_err(io("listing tmp/"))?;
+            tracing::info!(file = %e.path().display(), "removing an abandoned upload");
+            let _ = std::fs::remove_file(e.path());
+        }
+        let live: std::collections::HashSet<String> = {
+            let db = self.db();
+            let mut stmt = db.prepare("SELECT DISTINCT digest FROM components")?;
+            stmt.query_map([], |r| r.get(0))?
+                .collect::<Result<_, _>>()?
+        };
+        for sub in ["blobs", "artifacts"] {
+            for e in std::fs::read_dir(self.dir.join(sub)).map_err(io("listing blobs/"))? {
+                let e = e.map_err(io("listing blobs/"))?;
+                let name = e.file_name().to_string_lossy().into_owned();
+                let digest = name.split(['-', '.']).next().unwrap_or("");
+                if !live.contains(digest) {
+                    tracing::info!(file = %e.path().display(), "removing an unreferenced file");
+                    let _ = std::fs::remove_file(e.path());
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Start writing an upload into `tmp/`.
+    ///
+    /// # Errors
+    /// The file cannot be created.
+    pub fn begin_upload(&self) -> Result<BlobWriter, StoreError> {
+        let mut rnd = [0u8; 16];
+        getrandom::fill(&mut rnd).map_err(|e| StoreError::Io {
+            what: "naming an upload".into(),
+            source: std::io::Error::other(e.to_string()),
+        })?;
+        let path = self.dir.join("tmp").join(hex::encode(rnd));
+        let file = std::fs::File::create(&path).map_err(io("creating an upload file"))?;
+        Ok(BlobWriter {
+            file,
+            path: Some(path),
+            hasher: Sha256::new(),
+            size: 0,
+        })
+    }
+
+    fn blob_path(&self, digest: &str) -> PathBuf {
+        self.dir.join("blobs").join(digest)
+    }
+
+    /// Bytes of a stored blob.
+    ///
+    /// # Errors
+    /// Missing or unreadable blob.
+    pub fn read_blob(&self, digest: &str) -> Result<Vec<u8>, StoreError> {
+        std::fs::read(self.blob_path(digest)).map_err(io(format!("reading blob {digest}")))
+    }
+
+    /// The cached precompiled artifact for `digest` under engine `engine_id`.
+    pub fn artifact(&self, digest: &str, engine_id: &str) -> Option<Vec<u8>> {
+        std::fs::read(self.artifact_path(digest, engine_id)).ok()
+    }
+
+    fn artifact_path(&self, digest: &str, engine_id: &str) -> PathBuf {
+        self.dir
+            .join("artifacts")
+            .join(format!("{digest}-{engine_id}.cwasm"))
+    }
+
+    /// Cache a precompiled artifact (written to a temp file, then renamed).
+    ///
+    /// # Errors
+    /// Write failure.
+    pub fn put_artifact(
+        &self,
+        digest: &str,
+        engine_id: &str,
+        bytes: &[u8],
+    ) -> Result<(), StoreError> {
+        let mut w = self.begin_upload()?;
+        w.write(bytes)?;
+        let staged = w.finish()?;
+        std::fs::rename(&staged.path, self.artifact_path(digest, engine_id))
+            .map_err(io("storing an artifact"))?;
+        Ok(())
+    }
+
+    /// Register a staged, validated upload as component `name` of `tenant`,
+    /// with an optional first policy, and its audit record — all or nothing.
+    /// Returns `(created, audit seq)`; uploading the same bytes under the same
+    /// name again is a no-op (`created = false`).
+    ///
+    /// # Errors
+    /// [`StoreError::Exists`] when the name is taken by other bytes.
+    pub fn register(
+        &self,
+        tenant: &str,
+        actor: &str,
+        name: &str,
+        staged: StagedBlob,
+        policy: Option<&str>,
+    ) -> Result<(bool, Option<i64>), StoreError> {
+        let mut db = self.db();
+        let existing: Option<String> = db
+            .query_row(
+                "SELECT digest FROM components WHERE tenant = ?1 AND name = ?2",
+                params![tenant, name],
+                |r| r.get(0),
+            )
+            .optional()?;
+        match existing {
+            Some(d) if d == staged.digest && policy.is_none() => return Ok((false, None)),
+            Some(_) => return Err(StoreError::Exists(name.to_string())),
+            None => {}
+        }
+        let dest = self.blob_path(&staged.digest);
+        if !dest.exists() {
+            std::fs::rename(&staged.path, &dest).map_err(io("storing a blob"))?;
+            fsync_dir(&self.dir.join("blobs"))?;
+        }
+        let tx = db.transaction()?;
+        let now = now_ms();
+        tx.execute(
+            "INSERT INTO components(tenant, name, digest, size, created_ms, created_by)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            params![tenant, name, staged.digest, staged.size as i64, now, actor],
+        )?;
+        let policy_hash = match policy {
+            Some(text) => Some(insert_policy(&tx, tenant, actor, name, 1, text, now)?),
+            None => None,
+        };
+        let seq = audit::append(
+            &tx,
+            &NewRecord {
+                tenant,
+                actor,
+                kind: "component.upload",
+                component: name,
+                tool: "",
+                decision: "allow",
+                body: serde_json::json!({
+                    "digest": staged.digest,
+                    "size": staged.size,
+                    "policy_version": policy_hash.as_ref().map(|_| 1),
+                    "policy_sha256": policy_hash,
+                }),
+            },
+        )?;
+        tx.commit()?;
+        Ok((true, Some(seq)))
+    }
+
+    /// One tenant's components.
+    ///
+    /// # Errors
+    /// Database failure.
+    pub fn list(&self, tenant: &str) -> Result<Vec<ComponentRow>, StoreError> {
+        let db = self.db();
+        let mut stmt = db.prepare(
+            "SELECT c.name, c.digest, c.size, c.created_ms, c.created_by,
+                    (SELECT COALESCE(MAX(version), 0) FROM policies p
+                      WHERE p.tenant = c.tenant AND p.component = c.name)
+             FROM components c WHERE c.tenant = ?1 ORDER BY c.name",
+        )?;
+        let rows = stmt.query_map([tenant], |r| {
+            Ok(ComponentRow {
+                name: r.get(0)?,
+                digest: r.get(1)?,
+                size: r.get(2)?,
+                created_ms: r.get(3)?,
+                created_by: r.get(4)?,
+                policy_version: r.get(5)?,
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// One component.
+    ///
+    /// # Errors
+    /// [`StoreError::NoComponent`].
+    pub fn get(&self, tenant: &str, name: &str) -> Result<ComponentRow, StoreError> {
+        self.list(tenant)?
+            .into_iter()
+            .find(|c| c.name == name)
+            .ok_or_else(|| StoreError::NoComponent(name.to_string()))
+    }
+
+    /// Delete a component and its policy versions (the audit log keeps their hashes).
+    ///
+    /// # Errors
+    /// [`StoreError::NoComponent`].
+    pub fn delete(&self, tenant: &str, actor: &str, name: &str) -> Result<i64, StoreError> {
+        let row = self.get(tenant, name)?;
+        let mut db = self.db();
+        let tx = db.transaction()?;
+        tx.execute(
+            "DELETE FROM components WHERE tenant = ?1 AND name = ?2",
+            params![tenant, name],
+        )?;
+        tx.execute(
+            "DELETE FROM policies WHERE tenant = ?1 AND component = ?2",
+            params![tenant, name],
+        )?;
+        let seq = audit::append(
+            &tx,
+            &NewRecord {
+                tenant,
+                actor,
+                kind: "component.delete",
+                component: name,
+                tool: "",
+                decision: "allow",
+                body: serde_json::json!({"digest": row.digest}),
+            },
+        )?;
+        let still_used: i64 = tx.query_row(
+            "SELECT COUNT(*) FROM components WHERE digest = ?1",
+            [&row.digest],
+            |r| r.get(0),
+        )?;
+        tx.commit()?;
+        if still_used == 0 {
+            // After the commit: a crash here leaves an unreferenced blob,
+            // which the next start removes.
+            let _ = std::fs::remove_file(self.blob_path(&row.digest));
+            if let Ok(rd) = std::fs::read_dir(self.dir.join("artifacts")) {
+                for e in rd.flatten() {
+                    if e.file_name().to_string_lossy().starts_with(&row.digest) {
+                        let _ = std::fs::remove_file(e.path());
+                    }
+                }
+            }
+        }
+        Ok(seq)
+    }
+
+    /// Add a policy version (validated by the caller); returns (version, audit seq).
+    ///
+    /// # Errors
+    /// [`StoreError::NoComponent`].
+    pub fn put_policy(
+        &self,
+        tenant: &str,
+        actor: &str,
+        component: &str,
+        text: &str,
+    ) -> Result<(i64, i64), StoreError> {
+        let row = self.get(tenant, component)?;
+        let old = self.policy(tenant, component, None).ok();
+        let mut db = self.db();
+        let tx = db.transaction()?;
+        let version = row.policy_version + 1;
+        let hash = insert_policy(&tx, tenant, actor, component, version, text, now_ms())?;
+        let seq = audit::append(
+            &tx,
+            &NewRecord {
+                tenant,
+                actor,
+                kind: "policy.put",
+                component,
+                tool: "",
+                decision: "allow",
+                body: serde_json::json!({
+                    "old_version": old.as_ref().map(|p| p.version),
+                    "old_sha256": old.as_ref().map(|p| p.sha256.clone()),
+                    "new_version": version,
+                    "new_sha256": hash,
+                }),
+            },
+        )?;
+        tx.commit()?;
+        Ok((version, seq))
+    }
+
+    /// A policy version (`None`: the latest).
+    ///
+    /// # Errors
+    /// [`StoreError::NoPolicy`] / [`StoreError::NoComponent`].
+    pub fn policy(
+        &self,
+        tenant: &str,
+        component: &str,
+        version: Option<i64>,
+    ) -> Result<PolicyRow, StoreError> {
+        self.get(tenant, component)?;
+        let db = self.db();
+        db.query_row(
+            "SELECT version, text, sha256, created_ms, created_by FROM policies
+             WHERE tenant = ?1 AND component = ?2 AND (?3 IS NULL OR version = ?3)
+             ORDER BY version DESC LIMIT 1",
+            params![tenant, component, version],
+            |r| {
+                Ok(PolicyRow {
+                    version: r.get(0)?,
+                    text: r.get(1)?,
+                    sha256: r.get(2)?,
+                    created_ms: r.get(3)?,
+                    created_by: r.get(4)?,
+                })
+            },
+        )
+        .optional()?
+        .ok_or_else(|| StoreError::NoPolicy {
+            component: component.to_string(),
+            version: version.unwrap_or(0),
+        })
+    }
+
+    /// All policy versions of a component, oldest first (text omitted).
+    ///
+    /// # Errors
+    /// [`StoreError::NoComponent`].
+    pub fn policy_versions(
+        &self,
+        tenant: &str,
+        component: &str,
+    ) -> Result<Vec<PolicyRow>, StoreError> {
+        self.get(tenant, component)?;
+        let db = self.db();
+        let mut stmt = db.prepare(
+            "SELECT version, sha256, created_ms, created_by FROM policies
+             WHERE tenant = ?1 AND component = ?2 ORDER BY version",
+        )?;
+        let rows = stmt.query_map(params![tenant, component], |r| {
+            Ok(PolicyRow {
+                version: r.get(0)?,
+                text: String::new(),
+                sha256: r.get(1)?,
+                created_ms: r.get(2)?,
+                created_by: r.get(3)?,
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Append an invocation record.
+    ///
+    /// # Errors
+    /// Database failure.
+    pub fn audit_append(&self, r: &NewRecord<'_>) -> Result<i64, StoreError> {
+        let mut db = self.db();
+        let tx = db.transaction()?;
+        let seq = audit::append(&tx, r)?;
+        tx.commit()?;
+        Ok(seq)
+    }
+
+    /// Query one tenant's audit records.
+    ///
+    /// # Errors
+    /// Database failure.
+    pub fn audit_query(
+        &self,
+        tenant: &str,
+        f: &audit::Filter,
+    ) -> Result<Vec<audit::Record>, StoreError> {
+        Ok(audit::query(&self.db(), tenant, f)?)
+    }
+
+    /// Verify the whole chain.
+    ///
+    /// # Errors
+    /// Database failure.
+    pub fn audit_verify(
+        &self,
+        anchor: Option<(i64, &str)>,
+    ) -> Result<audit::Verification, StoreError> {
+        Ok(audit::verify(&self.db(), anchor)?)
+    }
+}
+
+fn insert_policy(
+    tx: &rusqlite::Transaction<'_>,
+    tenant: &str,
+    actor: &str,
+    component: &str,
+    version: i64,
+    text: &str,
+    now: i64,
+) -> Result<String, StoreError> {
+    let hash = hex::encode(Sha256::digest(text.as_bytes()));
+    tx.execute(
+        "INSERT INTO policies(tenant, component, version, text, sha256, created_ms, created_by)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+        params![tenant, component, version, text, hash, now, actor],
+    )?;
+    Ok(hash)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn stage(s: &Store, bytes: &[u8]) -> StagedBlob {
+        let mut w = s.begin_upload().unwrap();
+        w.write(bytes).unwrap();
+        w.finish().unwrap()
+    }
+
+    #[test]
+    fn register_is_idempotent_tenant_scoped_and_survives_reopen() {
+        let d = tempfile::tempdir().unwrap();
+        let s = Store::open(d.path()).unwrap();
+        let (created, seq) = s
+            .register("a", "tok", "c1", stage(&s, b"one"), Some("version = 1\n"))
+            .unwrap();
+        assert!(created && seq == Some(1));
+        assert_eq!(
+            s.register("a", "tok", "c1", stage(&s, b"one"), None)
+                .unwrap(),
+            (false, None)
+        );
+        assert!(matches!(
+            s.register("a", "tok", "c1", stage(&s, b"two"), None),
+            Err(StoreError::Exists(_))
+        ));
+        assert!(s.list("b").unwrap().is_empty());
+        assert!(matches!(s.get("b", "c1"), Err(StoreError::NoComponent(_))));
+        // No temporary files are left behind by any of these paths.
+        assert_eq!(std::fs::read_dir(d.path().join("tmp")).unwrap().count(), 0);
+        drop(s);
+        let s = Store::open(d.path()).unwrap();
+        let c = s.get("a", "c1").unwrap();
+        assert_eq!(c.policy_version, 1);
+        assert_eq!(s.read_blob(&c.digest).unwrap(), b"one");
+        assert!(s.audit_verify(None).unwrap().ok);
+    }
+
+    #[test]
+    fn delete_removes_rows_and_unshared_blob_and_garbage_is_collected() {
+        let d = tempfile::tempdir().unwrap();
+        let s = Store::open(d.path()).unwrap();
+        s.register("a", "t", "c1", stage(&s, b"x"), None).unwrap();
+        s.register("b", "t", "c1", stage(&s, b"x"), None).unwrap();
+        let digest = s.get("a", "c1").unwrap().digest;
+        s.delete("a", "t", "c1").unwrap();
+        assert!(s.read_blob(&digest).is_ok(), "tenant b still uses it");
+        s.delete("b", "t", "c1").unwrap();
+        assert!(s.read_blob(&digest).is_err());
+        // A crash between blob rename and commit leaves an orphan blob; an
+        // interrupted upload leaves a tmp file. Both go at the next open.
+        std::fs::write(d.path().join("blobs").join("f".repeat(64)), b"orphan").unwrap();
+        std::fs::write(d.path().join("tmp").join("partial"), b"half").unwrap();
+        drop(s);
+        let _s = Store::open(d.path()).unwrap();
+        assert_eq!(std::fs::read_dir(d.path().join("tmp")).unwrap().count(), 0);
+        assert_eq!(
+            std::fs::read_dir(d.path().join("blobs")).unwrap().count(),
+            0
+        );
+    }
+
+    #[test]
+    fn policy_versions_accumulate() {
+        let d = tempfile::tempdir().unwrap();
+        let s = Store::open(d.path()).unwrap();
+        s.register("a", "t", "c", stage(&s, b"x"), None).unwrap();
+        assert!(matches!(
+            s.policy("a", "c", None),
+            Err(StoreError::NoPolicy { .. })
+        ));
+        assert_eq!(s.put_policy("a", "t", "c", "version = 1\n").unwrap().0, 1);
+        assert_eq!(s.put_policy("a", "t", "c", "version = 1 \n").unwrap().0, 2);
+        assert_eq!(s.policy("a", "c", None).unwrap().version, 2);
+        assert_eq!(s.policy("a", "c", Some(1)).unwrap().text, "version = 1\n");
+        assert_eq!(s.policy_versions("a", "c").unwrap().len(), 2);
+        let recs = s.audit_query("a", &audit::Filter::default()).unwrap();
+        assert_eq!(recs.last().unwrap().body["old_version"], 1);
+    }
+}
