@@ -1,1 +1,876 @@
+//! `airlock serve` end to end: a real server process on 127.0.0.1, real HTTP
+//! clients (reqwest, and rmcp — the official Rust MCP SDK — for /mcp).
 
+mod common;
+
+use common::server::{ADMIN, AUDITOR, INVOKER, OTHER_ADMIN, Server};
+use serde_json::{Value, json};
+use std::io::Write;
+
+fn tmp() -> tempfile::TempDir {
+    tempfile::tempdir().unwrap()
+}
+
+fn files_policy(shared: &std::path::Path) -> String {
+    format!(
+        "version = 1\n[limits]\ntimeout = \"5s\"\n[[filesystem]]\nhost = {:?}\nguest = \"/data\"\nmode = \"ro\"\n",
+        std::fs::canonicalize(shared).unwrap()
+    )
+}
+
+#[test]
+fn full_flow_upload_policy_export_invoke_audit_verify_and_restart() {
+    let d = tmp();
+    let mut srv = Server::start(d.path(), "");
+    let c = srv.client();
+    std::fs::write(d.path().join("shared/notes.txt"), "alpha\nbeta\n").unwrap();
+
+    // Raw upload.
+    let r = c.upload(ADMIN, "kitchen", common::example_bytes("kitchen"));
+    assert_eq!(r.status, 201, "{}", r.json);
+    assert!(
+        r.json["tools"]
+            .as_array()
+            .unwrap()
+            .contains(&json!("kitchen__greet"))
+    );
+    // Same bytes again: idempotent.
+    assert_eq!(
+        c.upload(ADMIN, "kitchen", common::example_bytes("kitchen"))
+            .status,
+        200
+    );
+
+    // Multipart upload with a first policy.
+    let form = reqwest::blocking::multipart::Form::new()
+        .text("name", "files")
+        .text("policy", files_policy(&d.path().join("shared")))
+        .part(
+            "component",
+            reqwest::blocking::multipart::Part::bytes(common::example_bytes("files"))
+                .file_name("files.wasm"),
+        );
+    let r = c.send(
+        c.http
+            .post(format!("{}/v1/components", c.url))
+            .bearer_auth(ADMIN)
+            .multipart(form),
+    );
+    assert_eq!(r.status, 201, "{}", r.json);
+
+    // List and get.
+    let list = c.get(ADMIN, "/v1/components").json;
+    let names: Vec<&str> = list["components"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["files", "kitchen"]);
+    let files = c.get(ADMIN, "/v1/components/files").json;
+    assert_eq!(files["policy_version"], 1);
+    assert_eq!(files["digest"].as_str().unwrap().len(), 64);
+    assert!(files["tools"].as_array().unwrap().len() >= 4);
+    assert!(
+        files["capabilities"]
+            .as_array()
+            .unwrap()
+            .contains(&json!("filesystem"))
+    );
+
+    // Tool export in all three shapes.
+    let oa = c.get(INVOKER, "/v1/tools?format=openai").json;
+    let greet = oa["tools"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["function"]["name"] == "kitchen__greet")
+        .expect("openai greet");
+    assert_eq!(greet["type"], "function");
+    assert_eq!(greet["function"]["parameters"]["required"], json!(["name"]));
+    assert_eq!(greet["function"]["description"], "Greet someone by name.");
+    let an = c.get(INVOKER, "/v1/tools?format=anthropic").json;
+    let t0 = &an["tools"][0];
+    assert!(
+        t0["input_schema"].is_object() && t0["name"].is_string() && t0.get("parameters").is_none()
+    );
+    let mcp = c.get(INVOKER, "/v1/tools?format=mcp").json;
+    let t0 = &mcp["tools"][0];
+    assert!(t0["inputSchema"].is_object() && t0["outputSchema"]["type"] == "object");
+    for t in mcp["tools"].as_array().unwrap() {
+        let n = t["name"].as_str().unwrap();
+        assert!(
+            n.len() <= 64
+                && n.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-'),
+            "{n}"
+        );
+    }
+    assert_eq!(c.get(INVOKER, "/v1/tools?format=gemini").status, 400);
+
+    // Invoke.
+    let r = c.invoke(INVOKER, "kitchen__greet", json!({"name": "Ada"}));
+    assert_eq!(r.status, 200, "{}", r.json);
+    assert_eq!(r.json["result"]["ok"], "Hello, Ada.");
+    assert!(r.json["metering"]["fuel_used"].as_u64().unwrap() > 0);
+    let greet_record = r.json["audit"]["record"].as_i64().unwrap();
+    let r = c.invoke(
+        INVOKER,
+        "files__files_read",
+        json!({"path": "/data/notes.txt"}),
+    );
+    assert_eq!(r.status, 200, "{}", r.json);
+    assert_eq!(r.json["policy_version"], 1);
+    assert!(
+        r.json["result"]["ok"].to_string().contains("alpha"),
+        "{}",
+        r.json
+    );
+    let ev = &r.json["audit"]["events"];
+    assert!(
+        ev.as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["action"] == "fs.open" && e["decision"] == "allow"),
+        "{ev}"
+    );
+    // A write to the read-only grant is denied and audited.
+    let r = c.invoke(
+        INVOKER,
+        "files__files_write",
+        json!({"path": "/data/x.txt", "content": "no"}),
+    );
+    assert_eq!(r.status, 200);
+    assert!(r.json["result"]["ok"]["err"].is_string(), "{}", r.json);
+    assert!(!d.path().join("shared/x.txt").exists());
+
+    // Policy versions, diff, report.
+    let v2 = files_policy(&d.path().join("shared"))
+        .replace("\"5s\"", "\"7s\"")
+        .replace("\"ro\"", "\"rw\"");
+    let r = c.put_policy(ADMIN, "files", &v2);
+    assert_eq!(r.status, 201, "{}", r.json);
+    assert_eq!(r.json["version"], 2);
+    let vs = c.get(AUDITOR, "/v1/components/files/policy/versions").json;
+    assert_eq!(vs["versions"].as_array().unwrap().len(), 2);
+    let diff = c
+        .get(AUDITOR, "/v1/components/files/policy/diff?from=1&to=2")
+        .json;
+    let fields: Vec<&str> = diff["changes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x["field"].as_str().unwrap())
+        .collect();
+    assert!(fields.contains(&"limits.timeout_ms"), "{diff}");
+    assert!(fields.iter().any(|f| f.starts_with("filesystem")), "{diff}");
+    let p1 = c.get(AUDITOR, "/v1/components/files/policy?version=1").json;
+    assert!(p1["text"].as_str().unwrap().contains("\"ro\""));
+    let rep = c.get(AUDITOR, "/v1/components/kitchen/report").json;
+    assert_eq!(rep["policy_version"], 0);
+    assert!(rep["report"].is_object(), "{rep}");
+
+    // Audit query and verify.
+    let recs = c.get(AUDITOR, "/v1/audit?component=files").json;
+    let kinds: Vec<&str> = recs["records"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x["kind"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        kinds,
+        ["component.upload", "invoke", "invoke", "policy.put"],
+        "{recs}"
+    );
+    let denied = c.get(AUDITOR, "/v1/audit?decision=deny").json;
+    assert!(
+        denied["records"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|x| x["decision"] == "deny")
+    );
+    assert_eq!(denied["records"][0]["tool"], "files_write", "{denied}");
+    let greet_rec = c
+        .get(
+            AUDITOR,
+            &format!("/v1/audit?tool=greet&after_seq={}", greet_record - 1),
+        )
+        .json;
+    assert_eq!(greet_rec["records"][0]["seq"], greet_record);
+    assert_eq!(c.get(AUDITOR, "/v1/audit?decision=maybe").status, 400);
+    let v = c.get(AUDITOR, "/v1/audit/verify").json;
+    assert_eq!(v["ok"], true, "{v}");
+    let head = (
+        v["head_seq"].as_i64().unwrap(),
+        v["head_hash"].as_str().unwrap().to_string(),
+    );
+
+    // Metrics and health.
+    let m = c.send(
+        c.http
+            .get(format!("{}/metrics", c.url))
+            .bearer_auth(AUDITOR),
+    );
+    let text = m.json.as_str().unwrap().to_string();
+    assert!(
+        text.contains("airlock_calls_total{tenant=\"acme\",outcome=\"ok\"}"),
+        "{text}"
+    );
+    assert!(
+        text.contains("airlock_denials_total{tenant=\"acme\",action=\"fs.open\"}"),
+        "{text}"
+    );
+    assert!(text.contains("airlock_vms_running"));
+    assert_eq!(c.send(c.http.get(format!("{}/metrics", c.url))).status, 401);
+    assert_eq!(c.send(c.http.get(format!("{}/healthz", c.url))).status, 200);
+    assert_eq!(
+        c.send(c.http.get(format!("{}/readyz", c.url))).json["ready"],
+        true
+    );
+    let api = c
+        .send(c.http.get(format!("{}/v1/openapi.json", c.url)))
+        .json;
+    assert_eq!(api["openapi"], "3.1.0");
+
+    // Restart: everything is still there and still works.
+    srv.stop();
+    let srv2 = Server::start(d.path(), "");
+    let c = srv2.client();
+    let list = c.get(ADMIN, "/v1/components").json;
+    assert_eq!(list["components"].as_array().unwrap().len(), 2);
+    assert_eq!(
+        c.get(ADMIN, "/v1/components/files").json["policy_version"],
+        2
+    );
+    let r = c.invoke(
+        INVOKER,
+        "kitchen__greet",
+        json!({"name": "Bob", "excited": true}),
+    );
+    assert_eq!(r.json["result"]["ok"], "Hello, Bob!", "{}", r.json);
+    let v = c
+        .get(
+            AUDITOR,
+            &format!("/v1/audit/verify?head_seq={}&head_hash={}", head.0, head.1),
+        )
+        .json;
+    assert_eq!(v["ok"], true, "{v}");
+    assert_eq!(v["records"].as_i64().unwrap(), head.0 + 1);
+
+    // Delete.
+    let r = c.send(
+        c.http
+            .delete(format!("{}/v1/components/kitchen", c.url))
+            .bearer_auth(ADMIN),
+    );
+    assert_eq!(r.status, 200, "{}", r.json);
+    assert_eq!(
+        c.invoke(INVOKER, "kitchen__greet", json!({"name": "x"}))
+            .status,
+        404
+    );
+}
+
+#[test]
+fn tenants_are_isolated_and_roles_are_enforced() {
+    let d = tmp();
+    let srv = Server::start(d.path(), "");
+    let c = srv.client();
+    assert_eq!(
+        c.upload(ADMIN, "kitchen", common::example_bytes("kitchen"))
+            .status,
+        201
+    );
+
+    // The other tenant sees nothing of acme's.
+    assert_eq!(
+        c.get(OTHER_ADMIN, "/v1/components").json["components"],
+        json!([])
+    );
+    assert_eq!(c.get(OTHER_ADMIN, "/v1/components/kitchen").status, 404);
+    assert_eq!(
+        c.get(OTHER_ADMIN, "/v1/tools?format=openai").json["tools"],
+        json!([])
+    );
+    assert_eq!(
+        c.invoke(OTHER_ADMIN, "kitchen__greet", json!({"name": "x"}))
+            .status,
+        404
+    );
+    assert_eq!(c.get(OTHER_ADMIN, "/v1/audit").json["records"], json!([]));
+    // ...and may use the same name for its own component.
+    assert_eq!(
+        c.upload(OTHER_ADMIN, "kitchen", common::example_bytes("escape"))
+            .status,
+        201
+    );
+    assert!(
+        c.get(OTHER_ADMIN, "/v1/components/kitchen").json["tools"]
+            .to_string()
+            .contains("spin")
+    );
+    assert!(
+        !c.get(ADMIN, "/v1/components/kitchen").json["tools"]
+            .to_string()
+            .contains("spin")
+    );
+
+    // Roles.
+    let r = c.upload(INVOKER, "x", common::example_bytes("kitchen"));
+    assert_eq!(r.status, 403, "{}", r.json);
+    assert_eq!(r.json["error"]["code"], "forbidden");
+    assert_eq!(
+        c.upload(AUDITOR, "x", common::example_bytes("kitchen"))
+            .status,
+        403
+    );
+    assert_eq!(
+        c.put_policy(INVOKER, "kitchen", "version = 1\n").status,
+        403
+    );
+    assert_eq!(
+        c.invoke(AUDITOR, "kitchen__greet", json!({"name": "x"}))
+            .status,
+        403
+    );
+    assert_eq!(c.get(INVOKER, "/v1/audit").status, 403);
+    assert_eq!(c.get(INVOKER, "/v1/audit/verify").status, 403);
+    assert_eq!(c.get(AUDITOR, "/v1/audit").status, 200);
+    assert_eq!(
+        c.get(AUDITOR, "/v1/components/kitchen/policy/versions")
+            .status,
+        200
+    );
+    assert_eq!(
+        c.send(
+            c.http
+                .delete(format!("{}/v1/components/kitchen", c.url))
+                .bearer_auth(AUDITOR)
+        )
+        .status,
+        403
+    );
+    // Authentication.
+    assert_eq!(c.get("not-a-token", "/v1/components").status, 401);
+    let r = c.send(c.http.get(format!("{}/v1/components", c.url)));
+    assert_eq!(r.status, 401);
+    assert_eq!(r.json["error"]["code"], "unauthorized");
+}
+
+#[test]
+fn limits_give_clear_4xx_json_errors() {
+    let d = tmp();
+    let extra = "[limits]\nmax_upload_bytes = 1000000\nmax_request_bytes = 4096\nmax_args_bytes = 1024\nmax_concurrent_calls_per_tenant = 1\n";
+    let srv = Server::start(d.path(), extra);
+    let c = srv.client();
+    // Oversized upload: 413, nothing registered, nothing left in tmp/.
+    let r = c.upload(ADMIN, "big", vec![0u8; 1_100_000]);
+    assert_eq!(r.status, 413, "{}", r.json);
+    assert_eq!(r.json["error"]["field"], "component");
+    assert_eq!(r.json["error"]["limit"], 1000000);
+    assert_eq!(c.get(ADMIN, "/v1/components").json["components"], json!([]));
+    assert_eq!(
+        std::fs::read_dir(srv.data().join("tmp")).unwrap().count(),
+        0
+    );
+
+    assert_eq!(
+        c.upload(ADMIN, "kitchen", common::example_bytes("kitchen"))
+            .status,
+        201
+    );
+    assert_eq!(
+        c.upload(ADMIN, "escape", common::example_bytes("escape"))
+            .status,
+        201
+    );
+    // Request body over max_request_bytes.
+    let r = c.put_policy(
+        ADMIN,
+        "kitchen",
+        &format!("version = 1\n#{}\n", "x".repeat(5000)),
+    );
+    assert_eq!(r.status, 413, "{}", r.json);
+    assert_eq!(r.json["error"]["field"], "policy");
+    // Arguments over max_args_bytes (but under the request limit).
+    let r = c.invoke(INVOKER, "kitchen__greet", json!({"name": "n".repeat(2000)}));
+    assert_eq!(r.status, 413, "{}", r.json);
+    assert_eq!(r.json["error"]["field"], "arguments");
+
+    // Per-tenant concurrency: one slow call holds the only slot.
+    assert_eq!(
+        c.put_policy(ADMIN, "escape", "version = 1\n[limits]\ntimeout = \"3s\"\n")
+            .status,
+        201
+    );
+    let url = c.url.clone();
+    let slow = std::thread::spawn(move || {
+        reqwest::blocking::Client::new()
+            .post(format!("{url}/v1/tools/escape__sleep-forever:invoke"))
+            .bearer_auth(INVOKER)
+            .json(&json!({}))
+            .send()
+            .unwrap()
+            .json::<Value>()
+            .unwrap()
+    });
+    std::thread::sleep(std::time::Duration::from_millis(800));
+    let r = c.invoke(INVOKER, "kitchen__greet", json!({"name": "x"}));
+    assert_eq!(r.status, 429, "{}", r.json);
+    assert_eq!(r.json["error"]["code"], "too_many_calls");
+    // Another tenant is not affected.
+    assert_eq!(
+        c.upload(OTHER_ADMIN, "kitchen", common::example_bytes("kitchen"))
+            .status,
+        201
+    );
+    assert_eq!(
+        c.invoke(OTHER_ADMIN, "kitchen__greet", json!({"name": "x"}))
+            .status,
+        200
+    );
+    let slow = slow.join().unwrap();
+    assert_eq!(slow["result"]["error"]["kind"], "timeout", "{slow}");
+    // The slot is free again.
+    assert_eq!(
+        c.invoke(INVOKER, "kitchen__greet", json!({"name": "x"}))
+            .status,
+        200
+    );
+}
+
+#[test]
+fn malformed_input_is_a_structured_error_and_never_kills_the_server() {
+    let d = tmp();
+    let srv = Server::start(d.path(), "");
+    let c = srv.client();
+    let r = c.upload(ADMIN, "junk", b"\0asm garbage".to_vec());
+    assert_eq!(r.status, 400, "{}", r.json);
+    assert_eq!(r.json["error"]["code"], "invalid_component");
+    assert_eq!(r.json["error"]["field"], "component");
+    // A core module, not a component.
+    let core = b"\0asm\x01\0\0\0".to_vec();
+    let r = c.upload(ADMIN, "core", core);
+    assert_eq!(r.status, 400, "{}", r.json);
+    assert!(
+        r.json["error"]["message"]
+            .as_str()
+            .unwrap()
+            .to_lowercase()
+            .contains("component"),
+        "{}",
+        r.json
+    );
+    let r = c.upload(ADMIN, "Bad Name", common::example_bytes("kitchen"));
+    assert_eq!(r.json["error"]["field"], "name", "{}", r.json);
+    let r = c.upload(ADMIN, "empty", vec![]);
+    assert_eq!(r.status, 400);
+    let r = c.send(
+        c.http
+            .post(format!("{}/v1/components", c.url))
+            .bearer_auth(ADMIN)
+            .body(common::example_bytes("kitchen")),
+    );
+    assert_eq!(r.json["error"]["field"], "name", "{}", r.json);
+    assert_eq!(
+        std::fs::read_dir(srv.data().join("blobs")).unwrap().count(),
+        0,
+        "rejected uploads leave no blobs"
+    );
+
+    assert_eq!(
+        c.upload(ADMIN, "kitchen", common::example_bytes("kitchen"))
+            .status,
+        201
+    );
+    assert_eq!(
+        c.upload(ADMIN, "kitchen", common::example_bytes("escape"))
+            .status,
+        409
+    );
+    // Bad policies name the field.
+    let r = c.put_policy(
+        ADMIN,
+        "kitchen",
+        "version = 1\n[limits]\nmemory = \"lots\"\n",
+    );
+    assert_eq!(r.status, 400);
+    assert_eq!(
+        r.json["error"]["field"], "policy.limits.memory",
+        "{}",
+        r.json
+    );
+    let r = c.put_policy(ADMIN, "kitchen", "version = [\n");
+    assert_eq!(r.json["error"]["code"], "invalid_policy");
+    let r = c.put_policy(
+        ADMIN,
+        "kitchen",
+        "version = 1\n[[filesystem]]\nhost = \"/etc\"\nguest = \"/etc\"\nmode = \"ro\"\n",
+    );
+    assert_eq!(r.status, 400);
+    assert_eq!(
+        r.json["error"]["field"], "policy.filesystem[0].host",
+        "{}",
+        r.json
+    );
+    assert_eq!(c.put_policy(ADMIN, "nope", "version = 1\n").status, 404);
+    // Bad JSON and bad arguments.
+    let r = c.send(
+        c.http
+            .post(format!("{}/v1/tools/kitchen__greet:invoke", c.url))
+            .bearer_auth(INVOKER)
+            .body("{not json"),
+    );
+    assert_eq!(r.status, 400);
+    assert_eq!(r.json["error"]["code"], "invalid_json");
+    let r = c.post_json(
+        INVOKER,
+        "/v1/tools/kitchen__greet:invoke",
+        &json!({"args": {}}),
+    );
+    assert_eq!(r.json["error"]["field"], "body.args", "{}", r.json);
+    let r = c.invoke(INVOKER, "kitchen__greet", json!({"name": 42}));
+    assert_eq!(r.status, 400);
+    assert_eq!(r.json["error"]["code"], "bad_arguments");
+    assert_eq!(r.json["error"]["field"], "args.name");
+    let r = c.invoke(INVOKER, "kitchen__greet", json!([1, 2]));
+    assert_eq!(r.json["error"]["field"], "arguments", "{}", r.json);
+    assert_eq!(c.invoke(INVOKER, "kitchen__nope", json!({})).status, 404);
+    assert_eq!(c.invoke(INVOKER, "nocomponent", json!({})).status, 404);
+    assert_eq!(
+        c.post_json(INVOKER, "/v1/tools/kitchen__greet", &json!({}))
+            .status,
+        404
+    );
+    assert_eq!(
+        c.get(ADMIN, "/v1/components/kitchen/policy/diff?from=x")
+            .status,
+        400
+    );
+    assert_eq!(c.get(ADMIN, "/v1/nothing").status, 404);
+    // Still serving.
+    assert_eq!(
+        c.invoke(INVOKER, "kitchen__greet", json!({"name": "ok"}))
+            .status,
+        200
+    );
+}
+
+#[test]
+fn kill_9_during_an_upload_leaves_no_half_registered_component() {
+    let d = tmp();
+    let mut srv = Server::start(d.path(), "");
+    let addr = srv.url.trim_start_matches("http://").to_string();
+    let total = 4 << 20;
+    let mut s = std::net::TcpStream::connect(&addr).unwrap();
+    write!(
+        s,
+        "POST /v1/components?name=half HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {ADMIN}\r\nContent-Type: application/wasm\r\nContent-Length: {total}\r\n\r\n"
+    )
+    .unwrap();
+    s.write_all(&vec![7u8; total / 2]).unwrap();
+    s.flush().unwrap();
+    // Wait until the server is writing the upload, then kill it.
+    let tmp_dir = srv.data().join("tmp");
+    let start = std::time::Instant::now();
+    loop {
+        let written: u64 = std::fs::read_dir(&tmp_dir)
+            .unwrap()
+            .flatten()
+            .map(|e| e.metadata().map(|m| m.len()).unwrap_or(0))
+            .sum();
+        if written > 0 {
+            break;
+        }
+        assert!(
+            start.elapsed().as_secs() < 30,
+            "the upload never reached tmp/"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    srv.kill9();
+    drop(s);
+    assert_eq!(
+        std::fs::read_dir(&tmp_dir).unwrap().count(),
+        1,
+        "the partial upload is on disk"
+    );
+
+    let srv = Server::start(d.path(), "");
+    let c = srv.client();
+    assert_eq!(c.get(ADMIN, "/v1/components").json["components"], json!([]));
+    assert_eq!(
+        std::fs::read_dir(&tmp_dir).unwrap().count(),
+        0,
+        "cleaned at start"
+    );
+    assert_eq!(
+        std::fs::read_dir(srv.data().join("blobs")).unwrap().count(),
+        0
+    );
+    assert_eq!(c.get(AUDITOR, "/v1/audit/verify").json["ok"], true);
+    // The name is free and the service works.
+    assert_eq!(
+        c.upload(ADMIN, "half", common::example_bytes("kitchen"))
+            .status,
+        201
+    );
+}
+
+#[test]
+fn audit_verify_cli_detects_edits_deletions_and_reordering() {
+    let d = tmp();
+    let mut srv = Server::start(d.path(), "");
+    let c = srv.client();
+    c.upload(ADMIN, "kitchen", common::example_bytes("kitchen"));
+    for n in ["a", "b", "c"] {
+        assert_eq!(
+            c.invoke(INVOKER, "kitchen__greet", json!({"name": n}))
+                .status,
+            200
+        );
+    }
+    srv.stop();
+    let data = srv.data();
+    let verify = |extra: &[&str]| {
+        let o = std::process::Command::new(env!("CARGO_BIN_EXE_airlock"))
+            .args(["audit", "verify", "--data-dir"])
+            .arg(&data)
+            .args(extra)
+            .output()
+            .unwrap();
+        let v: Value = serde_json::from_slice(&o.stdout).unwrap_or(Value::Null);
+        (o.status.code(), v)
+    };
+    let (code, v) = verify(&[]);
+    assert_eq!(code, Some(0), "{v}");
+    assert_eq!(v["records"], 4);
+    let anchor = format!("4:{}", v["head_hash"].as_str().unwrap());
+
+    let db = rusqlite::Connection::open(data.join("airlock.db")).unwrap();
+    let snapshot: Vec<(i64, String, String)> = {
+        let mut st = db
+            .prepare("SELECT seq, body, hash FROM audit ORDER BY seq")
+            .unwrap();
+        st.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+            .unwrap()
+            .map(Result::unwrap)
+            .collect()
+    };
+    // Edit.
+    db.execute("UPDATE audit SET decision = 'deny' WHERE seq = 3", [])
+        .unwrap();
+    let (code, v) = verify(&[]);
+    assert_eq!(code, Some(1));
+    assert!(
+        v["problem"]
+            .as_str()
+            .unwrap()
+            .contains("record 3 was edited"),
+        "{v}"
+    );
+    db.execute("UPDATE audit SET decision = 'allow' WHERE seq = 3", [])
+        .unwrap();
+    assert_eq!(verify(&[]).0, Some(0));
+    // Reorder (swap the bodies and hashes of 2 and 3).
+    db.execute(
+        "UPDATE audit SET body = ?1, hash = ?2 WHERE seq = 2",
+        rusqlite::params![snapshot[2].1, snapshot[2].2],
+    )
+    .unwrap();
+    db.execute(
+        "UPDATE audit SET body = ?1, hash = ?2 WHERE seq = 3",
+        rusqlite::params![snapshot[1].1, snapshot[1].2],
+    )
+    .unwrap();
+    assert_eq!(verify(&[]).0, Some(1));
+    db.execute(
+        "UPDATE audit SET body = ?1, hash = ?2 WHERE seq = 2",
+        rusqlite::params![snapshot[1].1, snapshot[1].2],
+    )
+    .unwrap();
+    db.execute(
+        "UPDATE audit SET body = ?1, hash = ?2 WHERE seq = 3",
+        rusqlite::params![snapshot[2].1, snapshot[2].2],
+    )
+    .unwrap();
+    assert_eq!(verify(&[]).0, Some(0));
+    // Delete in the middle; then truncation, caught by the anchor.
+    let tx = db.unchecked_transaction().unwrap();
+    tx.execute("DELETE FROM audit WHERE seq = 4", []).unwrap();
+    tx.commit().unwrap();
+    assert_eq!(
+        verify(&[]).0,
+        Some(0),
+        "a shorter chain is valid on its own"
+    );
+    let (code, v) = verify(&["--anchor", &anchor]);
+    assert_eq!(code, Some(1));
+    assert!(
+        v["problem"]
+            .as_str()
+            .unwrap()
+            .contains("removed from the end"),
+        "{v}"
+    );
+    db.execute("DELETE FROM audit WHERE seq = 2", []).unwrap();
+    let (code, v) = verify(&[]);
+    assert_eq!(code, Some(1));
+    assert!(
+        v["problem"]
+            .as_str()
+            .unwrap()
+            .contains("record 2 is missing"),
+        "{v}"
+    );
+}
+
+#[test]
+fn mcp_works_with_the_official_rust_client_and_validates_origin_and_session() {
+    use rmcp::ServiceExt;
+    use rmcp::model::{CallToolRequestParams, ClientCapabilities, ClientConfig, Implementation};
+    use rmcp::transport::StreamableHttpClientTransport;
+    use rmcp::transport::streamable_http_client::StreamableHttpClientTransportConfig;
+
+    let d = tmp();
+    let srv = Server::start(d.path(), "");
+    let c = srv.client();
+    assert_eq!(
+        c.upload(ADMIN, "kitchen", common::example_bytes("kitchen"))
+            .status,
+        201
+    );
+    assert_eq!(
+        c.upload(ADMIN, "escape", common::example_bytes("escape"))
+            .status,
+        201
+    );
+    let mcp_url = format!("{}/mcp", srv.url);
+
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let mut cfg = StreamableHttpClientTransportConfig::with_uri(mcp_url.clone());
+        cfg.auth_header = Some(INVOKER.to_string());
+        let transport = StreamableHttpClientTransport::from_config(cfg);
+        let info = ClientConfig::new(
+            ClientCapabilities::default(),
+            Implementation::new("airlock-test", "0.1"),
+        );
+        let client = info.serve(transport).await.expect("MCP initialize");
+        let server = client.peer_info().expect("server info");
+        assert_eq!(
+            server.server_info.as_ref().map(|i| i.name.as_str()),
+            Some("airlock")
+        );
+
+        let tools = client
+            .list_tools(Default::default())
+            .await
+            .expect("tools/list");
+        let names: Vec<String> = tools.tools.iter().map(|t| t.name.to_string()).collect();
+        assert!(names.contains(&"kitchen__greet".to_string()), "{names:?}");
+        assert!(names.contains(&"escape__spin".to_string()));
+
+        let args = json!({"name": "Ada"}).as_object().cloned().unwrap();
+        let r = client
+            .call_tool(CallToolRequestParams::new("kitchen__greet").with_arguments(args))
+            .await
+            .expect("tools/call");
+        assert_eq!(r.is_error, Some(false));
+        assert_eq!(r.structured_content, Some(json!({"result": "Hello, Ada."})));
+
+        // Bad arguments come back as a tool error the model can read.
+        let bad = json!({"name": 1}).as_object().cloned().unwrap();
+        let r = client
+            .call_tool(CallToolRequestParams::new("kitchen__greet").with_arguments(bad))
+            .await
+            .expect("tools/call");
+        assert_eq!(r.is_error, Some(true));
+        // Unknown tool: a JSON-RPC error.
+        assert!(
+            client
+                .call_tool(CallToolRequestParams::new("kitchen__nope"))
+                .await
+                .is_err()
+        );
+        client.cancel().await.unwrap();
+    });
+
+    // Raw protocol checks.
+    let init = json!({"jsonrpc": "2.0", "id": 1, "method": "initialize",
+        "params": {"protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "raw", "version": "1"}}});
+    let post = |origin: Option<&str>, session: Option<&str>, body: &Value| {
+        let mut rq = c
+            .http
+            .post(&mcp_url)
+            .bearer_auth(INVOKER)
+            .header("accept", "application/json, text/event-stream")
+            .json(body);
+        if let Some(o) = origin {
+            rq = rq.header("origin", o);
+        }
+        if let Some(s) = session {
+            rq = rq.header("mcp-session-id", s);
+        }
+        rq.send().unwrap()
+    };
+    assert_eq!(post(Some("http://evil.example"), None, &init).status(), 403);
+    let ok = post(Some("http://localhost:5173"), None, &init);
+    assert_eq!(ok.status(), 200);
+    let session = ok.headers()["mcp-session-id"].to_str().unwrap().to_string();
+    assert_eq!(
+        ok.json::<Value>().unwrap()["result"]["protocolVersion"],
+        "2025-06-18"
+    );
+    let list = json!({"jsonrpc": "2.0", "id": 2, "method": "tools/list"});
+    assert_eq!(post(None, None, &list).status(), 400, "session required");
+    assert_eq!(post(None, Some("bogus"), &list).status(), 404);
+    let r = post(None, Some(&session), &list);
+    assert_eq!(r.status(), 200);
+    assert!(r.json::<Value>().unwrap()["result"]["tools"].is_array());
+    let note = json!({"jsonrpc": "2.0", "method": "notifications/initialized"});
+    assert_eq!(post(None, Some(&session), &note).status(), 202);
+    let r = post(
+        None,
+        Some(&session),
+        &json!({"jsonrpc": "2.0", "id": 3, "method": "nope"}),
+    );
+    assert_eq!(r.json::<Value>().unwrap()["error"]["code"], -32601);
+    assert_eq!(
+        c.http
+            .get(&mcp_url)
+            .bearer_auth(INVOKER)
+            .send()
+            .unwrap()
+            .status(),
+        405
+    );
+    assert_eq!(
+        c.http.post(&mcp_url).json(&init).send().unwrap().status(),
+        401
+    );
+    // Another tenant cannot use this session.
+    let r = c
+        .http
+        .post(&mcp_url)
+        .bearer_auth(OTHER_ADMIN)
+        .header("mcp-session-id", &session)
+        .json(&list)
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 404);
+    let del = c
+        .http
+        .delete(&mcp_url)
+        .bearer_auth(INVOKER)
+        .header("mcp-session-id", &session)
+        .send()
+        .unwrap();
+    assert_eq!(del.status(), 204);
+    assert_eq!(post(None, Some(&session), &list).status(), 404);
+}

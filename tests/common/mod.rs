@@ -2,6 +2,8 @@
 //! server on 127.0.0.1.
 #![allow(dead_code)]
 
+pub mod server;
+
 use std::net::SocketAddr;
 use std::path::PathBuf;
 

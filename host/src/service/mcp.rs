@@ -42,6 +42,8 @@ fn http_error(status: StatusCode, code: &str, message: &str) -> Response {
         .into_response()
 }
 
+// An early-return response, built once per rejected request: size does not matter.
+#[allow(clippy::result_large_err)]
 fn check_origin(s: &AppState, headers: &HeaderMap) -> Result<(), Response> {
     match headers.get(header::ORIGIN).and_then(|v| v.to_str().ok()) {
         None => Ok(()),
@@ -54,6 +56,7 @@ fn check_origin(s: &AppState, headers: &HeaderMap) -> Result<(), Response> {
     }
 }
 
+#[allow(clippy::result_large_err)]
 fn common(s: &AppState, headers: &HeaderMap) -> Result<Principal, Response> {
     check_origin(s, headers)?;
     let who = principal(s, headers).map_err(IntoResponse::into_response)?;

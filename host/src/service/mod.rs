@@ -146,12 +146,12 @@ impl Principal {
     /// # Errors
     /// [`ServiceError::Forbidden`].
     pub fn require(&self, action: Action) -> Result<(), ServiceError> {
-        let ok = match (self.role, action) {
-            (Role::Admin, _) => true,
-            (Role::Invoker, Action::Invoke | Action::Read) => true,
-            (Role::Auditor, Action::Read | Action::Audit) => true,
-            _ => false,
-        };
+        let ok = matches!(
+            (self.role, action),
+            (Role::Admin, _)
+                | (Role::Invoker, Action::Invoke | Action::Read)
+                | (Role::Auditor, Action::Read | Action::Audit)
+        );
         if ok {
             return Ok(());
         }
