@@ -874,3 +874,41 @@ fn mcp_works_with_the_official_rust_client_and_validates_origin_and_session() {
     assert_eq!(del.status(), 204);
     assert_eq!(post(None, Some(&session), &list).status(), 404);
 }
+
+#[test]
+fn agent_loop_example_plays_a_function_calling_conversation() {
+    let d = tmp();
+    let srv = Server::start(d.path(), "");
+    let c = srv.client();
+    assert_eq!(
+        c.upload(ADMIN, "kitchen", common::example_bytes("kitchen"))
+            .status,
+        201
+    );
+    let manifest = std::env::var_os("CARGO_MANIFEST_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| env!("CARGO_MANIFEST_DIR").into());
+    let script =
+        std::fs::read_to_string(manifest.join("../examples/agent-loop/script.json")).unwrap();
+    let model = agent_loop::ScriptedModel::parse(&script).unwrap();
+    let messages = agent_loop::run(&agent_loop::Airlock::new(&srv.url, INVOKER), &model).unwrap();
+    let tool_msgs: Vec<&Value> = messages.iter().filter(|m| m["role"] == "tool").collect();
+    assert_eq!(tool_msgs.len(), 3);
+    assert_eq!(
+        tool_msgs[0]["content"],
+        json!({"ok": "Hello, Ada!"}).to_string()
+    );
+    // The bad call comes back with the field at fault, for the model to fix.
+    let err: Value = serde_json::from_str(tool_msgs[1]["content"].as_str().unwrap()).unwrap();
+    assert_eq!(err["error"]["field"], "args.values[0]", "{err}");
+    let ok: Value = serde_json::from_str(tool_msgs[2]["content"].as_str().unwrap()).unwrap();
+    assert_eq!(ok["ok"]["count"], 4, "{ok}");
+    assert_eq!(messages.last().unwrap()["role"], "assistant");
+    // A tool that was not offered stops the loop.
+    let bad = agent_loop::ScriptedModel::parse(&script.replace("kitchen__greet", "kitchen__rm-rf"))
+        .unwrap();
+    assert!(matches!(
+        agent_loop::run(&agent_loop::Airlock::new(&srv.url, INVOKER), &bad),
+        Err(agent_loop::LoopError::UnknownTool(_))
+    ));
+}
