@@ -6,6 +6,8 @@
 //! * `cargo xtask kernel` — build the guest kernel, cached under the cache dir.
 //! * `cargo xtask rootfs [--selftest]` — build the initramfs, reproducibly.
 //! * `cargo xtask guest-image` — all of the above, paths in `<cache>/guest-image.json`.
+//! * `cargo xtask bench service` — HTTP invocations/s and p50/p99 at
+//!   concurrency 1/8/64 next to the CLI runner, in one run
 //! * `cargo xtask bench runner` — per-call latency of the runner's fast path
 //!   against instantiate-from-bytes, printed as a ratio.
 
@@ -15,6 +17,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+mod bench_service;
 mod image;
 mod kernel;
 mod nested;
@@ -44,7 +47,7 @@ enum Cmd {
     Nested,
     /// Benchmarks that print ratios measured in one run.
     Bench {
-        /// Which benchmark: `runner`.
+        /// Which benchmark: `runner` or `service`.
         which: String,
         /// Calls per measurement.
         #[arg(long, default_value_t = 2000)]
@@ -85,7 +88,8 @@ fn main() -> anyhow::Result<()> {
         }),
         Cmd::Bench { which, iterations } => match which.as_str() {
             "runner" => bench_runner(iterations),
-            other => bail!("unknown benchmark {other:?}; available: runner"),
+            "service" => bench_service::run(iterations),
+            other => bail!("unknown benchmark {other:?}; available: runner, service"),
         },
     }
 }
@@ -95,7 +99,7 @@ pub fn examples_out() -> PathBuf {
     root().join("examples/out")
 }
 
-fn examples() -> anyhow::Result<()> {
+pub fn examples() -> anyhow::Result<()> {
     let dir = root().join("examples");
     let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
         .args([
