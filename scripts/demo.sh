@@ -3,12 +3,9 @@
 # policy, and call it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-export AIRLOCK_CACHE="${AIRLOCK_CACHE:-$HOME/.cache/airlock}"
-export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$AIRLOCK_CACHE/target}"
-mkdir -p "$AIRLOCK_CACHE"
-rustup target add wasm32-wasip2 >/dev/null
+source scripts/setup.sh
 cargo xtask examples
-cargo build --release -p airlock
+cargo build --release -p airlock -p agent-loop
 AIRLOCK="$CARGO_TARGET_DIR/release/airlock"
 EX=examples/out
 say() { printf '\n\033[1m# %s\033[0m\n' "$*"; }
@@ -43,6 +40,39 @@ say "The same tool may not write: the read-only grant is enforced and audited"
   --args '{"path": "/notes/todo.txt", "content": "pwned"}' --isolation "$isolation" || true
 say "An adversarial tool trying to loop forever is stopped"
 "$AIRLOCK" run "$EX/escape.wasm" --policy "$work/policy.toml" --tool spin --isolation "$isolation" || true
+
+say "The service: airlock serve on 127.0.0.1 — upload over HTTP, export as LLM tools, call, audit"
+token="$(od -An -N16 -tx1 /dev/urandom | tr -d ' \n')"
+cat > "$work/serve.toml" <<TOML
+allowed_host_dirs = ["$work/notes"]
+[[tokens]]
+name = "demo-admin"
+token = "$token"
+tenant = "demo"
+role = "admin"
+TOML
+sed "s|host = \"notes\"|host = \"$work/notes\"|" "$work/policy.toml" > "$work/policy-abs.toml"
+"$AIRLOCK" serve --config "$work/serve.toml" --data-dir "$work/data" --listen 127.0.0.1:0 > "$work/serve.out" &
+server=$!
+trap 'kill $server 2>/dev/null; rm -rf "$work"' EXIT
+for _ in $(seq 100); do grep -q listening "$work/serve.out" 2>/dev/null && break; sleep 0.1; done
+url="$(sed -n 's/^airlock: listening on //p' "$work/serve.out")"
+auth=(-H "Authorization: Bearer $token")
+echo "serving on $url"
+curl -sSf "${auth[@]}" -F name=files -F "component=@$EX/files.wasm" -F "policy=<$work/policy-abs.toml" "$url/v1/components"; echo
+curl -sSf "${auth[@]}" --data-binary "@$EX/kitchen.wasm" "$url/v1/components?name=kitchen" >/dev/null
+say "The tools, in OpenAI's function-calling shape (also format=anthropic and format=mcp; MCP clients use $url/mcp)"
+curl -sSf "${auth[@]}" "$url/v1/tools?format=openai" \
+  | python3 -c 'import json,sys; [print("  ", t["function"]["name"], "-", t["function"]["description"]) for t in json.load(sys.stdin)["tools"]]'
+say "Call files__files_search over HTTP"
+curl -sSf "${auth[@]}" -d '{"arguments": {"dir": "/notes", "needle": "milk"}}' "$url/v1/tools/files__files_search:invoke"; echo
+say "An agent loop (examples/agent-loop) wiring these tools into a function-calling conversation"
+AIRLOCK_TOKEN="$token" "$CARGO_TARGET_DIR/release/agent-loop" --url "$url" --script examples/agent-loop/script.json
+say "The audit log: every upload and call, hash-chained"
+curl -sSf "${auth[@]}" "$url/v1/audit/verify"; echo
+kill "$server"; wait "$server" || true
+"$AIRLOCK" audit verify --data-dir "$work/data"
+say "Note: the service runs calls in the Wasm wall in-process until the VMM's vsock device lands (same code path, then --isolation vm)."
 
 say "The microVM wall: Airlock's VMM boots the guest, whose PID 1 runs example tools in wasmtime"
 image="$(cargo xtask guest-image | tail -1)"
