@@ -912,3 +912,46 @@ fn agent_loop_example_plays_a_function_calling_conversation() {
         Err(agent_loop::LoopError::UnknownTool(_))
     ));
 }
+
+#[test]
+fn a_call_whose_client_disconnects_still_finishes_and_is_audited() {
+    let d = tmp();
+    let srv = Server::start(d.path(), "");
+    let c = srv.client();
+    assert_eq!(
+        c.upload(ADMIN, "escape", common::example_bytes("escape"))
+            .status,
+        201
+    );
+    assert_eq!(
+        c.put_policy(ADMIN, "escape", "version = 1\n[limits]\ntimeout = \"2s\"\n")
+            .status,
+        201
+    );
+    let addr = srv.url.trim_start_matches("http://").to_string();
+    let body = r#"{"arguments": {}}"#;
+    let mut s = std::net::TcpStream::connect(&addr).unwrap();
+    write!(
+        s,
+        "POST /v1/tools/escape__sleep-forever:invoke HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {INVOKER}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    drop(s);
+    // The call runs to its 2 s timeout and is recorded anyway.
+    let start = std::time::Instant::now();
+    loop {
+        let recs = c.get(AUDITOR, "/v1/audit?kind=invoke").json;
+        if let Some(r) = recs["records"].as_array().and_then(|a| a.first()) {
+            assert_eq!(r["tool"], "sleep-forever");
+            assert_eq!(r["body"]["result"], "timeout", "{r}");
+            break;
+        }
+        assert!(
+            start.elapsed().as_secs() < 20,
+            "the abandoned call was never recorded"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+}

@@ -27,7 +27,7 @@ mod metrics;
 pub mod store;
 
 use crate::policy::{self, Policy};
-use airlock_guest::{CallError, CallOutcome, CallResult, Decision, EngineConfig, Loaded, Runner};
+use airlock_guest::{CallError, CallResult, Decision, EngineConfig, Loaded, Runner};
 use config::{Config, Role};
 use serde::Serialize;
 use sha2::{Digest, Sha256};
@@ -514,19 +514,70 @@ impl Service {
             )));
         }
         let (policy, policy_version) = self.effective_policy(&who.tenant, component)?;
-        let _permit = self.tenant_slot(&who.tenant)?;
-        self.metrics.running.inc();
+        let permit = self.tenant_slot(&who.tenant)?;
         let svc = self.clone();
-        let tool_owned = tool.to_string();
+        let (tenant, actor) = (who.tenant.clone(), who.name.clone());
+        let (component, tool) = (component.to_string(), tool.to_string());
         let grants = policy.grant_set();
-        let outcome: CallOutcome = tokio::spawn(async move {
-            svc.runner
-                .invoke_async(&loaded, &tool_owned, &args, &grants)
-                .await
-        })
-        .await
-        .map_err(|e| ServiceError::Internal(format!("the call task failed: {e}")))?;
-        self.metrics.running.dec();
+        // The call, its metrics and its audit record live in their own task:
+        // if the client goes away, the call still finishes (or times out),
+        // holds its tenant slot until then, and is recorded.
+        let task = tokio::spawn(async move {
+            let _permit = permit;
+            svc.metrics.running.inc();
+            let outcome = svc
+                .runner
+                .invoke_async(&loaded, &tool, &args, &grants)
+                .await;
+            svc.metrics.running.dec();
+            if matches!(
+                outcome.result,
+                CallResult::Error(CallError::BadArguments { .. })
+            ) {
+                // Refused before running: nothing happened to record.
+                return Ok((outcome, 0));
+            }
+            let denied = outcome.audit.iter().any(|e| e.decision == Decision::Deny);
+            let decision = match (&outcome.result, denied) {
+                (_, true) => "deny",
+                (CallResult::Error(_), false) => "error",
+                (CallResult::Ok(_), false) => "allow",
+            };
+            let result_kind = match &outcome.result {
+                CallResult::Ok(_) => "ok".to_string(),
+                CallResult::Error(e) => serde_json::to_value(e)
+                    .ok()
+                    .and_then(|v| v["kind"].as_str().map(str::to_string))
+                    .unwrap_or_else(|| "error".into()),
+            };
+            svc.metrics.observe_call(&tenant, &result_kind, &outcome);
+            let body = serde_json::json!({
+                "digest": row.digest,
+                "policy_version": policy_version,
+                "isolation": "process",
+                "result": result_kind,
+                "metering": outcome.metering,
+                "events": outcome.audit,
+            });
+            // SQLite commits fsync: keep them off the async workers.
+            let seq = tokio::task::spawn_blocking(move || {
+                svc.store.audit_append(&audit::NewRecord {
+                    tenant: &tenant,
+                    actor: &actor,
+                    kind: "invoke",
+                    component: &component,
+                    tool: &tool,
+                    decision,
+                    body,
+                })
+            })
+            .await
+            .map_err(|e| ServiceError::Internal(format!("the audit task failed: {e}")))??;
+            Ok::<_, ServiceError>((outcome, seq))
+        });
+        let (outcome, seq) = task
+            .await
+            .map_err(|e| ServiceError::Internal(format!("the call task failed: {e}")))??;
         if let CallResult::Error(CallError::BadArguments { path, message }) = &outcome.result {
             return Err(bad(
                 "bad_arguments",
@@ -534,37 +585,6 @@ impl Service {
                 format!("{path}: {message}"),
             ));
         }
-        let denied = outcome.audit.iter().any(|e| e.decision == Decision::Deny);
-        let decision = match (&outcome.result, denied) {
-            (_, true) => "deny",
-            (CallResult::Error(_), false) => "error",
-            (CallResult::Ok(_), false) => "allow",
-        };
-        let result_kind = match &outcome.result {
-            CallResult::Ok(_) => "ok".to_string(),
-            CallResult::Error(e) => serde_json::to_value(e)
-                .ok()
-                .and_then(|v| v["kind"].as_str().map(str::to_string))
-                .unwrap_or_else(|| "error".into()),
-        };
-        self.metrics
-            .observe_call(&who.tenant, &result_kind, &outcome);
-        let seq = self.store.audit_append(&audit::NewRecord {
-            tenant: &who.tenant,
-            actor: &who.name,
-            kind: "invoke",
-            component,
-            tool,
-            decision,
-            body: serde_json::json!({
-                "digest": row.digest,
-                "policy_version": policy_version,
-                "isolation": "process",
-                "result": result_kind,
-                "metering": outcome.metering,
-                "events": outcome.audit,
-            }),
-        })?;
         let events = outcome
             .audit
             .iter()
@@ -576,7 +596,10 @@ impl Service {
             })
             .collect();
         Ok(Invocation {
-            component: component.to_string(),
+            component: exported
+                .split_once(TOOL_SEP)
+                .map(|(c, _)| c.to_string())
+                .unwrap_or_default(),
             tool: exported.to_string(),
             result: outcome.result,
             metering: outcome.metering,
