@@ -69,7 +69,15 @@ fn full_flow_upload_policy_export_invoke_audit_verify_and_restart() {
     assert_eq!(names, ["files", "kitchen"]);
     let files = c.get(ADMIN, "/v1/components/files").json;
     assert_eq!(files["policy_version"], 1);
-    assert_eq!(files["digest"].as_str().unwrap().len(), 64);
+    let digest = files["digest"].as_str().unwrap().to_string();
+    assert_eq!(digest.len(), 64);
+    assert!(srv.data().join("blobs").join(&digest).exists());
+    // The compiled form is cached next to the blob, keyed by engine configuration.
+    let artifacts: Vec<String> = std::fs::read_dir(srv.data().join("artifacts"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(artifacts.iter().any(|a| a.starts_with(&digest) && a.ends_with(".cwasm")), "{artifacts:?}");
     assert!(files["tools"].as_array().unwrap().len() >= 4);
     assert!(
         files["capabilities"]
