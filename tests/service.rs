@@ -77,7 +77,12 @@ fn full_flow_upload_policy_export_invoke_audit_verify_and_restart() {
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
         .collect();
-    assert!(artifacts.iter().any(|a| a.starts_with(&digest) && a.ends_with(".cwasm")), "{artifacts:?}");
+    assert!(
+        artifacts
+            .iter()
+            .any(|a| a.starts_with(&digest) && a.ends_with(".cwasm")),
+        "{artifacts:?}"
+    );
     assert!(files["tools"].as_array().unwrap().len() >= 4);
     assert!(
         files["capabilities"]

@@ -156,3 +156,63 @@ fn twenty_boots_in_a_row_leak_no_fds_threads_or_memory() {
     let growth = a["rss_kib"].as_i64().unwrap() - b["rss_kib"].as_i64().unwrap();
     assert!(growth < 4096, "RSS grew by {growth} KiB over 20 boots: {v}");
 }
+
+/// The same call with `--isolation process`, here on the host.
+fn process_outcome(component: &str, tool: &str, args: &str, policy: Option<&str>) -> Value {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_airlock"));
+    cmd.arg("run").arg(common::example(component)).args([
+        "--tool",
+        tool,
+        "--args",
+        args,
+        "--isolation",
+        "process",
+    ]);
+    if let Some(p) = policy {
+        let path = dir.path().join("p.toml");
+        std::fs::write(&path, p).unwrap();
+        cmd.arg("--policy").arg(path);
+    }
+    let o = cmd.output().unwrap();
+    serde_json::from_slice(&o.stdout).expect("process outcome is JSON")
+}
+
+#[test]
+fn tools_run_inside_the_microvm_with_the_same_results_as_in_process() {
+    let (v, code) = scenario("vm-invoke");
+    assert_eq!(code, 0, "{v}");
+    let local = process_outcome(
+        "kitchen",
+        "recipes_summarize",
+        r#"{"values": [12, 30, 45, 8]}"#,
+        None,
+    );
+    assert_eq!(v["result"], local["result"], "vm: {v}\nprocess: {local}");
+    assert_eq!(v["result"]["ok"]["mean"], 23.75);
+    assert_eq!(v["metering"]["fuel_used"], local["metering"]["fuel_used"]);
+    assert_eq!(v["audit"], local["audit"]);
+}
+
+#[test]
+fn the_escape_components_attempts_are_stopped_inside_the_microvm_too() {
+    let (v, code) = scenario("vm-escape-spin");
+    assert_eq!(code, 1, "a failed call exits 1: {v}");
+    assert_eq!(v["result"]["error"]["kind"], "cpu_limit", "{v}");
+    let local = process_outcome(
+        "escape",
+        "spin",
+        "{}",
+        Some("version = 1\n[limits]\nfuel = 2000000\n"),
+    );
+    assert_eq!(v["result"], local["result"]);
+
+    let (v, _) = scenario("vm-escape-socket");
+    let events = v["audit"].as_array().expect("audit events");
+    assert!(
+        events
+            .iter()
+            .any(|e| e["action"] == "socket.connect" && e["decision"] == "deny"),
+        "{v}"
+    );
+}

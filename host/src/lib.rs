@@ -6,5 +6,6 @@
 pub mod devices;
 pub mod policy;
 pub mod report;
+pub mod sandbox;
 pub mod service;
 pub mod vmm;

@@ -47,9 +47,19 @@ enum Cmd {
         /// Arguments as a JSON object.
         #[arg(long, default_value = "{}")]
         args: String,
-        /// Where the call runs.
-        #[arg(long, value_enum, default_value_t = Isolation::Process)]
+        /// Where the call runs: in a KVM microVM (default), or in this
+        /// process's Wasm sandbox only (development).
+        #[arg(long, value_enum, default_value_t = Isolation::Vm)]
         isolation: Isolation,
+        /// Guest kernel for --isolation vm (default: from `cargo xtask guest-image`).
+        #[arg(long)]
+        kernel: Option<PathBuf>,
+        /// Guest initramfs for --isolation vm (default: from `cargo xtask guest-image`).
+        #[arg(long)]
+        initrd: Option<PathBuf>,
+        /// Guest memory for --isolation vm, MiB.
+        #[arg(long, default_value_t = 256)]
+        memory_mib: u32,
     },
     /// Boot the guest in a microVM on this host's KVM and report how it ended.
     Vm {
@@ -160,6 +170,8 @@ impl BootImage {
             vcpus,
             timeout: std::time::Duration::from_secs(timeout_secs),
             console_cap,
+            vsock: None,
+            stop: None,
         }
     }
 }
@@ -260,12 +272,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             tool,
             args,
             isolation,
+            kernel,
+            initrd,
+            memory_mib,
         } => {
-            if isolation == Isolation::Vm {
-                bail!(
-                    "--isolation vm is not available yet (the VMM milestone); use --isolation process"
-                );
-            }
             let args: serde_json::Value =
                 serde_json::from_str(&args).context("--args is not valid JSON")?;
             let policy = match policy {
@@ -274,8 +284,15 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             };
             let bytes = read_component(&component)?;
             let runner = cli_runner()?;
-            let loaded = runner.load_wasm(&bytes)?;
-            let outcome = runner.invoke(&loaded, &tool, &args, &policy.grant_set());
+            let outcome = match isolation {
+                Isolation::Process => {
+                    let loaded = runner.load_wasm(&bytes)?;
+                    runner.invoke(&loaded, &tool, &args, &policy.grant_set())
+                }
+                Isolation::Vm => run_in_vm(
+                    &runner, &bytes, kernel, initrd, memory_mib, &tool, &args, &policy,
+                )?,
+            };
             print_json(&outcome)?;
             Ok(match outcome.result {
                 CallResult::Ok(_) => ExitCode::SUCCESS,
@@ -297,6 +314,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 airlock::vmm::VmExit::Reset => "reset".to_string(),
                 airlock::vmm::VmExit::Halted => "halted".to_string(),
                 airlock::vmm::VmExit::Timeout => "timeout".to_string(),
+                airlock::vmm::VmExit::Stopped => "stopped".to_string(),
                 airlock::vmm::VmExit::Error(e) => format!("error: {e}"),
             };
             print_json(&serde_json::json!({
@@ -478,6 +496,83 @@ fn serve(
     drop(service);
     result?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// The guest kernel and agent initramfs: flags, else the manifest written by
+/// `cargo xtask guest-image`.
+fn guest_image(
+    kernel: Option<PathBuf>,
+    initrd: Option<PathBuf>,
+) -> anyhow::Result<(PathBuf, PathBuf)> {
+    if let (Some(k), Some(i)) = (&kernel, &initrd) {
+        return Ok((k.clone(), i.clone()));
+    }
+    let cache = std::env::var_os("AIRLOCK_CACHE")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/airlock")))
+        .context("set AIRLOCK_CACHE or HOME")?;
+    let manifest = cache.join("guest-image.json");
+    let text = std::fs::read_to_string(&manifest).with_context(|| {
+        format!(
+            "--isolation vm needs a guest image: pass --kernel and --initrd, or build one with `cargo xtask guest-image` ({} is missing)",
+            manifest.display()
+        )
+    })?;
+    let v: serde_json::Value = serde_json::from_str(&text)?;
+    let get = |k: &str| {
+        v[k].as_str()
+            .map(PathBuf::from)
+            .with_context(|| format!("{} has no {k}", manifest.display()))
+    };
+    Ok((
+        kernel.map_or_else(|| get("vmlinux"), Ok)?,
+        initrd.map_or_else(|| get("initramfs"), Ok)?,
+    ))
+}
+
+/// One call in a fresh microVM: precompile here, boot, load, invoke, shut down.
+#[allow(clippy::too_many_arguments)]
+fn run_in_vm(
+    runner: &Runner,
+    wasm: &[u8],
+    kernel: Option<PathBuf>,
+    initrd: Option<PathBuf>,
+    memory_mib: u32,
+    tool: &str,
+    args: &serde_json::Value,
+    policy: &Policy,
+) -> anyhow::Result<airlock_guest::CallOutcome> {
+    use airlock::sandbox::{Sandbox, SandboxConfig};
+    // Refuse hosts that cannot run the guest before compiling anything.
+    airlock::vmm::check_host().map_err(|e| {
+        anyhow::anyhow!(
+            "{e} For development, --isolation process runs the Wasm sandbox without the VM."
+        )
+    })?;
+    if !policy.filesystem.is_empty() {
+        bail!(
+            "the policy grants directories, which reach a microVM over virtio-fs — not built yet; use --isolation process for tools that need files"
+        );
+    }
+    let (kernel, initrd) = guest_image(kernel, initrd)?;
+    let artifact = runner.precompile(wasm)?;
+    let docs = airlock_wasm_tools::docs::from_component(wasm).functions;
+    let timeout = std::time::Duration::from_millis(policy.limits.timeout_ms);
+    let mut sb = Sandbox::boot(&SandboxConfig {
+        kernel,
+        initrd,
+        memory_mib,
+        vcpus: 1,
+        ready_timeout: std::time::Duration::from_secs(300),
+        life_timeout: timeout + std::time::Duration::from_secs(600),
+        engine: runner.fingerprint(),
+    })?;
+    tracing::info!(ready_ms = sb.ready_after.as_millis() as u64, boot = ?sb.boot, "guest ready");
+    let (digest, _tools) = sb.load(&artifact, &runner.fingerprint(), docs)?;
+    let outcome = sb.invoke(&digest, tool, args, &policy.grant_set())?;
+    let report = sb.shutdown()?;
+    tracing::info!(exit = ?report.exit, wall_ms = report.wall.as_millis() as u64, "VM ended");
+    Ok(outcome)
 }
 
 /// The CLI runs one call per process: no pooling (it would only reserve

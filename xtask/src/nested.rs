@@ -97,28 +97,28 @@ echo NESTED-END
 poweroff -f
 "#;
 
-const VM_TESTS: &str = r#"# Each scenario: its name, then `airlock vm boot` arguments.
+const VM_TESTS: &str = r#"# Each scenario: its name, then an `airlock` subcommand and its arguments.
 # `airlock_only=<name>` on the outer kernel command line runs just that one.
 G=/guest
-result() {
+E=/examples
+scenario() {
   name=$1; shift
   if [ -n "$airlock_only" ] && [ "$airlock_only" != "$name" ]; then return; fi
   echo "NESTED-RESULT-BEGIN $name"
-  /airlock vm boot --kernel $G/vmlinux "$@" 2>&1
+  /airlock "$@" 2>&1
   echo "NESTED-RESULT-END $name $?"
 }
-result selftest --initrd $G/initramfs-selftest.cpio.gz --cmdline airlock.selftest=1 --timeout-secs 900
-result panic --initrd $G/initramfs-selftest.cpio.gz --cmdline airlock.selftest=panic --timeout-secs 300
-result never-ready --initrd $G/initramfs.cpio.gz --timeout-secs 20
-result pvm-free-check --initrd /nonexistent.cpio.gz
-soak() {
-  name=$1; shift
-  if [ -n "$airlock_only" ] && [ "$airlock_only" != "$name" ]; then return; fi
-  echo "NESTED-RESULT-BEGIN $name"
-  /airlock vm soak --kernel $G/vmlinux "$@" 2>&1
-  echo "NESTED-RESULT-END $name $?"
-}
-soak twenty-boots --initrd $G/initramfs-selftest.cpio.gz --cmdline airlock.selftest=panic --count 20 --timeout-secs 120
+BOOT="vm boot --kernel $G/vmlinux"
+VMRUN="--isolation vm --kernel $G/vmlinux --initrd $G/initramfs.cpio.gz"
+printf 'version = 1\n[limits]\nfuel = 2000000\n' > /tmp/small-fuel.toml
+scenario vm-invoke run $E/kitchen.wasm --tool recipes_summarize --args '{"values": [12, 30, 45, 8]}' $VMRUN
+scenario vm-escape-spin run $E/escape.wasm --tool spin --policy /tmp/small-fuel.toml $VMRUN
+scenario vm-escape-socket run $E/escape.wasm --tool open-socket --args '{"addr": "10.0.2.2:80"}' $VMRUN
+scenario selftest $BOOT --initrd $G/initramfs-selftest.cpio.gz --cmdline airlock.selftest=1 --timeout-secs 900
+scenario panic $BOOT --initrd $G/initramfs-selftest.cpio.gz --cmdline airlock.selftest=panic --timeout-secs 300
+scenario never-ready $BOOT --initrd $G/initramfs.cpio.gz --timeout-secs 20
+scenario pvm-free-check $BOOT --initrd /nonexistent.cpio.gz
+scenario twenty-boots vm soak --kernel $G/vmlinux --initrd $G/initramfs-selftest.cpio.gz --cmdline airlock.selftest=panic --count 20 --timeout-secs 120
 "#;
 
 /// Build everything and write `<cache>/nested.json`.
@@ -151,6 +151,16 @@ pub fn build() -> anyhow::Result<()> {
         ("vm-tests.sh".into(), PathBuf::new(), 0o100_644),
         ("bin/busybox".into(), busybox, 0o100_755),
         ("airlock".into(), airlock, 0o100_755),
+        (
+            "examples/kitchen.wasm".into(),
+            super::examples_out().join("kitchen.wasm"),
+            0o100_644,
+        ),
+        (
+            "examples/escape.wasm".into(),
+            super::examples_out().join("escape.wasm"),
+            0o100_644,
+        ),
         (
             "lib/modules/irqbypass.ko".into(),
             modules.join("kernel/virt/lib/irqbypass.ko"),
@@ -217,6 +227,7 @@ fn outer_cpio(files: &[(String, Vec<u8>, u32)]) -> anyhow::Result<Vec<u8>> {
         "lib",
         "lib/modules",
         "guest",
+        "examples",
     ] {
         ino += 1;
         Builder::new(d)

@@ -10,14 +10,18 @@
 //!   panic and on host-side errors, all vCPU threads are stopped and joined and
 //!   every fd and mapping is dropped before [`Vm::run`] returns.
 //!
-//! Not yet here (next milestone): virtio-mmio vsock, virtio-fs, pmem.
+//! Devices: COM1, and (when configured) virtio-vsock on virtio-mmio.
+//! Not yet: virtio-fs, pmem.
 
 pub mod layout;
 
 use crate::devices::serial::{COM1_BASE, COM1_IRQ, Com1, ConsoleLog, com1};
+use crate::devices::virtio_mmio::{MMIO_SIZE, MmioTransport, VirtioDevice, VirtioError};
+use crate::devices::vsock::Vsock;
 use kvm_bindings::{
     KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY, kvm_pit_config, kvm_userspace_memory_region,
 };
+use kvm_ioctls::IoEventAddress;
 use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
 use linux_loader::loader::{Cmdline, KernelLoader, elf::Elf, load_cmdline};
 use std::path::{Path, PathBuf};
@@ -25,6 +29,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+use virtio_bindings::virtio_mmio::VIRTIO_MMIO_QUEUE_NOTIFY;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -87,7 +92,25 @@ pub struct VmConfig {
     pub timeout: Duration,
     /// Cap on the kept console log.
     pub console_cap: usize,
+    /// A virtio-vsock device bridged to this Unix socket path (hybrid vsock).
+    pub vsock: Option<VsockConfig>,
+    /// Set to stop the VM from outside (it then ends as [`VmExit::Stopped`]).
+    pub stop: Option<Arc<AtomicBool>>,
 }
+
+/// The guest's vsock device.
+#[derive(Debug, Clone)]
+pub struct VsockConfig {
+    /// The guest's CID (3 or more).
+    pub guest_cid: u64,
+    /// Host-side Unix socket (`CONNECT <port>\n` → `OK <port>\n`).
+    pub uds_path: PathBuf,
+}
+
+/// Guest-physical base of the virtio-mmio vsock window and its IRQ.
+pub const VSOCK_MMIO_BASE: u64 = 0xd000_0000;
+/// IRQ of the vsock device (an ISA pin of the IOAPIC, edge).
+pub const VSOCK_IRQ: u32 = 5;
 
 /// The base kernel command line: serial console, reset by triple fault,
 /// no legacy probing, RNG trusted at once.
@@ -102,6 +125,8 @@ pub enum VmExit {
     Halted,
     /// The wall-clock limit passed and the VM was stopped.
     Timeout,
+    /// The host asked the VM to stop.
+    Stopped,
     /// KVM reported an error exit (failed entry, internal error).
     Error(String),
 }
@@ -238,6 +263,13 @@ pub fn run(cfg: &VmConfig) -> Result<RunReport, VmmError> {
             .insert_str(&cfg.cmdline_extra)
             .map_err(|e| VmmError::Config(format!("command line: {e}")))?;
     }
+    if cfg.vsock.is_some() {
+        cmdline
+            .insert_str(format!(
+                "virtio_mmio.device=4K@{VSOCK_MMIO_BASE:#x}:{VSOCK_IRQ}"
+            ))
+            .map_err(|e| VmmError::Config(format!("command line: {e}")))?;
+    }
     load_cmdline(&mem, GuestAddress(layout::CMDLINE), &cmdline)
         .map_err(|e| VmmError::Config(e.to_string()))?;
     let cmdline_len = cmdline
@@ -288,6 +320,10 @@ pub fn run(cfg: &VmConfig) -> Result<RunReport, VmmError> {
     vm.register_irqfd(&irq, COM1_IRQ)
         .map_err(kvm_err("register serial irqfd"))?;
     let serial = Arc::new(Mutex::new(com1(irq, console.clone())));
+    let vsock = match &cfg.vsock {
+        Some(v) => Some(vsock_device(&vm, &mem, v)?),
+        None => None,
+    };
 
     // vCPUs.
     let cpuid = kvm
@@ -319,7 +355,18 @@ pub fn run(cfg: &VmConfig) -> Result<RunReport, VmmError> {
         vcpus.push(vcpu);
     }
 
-    let exit = run_vcpus(vcpus, &vm, &serial, cfg.timeout);
+    let exit = run_vcpus(
+        vcpus,
+        &vm,
+        &serial,
+        vsock.as_ref(),
+        cfg.timeout,
+        cfg.stop.as_deref(),
+    );
+    if let Some(v) = &vsock {
+        v.lock().unwrap_or_else(|p| p.into_inner()).shutdown();
+    }
+    drop(vsock);
     drop(vm);
     drop(mem);
     Ok(RunReport {
@@ -327,6 +374,42 @@ pub fn run(cfg: &VmConfig) -> Result<RunReport, VmmError> {
         console: console.text(),
         wall: start.elapsed(),
     })
+}
+
+/// The vsock device on its virtio-mmio window: irqfd for its IRQ, one
+/// ioeventfd per queue on the QueueNotify register.
+fn vsock_device(
+    vm: &VmFd,
+    mem: &GuestMemoryMmap,
+    v: &VsockConfig,
+) -> Result<Arc<Mutex<MmioTransport>>, VmmError> {
+    let dev_err = |e: VirtioError| VmmError::Config(e.to_string());
+    if v.guest_cid < 3 {
+        return Err(VmmError::Config(format!(
+            "the guest CID must be 3 or more, got {}",
+            v.guest_cid
+        )));
+    }
+    let device = Vsock::new(v.guest_cid, v.uds_path.clone()).map_err(dev_err)?;
+    let irq =
+        EventFd::new(libc_efd_nonblock()).map_err(|e| VmmError::Memory(format!("eventfd: {e}")))?;
+    vm.register_irqfd(&irq, VSOCK_IRQ)
+        .map_err(kvm_err("register vsock irqfd"))?;
+    let mut evts = Vec::new();
+    for q in 0..device.queue_max_sizes().len() as u32 {
+        let e = EventFd::new(libc_efd_nonblock())
+            .map_err(|e| VmmError::Memory(format!("eventfd: {e}")))?;
+        vm.register_ioevent(
+            &e,
+            &IoEventAddress::Mmio(VSOCK_MMIO_BASE + u64::from(VIRTIO_MMIO_QUEUE_NOTIFY)),
+            q,
+        )
+        .map_err(kvm_err("register vsock ioeventfd"))?;
+        evts.push(e);
+    }
+    let t =
+        MmioTransport::new(Box::new(device), mem.clone(), Arc::new(irq), evts).map_err(dev_err)?;
+    Ok(Arc::new(Mutex::new(t)))
 }
 
 fn libc_efd_nonblock() -> i32 {
@@ -355,11 +438,15 @@ fn kick_signal() -> i32 {
 
 extern "C" fn noop_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
 
+type Mmio = Option<Arc<Mutex<MmioTransport>>>;
+
 fn run_vcpus(
     vcpus: Vec<VcpuFd>,
     _vm: &VmFd,
     serial: &Arc<Mutex<Com1>>,
+    vsock: Option<&Arc<Mutex<MmioTransport>>>,
     timeout: Duration,
+    external_stop: Option<&AtomicBool>,
 ) -> VmExit {
     static HANDLER: std::sync::Once = std::sync::Once::new();
     HANDLER.call_once(|| {
@@ -374,10 +461,11 @@ fn run_vcpus(
         let stop = stop.clone();
         let tx = tx.clone();
         let serial = serial.clone();
+        let vsock: Mmio = vsock.cloned();
         let t = std::thread::Builder::new()
             .name(format!("airlock-vcpu{i}"))
             .spawn(move || {
-                let exit = vcpu_loop(&mut vcpu, &serial, &stop);
+                let exit = vcpu_loop(&mut vcpu, &serial, &vsock, &stop);
                 stop.store(true, Ordering::SeqCst);
                 let _ = tx.send(exit);
             })
@@ -385,9 +473,22 @@ fn run_vcpus(
         threads.push(t);
     }
     drop(tx);
-    let exit = match rx.recv_timeout(timeout) {
-        Ok(e) => e,
-        Err(_) => VmExit::Timeout,
+    let deadline = Instant::now() + timeout;
+    let exit = loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            break VmExit::Timeout;
+        }
+        if external_stop.is_some_and(|s| s.load(Ordering::SeqCst)) {
+            break VmExit::Stopped;
+        }
+        match rx.recv_timeout(left.min(Duration::from_millis(50))) {
+            Ok(e) => break e,
+            Err(mpsc::RecvTimeoutError::Timeout) => {}
+            Err(mpsc::RecvTimeoutError::Disconnected) => {
+                break VmExit::Error("vCPU threads ended without a report".into());
+            }
+        }
     };
     stop.store(true, Ordering::SeqCst);
     for t in threads {
@@ -402,8 +503,14 @@ fn run_vcpus(
     exit
 }
 
-fn vcpu_loop(vcpu: &mut VcpuFd, serial: &Arc<Mutex<Com1>>, stop: &AtomicBool) -> VmExit {
+fn vcpu_loop(
+    vcpu: &mut VcpuFd,
+    serial: &Arc<Mutex<Com1>>,
+    vsock: &Mmio,
+    stop: &AtomicBool,
+) -> VmExit {
     let com1 = COM1_BASE..COM1_BASE + 8;
+    let vsock_window = VSOCK_MMIO_BASE..VSOCK_MMIO_BASE + MMIO_SIZE;
     loop {
         if stop.load(Ordering::SeqCst) {
             return VmExit::Timeout;
@@ -425,8 +532,22 @@ fn vcpu_loop(vcpu: &mut VcpuFd, serial: &Arc<Mutex<Com1>>, stop: &AtomicBool) ->
                     data.fill(0xff); // no device
                 }
             }
-            Ok(VcpuExit::MmioRead(_, data)) => data.fill(0),
-            Ok(VcpuExit::MmioWrite(..)) => {}
+            Ok(VcpuExit::MmioRead(addr, data)) => match vsock {
+                Some(v) if vsock_window.contains(&addr) => v
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .read(addr - VSOCK_MMIO_BASE, data),
+                _ => data.fill(0),
+            },
+            Ok(VcpuExit::MmioWrite(addr, data)) => {
+                if let Some(v) = vsock
+                    && vsock_window.contains(&addr)
+                {
+                    v.lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .write(addr - VSOCK_MMIO_BASE, data);
+                }
+            }
             Ok(VcpuExit::Shutdown) => return VmExit::Reset,
             Ok(VcpuExit::Hlt) => return VmExit::Halted,
             Ok(VcpuExit::SystemEvent(..)) => return VmExit::Reset,

@@ -1,0 +1,294 @@
+//! The virtio-mmio transport (virtio 1.x "modern" register layout).
+//!
+//! The guest finds the device from the kernel command line
+//! (`virtio_mmio.device=4K@<base>:<irq>`). Register reads and writes arrive
+//! on vCPU threads as MMIO exits; queue notifications do not: each queue's
+//! `QueueNotify` write is bound to an eventfd with KVM ioeventfd, so the
+//! device's own thread wakes without a vCPU exit. Interrupts go out through
+//! an irqfd after setting `InterruptStatus`.
+//!
+//! **Invariant:** the device is activated (handed its queues and guest
+//! memory) exactly once, when the driver sets DRIVER_OK after negotiating
+//! `VIRTIO_F_VERSION_1`; queue configuration written after that is ignored.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+use virtio_bindings::virtio_config::{
+    VIRTIO_CONFIG_S_ACKNOWLEDGE, VIRTIO_CONFIG_S_DRIVER, VIRTIO_CONFIG_S_DRIVER_OK,
+    VIRTIO_CONFIG_S_FAILED, VIRTIO_CONFIG_S_FEATURES_OK, VIRTIO_F_VERSION_1,
+};
+use virtio_bindings::virtio_mmio::*;
+use virtio_queue::{Queue, QueueT};
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::eventfd::EventFd;
+
+/// Size of one device's MMIO window.
+pub const MMIO_SIZE: u64 = 0x1000;
+
+/// Errors of the transport.
+#[derive(Debug, thiserror::Error)]
+pub enum VirtioError {
+    /// An eventfd could not be created.
+    #[error("An eventfd for a virtio device could not be created: {0}.")]
+    EventFd(std::io::Error),
+    /// The device could not start.
+    #[error("The virtio device could not start: {0}.")]
+    Activate(String),
+}
+
+/// The device's way to interrupt the guest.
+#[derive(Clone)]
+pub struct Interrupt {
+    status: Arc<AtomicU32>,
+    irqfd: Arc<EventFd>,
+}
+
+impl Interrupt {
+    /// Tell the guest that used buffers are ready.
+    pub fn signal_used_queue(&self) {
+        self.status
+            .fetch_or(VIRTIO_MMIO_INT_VRING, Ordering::SeqCst);
+        if let Err(e) = self.irqfd.write(1) {
+            tracing::warn!(error = %e, "virtio interrupt could not be raised");
+        }
+    }
+}
+
+/// What the device gets when the driver is ready.
+pub struct Activation {
+    /// Guest memory.
+    pub mem: GuestMemoryMmap,
+    /// The configured queues, in index order.
+    pub queues: Vec<Queue>,
+    /// One eventfd per queue, written by KVM when the guest notifies it.
+    pub queue_evts: Vec<EventFd>,
+    /// The interrupt.
+    pub interrupt: Interrupt,
+}
+
+/// A virtio device behind the transport.
+pub trait VirtioDevice: Send {
+    /// Virtio device id (19 = vsock).
+    fn device_type(&self) -> u32;
+    /// Feature bits offered (VERSION_1 is added by the transport).
+    fn features(&self) -> u64;
+    /// Maximum size of each queue; the length is the number of queues.
+    fn queue_max_sizes(&self) -> &[u16];
+    /// Read the device-specific configuration space.
+    fn read_config(&self, offset: u64, data: &mut [u8]);
+    /// Start working.
+    ///
+    /// # Errors
+    /// The device cannot start.
+    fn activate(&mut self, a: Activation) -> Result<(), VirtioError>;
+    /// Stop any thread and release resources (idempotent).
+    fn shutdown(&mut self);
+}
+
+/// One virtio-mmio device: registers + the device.
+pub struct MmioTransport {
+    device: Box<dyn VirtioDevice>,
+    mem: GuestMemoryMmap,
+    queues: Vec<Queue>,
+    queue_evts: Vec<Option<EventFd>>,
+    interrupt: Interrupt,
+    device_features_sel: u32,
+    driver_features_sel: u32,
+    driver_features: u64,
+    queue_sel: u32,
+    status: u32,
+    config_generation: u32,
+    activated: bool,
+}
+
+impl MmioTransport {
+    /// Wrap a device. `queue_evts` are the ioeventfds already registered
+    /// with KVM for this device's QueueNotify register (one per queue).
+    ///
+    /// # Errors
+    /// Queue creation failed.
+    pub fn new(
+        device: Box<dyn VirtioDevice>,
+        mem: GuestMemoryMmap,
+        irqfd: Arc<EventFd>,
+        queue_evts: Vec<EventFd>,
+    ) -> Result<Self, VirtioError> {
+        let queues = device
+            .queue_max_sizes()
+            .iter()
+            .map(|&n| Queue::new(n).map_err(|e| VirtioError::Activate(e.to_string())))
+            .collect::<Result<_, _>>()?;
+        Ok(Self {
+            device,
+            mem,
+            queues,
+            queue_evts: queue_evts.into_iter().map(Some).collect(),
+            interrupt: Interrupt {
+                status: Arc::new(AtomicU32::new(0)),
+                irqfd,
+            },
+            device_features_sel: 0,
+            driver_features_sel: 0,
+            driver_features: 0,
+            queue_sel: 0,
+            status: 0,
+            config_generation: 0,
+            activated: false,
+        })
+    }
+
+    fn all_features(&self) -> u64 {
+        self.device.features() | (1u64 << VIRTIO_F_VERSION_1)
+    }
+
+    fn queue(&mut self) -> Option<&mut Queue> {
+        self.queues.get_mut(self.queue_sel as usize)
+    }
+
+    /// A guest read of `data.len()` bytes at `offset` into the window.
+    pub fn read(&self, offset: u64, data: &mut [u8]) {
+        if offset >= 0x100 {
+            self.device.read_config(offset - 0x100, data);
+            return;
+        }
+        let q = self.queues.get(self.queue_sel as usize);
+        let v: u32 = match offset as u32 {
+            VIRTIO_MMIO_MAGIC_VALUE => 0x7472_6976, // "virt"
+            VIRTIO_MMIO_VERSION => 2,
+            VIRTIO_MMIO_DEVICE_ID => self.device.device_type(),
+            VIRTIO_MMIO_VENDOR_ID => 0x4b4c_5241, // "ARLK"
+            VIRTIO_MMIO_DEVICE_FEATURES => match self.device_features_sel {
+                0 => self.all_features() as u32,
+                1 => (self.all_features() >> 32) as u32,
+                _ => 0,
+            },
+            VIRTIO_MMIO_QUEUE_NUM_MAX => q.map_or(0, |q| u32::from(q.max_size())),
+            VIRTIO_MMIO_QUEUE_READY => q.map_or(0, |q| u32::from(q.ready())),
+            VIRTIO_MMIO_INTERRUPT_STATUS => self.interrupt.status.load(Ordering::SeqCst),
+            VIRTIO_MMIO_STATUS => self.status,
+            VIRTIO_MMIO_CONFIG_GENERATION => self.config_generation,
+            _ => 0,
+        };
+        let bytes = v.to_le_bytes();
+        let n = data.len().min(4);
+        data[..n].copy_from_slice(&bytes[..n]);
+    }
+
+    /// A guest write at `offset`.
+    pub fn write(&mut self, offset: u64, data: &[u8]) {
+        if offset >= 0x100 || data.len() != 4 {
+            return; // vsock's config space is read-only; registers are 32-bit
+        }
+        let v = u32::from_le_bytes([data[0], data[1], data[2], data[3]]);
+        let configurable = !self.activated
+            && self.status & VIRTIO_CONFIG_S_FEATURES_OK != 0
+            && self.status & VIRTIO_CONFIG_S_DRIVER_OK == 0;
+        match offset as u32 {
+            VIRTIO_MMIO_DEVICE_FEATURES_SEL => self.device_features_sel = v,
+            VIRTIO_MMIO_DRIVER_FEATURES_SEL => self.driver_features_sel = v,
+            VIRTIO_MMIO_DRIVER_FEATURES => match self.driver_features_sel {
+                0 => self.driver_features = (self.driver_features & !0xffff_ffff) | u64::from(v),
+                1 => {
+                    self.driver_features =
+                        (self.driver_features & 0xffff_ffff) | (u64::from(v) << 32)
+                }
+                _ => {}
+            },
+            VIRTIO_MMIO_QUEUE_SEL => self.queue_sel = v,
+            VIRTIO_MMIO_QUEUE_NUM if configurable => {
+                if let Some(q) = self.queue() {
+                    q.set_size(v as u16);
+                }
+            }
+            VIRTIO_MMIO_QUEUE_READY if configurable => {
+                if let Some(q) = self.queue() {
+                    q.set_ready(v == 1);
+                }
+            }
+            VIRTIO_MMIO_QUEUE_DESC_LOW if configurable => {
+                self.queue()
+                    .map(|q| q.set_desc_table_address(Some(v), None));
+            }
+            VIRTIO_MMIO_QUEUE_DESC_HIGH if configurable => {
+                self.queue()
+                    .map(|q| q.set_desc_table_address(None, Some(v)));
+            }
+            VIRTIO_MMIO_QUEUE_AVAIL_LOW if configurable => {
+                self.queue()
+                    .map(|q| q.set_avail_ring_address(Some(v), None));
+            }
+            VIRTIO_MMIO_QUEUE_AVAIL_HIGH if configurable => {
+                self.queue()
+                    .map(|q| q.set_avail_ring_address(None, Some(v)));
+            }
+            VIRTIO_MMIO_QUEUE_USED_LOW if configurable => {
+                self.queue().map(|q| q.set_used_ring_address(Some(v), None));
+            }
+            VIRTIO_MMIO_QUEUE_USED_HIGH if configurable => {
+                self.queue().map(|q| q.set_used_ring_address(None, Some(v)));
+            }
+            VIRTIO_MMIO_INTERRUPT_ACK => {
+                self.interrupt.status.fetch_and(!v, Ordering::SeqCst);
+            }
+            VIRTIO_MMIO_STATUS => self.set_status(v),
+            _ => {}
+        }
+    }
+
+    fn set_status(&mut self, v: u32) {
+        if v == 0 {
+            if self.activated {
+                tracing::warn!("the guest reset an active virtio device; it stays stopped");
+                self.device.shutdown();
+            }
+            self.status = 0;
+            self.driver_features = 0;
+            for q in &mut self.queues {
+                q.reset();
+            }
+            return;
+        }
+        if v & VIRTIO_CONFIG_S_FEATURES_OK != 0 && self.status & VIRTIO_CONFIG_S_FEATURES_OK == 0 {
+            // Only features we offered, and VERSION_1 must be among them.
+            let ok = self.driver_features & !self.all_features() == 0
+                && self.driver_features & (1u64 << VIRTIO_F_VERSION_1) != 0;
+            if !ok {
+                self.status = v & !VIRTIO_CONFIG_S_FEATURES_OK;
+                return;
+            }
+        }
+        self.status = v;
+        let ready = VIRTIO_CONFIG_S_ACKNOWLEDGE
+            | VIRTIO_CONFIG_S_DRIVER
+            | VIRTIO_CONFIG_S_FEATURES_OK
+            | VIRTIO_CONFIG_S_DRIVER_OK;
+        if !self.activated && v & ready == ready && v & VIRTIO_CONFIG_S_FAILED == 0 {
+            self.activate();
+        }
+    }
+
+    fn activate(&mut self) {
+        let evts: Option<Vec<EventFd>> = self.queue_evts.iter_mut().map(Option::take).collect();
+        let Some(queue_evts) = evts else { return };
+        // The device thread owns the queues from now on.
+        let queues = std::mem::take(&mut self.queues);
+        let r = self.device.activate(Activation {
+            mem: self.mem.clone(),
+            queues,
+            queue_evts,
+            interrupt: self.interrupt.clone(),
+        });
+        match r {
+            Ok(()) => self.activated = true,
+            Err(e) => {
+                tracing::error!(error = %e, "virtio device activation failed");
+                self.status |= VIRTIO_CONFIG_S_FAILED;
+            }
+        }
+    }
+
+    /// Stop the device (at VM teardown).
+    pub fn shutdown(&mut self) {
+        self.device.shutdown();
+    }
+}

@@ -1,0 +1,738 @@
+//! virtio-vsock in userspace, with a host-side Unix socket ("hybrid vsock").
+//!
+//! * Host → guest: connect to the Unix socket at `uds_path`, write
+//!   `CONNECT <port>\n`; when the guest accepts, the device answers
+//!   `OK <host port>\n` and the stream carries the connection. When nothing
+//!   listens on that guest port (the guest RSTs) the Unix stream is closed,
+//!   so a client retries until the guest is ready.
+//! * Guest → host: a guest connection to host port `P` (CID 2) is bridged to
+//!   the Unix socket `<uds_path>_<P>` if something listens there; otherwise
+//!   the guest gets a reset.
+//!
+//! One thread per device runs an epoll loop over the queue eventfds, the
+//! listener and every stream. Flow control follows the virtio-vsock credit
+//! scheme: we never send more than the guest's advertised buffer space, and
+//! we advertise `BUF_ALLOC` and our forwarded count on every packet.
+//!
+//! **Invariants:** the thread owns the queues once activated; shutting the
+//! device down stops and joins it and closes every stream and the listener.
+
+use super::virtio_mmio::{Activation, Interrupt, VirtioDevice, VirtioError};
+use std::collections::{HashMap, VecDeque};
+use std::io::{ErrorKind, Read, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::PathBuf;
+use std::thread::JoinHandle;
+use virtio_queue::{Queue, QueueT};
+use virtio_vsock::packet::VsockPacket;
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::eventfd::EventFd;
+
+/// The host's CID.
+pub const HOST_CID: u64 = 2;
+const TYPE_STREAM: u16 = 1;
+const OP_REQUEST: u16 = 1;
+const OP_RESPONSE: u16 = 2;
+const OP_RST: u16 = 3;
+const OP_SHUTDOWN: u16 = 4;
+const OP_RW: u16 = 5;
+const OP_CREDIT_UPDATE: u16 = 6;
+const OP_CREDIT_REQUEST: u16 = 7;
+/// Our receive buffer per connection, as advertised to the guest.
+const BUF_ALLOC: u32 = 256 * 1024;
+/// Largest payload we accept from or put into one packet.
+const MAX_PKT_DATA: u32 = 64 * 1024;
+const QUEUE_SIZE: u16 = 256;
+
+const T_STOP: u64 = 0;
+const T_RX: u64 = 1;
+const T_TX: u64 = 2;
+const T_EVQ: u64 = 3;
+const T_LISTENER: u64 = 4;
+const T_STREAM0: u64 = 1 << 32;
+
+/// The vsock device.
+pub struct Vsock {
+    guest_cid: u64,
+    uds_path: PathBuf,
+    listener: Option<UnixListener>,
+    stop: Option<EventFd>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Vsock {
+    /// A device for guest `guest_cid`, listening on `uds_path` (created now,
+    /// so host clients can connect before the guest is up).
+    ///
+    /// # Errors
+    /// The socket cannot be bound.
+    pub fn new(guest_cid: u64, uds_path: PathBuf) -> Result<Self, VirtioError> {
+        let _ = std::fs::remove_file(&uds_path);
+        let listener = UnixListener::bind(&uds_path).map_err(|e| {
+            VirtioError::Activate(format!("vsock socket {}: {e}", uds_path.display()))
+        })?;
+        listener
+            .set_nonblocking(true)
+            .map_err(|e| VirtioError::Activate(e.to_string()))?;
+        Ok(Self {
+            guest_cid,
+            uds_path,
+            listener: Some(listener),
+            stop: None,
+            thread: None,
+        })
+    }
+}
+
+impl VirtioDevice for Vsock {
+    fn device_type(&self) -> u32 {
+        virtio_bindings::virtio_ids::VIRTIO_ID_VSOCK
+    }
+    fn features(&self) -> u64 {
+        0
+    }
+    fn queue_max_sizes(&self) -> &[u16] {
+        &[QUEUE_SIZE, QUEUE_SIZE, QUEUE_SIZE]
+    }
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        let cfg = self.guest_cid.to_le_bytes();
+        for (i, b) in data.iter_mut().enumerate() {
+            *b = cfg.get(offset as usize + i).copied().unwrap_or(0);
+        }
+    }
+
+    fn activate(&mut self, a: Activation) -> Result<(), VirtioError> {
+        let listener = self
+            .listener
+            .take()
+            .ok_or_else(|| VirtioError::Activate("activated twice".into()))?;
+        let stop = EventFd::new(libc::EFD_NONBLOCK).map_err(VirtioError::EventFd)?;
+        let stop2 = stop.try_clone().map_err(VirtioError::EventFd)?;
+        let mut queues = a.queues.into_iter();
+        let mut evts = a.queue_evts.into_iter();
+        let (Some(rxq), Some(txq), Some(_evq)) = (queues.next(), queues.next(), queues.next())
+        else {
+            return Err(VirtioError::Activate("vsock needs three queues".into()));
+        };
+        let (Some(rx_evt), Some(tx_evt), Some(ev_evt)) = (evts.next(), evts.next(), evts.next())
+        else {
+            return Err(VirtioError::Activate(
+                "vsock needs three queue eventfds".into(),
+            ));
+        };
+        let epoll = Epoll::new().map_err(|e| VirtioError::Activate(format!("epoll: {e}")))?;
+        for (fd, token) in [
+            (stop2.as_raw_fd(), T_STOP),
+            (rx_evt.as_raw_fd(), T_RX),
+            (tx_evt.as_raw_fd(), T_TX),
+            (ev_evt.as_raw_fd(), T_EVQ),
+            (listener.as_raw_fd(), T_LISTENER),
+        ] {
+            epoll
+                .ctl(
+                    ControlOperation::Add,
+                    fd,
+                    EpollEvent::new(EventSet::IN, token),
+                )
+                .map_err(|e| VirtioError::Activate(format!("epoll add: {e}")))?;
+        }
+        let mut worker = Worker {
+            mem: a.mem,
+            rxq,
+            txq,
+            interrupt: a.interrupt,
+            guest_cid: self.guest_cid,
+            uds_path: self.uds_path.clone(),
+            epoll,
+            listener,
+            rx_evt,
+            tx_evt,
+            ev_evt,
+            _stop: stop2,
+            pending: HashMap::new(),
+            conns: HashMap::new(),
+            by_token: HashMap::new(),
+            rx_pending: VecDeque::new(),
+            next_token: T_STREAM0,
+            next_host_port: 1 << 30,
+        };
+        let t = std::thread::Builder::new()
+            .name("airlock-vsock".into())
+            .spawn(move || worker.run())
+            .map_err(|e| VirtioError::Activate(format!("thread: {e}")))?;
+        self.stop = Some(stop);
+        self.thread = Some(t);
+        Ok(())
+    }
+
+    fn shutdown(&mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.write(1);
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        self.listener = None;
+        let _ = std::fs::remove_file(&self.uds_path);
+    }
+}
+
+impl Drop for Vsock {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+/// A packet to put on the guest's rx queue.
+struct OutPkt {
+    src_port: u32,
+    dst_port: u32,
+    op: u16,
+    flags: u32,
+    data: Vec<u8>,
+}
+
+#[derive(PartialEq, Eq, Clone, Copy)]
+enum State {
+    /// We sent REQUEST (host-initiated) and wait for RESPONSE.
+    Connecting,
+    Established,
+}
+
+struct Conn {
+    stream: UnixStream,
+    token: u64,
+    state: State,
+    /// Guest's buffer space and forwarded count (its credit to us).
+    peer_buf_alloc: u32,
+    peer_fwd_cnt: u32,
+    /// Bytes we sent to the guest.
+    tx_cnt: u32,
+    /// Bytes from the guest written to the stream.
+    fwd_cnt: u32,
+    /// fwd_cnt last told to the guest.
+    fwd_cnt_sent: u32,
+    /// Data from the guest not yet written to the stream (while
+    /// connecting: bytes the host client sent after its CONNECT line).
+    to_stream: Vec<u8>,
+    /// Whether the stream is registered with epoll.
+    reading: bool,
+}
+
+impl Conn {
+    fn credit(&self) -> u32 {
+        self.peer_buf_alloc
+            .saturating_sub(self.tx_cnt.wrapping_sub(self.peer_fwd_cnt))
+    }
+}
+
+/// A host client that has not finished its `CONNECT <port>\n` line.
+struct Pending {
+    stream: UnixStream,
+    line: Vec<u8>,
+}
+
+/// (host port, guest port).
+type Key = (u32, u32);
+
+struct Worker {
+    mem: GuestMemoryMmap,
+    rxq: Queue,
+    txq: Queue,
+    interrupt: Interrupt,
+    guest_cid: u64,
+    uds_path: PathBuf,
+    epoll: Epoll,
+    listener: UnixListener,
+    rx_evt: EventFd,
+    tx_evt: EventFd,
+    ev_evt: EventFd,
+    /// Kept open while registered with epoll.
+    _stop: EventFd,
+    pending: HashMap<u64, Pending>,
+    conns: HashMap<Key, Conn>,
+    by_token: HashMap<u64, Key>,
+    rx_pending: VecDeque<(Key, OutPkt)>,
+    next_token: u64,
+    next_host_port: u32,
+}
+
+impl Worker {
+    fn run(&mut self) {
+        let mut events = vec![EpollEvent::default(); 64];
+        loop {
+            let n = match self.epoll.wait(-1, &mut events) {
+                Ok(n) => n,
+                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    tracing::error!(error = %e, "vsock epoll failed; the device stops");
+                    return;
+                }
+            };
+            for ev in &events[..n] {
+                match ev.data() {
+                    T_STOP => return,
+                    T_RX => {
+                        let _ = self.rx_evt.read();
+                    }
+                    T_TX => {
+                        let _ = self.tx_evt.read();
+                        self.process_tx();
+                    }
+                    T_EVQ => {
+                        let _ = self.ev_evt.read();
+                    }
+                    T_LISTENER => self.accept(),
+                    token => {
+                        let set = ev.event_set();
+                        if self.pending.contains_key(&token) {
+                            self.read_connect_line(token);
+                        } else if let Some(&key) = self.by_token.get(&token) {
+                            if set.contains(EventSet::OUT) {
+                                self.flush_to_stream(key);
+                            }
+                            if set.intersects(EventSet::IN | EventSet::HANG_UP | EventSet::ERROR) {
+                                self.read_stream(key);
+                            }
+                        }
+                    }
+                }
+            }
+            self.flush_rx();
+        }
+    }
+
+    fn token(&mut self) -> u64 {
+        self.next_token += 1;
+        self.next_token
+    }
+
+    fn watch(&self, fd: i32, token: u64, set: EventSet, op: ControlOperation) {
+        if let Err(e) = self.epoll.ctl(op, fd, EpollEvent::new(set, token)) {
+            tracing::warn!(error = %e, "vsock epoll update failed");
+        }
+    }
+
+    fn accept(&mut self) {
+        while let Ok((stream, _)) = self.listener.accept() {
+            if stream.set_nonblocking(true).is_err() {
+                continue;
+            }
+            let token = self.token();
+            self.watch(
+                stream.as_raw_fd(),
+                token,
+                EventSet::IN,
+                ControlOperation::Add,
+            );
+            self.pending.insert(
+                token,
+                Pending {
+                    stream,
+                    line: Vec::new(),
+                },
+            );
+        }
+    }
+
+    /// Read `CONNECT <port>\n` from a new host client.
+    fn read_connect_line(&mut self, token: u64) {
+        let Some(p) = self.pending.get_mut(&token) else {
+            return;
+        };
+        let mut buf = [0u8; 64];
+        let done = loop {
+            match p.stream.read(&mut buf) {
+                Ok(0) => break Err(()),
+                Ok(n) => {
+                    p.line.extend_from_slice(&buf[..n]);
+                    if p.line.contains(&b'\n') {
+                        break Ok(());
+                    }
+                    if p.line.len() > 64 {
+                        break Err(());
+                    }
+                }
+                Err(e) if e.kind() == ErrorKind::WouldBlock => return,
+                Err(_) => break Err(()),
+            }
+        };
+        let Some(p) = self.pending.remove(&token) else {
+            return;
+        };
+        self.watch(
+            p.stream.as_raw_fd(),
+            token,
+            EventSet::empty(),
+            ControlOperation::Delete,
+        );
+        if done.is_err() {
+            return;
+        }
+        let text = String::from_utf8_lossy(&p.line);
+        let (line, rest) = text.split_once('\n').unwrap_or((&text, ""));
+        let port = line
+            .strip_prefix("CONNECT ")
+            .and_then(|n| n.trim().parse::<u32>().ok());
+        let Some(guest_port) = port else {
+            let mut s = p.stream;
+            let _ = s.write_all(b"ERROR expected CONNECT <port>\n");
+            return;
+        };
+        self.next_host_port = self.next_host_port.wrapping_add(1).max(1 << 30);
+        let key = (self.next_host_port, guest_port);
+        self.by_token.insert(token, key);
+        self.conns.insert(
+            key,
+            Conn {
+                stream: p.stream,
+                token,
+                state: State::Connecting,
+                peer_buf_alloc: 0,
+                peer_fwd_cnt: 0,
+                tx_cnt: 0,
+                fwd_cnt: 0,
+                fwd_cnt_sent: 0,
+                to_stream: rest.as_bytes().to_vec(),
+                reading: false,
+            },
+        );
+        self.send(key, OP_REQUEST, 0, Vec::new());
+    }
+
+    fn send(&mut self, key: Key, op: u16, flags: u32, data: Vec<u8>) {
+        self.rx_pending.push_back((
+            key,
+            OutPkt {
+                src_port: key.0,
+                dst_port: key.1,
+                op,
+                flags,
+                data,
+            },
+        ));
+    }
+
+    fn close(&mut self, key: Key) {
+        if let Some(c) = self.conns.remove(&key) {
+            self.by_token.remove(&c.token);
+            if c.reading {
+                self.watch(
+                    c.stream.as_raw_fd(),
+                    c.token,
+                    EventSet::empty(),
+                    ControlOperation::Delete,
+                );
+            }
+        }
+    }
+
+    /// Keep the stream's epoll interest in line with what we can do: read
+    /// when the guest has credit for us, write when data is waiting.
+    fn update_interest(&mut self, key: Key) {
+        let Some(c) = self.conns.get(&key) else {
+            return;
+        };
+        let mut set = EventSet::empty();
+        if c.state == State::Established && c.credit() > 0 {
+            set |= EventSet::IN;
+        }
+        if !c.to_stream.is_empty() {
+            set |= EventSet::OUT;
+        }
+        let registered = c.reading;
+        let (fd, token) = (c.stream.as_raw_fd(), c.token);
+        if set.is_empty() {
+            if registered {
+                self.watch(fd, token, set, ControlOperation::Delete);
+            }
+        } else {
+            let op = if registered {
+                ControlOperation::Modify
+            } else {
+                ControlOperation::Add
+            };
+            self.watch(fd, token, set, op);
+        }
+        if let Some(c) = self.conns.get_mut(&key) {
+            c.reading = !set.is_empty();
+        }
+    }
+
+    fn read_stream(&mut self, key: Key) {
+        let mut packets = Vec::new();
+        let mut eof = false;
+        if let Some(c) = self.conns.get_mut(&key) {
+            while c.state == State::Established && c.credit() > 0 {
+                let want = c.credit().min(MAX_PKT_DATA) as usize;
+                let mut buf = vec![0u8; want];
+                match c.stream.read(&mut buf) {
+                    Ok(0) => {
+                        eof = true;
+                        break;
+                    }
+                    Ok(n) => {
+                        buf.truncate(n);
+                        c.tx_cnt = c.tx_cnt.wrapping_add(n as u32);
+                        packets.push(buf);
+                    }
+                    Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+                    Err(_) => {
+                        eof = true;
+                        break;
+                    }
+                }
+            }
+        }
+        for p in packets {
+            self.send(key, OP_RW, 0, p);
+        }
+        if eof {
+            // The host side closed: tell the guest we will neither send nor receive.
+            self.send(key, OP_SHUTDOWN, 3, Vec::new());
+            if let Some(c) = self.conns.get(&key) {
+                let (fd, token, reg) = (c.stream.as_raw_fd(), c.token, c.reading);
+                if reg {
+                    self.watch(fd, token, EventSet::empty(), ControlOperation::Delete);
+                }
+            }
+            if let Some(c) = self.conns.get_mut(&key) {
+                c.reading = false;
+                c.peer_buf_alloc = 0; // no more reads
+            }
+        } else {
+            self.update_interest(key);
+        }
+    }
+
+    fn flush_to_stream(&mut self, key: Key) {
+        let mut credit_update = false;
+        let mut broken = false;
+        if let Some(c) = self.conns.get_mut(&key) {
+            while !c.to_stream.is_empty() {
+                match c.stream.write(&c.to_stream) {
+                    Ok(n) => {
+                        c.to_stream.drain(..n);
+                        c.fwd_cnt = c.fwd_cnt.wrapping_add(n as u32);
+                    }
+                    Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+                    Err(_) => {
+                        broken = true;
+                        break;
+                    }
+                }
+            }
+            if c.fwd_cnt.wrapping_sub(c.fwd_cnt_sent) >= BUF_ALLOC / 2 {
+                credit_update = true;
+            }
+        }
+        if broken {
+            self.send(key, OP_RST, 0, Vec::new());
+            self.close(key);
+            return;
+        }
+        if credit_update {
+            self.send(key, OP_CREDIT_UPDATE, 0, Vec::new());
+        }
+        self.update_interest(key);
+    }
+
+    fn process_tx(&mut self) {
+        let mem = self.mem.clone();
+        let mut used = false;
+        while let Some(mut chain) = self.txq.pop_descriptor_chain(&mem) {
+            let head = chain.head_index();
+            let parsed =
+                VsockPacket::from_tx_virtq_chain(&mem, &mut chain, MAX_PKT_DATA).map(|p| {
+                    let mut data = vec![0u8; p.len() as usize];
+                    if let Some(s) = p.data_slice() {
+                        let _ = s.copy_to(&mut data);
+                    }
+                    (
+                        p.dst_cid(),
+                        p.src_port(),
+                        p.dst_port(),
+                        p.op(),
+                        p.flags(),
+                        p.buf_alloc(),
+                        p.fwd_cnt(),
+                        p.type_(),
+                        data,
+                    )
+                });
+            if let Err(e) = self.txq.add_used(&mem, head, 0) {
+                tracing::warn!(error = %e, "vsock tx queue");
+            }
+            used = true;
+            match parsed {
+                Ok((dst_cid, src_port, dst_port, op, flags, buf_alloc, fwd_cnt, ty, data)) => {
+                    if dst_cid != HOST_CID || ty != TYPE_STREAM {
+                        continue;
+                    }
+                    self.from_guest((dst_port, src_port), op, flags, buf_alloc, fwd_cnt, data);
+                }
+                Err(e) => tracing::warn!(error = ?e, "malformed vsock packet from the guest"),
+            }
+        }
+        if used {
+            self.interrupt.signal_used_queue();
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn from_guest(
+        &mut self,
+        key: Key,
+        op: u16,
+        flags: u32,
+        buf_alloc: u32,
+        fwd_cnt: u32,
+        data: Vec<u8>,
+    ) {
+        if let Some(c) = self.conns.get_mut(&key) {
+            c.peer_buf_alloc = buf_alloc;
+            c.peer_fwd_cnt = fwd_cnt;
+        }
+        match op {
+            OP_REQUEST => self.guest_connect(key, buf_alloc, fwd_cnt),
+            OP_RESPONSE => {
+                let Some(c) = self.conns.get_mut(&key) else {
+                    self.send(key, OP_RST, 0, Vec::new());
+                    return;
+                };
+                if c.state == State::Connecting {
+                    c.state = State::Established;
+                    // Bytes the client wrote right after its CONNECT line are for the guest.
+                    let early =
+                        std::mem::replace(&mut c.to_stream, format!("OK {}\n", key.0).into_bytes());
+                    if !early.is_empty() {
+                        c.tx_cnt = c.tx_cnt.wrapping_add(early.len() as u32);
+                        self.send(key, OP_RW, 0, early);
+                    }
+                    self.flush_to_stream(key);
+                    self.read_stream(key);
+                }
+            }
+            OP_RW => {
+                if let Some(c) = self.conns.get_mut(&key) {
+                    c.to_stream.extend_from_slice(&data);
+                    self.flush_to_stream(key);
+                } else {
+                    self.send(key, OP_RST, 0, Vec::new());
+                }
+            }
+            OP_CREDIT_UPDATE => self.read_stream(key),
+            OP_CREDIT_REQUEST => {
+                if self.conns.contains_key(&key) {
+                    self.send(key, OP_CREDIT_UPDATE, 0, Vec::new());
+                }
+            }
+            OP_SHUTDOWN => {
+                let _ = flags;
+                if let Some(c) = self.conns.get_mut(&key) {
+                    // Deliver what is buffered, then close both ways.
+                    let _ = c.stream.set_nonblocking(false);
+                    let _ = c.stream.write_all(&c.to_stream);
+                    c.to_stream.clear();
+                }
+                self.send(key, OP_RST, 0, Vec::new());
+                self.close(key);
+            }
+            OP_RST => self.close(key),
+            _ => {}
+        }
+    }
+
+    /// The guest connects to host port `key.0`: bridge to `<uds>_<port>`.
+    fn guest_connect(&mut self, key: Key, buf_alloc: u32, fwd_cnt: u32) {
+        let path = PathBuf::from(format!("{}_{}", self.uds_path.display(), key.0));
+        let stream = match UnixStream::connect(&path) {
+            Ok(s) if s.set_nonblocking(true).is_ok() => s,
+            _ => {
+                self.send(key, OP_RST, 0, Vec::new());
+                return;
+            }
+        };
+        let token = self.token();
+        self.by_token.insert(token, key);
+        self.conns.insert(
+            key,
+            Conn {
+                stream,
+                token,
+                state: State::Established,
+                peer_buf_alloc: buf_alloc,
+                peer_fwd_cnt: fwd_cnt,
+                tx_cnt: 0,
+                fwd_cnt: 0,
+                fwd_cnt_sent: 0,
+                to_stream: Vec::new(),
+                reading: false,
+            },
+        );
+        self.send(key, OP_RESPONSE, 0, Vec::new());
+        self.update_interest(key);
+    }
+
+    /// Move queued packets into the guest's rx buffers.
+    fn flush_rx(&mut self) {
+        let mem = self.mem.clone();
+        let mut used = false;
+        while let Some((key, mut pkt)) = self.rx_pending.pop_front() {
+            let Some(mut chain) = self.rxq.pop_descriptor_chain(&mem) else {
+                self.rx_pending.push_front((key, pkt));
+                break;
+            };
+            let head = chain.head_index();
+            let (buf_alloc, fwd_cnt) = match self.conns.get_mut(&key) {
+                Some(c) => {
+                    c.fwd_cnt_sent = c.fwd_cnt;
+                    (BUF_ALLOC, c.fwd_cnt)
+                }
+                None => (BUF_ALLOC, 0),
+            };
+            let written = match VsockPacket::from_rx_virtq_chain(&mem, &mut chain, MAX_PKT_DATA) {
+                Ok(mut p) => {
+                    let room = p.data_slice().map_or(0, |s| s.len());
+                    let rest = if pkt.data.len() > room {
+                        Some(pkt.data.split_off(room))
+                    } else {
+                        None
+                    };
+                    if let Some(s) = p.data_slice() {
+                        let _ = s.copy_from(&pkt.data[..]);
+                    }
+                    p.set_src_cid(HOST_CID)
+                        .set_dst_cid(self.guest_cid)
+                        .set_src_port(pkt.src_port)
+                        .set_dst_port(pkt.dst_port)
+                        .set_type(TYPE_STREAM)
+                        .set_op(pkt.op)
+                        .set_flags(pkt.flags)
+                        .set_buf_alloc(buf_alloc)
+                        .set_fwd_cnt(fwd_cnt)
+                        .set_len(pkt.data.len() as u32);
+                    let n = p.header_slice().len() + pkt.data.len();
+                    if let Some(rest) = rest {
+                        pkt.data = rest;
+                        self.rx_pending.push_front((key, pkt));
+                    }
+                    n as u32
+                }
+                Err(e) => {
+                    tracing::warn!(error = ?e, "unusable vsock rx buffer from the guest");
+                    0
+                }
+            };
+            if let Err(e) = self.rxq.add_used(&mem, head, written) {
+                tracing::warn!(error = %e, "vsock rx queue");
+            }
+            used = true;
+        }
+        if used {
+            self.interrupt.signal_used_queue();
+        }
+    }
+}

@@ -1,0 +1,313 @@
+//! The sandbox lifecycle: boot a microVM → wait until its agent says Hello
+//! over vsock → load a precompiled component → invoke → shut down.
+//!
+//! The VM runs on its own thread ([`crate::vmm::run`]); the host talks to
+//! the guest agent through the VM's hybrid-vsock Unix socket
+//! (`CONNECT 1024\n`). Until the guest listens, its kernel resets our
+//! connection and we retry, so "ready" means the agent accepted and sent
+//! `Hello` with its boot-stage times.
+//!
+//! **Invariants:** every path out of a [`Sandbox`] — shutdown, a host-side
+//! error, a guest that never becomes ready, a guest panic, drop — stops the
+//! VM and joins its thread; the socket directory is removed with it.
+
+use crate::vmm::{self, RunReport, VmConfig, VmExit, VmmError, VsockConfig};
+use airlock_guest::proto::{self, BootStage, FrameLimits, Message, ProtoError};
+use airlock_guest::{CallOutcome, GrantSet};
+use sha2::{Digest, Sha256};
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+/// The vsock port the guest agent listens on.
+pub const AGENT_PORT: u32 = 1024;
+
+/// Sandbox errors.
+#[derive(Debug, thiserror::Error)]
+pub enum SandboxError {
+    /// The VM could not start.
+    #[error(transparent)]
+    Vmm(#[from] VmmError),
+    /// The guest ended before it was ready.
+    #[error("The guest stopped before it was ready ({exit}); console tail:\n{console}")]
+    GuestEnded {
+        /// How it ended.
+        exit: String,
+        /// The last console lines.
+        console: String,
+    },
+    /// The guest did not become ready in time.
+    #[error("The guest was not ready within {0:?}; console tail:\n{1}")]
+    NotReady(Duration, String),
+    /// The guest's engine differs from ours: artifacts would not load.
+    #[error("The guest's engine is {guest:?}, the host's is {host:?}.")]
+    EngineMismatch {
+        /// Guest fingerprint.
+        guest: String,
+        /// Host fingerprint.
+        host: String,
+    },
+    /// The connection failed.
+    #[error("The guest connection failed: {0}.")]
+    Proto(#[from] ProtoError),
+    /// The guest answered with an error or something unexpected.
+    #[error("The guest answered: {0}.")]
+    Guest(String),
+    /// A local I/O error.
+    #[error("Sandbox I/O: {0}.")]
+    Io(#[from] std::io::Error),
+}
+
+/// What to boot.
+#[derive(Debug, Clone)]
+pub struct SandboxConfig {
+    /// Guest kernel (ELF vmlinux).
+    pub kernel: PathBuf,
+    /// Guest initramfs (the agent image, not the self-test one).
+    pub initrd: PathBuf,
+    /// Guest memory, MiB.
+    pub memory_mib: u32,
+    /// vCPUs.
+    pub vcpus: u8,
+    /// How long the guest may take to become ready.
+    pub ready_timeout: Duration,
+    /// Upper bound on the VM's whole life.
+    pub life_timeout: Duration,
+    /// The host engine fingerprint the guest must match.
+    pub engine: String,
+}
+
+/// A running microVM with its agent connected.
+pub struct Sandbox {
+    conn: UnixStream,
+    vm: Option<JoinHandle<Result<RunReport, VmmError>>>,
+    stop: Arc<AtomicBool>,
+    dir: PathBuf,
+    /// Guest boot stages (µs since its kernel started), as reported in Hello.
+    pub boot: Vec<BootStage>,
+    /// Host wall time from `boot()` to the agent's Hello.
+    pub ready_after: Duration,
+    next_id: u64,
+}
+
+fn tail(s: &str, n: usize) -> String {
+    let lines: Vec<&str> = s.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+fn exit_text(e: &VmExit) -> String {
+    match e {
+        VmExit::Reset => "reset (power-off or panic)".into(),
+        VmExit::Halted => "halted".into(),
+        VmExit::Timeout => "timeout".into(),
+        VmExit::Stopped => "stopped by the host".into(),
+        VmExit::Error(m) => format!("KVM error: {m}"),
+    }
+}
+
+/// Connect to the agent through the hybrid-vsock socket; `None` while the
+/// guest is not listening yet.
+fn try_connect(uds: &Path) -> Option<UnixStream> {
+    let mut s = UnixStream::connect(uds).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    s.write_all(format!("CONNECT {AGENT_PORT}\n").as_bytes())
+        .ok()?;
+    let mut line = String::new();
+    // Read byte by byte: the agent's first frame follows the OK line.
+    let mut r = BufReader::with_capacity(1, &mut s);
+    r.read_line(&mut line).ok()?;
+    line.starts_with("OK ").then_some(s)
+}
+
+impl Sandbox {
+    /// Boot a VM and wait for its agent.
+    ///
+    /// # Errors
+    /// The host cannot run VMs, the guest ends or is not ready in time, or
+    /// its engine differs. The VM is stopped and joined in every case.
+    pub fn boot(cfg: &SandboxConfig) -> Result<Self, SandboxError> {
+        vmm::check_host()?;
+        let start = Instant::now();
+        let mut rnd = [0u8; 8];
+        getrandom::fill(&mut rnd).map_err(|e| std::io::Error::other(e.to_string()))?;
+        let dir = std::env::temp_dir().join(format!("airlock-vm-{}", hex::encode(rnd)));
+        std::fs::create_dir_all(&dir)?;
+        let uds = dir.join("vsock.sock");
+        let stop = Arc::new(AtomicBool::new(false));
+        let vm_cfg = VmConfig {
+            kernel: cfg.kernel.clone(),
+            initrd: cfg.initrd.clone(),
+            cmdline_extra: format!("airlock.port={AGENT_PORT}"),
+            memory_mib: cfg.memory_mib,
+            vcpus: cfg.vcpus,
+            timeout: cfg.life_timeout,
+            console_cap: 256 << 10,
+            vsock: Some(VsockConfig {
+                guest_cid: 3,
+                uds_path: uds.clone(),
+            }),
+            stop: Some(stop.clone()),
+        };
+        let vm = std::thread::Builder::new()
+            .name("airlock-vm".into())
+            .spawn(move || vmm::run(&vm_cfg))?;
+        let mut sb = Self {
+            conn: UnixStream::pair()?.0,
+            vm: Some(vm),
+            stop,
+            dir,
+            boot: Vec::new(),
+            ready_after: Duration::ZERO,
+            next_id: 1,
+        };
+        loop {
+            if sb.vm.as_ref().is_some_and(JoinHandle::is_finished) {
+                let report = sb.finish()?;
+                return Err(SandboxError::GuestEnded {
+                    exit: exit_text(&report.exit),
+                    console: tail(&report.console, 30),
+                });
+            }
+            if start.elapsed() > cfg.ready_timeout {
+                let report = sb.finish()?;
+                return Err(SandboxError::NotReady(
+                    cfg.ready_timeout,
+                    tail(&report.console, 30),
+                ));
+            }
+            if let Some(c) = try_connect(&uds) {
+                sb.conn = c;
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        sb.conn.set_read_timeout(Some(cfg.life_timeout))?;
+        match sb.recv()? {
+            Message::Hello { engine, boot, .. } => {
+                if engine != cfg.engine {
+                    return Err(SandboxError::EngineMismatch {
+                        guest: engine,
+                        host: cfg.engine.clone(),
+                    });
+                }
+                sb.boot = boot;
+            }
+            other => {
+                return Err(SandboxError::Guest(format!(
+                    "expected Hello, got {other:?}"
+                )));
+            }
+        }
+        sb.ready_after = start.elapsed();
+        Ok(sb)
+    }
+
+    fn recv(&mut self) -> Result<Message, SandboxError> {
+        Ok(proto::read_frame(&mut self.conn, FrameLimits::default())?.msg)
+    }
+
+    /// Load a precompiled artifact (made by the host runner with the same
+    /// engine). Returns its digest and tool names.
+    ///
+    /// # Errors
+    /// The guest refused it.
+    pub fn load(
+        &mut self,
+        artifact: &[u8],
+        engine: &str,
+        docs: std::collections::BTreeMap<String, String>,
+    ) -> Result<(String, Vec<String>), SandboxError> {
+        let payload = airlock_guest::artifact::unwrap(engine, artifact)
+            .map_err(|e| SandboxError::Guest(e.to_string()))?;
+        let digest = hex::encode(Sha256::digest(payload));
+        proto::write_frame(
+            &mut self.conn,
+            &Message::Load {
+                digest: digest.clone(),
+                docs,
+            },
+            artifact,
+        )?;
+        match self.recv()? {
+            Message::Loaded { digest, tools } => Ok((digest, tools)),
+            Message::Error { message, .. } => Err(SandboxError::Guest(message)),
+            other => Err(SandboxError::Guest(format!(
+                "expected Loaded, got {other:?}"
+            ))),
+        }
+    }
+
+    /// Run one call in the guest.
+    ///
+    /// # Errors
+    /// The connection failed or the guest refused the call.
+    pub fn invoke(
+        &mut self,
+        digest: &str,
+        tool: &str,
+        args: &serde_json::Value,
+        grants: &GrantSet,
+    ) -> Result<CallOutcome, SandboxError> {
+        let id = self.next_id;
+        self.next_id += 1;
+        proto::write_frame(
+            &mut self.conn,
+            &Message::Invoke {
+                id,
+                digest: digest.to_string(),
+                tool: tool.to_string(),
+                args: args.clone(),
+                grants: grants.clone(),
+            },
+            b"",
+        )?;
+        match self.recv()? {
+            Message::Result { id: got, outcome } if got == id => Ok(*outcome),
+            Message::Error { message, .. } => Err(SandboxError::Guest(message)),
+            other => Err(SandboxError::Guest(format!(
+                "expected Result {id}, got {other:?}"
+            ))),
+        }
+    }
+
+    /// Ask the guest to power off and wait for the VM to end.
+    ///
+    /// # Errors
+    /// The VM thread failed.
+    pub fn shutdown(mut self) -> Result<RunReport, SandboxError> {
+        let _ = proto::write_frame(&mut self.conn, &Message::Shutdown, b"");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while self.vm.as_ref().is_some_and(|t| !t.is_finished()) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        self.finish()
+    }
+
+    /// Stop the VM (if still running), join it, remove the socket directory.
+    fn finish(&mut self) -> Result<RunReport, SandboxError> {
+        self.stop.store(true, Ordering::SeqCst);
+        let _ = self.conn.shutdown(std::net::Shutdown::Both);
+        let r = match self.vm.take() {
+            Some(t) => t
+                .join()
+                .map_err(|_| SandboxError::Guest("the VM thread panicked".into()))?,
+            None => {
+                return Err(SandboxError::Guest("the VM was already finished".into()));
+            }
+        };
+        let _ = std::fs::remove_dir_all(&self.dir);
+        Ok(r?)
+    }
+}
+
+impl Drop for Sandbox {
+    fn drop(&mut self) {
+        if self.vm.is_some() {
+            let _ = self.finish();
+        }
+    }
+}
