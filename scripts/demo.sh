@@ -29,8 +29,12 @@ say "What does the files tool offer, and what does it ask for?"
 say "Does the policy fit the component?"
 "$AIRLOCK" policy check "$work/policy.toml" --component "$EX/files.wasm"
 
-isolation=process
-say "Note: the vsock device that carries calls into the microVM is not built yet, so tool calls below run in the Wasm wall in-process (--isolation process)."
+if [ -e /sys/module/kvm_pvm ] || [ ! -e /dev/kvm ]; then
+  isolation=process
+  say "Note: this host's /dev/kvm cannot run the guest (PVM or missing), so the calls below run in the Wasm wall in-process (--isolation process); the microVM part at the end runs inside the nested-KVM harness."
+else
+  isolation=vm
+fi
 
 say "Call files_search in the sandbox"
 "$AIRLOCK" run "$EX/files.wasm" --policy "$work/policy.toml" --tool files_search \

@@ -44,6 +44,14 @@ pub struct Interrupt {
 }
 
 impl Interrupt {
+    /// An interrupt raised through `irqfd`.
+    pub fn new(irqfd: Arc<EventFd>) -> Self {
+        Self {
+            status: Arc::new(AtomicU32::new(0)),
+            irqfd,
+        }
+    }
+
     /// Tell the guest that used buffers are ready.
     pub fn signal_used_queue(&self) {
         self.status
@@ -123,10 +131,7 @@ impl MmioTransport {
             mem,
             queues,
             queue_evts: queue_evts.into_iter().map(Some).collect(),
-            interrupt: Interrupt {
-                status: Arc::new(AtomicU32::new(0)),
-                irqfd,
-            },
+            interrupt: Interrupt::new(irqfd),
             device_features_sel: 0,
             driver_features_sel: 0,
             driver_features: 0,
