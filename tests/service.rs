@@ -291,11 +291,7 @@ fn tenants_are_isolated_and_roles_are_enforced() {
     let d = tmp();
     let srv = Server::start(d.path(), "");
     let c = srv.client();
-    assert_eq!(
-        c.upload(ADMIN, "kitchen", common::example_bytes("kitchen"))
-            .status,
-        201
-    );
+    c.upload_example(ADMIN, "kitchen", "kitchen");
 
     // The other tenant sees nothing of acme's.
     assert_eq!(
@@ -314,11 +310,7 @@ fn tenants_are_isolated_and_roles_are_enforced() {
     );
     assert_eq!(c.get(OTHER_ADMIN, "/v1/audit").json["records"], json!([]));
     // ...and may use the same name for its own component.
-    assert_eq!(
-        c.upload(OTHER_ADMIN, "kitchen", common::example_bytes("escape"))
-            .status,
-        201
-    );
+    c.upload_example(OTHER_ADMIN, "kitchen", "escape");
     assert!(
         c.get(OTHER_ADMIN, "/v1/components/kitchen").json["tools"]
             .to_string()
@@ -389,16 +381,8 @@ fn limits_give_clear_4xx_json_errors() {
         0
     );
 
-    assert_eq!(
-        c.upload(ADMIN, "kitchen", common::example_bytes("kitchen"))
-            .status,
-        201
-    );
-    assert_eq!(
-        c.upload(ADMIN, "escape", common::example_bytes("escape"))
-            .status,
-        201
-    );
+    c.upload_example(ADMIN, "kitchen", "kitchen");
+    c.upload_example(ADMIN, "escape", "escape");
     // Request body over max_request_bytes.
     let r = c.put_policy(
         ADMIN,
@@ -434,11 +418,7 @@ fn limits_give_clear_4xx_json_errors() {
     assert_eq!(r.status, 429, "{}", r.json);
     assert_eq!(r.json["error"]["code"], "too_many_calls");
     // Another tenant is not affected.
-    assert_eq!(
-        c.upload(OTHER_ADMIN, "kitchen", common::example_bytes("kitchen"))
-            .status,
-        201
-    );
+    c.upload_example(OTHER_ADMIN, "kitchen", "kitchen");
     assert_eq!(
         c.invoke(OTHER_ADMIN, "kitchen__greet", json!({"name": "x"}))
             .status,
@@ -493,11 +473,7 @@ fn malformed_input_is_a_structured_error_and_never_kills_the_server() {
         "rejected uploads leave no blobs"
     );
 
-    assert_eq!(
-        c.upload(ADMIN, "kitchen", common::example_bytes("kitchen"))
-            .status,
-        201
-    );
+    c.upload_example(ADMIN, "kitchen", "kitchen");
     assert_eq!(
         c.upload(ADMIN, "kitchen", common::example_bytes("escape"))
             .status,
@@ -625,11 +601,7 @@ fn kill_9_during_an_upload_leaves_no_half_registered_component() {
     );
     assert_eq!(c.get(AUDITOR, "/v1/audit/verify").json["ok"], true);
     // The name is free and the service works.
-    assert_eq!(
-        c.upload(ADMIN, "half", common::example_bytes("kitchen"))
-            .status,
-        201
-    );
+    c.upload_example(ADMIN, "half", "kitchen");
 }
 
 #[test]
@@ -750,16 +722,8 @@ fn mcp_works_with_the_official_rust_client_and_validates_origin_and_session() {
     let d = tmp();
     let srv = Server::start(d.path(), "");
     let c = srv.client();
-    assert_eq!(
-        c.upload(ADMIN, "kitchen", common::example_bytes("kitchen"))
-            .status,
-        201
-    );
-    assert_eq!(
-        c.upload(ADMIN, "escape", common::example_bytes("escape"))
-            .status,
-        201
-    );
+    c.upload_example(ADMIN, "kitchen", "kitchen");
+    c.upload_example(ADMIN, "escape", "escape");
     let mcp_url = format!("{}/mcp", srv.url);
 
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -893,11 +857,7 @@ fn agent_loop_example_plays_a_function_calling_conversation() {
     let d = tmp();
     let srv = Server::start(d.path(), "");
     let c = srv.client();
-    assert_eq!(
-        c.upload(ADMIN, "kitchen", common::example_bytes("kitchen"))
-            .status,
-        201
-    );
+    c.upload_example(ADMIN, "kitchen", "kitchen");
     let manifest = std::env::var_os("CARGO_MANIFEST_DIR")
         .map(std::path::PathBuf::from)
         .unwrap_or_else(|| env!("CARGO_MANIFEST_DIR").into());
@@ -931,11 +891,7 @@ fn a_call_whose_client_disconnects_still_finishes_and_is_audited() {
     let d = tmp();
     let srv = Server::start(d.path(), "");
     let c = srv.client();
-    assert_eq!(
-        c.upload(ADMIN, "escape", common::example_bytes("escape"))
-            .status,
-        201
-    );
+    c.upload_example(ADMIN, "escape", "escape");
     assert_eq!(
         c.put_policy(ADMIN, "escape", "version = 1\n[limits]\ntimeout = \"2s\"\n")
             .status,

@@ -184,6 +184,12 @@ impl Client {
         )
     }
 
+    /// Upload a built example under `name`; it must be accepted (201).
+    pub fn upload_example(&self, token: &str, name: &str, example: &str) {
+        let r = self.upload(token, name, super::example_bytes(example));
+        assert_eq!(r.status, 201, "upload of {example} as {name}: {}", r.json);
+    }
+
     pub fn put_policy(&self, token: &str, name: &str, text: &str) -> Reply {
         self.send(
             self.http
