@@ -185,8 +185,13 @@ impl Sandbox {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
+        // The agent's Hello is part of becoming ready.
+        let left = cfg.ready_timeout.saturating_sub(start.elapsed());
+        sb.conn
+            .set_read_timeout(Some(left.max(Duration::from_secs(1))))?;
+        let hello = sb.recv();
         sb.conn.set_read_timeout(Some(cfg.life_timeout))?;
-        match sb.recv()? {
+        match hello? {
             Message::Hello { engine, boot, .. } => {
                 if engine != cfg.engine {
                     return Err(SandboxError::EngineMismatch {

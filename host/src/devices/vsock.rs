@@ -604,6 +604,13 @@ impl Worker {
                 };
                 if c.state == State::Connecting {
                     c.state = State::Established;
+                    // Linux applies the credit fields of our REQUEST to its
+                    // listening socket, not to the new connection: tell the
+                    // connection our buffer space, or it can never send.
+                    self.send(key, OP_CREDIT_UPDATE, 0, Vec::new());
+                    let Some(c) = self.conns.get_mut(&key) else {
+                        return;
+                    };
                     // Bytes the client wrote right after its CONNECT line are for the guest.
                     let early =
                         std::mem::replace(&mut c.to_stream, format!("OK {}\n", key.0).into_bytes());
@@ -1004,6 +1011,10 @@ mod tests {
             std::str::from_utf8(&line[..n]).unwrap(),
             format!("OK {host_port}\n")
         );
+        // The new connection learns our buffer space at once.
+        guest.post_rx(&rx);
+        let (cu, _) = guest.recv(&rx);
+        assert_eq!((cu.op, cu.buf_alloc), (OP_CREDIT_UPDATE, BUF_ALLOC));
 
         // Host → guest, limited by the guest's 16-byte credit.
         c.write_all(b"0123456789abcdefXYZ").unwrap();
