@@ -58,6 +58,7 @@ pub fn serve<S: Read + Write>(
         };
         match frame.msg {
             Message::Load { digest, docs } => {
+                tracing::info!(%digest, bytes = frame.blob.len(), "load");
                 let docs = Docs { functions: docs };
                 let reply = match runner.load_precompiled(&frame.blob, &docs) {
                     Ok(l) if l.digest == digest => {
@@ -77,6 +78,7 @@ pub fn serve<S: Read + Write>(
                         message: e.to_string(),
                     },
                 };
+                tracing::info!(ok = matches!(reply, Message::Loaded { .. }), "load done");
                 proto::write_frame(conn, &reply, b"")?;
             }
             Message::Invoke {

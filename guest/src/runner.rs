@@ -42,6 +42,22 @@ const WASI_FILESYSTEM_PREOPENS: &str = "wasi:filesystem/preopens@0.2.12";
 /// wall-clock timeout can fire even in a tight loop.
 const FUEL_YIELD_INTERVAL: u64 = 100_000;
 
+/// x86 extensions compiled code may not use (see `wasmtime_config`).
+#[cfg(target_arch = "x86_64")]
+const PORTABLE_X86_OFF: &[&str] = &[
+    "has_avx",
+    "has_avx2",
+    "has_fma",
+    "has_avx512bitalg",
+    "has_avx512dq",
+    "has_avx512vl",
+    "has_avx512vbmi",
+    "has_avx512f",
+    "has_bmi1",
+    "has_bmi2",
+    "has_lzcnt",
+];
+
 /// Errors setting up the runner or loading a component.
 #[derive(Debug, thiserror::Error)]
 pub enum RunnerError {
@@ -92,7 +108,7 @@ impl EngineConfig {
     /// Pooling is a runtime-only choice and is not part of it.
     pub fn fingerprint(&self) -> String {
         format!(
-            "airlock-engine/1 wasmtime/48 {} fuel=1 max_memory={}",
+            "airlock-engine/2 wasmtime/48 {} isa=portable fuel=1 max_memory={}",
             std::env::consts::ARCH,
             self.max_memory_bytes
         )
@@ -107,6 +123,19 @@ impl EngineConfig {
         c.memory_reservation(self.max_memory_bytes);
         c.memory_guard_size(32 << 20);
         c.memory_reservation_for_growth(0);
+        // Code compiled on the host runs in the microVM, whose CPU features
+        // are what the VMM's CPUID offers (nested, it lacks AVX). Compile
+        // without the x86 extensions a guest may lack; SSE up to 4.2 and
+        // POPCNT stay (x86-64-v2).
+        #[cfg(target_arch = "x86_64")]
+        for flag in PORTABLE_X86_OFF {
+            // SAFETY: these flags only *disable* ISA extensions, so the code
+            // generated uses a subset of what the CPU offers; wasmtime checks
+            // at load time that every enabled flag is present on the CPU.
+            unsafe {
+                c.cranelift_flag_set(flag, "false");
+            }
+        }
         if self.pooling {
             let mut p = wasmtime::PoolingAllocationConfig::new();
             let n = self.pool_instances;

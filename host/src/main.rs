@@ -564,12 +564,16 @@ fn run_in_vm(
         memory_mib,
         vcpus: 1,
         ready_timeout: std::time::Duration::from_secs(300),
-        life_timeout: timeout + std::time::Duration::from_secs(600),
+        life_timeout: timeout + std::time::Duration::from_secs(420),
         engine: runner.fingerprint(),
     })?;
     tracing::info!(ready_ms = sb.ready_after.as_millis() as u64, boot = ?sb.boot, "guest ready");
-    let (digest, _tools) = sb.load(&artifact, &runner.fingerprint(), docs)?;
-    let outcome = sb.invoke(&digest, tool, args, &policy.grant_set())?;
+    let (digest, _tools) = sb
+        .load(&artifact, &runner.fingerprint(), docs)
+        .context("loading the component into the guest")?;
+    let outcome = sb
+        .invoke(&digest, tool, args, &policy.grant_set())
+        .context("calling the tool in the guest")?;
     let report = sb.shutdown()?;
     tracing::info!(exit = ?report.exit, wall_ms = report.wall.as_millis() as u64, "VM ended");
     Ok(outcome)

@@ -229,6 +229,7 @@ impl Sandbox {
         let payload = airlock_guest::artifact::unwrap(engine, artifact)
             .map_err(|e| SandboxError::Guest(e.to_string()))?;
         let digest = hex::encode(Sha256::digest(payload));
+        tracing::debug!(%digest, artifact_bytes = artifact.len(), "loading into the guest");
         proto::write_frame(
             &mut self.conn,
             &Message::Load {

@@ -219,6 +219,9 @@ struct Conn {
     to_stream: Vec<u8>,
     /// Whether the stream is registered with epoll.
     reading: bool,
+    /// Bytes at the front of `to_stream` that are ours (the `OK` line), not
+    /// the guest's: they do not count as forwarded.
+    local_bytes: usize,
 }
 
 impl Conn {
@@ -263,7 +266,7 @@ impl Worker {
     fn run(&mut self) {
         let mut events = vec![EpollEvent::default(); 64];
         loop {
-            let n = match self.epoll.wait(-1, &mut events) {
+            let n = match self.epoll.wait(100, &mut events) {
                 Ok(n) => n,
                 Err(e) if e.kind() == ErrorKind::Interrupted => continue,
                 Err(e) => {
@@ -271,7 +274,13 @@ impl Worker {
                     return;
                 }
             };
+            if n == 0 {
+                // No event for 100 ms: look at the tx queue anyway, so a
+                // missed notification costs latency, never a stall.
+                self.process_tx();
+            }
             for ev in &events[..n] {
+                tracing::trace!(token = ev.data(), events = ev.events(), "vsock event");
                 match ev.data() {
                     T_STOP => return,
                     T_RX => {
@@ -397,12 +406,21 @@ impl Worker {
                 fwd_cnt_sent: 0,
                 to_stream: rest.as_bytes().to_vec(),
                 reading: false,
+                local_bytes: 0,
             },
         );
         self.send(key, OP_REQUEST, 0, Vec::new());
     }
 
     fn send(&mut self, key: Key, op: u16, flags: u32, data: Vec<u8>) {
+        tracing::debug!(
+            host_port = key.0,
+            guest_port = key.1,
+            op,
+            flags,
+            len = data.len(),
+            "vsock to guest"
+        );
         self.rx_pending.push_back((
             key,
             OutPkt {
@@ -485,6 +503,12 @@ impl Worker {
                     }
                 }
             }
+            tracing::debug!(
+                credit = c.credit(),
+                tx_cnt = c.tx_cnt,
+                eof,
+                "vsock stream read"
+            );
         }
         for p in packets {
             self.send(key, OP_RW, 0, p);
@@ -515,7 +539,9 @@ impl Worker {
                 match c.stream.write(&c.to_stream) {
                     Ok(n) => {
                         c.to_stream.drain(..n);
-                        c.fwd_cnt = c.fwd_cnt.wrapping_add(n as u32);
+                        let ours = n.min(c.local_bytes);
+                        c.local_bytes -= ours;
+                        c.fwd_cnt = c.fwd_cnt.wrapping_add((n - ours) as u32);
                     }
                     Err(e) if e.kind() == ErrorKind::WouldBlock => break,
                     Err(_) => {
@@ -544,6 +570,7 @@ impl Worker {
         let mut used = false;
         while let Some(mut chain) = self.txq.pop_descriptor_chain(&mem) {
             let head = chain.head_index();
+            tracing::trace!(head, "vsock tx chain");
             let parsed =
                 VsockPacket::from_tx_virtq_chain(&mem, &mut chain, MAX_PKT_DATA).map(|p| {
                     let mut data = vec![0u8; p.len() as usize];
@@ -591,6 +618,16 @@ impl Worker {
         fwd_cnt: u32,
         data: Vec<u8>,
     ) {
+        tracing::debug!(
+            host_port = key.0,
+            guest_port = key.1,
+            op,
+            flags,
+            buf_alloc,
+            fwd_cnt,
+            len = data.len(),
+            "vsock from guest"
+        );
         if let Some(c) = self.conns.get_mut(&key) {
             c.peer_buf_alloc = buf_alloc;
             c.peer_fwd_cnt = fwd_cnt;
@@ -614,6 +651,7 @@ impl Worker {
                     // Bytes the client wrote right after its CONNECT line are for the guest.
                     let early =
                         std::mem::replace(&mut c.to_stream, format!("OK {}\n", key.0).into_bytes());
+                    c.local_bytes = c.to_stream.len();
                     if !early.is_empty() {
                         c.tx_cnt = c.tx_cnt.wrapping_add(early.len() as u32);
                         self.send(key, OP_RW, 0, early);
@@ -677,6 +715,7 @@ impl Worker {
                 fwd_cnt_sent: 0,
                 to_stream: Vec::new(),
                 reading: false,
+                local_bytes: 0,
             },
         );
         self.send(key, OP_RESPONSE, 0, Vec::new());
