@@ -78,19 +78,19 @@ kill "$server"; wait "$server" || true
 "$AIRLOCK" audit verify --data-dir "$work/data"
 say "Note: the service runs calls in the Wasm wall in-process until the VMM's vsock device lands (same code path, then --isolation vm)."
 
-say "The microVM wall: Airlock's VMM boots the guest, whose PID 1 runs example tools in wasmtime"
+say "The microVM wall: Airlock's VMM boots a microVM, loads the kitchen tool into its wasmtime over vsock, calls it, shuts it down"
 image="$(cargo xtask guest-image | tail -1)"
 vmlinux="$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["vmlinux"])' "$image")"
 initrd="$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["initramfs_selftest"])' "$image")"
 if [ -e /sys/module/kvm_pvm ] || [ ! -e /dev/kvm ]; then
-  say "This host's /dev/kvm cannot run the guest (PVM or missing): running the microVM inside the nested-KVM harness (QEMU TCG + kvm-amd); this takes a few minutes"
+  say "This host's /dev/kvm cannot run the guest (PVM or missing): running the same call inside the nested-KVM harness (QEMU TCG + kvm-amd, where /airlock run --isolation vm boots our VMM); this takes a few minutes"
   nested="$(cargo xtask nested | tail -1)"
   outer_kernel="$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["outer_kernel"])' "$nested")"
   outer_initrd="$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["outer_initramfs"])' "$nested")"
   timeout 1800 qemu-system-x86_64 -accel tcg,thread=multi -cpu EPYC,+svm -smp 2 -m 2048 -nographic -no-reboot \
     -nodefaults -serial stdio -kernel "$outer_kernel" -initrd "$outer_initrd" \
-    -append "console=ttyS0 panic=-1 quiet airlock_only=selftest" </dev/null \
-    | tr -d '\r' | grep -E 'AIRLOCK-SELFTEST|"exit"|NESTED-RESULT' || true
+    -append "console=ttyS0 panic=-1 quiet airlock_only=vm-invoke" </dev/null \
+    | tr -d "\r" | sed -n "/NESTED-RESULT-BEGIN/,/NESTED-RESULT-END/p" || true
 else
-  "$AIRLOCK" vm boot --kernel "$vmlinux" --initrd "$initrd" --cmdline airlock.selftest=1 --timeout-secs 300
+  "$AIRLOCK" run "$EX/kitchen.wasm" --tool recipes_summarize --args '{"values": [12, 30, 45, 8]}' --isolation vm
 fi

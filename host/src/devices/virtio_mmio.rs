@@ -211,26 +211,34 @@ impl MmioTransport {
                 }
             }
             VIRTIO_MMIO_QUEUE_DESC_LOW if configurable => {
-                self.queue()
-                    .map(|q| q.set_desc_table_address(Some(v), None));
+                if let Some(q) = self.queue() {
+                    q.set_desc_table_address(Some(v), None);
+                }
             }
             VIRTIO_MMIO_QUEUE_DESC_HIGH if configurable => {
-                self.queue()
-                    .map(|q| q.set_desc_table_address(None, Some(v)));
+                if let Some(q) = self.queue() {
+                    q.set_desc_table_address(None, Some(v));
+                }
             }
             VIRTIO_MMIO_QUEUE_AVAIL_LOW if configurable => {
-                self.queue()
-                    .map(|q| q.set_avail_ring_address(Some(v), None));
+                if let Some(q) = self.queue() {
+                    q.set_avail_ring_address(Some(v), None);
+                }
             }
             VIRTIO_MMIO_QUEUE_AVAIL_HIGH if configurable => {
-                self.queue()
-                    .map(|q| q.set_avail_ring_address(None, Some(v)));
+                if let Some(q) = self.queue() {
+                    q.set_avail_ring_address(None, Some(v));
+                }
             }
             VIRTIO_MMIO_QUEUE_USED_LOW if configurable => {
-                self.queue().map(|q| q.set_used_ring_address(Some(v), None));
+                if let Some(q) = self.queue() {
+                    q.set_used_ring_address(Some(v), None);
+                }
             }
             VIRTIO_MMIO_QUEUE_USED_HIGH if configurable => {
-                self.queue().map(|q| q.set_used_ring_address(None, Some(v)));
+                if let Some(q) = self.queue() {
+                    q.set_used_ring_address(None, Some(v));
+                }
             }
             VIRTIO_MMIO_INTERRUPT_ACK => {
                 self.interrupt.status.fetch_and(!v, Ordering::SeqCst);

@@ -598,7 +598,7 @@ impl Worker {
                     if dst_cid != HOST_CID || ty != TYPE_STREAM {
                         continue;
                     }
-                    self.from_guest((dst_port, src_port), op, flags, buf_alloc, fwd_cnt, data);
+                    self.handle_guest_packet((dst_port, src_port), op, flags, buf_alloc, fwd_cnt, data);
                 }
                 Err(e) => tracing::warn!(error = ?e, "malformed vsock packet from the guest"),
             }
@@ -609,7 +609,7 @@ impl Worker {
     }
 
     #[allow(clippy::too_many_arguments)]
-    fn from_guest(
+    fn handle_guest_packet(
         &mut self,
         key: Key,
         op: u16,
