@@ -598,7 +598,14 @@ impl Worker {
                     if dst_cid != HOST_CID || ty != TYPE_STREAM {
                         continue;
                     }
-                    self.handle_guest_packet((dst_port, src_port), op, flags, buf_alloc, fwd_cnt, data);
+                    self.handle_guest_packet(
+                        (dst_port, src_port),
+                        op,
+                        flags,
+                        buf_alloc,
+                        fwd_cnt,
+                        data,
+                    );
                 }
                 Err(e) => tracing::warn!(error = ?e, "malformed vsock packet from the guest"),
             }
