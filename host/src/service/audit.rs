@@ -111,7 +111,8 @@ fn chain_hash(seq: i64, ts_ms: i64, fields: [&str; 6], body_text: &str, prev: &s
     hex::encode(h.finalize())
 }
 
-fn now_ms() -> i64 {
+/// Milliseconds since the Unix epoch (0 if the clock is before it).
+pub(crate) fn now_ms() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as i64)

@@ -15,7 +15,7 @@
 //! therefore leaves either no component or a complete one; stray temporary
 //! files and unreferenced blobs are removed at the next start.
 
-use super::audit::{self, AuditError, NewRecord};
+use super::audit::{self, AuditError, NewRecord, now_ms};
 use rusqlite::{Connection, OptionalExtension, params};
 use serde::Serialize;
 use sha2::{Digest, Sha256};
@@ -176,13 +176,6 @@ impl Drop for StagedBlob {
 pub struct Store {
     dir: PathBuf,
     db: Mutex<Connection>,
-}
-
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
 }
 
 fn fsync_dir(dir: &Path) -> Result<(), StoreError> {
