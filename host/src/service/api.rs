@@ -166,6 +166,22 @@ async fn openapi() -> Response {
     ([(header::CONTENT_TYPE, "application/json")], OPENAPI).into_response()
 }
 
+/// Append a chunk of component bytes, refusing uploads over `limit` (413).
+fn write_component_chunk(
+    w: &mut super::store::BlobWriter,
+    chunk: &[u8],
+    limit: u64,
+) -> ApiResult<()> {
+    w.write(chunk)?;
+    if w.size() > limit {
+        return Err(ServiceError::TooLarge {
+            field: "component",
+            limit,
+        });
+    }
+    Ok(())
+}
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct UploadQuery {
@@ -208,13 +224,7 @@ async fn upload(
                     while let Some(chunk) = field.chunk().await.map_err(|e| {
                         super::bad("invalid_multipart", Some("component".into()), e.body_text())
                     })? {
-                        w.write(&chunk)?;
-                        if w.size() > limit {
-                            return Err(ServiceError::TooLarge {
-                                field: "component",
-                                limit,
-                            });
-                        }
+                        write_component_chunk(&mut w, &chunk, limit)?;
                     }
                     staged = Some(w.finish()?);
                 }
@@ -259,13 +269,7 @@ async fn upload(
         while let Some(chunk) = stream.next().await {
             let chunk = chunk
                 .map_err(|e| super::bad("invalid_body", Some("component".into()), e.to_string()))?;
-            w.write(&chunk)?;
-            if w.size() > limit {
-                return Err(ServiceError::TooLarge {
-                    field: "component",
-                    limit,
-                });
-            }
+            write_component_chunk(&mut w, &chunk, limit)?;
         }
         staged = Some(w.finish()?);
     }
