@@ -85,12 +85,16 @@ initrd="$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["initr
 if [ -e /sys/module/kvm_pvm ] || [ ! -e /dev/kvm ]; then
   say "This host's /dev/kvm cannot run the guest (PVM or missing): running the same call inside the nested-KVM harness (QEMU TCG + kvm-amd, where /airlock run --isolation vm boots our VMM); this takes a few minutes"
   nested="$(cargo xtask nested | tail -1)"
-  outer_kernel="$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["outer_kernel"])' "$nested")"
-  outer_initrd="$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["outer_initramfs"])' "$nested")"
-  timeout 1800 qemu-system-x86_64 -accel tcg,thread=multi -cpu EPYC,+svm -smp 2 -m 2048 -nographic -no-reboot \
-    -nodefaults -serial stdio -kernel "$outer_kernel" -initrd "$outer_initrd" \
-    -append "console=ttyS0 panic=-1 quiet airlock_only=vm-invoke" </dev/null \
-    | tr -d "\r" | sed -n "/NESTED-RESULT-BEGIN/,/NESTED-RESULT-END/p" || true
+  # The outer VM's QEMU command line comes from the manifest (the tests use the same).
+  mapfile -t outer_qemu < <(python3 -c 'import json,sys; print("\n".join(json.load(open(sys.argv[1]))["qemu"]))' "$nested")
+  outer_append="$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["append"])' "$nested")"
+  out="$(timeout 1800 "${outer_qemu[@]}" -append "$outer_append airlock_only=vm-invoke" </dev/null | tr -d "\r" || true)"
+  sed -n "/NESTED-RESULT-BEGIN/,/NESTED-RESULT-END/p" <<<"$out"
+  if ! grep -q "NESTED-RESULT-END vm-invoke 0" <<<"$out"; then
+    echo "demo: the call in the microVM failed; the outer VM printed:" >&2
+    tail -n 40 <<<"$out" >&2
+    exit 1
+  fi
 else
   "$AIRLOCK" run "$EX/kitchen.wasm" --tool recipes_summarize --args '{"values": [12, 30, 45, 8]}' --isolation vm
 fi

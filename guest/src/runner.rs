@@ -183,10 +183,50 @@ impl WasiHttpView for CallState {
     }
 }
 
+/// An outgoing HTTP request the grant allowed, with its whole body.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EgressRequest {
+    /// Method.
+    pub method: String,
+    /// Absolute URL.
+    pub url: String,
+    /// Headers (names lower-case).
+    pub headers: Vec<(String, String)>,
+    /// Body.
+    pub body: Vec<u8>,
+}
+
+/// The answer to an [`EgressRequest`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EgressResponse {
+    /// Status code.
+    pub status: u16,
+    /// Headers.
+    pub headers: Vec<(String, String)>,
+    /// Body.
+    pub body: Vec<u8>,
+}
+
+/// Largest request or response body that goes through an [`Egress`].
+pub const EGRESS_MAX_BODY: usize = 8 << 20;
+
+/// Where allowed requests go when they do not leave from this process: in
+/// the microVM, the host's egress proxy over vsock. Blocking; called off
+/// the async runtime.
+pub trait Egress: Send + Sync {
+    /// Send one request.
+    ///
+    /// # Errors
+    /// A message saying why there is no response (refused by the proxy's own
+    /// check, unreachable, too large).
+    fn send(&self, request: EgressRequest) -> Result<EgressResponse, String>;
+}
+
 /// Outgoing HTTP: every request is checked against the grant and recorded.
 struct EgressHooks {
     grant: Arc<HttpGrant>,
     audit: AuditLog,
+    egress: Option<Arc<dyn Egress>>,
 }
 
 impl WasiHttpHooks for EgressHooks {
@@ -217,7 +257,10 @@ impl WasiHttpHooks for EgressHooks {
             HttpVerdict::Allowed(reason) => {
                 self.audit
                     .record("http.request", target, Decision::Allow, reason);
-                send_allowed(request, options)
+                match &self.egress {
+                    Some(e) => send_via(e.clone(), request),
+                    None => send_allowed(request, options),
+                }
             }
         }
     }
@@ -234,6 +277,70 @@ type EgressFuture = Box<
             >,
         > + Send,
 >;
+
+/// Send a request the grant allowed through an [`Egress`].
+fn send_via(
+    egress: Arc<dyn Egress>,
+    request: http::Request<wasmtime_wasi_http::WasiBody>,
+) -> EgressFuture {
+    use http_body_util::{BodyExt, Full, Limited};
+    use wasmtime_wasi_http::p2::bindings::http::types::ErrorCode;
+    Box::new(async move {
+        let (parts, body) = request.into_parts();
+        let body = Limited::new(body, EGRESS_MAX_BODY)
+            .collect()
+            .await
+            .map_err(|_| {
+                wasmtime_wasi_http::Error::from(ErrorCode::HttpRequestBodySize(Some(
+                    EGRESS_MAX_BODY as u64,
+                )))
+            })?
+            .to_bytes();
+        let req = EgressRequest {
+            method: parts.method.to_string(),
+            url: parts.uri.to_string(),
+            headers: parts
+                .headers
+                .iter()
+                .map(|(k, v)| {
+                    (
+                        k.to_string(),
+                        String::from_utf8_lossy(v.as_bytes()).into_owned(),
+                    )
+                })
+                .collect(),
+            body: body.to_vec(),
+        };
+        let resp = tokio::task::spawn_blocking(move || egress.send(req))
+            .await
+            .map_err(|e| {
+                wasmtime_wasi_http::Error::from(ErrorCode::InternalError(Some(e.to_string())))
+            })?
+            .map_err(|m| {
+                tracing::warn!(error = %m, "egress proxy refused or failed");
+                wasmtime_wasi_http::Error::from(ErrorCode::DestinationUnavailable)
+            })?;
+        let mut builder = http::Response::builder().status(resp.status);
+        for (k, v) in &resp.headers {
+            builder = builder.header(k, v);
+        }
+        let res = builder
+            .body(
+                Full::new(bytes::Bytes::from(resp.body))
+                    .map_err(|never| match never {})
+                    .boxed_unsync(),
+            )
+            .map_err(|e| {
+                tracing::warn!(error = %e, "the egress proxy's response is not valid HTTP");
+                wasmtime_wasi_http::Error::from(ErrorCode::HttpProtocolError)
+            })?;
+        Ok((
+            res,
+            Box::new(async { Ok(()) })
+                as Box<dyn Future<Output = Result<(), wasmtime_wasi_http::Error>> + Send>,
+        ))
+    })
+}
 
 /// Send a request the grant allowed, straight from this process.
 #[cfg(feature = "direct-http")]
@@ -456,6 +563,7 @@ pub struct Runner {
     linker: Linker<CallState>,
     config: EngineConfig,
     rt: tokio::runtime::Runtime,
+    egress: Option<Arc<dyn Egress>>,
 }
 
 impl Runner {
@@ -508,7 +616,16 @@ impl Runner {
             linker,
             config,
             rt,
+            egress: None,
         })
+    }
+
+    /// Send allowed outgoing HTTP through `egress` instead of from this
+    /// process (the grant is still checked and audited here first).
+    #[must_use]
+    pub fn with_egress(mut self, egress: Arc<dyn Egress>) -> Self {
+        self.egress = Some(egress);
+        self
     }
 
     /// The engine (for reading types).
@@ -671,6 +788,7 @@ impl Runner {
             hooks: EgressHooks {
                 grant: Arc::new(grants.http.clone()),
                 audit: audit.clone(),
+                egress: self.egress.clone(),
             },
             limiter: MemoryLimiter {
                 limit: limits.memory_bytes,

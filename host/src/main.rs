@@ -138,6 +138,46 @@ enum VmCmd {
     /// Boot `count` rounds of `parallel` VMs and report how each ended plus
     /// this process's fds, threads and RSS before and after (leak check).
     Soak(SoakArgs),
+    /// Boot one microVM per `--args` at once, wait until every one is
+    /// ready, then make one call in each, concurrently; print each outcome.
+    Multi(MultiArgs),
+    /// Boot benchmark: this VMM vs QEMU `-M microvm` booting the same
+    /// kernel and initramfs, alternating; prints every sample, the median
+    /// ratio and the VMM's own memory overhead.
+    BenchBoot {
+        #[command(flatten)]
+        image: BootImage,
+        /// QEMU binary.
+        #[arg(long, default_value = "qemu-system-x86_64")]
+        qemu: PathBuf,
+        /// Rounds (each boots both once).
+        #[arg(long, default_value_t = 5)]
+        rounds: u32,
+        /// Guest memory, MiB.
+        #[arg(long, default_value_t = 256)]
+        memory_mib: u32,
+    },
+}
+
+#[derive(clap::Args)]
+struct MultiArgs {
+    /// The component (.wasm) every VM loads.
+    component: PathBuf,
+    /// Tool to call.
+    #[arg(long)]
+    tool: String,
+    /// JSON arguments, one per VM (repeat the flag).
+    #[arg(long = "args", required = true)]
+    args: Vec<String>,
+    /// Guest kernel (default: from `cargo xtask guest-image`).
+    #[arg(long)]
+    kernel: Option<PathBuf>,
+    /// Guest initramfs (default: from `cargo xtask guest-image`).
+    #[arg(long)]
+    initrd: Option<PathBuf>,
+    /// Guest memory per VM, MiB.
+    #[arg(long, default_value_t = 256)]
+    memory_mib: u32,
 }
 
 /// What a VM boots: shared by `vm boot` and `vm soak`.
@@ -320,6 +360,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             print_json(&serde_json::json!({
                 "exit": exit,
                 "wall_ms": report.wall.as_millis() as u64,
+                "peak_rss_kib": airlock::vmm::ProcessUsage::now().peak_rss_kib,
+                "guest_resident_kib": report.guest_resident_bytes >> 10,
                 "console": report.console,
             }))?;
             Ok(ExitCode::SUCCESS)
@@ -365,6 +407,41 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let after = airlock::vmm::ProcessUsage::now();
             print_json(&serde_json::json!({"before": before, "after": after, "runs": exits}))?;
             Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Vm {
+            cmd:
+                VmCmd::BenchBoot {
+                    image,
+                    qemu,
+                    rounds,
+                    memory_mib,
+                },
+        } => {
+            let report = airlock::vmm::bench::boot_bench(&airlock::vmm::bench::BenchConfig {
+                airlock: std::env::current_exe()?,
+                qemu,
+                kernel: image.kernel,
+                initrd: image.initrd,
+                cmdline_extra: image.cmdline,
+                memory_mib,
+                rounds,
+            })?;
+            print_json(&report)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Vm {
+            cmd: VmCmd::Multi(a),
+        } => {
+            let out = vm_multi(a)?;
+            print_json(&out)?;
+            let failed = out["vms"]
+                .as_array()
+                .is_some_and(|v| v.iter().any(|vm| vm.get("error").is_some()));
+            Ok(if failed {
+                ExitCode::from(1)
+            } else {
+                ExitCode::SUCCESS
+            })
         }
         Cmd::Serve {
             config,
@@ -530,6 +607,79 @@ fn guest_image(
     ))
 }
 
+/// A component compiled on the host, ready to load into guests.
+struct VmComponent {
+    artifact: Vec<u8>,
+    engine: String,
+    docs: std::collections::BTreeMap<String, String>,
+}
+
+/// Refuse hosts that cannot run the guest (before compiling anything), then
+/// precompile `wasm` for the guest's engine.
+fn prepare_for_vm(runner: &Runner, wasm: &[u8]) -> anyhow::Result<VmComponent> {
+    airlock::vmm::check_host().map_err(|e| {
+        anyhow::anyhow!(
+            "{e} For development, --isolation process runs the Wasm sandbox without the VM."
+        )
+    })?;
+    Ok(VmComponent {
+        artifact: runner.precompile(wasm)?,
+        engine: runner.fingerprint(),
+        docs: airlock_wasm_tools::docs::from_component(wasm).functions,
+    })
+}
+
+/// Boot a microVM, load `comp` and make one call; the VM is shut down (or
+/// stopped and reaped) on every path. `all_ready`, when given, is waited on
+/// once the guest is ready (or failed to be), so several VMs can be made to
+/// overlap.
+fn call_in_vm(
+    comp: &VmComponent,
+    cfg: &airlock::sandbox::SandboxConfig,
+    tool: &str,
+    args: &serde_json::Value,
+    policy: &Policy,
+    all_ready: Option<&std::sync::Barrier>,
+) -> anyhow::Result<(airlock_guest::CallOutcome, std::time::Duration)> {
+    use airlock::sandbox::Sandbox;
+    let booted = Sandbox::boot(cfg);
+    if let Some(b) = all_ready {
+        b.wait();
+    }
+    let mut sb = booted?;
+    tracing::info!(ready_ms = sb.ready_after.as_millis() as u64, boot = ?sb.boot, "guest ready");
+    let (digest, _tools) = sb
+        .load(&comp.artifact, &comp.engine, comp.docs.clone())
+        .context("loading the component into the guest")?;
+    let outcome = sb
+        .invoke(&digest, tool, args, &policy.grant_set())
+        .context("calling the tool in the guest")?;
+    let ready = sb.ready_after;
+    let report = sb.shutdown()?;
+    tracing::info!(exit = ?report.exit, wall_ms = report.wall.as_millis() as u64, "VM ended");
+    Ok((outcome, ready))
+}
+
+fn sandbox_config(
+    kernel: Option<PathBuf>,
+    initrd: Option<PathBuf>,
+    memory_mib: u32,
+    policy: &Policy,
+    engine: String,
+) -> anyhow::Result<airlock::sandbox::SandboxConfig> {
+    let (kernel, initrd) = guest_image(kernel, initrd)?;
+    let timeout = std::time::Duration::from_millis(policy.limits.timeout_ms);
+    Ok(airlock::sandbox::SandboxConfig {
+        kernel,
+        initrd,
+        memory_mib,
+        vcpus: 1,
+        ready_timeout: std::time::Duration::from_secs(300),
+        life_timeout: timeout + std::time::Duration::from_secs(420),
+        engine,
+    })
+}
+
 /// One call in a fresh microVM: precompile here, boot, load, invoke, shut down.
 #[allow(clippy::too_many_arguments)]
 fn run_in_vm(
@@ -542,41 +692,72 @@ fn run_in_vm(
     args: &serde_json::Value,
     policy: &Policy,
 ) -> anyhow::Result<airlock_guest::CallOutcome> {
-    use airlock::sandbox::{Sandbox, SandboxConfig};
-    // Refuse hosts that cannot run the guest before compiling anything.
-    airlock::vmm::check_host().map_err(|e| {
-        anyhow::anyhow!(
-            "{e} For development, --isolation process runs the Wasm sandbox without the VM."
-        )
-    })?;
     if !policy.filesystem.is_empty() {
         bail!(
             "the policy grants directories, which reach a microVM over virtio-fs — not built yet; use --isolation process for tools that need files"
         );
     }
-    let (kernel, initrd) = guest_image(kernel, initrd)?;
-    let artifact = runner.precompile(wasm)?;
-    let docs = airlock_wasm_tools::docs::from_component(wasm).functions;
-    let timeout = std::time::Duration::from_millis(policy.limits.timeout_ms);
-    let mut sb = Sandbox::boot(&SandboxConfig {
-        kernel,
-        initrd,
-        memory_mib,
-        vcpus: 1,
-        ready_timeout: std::time::Duration::from_secs(300),
-        life_timeout: timeout + std::time::Duration::from_secs(420),
-        engine: runner.fingerprint(),
-    })?;
-    tracing::info!(ready_ms = sb.ready_after.as_millis() as u64, boot = ?sb.boot, "guest ready");
-    let (digest, _tools) = sb
-        .load(&artifact, &runner.fingerprint(), docs)
-        .context("loading the component into the guest")?;
-    let outcome = sb
-        .invoke(&digest, tool, args, &policy.grant_set())
-        .context("calling the tool in the guest")?;
-    let report = sb.shutdown()?;
-    tracing::info!(exit = ?report.exit, wall_ms = report.wall.as_millis() as u64, "VM ended");
-    Ok(outcome)
+    let comp = prepare_for_vm(runner, wasm)?;
+    let cfg = sandbox_config(kernel, initrd, memory_mib, policy, comp.engine.clone())?;
+    Ok(call_in_vm(&comp, &cfg, tool, args, policy, None)?.0)
+}
+
+/// `airlock vm multi`: N microVMs at once, one independent call in each.
+fn vm_multi(a: MultiArgs) -> anyhow::Result<serde_json::Value> {
+    let args = a
+        .args
+        .iter()
+        .enumerate()
+        .map(|(i, s)| {
+            serde_json::from_str::<serde_json::Value>(s)
+                .with_context(|| format!("--args #{} is not JSON", i + 1))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let runner = cli_runner()?;
+    let wasm = read_component(&a.component)?;
+    let comp = prepare_for_vm(&runner, &wasm)?;
+    let policy = Policy::default();
+    let cfg = sandbox_config(
+        a.kernel,
+        a.initrd,
+        a.memory_mib,
+        &policy,
+        comp.engine.clone(),
+    )?;
+    let barrier = std::sync::Barrier::new(args.len());
+    let start = std::time::Instant::now();
+    let outcomes: Vec<_> = std::thread::scope(|s| {
+        let handles: Vec<_> = args
+            .iter()
+            .map(|v| {
+                let (comp, cfg, policy, barrier, tool) = (&comp, &cfg, &policy, &barrier, &a.tool);
+                s.spawn(move || call_in_vm(comp, cfg, tool, v, policy, Some(barrier)))
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err(anyhow::anyhow!("a VM thread panicked")))
+            })
+            .collect()
+    });
+    let vms: Vec<serde_json::Value> = args
+        .iter()
+        .zip(outcomes)
+        .map(|(v, o)| match o {
+            Ok((outcome, ready)) => serde_json::json!({
+                "args": v,
+                "ready_ms": ready.as_millis() as u64,
+                "outcome": outcome,
+            }),
+            Err(e) => serde_json::json!({"args": v, "error": format!("{e:#}")}),
+        })
+        .collect();
+    Ok(serde_json::json!({
+        "vms": vms,
+        "wall_ms": start.elapsed().as_millis() as u64,
+    }))
 }
 
 /// The CLI runs one call per process: no pooling (it would only reserve

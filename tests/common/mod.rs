@@ -100,6 +100,74 @@ pub fn run_with_timeout(
     (reader.join().unwrap(), exited)
 }
 
+/// How a watched child ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[allow(dead_code)]
+pub enum Ended {
+    /// It exited by itself.
+    Exited,
+    /// It ran past the total limit and was killed.
+    TimedOut,
+    /// It printed nothing for the silence limit and was killed.
+    Silent,
+}
+
+/// Run `cmd` (stdout piped, `\r` removed), killing it after `total`, or
+/// once it has printed nothing for `silence`: a frozen emulator is told
+/// apart from a slow one within minutes instead of at the end of `total`.
+#[allow(dead_code)]
+pub fn run_watched(
+    mut cmd: std::process::Command,
+    total: std::time::Duration,
+    silence: std::time::Duration,
+) -> (String, Ended) {
+    use std::io::Read;
+    use std::process::Stdio;
+    use std::sync::{Arc, Mutex};
+    use std::time::Instant;
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start {cmd:?}: {e}"));
+    let mut stdout = child.stdout.take().unwrap();
+    let last = Arc::new(Mutex::new(Instant::now()));
+    let seen = last.clone();
+    let reader = std::thread::spawn(move || {
+        let mut all = Vec::new();
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = stdout.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            all.extend_from_slice(&buf[..n]);
+            *seen.lock().unwrap() = Instant::now();
+        }
+        String::from_utf8_lossy(&all).replace('\r', "")
+    });
+    let start = Instant::now();
+    let ended = loop {
+        if child.try_wait().unwrap().is_some() {
+            break Ended::Exited;
+        }
+        let quiet = last.lock().unwrap().elapsed();
+        let why = if start.elapsed() > total {
+            Some(Ended::TimedOut)
+        } else if quiet > silence {
+            Some(Ended::Silent)
+        } else {
+            None
+        };
+        if let Some(why) = why {
+            let _ = child.kill();
+            let _ = child.wait();
+            break why;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    };
+    (reader.join().unwrap(), ended)
+}
+
 /// The cache directory (`$AIRLOCK_CACHE` or `~/.cache/airlock`).
 pub fn cache_dir() -> PathBuf {
     std::env::var_os("AIRLOCK_CACHE")

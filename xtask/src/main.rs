@@ -8,6 +8,9 @@
 //! * `cargo xtask guest-image` — all of the above, paths in `<cache>/guest-image.json`.
 //! * `cargo xtask bench service` — HTTP invocations/s and p50/p99 at
 //!   concurrency 1/8/64 next to the CLI runner, in one run
+//! * `cargo xtask bench boot` — inside the nested harness, boot of our VMM
+//!   against QEMU `-M microvm` (same vmlinux + initramfs), ratio of medians,
+//!   plus the VMM's own RSS overhead
 //! * `cargo xtask bench runner` — per-call latency of the runner's fast path
 //!   against instantiate-from-bytes, printed as a ratio.
 
@@ -52,6 +55,9 @@ enum Cmd {
         /// Calls per measurement.
         #[arg(long, default_value_t = 2000)]
         iterations: u32,
+        /// Rounds for `boot` (each boots both VMMs once).
+        #[arg(long, default_value_t = 7)]
+        rounds: u32,
     },
 }
 
@@ -86,10 +92,15 @@ fn main() -> anyhow::Result<()> {
             println!("vmlinux {}", k.vmlinux.display());
             println!("bzImage {}", k.bzimage.display());
         }),
-        Cmd::Bench { which, iterations } => match which.as_str() {
+        Cmd::Bench {
+            which,
+            iterations,
+            rounds,
+        } => match which.as_str() {
             "runner" => bench_runner(iterations),
             "service" => bench_service::run(iterations),
-            other => bail!("unknown benchmark {other:?}; available: runner, service"),
+            "boot" => nested::bench_boot(rounds),
+            other => bail!("unknown benchmark {other:?}; available: runner, service, boot"),
         },
     }
 }

@@ -13,7 +13,8 @@
 //! Devices: COM1, and (when configured) virtio-vsock on virtio-mmio.
 //! Not yet: virtio-fs, pmem.
 
-pub mod layout;
+pub mod bench;
+mod layout;
 
 use crate::devices::serial::{COM1_BASE, COM1_IRQ, Com1, ConsoleLog, com1};
 use crate::devices::virtio_mmio::{MMIO_SIZE, MmioTransport, VirtioDevice, VirtioError};
@@ -140,6 +141,30 @@ pub struct RunReport {
     pub console: String,
     /// Wall time from VM creation to the end.
     pub wall: Duration,
+    /// Guest memory pages resident in this process at the end (the pages
+    /// the guest touched), bytes: what to subtract from the process RSS to
+    /// get the VMM's own footprint.
+    pub guest_resident_bytes: u64,
+}
+
+/// How much of guest memory is resident (mincore over every region).
+fn resident_bytes(mem: &GuestMemoryMmap) -> u64 {
+    let page = 4096usize;
+    let mut total = 0u64;
+    for region in mem.iter() {
+        let Ok(host) = mem.get_host_address(region.start_addr()) else {
+            continue;
+        };
+        let len = region.len() as usize;
+        let mut vec = vec![0u8; len.div_ceil(page)];
+        // SAFETY: `host..host+len` is one live mapping owned by `mem` (page
+        // aligned: mmap'd), and `vec` has one byte per page of it.
+        let rc = unsafe { libc::mincore(host.cast(), len, vec.as_mut_ptr()) };
+        if rc == 0 {
+            total += vec.iter().filter(|b| **b & 1 == 1).count() as u64 * page as u64;
+        }
+    }
+    total
 }
 
 /// This process's resource usage, for leak checks across many boots.
@@ -151,6 +176,8 @@ pub struct ProcessUsage {
     pub threads: usize,
     /// Resident set size, KiB.
     pub rss_kib: u64,
+    /// Peak resident set size (VmHWM), KiB.
+    pub peak_rss_kib: u64,
 }
 
 impl ProcessUsage {
@@ -172,6 +199,7 @@ impl ProcessUsage {
             fds,
             threads: field("Threads:") as usize,
             rss_kib: field("VmRSS:"),
+            peak_rss_kib: field("VmHWM:"),
         }
     }
 }
@@ -278,18 +306,28 @@ pub fn run(cfg: &VmConfig) -> Result<RunReport, VmmError> {
         .as_bytes()
         .len();
 
-    let initrd = std::fs::read(&cfg.initrd).map_err(|e| VmmError::File {
-        path: cfg.initrd.clone(),
-        message: e.to_string(),
-    })?;
-    let initrd_addr = (mem_size - initrd.len() as u64) & !0xfff;
+    // Read the initramfs straight into guest memory: no heap copy, so the
+    // VMM's own peak RSS does not grow with the image.
+    let mut initrd = read(&cfg.initrd)?;
+    let initrd_len = initrd
+        .metadata()
+        .map_err(|e| VmmError::File {
+            path: cfg.initrd.clone(),
+            message: e.to_string(),
+        })?
+        .len();
+    let initrd_addr = mem_size.saturating_sub(initrd_len) & !0xfff;
     if initrd_addr <= loaded.kernel_end {
         return Err(VmmError::Config(
             "the initramfs does not fit above the kernel; give the VM more memory".into(),
         ));
     }
-    mem.write_slice(&initrd, GuestAddress(initrd_addr))
-        .map_err(|e| VmmError::Memory(e.to_string()))?;
+    mem.read_exact_volatile_from(GuestAddress(initrd_addr), &mut initrd, initrd_len as usize)
+        .map_err(|e| VmmError::File {
+            path: cfg.initrd.clone(),
+            message: e.to_string(),
+        })?;
+    drop(initrd);
 
     let mut params = linux_loader::loader::bootparam::boot_params::default();
     params.hdr.type_of_loader = 0xff;
@@ -299,7 +337,7 @@ pub fn run(cfg: &VmConfig) -> Result<RunReport, VmmError> {
     params.hdr.cmd_line_ptr = layout::CMDLINE as u32;
     params.hdr.cmdline_size = cmdline_len as u32;
     params.hdr.ramdisk_image = initrd_addr as u32;
-    params.hdr.ramdisk_size = initrd.len() as u32;
+    params.hdr.ramdisk_size = initrd_len as u32;
     params.e820_table[0].addr = 0;
     params.e820_table[0].size = layout::LOW_RAM_END;
     params.e820_table[0].r#type = 1;
@@ -368,11 +406,13 @@ pub fn run(cfg: &VmConfig) -> Result<RunReport, VmmError> {
     }
     drop(vsock);
     drop(vm);
+    let guest_resident_bytes = resident_bytes(&mem);
     drop(mem);
     Ok(RunReport {
         exit,
         console: console.text(),
         wall: start.elapsed(),
+        guest_resident_bytes,
     })
 }
 

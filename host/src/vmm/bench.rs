@@ -1,0 +1,234 @@
+//! Boot benchmark: our VMM against QEMU `-M microvm` booting the same ELF
+//! `vmlinux` (PVH entry) and initramfs with the same command line, in the
+//! same run, alternating, each in its own process.
+//!
+//! What is timed is process start → process exit, with a guest whose init
+//! ends at once (`airlock.selftest=panic`: PID 1 exits, `panic=-1` resets,
+//! `reboot=t` triple-faults, both VMMs exit). The peak RSS of each process
+//! comes from `wait4`; ours also reports how much of that is guest memory
+//! the guest touched, so the VMM's own footprint is the difference.
+//!
+//! **Invariants:** both sides get identical kernel, initramfs, memory size,
+//! vCPU count and kernel command line; rounds alternate (ours first in odd
+//! rounds, QEMU first in even ones) so drift in the host affects both.
+
+use super::{BASE_CMDLINE, VmmError};
+use std::io::Read;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// What to compare.
+#[derive(Debug, Clone)]
+pub struct BenchConfig {
+    /// The `airlock` binary whose `vm boot` is measured.
+    pub airlock: PathBuf,
+    /// The QEMU binary.
+    pub qemu: PathBuf,
+    /// ELF vmlinux with a PVH note.
+    pub kernel: PathBuf,
+    /// Initramfs.
+    pub initrd: PathBuf,
+    /// Extra command line for both (after [`BASE_CMDLINE`]).
+    pub cmdline_extra: String,
+    /// Guest memory, MiB.
+    pub memory_mib: u32,
+    /// Rounds (each boots both once).
+    pub rounds: u32,
+}
+
+/// One measured boot.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Sample {
+    /// Process start to exit, milliseconds.
+    pub wall_ms: f64,
+    /// Peak RSS of the process, KiB (`ru_maxrss`).
+    pub peak_rss_kib: u64,
+    /// Guest pages resident at the end, KiB (ours only).
+    pub guest_resident_kib: Option<u64>,
+}
+
+/// The result.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct BenchReport {
+    /// Our VMM, one sample per round.
+    pub ours: Vec<Sample>,
+    /// QEMU microvm, one sample per round.
+    pub qemu: Vec<Sample>,
+    /// Median wall of ours / median wall of QEMU.
+    pub ratio: f64,
+    /// Median of (our peak RSS − guest resident), KiB.
+    pub vmm_overhead_kib: u64,
+    /// The kernel command line both used.
+    pub cmdline: String,
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n == 0 {
+        0.0
+    } else if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+/// Run `cmd` to its end; return its stdout, wall time and peak RSS.
+fn measure(mut cmd: Command, limit: Duration) -> Result<(String, Duration, u64), VmmError> {
+    let what = format!("{cmd:?}");
+    let io = |e: std::io::Error| VmmError::Config(format!("bench: {what}: {e}"));
+    let start = Instant::now();
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .map_err(|e| VmmError::Config(format!("bench: cannot start {what}: {e}")))?;
+    let mut out = child.stdout.take().expect("piped");
+    let reader = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = out.read_to_string(&mut s);
+        s
+    });
+    let pid = child.id() as libc::pid_t;
+    let deadline = start + limit;
+    let (wall, rusage) = loop {
+        let mut status = 0;
+        // SAFETY: an all-zero rusage is a valid value of the plain C struct.
+        let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+        // SAFETY: `pid` is our own unreaped child; `status` and `ru` are
+        // valid for writes. WNOHANG: never blocks.
+        let rc = unsafe { libc::wait4(pid, &mut status, libc::WNOHANG, &mut ru) };
+        if rc == pid {
+            break (start.elapsed(), ru);
+        }
+        if rc < 0 {
+            return Err(io(std::io::Error::last_os_error()));
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(VmmError::Config(format!(
+                "bench: {what} did not finish within {limit:?}"
+            )));
+        }
+        std::thread::sleep(Duration::from_micros(500));
+    };
+    let stdout = reader.join().unwrap_or_default();
+    Ok((stdout, wall, rusage.ru_maxrss as u64))
+}
+
+fn ours(cfg: &BenchConfig) -> Result<Sample, VmmError> {
+    let mut cmd = Command::new(&cfg.airlock);
+    cmd.args(["vm", "boot", "--kernel"])
+        .arg(&cfg.kernel)
+        .arg("--initrd")
+        .arg(&cfg.initrd)
+        .args(["--cmdline", &cfg.cmdline_extra])
+        .args(["--memory-mib", &cfg.memory_mib.to_string()])
+        .args(["--timeout-secs", "300"]);
+    let (out, wall, rss) = measure(cmd, Duration::from_secs(330))?;
+    let v: serde_json::Value = serde_json::from_str(&out).map_err(|e| {
+        VmmError::Config(format!(
+            "bench: `airlock vm boot` printed no JSON ({e}): {out}"
+        ))
+    })?;
+    if v["exit"] != "reset" {
+        return Err(VmmError::Config(format!(
+            "bench: our guest did not end with a reset: {v}"
+        )));
+    }
+    Ok(Sample {
+        wall_ms: wall.as_secs_f64() * 1e3,
+        peak_rss_kib: rss,
+        guest_resident_kib: v["guest_resident_kib"].as_u64(),
+    })
+}
+
+fn qemu(cfg: &BenchConfig, cmdline: &str) -> Result<Sample, VmmError> {
+    let mut cmd = Command::new(&cfg.qemu);
+    cmd.args(["-M", "microvm,acpi=off", "-enable-kvm", "-cpu", "host"])
+        .args(["-m", &format!("{}M", cfg.memory_mib), "-smp", "1"])
+        .args(["-nodefaults", "-no-user-config", "-nographic", "-no-reboot"])
+        .args(["-serial", "stdio", "-kernel"])
+        .arg(&cfg.kernel)
+        .arg("-initrd")
+        .arg(&cfg.initrd)
+        .args(["-append", cmdline]);
+    let (out, wall, rss) = measure(cmd, Duration::from_secs(330))?;
+    if !out.contains("Kernel panic") {
+        return Err(VmmError::Config(format!(
+            "bench: the QEMU guest did not reach its init's end; console:\n{out}"
+        )));
+    }
+    Ok(Sample {
+        wall_ms: wall.as_secs_f64() * 1e3,
+        peak_rss_kib: rss,
+        guest_resident_kib: None,
+    })
+}
+
+/// Run the benchmark.
+///
+/// # Errors
+/// A boot failed, timed out, or did not end the way the guest is built to.
+pub fn boot_bench(cfg: &BenchConfig) -> Result<BenchReport, VmmError> {
+    let cmdline = format!("{BASE_CMDLINE} {}", cfg.cmdline_extra);
+    let (mut a, mut b) = (Vec::new(), Vec::new());
+    for round in 0..cfg.rounds {
+        if round % 2 == 0 {
+            a.push(ours(cfg)?);
+            b.push(qemu(cfg, &cmdline)?);
+        } else {
+            b.push(qemu(cfg, &cmdline)?);
+            a.push(ours(cfg)?);
+        }
+        tracing::info!(
+            round,
+            ours_ms = a[a.len() - 1].wall_ms,
+            qemu_ms = b[b.len() - 1].wall_ms,
+            "bench round"
+        );
+    }
+    let ratio = median(a.iter().map(|s| s.wall_ms).collect())
+        / median(b.iter().map(|s| s.wall_ms).collect());
+    let overhead = median(
+        a.iter()
+            .map(|s| {
+                s.peak_rss_kib
+                    .saturating_sub(s.guest_resident_kib.unwrap_or(0)) as f64
+            })
+            .collect(),
+    ) as u64;
+    Ok(BenchReport {
+        ours: a,
+        qemu: b,
+        ratio,
+        vmm_overhead_kib: overhead,
+        cmdline,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn median_of_odd_and_even_counts() {
+        assert_eq!(median(vec![3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(vec![4.0, 1.0, 3.0, 2.0]), 2.5);
+        assert_eq!(median(vec![]), 0.0);
+    }
+
+    #[test]
+    fn measure_reports_wall_and_peak_rss_of_a_child() {
+        let mut cmd = Command::new("sh");
+        cmd.args(["-c", "echo hi"]);
+        let (out, wall, rss) = measure(cmd, Duration::from_secs(10)).unwrap();
+        assert_eq!(out, "hi\n");
+        assert!(wall > Duration::ZERO);
+        assert!(rss > 0);
+    }
+}
