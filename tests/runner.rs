@@ -476,6 +476,65 @@ fn http_unlisted_host_and_deny_rules_are_denied() {
     assert!(has_event(&out, "http.request", Decision::Deny));
 }
 
+/// The microVM's egress path without the VM: the runner hands allowed
+/// requests to an `Egress` that speaks the egress protocol over a socket
+/// pair to the host's real proxy, which sends them to a real server.
+struct Bridge(airlock::egress::Proxy);
+
+impl airlock_guest::Egress for Bridge {
+    fn send(
+        &self,
+        req: airlock_guest::EgressRequest,
+    ) -> Result<airlock_guest::EgressResponse, String> {
+        let (mut guest, mut host) = std::os::unix::net::UnixStream::pair().unwrap();
+        let proxy = self.0.clone();
+        let t = std::thread::spawn(move || {
+            airlock_guest::egress::serve_one(&mut host, |r| proxy.handle(r)).unwrap();
+        });
+        let r = airlock_guest::egress::exchange(&mut guest, 1, req);
+        t.join().unwrap();
+        r
+    }
+}
+
+#[test]
+fn http_through_the_host_egress_proxy_is_checked_again_by_the_host() {
+    let addr = common::http_server();
+    let proxy = airlock::egress::Proxy::new(std::time::Duration::from_secs(10)).unwrap();
+    let runner = Runner::new(EngineConfig {
+        pooling: false,
+        ..EngineConfig::default()
+    })
+    .unwrap()
+    .with_egress(std::sync::Arc::new(Bridge(proxy.clone())));
+    let l = runner.load_wasm(&common::example_bytes("fetch")).unwrap();
+    let allowed = http_grant(&[&format!("http://127.0.0.1:{}", addr.port())], &[]);
+    let url = json!({"url": format!("http://{addr}/weather")});
+
+    // Host and guest agree: the request goes out through the proxy.
+    proxy.begin_call(allowed.http.clone());
+    let out = runner.invoke(&l, "fetch", &url, &allowed);
+    let host_events = proxy.end_call();
+    let v = ok(&out);
+    assert_eq!(v["ok"]["status"], json!(200), "{v}");
+    assert_eq!(v["ok"]["body"], json!("hello from /weather"));
+    assert_eq!(v["ok"]["content-type"], json!("text/plain"));
+    assert!(has_event(&out, "http.request", Decision::Allow));
+    assert_eq!(host_events.len(), 1, "{host_events:?}");
+    assert_eq!(host_events[0].action, "http.proxy");
+    assert_eq!(host_events[0].decision, Decision::Allow);
+
+    // A guest that claims a wider grant than the host gave: the host refuses.
+    proxy.begin_call(HttpGrant::default());
+    let out = runner.invoke(&l, "fetch", &url, &allowed);
+    let host_events = proxy.end_call();
+    let err = ok(&out)["err"].as_str().unwrap_or_default().to_string();
+    assert!(err.contains("DestinationUnavailable"), "{out:?}");
+    assert_eq!(host_events.len(), 1, "{host_events:?}");
+    assert_eq!(host_events[0].decision, Decision::Deny);
+    assert_eq!(host_events[0].reason, "no allow rule matches");
+}
+
 // ---------- environment ----------
 
 #[test]

@@ -213,6 +213,57 @@ fn tools_run_inside_the_microvm_with_the_same_results_as_in_process() {
     assert_eq!(v["audit"], local["audit"]);
 }
 
+fn events<'a>(v: &'a Value, action: &str) -> Vec<&'a Value> {
+    v["audit"]
+        .as_array()
+        .map(|a| a.iter().filter(|e| e["action"] == action).collect())
+        .unwrap_or_default()
+}
+
+#[test]
+fn allowed_http_leaves_the_microvm_only_through_the_host_proxy() {
+    // A real server (busybox httpd) on the outer VM's loopback; the guest
+    // has no network stack, so the only way there is the vsock egress proxy.
+    let (v, code) = scenario("vm-egress");
+    assert_eq!(code, 0, "{v}");
+    let ok = &v["result"]["ok"]["ok"];
+    assert_eq!(ok["status"], 200, "{v}");
+    assert_eq!(ok["body"], "hello from the outer VM", "{v}");
+    let guest = events(&v, "http.request");
+    let host = events(&v, "http.proxy");
+    assert_eq!(guest.len(), 1, "{v}");
+    assert_eq!(guest[0]["decision"], "allow", "{v}");
+    assert_eq!(
+        host.len(),
+        1,
+        "the host proxy records its own decision: {v}"
+    );
+    assert_eq!(host[0]["decision"], "allow", "{v}");
+    assert!(
+        host[0]["target"]
+            .as_str()
+            .unwrap()
+            .contains("127.0.0.1:8080/weather.txt")
+    );
+
+    // Another port: refused in the guest, never reaches the host.
+    let (v, code) = scenario("vm-egress-denied");
+    assert_eq!(code, 0, "{v}");
+    let err = v["result"]["ok"]["err"].as_str().unwrap_or_default();
+    assert!(err.contains("HttpRequestDenied"), "{v}");
+    let guest = events(&v, "http.request");
+    assert_eq!(guest.len(), 1, "{v}");
+    assert_eq!(guest[0]["decision"], "deny", "{v}");
+    assert!(events(&v, "http.proxy").is_empty(), "{v}");
+    let local = process_outcome(
+        "fetch",
+        "fetch",
+        r#"{"url": "http://127.0.0.1:8081/weather.txt"}"#,
+        Some("version = 1\n[http]\nallow = [\"http://127.0.0.1:8080\"]\n"),
+    );
+    assert_eq!(v["result"], local["result"], "vm: {v}\nprocess: {local}");
+}
+
 #[test]
 fn four_vms_at_once_run_independent_calls() {
     let (v, code) = scenario("four-vms");

@@ -8,6 +8,8 @@
 //! * [`audit`]: capability decisions recorded during a call.
 //! * [`artifact`]: the envelope around precompiled components.
 //! * [`proto`]: the host↔guest protocol (framed messages).
+//! * [`egress`]: how allowed outgoing HTTP leaves the microVM (vsock to the
+//!   host's proxy, which checks the grant again).
 //! * [`agent`]: serves the protocol in the guest (used by the `airlock-init` binary).
 //!
 //! **Invariant:** the runner enforces the grant set it is handed and never
@@ -16,6 +18,7 @@
 pub mod agent;
 pub mod artifact;
 pub mod audit;
+pub mod egress;
 pub mod grants;
 pub mod proto;
 pub mod runner;
@@ -23,5 +26,6 @@ pub mod runner;
 pub use audit::{AuditEvent, Decision};
 pub use grants::{DirGrant, GrantSet, HttpRule, Limits};
 pub use runner::{
-    CallError, CallOutcome, CallResult, EngineConfig, Loaded, Metering, Runner, RunnerError,
+    CallError, CallOutcome, CallResult, Egress, EgressRequest, EgressResponse, EngineConfig,
+    Loaded, Metering, Runner, RunnerError,
 };

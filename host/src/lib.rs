@@ -4,6 +4,7 @@
 //! The `airlock` binary (`main.rs`) is a thin layer over this library.
 
 pub mod devices;
+pub mod egress;
 pub mod policy;
 pub mod report;
 pub mod sandbox;

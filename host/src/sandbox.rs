@@ -11,6 +11,7 @@
 //! error, a guest that never becomes ready, a guest panic, drop — stops the
 //! VM and joins its thread; the socket directory is removed with it.
 
+use crate::egress::{EgressError, Proxy};
 use crate::vmm::{self, RunReport, VmConfig, VmExit, VmmError, VsockConfig};
 use airlock_guest::proto::{self, BootStage, FrameLimits, Message, ProtoError};
 use airlock_guest::{CallOutcome, GrantSet};
@@ -60,6 +61,9 @@ pub enum SandboxError {
     /// A local I/O error.
     #[error("Sandbox I/O: {0}.")]
     Io(#[from] std::io::Error),
+    /// The egress proxy could not be set up.
+    #[error(transparent)]
+    Egress(#[from] EgressError),
 }
 
 /// What to boot.
@@ -87,6 +91,8 @@ pub struct Sandbox {
     vm: Option<JoinHandle<Result<RunReport, VmmError>>>,
     stop: Arc<AtomicBool>,
     dir: PathBuf,
+    proxy: Proxy,
+    egress: Option<(PathBuf, JoinHandle<()>)>,
     /// Guest boot stages (µs since its kernel started), as reported in Hello.
     pub boot: Vec<BootStage>,
     /// Host wall time from `boot()` to the agent's Hello.
@@ -138,6 +144,15 @@ impl Sandbox {
         std::fs::create_dir_all(&dir)?;
         let uds = dir.join("vsock.sock");
         let stop = Arc::new(AtomicBool::new(false));
+        // The guest reaches the egress proxy at host port EGRESS_PORT, which
+        // the vsock device bridges to `<uds>_<port>`.
+        let proxy = Proxy::new(Duration::from_secs(60))?;
+        let egress_path = PathBuf::from(format!(
+            "{}_{}",
+            uds.display(),
+            airlock_guest::egress::EGRESS_PORT
+        ));
+        let egress = spawn_egress(&egress_path, proxy.clone(), stop.clone())?;
         let vm_cfg = VmConfig {
             kernel: cfg.kernel.clone(),
             initrd: cfg.initrd.clone(),
@@ -152,14 +167,26 @@ impl Sandbox {
             }),
             stop: Some(stop.clone()),
         };
-        let vm = std::thread::Builder::new()
+        let spawned = std::thread::Builder::new()
             .name("airlock-vm".into())
-            .spawn(move || vmm::run(&vm_cfg))?;
+            .spawn(move || vmm::run(&vm_cfg));
+        let vm = match spawned {
+            Ok(vm) => vm,
+            Err(e) => {
+                stop.store(true, Ordering::SeqCst);
+                let _ = UnixStream::connect(&egress_path);
+                let _ = egress.join();
+                let _ = std::fs::remove_dir_all(&dir);
+                return Err(e.into());
+            }
+        };
         let mut sb = Self {
             conn: UnixStream::pair()?.0,
             vm: Some(vm),
             stop,
             dir,
+            proxy,
+            egress: Some((egress_path, egress)),
             boot: Vec::new(),
             ready_after: Duration::ZERO,
             next_id: 1,
@@ -260,6 +287,24 @@ impl Sandbox {
     ) -> Result<CallOutcome, SandboxError> {
         let id = self.next_id;
         self.next_id += 1;
+        self.proxy.begin_call(grants.http.clone());
+        let answer = self.call(id, digest, tool, args, grants);
+        let proxied = self.proxy.end_call();
+        let mut outcome = answer?;
+        // The host proxy's own decisions join the guest's record of the call.
+        outcome.audit.extend(proxied);
+        outcome.audit.sort_by_key(|e| e.at_us);
+        Ok(outcome)
+    }
+
+    fn call(
+        &mut self,
+        id: u64,
+        digest: &str,
+        tool: &str,
+        args: &serde_json::Value,
+        grants: &GrantSet,
+    ) -> Result<CallOutcome, SandboxError> {
         proto::write_frame(
             &mut self.conn,
             &Message::Invoke {
@@ -297,6 +342,11 @@ impl Sandbox {
     fn finish(&mut self) -> Result<RunReport, SandboxError> {
         self.stop.store(true, Ordering::SeqCst);
         let _ = self.conn.shutdown(std::net::Shutdown::Both);
+        if let Some((path, t)) = self.egress.take() {
+            // Wake the accept loop so it sees `stop`.
+            let _ = UnixStream::connect(&path);
+            let _ = t.join();
+        }
         let r = match self.vm.take() {
             Some(t) => t
                 .join()
@@ -308,6 +358,29 @@ impl Sandbox {
         let _ = std::fs::remove_dir_all(&self.dir);
         Ok(r?)
     }
+}
+
+/// The egress proxy's accept loop: one request per connection, in order.
+fn spawn_egress(
+    path: &Path,
+    proxy: Proxy,
+    stop: Arc<AtomicBool>,
+) -> Result<JoinHandle<()>, SandboxError> {
+    let listener = std::os::unix::net::UnixListener::bind(path)?;
+    Ok(std::thread::Builder::new()
+        .name("airlock-egress".into())
+        .spawn(move || {
+            for conn in listener.incoming() {
+                if stop.load(Ordering::SeqCst) {
+                    break;
+                }
+                let Ok(mut conn) = conn else { continue };
+                let _ = conn.set_read_timeout(Some(Duration::from_secs(30)));
+                if let Err(e) = airlock_guest::egress::serve_one(&mut conn, |r| proxy.handle(r)) {
+                    tracing::warn!(error = %e, "egress connection failed");
+                }
+            }
+        })?)
 }
 
 impl Drop for Sandbox {

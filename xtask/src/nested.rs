@@ -117,6 +117,7 @@ mount -t proc proc /proc
 mount -t sysfs sys /sys
 mount -t devtmpfs dev /dev
 mkdir -p /tmp && mount -t tmpfs tmp /tmp
+ip link set lo up
 for m in irqbypass kvm kvm-amd; do
   insmod /lib/modules/$m.ko || echo "NESTED-ERROR insmod $m failed"
 done
@@ -145,9 +146,15 @@ scenario() {
 BOOT="vm boot --kernel $G/vmlinux"
 VMRUN="--isolation vm --kernel $G/vmlinux --initrd $G/initramfs.cpio.gz"
 printf 'version = 1\n[limits]\nfuel = 2000000\n' > /tmp/small-fuel.toml
+# A real HTTP server on the outer VM's loopback, for the egress proxy.
+mkdir -p /tmp/www && printf 'hello from the outer VM' > /tmp/www/weather.txt
+httpd -p 127.0.0.1:8080 -h /tmp/www
+printf 'version = 1\n[http]\nallow = ["http://127.0.0.1:8080"]\n' > /tmp/http.toml
 scenario vm-invoke 600 run $E/kitchen.wasm --tool recipes_summarize --args '{"values": [12, 30, 45, 8]}' $VMRUN
 scenario vm-escape-spin 600 run $E/escape.wasm --tool spin --policy /tmp/small-fuel.toml $VMRUN
 scenario vm-escape-socket 600 run $E/escape.wasm --tool open-socket --args '{"addr": "10.0.2.2:80"}' $VMRUN
+scenario vm-egress 600 run $E/fetch.wasm --tool fetch --args '{"url": "http://127.0.0.1:8080/weather.txt"}' --policy /tmp/http.toml $VMRUN
+scenario vm-egress-denied 600 run $E/fetch.wasm --tool fetch --args '{"url": "http://127.0.0.1:8081/weather.txt"}' --policy /tmp/http.toml $VMRUN
 scenario four-vms 900 vm multi $E/kitchen.wasm --tool recipes_summarize --kernel $G/vmlinux --initrd $G/initramfs.cpio.gz \
   --args '{"values": [1]}' --args '{"values": [2, 4]}' --args '{"values": [3, 6, 9]}' --args '{"values": [4, 8, 12, 16]}'
 scenario selftest 600 $BOOT --initrd $G/initramfs-selftest.cpio.gz --cmdline airlock.selftest=1 --timeout-secs 500
@@ -250,6 +257,11 @@ pub fn build_image(kind: Kind) -> anyhow::Result<PathBuf> {
         (
             "examples/kitchen.wasm".into(),
             super::examples_out().join("kitchen.wasm"),
+            0o100_644,
+        ),
+        (
+            "examples/fetch.wasm".into(),
+            super::examples_out().join("fetch.wasm"),
             0o100_644,
         ),
         (

@@ -174,11 +174,15 @@ mod linux {
             None => {}
         }
 
+        // Allowed outgoing HTTP goes to the host's egress proxy over vsock.
         let runner = Runner::new(EngineConfig {
             pool_instances: 8,
             ..EngineConfig::default()
         })
-        .unwrap_or_else(|e| fatal("starting the runner", e));
+        .unwrap_or_else(|e| fatal("starting the runner", e))
+        .with_egress(std::sync::Arc::new(
+            airlock_guest::egress::VsockEgress::default(),
+        ));
         boot.push(BootStage {
             stage: "runner".into(),
             at_us: boot_us(),
