@@ -265,6 +265,22 @@ fn allowed_http_leaves_the_microvm_only_through_the_host_proxy() {
 }
 
 #[test]
+fn the_service_runs_calls_in_microvms_from_its_warm_pool() {
+    // `airlock serve` with isolation = vm inside the outer VM: upload over
+    // HTTP, then two calls, each in its own freshly booted microVM.
+    let (v, code) = scenario("service-vm");
+    assert_eq!(code, 0, "{v}");
+    for (key, n) in [("first", 1.0), ("second", 2.0)] {
+        let call = &v[key];
+        assert_eq!(call["isolation"], "vm", "{v}");
+        assert_eq!(call["result"]["ok"]["mean"], (n + 10.0) / 2.0, "{v}");
+        assert!(call["audit"]["record"].as_i64().unwrap() > 0, "{v}");
+    }
+    // One VM per call, plus the warm one refilled after each: at least 2.
+    assert!(v["vms_booted"].as_u64().unwrap() >= 2, "{v}");
+}
+
+#[test]
 fn four_vms_at_once_run_independent_calls() {
     let (v, code) = scenario("four-vms");
     assert_eq!(code, 0, "{v}");

@@ -36,16 +36,15 @@ struct Current {
 }
 
 /// The proxy. Cheap to clone; clones share the call state.
-#[derive(Clone)]
+///
+/// The HTTP client is built per request on the proxy's own thread: reqwest's
+/// blocking client owns a runtime that must never be dropped inside an async
+/// context, and a `Proxy` may be dropped anywhere (the service drops
+/// sandboxes from its runtime's blocking pool).
+#[derive(Debug, Clone)]
 pub struct Proxy {
     current: Arc<Mutex<Current>>,
-    client: reqwest::blocking::Client,
-}
-
-impl std::fmt::Debug for Proxy {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Proxy").finish_non_exhaustive()
-    }
+    timeout: Duration,
 }
 
 impl Proxy {
@@ -54,16 +53,19 @@ impl Proxy {
     /// # Errors
     /// [`EgressError::Client`].
     pub fn new(timeout: Duration) -> Result<Self, EgressError> {
-        let client = reqwest::blocking::Client::builder()
-            .redirect(reqwest::redirect::Policy::none())
-            .timeout(timeout)
-            .no_proxy()
-            .build()
-            .map_err(|e| EgressError::Client(e.to_string()))?;
         Ok(Self {
             current: Arc::default(),
-            client,
+            timeout,
         })
+    }
+
+    fn client(&self) -> Result<reqwest::blocking::Client, EgressError> {
+        reqwest::blocking::Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
+            .timeout(self.timeout)
+            .no_proxy()
+            .build()
+            .map_err(|e| EgressError::Client(e.to_string()))
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Current> {
@@ -139,7 +141,8 @@ impl Proxy {
     fn send(&self, req: EgressRequest, url: reqwest::Url) -> Result<EgressResponse, String> {
         let method = reqwest::Method::from_bytes(req.method.as_bytes())
             .map_err(|_| format!("The method {:?} is not valid.", req.method))?;
-        let mut rb = self.client.request(method, url);
+        let client = self.client().map_err(|e| e.to_string())?;
+        let mut rb = client.request(method, url);
         for (k, v) in &req.headers {
             // Hop-by-hop and routing headers are the proxy's business.
             if matches!(

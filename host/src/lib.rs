@@ -6,6 +6,7 @@
 pub mod devices;
 pub mod egress;
 pub mod policy;
+pub mod pool;
 pub mod report;
 pub mod sandbox;
 pub mod service;

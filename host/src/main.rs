@@ -553,7 +553,7 @@ fn serve(
         // The one line on stdout: scripts and tests read the bound address from it.
         println!("airlock: listening on http://{addr}");
         std::io::stdout().flush()?;
-        tracing::info!(%addr, data_dir = %service.config.data_dir.display(), "serving");
+        tracing::info!(%addr, data_dir = %service.config.data_dir.display(), isolation = service.isolation(), "serving");
         let shutdown = async {
             let mut term =
                 tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
@@ -570,6 +570,7 @@ fn serve(
     // Drop the server runtime before the service (the runner owns a runtime of
     // its own, which must not be dropped from inside an async context).
     drop(rt);
+    service.shutdown_vms();
     drop(service);
     result?;
     Ok(ExitCode::SUCCESS)

@@ -238,6 +238,11 @@ impl Sandbox {
         Ok(sb)
     }
 
+    /// Whether the VM is still running (a warm sandbox may have ended).
+    pub fn is_alive(&self) -> bool {
+        self.vm.as_ref().is_some_and(|t| !t.is_finished())
+    }
+
     fn recv(&mut self) -> Result<Message, SandboxError> {
         Ok(proto::read_frame(&mut self.conn, FrameLimits::default())?.msg)
     }
@@ -287,6 +292,10 @@ impl Sandbox {
     ) -> Result<CallOutcome, SandboxError> {
         let id = self.next_id;
         self.next_id += 1;
+        // The guest enforces the call's wall limit; waiting a little longer
+        // than that here catches a guest that stopped answering.
+        let limit = Duration::from_millis(grants.limits.timeout_ms) + Duration::from_secs(30);
+        self.conn.set_read_timeout(Some(limit))?;
         self.proxy.begin_call(grants.http.clone());
         let answer = self.call(id, digest, tool, args, grants);
         let proxied = self.proxy.end_call();

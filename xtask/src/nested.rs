@@ -157,6 +157,49 @@ scenario vm-egress 600 run $E/fetch.wasm --tool fetch --args '{"url": "http://12
 scenario vm-egress-denied 600 run $E/fetch.wasm --tool fetch --args '{"url": "http://127.0.0.1:8081/weather.txt"}' --policy /tmp/http.toml $VMRUN
 scenario four-vms 900 vm multi $E/kitchen.wasm --tool recipes_summarize --kernel $G/vmlinux --initrd $G/initramfs.cpio.gz \
   --args '{"values": [1]}' --args '{"values": [2, 4]}' --args '{"values": [3, 6, 9]}' --args '{"values": [4, 8, 12, 16]}'
+# The service with isolation = vm: upload over HTTP, two calls, each in a
+# fresh microVM from the warm pool.
+cat > /tmp/service-vm.sh <<'EOT'
+set -e
+T=nested-admin-token-0123456
+U=http://127.0.0.1:8420
+cat > /tmp/serve.toml <<EOC
+data_dir = "/tmp/svc"
+listen = "127.0.0.1:8420"
+[isolation]
+mode = "vm"
+kernel = "/guest/vmlinux"
+initrd = "/guest/initramfs.cpio.gz"
+warm = 1
+[[tokens]]
+name = "admin"
+token = "$T"
+tenant = "acme"
+role = "admin"
+EOC
+/airlock serve --config /tmp/serve.toml > /tmp/serve.out 2> /tmp/serve.err &
+pid=$!
+i=0
+until grep -q listening /tmp/serve.out; do
+  i=$((i+1)); if [ $i -gt 300 ]; then cat /tmp/serve.err; exit 3; fi; sleep 1
+done
+wget -q -O /dev/null --header "Authorization: Bearer $T" --header "Content-Type: application/wasm" \
+  --post-file /examples/kitchen.wasm "$U/v1/components?name=kitchen"
+for v in 1 2; do
+  wget -q -O /tmp/call$v.json --header "Authorization: Bearer $T" --header "Content-Type: application/json" \
+    --post-data "{\"arguments\": {\"values\": [$v, 10]}}" "$U/v1/tools/kitchen__recipes_summarize:invoke"
+done
+booted=$(wget -q -O - --header "Authorization: Bearer $T" "$U/metrics" | grep '^airlock_vms_booted_total' | cut -d' ' -f2)
+printf '{"first": '; cat /tmp/call1.json; printf ', "second": '; cat /tmp/call2.json
+printf ', "vms_booted": %s}\n' "${booted:-null}"
+kill $pid
+wait $pid || true
+EOT
+if [ -z "$airlock_only" ] || [ "$airlock_only" = service-vm ]; then
+  echo "NESTED-RESULT-BEGIN service-vm"
+  timeout -s KILL 900 sh /tmp/service-vm.sh 2>&1
+  echo "NESTED-RESULT-END service-vm $?"
+fi
 scenario selftest 600 $BOOT --initrd $G/initramfs-selftest.cpio.gz --cmdline airlock.selftest=1 --timeout-secs 500
 scenario panic 400 $BOOT --initrd $G/initramfs-selftest.cpio.gz --cmdline airlock.selftest=panic --timeout-secs 300
 scenario never-ready 200 $BOOT --initrd $G/initramfs.cpio.gz --timeout-secs 20

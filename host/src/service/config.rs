@@ -12,6 +12,13 @@
 //! max_args_bytes = 262144
 //! max_concurrent_calls_per_tenant = 8
 //!
+//! [isolation]            # where calls run; process by default
+//! mode = "vm"              # "vm": one microVM per call, booted ahead
+//! kernel = "/path/vmlinux" # guest image (`cargo xtask guest-image`)
+//! initrd = "/path/initramfs.cpio.gz"
+//! memory_mib = 256
+//! warm = 2                 # VMs kept booted and waiting
+//!
 //! [[tokens]]
 //! name = "ci-admin"
 //! token = "…"             # or token_sha256 = "<hex>"
@@ -122,6 +129,41 @@ struct File {
     limits: Limits,
     #[serde(default)]
     tokens: Vec<TokenEntry>,
+    #[serde(default)]
+    isolation: IsolationEntry,
+}
+
+/// `[isolation]` as written.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct IsolationEntry {
+    mode: Option<String>,
+    kernel: Option<PathBuf>,
+    initrd: Option<PathBuf>,
+    memory_mib: Option<u32>,
+    warm: Option<usize>,
+}
+
+/// Where calls run.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Isolation {
+    /// In the service process's Wasm sandbox (development).
+    Process,
+    /// One KVM microVM per call.
+    Vm(VmSettings),
+}
+
+/// The microVMs' settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VmSettings {
+    /// Guest kernel (ELF vmlinux).
+    pub kernel: PathBuf,
+    /// Guest initramfs (the agent image).
+    pub initrd: PathBuf,
+    /// Guest memory, MiB.
+    pub memory_mib: u32,
+    /// VMs kept booted ahead of calls.
+    pub warm: usize,
 }
 
 /// The validated service configuration.
@@ -139,6 +181,8 @@ pub struct Config {
     pub limits: Limits,
     /// Bearer tokens.
     pub tokens: Vec<Token>,
+    /// Where calls run.
+    pub isolation: Isolation,
 }
 
 /// The default listen address.
@@ -249,6 +293,7 @@ impl Config {
             })?;
             allowed_host_dirs.push(c);
         }
+        let isolation = isolation(f.isolation)?;
         Ok(Self {
             listen,
             data_dir,
@@ -256,6 +301,7 @@ impl Config {
             allowed_host_dirs,
             limits: l,
             tokens,
+            isolation,
         })
     }
 
@@ -265,6 +311,55 @@ impl Config {
         // Compare digests, not tokens: the time taken does not depend on how
         // much of a real token an attacker has guessed.
         self.tokens.iter().find(|t| t.sha256 == h)
+    }
+}
+
+fn isolation(i: IsolationEntry) -> Result<Isolation, ConfigError> {
+    match i.mode.as_deref().unwrap_or("process") {
+        "process" => {
+            if i.kernel.is_some() || i.initrd.is_some() || i.warm.is_some() {
+                return Err(field(
+                    "isolation.mode",
+                    "kernel, initrd and warm only apply to mode = \"vm\"",
+                ));
+            }
+            Ok(Isolation::Process)
+        }
+        "vm" => {
+            let file = |name: &str, p: Option<PathBuf>| {
+                let p = p.ok_or_else(|| {
+                    field(
+                        format!("isolation.{name}"),
+                        "required with mode = \"vm\" (see `cargo xtask guest-image`)",
+                    )
+                })?;
+                if !p.is_file() {
+                    return Err(field(
+                        format!("isolation.{name}"),
+                        format!("{} is not a file", p.display()),
+                    ));
+                }
+                Ok(p)
+            };
+            let memory_mib = i.memory_mib.unwrap_or(256);
+            if !(64..=3072).contains(&memory_mib) {
+                return Err(field("isolation.memory_mib", "must be 64..=3072"));
+            }
+            let warm = i.warm.unwrap_or(1);
+            if warm > 16 {
+                return Err(field("isolation.warm", "must be 0..=16"));
+            }
+            Ok(Isolation::Vm(VmSettings {
+                kernel: file("kernel", i.kernel)?,
+                initrd: file("initrd", i.initrd)?,
+                memory_mib,
+                warm,
+            }))
+        }
+        other => Err(field(
+            "isolation.mode",
+            format!("expected \"process\" or \"vm\", got {other:?}"),
+        )),
     }
 }
 
@@ -317,5 +412,38 @@ role = "admin"
         let none = "data_dir = \"/x\"\n";
         let e = Config::parse(none).unwrap_err().to_string();
         assert!(e.starts_with("tokens"), "{e}");
+    }
+
+    #[test]
+    fn isolation_is_process_by_default_and_vm_needs_an_image() {
+        assert_eq!(Config::parse(OK).unwrap().isolation, Isolation::Process);
+        let e = Config::parse(&format!("{OK}\n[isolation]\nmode = \"vm\"\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("isolation.kernel"), "{e}");
+        let e = Config::parse(&format!(
+            "{OK}\n[isolation]\nmode = \"vm\"\nkernel = \"/nonexistent/vmlinux\"\n"
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("/nonexistent/vmlinux is not a file"), "{e}");
+        let e = Config::parse(&format!("{OK}\n[isolation]\nmode = \"docker\"\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("isolation.mode"), "{e}");
+        let dir = tempfile::tempdir().unwrap();
+        let (k, i) = (dir.path().join("k"), dir.path().join("i"));
+        std::fs::write(&k, b"x").unwrap();
+        std::fs::write(&i, b"x").unwrap();
+        let vm =
+            format!("{OK}\n[isolation]\nmode = \"vm\"\nkernel = {k:?}\ninitrd = {i:?}\nwarm = 3\n");
+        match Config::parse(&vm).unwrap().isolation {
+            Isolation::Vm(v) => assert_eq!((v.warm, v.memory_mib), (3, 256)),
+            other => panic!("{other:?}"),
+        }
+        let e = Config::parse(&vm.replace("warm = 3", "warm = 99"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("isolation.warm"), "{e}");
     }
 }

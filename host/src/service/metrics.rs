@@ -17,6 +17,8 @@ pub(crate) struct Metrics {
     duration: Histogram,
     pub(crate) running: Gauge,
     pub(crate) uploads: Counter,
+    pub(crate) vms: Gauge,
+    pub(crate) vms_booted: Counter,
 }
 
 impl Metrics {
@@ -29,6 +31,7 @@ impl Metrics {
         let running = Gauge::default();
         let uploads = Counter::default();
         let vms = Gauge::<i64>::default();
+        let vms_booted = Counter::default();
         registry.register(
             "airlock_calls",
             "Tool calls by tenant and outcome (ok or the error kind)",
@@ -52,8 +55,13 @@ impl Metrics {
         registry.register("airlock_uploads", "Components registered", uploads.clone());
         registry.register(
             "airlock_vms_running",
-            "MicroVMs running now (0 while calls run with process isolation)",
-            vms,
+            "MicroVMs running now, warm ones included (0 with process isolation)",
+            vms.clone(),
+        );
+        registry.register(
+            "airlock_vms_booted",
+            "MicroVMs booted since start (warm pool and on demand)",
+            vms_booted.clone(),
         );
         Self {
             registry,
@@ -62,6 +70,8 @@ impl Metrics {
             duration,
             running,
             uploads,
+            vms,
+            vms_booted,
         }
     }
 

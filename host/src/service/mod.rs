@@ -230,6 +230,10 @@ pub struct Service {
     tenants: Mutex<HashMap<String, Arc<Semaphore>>>,
     metrics: metrics::Metrics,
     sessions: Mutex<HashMap<String, String>>,
+    /// Warm microVMs when calls run with `isolation = vm`.
+    pool: Option<crate::pool::Pool>,
+    /// Calls running in a microVM now.
+    vm_calls: std::sync::atomic::AtomicI64,
 }
 
 impl Service {
@@ -242,6 +246,30 @@ impl Service {
         let runner = Runner::new(EngineConfig::default())
             .map_err(|e| ServiceError::Internal(e.to_string()))?;
         let engine_id = hex::encode(&Sha256::digest(runner.fingerprint().as_bytes())[..8]);
+        let pool = match &config.isolation {
+            config::Isolation::Process => None,
+            config::Isolation::Vm(v) => {
+                crate::vmm::check_host().map_err(|e| {
+                    ServiceError::Internal(format!(
+                        "isolation.mode is \"vm\", but this host cannot run the guest: {e}"
+                    ))
+                })?;
+                let cfg = crate::sandbox::SandboxConfig {
+                    kernel: v.kernel.clone(),
+                    initrd: v.initrd.clone(),
+                    memory_mib: v.memory_mib,
+                    vcpus: 1,
+                    ready_timeout: std::time::Duration::from_secs(300),
+                    // Warm VMs wait for calls; each call has its own limit.
+                    life_timeout: std::time::Duration::from_secs(24 * 3600),
+                    engine: runner.fingerprint(),
+                };
+                Some(
+                    crate::pool::Pool::start(cfg, v.warm)
+                        .map_err(|e| ServiceError::Internal(e.to_string()))?,
+                )
+            }
+        };
         Ok(Self {
             config,
             store,
@@ -251,7 +279,63 @@ impl Service {
             tenants: Mutex::new(HashMap::new()),
             metrics: metrics::Metrics::new(),
             sessions: Mutex::new(HashMap::new()),
+            pool,
+            vm_calls: std::sync::atomic::AtomicI64::new(0),
         })
+    }
+
+    /// Where calls run: `"vm"` or `"process"`.
+    pub fn isolation(&self) -> &'static str {
+        if self.pool.is_some() { "vm" } else { "process" }
+    }
+
+    /// Stop the warm pool and reap its VMs (also done on drop).
+    pub fn shutdown_vms(&self) {
+        if let Some(p) = &self.pool {
+            p.shutdown();
+        }
+    }
+
+    /// One call in a fresh microVM from the pool; the VM is shut down after.
+    fn invoke_in_vm(
+        &self,
+        digest: &str,
+        tool: &str,
+        args: &serde_json::Value,
+        grants: &airlock_guest::GrantSet,
+    ) -> Result<airlock_guest::CallOutcome, ServiceError> {
+        use std::sync::atomic::Ordering;
+        let pool = self
+            .pool
+            .as_ref()
+            .ok_or_else(|| ServiceError::Internal("no VM pool".into()))?;
+        let artifact = match self.store.artifact(digest, &self.engine_id) {
+            Some(a) => a,
+            None => {
+                let wasm = self.store.read_blob(digest)?;
+                let payload = self
+                    .runner
+                    .precompile(&wasm)
+                    .map_err(|e| ServiceError::Internal(e.to_string()))?;
+                let a = airlock_guest::artifact::wrap(&self.runner.fingerprint(), &payload);
+                self.store.put_artifact(digest, &self.engine_id, &a)?;
+                a
+            }
+        };
+        let vm_err = |e: crate::sandbox::SandboxError| {
+            ServiceError::Internal(format!("The microVM failed: {e}"))
+        };
+        let mut sb = pool.take().map_err(vm_err)?;
+        self.vm_calls.fetch_add(1, Ordering::SeqCst);
+        // Docs only shape descriptions; the host already has them.
+        let result = sb
+            .load(&artifact, &self.runner.fingerprint(), Default::default())
+            .and_then(|(d, _)| sb.invoke(&d, tool, args, grants));
+        self.vm_calls.fetch_sub(1, Ordering::SeqCst);
+        if let Err(e) = sb.shutdown() {
+            tracing::warn!(error = %e, "a microVM did not shut down cleanly");
+        }
+        result.map_err(vm_err)
     }
 
     /// The data store.
@@ -514,6 +598,13 @@ impl Service {
             )));
         }
         let (policy, policy_version) = self.effective_policy(&who.tenant, component)?;
+        if self.pool.is_some() && !policy.filesystem.is_empty() {
+            return Err(bad(
+                "unsupported_in_vm",
+                Some("policy.filesystem".to_string()),
+                "The policy grants directories, which reach a microVM over virtio-fs — not built yet; this service runs calls in microVMs.",
+            ));
+        }
         let permit = self.tenant_slot(&who.tenant)?;
         let svc = self.clone();
         let (tenant, actor) = (who.tenant.clone(), who.name.clone());
@@ -525,11 +616,26 @@ impl Service {
         let task = tokio::spawn(async move {
             let _permit = permit;
             svc.metrics.running.inc();
-            let outcome = svc
-                .runner
-                .invoke_async(&loaded, &tool, &args, &grants)
-                .await;
+            let outcome = if svc.pool.is_some() {
+                let (s, d, t, a, g) = (
+                    svc.clone(),
+                    row.digest.clone(),
+                    tool.clone(),
+                    args.clone(),
+                    grants.clone(),
+                );
+                tokio::task::spawn_blocking(move || s.invoke_in_vm(&d, &t, &a, &g))
+                    .await
+                    .map_err(|e| ServiceError::Internal(format!("the VM task failed: {e}")))
+                    .and_then(|r| r)
+            } else {
+                Ok(svc
+                    .runner
+                    .invoke_async(&loaded, &tool, &args, &grants)
+                    .await)
+            };
             svc.metrics.running.dec();
+            let outcome = outcome?;
             if matches!(
                 outcome.result,
                 CallResult::Error(CallError::BadArguments { .. })
@@ -554,7 +660,7 @@ impl Service {
             let body = serde_json::json!({
                 "digest": row.digest,
                 "policy_version": policy_version,
-                "isolation": "process",
+                "isolation": svc.isolation(),
                 "result": result_kind,
                 "metering": outcome.metering,
                 "events": outcome.audit,
@@ -609,7 +715,7 @@ impl Service {
             },
             stdout: outcome.stdout,
             stderr: outcome.stderr,
-            isolation: "process",
+            isolation: self.isolation(),
             policy_version,
         })
     }
@@ -646,6 +752,13 @@ impl Service {
 
     /// Prometheus text.
     pub fn metrics_text(&self) -> String {
+        if let Some(p) = &self.pool {
+            let in_calls = self.vm_calls.load(std::sync::atomic::Ordering::SeqCst);
+            self.metrics.vms.set(p.ready() as i64 + in_calls);
+            let booted = p.booted();
+            let seen = self.metrics.vms_booted.get();
+            self.metrics.vms_booted.inc_by(booted.saturating_sub(seen));
+        }
         self.metrics.encode()
     }
 }

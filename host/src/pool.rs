@@ -1,0 +1,169 @@
+//! A warm pool of microVMs for the service: sandboxes are booted ahead of
+//! calls so a call only pays for load + invoke, not for a boot.
+//!
+//! **Invariants:** a sandbox serves exactly one call and is then shut down —
+//! nothing a call leaves behind in a guest (files in its tmpfs, kernel
+//! state, a compromised agent) can reach another call or tenant. A sandbox
+//! whose VM has ended while it waited is discarded, never handed out.
+//! [`Pool::shutdown`] (also run on drop) stops the filler thread and reaps
+//! every waiting VM.
+
+use crate::sandbox::{Sandbox, SandboxConfig, SandboxError};
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+struct Shared {
+    cfg: SandboxConfig,
+    warm: usize,
+    ready: Mutex<VecDeque<Sandbox>>,
+    wake: Condvar,
+    stop: AtomicBool,
+    booted: AtomicU64,
+}
+
+/// The pool.
+pub struct Pool {
+    shared: Arc<Shared>,
+    filler: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl std::fmt::Debug for Pool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pool")
+            .field("warm", &self.shared.warm)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Shared {
+    fn lock(&self) -> std::sync::MutexGuard<'_, VecDeque<Sandbox>> {
+        self.ready.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn boot(&self) -> Result<Sandbox, SandboxError> {
+        let sb = Sandbox::boot(&self.cfg)?;
+        self.booted.fetch_add(1, Ordering::Relaxed);
+        tracing::debug!(
+            ready_ms = sb.ready_after.as_millis() as u64,
+            "sandbox booted"
+        );
+        Ok(sb)
+    }
+
+    /// Keep `warm` sandboxes ready until told to stop.
+    fn fill(&self) {
+        let mut failures = 0u32;
+        while !self.stop.load(Ordering::SeqCst) {
+            let missing = self.lock().len() < self.warm;
+            if !missing {
+                let guard = self.lock();
+                let _ = self
+                    .wake
+                    .wait_timeout(guard, Duration::from_millis(500))
+                    .map_err(|_| ());
+                continue;
+            }
+            match self.boot() {
+                Ok(sb) => {
+                    failures = 0;
+                    self.lock().push_back(sb);
+                    self.wake.notify_all();
+                }
+                Err(e) => {
+                    failures += 1;
+                    tracing::warn!(error = %e, failures, "warm pool: a boot failed");
+                    // Back off, but stay responsive to shutdown.
+                    for _ in 0..(failures.min(10) * 10) {
+                        if self.stop.load(Ordering::SeqCst) {
+                            break;
+                        }
+                        std::thread::sleep(Duration::from_millis(100));
+                    }
+                }
+            }
+        }
+    }
+}
+
+impl Pool {
+    /// Start a pool that keeps `warm` sandboxes booted (0: boot per call).
+    ///
+    /// # Errors
+    /// The filler thread could not be started.
+    pub fn start(cfg: SandboxConfig, warm: usize) -> Result<Self, SandboxError> {
+        let shared = Arc::new(Shared {
+            cfg,
+            warm,
+            ready: Mutex::new(VecDeque::new()),
+            wake: Condvar::new(),
+            stop: AtomicBool::new(false),
+            booted: AtomicU64::new(0),
+        });
+        let filler = if warm > 0 {
+            let s = shared.clone();
+            Some(
+                std::thread::Builder::new()
+                    .name("airlock-pool".into())
+                    .spawn(move || s.fill())?,
+            )
+        } else {
+            None
+        };
+        Ok(Self {
+            shared,
+            filler: Mutex::new(filler),
+        })
+    }
+
+    /// A ready sandbox: a warm one if there is one, else one booted now.
+    ///
+    /// # Errors
+    /// A boot failed.
+    pub fn take(&self) -> Result<Sandbox, SandboxError> {
+        loop {
+            let next = self.shared.lock().pop_front();
+            self.shared.wake.notify_all();
+            match next {
+                Some(sb) if sb.is_alive() => return Ok(sb),
+                Some(dead) => {
+                    tracing::warn!("warm pool: a waiting VM had ended; discarding it");
+                    drop(dead);
+                }
+                None => return self.shared.boot(),
+            }
+        }
+    }
+
+    /// Sandboxes waiting now.
+    pub fn ready(&self) -> usize {
+        self.shared.lock().len()
+    }
+
+    /// VMs booted so far (warm and on demand).
+    pub fn booted(&self) -> u64 {
+        self.shared.booted.load(Ordering::Relaxed)
+    }
+
+    /// Stop filling and reap every waiting VM.
+    pub fn shutdown(&self) {
+        self.shared.stop.store(true, Ordering::SeqCst);
+        self.shared.wake.notify_all();
+        let filler = self.filler.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(t) = filler {
+            let _ = t.join();
+        }
+        let waiting: Vec<Sandbox> = self.shared.lock().drain(..).collect();
+        for sb in waiting {
+            let _ = sb.shutdown();
+        }
+    }
+}
+
+impl Drop for Pool {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
