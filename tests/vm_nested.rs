@@ -281,6 +281,45 @@ fn the_service_runs_calls_in_microvms_from_its_warm_pool() {
 }
 
 #[test]
+fn weights_reach_the_guest_read_only_over_virtio_pmem_without_a_copy() {
+    // The erofs image is mapped read-only and shared into guest-physical
+    // memory; the guest mounts it with DAX and hashes every file.
+    let (v, code) = scenario("weights");
+    assert_eq!(code, 0, "{v}");
+    assert_eq!(v["exit"], "reset", "{v}");
+    let console = v["console"].as_str().unwrap_or_default();
+    let m = common::manifest("nested.json", "nested");
+    let sha = m["weights_sha256"].as_str().unwrap();
+    assert!(
+        console.contains(&format!(
+            "AIRLOCK-WEIGHTS /weights/model.bin 25165824 {sha}"
+        )),
+        "model.bin did not arrive intact: {console}"
+    );
+    let mount = console
+        .lines()
+        .find_map(|l| l.strip_prefix("AIRLOCK-WEIGHTS-MOUNT "))
+        .unwrap_or_default();
+    assert!(
+        mount.contains("erofs") && mount.contains("ro") && mount.contains("dax"),
+        "{mount}"
+    );
+    let done = console
+        .lines()
+        .find_map(|l| l.strip_prefix("AIRLOCK-WEIGHTS-DONE "))
+        .unwrap_or_else(|| panic!("{console}"));
+    let field = |k: &str| -> u64 {
+        done.split_whitespace()
+            .find_map(|w| w.strip_prefix(k))
+            .and_then(|n| n.trim().parse().ok())
+            .unwrap_or_else(|| panic!("{done}"))
+    };
+    assert!(field("bytes=") >= 24 << 20, "{done}");
+    // 24 MiB read; with DAX the guest's page cache does not hold a copy.
+    assert!(field("cached_growth_kib=") < 2048, "{done}");
+}
+
+#[test]
 fn four_vms_at_once_run_independent_calls() {
     let (v, code) = scenario("four-vms");
     assert_eq!(code, 0, "{v}");

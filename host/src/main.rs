@@ -192,6 +192,10 @@ struct BootImage {
     /// Extra kernel command line.
     #[arg(long, default_value = "")]
     cmdline: String,
+    /// A read-only weights image (erofs, size a multiple of 2 MiB) for
+    /// virtio-pmem; the guest sees /dev/pmem0.
+    #[arg(long)]
+    pmem: Option<PathBuf>,
 }
 
 impl BootImage {
@@ -212,6 +216,7 @@ impl BootImage {
             console_cap,
             vsock: None,
             stop: None,
+            pmem: self.pmem,
         }
     }
 }
@@ -678,6 +683,7 @@ fn sandbox_config(
         ready_timeout: std::time::Duration::from_secs(300),
         life_timeout: timeout + std::time::Duration::from_secs(420),
         engine,
+        weights: None,
     })
 }
 

@@ -83,6 +83,9 @@ pub struct SandboxConfig {
     pub life_timeout: Duration,
     /// The host engine fingerprint the guest must match.
     pub engine: String,
+    /// A read-only weights image (erofs, size a multiple of 2 MiB), shared
+    /// with the guest over virtio-pmem and mounted (DAX) at `/weights`.
+    pub weights: Option<PathBuf>,
 }
 
 /// A running microVM with its agent connected.
@@ -156,7 +159,10 @@ impl Sandbox {
         let vm_cfg = VmConfig {
             kernel: cfg.kernel.clone(),
             initrd: cfg.initrd.clone(),
-            cmdline_extra: format!("airlock.port={AGENT_PORT}"),
+            cmdline_extra: match &cfg.weights {
+                Some(_) => format!("airlock.port={AGENT_PORT} airlock.weights=/dev/pmem0:/weights"),
+                None => format!("airlock.port={AGENT_PORT}"),
+            },
             memory_mib: cfg.memory_mib,
             vcpus: cfg.vcpus,
             timeout: cfg.life_timeout,
@@ -166,6 +172,7 @@ impl Sandbox {
                 uds_path: uds.clone(),
             }),
             stop: Some(stop.clone()),
+            pmem: cfg.weights.clone(),
         };
         let spawned = std::thread::Builder::new()
             .name("airlock-vm".into())

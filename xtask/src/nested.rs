@@ -200,12 +200,57 @@ if [ -z "$airlock_only" ] || [ "$airlock_only" = service-vm ]; then
   timeout -s KILL 900 sh /tmp/service-vm.sh 2>&1
   echo "NESTED-RESULT-END service-vm $?"
 fi
+scenario weights 600 $BOOT --initrd $G/initramfs.cpio.gz --pmem $G/weights.erofs \
+  --cmdline 'airlock.weights=/dev/pmem0:/weights airlock.selftest=weights' --timeout-secs 500
 scenario selftest 600 $BOOT --initrd $G/initramfs-selftest.cpio.gz --cmdline airlock.selftest=1 --timeout-secs 500
 scenario panic 400 $BOOT --initrd $G/initramfs-selftest.cpio.gz --cmdline airlock.selftest=panic --timeout-secs 300
 scenario never-ready 200 $BOOT --initrd $G/initramfs.cpio.gz --timeout-secs 20
 scenario pvm-free-check 60 $BOOT --initrd /nonexistent.cpio.gz
 scenario twenty-boots 1500 vm soak --kernel $G/vmlinux --initrd $G/initramfs-selftest.cpio.gz --cmdline airlock.selftest=panic --count 20 --timeout-secs 120
 "#;
+
+/// A weights image for the virtio-pmem scenario: an erofs image (padded to
+/// 2 MiB) holding `model.bin` (24 MiB, every 16 KiB block numbered so a
+/// read at the wrong offset changes the hash) and a small `tokenizer.json`.
+/// Returns the image and the sha256 of `model.bin`.
+fn weights_image(cache: &Path) -> anyhow::Result<(PathBuf, String)> {
+    const RECIPE_WEIGHTS: &str = "airlock-weights/1 24MiB 16KiB-blocks erofs -T0";
+    let mut seed = Sha256::digest(RECIPE_WEIGHTS.as_bytes()).to_vec();
+    let mut block = Vec::with_capacity(16 << 10);
+    while block.len() < 16 << 10 {
+        seed = Sha256::digest(&seed).to_vec();
+        block.extend_from_slice(&seed);
+    }
+    let mut model = Vec::with_capacity(24 << 20);
+    for i in 0u64..(24 << 20) / (16 << 10) {
+        let mut b = block.clone();
+        b[..8].copy_from_slice(&i.to_le_bytes());
+        model.extend_from_slice(&b);
+    }
+    let sha = hex::encode(Sha256::digest(&model));
+    let dir = cache.join("weights").join(&sha[..16]);
+    let img = dir.join("weights.erofs");
+    if !img.exists() {
+        let src = dir.join("src");
+        std::fs::create_dir_all(&src)?;
+        std::fs::write(src.join("model.bin"), &model)?;
+        std::fs::write(
+            src.join("tokenizer.json"),
+            br#"{"vocab": ["airlock", "weights"]}"#,
+        )?;
+        let tmp = dir.join("weights.erofs.tmp");
+        run(Command::new("mkfs.erofs").arg("-T0").arg(&tmp).arg(&src))
+            .context("mkfs.erofs (apt-get install erofs-utils)")?;
+        // virtio-pmem regions are whole 2 MiB units.
+        let f = std::fs::OpenOptions::new().write(true).open(&tmp)?;
+        let len = f.metadata()?.len();
+        f.set_len(len.div_ceil(2 << 20) * (2 << 20))?;
+        drop(f);
+        std::fs::rename(&tmp, &img)?;
+        std::fs::remove_dir_all(&src)?;
+    }
+    Ok((img, sha))
+}
 
 /// Which outer image.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -287,6 +332,7 @@ pub fn build_image(kind: Kind) -> anyhow::Result<PathBuf> {
         .next()
         .context("no modules")??
         .path();
+    let (weights, weights_sha256) = weights_image(&cache)?;
     let busybox = PathBuf::from("/bin/busybox");
     if !busybox.exists() {
         bail!("/bin/busybox is missing: apt-get install busybox-static");
@@ -328,6 +374,7 @@ pub fn build_image(kind: Kind) -> anyhow::Result<PathBuf> {
             0o100_644,
         ),
         ("guest/vmlinux".into(), kernel.vmlinux.clone(), 0o100_644),
+        ("guest/weights.erofs".into(), weights, 0o100_644),
         ("guest/initramfs.cpio.gz".into(), rootfs, 0o100_644),
         (
             "guest/initramfs-selftest.cpio.gz".into(),
@@ -380,6 +427,7 @@ pub fn build_image(kind: Kind) -> anyhow::Result<PathBuf> {
         "outer_initramfs": out,
         "qemu": qemu,
         "append": OUTER_APPEND,
+        "weights_sha256": weights_sha256,
     });
     let path = cache.join(match kind {
         Kind::Tests => "nested.json",

@@ -170,6 +170,7 @@ mod linux {
                 console("airlock-init: self-test: ending PID 1 on purpose");
                 std::process::exit(3); // the kernel panics: "Attempted to kill init"
             }
+            Some("weights") => weights_check(),
             Some(_) => selftest(&boot),
             None => {}
         }
@@ -229,6 +230,64 @@ mod linux {
         // SAFETY: accept(2) returned a new descriptor that nothing else owns.
         let fd = unsafe { OwnedFd::from_raw_fd(raw) };
         Ok(std::fs::File::from(fd))
+    }
+
+    /// `Cached:` of /proc/meminfo, KiB (the guest's page cache).
+    fn cached_kib() -> u64 {
+        std::fs::read_to_string("/proc/meminfo")
+            .unwrap_or_default()
+            .lines()
+            .find_map(|l| l.strip_prefix("Cached:"))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    }
+
+    /// Weights self-test: read every file under /weights, print its size and
+    /// sha256, and how much the guest's page cache grew meanwhile (with DAX
+    /// the reads come straight from the host's pages, so it should not).
+    fn weights_check() -> ! {
+        use sha2::{Digest, Sha256};
+        let mount = std::fs::read_to_string("/proc/mounts")
+            .unwrap_or_default()
+            .lines()
+            .find(|l| l.contains(" /weights "))
+            .unwrap_or("(not mounted)")
+            .to_string();
+        console(&format!("AIRLOCK-WEIGHTS-MOUNT {mount}"));
+        let before = cached_kib();
+        let mut total = 0u64;
+        let mut entries: Vec<_> = std::fs::read_dir("/weights")
+            .map(|d| d.filter_map(Result::ok).map(|e| e.path()).collect())
+            .unwrap_or_default();
+        entries.sort();
+        for path in entries.iter().filter(|p| p.is_file()) {
+            let mut f = std::fs::File::open(path).unwrap_or_else(|e| fatal("weights", e));
+            let mut h = Sha256::new();
+            let mut buf = vec![0u8; 1 << 16];
+            let mut n = 0u64;
+            loop {
+                match std::io::Read::read(&mut f, &mut buf) {
+                    Ok(0) => break,
+                    Ok(k) => {
+                        h.update(&buf[..k]);
+                        n += k as u64;
+                    }
+                    Err(e) => fatal("reading weights", e),
+                }
+            }
+            total += n;
+            console(&format!(
+                "AIRLOCK-WEIGHTS {} {n} {}",
+                path.display(),
+                hex::encode(h.finalize())
+            ));
+        }
+        let growth = cached_kib().saturating_sub(before);
+        console(&format!(
+            "AIRLOCK-WEIGHTS-DONE bytes={total} cached_growth_kib={growth}"
+        ));
+        power_off("weights self-test finished")
     }
 
     /// Self-test: compile and call the example components shipped under

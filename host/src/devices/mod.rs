@@ -1,6 +1,8 @@
 //! Devices the VMM gives a guest: the 8250 serial console, the virtio-mmio
-//! transport and virtio-vsock (hybrid, over a host Unix socket).
+//! transport, virtio-vsock (hybrid, over a host Unix socket) and virtio-pmem
+//! (read-only shared weights).
 
+pub mod pmem;
 pub mod serial;
 pub mod virtio_mmio;
 pub mod vsock;

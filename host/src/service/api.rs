@@ -147,7 +147,9 @@ pub fn router(state: AppState) -> Router {
 async fn readyz(State(s): State<AppState>) -> ApiResult<axum::Json<Value>> {
     // Ready means the database answers.
     s.store().list("")?;
-    Ok(axum::Json(json!({"ready": true, "isolation": s.isolation()})))
+    Ok(axum::Json(
+        json!({"ready": true, "isolation": s.isolation()}),
+    ))
 }
 
 async fn metrics(State(s): State<AppState>, headers: HeaderMap) -> ApiResult<Response> {

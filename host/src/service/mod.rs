@@ -263,6 +263,7 @@ impl Service {
                     // Warm VMs wait for calls; each call has its own limit.
                     life_timeout: std::time::Duration::from_secs(24 * 3600),
                     engine: runner.fingerprint(),
+                    weights: None,
                 };
                 Some(
                     crate::pool::Pool::start(cfg, v.warm)

@@ -16,6 +16,7 @@
 pub mod bench;
 mod layout;
 
+use crate::devices::pmem::{Pmem, PmemMapping};
 use crate::devices::serial::{COM1_BASE, COM1_IRQ, Com1, ConsoleLog, com1};
 use crate::devices::virtio_mmio::{MMIO_SIZE, MmioTransport, VirtioDevice, VirtioError};
 use crate::devices::vsock::Vsock;
@@ -97,7 +98,17 @@ pub struct VmConfig {
     pub vsock: Option<VsockConfig>,
     /// Set to stop the VM from outside (it then ends as [`VmExit::Stopped`]).
     pub stop: Option<Arc<AtomicBool>>,
+    /// A read-only weights image (erofs) behind virtio-pmem, at
+    /// [`PMEM_BASE`]; the guest sees it as `/dev/pmem0`.
+    pub pmem: Option<PathBuf>,
 }
+
+/// Guest-physical base of the pmem region (above RAM and the MMIO hole).
+pub const PMEM_BASE: u64 = 0x1_0000_0000;
+/// The pmem device's virtio-mmio window and IRQ.
+pub const PMEM_MMIO_BASE: u64 = 0xd000_1000;
+/// IRQ of the pmem device.
+pub const PMEM_IRQ: u32 = 6;
 
 /// The guest's vsock device.
 #[derive(Debug, Clone)]
@@ -291,6 +302,13 @@ pub fn run(cfg: &VmConfig) -> Result<RunReport, VmmError> {
             .insert_str(&cfg.cmdline_extra)
             .map_err(|e| VmmError::Config(format!("command line: {e}")))?;
     }
+    if cfg.pmem.is_some() {
+        cmdline
+            .insert_str(format!(
+                "virtio_mmio.device=4K@{PMEM_MMIO_BASE:#x}:{PMEM_IRQ}"
+            ))
+            .map_err(|e| VmmError::Config(format!("command line: {e}")))?;
+    }
     if cfg.vsock.is_some() {
         cmdline
             .insert_str(format!(
@@ -358,10 +376,32 @@ pub fn run(cfg: &VmConfig) -> Result<RunReport, VmmError> {
     vm.register_irqfd(&irq, COM1_IRQ)
         .map_err(kvm_err("register serial irqfd"))?;
     let serial = Arc::new(Mutex::new(com1(irq, console.clone())));
-    let vsock = match &cfg.vsock {
-        Some(v) => Some(vsock_device(&vm, &mem, v)?),
-        None => None,
-    };
+    let mut devices: Vec<(u64, Arc<Mutex<MmioTransport>>)> = Vec::new();
+    if let Some(v) = &cfg.vsock {
+        devices.push((VSOCK_MMIO_BASE, vsock_device(&vm, &mem, v)?));
+    }
+    // The weights mapping must outlive the VM fd: declared after `vm`, it
+    // is dropped after it (explicitly below, too).
+    let mut weights: Option<PmemMapping> = None;
+    if let Some(path) = &cfg.pmem {
+        let map = PmemMapping::open(path).map_err(|e| VmmError::Config(e.to_string()))?;
+        let r = kvm_userspace_memory_region {
+            slot: 1,
+            flags: kvm_bindings::KVM_MEM_READONLY,
+            guest_phys_addr: PMEM_BASE,
+            memory_size: map.len(),
+            userspace_addr: map.host_addr(),
+        };
+        // SAFETY: `map` is a live read-only mapping of `map.len()` bytes that
+        // is dropped only after the VM fd (see the end of this function).
+        unsafe { vm.set_user_memory_region(r) }.map_err(kvm_err("set pmem memory region"))?;
+        let dev = Pmem::new(PMEM_BASE, map.len());
+        devices.push((
+            PMEM_MMIO_BASE,
+            mmio_device(&vm, &mem, Box::new(dev), PMEM_MMIO_BASE, PMEM_IRQ)?,
+        ));
+        weights = Some(map);
+    }
 
     // vCPUs.
     let cpuid = kvm
@@ -393,19 +433,13 @@ pub fn run(cfg: &VmConfig) -> Result<RunReport, VmmError> {
         vcpus.push(vcpu);
     }
 
-    let exit = run_vcpus(
-        vcpus,
-        &vm,
-        &serial,
-        vsock.as_ref(),
-        cfg.timeout,
-        cfg.stop.as_deref(),
-    );
-    if let Some(v) = &vsock {
-        v.lock().unwrap_or_else(|p| p.into_inner()).shutdown();
+    let exit = run_vcpus(vcpus, &serial, &devices, cfg.timeout, cfg.stop.as_deref());
+    for (_, d) in &devices {
+        d.lock().unwrap_or_else(|p| p.into_inner()).shutdown();
     }
-    drop(vsock);
+    drop(devices);
     drop(vm);
+    drop(weights);
     let guest_resident_bytes = resident_bytes(&mem);
     drop(mem);
     Ok(RunReport {
@@ -416,39 +450,50 @@ pub fn run(cfg: &VmConfig) -> Result<RunReport, VmmError> {
     })
 }
 
-/// The vsock device on its virtio-mmio window: irqfd for its IRQ, one
-/// ioeventfd per queue on the QueueNotify register.
+/// The vsock device on its virtio-mmio window.
 fn vsock_device(
     vm: &VmFd,
     mem: &GuestMemoryMmap,
     v: &VsockConfig,
 ) -> Result<Arc<Mutex<MmioTransport>>, VmmError> {
-    let dev_err = |e: VirtioError| VmmError::Config(e.to_string());
     if v.guest_cid < 3 {
         return Err(VmmError::Config(format!(
             "the guest CID must be 3 or more, got {}",
             v.guest_cid
         )));
     }
-    let device = Vsock::new(v.guest_cid, v.uds_path.clone()).map_err(dev_err)?;
+    let device =
+        Vsock::new(v.guest_cid, v.uds_path.clone()).map_err(|e| VmmError::Config(e.to_string()))?;
+    mmio_device(vm, mem, Box::new(device), VSOCK_MMIO_BASE, VSOCK_IRQ)
+}
+
+/// A virtio device on the virtio-mmio window at `base`: an irqfd for its
+/// IRQ, one ioeventfd per queue on the QueueNotify register.
+fn mmio_device(
+    vm: &VmFd,
+    mem: &GuestMemoryMmap,
+    device: Box<dyn VirtioDevice>,
+    base: u64,
+    irq_line: u32,
+) -> Result<Arc<Mutex<MmioTransport>>, VmmError> {
+    let dev_err = |e: VirtioError| VmmError::Config(e.to_string());
     let irq =
         EventFd::new(libc_efd_nonblock()).map_err(|e| VmmError::Memory(format!("eventfd: {e}")))?;
-    vm.register_irqfd(&irq, VSOCK_IRQ)
-        .map_err(kvm_err("register vsock irqfd"))?;
+    vm.register_irqfd(&irq, irq_line)
+        .map_err(kvm_err("register virtio irqfd"))?;
     let mut evts = Vec::new();
     for q in 0..device.queue_max_sizes().len() as u32 {
         let e = EventFd::new(libc_efd_nonblock())
             .map_err(|e| VmmError::Memory(format!("eventfd: {e}")))?;
         vm.register_ioevent(
             &e,
-            &IoEventAddress::Mmio(VSOCK_MMIO_BASE + u64::from(VIRTIO_MMIO_QUEUE_NOTIFY)),
+            &IoEventAddress::Mmio(base + u64::from(VIRTIO_MMIO_QUEUE_NOTIFY)),
             q,
         )
-        .map_err(kvm_err("register vsock ioeventfd"))?;
+        .map_err(kvm_err("register virtio ioeventfd"))?;
         evts.push(e);
     }
-    let t =
-        MmioTransport::new(Box::new(device), mem.clone(), Arc::new(irq), evts).map_err(dev_err)?;
+    let t = MmioTransport::new(device, mem.clone(), Arc::new(irq), evts).map_err(dev_err)?;
     Ok(Arc::new(Mutex::new(t)))
 }
 
@@ -478,13 +523,13 @@ fn kick_signal() -> i32 {
 
 extern "C" fn noop_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
 
-type Mmio = Option<Arc<Mutex<MmioTransport>>>;
+/// The virtio-mmio devices by window base.
+type Mmio = Arc<Vec<(u64, Arc<Mutex<MmioTransport>>)>>;
 
 fn run_vcpus(
     vcpus: Vec<VcpuFd>,
-    _vm: &VmFd,
     serial: &Arc<Mutex<Com1>>,
-    vsock: Option<&Arc<Mutex<MmioTransport>>>,
+    devices: &[(u64, Arc<Mutex<MmioTransport>>)],
     timeout: Duration,
     external_stop: Option<&AtomicBool>,
 ) -> VmExit {
@@ -497,15 +542,16 @@ fn run_vcpus(
     let stop = Arc::new(AtomicBool::new(false));
     let (tx, rx) = mpsc::channel::<VmExit>();
     let mut threads = Vec::new();
+    let devices: Mmio = Arc::new(devices.to_vec());
     for (i, mut vcpu) in vcpus.into_iter().enumerate() {
         let stop = stop.clone();
         let tx = tx.clone();
         let serial = serial.clone();
-        let vsock: Mmio = vsock.cloned();
+        let devices = devices.clone();
         let t = std::thread::Builder::new()
             .name(format!("airlock-vcpu{i}"))
             .spawn(move || {
-                let exit = vcpu_loop(&mut vcpu, &serial, &vsock, &stop);
+                let exit = vcpu_loop(&mut vcpu, &serial, &devices, &stop);
                 stop.store(true, Ordering::SeqCst);
                 let _ = tx.send(exit);
             })
@@ -546,11 +592,16 @@ fn run_vcpus(
 fn vcpu_loop(
     vcpu: &mut VcpuFd,
     serial: &Arc<Mutex<Com1>>,
-    vsock: &Mmio,
+    devices: &Mmio,
     stop: &AtomicBool,
 ) -> VmExit {
     let com1 = COM1_BASE..COM1_BASE + 8;
-    let vsock_window = VSOCK_MMIO_BASE..VSOCK_MMIO_BASE + MMIO_SIZE;
+    let find = |addr: u64| {
+        devices
+            .iter()
+            .find(|(base, _)| (*base..*base + MMIO_SIZE).contains(&addr))
+            .map(|(base, d)| (addr - base, d))
+    };
     loop {
         if stop.load(Ordering::SeqCst) {
             return VmExit::Timeout;
@@ -572,20 +623,15 @@ fn vcpu_loop(
                     data.fill(0xff); // no device
                 }
             }
-            Ok(VcpuExit::MmioRead(addr, data)) => match vsock {
-                Some(v) if vsock_window.contains(&addr) => v
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .read(addr - VSOCK_MMIO_BASE, data),
-                _ => data.fill(0),
+            Ok(VcpuExit::MmioRead(addr, data)) => match find(addr) {
+                Some((off, d)) => d.lock().unwrap_or_else(|p| p.into_inner()).read(off, data),
+                None => data.fill(0),
             },
             Ok(VcpuExit::MmioWrite(addr, data)) => {
-                if let Some(v) = vsock
-                    && vsock_window.contains(&addr)
-                {
-                    v.lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .write(addr - VSOCK_MMIO_BASE, data);
+                // Writes outside every device window (including the guest
+                // writing to its read-only pmem region) are dropped.
+                if let Some((off, d)) = find(addr) {
+                    d.lock().unwrap_or_else(|p| p.into_inner()).write(off, data);
                 }
             }
             Ok(VcpuExit::Shutdown) => return VmExit::Reset,
