@@ -320,6 +320,29 @@ fn weights_reach_the_guest_read_only_over_virtio_pmem_without_a_copy() {
 }
 
 #[test]
+fn a_weights_grant_is_served_from_the_pmem_image_with_the_same_policy() {
+    // One policy granting /models read-only; in the VM it is served from the
+    // weights image (virtio-pmem, DAX), in process from the directory.
+    let (vm, code) = scenario("vm-weights-tool");
+    assert_eq!(code, 0, "{vm}");
+    let (local, code) = scenario("process-weights-tool");
+    assert_eq!(code, 0, "{local}");
+    assert_eq!(
+        vm["result"]["ok"]["ok"], r#"{"vocab": ["airlock", "weights"]}"#,
+        "{vm}"
+    );
+    assert_eq!(vm["result"], local["result"], "vm: {vm}\nprocess: {local}");
+    assert!(
+        vm["audit"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["action"] == "fs.open" && e["decision"] == "allow"),
+        "{vm}"
+    );
+}
+
+#[test]
 fn four_vms_at_once_run_independent_calls() {
     let (v, code) = scenario("four-vms");
     assert_eq!(code, 0, "{v}");

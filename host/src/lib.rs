@@ -11,3 +11,4 @@ pub mod report;
 pub mod sandbox;
 pub mod service;
 pub mod vmm;
+pub mod weights;

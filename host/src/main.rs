@@ -60,6 +60,16 @@ enum Cmd {
         /// Guest memory for --isolation vm, MiB.
         #[arg(long, default_value_t = 256)]
         memory_mib: u32,
+        /// `DIR:IMAGE` — in the microVM, read-only grants inside DIR are
+        /// served from IMAGE (made by `airlock weights pack DIR IMAGE`),
+        /// shared with every VM over virtio-pmem.
+        #[arg(long)]
+        weights: Option<String>,
+    },
+    /// Model weights for microVMs.
+    Weights {
+        #[command(subcommand)]
+        cmd: WeightsCmd,
     },
     /// Boot the guest in a microVM on this host's KVM and report how it ended.
     Vm {
@@ -115,6 +125,17 @@ enum PolicyCmd {
         /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum WeightsCmd {
+    /// Pack a directory into a read-only erofs image for virtio-pmem.
+    Pack {
+        /// The weights directory.
+        dir: PathBuf,
+        /// The image to write.
+        out: PathBuf,
     },
 }
 
@@ -320,7 +341,20 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             kernel,
             initrd,
             memory_mib,
+            weights,
         } => {
+            let weights = weights
+                .map(|w| {
+                    w.split_once(':')
+                        .map(|(d, i)| (PathBuf::from(d), PathBuf::from(i)))
+                        .context("--weights must be DIR:IMAGE")
+                })
+                .transpose()?;
+            if weights.is_some() && isolation == Isolation::Process {
+                bail!(
+                    "--weights only applies to --isolation vm (in process the grants read DIR directly)"
+                );
+            }
             let args: serde_json::Value =
                 serde_json::from_str(&args).context("--args is not valid JSON")?;
             let policy = match policy {
@@ -335,7 +369,17 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     runner.invoke(&loaded, &tool, &args, &policy.grant_set())
                 }
                 Isolation::Vm => run_in_vm(
-                    &runner, &bytes, kernel, initrd, memory_mib, &tool, &args, &policy,
+                    &runner,
+                    &bytes,
+                    VmImage {
+                        kernel,
+                        initrd,
+                        memory_mib,
+                        weights,
+                    },
+                    &tool,
+                    &args,
+                    &policy,
                 )?,
             };
             print_json(&outcome)?;
@@ -453,6 +497,13 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             listen,
             data_dir,
         } => serve(&config, listen, data_dir),
+        Cmd::Weights {
+            cmd: WeightsCmd::Pack { dir, out },
+        } => {
+            let len = airlock::weights::pack(&dir, &out)?;
+            print_json(&serde_json::json!({"image": out, "bytes": len}))?;
+            Ok(ExitCode::SUCCESS)
+        }
         Cmd::Audit {
             cmd: AuditCmd::Verify { data_dir, anchor },
         } => {
@@ -644,7 +695,7 @@ fn call_in_vm(
     cfg: &airlock::sandbox::SandboxConfig,
     tool: &str,
     args: &serde_json::Value,
-    policy: &Policy,
+    grants: &airlock_guest::GrantSet,
     all_ready: Option<&std::sync::Barrier>,
 ) -> anyhow::Result<(airlock_guest::CallOutcome, std::time::Duration)> {
     use airlock::sandbox::Sandbox;
@@ -658,7 +709,7 @@ fn call_in_vm(
         .load(&comp.artifact, &comp.engine, comp.docs.clone())
         .context("loading the component into the guest")?;
     let outcome = sb
-        .invoke(&digest, tool, args, &policy.grant_set())
+        .invoke(&digest, tool, args, grants)
         .context("calling the tool in the guest")?;
     let ready = sb.ready_after;
     let report = sb.shutdown()?;
@@ -687,26 +738,38 @@ fn sandbox_config(
     })
 }
 
-/// One call in a fresh microVM: precompile here, boot, load, invoke, shut down.
-#[allow(clippy::too_many_arguments)]
-fn run_in_vm(
-    runner: &Runner,
-    wasm: &[u8],
+/// What a microVM for `airlock run` boots.
+struct VmImage {
     kernel: Option<PathBuf>,
     initrd: Option<PathBuf>,
     memory_mib: u32,
+    /// (weights directory, its erofs image)
+    weights: Option<(PathBuf, PathBuf)>,
+}
+
+/// One call in a fresh microVM: precompile here, boot, load, invoke, shut down.
+fn run_in_vm(
+    runner: &Runner,
+    wasm: &[u8],
+    image: VmImage,
     tool: &str,
     args: &serde_json::Value,
     policy: &Policy,
 ) -> anyhow::Result<airlock_guest::CallOutcome> {
-    if !policy.filesystem.is_empty() {
-        bail!(
-            "the policy grants directories, which reach a microVM over virtio-fs — not built yet; use --isolation process for tools that need files"
-        );
-    }
+    let grants = airlock::weights::for_vm(
+        &policy.grant_set(),
+        image.weights.as_ref().map(|(d, _)| d.as_path()),
+    )?;
     let comp = prepare_for_vm(runner, wasm)?;
-    let cfg = sandbox_config(kernel, initrd, memory_mib, policy, comp.engine.clone())?;
-    Ok(call_in_vm(&comp, &cfg, tool, args, policy, None)?.0)
+    let mut cfg = sandbox_config(
+        image.kernel,
+        image.initrd,
+        image.memory_mib,
+        policy,
+        comp.engine.clone(),
+    )?;
+    cfg.weights = image.weights.map(|(_, i)| i);
+    Ok(call_in_vm(&comp, &cfg, tool, args, &grants, None)?.0)
 }
 
 /// `airlock vm multi`: N microVMs at once, one independent call in each.
@@ -724,6 +787,7 @@ fn vm_multi(a: MultiArgs) -> anyhow::Result<serde_json::Value> {
     let wasm = read_component(&a.component)?;
     let comp = prepare_for_vm(&runner, &wasm)?;
     let policy = Policy::default();
+    let grants = policy.grant_set();
     let cfg = sandbox_config(
         a.kernel,
         a.initrd,
@@ -737,8 +801,8 @@ fn vm_multi(a: MultiArgs) -> anyhow::Result<serde_json::Value> {
         let handles: Vec<_> = args
             .iter()
             .map(|v| {
-                let (comp, cfg, policy, barrier, tool) = (&comp, &cfg, &policy, &barrier, &a.tool);
-                s.spawn(move || call_in_vm(comp, cfg, tool, v, policy, Some(barrier)))
+                let (comp, cfg, grants, barrier, tool) = (&comp, &cfg, &grants, &barrier, &a.tool);
+                s.spawn(move || call_in_vm(comp, cfg, tool, v, grants, Some(barrier)))
             })
             .collect();
         handles

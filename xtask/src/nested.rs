@@ -202,6 +202,13 @@ if [ -z "$airlock_only" ] || [ "$airlock_only" = service-vm ]; then
 fi
 scenario weights 600 $BOOT --initrd $G/initramfs.cpio.gz --pmem $G/weights.erofs \
   --cmdline 'airlock.weights=/dev/pmem0:/weights airlock.selftest=weights' --timeout-secs 500
+# The same policy in both walls: in the VM the grant of /models is served
+# from the weights image over virtio-pmem.
+printf 'version = 1\n[[filesystem]]\nhost = "/models"\nguest = "/models"\nmode = "ro"\n' > /tmp/models.toml
+scenario vm-weights-tool 600 run $E/files.wasm --tool files_read --args '{"path": "/models/tokenizer.json"}' \
+  --policy /tmp/models.toml --weights /models:$G/weights.erofs $VMRUN
+scenario process-weights-tool 120 run $E/files.wasm --tool files_read --args '{"path": "/models/tokenizer.json"}' \
+  --policy /tmp/models.toml --isolation process
 scenario selftest 600 $BOOT --initrd $G/initramfs-selftest.cpio.gz --cmdline airlock.selftest=1 --timeout-secs 500
 scenario panic 400 $BOOT --initrd $G/initramfs-selftest.cpio.gz --cmdline airlock.selftest=panic --timeout-secs 300
 scenario never-ready 200 $BOOT --initrd $G/initramfs.cpio.gz --timeout-secs 20
@@ -212,8 +219,8 @@ scenario twenty-boots 1500 vm soak --kernel $G/vmlinux --initrd $G/initramfs-sel
 /// A weights image for the virtio-pmem scenario: an erofs image (padded to
 /// 2 MiB) holding `model.bin` (24 MiB, every 16 KiB block numbered so a
 /// read at the wrong offset changes the hash) and a small `tokenizer.json`.
-/// Returns the image and the sha256 of `model.bin`.
-fn weights_image(cache: &Path) -> anyhow::Result<(PathBuf, String)> {
+/// Returns the image, the sha256 of `model.bin` and the source directory.
+fn weights_image(cache: &Path) -> anyhow::Result<(PathBuf, String, PathBuf)> {
     const RECIPE_WEIGHTS: &str = "airlock-weights/1 24MiB 16KiB-blocks erofs -T0";
     let mut seed = Sha256::digest(RECIPE_WEIGHTS.as_bytes()).to_vec();
     let mut block = Vec::with_capacity(16 << 10);
@@ -230,8 +237,8 @@ fn weights_image(cache: &Path) -> anyhow::Result<(PathBuf, String)> {
     let sha = hex::encode(Sha256::digest(&model));
     let dir = cache.join("weights").join(&sha[..16]);
     let img = dir.join("weights.erofs");
-    if !img.exists() {
-        let src = dir.join("src");
+    let src = dir.join("src");
+    if !img.exists() || !src.join("tokenizer.json").exists() {
         std::fs::create_dir_all(&src)?;
         std::fs::write(src.join("model.bin"), &model)?;
         std::fs::write(
@@ -247,9 +254,8 @@ fn weights_image(cache: &Path) -> anyhow::Result<(PathBuf, String)> {
         f.set_len(len.div_ceil(2 << 20) * (2 << 20))?;
         drop(f);
         std::fs::rename(&tmp, &img)?;
-        std::fs::remove_dir_all(&src)?;
     }
-    Ok((img, sha))
+    Ok((img, sha, src))
 }
 
 /// Which outer image.
@@ -332,7 +338,7 @@ pub fn build_image(kind: Kind) -> anyhow::Result<PathBuf> {
         .next()
         .context("no modules")??
         .path();
-    let (weights, weights_sha256) = weights_image(&cache)?;
+    let (weights, weights_sha256, weights_src) = weights_image(&cache)?;
     let busybox = PathBuf::from("/bin/busybox");
     if !busybox.exists() {
         bail!("/bin/busybox is missing: apt-get install busybox-static");
@@ -346,6 +352,11 @@ pub fn build_image(kind: Kind) -> anyhow::Result<PathBuf> {
         (
             "examples/kitchen.wasm".into(),
             super::examples_out().join("kitchen.wasm"),
+            0o100_644,
+        ),
+        (
+            "examples/files.wasm".into(),
+            super::examples_out().join("files.wasm"),
             0o100_644,
         ),
         (
@@ -375,6 +386,17 @@ pub fn build_image(kind: Kind) -> anyhow::Result<PathBuf> {
         ),
         ("guest/vmlinux".into(), kernel.vmlinux.clone(), 0o100_644),
         ("guest/weights.erofs".into(), weights, 0o100_644),
+        // The directory the image was packed from, for --isolation process.
+        (
+            "models/tokenizer.json".into(),
+            weights_src.join("tokenizer.json"),
+            0o100_644,
+        ),
+        (
+            "models/model.bin".into(),
+            weights_src.join("model.bin"),
+            0o100_644,
+        ),
         ("guest/initramfs.cpio.gz".into(), rootfs, 0o100_644),
         (
             "guest/initramfs-selftest.cpio.gz".into(),
