@@ -18,6 +18,7 @@
 //! initrd = "/path/initramfs.cpio.gz"
 //! memory_mib = 256
 //! warm = 2                 # VMs kept booted and waiting
+//! weights = "/srv/models:/srv/models.erofs"  # optional: DIR:IMAGE (airlock weights pack)
 //!
 //! [[tokens]]
 //! name = "ci-admin"
@@ -142,6 +143,7 @@ struct IsolationEntry {
     initrd: Option<PathBuf>,
     memory_mib: Option<u32>,
     warm: Option<usize>,
+    weights: Option<String>,
 }
 
 /// Where calls run.
@@ -164,6 +166,9 @@ pub struct VmSettings {
     pub memory_mib: u32,
     /// VMs kept booted ahead of calls.
     pub warm: usize,
+    /// Weights directory and its erofs image: read-only grants inside the
+    /// directory are served from the image over virtio-pmem.
+    pub weights: Option<(PathBuf, PathBuf)>,
 }
 
 /// The validated service configuration.
@@ -317,10 +322,11 @@ impl Config {
 fn isolation(i: IsolationEntry) -> Result<Isolation, ConfigError> {
     match i.mode.as_deref().unwrap_or("process") {
         "process" => {
-            if i.kernel.is_some() || i.initrd.is_some() || i.warm.is_some() {
+            if i.kernel.is_some() || i.initrd.is_some() || i.warm.is_some() || i.weights.is_some()
+            {
                 return Err(field(
                     "isolation.mode",
-                    "kernel, initrd and warm only apply to mode = \"vm\"",
+                    "kernel, initrd, warm and weights only apply to mode = \"vm\"",
                 ));
             }
             Ok(Isolation::Process)
@@ -349,11 +355,28 @@ fn isolation(i: IsolationEntry) -> Result<Isolation, ConfigError> {
             if warm > 16 {
                 return Err(field("isolation.warm", "must be 0..=16"));
             }
+            let weights = match i.weights {
+                None => None,
+                Some(w) => {
+                    let (dir, image) = w.split_once(':').ok_or_else(|| {
+                        field("isolation.weights", "expected DIR:IMAGE")
+                    })?;
+                    let image = file("weights", Some(PathBuf::from(image)))?;
+                    if !Path::new(dir).is_dir() {
+                        return Err(field(
+                            "isolation.weights",
+                            format!("{dir} is not a directory"),
+                        ));
+                    }
+                    Some((PathBuf::from(dir), image))
+                }
+            };
             Ok(Isolation::Vm(VmSettings {
                 kernel: file("kernel", i.kernel)?,
                 initrd: file("initrd", i.initrd)?,
                 memory_mib,
                 warm,
+                weights,
             }))
         }
         other => Err(field(

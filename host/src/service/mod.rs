@@ -263,7 +263,7 @@ impl Service {
                     // Warm VMs wait for calls; each call has its own limit.
                     life_timeout: std::time::Duration::from_secs(24 * 3600),
                     engine: runner.fingerprint(),
-                    weights: None,
+                    weights: v.weights.as_ref().map(|(_, image)| image.clone()),
                 };
                 Some(
                     crate::pool::Pool::start(cfg, v.warm)
@@ -599,18 +599,26 @@ impl Service {
             )));
         }
         let (policy, policy_version) = self.effective_policy(&who.tenant, component)?;
-        if self.pool.is_some() && !policy.filesystem.is_empty() {
-            return Err(bad(
-                "unsupported_in_vm",
-                Some("policy.filesystem".to_string()),
-                "The policy grants directories, which reach a microVM over virtio-fs — not built yet; this service runs calls in microVMs.",
-            ));
-        }
+        let grants = match &self.config.isolation {
+            config::Isolation::Process => policy.grant_set(),
+            config::Isolation::Vm(v) => crate::weights::for_vm(
+                &policy.grant_set(),
+                v.weights.as_ref().map(|(dir, _)| dir.as_path()),
+            )
+            .map_err(|e| {
+                let field = match &e {
+                    crate::weights::WeightsError::NotServable { index, .. } => {
+                        format!("policy.filesystem[{index}]")
+                    }
+                    crate::weights::WeightsError::Pack { .. } => "policy.filesystem".into(),
+                };
+                bad("unsupported_in_vm", Some(field), e.to_string())
+            })?,
+        };
         let permit = self.tenant_slot(&who.tenant)?;
         let svc = self.clone();
         let (tenant, actor) = (who.tenant.clone(), who.name.clone());
         let (component, tool) = (component.to_string(), tool.to_string());
-        let grants = policy.grant_set();
         // The call, its metrics and its audit record live in their own task:
         // if the client goes away, the call still finishes (or times out),
         // holds its tenant slot until then, and is recorded.
