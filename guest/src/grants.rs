@@ -123,10 +123,10 @@ impl HttpRule {
 
     /// Does this rule match a request to `scheme://host:port`?
     pub fn matches(&self, scheme: &str, host: &str, port: u16) -> bool {
-        if let Some(s) = &self.scheme {
-            if s != scheme {
-                return false;
-            }
+        if let Some(s) = &self.scheme
+            && s != scheme
+        {
+            return false;
         }
         let default_port = if scheme == "https" { 443 } else { 80 };
         if self.port.unwrap_or(default_port) != port && self.host != "*" {

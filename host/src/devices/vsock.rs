@@ -676,11 +676,10 @@ impl Worker {
                 }
             }
             OP_CREDIT_UPDATE => self.read_stream(key),
-            OP_CREDIT_REQUEST => {
-                if self.conns.contains_key(&key) {
-                    self.send(key, OP_CREDIT_UPDATE, 0, Vec::new());
-                }
+            OP_CREDIT_REQUEST if self.conns.contains_key(&key) => {
+                self.send(key, OP_CREDIT_UPDATE, 0, Vec::new());
             }
+            OP_CREDIT_REQUEST => {}
             OP_SHUTDOWN => {
                 let _ = flags;
                 if let Some(c) = self.conns.get_mut(&key) {
@@ -755,7 +754,7 @@ impl Worker {
                         None
                     };
                     if let Some(s) = p.data_slice() {
-                        let _ = s.copy_from(&pkt.data[..]);
+                        s.copy_from(&pkt.data[..]);
                     }
                     p.set_src_cid(HOST_CID)
                         .set_dst_cid(self.guest_cid)

@@ -322,8 +322,7 @@ impl Config {
 fn isolation(i: IsolationEntry) -> Result<Isolation, ConfigError> {
     match i.mode.as_deref().unwrap_or("process") {
         "process" => {
-            if i.kernel.is_some() || i.initrd.is_some() || i.warm.is_some() || i.weights.is_some()
-            {
+            if i.kernel.is_some() || i.initrd.is_some() || i.warm.is_some() || i.weights.is_some() {
                 return Err(field(
                     "isolation.mode",
                     "kernel, initrd, warm and weights only apply to mode = \"vm\"",
@@ -358,9 +357,9 @@ fn isolation(i: IsolationEntry) -> Result<Isolation, ConfigError> {
             let weights = match i.weights {
                 None => None,
                 Some(w) => {
-                    let (dir, image) = w.split_once(':').ok_or_else(|| {
-                        field("isolation.weights", "expected DIR:IMAGE")
-                    })?;
+                    let (dir, image) = w
+                        .split_once(':')
+                        .ok_or_else(|| field("isolation.weights", "expected DIR:IMAGE"))?;
                     let image = file("weights", Some(PathBuf::from(image)))?;
                     if !Path::new(dir).is_dir() {
                         return Err(field(

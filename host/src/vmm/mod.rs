@@ -608,11 +608,11 @@ fn vcpu_loop(
         }
         match vcpu.run() {
             Ok(VcpuExit::IoOut(port, data)) => {
-                if com1.contains(&port) {
-                    if let Some(&b) = data.first() {
-                        let mut s = serial.lock().unwrap_or_else(|p| p.into_inner());
-                        let _ = s.write((port - COM1_BASE) as u8, b);
-                    }
+                if com1.contains(&port)
+                    && let Some(&b) = data.first()
+                {
+                    let mut s = serial.lock().unwrap_or_else(|p| p.into_inner());
+                    let _ = s.write((port - COM1_BASE) as u8, b);
                 }
             }
             Ok(VcpuExit::IoIn(port, data)) => {
