@@ -171,6 +171,9 @@ enum VmCmd {
         /// QEMU binary.
         #[arg(long, default_value = "qemu-system-x86_64")]
         qemu: PathBuf,
+        /// Our VMM binary (default: `airlock-vmm` next to this program).
+        #[arg(long)]
+        vmm: Option<PathBuf>,
         /// Rounds (each boots both once).
         #[arg(long, default_value_t = 5)]
         rounds: u32,
@@ -399,15 +402,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         } => {
             let cfg = image.config(memory_mib, vcpus, timeout_secs, 1 << 20);
             let report = airlock::vmm::run(&cfg)?;
-            let exit = match &report.exit {
-                airlock::vmm::VmExit::Reset => "reset".to_string(),
-                airlock::vmm::VmExit::Halted => "halted".to_string(),
-                airlock::vmm::VmExit::Timeout => "timeout".to_string(),
-                airlock::vmm::VmExit::Stopped => "stopped".to_string(),
-                airlock::vmm::VmExit::Error(e) => format!("error: {e}"),
-            };
             print_json(&serde_json::json!({
-                "exit": exit,
+                "exit": report.exit.label(),
                 "wall_ms": report.wall.as_millis() as u64,
                 "peak_rss_kib": airlock::vmm::ProcessUsage::now().peak_rss_kib,
                 "guest_resident_kib": report.guest_resident_bytes >> 10,
@@ -462,12 +458,23 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 VmCmd::BenchBoot {
                     image,
                     qemu,
+                    vmm,
                     rounds,
                     memory_mib,
                 },
         } => {
+            let vmm = match vmm {
+                Some(v) => v,
+                None => std::env::current_exe()?.with_file_name("airlock-vmm"),
+            };
+            if !vmm.is_file() {
+                bail!(
+                    "{} is missing: pass --vmm or build the airlock-vmm binary",
+                    vmm.display()
+                );
+            }
             let report = airlock::vmm::bench::boot_bench(&airlock::vmm::bench::BenchConfig {
-                airlock: std::env::current_exe()?,
+                vmm,
                 qemu,
                 kernel: image.kernel,
                 initrd: image.initrd,

@@ -59,7 +59,8 @@ fn outer_kernel(cache: &Path) -> anyhow::Result<PathBuf> {
     Ok(dir.join("x"))
 }
 
-fn build_musl_airlock() -> anyhow::Result<PathBuf> {
+/// The static musl `airlock` and `airlock-vmm` (stripped).
+fn build_musl_airlock() -> anyhow::Result<(PathBuf, PathBuf)> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     run(Command::new(cargo)
         .args([
@@ -72,13 +73,19 @@ fn build_musl_airlock() -> anyhow::Result<PathBuf> {
             "airlock",
             "--bin",
             "airlock",
+            "--bin",
+            "airlock-vmm",
         ])
         .env("CC_x86_64_unknown_linux_musl", "musl-gcc")
         .current_dir(super::root()))?;
     let target_dir = std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| super::root().join("target"));
-    super::image::strip(&target_dir.join("x86_64-unknown-linux-musl/release/airlock"))
+    let out = target_dir.join("x86_64-unknown-linux-musl/release");
+    Ok((
+        super::image::strip(&out.join("airlock"))?,
+        super::image::strip(&out.join("airlock-vmm"))?,
+    ))
 }
 
 /// QEMU arguments of the outer VM (the manifest carries them, with
@@ -278,7 +285,8 @@ const BENCH_SCRIPT: &str = r#"# The boot benchmark: our VMM vs QEMU microvm, sam
 G=/guest
 echo "NESTED-RESULT-BEGIN bench-boot"
 /airlock vm bench-boot --kernel $G/vmlinux --initrd $G/initramfs-selftest.cpio.gz \
-  --cmdline airlock.selftest=panic --rounds "${airlock_rounds:-7}" --qemu /usr/bin/qemu-system-x86_64 2>&1
+  --cmdline airlock.selftest=panic --rounds "${airlock_rounds:-7}" --qemu /usr/bin/qemu-system-x86_64 \
+  --vmm /airlock-vmm 2>&1
 echo "NESTED-RESULT-END bench-boot $?"
 "#;
 
@@ -325,7 +333,7 @@ pub fn build_image(kind: Kind) -> anyhow::Result<PathBuf> {
     let init = super::image::build_init()?;
     let rootfs = super::image::build_rootfs(&init, false)?;
     let selftest = super::image::build_rootfs(&init, true)?;
-    let airlock = build_musl_airlock()?;
+    let (airlock, airlock_vmm) = build_musl_airlock()?;
     let outer = outer_kernel(&cache)?;
     let vmlinuz = std::fs::read_dir(outer.join("boot"))?
         .filter_map(|e| e.ok().map(|e| e.path()))
@@ -349,6 +357,7 @@ pub fn build_image(kind: Kind) -> anyhow::Result<PathBuf> {
         ("vm-tests.sh".into(), PathBuf::new(), 0o100_644),
         ("bin/busybox".into(), busybox, 0o100_755),
         ("airlock".into(), airlock, 0o100_755),
+        ("airlock-vmm".into(), airlock_vmm, 0o100_755),
         (
             "examples/kitchen.wasm".into(),
             super::examples_out().join("kitchen.wasm"),

@@ -21,8 +21,8 @@ use std::time::{Duration, Instant};
 /// What to compare.
 #[derive(Debug, Clone)]
 pub struct BenchConfig {
-    /// The `airlock` binary whose `vm boot` is measured.
-    pub airlock: PathBuf,
+    /// Our VMM binary (`airlock-vmm`; `airlock vm boot` takes the same flags).
+    pub vmm: PathBuf,
     /// The QEMU binary.
     pub qemu: PathBuf,
     /// ELF vmlinux with a PVH note.
@@ -121,8 +121,8 @@ fn measure(mut cmd: Command, limit: Duration) -> Result<(String, Duration, u64),
 }
 
 fn ours(cfg: &BenchConfig) -> Result<Sample, VmmError> {
-    let mut cmd = Command::new(&cfg.airlock);
-    cmd.args(["vm", "boot", "--kernel"])
+    let mut cmd = Command::new(&cfg.vmm);
+    cmd.arg("--kernel")
         .arg(&cfg.kernel)
         .arg("--initrd")
         .arg(&cfg.initrd)

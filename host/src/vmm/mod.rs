@@ -143,6 +143,19 @@ pub enum VmExit {
     Error(String),
 }
 
+impl VmExit {
+    /// Short text for reports: `reset`, `halted`, `timeout`, `stopped`, `error: …`.
+    pub fn label(&self) -> String {
+        match self {
+            VmExit::Reset => "reset".into(),
+            VmExit::Halted => "halted".into(),
+            VmExit::Timeout => "timeout".into(),
+            VmExit::Stopped => "stopped".into(),
+            VmExit::Error(e) => format!("error: {e}"),
+        }
+    }
+}
+
 /// The result of one VM run.
 #[derive(Debug, Clone)]
 pub struct RunReport {
