@@ -38,10 +38,14 @@ fn outer() -> &'static Outer {
         // Every scenario has its own limit inside the outer VM, and the
         // outer VM prints a heartbeat each minute: five silent minutes
         // mean the emulator itself froze.
+        // The console also goes to <target tmp>/nested-console.log as it
+        // arrives (`tail -f` it to watch a run).
+        let live = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("nested-console.log");
         let (console, ended) = common::run_watched(
             cmd,
             Duration::from_secs(60 * 60),
             Duration::from_secs(5 * 60),
+            Some(&live),
         );
         let mut results = BTreeMap::new();
         let mut cur: Option<(String, String)> = None;

@@ -120,6 +120,7 @@ pub fn run_watched(
     mut cmd: std::process::Command,
     total: std::time::Duration,
     silence: std::time::Duration,
+    live: Option<&std::path::Path>,
 ) -> (String, Ended) {
     use std::io::Read;
     use std::process::Stdio;
@@ -133,12 +134,18 @@ pub fn run_watched(
     let mut stdout = child.stdout.take().unwrap();
     let last = Arc::new(Mutex::new(Instant::now()));
     let seen = last.clone();
+    // A copy of the output as it arrives, for watching a long run.
+    let mut copy = live.and_then(|p| std::fs::File::create(p).ok());
     let reader = std::thread::spawn(move || {
+        use std::io::Write;
         let mut all = Vec::new();
         let mut buf = [0u8; 4096];
         while let Ok(n) = stdout.read(&mut buf) {
             if n == 0 {
                 break;
+            }
+            if let Some(f) = copy.as_mut() {
+                let _ = f.write_all(&buf[..n]);
             }
             all.extend_from_slice(&buf[..n]);
             *seen.lock().unwrap() = Instant::now();

@@ -190,8 +190,15 @@ i=0
 until grep -q listening /tmp/serve.out; do
   i=$((i+1)); if [ $i -gt 300 ]; then cat /tmp/serve.err; exit 3; fi; sleep 1
 done
-wget -q -O /dev/null --header "Authorization: Bearer $T" --header "Content-Type: application/wasm" \
-  --post-file /examples/kitchen.wasm "$U/v1/components?name=kitchen"
+# busybox wget sends --post-file up to the first NUL byte: upload with nc,
+# keeping its stdin open until the answer (busybox nc stops at stdin EOF).
+W=/examples/kitchen.wasm
+: > /tmp/upload.txt
+{ printf 'POST /v1/components?name=kitchen HTTP/1.0\r\nHost: 127.0.0.1\r\nAuthorization: Bearer %s\r\n' "$T"
+  printf 'Content-Type: application/wasm\r\nContent-Length: %s\r\n\r\n' "$(wc -c < $W)"; cat $W
+  i=0; while ! grep -q '}' /tmp/upload.txt && [ $i -lt 300 ]; do sleep 1; i=$((i+1)); done; } \
+  | nc 127.0.0.1 8420 > /tmp/upload.txt
+grep -q '"created":true' /tmp/upload.txt || { cat /tmp/upload.txt; exit 4; }
 for v in 1 2; do
   wget -q -O /tmp/call$v.json --header "Authorization: Bearer $T" --header "Content-Type: application/json" \
     --post-data "{\"arguments\": {\"values\": [$v, 10]}}" "$U/v1/tools/kitchen__recipes_summarize:invoke"
@@ -311,6 +318,7 @@ fn qemu_files() -> anyhow::Result<Vec<(String, PathBuf)>> {
         }
     }
     for fw in [
+        "qboot.rom",
         "bios-microvm.bin",
         "pvh.bin",
         "linuxboot_dma.bin",

@@ -429,6 +429,12 @@ pub fn run(cfg: &VmConfig) -> Result<RunReport, VmmError> {
         for e in c.as_mut_slice() {
             if e.function == 1 {
                 e.ebx = (e.ebx & 0x00ff_ffff) | (u32::from(id) << 24); // initial APIC id
+                // "Running under a hypervisor": without it Linux never looks
+                // at KVM's paravirt leaves (0x4000_0000..), so no kvm-clock,
+                // and it calibrates the TSC against the PIT — slow, and under
+                // a loaded nested host it fails ("Unable to calibrate against
+                // PIT"), leaving the guest without a clocksource: it hung.
+                e.ecx |= 1 << 31;
             }
         }
         vcpu.set_cpuid2(&c).map_err(kvm_err("set CPUID"))?;
