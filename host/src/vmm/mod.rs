@@ -305,8 +305,29 @@ pub fn run(cfg: &VmConfig) -> Result<RunReport, VmmError> {
         Some(GuestAddress(layout::HIGH_RAM_START)),
     )
     .map_err(|e| VmmError::Kernel(e.to_string()))?;
+    // vCPU fds first: the TSC frequency they report goes on the command line.
+    let mut vcpus = Vec::new();
+    for id in 0..cfg.vcpus {
+        vcpus.push(
+            vm.create_vcpu(u64::from(id))
+                .map_err(kvm_err("create vCPU"))?,
+        );
+    }
     let mut cmdline =
         Cmdline::new(layout::CMDLINE_MAX).map_err(|e| VmmError::Config(e.to_string()))?;
+    // The guest would otherwise calibrate its TSC against the PIT; on a busy
+    // (nested) host that fails ("Unable to calibrate against PIT"), the TSC
+    // is marked unstable and the guest hangs without a clocksource. KVM knows
+    // the frequency. (Advertising the hypervisor CPUID bit for kvm-clock
+    // instead made guests hang in the nested harness.)
+    // `tsc=reliable` keeps the clocksource watchdog from judging the TSC
+    // against jiffies, whose ticks a busy host delays ("skew is too large"
+    // → "No current clocksource").
+    if let Ok(khz) = vcpus[0].get_tsc_khz() {
+        cmdline
+            .insert_str(format!("tsc_early_khz={khz} tsc=reliable"))
+            .map_err(|e| VmmError::Config(format!("command line: {e}")))?;
+    }
     cmdline
         .insert_str(BASE_CMDLINE)
         .map_err(|e| VmmError::Config(e.to_string()))?;
@@ -420,21 +441,12 @@ pub fn run(cfg: &VmConfig) -> Result<RunReport, VmmError> {
     let cpuid = kvm
         .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
         .map_err(kvm_err("get supported CPUID"))?;
-    let mut vcpus = Vec::new();
-    for id in 0..cfg.vcpus {
-        let vcpu = vm
-            .create_vcpu(u64::from(id))
-            .map_err(kvm_err("create vCPU"))?;
+    for (id, vcpu) in vcpus.iter().enumerate() {
+        let id = id as u8;
         let mut c = cpuid.clone();
         for e in c.as_mut_slice() {
             if e.function == 1 {
                 e.ebx = (e.ebx & 0x00ff_ffff) | (u32::from(id) << 24); // initial APIC id
-                // "Running under a hypervisor": without it Linux never looks
-                // at KVM's paravirt leaves (0x4000_0000..), so no kvm-clock,
-                // and it calibrates the TSC against the PIT — slow, and under
-                // a loaded nested host it fails ("Unable to calibrate against
-                // PIT"), leaving the guest without a clocksource: it hung.
-                e.ecx |= 1 << 31;
             }
         }
         vcpu.set_cpuid2(&c).map_err(kvm_err("set CPUID"))?;
@@ -449,7 +461,6 @@ pub fn run(cfg: &VmConfig) -> Result<RunReport, VmmError> {
             vcpu.set_fpu(&layout::boot_fpu())
                 .map_err(kvm_err("set FPU"))?;
         }
-        vcpus.push(vcpu);
     }
 
     let exit = run_vcpus(vcpus, &serial, &devices, cfg.timeout, cfg.stop.as_deref());
