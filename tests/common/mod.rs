@@ -69,40 +69,15 @@ pub fn http_server() -> SocketAddr {
 /// Run a command to completion or until `timeout` (then kill it); return its
 /// stdout (carriage returns removed) and whether it exited by itself.
 pub fn run_with_timeout(
-    mut cmd: std::process::Command,
+    cmd: std::process::Command,
     timeout: std::time::Duration,
 ) -> (String, bool) {
-    use std::io::Read;
-    use std::process::Stdio;
-    let mut child = cmd
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| panic!("cannot start {cmd:?}: {e}"));
-    let mut stdout = child.stdout.take().unwrap();
-    let reader = std::thread::spawn(move || {
-        let mut s = Vec::new();
-        let _ = stdout.read_to_end(&mut s);
-        String::from_utf8_lossy(&s).replace('\r', "")
-    });
-    let start = std::time::Instant::now();
-    let exited = loop {
-        if child.try_wait().unwrap().is_some() {
-            break true;
-        }
-        if start.elapsed() > timeout {
-            let _ = child.kill();
-            let _ = child.wait();
-            break false;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(100));
-    };
-    (reader.join().unwrap(), exited)
+    let (out, ended) = run_watched(cmd, timeout, timeout, None);
+    (out, ended == Ended::Exited)
 }
 
 /// How a watched child ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[allow(dead_code)]
 pub enum Ended {
     /// It exited by itself.
     Exited,
@@ -115,7 +90,6 @@ pub enum Ended {
 /// Run `cmd` (stdout piped, `\r` removed), killing it after `total`, or
 /// once it has printed nothing for `silence`: a frozen emulator is told
 /// apart from a slow one within minutes instead of at the end of `total`.
-#[allow(dead_code)]
 pub fn run_watched(
     mut cmd: std::process::Command,
     total: std::time::Duration,

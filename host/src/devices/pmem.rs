@@ -12,10 +12,9 @@
 //! page is backed by the file; the mapping outlives the VM fd (see
 //! `vmm::run`); the worker thread is joined on shutdown.
 
-use super::virtio_mmio::{Activation, VirtioDevice, VirtioError};
+use super::virtio_mmio::{Activation, DeviceWorker, VirtioDevice, VirtioError};
 use std::os::fd::AsRawFd;
 use std::path::Path;
-use std::thread::JoinHandle;
 use virtio_queue::QueueT;
 use vm_memory::Bytes;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
@@ -104,8 +103,7 @@ impl Drop for PmemMapping {
 pub struct Pmem {
     start: u64,
     size: u64,
-    stop: Option<EventFd>,
-    worker: Option<JoinHandle<()>>,
+    worker: Option<DeviceWorker>,
 }
 
 impl Pmem {
@@ -114,7 +112,6 @@ impl Pmem {
         Self {
             start,
             size,
-            stop: None,
             worker: None,
         }
     }
@@ -212,17 +209,13 @@ impl VirtioDevice for Pmem {
                 }
             })
             .map_err(|e| VirtioError::Activate(format!("pmem thread: {e}")))?;
-        self.stop = Some(stop);
-        self.worker = Some(worker);
+        self.worker = Some(DeviceWorker::new(stop, worker));
         Ok(())
     }
 
     fn shutdown(&mut self) {
-        if let Some(s) = self.stop.take() {
-            let _ = s.write(1);
-        }
-        if let Some(t) = self.worker.take() {
-            let _ = t.join();
+        if let Some(w) = self.worker.take() {
+            w.stop();
         }
     }
 }

@@ -74,6 +74,25 @@ pub struct Activation {
     pub interrupt: Interrupt,
 }
 
+/// A device's worker thread and the eventfd that tells it to stop.
+pub struct DeviceWorker {
+    stop: EventFd,
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl DeviceWorker {
+    /// A running worker: `thread` must return once `stop` becomes readable.
+    pub fn new(stop: EventFd, thread: std::thread::JoinHandle<()>) -> Self {
+        Self { stop, thread }
+    }
+
+    /// Signal the thread and join it.
+    pub fn stop(self) {
+        let _ = self.stop.write(1);
+        let _ = self.thread.join();
+    }
+}
+
 /// A virtio device behind the transport.
 pub trait VirtioDevice: Send {
     /// Virtio device id (19 = vsock).

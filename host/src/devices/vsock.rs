@@ -17,13 +17,12 @@
 //! **Invariants:** the thread owns the queues once activated; shutting the
 //! device down stops and joins it and closes every stream and the listener.
 
-use super::virtio_mmio::{Activation, Interrupt, VirtioDevice, VirtioError};
+use super::virtio_mmio::{Activation, DeviceWorker, Interrupt, VirtioDevice, VirtioError};
 use std::collections::{HashMap, VecDeque};
 use std::io::{ErrorKind, Read, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
-use std::thread::JoinHandle;
 use virtio_queue::{Queue, QueueT};
 use virtio_vsock::packet::VsockPacket;
 use vm_memory::GuestMemoryMmap;
@@ -58,8 +57,7 @@ pub struct Vsock {
     guest_cid: u64,
     uds_path: PathBuf,
     listener: Option<UnixListener>,
-    stop: Option<EventFd>,
-    thread: Option<JoinHandle<()>>,
+    worker: Option<DeviceWorker>,
 }
 
 impl Vsock {
@@ -80,8 +78,7 @@ impl Vsock {
             guest_cid,
             uds_path,
             listener: Some(listener),
-            stop: None,
-            thread: None,
+            worker: None,
         })
     }
 }
@@ -162,17 +159,13 @@ impl VirtioDevice for Vsock {
             .name("airlock-vsock".into())
             .spawn(move || worker.run())
             .map_err(|e| VirtioError::Activate(format!("thread: {e}")))?;
-        self.stop = Some(stop);
-        self.thread = Some(t);
+        self.worker = Some(DeviceWorker::new(stop, t));
         Ok(())
     }
 
     fn shutdown(&mut self) {
-        if let Some(s) = self.stop.take() {
-            let _ = s.write(1);
-        }
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
+        if let Some(w) = self.worker.take() {
+            w.stop();
         }
         self.listener = None;
         let _ = std::fs::remove_file(&self.uds_path);
