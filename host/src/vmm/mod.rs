@@ -450,7 +450,7 @@ pub fn run(cfg: &VmConfig) -> Result<RunReport, VmmError> {
             }
         }
         vcpu.set_cpuid2(&c).map_err(kvm_err("set CPUID"))?;
-        set_lint(&vcpu)?;
+        set_lint(vcpu)?;
         if id == 0 {
             let mut sregs = vcpu.get_sregs().map_err(kvm_err("get sregs"))?;
             layout::setup_long_mode(&mem, &mut sregs)
