@@ -441,12 +441,21 @@ pub fn run(cfg: &VmConfig) -> Result<RunReport, VmmError> {
     let cpuid = kvm
         .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
         .map_err(kvm_err("get supported CPUID"))?;
+    let tsc_deadline = kvm.check_extension(kvm_ioctls::Cap::TscDeadlineTimer);
     for (id, vcpu) in vcpus.iter().enumerate() {
         let id = id as u8;
         let mut c = cpuid.clone();
         for e in c.as_mut_slice() {
             if e.function == 1 {
                 e.ebx = (e.ebx & 0x00ff_ffff) | (u32::from(id) << 24); // initial APIC id
+                // KVM emulates the TSC-deadline timer but leaves the CPUID
+                // bit to userspace. With it (and the TSC frequency from the
+                // command line) the guest's LAPIC timer needs no calibration
+                // against the PIT, a step that fails on a busy nested host
+                // ("APIC timer disabled due to verification failure").
+                if tsc_deadline {
+                    e.ecx |= 1 << 24;
+                }
             }
         }
         vcpu.set_cpuid2(&c).map_err(kvm_err("set CPUID"))?;
