@@ -706,15 +706,12 @@ fn call_in_vm(
     all_ready: Option<&std::sync::Barrier>,
 ) -> anyhow::Result<(airlock_guest::CallOutcome, std::time::Duration)> {
     use airlock::sandbox::Sandbox;
-    let booted = Sandbox::boot(cfg);
+    let booted = Sandbox::boot_and_load(cfg, &comp.artifact, &comp.engine, &comp.docs);
     if let Some(b) = all_ready {
         b.wait();
     }
-    let mut sb = booted?;
+    let (mut sb, digest) = booted.context("starting the microVM and loading the component")?;
     tracing::info!(ready_ms = sb.ready_after.as_millis() as u64, boot = ?sb.boot, "guest ready");
-    let (digest, _tools) = sb
-        .load(&comp.artifact, &comp.engine, comp.docs.clone())
-        .context("loading the component into the guest")?;
     let outcome = sb
         .invoke(&digest, tool, args, grants)
         .context("calling the tool in the guest")?;
@@ -738,7 +735,9 @@ fn sandbox_config(
         initrd,
         memory_mib,
         vcpus: 1,
-        ready_timeout: std::time::Duration::from_secs(300),
+        // A boot takes seconds (a minute nested); a guest not ready by then
+        // is retried once on a fresh VM (see Sandbox::boot_and_load).
+        ready_timeout: std::time::Duration::from_secs(150),
         life_timeout: timeout + std::time::Duration::from_secs(420),
         engine,
         weights: None,

@@ -66,6 +66,20 @@ pub enum SandboxError {
     Egress(#[from] EgressError),
 }
 
+impl SandboxError {
+    /// A failure of the VM or its connection (worth one retry on a fresh VM
+    /// before a call), as opposed to a refusal that would repeat.
+    pub fn is_transient(&self) -> bool {
+        matches!(
+            self,
+            SandboxError::NotReady(..)
+                | SandboxError::GuestEnded { .. }
+                | SandboxError::Proto(_)
+                | SandboxError::Io(_)
+        )
+    }
+}
+
 /// What to boot.
 #[derive(Debug, Clone)]
 pub struct SandboxConfig {
@@ -243,6 +257,55 @@ impl Sandbox {
         }
         sb.ready_after = start.elapsed();
         Ok(sb)
+    }
+
+    /// Boot a VM and load `artifact` into it. If the guest never became
+    /// ready, ended early, or the connection failed during the load, the VM
+    /// is reaped and the whole thing is tried once more on a fresh VM: the
+    /// tool has not run yet, so nothing can happen twice. Refusals (engine
+    /// mismatch, an artifact the guest rejects) are not retried.
+    ///
+    /// # Errors
+    /// The last attempt's error.
+    pub fn boot_and_load(
+        cfg: &SandboxConfig,
+        artifact: &[u8],
+        engine: &str,
+        docs: &std::collections::BTreeMap<String, String>,
+    ) -> Result<(Self, String), SandboxError> {
+        Self::retry_before_call(|| Self::boot(cfg), artifact, engine, docs)
+    }
+
+    /// Load into a sandbox from `get`, with the retry of [`boot_and_load`](Self::boot_and_load).
+    ///
+    /// # Errors
+    /// The last attempt's error.
+    pub fn retry_before_call(
+        mut get: impl FnMut() -> Result<Self, SandboxError>,
+        artifact: &[u8],
+        engine: &str,
+        docs: &std::collections::BTreeMap<String, String>,
+    ) -> Result<(Self, String), SandboxError> {
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let result = get().and_then(|mut sb| match sb.load(artifact, engine, docs.clone()) {
+                Ok((digest, _tools)) => Ok((sb, digest)),
+                Err(e) => {
+                    // Reap the VM now and keep what its console said.
+                    if let Ok(r) = sb.finish() {
+                        tracing::warn!(exit = %exit_text(&r.exit), console = %tail(&r.console, 20), "the load failed");
+                    }
+                    Err(e)
+                }
+            });
+            match result {
+                Err(e) if attempt < 2 && e.is_transient() => {
+                    tracing::warn!(error = %e, "the microVM failed before the call; retrying on a fresh one");
+                }
+                other => return other,
+            }
+        }
     }
 
     /// Whether the VM is still running (a warm sandbox may have ended).

@@ -259,7 +259,7 @@ impl Service {
                     initrd: v.initrd.clone(),
                     memory_mib: v.memory_mib,
                     vcpus: 1,
-                    ready_timeout: std::time::Duration::from_secs(300),
+                    ready_timeout: std::time::Duration::from_secs(150),
                     // Warm VMs wait for calls; each call has its own limit.
                     life_timeout: std::time::Duration::from_secs(24 * 3600),
                     engine: runner.fingerprint(),
@@ -326,12 +326,16 @@ impl Service {
         let vm_err = |e: crate::sandbox::SandboxError| {
             ServiceError::Internal(format!("The microVM failed: {e}"))
         };
-        let mut sb = pool.take().map_err(vm_err)?;
-        self.vm_calls.fetch_add(1, Ordering::SeqCst);
         // Docs only shape descriptions; the host already has them.
-        let result = sb
-            .load(&artifact, &self.runner.fingerprint(), Default::default())
-            .and_then(|(d, _)| sb.invoke(&d, tool, args, grants));
+        let (mut sb, digest) = crate::sandbox::Sandbox::retry_before_call(
+            || pool.take(),
+            &artifact,
+            &self.runner.fingerprint(),
+            &Default::default(),
+        )
+        .map_err(vm_err)?;
+        self.vm_calls.fetch_add(1, Ordering::SeqCst);
+        let result = sb.invoke(&digest, tool, args, grants);
         self.vm_calls.fetch_sub(1, Ordering::SeqCst);
         if let Err(e) = sb.shutdown() {
             tracing::warn!(error = %e, "a microVM did not shut down cleanly");
