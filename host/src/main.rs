@@ -736,7 +736,7 @@ fn sandbox_config(
         memory_mib,
         vcpus: 1,
         // A boot takes seconds (a minute nested); a guest not ready by then
-        // is retried once on a fresh VM (see Sandbox::boot_and_load).
+        // is retried on a fresh VM (see Sandbox::boot_and_load).
         ready_timeout: std::time::Duration::from_secs(150),
         life_timeout: timeout + std::time::Duration::from_secs(420),
         engine,

@@ -24,6 +24,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+/// How many fresh VMs [`Sandbox::boot_and_load`] tries before giving up.
+pub const BOOT_ATTEMPTS: u32 = 3;
+
 /// The vsock port the guest agent listens on.
 pub const AGENT_PORT: u32 = 1024;
 
@@ -261,7 +264,8 @@ impl Sandbox {
 
     /// Boot a VM and load `artifact` into it. If the guest never became
     /// ready, ended early, or the connection failed during the load, the VM
-    /// is reaped and the whole thing is tried once more on a fresh VM: the
+    /// is reaped and the whole thing is tried again on a fresh VM (up to
+    /// [`BOOT_ATTEMPTS`] in all): the
     /// tool has not run yet, so nothing can happen twice. Refusals (engine
     /// mismatch, an artifact the guest rejects) are not retried.
     ///
@@ -300,7 +304,7 @@ impl Sandbox {
                 }
             });
             match result {
-                Err(e) if attempt < 2 && e.is_transient() => {
+                Err(e) if attempt < BOOT_ATTEMPTS && e.is_transient() => {
                     tracing::warn!(error = %e, "the microVM failed before the call; retrying on a fresh one");
                 }
                 other => return other,

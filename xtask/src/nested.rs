@@ -184,7 +184,7 @@ token = "$T"
 tenant = "acme"
 role = "admin"
 EOC
-/airlock serve --config /tmp/serve.toml > /tmp/serve.out 2> /tmp/serve.err &
+AIRLOCK_LOG=airlock=info /airlock serve --config /tmp/serve.toml > /tmp/serve.out 2> /tmp/serve.err &
 pid=$!
 i=0
 until grep -q listening /tmp/serve.out; do
@@ -200,8 +200,10 @@ W=/examples/kitchen.wasm
   | nc 127.0.0.1 8420 > /tmp/upload.txt
 grep -q '"created":true' /tmp/upload.txt || { cat /tmp/upload.txt; exit 4; }
 for v in 1 2; do
-  wget -q -O /tmp/call$v.json --header "Authorization: Bearer $T" --header "Content-Type: application/json" \
-    --post-data "{\"arguments\": {\"values\": [$v, 10]}}" "$U/v1/tools/kitchen__recipes_summarize:invoke"
+  if ! wget -q -O /tmp/call$v.json --header "Authorization: Bearer $T" --header "Content-Type: application/json" \
+    --post-data "{\"arguments\": {\"values\": [$v, 10]}}" "$U/v1/tools/kitchen__recipes_summarize:invoke"; then
+    echo "call $v failed; server log:"; tail -n 40 /tmp/serve.err; exit 5
+  fi
 done
 booted=$(wget -q -O - --header "Authorization: Bearer $T" "$U/metrics" | grep '^airlock_vms_booted_total' | cut -d' ' -f2)
 printf '{"first": '; cat /tmp/call1.json; printf ', "second": '; cat /tmp/call2.json

@@ -313,12 +313,12 @@ impl Service {
         let artifact = match self.store.artifact(digest, &self.engine_id) {
             Some(a) => a,
             None => {
+                // `precompile` returns the artifact in its envelope already.
                 let wasm = self.store.read_blob(digest)?;
-                let payload = self
+                let a = self
                     .runner
                     .precompile(&wasm)
                     .map_err(|e| ServiceError::Internal(e.to_string()))?;
-                let a = airlock_guest::artifact::wrap(&self.runner.fingerprint(), &payload);
                 self.store.put_artifact(digest, &self.engine_id, &a)?;
                 a
             }
