@@ -62,6 +62,7 @@ fn outer() -> &'static Outer {
                 }
             } else if let Some((_, body)) = cur.as_mut()
                 && line != "NESTED-ALIVE"
+                && !is_kernel_log(line)
             {
                 body.push_str(line);
                 body.push('\n');
@@ -73,6 +74,17 @@ fn outer() -> &'static Outer {
             results,
         }
     })
+}
+
+/// A line the outer kernel printed (`[  12.345678] kvm …`) into the middle of
+/// a scenario's output.
+fn is_kernel_log(line: &str) -> bool {
+    line.strip_prefix('[')
+        .and_then(|r| r.split_once("] "))
+        .is_some_and(|(t, _)| {
+            let t = t.trim();
+            !t.is_empty() && t.chars().all(|c| c.is_ascii_digit() || c == '.')
+        })
 }
 
 /// Which scenario was running when the outer VM stopped.
@@ -109,6 +121,16 @@ fn scenario(name: &str) -> (Value, i32) {
         .and_then(|i| serde_json::from_str(&body[i..]).ok())
         .unwrap_or_else(|| Value::String(body.to_string()));
     (json, code)
+}
+
+#[test]
+fn outer_kernel_lines_are_told_apart_from_scenario_output() {
+    assert!(is_kernel_log(
+        "[  341.557341] kvm [228]: vcpu0, guest rIP: 0xffffffff81002f19 Unhandled WRMSR"
+    ));
+    assert!(!is_kernel_log("{\"first\": 1}"));
+    assert!(!is_kernel_log("[1, 2]"));
+    assert!(!is_kernel_log("  \"audit\": [],"));
 }
 
 #[test]
