@@ -402,13 +402,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         } => {
             let cfg = image.config(memory_mib, vcpus, timeout_secs, 1 << 20);
             let report = airlock::vmm::run(&cfg)?;
-            print_json(&serde_json::json!({
-                "exit": report.exit.label(),
-                "wall_ms": report.wall.as_millis() as u64,
-                "peak_rss_kib": airlock::vmm::ProcessUsage::now().peak_rss_kib,
-                "guest_resident_kib": report.guest_resident_bytes >> 10,
-                "console": report.console,
-            }))?;
+            print_json(&report.to_json())?;
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Vm {

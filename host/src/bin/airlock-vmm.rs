@@ -75,13 +75,6 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let out = serde_json::json!({
-        "exit": report.exit.label(),
-        "wall_ms": report.wall.as_millis() as u64,
-        "peak_rss_kib": vmm::ProcessUsage::now().peak_rss_kib,
-        "guest_resident_kib": report.guest_resident_bytes >> 10,
-        "console": report.console,
-    });
-    println!("{out}");
+    println!("{}", report.to_json());
     ExitCode::SUCCESS
 }

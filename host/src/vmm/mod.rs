@@ -171,6 +171,21 @@ pub struct RunReport {
     pub guest_resident_bytes: u64,
 }
 
+impl RunReport {
+    /// The report as `airlock vm boot` and `airlock-vmm` print it (the boot
+    /// benchmark reads this shape): exit, wall_ms, this process's peak RSS,
+    /// guest pages resident, console.
+    pub fn to_json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "exit": self.exit.label(),
+            "wall_ms": self.wall.as_millis() as u64,
+            "peak_rss_kib": ProcessUsage::now().peak_rss_kib,
+            "guest_resident_kib": self.guest_resident_bytes >> 10,
+            "console": self.console,
+        })
+    }
+}
+
 /// How much of guest memory is resident (mincore over every region).
 fn resident_bytes(mem: &GuestMemoryMmap) -> u64 {
     let page = 4096usize;
