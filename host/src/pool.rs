@@ -57,15 +57,15 @@ impl Shared {
     fn fill(&self) {
         let mut failures = 0u32;
         while !self.stop.load(Ordering::SeqCst) {
-            let missing = self.lock().len() < self.warm;
-            if !missing {
-                let guard = self.lock();
+            let guard = self.lock();
+            if guard.len() >= self.warm {
                 let _ = self
                     .wake
                     .wait_timeout(guard, Duration::from_millis(500))
                     .map_err(|_| ());
                 continue;
             }
+            drop(guard);
             match self.boot() {
                 Ok(sb) => {
                     failures = 0;
