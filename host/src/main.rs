@@ -51,15 +51,8 @@ enum Cmd {
         /// process's Wasm sandbox only (development).
         #[arg(long, value_enum, default_value_t = Isolation::Vm)]
         isolation: Isolation,
-        /// Guest kernel for --isolation vm (default: from `cargo xtask guest-image`).
-        #[arg(long)]
-        kernel: Option<PathBuf>,
-        /// Guest initramfs for --isolation vm (default: from `cargo xtask guest-image`).
-        #[arg(long)]
-        initrd: Option<PathBuf>,
-        /// Guest memory for --isolation vm, MiB.
-        #[arg(long, default_value_t = 256)]
-        memory_mib: u32,
+        #[command(flatten)]
+        guest: GuestArgs,
         /// `DIR:IMAGE` — in the microVM, read-only grants inside DIR are
         /// served from IMAGE (made by `airlock weights pack DIR IMAGE`),
         /// shared with every VM over virtio-pmem.
@@ -193,6 +186,13 @@ struct MultiArgs {
     /// JSON arguments, one per VM (repeat the flag).
     #[arg(long = "args", required = true)]
     args: Vec<String>,
+    #[command(flatten)]
+    guest: GuestArgs,
+}
+
+/// The microVM a tool call runs in: shared by `run` and `vm multi`.
+#[derive(clap::Args)]
+struct GuestArgs {
     /// Guest kernel (default: from `cargo xtask guest-image`).
     #[arg(long)]
     kernel: Option<PathBuf>,
@@ -202,6 +202,16 @@ struct MultiArgs {
     /// Guest memory per VM, MiB.
     #[arg(long, default_value_t = 256)]
     memory_mib: u32,
+    /// Extra guest kernel command line (diagnostics: `ignore_loglevel`
+    /// prints the whole boot log into the console tail of a failed boot).
+    #[arg(long, default_value = "")]
+    guest_cmdline: String,
+    /// Fresh microVMs to try when one fails before the call is sent (it
+    /// was not ready in time, or ended or dropped the connection while
+    /// loading; the tool has not run, so nothing happens twice).
+    #[arg(long, default_value_t = airlock::sandbox::BOOT_ATTEMPTS,
+          value_parser = clap::value_parser!(u32).range(1..=10))]
+    boot_attempts: u32,
 }
 
 /// What a VM boots: shared by `vm boot` and `vm soak`.
@@ -341,9 +351,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             tool,
             args,
             isolation,
-            kernel,
-            initrd,
-            memory_mib,
+            guest,
             weights,
         } => {
             let weights = weights
@@ -374,12 +382,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 Isolation::Vm => run_in_vm(
                     &runner,
                     &bytes,
-                    VmImage {
-                        kernel,
-                        initrd,
-                        memory_mib,
-                        weights,
-                    },
+                    VmImage { guest, weights },
                     &tool,
                     &args,
                     &policy,
@@ -716,18 +719,16 @@ fn call_in_vm(
 }
 
 fn sandbox_config(
-    kernel: Option<PathBuf>,
-    initrd: Option<PathBuf>,
-    memory_mib: u32,
+    guest: GuestArgs,
     policy: &Policy,
     engine: String,
 ) -> anyhow::Result<airlock::sandbox::SandboxConfig> {
-    let (kernel, initrd) = guest_image(kernel, initrd)?;
+    let (kernel, initrd) = guest_image(guest.kernel, guest.initrd)?;
     let timeout = std::time::Duration::from_millis(policy.limits.timeout_ms);
     Ok(airlock::sandbox::SandboxConfig {
         kernel,
         initrd,
-        memory_mib,
+        memory_mib: guest.memory_mib,
         vcpus: 1,
         // A boot takes seconds (a minute nested); a guest not ready by then
         // is retried on a fresh VM (see Sandbox::boot_and_load).
@@ -735,14 +736,14 @@ fn sandbox_config(
         life_timeout: timeout + std::time::Duration::from_secs(420),
         engine,
         weights: None,
+        cmdline_extra: guest.guest_cmdline,
+        boot_attempts: guest.boot_attempts,
     })
 }
 
 /// What a microVM for `airlock run` boots.
 struct VmImage {
-    kernel: Option<PathBuf>,
-    initrd: Option<PathBuf>,
-    memory_mib: u32,
+    guest: GuestArgs,
     /// (weights directory, its erofs image)
     weights: Option<(PathBuf, PathBuf)>,
 }
@@ -761,13 +762,7 @@ fn run_in_vm(
         image.weights.as_ref().map(|(d, _)| d.as_path()),
     )?;
     let comp = prepare_for_vm(runner, wasm)?;
-    let mut cfg = sandbox_config(
-        image.kernel,
-        image.initrd,
-        image.memory_mib,
-        policy,
-        comp.engine.clone(),
-    )?;
+    let mut cfg = sandbox_config(image.guest, policy, comp.engine.clone())?;
     cfg.weights = image.weights.map(|(_, i)| i);
     Ok(call_in_vm(&comp, &cfg, tool, args, &grants, None)?.0)
 }
@@ -788,13 +783,7 @@ fn vm_multi(a: MultiArgs) -> anyhow::Result<serde_json::Value> {
     let comp = prepare_for_vm(&runner, &wasm)?;
     let policy = Policy::default();
     let grants = policy.grant_set();
-    let cfg = sandbox_config(
-        a.kernel,
-        a.initrd,
-        a.memory_mib,
-        &policy,
-        comp.engine.clone(),
-    )?;
+    let cfg = sandbox_config(a.guest, &policy, comp.engine.clone())?;
     let barrier = std::sync::Barrier::new(args.len());
     let start = std::time::Instant::now();
     let outcomes: Vec<_> = std::thread::scope(|s| {

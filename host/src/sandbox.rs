@@ -24,7 +24,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-/// How many fresh VMs [`Sandbox::boot_and_load`] tries before giving up.
+/// How many fresh VMs [`Sandbox::boot_and_load`] tries before giving up,
+/// unless [`SandboxConfig::boot_attempts`] says otherwise.
 pub const BOOT_ATTEMPTS: u32 = 3;
 
 /// The vsock port the guest agent listens on.
@@ -103,6 +104,10 @@ pub struct SandboxConfig {
     /// A read-only weights image (erofs, size a multiple of 2 MiB), shared
     /// with the guest over virtio-pmem and mounted (DAX) at `/weights`.
     pub weights: Option<PathBuf>,
+    /// Extra guest kernel command line (diagnostics, e.g. `ignore_loglevel`).
+    pub cmdline_extra: String,
+    /// Fresh VMs [`Sandbox::boot_and_load`] tries in all (at least 1).
+    pub boot_attempts: u32,
 }
 
 /// A running microVM with its agent connected.
@@ -176,9 +181,16 @@ impl Sandbox {
         let vm_cfg = VmConfig {
             kernel: cfg.kernel.clone(),
             initrd: cfg.initrd.clone(),
-            cmdline_extra: match &cfg.weights {
-                Some(_) => format!("airlock.port={AGENT_PORT} airlock.weights=/dev/pmem0:/weights"),
-                None => format!("airlock.port={AGENT_PORT}"),
+            cmdline_extra: {
+                let mut c = format!("airlock.port={AGENT_PORT}");
+                if cfg.weights.is_some() {
+                    c.push_str(" airlock.weights=/dev/pmem0:/weights");
+                }
+                if !cfg.cmdline_extra.is_empty() {
+                    c.push(' ');
+                    c.push_str(&cfg.cmdline_extra);
+                }
+                c
             },
             memory_mib: cfg.memory_mib,
             vcpus: cfg.vcpus,
@@ -265,8 +277,7 @@ impl Sandbox {
     /// Boot a VM and load `artifact` into it. If the guest never became
     /// ready, ended early, or the connection failed during the load, the VM
     /// is reaped and the whole thing is tried again on a fresh VM (up to
-    /// [`BOOT_ATTEMPTS`] in all): the
-    /// tool has not run yet, so nothing can happen twice. Refusals (engine
+    /// `cfg.boot_attempts` in all): the tool has not run yet, so nothing can happen twice. Refusals (engine
     /// mismatch, an artifact the guest rejects) are not retried.
     ///
     /// # Errors
@@ -277,7 +288,13 @@ impl Sandbox {
         engine: &str,
         docs: &std::collections::BTreeMap<String, String>,
     ) -> Result<(Self, String), SandboxError> {
-        Self::retry_before_call(|| Self::boot(cfg), artifact, engine, docs)
+        Self::retry_before_call(
+            || Self::boot(cfg),
+            cfg.boot_attempts,
+            artifact,
+            engine,
+            docs,
+        )
     }
 
     /// Load into a sandbox from `get`, with the retry of [`boot_and_load`](Self::boot_and_load).
@@ -286,6 +303,7 @@ impl Sandbox {
     /// The last attempt's error.
     pub fn retry_before_call(
         mut get: impl FnMut() -> Result<Self, SandboxError>,
+        attempts: u32,
         artifact: &[u8],
         engine: &str,
         docs: &std::collections::BTreeMap<String, String>,
@@ -304,7 +322,7 @@ impl Sandbox {
                 }
             });
             match result {
-                Err(e) if attempt < BOOT_ATTEMPTS && e.is_transient() => {
+                Err(e) if attempt < attempts && e.is_transient() => {
                     tracing::warn!(error = %e, "the microVM failed before the call; retrying on a fresh one");
                 }
                 other => return other,

@@ -97,14 +97,22 @@ fn build_musl_airlock() -> anyhow::Result<(PathBuf, PathBuf)> {
 /// patching through int3) each time a VM is created or freed, so after a
 /// dozen or so guest boots both outer vCPUs were seen looping in the int3
 /// handler on a `jmp` that memory already held, and the outer VM froze.
-/// Single-threaded TCG is about 2× slower here and has not frozen.
+///
+/// And one outer vCPU, on purpose: with two, guests died now and then in a
+/// recursive #PF with the user's GS base live in kernel mode ("BUG:
+/// ENTRY_TRAMPOLINE stack guard page was hit", always at the same RIP) or
+/// hung, the more often the more guests ran at once (four at once: a failed
+/// boot in most rounds). It did not depend on QEMU (7.2 and 10.0), nested
+/// paging, THP or FSGSBASE. With one outer vCPU: none in the same rounds.
+/// Single-threaded TCG runs every vCPU on one host thread anyway, so the
+/// second vCPU bought no speed.
 pub const OUTER_QEMU: &[&str] = &[
     "-accel",
     "tcg,thread=single",
     "-cpu",
     "EPYC,+svm",
     "-smp",
-    "2",
+    "1",
     "-m",
     "2048",
     "-nographic",
@@ -150,38 +158,42 @@ scenario() {
   timeout -s KILL "$limit" /airlock "$@" 2>&1
   echo "NESTED-RESULT-END $name $?"
 }
-# For raw VMM boots that must end in a reset: the nested emulator now and
-# then stalls a guest or crashes its kernel (seen: a recursive #PF on iret,
-# "BUG: ENTRY_TRAMPOLINE stack guard page was hit"), which we have not traced
-# to our VMM and which sequential boots on an idle host did not show. Such a run (exit "timeout", or "BUG:" on the console) is printed as
-# NESTED-RETRY and the scenario runs once more; the test checks the last run.
+# For raw VMM boots that must end in a reset. With two outer vCPUs the
+# emulated CPU now and then left a guest kernel running with the user's GS
+# base (recursive #PF, "BUG: ENTRY_TRAMPOLINE stack guard page was hit") or
+# hung it; the outer VM has one vCPU since (see OUTER_QEMU in xtask), and
+# this stays as a guard: a run that stalls (exit "timeout") or whose guest
+# kernel hit "BUG:" is printed as NESTED-RETRY and runs again, at most 3
+# times in all; the test checks the last run. Calls through `airlock run`
+# and `vm multi` retry inside airlock (--boot-attempts), before the call.
 scenario_retry() {
   name=$1; limit=$2; shift 2
   if [ -n "$airlock_only" ] && [ "$airlock_only" != "$name" ]; then return; fi
-  timeout -s KILL "$limit" /airlock "$@" > /tmp/attempt.txt 2>&1
-  rc=$?
-  if grep -q '"exit": "timeout"' /tmp/attempt.txt || grep -q 'BUG:' /tmp/attempt.txt; then
-    echo "NESTED-RETRY $name"
-    head -c 4000 /tmp/attempt.txt; echo
-  else
+  for attempt in 1 2 3; do
+    timeout -s KILL "$limit" /airlock "$@" > /tmp/attempt.txt 2>&1
+    rc=$?
+    if [ $attempt -lt 3 ] && { grep -q '"exit": "timeout"' /tmp/attempt.txt || grep -q 'BUG:' /tmp/attempt.txt; }; then
+      echo "NESTED-RETRY $name"
+      head -c 4000 /tmp/attempt.txt; echo
+      continue
+    fi
     echo "NESTED-RESULT-BEGIN $name"; cat /tmp/attempt.txt; echo "NESTED-RESULT-END $name $rc"
     return
-  fi
-  scenario "$name" "$limit" "$@"
+  done
 }
 BOOT="vm boot --kernel $G/vmlinux"
-VMRUN="--isolation vm --kernel $G/vmlinux --initrd $G/initramfs.cpio.gz"
+VMRUN="--isolation vm --kernel $G/vmlinux --initrd $G/initramfs.cpio.gz --boot-attempts 5"
 printf 'version = 1\n[limits]\nfuel = 2000000\n' > /tmp/small-fuel.toml
 # A real HTTP server on the outer VM's loopback, for the egress proxy.
 mkdir -p /tmp/www && printf 'hello from the outer VM' > /tmp/www/weather.txt
 httpd -p 127.0.0.1:8080 -h /tmp/www
 printf 'version = 1\n[http]\nallow = ["http://127.0.0.1:8080"]\n' > /tmp/http.toml
-scenario vm-invoke 600 run $E/kitchen.wasm --tool recipes_summarize --args '{"values": [12, 30, 45, 8]}' $VMRUN
-scenario vm-escape-spin 600 run $E/escape.wasm --tool spin --policy /tmp/small-fuel.toml $VMRUN
-scenario vm-escape-socket 600 run $E/escape.wasm --tool open-socket --args '{"addr": "10.0.2.2:80"}' $VMRUN
-scenario vm-egress 600 run $E/fetch.wasm --tool fetch --args '{"url": "http://127.0.0.1:8080/weather.txt"}' --policy /tmp/http.toml $VMRUN
-scenario vm-egress-denied 600 run $E/fetch.wasm --tool fetch --args '{"url": "http://127.0.0.1:8081/weather.txt"}' --policy /tmp/http.toml $VMRUN
-scenario four-vms 900 vm multi $E/kitchen.wasm --tool recipes_summarize --kernel $G/vmlinux --initrd $G/initramfs.cpio.gz \
+scenario vm-invoke 900 run $E/kitchen.wasm --tool recipes_summarize --args '{"values": [12, 30, 45, 8]}' $VMRUN
+scenario vm-escape-spin 900 run $E/escape.wasm --tool spin --policy /tmp/small-fuel.toml $VMRUN
+scenario vm-escape-socket 900 run $E/escape.wasm --tool open-socket --args '{"addr": "10.0.2.2:80"}' $VMRUN
+scenario vm-egress 900 run $E/fetch.wasm --tool fetch --args '{"url": "http://127.0.0.1:8080/weather.txt"}' --policy /tmp/http.toml $VMRUN
+scenario vm-egress-denied 900 run $E/fetch.wasm --tool fetch --args '{"url": "http://127.0.0.1:8081/weather.txt"}' --policy /tmp/http.toml $VMRUN
+scenario four-vms 1200 vm multi $E/kitchen.wasm --tool recipes_summarize --kernel $G/vmlinux --initrd $G/initramfs.cpio.gz --boot-attempts 5 \
   --args '{"values": [1]}' --args '{"values": [2, 4]}' --args '{"values": [3, 6, 9]}' --args '{"values": [4, 8, 12, 16]}'
 # The service with isolation = vm: upload over HTTP, two calls, each in a
 # fresh microVM from the warm pool.
@@ -240,7 +252,7 @@ scenario_retry weights 600 $BOOT --initrd $G/initramfs.cpio.gz --pmem $G/weights
 # The same policy in both walls: in the VM the grant of /models is served
 # from the weights image over virtio-pmem.
 printf 'version = 1\n[[filesystem]]\nhost = "/models"\nguest = "/models"\nmode = "ro"\n' > /tmp/models.toml
-scenario vm-weights-tool 600 run $E/files.wasm --tool files_read --args '{"path": "/models/tokenizer.json"}' \
+scenario vm-weights-tool 900 run $E/files.wasm --tool files_read --args '{"path": "/models/tokenizer.json"}' \
   --policy /tmp/models.toml --weights /models:$G/weights.erofs $VMRUN
 scenario process-weights-tool 120 run $E/files.wasm --tool files_read --args '{"path": "/models/tokenizer.json"}' \
   --policy /tmp/models.toml --isolation process

@@ -264,6 +264,8 @@ impl Service {
                     life_timeout: std::time::Duration::from_secs(24 * 3600),
                     engine: runner.fingerprint(),
                     weights: v.weights.as_ref().map(|(_, image)| image.clone()),
+                    cmdline_extra: String::new(),
+                    boot_attempts: crate::sandbox::BOOT_ATTEMPTS,
                 };
                 Some(
                     crate::pool::Pool::start(cfg, v.warm)
@@ -329,6 +331,7 @@ impl Service {
         // Docs only shape descriptions; the host already has them.
         let (mut sb, digest) = crate::sandbox::Sandbox::retry_before_call(
             || pool.take(),
+            crate::sandbox::BOOT_ATTEMPTS,
             &artifact,
             &self.runner.fingerprint(),
             &Default::default(),
