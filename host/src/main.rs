@@ -446,7 +446,20 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     exits.push(run);
                 }
             }
-            let after = airlock::vmm::ProcessUsage::now();
+            // A joined thread can still be counted in /proc for a moment
+            // (it is woken from join before its task is fully reaped; seen on
+            // a one-CPU host). Give exits 2 s to settle: a thread that is
+            // still there after that is a leak.
+            let settle = std::time::Instant::now();
+            let after = loop {
+                let now = airlock::vmm::ProcessUsage::now();
+                if now.threads <= before.threads
+                    || settle.elapsed() > std::time::Duration::from_secs(2)
+                {
+                    break now;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            };
             print_json(&serde_json::json!({"before": before, "after": after, "runs": exits}))?;
             Ok(ExitCode::SUCCESS)
         }
