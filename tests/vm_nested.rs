@@ -154,6 +154,17 @@ fn our_vmm_boots_the_guest_and_runs_tools_inside_it() {
         console.contains("AIRLOCK-SELFTEST-DONE ok"),
         "console:\n{console}"
     );
+    // The guest's init wrote its boot stages to the marker port; the VMM
+    // stamped them on the host's clock, in order, inside the run.
+    let stages = v["stages"].as_array().expect("stages");
+    let names: Vec<&str> = stages.iter().filter_map(|s| s["stage"].as_str()).collect();
+    assert_eq!(names, ["init", "mounts"], "{v}");
+    let at: Vec<u64> = stages
+        .iter()
+        .filter_map(|s| s["after_us"].as_u64())
+        .collect();
+    assert!(at[0] > 0 && at[0] <= at[1], "{v}");
+    assert!(at[1] <= v["wall_ms"].as_u64().unwrap() * 1000, "{v}");
 }
 
 #[test]

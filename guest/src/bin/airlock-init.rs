@@ -45,6 +45,41 @@ mod linux {
             .unwrap_or(0)
     }
 
+    /// Reach a boot stage: record it for the Hello and write its marker to
+    /// the VMM's boot-stage port, which time-stamps it on the host's clock.
+    /// Without port access (a kernel built without ioperm, or a VMM without
+    /// the port: the write is then ignored) the marker is skipped.
+    fn stage(boot: &mut Vec<BootStage>, name: &str) {
+        use airlock_guest::proto::{BOOT_MARKER_PORT, boot_stage_code};
+        use std::sync::OnceLock;
+        static PORT: OnceLock<bool> = OnceLock::new();
+        boot.push(BootStage {
+            stage: name.into(),
+            at_us: boot_us(),
+        });
+        let usable = *PORT.get_or_init(|| {
+            // SAFETY: ioperm only changes this process's I/O permission
+            // bitmap for one port; it touches no memory of ours.
+            let rc = unsafe { nix::libc::ioperm(nix::libc::c_ulong::from(BOOT_MARKER_PORT), 1, 1) };
+            if rc != 0 {
+                console(&format!(
+                    "airlock-init: no boot-stage marker ({})",
+                    std::io::Error::last_os_error()
+                ));
+            }
+            rc == 0
+        });
+        if let (true, Some(code)) = (usable, boot_stage_code(name)) {
+            // SAFETY: ioperm above granted this process the marker port; an
+            // `out` to it is a VM exit the VMM handles, with no effect on
+            // guest memory, the stack or flags.
+            unsafe {
+                std::arch::asm!("out dx, al", in("dx") BOOT_MARKER_PORT, in("al") code,
+                    options(nomem, nostack, preserves_flags));
+            }
+        }
+    }
+
     /// Print to the serial console (stdout is /dev/console for PID 1).
     fn console(line: &str) {
         let mut out = std::io::stdout().lock();
@@ -108,14 +143,12 @@ mod linux {
     }
 
     pub fn main() {
-        let mut boot = vec![BootStage {
-            stage: "init".into(),
-            at_us: boot_us(),
-        }];
         if std::process::id() != 1 {
             eprintln!("airlock-init must run as PID 1 inside the Airlock guest");
             std::process::exit(2);
         }
+        let mut boot = Vec::new();
+        stage(&mut boot, "init");
         let nodev = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
         for (src, target, fstype, flags) in [
             ("proc", "/proc", "proc", nodev),
@@ -160,10 +193,7 @@ mod linux {
                 fatal("weights", e);
             }
         }
-        boot.push(BootStage {
-            stage: "mounts".into(),
-            at_us: boot_us(),
-        });
+        stage(&mut boot, "mounts");
 
         match params.get("selftest").map(String::as_str) {
             Some("panic") => {
@@ -184,10 +214,7 @@ mod linux {
         .with_egress(std::sync::Arc::new(
             airlock_guest::egress::VsockEgress::default(),
         ));
-        boot.push(BootStage {
-            stage: "runner".into(),
-            at_us: boot_us(),
-        });
+        stage(&mut boot, "runner");
         let port = params
             .get("port")
             .and_then(|p| p.parse().ok())
@@ -195,10 +222,7 @@ mod linux {
         let listener = vsock_listen(port).unwrap_or_else(|e| fatal("vsock listen", e));
         console(&format!("airlock-init: ready on vsock port {port}"));
         let mut conn = vsock_accept(&listener).unwrap_or_else(|e| fatal("vsock accept", e));
-        boot.push(BootStage {
-            stage: "ready".into(),
-            at_us: boot_us(),
-        });
+        stage(&mut boot, "ready");
         match agent::serve(&mut conn, &runner, boot) {
             Ok(SessionEnd::Shutdown) => power_off("shutdown requested by the host"),
             Ok(SessionEnd::Closed) => power_off("the host closed the control connection"),

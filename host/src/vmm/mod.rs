@@ -16,6 +16,7 @@
 pub mod bench;
 mod layout;
 
+use crate::devices::marker::{BOOT_MARKER_PORT, BootMarker, StageMark};
 use crate::devices::pmem::{Pmem, PmemMapping};
 use crate::devices::serial::{COM1_BASE, COM1_IRQ, Com1, ConsoleLog, com1};
 use crate::devices::virtio_mmio::{MMIO_SIZE, MmioTransport, VirtioDevice, VirtioError};
@@ -169,16 +170,29 @@ pub struct RunReport {
     /// the guest touched), bytes: what to subtract from the process RSS to
     /// get the VMM's own footprint.
     pub guest_resident_bytes: u64,
+    /// Boot-stage markers the guest wrote, stamped on the host's clock.
+    pub stages: Vec<StageMark>,
 }
 
 impl RunReport {
     /// The report as `airlock vm boot` and `airlock-vmm` print it (the boot
     /// benchmark reads this shape): exit, wall_ms, this process's peak RSS,
-    /// guest pages resident, console.
+    /// guest pages resident, boot stages (host clock), console.
     pub fn to_json(&self) -> serde_json::Value {
+        let stages: Vec<_> = self
+            .stages
+            .iter()
+            .map(|m| {
+                serde_json::json!({
+                    "stage": m.stage.map_or_else(|| format!("code {}", m.code), str::to_string),
+                    "after_us": m.after.as_micros() as u64,
+                })
+            })
+            .collect();
         serde_json::json!({
             "exit": self.exit.label(),
             "wall_ms": self.wall.as_millis() as u64,
+            "stages": stages,
             "peak_rss_kib": ProcessUsage::now().peak_rss_kib,
             "guest_resident_kib": self.guest_resident_bytes >> 10,
             "console": self.console,
@@ -424,7 +438,10 @@ pub fn run(cfg: &VmConfig) -> Result<RunReport, VmmError> {
         EventFd::new(libc_efd_nonblock()).map_err(|e| VmmError::Memory(format!("eventfd: {e}")))?;
     vm.register_irqfd(&irq, COM1_IRQ)
         .map_err(kvm_err("register serial irqfd"))?;
-    let serial = Arc::new(Mutex::new(com1(irq, console.clone())));
+    let pio = Arc::new(Pio {
+        serial: Arc::new(Mutex::new(com1(irq, console.clone()))),
+        marker: BootMarker::new(start),
+    });
     let mut devices: Vec<(u64, Arc<Mutex<MmioTransport>>)> = Vec::new();
     if let Some(v) = &cfg.vsock {
         devices.push((VSOCK_MMIO_BASE, vsock_device(&vm, &mem, v)?));
@@ -487,7 +504,7 @@ pub fn run(cfg: &VmConfig) -> Result<RunReport, VmmError> {
         }
     }
 
-    let exit = run_vcpus(vcpus, &serial, &devices, cfg.timeout, cfg.stop.as_deref());
+    let exit = run_vcpus(vcpus, &pio, &devices, cfg.timeout, cfg.stop.as_deref());
     for (_, d) in &devices {
         d.lock().unwrap_or_else(|p| p.into_inner()).shutdown();
     }
@@ -496,11 +513,13 @@ pub fn run(cfg: &VmConfig) -> Result<RunReport, VmmError> {
     drop(weights);
     let guest_resident_bytes = resident_bytes(&mem);
     drop(mem);
+    let (stages, _) = pio.marker.marks();
     Ok(RunReport {
         exit,
         console: console.text(),
         wall: start.elapsed(),
         guest_resident_bytes,
+        stages,
     })
 }
 
@@ -580,9 +599,15 @@ extern "C" fn noop_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc
 /// The virtio-mmio devices by window base.
 type Mmio = Arc<Vec<(u64, Arc<Mutex<MmioTransport>>)>>;
 
+/// The port-I/O devices: COM1 and the boot-stage marker.
+struct Pio {
+    serial: Arc<Mutex<Com1>>,
+    marker: BootMarker,
+}
+
 fn run_vcpus(
     vcpus: Vec<VcpuFd>,
-    serial: &Arc<Mutex<Com1>>,
+    pio: &Arc<Pio>,
     devices: &[(u64, Arc<Mutex<MmioTransport>>)],
     timeout: Duration,
     external_stop: Option<&AtomicBool>,
@@ -600,12 +625,12 @@ fn run_vcpus(
     for (i, mut vcpu) in vcpus.into_iter().enumerate() {
         let stop = stop.clone();
         let tx = tx.clone();
-        let serial = serial.clone();
+        let pio = pio.clone();
         let devices = devices.clone();
         let t = std::thread::Builder::new()
             .name(format!("airlock-vcpu{i}"))
             .spawn(move || {
-                let exit = vcpu_loop(&mut vcpu, &serial, &devices, &stop);
+                let exit = vcpu_loop(&mut vcpu, &pio, &devices, &stop);
                 stop.store(true, Ordering::SeqCst);
                 let _ = tx.send(exit);
             })
@@ -643,12 +668,7 @@ fn run_vcpus(
     exit
 }
 
-fn vcpu_loop(
-    vcpu: &mut VcpuFd,
-    serial: &Arc<Mutex<Com1>>,
-    devices: &Mmio,
-    stop: &AtomicBool,
-) -> VmExit {
+fn vcpu_loop(vcpu: &mut VcpuFd, pio: &Pio, devices: &Mmio, stop: &AtomicBool) -> VmExit {
     let com1 = COM1_BASE..COM1_BASE + 8;
     let find = |addr: u64| {
         devices
@@ -662,16 +682,18 @@ fn vcpu_loop(
         }
         match vcpu.run() {
             Ok(VcpuExit::IoOut(port, data)) => {
-                if com1.contains(&port)
-                    && let Some(&b) = data.first()
-                {
-                    let mut s = serial.lock().unwrap_or_else(|p| p.into_inner());
-                    let _ = s.write((port - COM1_BASE) as u8, b);
+                if let Some(&b) = data.first() {
+                    if com1.contains(&port) {
+                        let mut s = pio.serial.lock().unwrap_or_else(|p| p.into_inner());
+                        let _ = s.write((port - COM1_BASE) as u8, b);
+                    } else if port == BOOT_MARKER_PORT {
+                        pio.marker.record(b);
+                    }
                 }
             }
             Ok(VcpuExit::IoIn(port, data)) => {
                 if com1.contains(&port) {
-                    let mut s = serial.lock().unwrap_or_else(|p| p.into_inner());
+                    let mut s = pio.serial.lock().unwrap_or_else(|p| p.into_inner());
                     data[0] = s.read((port - COM1_BASE) as u8);
                 } else {
                     data.fill(0xff); // no device
