@@ -15,9 +15,11 @@
 
 pub mod bench;
 mod layout;
+mod ram;
 
 use crate::devices::marker::{BOOT_MARKER_PORT, BootMarker, StageMark};
 use crate::devices::pmem::{Pmem, PmemMapping};
+use crate::devices::rtc::{RTC_DATA, RTC_INDEX, Rtc};
 use crate::devices::serial::{COM1_BASE, COM1_IRQ, Com1, ConsoleLog, com1};
 use crate::devices::virtio_mmio::{MMIO_SIZE, MmioTransport, VirtioDevice, VirtioError};
 use crate::devices::vsock::Vsock;
@@ -306,8 +308,26 @@ pub fn run(cfg: &VmConfig) -> Result<RunReport, VmmError> {
     .map_err(kvm_err("create PIT"))?;
 
     let mem_size = u64::from(cfg.memory_mib) << 20;
-    let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), mem_size as usize)])
+    // `ram` is declared before `mem`, so every early return drops `mem`
+    // (and the devices holding clones of it, declared later) first.
+    let ram = ram::GuestRam::new(mem_size as usize)
+        .map_err(|e| VmmError::Memory(format!("mapping guest RAM: {e}")))?;
+    let mem = {
+        // SAFETY: `ram` is a live anonymous mapping of exactly this size and
+        // outlives `mem` and all its clones (dropped last, below).
+        let region = unsafe {
+            vm_memory::mmap::MmapRegionBuilder::new(ram.len())
+                .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+                .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE)
+                .with_raw_mmap_pointer(ram.as_ptr())
+        }
+        .build()
         .map_err(|e| VmmError::Memory(e.to_string()))?;
+        let region = vm_memory::GuestRegionMmap::new(region, GuestAddress(0))
+            .ok_or_else(|| VmmError::Memory("guest RAM region overflows".into()))?;
+        GuestMemoryMmap::<()>::from_regions(vec![region])
+            .map_err(|e| VmmError::Memory(e.to_string()))?
+    };
     for (slot, region) in mem.iter().enumerate() {
         let host = mem
             .get_host_address(region.start_addr())
@@ -441,6 +461,7 @@ pub fn run(cfg: &VmConfig) -> Result<RunReport, VmmError> {
     let pio = Arc::new(Pio {
         serial: Arc::new(Mutex::new(com1(irq, console.clone()))),
         marker: BootMarker::new(start),
+        rtc: Mutex::new(Rtc::default()),
     });
     let mut devices: Vec<(u64, Arc<Mutex<MmioTransport>>)> = Vec::new();
     if let Some(v) = &cfg.vsock {
@@ -513,6 +534,7 @@ pub fn run(cfg: &VmConfig) -> Result<RunReport, VmmError> {
     drop(weights);
     let guest_resident_bytes = resident_bytes(&mem);
     drop(mem);
+    drop(ram);
     let (stages, _) = pio.marker.marks();
     Ok(RunReport {
         exit,
@@ -599,10 +621,11 @@ extern "C" fn noop_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc
 /// The virtio-mmio devices by window base.
 type Mmio = Arc<Vec<(u64, Arc<Mutex<MmioTransport>>)>>;
 
-/// The port-I/O devices: COM1 and the boot-stage marker.
+/// The port-I/O devices: COM1, the boot-stage marker and the CMOS clock.
 struct Pio {
     serial: Arc<Mutex<Com1>>,
     marker: BootMarker,
+    rtc: Mutex<Rtc>,
 }
 
 fn run_vcpus(
@@ -688,6 +711,9 @@ fn vcpu_loop(vcpu: &mut VcpuFd, pio: &Pio, devices: &Mmio, stop: &AtomicBool) ->
                         let _ = s.write((port - COM1_BASE) as u8, b);
                     } else if port == BOOT_MARKER_PORT {
                         pio.marker.record(b);
+                    } else if port == RTC_INDEX {
+                        let mut r = pio.rtc.lock().unwrap_or_else(|p| p.into_inner());
+                        r.write(port, b);
                     }
                 }
             }
@@ -695,6 +721,10 @@ fn vcpu_loop(vcpu: &mut VcpuFd, pio: &Pio, devices: &Mmio, stop: &AtomicBool) ->
                 if com1.contains(&port) {
                     let mut s = pio.serial.lock().unwrap_or_else(|p| p.into_inner());
                     data[0] = s.read((port - COM1_BASE) as u8);
+                } else if port == RTC_DATA {
+                    let r = pio.rtc.lock().unwrap_or_else(|p| p.into_inner());
+                    data.fill(0);
+                    data[0] = r.read(port);
                 } else {
                     data.fill(0xff); // no device
                 }
