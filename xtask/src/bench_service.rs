@@ -161,6 +161,10 @@ fn measure(bin: &Path, url: &str, kitchen: &Path, requests: u32) -> anyhow::Resu
                 "greet",
                 "--args",
                 r#"{"name":"bench","excited":false}"#,
+                // The service below runs calls in process (its default), so
+                // the CLI side does too: the same wall on both sides.
+                "--isolation",
+                "process",
             ])
             .output()?;
         if !o.status.success() {
