@@ -137,6 +137,27 @@ impl Pool {
         }
     }
 
+    /// A ready sandbox with `artifact` loaded, retried on fresh sandboxes
+    /// (up to the pool config's `boot_attempts`) like
+    /// [`Sandbox::boot_and_load`]. Returns the sandbox and the digest.
+    ///
+    /// # Errors
+    /// The last attempt's error.
+    pub fn take_loaded(
+        &self,
+        artifact: &[u8],
+        engine: &str,
+        docs: &std::collections::BTreeMap<String, String>,
+    ) -> Result<(Sandbox, String), SandboxError> {
+        Sandbox::retry_before_call(
+            || self.take(),
+            self.shared.cfg.boot_attempts,
+            artifact,
+            engine,
+            docs,
+        )
+    }
+
     /// Sandboxes waiting now.
     pub fn ready(&self) -> usize {
         self.shared.lock().len()

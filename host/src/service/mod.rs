@@ -329,14 +329,9 @@ impl Service {
             ServiceError::Internal(format!("The microVM failed: {e}"))
         };
         // Docs only shape descriptions; the host already has them.
-        let (mut sb, digest) = crate::sandbox::Sandbox::retry_before_call(
-            || pool.take(),
-            crate::sandbox::BOOT_ATTEMPTS,
-            &artifact,
-            &self.runner.fingerprint(),
-            &Default::default(),
-        )
-        .map_err(vm_err)?;
+        let (mut sb, digest) = pool
+            .take_loaded(&artifact, &self.runner.fingerprint(), &Default::default())
+            .map_err(vm_err)?;
         self.vm_calls.fetch_add(1, Ordering::SeqCst);
         let result = sb.invoke(&digest, tool, args, grants);
         self.vm_calls.fetch_sub(1, Ordering::SeqCst);
