@@ -535,7 +535,13 @@ pub fn run(cfg: &VmConfig) -> Result<RunReport, VmmError> {
     let guest_resident_bytes = resident_bytes(&mem);
     drop(mem);
     drop(ram);
-    let (stages, _) = pio.marker.marks();
+    let (stages, dropped) = pio.marker.marks();
+    if dropped > 0 {
+        tracing::warn!(
+            dropped,
+            "the guest wrote more boot-stage markers than are kept"
+        );
+    }
     Ok(RunReport {
         exit,
         console: console.text(),
