@@ -14,7 +14,9 @@
 use crate::artifact::{self, ArtifactError};
 use crate::audit::{AuditEvent, AuditLog, Decision};
 use crate::grants::{GrantSet, HttpGrant, HttpVerdict};
-use airlock_wasm_tools::contract::{self, ContractError};
+#[cfg(feature = "compile")]
+use airlock_wasm_tools::contract;
+use airlock_wasm_tools::contract::ContractError;
 use airlock_wasm_tools::value::{args_to_vals, val_to_json};
 use airlock_wasm_tools::{Tool, ToolSet};
 use serde::{Deserialize, Serialize};
@@ -43,7 +45,7 @@ const WASI_FILESYSTEM_PREOPENS: &str = "wasi:filesystem/preopens@0.2.12";
 const FUEL_YIELD_INTERVAL: u64 = 100_000;
 
 /// x86 extensions compiled code may not use (see `wasmtime_config`).
-#[cfg(target_arch = "x86_64")]
+#[cfg(all(target_arch = "x86_64", feature = "compile"))]
 const PORTABLE_X86_OFF: &[&str] = &[
     "has_avx",
     "has_avx2",
@@ -127,7 +129,9 @@ impl EngineConfig {
         // are what the VMM's CPUID offers (nested, it lacks AVX). Compile
         // without the x86 extensions a guest may lack; SSE up to 4.2 and
         // POPCNT stay (x86-64-v2).
-        #[cfg(target_arch = "x86_64")]
+        // Without a compiler (the in-VM init) there is nothing to set: wasmtime
+        // checks each artifact's flags against this CPU when it loads it.
+        #[cfg(all(target_arch = "x86_64", feature = "compile"))]
         for flag in PORTABLE_X86_OFF {
             // SAFETY: these flags only *disable* ISA extensions, so the code
             // generated uses a subset of what the CPU offers; wasmtime checks
@@ -639,6 +643,7 @@ impl Runner {
     }
 
     /// Compile component bytes into an artifact for [`Runner::load_precompiled`].
+    #[cfg(feature = "compile")]
     ///
     /// # Errors
     /// The bytes are not a valid component.
@@ -652,6 +657,7 @@ impl Runner {
     }
 
     /// Compile and load component bytes.
+    #[cfg(feature = "compile")]
     ///
     /// # Errors
     /// Invalid component, or imports Airlock does not provide.

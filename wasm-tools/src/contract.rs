@@ -139,6 +139,7 @@ impl ToolSet {
 
     /// Compile `bytes` with `engine` and read the tool set, taking docs from the
     /// embedded WIT.
+    #[cfg(feature = "compile")]
     ///
     /// # Errors
     /// [`ContractError::InvalidComponent`] for bytes that are not a component.
@@ -164,6 +165,7 @@ impl ToolSet {
 }
 
 /// Compile a component, turning wasmtime's error into a readable sentence.
+#[cfg(feature = "compile")]
 ///
 /// # Errors
 /// [`ContractError::InvalidComponent`] for anything that is not a valid component.
@@ -175,6 +177,7 @@ pub fn compile(engine: &Engine, bytes: &[u8]) -> Result<Component, ContractError
 
 /// Cheap structural check before handing bytes to the compiler, so the error
 /// says what is wrong in plain words.
+#[cfg(feature = "compile")]
 fn check_is_component(bytes: &[u8]) -> Result<(), ContractError> {
     if bytes.len() < 8 {
         return Err(ContractError::InvalidComponent(format!(

@@ -3,6 +3,7 @@
 //! components), built reproducibly — same inputs, same bytes — and cached by
 //! a hash of its inputs.
 
+use airlock_guest::{EngineConfig, Runner};
 use anyhow::{Context, bail};
 use sha2::{Digest, Sha256};
 use std::io::Write;
@@ -10,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 /// Bump when the layout below changes.
-const RECIPE: &str = "airlock-rootfs-recipe/1";
+const RECIPE: &str = "airlock-rootfs-recipe/2";
 
 /// A file to put in the image.
 struct Input {
@@ -82,25 +83,34 @@ pub fn build_rootfs(init: &Path, selftest: bool) -> anyhow::Result<PathBuf> {
         bytes: std::fs::read(init).with_context(|| format!("reading {}", init.display()))?,
         mode: 0o100_755,
     }];
+    // The self-test components go in compiled, as the host would send them:
+    // the init has no compiler. The cache key takes the Wasm and the engine
+    // fingerprint, so nothing is compiled when the image is already cached.
+    let mut components = Vec::new();
     if selftest {
         for name in ["kitchen", "escape"] {
             let p = super::examples_out().join(format!("{name}.wasm"));
             let bytes = std::fs::read(&p).with_context(|| {
                 format!("{} is missing: run `cargo xtask examples`", p.display())
             })?;
-            inputs.push(Input {
-                path_in_image: format!("selftest/{name}.wasm"),
-                bytes,
-                mode: 0o100_644,
-            });
+            components.push((name, bytes));
         }
     }
+    let engine = EngineConfig {
+        pooling: false,
+        ..EngineConfig::default()
+    };
     let mut h = Sha256::new();
     h.update(RECIPE);
     for i in &inputs {
         h.update(i.path_in_image.as_bytes());
         h.update(i.mode.to_le_bytes());
         h.update(Sha256::digest(&i.bytes));
+    }
+    for (name, wasm) in &components {
+        h.update(engine.fingerprint());
+        h.update(name.as_bytes());
+        h.update(Sha256::digest(wasm));
     }
     let key = hex::encode(&h.finalize()[..8]);
     let name = if selftest {
@@ -114,6 +124,18 @@ pub fn build_rootfs(init: &Path, selftest: bool) -> anyhow::Result<PathBuf> {
         .join(name);
     if out.exists() {
         return Ok(out);
+    }
+    if !components.is_empty() {
+        let runner = Runner::new(engine).context("starting a runner to compile the self-test")?;
+        for (name, wasm) in components {
+            inputs.push(Input {
+                path_in_image: format!("selftest/{name}.cwasm"),
+                bytes: runner
+                    .precompile(&wasm)
+                    .with_context(|| format!("compiling {name}.wasm"))?,
+                mode: 0o100_644,
+            });
+        }
     }
     let bytes = cpio_gz(&inputs, selftest)?;
     std::fs::create_dir_all(out.parent().expect("has parent"))?;
