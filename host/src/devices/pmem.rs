@@ -166,6 +166,7 @@ impl VirtioDevice for Pmem {
         let (mem, interrupt) = (a.mem, a.interrupt);
         let worker = std::thread::Builder::new()
             .name("airlock-pmem".into())
+            .stack_size(crate::devices::THREAD_STACK)
             .spawn(move || {
                 let _keep = stop2;
                 let mut events = [EpollEvent::default(); 2];

@@ -157,6 +157,7 @@ impl VirtioDevice for Vsock {
         };
         let t = std::thread::Builder::new()
             .name("airlock-vsock".into())
+            .stack_size(crate::devices::THREAD_STACK)
             .spawn(move || worker.run())
             .map_err(|e| VirtioError::Activate(format!("thread: {e}")))?;
         self.worker = Some(DeviceWorker::new(stop, t));

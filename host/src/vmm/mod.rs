@@ -681,6 +681,7 @@ fn run_vcpus(
         let devices = devices.clone();
         let t = std::thread::Builder::new()
             .name(format!("airlock-vcpu{i}"))
+            .stack_size(crate::devices::THREAD_STACK)
             .spawn(move || {
                 let exit = vcpu_loop(&mut vcpu, &pio, &devices, &stop);
                 stop.store(true, Ordering::SeqCst);
@@ -722,6 +723,8 @@ fn run_vcpus(
 
 fn vcpu_loop(vcpu: &mut VcpuFd, pio: &Pio, devices: &Mmio, stop: &AtomicBool) -> VmExit {
     let com1 = COM1_BASE..COM1_BASE + 8;
+    // The device decides what each of its two ports does.
+    let rtc = RTC_INDEX..=RTC_DATA;
     let find = |addr: u64| {
         devices
             .iter()
@@ -740,7 +743,7 @@ fn vcpu_loop(vcpu: &mut VcpuFd, pio: &Pio, devices: &Mmio, stop: &AtomicBool) ->
                         let _ = s.write((port - COM1_BASE) as u8, b);
                     } else if port == BOOT_MARKER_PORT {
                         pio.marker.record(b);
-                    } else if port == RTC_INDEX {
+                    } else if rtc.contains(&port) {
                         let mut r = pio.rtc.lock().unwrap_or_else(|p| p.into_inner());
                         r.write(port, b);
                     }
@@ -750,7 +753,7 @@ fn vcpu_loop(vcpu: &mut VcpuFd, pio: &Pio, devices: &Mmio, stop: &AtomicBool) ->
                 if com1.contains(&port) {
                     let mut s = pio.serial.lock().unwrap_or_else(|p| p.into_inner());
                     data[0] = s.read((port - COM1_BASE) as u8);
-                } else if port == RTC_DATA {
+                } else if rtc.contains(&port) {
                     let r = pio.rtc.lock().unwrap_or_else(|p| p.into_inner());
                     data.fill(0);
                     data[0] = r.read(port);
