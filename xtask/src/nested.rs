@@ -151,12 +151,28 @@ G=/guest
 E=/examples
 # Heartbeat: lets the host tell a slow outer VM from a frozen one.
 ( while sleep 60; do echo NESTED-ALIVE; done ) &
+# run_scenario NAME LIMIT ATTEMPTS ARGS...: see scenario_retry for when a
+# run is repeated; with one attempt it never is.
+run_scenario() {
+  name=$1; limit=$2; attempts=$3; shift 3
+  if [ -n "$airlock_only" ] && [ "$airlock_only" != "$name" ]; then return; fi
+  attempt=1
+  while :; do
+    timeout -s KILL "$limit" /airlock "$@" > /tmp/attempt.txt 2>&1
+    rc=$?
+    if [ $attempt -lt $attempts ] && { grep -q '"exit": "timeout"' /tmp/attempt.txt || grep -q 'BUG:' /tmp/attempt.txt; }; then
+      echo "NESTED-RETRY $name"
+      head -c 4000 /tmp/attempt.txt; echo
+      attempt=$((attempt + 1))
+      continue
+    fi
+    echo "NESTED-RESULT-BEGIN $name"; cat /tmp/attempt.txt; echo "NESTED-RESULT-END $name $rc"
+    return
+  done
+}
 scenario() {
   name=$1; limit=$2; shift 2
-  if [ -n "$airlock_only" ] && [ "$airlock_only" != "$name" ]; then return; fi
-  echo "NESTED-RESULT-BEGIN $name"
-  timeout -s KILL "$limit" /airlock "$@" 2>&1
-  echo "NESTED-RESULT-END $name $?"
+  run_scenario "$name" "$limit" 1 "$@"
 }
 # For raw VMM boots that must end in a reset. With two outer vCPUs the
 # emulated CPU now and then left a guest kernel running with the user's GS
@@ -168,18 +184,7 @@ scenario() {
 # and `vm multi` retry inside airlock (--boot-attempts), before the call.
 scenario_retry() {
   name=$1; limit=$2; shift 2
-  if [ -n "$airlock_only" ] && [ "$airlock_only" != "$name" ]; then return; fi
-  for attempt in 1 2 3; do
-    timeout -s KILL "$limit" /airlock "$@" > /tmp/attempt.txt 2>&1
-    rc=$?
-    if [ $attempt -lt 3 ] && { grep -q '"exit": "timeout"' /tmp/attempt.txt || grep -q 'BUG:' /tmp/attempt.txt; }; then
-      echo "NESTED-RETRY $name"
-      head -c 4000 /tmp/attempt.txt; echo
-      continue
-    fi
-    echo "NESTED-RESULT-BEGIN $name"; cat /tmp/attempt.txt; echo "NESTED-RESULT-END $name $rc"
-    return
-  done
+  run_scenario "$name" "$limit" 3 "$@"
 }
 BOOT="vm boot --kernel $G/vmlinux"
 VMRUN="--isolation vm --kernel $G/vmlinux --initrd $G/initramfs.cpio.gz --boot-attempts 5"
