@@ -94,31 +94,60 @@ fn measure(mut cmd: Command, limit: Duration) -> Result<(String, Duration, u64),
         s
     });
     let pid = child.id() as libc::pid_t;
-    let deadline = start + limit;
-    let (wall, rusage) = loop {
-        let mut status = 0;
-        // SAFETY: an all-zero rusage is a valid value of the plain C struct.
-        let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
-        // SAFETY: `pid` is our own unreaped child; `status` and `ru` are
-        // valid for writes. WNOHANG: never blocks.
-        let rc = unsafe { libc::wait4(pid, &mut status, libc::WNOHANG, &mut ru) };
-        if rc == pid {
-            break (start.elapsed(), ru);
+    // Block until the child exits; polling would take CPU from the VMM
+    // being measured (the harness has one CPU). A watchdog kills it at the
+    // limit. The child is waited for with WNOWAIT first, so it stays a
+    // zombie — its pid cannot be reused — until the watchdog has stopped.
+    let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+    let watchdog = std::thread::spawn(move || {
+        if done_rx.recv_timeout(limit).is_err() {
+            // SAFETY: `pid` is our child and not yet reaped (see above), so
+            // the signal can only reach it.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+            return true;
         }
-        if rc < 0 {
-            return Err(io(std::io::Error::last_os_error()));
+        false
+    });
+    let waited = loop {
+        // SAFETY: an all-zero siginfo_t is a valid value of the C struct.
+        let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+        // SAFETY: `pid` is our own unreaped child; `info` is valid for
+        // writes. WNOWAIT leaves it waitable for wait4 below.
+        let rc = unsafe {
+            libc::waitid(
+                libc::P_PID,
+                pid as libc::id_t,
+                &mut info,
+                libc::WEXITED | libc::WNOWAIT,
+            )
+        };
+        if rc == 0 {
+            break Ok(start.elapsed());
         }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            return Err(VmmError::Config(format!(
-                "bench: {what} did not finish within {limit:?}"
-            )));
+        let e = std::io::Error::last_os_error();
+        if e.kind() != std::io::ErrorKind::Interrupted {
+            break Err(e);
         }
-        std::thread::sleep(Duration::from_micros(500));
     };
+    let _ = done_tx.send(());
+    let killed = watchdog.join().unwrap_or(false);
+    let mut status = 0;
+    // SAFETY: an all-zero rusage is a valid value of the plain C struct.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: `pid` is our own child, exited and not yet reaped; `status`
+    // and `ru` are valid for writes.
+    let rc = unsafe { libc::wait4(pid, &mut status, 0, &mut ru) };
+    let wall = waited.map_err(io)?;
+    if rc != pid {
+        return Err(io(std::io::Error::last_os_error()));
+    }
     let stdout = reader.join().unwrap_or_default();
-    Ok((stdout, wall, rusage.ru_maxrss as u64))
+    if killed {
+        return Err(VmmError::Config(format!(
+            "bench: {what} did not finish within {limit:?}"
+        )));
+    }
+    Ok((stdout, wall, ru.ru_maxrss as u64))
 }
 
 fn ours(cfg: &BenchConfig) -> Result<Sample, VmmError> {
@@ -235,5 +264,15 @@ mod tests {
         assert_eq!(out, "hi\n");
         assert!(wall > Duration::ZERO);
         assert!(rss > 0);
+    }
+
+    #[test]
+    fn measure_kills_a_child_at_the_limit() {
+        let mut cmd = Command::new("sleep");
+        cmd.arg("30");
+        let t = Instant::now();
+        let err = measure(cmd, Duration::from_millis(300)).unwrap_err();
+        assert!(err.to_string().contains("did not finish"), "{err}");
+        assert!(t.elapsed() < Duration::from_secs(10));
     }
 }
