@@ -6,11 +6,16 @@
 //! without following redirects (a redirect could leave the allow-list), and
 //! records its own audit event for the call.
 //!
+//! `https` requests are sent over TLS from the host (rustls with ring): the
+//! guest never holds a TLS session. The proxy trusts the Mozilla roots
+//! (`webpki-roots`) — exactly what `wasmtime-wasi-http` trusts for
+//! `--isolation process`, so a call sees the same servers as valid in both
+//! isolation modes — plus any roots given to [`Proxy::with_extra_roots`].
+//!
 //! **Invariants:** with no call in flight every request is refused; a
 //! request is sent only if the host's copy of the grant allows its scheme,
-//! host and port; bodies are capped at [`EGRESS_MAX_BODY`] both ways.
-//! Plain `http://` only for now — TLS origination is not built, so `https`
-//! requests that the grant allows are answered with an error.
+//! host and port, and only over `http` or `https`; certificates are always
+//! verified; bodies are capped at [`EGRESS_MAX_BODY`] both ways.
 
 use airlock_guest::grants::{HttpGrant, HttpVerdict};
 use airlock_guest::runner::EGRESS_MAX_BODY;
@@ -25,6 +30,9 @@ pub enum EgressError {
     /// The HTTP client could not be built.
     #[error("The egress HTTP client could not be built: {0}.")]
     Client(String),
+    /// Extra trusted roots that are not usable PEM certificates.
+    #[error("The extra trusted roots for egress are not valid PEM certificates: {0}.")]
+    Roots(String),
 }
 
 /// The grant of the call in flight, and the proxy's audit events for it.
@@ -45,17 +53,54 @@ struct Current {
 pub struct Proxy {
     current: Arc<Mutex<Current>>,
     timeout: Duration,
+    tls: Arc<rustls::ClientConfig>,
 }
 
 impl Proxy {
-    /// A proxy with no call in flight.
+    /// A proxy with no call in flight, trusting the Mozilla roots.
     ///
     /// # Errors
     /// [`EgressError::Client`].
     pub fn new(timeout: Duration) -> Result<Self, EgressError> {
+        Self::with_extra_roots(timeout, &[])
+    }
+
+    /// Like [`Proxy::new`], also trusting the CA certificates in `pem` (for
+    /// a private CA; empty for none).
+    ///
+    /// # Errors
+    /// [`EgressError::Roots`] when `pem` holds no usable certificate (but
+    /// is not empty); [`EgressError::Client`].
+    pub fn with_extra_roots(timeout: Duration, pem: &[u8]) -> Result<Self, EgressError> {
+        use rustls::pki_types::CertificateDer;
+        use rustls::pki_types::pem::PemObject;
+        let mut roots = rustls::RootCertStore {
+            roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
+        };
+        if !pem.is_empty() {
+            let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(pem)
+                .collect::<Result<_, _>>()
+                .map_err(|e| EgressError::Roots(e.to_string()))?;
+            if certs.is_empty() {
+                return Err(EgressError::Roots("no CERTIFICATE block found".into()));
+            }
+            for c in certs {
+                roots
+                    .add(c)
+                    .map_err(|e| EgressError::Roots(e.to_string()))?;
+            }
+        }
+        let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .map_err(|e| EgressError::Client(e.to_string()))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
         Ok(Self {
             current: Arc::default(),
             timeout,
+            tls: Arc::new(tls),
         })
     }
 
@@ -64,6 +109,7 @@ impl Proxy {
             .redirect(reqwest::redirect::Policy::none())
             .timeout(self.timeout)
             .no_proxy()
+            .tls_backend_preconfigured((*self.tls).clone())
             .build()
             .map_err(|e| EgressError::Client(e.to_string()))
     }
@@ -113,6 +159,13 @@ impl Proxy {
             m
         })?;
         let scheme = url.scheme().to_ascii_lowercase();
+        if scheme != "http" && scheme != "https" {
+            let m = format!(
+                "The host's egress proxy sends only http and https requests, not {scheme}."
+            );
+            self.record(&req.url, Decision::Deny, m.clone());
+            return Err(m);
+        }
         let host = url.host_str().unwrap_or("").to_string();
         let port = url.port_or_known_default().unwrap_or(0);
         let target = format!("{} {scheme}://{host}:{port}{}", req.method, url.path());
@@ -129,11 +182,6 @@ impl Proxy {
                 ));
             }
             HttpVerdict::Allowed(reason) => self.record(&target, Decision::Allow, reason),
-        }
-        if scheme != "http" {
-            return Err(format!(
-                "The host's egress proxy only speaks plain HTTP; {scheme} is not supported yet."
-            ));
         }
         self.send(req, url)
     }
@@ -160,7 +208,7 @@ impl Proxy {
         let resp = rb
             .body(req.body)
             .send()
-            .map_err(|e| format!("The request failed: {e}."))?;
+            .map_err(|e| format!("The request failed: {}.", error_chain(&e)))?;
         let status = resp.status().as_u16();
         let headers = resp
             .headers()
@@ -187,6 +235,22 @@ impl Proxy {
             body,
         })
     }
+}
+
+/// An error and its sources, `: `-separated (reqwest's own message leaves
+/// out the cause, e.g. which certificate check failed).
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        let m = c.to_string();
+        if !s.contains(&m) {
+            s.push_str(": ");
+            s.push_str(&m);
+        }
+        cur = c.source();
+    }
+    s
 }
 
 #[cfg(test)]
@@ -236,11 +300,106 @@ mod tests {
         assert!(e.contains("no call is in flight"), "{e}");
     }
 
+    /// A private CA and a real TLS server on loopback for `localhost`,
+    /// answering `hello over tls` to every request on `accepts` connections.
+    /// Returns the CA (PEM) and the port.
+    fn tls_server(accepts: usize) -> (String, u16) {
+        use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
+        use rustls::pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
+        use std::io::Write;
+        let ca_key = KeyPair::generate().unwrap();
+        let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let ca = ca_params.self_signed(&ca_key).unwrap();
+        let issuer = Issuer::new(ca_params, ca_key);
+        let leaf_key = KeyPair::generate().unwrap();
+        let leaf = CertificateParams::new(vec!["localhost".to_string()])
+            .unwrap()
+            .signed_by(&leaf_key, &issuer)
+            .unwrap();
+        let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(
+            vec![leaf.der().clone()],
+            PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(leaf_key.serialize_der())),
+        )
+        .unwrap();
+        let config = Arc::new(config);
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        std::thread::spawn(move || {
+            for stream in listener.incoming().take(accepts) {
+                let Ok(stream) = stream else { continue };
+                let conn = rustls::ServerConnection::new(config.clone()).unwrap();
+                let mut tls = rustls::StreamOwned::new(conn, stream);
+                let mut req = Vec::new();
+                let mut buf = [0u8; 1024];
+                // A refused handshake ends here with an error: fine.
+                while !req.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match tls.read(&mut buf) {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => req.extend_from_slice(&buf[..n]),
+                    }
+                }
+                if req.is_empty() {
+                    continue;
+                }
+                let body = b"hello over tls";
+                let _ = write!(
+                    tls,
+                    "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                    body.len()
+                );
+                let _ = tls.write_all(body);
+                tls.conn.send_close_notify();
+                let _ = tls.flush();
+            }
+        });
+        (ca.pem(), port)
+    }
+
     #[test]
-    fn https_is_refused_until_tls_is_built() {
+    fn https_goes_out_over_verified_tls() {
+        let (ca, port) = tls_server(1);
+        let p = Proxy::with_extra_roots(Duration::from_secs(10), ca.as_bytes()).unwrap();
+        p.begin_call(grant(&format!("https://localhost:{port}")));
+        let r = p
+            .handle(get(&format!("https://localhost:{port}/hello")))
+            .unwrap();
+        assert_eq!(r.status, 200);
+        assert_eq!(r.body, b"hello over tls");
+        let events = p.end_call();
+        assert_eq!(events.len(), 1);
+        assert_eq!(events[0].decision, Decision::Allow);
+        assert!(
+            events[0].target.starts_with("GET https://localhost:"),
+            "{events:?}"
+        );
+    }
+
+    #[test]
+    fn a_certificate_from_an_untrusted_ca_is_refused() {
+        let (_ca, port) = tls_server(1);
+        let p = Proxy::new(Duration::from_secs(10)).unwrap();
+        p.begin_call(grant(&format!("https://localhost:{port}")));
+        let e = p
+            .handle(get(&format!("https://localhost:{port}/hello")))
+            .unwrap_err();
+        assert!(e.contains("certificate"), "{e}");
+    }
+
+    #[test]
+    fn other_schemes_and_bad_roots_are_refused_with_reasons() {
         let p = Proxy::new(Duration::from_secs(5)).unwrap();
         p.begin_call(grant("https://example.test"));
-        let e = p.handle(get("https://example.test/")).unwrap_err();
-        assert!(e.contains("only speaks plain HTTP"), "{e}");
+        let e = p.handle(get("ftp://example.test/file")).unwrap_err();
+        assert!(e.contains("only http and https"), "{e}");
+        assert_eq!(p.end_call()[0].decision, Decision::Deny);
+        let e = Proxy::with_extra_roots(Duration::from_secs(5), b"not a certificate").unwrap_err();
+        assert!(matches!(e, EgressError::Roots(_)), "{e}");
     }
 }
