@@ -122,7 +122,10 @@ pub fn build_rootfs(init: &Path, selftest: bool) -> anyhow::Result<PathBuf> {
         .join("rootfs")
         .join(&key)
         .join(name);
+    // Two entries are in use at a time (the image and its self-test twin).
+    let dir = out.parent().expect("has parent").to_path_buf();
     if out.exists() {
+        super::cache::use_and_prune(&dir, 6)?;
         return Ok(out);
     }
     if !components.is_empty() {
@@ -139,9 +142,10 @@ pub fn build_rootfs(init: &Path, selftest: bool) -> anyhow::Result<PathBuf> {
     }
     let bytes = cpio_gz(&inputs, selftest)?;
     std::fs::create_dir_all(out.parent().expect("has parent"))?;
-    let tmp = out.with_extension("tmp");
+    let tmp = out.with_extension(format!("tmp.{}", std::process::id()));
     std::fs::write(&tmp, &bytes)?;
     std::fs::rename(&tmp, &out)?;
+    super::cache::use_and_prune(&dir, 6)?;
     Ok(out)
 }
 

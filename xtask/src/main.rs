@@ -21,6 +21,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 mod bench_service;
+mod cache;
 mod image;
 mod kernel;
 mod nested;

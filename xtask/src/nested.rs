@@ -489,8 +489,13 @@ pub fn build_image(kind: Kind) -> anyhow::Result<PathBuf> {
     if !out.exists() {
         std::fs::create_dir_all(out.parent().expect("parent"))?;
         let bytes = outer_cpio(&contents)?;
-        std::fs::write(&out, bytes)?;
+        // Written aside and renamed: a concurrent build never boots half a file.
+        let tmp = out.with_extension(format!("tmp.{}", std::process::id()));
+        std::fs::write(&tmp, bytes)?;
+        std::fs::rename(&tmp, &out)?;
     }
+    // The test image and the bench image are in use side by side.
+    super::cache::use_and_prune(out.parent().expect("parent"), 4)?;
     let mut qemu = vec![serde_json::json!("qemu-system-x86_64")];
     qemu.extend(OUTER_QEMU.iter().map(|a| serde_json::json!(a)));
     qemu.extend([
