@@ -164,6 +164,24 @@ fn run_reports_errors_and_bad_input() {
     assert_eq!(v["result"]["error"]["kind"], "bad_arguments");
     assert_eq!(v["result"]["error"]["path"], "args.key");
 
+    // Extra egress CAs are for the host's proxy, which only VM isolation has.
+    let o = airlock(&[
+        "run",
+        escape.to_str().unwrap(),
+        "--tool",
+        "spin",
+        "--isolation",
+        "process",
+        "--egress-ca",
+        &policy,
+    ]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(
+        stderr(&o).contains("--egress-ca only applies to --isolation vm"),
+        "{}",
+        stderr(&o)
+    );
+
     let o = airlock(&[
         "run",
         escape.to_str().unwrap(),

@@ -212,6 +212,26 @@ struct GuestArgs {
     #[arg(long, default_value_t = airlock::sandbox::BOOT_ATTEMPTS,
           value_parser = clap::value_parser!(u32).range(1..=10))]
     boot_attempts: u32,
+    /// CA certificates (PEM file) the host's egress proxy trusts for https
+    /// besides the Mozilla roots (a private CA). VM isolation only.
+    #[arg(long)]
+    egress_ca: Option<PathBuf>,
+}
+
+/// The `--egress-ca` file's certificates, checked now so a bad file is
+/// refused before any VM boots.
+fn egress_ca(path: Option<&Path>) -> anyhow::Result<Vec<u8>> {
+    let Some(path) = path else {
+        return Ok(Vec::new());
+    };
+    let pem = std::fs::read(path)
+        .with_context(|| format!("--egress-ca: cannot read {}", path.display()))?;
+    if pem.is_empty() {
+        bail!("--egress-ca: {} is empty", path.display());
+    }
+    airlock::egress::Proxy::with_extra_roots(std::time::Duration::from_secs(1), &pem)
+        .with_context(|| format!("--egress-ca {}", path.display()))?;
+    Ok(pem)
 }
 
 /// What a VM boots: shared by `vm boot` and `vm soak`.
@@ -361,6 +381,11 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                         .context("--weights must be DIR:IMAGE")
                 })
                 .transpose()?;
+            if guest.egress_ca.is_some() && isolation == Isolation::Process {
+                bail!(
+                    "--egress-ca only applies to --isolation vm (in process, outgoing https trusts the Mozilla roots only)"
+                );
+            }
             if weights.is_some() && isolation == Isolation::Process {
                 bail!(
                     "--weights only applies to --isolation vm (in process the grants read DIR directly)"
@@ -737,6 +762,7 @@ fn sandbox_config(
     engine: String,
 ) -> anyhow::Result<airlock::sandbox::SandboxConfig> {
     let (kernel, initrd) = guest_image(guest.kernel, guest.initrd)?;
+    let egress_ca = egress_ca(guest.egress_ca.as_deref())?;
     let timeout = std::time::Duration::from_millis(policy.limits.timeout_ms);
     Ok(airlock::sandbox::SandboxConfig {
         kernel,
@@ -751,6 +777,7 @@ fn sandbox_config(
         weights: None,
         cmdline_extra: guest.guest_cmdline,
         boot_attempts: guest.boot_attempts,
+        egress_ca,
     })
 }
 

@@ -108,6 +108,9 @@ pub struct SandboxConfig {
     pub cmdline_extra: String,
     /// Fresh VMs [`Sandbox::boot_and_load`] tries in all (at least 1).
     pub boot_attempts: u32,
+    /// CA certificates (PEM) the egress proxy trusts besides the Mozilla
+    /// roots, for servers behind a private CA; empty for none.
+    pub egress_ca: Vec<u8>,
 }
 
 /// A running microVM with its agent connected.
@@ -171,7 +174,7 @@ impl Sandbox {
         let stop = Arc::new(AtomicBool::new(false));
         // The guest reaches the egress proxy at host port EGRESS_PORT, which
         // the vsock device bridges to `<uds>_<port>`.
-        let proxy = Proxy::new(Duration::from_secs(60))?;
+        let proxy = Proxy::with_extra_roots(Duration::from_secs(60), &cfg.egress_ca)?;
         let egress_path = PathBuf::from(format!(
             "{}_{}",
             uds.display(),

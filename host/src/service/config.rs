@@ -19,6 +19,7 @@
 //! memory_mib = 256
 //! warm = 2                 # VMs kept booted and waiting
 //! weights = "/srv/models:/srv/models.erofs"  # optional: DIR:IMAGE (airlock weights pack)
+//! egress_ca = "/etc/airlock/private-ca.pem"   # optional: extra CAs for https egress
 //!
 //! [[tokens]]
 //! name = "ci-admin"
@@ -144,6 +145,7 @@ struct IsolationEntry {
     memory_mib: Option<u32>,
     warm: Option<usize>,
     weights: Option<String>,
+    egress_ca: Option<PathBuf>,
 }
 
 /// Where calls run.
@@ -169,6 +171,9 @@ pub struct VmSettings {
     /// Weights directory and its erofs image: read-only grants inside the
     /// directory are served from the image over virtio-pmem.
     pub weights: Option<(PathBuf, PathBuf)>,
+    /// CA certificates (PEM) the egress proxy trusts besides the Mozilla
+    /// roots; empty for none.
+    pub egress_ca: Vec<u8>,
 }
 
 /// The validated service configuration.
@@ -322,10 +327,15 @@ impl Config {
 fn isolation(i: IsolationEntry) -> Result<Isolation, ConfigError> {
     match i.mode.as_deref().unwrap_or("process") {
         "process" => {
-            if i.kernel.is_some() || i.initrd.is_some() || i.warm.is_some() || i.weights.is_some() {
+            if i.kernel.is_some()
+                || i.initrd.is_some()
+                || i.warm.is_some()
+                || i.weights.is_some()
+                || i.egress_ca.is_some()
+            {
                 return Err(field(
                     "isolation.mode",
-                    "kernel, initrd, warm and weights only apply to mode = \"vm\"",
+                    "kernel, initrd, warm, weights and egress_ca only apply to mode = \"vm\"",
                 ));
             }
             Ok(Isolation::Process)
@@ -370,12 +380,24 @@ fn isolation(i: IsolationEntry) -> Result<Isolation, ConfigError> {
                     Some((PathBuf::from(dir), image))
                 }
             };
+            let egress_ca = match i.egress_ca {
+                None => Vec::new(),
+                Some(p) => {
+                    let pem = std::fs::read(&p).map_err(|e| {
+                        field("isolation.egress_ca", format!("{}: {e}", p.display()))
+                    })?;
+                    crate::egress::Proxy::with_extra_roots(std::time::Duration::from_secs(1), &pem)
+                        .map_err(|e| field("isolation.egress_ca", e.to_string()))?;
+                    pem
+                }
+            };
             Ok(Isolation::Vm(VmSettings {
                 kernel: file("kernel", i.kernel)?,
                 initrd: file("initrd", i.initrd)?,
                 memory_mib,
                 warm,
                 weights,
+                egress_ca,
             }))
         }
         other => Err(field(
@@ -467,5 +489,24 @@ role = "admin"
             .unwrap_err()
             .to_string();
         assert!(e.starts_with("isolation.warm"), "{e}");
+        // Extra egress CAs: a real PEM certificate is taken, anything else
+        // is refused naming the field, and process mode has no proxy.
+        let ca = dir.path().join("ca.pem");
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        std::fs::write(&ca, params.self_signed(&key).unwrap().pem()).unwrap();
+        let with_ca = format!("{vm}egress_ca = {ca:?}\n");
+        match Config::parse(&with_ca).unwrap().isolation {
+            Isolation::Vm(v) => assert!(v.egress_ca.starts_with(b"-----BEGIN CERTIFICATE")),
+            other => panic!("{other:?}"),
+        }
+        std::fs::write(&ca, b"not a certificate").unwrap();
+        let e = Config::parse(&with_ca).unwrap_err().to_string();
+        assert!(e.starts_with("isolation.egress_ca"), "{e}");
+        let e = Config::parse(&format!("{OK}\n[isolation]\negress_ca = {ca:?}\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("isolation.mode"), "{e}");
     }
 }

@@ -266,6 +266,7 @@ impl Service {
                     weights: v.weights.as_ref().map(|(_, image)| image.clone()),
                     cmdline_extra: String::new(),
                     boot_attempts: crate::sandbox::BOOT_ATTEMPTS,
+                    egress_ca: v.egress_ca.clone(),
                 };
                 Some(
                     crate::pool::Pool::start(cfg, v.warm)
