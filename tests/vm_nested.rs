@@ -302,6 +302,37 @@ fn allowed_http_leaves_the_microvm_only_through_the_host_proxy() {
 }
 
 #[test]
+fn allowed_https_leaves_through_the_host_proxy_over_verified_tls() {
+    // openssl s_server on the outer VM's loopback with a certificate from a
+    // CA made there; the host proxy makes the TLS connection (the guest has
+    // no network stack) and trusts that CA only through --egress-ca.
+    let (v, code) = scenario("vm-egress-https");
+    assert_eq!(code, 0, "{v}");
+    let ok = &v["result"]["ok"]["ok"];
+    assert_eq!(ok["status"], 200, "{v}");
+    assert_eq!(ok["body"], "hello from the outer VM", "{v}");
+    let host = events(&v, "http.proxy");
+    assert_eq!(host.len(), 1, "{v}");
+    assert_eq!(host[0]["decision"], "allow", "{v}");
+    assert!(
+        host[0]["target"]
+            .as_str()
+            .unwrap()
+            .contains("https://localhost:8443/weather.txt"),
+        "{v}"
+    );
+
+    // Without the CA the certificate is not trusted: the request is allowed
+    // by the grant but no connection is completed, and the call says so.
+    let (v, code) = scenario("vm-egress-https-untrusted");
+    assert_eq!(code, 0, "{v}");
+    assert!(v["result"]["ok"]["ok"].is_null(), "{v}");
+    let err = v["result"]["ok"]["err"].as_str().unwrap_or_default();
+    assert!(!err.is_empty(), "{v}");
+    assert_eq!(events(&v, "http.proxy").len(), 1, "{v}");
+}
+
+#[test]
 fn the_service_runs_calls_in_microvms_from_its_warm_pool() {
     // `airlock serve` with isolation = vm inside the outer VM: upload over
     // HTTP, then two calls, each in its own freshly booted microVM.

@@ -6,9 +6,9 @@
 //! without following redirects (a redirect could leave the allow-list), and
 //! records its own audit event for the call.
 //!
-//! `https` requests are sent over TLS from the host (rustls with ring): the
+//! `https` requests are sent over TLS from the host (ureq: rustls with ring): the
 //! guest never holds a TLS session. The proxy trusts the Mozilla roots
-//! (`webpki-roots`) — exactly what `wasmtime-wasi-http` trusts for
+//! (`webpki-root-certs`) — exactly what `wasmtime-wasi-http` trusts for
 //! `--isolation process`, so a call sees the same servers as valid in both
 //! isolation modes — plus any roots given to [`Proxy::with_extra_roots`].
 //!
@@ -20,16 +20,12 @@
 use airlock_guest::grants::{HttpGrant, HttpVerdict};
 use airlock_guest::runner::EGRESS_MAX_BODY;
 use airlock_guest::{AuditEvent, Decision, EgressRequest, EgressResponse};
-use std::io::Read;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// Egress errors (setting the proxy up; refused requests are answers).
 #[derive(Debug, thiserror::Error)]
 pub enum EgressError {
-    /// The HTTP client could not be built.
-    #[error("The egress HTTP client could not be built: {0}.")]
-    Client(String),
     /// Extra trusted roots that are not usable PEM certificates.
     #[error("The extra trusted roots for egress are not valid PEM certificates: {0}.")]
     Roots(String),
@@ -43,24 +39,18 @@ struct Current {
     events: Vec<AuditEvent>,
 }
 
-/// The proxy. Cheap to clone; clones share the call state.
-///
-/// The HTTP client is built per request on the proxy's own thread: reqwest's
-/// blocking client owns a runtime that must never be dropped inside an async
-/// context, and a `Proxy` may be dropped anywhere (the service drops
-/// sandboxes from its runtime's blocking pool).
+/// The proxy. Cheap to clone; clones share the call state and the client.
 #[derive(Debug, Clone)]
 pub struct Proxy {
     current: Arc<Mutex<Current>>,
-    timeout: Duration,
-    tls: Arc<rustls::ClientConfig>,
+    agent: ureq::Agent,
 }
 
 impl Proxy {
     /// A proxy with no call in flight, trusting the Mozilla roots.
     ///
     /// # Errors
-    /// [`EgressError::Client`].
+    /// None today; kept fallible like [`Proxy::with_extra_roots`].
     pub fn new(timeout: Duration) -> Result<Self, EgressError> {
         Self::with_extra_roots(timeout, &[])
     }
@@ -69,49 +59,45 @@ impl Proxy {
     /// a private CA; empty for none).
     ///
     /// # Errors
-    /// [`EgressError::Roots`] when `pem` holds no usable certificate (but
-    /// is not empty); [`EgressError::Client`].
+    /// [`EgressError::Roots`] when `pem` is not empty but holds no usable
+    /// certificate.
     pub fn with_extra_roots(timeout: Duration, pem: &[u8]) -> Result<Self, EgressError> {
-        use rustls::pki_types::CertificateDer;
-        use rustls::pki_types::pem::PemObject;
-        let mut roots = rustls::RootCertStore {
-            roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
-        };
+        use ureq::tls::{Certificate, PemItem, RootCerts, TlsConfig};
+        let mut roots: Vec<Certificate<'static>> = webpki_root_certs::TLS_SERVER_ROOT_CERTS
+            .iter()
+            .map(|c| Certificate::from_der(c.as_ref()).to_owned())
+            .collect();
         if !pem.is_empty() {
-            let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(pem)
-                .collect::<Result<_, _>>()
-                .map_err(|e| EgressError::Roots(e.to_string()))?;
-            if certs.is_empty() {
+            let before = roots.len();
+            for item in ureq::tls::parse_pem(pem) {
+                match item.map_err(|e| EgressError::Roots(e.to_string()))? {
+                    PemItem::Certificate(c) => roots.push(c.to_owned()),
+                    _ => {
+                        return Err(EgressError::Roots(
+                            "only CERTIFICATE blocks belong in it (found a key)".into(),
+                        ));
+                    }
+                }
+            }
+            if roots.len() == before {
                 return Err(EgressError::Roots("no CERTIFICATE block found".into()));
             }
-            for c in certs {
-                roots
-                    .add(c)
-                    .map_err(|e| EgressError::Roots(e.to_string()))?;
-            }
         }
-        let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .map_err(|e| EgressError::Client(e.to_string()))?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+        let tls = TlsConfig::builder()
+            .root_certs(RootCerts::Specific(Arc::new(roots)))
+            .build();
+        let agent = ureq::Agent::config_builder()
+            .max_redirects(0)
+            .http_status_as_error(false)
+            .proxy(None)
+            .timeout_global(Some(timeout))
+            .tls_config(tls)
+            .build()
+            .new_agent();
         Ok(Self {
             current: Arc::default(),
-            timeout,
-            tls: Arc::new(tls),
+            agent,
         })
-    }
-
-    fn client(&self) -> Result<reqwest::blocking::Client, EgressError> {
-        reqwest::blocking::Client::builder()
-            .redirect(reqwest::redirect::Policy::none())
-            .timeout(self.timeout)
-            .no_proxy()
-            .tls_backend_preconfigured((*self.tls).clone())
-            .build()
-            .map_err(|e| EgressError::Client(e.to_string()))
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Current> {
@@ -187,10 +173,9 @@ impl Proxy {
     }
 
     fn send(&self, req: EgressRequest, url: reqwest::Url) -> Result<EgressResponse, String> {
-        let method = reqwest::Method::from_bytes(req.method.as_bytes())
+        let method = http::Method::from_bytes(req.method.as_bytes())
             .map_err(|_| format!("The method {:?} is not valid.", req.method))?;
-        let client = self.client().map_err(|e| e.to_string())?;
-        let mut rb = client.request(method, url);
+        let mut rb = http::Request::builder().method(method).uri(url.as_str());
         for (k, v) in &req.headers {
             // Hop-by-hop and routing headers are the proxy's business.
             if matches!(
@@ -205,9 +190,12 @@ impl Proxy {
             }
             rb = rb.header(k, v);
         }
-        let resp = rb
+        let request = rb
             .body(req.body)
-            .send()
+            .map_err(|e| format!("The request is not valid: {e}."))?;
+        let resp = self
+            .agent
+            .run(request)
             .map_err(|e| format!("The request failed: {}.", error_chain(&e)))?;
         let status = resp.status().as_u16();
         let headers = resp
@@ -220,15 +208,17 @@ impl Proxy {
                 )
             })
             .collect();
-        let mut body = Vec::new();
-        resp.take(EGRESS_MAX_BODY as u64 + 1)
-            .read_to_end(&mut body)
-            .map_err(|e| format!("Reading the response failed: {e}."))?;
-        if body.len() > EGRESS_MAX_BODY {
-            return Err(format!(
-                "The response body is larger than {EGRESS_MAX_BODY} bytes."
-            ));
-        }
+        let body = resp
+            .into_body()
+            .with_config()
+            .limit(EGRESS_MAX_BODY as u64)
+            .read_to_vec()
+            .map_err(|e| match e {
+                ureq::Error::BodyExceedsLimit(_) => {
+                    format!("The response body is larger than {EGRESS_MAX_BODY} bytes.")
+                }
+                e => format!("Reading the response failed: {}.", error_chain(&e)),
+            })?;
         Ok(EgressResponse {
             status,
             headers,
@@ -306,7 +296,7 @@ mod tests {
     fn tls_server(accepts: usize) -> (String, u16) {
         use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
         use rustls::pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
-        use std::io::Write;
+        use std::io::{Read, Write};
         let ca_key = KeyPair::generate().unwrap();
         let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
         ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);

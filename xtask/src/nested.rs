@@ -193,10 +193,28 @@ printf 'version = 1\n[limits]\nfuel = 2000000\n' > /tmp/small-fuel.toml
 mkdir -p /tmp/www && printf 'hello from the outer VM' > /tmp/www/weather.txt
 httpd -p 127.0.0.1:8080 -h /tmp/www
 printf 'version = 1\n[http]\nallow = ["http://127.0.0.1:8080"]\n' > /tmp/http.toml
+# And a real TLS server (openssl s_server) for `localhost`, its certificate
+# from a private CA made here; the host proxy gets the CA via --egress-ca.
+echo "127.0.0.1 localhost" > /etc/hosts
+mkdir -p /tmp/tls && (
+  cd /tmp/tls && export OPENSSL_CONF=/dev/null
+  EC="-newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes"
+  openssl req -x509 $EC -keyout ca.key -out ca.pem -days 2 -subj /CN=airlock-test-ca \
+    -addext basicConstraints=critical,CA:TRUE -addext keyUsage=critical,keyCertSign 2>/dev/null
+  openssl req $EC -keyout key.pem -out leaf.csr -subj /CN=localhost 2>/dev/null
+  printf 'subjectAltName=DNS:localhost\n' > ext.cnf
+  openssl x509 -req -in leaf.csr -CA ca.pem -CAkey ca.key -set_serial 1 -days 2 \
+    -extfile ext.cnf -out cert.pem 2>/dev/null
+) || echo "NESTED-ERROR making the test CA failed"
+(cd /tmp/www && OPENSSL_CONF=/dev/null openssl s_server -accept 127.0.0.1:8443 \
+  -cert /tmp/tls/cert.pem -key /tmp/tls/key.pem -WWW -quiet > /dev/null 2>&1 &)
+printf 'version = 1\n[http]\nallow = ["https://localhost:8443"]\n' > /tmp/https.toml
 scenario vm-invoke 900 run $E/kitchen.wasm --tool recipes_summarize --args '{"values": [12, 30, 45, 8]}' $VMRUN
 scenario vm-escape-spin 900 run $E/escape.wasm --tool spin --policy /tmp/small-fuel.toml $VMRUN
 scenario vm-escape-socket 900 run $E/escape.wasm --tool open-socket --args '{"addr": "10.0.2.2:80"}' $VMRUN
 scenario vm-egress 900 run $E/fetch.wasm --tool fetch --args '{"url": "http://127.0.0.1:8080/weather.txt"}' --policy /tmp/http.toml $VMRUN
+scenario vm-egress-https 900 run $E/fetch.wasm --tool fetch --args '{"url": "https://localhost:8443/weather.txt"}' --policy /tmp/https.toml --egress-ca /tmp/tls/ca.pem $VMRUN
+scenario vm-egress-https-untrusted 900 run $E/fetch.wasm --tool fetch --args '{"url": "https://localhost:8443/weather.txt"}' --policy /tmp/https.toml $VMRUN
 scenario vm-egress-denied 900 run $E/fetch.wasm --tool fetch --args '{"url": "http://127.0.0.1:8081/weather.txt"}' --policy /tmp/http.toml $VMRUN
 scenario four-vms 1200 vm multi $E/kitchen.wasm --tool recipes_summarize --kernel $G/vmlinux --initrd $G/initramfs.cpio.gz --boot-attempts 5 \
   --args '{"values": [1]}' --args '{"values": [2, 4]}' --args '{"values": [3, 6, 9]}' --args '{"values": [4, 8, 12, 16]}'
@@ -335,15 +353,12 @@ echo "NESTED-RESULT-BEGIN bench-boot"
 echo "NESTED-RESULT-END bench-boot $?"
 "#;
 
-/// QEMU and everything it loads (shared libraries, microvm firmware), for
-/// the bench image: `(path inside, path here)`.
-fn qemu_files() -> anyhow::Result<Vec<(String, PathBuf)>> {
-    let qemu = PathBuf::from("/usr/bin/qemu-system-x86_64");
-    if !qemu.exists() {
-        bail!("qemu-system-x86_64 is missing: apt-get install qemu-system-x86");
-    }
-    let ldd = Command::new("ldd").arg(&qemu).output()?;
-    let mut out = vec![("usr/bin/qemu-system-x86_64".to_string(), qemu)];
+/// A dynamically linked host binary and the shared libraries it loads, at
+/// the same paths inside: `(path inside, path here)`.
+fn with_libs(bin: &Path) -> anyhow::Result<Vec<(String, PathBuf)>> {
+    let ldd = Command::new("ldd").arg(bin).output()?;
+    let inside = |p: &Path| p.to_string_lossy().trim_start_matches('/').to_string();
+    let mut out = vec![(inside(bin), bin.to_path_buf())];
     for line in String::from_utf8_lossy(&ldd.stdout).lines() {
         // "libz.so.1 => /lib/x86_64-linux-gnu/libz.so.1 (0x…)" or
         // "/lib64/ld-linux-x86-64.so.2 (0x…)"
@@ -352,9 +367,20 @@ fn qemu_files() -> anyhow::Result<Vec<(String, PathBuf)>> {
             None => line.split_whitespace().next(),
         };
         if let Some(p) = path.filter(|p| p.starts_with('/')) {
-            out.push((p.trim_start_matches('/').to_string(), PathBuf::from(p)));
+            out.push((inside(Path::new(p)), PathBuf::from(p)));
         }
     }
+    Ok(out)
+}
+
+/// QEMU and everything it loads (shared libraries, microvm firmware), for
+/// the bench image: `(path inside, path here)`.
+fn qemu_files() -> anyhow::Result<Vec<(String, PathBuf)>> {
+    let qemu = PathBuf::from("/usr/bin/qemu-system-x86_64");
+    if !qemu.exists() {
+        bail!("qemu-system-x86_64 is missing: apt-get install qemu-system-x86");
+    }
+    let mut out = with_libs(&qemu)?;
     for fw in [
         "qboot.rom",
         "bios-microvm.bin",
@@ -461,7 +487,18 @@ pub fn build_image(kind: Kind) -> anyhow::Result<PathBuf> {
     ];
     let mut files = files;
     let script = match kind {
-        Kind::Tests => VM_TESTS,
+        Kind::Tests => {
+            // openssl: a private CA and a real TLS server for the https
+            // egress scenario.
+            let openssl = PathBuf::from("/usr/bin/openssl");
+            if !openssl.exists() {
+                bail!("/usr/bin/openssl is missing: apt-get install openssl");
+            }
+            for (name, path) in with_libs(&openssl)? {
+                files.push((name, path, 0o100_755));
+            }
+            VM_TESTS
+        }
         Kind::Bench => {
             for (name, path) in qemu_files()? {
                 files.push((name, path, 0o100_755));
