@@ -169,7 +169,9 @@ impl Proxy {
             }
             HttpVerdict::Allowed(reason) => self.record(&target, Decision::Allow, reason),
         }
-        self.send(req, url)
+        self.send(req, url).inspect_err(|e| {
+            tracing::warn!(target = %target, error = %e, "egress request failed");
+        })
     }
 
     fn send(&self, req: EgressRequest, url: reqwest::Url) -> Result<EgressResponse, String> {

@@ -195,7 +195,8 @@ httpd -p 127.0.0.1:8080 -h /tmp/www
 printf 'version = 1\n[http]\nallow = ["http://127.0.0.1:8080"]\n' > /tmp/http.toml
 # And a real TLS server (openssl s_server) for `localhost`, its certificate
 # from a private CA made here; the host proxy gets the CA via --egress-ca.
-echo "127.0.0.1 localhost" > /etc/hosts
+mkdir -p /etc && echo "127.0.0.1 localhost" > /etc/hosts \
+  || echo "NESTED-ERROR writing /etc/hosts failed"
 mkdir -p /tmp/tls && (
   cd /tmp/tls && export OPENSSL_CONF=/dev/null
   EC="-newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes"

@@ -378,9 +378,10 @@ pub fn run(cfg: &VmConfig) -> Result<RunReport, VmmError> {
     // TSC frequency on the command line is for the TSC clocksource it may
     // switch to, which would otherwise be calibrated against the PIT — a
     // step that fails on a busy (nested) host ("Unable to calibrate against
-    // PIT") and left guests hanging without a clocksource. `tsc=reliable` keeps the clocksource watchdog from judging the TSC
-    // against jiffies, whose ticks a busy host delays ("skew is too large"
-    // → "No current clocksource").
+    // PIT") and left guests hanging without a clocksource. `tsc=reliable`
+    // keeps the clocksource watchdog from judging the TSC against jiffies,
+    // whose ticks a busy host delays ("skew is too large" → "No current
+    // clocksource").
     if let Ok(khz) = vcpus[0].get_tsc_khz() {
         cmdline
             .insert_str(format!("tsc_early_khz={khz} tsc=reliable"))
