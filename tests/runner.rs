@@ -485,7 +485,7 @@ impl airlock_guest::Egress for Bridge {
     fn send(
         &self,
         req: airlock_guest::EgressRequest,
-    ) -> Result<airlock_guest::EgressResponse, String> {
+    ) -> Result<airlock_guest::EgressResponse, airlock_guest::EgressFailure> {
         let (mut guest, mut host) = std::os::unix::net::UnixStream::pair().unwrap();
         let proxy = self.0.clone();
         let t = std::thread::spawn(move || {
@@ -529,10 +529,46 @@ fn http_through_the_host_egress_proxy_is_checked_again_by_the_host() {
     let out = runner.invoke(&l, "fetch", &url, &allowed);
     let host_events = proxy.end_call();
     let err = ok(&out)["err"].as_str().unwrap_or_default().to_string();
-    assert!(err.contains("DestinationUnavailable"), "{out:?}");
+    assert!(err.contains("HttpRequestDenied"), "{out:?}");
     assert_eq!(host_events.len(), 1, "{host_events:?}");
     assert_eq!(host_events[0].decision, Decision::Deny);
     assert_eq!(host_events[0].reason, "no allow rule matches");
+}
+
+#[test]
+fn a_failed_request_gives_the_component_the_same_error_through_the_proxy_as_in_process() {
+    // A port nothing listens on: wasmtime-wasi-http's own client (process
+    // isolation) and the host proxy (VM isolation) must report it alike.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let grant = http_grant(&[&format!("http://127.0.0.1:{port}")], &[]);
+    let url = json!({"url": format!("http://127.0.0.1:{port}/x")});
+    let direct = load("fetch");
+    let in_process = call(&direct, "fetch", url.clone(), &grant);
+    let proxy = airlock::egress::Proxy::new(std::time::Duration::from_secs(10)).unwrap();
+    let runner = Runner::new(EngineConfig {
+        pooling: false,
+        ..EngineConfig::default()
+    })
+    .unwrap()
+    .with_egress(std::sync::Arc::new(Bridge(proxy.clone())));
+    let l = runner.load_wasm(&common::example_bytes("fetch")).unwrap();
+    proxy.begin_call(grant.http.clone());
+    let via_proxy = runner.invoke(&l, "fetch", &url, &grant);
+    proxy.end_call();
+    assert_eq!(
+        ok(&in_process),
+        ok(&via_proxy),
+        "{in_process:?}\n{via_proxy:?}"
+    );
+    let err = ok(&via_proxy)["err"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert!(err.contains("ConnectionRefused"), "{via_proxy:?}");
 }
 
 // ---------- environment ----------

@@ -11,7 +11,9 @@
 //! matching `HttpResponse` is an error, never a response.
 
 use crate::proto::{self, FrameLimits, Message, ProtoError};
-use crate::runner::{EGRESS_MAX_BODY, EgressRequest, EgressResponse};
+use crate::runner::{
+    EGRESS_MAX_BODY, EgressFailure, EgressFailureKind, EgressRequest, EgressResponse,
+};
 use std::io::{Read, Write};
 
 /// The host's vsock port for egress (guest → host CID 2).
@@ -32,30 +34,33 @@ pub fn exchange<S: Read + Write>(
     conn: &mut S,
     id: u64,
     req: EgressRequest,
-) -> Result<EgressResponse, String> {
+) -> Result<EgressResponse, EgressFailure> {
+    let other = |m: String| EgressFailure::new(EgressFailureKind::Other, m);
     let msg = Message::HttpRequest {
         id,
         method: req.method,
         url: req.url,
         headers: req.headers,
     };
-    proto::write_frame(conn, &msg, &req.body).map_err(|e| e.to_string())?;
-    let frame = proto::read_frame(conn, limits()).map_err(|e| e.to_string())?;
+    proto::write_frame(conn, &msg, &req.body).map_err(|e| other(e.to_string()))?;
+    let frame = proto::read_frame(conn, limits()).map_err(|e| other(e.to_string()))?;
     match frame.msg {
         Message::HttpResponse {
             id: got,
             status,
+            failure,
             headers,
         } if got == id => {
-            let status = status?;
+            let status = status
+                .map_err(|m| EgressFailure::new(failure.unwrap_or(EgressFailureKind::Other), m))?;
             Ok(EgressResponse {
                 status,
                 headers,
                 body: frame.blob,
             })
         }
-        Message::Error { message, .. } => Err(message),
-        other => Err(format!("the egress proxy answered {other:?}")),
+        Message::Error { message, .. } => Err(other(message)),
+        msg => Err(other(format!("the egress proxy answered {msg:?}"))),
     }
 }
 
@@ -67,7 +72,7 @@ pub fn exchange<S: Read + Write>(
 /// an answer (`status: Err`), not an error.
 pub fn serve_one<S: Read + Write>(
     conn: &mut S,
-    handle: impl FnOnce(EgressRequest) -> Result<EgressResponse, String>,
+    handle: impl FnOnce(EgressRequest) -> Result<EgressResponse, EgressFailure>,
 ) -> Result<(), ProtoError> {
     let frame = proto::read_frame(conn, limits())?;
     let Message::HttpRequest {
@@ -91,6 +96,7 @@ pub fn serve_one<S: Read + Write>(
             Message::HttpResponse {
                 id,
                 status: Ok(r.status),
+                failure: None,
                 headers: r.headers,
             },
             r.body,
@@ -98,7 +104,8 @@ pub fn serve_one<S: Read + Write>(
         Err(e) => (
             Message::HttpResponse {
                 id,
-                status: Err(e),
+                status: Err(e.message),
+                failure: Some(e.kind),
                 headers: Vec::new(),
             },
             Vec::new(),
@@ -116,8 +123,9 @@ pub struct VsockEgress {
 
 #[cfg(target_os = "linux")]
 impl crate::runner::Egress for VsockEgress {
-    fn send(&self, req: EgressRequest) -> Result<EgressResponse, String> {
+    fn send(&self, req: EgressRequest) -> Result<EgressResponse, EgressFailure> {
         use nix::sys::socket::{AddressFamily, SockFlag, SockType, VsockAddr, connect, socket};
+        let other = |m: String| EgressFailure::new(EgressFailureKind::Other, m);
         use std::os::fd::AsRawFd;
         let fd = socket(
             AddressFamily::Vsock,
@@ -125,12 +133,12 @@ impl crate::runner::Egress for VsockEgress {
             SockFlag::SOCK_CLOEXEC,
             None,
         )
-        .map_err(|e| format!("vsock socket: {e}"))?;
+        .map_err(|e| other(format!("vsock socket: {e}")))?;
         connect(
             fd.as_raw_fd(),
             &VsockAddr::new(nix::libc::VMADDR_CID_HOST, EGRESS_PORT),
         )
-        .map_err(|e| format!("the host's egress proxy is not reachable: {e}"))?;
+        .map_err(|e| other(format!("the host's egress proxy is not reachable: {e}")))?;
         let mut conn = std::fs::File::from(fd);
         let id = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         exchange(&mut conn, id, req)
@@ -173,14 +181,28 @@ mod tests {
     }
 
     #[test]
-    fn a_refusal_is_an_error_with_the_hosts_reason() {
+    fn a_failure_crosses_with_the_hosts_reason_and_class() {
+        use wasmtime_wasi_http::p2::bindings::http::types::ErrorCode;
         let (mut a, mut b) = UnixStream::pair().unwrap();
         let server = std::thread::spawn(move || {
-            serve_one(&mut b, |_| Err("denied by the host".into())).unwrap();
+            serve_one(&mut b, |_| {
+                Err(EgressFailure::new(
+                    EgressFailureKind::Tls,
+                    "bad certificate",
+                ))
+            })
+            .unwrap();
         });
         let e = exchange(&mut a, 1, req()).unwrap_err();
         server.join().unwrap();
-        assert_eq!(e, "denied by the host");
+        assert_eq!(
+            e,
+            EgressFailure::new(EgressFailureKind::Tls, "bad certificate")
+        );
+        // The code wasmtime-wasi-http gives in process for a TLS failure.
+        assert!(matches!(e.error_code(), ErrorCode::TlsProtocolError));
+        let denied = EgressFailure::new(EgressFailureKind::Denied, "no");
+        assert!(matches!(denied.error_code(), ErrorCode::HttpRequestDenied));
     }
 
     #[test]

@@ -165,6 +165,9 @@ pub enum Message {
         id: u64,
         /// Status code, or an error.
         status: Result<u16, String>,
+        /// With an error: its class (absent from older hosts: `other`).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        failure: Option<crate::runner::EgressFailureKind>,
         /// Headers.
         headers: Vec<(String, String)>,
     },
@@ -322,6 +325,7 @@ mod tests {
             Message::HttpResponse {
                 id: 1,
                 status: Err("denied".into()),
+                failure: Some(crate::runner::EgressFailureKind::Tls),
                 headers: vec![],
             },
             b"body",

@@ -211,6 +211,74 @@ pub struct EgressResponse {
     pub body: Vec<u8>,
 }
 
+/// Why an [`Egress`] has no response, in the classes wasi-http's error
+/// codes tell apart. The guest answers the component with the same code
+/// `wasmtime-wasi-http` gives in process for the same cause, so a failed
+/// request looks the same in both isolation modes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EgressFailureKind {
+    /// The proxy's own check refused it (grant, scheme, URL).
+    Denied,
+    /// The host name did not resolve.
+    Dns,
+    /// Nothing accepted the connection.
+    ConnectionRefused,
+    /// The proxy's time limit passed.
+    Timeout,
+    /// TLS failed (handshake, certificate).
+    Tls,
+    /// The response body is over [`EGRESS_MAX_BODY`].
+    TooLarge,
+    /// Anything else (proxy unreachable, protocol error).
+    Other,
+}
+
+/// An egress failure: its class and a sentence saying what happened.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EgressFailure {
+    /// The class.
+    pub kind: EgressFailureKind,
+    /// What happened.
+    pub message: String,
+}
+
+impl EgressFailure {
+    /// A failure of `kind`.
+    pub fn new(kind: EgressFailureKind, message: impl Into<String>) -> Self {
+        Self {
+            kind,
+            message: message.into(),
+        }
+    }
+
+    /// The wasi-http error code the component sees: what
+    /// `wasmtime-wasi-http`'s own client reports for the same cause.
+    pub fn error_code(&self) -> wasmtime_wasi_http::p2::bindings::http::types::ErrorCode {
+        use wasmtime_wasi_http::p2::bindings::http::types::{DnsErrorPayload, ErrorCode};
+        match self.kind {
+            EgressFailureKind::Denied => ErrorCode::HttpRequestDenied,
+            EgressFailureKind::Dns => ErrorCode::DnsError(DnsErrorPayload {
+                rcode: Some("address not available".into()),
+                info_code: None,
+            }),
+            EgressFailureKind::ConnectionRefused => ErrorCode::ConnectionRefused,
+            EgressFailureKind::Timeout => ErrorCode::ConnectionTimeout,
+            EgressFailureKind::Tls => ErrorCode::TlsProtocolError,
+            EgressFailureKind::TooLarge => {
+                ErrorCode::HttpResponseBodySize(Some(EGRESS_MAX_BODY as u64))
+            }
+            EgressFailureKind::Other => ErrorCode::DestinationUnavailable,
+        }
+    }
+}
+
+impl std::fmt::Display for EgressFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
 /// Largest request or response body that goes through an [`Egress`].
 pub const EGRESS_MAX_BODY: usize = 8 << 20;
 
@@ -221,9 +289,9 @@ pub trait Egress: Send + Sync {
     /// Send one request.
     ///
     /// # Errors
-    /// A message saying why there is no response (refused by the proxy's own
-    /// check, unreachable, too large).
-    fn send(&self, request: EgressRequest) -> Result<EgressResponse, String>;
+    /// Why there is no response (refused by the proxy's own check,
+    /// unreachable, TLS, too large).
+    fn send(&self, request: EgressRequest) -> Result<EgressResponse, EgressFailure>;
 }
 
 /// Outgoing HTTP: every request is checked against the grant and recorded.
@@ -320,9 +388,9 @@ fn send_via(
             .map_err(|e| {
                 wasmtime_wasi_http::Error::from(ErrorCode::InternalError(Some(e.to_string())))
             })?
-            .map_err(|m| {
-                tracing::warn!(error = %m, "egress proxy refused or failed");
-                wasmtime_wasi_http::Error::from(ErrorCode::DestinationUnavailable)
+            .map_err(|f| {
+                tracing::warn!(error = %f.message, kind = ?f.kind, "egress proxy refused or failed");
+                wasmtime_wasi_http::Error::from(f.error_code())
             })?;
         let mut builder = http::Response::builder().status(resp.status);
         for (k, v) in &resp.headers {

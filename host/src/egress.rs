@@ -19,7 +19,9 @@
 
 use airlock_guest::grants::{HttpGrant, HttpVerdict};
 use airlock_guest::runner::EGRESS_MAX_BODY;
-use airlock_guest::{AuditEvent, Decision, EgressRequest, EgressResponse};
+use airlock_guest::{
+    AuditEvent, Decision, EgressFailure, EgressFailureKind, EgressRequest, EgressResponse,
+};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -137,12 +139,13 @@ impl Proxy {
     /// Decide on one request from the guest and, if allowed, send it.
     ///
     /// # Errors
-    /// A sentence for the guest: refused, unreachable, or too large.
-    pub fn handle(&self, req: EgressRequest) -> Result<EgressResponse, String> {
+    /// For the guest: refused, unreachable, TLS, too large — with its class.
+    pub fn handle(&self, req: EgressRequest) -> Result<EgressResponse, EgressFailure> {
+        let denied = |m: String| EgressFailure::new(EgressFailureKind::Denied, m);
         let url = reqwest::Url::parse(&req.url).map_err(|e| {
             let m = format!("The URL {:?} is not valid: {e}.", req.url);
             self.record(&req.url, Decision::Deny, m.clone());
-            m
+            denied(m)
         })?;
         let scheme = url.scheme().to_ascii_lowercase();
         if scheme != "http" && scheme != "https" {
@@ -150,7 +153,7 @@ impl Proxy {
                 "The host's egress proxy sends only http and https requests, not {scheme}."
             );
             self.record(&req.url, Decision::Deny, m.clone());
-            return Err(m);
+            return Err(denied(m));
         }
         let host = url.host_str().unwrap_or("").to_string();
         let port = url.port_or_known_default().unwrap_or(0);
@@ -163,9 +166,9 @@ impl Proxy {
         match verdict {
             HttpVerdict::Denied(reason) => {
                 self.record(&target, Decision::Deny, reason.clone());
-                return Err(format!(
+                return Err(denied(format!(
                     "The host's egress proxy refused {target}: {reason}."
-                ));
+                )));
             }
             HttpVerdict::Allowed(reason) => self.record(&target, Decision::Allow, reason),
         }
@@ -174,9 +177,13 @@ impl Proxy {
         })
     }
 
-    fn send(&self, req: EgressRequest, url: reqwest::Url) -> Result<EgressResponse, String> {
-        let method = http::Method::from_bytes(req.method.as_bytes())
-            .map_err(|_| format!("The method {:?} is not valid.", req.method))?;
+    fn send(&self, req: EgressRequest, url: reqwest::Url) -> Result<EgressResponse, EgressFailure> {
+        let method = http::Method::from_bytes(req.method.as_bytes()).map_err(|_| {
+            EgressFailure::new(
+                EgressFailureKind::Denied,
+                format!("The method {:?} is not valid.", req.method),
+            )
+        })?;
         let mut rb = http::Request::builder().method(method).uri(url.as_str());
         for (k, v) in &req.headers {
             // Hop-by-hop and routing headers are the proxy's business.
@@ -192,13 +199,18 @@ impl Proxy {
             }
             rb = rb.header(k, v);
         }
-        let request = rb
-            .body(req.body)
-            .map_err(|e| format!("The request is not valid: {e}."))?;
-        let resp = self
-            .agent
-            .run(request)
-            .map_err(|e| format!("The request failed: {}.", error_chain(&e)))?;
+        let request = rb.body(req.body).map_err(|e| {
+            EgressFailure::new(
+                EgressFailureKind::Denied,
+                format!("The request is not valid: {e}."),
+            )
+        })?;
+        let resp = self.agent.run(request).map_err(|e| {
+            EgressFailure::new(
+                failure_kind(&e),
+                format!("The request failed: {}.", error_chain(&e)),
+            )
+        })?;
         let status = resp.status().as_u16();
         let headers = resp
             .headers()
@@ -216,16 +228,47 @@ impl Proxy {
             .limit(EGRESS_MAX_BODY as u64)
             .read_to_vec()
             .map_err(|e| match e {
-                ureq::Error::BodyExceedsLimit(_) => {
-                    format!("The response body is larger than {EGRESS_MAX_BODY} bytes.")
-                }
-                e => format!("Reading the response failed: {}.", error_chain(&e)),
+                ureq::Error::BodyExceedsLimit(_) => EgressFailure::new(
+                    EgressFailureKind::TooLarge,
+                    format!("The response body is larger than {EGRESS_MAX_BODY} bytes."),
+                ),
+                e => EgressFailure::new(
+                    failure_kind(&e),
+                    format!("Reading the response failed: {}.", error_chain(&e)),
+                ),
             })?;
         Ok(EgressResponse {
             status,
             headers,
             body,
         })
+    }
+}
+
+/// The class of a client error, as wasi-http tells them apart.
+fn failure_kind(e: &ureq::Error) -> EgressFailureKind {
+    use std::io::ErrorKind;
+    match e {
+        ureq::Error::HostNotFound => EgressFailureKind::Dns,
+        ureq::Error::Timeout(_) => EgressFailureKind::Timeout,
+        ureq::Error::Tls(_) | ureq::Error::Rustls(_) => EgressFailureKind::Tls,
+        ureq::Error::BodyExceedsLimit(_) => EgressFailureKind::TooLarge,
+        ureq::Error::Io(io) => {
+            // rustls reports handshake and certificate failures as I/O
+            // errors that wrap its own error.
+            if io
+                .get_ref()
+                .is_some_and(|inner| inner.downcast_ref::<rustls::Error>().is_some())
+            {
+                return EgressFailureKind::Tls;
+            }
+            match io.kind() {
+                ErrorKind::ConnectionRefused => EgressFailureKind::ConnectionRefused,
+                ErrorKind::TimedOut => EgressFailureKind::Timeout,
+                _ => EgressFailureKind::Other,
+            }
+        }
+        _ => EgressFailureKind::Other,
     }
 }
 
@@ -270,7 +313,7 @@ mod tests {
     fn without_a_call_in_flight_everything_is_refused() {
         let p = Proxy::new(Duration::from_secs(5)).unwrap();
         let e = p.handle(get("http://127.0.0.1:9/")).unwrap_err();
-        assert!(e.contains("no call is in flight"), "{e}");
+        assert!(e.message.contains("no call is in flight"), "{e}");
     }
 
     #[test]
@@ -279,9 +322,10 @@ mod tests {
         p.begin_call(grant("http://example.test:8080"));
         // Not in the grant: refused before any connection is made.
         let e = p.handle(get("http://127.0.0.1:9/secret")).unwrap_err();
-        assert!(e.contains("no allow rule matches"), "{e}");
+        assert!(e.message.contains("no allow rule matches"), "{e}");
+        assert_eq!(e.kind, EgressFailureKind::Denied);
         let e = p.handle(get("not a url")).unwrap_err();
-        assert!(e.contains("is not valid"), "{e}");
+        assert!(e.message.contains("is not valid"), "{e}");
         let events = p.end_call();
         assert_eq!(events.len(), 2);
         assert!(events.iter().all(|e| e.decision == Decision::Deny));
@@ -289,7 +333,7 @@ mod tests {
         assert!(events[0].target.contains("127.0.0.1:9/secret"));
         // After the call, the grant is gone.
         let e = p.handle(get("http://example.test:8080/")).unwrap_err();
-        assert!(e.contains("no call is in flight"), "{e}");
+        assert!(e.message.contains("no call is in flight"), "{e}");
     }
 
     /// A private CA and a real TLS server on loopback for `localhost`,
@@ -381,7 +425,23 @@ mod tests {
         let e = p
             .handle(get(&format!("https://localhost:{port}/hello")))
             .unwrap_err();
-        assert!(e.contains("certificate"), "{e}");
+        assert!(e.message.contains("certificate"), "{e}");
+        assert_eq!(e.kind, EgressFailureKind::Tls);
+    }
+
+    #[test]
+    fn a_closed_port_is_connection_refused() {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let p = Proxy::new(Duration::from_secs(10)).unwrap();
+        p.begin_call(grant(&format!("http://127.0.0.1:{port}")));
+        let e = p
+            .handle(get(&format!("http://127.0.0.1:{port}/")))
+            .unwrap_err();
+        assert_eq!(e.kind, EgressFailureKind::ConnectionRefused, "{e}");
     }
 
     #[test]
@@ -389,7 +449,7 @@ mod tests {
         let p = Proxy::new(Duration::from_secs(5)).unwrap();
         p.begin_call(grant("https://example.test"));
         let e = p.handle(get("ftp://example.test/file")).unwrap_err();
-        assert!(e.contains("only http and https"), "{e}");
+        assert!(e.message.contains("only http and https"), "{e}");
         assert_eq!(p.end_call()[0].decision, Decision::Deny);
         let e = Proxy::with_extra_roots(Duration::from_secs(5), b"not a certificate").unwrap_err();
         assert!(matches!(e, EgressError::Roots(_)), "{e}");

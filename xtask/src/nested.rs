@@ -216,6 +216,7 @@ scenario vm-escape-socket 900 run $E/escape.wasm --tool open-socket --args '{"ad
 scenario vm-egress 900 run $E/fetch.wasm --tool fetch --args '{"url": "http://127.0.0.1:8080/weather.txt"}' --policy /tmp/http.toml $VMRUN
 scenario vm-egress-https 900 run $E/fetch.wasm --tool fetch --args '{"url": "https://localhost:8443/weather.txt"}' --policy /tmp/https.toml --egress-ca /tmp/tls/ca.pem $VMRUN
 scenario vm-egress-https-untrusted 900 run $E/fetch.wasm --tool fetch --args '{"url": "https://localhost:8443/weather.txt"}' --policy /tmp/https.toml $VMRUN
+scenario process-egress-https-untrusted 300 run $E/fetch.wasm --tool fetch --args '{"url": "https://localhost:8443/weather.txt"}' --policy /tmp/https.toml --isolation process
 scenario vm-egress-denied 900 run $E/fetch.wasm --tool fetch --args '{"url": "http://127.0.0.1:8081/weather.txt"}' --policy /tmp/http.toml $VMRUN
 scenario four-vms 1200 vm multi $E/kitchen.wasm --tool recipes_summarize --kernel $G/vmlinux --initrd $G/initramfs.cpio.gz --boot-attempts 5 \
   --args '{"values": [1]}' --args '{"values": [2, 4]}' --args '{"values": [3, 6, 9]}' --args '{"values": [4, 8, 12, 16]}'
