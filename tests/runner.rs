@@ -497,9 +497,9 @@ impl airlock_guest::Egress for Bridge {
     }
 }
 
-#[test]
-fn http_through_the_host_egress_proxy_is_checked_again_by_the_host() {
-    let addr = common::http_server();
+/// A runner whose allowed requests go through a real host proxy (as in the
+/// microVM), the proxy, and `fetch` loaded in that runner.
+fn fetch_via_proxy() -> (Runner, airlock::egress::Proxy, airlock_guest::Loaded) {
     let proxy = airlock::egress::Proxy::new(std::time::Duration::from_secs(10)).unwrap();
     let runner = Runner::new(EngineConfig {
         pooling: false,
@@ -508,6 +508,13 @@ fn http_through_the_host_egress_proxy_is_checked_again_by_the_host() {
     .unwrap()
     .with_egress(std::sync::Arc::new(Bridge(proxy.clone())));
     let l = runner.load_wasm(&common::example_bytes("fetch")).unwrap();
+    (runner, proxy, l)
+}
+
+#[test]
+fn http_through_the_host_egress_proxy_is_checked_again_by_the_host() {
+    let addr = common::http_server();
+    let (runner, proxy, l) = fetch_via_proxy();
     let allowed = http_grant(&[&format!("http://127.0.0.1:{}", addr.port())], &[]);
     let url = json!({"url": format!("http://{addr}/weather")});
 
@@ -548,14 +555,7 @@ fn a_failed_request_gives_the_component_the_same_error_through_the_proxy_as_in_p
     let url = json!({"url": format!("http://127.0.0.1:{port}/x")});
     let direct = load("fetch");
     let in_process = call(&direct, "fetch", url.clone(), &grant);
-    let proxy = airlock::egress::Proxy::new(std::time::Duration::from_secs(10)).unwrap();
-    let runner = Runner::new(EngineConfig {
-        pooling: false,
-        ..EngineConfig::default()
-    })
-    .unwrap()
-    .with_egress(std::sync::Arc::new(Bridge(proxy.clone())));
-    let l = runner.load_wasm(&common::example_bytes("fetch")).unwrap();
+    let (runner, proxy, l) = fetch_via_proxy();
     proxy.begin_call(grant.http.clone());
     let via_proxy = runner.invoke(&l, "fetch", &url, &grant);
     proxy.end_call();
