@@ -64,26 +64,13 @@ impl Proxy {
     /// [`EgressError::Roots`] when `pem` is not empty but holds no usable
     /// certificate.
     pub fn with_extra_roots(timeout: Duration, pem: &[u8]) -> Result<Self, EgressError> {
-        use ureq::tls::{Certificate, PemItem, RootCerts, TlsConfig};
+        use ureq::tls::{Certificate, RootCerts, TlsConfig};
         let mut roots: Vec<Certificate<'static>> = webpki_root_certs::TLS_SERVER_ROOT_CERTS
             .iter()
             .map(|c| Certificate::from_der(c.as_ref()).to_owned())
             .collect();
         if !pem.is_empty() {
-            let before = roots.len();
-            for item in ureq::tls::parse_pem(pem) {
-                match item.map_err(|e| EgressError::Roots(e.to_string()))? {
-                    PemItem::Certificate(c) => roots.push(c.to_owned()),
-                    _ => {
-                        return Err(EgressError::Roots(
-                            "only CERTIFICATE blocks belong in it (found a key)".into(),
-                        ));
-                    }
-                }
-            }
-            if roots.len() == before {
-                return Err(EgressError::Roots("no CERTIFICATE block found".into()));
-            }
+            roots.extend(extra_roots(pem)?);
         }
         let tls = TlsConfig::builder()
             .root_certs(RootCerts::Specific(Arc::new(roots)))
@@ -243,6 +230,30 @@ impl Proxy {
             body,
         })
     }
+}
+
+/// The CA certificates in `pem`, for [`Proxy::with_extra_roots`]: at least
+/// one, and nothing else (a private key in the file is refused).
+///
+/// # Errors
+/// [`EgressError::Roots`] naming what is wrong.
+pub fn extra_roots(pem: &[u8]) -> Result<Vec<ureq::tls::Certificate<'static>>, EgressError> {
+    use ureq::tls::PemItem;
+    let mut certs = Vec::new();
+    for item in ureq::tls::parse_pem(pem) {
+        match item.map_err(|e| EgressError::Roots(e.to_string()))? {
+            PemItem::Certificate(c) => certs.push(c.to_owned()),
+            _ => {
+                return Err(EgressError::Roots(
+                    "only CERTIFICATE blocks belong in it (found a key)".into(),
+                ));
+            }
+        }
+    }
+    if certs.is_empty() {
+        return Err(EgressError::Roots("no CERTIFICATE block found".into()));
+    }
+    Ok(certs)
 }
 
 /// The class of a client error, as wasi-http tells them apart.
