@@ -35,15 +35,15 @@ pub fn exchange<S: Read + Write>(
     id: u64,
     req: EgressRequest,
 ) -> Result<EgressResponse, EgressFailure> {
-    let other = |m: String| EgressFailure::new(EgressFailureKind::Other, m);
     let msg = Message::HttpRequest {
         id,
         method: req.method,
         url: req.url,
         headers: req.headers,
     };
-    proto::write_frame(conn, &msg, &req.body).map_err(|e| other(e.to_string()))?;
-    let frame = proto::read_frame(conn, limits()).map_err(|e| other(e.to_string()))?;
+    proto::write_frame(conn, &msg, &req.body).map_err(|e| EgressFailure::other(e.to_string()))?;
+    let frame =
+        proto::read_frame(conn, limits()).map_err(|e| EgressFailure::other(e.to_string()))?;
     match frame.msg {
         Message::HttpResponse {
             id: got,
@@ -59,8 +59,10 @@ pub fn exchange<S: Read + Write>(
                 body: frame.blob,
             })
         }
-        Message::Error { message, .. } => Err(other(message)),
-        msg => Err(other(format!("the egress proxy answered {msg:?}"))),
+        Message::Error { message, .. } => Err(EgressFailure::other(message)),
+        msg => Err(EgressFailure::other(format!(
+            "the egress proxy answered {msg:?}"
+        ))),
     }
 }
 
@@ -125,7 +127,6 @@ pub struct VsockEgress {
 impl crate::runner::Egress for VsockEgress {
     fn send(&self, req: EgressRequest) -> Result<EgressResponse, EgressFailure> {
         use nix::sys::socket::{AddressFamily, SockFlag, SockType, VsockAddr, connect, socket};
-        let other = |m: String| EgressFailure::new(EgressFailureKind::Other, m);
         use std::os::fd::AsRawFd;
         let fd = socket(
             AddressFamily::Vsock,
@@ -133,12 +134,14 @@ impl crate::runner::Egress for VsockEgress {
             SockFlag::SOCK_CLOEXEC,
             None,
         )
-        .map_err(|e| other(format!("vsock socket: {e}")))?;
+        .map_err(|e| EgressFailure::other(format!("vsock socket: {e}")))?;
         connect(
             fd.as_raw_fd(),
             &VsockAddr::new(nix::libc::VMADDR_CID_HOST, EGRESS_PORT),
         )
-        .map_err(|e| other(format!("the host's egress proxy is not reachable: {e}")))?;
+        .map_err(|e| {
+            EgressFailure::other(format!("the host's egress proxy is not reachable: {e}"))
+        })?;
         let mut conn = std::fs::File::from(fd);
         let id = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         exchange(&mut conn, id, req)

@@ -252,6 +252,11 @@ impl EgressFailure {
         }
     }
 
+    /// A failure of kind [`EgressFailureKind::Other`].
+    pub fn other(message: impl Into<String>) -> Self {
+        Self::new(EgressFailureKind::Other, message)
+    }
+
     /// The wasi-http error code the component sees: what
     /// `wasmtime-wasi-http`'s own client reports for the same cause.
     pub fn error_code(&self) -> wasmtime_wasi_http::p2::bindings::http::types::ErrorCode {
@@ -711,10 +716,10 @@ impl Runner {
     }
 
     /// Compile component bytes into an artifact for [`Runner::load_precompiled`].
-    #[cfg(feature = "compile")]
     ///
     /// # Errors
     /// The bytes are not a valid component.
+    #[cfg(feature = "compile")]
     pub fn precompile(&self, wasm: &[u8]) -> Result<Vec<u8>, RunnerError> {
         contract::compile(&self.engine, wasm)?;
         let payload = self
@@ -725,10 +730,10 @@ impl Runner {
     }
 
     /// Compile and load component bytes.
-    #[cfg(feature = "compile")]
     ///
     /// # Errors
     /// Invalid component, or imports Airlock does not provide.
+    #[cfg(feature = "compile")]
     pub fn load_wasm(&self, wasm: &[u8]) -> Result<Loaded, RunnerError> {
         let (component, tools) = ToolSet::from_bytes(&self.engine, wasm)?;
         self.finish_load(component, tools, hex::encode(Sha256::digest(wasm)))
