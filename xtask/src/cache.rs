@@ -17,7 +17,7 @@ fn is_key(name: &str) -> bool {
 }
 
 /// Mark `entry` (a key directory) as used now.
-pub fn mark_used(entry: &Path) -> std::io::Result<()> {
+fn mark_used(entry: &Path) -> std::io::Result<()> {
     std::fs::File::open(entry)?.set_modified(SystemTime::now())
 }
 

@@ -122,29 +122,28 @@ pub fn build_rootfs(init: &Path, selftest: bool) -> anyhow::Result<PathBuf> {
         .join("rootfs")
         .join(&key)
         .join(name);
-    // Two entries are in use at a time (the image and its self-test twin).
     let dir = out.parent().expect("has parent").to_path_buf();
-    if out.exists() {
-        super::cache::use_and_prune(&dir, 6)?;
-        return Ok(out);
-    }
-    if !components.is_empty() {
-        let runner = Runner::new(engine).context("starting a runner to compile the self-test")?;
-        for (name, wasm) in components {
-            inputs.push(Input {
-                path_in_image: format!("selftest/{name}.cwasm"),
-                bytes: runner
-                    .precompile(&wasm)
-                    .with_context(|| format!("compiling {name}.wasm"))?,
-                mode: 0o100_644,
-            });
+    if !out.exists() {
+        if !components.is_empty() {
+            let runner =
+                Runner::new(engine).context("starting a runner to compile the self-test")?;
+            for (name, wasm) in components {
+                inputs.push(Input {
+                    path_in_image: format!("selftest/{name}.cwasm"),
+                    bytes: runner
+                        .precompile(&wasm)
+                        .with_context(|| format!("compiling {name}.wasm"))?,
+                    mode: 0o100_644,
+                });
+            }
         }
+        let bytes = cpio_gz(&inputs, selftest)?;
+        std::fs::create_dir_all(&dir)?;
+        let tmp = out.with_extension(format!("tmp.{}", std::process::id()));
+        std::fs::write(&tmp, &bytes)?;
+        std::fs::rename(&tmp, &out)?;
     }
-    let bytes = cpio_gz(&inputs, selftest)?;
-    std::fs::create_dir_all(out.parent().expect("has parent"))?;
-    let tmp = out.with_extension(format!("tmp.{}", std::process::id()));
-    std::fs::write(&tmp, &bytes)?;
-    std::fs::rename(&tmp, &out)?;
+    // Two entries are in use at a time (the image and its self-test twin).
     super::cache::use_and_prune(&dir, 6)?;
     Ok(out)
 }
