@@ -471,7 +471,7 @@ pub fn run(cfg: &VmConfig) -> Result<RunReport, VmmError> {
     vm.register_irqfd(&irq, COM1_IRQ)
         .map_err(kvm_err("register serial irqfd"))?;
     let pio = Arc::new(Pio {
-        serial: Arc::new(Mutex::new(com1(irq, console.clone()))),
+        serial: Mutex::new(com1(irq, console.clone())),
         marker: BootMarker::new(start),
         rtc: Mutex::new(Rtc::default()),
     });
@@ -653,7 +653,7 @@ type Mmio = Arc<Vec<(u64, Arc<Mutex<MmioTransport>>)>>;
 
 /// The port-I/O devices: COM1, the boot-stage marker and the CMOS clock.
 struct Pio {
-    serial: Arc<Mutex<Com1>>,
+    serial: Mutex<Com1>,
     marker: BootMarker,
     rtc: Mutex<Rtc>,
 }
