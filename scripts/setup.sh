@@ -5,7 +5,20 @@ mkdir -p "$AIRLOCK_CACHE"
 # Share the cargo target directory between clones (CI runs in a fresh clone).
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$AIRLOCK_CACHE/target}"
 
-step() { printf '\n==> %s\n' "$*" >&2; }
+# Each step says how long the one before it took and the time so far, so a
+# slow CI run shows where its minutes went.
+AIRLOCK_T0=${AIRLOCK_T0:-$SECONDS}
+_step_start=$SECONDS
+_step_name=""
+step() {
+  local now=$SECONDS
+  if [ -n "$_step_name" ]; then
+    printf '==> (%s: %dm%02ds)\n' "$_step_name" $(((now - _step_start) / 60)) $(((now - _step_start) % 60)) >&2
+  fi
+  printf '\n==> [%dm%02ds] %s\n' $(((now - AIRLOCK_T0) / 60)) $(((now - AIRLOCK_T0) % 60)) "$*" >&2
+  _step_start=$now
+  _step_name=$1
+}
 
 need_pkgs=()
 for pkg in $(cat scripts/apt-packages.txt); do

@@ -20,7 +20,9 @@ step "nested-KVM harness (cargo xtask nested)"
 cargo xtask nested
 
 # --- the suite ---
+# --no-fail-fast: one failing test binary must not hide the results of the
+# others (the nested VM tests and the service tests come late).
 step "unit and integration tests"
-cargo test --workspace --locked
+cargo test --workspace --locked --no-fail-fast
 
 step "all tests passed"

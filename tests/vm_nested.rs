@@ -14,17 +14,31 @@ use std::process::Command;
 use std::sync::OnceLock;
 use std::time::Duration;
 
-/// What one outer boot produced.
+/// What the outer boots produced, together.
 struct Outer {
-    console: String,
-    ended: common::Ended,
+    /// Each boot's console, in order.
+    consoles: Vec<String>,
     results: BTreeMap<String, (String, i32)>,
+    /// Scenarios an outer VM died in or was killed in: why, and which boot.
+    lost: BTreeMap<String, (String, usize)>,
 }
 
-/// Boot the outer VM once (as the manifest says); collect each scenario's output.
+/// At most this many outer boots: the first runs everything; when an outer
+/// VM dies or is killed mid-scenario, the next runs the scenarios not yet
+/// run (the one it died in is reported as failed, not run again).
+const MAX_OUTER_BOOTS: usize = 3;
+
+/// Every scenario, from as many outer boots as it takes (one, normally).
 fn outer() -> &'static Outer {
     static OUT: OnceLock<Outer> = OnceLock::new();
-    OUT.get_or_init(|| {
+    OUT.get_or_init(|| run_outer("", "", MAX_OUTER_BOOTS, Duration::from_secs(5 * 60)))
+}
+
+/// Boot the outer VM (as the manifest says, plus `extra` on its command
+/// line), again for what a dead one left unrun, up to `max_boots`; an outer
+/// VM silent for `silence` is killed. `tag` names the live console files.
+fn run_outer(extra: &str, tag: &str, max_boots: usize, silence: Duration) -> Outer {
+    {
         let m = common::manifest("nested.json", "nested");
         let argv: Vec<&str> = m["qemu"]
             .as_array()
@@ -32,48 +46,90 @@ fn outer() -> &'static Outer {
             .iter()
             .map(|a| a.as_str().unwrap())
             .collect();
-        let mut cmd = Command::new(argv[0]);
-        cmd.args(&argv[1..])
-            .args(["-append", m["append"].as_str().unwrap()]);
-        // Every scenario has its own limit inside the outer VM, and the
-        // outer VM prints a heartbeat each minute: five silent minutes
-        // mean the emulator itself froze.
-        // The console also goes to <target tmp>/nested-console.log as it
-        // arrives (`tail -f` it to watch a run).
-        let live = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("nested-console.log");
-        let (console, ended) = common::run_watched(
-            cmd,
-            Duration::from_secs(60 * 60),
-            Duration::from_secs(5 * 60),
-            Some(&live),
-        );
-        let mut results = BTreeMap::new();
-        let mut cur: Option<(String, String)> = None;
-        for line in console.lines() {
-            if let Some(name) = line.strip_prefix("NESTED-RESULT-BEGIN ") {
-                cur = Some((name.trim().to_string(), String::new()));
-            } else if let Some(rest) = line.strip_prefix("NESTED-RESULT-END ") {
-                let mut parts = rest.split_whitespace();
-                let name = parts.next().unwrap_or("").to_string();
-                let code = parts.next().and_then(|c| c.parse().ok()).unwrap_or(-1);
-                if let Some((n, body)) = cur.take() {
-                    assert_eq!(n, name);
-                    results.insert(n, (body, code));
+        let mut out = Outer {
+            consoles: Vec::new(),
+            results: BTreeMap::new(),
+            lost: BTreeMap::new(),
+        };
+        for boot in 0..max_boots {
+            let skip: Vec<&str> = out
+                .results
+                .keys()
+                .chain(out.lost.keys())
+                .map(String::as_str)
+                .collect();
+            let mut append = format!("{} {extra}", m["append"].as_str().unwrap());
+            if !skip.is_empty() {
+                append.push_str(&format!(" airlock_skip={}", skip.join(",")));
+                eprintln!(
+                    "nested: outer boot {} runs what boot {boot} left unrun (skipping {})",
+                    boot + 1,
+                    skip.join(",")
+                );
+            }
+            let mut cmd = Command::new(argv[0]);
+            cmd.args(&argv[1..]).args(["-append", &append]);
+            // Every scenario has its own limit inside the outer VM, and the
+            // outer VM prints a heartbeat every 30 s: minutes of silence
+            // mean the emulator itself froze.
+            // The console also goes to <target tmp>/nested-console<tag>-<boot>.log
+            // as it arrives (`tail -f` it to watch a run).
+            let live = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"))
+                .join(format!("nested-console{tag}-{boot}.log"));
+            let (console, ended) =
+                common::run_watched(cmd, Duration::from_secs(60 * 60), silence, Some(&live));
+            let results = parse_results(&console);
+            let finished = ended == common::Ended::Exited && console.contains("NESTED-END");
+            let new_results = results.len();
+            out.results.extend(results);
+            let running = running_scenario(&console)
+                .filter(|n| !out.results.contains_key(*n))
+                .map(str::to_string);
+            out.consoles.push(console);
+            if finished {
+                break;
+            }
+            match running {
+                Some(name) => {
+                    eprintln!("nested: the outer VM ended ({ended:?}) while {name} ran");
+                    out.lost
+                        .insert(name, (format!("the outer VM ended ({ended:?})"), boot));
                 }
-            } else if let Some((_, body)) = cur.as_mut()
-                && line != "NESTED-ALIVE"
-                && !is_kernel_log(line)
-            {
-                body.push_str(line);
-                body.push('\n');
+                // Died outside any scenario and ran nothing new: another
+                // boot would do the same.
+                None if new_results == 0 => break,
+                None => {}
             }
         }
-        Outer {
-            console,
-            ended,
-            results,
+        out
+    }
+}
+
+/// Each scenario's output and exit code, from one outer console.
+fn parse_results(console: &str) -> BTreeMap<String, (String, i32)> {
+    let mut results = BTreeMap::new();
+    let mut cur: Option<(String, String)> = None;
+    for line in console.lines() {
+        if let Some(name) = line.strip_prefix("NESTED-RESULT-BEGIN ") {
+            cur = Some((name.trim().to_string(), String::new()));
+        } else if let Some(rest) = line.strip_prefix("NESTED-RESULT-END ") {
+            let mut parts = rest.split_whitespace();
+            let name = parts.next().unwrap_or("").to_string();
+            let code = parts.next().and_then(|c| c.parse().ok()).unwrap_or(-1);
+            if let Some((n, body)) = cur.take() {
+                assert_eq!(n, name);
+                results.insert(n, (body, code));
+            }
+        } else if let Some((_, body)) = cur.as_mut()
+            && !line.starts_with("NESTED-ALIVE")
+            && !line.starts_with("NESTED-PROGRESS")
+            && !is_kernel_log(line)
+        {
+            body.push_str(line);
+            body.push('\n');
         }
-    })
+    }
+    results
 }
 
 /// A line the outer kernel printed (`[  12.345678] kvm …`) into the middle of
@@ -87,13 +143,17 @@ fn is_kernel_log(line: &str) -> bool {
         })
 }
 
-/// Which scenario was running when the outer VM stopped.
-fn running_scenario(console: &str) -> &str {
-    console
-        .lines()
-        .rev()
-        .find_map(|l| l.strip_prefix("NESTED-RESULT-BEGIN "))
-        .unwrap_or("(none)")
+/// Which scenario was running when the outer VM stopped (begun, not ended).
+fn running_scenario(console: &str) -> Option<&str> {
+    let mut running = None;
+    for line in console.lines() {
+        if let Some(n) = line.strip_prefix("NESTED-RESULT-BEGIN ") {
+            running = Some(n.trim());
+        } else if line.starts_with("NESTED-RESULT-END ") {
+            running = None;
+        }
+    }
+    running
 }
 
 fn scenario_body(name: &str) -> (&'static str, i32) {
@@ -101,16 +161,20 @@ fn scenario_body(name: &str) -> (&'static str, i32) {
     if let Some((body, code)) = o.results.get(name) {
         return (body, *code);
     }
+    let all = o.consoles.join("\n---- next outer boot ----\n");
     assert!(
-        !o.console.contains("NESTED-ERROR"),
-        "harness error; console:\n{}",
-        o.console
+        !all.contains("NESTED-ERROR"),
+        "harness error; console:\n{all}"
     );
+    if let Some((why, boot)) = o.lost.get(name) {
+        panic!(
+            "scenario {name} did not finish: {why} while it ran; console of that boot:\n{}",
+            o.consoles[*boot]
+        );
+    }
     panic!(
-        "scenario {name} did not run: the outer VM ended ({:?}) while {} was running; console:\n{}",
-        o.ended,
-        running_scenario(&o.console),
-        o.console
+        "scenario {name} did not run in {} outer boot(s); consoles:\n{all}",
+        o.consoles.len()
     );
 }
 
@@ -121,6 +185,41 @@ fn scenario(name: &str) -> (Value, i32) {
         .and_then(|i| serde_json::from_str(&body[i..]).ok())
         .unwrap_or_else(|| Value::String(body.to_string()));
     (json, code)
+}
+
+#[test]
+fn a_frozen_outer_vm_is_killed_and_a_fresh_one_runs_the_scenarios_it_left() {
+    // `airlock_hang=never-ready` makes the outer VM stop its heartbeat and
+    // hang as that scenario begins, as a frozen emulator would; the next
+    // outer boot must run pvm-free-check, which comes after it.
+    let o = run_outer(
+        "airlock_only=never-ready,pvm-free-check airlock_hang=never-ready",
+        "-hang",
+        2,
+        Duration::from_secs(90),
+    );
+    assert_eq!(o.consoles.len(), 2, "{:?}", o.consoles);
+    let (why, boot) = o.lost.get("never-ready").expect("never-ready is lost");
+    assert_eq!(*boot, 0);
+    assert!(why.contains("Silent"), "{why}");
+    let (body, code) = o.results.get("pvm-free-check").expect("ran in boot 2");
+    assert_eq!(*code, 2, "{body}");
+    // The scenario it died in is reported, not run again.
+    assert!(!o.results.contains_key("never-ready"), "{:?}", o.results);
+}
+
+#[test]
+fn scenario_results_and_the_running_one_are_read_from_the_console() {
+    let console = "NESTED-START\nNESTED-RESULT-BEGIN a\nNESTED-PROGRESS a: up\n{\"x\": 1}\n\
+                   NESTED-RESULT-END a 0\nNESTED-RESULT-BEGIN b\nNESTED-ALIVE 30s b\n";
+    let r = parse_results(console);
+    assert_eq!(r.keys().collect::<Vec<_>>(), ["a"]);
+    assert_eq!(r["a"], ("{\"x\": 1}\n".to_string(), 0));
+    assert_eq!(running_scenario(console), Some("b"));
+    assert_eq!(
+        running_scenario("NESTED-RESULT-BEGIN a\nNESTED-RESULT-END a 0\n"),
+        None
+    );
 }
 
 #[test]

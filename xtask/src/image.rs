@@ -37,6 +37,7 @@ pub fn build_init() -> anyhow::Result<PathBuf> {
             "--no-default-features",
         ])
         .current_dir(super::root())
+        .env("CARGO_ENCODED_RUSTFLAGS", baseline_rustflags())
         // wasmtime's build script compiles a little C; Debian's musl-tools
         // names its compiler musl-gcc.
         .env(
@@ -53,6 +54,19 @@ pub fn build_init() -> anyhow::Result<PathBuf> {
         .map(PathBuf::from)
         .unwrap_or_else(|| super::root().join("target"));
     strip(&target_dir.join("x86_64-unknown-linux-musl/release/airlock-init"))
+}
+
+/// Rust flags for native code built here to run elsewhere (the in-VM init,
+/// the static `airlock` of the outer VM): the CPU baseline compiled Wasm
+/// uses too (`airlock_guest::runner::baseline`). Set as
+/// `CARGO_ENCODED_RUSTFLAGS`, which wins over `RUSTFLAGS` and any cargo
+/// config, so a `-C target-cpu=native` there never reaches these binaries.
+/// (With `--target`, build scripts and proc macros do not get them.)
+pub fn baseline_rustflags() -> String {
+    format!(
+        "-Ctarget-cpu={}",
+        airlock_guest::runner::baseline::RUSTC_TARGET_CPU
+    )
 }
 
 /// A copy without symbols or debug info (`<path>.stripped`): the guest has no

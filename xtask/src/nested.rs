@@ -77,6 +77,7 @@ fn build_musl_airlock() -> anyhow::Result<(PathBuf, PathBuf)> {
             "airlock-vmm",
         ])
         .env("CC_x86_64_unknown_linux_musl", "musl-gcc")
+        .env("CARGO_ENCODED_RUSTFLAGS", super::image::baseline_rustflags())
         .current_dir(super::root()))?;
     let target_dir = std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
@@ -144,18 +145,39 @@ poweroff -f
 "#;
 
 const VM_TESTS: &str = r#"# Each scenario: its name, its time limit in seconds, then an `airlock`
-# subcommand and its arguments. `airlock_only=<name>` on the outer kernel
-# command line runs just that one. A scenario that outlives its limit is
-# killed (exit 137) so one stuck VM cannot take the others down with it.
+# subcommand and its arguments. `airlock_only=<a>,<b>,...` on the outer
+# kernel command line runs just those; `airlock_skip=<a>,<b>,...` runs all
+# but those (the test passes the scenarios an earlier outer VM already ran,
+# or died in, so a fresh outer VM runs the rest). `airlock_hang=<name>`
+# makes the outer VM stop its heartbeat and hang as that scenario begins,
+# as a frozen emulator would (the test of that recovery). A scenario that
+# outlives its limit is killed (exit 137) so one stuck VM cannot take the
+# others down with it.
 G=/guest
 E=/examples
-# Heartbeat: lets the host tell a slow outer VM from a frozen one.
-( while sleep 60; do echo NESTED-ALIVE; done ) &
+# Heartbeat: lets the host tell a slow outer VM from a frozen one, and says
+# which scenario is running and for how long (some are quiet for minutes).
+echo "(setup)" > /tmp/current
+( t=0; while sleep 30; do t=$((t + 30)); echo "NESTED-ALIVE ${t}s $(cat /tmp/current 2>/dev/null)"; done ) &
+heartbeat=$!
+# wanted NAME: whether this outer VM runs scenario NAME.
+wanted() {
+  if [ -n "$airlock_only" ]; then
+    case ",$airlock_only," in *",$1,"*) ;; *) return 1 ;; esac
+  fi
+  case ",$airlock_skip," in *",$1,"*) return 1 ;; esac
+  echo "$1" > /tmp/current
+  if [ "$airlock_hang" = "$1" ]; then
+    echo "NESTED-RESULT-BEGIN $1"
+    kill $heartbeat; while :; do sleep 3600; done
+  fi
+  return 0
+}
 # run_scenario NAME LIMIT ATTEMPTS ARGS...: see scenario_retry for when a
 # run is repeated; with one attempt it never is.
 run_scenario() {
   name=$1; limit=$2; attempts=$3; shift 3
-  if [ -n "$airlock_only" ] && [ "$airlock_only" != "$name" ]; then return; fi
+  wanted "$name" || return 0
   attempt=1
   while :; do
     timeout -s KILL "$limit" /airlock "$@" > /tmp/attempt.txt 2>&1
@@ -240,12 +262,16 @@ token = "$T"
 tenant = "acme"
 role = "admin"
 EOC
+# Progress lines: uploading compiles the component inside the outer VM,
+# which takes minutes under emulation.
+progress() { echo "NESTED-PROGRESS service-vm: $*"; }
 AIRLOCK_LOG=airlock=info /airlock serve --config /tmp/serve.toml > /tmp/serve.out 2> /tmp/serve.err &
 pid=$!
 i=0
 until grep -q listening /tmp/serve.out; do
   i=$((i+1)); if [ $i -gt 300 ]; then cat /tmp/serve.err; exit 3; fi; sleep 1
 done
+progress "serving; uploading kitchen.wasm (compiled in the outer VM)"
 # busybox wget sends --post-file up to the first NUL byte: upload with nc,
 # keeping its stdin open until the answer (busybox nc stops at stdin EOF).
 W=/examples/kitchen.wasm
@@ -255,11 +281,13 @@ W=/examples/kitchen.wasm
   i=0; while ! grep -q '}' /tmp/upload.txt && [ $i -lt 300 ]; do sleep 1; i=$((i+1)); done; } \
   | nc 127.0.0.1 8420 > /tmp/upload.txt
 grep -q '"created":true' /tmp/upload.txt || { cat /tmp/upload.txt; exit 4; }
+progress "uploaded; calling twice, a fresh microVM each"
 for v in 1 2; do
   if ! wget -q -O /tmp/call$v.json --header "Authorization: Bearer $T" --header "Content-Type: application/json" \
     --post-data "{\"arguments\": {\"values\": [$v, 10]}}" "$U/v1/tools/kitchen__recipes_summarize:invoke"; then
     echo "call $v failed; server log:"; tail -n 40 /tmp/serve.err; exit 5
   fi
+  progress "call $v answered"
 done
 booted=$(wget -q -O - --header "Authorization: Bearer $T" "$U/metrics" | grep '^airlock_vms_booted_total' | cut -d' ' -f2)
 printf '{"first": '; cat /tmp/call1.json; printf ', "second": '; cat /tmp/call2.json
@@ -267,7 +295,7 @@ printf ', "vms_booted": %s}\n' "${booted:-null}"
 kill $pid
 wait $pid || true
 EOT
-if [ -z "$airlock_only" ] || [ "$airlock_only" = service-vm ]; then
+if wanted service-vm; then
   echo "NESTED-RESULT-BEGIN service-vm"
   timeout -s KILL 900 sh /tmp/service-vm.sh 2>&1
   echo "NESTED-RESULT-END service-vm $?"
