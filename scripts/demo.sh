@@ -48,12 +48,13 @@ say "An adversarial tool trying to loop forever is stopped"
 say "The service: airlock serve on 127.0.0.1 — upload over HTTP, export as LLM tools, call, audit"
 token="$(od -An -N16 -tx1 /dev/urandom | tr -d ' \n')"
 cat > "$work/serve.toml" <<TOML
-allowed_host_dirs = ["$work/notes"]
 [[tokens]]
 name = "demo-admin"
 token = "$token"
 tenant = "demo"
 role = "admin"
+[tenants.demo]
+allowed_host_dirs = ["$work/notes"]
 TOML
 sed "s|host = \"notes\"|host = \"$work/notes\"|" "$work/policy.toml" > "$work/policy-abs.toml"
 "$AIRLOCK" serve --config "$work/serve.toml" --data-dir "$work/data" --listen 127.0.0.1:0 > "$work/serve.out" &

@@ -11,9 +11,16 @@ use airlock_guest::{
 use serde_json::{Value, json};
 use std::sync::OnceLock;
 
+/// The runner as `airlock run --isolation process` builds it: allowed HTTP
+/// goes through the host's egress proxy, called in process.
 fn runner() -> &'static Runner {
     static R: OnceLock<Runner> = OnceLock::new();
-    R.get_or_init(|| Runner::new(EngineConfig::default()).expect("runner"))
+    R.get_or_init(|| {
+        let proxy = airlock::egress::Proxy::new(std::time::Duration::from_secs(10)).unwrap();
+        Runner::new(EngineConfig::default())
+            .expect("runner")
+            .with_egress(std::sync::Arc::new(proxy))
+    })
 }
 
 fn load(name: &str) -> Loaded {
@@ -310,6 +317,7 @@ fn data_dir() -> tempfile::TempDir {
 fn dir_grant(d: &tempfile::TempDir, writable: bool) -> GrantSet {
     GrantSet {
         dirs: vec![DirGrant {
+            root: d.path().to_path_buf(),
             host_path: d.path().to_path_buf(),
             guest_path: "/data".into(),
             writable,
@@ -383,11 +391,77 @@ fn files_in_a_read_write_grant_and_nothing_without_grant() {
     );
 }
 
+/// A grant whose path has a symbolic link swapped in after the policy was
+/// checked (the race the review won against a `..` path) is refused, not
+/// followed; so is a path that would leave its root.
+#[test]
+fn a_grant_is_opened_beneath_its_root_without_following_links() {
+    let l = load("files");
+    let root = tempfile::tempdir().unwrap();
+    let root_path = std::fs::canonicalize(root.path()).unwrap();
+    let secret = tempfile::tempdir().unwrap();
+    std::fs::write(secret.path().join("shadow"), "root:secret\n").unwrap();
+    // `x` was a real directory when checked; now it is a link out.
+    std::os::unix::fs::symlink(secret.path(), root_path.join("x")).unwrap();
+    let grant = |root: &std::path::Path, host: std::path::PathBuf| GrantSet {
+        dirs: vec![DirGrant {
+            root: root.to_path_buf(),
+            host_path: host,
+            guest_path: "/data".into(),
+            writable: false,
+        }],
+        ..GrantSet::default()
+    };
+    let out = call(
+        &l,
+        "files_read",
+        json!({"path": "/data/shadow"}),
+        &grant(&root_path, root_path.join("x")),
+    );
+    assert!(
+        matches!(err(&out), CallError::Grant { message } if message.contains("symbolic link")),
+        "{out:?}"
+    );
+    // A link higher up (the root's own child dir replaced by a link to
+    // a tree that has the same shape) is refused too.
+    std::fs::create_dir_all(secret.path().join("y/z")).unwrap();
+    std::os::unix::fs::symlink(secret.path().join("y"), root_path.join("y")).unwrap();
+    let out = call(
+        &l,
+        "files_list",
+        json!({"dir": "/data"}),
+        &grant(&root_path, root_path.join("y/z")),
+    );
+    assert!(matches!(err(&out), CallError::Grant { .. }), "{out:?}");
+    // A path outside its root never opens.
+    let out = call(
+        &l,
+        "files_list",
+        json!({"dir": "/data"}),
+        &grant(&root_path, secret.path().to_path_buf()),
+    );
+    assert!(
+        matches!(err(&out), CallError::Grant { message } if message.contains("not inside its root")),
+        "{out:?}"
+    );
+    // The real directory, by its real path, opens.
+    std::fs::create_dir(root_path.join("real")).unwrap();
+    std::fs::write(root_path.join("real/notes.txt"), "ok\n").unwrap();
+    let out = call(
+        &l,
+        "files_read",
+        json!({"path": "/data/notes.txt"}),
+        &grant(&root_path, root_path.join("real")),
+    );
+    assert_eq!(ok(&out)["ok"], json!("ok\n"));
+}
+
 #[test]
 fn a_missing_granted_directory_is_a_grant_error() {
     let l = load("files");
     let g = GrantSet {
         dirs: vec![DirGrant {
+            root: "/".into(),
             host_path: "/nonexistent/airlock".into(),
             guest_path: "/data".into(),
             writable: false,
@@ -476,6 +550,116 @@ fn http_unlisted_host_and_deny_rules_are_denied() {
     assert!(has_event(&out, "http.request", Decision::Deny));
 }
 
+/// A real HTTP server on 127.0.0.1 that counts the requests it gets.
+fn counting_server() -> (
+    std::net::SocketAddr,
+    std::sync::Arc<std::sync::atomic::AtomicUsize>,
+) {
+    use std::io::{Read, Write};
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    let hits = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let h = hits.clone();
+    std::thread::spawn(move || {
+        for mut c in l.incoming().flatten() {
+            h.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let mut buf = [0u8; 4096];
+            let _ = c.read(&mut buf);
+            let _ = c.write_all(
+                b"HTTP/1.1 200 OK\r\ncontent-length: 6\r\nconnection: close\r\n\r\nsecret",
+            );
+        }
+    });
+    (addr, hits)
+}
+
+/// Review item 5: a rule naming a host reached a loopback server once the
+/// name resolved to 127.0.0.1 (and `airlock serve` itself on 8420). Now a
+/// name never reaches a special-purpose address; the IP literal rule does.
+#[test]
+fn a_granted_name_that_resolves_to_loopback_is_refused_at_the_address() {
+    let (addr, hits) = counting_server();
+    let l = load("fetch");
+    // `localhost` resolves to 127.0.0.1 here (/etc/hosts), as `rebind.test`
+    // did in the review.
+    let g = http_grant(&[&format!("http://localhost:{}", addr.port())], &[]);
+    let out = call(
+        &l,
+        "fetch",
+        json!({"url": format!("http://localhost:{}/x", addr.port())}),
+        &g,
+    );
+    let err = ok(&out)["err"].as_str().unwrap_or_default().to_string();
+    assert!(err.contains("HttpRequestDenied"), "{out:?}");
+    assert_eq!(
+        hits.load(std::sync::atomic::Ordering::SeqCst),
+        0,
+        "the server was reached"
+    );
+    // The guest-side check allowed the name; the proxy refused the address
+    // and says which.
+    let proxy: Vec<_> = out
+        .audit
+        .iter()
+        .filter(|e| e.action == "http.proxy")
+        .collect();
+    assert_eq!(proxy.len(), 1, "{:?}", out.audit);
+    assert_eq!(proxy[0].decision, Decision::Deny);
+    // (127.0.0.1 or ::1, whichever the resolver gave first.)
+    assert!(
+        proxy[0].target.ends_with("-> 127.0.0.1") || proxy[0].target.ends_with("-> ::1"),
+        "{:?}",
+        proxy[0]
+    );
+    assert!(proxy[0].reason.contains("loopback"), "{:?}", proxy[0]);
+    // The rule naming the literal reaches it, and the event names the IP.
+    let g = http_grant(&[&format!("http://127.0.0.1:{}", addr.port())], &[]);
+    let out = call(&l, "fetch", json!({"url": format!("http://{addr}/x")}), &g);
+    assert_eq!(ok(&out)["ok"]["body"], json!("secret"), "{out:?}");
+    assert_eq!(hits.load(std::sync::atomic::Ordering::SeqCst), 1);
+    assert!(out.audit.iter().any(|e| e.action == "http.proxy"
+        && e.decision == Decision::Allow
+        && e.target.ends_with("-> 127.0.0.1")));
+}
+
+/// Review item 6: `allow = ["*"]`, `deny = ["127.0.0.1"]` was bypassed by
+/// other spellings of the address and by a name resolving to it.
+#[test]
+fn a_deny_rule_holds_for_every_spelling_and_every_name_of_its_address() {
+    let (addr, hits) = counting_server();
+    let l = load("fetch");
+    let port = addr.port();
+    let g = http_grant(&["*"], &["127.0.0.1"]);
+    for host in [
+        "127.1",
+        "2130706433",
+        "0x7f000001",
+        "[::ffff:127.0.0.1]",
+        "localhost",
+    ] {
+        let out = call(
+            &l,
+            "fetch",
+            json!({"url": format!("http://{host}:{port}/x")}),
+            &g,
+        );
+        let err = ok(&out)["err"].as_str().unwrap_or_default().to_string();
+        assert!(err.contains("HttpRequestDenied"), "{host}: {out:?}");
+        assert!(
+            out.audit
+                .iter()
+                .any(|e| e.decision == Decision::Deny && e.reason.contains("deny rule")),
+            "{host}: {:?}",
+            out.audit
+        );
+    }
+    assert_eq!(
+        hits.load(std::sync::atomic::Ordering::SeqCst),
+        0,
+        "the server was reached"
+    );
+}
+
 /// The microVM's egress path without the VM: the runner hands allowed
 /// requests to an `Egress` that speaks the egress protocol over a socket
 /// pair to the host's real proxy, which sends them to a real server.
@@ -485,6 +669,7 @@ impl airlock_guest::Egress for Bridge {
     fn send(
         &self,
         req: airlock_guest::EgressRequest,
+        _call: &airlock_guest::EgressCall,
     ) -> Result<airlock_guest::EgressResponse, airlock_guest::EgressFailure> {
         let (mut guest, mut host) = std::os::unix::net::UnixStream::pair().unwrap();
         let proxy = self.0.clone();
@@ -604,6 +789,7 @@ fn escape_attempts_are_all_denied_or_stopped() {
         fuel: 50_000_000,
         timeout_ms: 3_000,
         max_output_bytes: 64 << 10,
+        ..Limits::default()
     };
 
     // Absolute path outside any grant: WASI has no ambient paths at all.
@@ -632,6 +818,21 @@ fn escape_attempts_are_all_denied_or_stopped() {
     assert!(has_event(&out, "fs.open", Decision::Deny));
     assert!(!d.path().join("pwned").exists());
 
+    // Review item 10: changing a read-only grant any other way is refused
+    // and each attempt leaves an event (before, only opens did).
+    let out = call(&l, "change-readonly", json!({"dir": "/data"}), &g);
+    assert_eq!(ok(&out)["err"], "every change was refused", "{out:?}");
+    for op in ["mkdir", "rename", "unlink", "link", "symlink", "rmdir"] {
+        assert!(
+            out.audit.iter().any(|e| e.action == "fs.change"
+                && e.decision == Decision::Deny
+                && e.target.starts_with(op)),
+            "no denied fs.change for {op}: {:?}",
+            out.audit
+        );
+    }
+    assert!(d.path().join("notes.txt").exists() && d.path().join("sub").exists());
+
     // An unlisted host.
     let out = call(&l, "reach-host", json!({"url": "http://example.com/"}), &g);
     assert!(
@@ -651,11 +852,13 @@ fn escape_attempts_are_all_denied_or_stopped() {
             .any(|e| e.action == "env.read" && e.target == "(none)")
     );
 
-    // Raw sockets.
+    // Raw sockets: not even created.
     let out = call(&l, "open-socket", json!({"addr": "127.0.0.1:22"}), &g);
     assert!(ok(&out).get("err").is_some());
     assert!(
-        has_event(&out, "socket.connect", Decision::Deny),
+        out.audit.iter().any(|e| e.action == "socket.create"
+            && e.decision == Decision::Deny
+            && e.target == "tcp ipv4"),
         "{:?}",
         out.audit
     );
@@ -686,6 +889,183 @@ fn escape_attempts_are_all_denied_or_stopped() {
     );
     assert!(out.stdout.len() <= 64 << 10);
     assert!(has_event(&out, "limit.output", Decision::Deny));
+}
+
+/// Review item 4: 15,000 header fields of 64 KiB cost the server 1.28 GB
+/// while the call's linear memory peaked at 1.1 MB. Fields are capped at
+/// 32 KiB and the resource table at memory-limit / 32 KiB entries, so what
+/// a call holds in host memory is bounded by its own memory limit.
+#[test]
+fn host_memory_held_by_a_call_is_bounded_by_its_memory_limit() {
+    fn peak_rss_kib() -> i64 {
+        let s = std::fs::read_to_string("/proc/self/status").unwrap();
+        s.lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap()
+    }
+    let l = load("escape");
+    let g = GrantSet::default();
+    // One field over the per-fields cap is refused outright.
+    let out = call(
+        &l,
+        "hoard-fields",
+        json!({"count": 15_000, "size": 65_536}),
+        &g,
+    );
+    let e = ok(&out)["err"].as_str().unwrap_or_default().to_string();
+    assert!(e.starts_with("field 0:"), "{out:?}");
+    // Fields under the cap: the table fills at 64 MiB / 32 KiB = 2048.
+    let out = call(
+        &l,
+        "hoard-fields",
+        json!({"count": 15_000, "size": 16_000}),
+        &g,
+    );
+    let CallError::Trap { message } = err(&out) else {
+        panic!("{:?}", out.result)
+    };
+    assert!(message.to_lowercase().contains("table"), "{message}");
+    // Neither came near the 1 GB the review saw (the whole test process,
+    // other tests included, stays far below it).
+    assert!(
+        peak_rss_kib() < 700 << 10,
+        "peak RSS {} KiB",
+        peak_rss_kib()
+    );
+}
+
+/// Review items 4 and 13: a 32 MiB result is refused at `limits.max_result`
+/// (1 MiB by default) with a structured error, the same in both walls.
+#[test]
+fn a_result_over_max_result_is_a_structured_error() {
+    let l = load("escape");
+    let mut g = GrantSet::default();
+    let out = call(&l, "big-result", json!({"bytes": 32 << 20}), &g);
+    assert_eq!(
+        err(&out),
+        &CallError::ResultLimit {
+            limit_bytes: 1 << 20
+        }
+    );
+    assert!(has_event(&out, "limit.result", Decision::Deny));
+    // Just under the cap passes; one byte of cap less refuses it.
+    let out = call(&l, "big-result", json!({"bytes": 1000}), &g);
+    assert_eq!(ok(&out).as_str().unwrap().len(), 1000);
+    g.limits.max_result_bytes = 1001;
+    assert!(matches!(
+        call(&l, "big-result", json!({"bytes": 1000}), &g).result,
+        CallResult::Ok(_)
+    ));
+    g.limits.max_result_bytes = 1000;
+    assert_eq!(
+        err(&call(&l, "big-result", json!({"bytes": 1000}), &g)),
+        &CallError::ResultLimit { limit_bytes: 1000 }
+    );
+}
+
+/// Review item 14: a stack overflow came back as "error while executing at
+/// wasm backtrace:" and nothing else.
+#[test]
+fn a_stack_overflow_is_named_and_says_where() {
+    let l = load("escape");
+    let out = call(
+        &l,
+        "recurse",
+        json!({"depth": 1_000_000_000u64}),
+        &GrantSet::default(),
+    );
+    let CallError::StackOverflow { message } = err(&out) else {
+        panic!("{:?}", out.result)
+    };
+    assert!(message.contains("call stack exhausted"), "{message}");
+    assert!(message.contains("recurse"), "{message}");
+    assert!(has_event(&out, "limit.stack", Decision::Deny));
+    let v = serde_json::to_value(&out.result).unwrap();
+    assert_eq!(v["error"]["kind"], "stack_overflow", "{v}");
+}
+
+/// Review item 3: a tool with no grants made ~20,000 real host sockets and
+/// the server ran out of descriptors, with no audit event. Now no socket is
+/// ever created: each attempt is refused, audited, and past the first few,
+/// slowed; the process's descriptor count does not move.
+#[test]
+fn a_tool_cannot_hoard_host_sockets() {
+    fn open_fds() -> usize {
+        std::fs::read_dir("/proc/self/fd").unwrap().count()
+    }
+    let l = load("escape");
+    let mut g = GrantSet::default();
+    g.limits.timeout_ms = 3_000;
+    let before = open_fds();
+    let out = call(&l, "hoard-sockets", json!({"count": 20_000}), &g);
+    let after = open_fds();
+    assert!(
+        after <= before + 8,
+        "descriptors went from {before} to {after}"
+    );
+    let e = ok(&out)["err"].as_str().unwrap_or_default().to_string();
+    assert!(
+        e.starts_with("socket 0:") && e.contains("AccessDenied"),
+        "{out:?}"
+    );
+    assert!(
+        out.audit.iter().any(|e| e.action == "socket.create"
+            && e.decision == Decision::Deny
+            && e.target == "tcp ipv4"),
+        "{:?}",
+        out.audit
+    );
+}
+
+/// Review item 2: a tool with no grants sent thousands of denied requests
+/// with 60 KB URLs and the host kept every one (180 MB per call). Now the
+/// trail is capped and counted, and denials past the first few are slowed
+/// so the flood runs into the call's own wall clock.
+#[test]
+fn a_flood_of_denied_requests_costs_the_host_a_bounded_trail() {
+    let l = load("escape");
+    let mut g = GrantSet::default();
+    g.limits.timeout_ms = 2_000;
+    let t = std::time::Instant::now();
+    let out = call(
+        &l,
+        "flood-denied",
+        json!({"url": "http://denied.test", "count": 17_500, "pad": 60_000}),
+        &g,
+    );
+    assert!(t.elapsed() < std::time::Duration::from_secs(10));
+    assert_eq!(
+        err(&out),
+        &CallError::Timeout { limit_ms: 2_000 },
+        "{:?}",
+        out.result
+    );
+    let cap = airlock_guest::audit::caps::MAX_EVENTS;
+    assert!(out.audit.len() <= cap, "{} events", out.audit.len());
+    // Rate-limited: 32 at full speed, then one per 20 ms for 2 s.
+    let denied = out
+        .audit
+        .iter()
+        .filter(|e| e.action == "http.request")
+        .count() as u64;
+    assert!(
+        denied + out.audit_dropped < 200,
+        "{denied} denials recorded, {} dropped: not slowed down",
+        out.audit_dropped
+    );
+    assert!(
+        out.audit.iter().all(|e| e.target.len() <= 512),
+        "an event's target is not capped"
+    );
+    // The limit that ended the call is in the trail despite the flood.
+    assert!(
+        has_event(&out, "limit.time", Decision::Deny),
+        "{:?}",
+        out.audit.last()
+    );
+    let bytes = serde_json::to_vec(&out).unwrap().len();
+    assert!(bytes < 512 << 10, "the outcome is {bytes} bytes");
 }
 
 #[test]

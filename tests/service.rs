@@ -340,6 +340,64 @@ fn tenants_are_isolated_and_roles_are_enforced() {
             .status,
         403
     );
+    // Review item 10: /metrics shows a tenant its own series only.
+    c.invoke(ADMIN, "kitchen__greet", json!({"name": "x"}));
+    let text = |r: common::server::Reply| r.json.as_str().unwrap_or_default().to_string();
+    let mine = text(c.get(ADMIN, "/metrics"));
+    assert!(mine.contains("tenant=\"acme\""), "{mine}");
+    let theirs = text(c.get(OTHER_ADMIN, "/metrics"));
+    assert!(theirs.contains("airlock_"), "{theirs}");
+    assert!(!theirs.contains("tenant=\"acme\""), "{theirs}");
+    // Review item 10: policies may not ask past the tenant's ceiling.
+    let r = c.put_policy(
+        ADMIN,
+        "kitchen",
+        "version = 1\n[limits]\nmemory = \"4 GiB\"\n",
+    );
+    assert_eq!(r.status, 400, "{}", r.json);
+    assert_eq!(
+        r.json["error"]["field"], "policy.limits.memory",
+        "{}",
+        r.json
+    );
+    assert!(
+        r.json["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("ceiling"),
+        "{}",
+        r.json
+    );
+    let r = c.put_policy(
+        ADMIN,
+        "kitchen",
+        "version = 1\n[limits]\nfuel = 9200000000000000000\n",
+    );
+    assert_eq!(r.json["error"]["field"], "policy.limits.fuel", "{}", r.json);
+    // Review item 7: invokers call tools; they do not read what a tool may
+    // do (policies hold env values such as API keys).
+    c.put_policy(
+        ADMIN,
+        "kitchen",
+        "version = 1\n[env]\nAPI_KEY = \"sk-live-123\"\n",
+    );
+    for path in [
+        "/v1/components/kitchen/policy",
+        "/v1/components/kitchen/policy/versions",
+        "/v1/components/kitchen/policy/diff?from=1&to=1",
+        "/v1/components/kitchen/report",
+    ] {
+        let r = c.get(INVOKER, path);
+        assert_eq!(r.status, 403, "{path}: {}", r.json);
+        assert!(
+            !r.json.to_string().contains("sk-live"),
+            "{path}: {}",
+            r.json
+        );
+        assert_eq!(c.get(AUDITOR, path).status, 200, "{path}");
+    }
+    assert_eq!(c.get(INVOKER, "/v1/components/kitchen").status, 200);
+    assert_eq!(c.get(INVOKER, "/v1/tools?format=openai").status, 200);
     assert_eq!(c.get(INVOKER, "/v1/audit").status, 403);
     assert_eq!(c.get(INVOKER, "/v1/audit/verify").status, 403);
     assert_eq!(c.get(AUDITOR, "/v1/audit").status, 200);
@@ -850,6 +908,32 @@ fn mcp_works_with_the_official_rust_client_and_validates_origin_and_session() {
         .unwrap();
     assert_eq!(del.status(), 204);
     assert_eq!(post(None, Some(&session), &list).status(), 404);
+
+    // Review item 10: an `initialize` inside a batch let the rest of the
+    // batch skip the session check.
+    let batch = json!([init, list]);
+    let r = post(None, None, &batch);
+    assert_eq!(r.status(), 400);
+    assert!(r.headers().get("mcp-session-id").is_none());
+    // ...and one client made 15,000 sessions that never expired: a tenant
+    // holds at most 256, the least recently used going first.
+    let first = post(None, None, &init).headers()["mcp-session-id"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    let mut last = String::new();
+    for _ in 0..256 {
+        last = post(None, None, &init).headers()["mcp-session-id"]
+            .to_str()
+            .unwrap()
+            .to_string();
+    }
+    assert_eq!(
+        post(None, Some(&first), &list).status(),
+        404,
+        "the oldest was evicted"
+    );
+    assert_eq!(post(None, Some(&last), &list).status(), 200);
 }
 
 #[test]
@@ -923,4 +1007,151 @@ fn a_call_whose_client_disconnects_still_finishes_and_is_audited() {
         );
         std::thread::sleep(std::time::Duration::from_millis(200));
     }
+}
+
+fn fs_policy(host: &str, mode: &str) -> String {
+    format!("version = 1\n[[filesystem]]\nhost = {host:?}\nguest = \"/data\"\nmode = \"{mode}\"\n")
+}
+
+/// Review item 1: a `..` path, a missing path (the race needs one) and a
+/// path through a symlink are refused when stored; a directory swapped for
+/// a link after it was stored is refused at call time, never followed.
+/// Review item 8: one tenant cannot grant another tenant's directory.
+#[test]
+fn granted_directories_cannot_be_made_to_point_outside_the_tenants_own() {
+    let d = tmp();
+    let srv = Server::start(d.path(), "");
+    let c = srv.client();
+    c.upload_example(ADMIN, "files", "files");
+    let shared = std::fs::canonicalize(d.path().join("shared")).unwrap();
+    let globex = std::fs::canonicalize(d.path().join("globex")).unwrap();
+    std::fs::write(globex.join("secret.txt"), "globex's\n").unwrap();
+    let refused = |text: String, why: &str| {
+        let r = c.put_policy(ADMIN, "files", &text);
+        assert_eq!(r.status, 400, "{text}: {}", r.json);
+        assert_eq!(
+            r.json["error"]["field"], "policy.filesystem[0].host",
+            "{}",
+            r.json
+        );
+        let msg = r.json["error"]["message"].as_str().unwrap().to_string();
+        assert!(msg.contains(why), "{text}: {msg}");
+    };
+    // The review's path: inside by its text, /etc by its meaning once `x`
+    // exists; and `x` does not exist yet.
+    let dotdot = format!("{}/x/../../../../../../etc", shared.display());
+    refused(fs_policy(&dotdot, "ro"), "`..`");
+    refused(
+        fs_policy(&format!("{}/x", shared.display()), "ro"),
+        "cannot be granted",
+    );
+    // A symlink inside the tenant's directory pointing out of it.
+    std::os::unix::fs::symlink("/etc", shared.join("etc-link")).unwrap();
+    refused(
+        fs_policy(&format!("{}/etc-link", shared.display()), "ro"),
+        "symbolic link",
+    );
+    // Another tenant's directory, and the data directory.
+    refused(
+        fs_policy(&globex.display().to_string(), "rw"),
+        "allowed_host_dirs",
+    );
+    refused(
+        fs_policy(&srv.data().display().to_string(), "ro"),
+        "allowed_host_dirs",
+    );
+    refused(fs_policy("relative/dir", "ro"), "relative");
+
+    // Stored while real; swapped for a link out before the call.
+    std::fs::create_dir(shared.join("x")).unwrap();
+    std::fs::write(shared.join("x/notes.txt"), "mine\n").unwrap();
+    let r = c.put_policy(
+        ADMIN,
+        "files",
+        &fs_policy(&format!("{}/x", shared.display()), "ro"),
+    );
+    assert_eq!(r.status, 201, "{}", r.json);
+    let r = c.invoke(
+        ADMIN,
+        "files__files_read",
+        json!({"path": "/data/notes.txt"}),
+    );
+    assert_eq!(r.json["result"]["ok"]["ok"], "mine\n", "{}", r.json);
+    std::fs::remove_dir_all(shared.join("x")).unwrap();
+    std::os::unix::fs::symlink(&globex, shared.join("x")).unwrap();
+    let r = c.invoke(
+        ADMIN,
+        "files__files_read",
+        json!({"path": "/data/secret.txt"}),
+    );
+    assert_eq!(r.status, 200, "{}", r.json);
+    assert_eq!(r.json["result"]["error"]["kind"], "grant", "{}", r.json);
+    assert!(!r.json.to_string().contains("globex's"), "{}", r.json);
+
+    // globex itself may grant its own directory.
+    c.upload_example(OTHER_ADMIN, "files", "files");
+    let r = c.put_policy(
+        OTHER_ADMIN,
+        "files",
+        &fs_policy(&globex.display().to_string(), "ro"),
+    );
+    assert_eq!(r.status, 201, "{}", r.json);
+    let r = c.invoke(
+        OTHER_ADMIN,
+        "files__files_read",
+        json!({"path": "/data/secret.txt"}),
+    );
+    assert_eq!(r.json["result"]["ok"]["ok"], "globex's\n", "{}", r.json);
+}
+
+/// Review item 7: an `env` value marked secret reaches the call and no
+/// route: not the policy, its text, a diff or a report.
+#[test]
+fn secret_env_values_are_never_returned() {
+    let d = tmp();
+    let srv = Server::start(d.path(), "");
+    let c = srv.client();
+    c.upload_example(ADMIN, "escape", "escape");
+    let r = c.put_policy(
+        ADMIN,
+        "escape",
+        "version = 1\n[env]\nAPI_KEY = { secret = \"sk-live-123\" }\n",
+    );
+    assert_eq!(r.status, 201, "{}", r.json);
+    c.put_policy(
+        ADMIN,
+        "escape",
+        "version = 1\n[env]\nAPI_KEY = { secret = \"sk-live-456\" }\n",
+    );
+    for path in [
+        "/v1/components/escape/policy",
+        "/v1/components/escape/policy?version=1",
+        "/v1/components/escape/policy/diff?from=1&to=2",
+        "/v1/components/escape/report",
+    ] {
+        for who in [ADMIN, AUDITOR] {
+            let r = c.get(who, path);
+            assert_eq!(r.status, 200, "{path}: {}", r.json);
+            assert!(
+                !r.json.to_string().contains("sk-live"),
+                "{path}: {}",
+                r.json
+            );
+        }
+    }
+    assert!(
+        c.get(ADMIN, "/v1/components/escape/policy")
+            .json
+            .to_string()
+            .contains("secret_sha256")
+    );
+    let r = c.invoke(INVOKER, "escape__read-env", json!({"key": "API_KEY"}));
+    assert_eq!(r.json["result"]["ok"]["ok"], "sk-live-456", "{}", r.json);
+    // The audit trail names the key, never the value.
+    assert!(
+        !c.get(AUDITOR, "/v1/audit")
+            .json
+            .to_string()
+            .contains("sk-live")
+    );
 }

@@ -417,7 +417,7 @@ fn allowed_https_leaves_through_the_host_proxy_over_verified_tls() {
         host[0]["target"]
             .as_str()
             .unwrap()
-            .contains("https://localhost:8443/weather.txt"),
+            .contains("https://127.0.0.1:8443/weather.txt"),
         "{v}"
     );
 
@@ -546,8 +546,9 @@ fn the_escape_components_attempts_are_stopped_inside_the_microvm_too() {
     );
     assert_eq!(v["result"], local["result"]);
 
-    // The guest kernel has no IP stack at all: the connect fails before it
-    // could reach the policy's address check, and nothing is allowed.
+    // Review item 12: the socket is refused by the runner before any
+    // kernel sees it, with the same audit event as in process (the guest
+    // kernel has no IP stack anyway).
     let (v, _) = scenario("vm-escape-socket");
     let events = v["audit"].as_array().expect("audit events");
     assert!(events.iter().all(|e| e["decision"] != "allow"), "{v}");
@@ -555,5 +556,55 @@ fn the_escape_components_attempts_are_stopped_inside_the_microvm_too() {
     assert!(
         err.starts_with("connect 10.0.2.2:80"),
         "the connect must fail: {v}"
+    );
+    let local = process_outcome("escape", "open-socket", r#"{"addr": "10.0.2.2:80"}"#, None);
+    assert_eq!(v["result"], local["result"], "vm: {v}\nprocess: {local}");
+    let kinds = |v: &Value| -> Vec<(String, String, String)> {
+        v["audit"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .map(|e| {
+                        (
+                            e["action"].as_str().unwrap_or("").to_string(),
+                            e["target"].as_str().unwrap_or("").to_string(),
+                            e["decision"].as_str().unwrap_or("").to_string(),
+                        )
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    assert_eq!(kinds(&v), kinds(&local), "vm: {v}\nprocess: {local}");
+    assert!(
+        kinds(&v).contains(&("socket.create".into(), "tcp ipv4".into(), "deny".into())),
+        "{v}"
+    );
+}
+
+#[test]
+fn limits_on_results_and_stack_give_the_same_structured_errors_in_the_microvm() {
+    // Review item 13: a 32 MiB result was "frame's json is 33554681 bytes,
+    // over the cap" with no structured error; item 14: a stack overflow
+    // lost its message.
+    for (name, tool, args) in [
+        ("vm-big-result", "big-result", r#"{"bytes": 33554432}"#),
+        ("vm-stack-overflow", "recurse", r#"{"depth": 1000000000}"#),
+    ] {
+        let (v, code) = scenario(name);
+        assert_eq!(code, 1, "a failed call exits 1: {v}");
+        let local = process_outcome("escape", tool, args, None);
+        assert_eq!(v["result"], local["result"], "vm: {v}\nprocess: {local}");
+    }
+    let (v, _) = scenario("vm-big-result");
+    assert_eq!(v["result"]["error"]["kind"], "result_limit", "{v}");
+    let (v, _) = scenario("vm-stack-overflow");
+    assert_eq!(v["result"]["error"]["kind"], "stack_overflow", "{v}");
+    assert!(
+        v["result"]["error"]["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("call stack exhausted"),
+        "{v}"
     );
 }

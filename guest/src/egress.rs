@@ -125,7 +125,13 @@ pub struct VsockEgress {
 
 #[cfg(target_os = "linux")]
 impl crate::runner::Egress for VsockEgress {
-    fn send(&self, req: EgressRequest) -> Result<EgressResponse, EgressFailure> {
+    /// The host checks with its own copy of the grant and keeps its own
+    /// audit events: `call` stays here.
+    fn send(
+        &self,
+        req: EgressRequest,
+        _call: &crate::runner::EgressCall,
+    ) -> Result<EgressResponse, EgressFailure> {
         use nix::sys::socket::{AddressFamily, SockFlag, SockType, VsockAddr, connect, socket};
         use std::os::fd::AsRawFd;
         let fd = socket(

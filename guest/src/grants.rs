@@ -3,6 +3,7 @@
 
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
+use std::net::IpAddr;
 use std::path::PathBuf;
 
 /// Default limits, used when a policy says nothing. Kept in one place so a
@@ -16,12 +17,25 @@ pub mod defaults {
     pub const TIMEOUT_MS: u64 = 10_000;
     /// One MiB each for stdout and stderr.
     pub const MAX_OUTPUT_BYTES: u64 = 1 << 20;
+    /// One MiB for the result, as JSON.
+    pub const MAX_RESULT_BYTES: u64 = 1 << 20;
 }
 
 /// A directory the call may see.
+///
+/// The runner opens `root` and then `host_path` beneath it, one component
+/// at a time, refusing `..` and symbolic links (`openat2` with
+/// `RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS`), at call time: whatever is
+/// renamed or swapped inside `root` between the policy check and the call,
+/// the directory opened is inside `root`, or the call fails with a `grant`
+/// error.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DirGrant {
-    /// Directory on the machine running the call.
+    /// The directory the grant may not leave (a tenant's allowed directory
+    /// in the service; `/` for `airlock run`). Absolute, canonical.
+    pub root: PathBuf,
+    /// Directory on the machine running the call: absolute, inside `root`,
+    /// without `.`, `..` or symbolic links.
     pub host_path: PathBuf,
     /// Path the component sees (e.g. `/data`).
     pub guest_path: String,
@@ -100,6 +114,16 @@ impl HttpRule {
         if host.is_empty() {
             return Err(RuleError::Host(host, "it is empty"));
         }
+        // An IP literal in any spelling the URL standard accepts (`127.1`,
+        // `0x7f000001`, `[::ffff:127.0.0.1]`) is kept in one form, so a
+        // rule matches a request however either spells the address.
+        if let Some(ip) = literal_ip(&host) {
+            return Ok(Self {
+                scheme,
+                host: ip_text(ip),
+                port,
+            });
+        }
         if host != "*" {
             let bare = host.strip_prefix("*.").unwrap_or(&host);
             if bare.is_empty() || bare.contains('*') {
@@ -121,7 +145,13 @@ impl HttpRule {
         Ok(Self { scheme, host, port })
     }
 
-    /// Does this rule match a request to `scheme://host:port`?
+    /// The address this rule names, if its host is an IP literal.
+    pub fn ip(&self) -> Option<IpAddr> {
+        literal_ip(&self.host)
+    }
+
+    /// Does this rule match a request to `scheme://host:port`? `host` as
+    /// [`normalize_host`] gives it.
     pub fn matches(&self, scheme: &str, host: &str, port: u16) -> bool {
         if let Some(s) = &self.scheme
             && s != scheme
@@ -180,14 +210,144 @@ pub enum HttpVerdict {
 }
 
 impl HttpGrant {
-    /// Check a request target.
+    /// Check a request target by its name (any spelling of an IP literal is
+    /// read as that address). Deny rules win.
     pub fn check(&self, scheme: &str, host: &str, port: u16) -> HttpVerdict {
-        if let Some(r) = self.deny.iter().find(|r| r.matches(scheme, host, port)) {
+        let host = normalize_host(host);
+        if let Some(r) = self.deny.iter().find(|r| r.matches(scheme, &host, port)) {
             return HttpVerdict::Denied(format!("matches deny rule {r}"));
         }
-        match self.allow.iter().find(|r| r.matches(scheme, host, port)) {
+        match self.allow.iter().find(|r| r.matches(scheme, &host, port)) {
             Some(r) => HttpVerdict::Allowed(format!("matches allow rule {r}")),
             None => HttpVerdict::Denied("no allow rule matches".to_string()),
+        }
+    }
+
+    /// Check one address a request's host resolved to, after [`check`]
+    /// allowed the name and before connecting (the caller connects to this
+    /// very address, never resolving again). Refused: an address a deny
+    /// rule names, and a special-purpose address ([`special_purpose`]:
+    /// loopback, private, link-local, CGNAT, multicast, unspecified, and
+    /// their IPv4-mapped forms) unless an allow rule that matches the
+    /// request names that address itself.
+    ///
+    /// [`check`]: HttpGrant::check
+    pub fn check_address(&self, scheme: &str, host: &str, port: u16, ip: IpAddr) -> HttpVerdict {
+        let ip = unmap(ip);
+        let text = ip_text(ip);
+        if let Some(r) = self
+            .deny
+            .iter()
+            .find(|r| r.ip() == Some(ip) && r.matches(scheme, &text, port))
+        {
+            return HttpVerdict::Denied(format!("resolves to {text}, which deny rule {r} names"));
+        }
+        let Some(kind) = special_purpose(ip) else {
+            return HttpVerdict::Allowed(format!("resolves to {text}"));
+        };
+        let host = normalize_host(host);
+        match self
+            .allow
+            .iter()
+            .find(|r| r.ip() == Some(ip) && r.matches(scheme, &host, port))
+        {
+            Some(r) => HttpVerdict::Allowed(format!(
+                "resolves to {text} ({kind}), which allow rule {r} names"
+            )),
+            None => HttpVerdict::Denied(format!(
+                "resolves to {text}, a {kind} address; only a rule naming {text} itself may reach it"
+            )),
+        }
+    }
+}
+
+/// A request's host as rules compare it: lower case, no trailing dot, and
+/// an IP literal in its one canonical form (IPv4 dotted, also for
+/// IPv4-mapped IPv6; IPv6 bracketed) however it was spelled.
+pub fn normalize_host(host: &str) -> String {
+    let h = host.trim_end_matches('.').to_ascii_lowercase();
+    match literal_ip(&h) {
+        Some(ip) => ip_text(ip),
+        None => h,
+    }
+}
+
+/// The address an IP literal host names, read as the URL standard reads
+/// hosts (`127.1`, `2130706433`, `0x7f000001`, `[::ffff:7f00:1]`).
+fn literal_ip(host: &str) -> Option<IpAddr> {
+    let h = host.trim_end_matches('.');
+    // A bare IPv6 address (no brackets) also counts, as rules may give one.
+    if let Ok(ip) = h.parse::<std::net::Ipv6Addr>() {
+        return Some(unmap(IpAddr::V6(ip)));
+    }
+    match url::Host::parse(h).ok()? {
+        url::Host::Ipv4(ip) => Some(IpAddr::V4(ip)),
+        url::Host::Ipv6(ip) => Some(unmap(IpAddr::V6(ip))),
+        url::Host::Domain(_) => None,
+    }
+}
+
+/// IPv4-mapped IPv6 (`::ffff:a.b.c.d`) as the IPv4 address it is.
+fn unmap(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+        v4 => v4,
+    }
+}
+
+fn ip_text(ip: IpAddr) -> String {
+    match ip {
+        IpAddr::V4(v4) => v4.to_string(),
+        IpAddr::V6(v6) => format!("[{v6}]"),
+    }
+}
+
+/// What kind of special-purpose address `ip` is, if it is one a grant by
+/// name must never reach: loopback, private (RFC 1918, fc00::/7),
+/// link-local (169.254/16 with cloud metadata, fe80::/10), CGNAT
+/// (100.64/10), multicast, unspecified, broadcast, and the IPv4-mapped
+/// and -compatible forms of these.
+pub fn special_purpose(ip: IpAddr) -> Option<&'static str> {
+    match unmap(ip) {
+        IpAddr::V4(v4) => {
+            let o = v4.octets();
+            if v4.is_loopback() {
+                Some("loopback")
+            } else if v4.is_private() {
+                Some("private")
+            } else if v4.is_link_local() {
+                Some("link-local")
+            } else if o[0] == 100 && (o[1] & 0xc0) == 64 {
+                Some("shared (CGNAT)")
+            } else if v4.is_multicast() {
+                Some("multicast")
+            } else if v4.is_unspecified() || o[0] == 0 {
+                Some("unspecified")
+            } else if v4.is_broadcast() {
+                Some("broadcast")
+            } else {
+                None
+            }
+        }
+        IpAddr::V6(v6) => {
+            let seg = v6.segments();
+            if v6.is_loopback() {
+                Some("loopback")
+            } else if v6.is_unspecified() {
+                Some("unspecified")
+            } else if (seg[0] & 0xfe00) == 0xfc00 {
+                Some("private")
+            } else if (seg[0] & 0xffc0) == 0xfe80 {
+                Some("link-local")
+            } else if v6.is_multicast() {
+                Some("multicast")
+            } else if seg[..6] == [0; 6] {
+                // ::a.b.c.d (IPv4-compatible, deprecated): as its IPv4.
+                let v4 = std::net::Ipv4Addr::from(((u32::from(seg[6])) << 16) | u32::from(seg[7]));
+                special_purpose(IpAddr::V4(v4)).or(Some("IPv4-compatible"))
+            } else {
+                None
+            }
         }
     }
 }
@@ -203,6 +363,13 @@ pub struct Limits {
     pub timeout_ms: u64,
     /// Cap on captured stdout and on captured stderr, each, in bytes.
     pub max_output_bytes: u64,
+    /// Cap on the result, serialized as JSON, in bytes.
+    #[serde(default = "default_max_result")]
+    pub max_result_bytes: u64,
+}
+
+fn default_max_result() -> u64 {
+    defaults::MAX_RESULT_BYTES
 }
 
 impl Default for Limits {
@@ -212,6 +379,7 @@ impl Default for Limits {
             fuel: defaults::FUEL,
             timeout_ms: defaults::TIMEOUT_MS,
             max_output_bytes: defaults::MAX_OUTPUT_BYTES,
+            max_result_bytes: defaults::MAX_RESULT_BYTES,
         }
     }
 }
@@ -344,6 +512,111 @@ mod tests {
         assert!(matches!(
             any.check("http", "x", 1234),
             HttpVerdict::Allowed(_)
+        ));
+    }
+
+    /// Review item 6: with `allow = ["*"]`, `deny = ["127.0.0.1"]` a tool
+    /// reached 127.0.0.1 by other spellings of it.
+    #[test]
+    fn deny_rules_hold_for_every_spelling_of_an_address() {
+        let g = grant(&["*"], &["127.0.0.1"]);
+        for host in [
+            "127.0.0.1",
+            "127.1",
+            "2130706433",
+            "0x7f000001",
+            "0177.0.0.1",
+            "[::ffff:127.0.0.1]",
+            "[::ffff:7f00:1]",
+            "127.0.0.1.",
+        ] {
+            assert!(
+                matches!(g.check("http", host, 80), HttpVerdict::Denied(r) if r.contains("deny rule")),
+                "{host}"
+            );
+        }
+        // A rule may be written in any spelling too.
+        let g = grant(&["*"], &["2130706433"]);
+        assert!(matches!(
+            g.check("http", "127.0.0.1", 80),
+            HttpVerdict::Denied(_)
+        ));
+        assert_eq!(
+            HttpRule::parse("[::ffff:10.0.0.1]:81").unwrap().to_string(),
+            "10.0.0.1:81"
+        );
+        // And a name that resolves to a denied address is denied at the
+        // address check.
+        let g = grant(&["*"], &["93.184.216.34"]);
+        let ip: IpAddr = "93.184.216.34".parse().unwrap();
+        assert!(matches!(
+            g.check("http", "example.com", 80),
+            HttpVerdict::Allowed(_)
+        ));
+        assert!(matches!(
+            g.check_address("http", "example.com", 80, ip),
+            HttpVerdict::Denied(r) if r.contains("deny rule")
+        ));
+    }
+
+    /// Review item 5: a grant of `http://rebind.test:18081` reached another
+    /// server on loopback once the name resolved to 127.0.0.1.
+    #[test]
+    fn names_never_reach_special_purpose_addresses() {
+        let g = grant(
+            &["http://rebind.test:18081", "http://127.0.0.1:8080", "*"],
+            &[],
+        );
+        for ip in [
+            "127.0.0.1",
+            "127.9.9.9",
+            "10.1.2.3",
+            "172.16.0.1",
+            "192.168.1.1",
+            "169.254.169.254",
+            "100.64.0.1",
+            "224.0.0.1",
+            "0.0.0.0",
+            "255.255.255.255",
+            "::1",
+            "::",
+            "fc00::1",
+            "fd12::1",
+            "fe80::1",
+            "ff02::1",
+            "::ffff:127.0.0.1",
+            "::ffff:169.254.169.254",
+            "::127.0.0.1",
+        ] {
+            let ip: IpAddr = ip.parse().unwrap();
+            assert!(
+                matches!(
+                    g.check_address("http", "rebind.test", 18081, ip),
+                    HttpVerdict::Denied(r) if r.contains("only a rule naming")
+                ),
+                "{ip}"
+            );
+        }
+        // Public addresses are fine for a name.
+        let public: IpAddr = "93.184.216.34".parse().unwrap();
+        assert!(matches!(
+            g.check_address("http", "rebind.test", 18081, public),
+            HttpVerdict::Allowed(_)
+        ));
+        // A rule naming the loopback literal reaches it, on its port only;
+        // `*` names nothing.
+        let lo: IpAddr = "127.0.0.1".parse().unwrap();
+        assert!(matches!(
+            g.check_address("http", "127.0.0.1", 8080, lo),
+            HttpVerdict::Allowed(_)
+        ));
+        assert!(matches!(
+            g.check_address("http", "127.0.0.1", 8420, lo),
+            HttpVerdict::Denied(_)
+        ));
+        assert!(matches!(
+            grant(&["*"], &[]).check_address("http", "127.0.0.1", 80, lo),
+            HttpVerdict::Denied(_)
         ));
     }
 }

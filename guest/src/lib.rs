@@ -26,6 +26,6 @@ pub mod runner;
 pub use audit::{AuditEvent, Decision};
 pub use grants::{DirGrant, GrantSet, HttpRule, Limits};
 pub use runner::{
-    CallError, CallOutcome, CallResult, Egress, EgressFailure, EgressFailureKind, EgressRequest,
-    EgressResponse, EngineConfig, Loaded, Metering, Runner, RunnerError,
+    CallError, CallOutcome, CallResult, Egress, EgressCall, EgressFailure, EgressFailureKind,
+    EgressRequest, EgressResponse, EngineConfig, Loaded, Metering, Runner, RunnerError,
 };

@@ -39,10 +39,25 @@ const WASI_CLI_ENVIRONMENT: &str = "wasi:cli/environment@0.2.12";
 const WASI_FILESYSTEM_TYPES: &str = "wasi:filesystem/types@0.2.12";
 /// The WASI version whose `wasi:filesystem/preopens` Airlock wraps for auditing.
 const WASI_FILESYSTEM_PREOPENS: &str = "wasi:filesystem/preopens@0.2.12";
+/// The WASI versions whose socket constructors Airlock replaces with an
+/// audited refusal.
+const WASI_TCP_CREATE: &str = "wasi:sockets/tcp-create-socket@0.2.12";
+const WASI_UDP_CREATE: &str = "wasi:sockets/udp-create-socket@0.2.12";
 
 /// How often (in fuel units) a running call yields to the executor so the
 /// wall-clock timeout can fire even in a tight loop.
 const FUEL_YIELD_INTERVAL: u64 = 100_000;
+
+/// Host memory a call's resources may take is held to its memory limit
+/// too: each wasi-http `fields` may hold at most this many bytes, and the
+/// call's resource table at most `memory limit / this` entries (64 to
+/// 16,384), so fields alone can never cost the host more than the limit.
+const HOST_FIELDS_BYTES: usize = 32 << 10;
+
+/// Resource-table entries a call with `memory_bytes` of memory may hold.
+fn host_table_entries(memory_bytes: u64) -> usize {
+    (memory_bytes / HOST_FIELDS_BYTES as u64).clamp(64, 16_384) as usize
+}
 
 /// The CPU baseline every artifact is compiled for, whatever CPU compiles it.
 ///
@@ -310,16 +325,33 @@ impl std::fmt::Display for EgressFailure {
 /// Largest request or response body that goes through an [`Egress`].
 pub const EGRESS_MAX_BODY: usize = 8 << 20;
 
-/// Where allowed requests go when they do not leave from this process: in
-/// the microVM, the host's egress proxy over vsock. Blocking; called off
-/// the async runtime.
+/// The call a request belongs to: its grant and its audit trail.
+#[derive(Debug, Clone)]
+pub struct EgressCall {
+    /// The call's HTTP grant (the runner already checked the request's
+    /// name against it).
+    pub grant: Arc<HttpGrant>,
+    /// The call's audit trail, for the egress's own decisions.
+    pub audit: AuditLog,
+}
+
+/// Where requests the grant allowed by name go: the host's egress proxy,
+/// called directly in process isolation and over vsock from the microVM
+/// (there it checks again with the host's own copy of the grant, ignoring
+/// `call`). It resolves the name, checks each address, connects only to an
+/// address it checked, and says why it refused. Blocking; called off the
+/// async runtime. A runner without one sends nothing.
 pub trait Egress: Send + Sync {
     /// Send one request.
     ///
     /// # Errors
     /// Why there is no response (refused by the proxy's own check,
     /// unreachable, TLS, too large).
-    fn send(&self, request: EgressRequest) -> Result<EgressResponse, EgressFailure>;
+    fn send(
+        &self,
+        request: EgressRequest,
+        call: &EgressCall,
+    ) -> Result<EgressResponse, EgressFailure>;
 }
 
 /// Outgoing HTTP: every request is checked against the grant and recorded.
@@ -333,7 +365,7 @@ impl WasiHttpHooks for EgressHooks {
     fn send_request(
         &mut self,
         request: http::Request<wasmtime_wasi_http::WasiBody>,
-        options: Option<wasmtime_wasi_http::RequestOptions>,
+        _options: Option<wasmtime_wasi_http::RequestOptions>,
         fut: Box<dyn Future<Output = Result<(), wasmtime_wasi_http::Error>> + Send>,
     ) -> EgressFuture {
         drop(fut);
@@ -352,14 +384,25 @@ impl WasiHttpHooks for EgressHooks {
             HttpVerdict::Denied(reason) => {
                 self.audit
                     .record("http.request", target, Decision::Deny, reason);
-                Box::new(async { Err(wasmtime_wasi_http::Error::HttpRequestDenied) })
+                let pause = self.audit.denial_pause();
+                Box::new(async move {
+                    tokio::time::sleep(pause).await;
+                    Err(wasmtime_wasi_http::Error::HttpRequestDenied)
+                })
             }
             HttpVerdict::Allowed(reason) => {
                 self.audit
                     .record("http.request", target, Decision::Allow, reason);
                 match &self.egress {
-                    Some(e) => send_via(e.clone(), request),
-                    None => send_allowed(request, options),
+                    Some(e) => send_via(
+                        e.clone(),
+                        request,
+                        EgressCall {
+                            grant: self.grant.clone(),
+                            audit: self.audit.clone(),
+                        },
+                    ),
+                    None => no_egress(),
                 }
             }
         }
@@ -382,6 +425,7 @@ type EgressFuture = Box<
 fn send_via(
     egress: Arc<dyn Egress>,
     request: http::Request<wasmtime_wasi_http::WasiBody>,
+    call: EgressCall,
 ) -> EgressFuture {
     use http_body_util::{BodyExt, Full, Limited};
     use wasmtime_wasi_http::p2::bindings::http::types::ErrorCode;
@@ -411,7 +455,7 @@ fn send_via(
                 .collect(),
             body: body.to_vec(),
         };
-        let resp = tokio::task::spawn_blocking(move || egress.send(req))
+        let resp = tokio::task::spawn_blocking(move || egress.send(req, &call))
             .await
             .map_err(|e| {
                 wasmtime_wasi_http::Error::from(ErrorCode::InternalError(Some(e.to_string())))
@@ -442,31 +486,11 @@ fn send_via(
     })
 }
 
-/// Send a request the grant allowed, straight from this process.
-#[cfg(feature = "direct-http")]
-fn send_allowed(
-    request: http::Request<wasmtime_wasi_http::WasiBody>,
-    options: Option<wasmtime_wasi_http::RequestOptions>,
-) -> EgressFuture {
-    Box::new(async move {
-        use http_body_util::BodyExt;
-        let (res, io) = wasmtime_wasi_http::default_send_request(request, options).await?;
-        Ok((
-            res.map(BodyExt::boxed_unsync),
-            Box::new(io) as Box<dyn Future<Output = Result<(), wasmtime_wasi_http::Error>> + Send>,
-        ))
-    })
-}
-
-/// Without direct HTTP (the in-VM build) requests must go through the host's
-/// egress proxy; until that proxy is connected they fail closed.
-#[cfg(not(feature = "direct-http"))]
-fn send_allowed(
-    _request: http::Request<wasmtime_wasi_http::WasiBody>,
-    _options: Option<wasmtime_wasi_http::RequestOptions>,
-) -> EgressFuture {
+/// A runner built without an [`Egress`] sends nothing: allowed requests
+/// fail closed.
+fn no_egress() -> EgressFuture {
     tracing::warn!(
-        "outgoing HTTP allowed by the grant, but no egress path is built in; failing closed"
+        "outgoing HTTP allowed by the grant, but this runner has no egress; failing closed"
     );
     Box::new(async { Err(wasmtime_wasi_http::Error::DestinationUnavailable) })
 }
@@ -587,6 +611,18 @@ pub enum CallError {
         /// The cap.
         limit_bytes: u64,
     },
+    /// The result, as JSON, is larger than the cap.
+    #[error("The tool's result is larger than {limit_bytes} bytes as JSON.")]
+    ResultLimit {
+        /// The cap (`limits.max_result`).
+        limit_bytes: u64,
+    },
+    /// The tool recursed too deep: its call stack ran out.
+    #[error("The tool ran out of call stack: {message}.")]
+    StackOverflow {
+        /// What wasmtime said, and where.
+        message: String,
+    },
     /// The tool failed after a capability was denied.
     #[error("The tool was denied {action} on {target}: {reason}.")]
     Denied {
@@ -649,12 +685,20 @@ pub struct CallOutcome {
     pub result: CallResult,
     /// Cost.
     pub metering: Metering,
-    /// Capability decisions, in order.
+    /// Capability decisions, in order (at most
+    /// [`caps::MAX_EVENTS`](crate::audit::caps::MAX_EVENTS)).
     pub audit: Vec<AuditEvent>,
+    /// Decisions past the cap: counted, not kept.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub audit_dropped: u64,
     /// Captured stdout (lossy UTF-8).
     pub stdout: String,
     /// Captured stderr (lossy UTF-8).
     pub stderr: String,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 /// The runner: an engine, a linker with WASI + WASI-HTTP, and a tokio runtime.
@@ -704,6 +748,8 @@ impl Runner {
             })
             .map_err(|e| RunnerError::Engine(format!("{e:#}")))?;
         add_audited_open_at(&mut linker).map_err(|e| RunnerError::Engine(format!("{e:#}")))?;
+        add_refused_sockets(&mut linker).map_err(|e| RunnerError::Engine(format!("{e:#}")))?;
+        add_audited_changes(&mut linker).map_err(|e| RunnerError::Engine(format!("{e:#}")))?;
         linker.allow_shadowing(false);
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
@@ -851,6 +897,7 @@ impl Runner {
                 ..metering
             },
             audit: audit.snapshot(),
+            audit_dropped: audit.dropped(),
             stdout: String::from_utf8_lossy(&stdout.contents()).into_owned(),
             stderr: String::from_utf8_lossy(&stderr.contents()).into_owned(),
         };
@@ -883,10 +930,14 @@ impl Runner {
                 return finish(CallResult::Error(CallError::Grant { message }), metering);
             }
         };
+        let mut http = WasiHttpCtx::new();
+        http.set_field_size_limit(HOST_FIELDS_BYTES);
+        let mut table = ResourceTable::new();
+        table.set_max_capacity(host_table_entries(limits.memory_bytes));
         let state = CallState {
             wasi,
-            http: WasiHttpCtx::new(),
-            table: ResourceTable::new(),
+            http,
+            table,
             hooks: EgressHooks {
                 grant: Arc::new(grants.http.clone()),
                 audit: audit.clone(),
@@ -957,15 +1008,9 @@ impl Runner {
                     // The tool handled the failed write itself, but it was still
                     // stopped by the cap: report the limit, not its partial answer.
                     Some(e) => CallResult::Error(e),
-                    None => match results
-                        .first()
-                        .map(|v| val_to_json(v, "result"))
-                        .transpose()
-                    {
-                        Ok(v) => CallResult::Ok(v.unwrap_or(Value::Null)),
-                        Err(e) => CallResult::Error(CallError::InvalidComponent {
-                            message: e.to_string(),
-                        }),
+                    None => match results.first() {
+                        None => CallResult::Ok(Value::Null),
+                        Some(v) => result_json(v, limits, &audit),
                     },
                 }
             }
@@ -1045,12 +1090,140 @@ fn add_audited_open_at(linker: &mut Linker<CallState>) -> wasmtime::Result<()> {
                             other => (Decision::Allow, format!("permitted, but failed: {other:?}")),
                         };
                         audit.record("fs.open", target, decision, reason);
+                        if decision == Decision::Deny {
+                            tokio::time::sleep(audit.denial_pause()).await;
+                        }
                         Ok((Err(code),))
                     }
                 }
             })
         },
     )
+}
+
+/// How a filesystem change ended, as an `fs.change` event (refusals as
+/// `deny`, paused past the free denials) and the component's answer.
+async fn change_outcome(
+    audit: &AuditLog,
+    target: String,
+    r: Result<(), wasmtime_wasi::p2::bindings::filesystem::types::ErrorCode>,
+) -> (Result<(), wasmtime_wasi::p2::bindings::filesystem::types::ErrorCode>,) {
+    use wasmtime_wasi::p2::bindings::filesystem::types::ErrorCode;
+    let (decision, reason) = match &r {
+        Ok(()) => (
+            Decision::Allow,
+            "inside a granted, writable directory".to_string(),
+        ),
+        Err(code @ (ErrorCode::NotPermitted | ErrorCode::Access | ErrorCode::ReadOnly)) => (
+            Decision::Deny,
+            format!("refused by the sandbox ({code:?}): outside the grant or not writable"),
+        ),
+        Err(other) => (Decision::Allow, format!("permitted, but failed: {other:?}")),
+    };
+    audit.record("fs.change", target, decision, reason);
+    if decision == Decision::Deny {
+        tokio::time::sleep(audit.denial_pause()).await;
+    }
+    (r,)
+}
+
+/// Wrap every `descriptor` method that changes the filesystem (mkdir,
+/// rmdir, unlink, rename, link, symlink, set-times, set-size) so each is an
+/// `fs.change` audit event, refused ones included: before, only opens left
+/// a trace.
+fn add_audited_changes(linker: &mut Linker<CallState>) -> wasmtime::Result<()> {
+    use wasmtime::component::Resource;
+    use wasmtime_wasi::filesystem::{Descriptor, WasiFilesystemView};
+    use wasmtime_wasi::p2::bindings::filesystem::types::{
+        Filesize, Host as _, HostDescriptor as _, NewTimestamp, PathFlags,
+    };
+    type D = Resource<Descriptor>;
+    /// One wrapper: `$args` as the component passes them, `$target` the
+    /// event's target, `$call` the wasmtime-wasi method it wraps.
+    macro_rules! wrap {
+        ($name:literal, ($($a:ident : $t:ty),*), $target:expr, |$view:ident| $call:expr) => {
+            linker.instance(WASI_FILESYSTEM_TYPES)?.func_wrap_async(
+                concat!("[method]descriptor.", $name),
+                |mut store, ($($a,)*): ($($t,)*)| {
+                    Box::new(async move {
+                        let state: &mut CallState = store.data_mut();
+                        let audit = state.audit.clone();
+                        let target: String = $target;
+                        let mut $view = state.filesystem();
+                        let r = match $call.await {
+                            Ok(()) => Ok(()),
+                            Err(e) => Err($view.convert_error_code(e)?),
+                        };
+                        Ok(change_outcome(&audit, target, r).await)
+                    })
+                },
+            )?;
+        };
+    }
+    wrap!("create-directory-at", (fd: D, path: String),
+        format!("mkdir {path}"), |v| v.create_directory_at(fd, path));
+    wrap!("remove-directory-at", (fd: D, path: String),
+        format!("rmdir {path}"), |v| v.remove_directory_at(fd, path));
+    wrap!("unlink-file-at", (fd: D, path: String),
+        format!("unlink {path}"), |v| v.unlink_file_at(fd, path));
+    wrap!("symlink-at", (fd: D, src: String, dest: String),
+        format!("symlink {dest} -> {src}"), |v| v.symlink_at(fd, src, dest));
+    wrap!("rename-at", (fd: D, old: String, new_fd: D, new: String),
+        format!("rename {old} -> {new}"), |v| v.rename_at(fd, old, new_fd, new));
+    wrap!("link-at", (fd: D, flags: PathFlags, old: String, new_fd: D, new: String),
+        format!("link {new} -> {old}"), |v| v.link_at(fd, flags, old, new_fd, new));
+    wrap!("set-times-at", (fd: D, flags: PathFlags, path: String, a: NewTimestamp, m: NewTimestamp),
+        format!("set-times {path}"), |v| v.set_times_at(fd, flags, path, a, m));
+    wrap!("set-times", (fd: D, a: NewTimestamp, m: NewTimestamp),
+        "set-times (open file)".to_string(), |v| v.set_times(fd, a, m));
+    wrap!("set-size", (fd: D, size: Filesize),
+        format!("set-size (open file) {size}"), |v| v.set_size(fd, size));
+    Ok(())
+}
+
+/// Replace `create-tcp-socket` and `create-udp-socket` with a refusal that
+/// is audited (`socket.create deny`) and, past the free denials, paused.
+/// No host socket is ever made for a tool: a flood of creations cost the
+/// server its file descriptors before. The same refusal in both walls (in
+/// the microVM the guest kernel has no network stack at all).
+fn add_refused_sockets(linker: &mut Linker<CallState>) -> wasmtime::Result<()> {
+    use wasmtime::component::Resource;
+    use wasmtime_wasi::p2::bindings::sockets::network::{ErrorCode, IpAddressFamily};
+    use wasmtime_wasi::p2::{TcpSocket, UdpSocket};
+    fn refuse(state: &CallState, kind: &str, family: IpAddressFamily) -> Duration {
+        let family = match family {
+            IpAddressFamily::Ipv4 => "ipv4",
+            IpAddressFamily::Ipv6 => "ipv6",
+        };
+        state.audit.record(
+            "socket.create",
+            format!("{kind} {family}"),
+            Decision::Deny,
+            "raw sockets are never granted; use outgoing HTTP",
+        );
+        state.audit.denial_pause()
+    }
+    linker.instance(WASI_TCP_CREATE)?.func_wrap_async(
+        "create-tcp-socket",
+        |store, (family,): (IpAddressFamily,)| {
+            let pause = refuse(store.data(), "tcp", family);
+            Box::new(async move {
+                tokio::time::sleep(pause).await;
+                Ok((Err::<Resource<TcpSocket>, _>(ErrorCode::AccessDenied),))
+            })
+        },
+    )?;
+    linker.instance(WASI_UDP_CREATE)?.func_wrap_async(
+        "create-udp-socket",
+        |store, (family,): (IpAddressFamily,)| {
+            let pause = refuse(store.data(), "udp", family);
+            Box::new(async move {
+                tokio::time::sleep(pause).await;
+                Ok((Err::<Resource<UdpSocket>, _>(ErrorCode::AccessDenied),))
+            })
+        },
+    )?;
+    Ok(())
 }
 
 /// The export index of a tool's function (inside its interface, if any).
@@ -1082,14 +1255,26 @@ fn build_wasi(
             FsPerms::ReadOnly
         };
         let mode = if d.writable { "rw" } else { "ro" };
-        b.preopened_dir(&d.host_path, &d.guest_path, perms)
-            .map_err(|e| {
-                format!(
-                    "directory {} (granted as {}) cannot be opened: {e:#}",
-                    d.host_path.display(),
-                    d.guest_path
-                )
-            })?;
+        let dir = open_beneath(&d.root, &d.host_path).map_err(|e| {
+            format!(
+                "directory {} (granted as {}) cannot be opened beneath {}: {e}",
+                d.host_path.display(),
+                d.guest_path,
+                d.root.display()
+            )
+        })?;
+        // wasmtime-wasi takes a path, not a descriptor: hand it the one we
+        // opened through /proc, which names this very directory whatever
+        // happens to its path from now on.
+        let by_fd = format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&dir));
+        b.preopened_dir(&by_fd, &d.guest_path, perms).map_err(|e| {
+            format!(
+                "directory {} (granted as {}) cannot be opened: {e:#}",
+                d.host_path.display(),
+                d.guest_path
+            )
+        })?;
+        drop(dir);
         audit.record(
             "fs.preopen",
             format!("{} ({mode})", d.guest_path),
@@ -1100,10 +1285,11 @@ fn build_wasi(
             ),
         );
     }
-    // Sockets: TCP and UDP are "enabled" only so that each attempt reaches the
-    // address check, which denies it and records the attempt.
-    b.allow_tcp(true)
-        .allow_udp(true)
+    // Sockets: off. Creating one is refused and audited by the wrapped
+    // constructors (`add_refused_sockets`); the address check below stays
+    // as a second wall.
+    b.allow_tcp(false)
+        .allow_udp(false)
         .allow_ip_name_lookup(false);
     let sock_audit = audit.clone();
     b.socket_addr_check(move |addr, usage| {
@@ -1113,9 +1299,49 @@ fn build_wasi(
             Decision::Deny,
             "raw sockets are never granted; use outgoing HTTP",
         );
-        Box::pin(async { false })
+        let pause = sock_audit.denial_pause();
+        Box::pin(async move {
+            tokio::time::sleep(pause).await;
+            false
+        })
     });
     Ok(b.build())
+}
+
+/// Open directory `path` beneath `root`: `root` is opened as given (it is
+/// the operator's), then `path`'s components below it with `openat2`,
+/// refusing `..`, symbolic links and magic links and anything that would
+/// resolve outside `root`, so no rename or symlink swapped in by another
+/// call can move the grant elsewhere.
+fn open_beneath(
+    root: &std::path::Path,
+    path: &std::path::Path,
+) -> Result<std::os::fd::OwnedFd, String> {
+    use nix::fcntl::{OFlag, OpenHow, ResolveFlag, open, openat2};
+    use nix::sys::stat::Mode;
+    let rel = path
+        .strip_prefix(root)
+        .map_err(|_| "it is not inside its root".to_string())?;
+    let dir_flags = OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC;
+    let root_fd =
+        open(root, dir_flags, Mode::empty()).map_err(|e| format!("opening the root: {e}"))?;
+    let rel = if rel.as_os_str().is_empty() {
+        std::path::Path::new(".")
+    } else {
+        rel
+    };
+    let how = OpenHow::new().flags(dir_flags | OFlag::O_NOFOLLOW).resolve(
+        ResolveFlag::RESOLVE_BENEATH
+            | ResolveFlag::RESOLVE_NO_SYMLINKS
+            | ResolveFlag::RESOLVE_NO_MAGICLINKS,
+    );
+    openat2(&root_fd, rel, how).map_err(|e| match e {
+        nix::errno::Errno::ELOOP => {
+            "a symbolic link is in the way (grants never follow links)".into()
+        }
+        nix::errno::Errno::EXDEV => "it resolves outside its root".into(),
+        e => e.desc().to_string(),
+    })
 }
 
 fn classify(
@@ -1143,6 +1369,15 @@ fn classify(
     if let Some(e) = output_overflow(audit, limits, pipes) {
         return e;
     }
+    if matches!(e.downcast_ref::<Trap>(), Some(Trap::StackOverflow)) {
+        audit.record(
+            "limit.stack",
+            "call stack",
+            Decision::Deny,
+            "the tool recursed until its call stack ran out",
+        );
+        return CallError::StackOverflow { message };
+    }
     if let Some(exit) = e.downcast_ref::<wasmtime_wasi::I32Exit>() {
         return CallError::Trap {
             message: format!("the tool exited with status {}", exit.0),
@@ -1157,6 +1392,53 @@ fn classify(
         };
     }
     CallError::Trap { message }
+}
+
+/// The call's result as JSON, unless it is over `limits.max_result_bytes`
+/// (refused before the JSON is built when even a lower bound of its size is
+/// over, so a huge result costs no more host memory than it already did).
+fn result_json(v: &Val, limits: crate::grants::Limits, audit: &AuditLog) -> CallResult {
+    let max = limits.max_result_bytes;
+    let too_large = || {
+        audit.record(
+            "limit.result",
+            format!("{max} bytes"),
+            Decision::Deny,
+            "the tool's result is larger than allowed",
+        );
+        CallResult::Error(CallError::ResultLimit { limit_bytes: max })
+    };
+    if airlock_wasm_tools::value::json_size_at_least(v) > max {
+        return too_large();
+    }
+    match val_to_json(v, "result") {
+        Ok(json) => {
+            if json_len(&json) > max {
+                return too_large();
+            }
+            CallResult::Ok(json)
+        }
+        Err(e) => CallResult::Error(CallError::InvalidComponent {
+            message: e.to_string(),
+        }),
+    }
+}
+
+/// The length of `v` serialized, without keeping the bytes.
+fn json_len(v: &Value) -> u64 {
+    struct Count(u64);
+    impl std::io::Write for Count {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0 += b.len() as u64;
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut c = Count(0);
+    let _ = serde_json::to_writer(&mut c, v);
+    c.0
 }
 
 /// A stream that reached its cap: further writes failed (or trapped).
@@ -1180,10 +1462,37 @@ fn output_overflow(
     })
 }
 
+/// One line saying what went wrong: each message of the error chain but
+/// the "error while executing at wasm backtrace:" wrapper (its first line
+/// alone said nothing), then the innermost named wasm function.
 fn first_line(e: &wasmtime::Error) -> String {
-    // `{:#}` joins the context chain; keep it on one line and drop backtraces.
-    let s = format!("{e:#}");
-    s.lines().next().unwrap_or("").trim().to_string()
+    let mut parts: Vec<String> = Vec::new();
+    for cause in e.chain() {
+        let m = cause.to_string();
+        let m = m.lines().next().unwrap_or("").trim();
+        if m.is_empty()
+            || m.starts_with("error while executing at wasm backtrace")
+            || parts.iter().any(|p| p == m)
+        {
+            continue;
+        }
+        parts.push(m.to_string());
+    }
+    if let Some(name) = e
+        .downcast_ref::<wasmtime::WasmBacktrace>()
+        .and_then(|bt| bt.frames().iter().find_map(|f| f.func_name()))
+    {
+        parts.push(format!("in {name}"));
+    }
+    if parts.is_empty() {
+        return format!("{e}");
+    }
+    audit_safe(parts.join(": "))
+}
+
+/// Error messages are cut like audit targets: a tool chooses their text.
+fn audit_safe(s: String) -> String {
+    crate::audit::truncate(s, 1024)
 }
 
 #[cfg(all(test, feature = "compile", target_arch = "x86_64"))]
@@ -1235,7 +1544,10 @@ mod baseline_tests {
             ..EngineConfig::default()
         })
         .unwrap();
-        let payload = runner.engine().precompile_component(EMPTY_COMPONENT).unwrap();
+        let payload = runner
+            .engine()
+            .precompile_component(EMPTY_COMPONENT)
+            .unwrap();
         let mut enabled = enabled_isa_flags(&payload);
         enabled.sort();
         let mut want: Vec<String> = baseline::X86_CRANELIFT_FLAGS

@@ -41,11 +41,37 @@ struct Current {
     events: Vec<AuditEvent>,
 }
 
-/// The proxy. Cheap to clone; clones share the call state and the client.
+/// The proxy. Cheap to clone; clones share the call state and the client
+/// configuration.
 #[derive(Debug, Clone)]
 pub struct Proxy {
     current: Arc<Mutex<Current>>,
-    agent: ureq::Agent,
+    config: ureq::config::Config,
+    timeout: Duration,
+}
+
+/// Resolves every request to the addresses the proxy already checked, so
+/// the client connects to exactly those (no second lookup a DNS rebinding
+/// could answer differently).
+#[derive(Debug)]
+struct Checked(Vec<std::net::SocketAddr>);
+
+impl ureq::unversioned::resolver::Resolver for Checked {
+    fn resolve(
+        &self,
+        _uri: &http::Uri,
+        _config: &ureq::config::Config,
+        _timeout: ureq::unversioned::transport::NextTimeout,
+    ) -> Result<ureq::unversioned::resolver::ResolvedSocketAddrs, ureq::Error> {
+        let mut out = self.empty();
+        for a in self.0.iter().take(16) {
+            out.push(*a);
+        }
+        if out.is_empty() {
+            return Err(ureq::Error::HostNotFound);
+        }
+        Ok(out)
+    }
 }
 
 impl Proxy {
@@ -75,17 +101,17 @@ impl Proxy {
         let tls = TlsConfig::builder()
             .root_certs(RootCerts::Specific(Arc::new(roots)))
             .build();
-        let agent = ureq::Agent::config_builder()
+        let config = ureq::Agent::config_builder()
             .max_redirects(0)
             .http_status_as_error(false)
             .proxy(None)
             .timeout_global(Some(timeout))
             .tls_config(tls)
-            .build()
-            .new_agent();
+            .build();
         Ok(Self {
             current: Arc::default(),
-            agent,
+            config,
+            timeout,
         })
     }
 
@@ -123,15 +149,32 @@ impl Proxy {
         });
     }
 
-    /// Decide on one request from the guest and, if allowed, send it.
+    /// Decide on one request from the guest (with the host's copy of the
+    /// grant of the call in flight) and, if allowed, send it.
     ///
     /// # Errors
     /// For the guest: refused, unreachable, TLS, too large — with its class.
     pub fn handle(&self, req: EgressRequest) -> Result<EgressResponse, EgressFailure> {
+        let grant = self.lock().grant.clone();
+        self.decide_and_send(req, grant.as_ref(), &mut |t, d, r| self.record(t, d, r))
+    }
+
+    /// The one decision, for both walls: the URL, its scheme, the name
+    /// against the grant, then every address the name resolves to against
+    /// the grant ([`HttpGrant::check_address`]: no special-purpose address
+    /// unless a rule names it, no address a deny rule names); the request
+    /// goes only to addresses that passed. One `http.proxy` event per
+    /// request, naming the address.
+    fn decide_and_send(
+        &self,
+        req: EgressRequest,
+        grant: Option<&HttpGrant>,
+        record: &mut dyn FnMut(&str, Decision, String),
+    ) -> Result<EgressResponse, EgressFailure> {
         let denied = |m: String| EgressFailure::new(EgressFailureKind::Denied, m);
         let url = reqwest::Url::parse(&req.url).map_err(|e| {
             let m = format!("The URL {:?} is not valid: {e}.", req.url);
-            self.record(&req.url, Decision::Deny, m.clone());
+            record(&req.url, Decision::Deny, m.clone());
             denied(m)
         })?;
         let scheme = url.scheme().to_ascii_lowercase();
@@ -139,32 +182,121 @@ impl Proxy {
             let m = format!(
                 "The host's egress proxy sends only http and https requests, not {scheme}."
             );
-            self.record(&req.url, Decision::Deny, m.clone());
+            record(&req.url, Decision::Deny, m.clone());
             return Err(denied(m));
         }
         let host = url.host_str().unwrap_or("").to_string();
         let port = url.port_or_known_default().unwrap_or(0);
         let target = format!("{} {scheme}://{host}:{port}{}", req.method, url.path());
-        let grant = self.lock().grant.clone();
-        let verdict = match &grant {
-            None => HttpVerdict::Denied("no call is in flight".into()),
-            Some(g) => g.check(&scheme, &host, port),
+        let name_reason = match grant.map(|g| g.check(&scheme, &host, port)) {
+            None => Err("no call is in flight".to_string()),
+            Some(HttpVerdict::Denied(reason)) => Err(reason),
+            Some(HttpVerdict::Allowed(reason)) => Ok(reason),
         };
-        match verdict {
-            HttpVerdict::Denied(reason) => {
-                self.record(&target, Decision::Deny, reason.clone());
+        let name_reason = match name_reason {
+            Ok(r) => r,
+            Err(reason) => {
+                record(&target, Decision::Deny, reason.clone());
                 return Err(denied(format!(
                     "The host's egress proxy refused {target}: {reason}."
                 )));
             }
-            HttpVerdict::Allowed(reason) => self.record(&target, Decision::Allow, reason),
+        };
+        let grant = grant.expect("a grant allowed the name");
+        let addrs = match self.resolve(&url, port) {
+            Ok(a) => a,
+            Err(e) => {
+                record(
+                    &target,
+                    Decision::Allow,
+                    format!("{name_reason}; {}", e.message),
+                );
+                return Err(e);
+            }
+        };
+        let mut allowed = Vec::new();
+        // The refusal to report: a deny rule's over any other.
+        let mut refusal: Option<(std::net::IpAddr, String)> = None;
+        for a in &addrs {
+            match grant.check_address(&scheme, &host, port, a.ip()) {
+                HttpVerdict::Allowed(_) => allowed.push(*a),
+                HttpVerdict::Denied(r) => {
+                    let by_rule = r.contains("deny rule");
+                    if refusal.is_none() || by_rule {
+                        refusal = Some((a.ip(), r));
+                    }
+                }
+            }
         }
-        self.send(req, url).inspect_err(|e| {
+        let Some(first) = allowed.first() else {
+            let (ip, reason) =
+                refusal.unwrap_or_else(|| (addrs[0].ip(), "no address to connect to".into()));
+            let at = format!("{target} -> {ip}");
+            record(&at, Decision::Deny, reason.clone());
+            return Err(denied(format!(
+                "The host's egress proxy refused {target}: {reason}."
+            )));
+        };
+        record(
+            &format!("{target} -> {}", first.ip()),
+            Decision::Allow,
+            format!("{name_reason}; connects to {}", first.ip()),
+        );
+        self.send(req, url, allowed).inspect_err(|e| {
             tracing::warn!(target = %target, error = %e, "egress request failed");
         })
     }
 
-    fn send(&self, req: EgressRequest, url: reqwest::Url) -> Result<EgressResponse, EgressFailure> {
+    /// The addresses `url`'s host names: an IP literal as it is, a name
+    /// through the system resolver (within the proxy's time limit).
+    fn resolve(
+        &self,
+        url: &reqwest::Url,
+        port: u16,
+    ) -> Result<Vec<std::net::SocketAddr>, EgressFailure> {
+        use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
+        let name = match url.host() {
+            Some(url::Host::Ipv4(ip)) => return Ok(vec![SocketAddr::new(IpAddr::V4(ip), port)]),
+            Some(url::Host::Ipv6(ip)) => return Ok(vec![SocketAddr::new(IpAddr::V6(ip), port)]),
+            Some(url::Host::Domain(d)) => d.to_string(),
+            None => {
+                return Err(EgressFailure::new(
+                    EgressFailureKind::Dns,
+                    "The URL has no host.",
+                ));
+            }
+        };
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        let lookup = name.clone();
+        std::thread::Builder::new()
+            .name("airlock-dns".into())
+            .stack_size(crate::devices::THREAD_STACK)
+            .spawn(move || {
+                let _ = tx.send((lookup.as_str(), port).to_socket_addrs());
+            })
+            .map_err(|e| EgressFailure::other(format!("Cannot start a DNS lookup: {e}.")))?;
+        let found = rx.recv_timeout(self.timeout).map_err(|_| {
+            EgressFailure::new(
+                EgressFailureKind::Timeout,
+                format!("Resolving {name} took longer than {:?}.", self.timeout),
+            )
+        })?;
+        let addrs: Vec<SocketAddr> = found.map(Iterator::collect).unwrap_or_default();
+        if addrs.is_empty() {
+            return Err(EgressFailure::new(
+                EgressFailureKind::Dns,
+                format!("The name {name} did not resolve."),
+            ));
+        }
+        Ok(addrs)
+    }
+
+    fn send(
+        &self,
+        req: EgressRequest,
+        url: reqwest::Url,
+        to: Vec<std::net::SocketAddr>,
+    ) -> Result<EgressResponse, EgressFailure> {
         let method = http::Method::from_bytes(req.method.as_bytes()).map_err(|_| {
             EgressFailure::new(
                 EgressFailureKind::Denied,
@@ -192,7 +324,14 @@ impl Proxy {
                 format!("The request is not valid: {e}."),
             )
         })?;
-        let resp = self.agent.run(request).map_err(|e| {
+        // A client per request, whose resolver gives only the checked
+        // addresses.
+        let agent = ureq::Agent::with_parts(
+            self.config.clone(),
+            ureq::unversioned::transport::DefaultConnector::new(),
+            Checked(to),
+        );
+        let resp = agent.run(request).map_err(|e| {
             EgressFailure::new(
                 failure_kind(&e),
                 format!("The request failed: {}.", error_chain(&e)),
@@ -228,6 +367,22 @@ impl Proxy {
             status,
             headers,
             body,
+        })
+    }
+}
+
+/// Process isolation: the runner hands allowed requests straight to the
+/// proxy, which decides with the call's grant and records into the call's
+/// trail — the same decision and the same `http.proxy` events as for a
+/// microVM.
+impl airlock_guest::Egress for Proxy {
+    fn send(
+        &self,
+        request: EgressRequest,
+        call: &airlock_guest::EgressCall,
+    ) -> Result<EgressResponse, EgressFailure> {
+        self.decide_and_send(request, Some(&call.grant), &mut |t, d, r| {
+            call.audit.record("http.proxy", t, d, r);
         })
     }
 }
@@ -347,8 +502,8 @@ mod tests {
         assert!(e.message.contains("no call is in flight"), "{e}");
     }
 
-    /// A private CA and a real TLS server on loopback for `localhost`,
-    /// answering `hello over tls` to every request on `accepts` connections.
+    /// A private CA and a real TLS server on loopback for `localhost` and
+    /// `127.0.0.1` (a grant by name never reaches loopback), answering `hello over tls` to every request on `accepts` connections.
     /// Returns the CA (PEM) and the port.
     fn tls_server(accepts: usize) -> (String, u16) {
         use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
@@ -360,7 +515,7 @@ mod tests {
         let ca = ca_params.self_signed(&ca_key).unwrap();
         let issuer = Issuer::new(ca_params, ca_key);
         let leaf_key = KeyPair::generate().unwrap();
-        let leaf = CertificateParams::new(vec!["localhost".to_string()])
+        let leaf = CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()])
             .unwrap()
             .signed_by(&leaf_key, &issuer)
             .unwrap();
@@ -413,9 +568,9 @@ mod tests {
     fn https_goes_out_over_verified_tls() {
         let (ca, port) = tls_server(1);
         let p = Proxy::with_extra_roots(Duration::from_secs(10), ca.as_bytes()).unwrap();
-        p.begin_call(grant(&format!("https://localhost:{port}")));
+        p.begin_call(grant(&format!("https://127.0.0.1:{port}")));
         let r = p
-            .handle(get(&format!("https://localhost:{port}/hello")))
+            .handle(get(&format!("https://127.0.0.1:{port}/hello")))
             .unwrap();
         assert_eq!(r.status, 200);
         assert_eq!(r.body, b"hello over tls");
@@ -423,7 +578,7 @@ mod tests {
         assert_eq!(events.len(), 1);
         assert_eq!(events[0].decision, Decision::Allow);
         assert!(
-            events[0].target.starts_with("GET https://localhost:"),
+            events[0].target.starts_with("GET https://127.0.0.1:"),
             "{events:?}"
         );
     }
@@ -432,12 +587,42 @@ mod tests {
     fn a_certificate_from_an_untrusted_ca_is_refused() {
         let (_ca, port) = tls_server(1);
         let p = Proxy::new(Duration::from_secs(10)).unwrap();
-        p.begin_call(grant(&format!("https://localhost:{port}")));
+        p.begin_call(grant(&format!("https://127.0.0.1:{port}")));
         let e = p
-            .handle(get(&format!("https://localhost:{port}/hello")))
+            .handle(get(&format!("https://127.0.0.1:{port}/hello")))
             .unwrap_err();
         assert!(e.message.contains("certificate"), "{e}");
         assert_eq!(e.kind, EgressFailureKind::Tls);
+    }
+
+    /// Review items 5 and 6 at the proxy (the VM's only way out): a name
+    /// that resolves to loopback is refused at its address, and a deny rule
+    /// holds for other spellings; the event names the address.
+    #[test]
+    fn names_and_spellings_never_reach_an_address_the_grant_does_not_name() {
+        let p = Proxy::new(Duration::from_secs(5)).unwrap();
+        p.begin_call(grant("http://localhost:9"));
+        let e = p.handle(get("http://localhost:9/")).unwrap_err();
+        assert_eq!(e.kind, EgressFailureKind::Denied, "{e}");
+        let ev = p.end_call();
+        assert_eq!(ev.len(), 1, "{ev:?}");
+        assert!(ev[0].reason.contains("loopback"), "{ev:?}");
+        assert!(ev[0].target.contains(" -> "), "{ev:?}");
+        p.begin_call(HttpGrant {
+            allow: vec![HttpRule::parse("*").unwrap()],
+            deny: vec![HttpRule::parse("127.0.0.1").unwrap()],
+        });
+        for url in [
+            "http://127.1:9/",
+            "http://2130706433:9/",
+            "http://0x7f000001:9/",
+            "http://[::ffff:127.0.0.1]:9/",
+        ] {
+            let e = p.handle(get(url)).unwrap_err();
+            assert_eq!(e.kind, EgressFailureKind::Denied, "{url}: {e}");
+            assert!(e.message.contains("deny rule"), "{url}: {e}");
+        }
+        p.end_call();
     }
 
     #[test]

@@ -213,7 +213,7 @@ struct GuestArgs {
           value_parser = clap::value_parser!(u32).range(1..=10))]
     boot_attempts: u32,
     /// CA certificates (PEM file) the host's egress proxy trusts for https
-    /// besides the Mozilla roots (a private CA). VM isolation only.
+    /// besides the Mozilla roots (a private CA), in either isolation.
     #[arg(long)]
     egress_ca: Option<PathBuf>,
 }
@@ -378,11 +378,6 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                         .context("--weights must be DIR:IMAGE")
                 })
                 .transpose()?;
-            if guest.egress_ca.is_some() && isolation == Isolation::Process {
-                bail!(
-                    "--egress-ca only applies to --isolation vm (in process, outgoing https trusts the Mozilla roots only)"
-                );
-            }
             if weights.is_some() && isolation == Isolation::Process {
                 bail!(
                     "--weights only applies to --isolation vm (in process the grants read DIR directly)"
@@ -398,6 +393,14 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let runner = cli_runner()?;
             let outcome = match isolation {
                 Isolation::Process => {
+                    // Allowed HTTP goes through the same proxy (and the same
+                    // address checks) as from a microVM.
+                    let ca = egress_ca(guest.egress_ca.as_deref())?;
+                    let proxy = airlock::egress::Proxy::with_extra_roots(
+                        airlock::sandbox::EGRESS_TIMEOUT,
+                        &ca,
+                    )?;
+                    let runner = runner.with_egress(std::sync::Arc::new(proxy));
                     let loaded = runner.load_wasm(&bytes)?;
                     runner.invoke(&loaded, &tool, &args, &policy.grant_set())
                 }

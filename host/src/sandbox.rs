@@ -24,6 +24,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+/// The egress proxy's time limit per request, in both walls.
+pub const EGRESS_TIMEOUT: Duration = Duration::from_secs(60);
+
 /// How many fresh VMs [`Sandbox::boot_and_load`] tries before giving up,
 /// unless [`SandboxConfig::boot_attempts`] says otherwise.
 pub const BOOT_ATTEMPTS: u32 = 3;
@@ -157,6 +160,58 @@ fn try_connect(uds: &Path) -> Option<UnixStream> {
     line.starts_with("OK ").then_some(s)
 }
 
+/// The largest `Result` frame an honest guest sends for a call under
+/// `limits`: the result's JSON, both output streams with every byte
+/// escaped (`\u00XX`), a full audit trail, and room for the rest. So no call
+/// within its limits ever meets the frame cap, and a guest cannot make the
+/// host read more than the limits allow.
+pub fn outcome_json_cap(limits: &airlock_guest::Limits) -> u32 {
+    use airlock_guest::audit::caps;
+    let audit = caps::MAX_EVENTS as u64
+        * (64 + caps::MAX_TARGET_BYTES + caps::MAX_REASON_BYTES + 128) as u64
+        * 6;
+    let total = limits.max_result_bytes + 6 * 2 * limits.max_output_bytes + audit + (256 << 10);
+    u32::try_from(total).unwrap_or(u32::MAX)
+}
+
+/// What the guest sent, held to the call's limits on the host: the guest
+/// is not trusted to have kept them. A result over `max_result` becomes the
+/// same `result_limit` error the runner gives; output is cut to
+/// `max_output`; audit events are capped by the caller.
+pub fn hold_to_limits(mut o: CallOutcome, limits: &airlock_guest::Limits) -> CallOutcome {
+    use airlock_guest::{CallError, CallResult, Decision};
+    if let CallResult::Ok(v) = &o.result {
+        let len = serde_json::to_vec(v).map_or(u64::MAX, |b| b.len() as u64);
+        if len > limits.max_result_bytes {
+            tracing::warn!(
+                len,
+                "the guest sent a result over max_result; refused on the host"
+            );
+            o.result = CallResult::Error(CallError::ResultLimit {
+                limit_bytes: limits.max_result_bytes,
+            });
+            o.audit.push(airlock_guest::AuditEvent {
+                at_us: o.metering.wall_us,
+                action: "limit.result".into(),
+                target: format!("{} bytes", limits.max_result_bytes),
+                decision: Decision::Deny,
+                reason: "the guest sent a result larger than allowed; the host refused it".into(),
+            });
+        }
+    }
+    for s in [&mut o.stdout, &mut o.stderr] {
+        let max = usize::try_from(limits.max_output_bytes).unwrap_or(usize::MAX);
+        if s.len() > max {
+            let mut cut = max;
+            while !s.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            s.truncate(cut);
+        }
+    }
+    o
+}
+
 impl Sandbox {
     /// Boot a VM and wait for its agent.
     ///
@@ -174,7 +229,7 @@ impl Sandbox {
         let stop = Arc::new(AtomicBool::new(false));
         // The guest reaches the egress proxy at host port EGRESS_PORT, which
         // the vsock device bridges to `<uds>_<port>`.
-        let proxy = Proxy::with_extra_roots(Duration::from_secs(60), &cfg.egress_ca)?;
+        let proxy = Proxy::with_extra_roots(EGRESS_TIMEOUT, &cfg.egress_ca)?;
         let egress_path = PathBuf::from(format!(
             "{}_{}",
             uds.display(),
@@ -395,8 +450,14 @@ impl Sandbox {
         let answer = self.call(id, digest, tool, args, grants);
         let proxied = self.proxy.end_call();
         let mut outcome = answer?;
-        // The host proxy's own decisions join the guest's record of the call.
-        outcome.audit.extend(proxied);
+        // The host proxy's own decisions join the guest's record of the
+        // call, under the same caps the guest's runner keeps (the guest is
+        // not trusted to have kept them).
+        let log = airlock_guest::audit::AuditLog::new(std::time::Instant::now());
+        log.extend(std::mem::take(&mut outcome.audit), outcome.audit_dropped);
+        log.extend(proxied, 0);
+        outcome.audit = log.snapshot();
+        outcome.audit_dropped = log.dropped();
         outcome.audit.sort_by_key(|e| e.at_us);
         Ok(outcome)
     }
@@ -420,8 +481,14 @@ impl Sandbox {
             },
             b"",
         )?;
-        match self.recv()? {
-            Message::Result { id: got, outcome } if got == id => Ok(*outcome),
+        let limits = FrameLimits {
+            max_json: outcome_json_cap(&grants.limits),
+            max_blob: 0,
+        };
+        match proto::read_frame(&mut self.conn, limits)?.msg {
+            Message::Result { id: got, outcome } if got == id => {
+                Ok(hold_to_limits(*outcome, &grants.limits))
+            }
             Message::Error { message, .. } => Err(SandboxError::Guest(message)),
             other => Err(SandboxError::Guest(format!(
                 "expected Result {id}, got {other:?}"
@@ -492,5 +559,68 @@ impl Drop for Sandbox {
         if self.vm.is_some() {
             let _ = self.finish();
         }
+    }
+}
+
+#[cfg(test)]
+mod limits_tests {
+    use super::*;
+    use airlock_guest::{CallError, CallResult, Limits, Metering};
+
+    fn outcome(result: CallResult, stdout: String) -> CallOutcome {
+        CallOutcome {
+            tool: "t".into(),
+            result,
+            metering: Metering::default(),
+            audit: Vec::new(),
+            audit_dropped: 0,
+            stdout,
+            stderr: String::new(),
+        }
+    }
+
+    /// Review items 11 and 13: the worst an honest guest sends under the
+    /// limits fits the frame cap; what a lying guest sends past them is
+    /// cut back on the host.
+    #[test]
+    fn guest_outcomes_are_held_to_the_calls_limits_on_the_host() {
+        let limits = Limits::default();
+        let worst = outcome(
+            CallResult::Ok(serde_json::Value::String(
+                "r".repeat(limits.max_result_bytes as usize - 2),
+            )),
+            "\u{1}".repeat(limits.max_output_bytes as usize),
+        );
+        let mut worst = worst;
+        worst.stderr = worst.stdout.clone();
+        let json = serde_json::to_vec(&Message::Result {
+            id: 1,
+            outcome: Box::new(worst),
+        })
+        .unwrap();
+        assert!(
+            (json.len() as u64) < u64::from(outcome_json_cap(&limits)),
+            "{} bytes over the cap of {}",
+            json.len(),
+            outcome_json_cap(&limits)
+        );
+        // A guest that claims a 2 MiB result under a 1 MiB cap, and more
+        // output than allowed.
+        let lying = outcome(
+            CallResult::Ok(serde_json::Value::String("x".repeat(2 << 20))),
+            "y".repeat((limits.max_output_bytes + 10) as usize),
+        );
+        let held = hold_to_limits(lying, &limits);
+        assert_eq!(
+            held.result,
+            CallResult::Error(CallError::ResultLimit {
+                limit_bytes: limits.max_result_bytes
+            })
+        );
+        assert_eq!(held.stdout.len() as u64, limits.max_output_bytes);
+        assert!(held.audit.iter().any(|e| e.action == "limit.result"));
+        // Within limits nothing changes.
+        let fine = outcome(CallResult::Ok(serde_json::json!({"a": 1})), "ok".into());
+        assert_eq!(hold_to_limits(fine.clone(), &limits), fine);
     }
 }

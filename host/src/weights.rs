@@ -90,12 +90,15 @@ pub fn for_vm(grants: &GrantSet, weights_dir: Option<&Path>) -> Result<GrantSet,
     let base = weights_dir.map(|d| std::fs::canonicalize(d).unwrap_or_else(|_| d.to_path_buf()));
     let mut out = grants.clone();
     for (index, d) in out.dirs.iter_mut().enumerate() {
-        let host = std::fs::canonicalize(&d.host_path).unwrap_or_else(|_| d.host_path.clone());
+        // Grant paths are already real paths without `..` (policy): compare
+        // them as they are; the image holds what the directory held when
+        // it was packed, whatever the directory holds now.
         let inside = base
             .as_ref()
-            .and_then(|b| host.strip_prefix(b).ok().map(Path::to_path_buf));
+            .and_then(|b| d.host_path.strip_prefix(b).ok().map(Path::to_path_buf));
         match inside {
             Some(rel) if !d.writable => {
+                d.root = PathBuf::from(GUEST_MOUNT);
                 d.host_path = Path::new(GUEST_MOUNT).join(rel);
             }
             _ => {
@@ -120,6 +123,7 @@ mod tests {
     fn grant(host: &Path, writable: bool) -> GrantSet {
         GrantSet {
             dirs: vec![DirGrant {
+                root: PathBuf::from("/"),
                 host_path: host.to_path_buf(),
                 guest_path: "/models".into(),
                 writable,

@@ -16,18 +16,20 @@ pub struct Server {
     child: Option<Child>,
     /// `http://127.0.0.1:<port>`.
     pub url: String,
-    /// The working directory: `config.toml`, `data/`, `shared/`.
+    /// The working directory: `config.toml`, `data/`, `shared/` (what
+    /// tenant acme may grant), `globex/` (what tenant globex may grant).
     pub dir: PathBuf,
 }
 
 /// Write the test config into `dir` (keeping `extra` TOML appended).
 pub fn write_config(dir: &Path, extra: &str) -> PathBuf {
     std::fs::create_dir_all(dir.join("shared")).unwrap();
+    std::fs::create_dir_all(dir.join("globex")).unwrap();
     let shared = std::fs::canonicalize(dir.join("shared")).unwrap();
+    let globex = std::fs::canonicalize(dir.join("globex")).unwrap();
     let cfg = format!(
         r#"
 allowed_origins = ["http://localhost:5173"]
-allowed_host_dirs = [{shared:?}]
 {extra}
 
 [[tokens]]
@@ -53,6 +55,12 @@ name = "globex-admin"
 token = "{OTHER_ADMIN}"
 tenant = "globex"
 role = "admin"
+
+[tenants.acme]
+allowed_host_dirs = [{shared:?}]
+
+[tenants.globex]
+allowed_host_dirs = [{globex:?}]
 "#
     );
     let p = dir.join("config.toml");

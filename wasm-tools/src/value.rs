@@ -360,6 +360,38 @@ pub fn val_to_json(val: &Val, path: &str) -> Result<Value, ValueError> {
     })
 }
 
+/// A lower bound on the size of `val_to_json(val)` serialized (strings
+/// count their bytes and quotes, everything else at least a byte). Cheap,
+/// allocates nothing: a result can be refused as too large before its JSON
+/// is built.
+pub fn json_size_at_least(val: &Val) -> u64 {
+    let many = |xs: &mut dyn Iterator<Item = &Val>| -> u64 {
+        let mut n = 2;
+        for x in xs {
+            n += json_size_at_least(x) + 1;
+        }
+        n
+    };
+    match val {
+        Val::String(s) => s.len() as u64 + 2,
+        Val::Char(c) => c.len_utf8() as u64 + 2,
+        Val::Enum(name) => name.len() as u64 + 2,
+        Val::List(xs) | Val::Tuple(xs) | Val::FixedLengthList(xs) => many(&mut xs.iter()),
+        Val::Map(pairs) => many(&mut pairs.iter().flat_map(|(k, v)| [k, v])),
+        Val::Record(fields) => {
+            2 + fields
+                .iter()
+                .map(|(name, x)| name.len() as u64 + 4 + json_size_at_least(x))
+                .sum::<u64>()
+        }
+        Val::Flags(names) => 2 + names.iter().map(|n| n.len() as u64 + 3).sum::<u64>(),
+        Val::Variant(name, Some(p)) => name.len() as u64 + 5 + json_size_at_least(p),
+        Val::Option(Some(p)) => json_size_at_least(p),
+        Val::Result(Ok(Some(p)) | Err(Some(p))) => 6 + json_size_at_least(p),
+        _ => 1,
+    }
+}
+
 fn float_json(x: f64) -> Value {
     match Number::from_f64(x) {
         Some(n) => Value::Number(n),
@@ -492,4 +524,38 @@ pub fn args_to_vals(params: &[(String, Type)], args: &Value) -> Result<Vec<Val>,
     let known: Vec<&str> = params.iter().map(|(n, _)| n.as_str()).collect();
     reject_unknown(obj, &known, "args")?;
     Ok(out)
+}
+
+#[cfg(test)]
+mod size_tests {
+    use super::*;
+
+    #[test]
+    fn the_size_bound_never_exceeds_the_real_json_size() {
+        let vals = [
+            Val::String("a\u{1}b\"c".into()),
+            Val::List(vec![
+                Val::U64(12345),
+                Val::Bool(true),
+                Val::String("xyz".into()),
+            ]),
+            Val::Record(vec![
+                ("name".into(), Val::String("Ada".into())),
+                ("tags".into(), Val::Flags(vec!["x".into(), "yy".into()])),
+            ]),
+            Val::Result(Ok(Some(Box::new(Val::String("ok".into()))))),
+            Val::Variant("circle".into(), Some(Box::new(Val::Float64(1.5)))),
+            Val::Option(Some(Box::new(Val::Enum("red".into())))),
+            Val::Option(None),
+        ];
+        for v in &vals {
+            let real = serde_json::to_vec(&val_to_json(v, "result").unwrap())
+                .unwrap()
+                .len() as u64;
+            let bound = json_size_at_least(v);
+            assert!(bound <= real, "{v:?}: bound {bound} > real {real}");
+        }
+        let big = Val::String("r".repeat(1 << 20));
+        assert!(json_size_at_least(&big) > 1 << 20);
+    }
 }

@@ -77,7 +77,10 @@ fn build_musl_airlock() -> anyhow::Result<(PathBuf, PathBuf)> {
             "airlock-vmm",
         ])
         .env("CC_x86_64_unknown_linux_musl", "musl-gcc")
-        .env("CARGO_ENCODED_RUSTFLAGS", super::image::baseline_rustflags())
+        .env(
+            "CARGO_ENCODED_RUSTFLAGS",
+            super::image::baseline_rustflags(),
+        )
         .current_dir(super::root()))?;
     let target_dir = std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
@@ -215,7 +218,8 @@ printf 'version = 1\n[limits]\nfuel = 2000000\n' > /tmp/small-fuel.toml
 mkdir -p /tmp/www && printf 'hello from the outer VM' > /tmp/www/weather.txt
 httpd -p 127.0.0.1:8080 -h /tmp/www
 printf 'version = 1\n[http]\nallow = ["http://127.0.0.1:8080"]\n' > /tmp/http.toml
-# And a real TLS server (openssl s_server) for `localhost`, its certificate
+# And a real TLS server (openssl s_server) for 127.0.0.1 (a grant by name
+# never reaches loopback; the rule names the address), its certificate
 # from a private CA made here; the host proxy gets the CA via --egress-ca.
 mkdir -p /etc && echo "127.0.0.1 localhost" > /etc/hosts \
   || echo "NESTED-ERROR writing /etc/hosts failed"
@@ -225,20 +229,22 @@ mkdir -p /tmp/tls && (
   openssl req -x509 $EC -keyout ca.key -out ca.pem -days 2 -subj /CN=airlock-test-ca \
     -addext basicConstraints=critical,CA:TRUE -addext keyUsage=critical,keyCertSign 2>/dev/null
   openssl req $EC -keyout key.pem -out leaf.csr -subj /CN=localhost 2>/dev/null
-  printf 'subjectAltName=DNS:localhost\n' > ext.cnf
+  printf 'subjectAltName=DNS:localhost,IP:127.0.0.1\n' > ext.cnf
   openssl x509 -req -in leaf.csr -CA ca.pem -CAkey ca.key -set_serial 1 -days 2 \
     -extfile ext.cnf -out cert.pem 2>/dev/null
 ) || echo "NESTED-ERROR making the test CA failed"
 (cd /tmp/www && OPENSSL_CONF=/dev/null openssl s_server -accept 127.0.0.1:8443 \
   -cert /tmp/tls/cert.pem -key /tmp/tls/key.pem -WWW -quiet > /dev/null 2>&1 &)
-printf 'version = 1\n[http]\nallow = ["https://localhost:8443"]\n' > /tmp/https.toml
+printf 'version = 1\n[http]\nallow = ["https://127.0.0.1:8443"]\n' > /tmp/https.toml
 scenario vm-invoke 900 run $E/kitchen.wasm --tool recipes_summarize --args '{"values": [12, 30, 45, 8]}' $VMRUN
 scenario vm-escape-spin 900 run $E/escape.wasm --tool spin --policy /tmp/small-fuel.toml $VMRUN
 scenario vm-escape-socket 900 run $E/escape.wasm --tool open-socket --args '{"addr": "10.0.2.2:80"}' $VMRUN
+scenario vm-big-result 900 run $E/escape.wasm --tool big-result --args '{"bytes": 33554432}' $VMRUN
+scenario vm-stack-overflow 900 run $E/escape.wasm --tool recurse --args '{"depth": 1000000000}' $VMRUN
 scenario vm-egress 900 run $E/fetch.wasm --tool fetch --args '{"url": "http://127.0.0.1:8080/weather.txt"}' --policy /tmp/http.toml $VMRUN
-scenario vm-egress-https 900 run $E/fetch.wasm --tool fetch --args '{"url": "https://localhost:8443/weather.txt"}' --policy /tmp/https.toml --egress-ca /tmp/tls/ca.pem $VMRUN
-scenario vm-egress-https-untrusted 900 run $E/fetch.wasm --tool fetch --args '{"url": "https://localhost:8443/weather.txt"}' --policy /tmp/https.toml $VMRUN
-scenario process-egress-https-untrusted 300 run $E/fetch.wasm --tool fetch --args '{"url": "https://localhost:8443/weather.txt"}' --policy /tmp/https.toml --isolation process
+scenario vm-egress-https 900 run $E/fetch.wasm --tool fetch --args '{"url": "https://127.0.0.1:8443/weather.txt"}' --policy /tmp/https.toml --egress-ca /tmp/tls/ca.pem $VMRUN
+scenario vm-egress-https-untrusted 900 run $E/fetch.wasm --tool fetch --args '{"url": "https://127.0.0.1:8443/weather.txt"}' --policy /tmp/https.toml $VMRUN
+scenario process-egress-https-untrusted 300 run $E/fetch.wasm --tool fetch --args '{"url": "https://127.0.0.1:8443/weather.txt"}' --policy /tmp/https.toml --isolation process
 scenario vm-egress-denied 900 run $E/fetch.wasm --tool fetch --args '{"url": "http://127.0.0.1:8081/weather.txt"}' --policy /tmp/http.toml $VMRUN
 scenario four-vms 1200 vm multi $E/kitchen.wasm --tool recipes_summarize --kernel $G/vmlinux --initrd $G/initramfs.cpio.gz --boot-attempts 5 \
   --args '{"values": [1]}' --args '{"values": [2, 4]}' --args '{"values": [3, 6, 9]}' --args '{"values": [4, 8, 12, 16]}'

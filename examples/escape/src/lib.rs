@@ -96,6 +96,97 @@ impl Guest for Escape {
         }
         Ok("printed 4 GiB".into())
     }
+
+    fn flood_denied(url: String, count: u32, pad: u32) -> Result<String, String> {
+        let url = format!("{}/{}", url.trim_end_matches('/'), "p".repeat(pad as usize));
+        let mut refused = 0u32;
+        for _ in 0..count {
+            if Self::reach_host(url.clone()).is_err() {
+                refused += 1;
+            }
+        }
+        Ok(format!("{refused} of {count} refused"))
+    }
+
+    fn hoard_sockets(count: u32) -> Result<String, String> {
+        use wasi::sockets::network::IpAddressFamily;
+        use wasi::sockets::tcp_create_socket::create_tcp_socket;
+        let mut hoard = Vec::new();
+        for i in 0..count {
+            match create_tcp_socket(IpAddressFamily::Ipv4) {
+                Ok(s) => hoard.push(s),
+                Err(e) => return Err(format!("socket {i}: {e:?}")),
+            }
+        }
+        Ok(format!("holding {} sockets", hoard.len()))
+    }
+
+    fn hoard_fields(count: u32, size: u32) -> Result<String, String> {
+        use wasi::http::types::Fields;
+        let value = vec![b'v'; size as usize];
+        let mut hoard = Vec::new();
+        for i in 0..count {
+            let f = Fields::new();
+            f.append("x-hoard", &value)
+                .map_err(|e| format!("field {i}: {e:?}"))?;
+            hoard.push(f);
+        }
+        Ok(format!("holding {} fields of {size} bytes", hoard.len()))
+    }
+
+    fn change_readonly(dir: String) -> Result<String, String> {
+        let d = dir.trim_end_matches('/');
+        let attempts: [(&str, std::io::Result<()>); 6] = [
+            ("mkdir", std::fs::create_dir(format!("{d}/newdir"))),
+            (
+                "rename",
+                std::fs::rename(format!("{d}/notes.txt"), format!("{d}/moved.txt")),
+            ),
+            ("unlink", std::fs::remove_file(format!("{d}/notes.txt"))),
+            (
+                "link",
+                std::fs::hard_link(format!("{d}/notes.txt"), format!("{d}/hard.txt")),
+            ),
+            ("symlink", symlink_in(d, "/etc", "link")),
+            ("rmdir", std::fs::remove_dir(format!("{d}/sub"))),
+        ];
+        let done: Vec<&str> = attempts
+            .iter()
+            .filter(|(_, r)| r.is_ok())
+            .map(|(name, _)| *name)
+            .collect();
+        if done.is_empty() {
+            Err("every change was refused".into())
+        } else {
+            Ok(format!("changed: {}", done.join(", ")))
+        }
+    }
+
+    fn big_result(bytes: u32) -> String {
+        "r".repeat(bytes as usize)
+    }
+
+    fn recurse(depth: u64) -> u64 {
+        if depth == 0 {
+            return 0;
+        }
+        // black_box on the result keeps the compiler from turning this into
+        // a loop; nothing is kept on the shadow stack in linear memory, so
+        // it is wasm's own call stack that runs out.
+        std::hint::black_box(Self::recurse(std::hint::black_box(depth - 1))) + 1
+    }
+}
+
+/// `name` → `target` in the preopened directory `dir` (through WASI, as
+/// std has no stable symlink call on this target).
+fn symlink_in(dir: &str, target: &str, name: &str) -> std::io::Result<()> {
+    use wasi::filesystem::preopens::get_directories;
+    let (d, _) = get_directories()
+        .into_iter()
+        .find(|(_, p)| p == dir)
+        .ok_or_else(|| std::io::Error::other(format!("{dir} is not a preopened directory")))?;
+    d.symlink_at(target, name)
+        .map_err(|e| std::io::Error::other(format!("{e:?}")))
 }
 
 export!(Escape);

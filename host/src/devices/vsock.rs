@@ -41,6 +41,8 @@ const OP_CREDIT_UPDATE: u16 = 6;
 const OP_CREDIT_REQUEST: u16 = 7;
 /// Our receive buffer per connection, as advertised to the guest.
 const BUF_ALLOC: u32 = 256 * 1024;
+/// Packets waiting for the guest's receive buffers, at most (see `send`).
+const MAX_RX_PENDING: usize = 4096;
 /// Largest payload we accept from or put into one packet.
 const MAX_PKT_DATA: u32 = 64 * 1024;
 const QUEUE_SIZE: u16 = 256;
@@ -407,6 +409,17 @@ impl Worker {
     }
 
     fn send(&mut self, key: Key, op: u16, flags: u32, data: Vec<u8>) {
+        // A guest that posts no receive buffers while provoking control
+        // packets (credit requests, say) must not grow this queue without
+        // end: past the cap, control packets are dropped (data is bounded
+        // by the guest's own credit).
+        if data.is_empty() && self.rx_pending.len() >= MAX_RX_PENDING {
+            tracing::warn!(
+                op,
+                "vsock: the guest takes no packets; control packet dropped"
+            );
+            return;
+        }
         tracing::debug!(
             host_port = key.0,
             guest_port = key.1,
@@ -663,6 +676,22 @@ impl Worker {
             }
             OP_RW => {
                 if let Some(c) = self.conns.get_mut(&key) {
+                    // The guest may have at most the BUF_ALLOC we advertise
+                    // in flight (received, not yet forwarded). More is a
+                    // guest ignoring its credit to grow our buffer: reset.
+                    let unforwarded = c.to_stream.len() - c.local_bytes;
+                    if unforwarded + data.len() > BUF_ALLOC as usize {
+                        tracing::warn!(
+                            host_port = key.0,
+                            guest_port = key.1,
+                            unforwarded,
+                            len = data.len(),
+                            "vsock: the guest sent past its credit; connection reset"
+                        );
+                        self.send(key, OP_RST, 0, Vec::new());
+                        self.close(key);
+                        return;
+                    }
                     c.to_stream.extend_from_slice(&data);
                     self.flush_to_stream(key);
                 } else {
@@ -1079,5 +1108,84 @@ mod tests {
 
         dev.shutdown();
         assert!(!uds.exists(), "the socket is removed at shutdown");
+    }
+
+    /// Review item 9: a guest kernel that ignores the credit we advertise
+    /// (the host client reads nothing) is reset, not buffered without end.
+    #[test]
+    fn a_guest_sending_past_its_credit_is_reset() {
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x40_0000)]).unwrap();
+        let rx = MockSplitQueue::create(&mem, GuestAddress(RXQ), LEN);
+        let tx = MockSplitQueue::create(&mem, GuestAddress(TXQ), LEN);
+        let ev = MockSplitQueue::create(&mem, GuestAddress(EVQ), LEN);
+        let dir = tempfile::tempdir().unwrap();
+        let uds = dir.path().join("v.sock");
+        let mut dev = Vsock::new(3, uds.clone()).unwrap();
+        let evts: Vec<EventFd> = (0..3)
+            .map(|_| EventFd::new(libc::EFD_NONBLOCK).unwrap())
+            .collect();
+        let mut guest = Guest {
+            mem: mem.clone(),
+            rx_evt: evts[0].try_clone().unwrap(),
+            tx_evt: evts[1].try_clone().unwrap(),
+            rx_posted: 0,
+            rx_seen: 0,
+            tx_sent: 0,
+        };
+        dev.activate(Activation {
+            mem: mem.clone(),
+            queues: vec![
+                rx.create_queue::<Queue>().unwrap(),
+                tx.create_queue::<Queue>().unwrap(),
+                ev.create_queue::<Queue>().unwrap(),
+            ],
+            queue_evts: evts,
+            interrupt: Interrupt::new(Arc::new(EventFd::new(libc::EFD_NONBLOCK).unwrap())),
+        })
+        .unwrap();
+        guest.post_rx(&rx);
+        let mut c = UnixStream::connect(&uds).unwrap();
+        c.write_all(b"CONNECT 1024\n").unwrap();
+        let (req, _) = guest.recv(&rx);
+        let host_port = req.src_port;
+        let g2h = |op| Hdr {
+            src_cid: 3,
+            dst_cid: HOST_CID,
+            src_port: 1024,
+            dst_port: host_port,
+            op,
+            buf_alloc: 1 << 20,
+            ..Hdr::default()
+        };
+        guest.send(&tx, g2h(OP_RESPONSE), b"");
+        // 1 MiB at a client that reads nothing: the socket takes a few
+        // hundred KiB, our buffer BUF_ALLOC more, then the guest is over.
+        let chunk = [0x5au8; 4096];
+        for _ in 0..256 {
+            guest.send(&tx, g2h(OP_RW), &chunk);
+        }
+        let mut reset = false;
+        for _ in 0..64 {
+            guest.post_rx(&rx);
+            let (h, _) = guest.recv(&rx);
+            if h.op == OP_RST {
+                reset = true;
+                break;
+            }
+        }
+        assert!(reset, "the device never reset the connection");
+        // The client sees the stream end after what was forwarded.
+        c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut total = 0usize;
+        let mut buf = vec![0u8; 64 << 10];
+        loop {
+            match c.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => total += n,
+                Err(e) => panic!("the stream did not end: {e} after {total} bytes"),
+            }
+        }
+        assert!(total < 1 << 20, "everything was buffered: {total} bytes");
+        dev.shutdown();
     }
 }

@@ -16,7 +16,7 @@ use serde::Serialize;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-pub use parse::parse;
+pub use parse::{limits_over, parse};
 
 /// Largest memory limit a policy may ask for (the engine's slot size).
 pub const MAX_MEMORY_BYTES: u64 = 4 << 30;
@@ -26,6 +26,8 @@ pub const MIN_MEMORY_BYTES: u64 = 1 << 20;
 pub const MAX_TIMEOUT_MS: u64 = 60 * 60 * 1000;
 /// Largest output cap.
 pub const MAX_OUTPUT_BYTES: u64 = 64 << 20;
+/// Largest result cap (the result's JSON).
+pub const MAX_RESULT_BYTES: u64 = 16 << 20;
 
 /// A policy problem, naming the field (`filesystem[1].mode`).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, Serialize)]
@@ -79,6 +81,74 @@ pub struct FsRule {
     pub mode: Mode,
 }
 
+/// One environment value as the policy gives it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EnvValue {
+    /// `KEY = "value"`: shown wherever the policy is shown.
+    Plain(String),
+    /// `KEY = { secret = "value" }`: given to the call, never shown; every
+    /// route and report shows `{"secret_sha256": "<hex>"}` instead.
+    Secret(String),
+}
+
+impl EnvValue {
+    /// The value the call sees.
+    pub fn value(&self) -> &str {
+        match self {
+            Self::Plain(v) | Self::Secret(v) => v,
+        }
+    }
+}
+
+impl Serialize for EnvValue {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            Self::Plain(v) => s.serialize_str(v),
+            Self::Secret(v) => {
+                use serde::ser::SerializeMap;
+                let mut m = s.serialize_map(Some(1))?;
+                m.serialize_entry("secret_sha256", &secret_digest(v))?;
+                m.end()
+            }
+        }
+    }
+}
+
+/// How a secret is shown: its sha256, hex.
+pub fn secret_digest(v: &str) -> String {
+    use sha2::{Digest, Sha256};
+    hex::encode(Sha256::digest(v.as_bytes()))
+}
+
+/// Policy text as it may be shown: each `env` secret
+/// (`KEY = { secret = "..." }`) replaced by `{ secret_sha256 = "<hex>" }`,
+/// everything else (comments included) as written. Text that does not
+/// parse is not shown at all.
+pub fn redact_text(text: &str) -> String {
+    let Ok(mut doc) = text.parse::<toml_edit::DocumentMut>() else {
+        return "# (this policy text does not parse and is not shown)\n".into();
+    };
+    if let Some(env) = doc.get_mut("env").and_then(|e| e.as_table_like_mut()) {
+        let keys: Vec<String> = env.iter().map(|(k, _)| k.to_string()).collect();
+        for k in keys {
+            let Some(item) = env.get_mut(&k) else {
+                continue;
+            };
+            let secret = item
+                .as_table_like()
+                .and_then(|t| t.get("secret"))
+                .and_then(|v| v.as_str())
+                .map(str::to_string);
+            if let Some(v) = secret {
+                let mut t = toml_edit::InlineTable::new();
+                t.insert("secret_sha256", secret_digest(&v).into());
+                *item = toml_edit::Item::Value(toml_edit::Value::InlineTable(t));
+            }
+        }
+    }
+    doc.to_string()
+}
+
 /// A validated policy.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Policy {
@@ -87,7 +157,7 @@ pub struct Policy {
     /// Directory grants.
     pub filesystem: Vec<FsRule>,
     /// Environment variables, with operator-supplied values.
-    pub env: BTreeMap<String, String>,
+    pub env: BTreeMap<String, EnvValue>,
     /// Outgoing HTTP rules.
     pub http: HttpGrant,
 }
@@ -122,25 +192,86 @@ impl Policy {
             base
         };
         let base = std::fs::canonicalize(&base).unwrap_or(base);
-        parse(&text, &base)
+        let mut policy = parse(&text, &base)?;
+        // The operator's own file: a granted directory reached through a
+        // symlink is taken at its real path now; at call time the runner
+        // opens that path from `/` following no link, so a link swapped in
+        // later is refused rather than followed.
+        for f in &mut policy.filesystem {
+            if let Ok(real) = std::fs::canonicalize(&f.host) {
+                f.host = real;
+            }
+        }
+        Ok(policy)
     }
 
-    /// The grant set for one call: the policy decision.
+    /// The grant set for one call with `airlock run`: each directory is
+    /// opened beneath `/` (without following links).
     pub fn grant_set(&self) -> GrantSet {
-        GrantSet {
-            dirs: self
-                .filesystem
+        self.grant_set_beneath(&[PathBuf::from("/")])
+            .expect("every absolute path is beneath /")
+    }
+
+    /// The grant set for one call, each directory bound to the first of
+    /// `roots` it lies in (compared component by component; host paths hold
+    /// no `..`). The runner opens it beneath that root.
+    ///
+    /// # Errors
+    /// [`PolicyError::Field`] naming `filesystem[i].host` when a directory is
+    /// inside none of `roots`.
+    pub fn grant_set_beneath(&self, roots: &[PathBuf]) -> Result<GrantSet, PolicyError> {
+        let mut dirs = Vec::with_capacity(self.filesystem.len());
+        for (i, f) in self.filesystem.iter().enumerate() {
+            let root = roots
                 .iter()
-                .map(|f| DirGrant {
-                    host_path: f.host.clone(),
-                    guest_path: f.guest.clone(),
-                    writable: f.mode == Mode::Rw,
-                })
+                .find(|r| f.host.is_absolute() && f.host.starts_with(r))
+                .ok_or_else(|| PolicyError::Field {
+                    field: format!("filesystem[{i}].host"),
+                    message: format!(
+                        "{} is not inside a directory this server allows this tenant to grant (allowed_host_dirs)",
+                        f.host.display()
+                    ),
+                })?;
+            dirs.push(DirGrant {
+                root: root.clone(),
+                host_path: f.host.clone(),
+                guest_path: f.guest.clone(),
+                writable: f.mode == Mode::Rw,
+            });
+        }
+        Ok(GrantSet {
+            dirs,
+            env: self
+                .env
+                .iter()
+                .map(|(k, v)| (k.clone(), v.value().to_string()))
                 .collect(),
-            env: self.env.clone(),
             http: self.http.clone(),
             limits: self.limits,
-        }
+        })
+    }
+
+    /// The first limit over `ceiling`, as (`limits.<key>`, the asked
+    /// value, the ceiling), if any.
+    pub fn over_ceiling(&self, ceiling: &Limits) -> Option<(&'static str, u64, u64)> {
+        let l = &self.limits;
+        [
+            ("limits.memory", l.memory_bytes, ceiling.memory_bytes),
+            ("limits.fuel", l.fuel, ceiling.fuel),
+            ("limits.timeout", l.timeout_ms, ceiling.timeout_ms),
+            (
+                "limits.max_output",
+                l.max_output_bytes,
+                ceiling.max_output_bytes,
+            ),
+            (
+                "limits.max_result",
+                l.max_result_bytes,
+                ceiling.max_result_bytes,
+            ),
+        ]
+        .into_iter()
+        .find(|(_, asked, max)| asked > max)
     }
 
     /// The HTTP allow rules as text (for reports).

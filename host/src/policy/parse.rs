@@ -1,12 +1,12 @@
 //! Policy text → [`Policy`], with errors that name the field.
 
 use super::{
-    FsRule, MAX_MEMORY_BYTES, MAX_OUTPUT_BYTES, MAX_TIMEOUT_MS, MIN_MEMORY_BYTES, Mode, Policy,
-    PolicyError,
+    EnvValue, FsRule, MAX_MEMORY_BYTES, MAX_OUTPUT_BYTES, MAX_RESULT_BYTES, MAX_TIMEOUT_MS,
+    MIN_MEMORY_BYTES, Mode, Policy, PolicyError,
 };
 use airlock_guest::grants::{HttpGrant, HttpRule, Limits};
 use std::collections::BTreeMap;
-use std::path::{Component, Path};
+use std::path::{Component, Path, PathBuf};
 use toml::{Table, Value};
 
 fn field(path: &str, message: impl Into<String>) -> PolicyError {
@@ -91,9 +91,20 @@ fn table<'a>(v: &'a Value, path: &str) -> Result<&'a Table, PolicyError> {
 }
 
 fn limits(v: &Value) -> Result<Limits, PolicyError> {
+    limits_over(v, Limits::default())
+}
+
+/// A `[limits]`-shaped table over `base` (keys it leaves out keep `base`'s
+/// value), with the same units and ranges as a policy's; errors name the
+/// field as `limits.<key>`.
+pub fn limits_over(v: &Value, base: Limits) -> Result<Limits, PolicyError> {
     let t = table(v, "limits")?;
-    check_keys(t, "limits", &["memory", "fuel", "timeout", "max_output"])?;
-    let mut l = Limits::default();
+    check_keys(
+        t,
+        "limits",
+        &["memory", "fuel", "timeout", "max_output", "max_result"],
+    )?;
+    let mut l = base;
     if let Some(v) = t.get("memory") {
         l.memory_bytes = size(v, "limits.memory")?;
         if !(MIN_MEMORY_BYTES..=MAX_MEMORY_BYTES).contains(&l.memory_bytes) {
@@ -129,6 +140,15 @@ fn limits(v: &Value) -> Result<Limits, PolicyError> {
             return Err(field(
                 "limits.max_output",
                 "must be between 1 byte and 64 MiB",
+            ));
+        }
+    }
+    if let Some(v) = t.get("max_result") {
+        l.max_result_bytes = size(v, "limits.max_result")?;
+        if !(1..=MAX_RESULT_BYTES).contains(&l.max_result_bytes) {
+            return Err(field(
+                "limits.max_result",
+                "must be between 1 byte and 16 MiB",
             ));
         }
     }
@@ -236,6 +256,16 @@ fn filesystem(v: &Value, base: &Path) -> Result<Vec<FsRule>, PolicyError> {
         if host.is_empty() {
             return Err(field(&format!("{p}.host"), "must not be empty"));
         }
+        // `..` lets a path that names one directory today name another
+        // tomorrow (`<allowed>/a/x/../../etc` once `x` is swapped); grants
+        // are opened component by component beneath their root, with no
+        // `..` and no symlinks.
+        if Path::new(host)
+            .components()
+            .any(|c| matches!(c, Component::ParentDir))
+        {
+            return Err(field(&format!("{p}.host"), "must not contain `..`"));
+        }
         let guest = get_str("guest")?;
         if !guest.starts_with('/') {
             return Err(field(
@@ -272,7 +302,7 @@ fn filesystem(v: &Value, base: &Path) -> Result<Vec<FsRule>, PolicyError> {
             ));
         }
         out.push(FsRule {
-            host: base.join(host),
+            host: lexical(&base.join(host)),
             guest,
             mode,
         });
@@ -280,7 +310,15 @@ fn filesystem(v: &Value, base: &Path) -> Result<Vec<FsRule>, PolicyError> {
     Ok(out)
 }
 
-fn env(v: &Value) -> Result<BTreeMap<String, String>, PolicyError> {
+/// `path` without `.` components or a trailing `/` (no filesystem access;
+/// the caller refused `..`).
+fn lexical(path: &Path) -> PathBuf {
+    path.components()
+        .filter(|c| !matches!(c, Component::CurDir))
+        .collect()
+}
+
+fn env(v: &Value) -> Result<BTreeMap<String, EnvValue>, PolicyError> {
     let t = table(v, "env")?;
     let mut out = BTreeMap::new();
     for (k, v) in t {
@@ -298,8 +336,19 @@ fn env(v: &Value) -> Result<BTreeMap<String, String>, PolicyError> {
         }
         match v {
             Value::String(s) => {
-                out.insert(k.clone(), s.clone());
+                out.insert(k.clone(), EnvValue::Plain(s.clone()));
             }
+            Value::Table(t) => match (t.get("secret"), t.len()) {
+                (Some(Value::String(s)), 1) => {
+                    out.insert(k.clone(), EnvValue::Secret(s.clone()));
+                }
+                _ => {
+                    return Err(field(
+                        &p,
+                        "expected a string, or { secret = \"...\" } for a value no route shows",
+                    ));
+                }
+            },
             other => return Err(field(&p, format!("expected a string value, got {other}"))),
         }
     }
@@ -379,7 +428,8 @@ mod tests {
                 memory_bytes: 32 << 20,
                 fuel: 5000,
                 timeout_ms: 2000,
-                max_output_bytes: 4096
+                max_output_bytes: 4096,
+                max_result_bytes: 1 << 20,
             }
         );
         assert_eq!(
@@ -391,7 +441,7 @@ mod tests {
             }
         );
         assert_eq!(pol.filesystem[1].mode, Mode::Rw);
-        assert_eq!(pol.env["API_BASE"], "https://x");
+        assert_eq!(pol.env["API_BASE"], EnvValue::Plain("https://x".into()));
         assert_eq!(pol.http.allow.len(), 2);
         let g = pol.grant_set();
         assert!(!g.dirs[0].writable && g.dirs[1].writable);
@@ -472,5 +522,36 @@ mod tests {
             Err(PolicyError::Syntax { line, .. }) => assert_eq!(line, 2),
             other => panic!("{other:?}"),
         }
+    }
+
+    /// Review item 7: env values such as API keys can be secret: the call
+    /// gets them, no serialization of the policy or its text shows them.
+    #[test]
+    fn secret_env_values_reach_the_call_and_nothing_else() {
+        let text =
+            "version = 1\n# keys\n[env]\nAPI_KEY = { secret = \"sk-live-123\" }\nMODE = \"fast\"\n";
+        let pol = p(text).unwrap();
+        assert_eq!(pol.grant_set().env["API_KEY"], "sk-live-123");
+        let shown = serde_json::to_string(&pol).unwrap();
+        assert!(!shown.contains("sk-live"), "{shown}");
+        assert!(
+            shown.contains(&super::super::secret_digest("sk-live-123")),
+            "{shown}"
+        );
+        assert!(shown.contains("\"fast\""), "{shown}");
+        let redacted = super::super::redact_text(text);
+        assert!(!redacted.contains("sk-live"), "{redacted}");
+        assert!(
+            redacted.contains("secret_sha256") && redacted.contains("# keys"),
+            "{redacted}"
+        );
+        assert_eq!(
+            err_field("version = 1\n[env]\nK = { secret = 3 }\n"),
+            "env.K"
+        );
+        assert_eq!(
+            err_field("version = 1\n[env]\nK = { secret = \"a\", other = \"b\" }\n"),
+            "env.K"
+        );
     }
 }

@@ -153,13 +153,13 @@ async fn readyz(State(s): State<AppState>) -> ApiResult<axum::Json<Value>> {
 }
 
 async fn metrics(State(s): State<AppState>, headers: HeaderMap) -> ApiResult<Response> {
-    principal(&s, &headers)?;
+    let who = principal(&s, &headers)?;
     Ok((
         [(
             header::CONTENT_TYPE,
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
         )],
-        s.metrics_text(),
+        s.metrics_text_for(&who.tenant),
     )
         .into_response())
 }
@@ -367,7 +367,7 @@ async fn put_policy(
             "the policy must be UTF-8 TOML text",
         )
     })?;
-    s.validate_policy(&text)?;
+    s.validate_policy(&who.tenant, &text, super::PolicyCheck::Store)?;
     let (version, seq) = s.store().put_policy(&who.tenant, &who.name, &name, &text)?;
     Ok((
         StatusCode::CREATED,
@@ -393,11 +393,15 @@ async fn get_policy(
     Path(name): Path<String>,
     q: Result<Query<VersionQuery>, axum::extract::rejection::QueryRejection>,
 ) -> ApiResult<axum::Json<Value>> {
-    let who = authorize(&s, &headers, Action::Read)?;
+    let who = authorize(&s, &headers, Action::ReadPolicy)?;
     let q = query(q)?;
     let row = s.store().policy(&who.tenant, &name, q.version)?;
-    let parsed = s.validate_policy(&row.text).ok();
+    let parsed = s
+        .validate_policy(&who.tenant, &row.text, super::PolicyCheck::Use)
+        .ok();
     let mut v = serde_json::to_value(&row).unwrap_or_default();
+    // Secret env values never leave: the text shows their sha256 only.
+    v["text"] = crate::policy::redact_text(&row.text).into();
     v["policy"] = serde_json::to_value(parsed).unwrap_or_default();
     Ok(axum::Json(v))
 }
@@ -407,7 +411,7 @@ async fn policy_versions(
     headers: HeaderMap,
     Path(name): Path<String>,
 ) -> ApiResult<axum::Json<Value>> {
-    let who = authorize(&s, &headers, Action::Read)?;
+    let who = authorize(&s, &headers, Action::ReadPolicy)?;
     Ok(axum::Json(
         json!({"versions": s.store().policy_versions(&who.tenant, &name)?}),
     ))
@@ -450,7 +454,7 @@ async fn policy_diff(
     Path(name): Path<String>,
     q: Result<Query<DiffQuery>, axum::extract::rejection::QueryRejection>,
 ) -> ApiResult<axum::Json<Value>> {
-    let who = authorize(&s, &headers, Action::Read)?;
+    let who = authorize(&s, &headers, Action::ReadPolicy)?;
     let q = query(q)?;
     let parse = |v: i64| -> ApiResult<Value> {
         let row = s.store().policy(&who.tenant, &name, Some(v))?;
@@ -472,11 +476,14 @@ async fn report(
     Path(name): Path<String>,
     q: Result<Query<VersionQuery>, axum::extract::rejection::QueryRejection>,
 ) -> ApiResult<axum::Json<Value>> {
-    let who = authorize(&s, &headers, Action::Read)?;
+    let who = authorize(&s, &headers, Action::ReadPolicy)?;
     let q = query(q)?;
     let (_row, loaded) = s.component_tools(&who.tenant, &name)?;
     let (policy, version) = match s.store().policy(&who.tenant, &name, q.version) {
-        Ok(row) => (s.validate_policy(&row.text)?, row.version),
+        Ok(row) => (
+            s.validate_policy(&who.tenant, &row.text, super::PolicyCheck::Use)?,
+            row.version,
+        ),
         Err(super::StoreError::NoPolicy { .. }) if q.version.is_none() => {
             (crate::policy::Policy::default(), 0)
         }

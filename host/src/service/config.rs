@@ -4,7 +4,10 @@
 //! listen = "127.0.0.1:8420"
 //! data_dir = "/var/lib/airlock"
 //! allowed_origins = ["http://localhost:3000"]   # for /mcp; none by default
-//! allowed_host_dirs = ["/srv/airlock/shared"]   # what policies may grant
+//!
+//! [tenants.acme]                                 # per tenant, optional
+//! allowed_host_dirs = ["/srv/airlock/acme"]      # what acme's policies may grant
+//! max_limits = { memory = "256 MiB", timeout = "30s" }  # the most they may ask
 //!
 //! [limits]
 //! max_upload_bytes = 67108864
@@ -19,7 +22,7 @@
 //! memory_mib = 256
 //! warm = 2                 # VMs kept booted and waiting
 //! weights = "/srv/models:/srv/models.erofs"  # optional: DIR:IMAGE (airlock weights pack)
-//! egress_ca = "/etc/airlock/private-ca.pem"   # optional: extra CAs for https egress
+//! egress_ca = "/etc/airlock/private-ca.pem"   # optional, either mode: extra CAs for https egress
 //!
 //! [[tokens]]
 //! name = "ci-admin"
@@ -125,14 +128,59 @@ struct File {
     data_dir: Option<PathBuf>,
     #[serde(default)]
     allowed_origins: Vec<String>,
+    /// No longer accepted here (it was shared by every tenant): refused
+    /// with a pointer to `[tenants.<name>]`.
+    allowed_host_dirs: Option<toml::Value>,
     #[serde(default)]
-    allowed_host_dirs: Vec<PathBuf>,
+    tenants: std::collections::BTreeMap<String, TenantEntry>,
     #[serde(default)]
     limits: Limits,
     #[serde(default)]
     tokens: Vec<TokenEntry>,
     #[serde(default)]
     isolation: IsolationEntry,
+}
+
+/// `[tenants.<name>]` as written.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TenantEntry {
+    #[serde(default)]
+    allowed_host_dirs: Vec<PathBuf>,
+    /// A `[limits]`-shaped table: the most a policy of this tenant may ask.
+    max_limits: Option<toml::Value>,
+}
+
+/// The most a policy may ask for when its tenant's config says nothing:
+/// 512 MiB, 10 billion fuel, 60 s, 4 MiB of output and of result.
+pub fn default_ceiling() -> airlock_guest::Limits {
+    airlock_guest::Limits {
+        memory_bytes: 512 << 20,
+        fuel: 10_000_000_000,
+        timeout_ms: 60_000,
+        max_output_bytes: 4 << 20,
+        max_result_bytes: 4 << 20,
+    }
+}
+
+/// One tenant's settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Tenant {
+    /// Host directories (canonical) this tenant's policies may grant, with
+    /// everything below them. No two tenants' directories overlap.
+    pub allowed_host_dirs: Vec<PathBuf>,
+    /// The most its policies may ask for (`max_limits`, over
+    /// [`default_ceiling`]).
+    pub max_limits: airlock_guest::Limits,
+}
+
+impl Default for Tenant {
+    fn default() -> Self {
+        Self {
+            allowed_host_dirs: Vec::new(),
+            max_limits: default_ceiling(),
+        }
+    }
 }
 
 /// `[isolation]` as written.
@@ -185,8 +233,12 @@ pub struct Config {
     pub data_dir: PathBuf,
     /// `Origin` values accepted on `/mcp` (requests without `Origin` are accepted).
     pub allowed_origins: Vec<String>,
-    /// Host directories (canonical) that policies may grant, with everything below them.
-    pub allowed_host_dirs: Vec<PathBuf>,
+    /// CA certificates (PEM) the egress proxy trusts besides the Mozilla
+    /// roots, in either isolation mode; empty for none.
+    pub egress_ca: Vec<u8>,
+    /// Per-tenant settings (`[tenants.<name>]`); a tenant not named here
+    /// may grant no host directory.
+    pub tenants: std::collections::BTreeMap<String, Tenant>,
     /// Limits.
     pub limits: Limits,
     /// Bearer tokens.
@@ -293,26 +345,66 @@ impl Config {
                 return Err(field(name, "must be greater than 0"));
             }
         }
-        let mut allowed_host_dirs = Vec::new();
-        for (i, d) in f.allowed_host_dirs.iter().enumerate() {
-            let c = std::fs::canonicalize(d).map_err(|e| {
-                field(
-                    format!("allowed_host_dirs[{i}]"),
-                    format!("{}: {e}", d.display()),
-                )
-            })?;
-            allowed_host_dirs.push(c);
+        if f.allowed_host_dirs.is_some() {
+            return Err(field(
+                "allowed_host_dirs",
+                "directories are granted per tenant: move them under [tenants.<name>] allowed_host_dirs (one tenant may not grant another's)",
+            ));
         }
+        let tenants = tenants(f.tenants)?;
+        let egress_ca = egress_ca(&f.isolation)?;
         let isolation = isolation(f.isolation)?;
         Ok(Self {
             listen,
             data_dir,
             allowed_origins: f.allowed_origins,
-            allowed_host_dirs,
+            tenants,
+            egress_ca,
             limits: l,
             tokens,
             isolation,
         })
+    }
+
+    /// The most `tenant`'s policies may ask for.
+    pub fn max_limits(&self, tenant: &str) -> airlock_guest::Limits {
+        self.tenants
+            .get(tenant)
+            .map_or_else(default_ceiling, |t| t.max_limits)
+    }
+
+    /// The directories `tenant`'s policies may grant (none if the tenant
+    /// has no `[tenants.<name>]` table).
+    pub fn allowed_host_dirs(&self, tenant: &str) -> &[PathBuf] {
+        self.tenants
+            .get(tenant)
+            .map_or(&[], |t| t.allowed_host_dirs.as_slice())
+    }
+
+    /// Refuse a grantable directory that holds the data directory or lies
+    /// inside it: blobs, artifacts and the audit database are never a
+    /// tool's to read or write. Called once the data directory exists.
+    ///
+    /// # Errors
+    /// [`ConfigError::Field`] naming the tenant's directory.
+    pub fn check_data_dir_not_grantable(&self) -> Result<(), ConfigError> {
+        let data = std::fs::canonicalize(&self.data_dir)
+            .map_err(|e| field("data_dir", format!("{}: {e}", self.data_dir.display())))?;
+        for (name, t) in &self.tenants {
+            for (i, d) in t.allowed_host_dirs.iter().enumerate() {
+                if d.starts_with(&data) || data.starts_with(d) {
+                    return Err(field(
+                        format!("tenants.{name}.allowed_host_dirs[{i}]"),
+                        format!(
+                            "{} overlaps the data directory {}, which is never grantable",
+                            d.display(),
+                            data.display()
+                        ),
+                    ));
+                }
+            }
+        }
+        Ok(())
     }
 
     /// The token whose sha256 matches `presented`, if any.
@@ -324,23 +416,101 @@ impl Config {
     }
 }
 
+/// Validate `[tenants.*]`: names, directories that exist (kept canonical),
+/// and no directory of one tenant inside (or holding) another tenant's.
+fn tenants(
+    entries: std::collections::BTreeMap<String, TenantEntry>,
+) -> Result<std::collections::BTreeMap<String, Tenant>, ConfigError> {
+    let mut out = std::collections::BTreeMap::new();
+    let mut seen: Vec<(String, usize, PathBuf)> = Vec::new();
+    for (name, t) in entries {
+        if !valid_name(&name) {
+            return Err(field(
+                format!("tenants.{name}"),
+                "a tenant name is 1-32 characters of a-z, 0-9 and '-'",
+            ));
+        }
+        let mut dirs = Vec::new();
+        for (i, d) in t.allowed_host_dirs.iter().enumerate() {
+            let at = format!("tenants.{name}.allowed_host_dirs[{i}]");
+            if !d.is_absolute() {
+                return Err(field(
+                    at,
+                    format!("{} is not an absolute path", d.display()),
+                ));
+            }
+            let c = std::fs::canonicalize(d)
+                .map_err(|e| field(&at, format!("{}: {e}", d.display())))?;
+            if !c.is_dir() {
+                return Err(field(at, format!("{} is not a directory", d.display())));
+            }
+            if c == Path::new("/") {
+                return Err(field(at, "`/` would grant the whole host"));
+            }
+            if let Some((other, j, o)) = seen
+                .iter()
+                .find(|(other, _, o)| *other != name && (c.starts_with(o) || o.starts_with(&c)))
+            {
+                return Err(field(
+                    at,
+                    format!(
+                        "{} overlaps tenants.{other}.allowed_host_dirs[{j}] ({}): one tenant could grant itself another's files",
+                        c.display(),
+                        o.display()
+                    ),
+                ));
+            }
+            seen.push((name.clone(), i, c.clone()));
+            dirs.push(c);
+        }
+        let max_limits = match &t.max_limits {
+            None => default_ceiling(),
+            Some(v) => crate::policy::limits_over(v, default_ceiling()).map_err(|e| match e {
+                crate::policy::PolicyError::Field { field: f, message } => {
+                    field(format!("tenants.{name}.max_{f}"), message)
+                }
+                other => field(format!("tenants.{name}.max_limits"), other.to_string()),
+            })?,
+        };
+        out.insert(
+            name,
+            Tenant {
+                allowed_host_dirs: dirs,
+                max_limits,
+            },
+        );
+    }
+    Ok(out)
+}
+
+/// `[isolation] egress_ca`: the extra CA certificates the egress proxy
+/// trusts, in either mode (both send through the same proxy).
+fn egress_ca(i: &IsolationEntry) -> Result<Vec<u8>, ConfigError> {
+    match &i.egress_ca {
+        None => Ok(Vec::new()),
+        Some(p) => {
+            let pem = std::fs::read(p)
+                .map_err(|e| field("isolation.egress_ca", format!("{}: {e}", p.display())))?;
+            crate::egress::extra_roots(&pem)
+                .map_err(|e| field("isolation.egress_ca", e.to_string()))?;
+            Ok(pem)
+        }
+    }
+}
+
 fn isolation(i: IsolationEntry) -> Result<Isolation, ConfigError> {
     match i.mode.as_deref().unwrap_or("process") {
         "process" => {
-            if i.kernel.is_some()
-                || i.initrd.is_some()
-                || i.warm.is_some()
-                || i.weights.is_some()
-                || i.egress_ca.is_some()
-            {
+            if i.kernel.is_some() || i.initrd.is_some() || i.warm.is_some() || i.weights.is_some() {
                 return Err(field(
                     "isolation.mode",
-                    "kernel, initrd, warm, weights and egress_ca only apply to mode = \"vm\"",
+                    "kernel, initrd, warm and weights only apply to mode = \"vm\"",
                 ));
             }
             Ok(Isolation::Process)
         }
         "vm" => {
+            let egress_ca = egress_ca(&i)?;
             let file = |name: &str, p: Option<PathBuf>| {
                 let p = p.ok_or_else(|| {
                     field(
@@ -378,17 +548,6 @@ fn isolation(i: IsolationEntry) -> Result<Isolation, ConfigError> {
                         ));
                     }
                     Some((PathBuf::from(dir), image))
-                }
-            };
-            let egress_ca = match i.egress_ca {
-                None => Vec::new(),
-                Some(p) => {
-                    let pem = std::fs::read(&p).map_err(|e| {
-                        field("isolation.egress_ca", format!("{}: {e}", p.display()))
-                    })?;
-                    crate::egress::extra_roots(&pem)
-                        .map_err(|e| field("isolation.egress_ca", e.to_string()))?;
-                    pem
                 }
             };
             Ok(Isolation::Vm(VmSettings {
@@ -504,9 +663,98 @@ role = "admin"
         std::fs::write(&ca, b"not a certificate").unwrap();
         let e = Config::parse(&with_ca).unwrap_err().to_string();
         assert!(e.starts_with("isolation.egress_ca"), "{e}");
-        let e = Config::parse(&format!("{OK}\n[isolation]\negress_ca = {ca:?}\n"))
+        // In process mode too: calls send through the same proxy.
+        std::fs::write(&ca, params.self_signed(&key).unwrap().pem()).unwrap();
+        let c = Config::parse(&format!("{OK}\n[isolation]\negress_ca = {ca:?}\n")).unwrap();
+        assert!(c.egress_ca.starts_with(b"-----BEGIN CERTIFICATE"));
+    }
+
+    #[test]
+    fn host_dirs_are_granted_per_tenant_and_never_overlap() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = std::fs::canonicalize(dir.path()).unwrap();
+        for d in ["acme", "globex", "acme/inner"] {
+            std::fs::create_dir_all(root.join(d)).unwrap();
+        }
+        let with = |t: &str| format!("{OK}\n{t}\n");
+        let c = Config::parse(&with(&format!(
+            "[tenants.acme]\nallowed_host_dirs = [{:?}]\n[tenants.globex]\nallowed_host_dirs = [{:?}]",
+            root.join("acme/../acme"),
+            root.join("globex")
+        )))
+        .unwrap();
+        assert_eq!(c.allowed_host_dirs("acme"), [root.join("acme")]);
+        assert_eq!(c.allowed_host_dirs("globex"), [root.join("globex")]);
+        assert!(c.allowed_host_dirs("initech").is_empty());
+        // One shared list for every tenant is refused, naming where it goes.
+        let e = Config::parse(&format!(
+            "allowed_host_dirs = [{:?}]\n{OK}",
+            root.join("acme")
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.starts_with("allowed_host_dirs") && e.contains("[tenants."),
+            "{e}"
+        );
+        // One tenant's directory inside (or holding) another's is refused.
+        for (a, b) in [("acme", "acme/inner"), ("acme/inner", "acme")] {
+            let e = Config::parse(&with(&format!(
+                "[tenants.acme]\nallowed_host_dirs = [{:?}]\n[tenants.globex]\nallowed_host_dirs = [{:?}]",
+                root.join(a),
+                root.join(b)
+            )))
             .unwrap_err()
             .to_string();
-        assert!(e.starts_with("isolation.mode"), "{e}");
+            assert!(e.starts_with("tenants.globex.allowed_host_dirs[0]"), "{e}");
+            assert!(e.contains("overlaps tenants.acme"), "{e}");
+        }
+        // Missing, relative, `/`.
+        for (d, want) in [
+            (root.join("nope").display().to_string(), "No such file"),
+            ("rel/dir".to_string(), "not an absolute path"),
+            ("/".to_string(), "whole host"),
+        ] {
+            let e = Config::parse(&with(&format!(
+                "[tenants.acme]\nallowed_host_dirs = [{d:?}]"
+            )))
+            .unwrap_err()
+            .to_string();
+            assert!(e.starts_with("tenants.acme.allowed_host_dirs[0]"), "{e}");
+            assert!(e.contains(want), "{e}");
+        }
+        // The data directory is never grantable, nor anything around it.
+        for data in ["acme", "acme/inner"] {
+            let text = with(&format!(
+                "[tenants.acme]\nallowed_host_dirs = [{:?}]",
+                root.join("acme")
+            ))
+            .replace("/tmp/x", &root.join(data).display().to_string());
+            let e = Config::parse(&text)
+                .unwrap()
+                .check_data_dir_not_grantable()
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("never grantable"), "{e}");
+        }
+    }
+
+    #[test]
+    fn tenants_have_ceilings_on_what_policies_may_ask() {
+        let c = Config::parse(OK).unwrap();
+        assert_eq!(c.max_limits("acme"), default_ceiling());
+        let c = Config::parse(&format!(
+            "{OK}\n[tenants.acme]\nmax_limits = {{ memory = \"128 MiB\", timeout = \"5s\" }}\n"
+        ))
+        .unwrap();
+        let m = c.max_limits("acme");
+        assert_eq!((m.memory_bytes, m.timeout_ms), (128 << 20, 5000));
+        assert_eq!(m.fuel, default_ceiling().fuel);
+        let e = Config::parse(&format!(
+            "{OK}\n[tenants.acme]\nmax_limits = {{ memory = \"lots\" }}\n"
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(e.starts_with("tenants.acme.max_limits.memory"), "{e}");
     }
 }

@@ -5,6 +5,10 @@
 //!   `202 Accepted`. Methods: `initialize`, `ping`, `tools/list`, `tools/call`.
 //! * `initialize` starts a session (`Mcp-Session-Id` response header); every
 //!   later request must carry it (400 without, 404 for an unknown one).
+//!   `initialize` must come alone, never in a batch. Sessions end after
+//!   [`SESSION_IDLE`](super::SESSION_IDLE) unused, and a tenant holds at
+//!   most [`MAX_SESSIONS_PER_TENANT`](super::MAX_SESSIONS_PER_TENANT) (the
+//!   least recently used goes first).
 //! * `GET /mcp` is 405: this server sends no server-initiated messages.
 //! * `DELETE /mcp` ends the session.
 //! * `Origin` is validated against `allowed_origins` (DNS-rebinding defence);
@@ -136,6 +140,19 @@ pub async fn post(State(s): State<AppState>, headers: HeaderMap, body: Body) -> 
         _ => vec![msg.clone()],
     };
     let initializing = messages.iter().any(|m| m["method"] == "initialize");
+    // `initialize` stands alone (MCP forbids it in a batch): a batch that
+    // hides one must not skip the session check for the rest.
+    if initializing && messages.len() > 1 {
+        return (
+            StatusCode::BAD_REQUEST,
+            axum::Json(rpc_error(
+                &Value::Null,
+                -32600,
+                "Invalid Request: initialize must be sent alone, not in a batch",
+            )),
+        )
+            .into_response();
+    }
     let session = headers
         .get(SESSION)
         .and_then(|v| v.to_str().ok())

@@ -86,7 +86,11 @@ impl Metrics {
             self.denials
                 .get_or_create(&vec![
                     ("tenant", tenant.to_string()),
-                    ("action", e.action.clone()),
+                    // Known actions only: a guest's made-up ones are `other`.
+                    (
+                        "action",
+                        airlock_guest::audit::action_label(&e.action).to_string(),
+                    ),
                 ])
                 .inc();
         }

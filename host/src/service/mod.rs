@@ -134,8 +134,11 @@ pub enum Action {
     Manage,
     /// Call tools (and list them).
     Invoke,
-    /// Read components, tools, policies, reports.
+    /// Read components and tools (names, schemas, descriptions).
     Read,
+    /// Read policies, their versions and diffs, and capability reports:
+    /// what a tool may do, with `env` values. Not for invokers.
+    ReadPolicy,
     /// Read and verify the audit log.
     Audit,
 }
@@ -150,7 +153,10 @@ impl Principal {
             (self.role, action),
             (Role::Admin, _)
                 | (Role::Invoker, Action::Invoke | Action::Read)
-                | (Role::Auditor, Action::Read | Action::Audit)
+                | (
+                    Role::Auditor,
+                    Action::Read | Action::ReadPolicy | Action::Audit
+                )
         );
         if ok {
             return Ok(());
@@ -165,6 +171,7 @@ impl Principal {
                 Action::Manage => "change components or policies",
                 Action::Invoke => "call tools",
                 Action::Read => "read components",
+                Action::ReadPolicy => "read policies or reports",
                 Action::Audit => "read the audit log",
             },
         })
@@ -229,11 +236,31 @@ pub struct Service {
     cache: Mutex<HashMap<String, Arc<Loaded>>>,
     tenants: Mutex<HashMap<String, Arc<Semaphore>>>,
     metrics: metrics::Metrics,
-    sessions: Mutex<HashMap<String, String>>,
+    /// MCP sessions: id → (tenant, last used).
+    sessions: Mutex<HashMap<String, (String, std::time::Instant)>>,
     /// Warm microVMs when calls run with `isolation = vm`.
     pool: Option<crate::pool::Pool>,
     /// Calls running in a microVM now.
     vm_calls: std::sync::atomic::AtomicI64,
+}
+
+/// An MCP session unused this long is gone.
+pub const SESSION_IDLE: std::time::Duration = std::time::Duration::from_secs(60 * 60);
+/// MCP sessions one tenant may hold; a new one evicts the least recently used.
+pub const MAX_SESSIONS_PER_TENANT: usize = 256;
+
+/// The egress proxy's limit per request (both walls; the sandbox's own
+/// proxy uses the same).
+pub const EGRESS_TIMEOUT: std::time::Duration = crate::sandbox::EGRESS_TIMEOUT;
+
+/// How much [`Service::validate_policy`] checks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PolicyCheck {
+    /// A policy being stored: its directories must exist now, by their real path.
+    Store,
+    /// A stored policy being read or used: the checks that need no
+    /// filesystem (the runner opens each directory safely at call time).
+    Use,
 }
 
 impl Service {
@@ -243,8 +270,16 @@ impl Service {
     /// The data directory or the engine cannot be set up.
     pub fn new(config: Config) -> Result<Self, ServiceError> {
         let store = Store::open(&config.data_dir)?;
-        let runner = Runner::new(EngineConfig::default())
+        config
+            .check_data_dir_not_grantable()
             .map_err(|e| ServiceError::Internal(e.to_string()))?;
+        // Calls in this process send allowed HTTP through the same proxy
+        // (and the same checks) as calls in a microVM.
+        let proxy = crate::egress::Proxy::with_extra_roots(EGRESS_TIMEOUT, &config.egress_ca)
+            .map_err(|e| ServiceError::Internal(e.to_string()))?;
+        let runner = Runner::new(EngineConfig::default())
+            .map_err(|e| ServiceError::Internal(e.to_string()))?
+            .with_egress(Arc::new(proxy));
         let engine_id = hex::encode(&Sha256::digest(runner.fingerprint().as_bytes())[..8]);
         let pool = match &config.isolation {
             config::Isolation::Process => None,
@@ -362,36 +397,81 @@ impl Service {
         })
     }
 
-    /// Parse and validate policy text for this service: the format rules of
-    /// [`crate::policy`], plus every granted host directory must be absolute
-    /// and inside one of the config's `allowed_host_dirs`.
+    /// Parse and validate policy text for `tenant`: the format rules of
+    /// [`crate::policy`], plus every granted host directory must be
+    /// absolute and inside one of the tenant's `allowed_host_dirs`. With
+    /// [`PolicyCheck::Store`] (a policy being stored) each directory must
+    /// also exist now and be named by its real path (no symbolic link on
+    /// the way): at call time the runner opens exactly that path beneath
+    /// its allowed directory and follows no link.
     ///
     /// # Errors
     /// [`ServiceError::BadRequest`] naming the policy field.
-    pub fn validate_policy(&self, text: &str) -> Result<Policy, ServiceError> {
-        let p = policy::parse(text, Path::new("/")).map_err(|e| {
+    pub fn validate_policy(
+        &self,
+        tenant: &str,
+        text: &str,
+        check: PolicyCheck,
+    ) -> Result<Policy, ServiceError> {
+        let invalid = |e: policy::PolicyError| {
             let field = match &e {
                 policy::PolicyError::Field { field, .. } => Some(format!("policy.{field}")),
                 _ => Some("policy".to_string()),
             };
             bad("invalid_policy", field, e.to_string())
-        })?;
+        };
+        let p = policy::parse(text, Path::new("")).map_err(invalid)?;
         for (i, fs) in p.filesystem.iter().enumerate() {
-            let real = std::fs::canonicalize(&fs.host).unwrap_or_else(|_| fs.host.clone());
-            if !self
-                .config
-                .allowed_host_dirs
-                .iter()
-                .any(|root| real.starts_with(root))
-            {
+            if !fs.host.is_absolute() {
                 return Err(bad(
                     "invalid_policy",
                     format!("policy.filesystem[{i}].host"),
                     format!(
-                        "{} is not inside a directory this server allows policies to grant (allowed_host_dirs)",
+                        "{} is relative; the service needs absolute host paths",
                         fs.host.display()
                     ),
                 ));
+            }
+        }
+        p.grant_set_beneath(self.config.allowed_host_dirs(tenant))
+            .map_err(invalid)?;
+        if let Some((field, asked, max)) = p.over_ceiling(&self.config.max_limits(tenant)) {
+            return Err(bad(
+                "invalid_policy",
+                format!("policy.{field}"),
+                format!(
+                    "{asked} is over this tenant's ceiling of {max} (tenants.{tenant}.max_limits in the server config)"
+                ),
+            ));
+        }
+        if check == PolicyCheck::Store {
+            for (i, fs) in p.filesystem.iter().enumerate() {
+                let field = format!("policy.filesystem[{i}].host");
+                let real = std::fs::canonicalize(&fs.host).map_err(|e| {
+                    bad(
+                        "invalid_policy",
+                        field.clone(),
+                        format!("{} cannot be granted: {e}", fs.host.display()),
+                    )
+                })?;
+                if !real.is_dir() {
+                    return Err(bad(
+                        "invalid_policy",
+                        field,
+                        format!("{} is not a directory", fs.host.display()),
+                    ));
+                }
+                if real != fs.host {
+                    return Err(bad(
+                        "invalid_policy",
+                        field,
+                        format!(
+                            "{} is reached through a symbolic link; grant its real path {}",
+                            fs.host.display(),
+                            real.display()
+                        ),
+                    ));
+                }
             }
         }
         Ok(p)
@@ -418,7 +498,7 @@ impl Service {
             ));
         }
         if let Some(t) = policy_text {
-            self.validate_policy(t)?;
+            self.validate_policy(&who.tenant, t, PolicyCheck::Store)?;
         }
         let bytes = staged.read()?;
         let loaded = self.runner.load_wasm(&bytes).map_err(|e| {
@@ -538,13 +618,17 @@ impl Service {
             Ok(row) => {
                 // Policies were validated when stored; a failure here means the
                 // server's allowed_host_dirs changed since. Refuse, don't widen.
-                let p = self.validate_policy(&row.text).map_err(|e| {
-                    bad(
-                        "policy_no_longer_valid",
-                        Some(format!("policy v{}", row.version)),
-                        format!("the stored policy is not valid under this server's config: {e}"),
-                    )
-                })?;
+                let p = self
+                    .validate_policy(tenant, &row.text, PolicyCheck::Use)
+                    .map_err(|e| {
+                        bad(
+                            "policy_no_longer_valid",
+                            Some(format!("policy v{}", row.version)),
+                            format!(
+                                "the stored policy is not valid under this server's config: {e}"
+                            ),
+                        )
+                    })?;
                 Ok((p, row.version))
             }
             Err(StoreError::NoPolicy { .. }) => Ok((Policy::default(), 0)),
@@ -602,21 +686,29 @@ impl Service {
             )));
         }
         let (policy, policy_version) = self.effective_policy(&who.tenant, component)?;
-        let grants = match &self.config.isolation {
-            config::Isolation::Process => policy.grant_set(),
-            config::Isolation::Vm(v) => crate::weights::for_vm(
-                &policy.grant_set(),
-                v.weights.as_ref().map(|(dir, _)| dir.as_path()),
-            )
+        let grant_set = policy
+            .grant_set_beneath(self.config.allowed_host_dirs(&who.tenant))
             .map_err(|e| {
-                let field = match &e {
-                    crate::weights::WeightsError::NotServable { index, .. } => {
-                        format!("policy.filesystem[{index}]")
-                    }
-                    crate::weights::WeightsError::Pack { .. } => "policy.filesystem".into(),
-                };
-                bad("unsupported_in_vm", Some(field), e.to_string())
-            })?,
+                bad(
+                    "policy_no_longer_valid",
+                    Some(format!("policy v{policy_version}")),
+                    format!("the stored policy is not valid under this server's config: {e}"),
+                )
+            })?;
+        let grants = match &self.config.isolation {
+            config::Isolation::Process => grant_set,
+            config::Isolation::Vm(v) => {
+                crate::weights::for_vm(&grant_set, v.weights.as_ref().map(|(dir, _)| dir.as_path()))
+                    .map_err(|e| {
+                        let field = match &e {
+                            crate::weights::WeightsError::NotServable { index, .. } => {
+                                format!("policy.filesystem[{index}]")
+                            }
+                            crate::weights::WeightsError::Pack { .. } => "policy.filesystem".into(),
+                        };
+                        bad("unsupported_in_vm", Some(field), e.to_string())
+                    })?
+            }
         };
         let permit = self.tenant_slot(&who.tenant)?;
         let svc = self.clone();
@@ -676,17 +768,32 @@ impl Service {
                 "result": result_kind,
                 "metering": outcome.metering,
                 "events": outcome.audit,
+                "dropped": outcome.audit_dropped,
             });
             // SQLite commits fsync: keep them off the async workers.
             let seq = tokio::task::spawn_blocking(move || {
-                svc.store.audit_append(&audit::NewRecord {
-                    tenant: &tenant,
-                    actor: &actor,
-                    kind: "invoke",
-                    component: &component,
-                    tool: &tool,
-                    decision,
-                    body,
+                let record = |body| {
+                    svc.store.audit_append(&audit::NewRecord {
+                        tenant: &tenant,
+                        actor: &actor,
+                        kind: "invoke",
+                        component: &component,
+                        tool: &tool,
+                        decision,
+                        body,
+                    })
+                };
+                let events = body["events"].as_array().map_or(0, Vec::len) as u64;
+                let dropped = body["dropped"].as_u64().unwrap_or(0);
+                let mut lean = body.clone();
+                record(body).or_else(|e| {
+                    // A call that ran always leaves a record: without its
+                    // events if they could not be stored, saying so.
+                    tracing::error!(error = %e, "audit record refused; storing it without events");
+                    lean["events"] = serde_json::json!([]);
+                    lean["dropped"] = (events + dropped).into();
+                    lean["audit_error"] = e.to_string().into();
+                    record(lean)
                 })
             })
             .await
@@ -737,20 +844,46 @@ impl Service {
         let mut b = [0u8; 16];
         let _ = getrandom::fill(&mut b);
         let id = hex::encode(b);
-        self.sessions
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(id.clone(), who.tenant.clone());
+        let now = std::time::Instant::now();
+        let mut sessions = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
+        sessions.retain(|_, (_, used)| now.duration_since(*used) < SESSION_IDLE);
+        let mut mine: Vec<(std::time::Instant, String)> = sessions
+            .iter()
+            .filter(|(_, (t, _))| *t == who.tenant)
+            .map(|(k, (_, used))| (*used, k.clone()))
+            .collect();
+        if mine.len() >= MAX_SESSIONS_PER_TENANT {
+            mine.sort();
+            for (_, old) in &mine[..=mine.len() - MAX_SESSIONS_PER_TENANT] {
+                sessions.remove(old);
+            }
+        }
+        sessions.insert(id.clone(), (who.tenant.clone(), now));
         id
     }
 
-    /// Whether `id` is a live session of `who`'s tenant.
+    /// Whether `id` is a live session of `who`'s tenant (using it keeps it
+    /// alive).
     pub fn session_valid(&self, id: &str, who: &Principal) -> bool {
+        let now = std::time::Instant::now();
+        let mut sessions = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
+        match sessions.get_mut(id) {
+            Some((t, used)) if *t == who.tenant && now.duration_since(*used) < SESSION_IDLE => {
+                *used = now;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Live MCP sessions of `tenant` (for tests and metrics).
+    pub fn sessions_of(&self, tenant: &str) -> usize {
         self.sessions
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .get(id)
-            .is_some_and(|t| *t == who.tenant)
+            .values()
+            .filter(|(t, _)| t == tenant)
+            .count()
     }
 
     /// End an MCP session.
@@ -762,7 +895,18 @@ impl Service {
             .is_some()
     }
 
-    /// Prometheus text.
+    /// Prometheus text, as `tenant` may see it: series labelled with
+    /// another tenant are left out.
+    pub fn metrics_text_for(&self, tenant: &str) -> String {
+        let mine = format!("tenant=\"{tenant}\"");
+        self.metrics_text()
+            .lines()
+            .filter(|l| l.starts_with('#') || !l.contains("tenant=\"") || l.contains(&mine))
+            .map(|l| format!("{l}\n"))
+            .collect()
+    }
+
+    /// Prometheus text (every tenant's series).
     pub fn metrics_text(&self) -> String {
         if let Some(p) = &self.pool {
             let in_calls = self.vm_calls.load(std::sync::atomic::Ordering::SeqCst);
