@@ -150,6 +150,20 @@ impl HttpRule {
         literal_ip(&self.host)
     }
 
+    /// As a deny rule: like [`matches`](Self::matches), but a rule without
+    /// a port denies every port (`deny = ["evil.example"]` must not let
+    /// `evil.example:8080` through).
+    pub fn denies(&self, scheme: &str, host: &str, port: u16) -> bool {
+        let port_free = Self {
+            port: Some(port),
+            ..self.clone()
+        };
+        match self.port {
+            Some(_) => self.matches(scheme, host, port),
+            None => port_free.matches(scheme, host, port),
+        }
+    }
+
     /// Does this rule match a request to `scheme://host:port`? `host` as
     /// [`normalize_host`] gives it.
     pub fn matches(&self, scheme: &str, host: &str, port: u16) -> bool {
@@ -214,7 +228,7 @@ impl HttpGrant {
     /// read as that address). Deny rules win.
     pub fn check(&self, scheme: &str, host: &str, port: u16) -> HttpVerdict {
         let host = normalize_host(host);
-        if let Some(r) = self.deny.iter().find(|r| r.matches(scheme, &host, port)) {
+        if let Some(r) = self.deny.iter().find(|r| r.denies(scheme, &host, port)) {
             return HttpVerdict::Denied(format!("matches deny rule {r}"));
         }
         match self.allow.iter().find(|r| r.matches(scheme, &host, port)) {
@@ -238,7 +252,7 @@ impl HttpGrant {
         if let Some(r) = self
             .deny
             .iter()
-            .find(|r| r.ip() == Some(ip) && r.matches(scheme, &text, port))
+            .find(|r| r.ip() == Some(ip) && r.denies(scheme, &text, port))
         {
             return HttpVerdict::Denied(format!("resolves to {text}, which deny rule {r} names"));
         }
@@ -535,6 +549,15 @@ mod tests {
                 "{host}"
             );
         }
+        // A deny rule without a port denies every port.
+        assert!(matches!(
+            g.check("http", "127.1", 8080),
+            HttpVerdict::Denied(_)
+        ));
+        assert!(matches!(
+            grant(&["*"], &["evil.example"]).check("https", "evil.example", 8443),
+            HttpVerdict::Denied(_)
+        ));
         // A rule may be written in any spelling too.
         let g = grant(&["*"], &["2130706433"]);
         assert!(matches!(

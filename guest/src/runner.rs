@@ -1330,7 +1330,7 @@ fn open_beneath(
     } else {
         rel
     };
-    let how = OpenHow::new().flags(dir_flags | OFlag::O_NOFOLLOW).resolve(
+    let how = OpenHow::new().flags(dir_flags).resolve(
         ResolveFlag::RESOLVE_BENEATH
             | ResolveFlag::RESOLVE_NO_SYMLINKS
             | ResolveFlag::RESOLVE_NO_MAGICLINKS,
@@ -1340,6 +1340,7 @@ fn open_beneath(
             "a symbolic link is in the way (grants never follow links)".into()
         }
         nix::errno::Errno::EXDEV => "it resolves outside its root".into(),
+        nix::errno::Errno::ENOTDIR => "it is not a directory".into(),
         e => e.desc().to_string(),
     })
 }
