@@ -1029,19 +1029,18 @@ mod tests {
         }
     }
 
-    #[test]
-    fn host_connect_data_both_ways_credit_and_reset() {
-        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x40_0000)]).unwrap();
-        let rx = MockSplitQueue::create(&mem, GuestAddress(RXQ), LEN);
-        let tx = MockSplitQueue::create(&mem, GuestAddress(TXQ), LEN);
-        let ev = MockSplitQueue::create(&mem, GuestAddress(EVQ), LEN);
-        let dir = tempfile::tempdir().unwrap();
-        let uds = dir.path().join("v.sock");
-        let mut dev = Vsock::new(3, uds.clone()).unwrap();
+    /// A device on `uds` with the queues `[rx, tx, ev]` activated, the
+    /// simulated guest driver, and the device's interrupt eventfd.
+    fn start(
+        mem: &GuestMemoryMmap,
+        queues: [&MockSplitQueue<'_, GuestMemoryMmap>; 3],
+        uds: &std::path::Path,
+    ) -> (Vsock, Guest, Arc<EventFd>) {
+        let mut dev = Vsock::new(3, uds.to_path_buf()).unwrap();
         let evts: Vec<EventFd> = (0..3)
             .map(|_| EventFd::new(libc::EFD_NONBLOCK).unwrap())
             .collect();
-        let mut guest = Guest {
+        let guest = Guest {
             mem: mem.clone(),
             rx_evt: evts[0].try_clone().unwrap(),
             tx_evt: evts[1].try_clone().unwrap(),
@@ -1052,15 +1051,26 @@ mod tests {
         let irq = Arc::new(EventFd::new(libc::EFD_NONBLOCK).unwrap());
         dev.activate(Activation {
             mem: mem.clone(),
-            queues: vec![
-                rx.create_queue::<Queue>().unwrap(),
-                tx.create_queue::<Queue>().unwrap(),
-                ev.create_queue::<Queue>().unwrap(),
-            ],
+            queues: queues
+                .iter()
+                .map(|q| q.create_queue::<Queue>().unwrap())
+                .collect(),
             queue_evts: evts,
             interrupt: Interrupt::new(irq.clone()),
         })
         .unwrap();
+        (dev, guest, irq)
+    }
+
+    #[test]
+    fn host_connect_data_both_ways_credit_and_reset() {
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x40_0000)]).unwrap();
+        let rx = MockSplitQueue::create(&mem, GuestAddress(RXQ), LEN);
+        let tx = MockSplitQueue::create(&mem, GuestAddress(TXQ), LEN);
+        let ev = MockSplitQueue::create(&mem, GuestAddress(EVQ), LEN);
+        let dir = tempfile::tempdir().unwrap();
+        let uds = dir.path().join("v.sock");
+        let (mut dev, mut guest, irq) = start(&mem, [&rx, &tx, &ev], &uds);
         for _ in 0..4 {
             guest.post_rx(&rx);
         }
@@ -1159,29 +1169,7 @@ mod tests {
         let ev = MockSplitQueue::create(&mem, GuestAddress(EVQ), LEN);
         let dir = tempfile::tempdir().unwrap();
         let uds = dir.path().join("v.sock");
-        let mut dev = Vsock::new(3, uds.clone()).unwrap();
-        let evts: Vec<EventFd> = (0..3)
-            .map(|_| EventFd::new(libc::EFD_NONBLOCK).unwrap())
-            .collect();
-        let mut guest = Guest {
-            mem: mem.clone(),
-            rx_evt: evts[0].try_clone().unwrap(),
-            tx_evt: evts[1].try_clone().unwrap(),
-            rx_posted: 0,
-            rx_seen: 0,
-            tx_sent: 0,
-        };
-        dev.activate(Activation {
-            mem: mem.clone(),
-            queues: vec![
-                rx.create_queue::<Queue>().unwrap(),
-                tx.create_queue::<Queue>().unwrap(),
-                ev.create_queue::<Queue>().unwrap(),
-            ],
-            queue_evts: evts,
-            interrupt: Interrupt::new(Arc::new(EventFd::new(libc::EFD_NONBLOCK).unwrap())),
-        })
-        .unwrap();
+        let (mut dev, mut guest, _irq) = start(&mem, [&rx, &tx, &ev], &uds);
         guest.post_rx(&rx);
         let mut c = UnixStream::connect(&uds).unwrap();
         c.write_all(b"CONNECT 1024\n").unwrap();
