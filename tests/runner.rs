@@ -391,6 +391,45 @@ fn files_in_a_read_write_grant_and_nothing_without_grant() {
     );
 }
 
+/// Review item 10: an `rw` grant had no quota. A call may write at most
+/// `limits.max_write` bytes into its writable grants; past it the write
+/// fails, the call is `write_limit` and one `limit.disk` event says so.
+#[test]
+fn writes_into_a_read_write_grant_are_held_to_max_write() {
+    let l = load("files");
+    let d = data_dir();
+    let mut g = dir_grant(&d, true);
+    g.limits.max_write_bytes = 1024;
+    let out = call(
+        &l,
+        "files_write",
+        json!({"path": "/data/small.txt", "content": "x".repeat(1000)}),
+        &g,
+    );
+    assert_eq!(ok(&out)["ok"], json!(1000));
+    let out = call(
+        &l,
+        "files_write",
+        json!({"path": "/data/big.txt", "content": "y".repeat(64 << 10)}),
+        &g,
+    );
+    assert_eq!(
+        err(&out),
+        &CallError::WriteLimit { limit_bytes: 1024 },
+        "{out:?}"
+    );
+    let events: Vec<_> = out
+        .audit
+        .iter()
+        .filter(|e| e.action == "limit.disk")
+        .collect();
+    assert_eq!(events.len(), 1, "{:?}", out.audit);
+    let written = std::fs::metadata(d.path().join("big.txt")).map_or(0, |m| m.len());
+    assert!(written <= 1024, "{written} bytes reached the disk");
+    let v = serde_json::to_value(&out.result).unwrap();
+    assert_eq!(v["error"]["kind"], "write_limit", "{v}");
+}
+
 /// A grant whose path has a symbolic link swapped in after the policy was
 /// checked (the race the review won against a `..` path) is refused, not
 /// followed; so is a path that would leave its root.

@@ -19,6 +19,8 @@ pub mod defaults {
     pub const MAX_OUTPUT_BYTES: u64 = 1 << 20;
     /// One MiB for the result, as JSON.
     pub const MAX_RESULT_BYTES: u64 = 1 << 20;
+    /// 64 MiB written into read-write grants per call.
+    pub const MAX_WRITE_BYTES: u64 = 64 << 20;
 }
 
 /// A directory the call may see.
@@ -380,10 +382,17 @@ pub struct Limits {
     /// Cap on the result, serialized as JSON, in bytes.
     #[serde(default = "default_max_result")]
     pub max_result_bytes: u64,
+    /// Cap on the bytes one call writes into its read-write grants.
+    #[serde(default = "default_max_write")]
+    pub max_write_bytes: u64,
 }
 
 fn default_max_result() -> u64 {
     defaults::MAX_RESULT_BYTES
+}
+
+fn default_max_write() -> u64 {
+    defaults::MAX_WRITE_BYTES
 }
 
 impl Default for Limits {
@@ -394,6 +403,7 @@ impl Default for Limits {
             timeout_ms: defaults::TIMEOUT_MS,
             max_output_bytes: defaults::MAX_OUTPUT_BYTES,
             max_result_bytes: defaults::MAX_RESULT_BYTES,
+            max_write_bytes: defaults::MAX_WRITE_BYTES,
         }
     }
 }

@@ -204,6 +204,100 @@ struct CallState {
     limiter: MemoryLimiter,
     env: Vec<(String, String)>,
     audit: AuditLog,
+    writes: WriteBudget,
+}
+
+/// What a call may still write into its read-write grants
+/// (`limits.max_write_bytes`), shared by every stream and write of the call.
+#[derive(Clone)]
+struct WriteBudget {
+    left: Arc<std::sync::atomic::AtomicU64>,
+    hit: Arc<std::sync::atomic::AtomicBool>,
+    limit: u64,
+    audit: AuditLog,
+}
+
+impl WriteBudget {
+    fn new(limit: u64, audit: AuditLog) -> Self {
+        Self {
+            left: Arc::new(limit.into()),
+            hit: Arc::default(),
+            limit,
+            audit,
+        }
+    }
+
+    /// Take `n` bytes from the budget; past it, nothing is taken, the
+    /// first time is audited, and the write must fail.
+    fn take(&self, n: u64) -> bool {
+        use std::sync::atomic::Ordering::SeqCst;
+        let ok = self
+            .left
+            .fetch_update(SeqCst, SeqCst, |l| l.checked_sub(n))
+            .is_ok();
+        if !ok && !self.hit.swap(true, SeqCst) {
+            self.audit.record(
+                "limit.disk",
+                format!("{} bytes", self.limit),
+                Decision::Deny,
+                "the call wrote more into its writable grants than allowed",
+            );
+        }
+        ok
+    }
+
+    fn hit(&self) -> bool {
+        self.hit.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    fn refused(&self) -> wasmtime_wasi::p2::StreamError {
+        wasmtime_wasi::p2::StreamError::LastOperationFailed(wasmtime::format_err!(
+            "the call's write limit of {} bytes is reached",
+            self.limit
+        ))
+    }
+}
+
+/// A file's output stream that draws on the call's [`WriteBudget`].
+struct Budgeted {
+    inner: wasmtime_wasi::p2::DynOutputStream,
+    budget: WriteBudget,
+}
+
+#[wasmtime_wasi::async_trait]
+impl wasmtime_wasi::p2::Pollable for Budgeted {
+    async fn ready(&mut self) {
+        self.inner.ready().await;
+    }
+}
+
+#[wasmtime_wasi::async_trait]
+impl wasmtime_wasi::p2::OutputStream for Budgeted {
+    fn write(&mut self, bytes: bytes::Bytes) -> wasmtime_wasi::p2::StreamResult<()> {
+        if !self.budget.take(bytes.len() as u64) {
+            return Err(self.budget.refused());
+        }
+        self.inner.write(bytes)
+    }
+
+    fn write_zeroes(&mut self, n: usize) -> wasmtime_wasi::p2::StreamResult<()> {
+        if !self.budget.take(n as u64) {
+            return Err(self.budget.refused());
+        }
+        self.inner.write_zeroes(n)
+    }
+
+    fn flush(&mut self) -> wasmtime_wasi::p2::StreamResult<()> {
+        self.inner.flush()
+    }
+
+    fn check_write(&mut self) -> wasmtime_wasi::p2::StreamResult<usize> {
+        self.inner.check_write()
+    }
+
+    async fn cancel(&mut self) {
+        self.inner.cancel().await;
+    }
 }
 
 impl WasiView for CallState {
@@ -611,6 +705,12 @@ pub enum CallError {
         /// The cap.
         limit_bytes: u64,
     },
+    /// The tool wrote more into its read-write grants than the cap.
+    #[error("The tool wrote more than {limit_bytes} bytes into its writable directories.")]
+    WriteLimit {
+        /// The cap (`limits.max_write`).
+        limit_bytes: u64,
+    },
     /// The result, as JSON, is larger than the cap.
     #[error("The tool's result is larger than {limit_bytes} bytes as JSON.")]
     ResultLimit {
@@ -750,6 +850,7 @@ impl Runner {
         add_audited_open_at(&mut linker).map_err(|e| RunnerError::Engine(format!("{e:#}")))?;
         add_refused_sockets(&mut linker).map_err(|e| RunnerError::Engine(format!("{e:#}")))?;
         add_audited_changes(&mut linker).map_err(|e| RunnerError::Engine(format!("{e:#}")))?;
+        add_budgeted_writes(&mut linker).map_err(|e| RunnerError::Engine(format!("{e:#}")))?;
         linker.allow_shadowing(false);
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
@@ -956,6 +1057,7 @@ impl Runner {
                 .map(|(k, v)| (k.clone(), v.clone()))
                 .collect(),
             audit: audit.clone(),
+            writes: WriteBudget::new(limits.max_write_bytes, audit.clone()),
         };
         let mut store = Store::new(&self.engine, state);
         store.limiter(|s| &mut s.limiter);
@@ -1003,6 +1105,11 @@ impl Runner {
                     limit_ms: limits.timeout_ms,
                 })
             }
+            // The tool may have handled a refused write itself, but it was
+            // still stopped by the cap: report the limit, not its answer.
+            Ok(Ok(_)) if store.data().writes.hit() => CallResult::Error(CallError::WriteLimit {
+                limit_bytes: limits.max_write_bytes,
+            }),
             Ok(Ok(results)) => {
                 match output_overflow(&audit, limits, [("stdout", &stdout), ("stderr", &stderr)]) {
                     // The tool handled the failed write itself, but it was still
@@ -1014,6 +1121,9 @@ impl Runner {
                     },
                 }
             }
+            Ok(Err(_)) if store.data().writes.hit() => CallResult::Error(CallError::WriteLimit {
+                limit_bytes: limits.max_write_bytes,
+            }),
             Ok(Err(e)) => CallResult::Error(classify(
                 &e,
                 &store.data().limiter,
@@ -1178,6 +1288,71 @@ fn add_audited_changes(linker: &mut Linker<CallState>) -> wasmtime::Result<()> {
         "set-times (open file)".to_string(), |v| v.set_times(fd, a, m));
     wrap!("set-size", (fd: D, size: Filesize),
         format!("set-size (open file) {size}"), |v| v.set_size(fd, size));
+    Ok(())
+}
+
+/// Hold every write into a read-write grant to the call's
+/// [`WriteBudget`]: `descriptor.write` checks it, and the streams of
+/// `write-via-stream`/`append-via-stream` are wrapped so each write draws
+/// on it. A write past the budget fails (audited once as `limit.disk`) and
+/// the call ends as `write_limit`.
+fn add_budgeted_writes(linker: &mut Linker<CallState>) -> wasmtime::Result<()> {
+    use wasmtime::component::Resource;
+    use wasmtime_wasi::filesystem::{Descriptor, WasiFilesystemView};
+    use wasmtime_wasi::p2::DynOutputStream;
+    use wasmtime_wasi::p2::bindings::filesystem::types::{
+        ErrorCode, Filesize, Host as _, HostDescriptor as _,
+    };
+    type Stream = Result<Resource<DynOutputStream>, ErrorCode>;
+    /// Swap the stream wasmtime-wasi made for one that draws on the budget.
+    fn budgeted(
+        state: &mut CallState,
+        made: Result<Resource<DynOutputStream>, wasmtime_wasi::p2::FsError>,
+    ) -> wasmtime::Result<(Stream,)> {
+        let stream = match made {
+            Ok(s) => s,
+            Err(e) => return Ok((Err(state.filesystem().convert_error_code(e)?),)),
+        };
+        let inner: DynOutputStream = state.table.delete(stream)?;
+        let wrapped: DynOutputStream = Box::new(Budgeted {
+            inner,
+            budget: state.writes.clone(),
+        });
+        Ok((Ok(state.table.push(wrapped)?),))
+    }
+    let mut types = linker.instance(WASI_FILESYSTEM_TYPES)?;
+    types.func_wrap(
+        "[method]descriptor.write-via-stream",
+        |mut store, (fd, offset): (Resource<Descriptor>, Filesize)| {
+            let state: &mut CallState = store.data_mut();
+            let made = state.filesystem().write_via_stream(fd, offset);
+            budgeted(state, made)
+        },
+    )?;
+    types.func_wrap(
+        "[method]descriptor.append-via-stream",
+        |mut store, (fd,): (Resource<Descriptor>,)| {
+            let state: &mut CallState = store.data_mut();
+            let made = state.filesystem().append_via_stream(fd);
+            budgeted(state, made)
+        },
+    )?;
+    types.func_wrap_async(
+        "[method]descriptor.write",
+        |mut store, (fd, buf, offset): (Resource<Descriptor>, Vec<u8>, Filesize)| {
+            Box::new(async move {
+                let state: &mut CallState = store.data_mut();
+                if !state.writes.take(buf.len() as u64) {
+                    return Ok((Err::<Filesize, _>(ErrorCode::InsufficientSpace),));
+                }
+                let mut view = state.filesystem();
+                Ok((match view.write(fd, buf, offset).await {
+                    Ok(n) => Ok(n),
+                    Err(e) => Err(view.convert_error_code(e)?),
+                },))
+            })
+        },
+    )?;
     Ok(())
 }
 

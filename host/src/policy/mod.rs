@@ -28,6 +28,8 @@ pub const MAX_TIMEOUT_MS: u64 = 60 * 60 * 1000;
 pub const MAX_OUTPUT_BYTES: u64 = 64 << 20;
 /// Largest result cap (the result's JSON).
 pub const MAX_RESULT_BYTES: u64 = 16 << 20;
+/// Largest per-call write cap into read-write grants.
+pub const MAX_WRITE_BYTES: u64 = 4 << 30;
 
 /// A policy problem, naming the field (`filesystem[1].mode`).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, Serialize)]
@@ -268,6 +270,11 @@ impl Policy {
                 "limits.max_result",
                 l.max_result_bytes,
                 ceiling.max_result_bytes,
+            ),
+            (
+                "limits.max_write",
+                l.max_write_bytes,
+                ceiling.max_write_bytes,
             ),
         ]
         .into_iter()

@@ -2,7 +2,7 @@
 
 use super::{
     EnvValue, FsRule, MAX_MEMORY_BYTES, MAX_OUTPUT_BYTES, MAX_RESULT_BYTES, MAX_TIMEOUT_MS,
-    MIN_MEMORY_BYTES, Mode, Policy, PolicyError,
+    MAX_WRITE_BYTES, MIN_MEMORY_BYTES, Mode, Policy, PolicyError,
 };
 use airlock_guest::grants::{HttpGrant, HttpRule, Limits};
 use std::collections::BTreeMap;
@@ -102,7 +102,14 @@ pub fn limits_over(v: &Value, base: Limits) -> Result<Limits, PolicyError> {
     check_keys(
         t,
         "limits",
-        &["memory", "fuel", "timeout", "max_output", "max_result"],
+        &[
+            "memory",
+            "fuel",
+            "timeout",
+            "max_output",
+            "max_result",
+            "max_write",
+        ],
     )?;
     let mut l = base;
     if let Some(v) = t.get("memory") {
@@ -141,6 +148,12 @@ pub fn limits_over(v: &Value, base: Limits) -> Result<Limits, PolicyError> {
                 "limits.max_output",
                 "must be between 1 byte and 64 MiB",
             ));
+        }
+    }
+    if let Some(v) = t.get("max_write") {
+        l.max_write_bytes = size(v, "limits.max_write")?;
+        if l.max_write_bytes > MAX_WRITE_BYTES {
+            return Err(field("limits.max_write", "must be at most 4 GiB"));
         }
     }
     if let Some(v) = t.get("max_result") {
@@ -430,6 +443,7 @@ mod tests {
                 timeout_ms: 2000,
                 max_output_bytes: 4096,
                 max_result_bytes: 1 << 20,
+                max_write_bytes: 64 << 20,
             }
         );
         assert_eq!(

@@ -152,7 +152,8 @@ struct TenantEntry {
 }
 
 /// The most a policy may ask for when its tenant's config says nothing:
-/// 512 MiB, 10 billion fuel, 60 s, 4 MiB of output and of result.
+/// 512 MiB, 10 billion fuel, 60 s, 4 MiB of output and of result, 256 MiB
+/// written into read-write grants.
 pub fn default_ceiling() -> airlock_guest::Limits {
     airlock_guest::Limits {
         memory_bytes: 512 << 20,
@@ -160,6 +161,7 @@ pub fn default_ceiling() -> airlock_guest::Limits {
         timeout_ms: 60_000,
         max_output_bytes: 4 << 20,
         max_result_bytes: 4 << 20,
+        max_write_bytes: 256 << 20,
     }
 }
 
