@@ -1105,9 +1105,9 @@ impl Runner {
                     limit_ms: limits.timeout_ms,
                 })
             }
-            // The tool may have handled a refused write itself, but it was
-            // still stopped by the cap: report the limit, not its answer.
-            Ok(Ok(_)) if store.data().writes.hit() => CallResult::Error(CallError::WriteLimit {
+            // Whether the tool handled a refused write itself or failed on
+            // it, it was stopped by the cap: report the limit.
+            Ok(_) if store.data().writes.hit() => CallResult::Error(CallError::WriteLimit {
                 limit_bytes: limits.max_write_bytes,
             }),
             Ok(Ok(results)) => {
@@ -1121,9 +1121,6 @@ impl Runner {
                     },
                 }
             }
-            Ok(Err(_)) if store.data().writes.hit() => CallResult::Error(CallError::WriteLimit {
-                limit_bytes: limits.max_write_bytes,
-            }),
             Ok(Err(e)) => CallResult::Error(classify(
                 &e,
                 &store.data().limiter,
@@ -1145,8 +1142,7 @@ fn add_audited_open_at(linker: &mut Linker<CallState>) -> wasmtime::Result<()> {
     use wasmtime_wasi::filesystem::{Descriptor, WasiFilesystemView};
     use wasmtime_wasi::p2::bindings::filesystem::preopens::Host as _;
     use wasmtime_wasi::p2::bindings::filesystem::types::{
-        self as fs, DescriptorFlags, ErrorCode, Host as _, HostDescriptor as _, OpenFlags,
-        PathFlags,
+        self as fs, DescriptorFlags, Host as _, HostDescriptor as _, OpenFlags, PathFlags,
     };
     linker.instance(WASI_FILESYSTEM_PREOPENS)?.func_wrap(
         "get-directories",
@@ -1181,28 +1177,20 @@ fn add_audited_open_at(linker: &mut Linker<CallState>) -> wasmtime::Result<()> {
             Box::new(async move {
                 let state: &mut CallState = store.data_mut();
                 let audit = state.audit.clone();
-                let writes = flags.intersects(DescriptorFlags::WRITE | DescriptorFlags::MUTATE_DIRECTORY)
+                let writes = flags
+                    .intersects(DescriptorFlags::WRITE | DescriptorFlags::MUTATE_DIRECTORY)
                     || open_flags.intersects(OpenFlags::CREATE | OpenFlags::TRUNCATE);
                 let target = format!("{path} ({})", if writes { "write" } else { "read" });
                 let mut view = state.filesystem();
                 match view.open_at(fd, path_flags, path, open_flags, flags).await {
                     Ok(new_fd) => {
-                        audit.record("fs.open", target, Decision::Allow, "inside a granted directory");
+                        record_fs(&audit, "fs.open", target, Ok("inside a granted directory"))
+                            .await;
                         Ok((Ok(new_fd),))
                     }
                     Err(e) => {
                         let code: fs::ErrorCode = view.convert_error_code(e)?;
-                        let (decision, reason) = match code {
-                            ErrorCode::NotPermitted | ErrorCode::Access | ErrorCode::ReadOnly => (
-                                Decision::Deny,
-                                format!("refused by the sandbox ({code:?}): outside the grant or not writable"),
-                            ),
-                            other => (Decision::Allow, format!("permitted, but failed: {other:?}")),
-                        };
-                        audit.record("fs.open", target, decision, reason);
-                        if decision == Decision::Deny {
-                            tokio::time::sleep(audit.denial_pause()).await;
-                        }
+                        record_fs(&audit, "fs.open", target, Err(&code)).await;
                         Ok((Err(code),))
                     }
                 }
@@ -1211,30 +1199,28 @@ fn add_audited_open_at(linker: &mut Linker<CallState>) -> wasmtime::Result<()> {
     )
 }
 
-/// How a filesystem change ended, as an `fs.change` event (refusals as
-/// `deny`, paused past the free denials) and the component's answer.
-async fn change_outcome(
+/// Record how a filesystem operation ended (`fs.open`, `fs.change`): the
+/// sandbox's refusals (not permitted, access, read-only) as `deny`, paused
+/// past the free denials; success and other failures as `allow`.
+async fn record_fs(
     audit: &AuditLog,
+    action: &str,
     target: String,
-    r: Result<(), wasmtime_wasi::p2::bindings::filesystem::types::ErrorCode>,
-) -> (Result<(), wasmtime_wasi::p2::bindings::filesystem::types::ErrorCode>,) {
+    r: Result<&str, &wasmtime_wasi::p2::bindings::filesystem::types::ErrorCode>,
+) {
     use wasmtime_wasi::p2::bindings::filesystem::types::ErrorCode;
-    let (decision, reason) = match &r {
-        Ok(()) => (
-            Decision::Allow,
-            "inside a granted, writable directory".to_string(),
-        ),
+    let (decision, reason) = match r {
+        Ok(why) => (Decision::Allow, why.to_string()),
         Err(code @ (ErrorCode::NotPermitted | ErrorCode::Access | ErrorCode::ReadOnly)) => (
             Decision::Deny,
             format!("refused by the sandbox ({code:?}): outside the grant or not writable"),
         ),
         Err(other) => (Decision::Allow, format!("permitted, but failed: {other:?}")),
     };
-    audit.record("fs.change", target, decision, reason);
+    audit.record(action, target, decision, reason);
     if decision == Decision::Deny {
         tokio::time::sleep(audit.denial_pause()).await;
     }
-    (r,)
 }
 
 /// Wrap every `descriptor` method that changes the filesystem (mkdir,
@@ -1264,7 +1250,9 @@ fn add_audited_changes(linker: &mut Linker<CallState>) -> wasmtime::Result<()> {
                             Ok(()) => Ok(()),
                             Err(e) => Err($view.convert_error_code(e)?),
                         };
-                        Ok(change_outcome(&audit, target, r).await)
+                        let how = r.as_ref().map(|()| "inside a granted, writable directory");
+                        record_fs(&audit, "fs.change", target, how).await;
+                        Ok((r,))
                     })
                 },
             )?;

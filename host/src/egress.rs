@@ -188,21 +188,19 @@ impl Proxy {
         let host = url.host_str().unwrap_or("").to_string();
         let port = url.port_or_known_default().unwrap_or(0);
         let target = format!("{} {scheme}://{host}:{port}{}", req.method, url.path());
-        let name_reason = match grant.map(|g| g.check(&scheme, &host, port)) {
-            None => Err("no call is in flight".to_string()),
-            Some(HttpVerdict::Denied(reason)) => Err(reason),
-            Some(HttpVerdict::Allowed(reason)) => Ok(reason),
-        };
-        let name_reason = match name_reason {
-            Ok(r) => r,
-            Err(reason) => {
+        let (grant, name_reason) = match grant.map(|g| (g, g.check(&scheme, &host, port))) {
+            Some((g, HttpVerdict::Allowed(reason))) => (g, reason),
+            refused => {
+                let reason = match refused {
+                    Some((_, HttpVerdict::Denied(reason))) => reason,
+                    _ => "no call is in flight".to_string(),
+                };
                 record(&target, Decision::Deny, reason.clone());
                 return Err(denied(format!(
                     "The host's egress proxy refused {target}: {reason}."
                 )));
             }
         };
-        let grant = grant.expect("a grant allowed the name");
         let addrs = match self.resolve(&url, port) {
             Ok(a) => a,
             Err(e) => {
@@ -503,8 +501,9 @@ mod tests {
     }
 
     /// A private CA and a real TLS server on loopback for `localhost` and
-    /// `127.0.0.1` (a grant by name never reaches loopback), answering `hello over tls` to every request on `accepts` connections.
-    /// Returns the CA (PEM) and the port.
+    /// `127.0.0.1` (a grant by name never reaches loopback), answering
+    /// `hello over tls` to every request on `accepts` connections. Returns
+    /// the CA (PEM) and the port.
     fn tls_server(accepts: usize) -> (String, u16) {
         use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
         use rustls::pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
