@@ -69,27 +69,7 @@ pub enum ProtoError {
     Malformed(String),
 }
 
-/// The I/O port the guest's init writes boot-stage markers to: one byte,
-/// the stage's code. The VMM stamps each write with the host's clock (time
-/// since the VM was created), so boot is timed from outside the guest.
-pub const BOOT_MARKER_PORT: u16 = 0x440;
-
-/// Boot stages in the order init reaches them; a stage's marker code is
-/// its index here plus one.
-pub const BOOT_STAGES: [&str; 4] = ["init", "mounts", "runner", "ready"];
-
-/// The marker code of `stage` (see [`BOOT_STAGES`]).
-pub fn boot_stage_code(stage: &str) -> Option<u8> {
-    BOOT_STAGES
-        .iter()
-        .position(|s| *s == stage)
-        .and_then(|i| u8::try_from(i + 1).ok())
-}
-
-/// The stage name of a marker code, if it is one.
-pub fn boot_stage_name(code: u8) -> Option<&'static str> {
-    BOOT_STAGES.get(usize::from(code).checked_sub(1)?).copied()
-}
+pub use airlock_abi::{BOOT_MARKER_PORT, BOOT_STAGES, boot_stage_code, boot_stage_name};
 
 /// A boot stage and when it was reached (microseconds since the guest kernel started).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -277,18 +257,6 @@ mod tests {
         let f = read_frame(&mut buf.as_slice(), FrameLimits::default()).unwrap();
         assert_eq!(f.msg, msg);
         assert_eq!(f.blob, blob);
-    }
-
-    #[test]
-    fn boot_stage_codes_name_the_stages_in_order() {
-        for (i, name) in BOOT_STAGES.iter().enumerate() {
-            let code = boot_stage_code(name).unwrap();
-            assert_eq!(usize::from(code), i + 1);
-            assert_eq!(boot_stage_name(code), Some(*name));
-        }
-        assert_eq!(boot_stage_code("nope"), None);
-        assert_eq!(boot_stage_name(0), None);
-        assert_eq!(boot_stage_name(200), None);
     }
 
     #[test]

@@ -172,7 +172,7 @@ impl Proxy {
         record: &mut dyn FnMut(&str, Decision, String),
     ) -> Result<EgressResponse, EgressFailure> {
         let denied = |m: String| EgressFailure::new(EgressFailureKind::Denied, m);
-        let url = reqwest::Url::parse(&req.url).map_err(|e| {
+        let url = url::Url::parse(&req.url).map_err(|e| {
             let m = format!("The URL {:?} is not valid: {e}.", req.url);
             record(&req.url, Decision::Deny, m.clone());
             denied(m)
@@ -249,7 +249,7 @@ impl Proxy {
     /// through the system resolver (within the proxy's time limit).
     fn resolve(
         &self,
-        url: &reqwest::Url,
+        url: &url::Url,
         port: u16,
     ) -> Result<Vec<std::net::SocketAddr>, EgressFailure> {
         use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
@@ -268,7 +268,7 @@ impl Proxy {
         let lookup = name.clone();
         std::thread::Builder::new()
             .name("airlock-dns".into())
-            .stack_size(crate::devices::THREAD_STACK)
+            .stack_size(airlock_vmm::devices::THREAD_STACK)
             .spawn(move || {
                 let _ = tx.send((lookup.as_str(), port).to_socket_addrs());
             })
@@ -292,7 +292,7 @@ impl Proxy {
     fn send(
         &self,
         req: EgressRequest,
-        url: reqwest::Url,
+        url: url::Url,
         to: Vec<std::net::SocketAddr>,
     ) -> Result<EgressResponse, EgressFailure> {
         let method = http::Method::from_bytes(req.method.as_bytes()).map_err(|_| {

@@ -1,14 +1,12 @@
 //! Airlock host: policy, static reports, the HTTP service (registry, API,
-//! MCP, audit log) and the VMM with its devices.
+//! MCP, audit log), and the wiring to the VMM (`airlock-vmm`).
 //!
 //! The `airlock` binary (`main.rs`) is a thin layer over this library.
 
-pub mod devices;
 pub mod egress;
 pub mod policy;
 pub mod pool;
 pub mod report;
 pub mod sandbox;
 pub mod service;
-pub mod vmm;
 pub mod weights;

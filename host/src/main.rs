@@ -256,8 +256,8 @@ impl BootImage {
         vcpus: u8,
         timeout_secs: u64,
         console_cap: usize,
-    ) -> airlock::vmm::VmConfig {
-        airlock::vmm::VmConfig {
+    ) -> airlock_vmm::VmConfig {
+        airlock_vmm::VmConfig {
             kernel: self.kernel,
             initrd: self.initrd,
             cmdline_extra: self.cmdline,
@@ -429,7 +429,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 },
         } => {
             let cfg = image.config(memory_mib, vcpus, timeout_secs, 1 << 20);
-            let report = airlock::vmm::run(&cfg)?;
+            let report = airlock_vmm::run(&cfg)?;
             print_json(&report.to_json())?;
             Ok(ExitCode::SUCCESS)
         }
@@ -439,14 +439,14 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let cfg = a.image.config(256, 1, a.timeout_secs, 256 << 10);
             // One warm-up boot so lazily created process state (signal
             // handler, allocator arenas) is not counted as a leak.
-            airlock::vmm::run(&cfg)?;
-            let before = airlock::vmm::ProcessUsage::now();
+            airlock_vmm::run(&cfg)?;
+            let before = airlock_vmm::ProcessUsage::now();
             let mut exits = Vec::new();
             for _ in 0..a.count {
                 let round: Vec<_> = (0..a.parallel)
                     .map(|_| {
                         let cfg = cfg.clone();
-                        std::thread::spawn(move || airlock::vmm::run(&cfg))
+                        std::thread::spawn(move || airlock_vmm::run(&cfg))
                     })
                     .collect();
                 for t in round {
@@ -477,7 +477,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             // still there after that is a leak.
             let settle = std::time::Instant::now();
             let after = loop {
-                let now = airlock::vmm::ProcessUsage::now();
+                let now = airlock_vmm::ProcessUsage::now();
                 if now.threads <= before.threads
                     || settle.elapsed() > std::time::Duration::from_secs(2)
                 {
@@ -508,7 +508,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     vmm.display()
                 );
             }
-            let report = airlock::vmm::bench::boot_bench(&airlock::vmm::bench::BenchConfig {
+            let report = airlock_vmm::bench::boot_bench(&airlock_vmm::bench::BenchConfig {
                 vmm,
                 qemu,
                 kernel: image.kernel,
@@ -716,7 +716,7 @@ struct VmComponent {
 /// Refuse hosts that cannot run the guest (before compiling anything), then
 /// precompile `wasm` for the guest's engine.
 fn prepare_for_vm(runner: &Runner, wasm: &[u8]) -> anyhow::Result<VmComponent> {
-    airlock::vmm::check_host().map_err(|e| {
+    airlock_vmm::check_host().map_err(|e| {
         anyhow::anyhow!(
             "{e} For development, --isolation process runs the Wasm sandbox without the VM."
         )

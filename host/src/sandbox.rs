@@ -1,7 +1,7 @@
 //! The sandbox lifecycle: boot a microVM → wait until its agent says Hello
 //! over vsock → load a precompiled component → invoke → shut down.
 //!
-//! The VM runs on its own thread ([`crate::vmm::run`]); the host talks to
+//! The VM runs on its own thread ([`airlock_vmm::run`]); the host talks to
 //! the guest agent through the VM's hybrid-vsock Unix socket
 //! (`CONNECT 1024\n`). Until the guest listens, its kernel resets our
 //! connection and we retry, so "ready" means the agent accepted and sent
@@ -12,7 +12,7 @@
 //! VM and joins its thread; the socket directory is removed with it.
 
 use crate::egress::{EgressError, Proxy};
-use crate::vmm::{self, RunReport, VmConfig, VmExit, VmmError, VsockConfig};
+use airlock_vmm::{self as vmm, RunReport, VmConfig, VmExit, VmmError, VsockConfig};
 use airlock_guest::proto::{self, BootStage, FrameLimits, Message, ProtoError};
 use airlock_guest::{CallOutcome, GrantSet};
 use sha2::{Digest, Sha256};

@@ -1,6 +1,6 @@
 //! Model weights for microVMs: a host directory packed into a read-only
 //! erofs image that every VM maps over virtio-pmem (see
-//! [`crate::devices::pmem`]) and mounts with DAX at [`GUEST_MOUNT`].
+//! [`airlock_vmm::devices::pmem`]) and mounts with DAX at [`GUEST_MOUNT`].
 //!
 //! Policies do not change: a read-only filesystem grant of the weights
 //! directory (or a directory inside it) is served, in a microVM, from the
@@ -71,7 +71,7 @@ pub fn pack(dir: &Path, out: &Path) -> Result<u64, WeightsError> {
     }
     let pad = || -> std::io::Result<u64> {
         let f = std::fs::OpenOptions::new().write(true).open(&tmp)?;
-        let unit = crate::devices::pmem::PMEM_ALIGN;
+        let unit = airlock_vmm::devices::pmem::PMEM_ALIGN;
         let len = f.metadata()?.len().div_ceil(unit) * unit;
         f.set_len(len)?;
         f.sync_all()?;
@@ -176,7 +176,7 @@ mod tests {
         std::fs::write(src.join("w.bin"), vec![7u8; 100_000]).unwrap();
         let out = dir.path().join("w.erofs");
         let len = pack(&src, &out).unwrap();
-        assert_eq!(len % crate::devices::pmem::PMEM_ALIGN, 0);
+        assert_eq!(len % airlock_vmm::devices::pmem::PMEM_ALIGN, 0);
         assert_eq!(std::fs::metadata(&out).unwrap().len(), len);
         // erofs superblock magic at 1024: 0xE0F5E1E2 little-endian.
         let head = std::fs::read(&out).unwrap();

@@ -73,6 +73,8 @@ fn build_musl_airlock() -> anyhow::Result<(PathBuf, PathBuf)> {
             "airlock",
             "--bin",
             "airlock",
+            "-p",
+            "airlock-vmm",
             "--bin",
             "airlock-vmm",
         ])

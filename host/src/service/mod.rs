@@ -284,7 +284,7 @@ impl Service {
         let pool = match &config.isolation {
             config::Isolation::Process => None,
             config::Isolation::Vm(v) => {
-                crate::vmm::check_host().map_err(|e| {
+                airlock_vmm::check_host().map_err(|e| {
                     ServiceError::Internal(format!(
                         "isolation.mode is \"vm\", but this host cannot run the guest: {e}"
                     ))

@@ -10,7 +10,7 @@
 //! Prints one JSON object: exit, wall_ms, peak_rss_kib, guest_resident_kib,
 //! console. Exit status 0 when the VM ran (whatever its exit), 2 on bad input.
 
-use airlock::vmm::{self, VmConfig};
+use airlock_vmm::{self as vmm, VmConfig};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;

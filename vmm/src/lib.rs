@@ -14,6 +14,7 @@
 //! Not yet: virtio-fs, pmem.
 
 pub mod bench;
+pub mod devices;
 mod layout;
 mod ram;
 

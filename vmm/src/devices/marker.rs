@@ -7,8 +7,8 @@
 //! [`MAX_MARKS`] are kept; later writes are counted, not stored), and codes
 //! that name no stage are kept with their number, never dropped silently.
 
-pub use airlock_guest::proto::BOOT_MARKER_PORT;
-use airlock_guest::proto::boot_stage_name;
+pub use airlock_abi::BOOT_MARKER_PORT;
+use airlock_abi::boot_stage_name;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
