@@ -13,7 +13,31 @@
 //! recorded; rounds alternate (ours first in odd rounds, QEMU first in even
 //! ones) so drift in the host affects both.
 
-use super::{BASE_CMDLINE, VmmError};
+use super::BASE_CMDLINE;
+
+/// Errors of the boot benchmark.
+#[derive(Debug, thiserror::Error)]
+pub enum BenchError {
+    /// A VMM process could not be started or waited for.
+    #[error("bench: {what}: {source}")]
+    Process {
+        /// The command.
+        what: String,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// A VMM process ran past its limit and was killed.
+    #[error("bench: {what} did not finish within {limit:?}")]
+    Timeout {
+        /// The command.
+        what: String,
+        /// The limit.
+        limit: Duration,
+    },
+    /// A VMM's guest did not end the way the benchmark's guest must.
+    #[error("bench: {0}")]
+    Guest(String),
+}
 use std::io::Read;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
@@ -77,16 +101,19 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 /// Run `cmd` to its end; return its stdout, wall time and peak RSS.
-fn measure(mut cmd: Command, limit: Duration) -> Result<(String, Duration, u64), VmmError> {
+fn measure(mut cmd: Command, limit: Duration) -> Result<(String, Duration, u64), BenchError> {
     let what = format!("{cmd:?}");
-    let io = |e: std::io::Error| VmmError::Config(format!("bench: {what}: {e}"));
+    let io = |source| BenchError::Process {
+        what: what.clone(),
+        source,
+    };
     let start = Instant::now();
     let mut child = cmd
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
-        .map_err(|e| VmmError::Config(format!("bench: cannot start {what}: {e}")))?;
+        .map_err(io)?;
     let mut out = child.stdout.take().expect("piped");
     let reader = std::thread::spawn(move || {
         let mut s = String::new();
@@ -143,14 +170,12 @@ fn measure(mut cmd: Command, limit: Duration) -> Result<(String, Duration, u64),
     }
     let stdout = reader.join().unwrap_or_default();
     if killed {
-        return Err(VmmError::Config(format!(
-            "bench: {what} did not finish within {limit:?}"
-        )));
+        return Err(BenchError::Timeout { what, limit });
     }
     Ok((stdout, wall, ru.ru_maxrss as u64))
 }
 
-fn ours(cfg: &BenchConfig) -> Result<Sample, VmmError> {
+fn ours(cfg: &BenchConfig) -> Result<Sample, BenchError> {
     let mut cmd = Command::new(&cfg.vmm);
     cmd.arg("--kernel")
         .arg(&cfg.kernel)
@@ -160,14 +185,11 @@ fn ours(cfg: &BenchConfig) -> Result<Sample, VmmError> {
         .args(["--memory-mib", &cfg.memory_mib.to_string()])
         .args(["--timeout-secs", "300"]);
     let (out, wall, rss) = measure(cmd, Duration::from_secs(330))?;
-    let v: serde_json::Value = serde_json::from_str(&out).map_err(|e| {
-        VmmError::Config(format!(
-            "bench: `airlock vm boot` printed no JSON ({e}): {out}"
-        ))
-    })?;
+    let v: serde_json::Value = serde_json::from_str(&out)
+        .map_err(|e| BenchError::Guest(format!("`airlock-vmm` printed no JSON ({e}): {out}")))?;
     if v["exit"] != "reset" {
-        return Err(VmmError::Config(format!(
-            "bench: our guest did not end with a reset: {v}"
+        return Err(BenchError::Guest(format!(
+            "our guest did not end with a reset: {v}"
         )));
     }
     Ok(Sample {
@@ -177,7 +199,7 @@ fn ours(cfg: &BenchConfig) -> Result<Sample, VmmError> {
     })
 }
 
-fn qemu(cfg: &BenchConfig, cmdline: &str) -> Result<Sample, VmmError> {
+fn qemu(cfg: &BenchConfig, cmdline: &str) -> Result<Sample, BenchError> {
     let mut cmd = Command::new(&cfg.qemu);
     cmd.args(["-M", "microvm,acpi=off", "-enable-kvm", "-cpu", "host"])
         .args(["-m", &format!("{}M", cfg.memory_mib), "-smp", "1"])
@@ -189,8 +211,8 @@ fn qemu(cfg: &BenchConfig, cmdline: &str) -> Result<Sample, VmmError> {
         .args(["-append", cmdline]);
     let (out, wall, rss) = measure(cmd, Duration::from_secs(330))?;
     if !out.contains("Kernel panic") {
-        return Err(VmmError::Config(format!(
-            "bench: the QEMU guest did not reach its init's end; console:\n{out}"
+        return Err(BenchError::Guest(format!(
+            "the QEMU guest did not reach its init's end; console:\n{out}"
         )));
     }
     Ok(Sample {
@@ -204,7 +226,7 @@ fn qemu(cfg: &BenchConfig, cmdline: &str) -> Result<Sample, VmmError> {
 ///
 /// # Errors
 /// A boot failed, timed out, or did not end the way the guest is built to.
-pub fn boot_bench(cfg: &BenchConfig) -> Result<BenchReport, VmmError> {
+pub fn boot_bench(cfg: &BenchConfig) -> Result<BenchReport, BenchError> {
     let cmdline = format!("{BASE_CMDLINE} {}", cfg.cmdline_extra);
     // One unrecorded boot of each first: the first run of a binary pays for
     // reading it and the images into the page cache, whichever side it is.

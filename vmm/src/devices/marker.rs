@@ -1,4 +1,4 @@
-//! Boot-stage marker: a one-byte I/O port ([`BOOT_MARKER_PORT`]) the
+//! Boot-stage marker: a one-byte I/O port ([`super::MARKER`]) the
 //! guest's init writes stage codes to. Each write is stamped with the time
 //! since the VM was created, on the host's clock, so boot is timed from
 //! outside the guest (the guest's own stage times come in its Hello).
@@ -7,7 +7,6 @@
 //! [`MAX_MARKS`] are kept; later writes are counted, not stored), and codes
 //! that name no stage are kept with their number, never dropped silently.
 
-pub use airlock_abi::BOOT_MARKER_PORT;
 use airlock_abi::boot_stage_name;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -62,6 +61,19 @@ impl BootMarker {
     pub fn marks(&self) -> (Vec<StageMark>, u64) {
         let m = self.marks.lock().unwrap_or_else(|p| p.into_inner());
         (m.0.clone(), m.1)
+    }
+}
+
+impl super::BusDevice for BootMarker {
+    /// Write-only: reads see no device.
+    fn read(&mut self, _offset: u64, data: &mut [u8]) {
+        data.fill(0xff);
+    }
+
+    fn write(&mut self, _offset: u64, data: &[u8]) {
+        if let Some(&b) = data.first() {
+            self.record(b);
+        }
     }
 }
 

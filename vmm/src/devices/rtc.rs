@@ -59,6 +59,19 @@ impl Rtc {
     }
 }
 
+impl super::BusDevice for Rtc {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        data.fill(0);
+        data[0] = Rtc::read(self, RTC_INDEX.wrapping_add(offset as u16));
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        if let Some(&b) = data.first() {
+            Rtc::write(self, RTC_INDEX.wrapping_add(offset as u16), b);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

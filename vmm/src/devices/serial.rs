@@ -1,15 +1,10 @@
-//! 8250 UART at the legacy COM1 ports (0x3f8..0x3ff, IRQ 4), built on
+//! 8250 UART at the legacy COM1 ports (the [`super::COM1`] row), built on
 //! vm-superio. The guest console goes to a capped per-VM log and to tracing.
 
 use std::io::Write;
 use std::sync::{Arc, Mutex};
 use vm_superio::{Serial, Trigger};
 use vmm_sys_util::eventfd::EventFd;
-
-/// First I/O port of COM1.
-pub const COM1_BASE: u16 = 0x3f8;
-/// Interrupt line of COM1.
-pub const COM1_IRQ: u32 = 4;
 
 /// Raises the serial interrupt through a KVM irqfd.
 pub struct IrqTrigger(pub EventFd);
@@ -93,4 +88,18 @@ pub type Com1 = Serial<IrqTrigger, vm_superio::serial::NoEvents, ConsoleLog>;
 /// Create COM1 writing to `log`, raising `irq`.
 pub fn com1(irq: EventFd, log: ConsoleLog) -> Com1 {
     Serial::new(IrqTrigger(irq), log)
+}
+
+impl super::BusDevice for Com1 {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        data.fill(0);
+        data[0] = Serial::read(self, offset as u8);
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        if let Some(&b) = data.first() {
+            // A full console log is not the guest's error to see.
+            let _ = Serial::write(self, offset as u8, b);
+        }
+    }
 }

@@ -324,3 +324,12 @@ impl MmioTransport {
         self.device.shutdown();
     }
 }
+impl super::BusDevice for MmioTransport {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        MmioTransport::read(self, offset, data);
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        MmioTransport::write(self, offset, data);
+    }
+}

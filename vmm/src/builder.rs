@@ -1,0 +1,366 @@
+//! The steps [`crate::run`] takes, in order: create the VM and its vCPUs,
+//! map guest memory, load the kernel and the initramfs, attach each device
+//! from the device tables, write the command line and boot data. Each step
+//! fails with its own [`VmmError`] variant.
+
+use crate::devices::marker::BootMarker;
+use crate::devices::pmem::{Pmem, PmemMapping};
+use crate::devices::rtc::Rtc;
+use crate::devices::serial::{ConsoleLog, com1};
+use crate::devices::virtio_mmio::MmioTransport;
+use crate::devices::vsock::Vsock;
+use crate::devices::{self, Bus, MmioSlot, PioSlot, VirtioDevice};
+use crate::vcpu::Buses;
+use crate::{BASE_CMDLINE, PMEM_BASE, VmConfig, VmmError, kvm_err, layout, ram};
+use kvm_bindings::{KVM_PIT_SPEAKER_DUMMY, kvm_pit_config, kvm_userspace_memory_region};
+use kvm_ioctls::{IoEventAddress, Kvm, VcpuFd, VmFd};
+use linux_loader::loader::{Cmdline, KernelLoader, elf::Elf, load_cmdline};
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+use virtio_bindings::virtio_mmio::VIRTIO_MMIO_QUEUE_NOTIFY;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vmm_sys_util::eventfd::EventFd;
+
+/// Where the TSS goes (three pages below the 4 GiB boundary, as KVM wants).
+const TSS_ADDRESS: usize = 0xfffb_d000;
+
+/// Step 1: the VM (with an in-kernel irqchip and PIT) and its vCPU fds.
+pub(crate) fn create_vm(kvm: &Kvm, vcpus: u8) -> Result<(VmFd, Vec<VcpuFd>), VmmError> {
+    let vm = kvm.create_vm().map_err(kvm_err("create VM"))?;
+    vm.set_tss_address(TSS_ADDRESS)
+        .map_err(kvm_err("set TSS address"))?;
+    vm.create_irq_chip().map_err(kvm_err("create irqchip"))?;
+    vm.create_pit2(kvm_pit_config {
+        flags: KVM_PIT_SPEAKER_DUMMY,
+        ..Default::default()
+    })
+    .map_err(kvm_err("create PIT"))?;
+    let vcpus = (0..vcpus)
+        .map(|id| {
+            vm.create_vcpu(u64::from(id))
+                .map_err(kvm_err("create vCPU"))
+        })
+        .collect::<Result<_, _>>()?;
+    Ok((vm, vcpus))
+}
+
+/// Guest RAM: the vm-memory view and the mapping under it. Fields drop in
+/// order, so `mem` goes before the mapping it points into.
+pub(crate) struct Memory {
+    pub mem: GuestMemoryMmap,
+    _ram: ram::GuestRam,
+}
+
+/// Step 2: map `size` bytes of guest RAM at guest-physical 0 and register
+/// it with the VM.
+pub(crate) fn guest_memory(vm: &VmFd, size: u64) -> Result<Memory, VmmError> {
+    let ram = ram::GuestRam::new(size as usize).map_err(VmmError::MapRam)?;
+    // SAFETY: `ram` is a live anonymous mapping of exactly this size and
+    // outlives `mem` and all its clones (`Memory` drops `mem` first; the
+    // devices holding clones are dropped before `Memory` by `run`).
+    let region = unsafe {
+        vm_memory::mmap::MmapRegionBuilder::new(ram.len())
+            .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+            .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE)
+            .with_raw_mmap_pointer(ram.as_ptr())
+    }
+    .build()
+    .map_err(VmmError::MmapRegion)?;
+    let region =
+        vm_memory::GuestRegionMmap::new(region, GuestAddress(0)).ok_or(VmmError::RegionOverflow)?;
+    let mem =
+        GuestMemoryMmap::<()>::from_regions(vec![region]).map_err(VmmError::RegionCollection)?;
+    for (slot, region) in mem.iter().enumerate() {
+        let host = mem
+            .get_host_address(region.start_addr())
+            .map_err(VmmError::BootData)?;
+        let r = kvm_userspace_memory_region {
+            slot: slot as u32,
+            flags: 0,
+            guest_phys_addr: region.start_addr().0,
+            memory_size: region.len(),
+            userspace_addr: host as u64,
+        };
+        // SAFETY: the region is a live mapping owned by `mem`, which
+        // outlives every vCPU run: `run` joins the vCPU threads before it
+        // drops `Memory` (and no vCPU runs before this function returns).
+        unsafe { vm.set_user_memory_region(r) }.map_err(kvm_err("set memory region"))?;
+    }
+    Ok(Memory { mem, _ram: ram })
+}
+
+fn open(path: &Path) -> Result<std::fs::File, VmmError> {
+    std::fs::File::open(path).map_err(|source| VmmError::File {
+        path: path.into(),
+        source,
+    })
+}
+
+/// Step 3a: the ELF kernel into guest memory; its entry point and end.
+pub(crate) fn load_kernel(
+    mem: &GuestMemoryMmap,
+    path: &Path,
+) -> Result<linux_loader::loader::KernelLoaderResult, VmmError> {
+    let mut kernel = open(path)?;
+    Elf::load(
+        mem,
+        None,
+        &mut kernel,
+        Some(GuestAddress(layout::HIGH_RAM_START)),
+    )
+    .map_err(VmmError::Kernel)
+}
+
+/// Where the initramfs went.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Initrd {
+    pub addr: u64,
+    pub len: u64,
+}
+
+/// Step 3b: the initramfs at the top of RAM, read straight into guest
+/// memory (no heap copy, so the VMM's own peak RSS does not grow with the
+/// image).
+pub(crate) fn load_initrd(
+    mem: &GuestMemoryMmap,
+    path: &Path,
+    mem_size: u64,
+    kernel_end: u64,
+) -> Result<Initrd, VmmError> {
+    let mut initrd = open(path)?;
+    let file_err = |source| VmmError::File {
+        path: path.into(),
+        source,
+    };
+    let len = initrd.metadata().map_err(file_err)?.len();
+    let addr = mem_size.saturating_sub(len) & !0xfff;
+    if addr <= kernel_end {
+        return Err(VmmError::InitrdTooLarge { len, mem_size });
+    }
+    mem.read_exact_volatile_from(GuestAddress(addr), &mut initrd, len as usize)
+        .map_err(VmmError::BootData)?;
+    Ok(Initrd { addr, len })
+}
+
+/// The devices of one VM, attached. Dropping it stops nothing: `run`
+/// shuts the virtio devices down first (see [`Devices::shutdown`]).
+pub(crate) struct Devices {
+    pub buses: Buses,
+    pub console: ConsoleLog,
+    pub marker: Arc<Mutex<BootMarker>>,
+    virtio: Vec<Arc<Mutex<MmioTransport>>>,
+    /// The command-line entries that announce the virtio devices.
+    pub cmdline: Vec<String>,
+    /// The weights mapping behind the pmem memory slot; `run` drops it
+    /// only after the VM fd.
+    pub weights: Option<PmemMapping>,
+}
+
+impl Devices {
+    /// Stop every virtio device's worker thread.
+    pub fn shutdown(&self) {
+        for d in &self.virtio {
+            d.lock().unwrap_or_else(|p| p.into_inner()).shutdown();
+        }
+    }
+}
+
+fn eventfd() -> Result<EventFd, VmmError> {
+    EventFd::new(libc::EFD_NONBLOCK).map_err(VmmError::EventFd)
+}
+
+/// Step 4: every device the configuration asks for, at its table row.
+pub(crate) fn attach_devices(
+    vm: &VmFd,
+    mem: &GuestMemoryMmap,
+    cfg: &VmConfig,
+    start: Instant,
+) -> Result<Devices, VmmError> {
+    let console = ConsoleLog::new(cfg.console_cap);
+    let marker = Arc::new(Mutex::new(BootMarker::new(start)));
+    let mut pio = Bus::default();
+    let serial_irq = eventfd()?;
+    if let Some(irq) = devices::COM1.irq {
+        vm.register_irqfd(&serial_irq, irq)
+            .map_err(kvm_err("register serial irqfd"))?;
+    }
+    let serial = com1(serial_irq, console.clone());
+    place_pio(&mut pio, devices::COM1, Arc::new(Mutex::new(serial)))?;
+    place_pio(&mut pio, devices::RTC, Arc::new(Mutex::new(Rtc::default())))?;
+    place_pio(&mut pio, devices::MARKER, marker.clone())?;
+
+    let mut devs = Devices {
+        buses: Buses {
+            pio,
+            mmio: Bus::default(),
+        },
+        console,
+        marker,
+        virtio: Vec::new(),
+        cmdline: Vec::new(),
+        weights: None,
+    };
+    if let Some(v) = &cfg.vsock {
+        if v.guest_cid < 3 {
+            return Err(VmmError::Config {
+                field: "vsock.guest_cid",
+                message: format!("must be 3 or more, got {}", v.guest_cid),
+            });
+        }
+        let device =
+            Vsock::new(v.guest_cid, v.uds_path.clone()).map_err(|source| VmmError::Device {
+                device: devices::VSOCK.name,
+                source,
+            })?;
+        attach_virtio(&mut devs, vm, mem, devices::VSOCK, Box::new(device))?;
+    }
+    if let Some(path) = &cfg.pmem {
+        let map = PmemMapping::open(path).map_err(|source| VmmError::Device {
+            device: devices::PMEM.name,
+            source,
+        })?;
+        let r = kvm_userspace_memory_region {
+            slot: 1,
+            flags: kvm_bindings::KVM_MEM_READONLY,
+            guest_phys_addr: PMEM_BASE,
+            memory_size: map.len(),
+            userspace_addr: map.host_addr(),
+        };
+        // SAFETY: `map` is a live read-only mapping of `map.len()` bytes;
+        // it moves into `Devices`, which `run` drops only after the VM fd
+        // (and no vCPU runs before this function returns).
+        unsafe { vm.set_user_memory_region(r) }.map_err(kvm_err("set pmem memory region"))?;
+        let dev = Pmem::new(PMEM_BASE, map.len());
+        devs.weights = Some(map);
+        attach_virtio(&mut devs, vm, mem, devices::PMEM, Box::new(dev))?;
+    }
+    Ok(devs)
+}
+
+fn place_pio(
+    bus: &mut Bus,
+    slot: PioSlot,
+    device: devices::SharedDevice,
+) -> Result<(), VmmError> {
+    bus.insert(slot.name, slot.base.into(), slot.len.into(), device)
+        .map_err(VmmError::Bus)
+}
+
+/// A virtio device on its table row's window: an irqfd for its IRQ, one
+/// ioeventfd per queue on the QueueNotify register, its command-line entry.
+fn attach_virtio(
+    devs: &mut Devices,
+    vm: &VmFd,
+    mem: &GuestMemoryMmap,
+    slot: MmioSlot,
+    device: Box<dyn VirtioDevice>,
+) -> Result<(), VmmError> {
+    let irq = eventfd()?;
+    vm.register_irqfd(&irq, slot.irq)
+        .map_err(kvm_err("register virtio irqfd"))?;
+    let mut evts = Vec::new();
+    for q in 0..device.queue_max_sizes().len() as u32 {
+        let e = eventfd()?;
+        vm.register_ioevent(
+            &e,
+            &IoEventAddress::Mmio(slot.base + u64::from(VIRTIO_MMIO_QUEUE_NOTIFY)),
+            q,
+        )
+        .map_err(kvm_err("register virtio ioeventfd"))?;
+        evts.push(e);
+    }
+    let t = MmioTransport::new(device, mem.clone(), Arc::new(irq), evts).map_err(|source| {
+        VmmError::Device {
+            device: slot.name,
+            source,
+        }
+    })?;
+    let t = Arc::new(Mutex::new(t));
+    devs.buses
+        .mmio
+        .insert(
+            slot.name,
+            slot.base,
+            devices::virtio_mmio::MMIO_SIZE,
+            t.clone(),
+        )
+        .map_err(VmmError::Bus)?;
+    devs.virtio.push(t);
+    devs.cmdline.push(slot.cmdline());
+    Ok(())
+}
+
+/// Step 5a: the kernel command line — the TSC frequency, the base line,
+/// the caller's extra words, then one entry per virtio device.
+pub(crate) fn kernel_cmdline(
+    cfg: &VmConfig,
+    boot_vcpu: &VcpuFd,
+    device_entries: &[String],
+) -> Result<Cmdline, VmmError> {
+    let mut cmdline = Cmdline::new(layout::CMDLINE_MAX).map_err(VmmError::Cmdline)?;
+    // The guest takes its clock from kvm-clock (see the CPUID in `vcpu`);
+    // the TSC frequency on the command line is for the TSC clocksource it
+    // may switch to, which would otherwise be calibrated against the PIT —
+    // a step that fails on a busy (nested) host ("Unable to calibrate
+    // against PIT") and left guests hanging without a clocksource.
+    // `tsc=reliable` keeps the clocksource watchdog from judging the TSC
+    // against jiffies, whose ticks a busy host delays ("skew is too large"
+    // → "No current clocksource").
+    if let Ok(khz) = boot_vcpu.get_tsc_khz() {
+        cmdline
+            .insert_str(format!("tsc_early_khz={khz} tsc=reliable"))
+            .map_err(VmmError::Cmdline)?;
+    }
+    cmdline
+        .insert_str(BASE_CMDLINE)
+        .map_err(VmmError::Cmdline)?;
+    if !cfg.cmdline_extra.is_empty() {
+        cmdline
+            .insert_str(&cfg.cmdline_extra)
+            .map_err(VmmError::Cmdline)?;
+    }
+    for entry in device_entries {
+        cmdline.insert_str(entry).map_err(VmmError::Cmdline)?;
+    }
+    Ok(cmdline)
+}
+
+/// Step 5b: the boot data the kernel reads: the command line, the zero
+/// page (header, initramfs, e820 map) and the MP table for `vcpus`.
+pub(crate) fn configure_boot(
+    mem: &GuestMemoryMmap,
+    mem_size: u64,
+    cmdline: &Cmdline,
+    initrd: Initrd,
+    vcpus: u8,
+) -> Result<(), VmmError> {
+    load_cmdline(mem, GuestAddress(layout::CMDLINE), cmdline).map_err(VmmError::Kernel)?;
+    let cmdline_len = cmdline
+        .as_cstring()
+        .map_err(VmmError::Cmdline)?
+        .as_bytes()
+        .len();
+    let mut params = linux_loader::loader::bootparam::boot_params::default();
+    params.hdr.type_of_loader = 0xff;
+    params.hdr.boot_flag = 0xaa55;
+    params.hdr.header = 0x5372_6448; // "HdrS"
+    params.hdr.kernel_alignment = 0x0100_0000;
+    params.hdr.cmd_line_ptr = layout::CMDLINE as u32;
+    params.hdr.cmdline_size = cmdline_len as u32;
+    params.hdr.ramdisk_image = initrd.addr as u32;
+    params.hdr.ramdisk_size = initrd.len as u32;
+    params.e820_table[0].addr = 0;
+    params.e820_table[0].size = layout::LOW_RAM_END;
+    params.e820_table[0].r#type = 1;
+    params.e820_table[1].addr = layout::HIGH_RAM_START;
+    params.e820_table[1].size = mem_size - layout::HIGH_RAM_START;
+    params.e820_table[1].r#type = 1;
+    params.e820_entries = 2;
+    mem.write_obj(params, GuestAddress(layout::ZERO_PAGE))
+        .map_err(VmmError::BootData)?;
+    let (mp_addr, mp) = layout::mptable(vcpus);
+    mem.write_slice(&mp, GuestAddress(mp_addr))
+        .map_err(VmmError::BootData)?;
+    Ok(())
+}

@@ -1,0 +1,222 @@
+//! vCPUs: their boot state (CPUID, LAPIC, long-mode registers) and the
+//! threads that run them, dispatching every exit through the buses.
+//!
+//! **Invariant:** [`run`] returns only after every vCPU thread has left
+//! `KVM_RUN` and been joined, so guest memory may be unmapped afterwards.
+
+use crate::devices::{Bus, THREAD_STACK};
+use crate::{VmExit, VmmError, kvm_err, layout};
+use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
+use kvm_ioctls::{Kvm, VcpuExit, VcpuFd};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+use vm_memory::{GuestAddress, GuestMemoryMmap};
+
+/// Set up every vCPU: CPUID (APIC id, TSC deadline, hypervisor bit), the
+/// LAPIC's LINT pins, and for the boot vCPU long mode at `entry`.
+pub(crate) fn configure(
+    kvm: &Kvm,
+    vcpus: &[VcpuFd],
+    mem: &GuestMemoryMmap,
+    entry: GuestAddress,
+) -> Result<(), VmmError> {
+    let cpuid = kvm
+        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+        .map_err(kvm_err("get supported CPUID"))?;
+    let tsc_deadline = kvm.check_extension(kvm_ioctls::Cap::TscDeadlineTimer);
+    for (id, vcpu) in vcpus.iter().enumerate() {
+        let id = id as u8;
+        let mut c = cpuid.clone();
+        for e in c.as_mut_slice() {
+            if e.function == 1 {
+                e.ebx = (e.ebx & 0x00ff_ffff) | (u32::from(id) << 24); // initial APIC id
+                // KVM emulates the TSC-deadline timer but leaves the CPUID
+                // bit to userspace. With it (and the TSC frequency from the
+                // command line) the guest's LAPIC timer needs no calibration
+                // against the PIT, a step that fails on a busy nested host
+                // ("APIC timer disabled due to verification failure").
+                if tsc_deadline {
+                    e.ecx |= 1 << 24;
+                }
+                // Tell the guest it runs on a hypervisor. With KVM's own
+                // leaves (0x4000_0000.., passed through from the supported
+                // CPUID) it then uses kvm-clock, x2APIC through MSRs
+                // instead of xAPIC MMIO (each access an emulated
+                // instruction), PV EOI and no I/O port delays: about 10 %
+                // off a boot in the nested harness. (This once looked like
+                // it hung nested guests; that was the two-vCPU outer-VM
+                // emulation bug, see xtask's OUTER_QEMU.)
+                e.ecx |= 1 << 31;
+            }
+        }
+        vcpu.set_cpuid2(&c).map_err(kvm_err("set CPUID"))?;
+        set_lint(vcpu)?;
+        if id == 0 {
+            let mut sregs = vcpu.get_sregs().map_err(kvm_err("get sregs"))?;
+            layout::setup_long_mode(mem, &mut sregs).map_err(VmmError::BootData)?;
+            vcpu.set_sregs(&sregs).map_err(kvm_err("set sregs"))?;
+            vcpu.set_regs(&layout::boot_regs(entry.0))
+                .map_err(kvm_err("set regs"))?;
+            vcpu.set_fpu(&layout::boot_fpu())
+                .map_err(kvm_err("set FPU"))?;
+        }
+    }
+    Ok(())
+}
+
+/// LINT0 as ExtINT and LINT1 as NMI, as a PC's BIOS would leave them.
+fn set_lint(vcpu: &VcpuFd) -> Result<(), VmmError> {
+    const LINT0: usize = 0x350;
+    const LINT1: usize = 0x360;
+    let mut lapic = vcpu.get_lapic().map_err(kvm_err("get LAPIC"))?;
+    for (off, mode) in [(LINT0, 7u32), (LINT1, 4u32)] {
+        let bytes: [u8; 4] = std::array::from_fn(|i| lapic.regs[off + i] as u8);
+        let v = (u32::from_le_bytes(bytes) & !0x700) | (mode << 8);
+        for (i, b) in v.to_le_bytes().iter().enumerate() {
+            lapic.regs[off + i] = *b as i8;
+        }
+    }
+    vcpu.set_lapic(&lapic).map_err(kvm_err("set LAPIC"))
+}
+
+/// Signal used to kick vCPU threads out of KVM_RUN.
+fn kick_signal() -> i32 {
+    vmm_sys_util::signal::SIGRTMIN() + 1
+}
+
+extern "C" fn noop_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
+
+/// The port-I/O and MMIO buses every vCPU thread dispatches to.
+#[derive(Clone)]
+pub(crate) struct Buses {
+    pub pio: Bus,
+    pub mmio: Bus,
+}
+
+/// Run every vCPU on its own thread until one of them ends the VM, the
+/// `timeout` passes or `external_stop` is set; then stop and join them all.
+///
+/// # Errors
+/// A vCPU thread cannot be started (the ones already started are stopped
+/// and joined first).
+pub(crate) fn run(
+    vcpus: Vec<VcpuFd>,
+    buses: &Buses,
+    timeout: Duration,
+    external_stop: Option<&AtomicBool>,
+) -> Result<VmExit, VmmError> {
+    static HANDLER: std::sync::Once = std::sync::Once::new();
+    HANDLER.call_once(|| {
+        if let Err(e) = vmm_sys_util::signal::register_signal_handler(kick_signal(), noop_handler) {
+            tracing::warn!(error = %e, "cannot install the vCPU kick handler");
+        }
+    });
+    let stop = Arc::new(AtomicBool::new(false));
+    let (tx, rx) = mpsc::channel::<VmExit>();
+    let mut threads = Vec::new();
+    let mut spawn_error = None;
+    for (i, mut vcpu) in vcpus.into_iter().enumerate() {
+        let stop = stop.clone();
+        let tx = tx.clone();
+        let buses = buses.clone();
+        let spawned = std::thread::Builder::new()
+            .name(format!("airlock-vcpu{i}"))
+            .stack_size(THREAD_STACK)
+            .spawn(move || {
+                let exit = vcpu_loop(&mut vcpu, &buses, &stop);
+                stop.store(true, Ordering::SeqCst);
+                let _ = tx.send(exit);
+            });
+        match spawned {
+            Ok(t) => threads.push(t),
+            Err(e) => {
+                spawn_error = Some(VmmError::Thread(e));
+                break;
+            }
+        }
+    }
+    drop(tx);
+    let exit = if spawn_error.is_some() {
+        VmExit::Stopped
+    } else {
+        wait_for_exit(&rx, timeout, external_stop)
+    };
+    stop.store(true, Ordering::SeqCst);
+    for t in threads {
+        // Kick every vCPU until it leaves KVM_RUN and sees `stop`.
+        while !t.is_finished() {
+            use vmm_sys_util::signal::Killable;
+            let _ = t.kill(kick_signal());
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let _ = t.join();
+    }
+    match spawn_error {
+        Some(e) => Err(e),
+        None => Ok(exit),
+    }
+}
+
+fn wait_for_exit(
+    rx: &mpsc::Receiver<VmExit>,
+    timeout: Duration,
+    external_stop: Option<&AtomicBool>,
+) -> VmExit {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return VmExit::Timeout;
+        }
+        if external_stop.is_some_and(|s| s.load(Ordering::SeqCst)) {
+            return VmExit::Stopped;
+        }
+        match rx.recv_timeout(left.min(Duration::from_millis(50))) {
+            Ok(e) => return e,
+            Err(mpsc::RecvTimeoutError::Timeout) => {}
+            Err(mpsc::RecvTimeoutError::Disconnected) => {
+                return VmExit::Error("vCPU threads ended without a report".into());
+            }
+        }
+    }
+}
+
+fn vcpu_loop(vcpu: &mut VcpuFd, buses: &Buses, stop: &AtomicBool) -> VmExit {
+    loop {
+        if stop.load(Ordering::SeqCst) {
+            return VmExit::Timeout;
+        }
+        match vcpu.run() {
+            Ok(VcpuExit::IoOut(port, data)) => {
+                buses.pio.write(port.into(), data);
+            }
+            Ok(VcpuExit::IoIn(port, data)) => {
+                if !buses.pio.read(port.into(), data) {
+                    data.fill(0xff); // no device
+                }
+            }
+            Ok(VcpuExit::MmioRead(addr, data)) => {
+                if !buses.mmio.read(addr, data) {
+                    data.fill(0);
+                }
+            }
+            Ok(VcpuExit::MmioWrite(addr, data)) => {
+                // Writes outside every device window (including the guest
+                // writing to its read-only pmem region) are dropped.
+                buses.mmio.write(addr, data);
+            }
+            Ok(VcpuExit::Shutdown) => return VmExit::Reset,
+            Ok(VcpuExit::Hlt) => return VmExit::Halted,
+            Ok(VcpuExit::SystemEvent(..)) => return VmExit::Reset,
+            Ok(VcpuExit::FailEntry(reason, cpu)) => {
+                return VmExit::Error(format!("entry failed: reason {reason:#x} on cpu {cpu}"));
+            }
+            Ok(VcpuExit::InternalError) => return VmExit::Error("KVM internal error".into()),
+            Ok(other) => tracing::debug!(exit = ?other, "unhandled vCPU exit"),
+            Err(e) if e.errno() == 4 || e.errno() == 11 => {} // EINTR/EAGAIN: kicked
+            Err(e) => return VmExit::Error(format!("KVM_RUN: {e}")),
+        }
+    }
+}
