@@ -31,6 +31,14 @@ pub enum EgressError {
     /// Extra trusted roots that are not usable PEM certificates.
     #[error("The extra trusted roots for egress are not valid PEM certificates: {0}.")]
     Roots(String),
+    /// The CA file cannot be read.
+    #[error("The egress CA file {path} cannot be read: {source}.")]
+    CaFile {
+        /// The file.
+        path: std::path::PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
 }
 
 /// The grant of the call in flight, and the proxy's audit events for it.
@@ -407,6 +415,20 @@ pub fn extra_roots(pem: &[u8]) -> Result<Vec<ureq::tls::Certificate<'static>>, E
         return Err(EgressError::Roots("no CERTIFICATE block found".into()));
     }
     Ok(certs)
+}
+
+/// Read an extra-CA file (`--egress-ca`, `isolation.egress_ca`) and check
+/// it now, so a bad file is refused before any call or VM. Returns the PEM.
+///
+/// # Errors
+/// [`EgressError::CaFile`] or [`EgressError::Roots`].
+pub fn read_ca_file(path: &std::path::Path) -> Result<Vec<u8>, EgressError> {
+    let pem = std::fs::read(path).map_err(|source| EgressError::CaFile {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    extra_roots(&pem)?;
+    Ok(pem)
 }
 
 /// The class of a client error, as wasi-http tells them apart.

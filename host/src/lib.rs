@@ -3,10 +3,10 @@
 //!
 //! The `airlock` binary (`main.rs`) is a thin layer over this library.
 
+pub mod callsite;
 pub mod egress;
 pub mod policy;
 pub mod pool;
-pub mod report;
 pub mod sandbox;
 pub mod service;
 pub mod weights;

@@ -1,8 +1,10 @@
 //! `airlock`: the command-line edge. Parses arguments, calls the library,
 //! prints JSON or text. `anyhow` lives only here.
 
+use airlock::callsite::{CallSite, CallSiteError, VmSettings, WasmBytes};
+use airlock::policy::report::static_report;
 use airlock::policy::{Policy, PolicyError};
-use airlock::report::static_report;
+use airlock::weights::Weights;
 use airlock_guest::{CallResult, EngineConfig, Runner};
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand, ValueEnum};
@@ -218,17 +220,56 @@ struct GuestArgs {
     egress_ca: Option<PathBuf>,
 }
 
-/// The `--egress-ca` file's certificates, checked now so a bad file is
-/// refused before any VM boots.
-fn egress_ca(path: Option<&Path>) -> anyhow::Result<Vec<u8>> {
-    let Some(path) = path else {
-        return Ok(Vec::new());
-    };
-    let pem = std::fs::read(path)
-        .with_context(|| format!("--egress-ca: cannot read {}", path.display()))?;
-    airlock::egress::extra_roots(&pem)
-        .with_context(|| format!("--egress-ca {}", path.display()))?;
-    Ok(pem)
+impl GuestArgs {
+    /// The `--egress-ca` file's certificates, checked now so a bad file is
+    /// refused before any call or VM.
+    fn egress_ca(&self) -> anyhow::Result<Vec<u8>> {
+        self.egress_ca
+            .as_deref()
+            .map(airlock::egress::read_ca_file)
+            .transpose()
+            .context("--egress-ca")
+            .map(Option::unwrap_or_default)
+    }
+
+    /// The call site for `isolation`: VM settings from these flags (and
+    /// `weights`), a runner without pooling (the CLI makes one call per
+    /// process: pooling would only reserve address space).
+    fn call_site(
+        self,
+        isolation: Isolation,
+        weights: Option<Weights>,
+        policy: &Policy,
+    ) -> anyhow::Result<CallSite> {
+        let ca = self.egress_ca()?;
+        let vm = match isolation {
+            Isolation::Process => None,
+            Isolation::Vm => {
+                let (kernel, initrd) = guest_image(self.kernel, self.initrd)?;
+                Some(VmSettings {
+                    kernel,
+                    initrd,
+                    memory_mib: self.memory_mib,
+                    warm: 0,
+                    weights,
+                    cmdline_extra: self.guest_cmdline,
+                    boot_attempts: self.boot_attempts,
+                    life_timeout: std::time::Duration::from_millis(policy.limits.timeout_ms)
+                        + std::time::Duration::from_secs(420),
+                })
+            }
+        };
+        let engine = EngineConfig {
+            pooling: false,
+            ..EngineConfig::default()
+        };
+        CallSite::new(engine, &ca, vm).map_err(|e| match e {
+            CallSiteError::Host(e) => anyhow::anyhow!(
+                "{e} For development, --isolation process runs the Wasm sandbox without the VM."
+            ),
+            e => e.into(),
+        })
+    }
 }
 
 /// What a VM boots: shared by `vm boot` and `vm soak`.
@@ -372,12 +413,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             weights,
         } => {
             let weights = weights
-                .map(|w| {
-                    w.split_once(':')
-                        .map(|(d, i)| (PathBuf::from(d), PathBuf::from(i)))
-                        .context("--weights must be DIR:IMAGE")
-                })
-                .transpose()?;
+                .as_deref()
+                .map(Weights::parse)
+                .transpose()
+                .context("--weights")?;
             if weights.is_some() && isolation == Isolation::Process {
                 bail!(
                     "--weights only applies to --isolation vm (in process the grants read DIR directly)"
@@ -390,29 +429,12 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 None => Policy::default(),
             };
             let bytes = read_component(&component)?;
-            let runner = cli_runner()?;
-            let outcome = match isolation {
-                Isolation::Process => {
-                    // Allowed HTTP goes through the same proxy (and the same
-                    // address checks) as from a microVM.
-                    let ca = egress_ca(guest.egress_ca.as_deref())?;
-                    let proxy = airlock::egress::Proxy::with_extra_roots(
-                        airlock::sandbox::EGRESS_TIMEOUT,
-                        &ca,
-                    )?;
-                    let runner = runner.with_egress(std::sync::Arc::new(proxy));
-                    let loaded = runner.load_wasm(&bytes)?;
-                    runner.invoke(&loaded, &tool, &args, &policy.grant_set())
-                }
-                Isolation::Vm => run_in_vm(
-                    &runner,
-                    &bytes,
-                    VmImage { guest, weights },
-                    &tool,
-                    &args,
-                    &policy,
-                )?,
-            };
+            let site = guest.call_site(isolation, weights, &policy)?;
+            let grants = site.grants(policy.grant_set())?;
+            let outcome = site
+                .call(&WasmBytes(bytes), &tool, &args, &grants)
+                .context("calling the tool")?
+                .outcome;
             print_json(&outcome)?;
             Ok(match outcome.result {
                 CallResult::Ok(_) => ExitCode::SUCCESS,
@@ -706,107 +728,6 @@ fn guest_image(
     ))
 }
 
-/// A component compiled on the host, ready to load into guests.
-struct VmComponent {
-    artifact: Vec<u8>,
-    engine: String,
-    docs: std::collections::BTreeMap<String, String>,
-}
-
-/// Refuse hosts that cannot run the guest (before compiling anything), then
-/// precompile `wasm` for the guest's engine.
-fn prepare_for_vm(runner: &Runner, wasm: &[u8]) -> anyhow::Result<VmComponent> {
-    airlock_vmm::check_host().map_err(|e| {
-        anyhow::anyhow!(
-            "{e} For development, --isolation process runs the Wasm sandbox without the VM."
-        )
-    })?;
-    Ok(VmComponent {
-        artifact: runner.precompile(wasm)?,
-        engine: runner.fingerprint(),
-        docs: airlock_wasm_tools::docs::from_component(wasm).functions,
-    })
-}
-
-/// Boot a microVM, load `comp` and make one call; the VM is shut down (or
-/// stopped and reaped) on every path. `all_ready`, when given, is waited on
-/// once the guest is ready (or failed to be), so several VMs can be made to
-/// overlap.
-fn call_in_vm(
-    comp: &VmComponent,
-    cfg: &airlock::sandbox::SandboxConfig,
-    tool: &str,
-    args: &serde_json::Value,
-    grants: &airlock_guest::GrantSet,
-    all_ready: Option<&std::sync::Barrier>,
-) -> anyhow::Result<(airlock_guest::CallOutcome, std::time::Duration)> {
-    use airlock::sandbox::Sandbox;
-    let booted = Sandbox::boot_and_load(cfg, &comp.artifact, &comp.engine, &comp.docs);
-    if let Some(b) = all_ready {
-        b.wait();
-    }
-    let (mut sb, digest) = booted.context("starting the microVM and loading the component")?;
-    tracing::info!(ready_ms = sb.ready_after.as_millis() as u64, boot = ?sb.boot, "guest ready");
-    let outcome = sb
-        .invoke(&digest, tool, args, grants)
-        .context("calling the tool in the guest")?;
-    let ready = sb.ready_after;
-    let report = sb.shutdown()?;
-    tracing::info!(exit = ?report.exit, wall_ms = report.wall.as_millis() as u64, "VM ended");
-    Ok((outcome, ready))
-}
-
-fn sandbox_config(
-    guest: GuestArgs,
-    policy: &Policy,
-    engine: String,
-) -> anyhow::Result<airlock::sandbox::SandboxConfig> {
-    let (kernel, initrd) = guest_image(guest.kernel, guest.initrd)?;
-    let egress_ca = egress_ca(guest.egress_ca.as_deref())?;
-    let timeout = std::time::Duration::from_millis(policy.limits.timeout_ms);
-    Ok(airlock::sandbox::SandboxConfig {
-        kernel,
-        initrd,
-        memory_mib: guest.memory_mib,
-        vcpus: 1,
-        // A boot takes seconds (a minute nested); a guest not ready by then
-        // is retried on a fresh VM (see Sandbox::boot_and_load).
-        ready_timeout: std::time::Duration::from_secs(150),
-        life_timeout: timeout + std::time::Duration::from_secs(420),
-        engine,
-        weights: None,
-        cmdline_extra: guest.guest_cmdline,
-        boot_attempts: guest.boot_attempts,
-        egress_ca,
-    })
-}
-
-/// What a microVM for `airlock run` boots.
-struct VmImage {
-    guest: GuestArgs,
-    /// (weights directory, its erofs image)
-    weights: Option<(PathBuf, PathBuf)>,
-}
-
-/// One call in a fresh microVM: precompile here, boot, load, invoke, shut down.
-fn run_in_vm(
-    runner: &Runner,
-    wasm: &[u8],
-    image: VmImage,
-    tool: &str,
-    args: &serde_json::Value,
-    policy: &Policy,
-) -> anyhow::Result<airlock_guest::CallOutcome> {
-    let grants = airlock::weights::for_vm(
-        &policy.grant_set(),
-        image.weights.as_ref().map(|(d, _)| d.as_path()),
-    )?;
-    let comp = prepare_for_vm(runner, wasm)?;
-    let mut cfg = sandbox_config(image.guest, policy, comp.engine.clone())?;
-    cfg.weights = image.weights.map(|(_, i)| i);
-    Ok(call_in_vm(&comp, &cfg, tool, args, &grants, None)?.0)
-}
-
 /// `airlock vm multi`: N microVMs at once, one independent call in each.
 fn vm_multi(a: MultiArgs) -> anyhow::Result<serde_json::Value> {
     let args = a
@@ -818,27 +739,24 @@ fn vm_multi(a: MultiArgs) -> anyhow::Result<serde_json::Value> {
                 .with_context(|| format!("--args #{} is not JSON", i + 1))
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
-    let runner = cli_runner()?;
-    let wasm = read_component(&a.component)?;
-    let comp = prepare_for_vm(&runner, &wasm)?;
+    let wasm = WasmBytes(read_component(&a.component)?);
     let policy = Policy::default();
-    let grants = policy.grant_set();
-    let cfg = sandbox_config(a.guest, &policy, comp.engine.clone())?;
-    let barrier = std::sync::Barrier::new(args.len());
+    let site = a.guest.call_site(Isolation::Vm, None, &policy)?;
+    let grants = site.grants(policy.grant_set())?;
     let start = std::time::Instant::now();
     let outcomes: Vec<_> = std::thread::scope(|s| {
         let handles: Vec<_> = args
             .iter()
             .map(|v| {
-                let (comp, cfg, grants, barrier, tool) = (&comp, &cfg, &grants, &barrier, &a.tool);
-                s.spawn(move || call_in_vm(comp, cfg, tool, v, grants, Some(barrier)))
+                let (site, wasm, grants, tool) = (&site, &wasm, &grants, &a.tool);
+                s.spawn(move || site.call(wasm, tool, v, grants))
             })
             .collect();
         handles
             .into_iter()
             .map(|h| {
                 h.join()
-                    .unwrap_or_else(|_| Err(anyhow::anyhow!("a VM thread panicked")))
+                    .unwrap_or_else(|_| Err(CallSiteError::Task("a VM thread panicked".into())))
             })
             .collect()
     });
@@ -846,12 +764,12 @@ fn vm_multi(a: MultiArgs) -> anyhow::Result<serde_json::Value> {
         .iter()
         .zip(outcomes)
         .map(|(v, o)| match o {
-            Ok((outcome, ready)) => serde_json::json!({
+            Ok(called) => serde_json::json!({
                 "args": v,
-                "ready_ms": ready.as_millis() as u64,
-                "outcome": outcome,
+                "ready_ms": called.ready_after.unwrap_or_default().as_millis() as u64,
+                "outcome": called.outcome,
             }),
-            Err(e) => serde_json::json!({"args": v, "error": format!("{e:#}")}),
+            Err(e) => serde_json::json!({"args": v, "error": e.to_string()}),
         })
         .collect();
     Ok(serde_json::json!({

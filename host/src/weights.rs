@@ -5,14 +5,13 @@
 //! Policies do not change: a read-only filesystem grant of the weights
 //! directory (or a directory inside it) is served, in a microVM, from the
 //! image instead of the host directory — the same policy works with
-//! `--isolation process` and `--isolation vm`.
+//! `--isolation process` and `--isolation vm`. That decision is the
+//! policy's ([`crate::policy::vm`]); this module packs images and parses
+//! the `DIR:IMAGE` pairing.
 //!
-//! **Invariants:** only read-only grants inside the weights directory are
-//! translated; any other directory grant is refused in a VM (it would need
-//! virtio-fs). The image is whatever `pack` made from the directory: keeping
-//! it current when the directory changes is the operator's job.
+//! **Invariant:** the image is whatever `pack` made from the directory:
+//! keeping it current when the directory changes is the operator's job.
 
-use airlock_guest::GrantSet;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -22,6 +21,14 @@ pub const GUEST_MOUNT: &str = "/weights";
 /// Weights errors.
 #[derive(Debug, thiserror::Error)]
 pub enum WeightsError {
+    /// A `DIR:IMAGE` pairing that cannot be used.
+    #[error("{spec:?}: {message}.")]
+    Spec {
+        /// The text given.
+        spec: String,
+        /// What is wrong.
+        message: String,
+    },
     /// `mkfs.erofs` failed or is missing.
     #[error("Packing {dir} failed: {message}.")]
     Pack {
@@ -30,18 +37,40 @@ pub enum WeightsError {
         /// What went wrong.
         message: String,
     },
-    /// A directory grant cannot be served inside a microVM.
-    #[error(
-        "filesystem[{index}]: {host} is not a read-only grant inside the weights directory {weights}; other directory grants reach a microVM over virtio-fs, which is not built yet."
-    )]
-    NotServable {
-        /// Index of the grant in the policy.
-        index: usize,
-        /// Its host path.
-        host: String,
-        /// The weights directory.
-        weights: String,
-    },
+}
+
+/// A weights directory and the erofs image packed from it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Weights {
+    /// The host directory policies grant.
+    pub dir: PathBuf,
+    /// Its image, served to microVMs over virtio-pmem.
+    pub image: PathBuf,
+}
+
+impl Weights {
+    /// Parse `DIR:IMAGE` (the `--weights` flag and `isolation.weights`),
+    /// checking that the directory and the image exist.
+    ///
+    /// # Errors
+    /// [`WeightsError::Spec`] saying what is wrong.
+    pub fn parse(spec: &str) -> Result<Self, WeightsError> {
+        let bad = |message: String| WeightsError::Spec {
+            spec: spec.to_string(),
+            message,
+        };
+        let (dir, image) = spec
+            .split_once(':')
+            .ok_or_else(|| bad("expected DIR:IMAGE".into()))?;
+        let (dir, image) = (PathBuf::from(dir), PathBuf::from(image));
+        if !dir.is_dir() {
+            return Err(bad(format!("{} is not a directory", dir.display())));
+        }
+        if !image.is_file() {
+            return Err(bad(format!("{} is not a file", image.display())));
+        }
+        Ok(Self { dir, image })
+    }
 }
 
 /// Pack `dir` into an erofs image at `out`, padded to whole 2 MiB units
@@ -81,87 +110,35 @@ pub fn pack(dir: &Path, out: &Path) -> Result<u64, WeightsError> {
     pad().map_err(|e| fail(e.to_string()))
 }
 
-/// The grant set a microVM gets: read-only grants inside `weights_dir` point
-/// into the guest's weights mount; anything else is refused.
-///
-/// # Errors
-/// [`WeightsError::NotServable`] naming the grant.
-pub fn for_vm(grants: &GrantSet, weights_dir: Option<&Path>) -> Result<GrantSet, WeightsError> {
-    let base = weights_dir.map(|d| std::fs::canonicalize(d).unwrap_or_else(|_| d.to_path_buf()));
-    let mut out = grants.clone();
-    for (index, d) in out.dirs.iter_mut().enumerate() {
-        // Grant paths are already real paths without `..` (policy): compare
-        // them as they are; the image holds what the directory held when
-        // it was packed, whatever the directory holds now.
-        let inside = base
-            .as_ref()
-            .and_then(|b| d.host_path.strip_prefix(b).ok().map(Path::to_path_buf));
-        match inside {
-            Some(rel) if !d.writable => {
-                d.root = PathBuf::from(GUEST_MOUNT);
-                d.host_path = Path::new(GUEST_MOUNT).join(rel);
-            }
-            _ => {
-                return Err(WeightsError::NotServable {
-                    index,
-                    host: d.host_path.display().to_string(),
-                    weights: base
-                        .as_ref()
-                        .map_or("(none given)".into(), |b| b.display().to_string()),
-                });
-            }
-        }
-    }
-    Ok(out)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use airlock_guest::DirGrant;
 
-    fn grant(host: &Path, writable: bool) -> GrantSet {
-        GrantSet {
-            dirs: vec![DirGrant {
-                root: PathBuf::from("/"),
-                host_path: host.to_path_buf(),
-                guest_path: "/models".into(),
-                writable,
-            }],
-            ..GrantSet::default()
+    #[test]
+    fn a_weights_pairing_names_an_existing_directory_and_image() {
+        let dir = tempfile::tempdir().unwrap();
+        let image = dir.path().join("w.erofs");
+        std::fs::write(&image, b"").unwrap();
+        let spec = format!("{}:{}", dir.path().display(), image.display());
+        let w = Weights::parse(&spec).unwrap();
+        assert_eq!(
+            (w.dir.as_path(), w.image.as_path()),
+            (dir.path(), image.as_path())
+        );
+        for (bad, says) in [
+            ("no-colon".to_string(), "DIR:IMAGE"),
+            (
+                format!("{}/nope:{}", dir.path().display(), image.display()),
+                "not a directory",
+            ),
+            (
+                format!("{}:{}/nope", dir.path().display(), dir.path().display()),
+                "not a file",
+            ),
+        ] {
+            let e = Weights::parse(&bad).unwrap_err().to_string();
+            assert!(e.contains(says), "{bad}: {e}");
         }
-    }
-
-    #[test]
-    fn read_only_grants_inside_the_weights_dir_point_into_the_guest_mount() {
-        let dir = tempfile::tempdir().unwrap();
-        let sub = dir.path().join("llama");
-        std::fs::create_dir(&sub).unwrap();
-        let g = for_vm(&grant(&sub, false), Some(dir.path())).unwrap();
-        assert_eq!(g.dirs[0].host_path, Path::new("/weights/llama"));
-        assert_eq!(g.dirs[0].guest_path, "/models");
-        let g = for_vm(&grant(dir.path(), false), Some(dir.path())).unwrap();
-        assert_eq!(g.dirs[0].host_path, Path::new("/weights"));
-        // No grants: nothing to translate, with or without weights.
-        assert!(for_vm(&GrantSet::default(), None).unwrap().dirs.is_empty());
-    }
-
-    #[test]
-    fn writable_or_outside_grants_are_refused_naming_the_grant() {
-        let dir = tempfile::tempdir().unwrap();
-        let e = for_vm(&grant(dir.path(), true), Some(dir.path()))
-            .unwrap_err()
-            .to_string();
-        assert!(e.starts_with("filesystem[0]:"), "{e}");
-        let other = tempfile::tempdir().unwrap();
-        let e = for_vm(&grant(other.path(), false), Some(dir.path()))
-            .unwrap_err()
-            .to_string();
-        assert!(e.contains("virtio-fs"), "{e}");
-        let e = for_vm(&grant(other.path(), false), None)
-            .unwrap_err()
-            .to_string();
-        assert!(e.contains("(none given)"), "{e}");
     }
 
     #[test]

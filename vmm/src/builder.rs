@@ -238,11 +238,7 @@ pub(crate) fn attach_devices(
     Ok(devs)
 }
 
-fn place_pio(
-    bus: &mut Bus,
-    slot: PioSlot,
-    device: devices::SharedDevice,
-) -> Result<(), VmmError> {
+fn place_pio(bus: &mut Bus, slot: PioSlot, device: devices::SharedDevice) -> Result<(), VmmError> {
     bus.insert(slot.name, slot.base.into(), slot.len.into(), device)
         .map_err(VmmError::Bus)
 }

@@ -7,11 +7,16 @@
 //!
 //! **Architecture invariant:** this module is the only place that decides
 //! what a tool may do. The runner enforces the [`GrantSet`] it is given and
-//! never widens it.
+//! never widens it. Its rooms: [`parse`] (the format), [`tenant`] (what a
+//! service tenant may grant: allowed directories, ceilings), [`vm`] (the
+//! grant set a microVM gets), [`report`] (imports against grants).
 
 mod parse;
+pub mod report;
+pub mod tenant;
+pub mod vm;
 
-use airlock_guest::grants::{DirGrant, GrantSet, HttpGrant, HttpRule, Limits};
+use airlock_guest::grants::{DirGrant, GrantSet, HttpGrant, Limits};
 use serde::Serialize;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -279,10 +284,5 @@ impl Policy {
         ]
         .into_iter()
         .find(|(_, asked, max)| asked > max)
-    }
-
-    /// The HTTP allow rules as text (for reports).
-    pub fn http_rules(rules: &[HttpRule]) -> Vec<String> {
-        rules.iter().map(ToString::to_string).collect()
     }
 }

@@ -7,7 +7,7 @@
 //! never a truncated read.
 
 use super::{Action, Principal, Service, ServiceError, export, mcp};
-use crate::report::static_report;
+use crate::policy::report::static_report;
 use axum::Router;
 use axum::body::Body;
 use axum::extract::{DefaultBodyLimit, FromRequest, Multipart, Path, Query, Request, State};
@@ -396,9 +396,9 @@ async fn get_policy(
     let who = authorize(&s, &headers, Action::ReadPolicy)?;
     let q = query(q)?;
     let row = s.store().policy(&who.tenant, &name, q.version)?;
-    let parsed = s
-        .validate_policy(&who.tenant, &row.text, super::PolicyCheck::Use)
-        .ok();
+    // A version the current config no longer allows is still shown (its
+    // text), with no parsed form.
+    let parsed = s.checked_stored(&who.tenant, &row).ok().map(|c| c.policy);
     let mut v = serde_json::to_value(&row).unwrap_or_default();
     // Secret env values never leave: the text shows their sha256 only.
     v["text"] = crate::policy::redact_text(&row.text).into();
@@ -457,10 +457,8 @@ async fn policy_diff(
     let who = authorize(&s, &headers, Action::ReadPolicy)?;
     let q = query(q)?;
     let parse = |v: i64| -> ApiResult<Value> {
-        let row = s.store().policy(&who.tenant, &name, Some(v))?;
-        let p = crate::policy::parse(&row.text, std::path::Path::new("/"))
-            .map_err(|e| ServiceError::Internal(format!("stored policy v{v}: {e}")))?;
-        Ok(serde_json::to_value(p).unwrap_or_default())
+        let (checked, _) = s.policy_at(&who.tenant, &name, Some(v))?;
+        Ok(serde_json::to_value(checked.policy).unwrap_or_default())
     };
     let (a, b) = (parse(q.from)?, parse(q.to)?);
     let mut changes = Vec::new();
@@ -479,20 +477,11 @@ async fn report(
     let who = authorize(&s, &headers, Action::ReadPolicy)?;
     let q = query(q)?;
     let (_row, loaded) = s.component_tools(&who.tenant, &name)?;
-    let (policy, version) = match s.store().policy(&who.tenant, &name, q.version) {
-        Ok(row) => (
-            s.validate_policy(&who.tenant, &row.text, super::PolicyCheck::Use)?,
-            row.version,
-        ),
-        Err(super::StoreError::NoPolicy { .. }) if q.version.is_none() => {
-            (crate::policy::Policy::default(), 0)
-        }
-        Err(e) => return Err(e.into()),
-    };
+    let (checked, version) = s.policy_at(&who.tenant, &name, q.version)?;
     Ok(axum::Json(json!({
         "component": name,
         "policy_version": version,
-        "report": static_report(&loaded.tools, &policy),
+        "report": static_report(&loaded.tools, &checked.policy),
     })))
 }
 

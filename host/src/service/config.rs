@@ -207,24 +207,8 @@ pub enum Isolation {
     Vm(VmSettings),
 }
 
-/// The microVMs' settings.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct VmSettings {
-    /// Guest kernel (ELF vmlinux).
-    pub kernel: PathBuf,
-    /// Guest initramfs (the agent image).
-    pub initrd: PathBuf,
-    /// Guest memory, MiB.
-    pub memory_mib: u32,
-    /// VMs kept booted ahead of calls.
-    pub warm: usize,
-    /// Weights directory and its erofs image: read-only grants inside the
-    /// directory are served from the image over virtio-pmem.
-    pub weights: Option<(PathBuf, PathBuf)>,
-    /// CA certificates (PEM) the egress proxy trusts besides the Mozilla
-    /// roots; empty for none.
-    pub egress_ca: Vec<u8>,
-}
+/// The microVMs' settings (the call site's own type).
+pub use crate::callsite::VmSettings;
 
 /// The validated service configuration.
 #[derive(Debug, Clone)]
@@ -491,11 +475,7 @@ fn egress_ca(i: &IsolationEntry) -> Result<Vec<u8>, ConfigError> {
     match &i.egress_ca {
         None => Ok(Vec::new()),
         Some(p) => {
-            let pem = std::fs::read(p)
-                .map_err(|e| field("isolation.egress_ca", format!("{}: {e}", p.display())))?;
-            crate::egress::extra_roots(&pem)
-                .map_err(|e| field("isolation.egress_ca", e.to_string()))?;
-            Ok(pem)
+            crate::egress::read_ca_file(p).map_err(|e| field("isolation.egress_ca", e.to_string()))
         }
     }
 }
@@ -512,7 +492,6 @@ fn isolation(i: IsolationEntry) -> Result<Isolation, ConfigError> {
             Ok(Isolation::Process)
         }
         "vm" => {
-            let egress_ca = egress_ca(&i)?;
             let file = |name: &str, p: Option<PathBuf>| {
                 let p = p.ok_or_else(|| {
                     field(
@@ -536,29 +515,22 @@ fn isolation(i: IsolationEntry) -> Result<Isolation, ConfigError> {
             if warm > 16 {
                 return Err(field("isolation.warm", "must be 0..=16"));
             }
-            let weights = match i.weights {
-                None => None,
-                Some(w) => {
-                    let (dir, image) = w
-                        .split_once(':')
-                        .ok_or_else(|| field("isolation.weights", "expected DIR:IMAGE"))?;
-                    let image = file("weights", Some(PathBuf::from(image)))?;
-                    if !Path::new(dir).is_dir() {
-                        return Err(field(
-                            "isolation.weights",
-                            format!("{dir} is not a directory"),
-                        ));
-                    }
-                    Some((PathBuf::from(dir), image))
-                }
-            };
+            let weights = i
+                .weights
+                .as_deref()
+                .map(crate::weights::Weights::parse)
+                .transpose()
+                .map_err(|e| field("isolation.weights", e.to_string()))?;
             Ok(Isolation::Vm(VmSettings {
                 kernel: file("kernel", i.kernel)?,
                 initrd: file("initrd", i.initrd)?,
                 memory_mib,
                 warm,
                 weights,
-                egress_ca,
+                cmdline_extra: String::new(),
+                boot_attempts: crate::sandbox::BOOT_ATTEMPTS,
+                // Warm VMs wait for calls; each call has its own limit.
+                life_timeout: std::time::Duration::from_secs(24 * 3600),
             }))
         }
         other => Err(field(
@@ -658,10 +630,12 @@ role = "admin"
         params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
         std::fs::write(&ca, params.self_signed(&key).unwrap().pem()).unwrap();
         let with_ca = format!("{vm}egress_ca = {ca:?}\n");
-        match Config::parse(&with_ca).unwrap().isolation {
-            Isolation::Vm(v) => assert!(v.egress_ca.starts_with(b"-----BEGIN CERTIFICATE")),
-            other => panic!("{other:?}"),
-        }
+        assert!(
+            Config::parse(&with_ca)
+                .unwrap()
+                .egress_ca
+                .starts_with(b"-----BEGIN CERTIFICATE")
+        );
         std::fs::write(&ca, b"not a certificate").unwrap();
         let e = Config::parse(&with_ca).unwrap_err().to_string();
         assert!(e.starts_with("isolation.egress_ca"), "{e}");

@@ -26,13 +26,13 @@ pub mod mcp;
 mod metrics;
 pub mod store;
 
+use crate::callsite::{CallSite, CallSiteError, Component};
 use crate::policy::{self, Policy};
 use airlock_guest::{CallError, CallResult, Decision, EngineConfig, Loaded, Runner};
 use config::{Config, Role};
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 use std::collections::HashMap;
-use std::path::Path;
 use std::sync::{Arc, Mutex};
 use store::{StagedBlob, Store, StoreError};
 use tokio::sync::Semaphore;
@@ -231,17 +231,14 @@ pub struct Service {
     /// Configuration.
     pub config: Config,
     store: Store,
-    runner: Runner,
+    /// Where calls run (process or microVMs), and the runner.
+    site: Arc<CallSite>,
     engine_id: String,
     cache: Mutex<HashMap<String, Arc<Loaded>>>,
     tenants: Mutex<HashMap<String, Arc<Semaphore>>>,
     metrics: metrics::Metrics,
     /// MCP sessions: id → (tenant, last used).
     sessions: Mutex<HashMap<String, (String, std::time::Instant)>>,
-    /// Warm microVMs when calls run with `isolation = vm`.
-    pool: Option<crate::pool::Pool>,
-    /// Calls running in a microVM now.
-    vm_calls: std::sync::atomic::AtomicI64,
 }
 
 /// An MCP session unused this long is gone.
@@ -253,15 +250,8 @@ pub const MAX_SESSIONS_PER_TENANT: usize = 256;
 /// proxy uses the same).
 pub const EGRESS_TIMEOUT: std::time::Duration = crate::sandbox::EGRESS_TIMEOUT;
 
-/// How much [`Service::validate_policy`] checks.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum PolicyCheck {
-    /// A policy being stored: its directories must exist now, by their real path.
-    Store,
-    /// A stored policy being read or used: the checks that need no
-    /// filesystem (the runner opens each directory safely at call time).
-    Use,
-}
+/// How much [`Service::validate_policy`] checks (the policy's own rule).
+pub use crate::policy::tenant::Check as PolicyCheck;
 
 impl Service {
     /// Open the data directory and create the engine.
@@ -273,108 +263,59 @@ impl Service {
         config
             .check_data_dir_not_grantable()
             .map_err(|e| ServiceError::Internal(e.to_string()))?;
-        // Calls in this process send allowed HTTP through the same proxy
-        // (and the same checks) as calls in a microVM.
-        let proxy = crate::egress::Proxy::with_extra_roots(EGRESS_TIMEOUT, &config.egress_ca)
-            .map_err(|e| ServiceError::Internal(e.to_string()))?;
-        let runner = Runner::new(EngineConfig::default())
-            .map_err(|e| ServiceError::Internal(e.to_string()))?
-            .with_egress(Arc::new(proxy));
-        let engine_id = hex::encode(&Sha256::digest(runner.fingerprint().as_bytes())[..8]);
-        let pool = match &config.isolation {
+        let vm = match &config.isolation {
             config::Isolation::Process => None,
-            config::Isolation::Vm(v) => {
-                airlock_vmm::check_host().map_err(|e| {
-                    ServiceError::Internal(format!(
-                        "isolation.mode is \"vm\", but this host cannot run the guest: {e}"
-                    ))
-                })?;
-                let cfg = crate::sandbox::SandboxConfig {
-                    kernel: v.kernel.clone(),
-                    initrd: v.initrd.clone(),
-                    memory_mib: v.memory_mib,
-                    vcpus: 1,
-                    ready_timeout: std::time::Duration::from_secs(150),
-                    // Warm VMs wait for calls; each call has its own limit.
-                    life_timeout: std::time::Duration::from_secs(24 * 3600),
-                    engine: runner.fingerprint(),
-                    weights: v.weights.as_ref().map(|(_, image)| image.clone()),
-                    cmdline_extra: String::new(),
-                    boot_attempts: crate::sandbox::BOOT_ATTEMPTS,
-                    egress_ca: v.egress_ca.clone(),
-                };
-                Some(
-                    crate::pool::Pool::start(cfg, v.warm)
-                        .map_err(|e| ServiceError::Internal(e.to_string()))?,
-                )
-            }
+            config::Isolation::Vm(v) => Some(v.clone()),
         };
+        let site = CallSite::new(EngineConfig::default(), &config.egress_ca, vm).map_err(|e| {
+            ServiceError::Internal(match e {
+                CallSiteError::Host(e) => {
+                    format!("isolation.mode is \"vm\", but this host cannot run the guest: {e}")
+                }
+                e => e.to_string(),
+            })
+        })?;
+        let engine_id = hex::encode(&Sha256::digest(site.runner().fingerprint().as_bytes())[..8]);
         Ok(Self {
             config,
             store,
-            runner,
+            site: Arc::new(site),
             engine_id,
             cache: Mutex::new(HashMap::new()),
             tenants: Mutex::new(HashMap::new()),
             metrics: metrics::Metrics::new(),
             sessions: Mutex::new(HashMap::new()),
-            pool,
-            vm_calls: std::sync::atomic::AtomicI64::new(0),
         })
     }
 
     /// Where calls run: `"vm"` or `"process"`.
     pub fn isolation(&self) -> &'static str {
-        if self.pool.is_some() { "vm" } else { "process" }
+        self.site.isolation()
     }
 
     /// Stop the warm pool and reap its VMs (also done on drop).
     pub fn shutdown_vms(&self) {
-        if let Some(p) = &self.pool {
-            p.shutdown();
-        }
+        self.site.shutdown();
     }
 
-    /// One call in a fresh microVM from the pool; the VM is shut down after.
-    fn invoke_in_vm(
-        &self,
-        digest: &str,
-        tool: &str,
-        args: &serde_json::Value,
-        grants: &airlock_guest::GrantSet,
-    ) -> Result<airlock_guest::CallOutcome, ServiceError> {
-        use std::sync::atomic::Ordering;
-        let pool = self
-            .pool
-            .as_ref()
-            .ok_or_else(|| ServiceError::Internal("no VM pool".into()))?;
-        let artifact = match self.store.artifact(digest, &self.engine_id) {
-            Some(a) => a,
-            None => {
-                // `precompile` returns the artifact in its envelope already.
-                let wasm = self.store.read_blob(digest)?;
-                let a = self
-                    .runner
-                    .precompile(&wasm)
-                    .map_err(|e| ServiceError::Internal(e.to_string()))?;
-                self.store.put_artifact(digest, &self.engine_id, &a)?;
-                a
-            }
-        };
-        let vm_err = |e: crate::sandbox::SandboxError| {
-            ServiceError::Internal(format!("The microVM failed: {e}"))
-        };
-        // Docs only shape descriptions; the host already has them.
-        let (mut sb, digest) = pool
-            .take_loaded(&artifact, &self.runner.fingerprint(), &Default::default())
-            .map_err(vm_err)?;
-        self.vm_calls.fetch_add(1, Ordering::SeqCst);
-        let result = sb.invoke(&digest, tool, args, grants);
-        self.vm_calls.fetch_sub(1, Ordering::SeqCst);
-        if let Err(e) = sb.shutdown() {
-            tracing::warn!(error = %e, "a microVM did not shut down cleanly");
+    /// The compiled artifact of a stored component for this engine: from
+    /// the artifact cache, else compiled from the blob and cached.
+    fn artifact(&self, digest: &str) -> Result<Vec<u8>, ServiceError> {
+        if let Some(a) = self.store.artifact(digest, &self.engine_id) {
+            return Ok(a);
         }
-        result.map_err(vm_err)
+        // `precompile` returns the artifact in its envelope already.
+        let wasm = self.store.read_blob(digest)?;
+        let a = self
+            .runner()
+            .precompile(&wasm)
+            .map_err(|e| ServiceError::Internal(e.to_string()))?;
+        self.store.put_artifact(digest, &self.engine_id, &a)?;
+        Ok(a)
+    }
+
+    fn runner(&self) -> &Runner {
+        self.site.runner()
     }
 
     /// The data store.
@@ -397,84 +338,78 @@ impl Service {
         })
     }
 
-    /// Parse and validate policy text for `tenant`: the format rules of
-    /// [`crate::policy`], plus every granted host directory must be
-    /// absolute and inside one of the tenant's `allowed_host_dirs`. With
-    /// [`PolicyCheck::Store`] (a policy being stored) each directory must
-    /// also exist now and be named by its real path (no symbolic link on
-    /// the way): at call time the runner opens exactly that path beneath
-    /// its allowed directory and follows no link.
+    /// Parse and validate policy text for `tenant` by the policy's own
+    /// rules for tenants ([`crate::policy::tenant`]): directories only
+    /// inside the tenant's `allowed_host_dirs`, limits under its ceiling,
+    /// and with [`PolicyCheck::Store`] directories that exist now by their
+    /// real path.
     ///
     /// # Errors
-    /// [`ServiceError::BadRequest`] naming the policy field.
+    /// [`ServiceError::BadRequest`] (`invalid_policy`) naming the policy field.
     pub fn validate_policy(
         &self,
         tenant: &str,
         text: &str,
         check: PolicyCheck,
-    ) -> Result<Policy, ServiceError> {
-        let invalid = |e: policy::PolicyError| {
+    ) -> Result<policy::tenant::Checked, ServiceError> {
+        let ceiling = self.config.max_limits(tenant);
+        let rules = policy::tenant::TenantRules {
+            tenant,
+            allowed_host_dirs: self.config.allowed_host_dirs(tenant),
+            ceiling: &ceiling,
+        };
+        policy::tenant::check(text, &rules, check).map_err(|e| {
             let field = match &e {
-                policy::PolicyError::Field { field, .. } => Some(format!("policy.{field}")),
-                _ => Some("policy".to_string()),
+                policy::PolicyError::Field { field, .. } => format!("policy.{field}"),
+                _ => "policy".to_string(),
             };
             bad("invalid_policy", field, e.to_string())
-        };
-        let p = policy::parse(text, Path::new("")).map_err(invalid)?;
-        for (i, fs) in p.filesystem.iter().enumerate() {
-            if !fs.host.is_absolute() {
-                return Err(bad(
-                    "invalid_policy",
-                    format!("policy.filesystem[{i}].host"),
-                    format!(
-                        "{} is relative; the service needs absolute host paths",
-                        fs.host.display()
-                    ),
-                ));
+        })
+    }
+
+    /// A stored policy version, checked for use under the current config.
+    /// Policies were validated when stored; a failure here means the
+    /// server's config changed since: refused, never widened.
+    ///
+    /// # Errors
+    /// `policy_no_longer_valid`.
+    pub fn checked_stored(
+        &self,
+        tenant: &str,
+        row: &store::PolicyRow,
+    ) -> Result<policy::tenant::Checked, ServiceError> {
+        self.validate_policy(tenant, &row.text, PolicyCheck::Use)
+            .map_err(|e| {
+                bad(
+                    "policy_no_longer_valid",
+                    Some(format!("policy v{}", row.version)),
+                    format!("the stored policy is not valid under this server's config: {e}"),
+                )
+            })
+    }
+
+    /// The policy a component's calls run under at `version` (latest when
+    /// `None`; the empty policy, version 0, when the component has none):
+    /// the one path from stored text to grants, for calls, reports and
+    /// diffs alike.
+    ///
+    /// # Errors
+    /// Unknown version, storage failure, `policy_no_longer_valid`.
+    pub fn policy_at(
+        &self,
+        tenant: &str,
+        component: &str,
+        version: Option<i64>,
+    ) -> Result<(policy::tenant::Checked, i64), ServiceError> {
+        match self.store.policy(tenant, component, version) {
+            Ok(row) => Ok((self.checked_stored(tenant, &row)?, row.version)),
+            Err(StoreError::NoPolicy { .. }) if version.is_none() => {
+                let policy = Policy::default();
+                let grants = policy.grant_set();
+                Ok((policy::tenant::Checked { policy, grants }, 0))
             }
+            Err(e) => Err(e.into()),
         }
-        p.grant_set_beneath(self.config.allowed_host_dirs(tenant))
-            .map_err(invalid)?;
-        if let Some((field, asked, max)) = p.over_ceiling(&self.config.max_limits(tenant)) {
-            return Err(bad(
-                "invalid_policy",
-                format!("policy.{field}"),
-                format!(
-                    "{asked} is over this tenant's ceiling of {max} (tenants.{tenant}.max_limits in the server config)"
-                ),
-            ));
-        }
-        if check == PolicyCheck::Store {
-            for (i, fs) in p.filesystem.iter().enumerate() {
-                let field = format!("policy.filesystem[{i}].host");
-                let real = std::fs::canonicalize(&fs.host).map_err(|e| {
-                    bad(
-                        "invalid_policy",
-                        field.clone(),
-                        format!("{} cannot be granted: {e}", fs.host.display()),
-                    )
-                })?;
-                if !real.is_dir() {
-                    return Err(bad(
-                        "invalid_policy",
-                        field,
-                        format!("{} is not a directory", fs.host.display()),
-                    ));
-                }
-                if real != fs.host {
-                    return Err(bad(
-                        "invalid_policy",
-                        field,
-                        format!(
-                            "{} is reached through a symbolic link; grant its real path {}",
-                            fs.host.display(),
-                            real.display()
-                        ),
-                    ));
-                }
-            }
-        }
-        Ok(p)
     }
 
     /// Validate a staged upload, cache its compiled form, and register it.
@@ -501,7 +436,7 @@ impl Service {
             self.validate_policy(&who.tenant, t, PolicyCheck::Store)?;
         }
         let bytes = staged.read()?;
-        let loaded = self.runner.load_wasm(&bytes).map_err(|e| {
+        let loaded = self.runner().load_wasm(&bytes).map_err(|e| {
             bad(
                 "invalid_component",
                 Some("component".to_string()),
@@ -526,7 +461,7 @@ impl Service {
             .component()
             .serialize()
             .map_err(|e| ServiceError::Internal(format!("serializing compiled code: {e}")))?;
-        let artifact = airlock_guest::artifact::wrap(&self.runner.fingerprint(), &payload);
+        let artifact = airlock_guest::artifact::wrap(&self.runner().fingerprint(), &payload);
         let digest = staged.digest.clone();
         self.store
             .put_artifact(&digest, &self.engine_id, &artifact)?;
@@ -561,12 +496,12 @@ impl Service {
         let wasm = self.store.read_blob(digest)?;
         let docs = airlock_wasm_tools::docs::from_component(&wasm);
         let loaded = match self.store.artifact(digest, &self.engine_id) {
-            Some(a) => self.runner.load_precompiled(&a, &docs),
-            None => self.runner.load_wasm(&wasm),
+            Some(a) => self.runner().load_precompiled(&a, &docs),
+            None => self.runner().load_wasm(&wasm),
         }
         .or_else(|e| {
             tracing::warn!(%digest, error = %e, "cached artifact refused; compiling from the blob");
-            self.runner.load_wasm(&wasm)
+            self.runner().load_wasm(&wasm)
         })
         .map_err(|e| ServiceError::Internal(format!("stored component {digest}: {e}")))?;
         let l = Arc::new(loaded);
@@ -606,34 +541,6 @@ impl Service {
         }
         out.sort_by(|a, b| a.name.cmp(&b.name));
         Ok(out)
-    }
-
-    /// The policy a component's calls run under (latest version; empty if none).
-    fn effective_policy(
-        &self,
-        tenant: &str,
-        component: &str,
-    ) -> Result<(Policy, i64), ServiceError> {
-        match self.store.policy(tenant, component, None) {
-            Ok(row) => {
-                // Policies were validated when stored; a failure here means the
-                // server's allowed_host_dirs changed since. Refuse, don't widen.
-                let p = self
-                    .validate_policy(tenant, &row.text, PolicyCheck::Use)
-                    .map_err(|e| {
-                        bad(
-                            "policy_no_longer_valid",
-                            Some(format!("policy v{}", row.version)),
-                            format!(
-                                "the stored policy is not valid under this server's config: {e}"
-                            ),
-                        )
-                    })?;
-                Ok((p, row.version))
-            }
-            Err(StoreError::NoPolicy { .. }) => Ok((Policy::default(), 0)),
-            Err(e) => Err(e.into()),
-        }
     }
 
     fn tenant_slot(&self, tenant: &str) -> Result<tokio::sync::OwnedSemaphorePermit, ServiceError> {
@@ -685,31 +592,15 @@ impl Service {
                 "Component {component:?} has no tool named {tool:?}."
             )));
         }
-        let (policy, policy_version) = self.effective_policy(&who.tenant, component)?;
-        let grant_set = policy
-            .grant_set_beneath(self.config.allowed_host_dirs(&who.tenant))
-            .map_err(|e| {
-                bad(
-                    "policy_no_longer_valid",
-                    Some(format!("policy v{policy_version}")),
-                    format!("the stored policy is not valid under this server's config: {e}"),
-                )
-            })?;
-        let grants = match &self.config.isolation {
-            config::Isolation::Process => grant_set,
-            config::Isolation::Vm(v) => {
-                crate::weights::for_vm(&grant_set, v.weights.as_ref().map(|(dir, _)| dir.as_path()))
-                    .map_err(|e| {
-                        let field = match &e {
-                            crate::weights::WeightsError::NotServable { index, .. } => {
-                                format!("policy.filesystem[{index}]")
-                            }
-                            crate::weights::WeightsError::Pack { .. } => "policy.filesystem".into(),
-                        };
-                        bad("unsupported_in_vm", Some(field), e.to_string())
-                    })?
-            }
-        };
+        let (checked, policy_version) = self.policy_at(&who.tenant, component, None)?;
+        let grants = self.site.grants(checked.grants).map_err(|e| {
+            let crate::policy::vm::VmGrantError::NotServable { index, .. } = &e;
+            bad(
+                "unsupported_in_vm",
+                Some(format!("policy.filesystem[{index}]")),
+                e.to_string(),
+            )
+        })?;
         let permit = self.tenant_slot(&who.tenant)?;
         let svc = self.clone();
         let (tenant, actor) = (who.tenant.clone(), who.name.clone());
@@ -720,24 +611,17 @@ impl Service {
         let task = tokio::spawn(async move {
             let _permit = permit;
             svc.metrics.running.inc();
-            let outcome = if svc.pool.is_some() {
-                let (s, d, t, a, g) = (
-                    svc.clone(),
-                    row.digest.clone(),
-                    tool.clone(),
-                    args.clone(),
-                    grants.clone(),
-                );
-                tokio::task::spawn_blocking(move || s.invoke_in_vm(&d, &t, &a, &g))
-                    .await
-                    .map_err(|e| ServiceError::Internal(format!("the VM task failed: {e}")))
-                    .and_then(|r| r)
-            } else {
-                Ok(svc
-                    .runner
-                    .invoke_async(&loaded, &tool, &args, &grants)
-                    .await)
-            };
+            let stored: Arc<dyn Component> = Arc::new(Stored {
+                svc: svc.clone(),
+                digest: row.digest.clone(),
+                loaded,
+            });
+            let outcome = svc
+                .site
+                .call_async(stored, tool.clone(), args.clone(), grants)
+                .await
+                .map(|c| c.outcome)
+                .map_err(|e| ServiceError::Internal(e.to_string()));
             svc.metrics.running.dec();
             let outcome = outcome?;
             if matches!(
@@ -754,13 +638,10 @@ impl Service {
                 (CallResult::Ok(_), false) => "allow",
             };
             let result_kind = match &outcome.result {
-                CallResult::Ok(_) => "ok".to_string(),
-                CallResult::Error(e) => serde_json::to_value(e)
-                    .ok()
-                    .and_then(|v| v["kind"].as_str().map(str::to_string))
-                    .unwrap_or_else(|| "error".into()),
+                CallResult::Ok(_) => "ok",
+                CallResult::Error(e) => e.kind(),
             };
-            svc.metrics.observe_call(&tenant, &result_kind, &outcome);
+            svc.metrics.observe_call(&tenant, result_kind, &outcome);
             let body = serde_json::json!({
                 "digest": row.digest,
                 "policy_version": policy_version,
@@ -908,13 +789,33 @@ impl Service {
 
     /// Prometheus text (every tenant's series).
     pub fn metrics_text(&self) -> String {
-        if let Some(p) = &self.pool {
-            let in_calls = self.vm_calls.load(std::sync::atomic::Ordering::SeqCst);
+        if let Some(p) = self.site.pool() {
+            let in_calls = self.site.vm_calls();
             self.metrics.vms.set(p.ready() as i64 + in_calls);
             let booted = p.booted();
             let seen = self.metrics.vms_booted.get();
             self.metrics.vms_booted.inc_by(booted.saturating_sub(seen));
         }
         self.metrics.encode()
+    }
+}
+
+/// A stored component as the call site needs it: the loaded form the
+/// service already holds, or its cached artifact.
+struct Stored {
+    svc: Arc<Service>,
+    digest: String,
+    loaded: Arc<Loaded>,
+}
+
+impl Component for Stored {
+    fn loaded(&self, _runner: &Runner) -> Result<Arc<Loaded>, CallSiteError> {
+        Ok(self.loaded.clone())
+    }
+
+    fn artifact(&self, _runner: &Runner) -> Result<Vec<u8>, CallSiteError> {
+        self.svc
+            .artifact(&self.digest)
+            .map_err(|e| CallSiteError::Component(e.to_string()))
     }
 }

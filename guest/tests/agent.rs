@@ -1,8 +1,6 @@
 //! The guest agent over a real socket: the host side speaks the protocol to
 //! `agent::serve` running in a thread, exactly as it will over vsock.
 
-mod common;
-
 use airlock_guest::agent::{self, SessionEnd};
 use airlock_guest::proto::{self, FrameLimits, Message, ProtoError};
 use airlock_guest::{CallResult, EngineConfig, GrantSet, Runner};
@@ -48,7 +46,7 @@ fn load_invoke_shutdown() {
     assert_eq!(protocol, proto::PROTOCOL_VERSION);
     assert_eq!(engine, runner.fingerprint());
 
-    let wasm = common::example_bytes("kitchen");
+    let wasm = example_bytes("kitchen");
     let artifact = runner.precompile(&wasm).unwrap();
     let digest = runner
         .load_precompiled(&artifact, &Default::default())
@@ -126,4 +124,18 @@ fn a_bad_frame_ends_the_session_with_an_error() {
     host.write_all(b"GET / HTTP/1.1\r\n\r\n").unwrap();
     assert!(matches!(recv(&mut host), Message::Error { id: None, .. }));
     assert!(matches!(guest.join().unwrap(), Err(ProtoError::BadMagic)));
+}
+
+/// Bytes of a built example component (`cargo xtask examples`).
+fn example_bytes(name: &str) -> Vec<u8> {
+    // Runtime value: a test binary reused from a shared target directory
+    // must look in the checkout it is run from.
+    let manifest = std::env::var_os("CARGO_MANIFEST_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| env!("CARGO_MANIFEST_DIR").into());
+    let p = manifest
+        .join("../examples/out")
+        .join(format!("{name}.wasm"));
+    std::fs::read(&p)
+        .unwrap_or_else(|e| panic!("{}: {e}; run `cargo xtask examples` first", p.display()))
 }

@@ -1,0 +1,320 @@
+//! Where tool calls run: one type for `airlock run`, `airlock vm multi` and
+//! the service, in either wall.
+//!
+//! A [`CallSite`] is built once from the egress settings and, for VM
+//! isolation, one [`VmSettings`]. It owns the host runner (compiling,
+//! loading, process-isolation calls, both walls' egress proxy) and, in VM
+//! isolation, the pool that boots microVMs. A call hands it a
+//! [`Component`] (bytes from a file, or the service's stored component):
+//! in process isolation the component is loaded and called here; in VM
+//! isolation its precompiled artifact is loaded into a fresh microVM,
+//! called once, and the VM is shut down.
+//!
+//! **Invariants:** whether this host can run the guest is checked once,
+//! when the site is built, before anything is compiled; the
+//! [`SandboxConfig`] every microVM boots from is made in one place
+//! ([`VmSettings::sandbox_config`]); the grants a call gets in a VM are
+//! the policy's decision ([`crate::policy::vm`]), never widened here.
+
+use crate::egress::{EgressError, Proxy};
+use crate::policy::vm::VmGrantError;
+use crate::pool::Pool;
+use crate::sandbox::{EGRESS_TIMEOUT, SandboxConfig, SandboxError};
+use crate::weights::Weights;
+use airlock_guest::{CallOutcome, EngineConfig, GrantSet, Loaded, Runner, RunnerError};
+use airlock_vmm::VmmError;
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::time::Duration;
+
+/// How long a guest may take to become ready: a boot takes seconds (a
+/// minute nested); a guest not ready by then is retried on a fresh VM.
+pub const READY_TIMEOUT: Duration = Duration::from_secs(150);
+
+/// Errors of the call site.
+#[derive(Debug, thiserror::Error)]
+pub enum CallSiteError {
+    /// VM isolation was asked for on a host that cannot run the guest.
+    #[error("{0}")]
+    Host(#[source] VmmError),
+    /// The host runner could not be made, or refused the component.
+    #[error(transparent)]
+    Runner(#[from] RunnerError),
+    /// The egress proxy could not be set up (a bad extra CA).
+    #[error(transparent)]
+    Egress(#[from] EgressError),
+    /// The microVM (boot, load or call) failed.
+    #[error("The microVM failed: {0}")]
+    Vm(#[from] SandboxError),
+    /// The policy's grants cannot be given to a microVM.
+    #[error(transparent)]
+    Grants(#[from] VmGrantError),
+    /// The component could not be had (storage).
+    #[error("{0}")]
+    Component(String),
+    /// The blocking VM task ended without an answer.
+    #[error("The VM task failed: {0}")]
+    Task(String),
+}
+
+/// The microVMs' settings: the one description of what a call's VM boots,
+/// whether it comes from the CLI's flags or the service's config.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VmSettings {
+    /// Guest kernel (ELF vmlinux).
+    pub kernel: PathBuf,
+    /// Guest initramfs (the agent image).
+    pub initrd: PathBuf,
+    /// Guest memory, MiB.
+    pub memory_mib: u32,
+    /// VMs kept booted ahead of calls (0: boot per call).
+    pub warm: usize,
+    /// Weights directory and its erofs image: read-only grants inside the
+    /// directory are served from the image over virtio-pmem.
+    pub weights: Option<Weights>,
+    /// Extra kernel command line.
+    pub cmdline_extra: String,
+    /// Fresh VMs tried before a call when boots or loads fail.
+    pub boot_attempts: u32,
+    /// How long one VM may live (warm VMs wait for calls; each call has
+    /// its own limit inside).
+    pub life_timeout: Duration,
+}
+
+impl VmSettings {
+    /// The sandbox configuration every VM of this site boots from, for a
+    /// host engine with `engine` fingerprint and the egress CA `egress_ca`.
+    pub fn sandbox_config(&self, engine: String, egress_ca: &[u8]) -> SandboxConfig {
+        SandboxConfig {
+            kernel: self.kernel.clone(),
+            initrd: self.initrd.clone(),
+            memory_mib: self.memory_mib,
+            vcpus: 1,
+            ready_timeout: READY_TIMEOUT,
+            life_timeout: self.life_timeout,
+            engine,
+            weights: self.weights.as_ref().map(|w| w.image.clone()),
+            cmdline_extra: self.cmdline_extra.clone(),
+            boot_attempts: self.boot_attempts,
+            egress_ca: egress_ca.to_vec(),
+        }
+    }
+}
+
+/// A component as a call site needs it: loaded (process isolation) or
+/// precompiled for the runner's engine (VM isolation).
+pub trait Component: Send + Sync {
+    /// The component compiled and linked by `runner`.
+    ///
+    /// # Errors
+    /// It cannot be had or does not compile.
+    fn loaded(&self, runner: &Runner) -> Result<Arc<Loaded>, CallSiteError>;
+    /// The component precompiled by `runner`, in its artifact envelope.
+    ///
+    /// # Errors
+    /// It cannot be had or does not compile.
+    fn artifact(&self, runner: &Runner) -> Result<Vec<u8>, CallSiteError>;
+    /// Doc comments by function name (they only shape descriptions).
+    fn docs(&self) -> BTreeMap<String, String> {
+        BTreeMap::new()
+    }
+}
+
+/// A component from its bytes (a file the CLI read).
+#[derive(Debug, Clone)]
+pub struct WasmBytes(pub Vec<u8>);
+
+impl Component for WasmBytes {
+    fn loaded(&self, runner: &Runner) -> Result<Arc<Loaded>, CallSiteError> {
+        Ok(Arc::new(runner.load_wasm(&self.0)?))
+    }
+
+    fn artifact(&self, runner: &Runner) -> Result<Vec<u8>, CallSiteError> {
+        Ok(runner.precompile(&self.0)?)
+    }
+
+    fn docs(&self) -> BTreeMap<String, String> {
+        airlock_wasm_tools::docs::from_component(&self.0).functions
+    }
+}
+
+/// One call's answer.
+#[derive(Debug, Clone)]
+pub struct Called {
+    /// The outcome.
+    pub outcome: CallOutcome,
+    /// In VM isolation: how long the guest took to be ready.
+    pub ready_after: Option<Duration>,
+}
+
+struct VmSite {
+    settings: VmSettings,
+    pool: Pool,
+    running: AtomicI64,
+}
+
+/// Where calls run (see the module docs).
+pub struct CallSite {
+    runner: Runner,
+    vm: Option<VmSite>,
+}
+
+impl std::fmt::Debug for CallSite {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CallSite")
+            .field("isolation", &self.isolation())
+            .finish_non_exhaustive()
+    }
+}
+
+impl CallSite {
+    /// A site with a runner made from `engine` whose HTTP (in either wall)
+    /// goes through one egress proxy trusting `egress_ca` besides the
+    /// Mozilla roots; with `vm`, calls run in microVMs booted from it.
+    ///
+    /// # Errors
+    /// [`CallSiteError::Host`] when VM isolation is asked for on a host
+    /// that cannot run the guest (checked first, before anything else);
+    /// a bad CA; an engine or pool that cannot start.
+    pub fn new(
+        engine: EngineConfig,
+        egress_ca: &[u8],
+        vm: Option<VmSettings>,
+    ) -> Result<Self, CallSiteError> {
+        if vm.is_some() {
+            airlock_vmm::check_host().map_err(CallSiteError::Host)?;
+        }
+        let proxy = Proxy::with_extra_roots(EGRESS_TIMEOUT, egress_ca)?;
+        let runner = Runner::new(engine)?.with_egress(Arc::new(proxy));
+        let vm = match vm {
+            None => None,
+            Some(settings) => {
+                let cfg = settings.sandbox_config(runner.fingerprint(), egress_ca);
+                let pool = Pool::start(cfg, settings.warm)?;
+                Some(VmSite {
+                    settings,
+                    pool,
+                    running: AtomicI64::new(0),
+                })
+            }
+        };
+        Ok(Self { runner, vm })
+    }
+
+    /// The host runner (compiles, loads, inspects; runs process calls).
+    pub fn runner(&self) -> &Runner {
+        &self.runner
+    }
+
+    /// `"vm"` or `"process"`.
+    pub fn isolation(&self) -> &'static str {
+        if self.vm.is_some() { "vm" } else { "process" }
+    }
+
+    /// The VM pool, in VM isolation.
+    pub fn pool(&self) -> Option<&Pool> {
+        self.vm.as_ref().map(|v| &v.pool)
+    }
+
+    /// Calls running in a microVM now.
+    pub fn vm_calls(&self) -> i64 {
+        self.vm
+            .as_ref()
+            .map_or(0, |v| v.running.load(Ordering::SeqCst))
+    }
+
+    /// Stop the pool and reap its VMs (also done on drop).
+    pub fn shutdown(&self) {
+        if let Some(v) = &self.vm {
+            v.pool.shutdown();
+        }
+    }
+
+    /// The grants a call gets at this site, from the policy's grant set:
+    /// unchanged in process isolation, translated for the guest by
+    /// [`crate::policy::vm::for_vm`] in VM isolation.
+    ///
+    /// # Errors
+    /// A grant a microVM cannot be given, named.
+    pub fn grants(&self, grants: GrantSet) -> Result<GrantSet, VmGrantError> {
+        match &self.vm {
+            None => Ok(grants),
+            Some(v) => crate::policy::vm::for_vm(
+                &grants,
+                v.settings.weights.as_ref().map(|w| w.dir.as_path()),
+            ),
+        }
+    }
+
+    /// One call, blocking: in this process, or in a fresh microVM that is
+    /// shut down after.
+    ///
+    /// # Errors
+    /// The component cannot be had; the microVM failed. (A tool's own
+    /// failure is an outcome, not an error.)
+    pub fn call(
+        &self,
+        component: &dyn Component,
+        tool: &str,
+        args: &serde_json::Value,
+        grants: &GrantSet,
+    ) -> Result<Called, CallSiteError> {
+        let Some(vm) = &self.vm else {
+            let loaded = component.loaded(&self.runner)?;
+            return Ok(Called {
+                outcome: self.runner.invoke(&loaded, tool, args, grants),
+                ready_after: None,
+            });
+        };
+        let artifact = component.artifact(&self.runner)?;
+        let (mut sb, digest) =
+            vm.pool
+                .take_loaded(&artifact, &self.runner.fingerprint(), &component.docs())?;
+        tracing::debug!(ready_ms = sb.ready_after.as_millis() as u64, boot = ?sb.boot, "guest ready");
+        vm.running.fetch_add(1, Ordering::SeqCst);
+        let result = sb.invoke(&digest, tool, args, grants);
+        vm.running.fetch_sub(1, Ordering::SeqCst);
+        let ready_after = Some(sb.ready_after);
+        match sb.shutdown() {
+            Ok(r) => {
+                tracing::debug!(exit = ?r.exit, wall_ms = r.wall.as_millis() as u64, "VM ended")
+            }
+            Err(e) => tracing::warn!(error = %e, "a microVM did not shut down cleanly"),
+        }
+        Ok(Called {
+            outcome: result?,
+            ready_after,
+        })
+    }
+
+    /// One call from async code: process calls run on the runner's async
+    /// path; VM calls on a blocking thread.
+    ///
+    /// # Errors
+    /// As [`CallSite::call`].
+    pub async fn call_async(
+        self: &Arc<Self>,
+        component: Arc<dyn Component>,
+        tool: String,
+        args: serde_json::Value,
+        grants: GrantSet,
+    ) -> Result<Called, CallSiteError> {
+        if self.vm.is_none() {
+            let loaded = component.loaded(&self.runner)?;
+            let outcome = self
+                .runner
+                .invoke_async(&loaded, &tool, &args, &grants)
+                .await;
+            return Ok(Called {
+                outcome,
+                ready_after: None,
+            });
+        }
+        let site = self.clone();
+        tokio::task::spawn_blocking(move || site.call(&*component, &tool, &args, &grants))
+            .await
+            .map_err(|e| CallSiteError::Task(e.to_string()))?
+    }
+}
