@@ -5,6 +5,8 @@
 //! The host ⇄ guest *messages* (frames over vsock) are `airlock-guest`'s
 //! `proto` module; they are not the VMM's business.
 
+#![deny(missing_docs)]
+
 /// The I/O port the guest's init writes boot-stage markers to: one byte,
 /// the stage's code. The VMM stamps each write with the host's clock (time
 /// since the VM was created), so boot is timed from outside the guest.

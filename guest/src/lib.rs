@@ -15,6 +15,8 @@
 //! **Invariant:** the runner enforces the grant set it is handed and never
 //! widens it; deciding what to grant is the host policy module's job.
 
+#![deny(missing_docs)]
+
 pub mod agent;
 pub mod artifact;
 pub mod audit;

@@ -3,6 +3,8 @@
 //!
 //! The `airlock` binary (`main.rs`) is a thin layer over this library.
 
+#![deny(missing_docs)]
+
 pub mod callsite;
 pub mod egress;
 pub mod policy;

@@ -392,12 +392,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 }
             }
             if json {
-                print_json(&serde_json::json!({
-                    "tools": set.tools,
-                    "skipped": set.skipped,
-                    "imports": set.imports,
-                    "capabilities": set.capability_classes(),
-                }))?;
+                print_json(&set.inspect_json())?;
             } else {
                 print_inspect_text(&set)?;
             }

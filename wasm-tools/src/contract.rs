@@ -162,6 +162,17 @@ impl ToolSet {
         v.dedup();
         v
     }
+
+    /// What `airlock inspect --json` prints and the service's component
+    /// answer carries: `tools`, `skipped`, `imports`, `capabilities`.
+    pub fn inspect_json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "tools": self.tools,
+            "skipped": self.skipped,
+            "imports": self.imports,
+            "capabilities": self.capability_classes(),
+        })
+    }
 }
 
 /// Compile a component, turning wasmtime's error into a readable sentence.

@@ -11,6 +11,8 @@
 //! **Invariant:** this crate never instantiates or runs a component; it only
 //! reads types. Everything here is deterministic for the same component bytes.
 
+#![deny(missing_docs)]
+
 pub mod capability;
 pub mod contract;
 pub mod docs;

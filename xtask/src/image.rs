@@ -6,7 +6,6 @@
 use airlock_guest::{EngineConfig, Runner};
 use anyhow::{Context, bail};
 use sha2::{Digest, Sha256};
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -162,58 +161,18 @@ pub fn build_rootfs(init: &Path, selftest: bool) -> anyhow::Result<PathBuf> {
     Ok(out)
 }
 
-/// The archive: directories, /dev/console, then the files, in a fixed order
-/// with fixed inode numbers, owners and times.
+/// The guest's archive: its directories, /dev/console, then the files, in
+/// a fixed order with fixed inode numbers, owners and times.
 fn cpio_gz(inputs: &[Input], selftest: bool) -> anyhow::Result<Vec<u8>> {
-    use cpio::newc::Builder;
     let mut dirs = vec!["dev", "proc", "sys", "tmp", "run", "mnt"];
     if selftest {
         dirs.push("selftest");
     }
-    let mut cpio: Vec<u8> = Vec::new();
-    let mut ino = 1u32;
-    let mut next = || {
-        ino += 1;
-        ino
-    };
-    for d in dirs {
-        let w = Builder::new(d)
-            .ino(next())
-            .mode(0o040_755)
-            .nlink(2)
-            .mtime(0)
-            .uid(0)
-            .gid(0)
-            .write(&mut cpio, 0);
-        w.finish()?;
-    }
-    let w = Builder::new("dev/console")
-        .ino(next())
-        .mode(0o020_600)
-        .nlink(1)
-        .rdev_major(5)
-        .rdev_minor(1)
-        .write(&mut cpio, 0);
-    w.finish()?;
-    let mut files: Vec<&Input> = inputs.iter().collect();
-    files.sort_by(|a, b| a.path_in_image.cmp(&b.path_in_image));
-    for f in files {
-        let size = u32::try_from(f.bytes.len()).context("file too large for cpio")?;
-        let mut w = Builder::new(&f.path_in_image)
-            .ino(next())
-            .mode(f.mode)
-            .nlink(1)
-            .mtime(0)
-            .write(&mut cpio, size);
-        w.write_all(&f.bytes)?;
-        w.finish()?;
-    }
-    cpio::newc::trailer(&mut cpio)?;
-    let mut gz = flate2::GzBuilder::new()
-        .mtime(0)
-        .write(Vec::new(), flate2::Compression::default());
-    gz.write_all(&cpio)?;
-    Ok(gz.finish()?)
+    let files: Vec<crate::cpio::Entry<'_>> = inputs
+        .iter()
+        .map(|f| (f.path_in_image.as_str(), f.bytes.as_slice(), f.mode))
+        .collect();
+    crate::cpio::initramfs(&dirs, &files, flate2::Compression::default())
 }
 
 /// Paths of a complete guest image, written to `<cache>/guest-image.json`

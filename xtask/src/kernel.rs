@@ -2,7 +2,7 @@
 //! `make tinyconfig` + `kernel/airlock.config`, cached by a hash of the source
 //! package version and the config fragment.
 
-use anyhow::{Context, bail};
+use anyhow::bail;
 use sha2::{Digest, Sha256};
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -48,15 +48,7 @@ fn source_version() -> anyhow::Result<String> {
     }
 }
 
-fn run(cmd: &mut Command) -> anyhow::Result<()> {
-    let status = cmd
-        .status()
-        .with_context(|| format!("cannot run {cmd:?}"))?;
-    if !status.success() {
-        bail!("{cmd:?} failed with {status}");
-    }
-    Ok(())
-}
+use super::run;
 
 /// Build (or find in the cache) the guest kernel.
 pub fn build() -> anyhow::Result<Kernel> {

@@ -22,6 +22,7 @@ use std::time::{Duration, Instant};
 
 mod bench_service;
 mod cache;
+mod cpio;
 mod image;
 mod kernel;
 mod nested;
@@ -237,5 +238,16 @@ fn bench_runner(iterations: u32) -> anyhow::Result<()> {
         f.as_secs_f64() / s.as_secs_f64(),
         s.as_secs_f64() / f.as_secs_f64()
     );
+    Ok(())
+}
+
+/// Run `cmd` to its end; fail naming it unless it succeeds.
+fn run(cmd: &mut std::process::Command) -> anyhow::Result<()> {
+    let status = cmd
+        .status()
+        .with_context(|| format!("cannot run {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed with {status}");
+    }
     Ok(())
 }

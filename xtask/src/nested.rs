@@ -10,21 +10,12 @@
 
 use anyhow::{Context, bail};
 use sha2::{Digest, Sha256};
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
 const RECIPE: &str = "airlock-nested-recipe/1";
 
-fn run(cmd: &mut Command) -> anyhow::Result<()> {
-    let status = cmd
-        .status()
-        .with_context(|| format!("cannot run {cmd:?}"))?;
-    if !status.success() {
-        bail!("{cmd:?} failed with {status}");
-    }
-    Ok(())
-}
+use super::run;
 
 /// Debian's cloud kernel package: download once, extract into the cache.
 fn outer_kernel(cache: &Path) -> anyhow::Result<PathBuf> {
@@ -595,56 +586,18 @@ pub fn build_image(kind: Kind) -> anyhow::Result<PathBuf> {
     Ok(path)
 }
 
+/// The outer VM's archive (fast compression: it is rebuilt on every change
+/// of `airlock`).
 fn outer_cpio(files: &[(String, Vec<u8>, u32)]) -> anyhow::Result<Vec<u8>> {
-    use cpio::newc::Builder;
-    let mut cpio = Vec::new();
-    let mut ino = 1;
-    let mut dirs: std::collections::BTreeSet<String> = ["bin", "dev", "proc", "sys", "tmp"]
+    let entries: Vec<crate::cpio::Entry<'_>> = files
         .iter()
-        .map(|d| d.to_string())
+        .map(|(n, b, m)| (n.as_str(), b.as_slice(), *m))
         .collect();
-    for (name, _, _) in files {
-        let mut p = Path::new(name).parent();
-        while let Some(d) = p.filter(|d| !d.as_os_str().is_empty()) {
-            dirs.insert(d.to_string_lossy().into_owned());
-            p = d.parent();
-        }
-    }
-    // BTreeSet order puts every parent before its children.
-    for d in &dirs {
-        ino += 1;
-        Builder::new(d)
-            .ino(ino)
-            .mode(0o040_755)
-            .nlink(2)
-            .write(&mut cpio, 0)
-            .finish()?;
-    }
-    ino += 1;
-    Builder::new("dev/console")
-        .ino(ino)
-        .mode(0o020_600)
-        .nlink(1)
-        .rdev_major(5)
-        .rdev_minor(1)
-        .write(&mut cpio, 0)
-        .finish()?;
-    for (name, bytes, mode) in files {
-        ino += 1;
-        let mut w = Builder::new(name)
-            .ino(ino)
-            .mode(*mode)
-            .nlink(1)
-            .write(&mut cpio, u32::try_from(bytes.len())?);
-        w.write_all(bytes)?;
-        w.finish()?;
-    }
-    cpio::newc::trailer(&mut cpio)?;
-    let mut gz = flate2::GzBuilder::new()
-        .mtime(0)
-        .write(Vec::new(), flate2::Compression::fast());
-    gz.write_all(&cpio)?;
-    Ok(gz.finish()?)
+    crate::cpio::initramfs(
+        &["bin", "dev", "proc", "sys", "tmp"],
+        &entries,
+        flate2::Compression::fast(),
+    )
 }
 
 /// Boot the outer VM described by `manifest` with `extra` on its kernel

@@ -133,14 +133,16 @@ mod tests {
         let c = check(&ok, &rules(&dirs, &ceiling), Check::Store).unwrap();
         assert_eq!(c.grants.dirs[0].root, allowed);
 
-        let outside = "version = 1\n[[filesystem]]\nhost = \"/etc\"\nguest = \"/e\"\nmode = \"ro\"\n";
+        let outside =
+            "version = 1\n[[filesystem]]\nhost = \"/etc\"\nguest = \"/e\"\nmode = \"ro\"\n";
         let e = check(outside, &rules(&dirs, &ceiling), Check::Use).unwrap_err();
         assert!(
             matches!(&e, PolicyError::Field { field, .. } if field == "filesystem[0].host"),
             "{e}"
         );
 
-        let relative = "version = 1\n[[filesystem]]\nhost = \"data\"\nguest = \"/d\"\nmode = \"ro\"\n";
+        let relative =
+            "version = 1\n[[filesystem]]\nhost = \"data\"\nguest = \"/d\"\nmode = \"ro\"\n";
         let e = check(relative, &rules(&dirs, &ceiling), Check::Use).unwrap_err();
         assert!(e.to_string().contains("relative"), "{e}");
 

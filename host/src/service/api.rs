@@ -335,10 +335,9 @@ async fn get_component(
         .await
         .map_err(|e| ServiceError::Internal(e.to_string()))??;
     let mut v = serde_json::to_value(&row).unwrap_or_default();
-    v["tools"] = serde_json::to_value(&loaded.tools.tools).unwrap_or_default();
-    v["skipped"] = serde_json::to_value(&loaded.tools.skipped).unwrap_or_default();
-    v["imports"] = serde_json::to_value(&loaded.tools.imports).unwrap_or_default();
-    v["capabilities"] = serde_json::to_value(loaded.tools.capability_classes()).unwrap_or_default();
+    if let (Value::Object(out), Value::Object(inspect)) = (&mut v, loaded.tools.inspect_json()) {
+        out.extend(inspect);
+    }
     Ok(axum::Json(v))
 }
 

@@ -17,7 +17,7 @@ use std::os::fd::AsRawFd;
 use std::path::Path;
 use virtio_queue::QueueT;
 use vm_memory::Bytes;
-use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::epoll::EpollEvent;
 use vmm_sys_util::eventfd::EventFd;
 
 /// Virtio device id of pmem.
@@ -152,16 +152,8 @@ impl VirtioDevice for Pmem {
             return Err(VirtioError::Activate("pmem needs one queue".into()));
         };
         let stop = EventFd::new(libc::EFD_NONBLOCK).map_err(VirtioError::EventFd)?;
-        let epoll = Epoll::new().map_err(|e| VirtioError::Activate(format!("epoll: {e}")))?;
-        for (fd, token) in [(stop.as_raw_fd(), T_STOP), (evt.as_raw_fd(), T_REQ)] {
-            epoll
-                .ctl(
-                    ControlOperation::Add,
-                    fd,
-                    EpollEvent::new(EventSet::IN, token),
-                )
-                .map_err(|e| VirtioError::Activate(format!("epoll add: {e}")))?;
-        }
+        let epoll =
+            super::virtio_mmio::epoll_for(&[(stop.as_raw_fd(), T_STOP), (evt.as_raw_fd(), T_REQ)])?;
         let stop2 = stop.try_clone().map_err(VirtioError::EventFd)?;
         let (mem, interrupt) = (a.mem, a.interrupt);
         let worker = std::thread::Builder::new()

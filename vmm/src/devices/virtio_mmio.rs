@@ -36,6 +36,28 @@ pub enum VirtioError {
     Activate(String),
 }
 
+/// A device worker's epoll, watching each `(fd, token)` for input: what
+/// every device thread starts with.
+///
+/// # Errors
+/// [`VirtioError::Activate`] when epoll refuses.
+pub fn epoll_for(
+    fds: &[(std::os::fd::RawFd, u64)],
+) -> Result<vmm_sys_util::epoll::Epoll, VirtioError> {
+    use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+    let epoll = Epoll::new().map_err(|e| VirtioError::Activate(format!("epoll: {e}")))?;
+    for &(fd, token) in fds {
+        epoll
+            .ctl(
+                ControlOperation::Add,
+                fd,
+                EpollEvent::new(EventSet::IN, token),
+            )
+            .map_err(|e| VirtioError::Activate(format!("epoll add: {e}")))?;
+    }
+    Ok(epoll)
+}
+
 /// The device's way to interrupt the guest.
 #[derive(Clone)]
 pub struct Interrupt {

@@ -64,22 +64,13 @@ impl Muxer {
         guest_cid: u64,
         uds_path: PathBuf,
     ) -> Result<Self, VirtioError> {
-        let epoll = Epoll::new().map_err(|e| VirtioError::Activate(format!("epoll: {e}")))?;
-        for (fd, token) in [
+        let epoll = crate::devices::virtio_mmio::epoll_for(&[
             (stop.as_raw_fd(), T_STOP),
             (rx_evt.as_raw_fd(), T_RX),
             (tx_evt.as_raw_fd(), T_TX),
             (ev_evt.as_raw_fd(), T_EVQ),
             (listener.as_raw_fd(), T_LISTENER),
-        ] {
-            epoll
-                .ctl(
-                    ControlOperation::Add,
-                    fd,
-                    EpollEvent::new(EventSet::IN, token),
-                )
-                .map_err(|e| VirtioError::Activate(format!("epoll add: {e}")))?;
-        }
+        ])?;
         Ok(Self {
             mem,
             rxq,
