@@ -261,17 +261,39 @@ impl CallSite {
         args: &serde_json::Value,
         grants: &GrantSet,
     ) -> Result<Called, CallSiteError> {
+        self.call_when(component, tool, args, grants, &|| {})
+    }
+
+    /// [`CallSite::call`], running `ready` once the component is loaded
+    /// (or failed to be) and before the call is sent — `airlock vm multi`
+    /// waits there until every VM is up, so the calls overlap.
+    ///
+    /// # Errors
+    /// As [`CallSite::call`].
+    pub fn call_when(
+        &self,
+        component: &dyn Component,
+        tool: &str,
+        args: &serde_json::Value,
+        grants: &GrantSet,
+        ready: &dyn Fn(),
+    ) -> Result<Called, CallSiteError> {
         let Some(vm) = &self.vm else {
-            let loaded = component.loaded(&self.runner)?;
+            let loaded = component.loaded(&self.runner);
+            ready();
+            let loaded = loaded?;
             return Ok(Called {
                 outcome: self.runner.invoke(&loaded, tool, args, grants),
                 ready_after: None,
             });
         };
-        let artifact = component.artifact(&self.runner)?;
-        let (mut sb, digest) =
-            vm.pool
-                .take_loaded(&artifact, &self.runner.fingerprint(), &component.docs())?;
+        let taken = component.artifact(&self.runner).and_then(|artifact| {
+            Ok(vm
+                .pool
+                .take_loaded(&artifact, &self.runner.fingerprint(), &component.docs())?)
+        });
+        ready();
+        let (mut sb, digest) = taken?;
         tracing::debug!(ready_ms = sb.ready_after.as_millis() as u64, boot = ?sb.boot, "guest ready");
         vm.running.fetch_add(1, Ordering::SeqCst);
         let result = sb.invoke(&digest, tool, args, grants);

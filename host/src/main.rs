@@ -738,13 +738,20 @@ fn vm_multi(a: MultiArgs) -> anyhow::Result<serde_json::Value> {
     let policy = Policy::default();
     let site = a.guest.call_site(Isolation::Vm, None, &policy)?;
     let grants = site.grants(policy.grant_set())?;
+    // Every VM waits, once loaded, for the others: the calls overlap.
+    let all_ready = std::sync::Barrier::new(args.len());
     let start = std::time::Instant::now();
     let outcomes: Vec<_> = std::thread::scope(|s| {
         let handles: Vec<_> = args
             .iter()
             .map(|v| {
-                let (site, wasm, grants, tool) = (&site, &wasm, &grants, &a.tool);
-                s.spawn(move || site.call(wasm, tool, v, grants))
+                let (site, wasm, grants, tool, barrier) =
+                    (&site, &wasm, &grants, &a.tool, &all_ready);
+                s.spawn(move || {
+                    site.call_when(wasm, tool, v, grants, &|| {
+                        barrier.wait();
+                    })
+                })
             })
             .collect();
         handles
