@@ -448,6 +448,13 @@ fn the_service_runs_calls_in_microvms_from_its_warm_pool() {
     }
     // One VM per call, plus the warm one refilled after each: at least 2.
     assert!(v["vms_booted"].as_u64().unwrap() >= 2, "{v}");
+    // One VMM process per VM (the warm one was waiting), and none outlives
+    // a server killed with SIGKILL.
+    assert!(
+        v["vmm_processes_while_serving"].as_u64().unwrap() >= 1,
+        "{v}"
+    );
+    assert_eq!(v["vmm_processes_after_kill9"], 0, "{v}");
 }
 
 #[test]

@@ -39,6 +39,11 @@ pub enum CallSiteError {
     /// VM isolation was asked for on a host that cannot run the guest.
     #[error("{0}")]
     Host(#[source] VmmError),
+    /// The VMM binary is not where the settings say.
+    #[error(
+        "The VMM binary {0} is missing: build it (`cargo build -p airlock-vmm`, next to `airlock`) or name it in the settings."
+    )]
+    NoVmm(PathBuf),
     /// The host runner could not be made, or refused the component.
     #[error(transparent)]
     Runner(#[from] RunnerError),
@@ -59,10 +64,20 @@ pub enum CallSiteError {
     Task(String),
 }
 
+/// Where the `airlock-vmm` binary is unless configured: next to this
+/// program (how it is built and installed).
+pub fn default_vmm_binary() -> PathBuf {
+    std::env::current_exe()
+        .map(|p| p.with_file_name("airlock-vmm"))
+        .unwrap_or_else(|_| PathBuf::from("airlock-vmm"))
+}
+
 /// The microVMs' settings: the one description of what a call's VM boots,
 /// whether it comes from the CLI's flags or the service's config.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VmSettings {
+    /// The VMM binary every VM runs in (one process per VM).
+    pub vmm: PathBuf,
     /// Guest kernel (ELF vmlinux).
     pub kernel: PathBuf,
     /// Guest initramfs (the agent image).
@@ -88,6 +103,7 @@ impl VmSettings {
     /// host engine with `engine` fingerprint and the egress CA `egress_ca`.
     pub fn sandbox_config(&self, engine: String, egress_ca: &[u8]) -> SandboxConfig {
         SandboxConfig {
+            vmm: self.vmm.clone(),
             kernel: self.kernel.clone(),
             initrd: self.initrd.clone(),
             memory_mib: self.memory_mib,
@@ -183,8 +199,11 @@ impl CallSite {
         egress_ca: &[u8],
         vm: Option<VmSettings>,
     ) -> Result<Self, CallSiteError> {
-        if vm.is_some() {
+        if let Some(v) = &vm {
             airlock_vmm::check_host().map_err(CallSiteError::Host)?;
+            if !v.vmm.is_file() {
+                return Err(CallSiteError::NoVmm(v.vmm.clone()));
+            }
         }
         let proxy = Proxy::with_extra_roots(EGRESS_TIMEOUT, egress_ca)?;
         let runner = Runner::new(engine)?.with_egress(Arc::new(proxy));

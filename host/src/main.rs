@@ -218,6 +218,10 @@ struct GuestArgs {
     /// besides the Mozilla roots (a private CA), in either isolation.
     #[arg(long)]
     egress_ca: Option<PathBuf>,
+    /// The VMM binary each microVM runs in (default: `airlock-vmm` next to
+    /// this program).
+    #[arg(long)]
+    vmm: Option<PathBuf>,
 }
 
 impl GuestArgs {
@@ -247,6 +251,9 @@ impl GuestArgs {
             Isolation::Vm => {
                 let (kernel, initrd) = guest_image(self.kernel, self.initrd)?;
                 Some(VmSettings {
+                    vmm: self
+                        .vmm
+                        .unwrap_or_else(airlock::callsite::default_vmm_binary),
                     kernel,
                     initrd,
                     memory_mib: self.memory_mib,

@@ -1,7 +1,9 @@
 //! The sandbox lifecycle: boot a microVM → wait until its agent says Hello
 //! over vsock → load a precompiled component → invoke → shut down.
 //!
-//! The VM runs on its own thread ([`airlock_vmm::run`]); the host talks to
+//! The VM runs in its own process (`airlock-vmm`, through
+//! [`VmProcess`]), so a VMM killed by its confinement takes down one VM,
+//! never the daemon; the host talks to
 //! the guest agent through the VM's hybrid-vsock Unix socket
 //! (`CONNECT 1024\n`). Until the guest listens, its kernel resets our
 //! connection and we retry, so "ready" means the agent accepted and sent
@@ -14,7 +16,8 @@
 use crate::egress::{EgressError, Proxy};
 use airlock_guest::proto::{self, BootStage, FrameLimits, Message, ProtoError};
 use airlock_guest::{CallOutcome, GrantSet};
-use airlock_vmm::{self as vmm, RunReport, VmConfig, VmExit, VmmError, VsockConfig};
+use airlock_vmm::process::{ProcessEnd, ProcessError, VmProcess};
+use airlock_vmm::{VmConfig, VmExit, VsockConfig};
 use sha2::{Digest, Sha256};
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
@@ -37,9 +40,9 @@ pub const AGENT_PORT: u32 = 1024;
 /// Sandbox errors.
 #[derive(Debug, thiserror::Error)]
 pub enum SandboxError {
-    /// The VM could not start.
+    /// The VMM process could not start or ended without a report.
     #[error(transparent)]
-    Vmm(#[from] VmmError),
+    Process(#[from] ProcessError),
     /// The guest ended before it was ready.
     #[error("The guest stopped before it was ready ({exit}); console tail:\n{console}")]
     GuestEnded {
@@ -90,6 +93,8 @@ impl SandboxError {
 /// What to boot.
 #[derive(Debug, Clone)]
 pub struct SandboxConfig {
+    /// The VMM binary (`airlock-vmm`) each VM runs in.
+    pub vmm: PathBuf,
     /// Guest kernel (ELF vmlinux).
     pub kernel: PathBuf,
     /// Guest initramfs (the agent image, not the self-test one).
@@ -119,7 +124,7 @@ pub struct SandboxConfig {
 /// A running microVM with its agent connected.
 pub struct Sandbox {
     conn: UnixStream,
-    vm: Option<JoinHandle<Result<RunReport, VmmError>>>,
+    vm: Option<VmProcess>,
     stop: Arc<AtomicBool>,
     dir: PathBuf,
     proxy: Proxy,
@@ -259,13 +264,11 @@ impl Sandbox {
                 guest_cid: 3,
                 uds_path: uds.clone(),
             }),
-            stop: Some(stop.clone()),
+            // The VMM process is stopped through its stdin pipe.
+            stop: None,
             pmem: cfg.weights.clone(),
         };
-        let spawned = std::thread::Builder::new()
-            .name("airlock-vm".into())
-            .spawn(move || vmm::run(&vm_cfg));
-        let vm = match spawned {
+        let vm = match VmProcess::spawn(&cfg.vmm, &vm_cfg) {
             Ok(vm) => vm,
             Err(e) => {
                 stop.store(true, Ordering::SeqCst);
@@ -287,7 +290,7 @@ impl Sandbox {
             next_id: 1,
         };
         loop {
-            if sb.vm.as_ref().is_some_and(JoinHandle::is_finished) {
+            if sb.vm.as_ref().is_some_and(VmProcess::is_finished) {
                 let report = sb.finish()?;
                 return Err(SandboxError::GuestEnded {
                     exit: exit_text(&report.exit),
@@ -391,7 +394,7 @@ impl Sandbox {
 
     /// Whether the VM is still running (a warm sandbox may have ended).
     pub fn is_alive(&self) -> bool {
-        self.vm.as_ref().is_some_and(|t| !t.is_finished())
+        self.vm.as_ref().is_some_and(|p| !p.is_finished())
     }
 
     fn recv(&mut self) -> Result<Message, SandboxError> {
@@ -500,18 +503,19 @@ impl Sandbox {
     /// Ask the guest to power off and wait for the VM to end.
     ///
     /// # Errors
-    /// The VM thread failed.
-    pub fn shutdown(mut self) -> Result<RunReport, SandboxError> {
+    /// The VMM process ended without a report.
+    pub fn shutdown(mut self) -> Result<ProcessEnd, SandboxError> {
         let _ = proto::write_frame(&mut self.conn, &Message::Shutdown, b"");
         let deadline = Instant::now() + Duration::from_secs(30);
-        while self.vm.as_ref().is_some_and(|t| !t.is_finished()) && Instant::now() < deadline {
+        while self.vm.as_ref().is_some_and(|p| !p.is_finished()) && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(10));
         }
         self.finish()
     }
 
-    /// Stop the VM (if still running), join it, remove the socket directory.
-    fn finish(&mut self) -> Result<RunReport, SandboxError> {
+    /// Stop the VM (if still running), reap its process, remove the socket
+    /// directory.
+    fn finish(&mut self) -> Result<ProcessEnd, SandboxError> {
         self.stop.store(true, Ordering::SeqCst);
         let _ = self.conn.shutdown(std::net::Shutdown::Both);
         if let Some((path, t)) = self.egress.take() {
@@ -520,9 +524,7 @@ impl Sandbox {
             let _ = t.join();
         }
         let r = match self.vm.take() {
-            Some(t) => t
-                .join()
-                .map_err(|_| SandboxError::Guest("the VM thread panicked".into()))?,
+            Some(p) => p.wait(),
             None => {
                 return Err(SandboxError::Guest("the VM was already finished".into()));
             }

@@ -25,6 +25,7 @@ pub mod bench;
 mod builder;
 pub mod devices;
 mod layout;
+pub mod process;
 mod ram;
 mod vcpu;
 

@@ -289,10 +289,17 @@ for v in 1 2; do
   progress "call $v answered"
 done
 booted=$(wget -q -O - --header "Authorization: Bearer $T" "$U/metrics" | grep '^airlock_vms_booted_total' | cut -d' ' -f2)
+# Every VM's VMM is its own process; the warm one waits now. Killing the
+# server outright must not leave it running: it stops when its stdin closes.
+i=0; while [ -z "$(pidof airlock-vmm)" ] && [ $i -lt 600 ]; do sleep 1; i=$((i+1)); done
+serving=$(pidof airlock-vmm | wc -w)
+kill -9 $pid
+wait $pid 2>/dev/null || true
+i=0; while [ -n "$(pidof airlock-vmm)" ] && [ $i -lt 60 ]; do sleep 1; i=$((i+1)); done
+left=$(pidof airlock-vmm | wc -w)
 printf '{"first": '; cat /tmp/call1.json; printf ', "second": '; cat /tmp/call2.json
-printf ', "vms_booted": %s}\n' "${booted:-null}"
-kill $pid
-wait $pid || true
+printf ', "vms_booted": %s, "vmm_processes_while_serving": %s, "vmm_processes_after_kill9": %s}\n' \
+  "${booted:-null}" "$serving" "$left"
 EOT
 if wanted service-vm; then
   echo "NESTED-RESULT-BEGIN service-vm"

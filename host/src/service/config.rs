@@ -23,6 +23,7 @@
 //! warm = 2                 # VMs kept booted and waiting
 //! weights = "/srv/models:/srv/models.erofs"  # optional: DIR:IMAGE (airlock weights pack)
 //! egress_ca = "/etc/airlock/private-ca.pem"   # optional, either mode: extra CAs for https egress
+//! vmm = "/usr/lib/airlock/airlock-vmm"         # optional: the VMM binary (default: next to airlock)
 //!
 //! [[tokens]]
 //! name = "ci-admin"
@@ -196,6 +197,7 @@ struct IsolationEntry {
     warm: Option<usize>,
     weights: Option<String>,
     egress_ca: Option<PathBuf>,
+    vmm: Option<PathBuf>,
 }
 
 /// Where calls run.
@@ -483,10 +485,15 @@ fn egress_ca(i: &IsolationEntry) -> Result<Vec<u8>, ConfigError> {
 fn isolation(i: IsolationEntry) -> Result<Isolation, ConfigError> {
     match i.mode.as_deref().unwrap_or("process") {
         "process" => {
-            if i.kernel.is_some() || i.initrd.is_some() || i.warm.is_some() || i.weights.is_some() {
+            if i.kernel.is_some()
+                || i.initrd.is_some()
+                || i.warm.is_some()
+                || i.weights.is_some()
+                || i.vmm.is_some()
+            {
                 return Err(field(
                     "isolation.mode",
-                    "kernel, initrd, warm and weights only apply to mode = \"vm\"",
+                    "kernel, initrd, warm, weights and vmm only apply to mode = \"vm\"",
                 ));
             }
             Ok(Isolation::Process)
@@ -521,7 +528,12 @@ fn isolation(i: IsolationEntry) -> Result<Isolation, ConfigError> {
                 .map(crate::weights::Weights::parse)
                 .transpose()
                 .map_err(|e| field("isolation.weights", e.to_string()))?;
+            let vmm = match i.vmm {
+                Some(p) => file("vmm", Some(p))?,
+                None => crate::callsite::default_vmm_binary(),
+            };
             Ok(Isolation::Vm(VmSettings {
+                vmm,
                 kernel: file("kernel", i.kernel)?,
                 initrd: file("initrd", i.initrd)?,
                 memory_mib,

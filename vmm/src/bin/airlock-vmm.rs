@@ -1,74 +1,50 @@
-//! `airlock-vmm`: the VMM alone, as a small process — what `airlock vm boot`
-//! does, without the Wasm engine, the service or a CLI framework linked in.
-//! It is what `airlock vm bench-boot` measures against QEMU (process against
-//! process), and the shape a per-VM jailed process would take.
+//! `airlock-vmm`: the VMM alone, as a small process — one per microVM when
+//! the host runs calls in VMs (`airlock_vmm::process::VmProcess`), and what
+//! `airlock vm bench-boot` measures against QEMU (process against process).
+//! It links no Wasm engine, HTTP server or database.
 //!
 //! ```text
 //! airlock-vmm --kernel vmlinux --initrd initramfs.cpio.gz [--cmdline "…"]
 //!             [--memory-mib 256] [--vcpus 1] [--timeout-secs 60] [--pmem image]
+//!             [--vsock-uds PATH --guest-cid N] [--console-cap BYTES]
+//!             [--stop-on-stdin-eof]
 //! ```
-//! Prints one JSON object: exit, wall_ms, peak_rss_kib, guest_resident_kib,
-//! console. Exit status 0 when the VM ran (whatever its exit), 2 on bad input.
+//! Prints one JSON object: exit, wall_ms, stages, peak_rss_kib,
+//! guest_resident_kib, console. Exit status 0 when the VM ran (whatever its
+//! exit), 2 on bad input or when the VM cannot start (stderr says why).
+//! With `--stop-on-stdin-eof` the VM is stopped (exit `stopped`) when stdin
+//! closes: the parent's way to stop it, and what happens if the parent dies.
 
-use airlock_vmm::{self as vmm, VmConfig};
-use std::path::PathBuf;
+use airlock_vmm::process::{USAGE, from_args};
+use std::io::Read;
 use std::process::ExitCode;
-use std::time::Duration;
-
-fn usage(msg: &str) -> ExitCode {
-    eprintln!(
-        "airlock-vmm: {msg}\nusage: airlock-vmm --kernel FILE --initrd FILE [--cmdline TEXT] [--memory-mib N] [--vcpus N] [--timeout-secs N] [--pmem FILE]"
-    );
-    ExitCode::from(2)
-}
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 fn main() -> ExitCode {
-    let mut cfg = VmConfig {
-        kernel: PathBuf::new(),
-        initrd: PathBuf::new(),
-        cmdline_extra: String::new(),
-        memory_mib: 256,
-        vcpus: 1,
-        timeout: Duration::from_secs(60),
-        console_cap: 1 << 20,
-        vsock: None,
-        stop: None,
-        pmem: None,
+    let (mut cfg, stop_on_eof) = match from_args(std::env::args().skip(1)) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("airlock-vmm: {e}\n{USAGE}");
+            return ExitCode::from(2);
+        }
     };
-    let mut args = std::env::args().skip(1);
-    while let Some(flag) = args.next() {
-        let Some(value) = args.next() else {
-            return usage(&format!("{flag} needs a value"));
-        };
-        let number = |what: &str| -> Result<u64, ExitCode> {
-            value
-                .parse()
-                .map_err(|_| usage(&format!("{what} must be a number, got {value:?}")))
-        };
-        match flag.as_str() {
-            "--kernel" => cfg.kernel = value.into(),
-            "--initrd" => cfg.initrd = value.into(),
-            "--cmdline" => cfg.cmdline_extra = value,
-            "--pmem" => cfg.pmem = Some(value.into()),
-            "--memory-mib" => match number("--memory-mib") {
-                Ok(n) => cfg.memory_mib = n.try_into().unwrap_or(u32::MAX),
-                Err(c) => return c,
-            },
-            "--vcpus" => match number("--vcpus") {
-                Ok(n) => cfg.vcpus = n.try_into().unwrap_or(u8::MAX),
-                Err(c) => return c,
-            },
-            "--timeout-secs" => match number("--timeout-secs") {
-                Ok(n) => cfg.timeout = Duration::from_secs(n),
-                Err(c) => return c,
-            },
-            other => return usage(&format!("unknown flag {other}")),
+    if stop_on_eof {
+        let stop = Arc::new(AtomicBool::new(false));
+        cfg.stop = Some(stop.clone());
+        let watcher = std::thread::Builder::new()
+            .name("airlock-vmm-stdin".into())
+            .stack_size(airlock_vmm::devices::THREAD_STACK)
+            .spawn(move || {
+                let _ = std::io::copy(&mut std::io::stdin().lock().by_ref(), &mut std::io::sink());
+                stop.store(true, Ordering::SeqCst);
+            });
+        if let Err(e) = watcher {
+            eprintln!("airlock-vmm: cannot watch stdin: {e}");
+            return ExitCode::from(2);
         }
     }
-    if cfg.kernel.as_os_str().is_empty() || cfg.initrd.as_os_str().is_empty() {
-        return usage("--kernel and --initrd are required");
-    }
-    let report = match vmm::run(&cfg) {
+    let report = match airlock_vmm::run(&cfg) {
         Ok(r) => r,
         Err(e) => {
             eprintln!("airlock-vmm: {e}");

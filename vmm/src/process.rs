@@ -1,0 +1,465 @@
+//! One VMM per process: the `airlock-vmm` binary's command line (both
+//! sides of it, defined once here) and [`VmProcess`], the parent's handle
+//! on a running VMM process.
+//!
+//! Running each VM's VMM in its own process is what lets a per-VM jail and
+//! seccomp filters confine it without confining the daemon: a VMM that is
+//! killed (by a filter, an rlimit, a bug) takes one VM down, never the
+//! service.
+//!
+//! **Invariants:**
+//! * The parent holds the write end of the child's stdin; with
+//!   `--stop-on-stdin-eof` the VMM stops its VM (exit `stopped`) when that
+//!   pipe closes — when the parent drops the handle, stops it, or dies. No
+//!   VMM outlives the process that started it.
+//! * The child's report is one JSON object on stdout (what
+//!   [`crate::RunReport::to_json`] prints), read whole by a thread so the
+//!   child never blocks on a full pipe; a report larger than
+//!   [`MAX_REPORT`] is cut (the console in it is already capped).
+//! * [`VmProcess::wait`] reaps the child on every path; a child that does
+//!   not end within [`STOP_GRACE`] of being stopped is killed.
+
+use crate::{VmConfig, VmExit, VsockConfig};
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+/// Largest report read from a child.
+pub const MAX_REPORT: u64 = 4 << 20;
+/// How long a stopped VMM may take to end before it is killed.
+pub const STOP_GRACE: Duration = Duration::from_secs(10);
+
+/// Errors of the process side.
+#[derive(Debug, thiserror::Error)]
+pub enum ProcessError {
+    /// A flag is unknown, lacks its value or has a bad one.
+    #[error("{0}")]
+    Usage(String),
+    /// The VMM binary could not be started or waited for.
+    #[error("The VMM process {binary} cannot be run: {source}.")]
+    Spawn {
+        /// The binary.
+        binary: PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// The VMM ended without a report (it was killed, or refused its
+    /// configuration: its stderr says why).
+    #[error("The VMM process ended without a report ({status}): {stderr}")]
+    NoReport {
+        /// How it ended.
+        status: String,
+        /// The end of its stderr.
+        stderr: String,
+    },
+}
+
+/// The usage line of `airlock-vmm`.
+pub const USAGE: &str = "usage: airlock-vmm --kernel FILE --initrd FILE [--cmdline TEXT] [--memory-mib N] [--vcpus N] [--timeout-secs N] [--pmem FILE] [--vsock-uds PATH --guest-cid N] [--console-cap BYTES] [--stop-on-stdin-eof]";
+
+/// A configuration as `airlock-vmm` flags, plus whether to stop on stdin EOF.
+pub fn to_args(cfg: &VmConfig, stop_on_stdin_eof: bool) -> Vec<String> {
+    let mut a = vec![
+        "--kernel".into(),
+        cfg.kernel.display().to_string(),
+        "--initrd".into(),
+        cfg.initrd.display().to_string(),
+        "--cmdline".into(),
+        cfg.cmdline_extra.clone(),
+        "--memory-mib".into(),
+        cfg.memory_mib.to_string(),
+        "--vcpus".into(),
+        cfg.vcpus.to_string(),
+        "--timeout-secs".into(),
+        cfg.timeout.as_secs().max(1).to_string(),
+        "--console-cap".into(),
+        cfg.console_cap.to_string(),
+    ];
+    if let Some(p) = &cfg.pmem {
+        a.extend(["--pmem".into(), p.display().to_string()]);
+    }
+    if let Some(v) = &cfg.vsock {
+        a.extend([
+            "--vsock-uds".into(),
+            v.uds_path.display().to_string(),
+            "--guest-cid".into(),
+            v.guest_cid.to_string(),
+        ]);
+    }
+    if stop_on_stdin_eof {
+        a.push("--stop-on-stdin-eof".into());
+    }
+    a
+}
+
+/// Parse `airlock-vmm` flags into a configuration (without a stop flag)
+/// and whether to stop on stdin EOF.
+///
+/// # Errors
+/// [`ProcessError::Usage`] naming the flag.
+pub fn from_args(args: impl IntoIterator<Item = String>) -> Result<(VmConfig, bool), ProcessError> {
+    let mut cfg = VmConfig {
+        kernel: PathBuf::new(),
+        initrd: PathBuf::new(),
+        cmdline_extra: String::new(),
+        memory_mib: 256,
+        vcpus: 1,
+        timeout: Duration::from_secs(60),
+        console_cap: 1 << 20,
+        vsock: None,
+        stop: None,
+        pmem: None,
+    };
+    let (mut uds, mut cid, mut stop_on_eof) = (None, None, false);
+    let mut args = args.into_iter();
+    while let Some(flag) = args.next() {
+        if flag == "--stop-on-stdin-eof" {
+            stop_on_eof = true;
+            continue;
+        }
+        let value = args
+            .next()
+            .ok_or_else(|| ProcessError::Usage(format!("{flag} needs a value")))?;
+        let number = |what: &str| -> Result<u64, ProcessError> {
+            value
+                .parse()
+                .map_err(|_| ProcessError::Usage(format!("{what} must be a number, got {value:?}")))
+        };
+        match flag.as_str() {
+            "--kernel" => cfg.kernel = value.into(),
+            "--initrd" => cfg.initrd = value.into(),
+            "--cmdline" => cfg.cmdline_extra = value,
+            "--pmem" => cfg.pmem = Some(value.into()),
+            "--vsock-uds" => uds = Some(PathBuf::from(value)),
+            "--guest-cid" => cid = Some(number("--guest-cid")?),
+            "--memory-mib" => {
+                cfg.memory_mib = number("--memory-mib")?.try_into().unwrap_or(u32::MAX)
+            }
+            "--vcpus" => cfg.vcpus = number("--vcpus")?.try_into().unwrap_or(u8::MAX),
+            "--timeout-secs" => cfg.timeout = Duration::from_secs(number("--timeout-secs")?),
+            "--console-cap" => {
+                cfg.console_cap = number("--console-cap")?.try_into().unwrap_or(usize::MAX);
+            }
+            other => return Err(ProcessError::Usage(format!("unknown flag {other}"))),
+        }
+    }
+    if cfg.kernel.as_os_str().is_empty() || cfg.initrd.as_os_str().is_empty() {
+        return Err(ProcessError::Usage(
+            "--kernel and --initrd are required".into(),
+        ));
+    }
+    cfg.vsock = match (uds, cid) {
+        (Some(uds_path), Some(guest_cid)) => Some(VsockConfig {
+            guest_cid,
+            uds_path,
+        }),
+        (None, None) => None,
+        _ => {
+            return Err(ProcessError::Usage(
+                "--vsock-uds and --guest-cid go together".into(),
+            ));
+        }
+    };
+    Ok((cfg, stop_on_eof))
+}
+
+/// How a VMM process's run ended, from its report.
+#[derive(Debug, Clone)]
+pub struct ProcessEnd {
+    /// How the VM ended.
+    pub exit: VmExit,
+    /// The guest console (capped by the child).
+    pub console: String,
+    /// The child's wall time from VM creation to the end.
+    pub wall: Duration,
+    /// The whole report.
+    pub report: serde_json::Value,
+}
+
+impl VmExit {
+    /// The exit a [`VmExit::label`] names.
+    pub fn from_label(label: &str) -> Self {
+        match label {
+            "reset" => VmExit::Reset,
+            "halted" => VmExit::Halted,
+            "timeout" => VmExit::Timeout,
+            "stopped" => VmExit::Stopped,
+            other => VmExit::Error(other.strip_prefix("error: ").unwrap_or(other).to_string()),
+        }
+    }
+}
+
+/// A VMM running in its own process.
+pub struct VmProcess {
+    binary: PathBuf,
+    child: Child,
+    /// The stop pipe: dropping it stops the VM.
+    stdin: Option<ChildStdin>,
+    stdout: Option<JoinHandle<String>>,
+    stderr: Option<JoinHandle<String>>,
+    stopped_at: Option<Instant>,
+}
+
+impl std::fmt::Debug for VmProcess {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VmProcess")
+            .field("binary", &self.binary)
+            .field("pid", &self.child.id())
+            .finish_non_exhaustive()
+    }
+}
+
+fn read_capped(r: impl Read + Send + 'static, name: &str) -> std::io::Result<JoinHandle<String>> {
+    std::thread::Builder::new()
+        .name(format!("airlock-vmm-{name}"))
+        .stack_size(crate::devices::THREAD_STACK)
+        .spawn(move || {
+            let mut buf = Vec::new();
+            let mut r = r.take(MAX_REPORT);
+            let _ = r.read_to_end(&mut buf);
+            // Keep draining so the child never blocks on a full pipe.
+            let _ = std::io::copy(&mut r.into_inner(), &mut std::io::sink());
+            String::from_utf8_lossy(&buf).into_owned()
+        })
+}
+
+impl VmProcess {
+    /// Start `binary` (`airlock-vmm`) for `cfg`; it stops when this handle
+    /// is stopped or dropped.
+    ///
+    /// # Errors
+    /// [`ProcessError::Spawn`].
+    pub fn spawn(binary: &Path, cfg: &VmConfig) -> Result<Self, ProcessError> {
+        let spawn_err = |source| ProcessError::Spawn {
+            binary: binary.to_path_buf(),
+            source,
+        };
+        let mut child = Command::new(binary)
+            .args(to_args(cfg, true))
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(spawn_err)?;
+        let stdin = child.stdin.take();
+        let out = child.stdout.take().map(|o| read_capped(o, "out"));
+        let err = child.stderr.take().map(|e| read_capped(e, "err"));
+        let (stdout, stderr) = match (out, err) {
+            (Some(Ok(o)), Some(Ok(e))) => (Some(o), Some(e)),
+            (o, e) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                let failed = [o, e]
+                    .into_iter()
+                    .find_map(|r| r.and_then(Result::err))
+                    .unwrap_or_else(|| std::io::Error::other("no pipe"));
+                return Err(spawn_err(failed));
+            }
+        };
+        Ok(Self {
+            binary: binary.to_path_buf(),
+            child,
+            stdin,
+            stdout,
+            stderr,
+            stopped_at: None,
+        })
+    }
+
+    /// The child's pid.
+    pub fn id(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Whether the VMM process has ended (it is not reaped: [`wait`](Self::wait) does that).
+    pub fn is_finished(&self) -> bool {
+        // SAFETY: an all-zero siginfo_t is a valid value of the C struct.
+        let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+        // SAFETY: the pid is our own child, not yet reaped (only `wait` and
+        // drop reap it, and both consume or end the handle); `info` is
+        // valid for writes. WNOWAIT leaves the child waitable.
+        let rc = unsafe {
+            libc::waitid(
+                libc::P_PID,
+                self.child.id(),
+                &mut info,
+                libc::WEXITED | libc::WNOHANG | libc::WNOWAIT,
+            )
+        };
+        // SAFETY: waitid filled `info` (or left it zeroed); si_pid is valid
+        // to read for a SIGCHLD-style siginfo.
+        rc != 0 || unsafe { info.si_pid() } != 0
+    }
+
+    /// Ask the VMM to stop its VM (it then reports `stopped`).
+    pub fn stop(&mut self) {
+        self.stdin = None;
+        self.stopped_at.get_or_insert_with(Instant::now);
+    }
+
+    /// Stop (if not already ended), reap the child, read its report.
+    ///
+    /// # Errors
+    /// [`ProcessError::NoReport`] when it ended without one.
+    pub fn wait(mut self) -> Result<ProcessEnd, ProcessError> {
+        self.stop();
+        let deadline = self.stopped_at.unwrap_or_else(Instant::now) + STOP_GRACE;
+        let status = loop {
+            match self.child.try_wait() {
+                Ok(Some(s)) => break s.to_string(),
+                Ok(None) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                Ok(None) => {
+                    tracing::warn!(
+                        pid = self.child.id(),
+                        "the VMM did not stop in time; killing it"
+                    );
+                    let _ = self.child.kill();
+                    break self
+                        .child
+                        .wait()
+                        .map_or_else(|e| e.to_string(), |s| s.to_string());
+                }
+                Err(e) => break e.to_string(),
+            }
+        };
+        let out = self
+            .stdout
+            .take()
+            .and_then(|t| t.join().ok())
+            .unwrap_or_default();
+        let err = self
+            .stderr
+            .take()
+            .and_then(|t| t.join().ok())
+            .unwrap_or_default();
+        let report: serde_json::Value = match serde_json::from_str(out.trim()) {
+            Ok(v @ serde_json::Value::Object(_)) => v,
+            _ => {
+                let tail: Vec<&str> = err.lines().rev().take(20).collect();
+                let tail: Vec<&str> = tail.into_iter().rev().collect();
+                return Err(ProcessError::NoReport {
+                    status,
+                    stderr: tail.join("\n"),
+                });
+            }
+        };
+        Ok(ProcessEnd {
+            exit: VmExit::from_label(
+                report["exit"]
+                    .as_str()
+                    .unwrap_or("error: no exit in the report"),
+            ),
+            console: report["console"].as_str().unwrap_or_default().to_string(),
+            wall: Duration::from_millis(report["wall_ms"].as_u64().unwrap_or(0)),
+            report,
+        })
+    }
+}
+
+impl Drop for VmProcess {
+    fn drop(&mut self) {
+        if self.stdout.is_some() {
+            self.stop();
+            // Reap it (killing it after the grace) so no zombie remains.
+            let deadline = Instant::now() + STOP_GRACE;
+            while matches!(self.child.try_wait(), Ok(None)) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flags_round_trip_and_bad_ones_are_named() {
+        let cfg = VmConfig {
+            kernel: "/k".into(),
+            initrd: "/i".into(),
+            cmdline_extra: "airlock.port=1024 quiet".into(),
+            memory_mib: 512,
+            vcpus: 2,
+            timeout: Duration::from_secs(90),
+            console_cap: 4096,
+            vsock: Some(VsockConfig {
+                guest_cid: 7,
+                uds_path: "/tmp/v.sock".into(),
+            }),
+            stop: None,
+            pmem: Some("/w.erofs".into()),
+        };
+        let (back, eof) = from_args(to_args(&cfg, true)).unwrap();
+        assert!(eof);
+        assert_eq!(
+            (back.kernel, back.initrd, back.cmdline_extra.as_str()),
+            (
+                cfg.kernel.clone(),
+                cfg.initrd.clone(),
+                "airlock.port=1024 quiet"
+            )
+        );
+        assert_eq!(
+            (back.memory_mib, back.vcpus, back.timeout, back.console_cap),
+            (512, 2, cfg.timeout, 4096)
+        );
+        let v = back.vsock.unwrap();
+        assert_eq!((v.guest_cid, v.uds_path), (7, PathBuf::from("/tmp/v.sock")));
+        assert_eq!(back.pmem, cfg.pmem);
+
+        for (args, says) in [
+            (vec!["--kernel"], "needs a value"),
+            (
+                vec!["--kernel", "k", "--initrd", "i", "--vcpus", "two"],
+                "must be a number",
+            ),
+            (
+                vec!["--kernel", "k", "--initrd", "i", "--bogus", "1"],
+                "unknown flag",
+            ),
+            (vec!["--kernel", "k"], "required"),
+            (
+                vec!["--kernel", "k", "--initrd", "i", "--guest-cid", "3"],
+                "go together",
+            ),
+        ] {
+            let e = from_args(args.into_iter().map(String::from))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(says), "{e}");
+        }
+    }
+
+    #[test]
+    fn exits_read_back_from_their_labels() {
+        for e in [
+            VmExit::Reset,
+            VmExit::Halted,
+            VmExit::Timeout,
+            VmExit::Stopped,
+            VmExit::Error("KVM_RUN: EFAULT".into()),
+        ] {
+            assert_eq!(VmExit::from_label(&e.label()), e);
+        }
+    }
+
+    #[test]
+    fn a_child_without_a_report_is_reaped_and_its_stderr_kept() {
+        // `false` stands in for a VMM that refuses its configuration.
+        let cfg = from_args(["--kernel", "k", "--initrd", "i"].map(String::from))
+            .unwrap()
+            .0;
+        let p = VmProcess::spawn(Path::new("/bin/false"), &cfg).unwrap();
+        let e = p.wait().unwrap_err().to_string();
+        assert!(e.contains("without a report"), "{e}");
+        let e = VmProcess::spawn(Path::new("/nonexistent/airlock-vmm"), &cfg).unwrap_err();
+        assert!(e.to_string().contains("/nonexistent/airlock-vmm"), "{e}");
+    }
+}
