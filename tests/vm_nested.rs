@@ -455,6 +455,27 @@ fn the_service_runs_calls_in_microvms_from_its_warm_pool() {
         "{v}"
     );
     assert_eq!(v["vmm_processes_after_kill9"], 0, "{v}");
+    // Seen from outside (/proc): every thread of a waiting VMM (main,
+    // stop-pipe watcher, vCPU, vsock worker) runs under its seccomp
+    // filter, with no_new_privs.
+    let threads = v["vmm_threads"].as_u64().unwrap();
+    assert!(threads >= 4, "{v}");
+    assert_eq!(v["vmm_threads_filtered"].as_u64(), Some(threads), "{v}");
+    assert_eq!(v["vmm_no_new_privs"], 1, "{v}");
+}
+
+#[test]
+fn a_vcpu_thread_syscall_outside_its_filter_ends_the_vmm_with_a_clear_message() {
+    // The --seccomp-selftest hook: right after installing its filter, the
+    // vCPU thread opens an IPv4 socket (syscall 41), which no VMM thread
+    // may do. The SIGSYS handler names the thread and the syscall and ends
+    // the process with 128 + SIGSYS.
+    let (body, code) = scenario_body("vmm-seccomp-trap");
+    assert_eq!(code, 159, "{body}");
+    assert!(
+        body.contains("the vcpu thread made syscall 41, which its filter forbids"),
+        "{body}"
+    );
 }
 
 #[test]

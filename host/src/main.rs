@@ -316,6 +316,8 @@ impl BootImage {
             vsock: None,
             stop: None,
             pmem: self.pmem,
+            seccomp: None,
+            seccomp_selftest: false,
         }
     }
 }

@@ -267,6 +267,8 @@ impl Sandbox {
             // The VMM process is stopped through its stdin pipe.
             stop: None,
             pmem: cfg.weights.clone(),
+            seccomp: None,
+            seccomp_selftest: false,
         };
         let vm = match VmProcess::spawn(&cfg.vmm, &vm_cfg) {
             Ok(vm) => vm,

@@ -209,9 +209,11 @@ pub(crate) fn attach_devices(
             });
         }
         let device =
-            Vsock::new(v.guest_cid, v.uds_path.clone()).map_err(|source| VmmError::Device {
-                device: devices::VSOCK.name,
-                source,
+            Vsock::new(v.guest_cid, v.uds_path.clone(), device_filter(cfg)).map_err(|source| {
+                VmmError::Device {
+                    device: devices::VSOCK.name,
+                    source,
+                }
             })?;
         attach_virtio(&mut devs, vm, mem, devices::VSOCK, Box::new(device))?;
     }
@@ -231,11 +233,21 @@ pub(crate) fn attach_devices(
         // it moves into `Devices`, which `run` drops only after the VM fd
         // (and no vCPU runs before this function returns).
         unsafe { vm.set_user_memory_region(r) }.map_err(kvm_err("set pmem memory region"))?;
-        let dev = Pmem::new(PMEM_BASE, map.len());
+        let dev = Pmem::new(PMEM_BASE, map.len(), device_filter(cfg)).map_err(|source| {
+            VmmError::Device {
+                device: devices::PMEM.name,
+                source,
+            }
+        })?;
         devs.weights = Some(map);
         attach_virtio(&mut devs, vm, mem, devices::PMEM, Box::new(dev))?;
     }
     Ok(devs)
+}
+
+/// The filter device threads install, if the VMM runs filtered.
+fn device_filter(cfg: &VmConfig) -> Option<Arc<crate::seccomp::BpfProgram>> {
+    cfg.seccomp.as_ref().map(|f| f.device.clone())
 }
 
 fn place_pio(bus: &mut Bus, slot: PioSlot, device: devices::SharedDevice) -> Result<(), VmmError> {

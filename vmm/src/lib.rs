@@ -27,6 +27,7 @@ pub mod devices;
 mod layout;
 pub mod process;
 mod ram;
+pub mod seccomp;
 mod vcpu;
 
 use crate::devices::marker::StageMark;
@@ -151,6 +152,12 @@ pub struct VmConfig {
     /// A read-only weights image (erofs) behind virtio-pmem, at
     /// [`PMEM_BASE`]; the guest sees it as `/dev/pmem0`.
     pub pmem: Option<PathBuf>,
+    /// Per-thread seccomp filters to install (the VMM process installs
+    /// them; a VMM running inside another program leaves this `None`).
+    pub seccomp: Option<seccomp::Filters>,
+    /// Debug hook for the seccomp test: each vCPU thread makes a syscall
+    /// its filter forbids right after installing it.
+    pub seccomp_selftest: bool,
 }
 
 /// Guest-physical base of the pmem region (above RAM and the MMIO hole).
@@ -362,7 +369,7 @@ pub fn run(cfg: &VmConfig) -> Result<RunReport, VmmError> {
     vcpu::configure(&kvm, &vcpus, &memory.mem, kernel.kernel_load)?;
 
     let setup = start.elapsed();
-    let ran = vcpu::run(vcpus, &devices.buses, cfg.timeout, cfg.stop.as_deref());
+    let ran = vcpu::run(vcpus, &devices.buses, cfg);
     // Every vCPU thread is joined. Stop the device workers, then drop the
     // VM fd before the mappings its memory slots point into.
     devices.shutdown();

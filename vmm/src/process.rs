@@ -57,7 +57,18 @@ pub enum ProcessError {
 }
 
 /// The usage line of `airlock-vmm`.
-pub const USAGE: &str = "usage: airlock-vmm --kernel FILE --initrd FILE [--cmdline TEXT] [--memory-mib N] [--vcpus N] [--timeout-secs N] [--pmem FILE] [--vsock-uds PATH --guest-cid N] [--console-cap BYTES] [--stop-on-stdin-eof]";
+pub const USAGE: &str = "usage: airlock-vmm --kernel FILE --initrd FILE [--cmdline TEXT] [--memory-mib N] [--vcpus N] [--timeout-secs N] [--pmem FILE] [--vsock-uds PATH --guest-cid N] [--console-cap BYTES] [--stop-on-stdin-eof] [--seccomp enforce|log|off] [--seccomp-selftest]";
+
+/// What `airlock-vmm`'s flags ask for.
+#[derive(Debug)]
+pub struct ProcessArgs {
+    /// The VM (without filters or a stop flag: the process adds them).
+    pub cfg: VmConfig,
+    /// Stop the VM when stdin closes.
+    pub stop_on_stdin_eof: bool,
+    /// Seccomp filters: enforced (the default), logged, or none.
+    pub seccomp: Option<crate::seccomp::Mode>,
+}
 
 /// A configuration as `airlock-vmm` flags, plus whether to stop on stdin EOF.
 pub fn to_args(cfg: &VmConfig, stop_on_stdin_eof: bool) -> Vec<String> {
@@ -94,12 +105,11 @@ pub fn to_args(cfg: &VmConfig, stop_on_stdin_eof: bool) -> Vec<String> {
     a
 }
 
-/// Parse `airlock-vmm` flags into a configuration (without a stop flag)
-/// and whether to stop on stdin EOF.
+/// Parse `airlock-vmm` flags.
 ///
 /// # Errors
 /// [`ProcessError::Usage`] naming the flag.
-pub fn from_args(args: impl IntoIterator<Item = String>) -> Result<(VmConfig, bool), ProcessError> {
+pub fn from_args(args: impl IntoIterator<Item = String>) -> Result<ProcessArgs, ProcessError> {
     let mut cfg = VmConfig {
         kernel: PathBuf::new(),
         initrd: PathBuf::new(),
@@ -111,13 +121,23 @@ pub fn from_args(args: impl IntoIterator<Item = String>) -> Result<(VmConfig, bo
         vsock: None,
         stop: None,
         pmem: None,
+        seccomp: None,
+        seccomp_selftest: false,
     };
     let (mut uds, mut cid, mut stop_on_eof) = (None, None, false);
+    let mut seccomp = Some(crate::seccomp::Mode::Enforce);
     let mut args = args.into_iter();
     while let Some(flag) = args.next() {
-        if flag == "--stop-on-stdin-eof" {
-            stop_on_eof = true;
-            continue;
+        match flag.as_str() {
+            "--stop-on-stdin-eof" => {
+                stop_on_eof = true;
+                continue;
+            }
+            "--seccomp-selftest" => {
+                cfg.seccomp_selftest = true;
+                continue;
+            }
+            _ => {}
         }
         let value = args
             .next()
@@ -139,6 +159,18 @@ pub fn from_args(args: impl IntoIterator<Item = String>) -> Result<(VmConfig, bo
             }
             "--vcpus" => cfg.vcpus = number("--vcpus")?.try_into().unwrap_or(u8::MAX),
             "--timeout-secs" => cfg.timeout = Duration::from_secs(number("--timeout-secs")?),
+            "--seccomp" => {
+                seccomp = match value.as_str() {
+                    "enforce" => Some(crate::seccomp::Mode::Enforce),
+                    "log" => Some(crate::seccomp::Mode::Log),
+                    "off" => None,
+                    other => {
+                        return Err(ProcessError::Usage(format!(
+                            "--seccomp must be enforce, log or off, got {other:?}"
+                        )));
+                    }
+                };
+            }
             "--console-cap" => {
                 cfg.console_cap = number("--console-cap")?.try_into().unwrap_or(usize::MAX);
             }
@@ -162,7 +194,16 @@ pub fn from_args(args: impl IntoIterator<Item = String>) -> Result<(VmConfig, bo
             ));
         }
     };
-    Ok((cfg, stop_on_eof))
+    if cfg.seccomp_selftest && seccomp.is_none() {
+        return Err(ProcessError::Usage(
+            "--seccomp-selftest needs the filters (not --seccomp off)".into(),
+        ));
+    }
+    Ok(ProcessArgs {
+        cfg,
+        stop_on_stdin_eof: stop_on_eof,
+        seccomp,
+    })
 }
 
 /// How a VMM process's run ended, from its report.
@@ -395,9 +436,17 @@ mod tests {
             }),
             stop: None,
             pmem: Some("/w.erofs".into()),
+            seccomp: None,
+            seccomp_selftest: false,
         };
-        let (back, eof) = from_args(to_args(&cfg, true)).unwrap();
-        assert!(eof);
+        let parsed = from_args(to_args(&cfg, true)).unwrap();
+        assert!(parsed.stop_on_stdin_eof);
+        assert_eq!(
+            parsed.seccomp,
+            Some(crate::seccomp::Mode::Enforce),
+            "filters by default"
+        );
+        let back = parsed.cfg;
         assert_eq!(
             (back.kernel, back.initrd, back.cmdline_extra.as_str()),
             (
@@ -455,7 +504,7 @@ mod tests {
         // `false` stands in for a VMM that refuses its configuration.
         let cfg = from_args(["--kernel", "k", "--initrd", "i"].map(String::from))
             .unwrap()
-            .0;
+            .cfg;
         let p = VmProcess::spawn(Path::new("/bin/false"), &cfg).unwrap();
         let e = p.wait().unwrap_err().to_string();
         assert!(e.contains("without a report"), "{e}");

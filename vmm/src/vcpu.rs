@@ -5,7 +5,8 @@
 //! `KVM_RUN` and been joined, so guest memory may be unmapped afterwards.
 
 use crate::devices::{Bus, THREAD_STACK};
-use crate::{VmExit, VmmError, kvm_err, layout};
+use crate::seccomp::{self, Role};
+use crate::{VmConfig, VmExit, VmmError, kvm_err, layout};
 use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
 use kvm_ioctls::{Kvm, VcpuExit, VcpuFd};
 use std::sync::Arc;
@@ -101,12 +102,8 @@ pub(crate) struct Buses {
 /// # Errors
 /// A vCPU thread cannot be started (the ones already started are stopped
 /// and joined first).
-pub(crate) fn run(
-    vcpus: Vec<VcpuFd>,
-    buses: &Buses,
-    timeout: Duration,
-    external_stop: Option<&AtomicBool>,
-) -> Result<VmExit, VmmError> {
+pub(crate) fn run(vcpus: Vec<VcpuFd>, buses: &Buses, cfg: &VmConfig) -> Result<VmExit, VmmError> {
+    let (timeout, external_stop) = (cfg.timeout, cfg.stop.as_deref());
     static HANDLER: std::sync::Once = std::sync::Once::new();
     HANDLER.call_once(|| {
         if let Err(e) = vmm_sys_util::signal::register_signal_handler(kick_signal(), noop_handler) {
@@ -121,10 +118,18 @@ pub(crate) fn run(
         let stop = stop.clone();
         let tx = tx.clone();
         let buses = buses.clone();
+        let filter = cfg.seccomp.as_ref().map(|f| f.vcpu.clone());
+        let selftest = cfg.seccomp_selftest;
         let spawned = std::thread::Builder::new()
             .name(format!("airlock-vcpu{i}"))
             .stack_size(THREAD_STACK)
             .spawn(move || {
+                if let Some(f) = filter {
+                    seccomp::enter(Role::Vcpu, &f);
+                    if selftest {
+                        forbidden_syscall();
+                    }
+                }
                 let exit = vcpu_loop(&mut vcpu, &buses, &stop);
                 stop.store(true, Ordering::SeqCst);
                 let _ = tx.send(exit);
@@ -138,6 +143,11 @@ pub(crate) fn run(
         }
     }
     drop(tx);
+    // Every thread of this VM exists now: the main thread takes its own
+    // filter for the rest of the process's life.
+    if let Some(f) = &cfg.seccomp {
+        seccomp::enter(Role::Main, &f.main);
+    }
     let exit = if spawn_error.is_some() {
         VmExit::Stopped
     } else {
@@ -180,6 +190,18 @@ fn wait_for_exit(
                 return VmExit::Error("vCPU threads ended without a report".into());
             }
         }
+    }
+}
+
+/// The seccomp test's debug hook: a syscall no vCPU filter allows (an
+/// IPv4 socket). Under the filter it never returns.
+fn forbidden_syscall() {
+    // SAFETY: socket(2) with constant arguments; a descriptor it might
+    // return (only without a filter) is closed at once.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0) };
+    if fd >= 0 {
+        // SAFETY: `fd` is the descriptor socket(2) just returned.
+        unsafe { libc::close(fd) };
     }
 }
 

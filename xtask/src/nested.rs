@@ -241,6 +241,14 @@ scenario process-egress-https-untrusted 300 run $E/fetch.wasm --tool fetch --arg
 scenario vm-egress-denied 900 run $E/fetch.wasm --tool fetch --args '{"url": "http://127.0.0.1:8081/weather.txt"}' --policy /tmp/http.toml $VMRUN
 scenario four-vms 1200 vm multi $E/kitchen.wasm --tool recipes_summarize --kernel $G/vmlinux --initrd $G/initramfs.cpio.gz --boot-attempts 5 \
   --args '{"values": [1]}' --args '{"values": [2, 4]}' --args '{"values": [3, 6, 9]}' --args '{"values": [4, 8, 12, 16]}'
+# The VMM's seccomp filters: a vCPU thread that makes a syscall its filter
+# forbids (the --seccomp-selftest hook: an IPv4 socket) ends the VMM with
+# status 159 and a line naming the thread and the syscall.
+if wanted vmm-seccomp-trap; then
+  echo "NESTED-RESULT-BEGIN vmm-seccomp-trap"
+  timeout -s KILL 300 /airlock-vmm --kernel $G/vmlinux --initrd $G/initramfs.cpio.gz --seccomp-selftest 2>&1
+  echo "NESTED-RESULT-END vmm-seccomp-trap $?"
+fi
 # The service with isolation = vm: upload over HTTP, two calls, each in a
 # fresh microVM from the warm pool.
 cat > /tmp/service-vm.sh <<'EOT'
@@ -293,13 +301,20 @@ booted=$(wget -q -O - --header "Authorization: Bearer $T" "$U/metrics" | grep '^
 # server outright must not leave it running: it stops when its stdin closes.
 i=0; while [ -z "$(pidof airlock-vmm)" ] && [ $i -lt 600 ]; do sleep 1; i=$((i+1)); done
 serving=$(pidof airlock-vmm | wc -w)
+# Seen from outside: every thread of the waiting VMM runs under a filter.
+vmm=$(pidof airlock-vmm | cut -d' ' -f1)
+threads=$(ls /proc/$vmm/task | wc -w)
+filtered=$(cat /proc/$vmm/task/*/status | grep -c '^Seccomp:[^0-9]*2')
+nnp=$(grep '^NoNewPrivs:' /proc/$vmm/status | tr -dc 0-9)
 kill -9 $pid
 wait $pid 2>/dev/null || true
 i=0; while [ -n "$(pidof airlock-vmm)" ] && [ $i -lt 60 ]; do sleep 1; i=$((i+1)); done
 left=$(pidof airlock-vmm | wc -w)
 printf '{"first": '; cat /tmp/call1.json; printf ', "second": '; cat /tmp/call2.json
-printf ', "vms_booted": %s, "vmm_processes_while_serving": %s, "vmm_processes_after_kill9": %s}\n' \
+printf ', "vms_booted": %s, "vmm_processes_while_serving": %s, "vmm_processes_after_kill9": %s' \
   "${booted:-null}" "$serving" "$left"
+printf ', "vmm_threads": %s, "vmm_threads_filtered": %s, "vmm_no_new_privs": %s}\n' \
+  "${threads:-0}" "${filtered:-0}" "${nnp:-null}"
 EOT
 if wanted service-vm; then
   echo "NESTED-RESULT-BEGIN service-vm"

@@ -14,28 +14,51 @@
 //! exit), 2 on bad input or when the VM cannot start (stderr says why).
 //! With `--stop-on-stdin-eof` the VM is stopped (exit `stopped`) when stdin
 //! closes: the parent's way to stop it, and what happens if the parent dies.
+//! Every thread runs under its seccomp filter (`airlock_vmm::seccomp`)
+//! unless `--seccomp off`; a forbidden syscall ends the process with
+//! status 159 and a line on stderr naming the thread and the syscall.
 
 use airlock_vmm::process::{USAGE, from_args};
+use airlock_vmm::seccomp::{self, Filters, Role};
 use std::io::Read;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 fn main() -> ExitCode {
-    let (mut cfg, stop_on_eof) = match from_args(std::env::args().skip(1)) {
-        Ok(c) => c,
+    let args = match from_args(std::env::args().skip(1)) {
+        Ok(a) => a,
         Err(e) => {
             eprintln!("airlock-vmm: {e}\n{USAGE}");
             return ExitCode::from(2);
         }
     };
+    let (mut cfg, stop_on_eof) = (args.cfg, args.stop_on_stdin_eof);
+    if let Some(mode) = args.seccomp {
+        let loaded = Filters::load(mode).and_then(|f| {
+            seccomp::install_trap_handler()
+                .map_err(|e| seccomp::SeccompError::Compile(format!("SIGSYS handler: {e}")))?;
+            Ok(f)
+        });
+        match loaded {
+            Ok(f) => cfg.seccomp = Some(f),
+            Err(e) => {
+                eprintln!("airlock-vmm: {e}");
+                return ExitCode::from(2);
+            }
+        }
+    }
     if stop_on_eof {
+        let filter = cfg.seccomp.as_ref().map(|f| f.watcher.clone());
         let stop = Arc::new(AtomicBool::new(false));
         cfg.stop = Some(stop.clone());
         let watcher = std::thread::Builder::new()
             .name("airlock-vmm-stdin".into())
             .stack_size(airlock_vmm::devices::THREAD_STACK)
             .spawn(move || {
+                if let Some(f) = filter {
+                    seccomp::enter(Role::Watcher, &f);
+                }
                 let _ = std::io::copy(&mut std::io::stdin().lock().by_ref(), &mut std::io::sink());
                 stop.store(true, Ordering::SeqCst);
             });

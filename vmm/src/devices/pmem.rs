@@ -103,17 +103,25 @@ impl Drop for PmemMapping {
 pub struct Pmem {
     start: u64,
     size: u64,
-    worker: Option<DeviceWorker>,
+    worker: DeviceWorker,
 }
 
 impl Pmem {
-    /// A device describing a region at guest-physical `start` of `size` bytes.
-    pub fn new(start: u64, size: u64) -> Self {
-        Self {
+    /// A device describing a region at guest-physical `start` of `size`
+    /// bytes; its worker thread starts now (under `filter`, if given).
+    ///
+    /// # Errors
+    /// The worker cannot start.
+    pub fn new(
+        start: u64,
+        size: u64,
+        filter: Option<std::sync::Arc<crate::seccomp::BpfProgram>>,
+    ) -> Result<Self, VirtioError> {
+        Ok(Self {
             start,
             size,
-            worker: None,
-        }
+            worker: DeviceWorker::spawn("airlock-pmem", filter, serve)?,
+        })
     }
 }
 
@@ -143,72 +151,68 @@ impl VirtioDevice for Pmem {
     }
 
     fn activate(&mut self, a: Activation) -> Result<(), VirtioError> {
-        if self.worker.is_some() {
-            return Err(VirtioError::Activate("activated twice".into()));
-        }
-        let (Some(mut queue), Some(evt)) =
-            (a.queues.into_iter().next(), a.queue_evts.into_iter().next())
-        else {
-            return Err(VirtioError::Activate("pmem needs one queue".into()));
-        };
-        let stop = EventFd::new(libc::EFD_NONBLOCK).map_err(VirtioError::EventFd)?;
-        let epoll =
-            super::virtio_mmio::epoll_for(&[(stop.as_raw_fd(), T_STOP), (evt.as_raw_fd(), T_REQ)])?;
-        let stop2 = stop.try_clone().map_err(VirtioError::EventFd)?;
-        let (mem, interrupt) = (a.mem, a.interrupt);
-        let worker = std::thread::Builder::new()
-            .name("airlock-pmem".into())
-            .stack_size(crate::devices::THREAD_STACK)
-            .spawn(move || {
-                let _keep = stop2;
-                let mut events = [EpollEvent::default(); 2];
-                loop {
-                    let n = match epoll.wait(-1, &mut events) {
-                        Ok(n) => n,
-                        Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                        Err(e) => {
-                            tracing::warn!(error = %e, "pmem epoll");
-                            return;
-                        }
-                    };
-                    for ev in &events[..n] {
-                        if ev.data() == T_STOP {
-                            return;
-                        }
-                    }
-                    let _ = evt.read();
-                    let mut used = false;
-                    while let Some(chain) = queue.pop_descriptor_chain(&mem) {
-                        let head = chain.head_index();
-                        // Request: le32 type (flush); response: le32 ret.
-                        // The image is read-only: a flush always succeeds.
-                        let mut written = 0;
-                        for d in chain {
-                            if d.is_write_only() && d.len() >= 4 {
-                                if mem.write_obj(0u32, d.addr()).is_ok() {
-                                    written = 4;
-                                }
-                                break;
-                            }
-                        }
-                        if let Err(e) = queue.add_used(&mem, head, written) {
-                            tracing::warn!(error = %e, "pmem queue");
-                        }
-                        used = true;
-                    }
-                    if used {
-                        interrupt.signal_used_queue();
-                    }
-                }
-            })
-            .map_err(|e| VirtioError::Activate(format!("pmem thread: {e}")))?;
-        self.worker = Some(DeviceWorker::new(stop, worker));
-        Ok(())
+        self.worker.activate(a)
     }
 
     fn shutdown(&mut self) {
-        if let Some(w) = self.worker.take() {
-            w.stop();
+        self.worker.stop();
+    }
+}
+
+/// The worker: answer flush requests until stopped.
+fn serve(a: Activation, stop: EventFd) {
+    let (Some(mut queue), Some(evt)) =
+        (a.queues.into_iter().next(), a.queue_evts.into_iter().next())
+    else {
+        tracing::error!("pmem needs one queue");
+        return;
+    };
+    let fds = [(stop.as_raw_fd(), T_STOP), (evt.as_raw_fd(), T_REQ)];
+    let epoll = match super::virtio_mmio::epoll_for(&fds) {
+        Ok(e) => e,
+        Err(e) => {
+            tracing::error!(error = %e, "pmem epoll");
+            return;
+        }
+    };
+    let (mem, interrupt) = (a.mem, a.interrupt);
+    let mut events = [EpollEvent::default(); 2];
+    loop {
+        let n = match epoll.wait(-1, &mut events) {
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => {
+                tracing::warn!(error = %e, "pmem epoll");
+                return;
+            }
+        };
+        for ev in &events[..n] {
+            if ev.data() == T_STOP {
+                return;
+            }
+        }
+        let _ = evt.read();
+        let mut used = false;
+        while let Some(chain) = queue.pop_descriptor_chain(&mem) {
+            let head = chain.head_index();
+            // Request: le32 type (flush); response: le32 ret.
+            // The image is read-only: a flush always succeeds.
+            let mut written = 0;
+            for d in chain {
+                if d.is_write_only() && d.len() >= 4 {
+                    if mem.write_obj(0u32, d.addr()).is_ok() {
+                        written = 4;
+                    }
+                    break;
+                }
+            }
+            if let Err(e) = queue.add_used(&mem, head, written) {
+                tracing::warn!(error = %e, "pmem queue");
+            }
+            used = true;
+        }
+        if used {
+            interrupt.signal_used_queue();
         }
     }
 }
@@ -219,7 +223,7 @@ mod tests {
 
     #[test]
     fn config_space_is_start_then_size_little_endian() {
-        let p = Pmem::new(0x1_0000_0000, 4 << 20);
+        let p = Pmem::new(0x1_0000_0000, 4 << 20, None).unwrap();
         let mut b = [0u8; 16];
         p.read_config(0, &mut b);
         assert_eq!(

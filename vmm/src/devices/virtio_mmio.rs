@@ -96,22 +96,77 @@ pub struct Activation {
     pub interrupt: Interrupt,
 }
 
-/// A device's worker thread and the eventfd that tells it to stop.
+/// A device's worker thread. It is started when the device is made —
+/// before any vCPU runs, so it never inherits a vCPU's seccomp filter —
+/// installs the device filter, and waits for its [`Activation`]; it then
+/// runs until its stop eventfd becomes readable.
 pub struct DeviceWorker {
+    activate: Option<std::sync::mpsc::Sender<Activation>>,
     stop: EventFd,
-    thread: std::thread::JoinHandle<()>,
+    thread: Option<std::thread::JoinHandle<()>>,
 }
 
 impl DeviceWorker {
-    /// A running worker: `thread` must return once `stop` becomes readable.
-    pub fn new(stop: EventFd, thread: std::thread::JoinHandle<()>) -> Self {
-        Self { stop, thread }
+    /// Start thread `name`: it applies `filter` (when given), waits for
+    /// the activation, then runs `body` with it and a stop eventfd that
+    /// `body` must watch.
+    ///
+    /// # Errors
+    /// An eventfd or the thread cannot be made.
+    pub fn spawn(
+        name: &str,
+        filter: Option<Arc<crate::seccomp::BpfProgram>>,
+        body: impl FnOnce(Activation, EventFd) + Send + 'static,
+    ) -> Result<Self, VirtioError> {
+        let stop = EventFd::new(libc::EFD_NONBLOCK).map_err(VirtioError::EventFd)?;
+        let stop2 = stop.try_clone().map_err(VirtioError::EventFd)?;
+        let (tx, rx) = std::sync::mpsc::channel::<Activation>();
+        let thread = std::thread::Builder::new()
+            .name(name.to_string())
+            .stack_size(super::THREAD_STACK)
+            .spawn(move || {
+                if let Some(f) = filter {
+                    crate::seccomp::enter(crate::seccomp::Role::Device, &f);
+                }
+                // No activation (the sender dropped): the VM ended first.
+                if let Ok(a) = rx.recv() {
+                    body(a, stop2);
+                }
+            })
+            .map_err(|e| VirtioError::Activate(format!("thread: {e}")))?;
+        Ok(Self {
+            activate: Some(tx),
+            stop,
+            thread: Some(thread),
+        })
     }
 
-    /// Signal the thread and join it.
-    pub fn stop(self) {
+    /// Hand the worker its queues.
+    ///
+    /// # Errors
+    /// Activated twice, or the worker is gone.
+    pub fn activate(&mut self, a: Activation) -> Result<(), VirtioError> {
+        let tx = self
+            .activate
+            .take()
+            .ok_or_else(|| VirtioError::Activate("activated twice".into()))?;
+        tx.send(a)
+            .map_err(|_| VirtioError::Activate("the device thread has ended".into()))
+    }
+
+    /// Signal the thread and join it (idempotent).
+    pub fn stop(&mut self) {
+        self.activate = None;
         let _ = self.stop.write(1);
-        let _ = self.thread.join();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for DeviceWorker {
+    fn drop(&mut self) {
+        self.stop();
     }
 }
 

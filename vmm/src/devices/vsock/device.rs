@@ -1,29 +1,35 @@
 //! The virtio side of the device: feature bits, config space (the guest's
-//! CID), activation (which hands the queues to the [`Muxer`] thread) and
-//! shutdown.
+//! CID), activation (which hands the queues to the [`Muxer`] thread, started
+//! with the device) and shutdown.
 
 use super::muxer::Muxer;
 use super::packet::QUEUE_SIZE;
 use crate::devices::virtio_mmio::{Activation, DeviceWorker, VirtioDevice, VirtioError};
+use crate::seccomp::BpfProgram;
 use std::os::unix::net::UnixListener;
 use std::path::PathBuf;
-use vmm_sys_util::eventfd::EventFd;
+use std::sync::Arc;
 
 /// The vsock device.
 pub struct Vsock {
     guest_cid: u64,
     uds_path: PathBuf,
-    listener: Option<UnixListener>,
-    worker: Option<DeviceWorker>,
+    worker: DeviceWorker,
 }
 
 impl Vsock {
-    /// A device for guest `guest_cid`, listening on `uds_path` (created now,
-    /// so host clients can connect before the guest is up).
+    /// A device for guest `guest_cid`, listening on `uds_path` (bound now,
+    /// so host clients can connect before the guest is up); its worker
+    /// thread starts now (under `filter`, if given) and waits for the
+    /// guest's driver.
     ///
     /// # Errors
-    /// The socket cannot be bound.
-    pub fn new(guest_cid: u64, uds_path: PathBuf) -> Result<Self, VirtioError> {
+    /// The socket cannot be bound or the worker cannot start.
+    pub fn new(
+        guest_cid: u64,
+        uds_path: PathBuf,
+        filter: Option<Arc<BpfProgram>>,
+    ) -> Result<Self, VirtioError> {
         let _ = std::fs::remove_file(&uds_path);
         let listener = UnixListener::bind(&uds_path).map_err(|e| {
             VirtioError::Activate(format!("vsock socket {}: {e}", uds_path.display()))
@@ -31,11 +37,36 @@ impl Vsock {
         listener
             .set_nonblocking(true)
             .map_err(|e| VirtioError::Activate(e.to_string()))?;
+        let path = uds_path.clone();
+        let worker = DeviceWorker::spawn("airlock-vsock", filter, move |a, stop| {
+            let mut queues = a.queues.into_iter();
+            let mut evts = a.queue_evts.into_iter();
+            // `activate` checked there are three of each.
+            let (Some(rxq), Some(txq), Some(_evq)) = (queues.next(), queues.next(), queues.next())
+            else {
+                return;
+            };
+            let (Some(rx), Some(tx), Some(ev)) = (evts.next(), evts.next(), evts.next()) else {
+                return;
+            };
+            match Muxer::new(
+                a.mem,
+                (rxq, txq),
+                a.interrupt,
+                (rx, tx, ev),
+                listener,
+                stop,
+                guest_cid,
+                path,
+            ) {
+                Ok(mut muxer) => muxer.run(),
+                Err(e) => tracing::error!(error = %e, "vsock cannot start"),
+            }
+        })?;
         Ok(Self {
             guest_cid,
             uds_path,
-            listener: Some(listener),
-            worker: None,
+            worker,
         })
     }
 }
@@ -58,48 +89,16 @@ impl VirtioDevice for Vsock {
     }
 
     fn activate(&mut self, a: Activation) -> Result<(), VirtioError> {
-        let listener = self
-            .listener
-            .take()
-            .ok_or_else(|| VirtioError::Activate("activated twice".into()))?;
-        let stop = EventFd::new(libc::EFD_NONBLOCK).map_err(VirtioError::EventFd)?;
-        let stop2 = stop.try_clone().map_err(VirtioError::EventFd)?;
-        let mut queues = a.queues.into_iter();
-        let mut evts = a.queue_evts.into_iter();
-        let (Some(rxq), Some(txq), Some(_evq)) = (queues.next(), queues.next(), queues.next())
-        else {
-            return Err(VirtioError::Activate("vsock needs three queues".into()));
-        };
-        let (Some(rx_evt), Some(tx_evt), Some(ev_evt)) = (evts.next(), evts.next(), evts.next())
-        else {
+        if a.queues.len() != 3 || a.queue_evts.len() != 3 {
             return Err(VirtioError::Activate(
-                "vsock needs three queue eventfds".into(),
+                "vsock needs three queues and three queue eventfds".into(),
             ));
-        };
-        let mut muxer = Muxer::new(
-            a.mem,
-            (rxq, txq),
-            a.interrupt,
-            (rx_evt, tx_evt, ev_evt),
-            listener,
-            stop2,
-            self.guest_cid,
-            self.uds_path.clone(),
-        )?;
-        let t = std::thread::Builder::new()
-            .name("airlock-vsock".into())
-            .stack_size(super::super::THREAD_STACK)
-            .spawn(move || muxer.run())
-            .map_err(|e| VirtioError::Activate(format!("thread: {e}")))?;
-        self.worker = Some(DeviceWorker::new(stop, t));
-        Ok(())
+        }
+        self.worker.activate(a)
     }
 
     fn shutdown(&mut self) {
-        if let Some(w) = self.worker.take() {
-            w.stop();
-        }
-        self.listener = None;
+        self.worker.stop();
         let _ = std::fs::remove_file(&self.uds_path);
     }
 }
