@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/setup.sh
 cargo xtask examples
-cargo build --release -p airlock -p agent-loop
+cargo build --release -p airlock -p airlock-vmm -p agent-loop
 AIRLOCK="$CARGO_TARGET_DIR/release/airlock"
 EX=examples/out
 say() { printf '\n\033[1m# %s\033[0m\n' "$*"; }
