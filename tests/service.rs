@@ -662,6 +662,168 @@ fn kill_9_during_an_upload_leaves_no_half_registered_component() {
     c.upload_example(ADMIN, "half", "kitchen");
 }
 
+/// `bytes` with a custom section named `airlock-test` holding `tag`: the
+/// same component, another digest.
+fn with_custom_section(bytes: &[u8], tag: u32) -> Vec<u8> {
+    let name = b"airlock-test";
+    let payload = tag.to_le_bytes();
+    let size = 1 + name.len() + payload.len();
+    let mut out = bytes.to_vec();
+    out.push(0); // custom section id
+    out.push(u8::try_from(size).unwrap()); // LEB128, small
+    out.push(u8::try_from(name.len()).unwrap());
+    out.extend_from_slice(name);
+    out.extend_from_slice(&payload);
+    out
+}
+
+#[test]
+fn kill_9_at_random_points_during_200_uploads_loses_no_acknowledged_component() {
+    use std::collections::BTreeSet;
+    use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+    use std::sync::{Arc, Mutex, RwLock};
+    use std::time::{Duration, Instant};
+
+    const UPLOADS: u32 = 200;
+    const KILLS: u32 = 5;
+    // A small LCG: the seed is printed, so a failure can be replayed.
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos();
+    eprintln!("kill-9 upload test seed: {seed}");
+    let mut rng = u64::from(seed) | 1;
+    let mut next = move |n: u64| {
+        rng = rng
+            .wrapping_mul(6_364_136_223_846_793_005)
+            .wrapping_add(1_442_695_040_888_963_407);
+        (rng >> 33) % n
+    };
+
+    let d = tmp();
+    let kitchen = common::example_bytes("kitchen");
+    let srv = Arc::new(Mutex::new(Server::start(d.path(), "")));
+    let url = Arc::new(RwLock::new(srv.lock().unwrap().url.clone()));
+    let counter = Arc::new(AtomicU32::new(0));
+    let acked = Arc::new(Mutex::new(BTreeSet::new()));
+    let done = Arc::new(AtomicBool::new(false));
+    let workers: Vec<_> = (0..4)
+        .map(|_| {
+            let (url, counter, acked, kitchen) =
+                (url.clone(), counter.clone(), acked.clone(), kitchen.clone());
+            std::thread::spawn(move || {
+                let http = reqwest::blocking::Client::builder()
+                    .timeout(Duration::from_secs(60))
+                    .build()
+                    .unwrap();
+                loop {
+                    let i = counter.fetch_add(1, Ordering::SeqCst);
+                    if i >= UPLOADS {
+                        return;
+                    }
+                    // Every tenth upload is a new digest (a new blob);
+                    // the rest reuse one (a new row and audit record).
+                    let bytes = if i % 10 == 0 {
+                        with_custom_section(&kitchen, i)
+                    } else {
+                        kitchen.clone()
+                    };
+                    let name = format!("u{i}");
+                    // Retried until answered: a kill may drop the request.
+                    let start = Instant::now();
+                    loop {
+                        let base = url.read().unwrap().clone();
+                        let r = http
+                            .post(format!("{base}/v1/components?name={name}"))
+                            .bearer_auth(ADMIN)
+                            .header("content-type", "application/wasm")
+                            .body(bytes.clone())
+                            .send();
+                        match r.map(|r| r.status().as_u16()) {
+                            Ok(201) => {
+                                acked.lock().unwrap().insert(name.clone());
+                                break;
+                            }
+                            // Registered before a kill lost the answer.
+                            Ok(409) => break,
+                            Ok(other) => panic!("upload {name}: status {other}"),
+                            Err(_) => {
+                                assert!(
+                                    start.elapsed() < Duration::from_secs(120),
+                                    "upload {name} never got an answer"
+                                );
+                                std::thread::sleep(Duration::from_millis(50));
+                            }
+                        }
+                    }
+                }
+            })
+        })
+        .collect();
+    let killer = {
+        let (srv, url, counter, done) = (srv.clone(), url.clone(), counter.clone(), done.clone());
+        let dir = d.path().to_path_buf();
+        let waits: Vec<u64> = (0..KILLS).map(|_| 100 + next(400)).collect();
+        std::thread::spawn(move || {
+            let mut kills = 0;
+            for w in waits {
+                std::thread::sleep(Duration::from_millis(w));
+                if counter.load(Ordering::SeqCst) >= UPLOADS {
+                    break;
+                }
+                let mut s = srv.lock().unwrap();
+                s.kill9();
+                *s = Server::start(&dir, "");
+                *url.write().unwrap() = s.url.clone();
+                kills += 1;
+            }
+            done.store(true, Ordering::SeqCst);
+            kills
+        })
+    };
+    for w in workers {
+        w.join().unwrap();
+    }
+    let kills = killer.join().unwrap();
+    assert!(done.load(Ordering::SeqCst));
+    assert!(kills >= 1, "the server was never killed mid-run");
+
+    // A clean restart: every acknowledged upload is there, complete, and
+    // the audit chain holds.
+    let mut s = srv.lock().unwrap();
+    s.kill9();
+    *s = Server::start(d.path(), "");
+    let c = s.client();
+    let listed: BTreeSet<String> = c.get(ADMIN, "/v1/components").json["components"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["name"].as_str().unwrap().to_string())
+        .collect();
+    let acked = acked.lock().unwrap();
+    let lost: Vec<_> = acked.difference(&listed).collect();
+    assert!(
+        lost.is_empty(),
+        "acknowledged but lost after kill -9: {lost:?}"
+    );
+    assert!(acked.len() as u32 <= UPLOADS && listed.len() as u32 <= UPLOADS);
+    for name in &listed {
+        let r = c.get(ADMIN, &format!("/v1/components/{name}"));
+        assert_eq!(r.status, 200, "{name}: {}", r.json);
+        assert!(
+            r.json["tools"].as_array().is_some_and(|t| !t.is_empty()),
+            "{name}"
+        );
+    }
+    let v = c.get(AUDITOR, "/v1/audit/verify").json;
+    assert_eq!(v["ok"], true, "{v}");
+    eprintln!(
+        "kill-9 upload test: {kills} kills, {} acknowledged, {} registered",
+        acked.len(),
+        listed.len()
+    );
+}
+
 #[test]
 fn audit_verify_cli_detects_edits_deletions_and_reordering() {
     let d = tmp();
