@@ -175,6 +175,9 @@ struct VmSite {
 pub struct CallSite {
     runner: Runner,
     vm: Option<VmSite>,
+    /// Calls in this process at once, at most: the engine's instance pool.
+    /// Further async calls wait for a slot instead of failing.
+    slots: Arc<tokio::sync::Semaphore>,
 }
 
 impl std::fmt::Debug for CallSite {
@@ -206,6 +209,9 @@ impl CallSite {
             }
         }
         let proxy = Proxy::with_extra_roots(EGRESS_TIMEOUT, egress_ca)?;
+        let slots = Arc::new(tokio::sync::Semaphore::new(
+            engine.pool_instances.max(1) as usize
+        ));
         let runner = Runner::new(engine)?.with_egress(Arc::new(proxy));
         let vm = match vm {
             None => None,
@@ -219,7 +225,7 @@ impl CallSite {
                 })
             }
         };
-        Ok(Self { runner, vm })
+        Ok(Self { runner, vm, slots })
     }
 
     /// The host runner (compiles, loads, inspects; runs process calls).
@@ -331,7 +337,9 @@ impl CallSite {
     }
 
     /// One call from async code: process calls run on the runner's async
-    /// path; VM calls on a blocking thread.
+    /// path, waiting for a slot of the engine's instance pool when every
+    /// slot is taken (a burst queues instead of failing); VM calls run on a
+    /// blocking thread.
     ///
     /// # Errors
     /// As [`CallSite::call`].
@@ -343,6 +351,11 @@ impl CallSite {
         grants: GrantSet,
     ) -> Result<Called, CallSiteError> {
         if self.vm.is_none() {
+            let _slot = self
+                .slots
+                .acquire()
+                .await
+                .map_err(|e| CallSiteError::Task(e.to_string()))?;
             let loaded = component.loaded(&self.runner)?;
             let outcome = self
                 .runner

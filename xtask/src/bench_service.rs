@@ -47,6 +47,91 @@ fn airlock_binary(root: &Path) -> anyhow::Result<PathBuf> {
 }
 
 pub fn run(requests: u32) -> anyhow::Result<()> {
+    with_server(64, |bin, url, kitchen| measure(bin, url, kitchen, requests))
+}
+
+/// `cargo xtask bench load`: `concurrency` invocations at once (one
+/// connection each, released together) against the same call made one at
+/// a time in the same run. Fails on any error: a burst past the engine's
+/// instance pool must queue, not fail.
+pub fn load(concurrency: u32) -> anyhow::Result<()> {
+    with_server(concurrency, |_bin, url, kitchen| {
+        let call = upload_and_caller(url, kitchen)?;
+        let http = reqwest::blocking::Client::new();
+        let mut one = Vec::new();
+        let start = Instant::now();
+        for _ in 0..200 {
+            one.push(call(&http)?);
+        }
+        let alone = stats(one, start.elapsed());
+        let barrier = std::sync::Barrier::new(concurrency as usize);
+        let start = Instant::now();
+        let results: Vec<anyhow::Result<Duration>> = std::thread::scope(|sc| {
+            let handles: Vec<_> = (0..concurrency)
+                .map(|_| {
+                    let (call, barrier) = (&call, &barrier);
+                    sc.spawn(move || {
+                        let client = reqwest::blocking::Client::builder()
+                            .timeout(Duration::from_secs(600))
+                            .build()?;
+                        barrier.wait();
+                        call(&client)
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| {
+                    h.join()
+                        .unwrap_or_else(|_| Err(anyhow::anyhow!("worker panicked")))
+                })
+                .collect()
+        });
+        let wall = start.elapsed();
+        let (ok, errors): (Vec<_>, Vec<_>) = results.into_iter().partition(Result::is_ok);
+        let lat: Vec<Duration> = ok.into_iter().filter_map(Result::ok).collect();
+        println!(
+            "bench load: kitchen__greet, {} build, {concurrency} invocations at once (process isolation)",
+            if cfg!(debug_assertions) {
+                "debug"
+            } else {
+                "release"
+            }
+        );
+        println!("  errors: {} of {concurrency}", errors.len());
+        if let Some(e) = errors.first().and_then(|r| r.as_ref().err()) {
+            println!("  first error: {e:#}");
+        }
+        if !lat.is_empty() {
+            let burst = stats(lat, wall);
+            println!(
+                "  one at a time: p50 {:.3} ms, p99 {:.3} ms ({:.1} calls/s)",
+                alone.p50.as_secs_f64() * 1e3,
+                alone.p99.as_secs_f64() * 1e3,
+                alone.per_sec
+            );
+            println!(
+                "  burst:         p50 {:.3} ms, p99 {:.3} ms ({:.1} calls/s); p99 / alone p50 = {:.1}",
+                burst.p50.as_secs_f64() * 1e3,
+                burst.p99.as_secs_f64() * 1e3,
+                burst.per_sec,
+                burst.p99.as_secs_f64() / alone.p50.as_secs_f64()
+            );
+        }
+        if !errors.is_empty() {
+            bail!("{} of {concurrency} invocations failed", errors.len());
+        }
+        Ok(())
+    })
+}
+
+/// A server allowing `per_tenant` calls at once, with `f` run against it
+/// (its binary, URL and the kitchen component); the server is killed and
+/// its directory removed after.
+fn with_server(
+    per_tenant: u32,
+    f: impl FnOnce(&Path, &str, &Path) -> anyhow::Result<()>,
+) -> anyhow::Result<()> {
     let root = crate::root();
     let kitchen = crate::examples_out().join("kitchen.wasm");
     if !kitchen.exists() {
@@ -59,7 +144,7 @@ pub fn run(requests: u32) -> anyhow::Result<()> {
     std::fs::write(
         &config,
         format!(
-            "[limits]\nmax_concurrent_calls_per_tenant = 64\n\n[[tokens]]\nname = \"bench\"\ntoken = \"{TOKEN}\"\ntenant = \"bench\"\nrole = \"admin\"\n"
+            "[limits]\nmax_concurrent_calls_per_tenant = {per_tenant}\n\n[[tokens]]\nname = \"bench\"\ntoken = \"{TOKEN}\"\ntenant = \"bench\"\nrole = \"admin\"\n"
         ),
     )?;
     let mut server = Command::new(&bin)
@@ -79,7 +164,7 @@ pub fn run(requests: u32) -> anyhow::Result<()> {
             .strip_prefix("airlock: listening on ")
             .with_context(|| format!("unexpected server output {line:?}"))?
             .to_string();
-        measure(&bin, &url, &kitchen, requests)
+        f(&bin, &url, &kitchen)
     })();
     let _ = server.kill();
     let _ = server.wait();
@@ -87,7 +172,11 @@ pub fn run(requests: u32) -> anyhow::Result<()> {
     result
 }
 
-fn measure(bin: &Path, url: &str, kitchen: &Path, requests: u32) -> anyhow::Result<()> {
+/// Upload kitchen.wasm and return a function making one `greet` call.
+fn upload_and_caller(
+    url: &str,
+    kitchen: &Path,
+) -> anyhow::Result<impl Fn(&reqwest::blocking::Client) -> anyhow::Result<Duration> + Sync> {
     let http = reqwest::blocking::Client::new();
     let up = http
         .post(format!("{url}/v1/components?name=kitchen"))
@@ -99,20 +188,27 @@ fn measure(bin: &Path, url: &str, kitchen: &Path, requests: u32) -> anyhow::Resu
     }
     let invoke_url = format!("{url}/v1/tools/kitchen__greet:invoke");
     let body = serde_json::json!({"arguments": {"name": "bench", "excited": false}});
-    let call = |client: &reqwest::blocking::Client| -> anyhow::Result<Duration> {
-        let t = Instant::now();
-        let r = client
-            .post(&invoke_url)
-            .bearer_auth(TOKEN)
-            .json(&body)
-            .send()?;
-        let status = r.status();
-        let v: serde_json::Value = r.json()?;
-        if !status.is_success() || v["result"]["ok"].is_null() {
-            bail!("call failed: {status} {v}");
-        }
-        Ok(t.elapsed())
-    };
+    Ok(
+        move |client: &reqwest::blocking::Client| -> anyhow::Result<Duration> {
+            let t = Instant::now();
+            let r = client
+                .post(&invoke_url)
+                .bearer_auth(TOKEN)
+                .json(&body)
+                .send()?;
+            let status = r.status();
+            let v: serde_json::Value = r.json()?;
+            if !status.is_success() || v["result"]["ok"].is_null() {
+                bail!("call failed: {status} {v}");
+            }
+            Ok(t.elapsed())
+        },
+    )
+}
+
+fn measure(bin: &Path, url: &str, kitchen: &Path, requests: u32) -> anyhow::Result<()> {
+    let call = upload_and_caller(url, kitchen)?;
+    let http = reqwest::blocking::Client::new();
     // Warm-up: compiled component cached, connections open.
     for _ in 0..50 {
         call(&http)?;

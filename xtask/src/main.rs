@@ -8,6 +8,8 @@
 //! * `cargo xtask guest-image` — all of the above, paths in `<cache>/guest-image.json`.
 //! * `cargo xtask bench service` — HTTP invocations/s and p50/p99 at
 //!   concurrency 1/8/64 next to the CLI runner, in one run
+//! * `cargo xtask bench load` — N (1,000) invocations at once through the
+//!   service: no errors, p50/p99 against one call at a time, same run
 //! * `cargo xtask bench boot` — inside the nested harness, boot of our VMM
 //!   against QEMU `-M microvm` (same vmlinux + initramfs), ratio of medians,
 //!   plus the VMM's own RSS overhead
@@ -52,7 +54,7 @@ enum Cmd {
     Nested,
     /// Benchmarks that print ratios measured in one run.
     Bench {
-        /// Which benchmark: `runner` or `service`.
+        /// Which benchmark: `runner`, `service`, `load` or `boot`.
         which: String,
         /// Calls per measurement.
         #[arg(long, default_value_t = 2000)]
@@ -60,6 +62,9 @@ enum Cmd {
         /// Rounds for `boot` (each boots both VMMs once).
         #[arg(long, default_value_t = 7)]
         rounds: u32,
+        /// Invocations at once for `load`.
+        #[arg(long, default_value_t = 1000)]
+        concurrency: u32,
     },
 }
 
@@ -98,11 +103,13 @@ fn main() -> anyhow::Result<()> {
             which,
             iterations,
             rounds,
+            concurrency,
         } => match which.as_str() {
             "runner" => bench_runner(iterations),
             "service" => bench_service::run(iterations),
+            "load" => bench_service::load(concurrency),
             "boot" => nested::bench_boot(rounds),
-            other => bail!("unknown benchmark {other:?}; available: runner, service, boot"),
+            other => bail!("unknown benchmark {other:?}; available: runner, service, load, boot"),
         },
     }
 }
