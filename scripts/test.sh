@@ -25,4 +25,8 @@ cargo xtask nested
 step "unit and integration tests"
 cargo test --workspace --locked --no-fail-fast
 
+# --- load: a burst of 1,000 invocations through the service, no errors ---
+step "load: 1,000 invocations at once (cargo xtask bench load)"
+cargo xtask bench load --concurrency 1000
+
 step "all tests passed"
