@@ -465,6 +465,16 @@ fn the_service_runs_calls_in_microvms_from_its_warm_pool() {
 }
 
 #[test]
+fn the_vmm_process_runs_a_guest_to_its_end_under_its_filters() {
+    // `airlock-vmm` with its filters enforced (the default): the whole run,
+    // setup to report, stays inside every thread's filter.
+    let (v, code) = scenario("vmm-filtered-run");
+    assert_eq!(code, 0, "{v}");
+    assert_eq!(v["exit"], "reset", "{v}");
+    assert!(v["console"].as_str().unwrap_or("").contains("Kernel panic"), "{v}");
+}
+
+#[test]
 fn a_vcpu_thread_syscall_outside_its_filter_ends_the_vmm_with_a_clear_message() {
     // The --seccomp-selftest hook: right after installing its filter, the
     // vCPU thread opens an IPv4 socket (syscall 41), which no VMM thread

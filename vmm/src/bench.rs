@@ -101,7 +101,12 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 /// Run `cmd` to its end; return its stdout, wall time and peak RSS.
-fn measure(mut cmd: Command, limit: Duration) -> Result<(String, Duration, u64), BenchError> {
+/// Run `cmd` to its end; return its stdout, the end of its stderr, wall
+/// time and peak RSS.
+fn measure(
+    mut cmd: Command,
+    limit: Duration,
+) -> Result<(String, String, Duration, u64), BenchError> {
     let what = format!("{cmd:?}");
     let io = |source| BenchError::Process {
         what: what.clone(),
@@ -111,14 +116,21 @@ fn measure(mut cmd: Command, limit: Duration) -> Result<(String, Duration, u64),
     let mut child = cmd
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
-        .stderr(Stdio::null())
+        .stderr(Stdio::piped())
         .spawn()
         .map_err(io)?;
     let mut out = child.stdout.take().expect("piped");
+    let mut err = child.stderr.take().expect("piped");
     let reader = std::thread::spawn(move || {
         let mut s = String::new();
         let _ = out.read_to_string(&mut s);
         s
+    });
+    let err_reader = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = err.read_to_string(&mut s);
+        let cut = s.len().saturating_sub(4096);
+        s[s.ceil_char_boundary(cut)..].to_string()
     });
     let pid = child.id() as libc::pid_t;
     // Block until the child exits; polling would take CPU from the VMM
@@ -169,10 +181,11 @@ fn measure(mut cmd: Command, limit: Duration) -> Result<(String, Duration, u64),
         return Err(io(std::io::Error::last_os_error()));
     }
     let stdout = reader.join().unwrap_or_default();
+    let stderr = err_reader.join().unwrap_or_default();
     if killed {
         return Err(BenchError::Timeout { what, limit });
     }
-    Ok((stdout, wall, ru.ru_maxrss as u64))
+    Ok((stdout, stderr, wall, ru.ru_maxrss as u64))
 }
 
 fn ours(cfg: &BenchConfig) -> Result<Sample, BenchError> {
@@ -184,9 +197,12 @@ fn ours(cfg: &BenchConfig) -> Result<Sample, BenchError> {
         .args(["--cmdline", &cfg.cmdline_extra])
         .args(["--memory-mib", &cfg.memory_mib.to_string()])
         .args(["--timeout-secs", "300"]);
-    let (out, wall, rss) = measure(cmd, Duration::from_secs(330))?;
-    let v: serde_json::Value = serde_json::from_str(&out)
-        .map_err(|e| BenchError::Guest(format!("`airlock-vmm` printed no JSON ({e}): {out}")))?;
+    let (out, err, wall, rss) = measure(cmd, Duration::from_secs(330))?;
+    let v: serde_json::Value = serde_json::from_str(&out).map_err(|e| {
+        BenchError::Guest(format!(
+            "`airlock-vmm` printed no JSON ({e}): {out}; its stderr: {err}"
+        ))
+    })?;
     if v["exit"] != "reset" {
         return Err(BenchError::Guest(format!(
             "our guest did not end with a reset: {v}"
@@ -209,7 +225,7 @@ fn qemu(cfg: &BenchConfig, cmdline: &str) -> Result<Sample, BenchError> {
         .arg("-initrd")
         .arg(&cfg.initrd)
         .args(["-append", cmdline]);
-    let (out, wall, rss) = measure(cmd, Duration::from_secs(330))?;
+    let (out, _err, wall, rss) = measure(cmd, Duration::from_secs(330))?;
     if !out.contains("Kernel panic") {
         return Err(BenchError::Guest(format!(
             "the QEMU guest did not reach its init's end; console:\n{out}"
@@ -282,7 +298,7 @@ mod tests {
     fn measure_reports_wall_and_peak_rss_of_a_child() {
         let mut cmd = Command::new("sh");
         cmd.args(["-c", "echo hi"]);
-        let (out, wall, rss) = measure(cmd, Duration::from_secs(10)).unwrap();
+        let (out, _err, wall, rss) = measure(cmd, Duration::from_secs(10)).unwrap();
         assert_eq!(out, "hi\n");
         assert!(wall > Duration::ZERO);
         assert!(rss > 0);
