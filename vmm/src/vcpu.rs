@@ -133,6 +133,9 @@ pub(crate) fn run(vcpus: Vec<VcpuFd>, buses: &Buses, cfg: &VmConfig) -> Result<V
                 let exit = vcpu_loop(&mut vcpu, &buses, &stop);
                 stop.store(true, Ordering::SeqCst);
                 let _ = tx.send(exit);
+                // Handed back, so the main thread closes it: a vCPU thread's
+                // filter has no close(2).
+                vcpu
             });
         match spawned {
             Ok(t) => threads.push(t),
@@ -161,7 +164,8 @@ pub(crate) fn run(vcpus: Vec<VcpuFd>, buses: &Buses, cfg: &VmConfig) -> Result<V
             let _ = t.kill(kick_signal());
             std::thread::sleep(Duration::from_millis(5));
         }
-        let _ = t.join();
+        // The vCPU fd drops (closes) here, on this thread.
+        drop(t.join());
     }
     match spawn_error {
         Some(e) => Err(e),
