@@ -471,7 +471,10 @@ fn the_vmm_process_runs_a_guest_to_its_end_under_its_filters() {
     let (v, code) = scenario("vmm-filtered-run");
     assert_eq!(code, 0, "{v}");
     assert_eq!(v["exit"], "reset", "{v}");
-    assert!(v["console"].as_str().unwrap_or("").contains("Kernel panic"), "{v}");
+    assert!(
+        v["console"].as_str().unwrap_or("").contains("Kernel panic"),
+        "{v}"
+    );
 }
 
 #[test]

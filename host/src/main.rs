@@ -169,6 +169,10 @@ enum VmCmd {
         /// Our VMM binary (default: `airlock-vmm` next to this program).
         #[arg(long)]
         vmm: Option<PathBuf>,
+        /// Compare with this `airlock-vmm` build instead of QEMU (an A/B
+        /// of two VMM builds in one run).
+        #[arg(long)]
+        reference_vmm: Option<PathBuf>,
         /// Rounds (each boots both once).
         #[arg(long, default_value_t = 5)]
         rounds: u32,
@@ -520,6 +524,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     image,
                     qemu,
                     vmm,
+                    reference_vmm,
                     rounds,
                     memory_mib,
                 },
@@ -542,6 +547,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 cmdline_extra: image.cmdline,
                 memory_mib,
                 rounds,
+                reference_vmm,
             })?;
             print_json(&report)?;
             Ok(ExitCode::SUCCESS)

@@ -60,6 +60,9 @@ pub struct BenchConfig {
     pub memory_mib: u32,
     /// Rounds (each boots both once).
     pub rounds: u32,
+    /// Compare with this `airlock-vmm` build instead of QEMU (an A/B of
+    /// two VMM builds in one run).
+    pub reference_vmm: Option<PathBuf>,
 }
 
 /// One measured boot.
@@ -78,9 +81,12 @@ pub struct Sample {
 pub struct BenchReport {
     /// Our VMM, one sample per round.
     pub ours: Vec<Sample>,
-    /// QEMU microvm, one sample per round.
+    /// The reference (QEMU microvm, or another VMM build), one sample per
+    /// round.
     pub qemu: Vec<Sample>,
-    /// Median wall of ours / median wall of QEMU.
+    /// What the reference was.
+    pub reference: String,
+    /// Median wall of ours / median wall of the reference.
     pub ratio: f64,
     /// Median of (our peak RSS − guest resident), KiB.
     pub vmm_overhead_kib: u64,
@@ -189,7 +195,12 @@ fn measure(
 }
 
 fn ours(cfg: &BenchConfig) -> Result<Sample, BenchError> {
-    let mut cmd = Command::new(&cfg.vmm);
+    vmm_at(&cfg.vmm, cfg)
+}
+
+/// One boot of the `airlock-vmm` at `vmm`.
+fn vmm_at(vmm: &std::path::Path, cfg: &BenchConfig) -> Result<Sample, BenchError> {
+    let mut cmd = Command::new(vmm);
     cmd.arg("--kernel")
         .arg(&cfg.kernel)
         .arg("--initrd")
@@ -246,15 +257,19 @@ pub fn boot_bench(cfg: &BenchConfig) -> Result<BenchReport, BenchError> {
     let cmdline = format!("{BASE_CMDLINE} {}", cfg.cmdline_extra);
     // One unrecorded boot of each first: the first run of a binary pays for
     // reading it and the images into the page cache, whichever side it is.
+    let reference = || match &cfg.reference_vmm {
+        Some(r) => vmm_at(r, cfg),
+        None => qemu(cfg, &cmdline),
+    };
     ours(cfg)?;
-    qemu(cfg, &cmdline)?;
+    reference()?;
     let (mut a, mut b) = (Vec::new(), Vec::new());
     for round in 0..cfg.rounds {
         if round % 2 == 0 {
             a.push(ours(cfg)?);
-            b.push(qemu(cfg, &cmdline)?);
+            b.push(reference()?);
         } else {
-            b.push(qemu(cfg, &cmdline)?);
+            b.push(reference()?);
             a.push(ours(cfg)?);
         }
         tracing::info!(
@@ -277,6 +292,10 @@ pub fn boot_bench(cfg: &BenchConfig) -> Result<BenchReport, BenchError> {
     Ok(BenchReport {
         ours: a,
         qemu: b,
+        reference: cfg.reference_vmm.as_ref().map_or_else(
+            || "qemu microvm".to_string(),
+            |r| format!("airlock-vmm {}", r.display()),
+        ),
         ratio,
         vmm_overhead_kib: overhead,
         cmdline,

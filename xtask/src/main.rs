@@ -65,6 +65,10 @@ enum Cmd {
         /// Invocations at once for `load`.
         #[arg(long, default_value_t = 1000)]
         concurrency: u32,
+        /// For `boot`: compare with this `airlock-vmm` build (static musl)
+        /// instead of QEMU — an A/B of two VMMs in one run.
+        #[arg(long)]
+        reference_vmm: Option<PathBuf>,
     },
 }
 
@@ -104,11 +108,12 @@ fn main() -> anyhow::Result<()> {
             iterations,
             rounds,
             concurrency,
+            reference_vmm,
         } => match which.as_str() {
             "runner" => bench_runner(iterations),
             "service" => bench_service::run(iterations),
             "load" => bench_service::load(concurrency),
-            "boot" => nested::bench_boot(rounds),
+            "boot" => nested::bench_boot(rounds, reference_vmm),
             other => bail!("unknown benchmark {other:?}; available: runner, service, load, boot"),
         },
     }

@@ -388,12 +388,16 @@ fn weights_image(cache: &Path) -> anyhow::Result<(PathBuf, String, PathBuf)> {
 }
 
 /// Which outer image.
-#[derive(Clone, Copy, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq)]
 pub enum Kind {
     /// The VM test scenarios (`<cache>/nested.json`).
     Tests,
-    /// The boot benchmark, with QEMU inside (`<cache>/nested-bench.json`).
-    Bench,
+    /// The boot benchmark, with QEMU inside (`<cache>/nested-bench.json`)
+    /// and, when given, a reference `airlock-vmm` to compare with instead.
+    Bench {
+        /// Another `airlock-vmm` build (static), for an A/B of two VMMs.
+        reference: Option<PathBuf>,
+    },
 }
 
 /// Build the test image and write `<cache>/nested.json`.
@@ -406,9 +410,13 @@ pub fn build() -> anyhow::Result<()> {
 const BENCH_SCRIPT: &str = r#"# The boot benchmark: our VMM vs QEMU microvm, same kernel + initramfs.
 G=/guest
 echo "NESTED-RESULT-BEGIN bench-boot"
+# With /airlock-vmm-ref in the image, the reference is that VMM build
+# (an A/B of two VMMs) instead of QEMU.
+REF=""
+[ -x /airlock-vmm-ref ] && REF="--reference-vmm /airlock-vmm-ref"
 /airlock vm bench-boot --kernel $G/vmlinux --initrd $G/initramfs-selftest.cpio.gz \
   --cmdline airlock.selftest=panic --rounds "${airlock_rounds:-7}" --qemu /usr/bin/qemu-system-x86_64 \
-  --vmm /airlock-vmm 2>&1
+  --vmm /airlock-vmm $REF 2>&1
 echo "NESTED-RESULT-END bench-boot $?"
 "#;
 
@@ -558,9 +566,12 @@ pub fn build_image(kind: Kind) -> anyhow::Result<PathBuf> {
             }
             VM_TESTS
         }
-        Kind::Bench => {
+        Kind::Bench { ref reference } => {
             for (name, path) in qemu_files()? {
                 files.push((name, path, 0o100_755));
+            }
+            if let Some(r) = reference {
+                files.push(("airlock-vmm-ref".into(), r.clone(), 0o100_755));
             }
             BENCH_SCRIPT
         }
@@ -609,7 +620,7 @@ pub fn build_image(kind: Kind) -> anyhow::Result<PathBuf> {
     });
     let path = cache.join(match kind {
         Kind::Tests => "nested.json",
-        Kind::Bench => "nested-bench.json",
+        Kind::Bench { .. } => "nested-bench.json",
     });
     std::fs::write(&path, serde_json::to_vec_pretty(&manifest)?)?;
     eprintln!("nested harness: {}", path.display());
@@ -671,8 +682,8 @@ fn boot_outer(manifest: &Path, extra: &str, limit: std::time::Duration) -> anyho
 }
 
 /// `cargo xtask bench boot`: inside the outer VM, our VMM vs QEMU microvm.
-pub fn bench_boot(rounds: u32) -> anyhow::Result<()> {
-    let manifest = build_image(Kind::Bench)?;
+pub fn bench_boot(rounds: u32, reference: Option<PathBuf>) -> anyhow::Result<()> {
+    let manifest = build_image(Kind::Bench { reference })?;
     eprintln!("bench boot: booting the outer VM (QEMU TCG + kvm-amd); this takes minutes");
     let console = boot_outer(
         &manifest,
@@ -704,10 +715,12 @@ pub fn bench_boot(rounds: u32) -> anyhow::Result<()> {
     println!(
         "alternating, {rounds} rounds, inside the nested harness (absolute times ≈ 20× hardware)"
     );
+    let reference = json["reference"].as_str().unwrap_or("qemu microvm");
+    println!("  reference: {reference}");
     println!("  ours (ms):        {}", walls("ours").join(" "));
-    println!("  qemu microvm (ms): {}", walls("qemu").join(" "));
+    println!("  reference (ms):   {}", walls("qemu").join(" "));
     println!(
-        "  ratio (median ours / median qemu): {:.3}",
+        "  ratio (median ours / median reference): {:.3}",
         json["ratio"].as_f64().unwrap_or(0.0)
     );
     println!(
@@ -721,6 +734,6 @@ pub fn bench_boot(rounds: u32) -> anyhow::Result<()> {
             .unwrap_or_default()
     };
     println!("  peak RSS ours (KiB): {}", peak("ours").join(" "));
-    println!("  peak RSS qemu (KiB): {}", peak("qemu").join(" "));
+    println!("  peak RSS reference (KiB): {}", peak("qemu").join(" "));
     Ok(())
 }
