@@ -462,6 +462,10 @@ fn the_service_runs_calls_in_microvms_from_its_warm_pool() {
     assert!(threads >= 4, "{v}");
     assert_eq!(v["vmm_threads_filtered"].as_u64(), Some(threads), "{v}");
     assert_eq!(v["vmm_no_new_privs"], 1, "{v}");
+    // Its rlimits, from outside: no core dumps (they would hold guest
+    // memory), a bounded descriptor table (soft/hard).
+    assert_eq!(v["vmm_max_open_files"], "512/512", "{v}");
+    assert_eq!(v["vmm_max_core"], "0/0", "{v}");
 }
 
 #[test]

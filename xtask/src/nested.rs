@@ -314,6 +314,8 @@ vmm=$(pidof airlock-vmm | cut -d' ' -f1)
 threads=$(ls /proc/$vmm/task | wc -w)
 filtered=$(cat /proc/$vmm/task/*/status | grep -c '^Seccomp:[^0-9]*2')
 nnp=$(grep '^NoNewPrivs:' /proc/$vmm/status | tr -dc 0-9)
+maxfiles=$(grep '^Max open files' /proc/$vmm/limits | awk '{print $4 "/" $5}')
+maxcore=$(grep '^Max core file size' /proc/$vmm/limits | awk '{print $5 "/" $6}')
 kill -9 $pid
 wait $pid 2>/dev/null || true
 i=0; while [ -n "$(pidof airlock-vmm)" ] && [ $i -lt 60 ]; do sleep 1; i=$((i+1)); done
@@ -321,8 +323,9 @@ left=$(pidof airlock-vmm | wc -w)
 printf '{"first": '; cat /tmp/call1.json; printf ', "second": '; cat /tmp/call2.json
 printf ', "vms_booted": %s, "vmm_processes_while_serving": %s, "vmm_processes_after_kill9": %s' \
   "${booted:-null}" "$serving" "$left"
-printf ', "vmm_threads": %s, "vmm_threads_filtered": %s, "vmm_no_new_privs": %s}\n' \
+printf ', "vmm_threads": %s, "vmm_threads_filtered": %s, "vmm_no_new_privs": %s' \
   "${threads:-0}" "${filtered:-0}" "${nnp:-null}"
+printf ', "vmm_max_open_files": "%s", "vmm_max_core": "%s"}\n' "$maxfiles" "$maxcore"
 EOT
 if wanted service-vm; then
   echo "NESTED-RESULT-BEGIN service-vm"

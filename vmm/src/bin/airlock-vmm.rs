@@ -14,7 +14,8 @@
 //! exit), 2 on bad input or when the VM cannot start (stderr says why).
 //! With `--stop-on-stdin-eof` the VM is stopped (exit `stopped`) when stdin
 //! closes: the parent's way to stop it, and what happens if the parent dies.
-//! Every thread runs under its seccomp filter (`airlock_vmm::seccomp`)
+//! The process confines itself first (no core dumps, not dumpable, at most
+//! `MAX_OPEN_FILES` descriptors). Every thread runs under its seccomp filter (`airlock_vmm::seccomp`)
 //! unless `--seccomp off`; a forbidden syscall ends the process with
 //! status 159 and a line on stderr naming the thread and the syscall.
 
@@ -33,6 +34,10 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    if let Err(e) = airlock_vmm::process::confine_self() {
+        eprintln!("airlock-vmm: cannot confine this process: {e}");
+        return ExitCode::from(2);
+    }
     let (mut cfg, stop_on_eof) = (args.cfg, args.stop_on_stdin_eof);
     if let Some(mode) = args.seccomp {
         let loaded = Filters::load(mode).and_then(|f| {
