@@ -531,7 +531,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         } => {
             let vmm = match vmm {
                 Some(v) => v,
-                None => std::env::current_exe()?.with_file_name("airlock-vmm"),
+                None => airlock::callsite::default_vmm_binary(),
             };
             if !vmm.is_file() {
                 bail!(

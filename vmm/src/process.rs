@@ -375,16 +375,14 @@ impl VmProcess {
         self.stopped_at.get_or_insert_with(Instant::now);
     }
 
-    /// Stop (if not already ended), reap the child, read its report.
-    ///
-    /// # Errors
-    /// [`ProcessError::NoReport`] when it ended without one.
-    pub fn wait(mut self) -> Result<ProcessEnd, ProcessError> {
+    /// Stop the VMM and reap it, killing it if it has not ended within
+    /// [`STOP_GRACE`] of being stopped; how it ended.
+    fn reap(&mut self) -> String {
         self.stop();
         let deadline = self.stopped_at.unwrap_or_else(Instant::now) + STOP_GRACE;
-        let status = loop {
+        loop {
             match self.child.try_wait() {
-                Ok(Some(s)) => break s.to_string(),
+                Ok(Some(s)) => return s.to_string(),
                 Ok(None) if Instant::now() < deadline => {
                     std::thread::sleep(Duration::from_millis(10));
                 }
@@ -394,14 +392,22 @@ impl VmProcess {
                         "the VMM did not stop in time; killing it"
                     );
                     let _ = self.child.kill();
-                    break self
+                    return self
                         .child
                         .wait()
                         .map_or_else(|e| e.to_string(), |s| s.to_string());
                 }
-                Err(e) => break e.to_string(),
+                Err(e) => return e.to_string(),
             }
-        };
+        }
+    }
+
+    /// Stop (if not already ended), reap the child, read its report.
+    ///
+    /// # Errors
+    /// [`ProcessError::NoReport`] when it ended without one.
+    pub fn wait(mut self) -> Result<ProcessEnd, ProcessError> {
+        let status = self.reap();
         let out = self
             .stdout
             .take()
@@ -438,15 +444,9 @@ impl VmProcess {
 
 impl Drop for VmProcess {
     fn drop(&mut self) {
+        // Not yet waited for: reap it so no zombie (or VMM) remains.
         if self.stdout.is_some() {
-            self.stop();
-            // Reap it (killing it after the grace) so no zombie remains.
-            let deadline = Instant::now() + STOP_GRACE;
-            while matches!(self.child.try_wait(), Ok(None)) && Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(10));
-            }
-            let _ = self.child.kill();
-            let _ = self.child.wait();
+            self.reap();
         }
     }
 }
