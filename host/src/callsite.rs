@@ -138,21 +138,57 @@ pub trait Component: Send + Sync {
     }
 }
 
-/// A component from its bytes (a file the CLI read).
-#[derive(Debug, Clone)]
-pub struct WasmBytes(pub Vec<u8>);
+/// A component from its bytes (a file the CLI read). It is compiled once,
+/// however many calls use it (`airlock vm multi` loads it into several VMs
+/// at once): the first call compiles, the others wait for that.
+#[derive(Default)]
+pub struct WasmBytes {
+    bytes: Vec<u8>,
+    artifact: std::sync::Mutex<Option<Vec<u8>>>,
+    loaded: std::sync::Mutex<Option<Arc<Loaded>>>,
+}
+
+impl std::fmt::Debug for WasmBytes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WasmBytes")
+            .field("len", &self.bytes.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl WasmBytes {
+    /// The component in `bytes`.
+    pub fn new(bytes: Vec<u8>) -> Self {
+        Self {
+            bytes,
+            ..Self::default()
+        }
+    }
+}
 
 impl Component for WasmBytes {
     fn loaded(&self, runner: &Runner) -> Result<Arc<Loaded>, CallSiteError> {
-        Ok(Arc::new(runner.load_wasm(&self.0)?))
+        let mut l = self.loaded.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(l) = &*l {
+            return Ok(l.clone());
+        }
+        let fresh = Arc::new(runner.load_wasm(&self.bytes)?);
+        *l = Some(fresh.clone());
+        Ok(fresh)
     }
 
     fn artifact(&self, runner: &Runner) -> Result<Vec<u8>, CallSiteError> {
-        Ok(runner.precompile(&self.0)?)
+        let mut a = self.artifact.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(a) = &*a {
+            return Ok(a.clone());
+        }
+        let fresh = runner.precompile(&self.bytes)?;
+        *a = Some(fresh.clone());
+        Ok(fresh)
     }
 
     fn docs(&self) -> BTreeMap<String, String> {
-        airlock_wasm_tools::docs::from_component(&self.0).functions
+        airlock_wasm_tools::docs::from_component(&self.bytes).functions
     }
 }
 

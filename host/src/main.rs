@@ -440,7 +440,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let site = guest.call_site(isolation, weights, &policy)?;
             let grants = site.grants(policy.grant_set())?;
             let outcome = site
-                .call(&WasmBytes(bytes), &tool, &args, &grants)
+                .call(&WasmBytes::new(bytes), &tool, &args, &grants)
                 .context("calling the tool")?
                 .outcome;
             print_json(&outcome)?;
@@ -749,7 +749,7 @@ fn vm_multi(a: MultiArgs) -> anyhow::Result<serde_json::Value> {
                 .with_context(|| format!("--args #{} is not JSON", i + 1))
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
-    let wasm = WasmBytes(read_component(&a.component)?);
+    let wasm = WasmBytes::new(read_component(&a.component)?);
     let policy = Policy::default();
     let site = a.guest.call_site(Isolation::Vm, None, &policy)?;
     let grants = site.grants(policy.grant_set())?;
