@@ -96,16 +96,23 @@ impl Filters {
     /// # Errors
     /// [`SeccompError`] when the data does not compile or lacks a role.
     pub fn load(mode: Mode) -> Result<Self, SeccompError> {
-        let mut json: serde_json::Value =
-            serde_json::from_str(FILTERS_JSON).map_err(|e| SeccompError::Compile(e.to_string()))?;
-        if mode == Mode::Log
-            && let Some(map) = json.as_object_mut()
-        {
-            for f in map.values_mut() {
-                f["default_action"] = "log".into();
+        // The data as it is; in log mode, rewritten with every filter's
+        // default action set to `log`.
+        let logged;
+        let text = match mode {
+            Mode::Enforce => FILTERS_JSON,
+            Mode::Log => {
+                let mut json: serde_json::Value = serde_json::from_str(FILTERS_JSON)
+                    .map_err(|e| SeccompError::Compile(e.to_string()))?;
+                if let Some(map) = json.as_object_mut() {
+                    for f in map.values_mut() {
+                        f["default_action"] = "log".into();
+                    }
+                }
+                logged = json.to_string();
+                logged.as_str()
             }
-        }
-        let text = json.to_string();
+        };
         let mut map =
             seccompiler::compile_from_json(text.as_bytes(), seccompiler::TargetArch::x86_64)
                 .map_err(|e| SeccompError::Compile(e.to_string()))?;
