@@ -278,6 +278,31 @@ fn a_guest_kernel_panic_is_reported_and_cleaned_up() {
 }
 
 #[test]
+fn vm_boot_runs_the_vmm_in_its_jail_and_says_so() {
+    // `airlock vm boot` as root jails by default; the VMM reports what it
+    // is from inside: pid 1 of its namespace, a uid of its own, the
+    // hostname of the jail, and the cgroup limits it was put under.
+    let (v, code) = scenario("panic");
+    assert_eq!(code, 0, "{v}");
+    let j = &v["jail"];
+    let uid = j["uid"].as_u64().unwrap_or(0);
+    assert!((2_000_000..2_000_000 + 65_536).contains(&uid), "{v}");
+    assert_eq!(j["gid"], j["uid"], "{v}");
+    assert_eq!(j["pid_in_namespace"], 1, "{v}");
+    assert_eq!(j["hostname"], "airlock-vm", "{v}");
+    assert_eq!(
+        j["namespaces"],
+        serde_json::json!(["mnt", "pid", "ipc", "uts", "net"]),
+        "{v}"
+    );
+    assert_eq!(j["max_tasks"], 17, "{v}");
+    let limits = &j["cgroup_limits"];
+    assert_eq!(limits["memory.max"], (320u64 << 20).to_string(), "{v}");
+    assert_eq!(limits["pids.max"], "17", "{v}");
+    assert_eq!(limits["cpu.max"], "200000 100000", "{v}");
+}
+
+#[test]
 fn a_guest_that_never_finishes_is_stopped_at_the_timeout() {
     let (v, code) = scenario("never-ready");
     assert_eq!(code, 0, "the host process must survive: {v}");
@@ -466,6 +491,32 @@ fn the_service_runs_calls_in_microvms_from_its_warm_pool() {
     // memory), a bounded descriptor table (soft/hard).
     assert_eq!(v["vmm_max_open_files"], "512/512", "{v}");
     assert_eq!(v["vmm_max_core"], "0/0", "{v}");
+    // Its jail, from outside: a uid of its own (and its keeper the same),
+    // other namespaces than the host's, a root holding only what the VM
+    // needs, a cgroup leaf with the VM's limits (256 MiB guest + 64 MiB,
+    // 1 vCPU + 1 CPU for devices, 1 + 16 tasks).
+    let uid = v["vmm_uid"].as_u64().unwrap_or(0);
+    assert!((2_000_000..2_000_000 + 65_536).contains(&uid), "{v}");
+    assert_eq!(v["keeper_uid"], v["vmm_uid"], "{v}");
+    assert_eq!(v["keeper_filtered"], 1, "{v}");
+    assert_eq!(v["vmm_other_namespaces"], 5, "{v}");
+    let root: Vec<&str> = v["vmm_root"].as_str().unwrap().split_whitespace().collect();
+    assert_eq!(root, ["dev", "initrd", "kernel", "run"], "{v}");
+    assert!(
+        v["vmm_cgroup"].as_str().unwrap().starts_with("/airlock/"),
+        "{v}"
+    );
+    assert_eq!(v["cgroup_memory_max"], (320u64 << 20).to_string(), "{v}");
+    assert_eq!(v["cgroup_pids_max"], "17", "{v}");
+    assert_eq!(v["cgroup_cpu_max"], "200000 100000", "{v}");
+    // The calls' VMs are gone, and so are their leaves (a refill may be
+    // booting: one more at most).
+    let jailed = v["jailed_vmms_while_serving"].as_u64().unwrap();
+    assert!(jailed >= 1, "{v}");
+    assert!(
+        v["cgroup_leaves_while_serving"].as_u64().unwrap() <= jailed + 1,
+        "{v}"
+    );
 }
 
 #[test]

@@ -23,6 +23,7 @@ use crate::sandbox::{EGRESS_TIMEOUT, SandboxConfig, SandboxError};
 use crate::weights::Weights;
 use airlock_guest::{CallOutcome, EngineConfig, GrantSet, Loaded, Runner, RunnerError};
 use airlock_vmm::VmmError;
+use airlock_vmm::jail::JailConfig;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -96,6 +97,45 @@ pub struct VmSettings {
     /// How long one VM may live (warm VMs wait for calls; each call has
     /// its own limit inside).
     pub life_timeout: Duration,
+    /// The jail every VMM process runs in, if any (see [`JailMode`]).
+    pub jail: Option<JailConfig>,
+}
+
+/// Whether VMM processes run jailed (`airlock_vmm::jail`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum JailMode {
+    /// Jailed when this process runs as root (the default).
+    #[default]
+    Auto,
+    /// Always jailed: refused unless root.
+    On,
+    /// Never jailed (seccomp and rlimits still apply).
+    Off,
+}
+
+impl std::str::FromStr for JailMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "auto" => Ok(Self::Auto),
+            "on" => Ok(Self::On),
+            "off" => Ok(Self::Off),
+            other => Err(format!(
+                "expected \"auto\", \"on\" or \"off\", got {other:?}"
+            )),
+        }
+    }
+}
+
+impl JailMode {
+    /// The jail `cfg` when this mode jails in this process.
+    pub fn resolve(self, cfg: JailConfig) -> Option<JailConfig> {
+        match self {
+            Self::On => Some(cfg),
+            Self::Off => None,
+            Self::Auto => nix::unistd::geteuid().is_root().then_some(cfg),
+        }
+    }
 }
 
 impl VmSettings {
@@ -115,6 +155,7 @@ impl VmSettings {
             cmdline_extra: self.cmdline_extra.clone(),
             boot_attempts: self.boot_attempts,
             egress_ca: egress_ca.to_vec(),
+            jail: self.jail.clone(),
         }
     }
 }
@@ -242,6 +283,14 @@ impl CallSite {
             airlock_vmm::check_host().map_err(CallSiteError::Host)?;
             if !v.vmm.is_file() {
                 return Err(CallSiteError::NoVmm(v.vmm.clone()));
+            }
+            if let Some(j) = &v.jail {
+                if !nix::unistd::geteuid().is_root() {
+                    return Err(CallSiteError::Vm(SandboxError::Jail(
+                        airlock_vmm::jail::JailError::NotRoot(nix::unistd::geteuid().as_raw()),
+                    )));
+                }
+                airlock_vmm::jail::sweep(j);
             }
         }
         let proxy = Proxy::with_extra_roots(EGRESS_TIMEOUT, egress_ca)?;

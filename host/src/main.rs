@@ -150,6 +150,13 @@ enum VmCmd {
         /// Wall-clock limit, seconds.
         #[arg(long, default_value_t = 60)]
         timeout_secs: u64,
+        /// The VMM binary (default: `airlock-vmm` next to this program).
+        #[arg(long)]
+        vmm: Option<PathBuf>,
+        /// Run the VMM in its jail: auto (when root), on, off. The report
+        /// says what was done under "jail".
+        #[arg(long, default_value = "auto")]
+        jail: airlock::callsite::JailMode,
     },
     /// Boot `count` rounds of `parallel` VMs and report how each ended plus
     /// this process's fds, threads and RSS before and after (leak check).
@@ -179,6 +186,10 @@ enum VmCmd {
         /// Guest memory, MiB.
         #[arg(long, default_value_t = 256)]
         memory_mib: u32,
+        /// Run our VMM in its jail, as the daemon does: auto (when root),
+        /// on, off.
+        #[arg(long, default_value = "auto")]
+        jail: airlock::callsite::JailMode,
     },
 }
 
@@ -226,6 +237,10 @@ struct GuestArgs {
     /// this program).
     #[arg(long)]
     vmm: Option<PathBuf>,
+    /// Run each VMM process in its jail (namespaces, pivot_root, a uid of
+    /// its own, a cgroup leaf): auto (when root), on, off.
+    #[arg(long, default_value = "auto")]
+    jail: airlock::callsite::JailMode,
 }
 
 impl GuestArgs {
@@ -267,6 +282,7 @@ impl GuestArgs {
                     boot_attempts: self.boot_attempts,
                     life_timeout: std::time::Duration::from_millis(policy.limits.timeout_ms)
                         + std::time::Duration::from_secs(420),
+                    jail: self.jail.resolve(airlock_vmm::jail::JailConfig::default()),
                 })
             }
         };
@@ -367,6 +383,31 @@ fn read_component(path: &Path) -> anyhow::Result<Vec<u8>> {
     std::fs::read(path).with_context(|| format!("cannot read component {}", path.display()))
 }
 
+/// `vm boot`: the VMM in a process of its own (in its jail when `jail`
+/// says so), run until the VM ends.
+fn boot_process(
+    vmm: &Path,
+    cfg: &airlock_vmm::VmConfig,
+    jail: airlock::callsite::JailMode,
+) -> anyhow::Result<airlock_vmm::process::ProcessEnd> {
+    airlock_vmm::refuse_pvm()?;
+    let dir = airlock::sandbox::fresh_dir("airlock-boot")?;
+    let run = || -> anyhow::Result<_> {
+        let jail = jail
+            .resolve(airlock_vmm::jail::JailConfig::default())
+            .map(|j| airlock_vmm::jail::VmJail::prepare(&j, &dir, cfg))
+            .transpose()?;
+        let vm = airlock_vmm::process::VmProcess::spawn(vmm, cfg, jail)?;
+        while !vm.is_finished() {
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        Ok(vm.wait()?)
+    };
+    let end = run();
+    let _ = std::fs::remove_dir_all(&dir);
+    end
+}
+
 fn print_json(v: &impl serde::Serialize) -> anyhow::Result<()> {
     let mut out = std::io::stdout().lock();
     serde_json::to_writer_pretty(&mut out, v)?;
@@ -456,11 +497,14 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     memory_mib,
                     vcpus,
                     timeout_secs,
+                    vmm,
+                    jail,
                 },
         } => {
             let cfg = image.config(memory_mib, vcpus, timeout_secs, 1 << 20);
-            let report = airlock_vmm::run(&cfg)?;
-            print_json(&report.to_json())?;
+            let vmm = vmm.unwrap_or_else(airlock::callsite::default_vmm_binary);
+            let end = boot_process(&vmm, &cfg, jail)?;
+            print_json(&end.report)?;
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Vm {
@@ -527,6 +571,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     reference_vmm,
                     rounds,
                     memory_mib,
+                    jail,
                 },
         } => {
             let vmm = match vmm {
@@ -548,6 +593,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 memory_mib,
                 rounds,
                 reference_vmm,
+                jail: jail.resolve(airlock_vmm::jail::JailConfig::default()),
             })?;
             print_json(&report)?;
             Ok(ExitCode::SUCCESS)

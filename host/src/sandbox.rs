@@ -16,6 +16,7 @@
 use crate::egress::{EgressError, Proxy};
 use airlock_guest::proto::{self, BootStage, FrameLimits, Message, ProtoError};
 use airlock_guest::{CallOutcome, GrantSet};
+use airlock_vmm::jail::{JailConfig, VmJail};
 use airlock_vmm::process::{ProcessEnd, ProcessError, VmProcess};
 use airlock_vmm::{VmConfig, VmExit, VsockConfig};
 use sha2::{Digest, Sha256};
@@ -74,6 +75,9 @@ pub enum SandboxError {
     /// The egress proxy could not be set up.
     #[error(transparent)]
     Egress(#[from] EgressError),
+    /// The VM's jail could not be set up.
+    #[error(transparent)]
+    Jail(#[from] airlock_vmm::jail::JailError),
 }
 
 impl SandboxError {
@@ -119,6 +123,8 @@ pub struct SandboxConfig {
     /// CA certificates (PEM) the egress proxy trusts besides the Mozilla
     /// roots, for servers behind a private CA; empty for none.
     pub egress_ca: Vec<u8>,
+    /// The jail each VMM process runs in (`airlock_vmm::jail`), if any.
+    pub jail: Option<JailConfig>,
 }
 
 /// A running microVM with its agent connected.
@@ -227,21 +233,13 @@ impl Sandbox {
         // Whether this host can run the guest at all was checked once, by
         // the call site; `airlock_vmm::run` refuses such a host again.
         let start = Instant::now();
-        let mut rnd = [0u8; 8];
-        getrandom::fill(&mut rnd).map_err(|e| std::io::Error::other(e.to_string()))?;
-        let dir = std::env::temp_dir().join(format!("airlock-vm-{}", hex::encode(rnd)));
-        std::fs::create_dir_all(&dir)?;
-        let uds = dir.join("vsock.sock");
+        let dir = fresh_dir("airlock-vm")?;
+        // The VM's sockets live in `dir/run` (the directory a jailed VMM
+        // sees as its /run/vsock); a jail's root is `dir/root`.
+        let sockets = dir.join("run");
+        std::fs::create_dir_all(&sockets)?;
+        let uds = sockets.join("vsock.sock");
         let stop = Arc::new(AtomicBool::new(false));
-        // The guest reaches the egress proxy at host port EGRESS_PORT, which
-        // the vsock device bridges to `<uds>_<port>`.
-        let proxy = Proxy::with_extra_roots(EGRESS_TIMEOUT, &cfg.egress_ca)?;
-        let egress_path = PathBuf::from(format!(
-            "{}_{}",
-            uds.display(),
-            airlock_guest::egress::EGRESS_PORT
-        ));
-        let egress = spawn_egress(&egress_path, proxy.clone(), stop.clone())?;
         let vm_cfg = VmConfig {
             kernel: cfg.kernel.clone(),
             initrd: cfg.initrd.clone(),
@@ -270,14 +268,37 @@ impl Sandbox {
             seccomp: None,
             seccomp_selftest: false,
         };
-        let vm = match VmProcess::spawn(&cfg.vmm, &vm_cfg) {
+        let cleanup = |e: SandboxError| {
+            let _ = std::fs::remove_dir_all(&dir);
+            e
+        };
+        let jail = cfg
+            .jail
+            .as_ref()
+            .map(|j| VmJail::prepare(j, &dir, &vm_cfg))
+            .transpose()
+            .map_err(|e| cleanup(e.into()))?;
+        // The guest reaches the egress proxy at host port EGRESS_PORT, which
+        // the vsock device bridges to `<uds>_<port>`.
+        let proxy = Proxy::with_extra_roots(EGRESS_TIMEOUT, &cfg.egress_ca)
+            .map_err(|e| cleanup(e.into()))?;
+        let egress_path = PathBuf::from(format!(
+            "{}_{}",
+            uds.display(),
+            airlock_guest::egress::EGRESS_PORT
+        ));
+        let egress = spawn_egress(&egress_path, proxy.clone(), stop.clone()).map_err(cleanup)?;
+        let handed = jail.as_ref().map_or(Ok(()), |j| j.hand_over(&egress_path));
+        let vm = match handed
+            .map_err(SandboxError::from)
+            .and_then(|()| Ok(VmProcess::spawn(&cfg.vmm, &vm_cfg, jail)?))
+        {
             Ok(vm) => vm,
             Err(e) => {
                 stop.store(true, Ordering::SeqCst);
                 let _ = UnixStream::connect(&egress_path);
                 let _ = egress.join();
-                let _ = std::fs::remove_dir_all(&dir);
-                return Err(e.into());
+                return Err(cleanup(e));
             }
         };
         let mut sb = Self {
@@ -534,6 +555,19 @@ impl Sandbox {
         let _ = std::fs::remove_dir_all(&self.dir);
         Ok(r?)
     }
+}
+
+/// A new directory `<tmp>/<prefix>-<random>` for one VM (its sockets,
+/// its jail's root).
+///
+/// # Errors
+/// No randomness, or the directory cannot be made.
+pub fn fresh_dir(prefix: &str) -> std::io::Result<PathBuf> {
+    let mut rnd = [0u8; 8];
+    getrandom::fill(&mut rnd).map_err(|e| std::io::Error::other(e.to_string()))?;
+    let dir = std::env::temp_dir().join(format!("{prefix}-{}", hex::encode(rnd)));
+    std::fs::create_dir(&dir)?;
+    Ok(dir)
 }
 
 /// The egress proxy's accept loop: one request per connection, in order.

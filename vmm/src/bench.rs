@@ -63,6 +63,11 @@ pub struct BenchConfig {
     /// Compare with this `airlock-vmm` build instead of QEMU (an A/B of
     /// two VMM builds in one run).
     pub reference_vmm: Option<PathBuf>,
+    /// Run our `airlock-vmm` boots in their jail, as the daemon does (the
+    /// jail's setup, the parent's side too, counts in the wall time). A
+    /// reference build runs unjailed: with `--reference-vmm` naming our own
+    /// binary, the ratio is the jail's cost.
+    pub jail: Option<crate::jail::JailConfig>,
 }
 
 /// One measured boot.
@@ -92,6 +97,8 @@ pub struct BenchReport {
     pub vmm_overhead_kib: u64,
     /// The kernel command line both used.
     pub cmdline: String,
+    /// Whether our boots ran jailed.
+    pub jailed: bool,
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -195,12 +202,45 @@ fn measure(
 }
 
 fn ours(cfg: &BenchConfig) -> Result<Sample, BenchError> {
-    vmm_at(&cfg.vmm, cfg)
+    vmm_at(&cfg.vmm, cfg, cfg.jail.as_ref())
 }
 
-/// One boot of the `airlock-vmm` at `vmm`.
-fn vmm_at(vmm: &std::path::Path, cfg: &BenchConfig) -> Result<Sample, BenchError> {
+/// One boot of the `airlock-vmm` at `vmm` (in a jail when given).
+fn vmm_at(
+    vmm: &std::path::Path,
+    cfg: &BenchConfig,
+    jail: Option<&crate::jail::JailConfig>,
+) -> Result<Sample, BenchError> {
+    let prepare_start = Instant::now();
+    let jail = match jail {
+        None => None,
+        Some(j) => {
+            let dir = JailDir::new()?;
+            let vm = crate::VmConfig {
+                kernel: cfg.kernel.clone(),
+                initrd: cfg.initrd.clone(),
+                cmdline_extra: String::new(),
+                memory_mib: cfg.memory_mib,
+                vcpus: 1,
+                timeout: Duration::from_secs(300),
+                console_cap: 1 << 20,
+                vsock: None,
+                stop: None,
+                pmem: None,
+                seccomp: None,
+                seccomp_selftest: false,
+            };
+            let jail = crate::jail::VmJail::prepare(j, &dir.0, &vm)
+                .map_err(|e| BenchError::Guest(e.to_string()))?;
+            // The jail is released before its directory.
+            Some((jail, dir))
+        }
+    };
+    let prepared = prepare_start.elapsed();
     let mut cmd = Command::new(vmm);
+    if let Some((j, _)) = &jail {
+        cmd.args(j.spec().to_args());
+    }
     cmd.arg("--kernel")
         .arg(&cfg.kernel)
         .arg("--initrd")
@@ -209,6 +249,8 @@ fn vmm_at(vmm: &std::path::Path, cfg: &BenchConfig) -> Result<Sample, BenchError
         .args(["--memory-mib", &cfg.memory_mib.to_string()])
         .args(["--timeout-secs", "300"]);
     let (out, err, wall, rss) = measure(cmd, Duration::from_secs(330))?;
+    let wall = wall + prepared;
+    drop(jail);
     let v: serde_json::Value = serde_json::from_str(&out).map_err(|e| {
         BenchError::Guest(format!(
             "`airlock-vmm` printed no JSON ({e}): {out}; its stderr: {err}"
@@ -224,6 +266,30 @@ fn vmm_at(vmm: &std::path::Path, cfg: &BenchConfig) -> Result<Sample, BenchError
         peak_rss_kib: rss,
         guest_resident_kib: v["guest_resident_kib"].as_u64(),
     })
+}
+
+/// A fresh directory for one jailed boot, removed on drop.
+struct JailDir(PathBuf);
+
+impl JailDir {
+    fn new() -> Result<Self, BenchError> {
+        let mut rnd = [0u8; 8];
+        // SAFETY: getrandom(2) writes at most 8 bytes into `rnd`.
+        unsafe { libc::getrandom(rnd.as_mut_ptr().cast(), rnd.len(), 0) };
+        let dir =
+            std::env::temp_dir().join(format!("airlock-bench-{:016x}", u64::from_le_bytes(rnd)));
+        std::fs::create_dir(&dir).map_err(|source| BenchError::Process {
+            what: format!("making {}", dir.display()),
+            source,
+        })?;
+        Ok(Self(dir))
+    }
+}
+
+impl Drop for JailDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }
 
 fn qemu(cfg: &BenchConfig, cmdline: &str) -> Result<Sample, BenchError> {
@@ -258,7 +324,7 @@ pub fn boot_bench(cfg: &BenchConfig) -> Result<BenchReport, BenchError> {
     // One unrecorded boot of each first: the first run of a binary pays for
     // reading it and the images into the page cache, whichever side it is.
     let reference = || match &cfg.reference_vmm {
-        Some(r) => vmm_at(r, cfg),
+        Some(r) => vmm_at(r, cfg, None),
         None => qemu(cfg, &cmdline),
     };
     ours(cfg)?;
@@ -297,6 +363,7 @@ pub fn boot_bench(cfg: &BenchConfig) -> Result<BenchReport, BenchError> {
             |r| format!("airlock-vmm {}", r.display()),
         ),
         ratio,
+        jailed: cfg.jail.is_some(),
         vmm_overhead_kib: overhead,
         cmdline,
     })

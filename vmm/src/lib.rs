@@ -24,6 +24,7 @@
 pub mod bench;
 mod builder;
 pub mod devices;
+pub mod jail;
 mod layout;
 pub mod process;
 mod ram;
@@ -248,11 +249,23 @@ impl RunReport {
             "stages": stages,
             "setup_us": self.setup.as_micros() as u64,
             "image_load_us": self.image_load.as_micros() as u64,
-            "peak_rss_kib": ProcessUsage::now().peak_rss_kib,
+            "peak_rss_kib": peak_rss_kib(),
             "guest_resident_kib": self.guest_resident_bytes >> 10,
             "console": self.console,
         })
     }
+}
+
+/// This process's peak resident set, KiB (getrusage: a jailed VMM has no
+/// /proc).
+fn peak_rss_kib() -> u64 {
+    // SAFETY: an all-zero rusage is a valid value of the C struct.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: getrusage(2) writes the struct we pass.
+    if unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut usage) } != 0 {
+        return 0;
+    }
+    u64::try_from(usage.ru_maxrss).unwrap_or(0)
 }
 
 /// How much of guest memory is resident (mincore over every region).
@@ -317,10 +330,20 @@ impl ProcessUsage {
 /// # Errors
 /// [`VmmError::PvmHost`] or [`VmmError::NoKvm`].
 pub fn check_host() -> Result<Kvm, VmmError> {
+    refuse_pvm()?;
+    Kvm::new().map_err(VmmError::NoKvm)
+}
+
+/// Refuse a PVM host (whose KVM hangs stock guests). A jailed VMM checks
+/// this before entering its jail, which has no /sys.
+///
+/// # Errors
+/// [`VmmError::PvmHost`].
+pub fn refuse_pvm() -> Result<(), VmmError> {
     if Path::new("/sys/module/kvm_pvm").exists() {
         return Err(VmmError::PvmHost);
     }
-    Kvm::new().map_err(VmmError::NoKvm)
+    Ok(())
 }
 
 impl VmConfig {

@@ -92,7 +92,7 @@ pub enum ProcessError {
 }
 
 /// The usage line of `airlock-vmm`.
-pub const USAGE: &str = "usage: airlock-vmm --kernel FILE --initrd FILE [--cmdline TEXT] [--memory-mib N] [--vcpus N] [--timeout-secs N] [--pmem FILE] [--vsock-uds PATH --guest-cid N] [--console-cap BYTES] [--stop-on-stdin-eof] [--seccomp enforce|log|off] [--seccomp-selftest]";
+pub const USAGE: &str = "usage: airlock-vmm --kernel FILE --initrd FILE [--cmdline TEXT] [--memory-mib N] [--vcpus N] [--timeout-secs N] [--pmem FILE] [--vsock-uds PATH --guest-cid N] [--console-cap BYTES] [--stop-on-stdin-eof] [--seccomp enforce|log|off] [--seccomp-selftest] [--jail-root DIR --jail-uid N --jail-gid N [--jail-cgroup DIR]]";
 
 /// What `airlock-vmm`'s flags ask for.
 #[derive(Debug)]
@@ -103,6 +103,8 @@ pub struct ProcessArgs {
     pub stop_on_stdin_eof: bool,
     /// Seccomp filters: enforced (the default), logged, or none.
     pub seccomp: Option<crate::seccomp::Mode>,
+    /// The jail to enter first, if any.
+    pub jail: Option<crate::jail::JailSpec>,
 }
 
 /// A configuration as `airlock-vmm` flags, plus whether to stop on stdin EOF.
@@ -160,6 +162,7 @@ pub fn from_args(args: impl IntoIterator<Item = String>) -> Result<ProcessArgs, 
         seccomp_selftest: false,
     };
     let (mut uds, mut cid, mut stop_on_eof) = (None, None, false);
+    let (mut jail_root, mut jail_uid, mut jail_gid, mut jail_cgroup) = (None, None, None, None);
     let mut seccomp = Some(crate::seccomp::Mode::Enforce);
     let mut args = args.into_iter();
     while let Some(flag) = args.next() {
@@ -206,6 +209,10 @@ pub fn from_args(args: impl IntoIterator<Item = String>) -> Result<ProcessArgs, 
                     }
                 };
             }
+            "--jail-root" => jail_root = Some(PathBuf::from(value)),
+            "--jail-uid" => jail_uid = Some(jail_id("--jail-uid", number("--jail-uid")?)?),
+            "--jail-gid" => jail_gid = Some(jail_id("--jail-gid", number("--jail-gid")?)?),
+            "--jail-cgroup" => jail_cgroup = Some(PathBuf::from(value)),
             "--console-cap" => {
                 cfg.console_cap = number("--console-cap")?.try_into().unwrap_or(usize::MAX);
             }
@@ -229,6 +236,21 @@ pub fn from_args(args: impl IntoIterator<Item = String>) -> Result<ProcessArgs, 
             ));
         }
     };
+    let jail = match (jail_root, jail_uid, jail_gid) {
+        (Some(root), Some(uid), Some(gid)) => Some(crate::jail::JailSpec {
+            root,
+            uid,
+            gid,
+            cgroup: jail_cgroup,
+        }),
+        (None, None, None) if jail_cgroup.is_none() => None,
+        _ => {
+            return Err(ProcessError::Usage(
+                "--jail-root, --jail-uid and --jail-gid go together (and --jail-cgroup needs them)"
+                    .into(),
+            ));
+        }
+    };
     if cfg.seccomp_selftest && seccomp.is_none() {
         return Err(ProcessError::Usage(
             "--seccomp-selftest needs the filters (not --seccomp off)".into(),
@@ -238,7 +260,18 @@ pub fn from_args(args: impl IntoIterator<Item = String>) -> Result<ProcessArgs, 
         cfg,
         stop_on_stdin_eof: stop_on_eof,
         seccomp,
+        jail,
     })
+}
+
+/// A jail uid or gid: never root's.
+fn jail_id(flag: &str, n: u64) -> Result<u32, ProcessError> {
+    match u32::try_from(n) {
+        Ok(id) if id != 0 && id != u32::MAX => Ok(id),
+        _ => Err(ProcessError::Usage(format!(
+            "{flag} must be an unprivileged id (1..4294967295), got {n}"
+        ))),
+    }
 }
 
 /// How a VMM process's run ended, from its report.
@@ -276,6 +309,8 @@ pub struct VmProcess {
     stdout: Option<JoinHandle<String>>,
     stderr: Option<JoinHandle<String>>,
     stopped_at: Option<Instant>,
+    /// Released (its cgroup removed) after the child is reaped.
+    jail: Option<crate::jail::VmJail>,
 }
 
 impl std::fmt::Debug for VmProcess {
@@ -302,18 +337,27 @@ fn read_capped(r: impl Read + Send + 'static, name: &str) -> std::io::Result<Joi
 }
 
 impl VmProcess {
-    /// Start `binary` (`airlock-vmm`) for `cfg`; it stops when this handle
-    /// is stopped or dropped.
+    /// Start `binary` (`airlock-vmm`) for `cfg`, in `jail` when given; it
+    /// stops when this handle is stopped or dropped, and the jail is
+    /// released once it is reaped.
     ///
     /// # Errors
     /// [`ProcessError::Spawn`].
-    pub fn spawn(binary: &Path, cfg: &VmConfig) -> Result<Self, ProcessError> {
+    pub fn spawn(
+        binary: &Path,
+        cfg: &VmConfig,
+        jail: Option<crate::jail::VmJail>,
+    ) -> Result<Self, ProcessError> {
         let spawn_err = |source| ProcessError::Spawn {
             binary: binary.to_path_buf(),
             source,
         };
+        let mut args = to_args(cfg, true);
+        if let Some(j) = &jail {
+            args.extend(j.spec().to_args());
+        }
         let mut child = Command::new(binary)
-            .args(to_args(cfg, true))
+            .args(args)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -341,6 +385,7 @@ impl VmProcess {
             stdout,
             stderr,
             stopped_at: None,
+            jail,
         })
     }
 
@@ -378,6 +423,12 @@ impl VmProcess {
     /// Stop the VMM and reap it, killing it if it has not ended within
     /// [`STOP_GRACE`] of being stopped; how it ended.
     fn reap(&mut self) -> String {
+        let status = self.reap_child();
+        self.jail = None;
+        status
+    }
+
+    fn reap_child(&mut self) -> String {
         self.stop();
         let deadline = self.stopped_at.unwrap_or_else(Instant::now) + STOP_GRACE;
         loop {
@@ -540,10 +591,10 @@ mod tests {
         let cfg = from_args(["--kernel", "k", "--initrd", "i"].map(String::from))
             .unwrap()
             .cfg;
-        let p = VmProcess::spawn(Path::new("/bin/false"), &cfg).unwrap();
+        let p = VmProcess::spawn(Path::new("/bin/false"), &cfg, None).unwrap();
         let e = p.wait().unwrap_err().to_string();
         assert!(e.contains("without a report"), "{e}");
-        let e = VmProcess::spawn(Path::new("/nonexistent/airlock-vmm"), &cfg).unwrap_err();
+        let e = VmProcess::spawn(Path::new("/nonexistent/airlock-vmm"), &cfg, None).unwrap_err();
         assert!(e.to_string().contains("/nonexistent/airlock-vmm"), "{e}");
     }
 }

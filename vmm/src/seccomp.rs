@@ -4,8 +4,9 @@
 //! `seccompiler` JSON format), compiled when the process starts: one for
 //! the main thread (installed once the vCPUs run), one for vCPU threads
 //! (`KVM_RUN` and little else), one for device threads (their epoll loop
-//! and the host sockets vsock bridges to) and one for the thread that
-//! watches the parent's stop pipe.
+//! and the host sockets vsock bridges to), one for the thread that
+//! watches the parent's stop pipe, and one for the jail's keeper process
+//! (`crate::jail`: it only waits, and is killed by anything else).
 //!
 //! **Invariants:**
 //! * Each thread installs its own filter first thing, before it touches
@@ -88,6 +89,8 @@ pub struct Filters {
     pub device: Arc<BpfProgram>,
     /// The stop-pipe watcher's.
     pub watcher: Arc<BpfProgram>,
+    /// The jail keeper's (a process of its own: it kills, not traps).
+    pub keeper: Arc<BpfProgram>,
 }
 
 impl Filters {
@@ -126,6 +129,7 @@ impl Filters {
             vcpu: take("vcpu")?,
             device: take("device")?,
             watcher: take("watcher")?,
+            keeper: take("keeper")?,
         })
     }
 }
@@ -211,7 +215,7 @@ mod tests {
     fn the_filter_data_compiles_for_every_role_in_both_modes() {
         for mode in [Mode::Enforce, Mode::Log] {
             let f = Filters::load(mode).unwrap();
-            for p in [&f.main, &f.vcpu, &f.device, &f.watcher] {
+            for p in [&f.main, &f.vcpu, &f.device, &f.watcher, &f.keeper] {
                 assert!(!p.is_empty());
             }
         }

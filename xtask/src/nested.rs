@@ -124,11 +124,23 @@ pub const OUTER_QEMU: &[&str] = &[
 pub const OUTER_APPEND: &str = "console=ttyS0 panic=-1 quiet";
 
 const OUTER_INIT: &str = r#"#!/bin/busybox sh
+# The initramfs root cannot be pivoted away from (pivot_root refuses the
+# rootfs), and each VMM's jail pivots: move everything onto a tmpfs and
+# switch_root into it first, as a real host's root is a real mount.
+if [ ! -e /.switched ]; then
+  /bin/busybox mkdir -p /newroot
+  /bin/busybox mount -t tmpfs -o mode=0755 root /newroot
+  for f in /*; do [ "$f" = /newroot ] || /bin/busybox cp -a "$f" /newroot/; done
+  /bin/busybox touch /newroot/.switched
+  exec /bin/busybox switch_root /newroot /init
+fi
 /bin/busybox --install -s /bin
 mount -t proc proc /proc
 mount -t sysfs sys /sys
 mount -t devtmpfs dev /dev
 mkdir -p /tmp && mount -t tmpfs tmp /tmp
+# cgroup v2, where VM jails make their leaves.
+mount -t cgroup2 cgroup2 /sys/fs/cgroup || echo "NESTED-ERROR mounting cgroup2 failed"
 ip link set lo up
 for m in irqbypass kvm kvm-amd; do
   insmod /lib/modules/$m.ko || echo "NESTED-ERROR insmod $m failed"
@@ -309,8 +321,28 @@ booted=$(wget -q -O - --header "Authorization: Bearer $T" "$U/metrics" | grep '^
 # server outright must not leave it running: it stops when its stdin closes.
 i=0; while [ -z "$(pidof airlock-vmm)" ] && [ $i -lt 600 ]; do sleep 1; i=$((i+1)); done
 serving=$(pidof airlock-vmm | wc -w)
+# Each VMM is jailed: a keeper process outside its pid namespace, and the
+# VMM itself, pid 1 inside it. Tell them apart by NSpid.
+vmm=""; keeper=""
+for p in $(pidof airlock-vmm); do
+  if grep -q '^NSpid:.*[[:space:]]1$' /proc/$p/status; then vmm=${vmm:-$p}; else keeper=${keeper:-$p}; fi
+done
+vmm=${vmm:-$(pidof airlock-vmm | cut -d' ' -f1)}
+# Two calls' VMs are gone: their cgroup leaves must be too.
+leaves=$(ls -d /sys/fs/cgroup/airlock/*/ 2>/dev/null | wc -l)
+jailed=$(grep -l '^NSpid:.*[[:space:]]1$' $(for p in $(pidof airlock-vmm); do echo /proc/$p/status; done) 2>/dev/null | wc -l)
+uid=$(grep '^Uid:' /proc/$vmm/status | awk '{print $2}')
+keeper_uid=$(grep '^Uid:' /proc/$keeper/status 2>/dev/null | awk '{print $2}')
+keeper_filtered=$(grep -c '^Seccomp:[^0-9]*2' /proc/$keeper/status 2>/dev/null)
+other_ns=0
+for ns in mnt pid ipc uts net; do
+  [ "$(readlink /proc/$vmm/ns/$ns)" != "$(readlink /proc/1/ns/$ns)" ] && other_ns=$((other_ns+1))
+done
+root_entries=$(ls /proc/$vmm/root 2>&1 | tr '\n' ' ')
+cg=$(sed -n 's/^0:://p' /proc/$vmm/cgroup)
+cgfile() { cat /sys/fs/cgroup$cg/$1 2>/dev/null | tr -d '\n'; }
+mem_max=$(cgfile memory.max); pids_max=$(cgfile pids.max); cpu_max=$(cgfile cpu.max)
 # Seen from outside: every thread of the waiting VMM runs under a filter.
-vmm=$(pidof airlock-vmm | cut -d' ' -f1)
 threads=$(ls /proc/$vmm/task | wc -w)
 filtered=$(cat /proc/$vmm/task/*/status | grep -c '^Seccomp:[^0-9]*2')
 nnp=$(grep '^NoNewPrivs:' /proc/$vmm/status | tr -dc 0-9)
@@ -325,7 +357,12 @@ printf ', "vms_booted": %s, "vmm_processes_while_serving": %s, "vmm_processes_af
   "${booted:-null}" "$serving" "$left"
 printf ', "vmm_threads": %s, "vmm_threads_filtered": %s, "vmm_no_new_privs": %s' \
   "${threads:-0}" "${filtered:-0}" "${nnp:-null}"
-printf ', "vmm_max_open_files": "%s", "vmm_max_core": "%s"}\n' "$maxfiles" "$maxcore"
+printf ', "vmm_max_open_files": "%s", "vmm_max_core": "%s"' "$maxfiles" "$maxcore"
+printf ', "vmm_uid": %s, "keeper_uid": %s, "keeper_filtered": %s, "vmm_other_namespaces": %s' \
+  "${uid:-null}" "${keeper_uid:-null}" "${keeper_filtered:-0}" "$other_ns"
+printf ', "vmm_root": "%s", "vmm_cgroup": "%s", "cgroup_memory_max": "%s", "cgroup_pids_max": "%s", "cgroup_cpu_max": "%s"' \
+  "$root_entries" "$cg" "$mem_max" "$pids_max" "$cpu_max"
+printf ', "cgroup_leaves_while_serving": %s, "jailed_vmms_while_serving": %s}\n' "$leaves" "$jailed"
 EOT
 if wanted service-vm; then
   echo "NESTED-RESULT-BEGIN service-vm"

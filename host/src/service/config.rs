@@ -198,6 +198,9 @@ struct IsolationEntry {
     weights: Option<String>,
     egress_ca: Option<PathBuf>,
     vmm: Option<PathBuf>,
+    jail: Option<String>,
+    jail_uid_base: Option<u32>,
+    jail_cgroup: Option<PathBuf>,
 }
 
 /// Where calls run.
@@ -206,7 +209,7 @@ pub enum Isolation {
     /// In the service process's Wasm sandbox (development).
     Process,
     /// One KVM microVM per call.
-    Vm(VmSettings),
+    Vm(Box<VmSettings>),
 }
 
 /// The microVMs' settings (the call site's own type).
@@ -532,7 +535,29 @@ fn isolation(i: IsolationEntry) -> Result<Isolation, ConfigError> {
                 Some(p) => file("vmm", Some(p))?,
                 None => crate::callsite::default_vmm_binary(),
             };
-            Ok(Isolation::Vm(VmSettings {
+            let jail_mode: crate::callsite::JailMode = i
+                .jail
+                .as_deref()
+                .unwrap_or("auto")
+                .parse()
+                .map_err(|e: String| field("isolation.jail", e))?;
+            let mut jail = airlock_vmm::jail::JailConfig::default();
+            if let Some(base) = i.jail_uid_base {
+                if base == 0 || base.checked_add(airlock_vmm::jail::UID_SLOTS).is_none() {
+                    return Err(field(
+                        "isolation.jail_uid_base",
+                        format!("must be 1..={}", u32::MAX - airlock_vmm::jail::UID_SLOTS),
+                    ));
+                }
+                jail.uid_base = base;
+            }
+            if let Some(c) = i.jail_cgroup {
+                if !c.is_absolute() {
+                    return Err(field("isolation.jail_cgroup", "must be an absolute path"));
+                }
+                jail.cgroup_parent = c;
+            }
+            Ok(Isolation::Vm(Box::new(VmSettings {
                 vmm,
                 kernel: file("kernel", i.kernel)?,
                 initrd: file("initrd", i.initrd)?,
@@ -543,7 +568,8 @@ fn isolation(i: IsolationEntry) -> Result<Isolation, ConfigError> {
                 boot_attempts: crate::sandbox::BOOT_ATTEMPTS,
                 // Warm VMs wait for calls; each call has its own limit.
                 life_timeout: std::time::Duration::from_secs(24 * 3600),
-            }))
+                jail: jail_mode.resolve(jail),
+            })))
         }
         other => Err(field(
             "isolation.mode",

@@ -265,7 +265,7 @@ impl Service {
             .map_err(|e| ServiceError::Internal(e.to_string()))?;
         let vm = match &config.isolation {
             config::Isolation::Process => None,
-            config::Isolation::Vm(v) => Some(v.clone()),
+            config::Isolation::Vm(v) => Some(v.as_ref().clone()),
         };
         let site = CallSite::new(EngineConfig::default(), &config.egress_ca, vm).map_err(|e| {
             ServiceError::Internal(match e {

@@ -15,7 +15,10 @@
 //! With `--stop-on-stdin-eof` the VM is stopped (exit `stopped`) when stdin
 //! closes: the parent's way to stop it, and what happens if the parent dies.
 //! The process confines itself first (no core dumps, not dumpable, at most
-//! `MAX_OPEN_FILES` descriptors). Every thread runs under its seccomp filter (`airlock_vmm::seccomp`)
+//! `MAX_OPEN_FILES` descriptors). With `--jail-root/--jail-uid/--jail-gid`
+//! (run as root) it then enters its jail (`airlock_vmm::jail`: cgroup,
+//! namespaces, pivot_root, its own uid) before anything else, and its
+//! report says so under `"jail"`. Every thread runs under its seccomp filter (`airlock_vmm::seccomp`)
 //! unless `--seccomp off`; a forbidden syscall ends the process with
 //! status 159 and a line on stderr naming the thread and the syscall.
 
@@ -39,19 +42,39 @@ fn main() -> ExitCode {
         return ExitCode::from(2);
     }
     let (mut cfg, stop_on_eof) = (args.cfg, args.stop_on_stdin_eof);
-    if let Some(mode) = args.seccomp {
-        let loaded = Filters::load(mode).and_then(|f| {
-            seccomp::install_trap_handler()
-                .map_err(|e| seccomp::SeccompError::Compile(format!("SIGSYS handler: {e}")))?;
-            Ok(f)
-        });
-        match loaded {
-            Ok(f) => cfg.seccomp = Some(f),
+    let filters = match args.seccomp.map(Filters::load).transpose() {
+        Ok(f) => f,
+        Err(e) => {
+            eprintln!("airlock-vmm: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let mut jail_report = None;
+    if let Some(spec) = &args.jail {
+        if let Err(e) = airlock_vmm::refuse_pvm() {
+            eprintln!("airlock-vmm: {e}");
+            return ExitCode::from(2);
+        }
+        let keeper = filters.as_ref().map(|f| f.keeper.as_ref());
+        match airlock_vmm::jail::enter(spec, &mut cfg, keeper) {
+            Ok(r) => jail_report = Some(r),
             Err(e) => {
                 eprintln!("airlock-vmm: {e}");
                 return ExitCode::from(2);
             }
         }
+        // A new uid makes the process dumpable again.
+        if let Err(e) = airlock_vmm::process::confine_self() {
+            eprintln!("airlock-vmm: cannot confine the jailed process: {e}");
+            return ExitCode::from(2);
+        }
+    }
+    if let Some(f) = filters {
+        if let Err(e) = seccomp::install_trap_handler() {
+            eprintln!("airlock-vmm: cannot install the SIGSYS handler: {e}");
+            return ExitCode::from(2);
+        }
+        cfg.seccomp = Some(f);
     }
     if stop_on_eof {
         let filter = cfg.seccomp.as_ref().map(|f| f.watcher.clone());
@@ -79,6 +102,10 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    println!("{}", report.to_json());
+    let mut json = report.to_json();
+    if let Some(j) = jail_report {
+        json["jail"] = j;
+    }
+    println!("{json}");
     ExitCode::SUCCESS
 }

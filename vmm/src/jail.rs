@@ -1,0 +1,676 @@
+//! A jail per VM, in the style of Firecracker's jailer: the `airlock-vmm`
+//! process, started as root by the daemon, moves into its own cgroup v2
+//! leaf, enters new mount, pid, ipc, uts and net namespaces, `pivot_root`s
+//! into a per-VM directory holding only what its VM needs, and drops to an
+//! unprivileged uid/gid of its own before it reads anything the guest
+//! controls.
+//!
+//! Both sides live here: [`VmJail::prepare`] is the parent's (the per-VM
+//! directory, the uid, the cgroup and its limits; undone on drop), and
+//! [`enter`] is what the VMM process does with the [`JailSpec`] it is given
+//! on its command line.
+//!
+//! Inside, the VMM sees a read-only tmpfs root with:
+//!
+//! | path             | what                                       |
+//! |------------------|--------------------------------------------|
+//! | `/kernel`        | the guest kernel (read-only bind)          |
+//! | `/initrd`        | the initramfs (read-only bind)             |
+//! | `/weights.img`   | the weights image, when given (read-only bind: no copy) |
+//! | `/run/vsock/`    | the VM's socket directory (bind, owned by its uid) |
+//! | `/dev/kvm`       | a device node of its own, owned by its uid |
+//!
+//! and nothing else: no `/proc`, `/sys`, `/tmp`, binaries or libraries.
+//!
+//! **Invariants:**
+//! * [`enter`] runs first thing in the VMM process, single-threaded: the
+//!   cgroup move, namespaces and mounts happen before any guest data is
+//!   read and before any thread exists, so nothing escapes them.
+//! * The process that was started forks once: the parent (the *keeper*,
+//!   outside the new pid namespace) drops to the jail's uid, installs a
+//!   filter that allows little but `wait4`, and ends with its child's
+//!   status; the child (pid 1 of the new namespace) dies with the keeper
+//!   (`PR_SET_PDEATHSIG`, checked against the race where the keeper is
+//!   already gone). The daemon's handle is the keeper, so stopping and
+//!   killing work as without a jail.
+//! * Every VM gets a uid/gid of its own (one slot of [`UID_SLOTS`] above
+//!   the configured base, never two live VMs of one daemon on one slot), so
+//!   one VMM cannot signal, trace or read another even without seccomp.
+//! * The cgroup leaf bounds what the VMM costs the host, not only what the
+//!   guest sees: `memory.max` (guest memory plus [`MEMORY_OVERHEAD_MIB`]),
+//!   `memory.swap.max` 0, `cpu.max` (its vCPUs plus one CPU for devices),
+//!   `pids.max` (its threads); it is removed when the VM ends.
+
+use crate::VmConfig;
+use nix::mount::{MntFlags, MsFlags, mount, umount2};
+use nix::sched::CloneFlags;
+use nix::sys::stat::{Mode, SFlag};
+use nix::unistd::{ForkResult, Gid, Uid};
+use std::collections::BTreeSet;
+use std::os::fd::AsFd;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+/// The first uid/gid of VM jails unless configured.
+pub const DEFAULT_UID_BASE: u32 = 2_000_000;
+/// How many jail uids a daemon uses above its base.
+pub const UID_SLOTS: u32 = 65_536;
+/// Where VM cgroups are created unless configured.
+pub const DEFAULT_CGROUP_PARENT: &str = "/sys/fs/cgroup/airlock";
+/// What the VMM process may use beyond its guest's memory: its own heap
+/// and threads, KVM's page tables and structures charged to it, socket
+/// and pipe buffers.
+pub const MEMORY_OVERHEAD_MIB: u64 = 64;
+/// Threads a VMM has besides its vCPUs (main, stop watcher, device
+/// workers, the keeper), with room to spare.
+pub const EXTRA_TASKS: u64 = 16;
+/// `cpu.max`'s period, µs.
+const CPU_PERIOD_US: u64 = 100_000;
+
+/// The kernel inside the jail.
+pub const KERNEL: &str = "/kernel";
+/// The initramfs inside the jail.
+pub const INITRD: &str = "/initrd";
+/// The weights image inside the jail.
+pub const PMEM: &str = "/weights.img";
+/// The socket directory inside the jail.
+pub const SOCKETS: &str = "/run/vsock";
+/// The KVM device inside the jail.
+pub const KVM: &str = "/dev/kvm";
+/// The hostname inside the jail.
+pub const HOSTNAME: &str = "airlock-vm";
+/// The namespaces a jailed VMM is in, by their `/proc/<pid>/ns` names.
+pub const NAMESPACES: [&str; 5] = ["mnt", "pid", "ipc", "uts", "net"];
+
+/// Errors of the jail, naming the step that failed.
+#[derive(Debug, thiserror::Error)]
+pub enum JailError {
+    /// Only root can set up a jail.
+    #[error(
+        "The VM jail needs root (namespaces, mounts, a uid of its own); this process runs as uid {0}. Run as root, or turn the jail off."
+    )]
+    NotRoot(u32),
+    /// A file the VM needs cannot be read (checked before the jail is
+    /// made, so the error names the host path).
+    #[error("Cannot read {path}: {source}.")]
+    Unreadable {
+        /// The host path.
+        path: PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// Every jail uid of this daemon is in use.
+    #[error("All {UID_SLOTS} jail uids are in use by this daemon's VMs.")]
+    NoUid,
+    /// A step of the jail failed.
+    #[error("Setting up the VM jail failed at {step}: {source}.")]
+    Step {
+        /// What was being done.
+        step: String,
+        /// The OS error.
+        source: std::io::Error,
+    },
+}
+
+fn step<E: Into<std::io::Error>>(what: impl Into<String>) -> impl FnOnce(E) -> JailError {
+    let step = what.into();
+    move |e| JailError::Step {
+        step,
+        source: e.into(),
+    }
+}
+
+/// How a daemon jails its VMs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JailConfig {
+    /// The first jail uid/gid; each VM takes one of [`UID_SLOTS`] above it.
+    pub uid_base: u32,
+    /// The cgroup v2 directory VM leaves are made in (created if missing,
+    /// with the cpu, memory and pids controllers enabled for its children).
+    pub cgroup_parent: PathBuf,
+}
+
+impl Default for JailConfig {
+    fn default() -> Self {
+        Self {
+            uid_base: DEFAULT_UID_BASE,
+            cgroup_parent: PathBuf::from(DEFAULT_CGROUP_PARENT),
+        }
+    }
+}
+
+/// What a VMM process is told about its jail (its `--jail-*` flags).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JailSpec {
+    /// The (empty) directory it mounts its root on and pivots into.
+    pub root: PathBuf,
+    /// Its uid.
+    pub uid: u32,
+    /// Its gid.
+    pub gid: u32,
+    /// Its cgroup leaf, which it moves itself into first.
+    pub cgroup: Option<PathBuf>,
+}
+
+impl JailSpec {
+    /// As `airlock-vmm` flags.
+    pub fn to_args(&self) -> Vec<String> {
+        let mut a = vec![
+            "--jail-root".into(),
+            self.root.display().to_string(),
+            "--jail-uid".into(),
+            self.uid.to_string(),
+            "--jail-gid".into(),
+            self.gid.to_string(),
+        ];
+        if let Some(c) = &self.cgroup {
+            a.extend(["--jail-cgroup".into(), c.display().to_string()]);
+        }
+        a
+    }
+}
+
+/// The uid slots this process's live jails hold.
+static SLOTS: Mutex<BTreeSet<u32>> = Mutex::new(BTreeSet::new());
+
+/// Take a free slot, starting from a random one so two daemons on one
+/// host rarely meet.
+fn take_slot() -> Result<u32, JailError> {
+    let mut used = SLOTS.lock().unwrap_or_else(|p| p.into_inner());
+    let mut start = [0u8; 4];
+    getrandom_fill(&mut start);
+    let start = u32::from_le_bytes(start) % UID_SLOTS;
+    let slot = (0..UID_SLOTS)
+        .map(|i| (start + i) % UID_SLOTS)
+        .find(|s| !used.contains(s))
+        .ok_or(JailError::NoUid)?;
+    used.insert(slot);
+    Ok(slot)
+}
+
+fn getrandom_fill(buf: &mut [u8]) {
+    // SAFETY: getrandom(2) writes at most `buf.len()` bytes into `buf`.
+    let _ = unsafe { libc::getrandom(buf.as_mut_ptr().cast(), buf.len(), 0) };
+}
+
+/// A VM's jail as its parent holds it: the uid slot, the root directory
+/// and the cgroup leaf, released (the leaf removed) on drop — after the
+/// VMM process is reaped.
+#[derive(Debug)]
+pub struct VmJail {
+    spec: JailSpec,
+    slot: u32,
+    limits: Vec<(&'static str, String)>,
+}
+
+impl VmJail {
+    /// Prepare the jail of `vm` in `vm_dir` (a fresh directory of this VM,
+    /// which holds its socket directory when it has vsock): take a uid,
+    /// make `vm_dir/root`, hand the socket directory to the uid, and make
+    /// the cgroup leaf with the VM's limits.
+    ///
+    /// # Errors
+    /// [`JailError`] naming the step.
+    pub fn prepare(cfg: &JailConfig, vm_dir: &Path, vm: &VmConfig) -> Result<Self, JailError> {
+        let euid = nix::unistd::geteuid().as_raw();
+        if euid != 0 {
+            return Err(JailError::NotRoot(euid));
+        }
+        for path in [Some(&vm.kernel), Some(&vm.initrd), vm.pmem.as_ref()]
+            .into_iter()
+            .flatten()
+        {
+            std::fs::File::open(path).map_err(|source| JailError::Unreadable {
+                path: path.clone(),
+                source,
+            })?;
+        }
+        let slot = take_slot()?;
+        let mut jail = Self {
+            spec: JailSpec {
+                root: vm_dir.join("root"),
+                uid: cfg.uid_base.saturating_add(slot),
+                gid: cfg.uid_base.saturating_add(slot),
+                cgroup: None,
+            },
+            slot,
+            limits: Vec::new(),
+        };
+        std::fs::create_dir_all(&jail.spec.root).map_err(step("making the jail root"))?;
+        if let Some(dir) = vm.vsock.as_ref().and_then(|v| v.uds_path.parent()) {
+            jail.hand_over(dir)?;
+            std::fs::set_permissions(dir, std::os::unix::fs::PermissionsExt::from_mode(0o700))
+                .map_err(step("restricting the socket directory"))?;
+        }
+        let name = vm_dir.file_name().map_or_else(
+            || format!("vm-{slot}"),
+            |n| n.to_string_lossy().into_owned(),
+        );
+        // The daemon's pid first: [`sweep`] tells a dead daemon's leaves
+        // by it.
+        let leaf = cfg
+            .cgroup_parent
+            .join(format!("{}-{name}", std::process::id()));
+        enable_controllers(&cfg.cgroup_parent)?;
+        std::fs::create_dir(&leaf)
+            .map_err(step(format!("making the cgroup {}", leaf.display())))?;
+        jail.spec.cgroup = Some(leaf.clone());
+        let vcpus = u64::from(vm.vcpus);
+        jail.limits = vec![
+            (
+                "memory.max",
+                ((u64::from(vm.memory_mib) + MEMORY_OVERHEAD_MIB) << 20).to_string(),
+            ),
+            ("memory.swap.max", "0".into()),
+            (
+                "cpu.max",
+                format!("{} {CPU_PERIOD_US}", (vcpus + 1) * CPU_PERIOD_US),
+            ),
+            ("pids.max", (vcpus + EXTRA_TASKS).to_string()),
+        ];
+        for (file, value) in &jail.limits {
+            let path = leaf.join(file);
+            // Without swap accounting there is no memory.swap.max (and no
+            // swap to bound).
+            if *file == "memory.swap.max" && !path.exists() {
+                continue;
+            }
+            std::fs::write(&path, value).map_err(step(format!(
+                "writing {} to {}",
+                value,
+                path.display()
+            )))?;
+        }
+        Ok(jail)
+    }
+
+    /// What the VMM process is told.
+    pub fn spec(&self) -> &JailSpec {
+        &self.spec
+    }
+
+    /// The cgroup limits written, by file.
+    pub fn limits(&self) -> &[(&'static str, String)] {
+        &self.limits
+    }
+
+    /// Make `path` (a directory or socket the VMM must use) the jail
+    /// uid's.
+    ///
+    /// # Errors
+    /// [`JailError::Step`].
+    pub fn hand_over(&self, path: &Path) -> Result<(), JailError> {
+        nix::unistd::chown(
+            path,
+            Some(Uid::from_raw(self.spec.uid)),
+            Some(Gid::from_raw(self.spec.gid)),
+        )
+        .map_err(step(format!("giving {} to the jail uid", path.display())))
+    }
+}
+
+impl Drop for VmJail {
+    fn drop(&mut self) {
+        if let Some(leaf) = &self.spec.cgroup {
+            // The VMM is reaped; its cgroup may still count it for a moment.
+            for _ in 0..100 {
+                match std::fs::remove_dir(leaf) {
+                    Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
+                        std::thread::sleep(std::time::Duration::from_millis(10));
+                    }
+                    Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                        tracing::warn!(cgroup = %leaf.display(), error = %e, "cannot remove a VM's cgroup");
+                        break;
+                    }
+                    _ => break,
+                }
+            }
+        }
+        SLOTS
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&self.slot);
+    }
+}
+
+/// Remove the cgroup leaves that daemons which are gone left under
+/// `cfg.cgroup_parent` (a daemon killed outright cannot remove its own);
+/// a leaf still holding a process is left alone (rmdir refuses it).
+/// Returns how many were removed.
+pub fn sweep(cfg: &JailConfig) -> usize {
+    let Ok(entries) = std::fs::read_dir(&cfg.cgroup_parent) else {
+        return 0;
+    };
+    let mut removed = 0;
+    for e in entries.flatten() {
+        let name = e.file_name();
+        let Some(pid) = name
+            .to_str()
+            .and_then(|n| n.split_once('-'))
+            .and_then(|(p, _)| p.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        let gone = matches!(
+            nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None),
+            Err(nix::errno::Errno::ESRCH)
+        );
+        if pid > 0 && gone && std::fs::remove_dir(e.path()).is_ok() {
+            removed += 1;
+        }
+    }
+    if removed > 0 {
+        tracing::info!(removed, "removed cgroup leaves of daemons that are gone");
+    }
+    removed
+}
+
+/// Make `parent` (and its parent's controllers) ready for VM leaves.
+fn enable_controllers(parent: &Path) -> Result<(), JailError> {
+    const WANT: &str = "+cpu +memory +pids";
+    if let Some(grand) = parent.parent() {
+        let control = grand.join("cgroup.subtree_control");
+        if !control.exists() {
+            return Err(JailError::Step {
+                step: format!(
+                    "finding cgroup v2 at {} (is cgroup2 mounted there?)",
+                    grand.display()
+                ),
+                source: std::io::ErrorKind::NotFound.into(),
+            });
+        }
+        std::fs::write(&control, WANT)
+            .map_err(step(format!("enabling {WANT} in {}", control.display())))?;
+    }
+    std::fs::create_dir_all(parent).map_err(step(format!("making {}", parent.display())))?;
+    let control = parent.join("cgroup.subtree_control");
+    std::fs::write(&control, WANT)
+        .map_err(step(format!("enabling {WANT} in {}", control.display())))
+}
+
+/// What a jailed VMM reports about its jail (in its run report), with
+/// the cgroup limits it read before it lost sight of them.
+fn report(
+    spec: &JailSpec,
+    cgroup_limits: serde_json::Map<String, serde_json::Value>,
+) -> serde_json::Value {
+    serde_json::json!({
+        "uid": nix::unistd::getuid().as_raw(),
+        "gid": nix::unistd::getgid().as_raw(),
+        "pid_in_namespace": nix::unistd::getpid().as_raw(),
+        "namespaces": NAMESPACES,
+        "root": spec.root.display().to_string(),
+        "hostname": nix::unistd::gethostname().ok().map(|h| h.to_string_lossy().into_owned()),
+        "cgroup": spec.cgroup.as_ref().map(|c| c.display().to_string()),
+        "cgroup_limits": cgroup_limits,
+        "max_tasks": nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NPROC).ok().map(|l| l.0),
+    })
+}
+
+/// Enter the jail `spec` and point `vm`'s paths inside it. Returns in the
+/// jailed VMM: pid 1 of its namespace, as the jail's uid. The keeper (see
+/// the module invariants) never returns: it ends the process with its
+/// child's status. `keeper_filter` is the keeper's seccomp filter, if any.
+///
+/// Call first thing, single-threaded, as root. Returns what the run
+/// report says of the jail.
+///
+/// # Errors
+/// [`JailError::Step`] naming the step; the process must then end.
+pub fn enter(
+    spec: &JailSpec,
+    vm: &mut VmConfig,
+    keeper_filter: Option<&seccompiler::BpfProgram>,
+) -> Result<serde_json::Value, JailError> {
+    let mut limits = serde_json::Map::new();
+    if let Some(cg) = &spec.cgroup {
+        let procs = cg.join("cgroup.procs");
+        std::fs::write(&procs, "0").map_err(step(format!("joining {}", procs.display())))?;
+        for file in ["memory.max", "memory.swap.max", "cpu.max", "pids.max"] {
+            if let Ok(v) = std::fs::read_to_string(cg.join(file)) {
+                limits.insert(file.into(), v.trim().into());
+            }
+        }
+    }
+    let kvm_dev = nix::sys::stat::stat("/dev/kvm")
+        .map_err(step("finding /dev/kvm"))?
+        .st_rdev;
+    nix::sched::unshare(
+        CloneFlags::CLONE_NEWNS
+            | CloneFlags::CLONE_NEWPID
+            | CloneFlags::CLONE_NEWIPC
+            | CloneFlags::CLONE_NEWUTS
+            | CloneFlags::CLONE_NEWNET,
+    )
+    .map_err(step("making namespaces"))?;
+    let (alive_r, alive_w) = nix::unistd::pipe().map_err(step("making the keeper pipe"))?;
+    // SAFETY: the process is single-threaded (see the invariants), so the
+    // child may do anything the parent could.
+    match unsafe { nix::unistd::fork() }.map_err(step("forking into the pid namespace"))? {
+        ForkResult::Parent { child } => {
+            drop(alive_r);
+            keep(spec, child, alive_w, keeper_filter)
+        }
+        ForkResult::Child => {
+            drop(alive_w);
+            nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)
+                .map_err(step("tying the VMM to its keeper"))?;
+            // The keeper may have died before the line above: then its end
+            // of the pipe is closed and poll sees the hang-up at once.
+            let mut fds = [nix::poll::PollFd::new(
+                alive_r.as_fd(),
+                nix::poll::PollFlags::POLLIN,
+            )];
+            let ready = nix::poll::poll(&mut fds, nix::poll::PollTimeout::ZERO)
+                .map_err(step("checking the keeper"))?;
+            if ready > 0 {
+                return Err(JailError::Step {
+                    step: "checking the keeper".into(),
+                    source: std::io::Error::other("the keeper ended"),
+                });
+            }
+            drop(alive_r);
+            build_root(spec, vm, kvm_dev)?;
+            // Threads count against the uid's process limit (the uid is
+            // this VM's alone, keeper included).
+            let tasks = u64::from(vm.vcpus) + EXTRA_TASKS;
+            nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_NPROC, tasks, tasks)
+                .map_err(step("limiting tasks"))?;
+            drop_privileges(spec)?;
+            Ok(report(spec, limits))
+        }
+    }
+}
+
+/// The keeper: wait for the jailed VMM and end with its status.
+fn keep(
+    spec: &JailSpec,
+    child: nix::unistd::Pid,
+    alive: std::os::fd::OwnedFd,
+    filter: Option<&seccompiler::BpfProgram>,
+) -> ! {
+    use nix::sys::wait::{WaitStatus, waitpid};
+    let confined = set_ids(spec).and_then(|()| {
+        nix::sys::prctl::set_dumpable(false).map_err(step("making the keeper undumpable"))
+    });
+    if let Err(e) = confined {
+        eprintln!("airlock-vmm: keeper: {e}");
+        let _ = nix::sys::signal::kill(child, nix::sys::signal::Signal::SIGKILL);
+    }
+    if let Some(f) = filter
+        && let Err(e) = seccompiler::apply_filter(f)
+    {
+        eprintln!("airlock-vmm: keeper: its seccomp filter cannot be installed: {e}");
+        let _ = nix::sys::signal::kill(child, nix::sys::signal::Signal::SIGKILL);
+    }
+    let code = loop {
+        match waitpid(child, None) {
+            Ok(WaitStatus::Exited(_, code)) => break code,
+            Ok(WaitStatus::Signaled(_, sig, _)) => break 128 + sig as i32,
+            Err(nix::errno::Errno::EINTR) | Ok(_) => {}
+            Err(_) => break 2,
+        }
+    };
+    // `alive` is closed by _exit (its drop would make a syscall the
+    // keeper's filter forbids in debug builds).
+    std::mem::forget(alive);
+    // SAFETY: _exit ends the process without running destructors; the
+    // keeper has nothing to flush.
+    unsafe { libc::_exit(code) }
+}
+
+/// Mount the jail's root, pivot into it and point `vm` at what is inside.
+fn build_root(spec: &JailSpec, vm: &mut VmConfig, kvm_dev: libc::dev_t) -> Result<(), JailError> {
+    let none = None::<&str>;
+    mount(none, "/", none, MsFlags::MS_REC | MsFlags::MS_PRIVATE, none)
+        .map_err(step("making mounts private"))?;
+    let root = &spec.root;
+    mount(
+        Some("tmpfs"),
+        root,
+        Some("tmpfs"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
+        Some("size=64k,nr_inodes=64,mode=0755"),
+    )
+    .map_err(step(format!("mounting a tmpfs on {}", root.display())))?;
+    let inside = |p: &str| root.join(p.trim_start_matches('/'));
+    bind_file(&vm.kernel, &inside(KERNEL))?;
+    vm.kernel = KERNEL.into();
+    bind_file(&vm.initrd, &inside(INITRD))?;
+    vm.initrd = INITRD.into();
+    if let Some(p) = &vm.pmem {
+        bind_file(p, &inside(PMEM))?;
+        vm.pmem = Some(PMEM.into());
+    }
+    if let Some(v) = vm.vsock.as_mut() {
+        let (Some(dir), Some(name)) = (v.uds_path.parent(), v.uds_path.file_name()) else {
+            return Err(JailError::Step {
+                step: format!("finding the directory of {}", v.uds_path.display()),
+                source: std::io::ErrorKind::InvalidInput.into(),
+            });
+        };
+        let target = inside(SOCKETS);
+        std::fs::create_dir_all(&target).map_err(step("making /run/vsock"))?;
+        bind(dir, &target, false)?;
+        v.uds_path = Path::new(SOCKETS).join(name);
+    }
+    let kvm = inside(KVM);
+    std::fs::create_dir_all(inside("/dev")).map_err(step("making /dev"))?;
+    nix::sys::stat::mknod(
+        &kvm,
+        SFlag::S_IFCHR,
+        Mode::from_bits_truncate(0o600),
+        kvm_dev,
+    )
+    .map_err(step("making /dev/kvm"))?;
+    nix::unistd::chown(
+        &kvm,
+        Some(Uid::from_raw(spec.uid)),
+        Some(Gid::from_raw(spec.gid)),
+    )
+    .map_err(step("giving /dev/kvm to the jail uid"))?;
+    let old = inside("/old");
+    std::fs::create_dir(&old).map_err(step("making the old-root mount point"))?;
+    nix::unistd::pivot_root(root, &old).map_err(step(format!(
+        "pivot_root into {} (a host whose root is an initramfs cannot pivot)",
+        root.display()
+    )))?;
+    nix::unistd::chdir("/").map_err(step("entering the new root"))?;
+    umount2("/old", MntFlags::MNT_DETACH).map_err(step("detaching the old root"))?;
+    std::fs::remove_dir("/old").map_err(step("removing the old-root mount point"))?;
+    mount(
+        none,
+        "/",
+        none,
+        MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY | MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
+        none,
+    )
+    .map_err(step("making the root read-only"))?;
+    nix::unistd::sethostname(HOSTNAME).map_err(step("naming the host"))
+}
+
+/// Bind `src` (a file) read-only at `target`, made first.
+fn bind_file(src: &Path, target: &Path) -> Result<(), JailError> {
+    std::fs::File::create(target).map_err(step(format!("making {}", target.display())))?;
+    bind(src, target, true)
+}
+
+/// Bind `src` at `target`: never suid, devices or exec; read-only when asked.
+fn bind(src: &Path, target: &Path, read_only: bool) -> Result<(), JailError> {
+    let none = None::<&str>;
+    mount(Some(src), target, none, MsFlags::MS_BIND, none)
+        .map_err(step(format!("binding {}", src.display())))?;
+    let mut flags = MsFlags::MS_BIND
+        | MsFlags::MS_REMOUNT
+        | MsFlags::MS_NOSUID
+        | MsFlags::MS_NODEV
+        | MsFlags::MS_NOEXEC;
+    if read_only {
+        flags |= MsFlags::MS_RDONLY;
+    }
+    mount(none, target, none, flags, none)
+        .map_err(step(format!("restricting the bind of {}", src.display())))
+}
+
+/// Become the jail's uid/gid with no supplementary groups, no way back
+/// (no capabilities remain) and no new privileges.
+fn drop_privileges(spec: &JailSpec) -> Result<(), JailError> {
+    set_ids(spec)?;
+    nix::sys::prctl::set_no_new_privs().map_err(step("setting no_new_privs"))
+}
+
+fn set_ids(spec: &JailSpec) -> Result<(), JailError> {
+    let (uid, gid) = (Uid::from_raw(spec.uid), Gid::from_raw(spec.gid));
+    nix::unistd::setgroups(&[]).map_err(step("dropping supplementary groups"))?;
+    nix::unistd::setresgid(gid, gid, gid).map_err(step("setting the jail gid"))?;
+    nix::unistd::setresuid(uid, uid, uid).map_err(step("setting the jail uid"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slots_are_never_shared_while_held() {
+        let a = take_slot().unwrap();
+        let b = take_slot().unwrap();
+        assert_ne!(a, b);
+        SLOTS.lock().unwrap().remove(&a);
+        SLOTS.lock().unwrap().remove(&b);
+    }
+
+    #[test]
+    fn sweep_removes_only_leaves_of_daemons_that_are_gone() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = JailConfig {
+            uid_base: DEFAULT_UID_BASE,
+            cgroup_parent: dir.path().to_path_buf(),
+        };
+        // No pid is this large (pid_max is at most 2^22).
+        let dead = dir.path().join("2147483646-airlock-vm-aa");
+        let ours = dir
+            .path()
+            .join(format!("{}-airlock-vm-bb", std::process::id()));
+        let other = dir.path().join("cgroup.procs-like");
+        for d in [&dead, &ours, &other] {
+            std::fs::create_dir(d).unwrap();
+        }
+        assert_eq!(sweep(&cfg), 1);
+        assert!(!dead.exists());
+        assert!(ours.exists() && other.exists());
+    }
+
+    #[test]
+    fn flags_name_every_part() {
+        let s = JailSpec {
+            root: "/tmp/vm/root".into(),
+            uid: 2_000_007,
+            gid: 2_000_007,
+            cgroup: Some("/sys/fs/cgroup/airlock/vm".into()),
+        };
+        assert_eq!(
+            s.to_args().join(" "),
+            "--jail-root /tmp/vm/root --jail-uid 2000007 --jail-gid 2000007 --jail-cgroup /sys/fs/cgroup/airlock/vm"
+        );
+    }
+}
