@@ -92,23 +92,23 @@ pub enum JailError {
     NotRoot(u32),
     /// A file the VM needs cannot be read (checked before the jail is
     /// made, so the error names the host path).
-    #[error("Cannot read {path}: {source}.")]
+    #[error("Cannot read {path}: {reason}.")]
     Unreadable {
         /// The host path.
         path: PathBuf,
-        /// The OS error.
-        source: std::io::Error,
+        /// The OS error (in the message: not repeated as a source).
+        reason: std::io::Error,
     },
     /// Every jail uid of this daemon is in use.
     #[error("All {UID_SLOTS} jail uids are in use by this daemon's VMs.")]
     NoUid,
     /// A step of the jail failed.
-    #[error("Setting up the VM jail failed at {step}: {source}.")]
+    #[error("Setting up the VM jail failed at {step}: {reason}.")]
     Step {
         /// What was being done.
         step: String,
-        /// The OS error.
-        source: std::io::Error,
+        /// The OS error (in the message: not repeated as a source).
+        reason: std::io::Error,
     },
 }
 
@@ -116,7 +116,7 @@ fn step<E: Into<std::io::Error>>(what: impl Into<String>) -> impl FnOnce(E) -> J
     let step = what.into();
     move |e| JailError::Step {
         step,
-        source: e.into(),
+        reason: e.into(),
     }
 }
 
@@ -220,9 +220,9 @@ impl VmJail {
             .into_iter()
             .flatten()
         {
-            std::fs::File::open(path).map_err(|source| JailError::Unreadable {
+            std::fs::File::open(path).map_err(|reason| JailError::Unreadable {
                 path: path.clone(),
-                source,
+                reason,
             })?;
         }
         let slot = take_slot()?;
@@ -376,7 +376,7 @@ fn enable_controllers(parent: &Path) -> Result<(), JailError> {
                     "finding cgroup v2 at {} (is cgroup2 mounted there?)",
                     grand.display()
                 ),
-                source: std::io::ErrorKind::NotFound.into(),
+                reason: std::io::ErrorKind::NotFound.into(),
             });
         }
         std::fs::write(&control, WANT)
@@ -394,16 +394,22 @@ fn report(
     spec: &JailSpec,
     cgroup_limits: serde_json::Map<String, serde_json::Value>,
 ) -> serde_json::Value {
+    let max_tasks = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NPROC)
+        .ok()
+        .map(|l| l.0);
+    let hostname = nix::unistd::gethostname()
+        .ok()
+        .map(|h| h.to_string_lossy().into_owned());
     serde_json::json!({
         "uid": nix::unistd::getuid().as_raw(),
         "gid": nix::unistd::getgid().as_raw(),
         "pid_in_namespace": nix::unistd::getpid().as_raw(),
         "namespaces": NAMESPACES,
         "root": spec.root.display().to_string(),
-        "hostname": nix::unistd::gethostname().ok().map(|h| h.to_string_lossy().into_owned()),
+        "hostname": hostname,
         "cgroup": spec.cgroup.as_ref().map(|c| c.display().to_string()),
         "cgroup_limits": cgroup_limits,
-        "max_tasks": nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NPROC).ok().map(|l| l.0),
+        "max_tasks": max_tasks,
     })
 }
 
@@ -466,7 +472,7 @@ pub fn enter(
             if ready > 0 {
                 return Err(JailError::Step {
                     step: "checking the keeper".into(),
-                    source: std::io::Error::other("the keeper ended"),
+                    reason: std::io::Error::other("the keeper ended"),
                 });
             }
             drop(alive_r);
@@ -546,7 +552,7 @@ fn build_root(spec: &JailSpec, vm: &mut VmConfig, kvm_dev: libc::dev_t) -> Resul
         let (Some(dir), Some(name)) = (v.uds_path.parent(), v.uds_path.file_name()) else {
             return Err(JailError::Step {
                 step: format!("finding the directory of {}", v.uds_path.display()),
-                source: std::io::ErrorKind::InvalidInput.into(),
+                reason: std::io::ErrorKind::InvalidInput.into(),
             });
         };
         let target = inside(SOCKETS);

@@ -660,6 +660,34 @@ role = "admin"
             .unwrap_err()
             .to_string();
         assert!(e.starts_with("isolation.warm"), "{e}");
+        // The jail: on and off are what they say; its fields are checked.
+        let jail = |extra: &str| Config::parse(&format!("{vm}{extra}\n"));
+        match jail("jail = \"on\"\njail_uid_base = 3000000\njail_cgroup = \"/sys/fs/cgroup/x\"")
+            .unwrap()
+            .isolation
+        {
+            Isolation::Vm(v) => {
+                let j = v.jail.expect("jail = on jails");
+                assert_eq!(
+                    (j.uid_base, j.cgroup_parent.to_str()),
+                    (3_000_000, Some("/sys/fs/cgroup/x"))
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+        match jail("jail = \"off\"").unwrap().isolation {
+            Isolation::Vm(v) => assert!(v.jail.is_none()),
+            other => panic!("{other:?}"),
+        }
+        for (bad, name) in [
+            ("jail = \"sometimes\"", "isolation.jail"),
+            ("jail_uid_base = 0", "isolation.jail_uid_base"),
+            ("jail_uid_base = 4294967000", "isolation.jail_uid_base"),
+            ("jail_cgroup = \"relative/x\"", "isolation.jail_cgroup"),
+        ] {
+            let e = jail(bad).unwrap_err().to_string();
+            assert!(e.starts_with(name), "{bad}: {e}");
+        }
         // Extra egress CAs: a real PEM certificate is taken, anything else
         // is refused naming the field, and process mode has no proxy.
         let ca = dir.path().join("ca.pem");
