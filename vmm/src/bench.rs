@@ -194,7 +194,13 @@ fn measure(
         return Err(io(std::io::Error::last_os_error()));
     }
     let stdout = reader.join().unwrap_or_default();
-    let stderr = err_reader.join().unwrap_or_default();
+    let mut stderr = err_reader.join().unwrap_or_default();
+    // How it ended, for errors that only have its output to go on.
+    if libc::WIFSIGNALED(status) {
+        stderr.push_str(&format!("(killed by signal {})", libc::WTERMSIG(status)));
+    } else if libc::WEXITSTATUS(status) != 0 {
+        stderr.push_str(&format!("(exit status {})", libc::WEXITSTATUS(status)));
+    }
     if killed {
         return Err(BenchError::Timeout { what, limit });
     }
