@@ -29,4 +29,8 @@ cargo test --workspace --locked --no-fail-fast
 step "load: 1,000 invocations at once (cargo xtask bench load)"
 cargo xtask bench load --concurrency 1000
 
+# --- fuzzing: a smoke run of every target (docs/fuzzing.md) ---
+step "fuzz: every target for 30 s (cargo xtask fuzz; nightly, built once, cached)"
+cargo xtask fuzz --seconds 30 --quick-build
+
 step "all tests passed"

@@ -223,18 +223,8 @@ fn vmm_at(
         Some(j) => {
             let dir = JailDir::new()?;
             let vm = crate::VmConfig {
-                kernel: cfg.kernel.clone(),
-                initrd: cfg.initrd.clone(),
-                cmdline_extra: String::new(),
                 memory_mib: cfg.memory_mib,
-                vcpus: 1,
-                timeout: Duration::from_secs(300),
-                console_cap: 1 << 20,
-                vsock: None,
-                stop: None,
-                pmem: None,
-                seccomp: None,
-                seccomp_selftest: false,
+                ..crate::VmConfig::new(cfg.kernel.clone(), cfg.initrd.clone())
             };
             let jail = crate::jail::VmJail::prepare(j, &dir.0, &vm)
                 .map_err(|e| BenchError::Guest(e.to_string()))?;

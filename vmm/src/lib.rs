@@ -347,6 +347,26 @@ pub fn refuse_pvm() -> Result<(), VmmError> {
 }
 
 impl VmConfig {
+    /// A VM of `kernel` and `initrd` with the defaults of `airlock-vmm`'s
+    /// flags: 256 MiB, one vCPU, 60 s, a 1 MiB console, no devices beyond
+    /// the always-present ones, no filters.
+    pub fn new(kernel: PathBuf, initrd: PathBuf) -> Self {
+        Self {
+            kernel,
+            initrd,
+            cmdline_extra: String::new(),
+            memory_mib: 256,
+            vcpus: 1,
+            timeout: Duration::from_secs(60),
+            console_cap: 1 << 20,
+            vsock: None,
+            stop: None,
+            pmem: None,
+            seccomp: None,
+            seccomp_selftest: false,
+        }
+    }
+
     /// Refuse values the VMM cannot run with, naming the field.
     ///
     /// # Errors

@@ -147,20 +147,7 @@ pub fn to_args(cfg: &VmConfig, stop_on_stdin_eof: bool) -> Vec<String> {
 /// # Errors
 /// [`ProcessError::Usage`] naming the flag.
 pub fn from_args(args: impl IntoIterator<Item = String>) -> Result<ProcessArgs, ProcessError> {
-    let mut cfg = VmConfig {
-        kernel: PathBuf::new(),
-        initrd: PathBuf::new(),
-        cmdline_extra: String::new(),
-        memory_mib: 256,
-        vcpus: 1,
-        timeout: Duration::from_secs(60),
-        console_cap: 1 << 20,
-        vsock: None,
-        stop: None,
-        pmem: None,
-        seccomp: None,
-        seccomp_selftest: false,
-    };
+    let mut cfg = VmConfig::new(PathBuf::new(), PathBuf::new());
     let (mut uds, mut cid, mut stop_on_eof) = (None, None, false);
     let (mut jail_root, mut jail_uid, mut jail_gid, mut jail_cgroup) = (None, None, None, None);
     let mut seccomp = Some(crate::seccomp::Mode::Enforce);

@@ -15,6 +15,8 @@
 //!   plus the VMM's own RSS overhead
 //! * `cargo xtask bench runner` — per-call latency of the runner's fast path
 //!   against instantiate-from-bytes, printed as a ratio.
+//! * `cargo xtask fuzz [--seconds N] [--target NAME] [--quick-build]` — every fuzz target in
+//!   `fuzz/` for N seconds (cargo-fuzz on nightly; see docs/fuzzing.md).
 
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
@@ -25,6 +27,7 @@ use std::time::{Duration, Instant};
 mod bench_service;
 mod cache;
 mod cpio;
+mod fuzz;
 mod image;
 mod kernel;
 mod nested;
@@ -52,6 +55,20 @@ enum Cmd {
     GuestImage,
     /// The nested-KVM harness (outer QEMU TCG VM); writes <cache>/nested.json.
     Nested,
+    /// Run the fuzz targets in fuzz/ (cargo-fuzz on nightly; installs
+    /// what it lacks).
+    Fuzz {
+        /// Seconds per target.
+        #[arg(long, default_value_t = 60)]
+        seconds: u64,
+        /// Only this target.
+        #[arg(long)]
+        target: Option<String>,
+        /// Build without optimizations: faster to build, slower to run
+        /// (smoke runs).
+        #[arg(long)]
+        quick_build: bool,
+    },
     /// Benchmarks that print ratios measured in one run.
     Bench {
         /// Which benchmark: `runner`, `service`, `load` or `boot`.
@@ -99,6 +116,11 @@ fn main() -> anyhow::Result<()> {
         }
         Cmd::GuestImage => image::guest_image(),
         Cmd::Nested => nested::build(),
+        Cmd::Fuzz {
+            seconds,
+            target,
+            quick_build,
+        } => fuzz::run(seconds, target, quick_build),
         Cmd::Kernel => kernel::build().map(|k| {
             println!("vmlinux {}", k.vmlinux.display());
             println!("bzImage {}", k.bzimage.display());

@@ -23,6 +23,8 @@
 
 mod connection;
 mod device;
+#[cfg(feature = "fuzzing")]
+pub mod fuzzing;
 mod muxer;
 mod packet;
 
