@@ -278,6 +278,16 @@ fn a_guest_kernel_panic_is_reported_and_cleaned_up() {
 }
 
 #[test]
+fn a_jailed_vmm_boots_images_only_root_may_read() {
+    // 0600 files in a 0700 directory: the jail opens them as root, then
+    // drops to its uid, which could not have opened them.
+    let (v, code) = scenario("private-images");
+    assert_eq!(code, 0, "{v}");
+    assert_eq!(v["exit"], "reset", "{v}");
+    assert!(v["jail"]["uid"].as_u64().unwrap_or(0) >= 2_000_000, "{v}");
+}
+
+#[test]
 fn vm_boot_runs_the_vmm_in_its_jail_and_says_so() {
     // `airlock vm boot` as root jails by default; the VMM reports what it
     // is from inside: pid 1 of its namespace, a uid of its own, the

@@ -91,7 +91,7 @@ pub(crate) fn guest_memory(vm: &VmFd, size: u64) -> Result<Memory, VmmError> {
 }
 
 fn open(path: &Path) -> Result<std::fs::File, VmmError> {
-    std::fs::File::open(path).map_err(|source| VmmError::File {
+    crate::jail::open_image(path).map_err(|source| VmmError::File {
         path: path.into(),
         source,
     })

@@ -21,6 +21,10 @@
 //! | `/dev/kvm`       | a device node of its own, owned by its uid |
 //!
 //! and nothing else: no `/proc`, `/sys`, `/tmp`, binaries or libraries.
+//! The images are opened once, as root, just before the uid drops
+//! ([`open_image`] hands those files out): their host permissions need not
+//! admit the jail's uid (private weights stay `0600`), and the VMM opens
+//! nothing else as root.
 //!
 //! **Invariants:**
 //! * [`enter`] runs first thing in the VMM process, single-threaded: the
@@ -50,6 +54,24 @@ use std::collections::BTreeSet;
 use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
+
+/// The images the jail opened as root, by their path inside the jail,
+/// until the VMM takes them (each once).
+static PREOPENED: Mutex<Vec<(PathBuf, std::fs::File)>> = Mutex::new(Vec::new());
+
+/// Open an image (kernel, initramfs, weights) for reading: the file the
+/// jail opened as root for `path`, or else `path` itself.
+///
+/// # Errors
+/// The file cannot be opened.
+pub fn open_image(path: &Path) -> std::io::Result<std::fs::File> {
+    let mut pre = PREOPENED.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(i) = pre.iter().position(|(p, _)| p == path) {
+        return Ok(pre.swap_remove(i).1);
+    }
+    drop(pre);
+    std::fs::File::open(path)
+}
 
 /// The first uid/gid of VM jails unless configured.
 pub const DEFAULT_UID_BASE: u32 = 2_000_000;
@@ -477,6 +499,17 @@ pub fn enter(
             }
             drop(alive_r);
             build_root(spec, vm, kvm_dev)?;
+            // As root still: the images, whatever their host permissions.
+            let mut pre = PREOPENED.lock().unwrap_or_else(|p| p.into_inner());
+            for path in [Some(&vm.kernel), Some(&vm.initrd), vm.pmem.as_ref()]
+                .into_iter()
+                .flatten()
+            {
+                let f = std::fs::File::open(path)
+                    .map_err(step(format!("opening {} in the jail", path.display())))?;
+                pre.push((path.clone(), f));
+            }
+            drop(pre);
             // Threads count against the uid's process limit (the uid is
             // this VM's alone, keeper included).
             let tasks = u64::from(vm.vcpus) + EXTRA_TASKS;
@@ -664,6 +697,24 @@ mod tests {
         assert_eq!(sweep(&cfg), 1);
         assert!(!dead.exists());
         assert!(ours.exists() && other.exists());
+    }
+
+    #[test]
+    fn a_preopened_image_is_handed_out_once_then_the_path_is_opened() {
+        let dir = tempfile::tempdir().unwrap();
+        let real = dir.path().join("kernel");
+        std::fs::write(&real, b"elf").unwrap();
+        let inside = PathBuf::from("/nonexistent-jail/kernel");
+        PREOPENED
+            .lock()
+            .unwrap()
+            .push((inside.clone(), std::fs::File::open(&real).unwrap()));
+        let mut f = open_image(&inside).unwrap();
+        let mut got = String::new();
+        std::io::Read::read_to_string(&mut f, &mut got).unwrap();
+        assert_eq!(got, "elf");
+        let again = open_image(&inside).unwrap_err();
+        assert_eq!(again.kind(), std::io::ErrorKind::NotFound);
     }
 
     #[test]

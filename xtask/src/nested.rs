@@ -380,6 +380,12 @@ scenario process-weights-tool 120 run $E/files.wasm --tool files_read --args '{"
   --policy /tmp/models.toml --isolation process
 scenario_retry selftest 600 $BOOT --initrd $G/initramfs-selftest.cpio.gz --cmdline airlock.selftest=1 --timeout-secs 500
 scenario_retry panic 400 $BOOT --initrd $G/initramfs-selftest.cpio.gz --cmdline airlock.selftest=panic --timeout-secs 300
+# Images only root may read (0600 in a 0700 directory): the jail opens them
+# as root before its uid drops, so a jailed VMM still boots them.
+mkdir -p /tmp/private && cp $G/vmlinux $G/initramfs-selftest.cpio.gz /tmp/private/ \
+  && chmod 0600 /tmp/private/* && chmod 0700 /tmp/private || echo "NESTED-ERROR making private images failed"
+scenario_retry private-images 400 vm boot --kernel /tmp/private/vmlinux --initrd /tmp/private/initramfs-selftest.cpio.gz \
+  --cmdline airlock.selftest=panic --timeout-secs 300
 scenario never-ready 200 $BOOT --initrd $G/initramfs.cpio.gz --timeout-secs 20
 scenario pvm-free-check 60 $BOOT --initrd /nonexistent.cpio.gz
 scenario twenty-boots 1500 vm soak --kernel $G/vmlinux --initrd $G/initramfs-selftest.cpio.gz --cmdline airlock.selftest=panic --count 20 --timeout-secs 120

@@ -47,7 +47,7 @@ impl PmemMapping {
     pub fn open(path: &Path) -> Result<Self, VirtioError> {
         let err =
             |m: String| VirtioError::Activate(format!("weights image {}: {m}", path.display()));
-        let file = std::fs::File::open(path).map_err(|e| err(e.to_string()))?;
+        let file = crate::jail::open_image(path).map_err(|e| err(e.to_string()))?;
         let len = file.metadata().map_err(|e| err(e.to_string()))?.len();
         if len == 0 || len % PMEM_ALIGN != 0 {
             return Err(err(format!(
