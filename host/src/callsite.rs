@@ -87,6 +87,10 @@ pub struct VmSettings {
     pub memory_mib: u32,
     /// VMs kept booted ahead of calls (0: boot per call).
     pub warm: usize,
+    /// Calls holding a microVM at once, at most (booting, loading, running
+    /// or shutting down); further calls wait for one to end, in order.
+    /// With the warm pool's waiting VMs, at most `max_vms + warm` VMMs run.
+    pub max_vms: usize,
     /// Weights directory and its erofs image: read-only grants inside the
     /// directory are served from the image over virtio-pmem.
     pub weights: Option<Weights>,
@@ -245,7 +249,34 @@ pub struct Called {
 struct VmSite {
     settings: VmSettings,
     pool: Pool,
-    running: AtomicI64,
+    /// One permit per VM a call may hold (`max_vms`); FIFO, so a flood
+    /// queues in arrival order and no call starves.
+    slots: Arc<tokio::sync::Semaphore>,
+    /// Calls waiting for a permit now.
+    waiting: AtomicI64,
+}
+
+impl VmSite {
+    /// Calls holding a VM now.
+    fn holding(&self) -> i64 {
+        (self.settings.max_vms.max(1) - self.slots.available_permits()) as i64
+    }
+}
+
+/// Counts a waiting call for as long as it lives.
+struct Waiting<'a>(&'a AtomicI64);
+
+impl<'a> Waiting<'a> {
+    fn new(n: &'a AtomicI64) -> Self {
+        n.fetch_add(1, Ordering::SeqCst);
+        Self(n)
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 /// Where calls run (see the module docs).
@@ -304,9 +335,10 @@ impl CallSite {
                 let cfg = settings.sandbox_config(runner.fingerprint(), egress_ca);
                 let pool = Pool::start(cfg, settings.warm)?;
                 Some(VmSite {
+                    slots: Arc::new(tokio::sync::Semaphore::new(settings.max_vms.max(1))),
                     settings,
                     pool,
-                    running: AtomicI64::new(0),
+                    waiting: AtomicI64::new(0),
                 })
             }
         };
@@ -328,11 +360,17 @@ impl CallSite {
         self.vm.as_ref().map(|v| &v.pool)
     }
 
-    /// Calls running in a microVM now.
+    /// Calls holding a microVM now (booting, loading, running or shutting
+    /// it down).
     pub fn vm_calls(&self) -> i64 {
+        self.vm.as_ref().map_or(0, VmSite::holding)
+    }
+
+    /// Calls waiting for a microVM now (`max_vms` are held).
+    pub fn vm_waiting(&self) -> i64 {
         self.vm
             .as_ref()
-            .map_or(0, |v| v.running.load(Ordering::SeqCst))
+            .map_or(0, |v| v.waiting.load(Ordering::SeqCst))
     }
 
     /// Stop the pool and reap its VMs (also done on drop).
@@ -397,17 +435,33 @@ impl CallSite {
                 ready_after: None,
             });
         };
-        let taken = component.artifact(&self.runner).and_then(|artifact| {
+        let _slot = {
+            let _w = Waiting::new(&vm.waiting);
+            futures_executor::block_on(vm.slots.clone().acquire_owned())
+                .map_err(|e| CallSiteError::Task(e.to_string()))?
+        };
+        Self::call_in_vm(&self.runner, vm, component, tool, args, grants, ready)
+    }
+
+    /// A call in a fresh microVM, its `max_vms` permit held by the caller.
+    fn call_in_vm(
+        runner: &Runner,
+        vm: &VmSite,
+        component: &dyn Component,
+        tool: &str,
+        args: &serde_json::Value,
+        grants: &GrantSet,
+        ready: &dyn Fn(),
+    ) -> Result<Called, CallSiteError> {
+        let taken = component.artifact(runner).and_then(|artifact| {
             Ok(vm
                 .pool
-                .take_loaded(&artifact, &self.runner.fingerprint(), &component.docs())?)
+                .take_loaded(&artifact, &runner.fingerprint(), &component.docs())?)
         });
         ready();
         let (mut sb, digest) = taken?;
         tracing::debug!(ready_ms = sb.ready_after.as_millis() as u64, boot = ?sb.boot, "guest ready");
-        vm.running.fetch_add(1, Ordering::SeqCst);
         let result = sb.invoke(&digest, tool, args, grants);
-        vm.running.fetch_sub(1, Ordering::SeqCst);
         let ready_after = Some(sb.ready_after);
         match sb.shutdown() {
             Ok(r) => {
@@ -423,7 +477,8 @@ impl CallSite {
 
     /// One call from async code: process calls run on the runner's async
     /// path, waiting for a slot of the engine's instance pool when every
-    /// slot is taken (a burst queues instead of failing); VM calls run on a
+    /// slot is taken (a burst queues instead of failing); VM calls wait
+    /// for one of `max_vms` permits here, without a thread, then run on a
     /// blocking thread.
     ///
     /// # Errors
@@ -435,7 +490,7 @@ impl CallSite {
         args: serde_json::Value,
         grants: GrantSet,
     ) -> Result<Called, CallSiteError> {
-        if self.vm.is_none() {
+        let Some(vm) = &self.vm else {
             let _slot = self
                 .slots
                 .acquire()
@@ -450,10 +505,32 @@ impl CallSite {
                 outcome,
                 ready_after: None,
             });
-        }
+        };
+        let slot = {
+            let _w = Waiting::new(&vm.waiting);
+            vm.slots
+                .clone()
+                .acquire_owned()
+                .await
+                .map_err(|e| CallSiteError::Task(e.to_string()))?
+        };
         let site = self.clone();
-        tokio::task::spawn_blocking(move || site.call(&*component, &tool, &args, &grants))
-            .await
-            .map_err(|e| CallSiteError::Task(e.to_string()))?
+        tokio::task::spawn_blocking(move || {
+            let _slot = slot;
+            match &site.vm {
+                Some(vm) => Self::call_in_vm(
+                    &site.runner,
+                    vm,
+                    &*component,
+                    &tool,
+                    &args,
+                    &grants,
+                    &|| {},
+                ),
+                None => Err(CallSiteError::Task("the site lost its VMs".into())),
+            }
+        })
+        .await
+        .map_err(|e| CallSiteError::Task(e.to_string()))?
     }
 }

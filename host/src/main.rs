@@ -256,13 +256,15 @@ impl GuestArgs {
     }
 
     /// The call site for `isolation`: VM settings from these flags (and
-    /// `weights`), a runner without pooling (the CLI makes one call per
-    /// process: pooling would only reserve address space).
+    /// `weights`), up to `vms` calls in microVMs at once, a runner without
+    /// pooling (the CLI makes one call per process: pooling would only
+    /// reserve address space).
     fn call_site(
         self,
         isolation: Isolation,
         weights: Option<Weights>,
         policy: &Policy,
+        vms: usize,
     ) -> anyhow::Result<CallSite> {
         let ca = self.egress_ca()?;
         let vm = match isolation {
@@ -277,6 +279,7 @@ impl GuestArgs {
                     initrd,
                     memory_mib: self.memory_mib,
                     warm: 0,
+                    max_vms: vms,
                     weights,
                     cmdline_extra: self.guest_cmdline,
                     boot_attempts: self.boot_attempts,
@@ -478,7 +481,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 None => Policy::default(),
             };
             let bytes = read_component(&component)?;
-            let site = guest.call_site(isolation, weights, &policy)?;
+            let site = guest.call_site(isolation, weights, &policy, 1)?;
             let grants = site.grants(policy.grant_set())?;
             let outcome = site
                 .call(&WasmBytes::new(bytes), &tool, &args, &grants)
@@ -797,7 +800,8 @@ fn vm_multi(a: MultiArgs) -> anyhow::Result<serde_json::Value> {
         .collect::<anyhow::Result<Vec<_>>>()?;
     let wasm = WasmBytes::new(read_component(&a.component)?);
     let policy = Policy::default();
-    let site = a.guest.call_site(Isolation::Vm, None, &policy)?;
+    // Every VM at once: the calls wait for each other below.
+    let site = a.guest.call_site(Isolation::Vm, None, &policy, args.len())?;
     let grants = site.grants(policy.grant_set())?;
     // Every VM waits, once loaded, for the others: the calls overlap.
     let all_ready = std::sync::Barrier::new(args.len());

@@ -283,6 +283,9 @@ mode = "vm"
 kernel = "/guest/vmlinux"
 initrd = "/guest/initramfs.cpio.gz"
 warm = 1
+max_vms = 2
+[limits]
+max_concurrent_calls_per_tenant = 16
 [[tokens]]
 name = "admin"
 token = "$T"
@@ -316,6 +319,34 @@ for v in 1 2; do
   fi
   progress "call $v answered"
 done
+# A flood: 10 calls at once against max_vms = 2. They all answer, and at
+# no moment do more than max_vms + warm = 3 VMMs run (each jailed VMM is
+# pid 1 of its namespace); the others wait, counted by the metrics.
+jailed_now() {
+  n=0
+  for p in $(pidof airlock-vmm); do grep -q '^NSpid:.*[[:space:]]1$' /proc/$p/status 2>/dev/null && n=$((n+1)); done
+  echo $n
+}
+progress "flood: 10 calls at once, max_vms = 2"
+fpids=""
+for v in 1 2 3 4 5 6 7 8 9 10; do
+  wget -q -O /tmp/flood$v.json --header "Authorization: Bearer $T" --header "Content-Type: application/json" \
+    --post-data "{\"arguments\": {\"values\": [$v, 10]}}" "$U/v1/tools/kitchen__recipes_summarize:invoke" &
+  fpids="$fpids $!"
+done
+peak_vmms=0; peak_waiting=0; t=0
+while :; do
+  alive=0; for p in $fpids; do kill -0 $p 2>/dev/null && alive=$((alive+1)); done
+  [ $alive -eq 0 ] && break
+  n=$(jailed_now); [ $n -gt $peak_vmms ] && peak_vmms=$n
+  w=$(wget -q -O - --header "Authorization: Bearer $T" "$U/metrics" | sed -n 's/^airlock_vm_calls_waiting //p')
+  [ "${w:-0}" -gt $peak_waiting ] && peak_waiting=$w
+  t=$((t+1)); [ $((t % 30)) -eq 0 ] && progress "flood: $alive calls unanswered after ${t}s"
+  sleep 1
+done
+flood_ok=0
+for v in 1 2 3 4 5 6 7 8 9 10; do grep -q '"mean":' /tmp/flood$v.json 2>/dev/null && flood_ok=$((flood_ok+1)); done
+progress "flood: $flood_ok answered; at most $peak_vmms VMMs at once"
 booted=$(wget -q -O - --header "Authorization: Bearer $T" "$U/metrics" | grep '^airlock_vms_booted_total' | cut -d' ' -f2)
 # Every VM's VMM is its own process; the warm one waits now. Killing the
 # server outright must not leave it running: it stops when its stdin closes.
@@ -362,7 +393,8 @@ printf ', "vmm_uid": %s, "keeper_uid": %s, "keeper_filtered": %s, "vmm_other_nam
   "${uid:-null}" "${keeper_uid:-null}" "${keeper_filtered:-0}" "$other_ns"
 printf ', "vmm_root": "%s", "vmm_cgroup": "%s", "cgroup_memory_max": "%s", "cgroup_pids_max": "%s", "cgroup_cpu_max": "%s"' \
   "$root_entries" "$cg" "$mem_max" "$pids_max" "$cpu_max"
-printf ', "cgroup_leaves_while_serving": %s, "jailed_vmms_while_serving": %s}\n' "$leaves" "$jailed"
+printf ', "cgroup_leaves_while_serving": %s, "jailed_vmms_while_serving": %s' "$leaves" "$jailed"
+printf ', "flood_answered": %s, "flood_peak_vmms": %s, "flood_peak_waiting": %s}\n' "$flood_ok" "$peak_vmms" "$peak_waiting"
 EOT
 if wanted service-vm; then
   echo "NESTED-RESULT-BEGIN service-vm"

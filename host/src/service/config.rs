@@ -21,6 +21,7 @@
 //! initrd = "/path/initramfs.cpio.gz"
 //! memory_mib = 256
 //! warm = 2                 # VMs kept booted and waiting
+//! max_vms = 8              # calls in microVMs at once; more wait in order
 //! weights = "/srv/models:/srv/models.erofs"  # optional: DIR:IMAGE (airlock weights pack)
 //! egress_ca = "/etc/airlock/private-ca.pem"   # optional, either mode: extra CAs for https egress
 //! vmm = "/usr/lib/airlock/airlock-vmm"         # optional: the VMM binary (default: next to airlock)
@@ -36,6 +37,11 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+
+/// `isolation.max_vms` unless set: calls holding a microVM at once. With
+/// `memory_mib` and `warm` it bounds what VM calls cost the host, however
+/// many arrive: at most `(max_vms + warm) × (memory_mib + 64 MiB)`.
+pub const DEFAULT_MAX_VMS: usize = 8;
 
 /// A configuration problem, naming the field.
 #[derive(Debug, thiserror::Error)]
@@ -195,6 +201,7 @@ struct IsolationEntry {
     initrd: Option<PathBuf>,
     memory_mib: Option<u32>,
     warm: Option<usize>,
+    max_vms: Option<usize>,
     weights: Option<String>,
     egress_ca: Option<PathBuf>,
     vmm: Option<PathBuf>,
@@ -491,12 +498,13 @@ fn isolation(i: IsolationEntry) -> Result<Isolation, ConfigError> {
             if i.kernel.is_some()
                 || i.initrd.is_some()
                 || i.warm.is_some()
+                || i.max_vms.is_some()
                 || i.weights.is_some()
                 || i.vmm.is_some()
             {
                 return Err(field(
                     "isolation.mode",
-                    "kernel, initrd, warm, weights and vmm only apply to mode = \"vm\"",
+                    "kernel, initrd, warm, max_vms, weights and vmm only apply to mode = \"vm\"",
                 ));
             }
             Ok(Isolation::Process)
@@ -524,6 +532,10 @@ fn isolation(i: IsolationEntry) -> Result<Isolation, ConfigError> {
             let warm = i.warm.unwrap_or(1);
             if warm > 16 {
                 return Err(field("isolation.warm", "must be 0..=16"));
+            }
+            let max_vms = i.max_vms.unwrap_or(DEFAULT_MAX_VMS);
+            if !(1..=1024).contains(&max_vms) {
+                return Err(field("isolation.max_vms", "must be 1..=1024"));
             }
             let weights = i
                 .weights
@@ -563,6 +575,7 @@ fn isolation(i: IsolationEntry) -> Result<Isolation, ConfigError> {
                 initrd: file("initrd", i.initrd)?,
                 memory_mib,
                 warm,
+                max_vms,
                 weights,
                 cmdline_extra: String::new(),
                 boot_attempts: crate::sandbox::BOOT_ATTEMPTS,
@@ -653,7 +666,13 @@ role = "admin"
         let vm =
             format!("{OK}\n[isolation]\nmode = \"vm\"\nkernel = {k:?}\ninitrd = {i:?}\nwarm = 3\n");
         match Config::parse(&vm).unwrap().isolation {
-            Isolation::Vm(v) => assert_eq!((v.warm, v.memory_mib), (3, 256)),
+            Isolation::Vm(v) => {
+                assert_eq!((v.warm, v.memory_mib, v.max_vms), (3, 256, DEFAULT_MAX_VMS))
+            }
+            other => panic!("{other:?}"),
+        }
+        match Config::parse(&format!("{vm}max_vms = 2\n")).unwrap().isolation {
+            Isolation::Vm(v) => assert_eq!(v.max_vms, 2),
             other => panic!("{other:?}"),
         }
         let e = Config::parse(&vm.replace("warm = 3", "warm = 99"))
@@ -684,6 +703,8 @@ role = "admin"
             ("jail_uid_base = 0", "isolation.jail_uid_base"),
             ("jail_uid_base = 4294967000", "isolation.jail_uid_base"),
             ("jail_cgroup = \"relative/x\"", "isolation.jail_cgroup"),
+            ("max_vms = 0", "isolation.max_vms"),
+            ("max_vms = 5000", "isolation.max_vms"),
         ] {
             let e = jail(bad).unwrap_err().to_string();
             assert!(e.starts_with(name), "{bad}: {e}");

@@ -19,6 +19,7 @@ pub(crate) struct Metrics {
     pub(crate) uploads: Counter,
     pub(crate) vms: Gauge,
     pub(crate) vms_booted: Counter,
+    pub(crate) vm_waiting: Gauge,
 }
 
 impl Metrics {
@@ -32,6 +33,7 @@ impl Metrics {
         let uploads = Counter::default();
         let vms = Gauge::<i64>::default();
         let vms_booted = Counter::default();
+        let vm_waiting = Gauge::<i64>::default();
         registry.register(
             "airlock_calls",
             "Tool calls by tenant and outcome (ok or the error kind)",
@@ -63,6 +65,11 @@ impl Metrics {
             "MicroVMs booted since start (warm pool and on demand)",
             vms_booted.clone(),
         );
+        registry.register(
+            "airlock_vm_calls_waiting",
+            "Calls waiting for a microVM (isolation.max_vms are in use)",
+            vm_waiting.clone(),
+        );
         Self {
             registry,
             calls,
@@ -72,6 +79,7 @@ impl Metrics {
             uploads,
             vms,
             vms_booted,
+            vm_waiting,
         }
     }
 

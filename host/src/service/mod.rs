@@ -792,6 +792,7 @@ impl Service {
         if let Some(p) = self.site.pool() {
             let in_calls = self.site.vm_calls();
             self.metrics.vms.set(p.ready() as i64 + in_calls);
+            self.metrics.vm_waiting.set(self.site.vm_waiting());
             let booted = p.booted();
             let seen = self.metrics.vms_booted.get();
             self.metrics.vms_booted.inc_by(booted.saturating_sub(seen));

@@ -5,7 +5,7 @@
 
 use super::connection::{Conn, Key, Pending, State};
 use super::packet::{
-    self, BUF_ALLOC, Credit, HOST_CID, MAX_PKT_DATA, MAX_RX_PENDING, OP_CREDIT_REQUEST,
+    self, BUF_ALLOC, Credit, HOST_CID, MAX_CONNS, MAX_PKT_DATA, MAX_RX_PENDING, OP_CREDIT_REQUEST,
     OP_CREDIT_UPDATE, OP_REQUEST, OP_RESPONSE, OP_RST, OP_RW, OP_SHUTDOWN, OutPkt, TYPE_STREAM,
 };
 use crate::devices::virtio_mmio::{Interrupt, VirtioError};
@@ -221,6 +221,11 @@ impl Muxer {
             let _ = s.write_all(b"ERROR expected CONNECT <port>\n");
             return;
         };
+        if self.conns.len() >= MAX_CONNS {
+            let mut s = p.stream;
+            let _ = s.write_all(b"ERROR too many connections\n");
+            return;
+        }
         self.next_host_port = self.next_host_port.wrapping_add(1).max(1 << 30);
         let key = (self.next_host_port, guest_port);
         self.by_token.insert(token, key);
@@ -527,14 +532,26 @@ impl Muxer {
     }
 
     /// The guest connects to host port `key.0`: bridge to `<uds>_<port>`.
+    /// Refused (reset) past [`MAX_CONNS`] connections, or when the host
+    /// side does not take it at once: the connect never blocks this
+    /// thread, whatever the listener's backlog.
     fn guest_connect(&mut self, key: Key, buf_alloc: u32, fwd_cnt: u32) {
+        // A second REQUEST on a live key replaces that connection.
+        self.close(key);
+        if self.conns.len() >= MAX_CONNS {
+            tracing::warn!(
+                host_port = key.0,
+                guest_port = key.1,
+                open = self.conns.len(),
+                "vsock: the guest opened too many connections; refused"
+            );
+            self.send(key, OP_RST, 0, Vec::new());
+            return;
+        }
         let path = PathBuf::from(format!("{}_{}", self.uds_path.display(), key.0));
-        let stream = match UnixStream::connect(&path) {
-            Ok(s) if s.set_nonblocking(true).is_ok() => s,
-            _ => {
-                self.send(key, OP_RST, 0, Vec::new());
-                return;
-            }
+        let Ok(stream) = connect_nonblocking(&path) else {
+            self.send(key, OP_RST, 0, Vec::new());
+            return;
         };
         let token = self.token();
         self.by_token.insert(token, key);
@@ -586,4 +603,18 @@ impl Muxer {
             self.interrupt.signal_used_queue();
         }
     }
+}
+
+/// A non-blocking connection to the Unix socket at `path`: refused at once
+/// (`EAGAIN`) when its listener's backlog is full, never waited for.
+fn connect_nonblocking(path: &std::path::Path) -> std::io::Result<UnixStream> {
+    use nix::sys::socket::{AddressFamily, SockFlag, SockType, UnixAddr, connect, socket};
+    let fd = socket(
+        AddressFamily::Unix,
+        SockType::Stream,
+        SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC,
+        None,
+    )?;
+    connect(fd.as_raw_fd(), &UnixAddr::new(path)?)?;
+    Ok(UnixStream::from(fd))
 }

@@ -19,6 +19,11 @@ pub(super) const OP_CREDIT_UPDATE: u16 = 6;
 pub(super) const OP_CREDIT_REQUEST: u16 = 7;
 /// Our receive buffer per connection, as advertised to the guest.
 pub(super) const BUF_ALLOC: u32 = 256 * 1024;
+/// Connections (guest- and host-initiated) open at once, at most: each
+/// holds a host descriptor and up to `BUF_ALLOC` bytes of buffer, so a
+/// guest opening connections without end is refused (reset) past this
+/// instead of spending the VMM's descriptors and memory.
+pub(super) const MAX_CONNS: usize = 64;
 /// Packets waiting for the guest's receive buffers, at most (see `send`).
 pub(super) const MAX_RX_PENDING: usize = 4096;
 /// Largest payload we accept from or put into one packet.

@@ -390,3 +390,110 @@ fn a_guest_sending_past_its_credit_is_reset() {
     assert!(total < 1 << 20, "everything was buffered: {total} bytes");
     dev.shutdown();
 }
+
+/// A guest that opens connection after connection to a host port: each
+/// would hold a VMM descriptor and buffer, so past `MAX_CONNS` live ones
+/// the device resets the rest; closing one makes room again.
+#[test]
+fn a_guest_opening_connections_without_end_is_refused_past_the_cap() {
+    use super::packet::MAX_CONNS;
+    let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x40_0000)]).unwrap();
+    let rx = MockSplitQueue::create(&mem, GuestAddress(RXQ), LEN);
+    let tx = MockSplitQueue::create(&mem, GuestAddress(TXQ), LEN);
+    let ev = MockSplitQueue::create(&mem, GuestAddress(EVQ), LEN);
+    let dir = tempfile::tempdir().unwrap();
+    let uds = dir.path().join("v.sock");
+    // A host service on port 1025 that takes connections and keeps them.
+    let listener = std::os::unix::net::UnixListener::bind(format!("{}_1025", uds.display())).unwrap();
+    let (mut dev, mut guest, _irq) = start(&mem, [&rx, &tx, &ev], &uds);
+    let request = |port: u32| Hdr {
+        src_cid: 3,
+        dst_cid: HOST_CID,
+        src_port: port,
+        dst_port: 1025,
+        op: OP_REQUEST,
+        buf_alloc: 4096,
+        ..Hdr::default()
+    };
+    let mut held = Vec::new();
+    let mut answers = Vec::new();
+    for port in 0..(MAX_CONNS as u32 + 36) {
+        guest.send(&tx, request(40_000 + port), b"");
+        guest.post_rx(&rx);
+        let (h, _) = guest.recv(&rx);
+        assert_eq!(h.dst_port, 40_000 + port);
+        answers.push(h.op);
+        if h.op == OP_RESPONSE {
+            held.push(listener.accept().unwrap());
+        }
+    }
+    let accepted = answers.iter().filter(|&&op| op == OP_RESPONSE).count();
+    assert_eq!(accepted, MAX_CONNS, "{answers:?}");
+    assert!(answers[MAX_CONNS..].iter().all(|&op| op == OP_RST), "{answers:?}");
+    // The guest closes one: the next request is taken.
+    guest.send(
+        &tx,
+        Hdr {
+            op: OP_RST,
+            ..request(40_000)
+        },
+        b"",
+    );
+    guest.send(&tx, request(50_000), b"");
+    guest.post_rx(&rx);
+    let (h, _) = guest.recv(&rx);
+    assert_eq!((h.op, h.dst_port), (OP_RESPONSE, 50_000));
+    dev.shutdown();
+}
+
+/// A host service that accepts nothing (its backlog full) must not stall
+/// the device thread in `connect`: the guest's requests are answered, by
+/// a reset, at once, and other traffic goes on.
+#[test]
+fn a_full_listener_backlog_never_blocks_the_device_thread() {
+    use nix::sys::socket::{
+        AddressFamily, Backlog, SockFlag, SockType, UnixAddr, bind, listen, socket,
+    };
+    let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x40_0000)]).unwrap();
+    let rx = MockSplitQueue::create(&mem, GuestAddress(RXQ), LEN);
+    let tx = MockSplitQueue::create(&mem, GuestAddress(TXQ), LEN);
+    let ev = MockSplitQueue::create(&mem, GuestAddress(EVQ), LEN);
+    let dir = tempfile::tempdir().unwrap();
+    let uds = dir.path().join("v.sock");
+    let fd = socket(AddressFamily::Unix, SockType::Stream, SockFlag::SOCK_CLOEXEC, None).unwrap();
+    bind(
+        std::os::fd::AsRawFd::as_raw_fd(&fd),
+        &UnixAddr::new(format!("{}_1026", uds.display()).as_str()).unwrap(),
+    )
+    .unwrap();
+    listen(&fd, Backlog::new(1).unwrap()).unwrap();
+    let (mut dev, mut guest, _irq) = start(&mem, [&rx, &tx, &ev], &uds);
+    let mut answers = Vec::new();
+    for port in 0..8u32 {
+        guest.send(
+            &tx,
+            Hdr {
+                src_cid: 3,
+                dst_cid: HOST_CID,
+                src_port: 41_000 + port,
+                dst_port: 1026,
+                op: OP_REQUEST,
+                buf_alloc: 4096,
+                ..Hdr::default()
+            },
+            b"",
+        );
+        guest.post_rx(&rx);
+        // `recv` fails the test if the device does not answer in 5 s.
+        answers.push(guest.recv(&rx).0.op);
+    }
+    assert!(answers.contains(&OP_RST), "{answers:?}");
+    // The device still serves host clients.
+    let mut c = UnixStream::connect(&uds).unwrap();
+    c.write_all(b"CONNECT 1024\n").unwrap();
+    guest.post_rx(&rx);
+    let (req, _) = guest.recv(&rx);
+    assert_eq!((req.op, req.dst_port), (OP_REQUEST, 1024));
+    drop(fd);
+    dev.shutdown();
+}
