@@ -5,7 +5,7 @@ mod common;
 
 use common::server::{ADMIN, AUDITOR, INVOKER, OTHER_ADMIN, Server};
 use serde_json::{Value, json};
-use std::io::Write;
+use std::io::{Read, Write};
 
 fn tmp() -> tempfile::TempDir {
     tempfile::tempdir().unwrap()
@@ -1169,6 +1169,32 @@ fn a_call_whose_client_disconnects_still_finishes_and_is_audited() {
         );
         std::thread::sleep(std::time::Duration::from_millis(200));
     }
+}
+
+#[test]
+fn a_client_that_half_closes_after_its_request_still_gets_the_answer() {
+    // `nc` and some proxies shut down their sending side once the request
+    // is out. That is not a disconnect: the call runs and is answered.
+    let d = tmp();
+    let srv = Server::start(d.path(), "");
+    let c = srv.client();
+    c.upload_example(ADMIN, "kitchen", "kitchen");
+    let addr = srv.url.trim_start_matches("http://").to_string();
+    let body = r#"{"arguments": {"name": "half"}}"#;
+    let mut s = std::net::TcpStream::connect(&addr).unwrap();
+    write!(
+        s,
+        "POST /v1/tools/kitchen__greet:invoke HTTP/1.0\r\nHost: {addr}\r\nAuthorization: Bearer {INVOKER}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    s.shutdown(std::net::Shutdown::Write).unwrap();
+    s.set_read_timeout(Some(std::time::Duration::from_secs(60)))
+        .unwrap();
+    let mut answer = String::new();
+    s.read_to_string(&mut answer).unwrap();
+    assert!(answer.starts_with("HTTP/1.0 200"), "{answer}");
+    assert!(answer.contains(r#""ok":"Hello, half.""#), "{answer}");
 }
 
 fn fs_policy(host: &str, mode: &str) -> String {

@@ -607,6 +607,10 @@ async fn audit_verify(
 
 /// Serve until `shutdown` resolves; in-flight requests are finished first.
 ///
+/// HTTP/1 connections may be half-closed: a client that shuts down its
+/// sending side after the request (as `nc` and some proxies do) still
+/// gets its answer, and its call is not cancelled half-way.
+///
 /// # Errors
 /// The listener fails.
 pub async fn serve(
@@ -614,9 +618,37 @@ pub async fn serve(
     listener: tokio::net::TcpListener,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router(state))
-        .with_graceful_shutdown(shutdown)
-        .await
+    use hyper_util::rt::TokioIo;
+    use hyper_util::service::TowerToHyperService;
+    let service = TowerToHyperService::new(router(state));
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.half_close(true);
+    tokio::pin!(shutdown);
+    loop {
+        let stream = tokio::select! {
+            () = &mut shutdown => break,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                // Out of descriptors or a connection reset before accept:
+                // keep serving the others.
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = stream.set_nodelay(true);
+        let conn = graceful.watch(http.serve_connection(TokioIo::new(stream), service.clone()));
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, "connection ended with an error");
+            }
+        });
+    }
+    graceful.shutdown().await;
+    Ok(())
 }
 
 #[cfg(test)]
