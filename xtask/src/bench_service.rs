@@ -11,13 +11,14 @@ use std::time::{Duration, Instant};
 
 const TOKEN: &str = "bench-admin-token-0000000";
 
-struct Stats {
-    per_sec: f64,
-    p50: Duration,
-    p99: Duration,
+pub(crate) struct Stats {
+    pub per_sec: f64,
+    pub p50: Duration,
+    pub p99: Duration,
 }
 
-fn stats(mut lat: Vec<Duration>, wall: Duration) -> Stats {
+/// Throughput over `wall` and latency quantiles of `lat`.
+pub(crate) fn stats(mut lat: Vec<Duration>, wall: Duration) -> Stats {
     lat.sort();
     let pick = |q: f64| lat[((lat.len() as f64 * q) as usize).min(lat.len() - 1)];
     Stats {

@@ -9,7 +9,9 @@
 //! * `cargo xtask bench service` — HTTP invocations/s and p50/p99 at
 //!   concurrency 1/8/64 next to the CLI runner, in one run
 //! * `cargo xtask bench load` — N (1,000) invocations at once through the
-//!   service: no errors, p50/p99 against one call at a time, same run
+//!   service: no errors, p50/p99 against one call at a time, same run;
+//!   `--isolation vm` runs the service in VM isolation inside the nested
+//!   harness (`--max-vms`)
 //! * `cargo xtask bench boot` — inside the nested harness, boot of our VMM
 //!   against QEMU `-M microvm` (same vmlinux + initramfs), ratio of medians,
 //!   plus the VMM's own RSS overhead
@@ -82,6 +84,13 @@ enum Cmd {
         /// Invocations at once for `load`.
         #[arg(long, default_value_t = 1000)]
         concurrency: u32,
+        /// For `load`: `process` (here) or `vm` (the service in VM
+        /// isolation inside the nested harness).
+        #[arg(long, default_value = "process")]
+        isolation: String,
+        /// For `load --isolation vm`: the service's `isolation.max_vms`.
+        #[arg(long, default_value_t = 4)]
+        max_vms: u32,
         /// For `boot`: compare with this `airlock-vmm` build (static musl)
         /// instead of QEMU — an A/B of two VMMs in one run.
         #[arg(long)]
@@ -130,11 +139,17 @@ fn main() -> anyhow::Result<()> {
             iterations,
             rounds,
             concurrency,
+            isolation,
+            max_vms,
             reference_vmm,
         } => match which.as_str() {
             "runner" => bench_runner(iterations),
             "service" => bench_service::run(iterations),
-            "load" => bench_service::load(concurrency),
+            "load" => match isolation.as_str() {
+                "process" => bench_service::load(concurrency),
+                "vm" => nested::bench_load_vm(concurrency, max_vms),
+                other => bail!("--isolation: expected process or vm, got {other:?}"),
+            },
             "boot" => nested::bench_boot(rounds, reference_vmm),
             other => bail!("unknown benchmark {other:?}; available: runner, service, load, boot"),
         },

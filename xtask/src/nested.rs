@@ -152,6 +152,39 @@ echo NESTED-END
 poweroff -f
 "#;
 
+/// Shell helpers of the scenarios that talk to `airlock serve` on
+/// 127.0.0.1:8420 (with `$T`, an admin token, set).
+const SERVICE_HELPERS: &str = r#"
+# upload_kitchen: upload /examples/kitchen.wasm as `kitchen`. busybox wget
+# sends --post-file up to the first NUL byte: upload with nc, keeping its
+# stdin open until the answer (busybox nc stops at stdin EOF).
+upload_kitchen() {
+  W=/examples/kitchen.wasm
+  : > /tmp/upload.txt
+  { printf 'POST /v1/components?name=kitchen HTTP/1.0\r\nHost: 127.0.0.1\r\nAuthorization: Bearer %s\r\n' "$T"
+    printf 'Content-Type: application/wasm\r\nContent-Length: %s\r\n\r\n' "$(wc -c < $W)"; cat $W
+    i=0; while ! grep -q '}' /tmp/upload.txt && [ $i -lt 300 ]; do sleep 1; i=$((i+1)); done; } \
+    | nc 127.0.0.1 8420 > /tmp/upload.txt
+  grep -q '"created":true' /tmp/upload.txt || { cat /tmp/upload.txt; exit 4; }
+}
+# jailed_vmms: VMM processes running now (each jailed VMM is pid 1 of its
+# pid namespace; its keeper outside is not counted).
+jailed_vmms() {
+  n=0
+  for p in $(pidof airlock-vmm); do grep -q '^NSpid:.*[[:space:]]1$' /proc/$p/status 2>/dev/null && n=$((n+1)); done
+  echo $n
+}
+# start_serve: run `airlock serve --config /tmp/serve.toml`, wait until it listens.
+start_serve() {
+  AIRLOCK_LOG=airlock=info /airlock serve --config /tmp/serve.toml > /tmp/serve.out 2> /tmp/serve.err &
+  serve_pid=$!
+  i=0
+  until grep -q listening /tmp/serve.out; do
+    i=$((i+1)); if [ $i -gt 300 ]; then cat /tmp/serve.err; exit 3; fi; sleep 1
+  done
+}
+"#;
+
 const VM_TESTS: &str = r#"# Each scenario: its name, its time limit in seconds, then an `airlock`
 # subcommand and its arguments. `airlock_only=<a>,<b>,...` on the outer
 # kernel command line runs just those; `airlock_skip=<a>,<b>,...` runs all
@@ -275,6 +308,7 @@ cat > /tmp/service-vm.sh <<'EOT'
 set -e
 T=nested-admin-token-0123456
 U=http://127.0.0.1:8420
+. /service-helpers.sh
 cat > /tmp/serve.toml <<EOC
 data_dir = "/tmp/svc"
 listen = "127.0.0.1:8420"
@@ -295,22 +329,10 @@ EOC
 # Progress lines: uploading compiles the component inside the outer VM,
 # which takes minutes under emulation.
 progress() { echo "NESTED-PROGRESS service-vm: $*"; }
-AIRLOCK_LOG=airlock=info /airlock serve --config /tmp/serve.toml > /tmp/serve.out 2> /tmp/serve.err &
-pid=$!
-i=0
-until grep -q listening /tmp/serve.out; do
-  i=$((i+1)); if [ $i -gt 300 ]; then cat /tmp/serve.err; exit 3; fi; sleep 1
-done
+start_serve
+pid=$serve_pid
 progress "serving; uploading kitchen.wasm (compiled in the outer VM)"
-# busybox wget sends --post-file up to the first NUL byte: upload with nc,
-# keeping its stdin open until the answer (busybox nc stops at stdin EOF).
-W=/examples/kitchen.wasm
-: > /tmp/upload.txt
-{ printf 'POST /v1/components?name=kitchen HTTP/1.0\r\nHost: 127.0.0.1\r\nAuthorization: Bearer %s\r\n' "$T"
-  printf 'Content-Type: application/wasm\r\nContent-Length: %s\r\n\r\n' "$(wc -c < $W)"; cat $W
-  i=0; while ! grep -q '}' /tmp/upload.txt && [ $i -lt 300 ]; do sleep 1; i=$((i+1)); done; } \
-  | nc 127.0.0.1 8420 > /tmp/upload.txt
-grep -q '"created":true' /tmp/upload.txt || { cat /tmp/upload.txt; exit 4; }
+upload_kitchen
 progress "uploaded; calling twice, a fresh microVM each"
 for v in 1 2; do
   if ! wget -q -O /tmp/call$v.json --header "Authorization: Bearer $T" --header "Content-Type: application/json" \
@@ -322,11 +344,6 @@ done
 # A flood: 10 calls at once against max_vms = 2. They all answer, and at
 # no moment do more than max_vms + warm = 3 VMMs run (each jailed VMM is
 # pid 1 of its namespace); the others wait, counted by the metrics.
-jailed_now() {
-  n=0
-  for p in $(pidof airlock-vmm); do grep -q '^NSpid:.*[[:space:]]1$' /proc/$p/status 2>/dev/null && n=$((n+1)); done
-  echo $n
-}
 progress "flood: 10 calls at once, max_vms = 2"
 fpids=""
 for v in 1 2 3 4 5 6 7 8 9 10; do
@@ -338,7 +355,7 @@ peak_vmms=0; peak_waiting=0; t=0
 while :; do
   alive=0; for p in $fpids; do kill -0 $p 2>/dev/null && alive=$((alive+1)); done
   [ $alive -eq 0 ] && break
-  n=$(jailed_now); [ $n -gt $peak_vmms ] && peak_vmms=$n
+  n=$(jailed_vmms); [ $n -gt $peak_vmms ] && peak_vmms=$n
   w=$(wget -q -O - --header "Authorization: Bearer $T" "$U/metrics" | sed -n 's/^airlock_vm_calls_waiting //p')
   [ "${w:-0}" -gt $peak_waiting ] && peak_waiting=$w
   t=$((t+1)); [ $((t % 30)) -eq 0 ] && progress "flood: $alive calls unanswered after ${t}s"
@@ -485,8 +502,82 @@ pub fn build() -> anyhow::Result<()> {
     Ok(())
 }
 
-const BENCH_SCRIPT: &str = r#"# The boot benchmark: our VMM vs QEMU microvm, same kernel + initramfs.
+const BENCH_SCRIPT: &str = r#"# The benchmarks run inside the outer VM: `airlock_bench=load` is the
+# service under a burst of calls in VM isolation, else the boot benchmark.
 G=/guest
+if [ "$airlock_bench" = load ]; then
+  N=${airlock_load:-1000}; M=${airlock_max_vms:-4}
+  T=bench-admin-token-0000000
+  U=http://127.0.0.1:8420
+  . /service-helpers.sh
+  cat > /tmp/serve.toml <<EOC
+data_dir = "/tmp/svc"
+listen = "127.0.0.1:8420"
+[limits]
+max_concurrent_calls_per_tenant = $N
+[isolation]
+mode = "vm"
+kernel = "/guest/vmlinux"
+initrd = "/guest/initramfs.cpio.gz"
+memory_mib = 128
+warm = 1
+max_vms = $M
+[[tokens]]
+name = "bench"
+token = "$T"
+tenant = "bench"
+role = "admin"
+EOC
+  echo "NESTED-RESULT-BEGIN bench-load"
+  start_serve
+  echo "NESTED-PROGRESS bench-load: serving; uploading kitchen.wasm (compiled in the outer VM)"
+  upload_kitchen
+  mkdir -p /tmp/r
+  now() { cut -d' ' -f1 /proc/uptime; }
+  # call ID: one kitchen__greet call; /tmp/r/ID.t gets "start end", the
+  # answer /tmp/r/ID.json. With nc, not wget: a call may wait in the queue
+  # longer than busybox wget's fixed 900 s read timeout (and its -T
+  # crashes); nc sends the request, then reads until the server closes.
+  call() {
+    t0=$(now)
+    body='{"arguments": {"name": "load"}}'
+    printf 'POST /v1/tools/kitchen__greet:invoke HTTP/1.0\r\nHost: 127.0.0.1\r\nAuthorization: Bearer %s\r\nContent-Type: application/json\r\nContent-Length: %s\r\n\r\n%s' \
+      "$T" "${#body}" "$body" | nc -w 36000 127.0.0.1 8420 > /tmp/r/$1.json 2> /tmp/r/$1.err
+    echo "$t0 $(now)" > /tmp/r/$1.t
+  }
+  # One at a time first (the reference), then N at once.
+  for i in 1 2 3 4 5; do call a$i; done
+  echo "NESTED-PROGRESS bench-load: 5 calls one at a time done; starting $N at once (max_vms = $M)"
+  t_start=$(now)
+  for i in $(seq 1 $N); do call b$i & done
+  t_spawned=$(now)
+  peak=0; waited=0
+  while [ "$(ls /tmp/r/b*.t 2>/dev/null | wc -l)" -lt $N ]; do
+    v=$(jailed_vmms); [ $v -gt $peak ] && peak=$v
+    w=$(wget -q -O - --header "Authorization: Bearer $T" "$U/metrics" | sed -n 's/^airlock_vm_calls_waiting //p')
+    [ "${w:-0}" -gt $waited ] && waited=$w
+    echo "NESTED-PROGRESS bench-load: $(ls /tmp/r/b*.t 2>/dev/null | wc -l) of $N answered, $v VMMs running, ${w:-?} waiting"
+    sleep 30
+  done
+  t_end=$(now)
+  lat() { for f in /tmp/r/$1*.t; do awk '{printf "%.2f,", $2 - $1}' $f; done; }
+  errors=0; first=""
+  for i in $(seq 1 $N); do
+    if ! grep -q '"ok":"Hello, load' /tmp/r/b$i.json 2>/dev/null; then
+      errors=$((errors+1))
+      [ -z "$first" ] && first=$(cat /tmp/r/b$i.json /tmp/r/b$i.err 2>/dev/null | head -c 300 | tr -d '"\\\r\n')
+    fi
+  done
+  booted=$(wget -q -O - --header "Authorization: Bearer $T" "$U/metrics" | sed -n 's/^airlock_vms_booted_total //p')
+  a=$(lat a); b=$(lat b)
+  printf '{"alone_s": [%s], "burst_s": [%s], "errors": %s, "first_error": "%s", "spawn_s": %s, "wall_s": %s, "peak_vmms": %s, "peak_waiting": %s, "max_vms": %s, "vms_booted": %s}\n' \
+    "${a%,}" "${b%,}" "$errors" "$first" "$(awk "BEGIN{print $t_spawned - $t_start}")" \
+    "$(awk "BEGIN{print $t_end - $t_start}")" "$peak" "$waited" "$M" "${booted:-null}"
+  kill $serve_pid
+  echo "NESTED-RESULT-END bench-load 0"
+  exit 0
+fi
+# The boot benchmark: our VMM vs QEMU microvm, same kernel + initramfs.
 echo "NESTED-RESULT-BEGIN bench-boot"
 # With /airlock-vmm-ref in the image, the reference is that VMM build
 # (an A/B of two VMMs) instead of QEMU.
@@ -572,6 +663,7 @@ pub fn build_image(kind: Kind) -> anyhow::Result<PathBuf> {
     let files: Vec<(String, PathBuf, u32)> = vec![
         ("init".into(), PathBuf::new(), 0o100_755),
         ("vm-tests.sh".into(), PathBuf::new(), 0o100_644),
+        ("service-helpers.sh".into(), PathBuf::new(), 0o100_644),
         ("bin/busybox".into(), busybox, 0o100_755),
         ("airlock".into(), airlock, 0o100_755),
         ("airlock-vmm".into(), airlock_vmm, 0o100_755),
@@ -663,6 +755,7 @@ pub fn build_image(kind: Kind) -> anyhow::Result<PathBuf> {
         let bytes = match name.as_str() {
             "init" => OUTER_INIT.as_bytes().to_vec(),
             "vm-tests.sh" => script.as_bytes().to_vec(),
+            "service-helpers.sh" => SERVICE_HELPERS.as_bytes().to_vec(),
             _ => std::fs::read(path).with_context(|| format!("reading {}", path.display()))?,
         };
         h.update(name.as_bytes());
@@ -813,5 +906,91 @@ pub fn bench_boot(rounds: u32, reference: Option<PathBuf>) -> anyhow::Result<()>
     };
     println!("  peak RSS ours (KiB): {}", peak("ours").join(" "));
     println!("  peak RSS reference (KiB): {}", peak("qemu").join(" "));
+    Ok(())
+}
+
+/// `cargo xtask bench load --isolation vm`: inside the outer VM, the
+/// service in VM isolation (`max_vms` at once) under `concurrency` calls
+/// started together, against the same call made one at a time in the same
+/// run. Fails on any error.
+pub fn bench_load_vm(concurrency: u32, max_vms: u32) -> anyhow::Result<()> {
+    let manifest = build_image(Kind::Bench { reference: None })?;
+    eprintln!(
+        "bench load: booting the outer VM (QEMU TCG + kvm-amd); {concurrency} VM calls take a long while"
+    );
+    let console = boot_outer(
+        &manifest,
+        &format!("airlock_bench=load airlock_load={concurrency} airlock_max_vms={max_vms}"),
+        std::time::Duration::from_secs(4 * 60 * 60),
+    )?;
+    let body = console
+        .split("NESTED-RESULT-BEGIN bench-load")
+        .nth(1)
+        .and_then(|b| b.split("NESTED-RESULT-END").next())
+        .context("the outer VM printed no bench result")?;
+    let json = body
+        .lines()
+        .filter(|l| l.starts_with('{'))
+        .find_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .with_context(|| format!("the bench printed no JSON:\n{body}"))?;
+    let secs = |k: &str| -> Vec<std::time::Duration> {
+        json[k]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(serde_json::Value::as_f64)
+                    .map(std::time::Duration::from_secs_f64)
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let (alone, burst) = (secs("alone_s"), secs("burst_s"));
+    let errors = json["errors"].as_u64().unwrap_or(u64::MAX);
+    println!(
+        "bench load: kitchen__greet through `airlock serve`, VM isolation (a fresh jailed microVM per call),"
+    );
+    println!(
+        "inside the nested harness (absolute times ≈ 20× hardware; the outer VM has 1 vCPU), max_vms = {max_vms}, warm = 1"
+    );
+    println!("  errors: {errors} of {concurrency}");
+    if errors > 0 {
+        println!("  first error: {}", json["first_error"]);
+    }
+    let wall = json["wall_s"].as_f64().unwrap_or(0.0);
+    if !alone.is_empty() && !burst.is_empty() {
+        let a = crate::bench_service::stats(alone.clone(), alone.iter().sum());
+        let b = crate::bench_service::stats(burst.clone(), std::time::Duration::from_secs_f64(wall));
+        println!(
+            "  one at a time: p50 {:.2} s, p99 {:.2} s ({} calls)",
+            a.p50.as_secs_f64(),
+            a.p99.as_secs_f64(),
+            alone.len()
+        );
+        println!(
+            "  burst:         p50 {:.2} s, p99 {:.2} s ({:.2} calls/s; {} calls started in {} s)",
+            b.p50.as_secs_f64(),
+            b.p99.as_secs_f64(),
+            b.per_sec,
+            burst.len(),
+            json["spawn_s"]
+        );
+        println!(
+            "  burst throughput / one-at-a-time throughput: {:.2}",
+            b.per_sec / (alone.len() as f64 / alone.iter().sum::<std::time::Duration>().as_secs_f64())
+        );
+    }
+    println!(
+        "  at most {} VMMs at once (max_vms + warm = {}), at most {} calls waiting, {} VMs booted",
+        json["peak_vmms"],
+        max_vms + 1,
+        json["peak_waiting"],
+        json["vms_booted"]
+    );
+    if errors != 0 || burst.len() != concurrency as usize {
+        bail!("{errors} of {concurrency} VM invocations failed");
+    }
+    if json["peak_vmms"].as_u64().unwrap_or(u64::MAX) > u64::from(max_vms) + 1 {
+        bail!("more VMMs ran at once than max_vms + warm");
+    }
     Ok(())
 }
