@@ -316,11 +316,8 @@ impl CallSite {
                 return Err(CallSiteError::NoVmm(v.vmm.clone()));
             }
             if let Some(j) = &v.jail {
-                if !nix::unistd::geteuid().is_root() {
-                    return Err(CallSiteError::Vm(SandboxError::Jail(
-                        airlock_vmm::jail::JailError::NotRoot(nix::unistd::geteuid().as_raw()),
-                    )));
-                }
+                airlock_vmm::jail::require_root()
+                    .map_err(|e| CallSiteError::Vm(SandboxError::Jail(e)))?;
                 airlock_vmm::jail::sweep(j);
             }
         }

@@ -394,16 +394,14 @@ fn boot_process(
     jail: airlock::callsite::JailMode,
 ) -> anyhow::Result<airlock_vmm::process::ProcessEnd> {
     airlock_vmm::refuse_pvm()?;
-    let dir = airlock::sandbox::fresh_dir("airlock-boot")?;
+    let dir = airlock_vmm::jail::fresh_dir("airlock-boot")?;
     let run = || -> anyhow::Result<_> {
         let jail = jail
             .resolve(airlock_vmm::jail::JailConfig::default())
             .map(|j| airlock_vmm::jail::VmJail::prepare(&j, &dir, cfg))
             .transpose()?;
         let vm = airlock_vmm::process::VmProcess::spawn(vmm, cfg, jail)?;
-        while !vm.is_finished() {
-            std::thread::sleep(std::time::Duration::from_millis(20));
-        }
+        vm.wait_until_finished(None);
         Ok(vm.wait()?)
     };
     let end = run();

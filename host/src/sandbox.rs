@@ -233,7 +233,7 @@ impl Sandbox {
         // Whether this host can run the guest at all was checked once, by
         // the call site; `airlock_vmm::run` refuses such a host again.
         let start = Instant::now();
-        let dir = fresh_dir("airlock-vm")?;
+        let dir = airlock_vmm::jail::fresh_dir("airlock-vm")?;
         // The VM's sockets live in `dir/run` (the directory a jailed VMM
         // sees as its /run/vsock); a jail's root is `dir/root`.
         let sockets = dir.join("run");
@@ -529,9 +529,8 @@ impl Sandbox {
     /// The VMM process ended without a report.
     pub fn shutdown(mut self) -> Result<ProcessEnd, SandboxError> {
         let _ = proto::write_frame(&mut self.conn, &Message::Shutdown, b"");
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while self.vm.as_ref().is_some_and(|p| !p.is_finished()) && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(10));
+        if let Some(p) = &self.vm {
+            p.wait_until_finished(Some(Instant::now() + Duration::from_secs(30)));
         }
         self.finish()
     }
@@ -555,19 +554,6 @@ impl Sandbox {
         let _ = std::fs::remove_dir_all(&self.dir);
         Ok(r?)
     }
-}
-
-/// A new directory `<tmp>/<prefix>-<random>` for one VM (its sockets,
-/// its jail's root).
-///
-/// # Errors
-/// No randomness, or the directory cannot be made.
-pub fn fresh_dir(prefix: &str) -> std::io::Result<PathBuf> {
-    let mut rnd = [0u8; 8];
-    getrandom::fill(&mut rnd).map_err(|e| std::io::Error::other(e.to_string()))?;
-    let dir = std::env::temp_dir().join(format!("{prefix}-{}", hex::encode(rnd)));
-    std::fs::create_dir(&dir)?;
-    Ok(dir)
 }
 
 /// The egress proxy's accept loop: one request per connection, in order.

@@ -269,16 +269,12 @@ struct JailDir(PathBuf);
 
 impl JailDir {
     fn new() -> Result<Self, BenchError> {
-        let mut rnd = [0u8; 8];
-        // SAFETY: getrandom(2) writes at most 8 bytes into `rnd`.
-        unsafe { libc::getrandom(rnd.as_mut_ptr().cast(), rnd.len(), 0) };
-        let dir =
-            std::env::temp_dir().join(format!("airlock-bench-{:016x}", u64::from_le_bytes(rnd)));
-        std::fs::create_dir(&dir).map_err(|source| BenchError::Process {
-            what: format!("making {}", dir.display()),
-            source,
-        })?;
-        Ok(Self(dir))
+        crate::jail::fresh_dir("airlock-bench")
+            .map(Self)
+            .map_err(|source| BenchError::Process {
+                what: "making a directory for a jailed boot".into(),
+                source,
+            })
     }
 }
 

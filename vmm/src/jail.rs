@@ -199,9 +199,9 @@ static SLOTS: Mutex<BTreeSet<u32>> = Mutex::new(BTreeSet::new());
 /// host rarely meet.
 fn take_slot() -> Result<u32, JailError> {
     let mut used = SLOTS.lock().unwrap_or_else(|p| p.into_inner());
-    let mut start = [0u8; 4];
-    getrandom_fill(&mut start);
-    let start = u32::from_le_bytes(start) % UID_SLOTS;
+    // Without randomness the search starts at 0: slots stay unique in this
+    // daemon either way.
+    let start = (random_u64().unwrap_or(0) % u64::from(UID_SLOTS)) as u32;
     let slot = (0..UID_SLOTS)
         .map(|i| (start + i) % UID_SLOTS)
         .find(|s| !used.contains(s))
@@ -210,9 +210,32 @@ fn take_slot() -> Result<u32, JailError> {
     Ok(slot)
 }
 
-fn getrandom_fill(buf: &mut [u8]) {
-    // SAFETY: getrandom(2) writes at most `buf.len()` bytes into `buf`.
-    let _ = unsafe { libc::getrandom(buf.as_mut_ptr().cast(), buf.len(), 0) };
+fn random_u64() -> std::io::Result<u64> {
+    let mut rnd = [0u8; 8];
+    getrandom::fill(&mut rnd).map_err(|e| std::io::Error::other(e.to_string()))?;
+    Ok(u64::from_le_bytes(rnd))
+}
+
+/// A new directory `<tmp>/<prefix>-<random>` for one VM (its sockets, its
+/// jail's root), made by this call (never an existing one).
+///
+/// # Errors
+/// No randomness, or the directory cannot be made.
+pub fn fresh_dir(prefix: &str) -> std::io::Result<std::path::PathBuf> {
+    let dir = std::env::temp_dir().join(format!("{prefix}-{:016x}", random_u64()?));
+    std::fs::create_dir(&dir)?;
+    Ok(dir)
+}
+
+/// Jails are made by root only.
+///
+/// # Errors
+/// [`JailError::NotRoot`] naming this process's effective uid.
+pub fn require_root() -> Result<(), JailError> {
+    match nix::unistd::geteuid().as_raw() {
+        0 => Ok(()),
+        euid => Err(JailError::NotRoot(euid)),
+    }
 }
 
 /// A VM's jail as its parent holds it: the uid slot, the root directory
@@ -234,10 +257,7 @@ impl VmJail {
     /// # Errors
     /// [`JailError`] naming the step.
     pub fn prepare(cfg: &JailConfig, vm_dir: &Path, vm: &VmConfig) -> Result<Self, JailError> {
-        let euid = nix::unistd::geteuid().as_raw();
-        if euid != 0 {
-            return Err(JailError::NotRoot(euid));
-        }
+        require_root()?;
         for path in [Some(&vm.kernel), Some(&vm.initrd), vm.pmem.as_ref()]
             .into_iter()
             .flatten()

@@ -401,6 +401,20 @@ impl VmProcess {
         rc != 0 || unsafe { info.si_pid() } != 0
     }
 
+    /// Wait until the VMM process has ended (not reaping it), polling, at
+    /// most until `deadline` when one is given; whether it has ended.
+    pub fn wait_until_finished(&self, deadline: Option<Instant>) -> bool {
+        loop {
+            if self.is_finished() {
+                return true;
+            }
+            if deadline.is_some_and(|d| Instant::now() >= d) {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
     /// Ask the VMM to stop its VM (it then reports `stopped`).
     pub fn stop(&mut self) {
         self.stdin = None;
