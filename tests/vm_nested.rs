@@ -537,6 +537,68 @@ fn the_service_runs_calls_in_microvms_from_its_warm_pool() {
 }
 
 #[test]
+fn a_jailed_vmm_whose_keeper_ends_first_does_not_run_unwatched() {
+    // The keeper ends before the VMM ties itself to it (PDEATHSIG): the
+    // VMM must see that and end, not boot its guest as an orphan. Run
+    // directly, in a jail without a cgroup: the VMM's own check is all
+    // there is.
+    let (v, code) = scenario("jail-keeper-gone");
+    assert_eq!(code, 3, "{v}");
+    let out = v["output"].as_str().unwrap_or("");
+    assert!(out.contains("the keeper ended"), "{v}");
+    assert_eq!(v["vmm_processes_after"], 0, "{v}");
+    // Through `airlock vm boot`: the run ends with the keeper's status at
+    // once, and its leaf (cgroup.kill) leaves nothing behind.
+    let (v, code) = scenario("jail-keeper-gone-cgroup");
+    assert_eq!(code, 2, "{v}");
+    assert!(
+        v["output"]
+            .as_str()
+            .unwrap_or("")
+            .contains("exit status: 3"),
+        "{v}"
+    );
+    assert_eq!(v["vmm_processes_after"], 0, "{v}");
+    assert_eq!(v["cgroup_leaves_after"], 0, "{v}");
+}
+
+#[test]
+fn a_jailed_vmm_that_grabs_memory_is_killed_by_its_cgroup() {
+    // The jailed VMM touches up to 1 GiB; its leaf allows guest + 64 MiB
+    // (320 MiB): the kernel kills it (the keeper ends with 128 + 9).
+    let (v, code) = scenario("jail-memory");
+    assert_eq!(code, 2, "{v}");
+    let out = v["output"].as_str().unwrap_or("");
+    assert!(out.contains("exit status: 137"), "{v}");
+    assert!(!out.contains("did not hold"), "{v}");
+    assert_eq!(v["vmm_processes_after"], 0, "{v}");
+    assert_eq!(v["cgroup_leaves_after"], 0, "{v}");
+}
+
+#[test]
+fn a_jailed_vmm_cannot_start_tasks_past_its_limit() {
+    // Threads until refused: 1 vCPU + 16 tasks for the VM's uid and leaf,
+    // the keeper and the VMM's main thread among them.
+    let (v, code) = scenario("jail-tasks");
+    assert_eq!(code, 0, "{v}");
+    let out = v["output"].as_str().unwrap_or("");
+    let report: Value = out
+        .find('{')
+        .and_then(|i| serde_json::from_str(&out[i..]).ok())
+        .unwrap_or_else(|| panic!("no report: {v}"));
+    let started = report["threads_started"].as_u64().unwrap();
+    assert!((1..=15).contains(&started), "{v}");
+    assert!(
+        report["refused"]
+            .as_str()
+            .unwrap()
+            .contains("Resource temporarily unavailable"),
+        "{v}"
+    );
+    assert_eq!(v["vmm_processes_after"], 0, "{v}");
+}
+
+#[test]
 fn the_vmm_process_runs_a_guest_to_its_end_under_its_filters() {
     // `airlock-vmm` with its filters enforced (the default): the whole run,
     // setup to report, stays inside every thread's filter.

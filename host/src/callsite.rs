@@ -515,15 +515,9 @@ impl CallSite {
         tokio::task::spawn_blocking(move || {
             let _slot = slot;
             match &site.vm {
-                Some(vm) => Self::call_in_vm(
-                    &site.runner,
-                    vm,
-                    &*component,
-                    &tool,
-                    &args,
-                    &grants,
-                    &|| {},
-                ),
+                Some(vm) => {
+                    Self::call_in_vm(&site.runner, vm, &*component, &tool, &args, &grants, &|| {})
+                }
                 None => Err(CallSiteError::Task("the site lost its VMs".into())),
             }
         })

@@ -157,6 +157,10 @@ enum VmCmd {
         /// says what was done under "jail".
         #[arg(long, default_value = "auto")]
         jail: airlock::callsite::JailMode,
+        /// Test hook: the jailed VMM attacks its jail instead of booting
+        /// (keeper-gone, memory, tasks).
+        #[arg(long, hide = true)]
+        jail_selftest: Option<airlock_vmm::jail::Selftest>,
     },
     /// Boot `count` rounds of `parallel` VMs and report how each ended plus
     /// this process's fds, threads and RSS before and after (leak check).
@@ -341,6 +345,7 @@ impl BootImage {
             pmem: self.pmem,
             seccomp: None,
             seccomp_selftest: false,
+            jail_selftest: None,
         }
     }
 }
@@ -500,9 +505,11 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     timeout_secs,
                     vmm,
                     jail,
+                    jail_selftest,
                 },
         } => {
-            let cfg = image.config(memory_mib, vcpus, timeout_secs, 1 << 20);
+            let mut cfg = image.config(memory_mib, vcpus, timeout_secs, 1 << 20);
+            cfg.jail_selftest = jail_selftest;
             let vmm = vmm.unwrap_or_else(airlock::callsite::default_vmm_binary);
             let end = boot_process(&vmm, &cfg, jail)?;
             print_json(&end.report)?;
@@ -799,7 +806,9 @@ fn vm_multi(a: MultiArgs) -> anyhow::Result<serde_json::Value> {
     let wasm = WasmBytes::new(read_component(&a.component)?);
     let policy = Policy::default();
     // Every VM at once: the calls wait for each other below.
-    let site = a.guest.call_site(Isolation::Vm, None, &policy, args.len())?;
+    let site = a
+        .guest
+        .call_site(Isolation::Vm, None, &policy, args.len())?;
     let grants = site.grants(policy.grant_set())?;
     // Every VM waits, once loaded, for the others: the calls overlap.
     let all_ready = std::sync::Barrier::new(args.len());

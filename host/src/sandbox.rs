@@ -267,6 +267,7 @@ impl Sandbox {
             pmem: cfg.weights.clone(),
             seccomp: None,
             seccomp_selftest: false,
+            jail_selftest: None,
         };
         let cleanup = |e: SandboxError| {
             let _ = std::fs::remove_dir_all(&dir);

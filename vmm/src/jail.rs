@@ -43,7 +43,11 @@
 //! * The cgroup leaf bounds what the VMM costs the host, not only what the
 //!   guest sees: `memory.max` (guest memory plus [`MEMORY_OVERHEAD_MIB`]),
 //!   `memory.swap.max` 0, `cpu.max` (its vCPUs plus one CPU for devices),
-//!   `pids.max` (its threads); it is removed when the VM ends.
+//!   `pids.max` (its threads); it is removed when the VM ends, after
+//!   `cgroup.kill` ends anything still in it (a VMM whose keeper died).
+//!   The attacks are tested in the nested harness through [`Selftest`]:
+//!   a keeper gone before its child is tied to it, a VMM grabbing memory,
+//!   a VMM starting threads.
 
 use crate::VmConfig;
 use nix::mount::{MntFlags, MsFlags, mount, umount2};
@@ -157,6 +161,84 @@ impl Default for JailConfig {
         Self {
             uid_base: DEFAULT_UID_BASE,
             cgroup_parent: PathBuf::from(DEFAULT_CGROUP_PARENT),
+        }
+    }
+}
+
+/// Attacks on the jail, made by a jailed VMM in place of its VM when asked
+/// (`--jail-selftest`), for the tests that check the jail holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Selftest {
+    /// The keeper ends before the VMM has tied itself to it: the VMM must
+    /// notice and end, never run on unwatched.
+    KeeperGone,
+    /// The VMM allocates and touches memory (up to 1 GiB) past its cgroup's
+    /// `memory.max`: the kernel must kill it.
+    Memory,
+    /// The VMM starts threads until refused: `pids.max` and
+    /// `RLIMIT_NPROC` must stop it. Reports how many started.
+    Tasks,
+}
+
+impl Selftest {
+    /// Its flag value.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::KeeperGone => "keeper-gone",
+            Self::Memory => "memory",
+            Self::Tasks => "tasks",
+        }
+    }
+}
+
+impl std::str::FromStr for Selftest {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        [Self::KeeperGone, Self::Memory, Self::Tasks]
+            .into_iter()
+            .find(|t| t.name() == s)
+            .ok_or_else(|| {
+                format!("--jail-selftest must be keeper-gone, memory or tasks, got {s:?}")
+            })
+    }
+}
+
+/// Run the jail attack `t` as the jailed VMM (privileges dropped, no VM):
+/// the report it prints in place of a VM's, or `None` when the attack
+/// succeeded (the caller then ends with an error).
+pub fn run_selftest(t: Selftest) -> Option<serde_json::Value> {
+    match t {
+        // Reached only when the VMM missed its keeper's end.
+        Selftest::KeeperGone => None,
+        Selftest::Memory => {
+            let mut held: Vec<Vec<u8>> = Vec::new();
+            for _ in 0..128 {
+                // 8 MiB, every page written: resident, charged to the cgroup.
+                held.push(vec![0x5a; 8 << 20]);
+                std::hint::black_box(&held);
+            }
+            eprintln!("airlock-vmm: jail selftest: 1 GiB allocated and nothing stopped it");
+            None
+        }
+        Selftest::Tasks => {
+            let mut started = 0u32;
+            let refused = loop {
+                match std::thread::Builder::new()
+                    .stack_size(64 << 10)
+                    .spawn(std::thread::park)
+                {
+                    Ok(_) => started += 1,
+                    Err(e) => break e.to_string(),
+                };
+                if started >= 4096 {
+                    return None;
+                }
+            };
+            Some(serde_json::json!({
+                "jail_selftest": "tasks",
+                "threads_started": started,
+                "refused": refused,
+            }))
         }
     }
 }
@@ -354,7 +436,10 @@ impl VmJail {
 impl Drop for VmJail {
     fn drop(&mut self) {
         if let Some(leaf) = &self.spec.cgroup {
-            // The VMM is reaped; its cgroup may still count it for a moment.
+            // The keeper is reaped. Whatever is still in the leaf (a VMM
+            // whose keeper died under it) goes with it: cgroup.kill.
+            let _ = std::fs::write(leaf.join("cgroup.kill"), "1");
+            // The cgroup may still count the dead for a moment.
             for _ in 0..100 {
                 match std::fs::remove_dir(leaf) {
                     Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
@@ -497,10 +582,20 @@ pub fn enter(
     match unsafe { nix::unistd::fork() }.map_err(step("forking into the pid namespace"))? {
         ForkResult::Parent { child } => {
             drop(alive_r);
+            if vm.jail_selftest == Some(Selftest::KeeperGone) {
+                // The attack: the keeper ends at once, before its child
+                // can tie itself to it.
+                // SAFETY: _exit ends this process without destructors.
+                unsafe { libc::_exit(3) }
+            }
             keep(spec, child, alive_w, keeper_filter)
         }
         ForkResult::Child => {
             drop(alive_w);
+            if vm.jail_selftest == Some(Selftest::KeeperGone) {
+                // Widen the race: the keeper is surely gone by now.
+                std::thread::sleep(std::time::Duration::from_millis(300));
+            }
             nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)
                 .map_err(step("tying the VMM to its keeper"))?;
             // The keeper may have died before the line above: then its end

@@ -159,6 +159,9 @@ pub struct VmConfig {
     /// Debug hook for the seccomp test: each vCPU thread makes a syscall
     /// its filter forbids right after installing it.
     pub seccomp_selftest: bool,
+    /// Debug hook for the jail's tests: an attack on the jail made in
+    /// place of the VM (see [`jail::Selftest`]).
+    pub jail_selftest: Option<jail::Selftest>,
 }
 
 /// Guest-physical base of the pmem region (above RAM and the MMIO hole).
@@ -364,6 +367,7 @@ impl VmConfig {
             pmem: None,
             seccomp: None,
             seccomp_selftest: false,
+            jail_selftest: None,
         }
     }
 

@@ -92,7 +92,7 @@ pub enum ProcessError {
 }
 
 /// The usage line of `airlock-vmm`.
-pub const USAGE: &str = "usage: airlock-vmm --kernel FILE --initrd FILE [--cmdline TEXT] [--memory-mib N] [--vcpus N] [--timeout-secs N] [--pmem FILE] [--vsock-uds PATH --guest-cid N] [--console-cap BYTES] [--stop-on-stdin-eof] [--seccomp enforce|log|off] [--seccomp-selftest] [--jail-root DIR --jail-uid N --jail-gid N [--jail-cgroup DIR]]";
+pub const USAGE: &str = "usage: airlock-vmm --kernel FILE --initrd FILE [--cmdline TEXT] [--memory-mib N] [--vcpus N] [--timeout-secs N] [--pmem FILE] [--vsock-uds PATH --guest-cid N] [--console-cap BYTES] [--stop-on-stdin-eof] [--seccomp enforce|log|off] [--seccomp-selftest] [--jail-root DIR --jail-uid N --jail-gid N [--jail-cgroup DIR] [--jail-selftest keeper-gone|memory|tasks]]";
 
 /// What `airlock-vmm`'s flags ask for.
 #[derive(Debug)]
@@ -138,6 +138,9 @@ pub fn to_args(cfg: &VmConfig, stop_on_stdin_eof: bool) -> Vec<String> {
     }
     if stop_on_stdin_eof {
         a.push("--stop-on-stdin-eof".into());
+    }
+    if let Some(t) = cfg.jail_selftest {
+        a.extend(["--jail-selftest".into(), t.name().into()]);
     }
     a
 }
@@ -196,6 +199,9 @@ pub fn from_args(args: impl IntoIterator<Item = String>) -> Result<ProcessArgs, 
                     }
                 };
             }
+            "--jail-selftest" => {
+                cfg.jail_selftest = Some(value.parse().map_err(ProcessError::Usage)?);
+            }
             "--jail-root" => jail_root = Some(PathBuf::from(value)),
             "--jail-uid" => jail_uid = Some(jail_id("--jail-uid", number("--jail-uid")?)?),
             "--jail-gid" => jail_gid = Some(jail_id("--jail-gid", number("--jail-gid")?)?),
@@ -238,6 +244,11 @@ pub fn from_args(args: impl IntoIterator<Item = String>) -> Result<ProcessArgs, 
             ));
         }
     };
+    if cfg.jail_selftest.is_some() && jail.is_none() {
+        return Err(ProcessError::Usage(
+            "--jail-selftest needs the jail (--jail-*)".into(),
+        ));
+    }
     if cfg.seccomp_selftest && seccomp.is_none() {
         return Err(ProcessError::Usage(
             "--seccomp-selftest needs the filters (not --seccomp off)".into(),
@@ -525,6 +536,7 @@ mod tests {
             pmem: Some("/w.erofs".into()),
             seccomp: None,
             seccomp_selftest: false,
+            jail_selftest: None,
         };
         let parsed = from_args(to_args(&cfg, true)).unwrap();
         assert!(parsed.stop_on_stdin_eof);

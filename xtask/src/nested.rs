@@ -435,6 +435,32 @@ mkdir -p /tmp/private && cp $G/vmlinux $G/initramfs-selftest.cpio.gz /tmp/privat
   && chmod 0600 /tmp/private/* && chmod 0700 /tmp/private || echo "NESTED-ERROR making private images failed"
 scenario_retry private-images 400 vm boot --kernel /tmp/private/vmlinux --initrd /tmp/private/initramfs-selftest.cpio.gz \
   --cmdline airlock.selftest=panic --timeout-secs 300
+# Attacks on the jail (the hidden --jail-selftest hook: the jailed VMM
+# attacks instead of booting). Each prints the attempt's output, then one
+# JSON line of what is seen from outside afterwards.
+JAILED_BOOT="--kernel $G/vmlinux --initrd $G/initramfs-selftest.cpio.gz --cmdline airlock.selftest=panic --timeout-secs 100"
+jail_attack() {
+  name=$1; shift
+  wanted "$name" || return 0
+  timeout -s KILL 120 "$@" > /tmp/attack.txt 2>&1
+  rc=$?
+  sleep 2
+  echo "NESTED-RESULT-BEGIN $name"
+  printf '{"rc": %s, "vmm_processes_after": %s, "cgroup_leaves_after": %s, "output": ' \
+    "$rc" "$(pidof airlock-vmm | wc -w)" "$(ls -d /sys/fs/cgroup/airlock/*/ 2>/dev/null | wc -l)"
+  o=$(head -c 3000 /tmp/attack.txt | tr -d '\000-\037' | sed 's/\\/\\\\/g; s/"/\\"/g')
+  printf '"%s"}\n' "$o"
+  echo "NESTED-RESULT-END $name $rc"
+}
+# The keeper's end seen by the VMM itself: airlock-vmm run directly, in a
+# jail without a cgroup (as on a cgroup v1 host), so no cgroup.kill helps.
+mkdir -p /tmp/kg-root
+jail_attack jail-keeper-gone /airlock-vmm $JAILED_BOOT --jail-root /tmp/kg-root --jail-uid 2999999 \
+  --jail-gid 2999999 --jail-selftest keeper-gone
+# Through `airlock vm boot`: the daemon side kills what is left in the leaf.
+jail_attack jail-keeper-gone-cgroup /airlock vm boot $JAILED_BOOT --jail on --jail-selftest keeper-gone
+jail_attack jail-memory /airlock vm boot $JAILED_BOOT --jail on --jail-selftest memory
+jail_attack jail-tasks /airlock vm boot $JAILED_BOOT --jail on --jail-selftest tasks
 scenario never-ready 200 $BOOT --initrd $G/initramfs.cpio.gz --timeout-secs 20
 scenario pvm-free-check 60 $BOOT --initrd /nonexistent.cpio.gz
 scenario twenty-boots 1500 vm soak --kernel $G/vmlinux --initrd $G/initramfs-selftest.cpio.gz --cmdline airlock.selftest=panic --count 20 --timeout-secs 120
@@ -959,7 +985,8 @@ pub fn bench_load_vm(concurrency: u32, max_vms: u32) -> anyhow::Result<()> {
     let wall = json["wall_s"].as_f64().unwrap_or(0.0);
     if !alone.is_empty() && !burst.is_empty() {
         let a = crate::bench_service::stats(alone.clone(), alone.iter().sum());
-        let b = crate::bench_service::stats(burst.clone(), std::time::Duration::from_secs_f64(wall));
+        let b =
+            crate::bench_service::stats(burst.clone(), std::time::Duration::from_secs_f64(wall));
         println!(
             "  one at a time: p50 {:.2} s, p99 {:.2} s ({} calls)",
             a.p50.as_secs_f64(),
@@ -976,7 +1003,8 @@ pub fn bench_load_vm(concurrency: u32, max_vms: u32) -> anyhow::Result<()> {
         );
         println!(
             "  burst throughput / one-at-a-time throughput: {:.2}",
-            b.per_sec / (alone.len() as f64 / alone.iter().sum::<std::time::Duration>().as_secs_f64())
+            b.per_sec
+                / (alone.len() as f64 / alone.iter().sum::<std::time::Duration>().as_secs_f64())
         );
     }
     println!(

@@ -671,7 +671,10 @@ role = "admin"
             }
             other => panic!("{other:?}"),
         }
-        match Config::parse(&format!("{vm}max_vms = 2\n")).unwrap().isolation {
+        match Config::parse(&format!("{vm}max_vms = 2\n"))
+            .unwrap()
+            .isolation
+        {
             Isolation::Vm(v) => assert_eq!(v.max_vms, 2),
             other => panic!("{other:?}"),
         }

@@ -68,6 +68,21 @@ fn main() -> ExitCode {
             eprintln!("airlock-vmm: cannot confine the jailed process: {e}");
             return ExitCode::from(2);
         }
+        if let Some(t) = cfg.jail_selftest {
+            return match airlock_vmm::jail::run_selftest(t) {
+                Some(report) => {
+                    println!("{report}");
+                    ExitCode::SUCCESS
+                }
+                None => {
+                    eprintln!(
+                        "airlock-vmm: jail selftest {}: the jail did not hold",
+                        t.name()
+                    );
+                    ExitCode::from(4)
+                }
+            };
+        }
     }
     if let Some(f) = filters {
         if let Err(e) = seccomp::install_trap_handler() {

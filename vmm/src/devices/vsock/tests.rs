@@ -404,7 +404,8 @@ fn a_guest_opening_connections_without_end_is_refused_past_the_cap() {
     let dir = tempfile::tempdir().unwrap();
     let uds = dir.path().join("v.sock");
     // A host service on port 1025 that takes connections and keeps them.
-    let listener = std::os::unix::net::UnixListener::bind(format!("{}_1025", uds.display())).unwrap();
+    let listener =
+        std::os::unix::net::UnixListener::bind(format!("{}_1025", uds.display())).unwrap();
     let (mut dev, mut guest, _irq) = start(&mem, [&rx, &tx, &ev], &uds);
     let request = |port: u32| Hdr {
         src_cid: 3,
@@ -429,7 +430,10 @@ fn a_guest_opening_connections_without_end_is_refused_past_the_cap() {
     }
     let accepted = answers.iter().filter(|&&op| op == OP_RESPONSE).count();
     assert_eq!(accepted, MAX_CONNS, "{answers:?}");
-    assert!(answers[MAX_CONNS..].iter().all(|&op| op == OP_RST), "{answers:?}");
+    assert!(
+        answers[MAX_CONNS..].iter().all(|&op| op == OP_RST),
+        "{answers:?}"
+    );
     // The guest closes one: the next request is taken.
     guest.send(
         &tx,
@@ -460,7 +464,13 @@ fn a_full_listener_backlog_never_blocks_the_device_thread() {
     let ev = MockSplitQueue::create(&mem, GuestAddress(EVQ), LEN);
     let dir = tempfile::tempdir().unwrap();
     let uds = dir.path().join("v.sock");
-    let fd = socket(AddressFamily::Unix, SockType::Stream, SockFlag::SOCK_CLOEXEC, None).unwrap();
+    let fd = socket(
+        AddressFamily::Unix,
+        SockType::Stream,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+    .unwrap();
     bind(
         std::os::fd::AsRawFd::as_raw_fd(&fd),
         &UnixAddr::new(format!("{}_1026", uds.display()).as_str()).unwrap(),
