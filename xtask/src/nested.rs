@@ -559,41 +559,49 @@ EOC
   echo "NESTED-PROGRESS bench-load: serving; uploading kitchen.wasm (compiled in the outer VM)"
   upload_kitchen
   mkdir -p /tmp/r
-  now() { cut -d' ' -f1 /proc/uptime; }
+  now() { read up _ < /proc/uptime; echo $up; }
+  body='{"arguments": {"name": "load"}}'
+  printf 'POST /v1/tools/kitchen__greet:invoke HTTP/1.0\r\nHost: 127.0.0.1\r\nAuthorization: Bearer %s\r\nContent-Type: application/json\r\nContent-Length: %s\r\n\r\n%s' \
+    "$T" "${#body}" "$body" > /tmp/request
   # call ID: one kitchen__greet call; /tmp/r/ID.t gets "start end", the
   # answer /tmp/r/ID.json. With nc, not wget: a call may wait in the queue
   # longer than busybox wget's fixed 900 s read timeout (and its -T
   # crashes); nc sends the request, then reads until the server closes.
+  # Two processes per call (this subshell and nc), builtins otherwise: a
+  # thousand of them fit in the outer VM.
   call() {
-    t0=$(now)
-    body='{"arguments": {"name": "load"}}'
-    printf 'POST /v1/tools/kitchen__greet:invoke HTTP/1.0\r\nHost: 127.0.0.1\r\nAuthorization: Bearer %s\r\nContent-Type: application/json\r\nContent-Length: %s\r\n\r\n%s' \
-      "$T" "${#body}" "$body" | nc -w 36000 127.0.0.1 8420 > /tmp/r/$1.json 2> /tmp/r/$1.err
-    echo "$t0 $(now)" > /tmp/r/$1.t
+    read t0 _ < /proc/uptime
+    nc -w 36000 127.0.0.1 8420 < /tmp/request > /tmp/r/$1.json 2> /tmp/r/$1.err
+    read t1 _ < /proc/uptime
+    echo "$t0 $t1" > /tmp/r/$1.t
   }
   # One at a time first (the reference), then N at once.
   for i in 1 2 3 4 5; do call a$i; done
   echo "NESTED-PROGRESS bench-load: 5 calls one at a time done; starting $N at once (max_vms = $M)"
   t_start=$(now)
-  for i in $(seq 1 $N); do call b$i & done
+  i=0
+  while [ $i -lt $N ]; do
+    i=$((i+1)); call b$i &
+    [ $((i % 100)) -eq 0 ] && echo "NESTED-PROGRESS bench-load: $i calls started"
+  done
   t_spawned=$(now)
   peak=0; waited=0
-  while [ "$(ls /tmp/r/b*.t 2>/dev/null | wc -l)" -lt $N ]; do
+  while :; do
+    done_n=0; for f in /tmp/r/b*.t; do [ -e "$f" ] && done_n=$((done_n+1)); done
+    [ $done_n -ge $N ] && break
     v=$(jailed_vmms); [ $v -gt $peak ] && peak=$v
     w=$(wget -q -O - --header "Authorization: Bearer $T" "$U/metrics" | sed -n 's/^airlock_vm_calls_waiting //p')
     [ "${w:-0}" -gt $waited ] && waited=$w
-    echo "NESTED-PROGRESS bench-load: $(ls /tmp/r/b*.t 2>/dev/null | wc -l) of $N answered, $v VMMs running, ${w:-?} waiting"
+    echo "NESTED-PROGRESS bench-load: $done_n of $N answered, $v VMMs running, ${w:-?} waiting"
     sleep 30
   done
   t_end=$(now)
-  lat() { for f in /tmp/r/$1*.t; do awk '{printf "%.2f,", $2 - $1}' $f; done; }
-  errors=0; first=""
-  for i in $(seq 1 $N); do
-    if ! grep -q '"ok":"Hello, load' /tmp/r/b$i.json 2>/dev/null; then
-      errors=$((errors+1))
-      [ -z "$first" ] && first=$(cat /tmp/r/b$i.json /tmp/r/b$i.err 2>/dev/null | head -c 300 | tr -d '"\\\r\n')
-    fi
-  done
+  lat() { cat /tmp/r/$1*.t | awk '{printf "%.2f,", $2 - $1}'; }
+  grep -L '"ok":"Hello, load' /tmp/r/b*.json > /tmp/failed 2>/dev/null
+  errors=$(( N - $(ls /tmp/r/b*.json | wc -l) + $(wc -l < /tmp/failed) ))
+  first=""
+  f=$(head -n 1 /tmp/failed)
+  [ -n "$f" ] && first=$(cat "$f" "${f%.json}.err" 2>/dev/null | head -c 300 | tr -d '"\\\r\n')
   booted=$(wget -q -O - --header "Authorization: Bearer $T" "$U/metrics" | sed -n 's/^airlock_vms_booted_total //p')
   a=$(lat a); b=$(lat b)
   printf '{"alone_s": [%s], "burst_s": [%s], "errors": %s, "first_error": "%s", "spawn_s": %s, "wall_s": %s, "peak_vmms": %s, "peak_waiting": %s, "max_vms": %s, "vms_booted": %s}\n' \
