@@ -19,7 +19,7 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 use virtio_bindings::virtio_mmio::VIRTIO_MMIO_QUEUE_NOTIFY;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vm_memory::{Bytes, GuestAddress, GuestMemory, GuestMemoryMmap, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 
 /// Where the TSS goes (three pages below the 4 GiB boundary, as KVM wants).
@@ -360,10 +360,10 @@ pub(crate) fn configure_boot(
     params.hdr.ramdisk_size = initrd.len as u32;
     params.e820_table[0].addr = 0;
     params.e820_table[0].size = layout::LOW_RAM_END;
-    params.e820_table[0].r#type = 1;
+    params.e820_table[0].type_ = 1;
     params.e820_table[1].addr = layout::HIGH_RAM_START;
     params.e820_table[1].size = mem_size - layout::HIGH_RAM_START;
-    params.e820_table[1].r#type = 1;
+    params.e820_table[1].type_ = 1;
     params.e820_entries = 2;
     mem.write_obj(params, GuestAddress(layout::ZERO_PAGE))
         .map_err(VmmError::BootData)?;
