@@ -13,6 +13,7 @@
 //! The vCPU threads dispatch every exit through a [`Bus`] built from these
 //! rows, so no device address is written anywhere else.
 
+pub mod fs;
 pub mod marker;
 pub mod pmem;
 pub mod rtc;

@@ -1,0 +1,8 @@
+//! virtio-fs: granted host directories served to the guest over FUSE
+//! (`fuse-backend-rs`'s server and passthrough file system, behind
+//! [`share::Share`]'s checks).
+
+pub mod share;
+
+#[cfg(test)]
+mod tests;

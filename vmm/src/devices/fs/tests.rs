@@ -1,0 +1,472 @@
+//! Raw FUSE requests, as a hostile guest kernel could write them, sent
+//! through `fuse-backend-rs`'s server to a [`Share`] over descriptor chains
+//! in guest memory — the path the device takes.
+
+use super::share::{Share, ShareLimits};
+use fuse_backend_rs::abi::fuse_abi::{
+    CreateIn, EntryOut, ForgetIn, InHeader, InitIn, LinkIn, MkdirIn, MknodIn, Opcode, OpenIn,
+    OpenOut, OutHeader, ReadIn, Rename2In, RenameIn, SetattrIn, WriteIn,
+};
+use fuse_backend_rs::api::server::Server;
+use fuse_backend_rs::transport::{Reader, VirtioFsWriter};
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
+use std::sync::Arc;
+use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
+use virtio_queue::desc::RawDescriptor;
+use virtio_queue::desc::split::Descriptor;
+use virtio_queue::mock::MockSplitQueue;
+use virtio_queue::{Queue, QueueOwnedT};
+use vm_memory::{ByteValued, Bytes, GuestAddress, GuestMemoryMmap};
+
+const ROOT: u64 = 1;
+const REQ: u64 = 0x10_0000;
+const REPLY: u64 = 0x20_0000;
+const REPLY_LEN: u32 = 0x10_0000;
+
+/// A FUSE client made of raw requests.
+struct Fuse {
+    server: Server<Arc<Share>>,
+    share: Arc<Share>,
+    mem: GuestMemoryMmap,
+    unique: u64,
+}
+
+impl Fuse {
+    fn new(root: &Path, read_only: bool, limits: ShareLimits) -> Self {
+        let share = Arc::new(Share::new(root, read_only, limits).unwrap());
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x40_0000)]).unwrap();
+        let mut f = Self {
+            server: Server::new(share.clone()),
+            share,
+            mem,
+            unique: 0,
+        };
+        let init = InitIn {
+            major: 7,
+            minor: 31,
+            max_readahead: 0x2_0000,
+            flags: 0,
+        };
+        let (err, _) = f.call(Opcode::Init, 0, &[init.as_slice()]);
+        assert_eq!(err, 0, "INIT");
+        f
+    }
+
+    /// One request (`parts` after the header, concatenated); the reply's
+    /// error (0 or -errno) and payload.
+    fn call(&mut self, op: Opcode, nodeid: u64, parts: &[&[u8]]) -> (i32, Vec<u8>) {
+        self.unique += 1;
+        let body: Vec<u8> = parts.concat();
+        let header = InHeader {
+            len: (std::mem::size_of::<InHeader>() + body.len()) as u32,
+            opcode: op as u32,
+            unique: self.unique,
+            nodeid,
+            // A guest process's ids: the server must not switch to them.
+            uid: 4321,
+            gid: 4321,
+            pid: 77,
+            padding: 0,
+        };
+        let req = [header.as_slice(), &body].concat();
+        self.mem.write_slice(&req, GuestAddress(REQ)).unwrap();
+        self.mem
+            .write_slice(&[0u8; 16], GuestAddress(REPLY))
+            .unwrap();
+        let q = MockSplitQueue::create(&self.mem, GuestAddress(0x1000), 16);
+        q.add_desc_chains(
+            &[
+                RawDescriptor::from(Descriptor::new(
+                    REQ,
+                    req.len() as u32,
+                    VRING_DESC_F_NEXT as u16,
+                    1,
+                )),
+                RawDescriptor::from(Descriptor::new(
+                    REPLY,
+                    REPLY_LEN,
+                    VRING_DESC_F_WRITE as u16,
+                    0,
+                )),
+            ],
+            0,
+        )
+        .unwrap();
+        let mut queue: Queue = q.create_queue().unwrap();
+        let chain = queue.iter(&self.mem).unwrap().next().unwrap();
+        let reader = Reader::from_descriptor_chain(&self.mem, chain.clone()).unwrap();
+        let writer = VirtioFsWriter::new(&self.mem, chain).unwrap();
+        let written = self
+            .server
+            .handle_message(reader, writer.into(), None, None)
+            .unwrap_or(0);
+        if written == 0 {
+            // No reply (FORGET) or a message the server refused outright.
+            return (i32::MIN, Vec::new());
+        }
+        let out: OutHeader = self.mem.read_obj(GuestAddress(REPLY)).unwrap();
+        assert_eq!(out.unique, self.unique);
+        let n = out.len as usize - std::mem::size_of::<OutHeader>();
+        let mut payload = vec![0u8; n];
+        self.mem
+            .read_slice(&mut payload, GuestAddress(REPLY + 16))
+            .unwrap();
+        (out.error, payload)
+    }
+
+    fn lookup(&mut self, parent: u64, name: &[u8]) -> Result<EntryOut, i32> {
+        let name = [name, b"\0"].concat();
+        match self.call(Opcode::Lookup, parent, &[&name]) {
+            (0, p) => Ok(*EntryOut::from_slice(&p[..std::mem::size_of::<EntryOut>()]).unwrap()),
+            (e, _) => Err(e),
+        }
+    }
+
+    fn open(&mut self, inode: u64, flags: i32) -> Result<u64, i32> {
+        let o = OpenIn {
+            flags: flags as u32,
+            fuse_flags: 0,
+        };
+        match self.call(Opcode::Open, inode, &[o.as_slice()]) {
+            (0, p) => Ok(OpenOut::from_slice(&p[..16]).unwrap().fh),
+            (e, _) => Err(e),
+        }
+    }
+
+    fn release(&mut self, inode: u64, fh: u64) {
+        let r = fuse_backend_rs::abi::fuse_abi::ReleaseIn {
+            fh,
+            ..Default::default()
+        };
+        assert_eq!(self.call(Opcode::Release, inode, &[r.as_slice()]).0, 0);
+    }
+
+    fn create(&mut self, parent: u64, name: &[u8]) -> Result<(u64, u64), i32> {
+        let c = CreateIn {
+            flags: (libc::O_RDWR | libc::O_CREAT) as u32,
+            mode: libc::S_IFREG | 0o644,
+            umask: 0,
+            fuse_flags: 0,
+        };
+        let name = [name, b"\0"].concat();
+        match self.call(Opcode::Create, parent, &[c.as_slice(), &name]) {
+            (0, p) => {
+                let e = EntryOut::from_slice(&p[..std::mem::size_of::<EntryOut>()]).unwrap();
+                let o = OpenOut::from_slice(&p[std::mem::size_of::<EntryOut>()..][..16]).unwrap();
+                Ok((e.nodeid, o.fh))
+            }
+            (e, _) => Err(e),
+        }
+    }
+
+    fn write(&mut self, inode: u64, fh: u64, data: &[u8]) -> i32 {
+        let w = WriteIn {
+            fh,
+            offset: 0,
+            size: data.len() as u32,
+            ..Default::default()
+        };
+        self.call(Opcode::Write, inode, &[w.as_slice(), data]).0
+    }
+
+    fn read(&mut self, inode: u64, fh: u64, size: u32) -> Result<Vec<u8>, i32> {
+        let r = ReadIn {
+            fh,
+            offset: 0,
+            size,
+            ..Default::default()
+        };
+        match self.call(Opcode::Read, inode, &[r.as_slice()]) {
+            (0, p) => Ok(p),
+            (e, _) => Err(e),
+        }
+    }
+}
+
+/// A share's directory: `a.txt` ("hello"), `sub/`, `out` → `/etc` (a
+/// symlink made on the host pointing outside), a fifo, and when root, a
+/// character device (`/dev/null`'s numbers).
+fn tree() -> tempfile::TempDir {
+    let d = tempfile::tempdir().unwrap();
+    std::fs::write(d.path().join("a.txt"), "hello").unwrap();
+    std::fs::create_dir(d.path().join("sub")).unwrap();
+    std::os::unix::fs::symlink("/etc", d.path().join("out")).unwrap();
+    nix::unistd::mkfifo(
+        &d.path().join("fifo"),
+        nix::sys::stat::Mode::from_bits_truncate(0o644),
+    )
+    .unwrap();
+    if nix::unistd::geteuid().is_root() {
+        let null = std::fs::metadata("/dev/null").unwrap().rdev();
+        nix::sys::stat::mknod(
+            &d.path().join("null"),
+            nix::sys::stat::SFlag::S_IFCHR,
+            nix::sys::stat::Mode::from_bits_truncate(0o666),
+            null,
+        )
+        .unwrap();
+    }
+    d
+}
+
+const EROFS: i32 = -libc::EROFS;
+
+#[test]
+fn a_read_only_share_refuses_every_change_whatever_the_guest_sends() {
+    let d = tree();
+    let mut f = Fuse::new(d.path(), true, ShareLimits::default());
+    let a = f.lookup(ROOT, b"a.txt").unwrap().nodeid;
+    // Reading works.
+    let fh = f.open(a, libc::O_RDONLY).unwrap();
+    assert_eq!(f.read(a, fh, 100).unwrap(), b"hello");
+    // Writing through a read-only handle, and every opening for writing.
+    assert_eq!(f.write(a, fh, b"HACKED"), EROFS);
+    for flags in [
+        libc::O_WRONLY,
+        libc::O_RDWR,
+        libc::O_RDONLY | libc::O_TRUNC,
+        libc::O_RDONLY | libc::O_APPEND,
+    ] {
+        assert_eq!(f.open(a, flags), Err(EROFS), "flags {flags:#o}");
+    }
+    assert_eq!(f.create(ROOT, b"new"), Err(EROFS));
+    let mkdir = MkdirIn {
+        mode: 0o755,
+        umask: 0,
+    };
+    assert_eq!(
+        f.call(Opcode::Mkdir, ROOT, &[mkdir.as_slice(), b"d\0"]).0,
+        EROFS
+    );
+    let mknod = MknodIn {
+        mode: libc::S_IFREG | 0o644,
+        ..Default::default()
+    };
+    assert_eq!(
+        f.call(Opcode::Mknod, ROOT, &[mknod.as_slice(), b"n\0"]).0,
+        EROFS
+    );
+    assert_eq!(f.call(Opcode::Unlink, ROOT, &[b"a.txt\0"]).0, EROFS);
+    assert_eq!(f.call(Opcode::Rmdir, ROOT, &[b"sub\0"]).0, EROFS);
+    let rename = RenameIn { newdir: ROOT };
+    assert_eq!(
+        f.call(
+            Opcode::Rename,
+            ROOT,
+            &[rename.as_slice(), b"a.txt\0b.txt\0"]
+        )
+        .0,
+        EROFS
+    );
+    let rename2 = Rename2In {
+        newdir: ROOT,
+        ..Default::default()
+    };
+    assert_eq!(
+        f.call(
+            Opcode::Rename2,
+            ROOT,
+            &[rename2.as_slice(), b"a.txt\0b.txt\0"]
+        )
+        .0,
+        EROFS
+    );
+    let link = LinkIn { oldnodeid: a };
+    assert_eq!(
+        f.call(Opcode::Link, ROOT, &[link.as_slice(), b"hard\0"]).0,
+        EROFS
+    );
+    assert_eq!(
+        f.call(Opcode::Symlink, ROOT, &[b"soft\0", b"/etc\0"]).0,
+        EROFS
+    );
+    let setattr = SetattrIn {
+        valid: 1 << 3, // FATTR_SIZE
+        size: 0,
+        ..Default::default()
+    };
+    assert_eq!(f.call(Opcode::Setattr, a, &[setattr.as_slice()]).0, EROFS);
+    let (err, _) = f.call(Opcode::Setxattr, a, &[&[0u8; 8], b"user.x\0", b"v"]);
+    assert!(err < 0, "setxattr: {err}");
+    // The host saw none of it.
+    assert_eq!(std::fs::read(d.path().join("a.txt")).unwrap(), b"hello");
+    let mut names: Vec<_> = std::fs::read_dir(d.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    names.sort();
+    let mut want = vec!["a.txt", "fifo", "out", "sub"];
+    if nix::unistd::geteuid().is_root() {
+        want.insert(2, "null");
+    }
+    assert_eq!(names, want);
+}
+
+#[test]
+fn names_are_single_components_and_lookups_never_leave_the_share() {
+    let d = tree();
+    let mut f = Fuse::new(d.path(), false, ShareLimits::default());
+    for bad in [&b".."[..], b".", b"", b"sub/../../etc", b"/etc", b"a.txt/"] {
+        assert_eq!(
+            f.lookup(ROOT, bad).map(|e| e.nodeid),
+            Err(-libc::EINVAL),
+            "{bad:?}"
+        );
+    }
+    let (e, _) = f
+        .create(ROOT, b"../escape")
+        .map(|_| ())
+        .map_or_else(|e| (e, ()), |_| (0, ()));
+    assert_eq!(e, -libc::EINVAL);
+    assert!(!d.path().parent().unwrap().join("escape").exists());
+    // A name with a NUL inside is cut at it by the parser or refused:
+    // never a name the host sees with the bytes after it.
+    match f.lookup(ROOT, b"a.txt\0/../../etc/passwd") {
+        Ok(e) => assert_eq!(e.nodeid, f.lookup(ROOT, b"a.txt").unwrap().nodeid),
+        Err(e) => assert!(e < 0),
+    }
+    // A symlink on the host that points outside is a symlink to the
+    // guest: its target is text, nothing beneath it resolves on the host.
+    let out = f.lookup(ROOT, b"out").unwrap();
+    assert_eq!(out.attr.mode & libc::S_IFMT, libc::S_IFLNK);
+    assert_eq!(
+        f.call(Opcode::Readlink, out.nodeid, &[]),
+        (0, b"/etc".to_vec())
+    );
+    assert!(f.lookup(out.nodeid, b"passwd").is_err());
+    assert_eq!(f.open(out.nodeid, libc::O_RDONLY), Err(-libc::EACCES));
+    // Walking up from the root by any spelling stays at the root.
+    let sub = f.lookup(ROOT, b"sub").unwrap().nodeid;
+    assert!(f.lookup(sub, b"..").is_err());
+}
+
+#[test]
+fn special_files_are_never_opened_and_never_made() {
+    let d = tree();
+    let mut f = Fuse::new(d.path(), false, ShareLimits::default());
+    // A fifo opened by the server would block it or hand the guest a
+    // host pipe; a device node would be a host device (CVE-2020-35517).
+    let fifo = f.lookup(ROOT, b"fifo").unwrap().nodeid;
+    assert_eq!(
+        f.open(fifo, libc::O_RDONLY | libc::O_NONBLOCK),
+        Err(-libc::EACCES)
+    );
+    if nix::unistd::geteuid().is_root() {
+        let null = f.lookup(ROOT, b"null").unwrap().nodeid;
+        assert_eq!(f.open(null, libc::O_RDWR), Err(-libc::EACCES));
+    }
+    for mode in [
+        libc::S_IFCHR,
+        libc::S_IFBLK,
+        libc::S_IFIFO,
+        libc::S_IFSOCK,
+        libc::S_IFREG,
+    ] {
+        let m = MknodIn {
+            mode: mode | 0o666,
+            rdev: 0x103,
+            ..Default::default()
+        };
+        assert_eq!(
+            f.call(Opcode::Mknod, ROOT, &[m.as_slice(), b"dev\0"]).0,
+            -libc::EPERM,
+            "mode {mode:#o}"
+        );
+    }
+    // RENAME_WHITEOUT would make a character device.
+    let r = Rename2In {
+        newdir: ROOT,
+        flags: libc::RENAME_WHITEOUT,
+        padding: 0,
+    };
+    assert_eq!(
+        f.call(Opcode::Rename2, ROOT, &[r.as_slice(), b"a.txt\0b.txt\0"])
+            .0,
+        -libc::EPERM
+    );
+    assert!(!d.path().join("dev").exists());
+    assert!(d.path().join("a.txt").exists());
+}
+
+#[test]
+fn a_read_write_share_works_with_the_servers_own_ids() {
+    let d = tree();
+    let mut f = Fuse::new(d.path(), false, ShareLimits::default());
+    let (inode, fh) = f.create(ROOT, b"notes.txt").unwrap();
+    assert_eq!(f.write(inode, fh, b"remember"), 0);
+    assert_eq!(f.read(inode, fh, 100).unwrap(), b"remember");
+    f.release(inode, fh);
+    let p = d.path().join("notes.txt");
+    assert_eq!(std::fs::read(&p).unwrap(), b"remember");
+    // Made with the server's ids, not the 4321 of the request.
+    let meta = std::fs::metadata(&p).unwrap();
+    assert_eq!(meta.uid(), nix::unistd::geteuid().as_raw());
+    // Set-id bits asked for at creation are dropped.
+    let c = CreateIn {
+        flags: (libc::O_RDWR | libc::O_CREAT) as u32,
+        mode: libc::S_IFREG | libc::S_ISUID | 0o4755,
+        umask: 0,
+        fuse_flags: 0,
+    };
+    assert_eq!(
+        f.call(Opcode::Create, ROOT, &[c.as_slice(), b"suid\0"]).0,
+        0
+    );
+    let mode = std::fs::metadata(d.path().join("suid")).unwrap().mode();
+    assert_eq!(mode & libc::S_ISUID, 0, "{mode:#o}");
+    // A symlink the guest makes pointing outside is only text.
+    assert_eq!(
+        f.call(Opcode::Symlink, ROOT, &[b"link\0", b"/etc/passwd\0"])
+            .0,
+        0
+    );
+    let link = f.lookup(ROOT, b"link").unwrap().nodeid;
+    assert_eq!(f.open(link, libc::O_RDONLY), Err(-libc::EACCES));
+}
+
+#[test]
+fn what_a_guest_can_make_the_host_hold_is_capped() {
+    let d = tree();
+    for i in 0..12 {
+        std::fs::write(d.path().join(format!("f{i}")), "x").unwrap();
+    }
+    let limits = ShareLimits {
+        max_inodes: 8,
+        max_handles: 3,
+    };
+    let mut f = Fuse::new(d.path(), false, limits);
+    let mut held = Vec::new();
+    let mut refused = 0;
+    for i in 0..12 {
+        match f.lookup(ROOT, format!("f{i}").as_bytes()) {
+            Ok(e) => held.push(e.nodeid),
+            Err(e) => {
+                assert_eq!(e, -libc::ENFILE);
+                refused += 1;
+            }
+        }
+    }
+    assert_eq!((held.len(), refused), (8, 4));
+    assert_eq!(f.share.inodes_held(), 8);
+    // Looking one up again holds no new inode.
+    assert!(f.lookup(ROOT, b"f0").is_err() || f.share.inodes_held() == 8);
+    // The guest forgets one (both lookups of f0): room for one more.
+    let forget = ForgetIn { nlookup: 2 };
+    f.call(Opcode::Forget, held[0], &[forget.as_slice()]);
+    assert!(f.share.inodes_held() <= 7);
+    assert!(f.lookup(ROOT, b"f11").is_ok());
+    // Handles.
+    let mut fhs = Vec::new();
+    for &inode in &held[1..5] {
+        match f.open(inode, libc::O_RDONLY) {
+            Ok(fh) => fhs.push((inode, fh)),
+            Err(e) => assert_eq!(e, -libc::EMFILE),
+        }
+    }
+    assert_eq!(fhs.len(), 3);
+    assert_eq!(f.share.handles_open(), 3);
+    let (inode, fh) = fhs.pop().unwrap();
+    f.release(inode, fh);
+    assert!(f.open(held[5], libc::O_RDONLY).is_ok());
+}
