@@ -21,6 +21,7 @@ pub const TARGETS: &[&str] = &[
     "vsock_rx",
     "virtio_mmio",
     "component_values",
+    "fuse",
 ];
 
 fn ok(cmd: &mut Command) -> bool {
@@ -88,9 +89,14 @@ pub fn run(seconds: u64, only: Option<String>, quick: bool) -> anyhow::Result<()
         let seeds = root.join("fuzz/seeds").join(t);
         std::fs::create_dir_all(&corpus)?;
         std::fs::create_dir_all(&artifacts)?;
+        // What a target makes on disk (the fuse target's share) goes in a
+        // directory of its own, emptied before each run.
+        let tmp = cache.join("tmp");
+        let _ = std::fs::remove_dir_all(&tmp);
+        std::fs::create_dir_all(&tmp)?;
         let begun = Instant::now();
         let mut cmd = cargo_fuzz(&root, &cache);
-        cmd.args(["run", mode, t]).arg(&corpus);
+        cmd.env("TMPDIR", &tmp).args(["run", mode, t]).arg(&corpus);
         if seeds.is_dir() {
             cmd.arg(&seeds);
         }

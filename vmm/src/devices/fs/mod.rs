@@ -2,6 +2,8 @@
 //! (`fuse-backend-rs`'s server and passthrough file system, behind
 //! [`share::Share`]'s checks).
 
+#[cfg(any(test, feature = "fuzzing"))]
+pub mod raw;
 pub mod share;
 
 #[cfg(test)]

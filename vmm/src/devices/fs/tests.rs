@@ -2,44 +2,28 @@
 //! through `fuse-backend-rs`'s server to a [`Share`] over descriptor chains
 //! in guest memory — the path the device takes.
 
-use super::share::{Share, ShareLimits};
+use super::raw::RawFuse;
+use super::share::ShareLimits;
 use fuse_backend_rs::abi::fuse_abi::{
     CreateIn, EntryOut, ForgetIn, InHeader, InitIn, LinkIn, MkdirIn, MknodIn, Opcode, OpenIn,
-    OpenOut, OutHeader, ReadIn, Rename2In, RenameIn, SetattrIn, WriteIn,
+    OpenOut, ReadIn, Rename2In, RenameIn, SetattrIn, WriteIn,
 };
-use fuse_backend_rs::api::server::Server;
-use fuse_backend_rs::transport::{Reader, VirtioFsWriter};
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
-use std::sync::Arc;
-use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
-use virtio_queue::desc::RawDescriptor;
-use virtio_queue::desc::split::Descriptor;
-use virtio_queue::mock::MockSplitQueue;
-use virtio_queue::{Queue, QueueOwnedT};
-use vm_memory::{ByteValued, Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::ByteValued;
 
 const ROOT: u64 = 1;
-const REQ: u64 = 0x10_0000;
-const REPLY: u64 = 0x20_0000;
-const REPLY_LEN: u32 = 0x10_0000;
 
 /// A FUSE client made of raw requests.
 struct Fuse {
-    server: Server<Arc<Share>>,
-    share: Arc<Share>,
-    mem: GuestMemoryMmap,
+    raw: RawFuse,
     unique: u64,
 }
 
 impl Fuse {
     fn new(root: &Path, read_only: bool, limits: ShareLimits) -> Self {
-        let share = Arc::new(Share::new(root, read_only, limits).unwrap());
-        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x40_0000)]).unwrap();
         let mut f = Self {
-            server: Server::new(share.clone()),
-            share,
-            mem,
+            raw: RawFuse::new(root, read_only, limits),
             unique: 0,
         };
         let init = InitIn {
@@ -54,7 +38,7 @@ impl Fuse {
     }
 
     /// One request (`parts` after the header, concatenated); the reply's
-    /// error (0 or -errno) and payload.
+    /// error (0 or -errno) and payload (`i32::MIN` when there is none).
     fn call(&mut self, op: Opcode, nodeid: u64, parts: &[&[u8]]) -> (i32, Vec<u8>) {
         self.unique += 1;
         let body: Vec<u8> = parts.concat();
@@ -69,50 +53,13 @@ impl Fuse {
             pid: 77,
             padding: 0,
         };
-        let req = [header.as_slice(), &body].concat();
-        self.mem.write_slice(&req, GuestAddress(REQ)).unwrap();
-        self.mem
-            .write_slice(&[0u8; 16], GuestAddress(REPLY))
-            .unwrap();
-        let q = MockSplitQueue::create(&self.mem, GuestAddress(0x1000), 16);
-        q.add_desc_chains(
-            &[
-                RawDescriptor::from(Descriptor::new(
-                    REQ,
-                    req.len() as u32,
-                    VRING_DESC_F_NEXT as u16,
-                    1,
-                )),
-                RawDescriptor::from(Descriptor::new(
-                    REPLY,
-                    REPLY_LEN,
-                    VRING_DESC_F_WRITE as u16,
-                    0,
-                )),
-            ],
-            0,
-        )
-        .unwrap();
-        let mut queue: Queue = q.create_queue().unwrap();
-        let chain = queue.iter(&self.mem).unwrap().next().unwrap();
-        let reader = Reader::from_descriptor_chain(&self.mem, chain.clone()).unwrap();
-        let writer = VirtioFsWriter::new(&self.mem, chain).unwrap();
-        let written = self
-            .server
-            .handle_message(reader, writer.into(), None, None)
-            .unwrap_or(0);
-        if written == 0 {
-            // No reply (FORGET) or a message the server refused outright.
-            return (i32::MIN, Vec::new());
+        match self.raw.send(&[header.as_slice(), &body].concat()) {
+            None => (i32::MIN, Vec::new()),
+            Some((out, payload)) => {
+                assert_eq!(out.unique, self.unique);
+                (out.error, payload)
+            }
         }
-        let out: OutHeader = self.mem.read_obj(GuestAddress(REPLY)).unwrap();
-        assert_eq!(out.unique, self.unique);
-        let n = out.len as usize - std::mem::size_of::<OutHeader>();
-        let mut payload = vec![0u8; n];
-        self.mem
-            .read_slice(&mut payload, GuestAddress(REPLY + 16))
-            .unwrap();
-        (out.error, payload)
     }
 
     fn lookup(&mut self, parent: u64, name: &[u8]) -> Result<EntryOut, i32> {
@@ -448,13 +395,13 @@ fn what_a_guest_can_make_the_host_hold_is_capped() {
         }
     }
     assert_eq!((held.len(), refused), (8, 4));
-    assert_eq!(f.share.inodes_held(), 8);
+    assert_eq!(f.raw.share.inodes_held(), 8);
     // Looking one up again holds no new inode.
-    assert!(f.lookup(ROOT, b"f0").is_err() || f.share.inodes_held() == 8);
+    assert!(f.lookup(ROOT, b"f0").is_err() || f.raw.share.inodes_held() == 8);
     // The guest forgets one (both lookups of f0): room for one more.
     let forget = ForgetIn { nlookup: 2 };
     f.call(Opcode::Forget, held[0], &[forget.as_slice()]);
-    assert!(f.share.inodes_held() <= 7);
+    assert!(f.raw.share.inodes_held() <= 7);
     assert!(f.lookup(ROOT, b"f11").is_ok());
     // Handles.
     let mut fhs = Vec::new();
@@ -465,7 +412,7 @@ fn what_a_guest_can_make_the_host_hold_is_capped() {
         }
     }
     assert_eq!(fhs.len(), 3);
-    assert_eq!(f.share.handles_open(), 3);
+    assert_eq!(f.raw.share.handles_open(), 3);
     let (inode, fh) = fhs.pop().unwrap();
     f.release(inode, fh);
     assert!(f.open(held[5], libc::O_RDONLY).is_ok());
