@@ -2,6 +2,7 @@
 //! (`fuse-backend-rs`'s server and passthrough file system, behind
 //! [`share::Share`]'s checks).
 
+pub mod device;
 #[cfg(any(test, feature = "fuzzing"))]
 pub mod raw;
 pub mod share;
