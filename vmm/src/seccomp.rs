@@ -54,6 +54,8 @@ pub enum Role {
     Device = 3,
     /// The thread watching the parent's stop pipe.
     Watcher = 4,
+    /// A virtio-fs worker thread (file syscalls beneath its shares).
+    Fs = 5,
 }
 
 impl Role {
@@ -63,6 +65,7 @@ impl Role {
             2 => b"vcpu",
             3 => b"device",
             4 => b"watcher",
+            5 => b"fs",
             _ => b"unfiltered",
         }
     }
@@ -89,6 +92,8 @@ pub struct Filters {
     pub device: Arc<BpfProgram>,
     /// The stop-pipe watcher's.
     pub watcher: Arc<BpfProgram>,
+    /// The virtio-fs workers'.
+    pub fs: Arc<BpfProgram>,
     /// The jail keeper's (a process of its own: it kills, not traps).
     pub keeper: Arc<BpfProgram>,
 }
@@ -129,6 +134,7 @@ impl Filters {
             vcpu: take("vcpu")?,
             device: take("device")?,
             watcher: take("watcher")?,
+            fs: take("fs")?,
             keeper: take("keeper")?,
         })
     }

@@ -107,14 +107,27 @@ pub struct DeviceWorker {
 }
 
 impl DeviceWorker {
-    /// Start thread `name`: it applies `filter` (when given), waits for
-    /// the activation, then runs `body` with it and a stop eventfd that
-    /// `body` must watch.
+    /// Start thread `name` with the device role: see [`Self::spawn_as`].
     ///
     /// # Errors
     /// An eventfd or the thread cannot be made.
     pub fn spawn(
         name: &str,
+        filter: Option<Arc<crate::seccomp::BpfProgram>>,
+        body: impl FnOnce(Activation, EventFd) + Send + 'static,
+    ) -> Result<Self, VirtioError> {
+        Self::spawn_as(name, crate::seccomp::Role::Device, filter, body)
+    }
+
+    /// Start thread `name`: it applies `filter` (when given) as `role`,
+    /// waits for the activation, then runs `body` with it and a stop
+    /// eventfd that `body` must watch.
+    ///
+    /// # Errors
+    /// An eventfd or the thread cannot be made.
+    pub fn spawn_as(
+        name: &str,
+        role: crate::seccomp::Role,
         filter: Option<Arc<crate::seccomp::BpfProgram>>,
         body: impl FnOnce(Activation, EventFd) + Send + 'static,
     ) -> Result<Self, VirtioError> {
@@ -126,7 +139,7 @@ impl DeviceWorker {
             .stack_size(super::THREAD_STACK)
             .spawn(move || {
                 if let Some(f) = filter {
-                    crate::seccomp::enter(crate::seccomp::Role::Device, &f);
+                    crate::seccomp::enter(role, &f);
                 }
                 // No activation (the sender dropped): the VM ended first.
                 if let Ok(a) = rx.recv() {

@@ -10,7 +10,7 @@
 
 use super::share::Share;
 use crate::devices::virtio_mmio::{Activation, DeviceWorker, Interrupt, VirtioDevice, VirtioError};
-use crate::seccomp::BpfProgram;
+use crate::seccomp::{BpfProgram, Role};
 use fuse_backend_rs::api::server::Server;
 use fuse_backend_rs::transport::{Reader, VirtioFsWriter};
 use std::os::fd::AsRawFd;
@@ -56,7 +56,7 @@ impl VirtioFs {
         // num_request_queues
         config[TAG_LEN..].copy_from_slice(&1u32.to_le_bytes());
         let server = Server::new(Arc::new(share));
-        let worker = DeviceWorker::spawn("airlock-fs", filter, move |a, stop| {
+        let worker = DeviceWorker::spawn_as("airlock-fs", Role::Fs, filter, move |a, stop| {
             if let Err(e) = serve(a, &stop, &server) {
                 tracing::error!(error = %e, "virtio-fs stopped");
             }

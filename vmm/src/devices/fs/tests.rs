@@ -418,119 +418,323 @@ fn what_a_guest_can_make_the_host_hold_is_capped() {
     assert!(f.open(held[5], libc::O_RDONLY).is_ok());
 }
 
-/// The device end to end: a FUSE INIT and a LOOKUP on the request queue,
-/// answered on the used ring with an interrupt; a chain that is not a
-/// request is used with 0 bytes and the device goes on.
-#[test]
-fn the_device_answers_requests_on_its_queue() {
-    use super::device::VirtioFs;
-    use super::share::Share;
-    use crate::devices::virtio_mmio::{Activation, Interrupt, VirtioDevice};
-    use std::sync::Arc;
-    use std::time::{Duration, Instant};
-    use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
-    use virtio_queue::Queue;
-    use virtio_queue::desc::RawDescriptor;
-    use virtio_queue::desc::split::Descriptor;
-    use virtio_queue::mock::MockSplitQueue;
-    use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryMmap};
-    use vmm_sys_util::eventfd::EventFd;
+/// The device with its queues on mock rings in guest memory, its worker
+/// under the real `fs` seccomp filter: a syscall the filter lacks ends the
+/// test process (status 159) with a line naming it.
+struct Rig<'m> {
+    dev: super::device::VirtioFs,
+    mem: &'m vm_memory::GuestMemoryMmap,
+    req: virtio_queue::mock::MockSplitQueue<'m, vm_memory::GuestMemoryMmap>,
+    kick: vmm_sys_util::eventfd::EventFd,
+    irq: std::sync::Arc<vmm_sys_util::eventfd::EventFd>,
+    sent: u16,
+    unique: u64,
+}
 
-    let d = tree();
-    let share = Share::new(d.path(), true, ShareLimits::default()).unwrap();
-    let mut dev = VirtioFs::new("grant0", share, None).unwrap();
-    let mut cfg = [0u8; 40];
-    dev.read_config(0, &mut cfg);
-    assert_eq!(&cfg[..7], b"grant0\0");
-    assert_eq!(u32::from_le_bytes(cfg[36..].try_into().unwrap()), 1);
-    let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x40_0000)]).unwrap();
-    let hiprio = MockSplitQueue::create(&mem, GuestAddress(0x1000), 16);
-    let req = MockSplitQueue::create(&mem, GuestAddress(0x8000), 16);
-    let evts: Vec<EventFd> = (0..2)
-        .map(|_| EventFd::new(libc::EFD_NONBLOCK).unwrap())
-        .collect();
-    let kick = evts[1].try_clone().unwrap();
-    let irq = Arc::new(EventFd::new(libc::EFD_NONBLOCK).unwrap());
-    dev.activate(Activation {
-        mem: mem.clone(),
-        queues: vec![
-            hiprio.create_queue::<Queue>().unwrap(),
-            req.create_queue::<Queue>().unwrap(),
-        ],
-        queue_evts: evts,
-        interrupt: Interrupt::new(irq.clone()),
-    })
-    .unwrap();
-    let used_idx = |q: &MockSplitQueue<'_, GuestMemoryMmap>| -> u16 {
-        mem.read_obj::<u16>(q.used_addr().unchecked_add(2)).unwrap()
-    };
-    let used_len = |q: &MockSplitQueue<'_, GuestMemoryMmap>, i: u16| -> u32 {
-        mem.read_obj::<u32>(q.used_addr().unchecked_add(4 + 8 * u64::from(i) + 4))
+impl<'m> Rig<'m> {
+    fn new(mem: &'m vm_memory::GuestMemoryMmap, root: &Path, read_only: bool) -> Self {
+        use crate::devices::virtio_mmio::{Activation, Interrupt, VirtioDevice};
+        use virtio_queue::Queue;
+        use vm_memory::GuestAddress;
+        use vmm_sys_util::eventfd::EventFd;
+        crate::seccomp::install_trap_handler().unwrap();
+        let filters = crate::seccomp::Filters::load(crate::seccomp::Mode::Enforce).unwrap();
+        let share = super::share::Share::new(root, read_only, ShareLimits::default()).unwrap();
+        let mut dev = super::device::VirtioFs::new("grant0", share, Some(filters.fs)).unwrap();
+        let hiprio = virtio_queue::mock::MockSplitQueue::create(mem, GuestAddress(0x1000), 16);
+        let req = virtio_queue::mock::MockSplitQueue::create(mem, GuestAddress(0x4000), 128);
+        let evts: Vec<EventFd> = (0..2)
+            .map(|_| EventFd::new(libc::EFD_NONBLOCK).unwrap())
+            .collect();
+        let kick = evts[1].try_clone().unwrap();
+        let irq = std::sync::Arc::new(EventFd::new(libc::EFD_NONBLOCK).unwrap());
+        dev.activate(Activation {
+            mem: mem.clone(),
+            queues: vec![
+                hiprio.create_queue::<Queue>().unwrap(),
+                req.create_queue::<Queue>().unwrap(),
+            ],
+            queue_evts: evts,
+            interrupt: Interrupt::new(irq.clone()),
+        })
+        .unwrap();
+        Self {
+            dev,
+            mem,
+            req,
+            kick,
+            irq,
+            sent: 0,
+            unique: 0,
+        }
+    }
+
+    fn used_idx(&self) -> u16 {
+        use vm_memory::{Address, Bytes};
+        self.mem
+            .read_obj::<u16>(self.req.used_addr().unchecked_add(2))
             .unwrap()
-    };
-    // Three chains at descriptor slots 0, 2, 4: INIT, LOOKUP a.txt, and a
-    // lone writable descriptor (no request at all).
-    let request = |op: Opcode, unique: u64, nodeid: u64, body: &[u8]| {
+    }
+
+    fn used_len(&self, i: u16) -> u32 {
+        use vm_memory::{Address, Bytes};
+        self.mem
+            .read_obj::<u32>(self.req.used_addr().unchecked_add(4 + 8 * u64::from(i) + 4))
+            .unwrap()
+    }
+
+    /// Put `descs` (a chain at slot `2 * sent`) on the request queue, kick,
+    /// wait for it to be used; its used length.
+    fn chain(&mut self, descs: &[virtio_queue::desc::RawDescriptor]) -> u32 {
+        let slot = self.sent * 2;
+        self.req.add_desc_chains(descs, slot).unwrap();
+        self.sent += 1;
+        self.kick.write(1).unwrap();
+        let start = std::time::Instant::now();
+        while self.used_idx() < self.sent {
+            assert!(
+                start.elapsed() < std::time::Duration::from_secs(5),
+                "the device did not answer"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        self.used_len(self.sent - 1)
+    }
+
+    /// One FUSE request through the queue: its error and payload.
+    fn call(&mut self, op: Opcode, nodeid: u64, parts: &[&[u8]]) -> (i32, Vec<u8>) {
+        use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
+        use virtio_queue::desc::RawDescriptor;
+        use virtio_queue::desc::split::Descriptor;
+        use vm_memory::{Bytes, GuestAddress};
+        self.unique += 1;
+        let body: Vec<u8> = parts.concat();
         let h = InHeader {
-            len: (40 + body.len()) as u32,
+            len: (std::mem::size_of::<InHeader>() + body.len()) as u32,
             opcode: op as u32,
-            unique,
+            unique: self.unique,
             nodeid,
             ..Default::default()
         };
-        [h.as_slice(), body].concat()
-    };
+        let req = [h.as_slice(), &body].concat();
+        let (at, reply) = (0x10_0000, 0x20_0000);
+        self.mem.write_slice(&req, GuestAddress(at)).unwrap();
+        let slot = self.sent * 2;
+        let used = self.chain(&[
+            RawDescriptor::from(Descriptor::new(
+                at,
+                req.len() as u32,
+                VRING_DESC_F_NEXT as u16,
+                slot + 1,
+            )),
+            RawDescriptor::from(Descriptor::new(
+                reply,
+                0x1_0000,
+                VRING_DESC_F_WRITE as u16,
+                0,
+            )),
+        ]);
+        if used == 0 {
+            return (i32::MIN, Vec::new());
+        }
+        let out: fuse_backend_rs::abi::fuse_abi::OutHeader =
+            self.mem.read_obj(GuestAddress(reply)).unwrap();
+        assert_eq!((out.unique, out.len), (self.unique, used));
+        let mut payload = vec![0u8; out.len as usize - 16];
+        self.mem
+            .read_slice(&mut payload, GuestAddress(reply + 16))
+            .unwrap();
+        (out.error, payload)
+    }
+
+    fn entry(&mut self, op: Opcode, nodeid: u64, parts: &[&[u8]]) -> EntryOut {
+        let (e, p) = self.call(op, nodeid, parts);
+        assert_eq!(e, 0, "{op:?}");
+        *EntryOut::from_slice(&p[..std::mem::size_of::<EntryOut>()]).unwrap()
+    }
+
+    fn ok(&mut self, op: Opcode, nodeid: u64, parts: &[&[u8]]) -> Vec<u8> {
+        let (e, p) = self.call(op, nodeid, parts);
+        assert_eq!(e, 0, "{op:?}");
+        p
+    }
+}
+
+/// The device end to end: config space, INIT and a LOOKUP answered on the
+/// used ring with an interrupt, a chain that is not a request used with 0
+/// bytes and the device going on.
+#[test]
+fn the_device_answers_requests_on_its_queue() {
+    use crate::devices::virtio_mmio::VirtioDevice;
+    use virtio_bindings::virtio_ring::VRING_DESC_F_WRITE;
+    use virtio_queue::desc::RawDescriptor;
+    use virtio_queue::desc::split::Descriptor;
+    let d = tree();
+    let mem =
+        vm_memory::GuestMemoryMmap::<()>::from_ranges(&[(vm_memory::GuestAddress(0), 0x40_0000)])
+            .unwrap();
+    let mut rig = Rig::new(&mem, d.path(), true);
+    let mut cfg = [0u8; 40];
+    rig.dev.read_config(0, &mut cfg);
+    assert_eq!(&cfg[..7], b"grant0\0");
+    assert_eq!(u32::from_le_bytes(cfg[36..].try_into().unwrap()), 1);
     let init = InitIn {
         major: 7,
         minor: 31,
         max_readahead: 0x2_0000,
         flags: 0,
     };
-    let reqs = [
-        request(Opcode::Init, 1, 0, init.as_slice()),
-        request(Opcode::Lookup, 2, ROOT, b"a.txt\0"),
-    ];
-    let mut descs = Vec::new();
-    for (i, r) in reqs.iter().enumerate() {
-        let at = 0x10_0000 + 0x1_0000 * i as u64;
-        mem.write_slice(r, GuestAddress(at)).unwrap();
-        let slot = 2 * i as u16;
-        descs.push(RawDescriptor::from(Descriptor::new(
-            at,
-            r.len() as u32,
-            VRING_DESC_F_NEXT as u16,
-            slot + 1,
-        )));
-        descs.push(RawDescriptor::from(Descriptor::new(
-            at + 0x8000,
-            0x4000,
+    rig.ok(Opcode::Init, 0, &[init.as_slice()]);
+    assert!(rig.irq.read().unwrap() > 0, "the guest was interrupted");
+    // A lone writable descriptor: no request at all.
+    assert_eq!(
+        rig.chain(&[RawDescriptor::from(Descriptor::new(
+            0x30_0000,
+            0x100,
             VRING_DESC_F_WRITE as u16,
-            0,
-        )));
-    }
-    descs.push(RawDescriptor::from(Descriptor::new(
-        0x30_0000,
-        0x100,
-        VRING_DESC_F_WRITE as u16,
-        0,
-    )));
-    req.add_desc_chains(&descs, 0).unwrap();
-    kick.write(1).unwrap();
-    let start = Instant::now();
-    while used_idx(&req) < 3 {
-        assert!(
-            start.elapsed() < Duration::from_secs(5),
-            "the device did not answer"
-        );
-        std::thread::sleep(Duration::from_millis(2));
-    }
-    assert!(irq.read().unwrap() > 0, "the guest was interrupted");
-    let out: fuse_backend_rs::abi::fuse_abi::OutHeader =
-        mem.read_obj(GuestAddress(0x11_8000)).unwrap();
-    assert_eq!((out.error, out.unique), (0, 2));
-    let e: EntryOut = mem.read_obj(GuestAddress(0x11_8000 + 16)).unwrap();
+            0
+        ))]),
+        0
+    );
+    let e = rig.entry(Opcode::Lookup, ROOT, &[b"a.txt\0"]);
     assert_eq!(e.attr.size, 5);
-    assert_eq!(used_len(&req, 1), out.len);
-    assert_eq!(used_len(&req, 2), 0);
-    dev.shutdown();
+    rig.dev.shutdown();
+}
+
+/// Every operation a guest's file system uses, through the device whose
+/// worker runs under its real filter: each syscall the passthrough makes
+/// must be in the `fs` role of `vmm/seccomp/x86_64.json`.
+#[test]
+fn the_fs_worker_serves_every_operation_under_its_filter() {
+    use crate::devices::virtio_mmio::VirtioDevice;
+    let d = tree();
+    let mem =
+        vm_memory::GuestMemoryMmap::<()>::from_ranges(&[(vm_memory::GuestAddress(0), 0x40_0000)])
+            .unwrap();
+    let mut rig = Rig::new(&mem, d.path(), false);
+    let init = InitIn {
+        major: 7,
+        minor: 31,
+        max_readahead: 0x2_0000,
+        flags: 0,
+    };
+    rig.ok(Opcode::Init, 0, &[init.as_slice()]);
+    rig.ok(Opcode::Statfs, ROOT, &[]);
+    rig.ok(Opcode::Getattr, ROOT, &[&[0u8; 16]]);
+    rig.ok(Opcode::Access, ROOT, &[&4u32.to_le_bytes(), &[0u8; 4]]);
+    // Read a file.
+    let a = rig.entry(Opcode::Lookup, ROOT, &[b"a.txt\0"]).nodeid;
+    let open = OpenIn {
+        flags: libc::O_RDONLY as u32,
+        fuse_flags: 0,
+    };
+    let fh = OpenOut::from_slice(&rig.ok(Opcode::Open, a, &[open.as_slice()])[..16])
+        .unwrap()
+        .fh;
+    let read = ReadIn {
+        fh,
+        size: 100,
+        ..Default::default()
+    };
+    assert_eq!(rig.ok(Opcode::Read, a, &[read.as_slice()]), b"hello");
+    let mut lseek = Vec::new();
+    for v in [fh, 1, 0] {
+        lseek.extend_from_slice(&v.to_le_bytes());
+    }
+    let (e, _) = rig.call(Opcode::Lseek, a, &[&lseek[..20], &[0u8; 4]]);
+    assert!(e == 0 || e == -libc::ENOSYS, "lseek {e}");
+    let flush = [fh.to_le_bytes(), [0u8; 8], [0u8; 8]].concat();
+    rig.ok(Opcode::Flush, a, &[&flush]);
+    let release = fuse_backend_rs::abi::fuse_abi::ReleaseIn {
+        fh,
+        ..Default::default()
+    };
+    rig.ok(Opcode::Release, a, &[release.as_slice()]);
+    // List the root.
+    let open = OpenIn::default();
+    let dh = OpenOut::from_slice(&rig.ok(Opcode::Opendir, ROOT, &[open.as_slice()])[..16])
+        .unwrap()
+        .fh;
+    let readdir = ReadIn {
+        fh: dh,
+        size: 4096,
+        ..Default::default()
+    };
+    let listing = rig.ok(Opcode::Readdir, ROOT, &[readdir.as_slice()]);
+    assert!(listing.windows(5).any(|w| w == b"a.txt"));
+    let release = fuse_backend_rs::abi::fuse_abi::ReleaseIn {
+        fh: dh,
+        ..Default::default()
+    };
+    rig.ok(Opcode::Releasedir, ROOT, &[release.as_slice()]);
+    // Make, write, sync, resize, chmod, rename, link and remove.
+    let create = CreateIn {
+        flags: (libc::O_RDWR | libc::O_CREAT) as u32,
+        mode: libc::S_IFREG | 0o644,
+        umask: 0,
+        fuse_flags: 0,
+    };
+    let p = rig.ok(Opcode::Create, ROOT, &[create.as_slice(), b"notes\0"]);
+    let notes = EntryOut::from_slice(&p[..std::mem::size_of::<EntryOut>()])
+        .unwrap()
+        .nodeid;
+    let fh = OpenOut::from_slice(&p[std::mem::size_of::<EntryOut>()..][..16])
+        .unwrap()
+        .fh;
+    let write = WriteIn {
+        fh,
+        size: 8,
+        ..Default::default()
+    };
+    rig.ok(Opcode::Write, notes, &[write.as_slice(), b"remember"]);
+    let fsync = [fh.to_le_bytes(), [0u8; 8]].concat();
+    rig.ok(Opcode::Fsync, notes, &[&fsync]);
+    let mut fallocate = Vec::new();
+    for v in [fh, 0, 4096] {
+        fallocate.extend_from_slice(&v.to_le_bytes());
+    }
+    fallocate.extend_from_slice(&[0u8; 8]);
+    rig.ok(Opcode::Fallocate, notes, &[&fallocate]);
+    let setattr = SetattrIn {
+        valid: 1 | (1 << 3) | (1 << 4) | (1 << 5), // mode, size, atime, mtime
+        size: 4,
+        mode: libc::S_IFREG | 0o600,
+        atime: 1,
+        mtime: 2,
+        ..Default::default()
+    };
+    rig.ok(Opcode::Setattr, notes, &[setattr.as_slice()]);
+    let release = fuse_backend_rs::abi::fuse_abi::ReleaseIn {
+        fh,
+        ..Default::default()
+    };
+    rig.ok(Opcode::Release, notes, &[release.as_slice()]);
+    let rename = Rename2In {
+        newdir: ROOT,
+        ..Default::default()
+    };
+    rig.ok(
+        Opcode::Rename2,
+        ROOT,
+        &[rename.as_slice(), b"notes\0kept\0"],
+    );
+    let link = LinkIn { oldnodeid: notes };
+    rig.entry(Opcode::Link, ROOT, &[link.as_slice(), b"hard\0"]);
+    rig.entry(Opcode::Symlink, ROOT, &[b"soft\0", b"kept\0"]);
+    let soft = rig.entry(Opcode::Lookup, ROOT, &[b"soft\0"]).nodeid;
+    assert_eq!(rig.ok(Opcode::Readlink, soft, &[]), b"kept");
+    let mkdir = MkdirIn {
+        mode: 0o755,
+        umask: 0,
+    };
+    rig.entry(Opcode::Mkdir, ROOT, &[mkdir.as_slice(), b"dir\0"]);
+    rig.ok(Opcode::Rmdir, ROOT, &[b"dir\0"]);
+    rig.ok(Opcode::Unlink, ROOT, &[b"hard\0"]);
+    let forget = ForgetIn { nlookup: 1 };
+    assert_eq!(
+        rig.call(Opcode::Forget, soft, &[forget.as_slice()]).0,
+        i32::MIN
+    );
+    assert_eq!(std::fs::read(d.path().join("kept")).unwrap(), b"reme");
+    rig.dev.shutdown();
 }
