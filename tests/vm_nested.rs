@@ -598,6 +598,77 @@ fn a_jailed_vmm_cannot_start_tasks_past_its_limit() {
     assert_eq!(v["vmm_processes_after"], 0, "{v}");
 }
 
+/// What the `share` self-test printed: `AIRLOCK-SHARE-<key> <rest>` lines.
+fn share_lines(v: &Value) -> Vec<String> {
+    v["console"]
+        .as_str()
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.strip_prefix("AIRLOCK-SHARE-"))
+        .map(str::to_string)
+        .collect()
+}
+
+#[test]
+fn a_read_only_share_reaches_the_guest_and_nothing_the_guest_does_changes_it() {
+    // virtio-fs from our VMM: the guest mounts the tag read-only,
+    // nosuid/nodev/noexec, reads the host's file, sees the host's symlink
+    // as a symlink (its target, a host file, is not reachable), and every
+    // change fails; the host directory is as it was.
+    let (v, code) = scenario("share-ro");
+    assert_eq!(code, 0, "{v}");
+    assert_eq!(v["exit"], "reset", "{v}");
+    let lines = share_lines(&v);
+    let mount = lines.iter().find(|l| l.starts_with("MOUNT ")).unwrap();
+    assert!(
+        mount.contains("grant0 /share virtiofs ro,nosuid,nodev,noexec"),
+        "{mount}"
+    );
+    for want in [
+        "ENTRY hello.txt file 20",
+        "ENTRY out symlink",
+        "HELLO hello from the host",
+        "TRY read ok",
+        "TRY read-through-symlink NotFound",
+        "TRY write ReadOnlyFilesystem",
+        "TRY create ReadOnlyFilesystem",
+        "TRY mkdir ReadOnlyFilesystem",
+        "TRY remove ReadOnlyFilesystem",
+    ] {
+        assert!(lines.iter().any(|l| l == want), "{want}: {lines:?}");
+    }
+    let (h, _) = scenario("share-ro-host");
+    assert_eq!(h["files"], "hello.txt out ", "{h}");
+    assert_eq!(h["hello"], "hello from the host ", "{h}");
+}
+
+#[test]
+fn a_read_write_share_takes_the_guests_changes_on_the_host() {
+    let (v, code) = scenario("share-rw");
+    assert_eq!(code, 0, "{v}");
+    let lines = share_lines(&v);
+    let mount = lines.iter().find(|l| l.starts_with("MOUNT ")).unwrap();
+    assert!(
+        mount.contains("grant0 /share virtiofs rw,nosuid,nodev,noexec"),
+        "{mount}"
+    );
+    for want in [
+        "TRY read ok",
+        "TRY read-through-symlink NotFound",
+        "TRY write ok",
+        "TRY create ok",
+        "TRY mkdir ok",
+        "TRY remove ok",
+    ] {
+        assert!(lines.iter().any(|l| l == want), "{want}: {lines:?}");
+    }
+    // On the host: the file the guest made, its directory, hello.txt
+    // gone; the symlink untouched.
+    let (h, _) = scenario("share-rw-host");
+    assert_eq!(h["files"], "guest-dir made-in-guest.txt out ", "{h}");
+    assert_eq!(h["made"], "from the guest ", "{h}");
+}
+
 #[test]
 fn the_vmm_process_runs_a_guest_to_its_end_under_its_filters() {
     // `airlock-vmm` with its filters enforced (the default): the whole run,

@@ -322,6 +322,20 @@ struct BootImage {
     /// virtio-pmem; the guest sees /dev/pmem0.
     #[arg(long)]
     pmem: Option<PathBuf>,
+    /// A host directory for the guest over virtio-fs, as TAG=DIR (the
+    /// guest mounts it with `airlock.fs=TAG:/path`); repeatable.
+    #[arg(long, value_parser = share_arg)]
+    share: Vec<(String, PathBuf)>,
+    /// As --share, read-only.
+    #[arg(long, value_parser = share_arg)]
+    share_ro: Vec<(String, PathBuf)>,
+}
+
+fn share_arg(s: &str) -> Result<(String, PathBuf), String> {
+    let (tag, dir) = s
+        .split_once('=')
+        .ok_or_else(|| format!("expected TAG=DIR, got {s:?}"))?;
+    Ok((tag.to_string(), PathBuf::from(dir)))
 }
 
 impl BootImage {
@@ -343,6 +357,17 @@ impl BootImage {
             vsock: None,
             stop: None,
             pmem: self.pmem,
+            shares: self
+                .share
+                .into_iter()
+                .map(|s| (s, false))
+                .chain(self.share_ro.into_iter().map(|s| (s, true)))
+                .map(|((tag, dir), read_only)| airlock_vmm::ShareConfig {
+                    tag,
+                    dir,
+                    read_only,
+                })
+                .collect(),
             seccomp: None,
             seccomp_selftest: false,
             jail_selftest: None,

@@ -265,6 +265,7 @@ impl Sandbox {
             // The VMM process is stopped through its stdin pipe.
             stop: None,
             pmem: cfg.weights.clone(),
+            shares: Vec::new(),
             seccomp: None,
             seccomp_selftest: false,
             jail_selftest: None,

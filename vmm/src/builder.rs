@@ -3,6 +3,7 @@
 //! from the device tables, write the command line and boot data. Each step
 //! fails with its own [`VmmError`] variant.
 
+use crate::devices::fs::device::VirtioFs;
 use crate::devices::marker::BootMarker;
 use crate::devices::pmem::{Pmem, PmemMapping};
 use crate::devices::rtc::Rtc;
@@ -241,6 +242,29 @@ pub(crate) fn attach_devices(
         })?;
         devs.weights = Some(map);
         attach_virtio(&mut devs, vm, mem, devices::PMEM, Box::new(dev))?;
+    }
+    for (share, slot) in cfg.shares.iter().zip(devices::FS_SLOTS) {
+        let device = devices::fs::share::Share::new(
+            &share.dir,
+            share.read_only,
+            devices::fs::share::ShareLimits::default(),
+        )
+        .map_err(|e| VmmError::Device {
+            device: slot.name,
+            source: crate::devices::virtio_mmio::VirtioError::Activate(format!(
+                "sharing {}: {e}",
+                share.dir.display()
+            )),
+        })
+        .and_then(|s| {
+            VirtioFs::new(&share.tag, s, cfg.seccomp.as_ref().map(|f| f.fs.clone())).map_err(
+                |source| VmmError::Device {
+                    device: slot.name,
+                    source,
+                },
+            )
+        })?;
+        attach_virtio(&mut devs, vm, mem, slot, Box::new(device))?;
     }
     Ok(devs)
 }

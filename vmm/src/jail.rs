@@ -128,6 +128,9 @@ pub enum JailError {
     /// Every jail uid of this daemon is in use.
     #[error("All {UID_SLOTS} jail uids are in use by this daemon's VMs.")]
     NoUid,
+    /// What the jail cannot give a VM yet.
+    #[error("A jailed VMM cannot have {0} yet; run it with the jail off.")]
+    Unsupported(&'static str),
     /// A step of the jail failed.
     #[error("Setting up the VM jail failed at {step}: {reason}.")]
     Step {
@@ -340,6 +343,11 @@ impl VmJail {
     /// [`JailError`] naming the step.
     pub fn prepare(cfg: &JailConfig, vm_dir: &Path, vm: &VmConfig) -> Result<Self, JailError> {
         require_root()?;
+        if !vm.shares.is_empty() {
+            // The jail's mount namespace would need the shares bound in and
+            // the file server its own procfs (issue 14, next step).
+            return Err(JailError::Unsupported("virtio-fs shares"));
+        }
         for path in [Some(&vm.kernel), Some(&vm.initrd), vm.pmem.as_ref()]
             .into_iter()
             .flatten()

@@ -153,6 +153,9 @@ pub struct VmConfig {
     /// A read-only weights image (erofs) behind virtio-pmem, at
     /// [`PMEM_BASE`]; the guest sees it as `/dev/pmem0`.
     pub pmem: Option<PathBuf>,
+    /// Host directories served over virtio-fs, one device each (at most
+    /// [`devices::FS_SLOTS`]`.len()`); the guest mounts each by its tag.
+    pub shares: Vec<ShareConfig>,
     /// Per-thread seccomp filters to install (the VMM process installs
     /// them; a VMM running inside another program leaves this `None`).
     pub seccomp: Option<seccomp::Filters>,
@@ -162,6 +165,18 @@ pub struct VmConfig {
     /// Debug hook for the jail's tests: an attack on the jail made in
     /// place of the VM (see [`jail::Selftest`]).
     pub jail_selftest: Option<jail::Selftest>,
+}
+
+/// One host directory for the guest (virtio-fs).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ShareConfig {
+    /// The tag the guest mounts it by (1..=36 bytes: letters, digits, `-`, `_`).
+    pub tag: String,
+    /// The host directory.
+    pub dir: PathBuf,
+    /// Refuse every change (the server's checks; the jail's bind is
+    /// read-only too).
+    pub read_only: bool,
 }
 
 /// Guest-physical base of the pmem region (above RAM and the MMIO hole).
@@ -365,6 +380,7 @@ impl VmConfig {
             vsock: None,
             stop: None,
             pmem: None,
+            shares: Vec::new(),
             seccomp: None,
             seccomp_selftest: false,
             jail_selftest: None,
@@ -387,6 +403,48 @@ impl VmConfig {
                 field: "vcpus",
                 message: format!("must be 1..=16, got {}", self.vcpus),
             });
+        }
+        if self.shares.len() > devices::FS_SLOTS.len() {
+            return Err(VmmError::Config {
+                field: "shares",
+                message: format!(
+                    "at most {} directories, got {}",
+                    devices::FS_SLOTS.len(),
+                    self.shares.len()
+                ),
+            });
+        }
+        for (i, s) in self.shares.iter().enumerate() {
+            let ok_tag = !s.tag.is_empty()
+                && s.tag.len() <= devices::fs::device::TAG_LEN
+                && s.tag
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+            if !ok_tag {
+                return Err(VmmError::Config {
+                    field: "shares",
+                    message: format!(
+                        "share {i}: tag {:?} must be 1..=36 letters, digits, - or _",
+                        s.tag
+                    ),
+                });
+            }
+            if self.shares[..i].iter().any(|o| o.tag == s.tag) {
+                return Err(VmmError::Config {
+                    field: "shares",
+                    message: format!("share {i}: tag {:?} is used twice", s.tag),
+                });
+            }
+            if !s.dir.is_absolute() {
+                return Err(VmmError::Config {
+                    field: "shares",
+                    message: format!(
+                        "share {:?}: {} is not an absolute path",
+                        s.tag,
+                        s.dir.display()
+                    ),
+                });
+            }
         }
         Ok(())
     }
@@ -449,4 +507,44 @@ pub fn run(cfg: &VmConfig) -> Result<RunReport, VmmError> {
         setup,
         image_load,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shares_are_checked_before_anything_is_made() {
+        let share = |tag: &str, dir: &str| ShareConfig {
+            tag: tag.into(),
+            dir: dir.into(),
+            read_only: true,
+        };
+        let with = |shares: Vec<ShareConfig>| {
+            let mut c = VmConfig::new("/k".into(), "/i".into());
+            c.shares = shares;
+            c.validate()
+        };
+        assert!(with(vec![share("grant0", "/srv/a"), share("grant_1", "/srv/b")]).is_ok());
+        for (bad, why) in [
+            (vec![share("", "/srv/a")], "tag"),
+            (vec![share("a b", "/srv/a")], "tag"),
+            (vec![share("a/b", "/srv/a")], "tag"),
+            (vec![share(&"x".repeat(37), "/srv/a")], "tag"),
+            (vec![share("g", "/srv/a"), share("g", "/srv/b")], "twice"),
+            (vec![share("g", "relative")], "absolute"),
+            (
+                (0..5).map(|i| share(&format!("g{i}"), "/srv/a")).collect(),
+                "at most 4",
+            ),
+        ] {
+            match with(bad) {
+                Err(VmmError::Config { field, message }) => {
+                    assert_eq!(field, "shares");
+                    assert!(message.contains(why), "{message}");
+                }
+                other => panic!("{why}: {other:?}"),
+            }
+        }
+    }
 }

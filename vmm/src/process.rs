@@ -92,7 +92,7 @@ pub enum ProcessError {
 }
 
 /// The usage line of `airlock-vmm`.
-pub const USAGE: &str = "usage: airlock-vmm --kernel FILE --initrd FILE [--cmdline TEXT] [--memory-mib N] [--vcpus N] [--timeout-secs N] [--pmem FILE] [--vsock-uds PATH --guest-cid N] [--console-cap BYTES] [--stop-on-stdin-eof] [--seccomp enforce|log|off] [--seccomp-selftest] [--jail-root DIR --jail-uid N --jail-gid N [--jail-cgroup DIR] [--jail-selftest keeper-gone|memory|tasks]]";
+pub const USAGE: &str = "usage: airlock-vmm --kernel FILE --initrd FILE [--cmdline TEXT] [--memory-mib N] [--vcpus N] [--timeout-secs N] [--pmem FILE] [--share TAG=DIR]... [--share-ro TAG=DIR]... [--vsock-uds PATH --guest-cid N] [--console-cap BYTES] [--stop-on-stdin-eof] [--seccomp enforce|log|off] [--seccomp-selftest] [--jail-root DIR --jail-uid N --jail-gid N [--jail-cgroup DIR] [--jail-selftest keeper-gone|memory|tasks]]";
 
 /// What `airlock-vmm`'s flags ask for.
 #[derive(Debug)]
@@ -127,6 +127,12 @@ pub fn to_args(cfg: &VmConfig, stop_on_stdin_eof: bool) -> Vec<String> {
     ];
     if let Some(p) = &cfg.pmem {
         a.extend(["--pmem".into(), p.display().to_string()]);
+    }
+    for s in &cfg.shares {
+        a.extend([
+            if s.read_only { "--share-ro" } else { "--share" }.into(),
+            format!("{}={}", s.tag, s.dir.display()),
+        ]);
     }
     if let Some(v) = &cfg.vsock {
         a.extend([
@@ -180,6 +186,16 @@ pub fn from_args(args: impl IntoIterator<Item = String>) -> Result<ProcessArgs, 
             "--initrd" => cfg.initrd = value.into(),
             "--cmdline" => cfg.cmdline_extra = value,
             "--pmem" => cfg.pmem = Some(value.into()),
+            "--share" | "--share-ro" => {
+                let (tag, dir) = value.split_once('=').ok_or_else(|| {
+                    ProcessError::Usage(format!("{flag} takes TAG=DIR, got {value:?}"))
+                })?;
+                cfg.shares.push(crate::ShareConfig {
+                    tag: tag.into(),
+                    dir: dir.into(),
+                    read_only: flag == "--share-ro",
+                });
+            }
             "--vsock-uds" => uds = Some(PathBuf::from(value)),
             "--guest-cid" => cid = Some(number("--guest-cid")?),
             "--memory-mib" => {
@@ -534,6 +550,18 @@ mod tests {
             }),
             stop: None,
             pmem: Some("/w.erofs".into()),
+            shares: vec![
+                crate::ShareConfig {
+                    tag: "grant0".into(),
+                    dir: "/srv/data".into(),
+                    read_only: true,
+                },
+                crate::ShareConfig {
+                    tag: "grant1".into(),
+                    dir: "/srv/state".into(),
+                    read_only: false,
+                },
+            ],
             seccomp: None,
             seccomp_selftest: false,
             jail_selftest: None,
@@ -546,6 +574,7 @@ mod tests {
             "filters by default"
         );
         let back = parsed.cfg;
+        assert_eq!(back.shares, cfg.shares);
         assert_eq!(
             (back.kernel, back.initrd, back.cmdline_extra.as_str()),
             (

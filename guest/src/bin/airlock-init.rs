@@ -9,11 +9,14 @@
 //!
 //! Kernel command line (all optional):
 //! * `airlock.port=N` — vsock port to listen on (default 1024).
-//! * `airlock.fs=tag:/path[,tag:/path]` — virtio-fs mounts.
+//! * `airlock.fs=tag:/path[:ro][,tag:/path[:ro]]` — virtio-fs mounts,
+//!   always `nosuid,nodev,noexec`, read-only with `:ro`.
 //! * `airlock.weights=/dev/pmem0:/weights` — read-only erofs with DAX.
 //! * `airlock.selftest=1` — run the built-in self-test (example components
 //!   under /selftest), print `AIRLOCK-SELFTEST ...` lines, reboot.
 //! * `airlock.selftest=panic` — end PID 1 on purpose (guest kernel panic).
+//! * `airlock.selftest=share` — list and read what `/share` holds, try to
+//!   change it, print `AIRLOCK-SHARE ...` lines, power off.
 
 #[cfg(target_os = "linux")]
 fn main() {
@@ -174,10 +177,14 @@ mod linux {
         let params = cmdline();
         if let Some(spec) = params.get("fs") {
             for m in spec.split(',').filter(|s| !s.is_empty()) {
-                let Some((tag, path)) = m.split_once(':') else {
-                    fatal("airlock.fs", format!("{m:?} is not tag:/path"))
+                let Some((tag, rest)) = m.split_once(':') else {
+                    fatal("airlock.fs", format!("{m:?} is not tag:/path[:ro]"))
                 };
-                if let Err(e) = mount_fs(tag, path, "virtiofs", MsFlags::empty(), None) {
+                let (path, flags) = match rest.strip_suffix(":ro") {
+                    Some(p) => (p, nodev | MsFlags::MS_RDONLY),
+                    None => (rest, nodev),
+                };
+                if let Err(e) = mount_fs(tag, path, "virtiofs", flags, None) {
                     fatal("virtio-fs", e);
                 }
             }
@@ -201,6 +208,7 @@ mod linux {
                 std::process::exit(3); // the kernel panics: "Attempted to kill init"
             }
             Some("weights") => weights_check(),
+            Some("share") => share_check(),
             Some(_) => selftest(&boot),
             None => {}
         }
@@ -312,6 +320,68 @@ mod linux {
             "AIRLOCK-WEIGHTS-DONE bytes={total} cached_growth_kib={growth}"
         ));
         power_off("weights self-test finished")
+    }
+
+    /// Share self-test: the mount line of `/share`, every entry (name,
+    /// kind, size), the content of `hello.txt`, then what writing,
+    /// creating, removing and making a directory give — for the host to
+    /// compare with what the share allows.
+    fn share_check() -> ! {
+        let mount = std::fs::read_to_string("/proc/mounts")
+            .unwrap_or_default()
+            .lines()
+            .find(|l| l.contains(" /share "))
+            .unwrap_or("(not mounted)")
+            .to_string();
+        console(&format!("AIRLOCK-SHARE-MOUNT {mount}"));
+        let mut entries: Vec<_> = std::fs::read_dir("/share")
+            .map(|d| d.filter_map(Result::ok).collect())
+            .unwrap_or_default();
+        entries.sort_by_key(std::fs::DirEntry::file_name);
+        for e in &entries {
+            let kind = match std::fs::symlink_metadata(e.path()) {
+                Ok(m) if m.is_dir() => "dir".to_string(),
+                Ok(m) if m.is_file() => format!("file {}", m.len()),
+                Ok(m) if m.file_type().is_symlink() => "symlink".to_string(),
+                Ok(_) => "other".to_string(),
+                Err(err) => format!("error {err}"),
+            };
+            console(&format!(
+                "AIRLOCK-SHARE-ENTRY {} {kind}",
+                e.file_name().to_string_lossy()
+            ));
+        }
+        let said = |what: &str, r: std::io::Result<()>| {
+            let v = match r {
+                Ok(()) => "ok".to_string(),
+                Err(e) => format!("{:?}", e.kind()),
+            };
+            console(&format!("AIRLOCK-SHARE-TRY {what} {v}"));
+        };
+        said(
+            "read",
+            std::fs::read_to_string("/share/hello.txt").map(|t| {
+                console(&format!("AIRLOCK-SHARE-HELLO {}", t.trim()));
+            }),
+        );
+        said(
+            "read-through-symlink",
+            std::fs::read("/share/out").map(|_| ()),
+        );
+        said(
+            "write",
+            std::fs::OpenOptions::new()
+                .append(true)
+                .open("/share/hello.txt")
+                .and_then(|mut f| f.write_all(b"changed\n")),
+        );
+        said(
+            "create",
+            std::fs::write("/share/made-in-guest.txt", "from the guest\n"),
+        );
+        said("mkdir", std::fs::create_dir("/share/guest-dir"));
+        said("remove", std::fs::remove_file("/share/hello.txt"));
+        power_off("share self-test finished")
     }
 
     /// Self-test: load and call the example components shipped under

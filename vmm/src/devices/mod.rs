@@ -109,8 +109,38 @@ pub const PMEM: MmioSlot = MmioSlot {
     base: 0xd000_1000,
     irq: 6,
 };
+/// virtio-fs: one per shared host directory.
+pub const FS_SLOTS: [MmioSlot; 4] = [
+    MmioSlot {
+        name: "fs0",
+        base: 0xd000_2000,
+        irq: 7,
+    },
+    MmioSlot {
+        name: "fs1",
+        base: 0xd000_3000,
+        irq: 9,
+    },
+    MmioSlot {
+        name: "fs2",
+        base: 0xd000_4000,
+        irq: 10,
+    },
+    MmioSlot {
+        name: "fs3",
+        base: 0xd000_5000,
+        irq: 11,
+    },
+];
 /// Every virtio-mmio device.
-pub const MMIO_SLOTS: [MmioSlot; 2] = [VSOCK, PMEM];
+pub const MMIO_SLOTS: [MmioSlot; 6] = [
+    VSOCK,
+    PMEM,
+    FS_SLOTS[0],
+    FS_SLOTS[1],
+    FS_SLOTS[2],
+    FS_SLOTS[3],
+];
 
 /// The MMIO hole: guest-physical addresses between the most RAM a VM may
 /// have and 4 GiB, where device windows live.
