@@ -643,6 +643,29 @@ fn a_read_only_share_reaches_the_guest_and_nothing_the_guest_does_changes_it() {
 }
 
 #[test]
+fn a_read_only_share_holds_on_the_host_when_the_guest_mounts_it_read_write() {
+    // The guest mounts it rw: every change reaches our file server, which
+    // refuses it (EROFS) — the guest's mount flag is not what protects it.
+    let (v, code) = scenario("share-ro-guest-rw");
+    assert_eq!(code, 0, "{v}");
+    let lines = share_lines(&v);
+    let mount = lines.iter().find(|l| l.starts_with("MOUNT ")).unwrap();
+    assert!(mount.contains("virtiofs rw,"), "{mount}");
+    for want in [
+        "TRY read ok",
+        "TRY write ReadOnlyFilesystem",
+        "TRY create ReadOnlyFilesystem",
+        "TRY mkdir ReadOnlyFilesystem",
+        "TRY remove ReadOnlyFilesystem",
+    ] {
+        assert!(lines.iter().any(|l| l == want), "{want}: {lines:?}");
+    }
+    let (h, _) = scenario("share-ro-guest-rw-host");
+    assert_eq!(h["files"], "hello.txt out ", "{h}");
+    assert_eq!(h["hello"], "hello from the host ", "{h}");
+}
+
+#[test]
 fn a_read_write_share_takes_the_guests_changes_on_the_host() {
     let (v, code) = scenario("share-rw");
     assert_eq!(code, 0, "{v}");

@@ -438,6 +438,11 @@ share_host() {
 scenario_retry share-ro 400 $BOOT --initrd $G/initramfs.cpio.gz --share-ro grant0=/tmp/share-ro --jail off \
   --cmdline 'airlock.fs=grant0:/share:ro airlock.selftest=share' --timeout-secs 300
 wanted share-ro && share_host share-ro /tmp/share-ro
+# A guest that mounts a read-only share read-write (as a modified guest
+# kernel may): the host's file server refuses every change itself.
+scenario_retry share-ro-guest-rw 400 $BOOT --initrd $G/initramfs.cpio.gz --share-ro grant0=/tmp/share-ro --jail off \
+  --cmdline 'airlock.fs=grant0:/share airlock.selftest=share' --timeout-secs 300
+wanted share-ro-guest-rw && share_host share-ro-guest-rw /tmp/share-ro
 scenario_retry share-rw 400 $BOOT --initrd $G/initramfs.cpio.gz --share grant0=/tmp/share-rw --jail off \
   --cmdline 'airlock.fs=grant0:/share airlock.selftest=share' --timeout-secs 300
 wanted share-rw && share_host share-rw /tmp/share-rw

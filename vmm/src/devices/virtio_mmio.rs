@@ -22,6 +22,12 @@ use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
+// Shared-memory region registers (virtio 1.2 MMIO layout).
+const SHM_LEN_LOW: u32 = 0x0b0;
+const SHM_LEN_HIGH: u32 = 0x0b4;
+const SHM_BASE_LOW: u32 = 0x0b8;
+const SHM_BASE_HIGH: u32 = 0x0bc;
+
 /// Size of one device's MMIO window.
 pub const MMIO_SIZE: u64 = 0x1000;
 
@@ -281,6 +287,10 @@ impl MmioTransport {
             VIRTIO_MMIO_INTERRUPT_STATUS => self.interrupt.status.load(Ordering::SeqCst),
             VIRTIO_MMIO_STATUS => self.status,
             VIRTIO_MMIO_CONFIG_GENERATION => self.config_generation,
+            // No shared memory regions: SHMLen and SHMBase read all ones
+            // (virtio 1.2, 4.2.2). Zero would announce an empty region at
+            // address 0, which Linux's virtio-fs fails to reserve (EBUSY).
+            SHM_LEN_LOW | SHM_LEN_HIGH | SHM_BASE_LOW | SHM_BASE_HIGH => u32::MAX,
             _ => 0,
         };
         let bytes = v.to_le_bytes();
@@ -421,5 +431,49 @@ impl super::BusDevice for MmioTransport {
 
     fn write(&mut self, offset: u64, data: &[u8]) {
         MmioTransport::write(self, offset, data);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vm_memory::GuestAddress;
+
+    struct Quiet;
+    impl VirtioDevice for Quiet {
+        fn device_type(&self) -> u32 {
+            26
+        }
+        fn features(&self) -> u64 {
+            0
+        }
+        fn queue_max_sizes(&self) -> &[u16] {
+            &[16]
+        }
+        fn read_config(&self, _: u64, _: &mut [u8]) {}
+        fn activate(&mut self, _: Activation) -> Result<(), VirtioError> {
+            Ok(())
+        }
+        fn shutdown(&mut self) {}
+    }
+
+    /// Linux's virtio-fs probes for a DAX window through the shared-memory
+    /// registers; a device without one must say so with all ones, or the
+    /// probe fails ("could not reserve region addr=0x0 len=0x0").
+    #[test]
+    fn a_device_without_shared_memory_says_so() {
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x1_0000)]).unwrap();
+        let irq = Arc::new(EventFd::new(libc::EFD_NONBLOCK).unwrap());
+        let evt = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let mut t = MmioTransport::new(Box::new(Quiet), mem, irq, vec![evt]).unwrap();
+        t.write(0x0ac, &0u32.to_le_bytes()); // SHMSel
+        for reg in [SHM_LEN_LOW, SHM_LEN_HIGH, SHM_BASE_LOW, SHM_BASE_HIGH] {
+            let mut v = [0u8; 4];
+            t.read(u64::from(reg), &mut v);
+            assert_eq!(u32::from_le_bytes(v), u32::MAX, "register {reg:#x}");
+        }
+        let mut v = [0u8; 4];
+        t.read(u64::from(VIRTIO_MMIO_DEVICE_ID), &mut v);
+        assert_eq!(u32::from_le_bytes(v), 26);
     }
 }
