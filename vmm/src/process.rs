@@ -32,14 +32,23 @@ use std::time::{Duration, Instant};
 /// connection after connection runs into this, not into the host's table.
 pub const MAX_OPEN_FILES: u64 = 512;
 
+/// The descriptors a VMM for `cfg` may hold: [`MAX_OPEN_FILES`], plus for
+/// each virtio-fs share what its guest may make it hold (its inode and
+/// handle caps, its root and `/proc/self/fd`) — so a guest walking a share
+/// runs into the share's cap, never into the VMM's other descriptors.
+pub fn open_files_for(cfg: &VmConfig) -> u64 {
+    let l = crate::devices::fs::share::ShareLimits::default();
+    MAX_OPEN_FILES + cfg.shares.len() as u64 * (l.max_inodes + l.max_handles + 2) as u64
+}
+
 /// Confine the calling VMM process before it does anything else: no core
 /// dumps (they would hold guest memory), not dumpable (no ptrace or
-/// /proc/<pid>/mem by same-uid processes), at most [`MAX_OPEN_FILES`]
-/// descriptors.
+/// /proc/<pid>/mem by same-uid processes), at most `open_files`
+/// descriptors ([`open_files_for`] its configuration).
 ///
 /// # Errors
 /// A limit cannot be set.
-pub fn confine_self() -> std::io::Result<()> {
+pub fn confine_self(open_files: u64) -> std::io::Result<()> {
     let set = |resource, value: u64| {
         let lim = libc::rlimit {
             rlim_cur: value,
@@ -53,7 +62,7 @@ pub fn confine_self() -> std::io::Result<()> {
         }
     };
     set(libc::RLIMIT_CORE, 0)?;
-    set(libc::RLIMIT_NOFILE, MAX_OPEN_FILES)?;
+    set(libc::RLIMIT_NOFILE, open_files)?;
     // SAFETY: prctl(2) PR_SET_DUMPABLE with constant arguments.
     if unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) } != 0 {
         return Err(std::io::Error::last_os_error());
@@ -533,6 +542,25 @@ impl Drop for VmProcess {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn each_share_brings_its_own_descriptor_budget() {
+        let mut cfg = VmConfig::new("/k".into(), "/i".into());
+        assert_eq!(open_files_for(&cfg), MAX_OPEN_FILES);
+        for i in 0..2 {
+            cfg.shares.push(crate::ShareConfig {
+                tag: format!("g{i}"),
+                dir: "/srv".into(),
+                read_only: true,
+            });
+        }
+        let l = crate::devices::fs::share::ShareLimits::default();
+        // Both shares full (every inode held, every handle open) still
+        // leave the VMM its own 512.
+        assert!(
+            open_files_for(&cfg) >= MAX_OPEN_FILES + 2 * (l.max_inodes + l.max_handles + 2) as u64
+        );
+    }
 
     #[test]
     fn flags_round_trip_and_bad_ones_are_named() {

@@ -37,7 +37,8 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    if let Err(e) = airlock_vmm::process::confine_self() {
+    let open_files = airlock_vmm::process::open_files_for(&args.cfg);
+    if let Err(e) = airlock_vmm::process::confine_self(open_files) {
         eprintln!("airlock-vmm: cannot confine this process: {e}");
         return ExitCode::from(2);
     }
@@ -64,7 +65,7 @@ fn main() -> ExitCode {
             }
         }
         // A new uid makes the process dumpable again.
-        if let Err(e) = airlock_vmm::process::confine_self() {
+        if let Err(e) = airlock_vmm::process::confine_self(open_files) {
             eprintln!("airlock-vmm: cannot confine the jailed process: {e}");
             return ExitCode::from(2);
         }

@@ -46,10 +46,12 @@ pub struct ShareLimits {
 }
 
 impl Default for ShareLimits {
+    /// What each share of a VM gets; the VMM's descriptor limit grows by
+    /// as much per share (`process::open_files_for`).
     fn default() -> Self {
         Self {
-            max_inodes: 4096,
-            max_handles: 256,
+            max_inodes: 1024,
+            max_handles: 128,
         }
     }
 }
