@@ -13,6 +13,13 @@ use std::path::Path;
 use vm_memory::ByteValued;
 
 const ROOT: u64 = 1;
+/// FUSE_INIT as Linux 5.x+ sends it (protocol 7.31).
+const INIT: InitIn = InitIn {
+    major: 7,
+    minor: 31,
+    max_readahead: 0x2_0000,
+    flags: 0,
+};
 
 /// A FUSE client made of raw requests.
 struct Fuse {
@@ -26,13 +33,7 @@ impl Fuse {
             raw: RawFuse::new(root, read_only, limits),
             unique: 0,
         };
-        let init = InitIn {
-            major: 7,
-            minor: 31,
-            max_readahead: 0x2_0000,
-            flags: 0,
-        };
-        let (err, _) = f.call(Opcode::Init, 0, &[init.as_slice()]);
+        let (err, _) = f.call(Opcode::Init, 0, &[INIT.as_slice()]);
         assert_eq!(err, 0, "INIT");
         f
     }
@@ -578,13 +579,7 @@ fn the_device_answers_requests_on_its_queue() {
     rig.dev.read_config(0, &mut cfg);
     assert_eq!(&cfg[..7], b"grant0\0");
     assert_eq!(u32::from_le_bytes(cfg[36..].try_into().unwrap()), 1);
-    let init = InitIn {
-        major: 7,
-        minor: 31,
-        max_readahead: 0x2_0000,
-        flags: 0,
-    };
-    rig.ok(Opcode::Init, 0, &[init.as_slice()]);
+    rig.ok(Opcode::Init, 0, &[INIT.as_slice()]);
     assert!(rig.irq.read().unwrap() > 0, "the guest was interrupted");
     // A lone writable descriptor: no request at all.
     assert_eq!(
@@ -612,13 +607,7 @@ fn the_fs_worker_serves_every_operation_under_its_filter() {
         vm_memory::GuestMemoryMmap::<()>::from_ranges(&[(vm_memory::GuestAddress(0), 0x40_0000)])
             .unwrap();
     let mut rig = Rig::new(&mem, d.path(), false);
-    let init = InitIn {
-        major: 7,
-        minor: 31,
-        max_readahead: 0x2_0000,
-        flags: 0,
-    };
-    rig.ok(Opcode::Init, 0, &[init.as_slice()]);
+    rig.ok(Opcode::Init, 0, &[INIT.as_slice()]);
     rig.ok(Opcode::Statfs, ROOT, &[]);
     rig.ok(Opcode::Getattr, ROOT, &[&[0u8; 16]]);
     rig.ok(Opcode::Access, ROOT, &[&4u32.to_le_bytes(), &[0u8; 4]]);
