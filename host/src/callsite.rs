@@ -261,6 +261,16 @@ impl VmSite {
     fn holding(&self) -> i64 {
         (self.settings.max_vms.max(1) - self.slots.available_permits()) as i64
     }
+
+    /// Wait (counted in `waiting`) for one of the `max_vms` permits.
+    async fn permit(&self) -> Result<tokio::sync::OwnedSemaphorePermit, CallSiteError> {
+        let _w = Waiting::new(&self.waiting);
+        self.slots
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|e| CallSiteError::Task(e.to_string()))
+    }
 }
 
 /// Counts a waiting call for as long as it lives.
@@ -432,11 +442,7 @@ impl CallSite {
                 ready_after: None,
             });
         };
-        let _slot = {
-            let _w = Waiting::new(&vm.waiting);
-            futures_executor::block_on(vm.slots.clone().acquire_owned())
-                .map_err(|e| CallSiteError::Task(e.to_string()))?
-        };
+        let _slot = futures_executor::block_on(vm.permit())?;
         Self::call_in_vm(&self.runner, vm, component, tool, args, grants, ready)
     }
 
@@ -503,14 +509,7 @@ impl CallSite {
                 ready_after: None,
             });
         };
-        let slot = {
-            let _w = Waiting::new(&vm.waiting);
-            vm.slots
-                .clone()
-                .acquire_owned()
-                .await
-                .map_err(|e| CallSiteError::Task(e.to_string()))?
-        };
+        let slot = vm.permit().await?;
         let site = self.clone();
         tokio::task::spawn_blocking(move || {
             let _slot = slot;

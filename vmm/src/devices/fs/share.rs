@@ -148,12 +148,21 @@ impl Share {
     /// Run `f`, which returns an entry, only while there is room for one
     /// more inode; count the entry it returns.
     fn entry(&self, f: impl FnOnce() -> io::Result<Entry>) -> io::Result<Entry> {
+        self.counted(f, |e| e.inode)
+    }
+
+    /// [`Self::entry`] for an answer holding an entry (`inode` finds it).
+    fn counted<T>(
+        &self,
+        f: impl FnOnce() -> io::Result<T>,
+        inode: impl Fn(&T) -> u64,
+    ) -> io::Result<T> {
         if self.lookups().len() >= self.limits.max_inodes {
             return Err(errno(libc::ENFILE));
         }
-        let e = f()?;
-        *self.lookups().entry(e.inode).or_insert(0) += 1;
-        Ok(e)
+        let r = f()?;
+        *self.lookups().entry(inode(&r)).or_insert(0) += 1;
+        Ok(r)
     }
 
     fn forgotten(&self, inode: u64, count: u64) {
@@ -378,19 +387,19 @@ impl FileSystem for Share {
     ) -> io::Result<(Entry, Option<u64>, OpenOptions, Option<u32>)> {
         self.writable()?;
         check_name(name)?;
-        if self.lookups().len() >= self.limits.max_inodes {
-            return Err(errno(libc::ENFILE));
-        }
         let args = CreateIn {
             mode: args.mode & 0o777,
             ..args
         };
-        let r = self.handle(
-            || self.inner.create(ctx, parent, name, args),
-            |(_, h, _, _)| h.is_some(),
-        )?;
-        *self.lookups().entry(r.0.inode).or_insert(0) += 1;
-        Ok(r)
+        self.counted(
+            || {
+                self.handle(
+                    || self.inner.create(ctx, parent, name, args),
+                    |(_, h, _, _)| h.is_some(),
+                )
+            },
+            |(e, _, _, _)| e.inode,
+        )
     }
 
     #[allow(clippy::too_many_arguments)]
