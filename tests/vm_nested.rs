@@ -640,6 +640,7 @@ fn a_read_only_share_reaches_the_guest_and_nothing_the_guest_does_changes_it() {
     let (h, _) = scenario("share-ro-host");
     assert_eq!(h["files"], "hello.txt out ", "{h}");
     assert_eq!(h["hello"], "hello from the host ", "{h}");
+    jailed_file_server(&v);
 }
 
 #[test]
@@ -686,10 +687,41 @@ fn a_read_write_share_takes_the_guests_changes_on_the_host() {
         assert!(lines.iter().any(|l| l == want), "{want}: {lines:?}");
     }
     // On the host: the file the guest made, its directory, hello.txt
-    // gone; the symlink untouched.
+    // gone; the symlink untouched. What the guest made belongs to the
+    // share's owner (uid 1234), not to the jail's uid nor root.
     let (h, _) = scenario("share-rw-host");
     assert_eq!(h["files"], "guest-dir made-in-guest.txt out ", "{h}");
     assert_eq!(h["made"], "from the guest ", "{h}");
+    assert_eq!(h["made_owner"], "1234:1234", "{h}");
+    assert_eq!(h["dir_owner"], "1234:1234", "{h}");
+    jailed_file_server(&v);
+}
+
+/// A jailed VMM serving shares (each 0700, uid 1234's): only its file
+/// server threads hold capabilities — exactly CAP_DAC_OVERRIDE and
+/// CAP_FOWNER, with the share owner as file-system uid — and every other
+/// thread none, the main thread included.
+fn jailed_file_server(v: &Value) {
+    assert!(v["jail"]["uid"].as_u64().unwrap_or(0) >= 2_000_000, "{v}");
+    let threads = v["threads"].as_array().expect("threads in the report");
+    let caps = |t: &Value| {
+        (
+            t["permitted"].as_str().unwrap_or("?").to_string(),
+            t["effective"].as_str().unwrap_or("?").to_string(),
+        )
+    };
+    // CAP_DAC_OVERRIDE = 1, CAP_FOWNER = 3.
+    let servers: Vec<_> = threads.iter().filter(|t| t["thread"] == "airlock-fs").collect();
+    assert_eq!(servers.len(), 1, "{v}");
+    for t in servers {
+        assert_eq!(caps(t), ("000000000000000a".into(), "000000000000000a".into()), "{t}");
+        assert_eq!(t["fsuid"], "1234", "{t}");
+    }
+    let others: Vec<_> = threads.iter().filter(|t| t["thread"] != "airlock-fs").collect();
+    assert!(!others.is_empty(), "{v}");
+    for t in others {
+        assert_eq!(caps(t), ("0000000000000000".into(), "0000000000000000".into()), "{t}");
+    }
 }
 
 #[test]

@@ -202,6 +202,14 @@ pub(crate) fn attach_devices(
         cmdline: Vec::new(),
         weights: None,
     };
+    // Shares first: their worker threads take what they need of a jail's
+    // capabilities, then this thread drops them all, before any other
+    // device thread (or vCPU) is started from it.
+    attach_shares(&mut devs, vm, mem, cfg)?;
+    crate::jail::end_file_server_setup().map_err(|e| VmmError::Device {
+        device: "jail",
+        source: crate::devices::virtio_mmio::VirtioError::Activate(e.to_string()),
+    })?;
     if let Some(v) = &cfg.vsock {
         if v.guest_cid < 3 {
             return Err(VmmError::Config {
@@ -243,6 +251,16 @@ pub(crate) fn attach_devices(
         devs.weights = Some(map);
         attach_virtio(&mut devs, vm, mem, devices::PMEM, Box::new(dev))?;
     }
+    Ok(devs)
+}
+
+/// One virtio-fs device per share of `cfg`.
+fn attach_shares(
+    devs: &mut Devices,
+    vm: &VmFd,
+    mem: &GuestMemoryMmap,
+    cfg: &VmConfig,
+) -> Result<(), VmmError> {
     for (share, slot) in cfg.shares.iter().zip(devices::FS_SLOTS) {
         let device = devices::fs::share::Share::new(
             &share.dir,
@@ -257,16 +275,20 @@ pub(crate) fn attach_devices(
             )),
         })
         .and_then(|s| {
-            VirtioFs::new(&share.tag, s, cfg.seccomp.as_ref().map(|f| f.fs.clone())).map_err(
-                |source| VmmError::Device {
-                    device: slot.name,
-                    source,
-                },
+            VirtioFs::new(
+                &share.tag,
+                &share.dir,
+                s,
+                cfg.seccomp.as_ref().map(|f| f.fs.clone()),
             )
+            .map_err(|source| VmmError::Device {
+                device: slot.name,
+                source,
+            })
         })?;
-        attach_virtio(&mut devs, vm, mem, slot, Box::new(device))?;
+        attach_virtio(devs, vm, mem, slot, Box::new(device))?;
     }
-    Ok(devs)
+    Ok(())
 }
 
 /// The filter device threads install, if the VMM runs filtered.

@@ -19,8 +19,10 @@
 //! | `/weights.img`   | the weights image, when given (read-only bind: no copy) |
 //! | `/run/vsock/`    | the VM's socket directory (bind, owned by its uid) |
 //! | `/dev/kvm`       | a device node of its own, owned by its uid |
+//! | `/shares/<i>`    | share `i` (virtio-fs), bound `nosuid,nodev,noexec`, read-only for a read-only share |
+//! | `/proc`          | only with shares: a procfs of the jail's own pid namespace (`subset=pid,hidepid=invisible`), for the file server's `/proc/self/fd` |
 //!
-//! and nothing else: no `/proc`, `/sys`, `/tmp`, binaries or libraries.
+//! and nothing else: no `/sys`, `/tmp`, binaries or libraries.
 //! The images are opened once, as root, just before the uid drops
 //! ([`open_image`] hands those files out): their host permissions need not
 //! admit the jail's uid (private weights stay `0600`), and the VMM opens
@@ -48,6 +50,19 @@
 //!   The attacks are tested in the nested harness through [`Selftest`]:
 //!   a keeper gone before its child is tied to it, a VMM grabbing memory,
 //!   a VMM starting threads.
+//! * Shares are served with the host permissions of their owner, not the
+//!   jail's uid: each virtio-fs worker thread (and no other thread) holds
+//!   `CAP_DAC_OVERRIDE` and `CAP_FOWNER` with its file-system uid/gid set
+//!   to the owner of its share's directory, so what the guest makes there
+//!   belongs to that owner. Capabilities are per thread: the main thread
+//!   keeps only what the workers need until they have taken it
+//!   ([`become_file_server`]), then drops everything
+//!   ([`end_file_server_setup`]) before any vCPU or other device thread
+//!   starts; the bounding set is empty and `no_new_privs` is set. What
+//!   those two capabilities can reach is only what the mount namespace
+//!   holds: the shares, the read-only images, the socket directory and a
+//!   procfs that shows this VMM alone (`CAP_DAC_READ_SEARCH`, which
+//!   `open_by_handle_at` would need to leave a share, is never kept).
 
 use crate::VmConfig;
 use nix::mount::{MntFlags, MsFlags, mount, umount2};
@@ -62,6 +77,19 @@ use std::sync::Mutex;
 /// The images the jail opened as root, by their path inside the jail,
 /// until the VMM takes them (each once).
 static PREOPENED: Mutex<Vec<(PathBuf, std::fs::File)>> = Mutex::new(Vec::new());
+
+/// The shares a jailed VMM serves, by their path inside the jail, with
+/// the uid/gid that own them on the host.
+static FILE_SERVERS: Mutex<Vec<(PathBuf, u32, u32)>> = Mutex::new(Vec::new());
+
+/// What a file server thread keeps.
+const SERVER_CAPS: [caps::Capability; 2] = [
+    caps::Capability::CAP_DAC_OVERRIDE,
+    caps::Capability::CAP_FOWNER,
+];
+/// What it also needs, once, to take its share owner's file-system ids.
+const SWITCH_CAPS: [caps::Capability; 2] =
+    [caps::Capability::CAP_SETUID, caps::Capability::CAP_SETGID];
 
 /// Open an image (kernel, initramfs, weights) for reading: the file the
 /// jail opened as root for `path`, or else `path` itself.
@@ -101,6 +129,8 @@ pub const INITRD: &str = "/initrd";
 pub const PMEM: &str = "/weights.img";
 /// The socket directory inside the jail.
 pub const SOCKETS: &str = "/run/vsock";
+/// Where shares are bound inside the jail (`/shares/<index>`).
+pub const SHARES: &str = "/shares";
 /// The KVM device inside the jail.
 pub const KVM: &str = "/dev/kvm";
 /// The hostname inside the jail.
@@ -128,9 +158,6 @@ pub enum JailError {
     /// Every jail uid of this daemon is in use.
     #[error("All {UID_SLOTS} jail uids are in use by this daemon's VMs.")]
     NoUid,
-    /// What the jail cannot give a VM yet.
-    #[error("A jailed VMM cannot have {0} yet; run it with the jail off.")]
-    Unsupported(&'static str),
     /// A step of the jail failed.
     #[error("Setting up the VM jail failed at {step}: {reason}.")]
     Step {
@@ -343,10 +370,22 @@ impl VmJail {
     /// [`JailError`] naming the step.
     pub fn prepare(cfg: &JailConfig, vm_dir: &Path, vm: &VmConfig) -> Result<Self, JailError> {
         require_root()?;
-        if !vm.shares.is_empty() {
-            // The jail's mount namespace would need the shares bound in and
-            // the file server its own procfs (issue 14, next step).
-            return Err(JailError::Unsupported("virtio-fs shares"));
+        for s in &vm.shares {
+            match std::fs::metadata(&s.dir) {
+                Ok(m) if m.is_dir() => {}
+                Ok(_) => {
+                    return Err(JailError::Unreadable {
+                        path: s.dir.clone(),
+                        reason: std::io::Error::other("a share must be a directory"),
+                    });
+                }
+                Err(reason) => {
+                    return Err(JailError::Unreadable {
+                        path: s.dir.clone(),
+                        reason,
+                    });
+                }
+            }
         }
         for path in [Some(&vm.kernel), Some(&vm.initrd), vm.pmem.as_ref()]
             .into_iter()
@@ -638,7 +677,7 @@ pub fn enter(
             let tasks = u64::from(vm.vcpus) + EXTRA_TASKS;
             nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_NPROC, tasks, tasks)
                 .map_err(step("limiting tasks"))?;
-            drop_privileges(spec)?;
+            drop_privileges(spec, !vm.shares.is_empty())?;
             Ok(report(spec, limits))
         }
     }
@@ -716,6 +755,35 @@ fn build_root(spec: &JailSpec, vm: &mut VmConfig, kvm_dev: libc::dev_t) -> Resul
         bind(dir, &target, false)?;
         v.uds_path = Path::new(SOCKETS).join(name);
     }
+    if !vm.shares.is_empty() {
+        let mut servers = FILE_SERVERS.lock().unwrap_or_else(|p| p.into_inner());
+        for (i, share) in vm.shares.iter_mut().enumerate() {
+            let meta = std::fs::metadata(&share.dir)
+                .map_err(step(format!("finding the share {}", share.dir.display())))?;
+            let path = Path::new(SHARES).join(i.to_string());
+            let target = inside(&path.to_string_lossy());
+            std::fs::create_dir_all(&target).map_err(step(format!("making {}", path.display())))?;
+            bind(&share.dir, &target, share.read_only)?;
+            share.dir = path.clone();
+            servers.push((
+                path,
+                std::os::unix::fs::MetadataExt::uid(&meta),
+                std::os::unix::fs::MetadataExt::gid(&meta),
+            ));
+        }
+        // The passthrough reopens files through /proc/self/fd: a procfs of
+        // this pid namespace (this VMM alone), nothing but pid entries.
+        let proc = inside("/proc");
+        std::fs::create_dir_all(&proc).map_err(step("making /proc"))?;
+        mount(
+            Some("proc"),
+            &proc,
+            Some("proc"),
+            MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC | MsFlags::MS_RDONLY,
+            Some("subset=pid,hidepid=invisible"),
+        )
+        .map_err(step("mounting the jail's procfs"))?;
+    }
     let kvm = inside(KVM);
     std::fs::create_dir_all(inside("/dev")).map_err(step("making /dev"))?;
     nix::sys::stat::mknod(
@@ -775,10 +843,121 @@ fn bind(src: &Path, target: &Path, read_only: bool) -> Result<(), JailError> {
 }
 
 /// Become the jail's uid/gid with no supplementary groups, no way back
-/// (no capabilities remain) and no new privileges.
-fn drop_privileges(spec: &JailSpec) -> Result<(), JailError> {
+/// and no new privileges. No capabilities remain, except, when the VM has
+/// shares, those its file server threads take (see the invariants):
+/// permitted, not effective, until [`end_file_server_setup`].
+fn drop_privileges(spec: &JailSpec, file_servers: bool) -> Result<(), JailError> {
+    if file_servers {
+        caps::clear(None, caps::CapSet::Bounding)
+            .map_err(caps_step("emptying the capability bounding set"))?;
+        nix::sys::prctl::set_keepcaps(true).map_err(step("keeping capabilities"))?;
+    }
     set_ids(spec)?;
+    if file_servers {
+        nix::sys::prctl::set_keepcaps(false).map_err(step("ending keepcaps"))?;
+        let keep: caps::CapsHashSet = SERVER_CAPS.into_iter().chain(SWITCH_CAPS).collect();
+        caps::clear(None, caps::CapSet::Effective)
+            .and_then(|()| caps::set(None, caps::CapSet::Permitted, &keep))
+            .and_then(|()| caps::clear(None, caps::CapSet::Inheritable))
+            .and_then(|()| caps::clear(None, caps::CapSet::Ambient))
+            .map_err(caps_step("keeping the file servers' capabilities"))?;
+    }
     nix::sys::prctl::set_no_new_privs().map_err(step("setting no_new_privs"))
+}
+
+fn caps_step(what: &str) -> impl FnOnce(caps::errors::CapsError) -> JailError {
+    let what = what.to_string();
+    move |e| JailError::Step {
+        step: what,
+        reason: std::io::Error::other(e.to_string()),
+    }
+}
+
+/// Called first thing by the thread that serves the share at `dir` (its
+/// path inside the jail): take the share owner's file-system uid/gid and
+/// keep only `CAP_DAC_OVERRIDE` and `CAP_FOWNER`, effective. Outside a
+/// jail it does nothing.
+///
+/// # Errors
+/// [`JailError::Step`]: the thread must not serve the share.
+pub fn become_file_server(dir: &Path) -> Result<(), JailError> {
+    let ids = FILE_SERVERS
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .iter()
+        .find(|(p, _, _)| p == dir)
+        .map(|&(_, uid, gid)| (uid, gid));
+    let Some((uid, gid)) = ids else {
+        return Ok(());
+    };
+    let switch: caps::CapsHashSet = SWITCH_CAPS.into_iter().collect();
+    caps::set(None, caps::CapSet::Effective, &switch)
+        .map_err(caps_step("raising the file server's setuid capabilities"))?;
+    // setfsuid/setfsgid report the previous id, never an error: a second
+    // call tells whether the first took.
+    nix::unistd::setfsgid(Gid::from_raw(gid));
+    nix::unistd::setfsuid(Uid::from_raw(uid));
+    let (now_gid, now_uid) = (
+        nix::unistd::setfsgid(Gid::from_raw(gid)),
+        nix::unistd::setfsuid(Uid::from_raw(uid)),
+    );
+    if now_uid.as_raw() != uid || now_gid.as_raw() != gid {
+        return Err(JailError::Step {
+            step: format!("serving as {uid}:{gid}"),
+            reason: std::io::Error::from_raw_os_error(libc::EPERM),
+        });
+    }
+    let keep: caps::CapsHashSet = SERVER_CAPS.into_iter().collect();
+    caps::set(None, caps::CapSet::Effective, &keep)
+        .and_then(|()| caps::set(None, caps::CapSet::Permitted, &keep))
+        .map_err(caps_step("keeping the file server's capabilities"))
+}
+
+/// Called by the main thread once every file server thread has started
+/// (before any other thread): it drops every capability, for itself and
+/// every thread it starts from now on. Does nothing when it holds none.
+///
+/// # Errors
+/// [`JailError::Step`]: the VM must not run.
+pub fn end_file_server_setup() -> Result<(), JailError> {
+    caps::clear(None, caps::CapSet::Effective)
+        .and_then(|()| caps::clear(None, caps::CapSet::Permitted))
+        .map_err(caps_step("dropping the setup capabilities"))
+}
+
+/// The capabilities each thread of this process holds (permitted and
+/// effective masks and the file-system uid from `/proc/self/task/*/status`,
+/// by thread name) in a jail with shares; empty otherwise. For the tests
+/// that check only file servers hold any.
+pub fn thread_caps() -> Vec<serde_json::Value> {
+    if FILE_SERVERS
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .is_empty()
+    {
+        return Vec::new();
+    }
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for t in tasks.flatten() {
+        let name = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default();
+        let status = std::fs::read_to_string(t.path().join("status")).unwrap_or_default();
+        let field = |k: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(k))
+                .map(|v| v.trim().to_string())
+        };
+        out.push(serde_json::json!({
+            "thread": name.trim(),
+            "permitted": field("CapPrm:"),
+            "effective": field("CapEff:"),
+            "fsuid": field("Uid:").and_then(|u| u.split_whitespace().nth(3).map(str::to_string)),
+        }));
+    }
+    out
 }
 
 fn set_ids(spec: &JailSpec) -> Result<(), JailError> {

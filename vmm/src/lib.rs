@@ -244,6 +244,9 @@ pub struct RunReport {
     /// The part of `setup` spent copying the kernel and initramfs into
     /// guest memory.
     pub image_load: Duration,
+    /// In a jail with shares: each thread's capabilities once the devices
+    /// were made ([`jail::thread_caps`]); empty otherwise.
+    pub threads: Vec<serde_json::Value>,
 }
 
 impl RunReport {
@@ -261,7 +264,7 @@ impl RunReport {
                 })
             })
             .collect();
-        serde_json::json!({
+        let mut json = serde_json::json!({
             "exit": self.exit.label(),
             "wall_ms": self.wall.as_millis() as u64,
             "stages": stages,
@@ -270,7 +273,11 @@ impl RunReport {
             "peak_rss_kib": peak_rss_kib(),
             "guest_resident_kib": self.guest_resident_bytes >> 10,
             "console": self.console,
-        })
+        });
+        if !self.threads.is_empty() {
+            json["threads"] = self.threads.clone().into();
+        }
+        json
     }
 }
 
@@ -469,6 +476,7 @@ pub fn run(cfg: &VmConfig) -> Result<RunReport, VmmError> {
     let initrd = builder::load_initrd(&memory.mem, &cfg.initrd, mem_size, kernel.kernel_end)?;
     let image_load = load_start.elapsed();
     let devices = builder::attach_devices(&vm, &memory.mem, cfg, start)?;
+    let threads = jail::thread_caps();
     let cmdline = builder::kernel_cmdline(cfg, &vcpus[0], &devices.cmdline)?;
     builder::configure_boot(&memory.mem, mem_size, &cmdline, initrd, cfg.vcpus)?;
     vcpu::configure(&kvm, &vcpus, &memory.mem, kernel.kernel_load)?;
@@ -506,6 +514,7 @@ pub fn run(cfg: &VmConfig) -> Result<RunReport, VmmError> {
         stages,
         setup,
         image_load,
+        threads,
     })
 }
 

@@ -423,27 +423,32 @@ scenario_retry weights 600 $BOOT --initrd $G/initramfs.cpio.gz --pmem $G/weights
 # The same policy in both walls: in the VM the grant of /models is served
 # from the weights image over virtio-pmem.
 printf 'version = 1\n[[filesystem]]\nhost = "/models"\nguest = "/models"\nmode = "ro"\n' > /tmp/models.toml
-# virtio-fs: host directories in the guest, read-only and read-write (the
-# VMM unjailed: the jail does not bind shares yet). Each tree holds
-# hello.txt and `out`, a symlink to a host file the guest must not see.
+# virtio-fs: host directories in the guest, read-only and read-write, from
+# a jailed VMM. Each tree belongs to uid 1234 (mode 0700: the jail's uid
+# cannot enter it, only the file server's capabilities can) and holds
+# hello.txt (0600) and `out`, a symlink to a host file the guest must not
+# see.
 mkdir -p /tmp/share-ro /tmp/share-rw && echo "host secret" > /tmp/host-secret.txt \
-  && for d in /tmp/share-ro /tmp/share-rw; do echo "hello from the host" > $d/hello.txt; ln -s /tmp/host-secret.txt $d/out; done \
+  && for d in /tmp/share-ro /tmp/share-rw; do echo "hello from the host" > $d/hello.txt; ln -s /tmp/host-secret.txt $d/out; \
+       chmod 0600 $d/hello.txt; chown -h -R 1234:1234 $d; chmod 0700 $d; done \
   || echo "NESTED-ERROR making the shares failed"
 share_host() {
   echo "NESTED-RESULT-BEGIN $1-host"
-  printf '{"files": "%s", "hello": "%s", "made": "%s"}\n' "$(ls $2 | tr '\n' ' ')" \
-    "$(cat $2/hello.txt 2>/dev/null | tr '\n' ' ')" "$(cat $2/made-in-guest.txt 2>/dev/null | tr '\n' ' ')"
+  printf '{"files": "%s", "hello": "%s", "made": "%s", "made_owner": "%s", "dir_owner": "%s"}\n' "$(ls $2 | tr '\n' ' ')" \
+    "$(cat $2/hello.txt 2>/dev/null | tr '\n' ' ')" "$(cat $2/made-in-guest.txt 2>/dev/null | tr '\n' ' ')" \
+    "$(stat -c %u:%g $2/made-in-guest.txt 2>/dev/null)" "$(stat -c %u:%g $2/guest-dir 2>/dev/null)"
   echo "NESTED-RESULT-END $1-host 0"
 }
-scenario_retry share-ro 400 $BOOT --initrd $G/initramfs.cpio.gz --share-ro grant0=/tmp/share-ro --jail off \
+scenario_retry share-ro 400 $BOOT --initrd $G/initramfs.cpio.gz --share-ro grant0=/tmp/share-ro \
   --cmdline 'airlock.fs=grant0:/share:ro airlock.selftest=share' --timeout-secs 300
 wanted share-ro && share_host share-ro /tmp/share-ro
 # A guest that mounts a read-only share read-write (as a modified guest
-# kernel may): the host's file server refuses every change itself.
+# kernel may): the host's file server refuses every change itself (the
+# VMM unjailed, so no read-only bind stands behind the server).
 scenario_retry share-ro-guest-rw 400 $BOOT --initrd $G/initramfs.cpio.gz --share-ro grant0=/tmp/share-ro --jail off \
   --cmdline 'airlock.fs=grant0:/share airlock.selftest=share' --timeout-secs 300
 wanted share-ro-guest-rw && share_host share-ro-guest-rw /tmp/share-ro
-scenario_retry share-rw 400 $BOOT --initrd $G/initramfs.cpio.gz --share grant0=/tmp/share-rw --jail off \
+scenario_retry share-rw 400 $BOOT --initrd $G/initramfs.cpio.gz --share grant0=/tmp/share-rw \
   --cmdline 'airlock.fs=grant0:/share airlock.selftest=share' --timeout-secs 300
 wanted share-rw && share_host share-rw /tmp/share-rw
 scenario vm-weights-tool 900 run $E/files.wasm --tool files_read --args '{"path": "/models/tokenizer.json"}' \

@@ -100,6 +100,12 @@ fn main() -> ExitCode {
             .name("airlock-vmm-stdin".into())
             .stack_size(airlock_vmm::devices::THREAD_STACK)
             .spawn(move || {
+                // Started before the shares' threads: it must not keep
+                // what the jail kept for them.
+                if let Err(e) = airlock_vmm::jail::end_file_server_setup() {
+                    eprintln!("airlock-vmm: {e}");
+                    std::process::exit(2);
+                }
                 if let Some(f) = filter {
                     seccomp::enter(Role::Watcher, &f);
                 }

@@ -122,28 +122,38 @@ impl DeviceWorker {
         filter: Option<Arc<crate::seccomp::BpfProgram>>,
         body: impl FnOnce(Activation, EventFd) + Send + 'static,
     ) -> Result<Self, VirtioError> {
-        Self::spawn_as(name, crate::seccomp::Role::Device, filter, body)
+        Self::spawn_as(name, crate::seccomp::Role::Device, filter, || Ok(()), body)
     }
 
-    /// Start thread `name`: it applies `filter` (when given) as `role`,
+    /// Start thread `name`: it runs `setup` (unfiltered: what the thread
+    /// must do before its filter, such as taking its credentials; its
+    /// error is this call's), applies `filter` (when given) as `role`,
     /// waits for the activation, then runs `body` with it and a stop
     /// eventfd that `body` must watch.
     ///
     /// # Errors
-    /// An eventfd or the thread cannot be made.
+    /// An eventfd or the thread cannot be made, or `setup` failed.
     pub fn spawn_as(
         name: &str,
         role: crate::seccomp::Role,
         filter: Option<Arc<crate::seccomp::BpfProgram>>,
+        setup: impl FnOnce() -> Result<(), String> + Send + 'static,
         body: impl FnOnce(Activation, EventFd) + Send + 'static,
     ) -> Result<Self, VirtioError> {
         let stop = EventFd::new(libc::EFD_NONBLOCK).map_err(VirtioError::EventFd)?;
         let stop2 = stop.try_clone().map_err(VirtioError::EventFd)?;
         let (tx, rx) = std::sync::mpsc::channel::<Activation>();
+        let (ready_tx, ready_rx) = std::sync::mpsc::sync_channel::<Result<(), String>>(1);
         let thread = std::thread::Builder::new()
             .name(name.to_string())
             .stack_size(super::THREAD_STACK)
             .spawn(move || {
+                let ready = setup();
+                let ok = ready.is_ok();
+                let _ = ready_tx.send(ready);
+                if !ok {
+                    return;
+                }
                 if let Some(f) = filter {
                     crate::seccomp::enter(role, &f);
                 }
@@ -153,11 +163,22 @@ impl DeviceWorker {
                 }
             })
             .map_err(|e| VirtioError::Activate(format!("thread: {e}")))?;
-        Ok(Self {
+        let mut worker = Self {
             activate: Some(tx),
             stop,
             thread: Some(thread),
-        })
+        };
+        match ready_rx.recv() {
+            Ok(Ok(())) => Ok(worker),
+            Ok(Err(e)) => {
+                worker.stop();
+                Err(VirtioError::Activate(format!("{name}: {e}")))
+            }
+            Err(_) => {
+                worker.stop();
+                Err(VirtioError::Activate(format!("{name}: the thread ended")))
+            }
+        }
     }
 
     /// Hand the worker its queues.

@@ -35,14 +35,16 @@ pub struct VirtioFs {
 }
 
 impl VirtioFs {
-    /// A device serving `share` under `tag` (at most [`TAG_LEN`] bytes);
-    /// its worker starts now (under `filter`, if given) and waits for the
-    /// guest's driver.
+    /// A device serving `share` (the directory `dir`) under `tag` (at most
+    /// [`TAG_LEN`] bytes); its worker starts now, takes the share's
+    /// credentials in a jail ([`crate::jail::become_file_server`]), enters
+    /// `filter` (if given) and waits for the guest's driver.
     ///
     /// # Errors
     /// A bad tag, or the worker cannot start.
     pub fn new(
         tag: &str,
+        dir: &std::path::Path,
         share: Share,
         filter: Option<Arc<BpfProgram>>,
     ) -> Result<Self, VirtioError> {
@@ -56,11 +58,14 @@ impl VirtioFs {
         // num_request_queues
         config[TAG_LEN..].copy_from_slice(&1u32.to_le_bytes());
         let server = Server::new(Arc::new(share));
-        let worker = DeviceWorker::spawn_as("airlock-fs", Role::Fs, filter, move |a, stop| {
-            if let Err(e) = serve(a, &stop, &server) {
-                tracing::error!(error = %e, "virtio-fs stopped");
-            }
-        })?;
+        let dir = dir.to_path_buf();
+        let setup = move || crate::jail::become_file_server(&dir).map_err(|e| e.to_string());
+        let worker =
+            DeviceWorker::spawn_as("airlock-fs", Role::Fs, filter, setup, move |a, stop| {
+                if let Err(e) = serve(a, &stop, &server) {
+                    tracing::error!(error = %e, "virtio-fs stopped");
+                }
+            })?;
         Ok(Self { config, worker })
     }
 }

@@ -441,7 +441,8 @@ impl<'m> Rig<'m> {
         crate::seccomp::install_trap_handler().unwrap();
         let filters = crate::seccomp::Filters::load(crate::seccomp::Mode::Enforce).unwrap();
         let share = super::share::Share::new(root, read_only, ShareLimits::default()).unwrap();
-        let mut dev = super::device::VirtioFs::new("grant0", share, Some(filters.fs)).unwrap();
+        let mut dev =
+            super::device::VirtioFs::new("grant0", root, share, Some(filters.fs)).unwrap();
         let hiprio = virtio_queue::mock::MockSplitQueue::create(mem, GuestAddress(0x1000), 16);
         let req = virtio_queue::mock::MockSplitQueue::create(mem, GuestAddress(0x4000), 128);
         let evts: Vec<EventFd> = (0..2)
