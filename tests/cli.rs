@@ -119,6 +119,60 @@ fn run_with_a_policy_prints_result_metering_and_audit() {
 }
 
 #[test]
+fn run_calls_runs_each_call_of_a_file_in_order() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("data")).unwrap();
+    std::fs::write(dir.path().join("data/hello.txt"), "hi there").unwrap();
+    let policy = write_policy(
+        dir.path(),
+        "version = 1\n[[filesystem]]\nhost = \"data\"\nguest = \"/data\"\nmode = \"rw\"\n",
+    );
+    let calls = dir.path().join("calls.json");
+    std::fs::write(
+        &calls,
+        json!([
+            {"tool": "files_write", "args": {"path": "/data/new.txt", "content": "made"}},
+            {"tool": "files_read", "args": {"path": "/data/new.txt"}},
+            {"tool": "files_read", "args": {"path": "/etc/passwd"}},
+            {"tool": "no_such_tool"},
+        ])
+        .to_string(),
+    )
+    .unwrap();
+    let files = common::example("files");
+    let run = |calls: &Path| {
+        airlock(&[
+            "run",
+            files.to_str().unwrap(),
+            "--policy",
+            &policy,
+            "--calls",
+            calls.to_str().unwrap(),
+            "--isolation",
+            "process",
+        ])
+    };
+    let o = run(&calls);
+    // One call failed (no such tool): exit 1, every outcome printed, the
+    // calls after it run too.
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    let v = stdout_json(&o);
+    let c = v["calls"].as_array().unwrap();
+    assert_eq!(c.len(), 4, "{v}");
+    assert_eq!(c[3]["result"]["error"]["kind"], "unknown_tool", "{v}");
+    assert_eq!(c[0]["result"]["ok"]["ok"], 4, "{v}");
+    assert_eq!(c[1]["result"]["ok"]["ok"], "made", "{v}");
+    assert!(c[2]["result"]["ok"]["err"].is_string(), "{v}");
+    // Bad files: named.
+    std::fs::write(&calls, r#"[{"tool": "files_read", "arguments": {}}]"#).unwrap();
+    let o = run(&calls);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(stderr(&o).contains("--calls"), "{}", stderr(&o));
+    std::fs::write(&calls, "[]").unwrap();
+    assert!(stderr(&run(&calls)).contains("the array is empty"));
+}
+
+#[test]
 fn run_reports_errors_and_bad_input() {
     let dir = tempfile::tempdir().unwrap();
     let escape = common::example("escape");

@@ -321,6 +321,8 @@ fn dir_grant(d: &tempfile::TempDir, writable: bool) -> GrantSet {
             host_path: d.path().to_path_buf(),
             guest_path: "/data".into(),
             writable,
+            origin: None,
+            refused: None,
         }],
         ..GrantSet::default()
     }
@@ -448,6 +450,8 @@ fn a_grant_is_opened_beneath_its_root_without_following_links() {
             host_path: host,
             guest_path: "/data".into(),
             writable: false,
+            origin: None,
+            refused: None,
         }],
         ..GrantSet::default()
     };
@@ -504,6 +508,8 @@ fn a_missing_granted_directory_is_a_grant_error() {
             host_path: "/nonexistent/airlock".into(),
             guest_path: "/data".into(),
             writable: false,
+            origin: None,
+            refused: None,
         }],
         ..GrantSet::default()
     };

@@ -8,7 +8,7 @@
 
 mod common;
 
-use serde_json::Value;
+use serde_json::{Value, json};
 use std::collections::BTreeMap;
 use std::process::Command;
 use std::sync::OnceLock;
@@ -711,16 +711,99 @@ fn jailed_file_server(v: &Value) {
         )
     };
     // CAP_DAC_OVERRIDE = 1, CAP_FOWNER = 3.
-    let servers: Vec<_> = threads.iter().filter(|t| t["thread"] == "airlock-fs").collect();
+    let servers: Vec<_> = threads
+        .iter()
+        .filter(|t| t["thread"] == "airlock-fs")
+        .collect();
     assert_eq!(servers.len(), 1, "{v}");
     for t in servers {
-        assert_eq!(caps(t), ("000000000000000a".into(), "000000000000000a".into()), "{t}");
+        assert_eq!(
+            caps(t),
+            ("000000000000000a".into(), "000000000000000a".into()),
+            "{t}"
+        );
         assert_eq!(t["fsuid"], "1234", "{t}");
     }
-    let others: Vec<_> = threads.iter().filter(|t| t["thread"] != "airlock-fs").collect();
+    let others: Vec<_> = threads
+        .iter()
+        .filter(|t| t["thread"] != "airlock-fs")
+        .collect();
     assert!(!others.is_empty(), "{v}");
     for t in others {
-        assert_eq!(caps(t), ("0000000000000000".into(), "0000000000000000".into()), "{t}");
+        assert_eq!(
+            caps(t),
+            ("0000000000000000".into(), "0000000000000000".into()),
+            "{t}"
+        );
+    }
+}
+
+/// A call's result and audit events without their timings.
+fn call_view(outcome: &Value) -> Value {
+    let audit: Vec<Value> = outcome["audit"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .map(|e| json!([e["action"], e["target"], e["decision"], e["reason"]]))
+                .collect()
+        })
+        .unwrap_or_default();
+    json!({"result": outcome["result"], "audit": audit})
+}
+
+#[test]
+fn file_grants_and_attacks_on_them_give_the_same_results_and_audit_in_both_walls() {
+    // The escape component's file attacks and two legitimate calls under
+    // one policy (/data read-only, /work read-write; both 0700 of another
+    // uid): in microVMs the grants are virtio-fs shares of a jailed VMM.
+    let (vm, vm_code) = scenario("files-parity-vm");
+    let (local, local_code) = scenario("files-parity-process");
+    assert_eq!(vm_code, local_code, "vm: {vm}\nprocess: {local}");
+    let (v, p) = (
+        vm["calls"].as_array().expect("vm calls"),
+        local["calls"].as_array().expect("process calls"),
+    );
+    assert_eq!(v.len(), 8, "{vm}");
+    assert_eq!(p.len(), 8, "{local}");
+    for (i, (a, b)) in v.iter().zip(p).enumerate() {
+        assert_eq!(call_view(a), call_view(b), "call {i}: vm vs process");
+    }
+    // What the calls did: the two legitimate ones worked, every attack
+    // failed.
+    let ok = |i: usize| v[i]["result"]["ok"]["ok"].as_str().map(str::to_string);
+    assert_eq!(ok(0).as_deref(), Some("parity notes\n"), "{vm}");
+    for (i, c) in v.iter().enumerate().take(7).skip(1) {
+        assert!(c["result"]["ok"]["err"].is_string(), "call {i}: {c}");
+    }
+    assert_eq!(
+        v[6]["result"]["ok"]["err"], "every change was refused",
+        "{vm}"
+    );
+    assert_eq!(ok(7).as_deref(), Some("wrote /work/made.txt"), "{vm}");
+    for e in v[0]["audit"].as_array().unwrap() {
+        if e["action"] == "fs.preopen" {
+            assert!(
+                e["reason"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .contains("/tmp/parity/"),
+                "the host directory is named: {e}"
+            );
+        }
+    }
+    // On the host, after each wall: the read-only tree untouched, the file
+    // made in the read-write one, owned by the directory's owner in the VM
+    // (the file server serves as it) and by root in process.
+    for (name, owner) in [
+        ("files-parity-vm-host", "1234:1234"),
+        ("files-parity-process-host", "0:0"),
+    ] {
+        let (h, _) = scenario(name);
+        assert_eq!(h["ro"], "notes.txt sub ", "{name}: {h}");
+        assert_eq!(h["notes"], "parity notes ", "{name}: {h}");
+        assert_eq!(h["rw"], "made.txt out ", "{name}: {h}");
+        assert_eq!(h["made"], "pwned", "{name}: {h}");
+        assert_eq!(h["made_owner"], owner, "{name}: {h}");
     }
 }
 

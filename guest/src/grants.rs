@@ -43,6 +43,81 @@ pub struct DirGrant {
     pub guest_path: String,
     /// `false`: read-only; `true`: read-write.
     pub writable: bool,
+    /// In a microVM: the host directory this grant was made for, when
+    /// `root` and `host_path` were pointed at the guest's mount of it (a
+    /// virtio-fs share, or the weights image). Errors and audit events
+    /// name this, so a call says the same in either wall.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub origin: Option<PathBuf>,
+    /// In a microVM: why the host could not open the directory for the
+    /// call (it is not shared); opening the grant fails with this, where
+    /// and as the process wall's open fails.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refused: Option<String>,
+}
+
+impl DirGrant {
+    /// The host directory the grant names (see [`DirGrant::origin`]).
+    pub fn named(&self) -> &std::path::Path {
+        self.origin.as_deref().unwrap_or(&self.host_path)
+    }
+
+    /// Open the granted directory (see the type's docs): `host_path`
+    /// beneath `root`, never through `..` or a link. The error is the
+    /// `grant` failure a call reports, naming the directory.
+    ///
+    /// # Errors
+    /// The directory is gone, not a directory, or not beneath its root.
+    pub fn open(&self) -> Result<std::os::fd::OwnedFd, String> {
+        if let Some(why) = &self.refused {
+            return Err(why.clone());
+        }
+        open_beneath(&self.root, &self.host_path).map_err(|e| {
+            format!(
+                "directory {} (granted as {}) cannot be opened beneath {}: {e}",
+                self.named().display(),
+                self.guest_path,
+                self.root.display()
+            )
+        })
+    }
+}
+
+/// Open directory `path` beneath `root`: `root` is opened as given (it is
+/// the operator's), then `path`'s components below it with `openat2`,
+/// refusing `..`, symbolic links and magic links and anything that would
+/// resolve outside `root`, so no rename or symlink swapped in by another
+/// call can move the grant elsewhere.
+fn open_beneath(
+    root: &std::path::Path,
+    path: &std::path::Path,
+) -> Result<std::os::fd::OwnedFd, String> {
+    use nix::fcntl::{OFlag, OpenHow, ResolveFlag, open, openat2};
+    use nix::sys::stat::Mode;
+    let rel = path
+        .strip_prefix(root)
+        .map_err(|_| "it is not inside its root".to_string())?;
+    let dir_flags = OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC;
+    let root_fd =
+        open(root, dir_flags, Mode::empty()).map_err(|e| format!("opening the root: {e}"))?;
+    let rel = if rel.as_os_str().is_empty() {
+        std::path::Path::new(".")
+    } else {
+        rel
+    };
+    let how = OpenHow::new().flags(dir_flags).resolve(
+        ResolveFlag::RESOLVE_BENEATH
+            | ResolveFlag::RESOLVE_NO_SYMLINKS
+            | ResolveFlag::RESOLVE_NO_MAGICLINKS,
+    );
+    openat2(&root_fd, rel, how).map_err(|e| match e {
+        nix::errno::Errno::ELOOP => {
+            "a symbolic link is in the way (grants never follow links)".into()
+        }
+        nix::errno::Errno::EXDEV => "it resolves outside its root".into(),
+        nix::errno::Errno::ENOTDIR => "it is not a directory".into(),
+        e => e.desc().to_string(),
+    })
 }
 
 /// One HTTP allow or deny rule: `scheme://host:port`, each part optional but host.

@@ -17,9 +17,9 @@
 //! the policy's decision ([`crate::policy::vm`]), never widened here.
 
 use crate::egress::{EgressError, Proxy};
-use crate::policy::vm::VmGrantError;
+use crate::policy::vm::{SiteGrants, VmGrantError};
 use crate::pool::Pool;
-use crate::sandbox::{EGRESS_TIMEOUT, SandboxConfig, SandboxError};
+use crate::sandbox::{EGRESS_TIMEOUT, OpenShare, SandboxConfig, SandboxError};
 use crate::weights::Weights;
 use airlock_guest::{CallOutcome, EngineConfig, GrantSet, Loaded, Runner, RunnerError};
 use airlock_vmm::VmmError;
@@ -388,14 +388,17 @@ impl CallSite {
     }
 
     /// The grants a call gets at this site, from the policy's grant set:
-    /// unchanged in process isolation, translated for the guest by
-    /// [`crate::policy::vm::for_vm`] in VM isolation.
+    /// unchanged in process isolation, translated for the guest (and its
+    /// shares) by [`crate::policy::vm::for_vm`] in VM isolation.
     ///
     /// # Errors
     /// A grant a microVM cannot be given, named.
-    pub fn grants(&self, grants: GrantSet) -> Result<GrantSet, VmGrantError> {
+    pub fn grants(&self, grants: GrantSet) -> Result<SiteGrants, VmGrantError> {
         match &self.vm {
-            None => Ok(grants),
+            None => Ok(SiteGrants {
+                grants,
+                shares: Vec::new(),
+            }),
             Some(v) => crate::policy::vm::for_vm(
                 &grants,
                 v.settings.weights.as_ref().map(|w| w.dir.as_path()),
@@ -414,7 +417,7 @@ impl CallSite {
         component: &dyn Component,
         tool: &str,
         args: &serde_json::Value,
-        grants: &GrantSet,
+        grants: &SiteGrants,
     ) -> Result<Called, CallSiteError> {
         self.call_when(component, tool, args, grants, &|| {})
     }
@@ -430,7 +433,7 @@ impl CallSite {
         component: &dyn Component,
         tool: &str,
         args: &serde_json::Value,
-        grants: &GrantSet,
+        grants: &SiteGrants,
         ready: &dyn Fn(),
     ) -> Result<Called, CallSiteError> {
         let Some(vm) = &self.vm else {
@@ -438,7 +441,7 @@ impl CallSite {
             ready();
             let loaded = loaded?;
             return Ok(Called {
-                outcome: self.runner.invoke(&loaded, tool, args, grants),
+                outcome: self.runner.invoke(&loaded, tool, args, &grants.grants),
                 ready_after: None,
             });
         };
@@ -447,24 +450,50 @@ impl CallSite {
     }
 
     /// A call in a fresh microVM, its `max_vms` permit held by the caller.
+    /// A call with shares boots a VM of its own with them (warm VMs have
+    /// none), each directory opened here beneath its root first; one that
+    /// cannot be opened is not shared, and the guest's runner fails the
+    /// call with the process wall's error at the same point of the call.
     fn call_in_vm(
         runner: &Runner,
         vm: &VmSite,
         component: &dyn Component,
         tool: &str,
         args: &serde_json::Value,
-        grants: &GrantSet,
+        grants: &SiteGrants,
         ready: &dyn Fn(),
     ) -> Result<Called, CallSiteError> {
+        let mut guest = grants.grants.clone();
+        let mut shares = Vec::new();
+        for share in &grants.shares {
+            match share.open() {
+                Ok(dir) => shares.push(OpenShare {
+                    tag: share.tag.clone(),
+                    mount: share.mount.clone(),
+                    read_only: !share.grant.writable,
+                    dir,
+                }),
+                Err(why) => {
+                    for d in guest.dirs.iter_mut().filter(|d| d.host_path == share.mount) {
+                        d.refused = Some(why.clone());
+                    }
+                }
+            }
+        }
         let taken = component.artifact(runner).and_then(|artifact| {
-            Ok(vm
-                .pool
-                .take_loaded(&artifact, &runner.fingerprint(), &component.docs())?)
+            Ok(vm.pool.take_loaded_with(
+                &shares,
+                &artifact,
+                &runner.fingerprint(),
+                &component.docs(),
+            )?)
         });
+        // The VMM has what it needs of the directories.
+        drop(shares);
         ready();
         let (mut sb, digest) = taken?;
         tracing::debug!(ready_ms = sb.ready_after.as_millis() as u64, boot = ?sb.boot, "guest ready");
-        let result = sb.invoke(&digest, tool, args, grants);
+        let result = sb.invoke(&digest, tool, args, &guest);
         let ready_after = Some(sb.ready_after);
         match sb.shutdown() {
             Ok(r) => {
@@ -491,7 +520,7 @@ impl CallSite {
         component: Arc<dyn Component>,
         tool: String,
         args: serde_json::Value,
-        grants: GrantSet,
+        grants: SiteGrants,
     ) -> Result<Called, CallSiteError> {
         let Some(vm) = &self.vm else {
             let _slot = self
@@ -502,7 +531,7 @@ impl CallSite {
             let loaded = component.loaded(&self.runner)?;
             let outcome = self
                 .runner
-                .invoke_async(&loaded, &tool, &args, &grants)
+                .invoke_async(&loaded, &tool, &args, &grants.grants)
                 .await;
             return Ok(Called {
                 outcome,

@@ -44,11 +44,16 @@ enum Cmd {
         #[arg(long)]
         policy: Option<PathBuf>,
         /// Tool name (see `airlock inspect`).
-        #[arg(long)]
-        tool: String,
+        #[arg(long, required_unless_present = "calls", conflicts_with = "calls")]
+        tool: Option<String>,
         /// Arguments as a JSON object.
         #[arg(long, default_value = "{}")]
         args: String,
+        /// Several calls, one after the other (each in a fresh microVM, the
+        /// component compiled once): a JSON file holding an array of
+        /// `{"tool": ..., "args": {...}}`. Prints `{"calls": [outcome, ...]}`.
+        #[arg(long)]
+        calls: Option<PathBuf>,
         /// Where the call runs: in a KVM microVM (default), or in this
         /// process's Wasm sandbox only (development).
         #[arg(long, value_enum, default_value_t = Isolation::Vm)]
@@ -488,6 +493,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             policy,
             tool,
             args,
+            calls,
             isolation,
             guest,
             weights,
@@ -502,23 +508,43 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     "--weights only applies to --isolation vm (in process the grants read DIR directly)"
                 );
             }
-            let args: serde_json::Value =
-                serde_json::from_str(&args).context("--args is not valid JSON")?;
+            let list: Vec<(String, serde_json::Value)> = match (&calls, tool) {
+                (Some(file), _) => read_calls(file)?,
+                (None, Some(tool)) => vec![(
+                    tool,
+                    serde_json::from_str(&args).context("--args is not valid JSON")?,
+                )],
+                (None, None) => bail!("--tool or --calls is needed"),
+            };
             let policy = match policy {
                 Some(p) => load_policy(&p)?,
                 None => Policy::default(),
             };
-            let bytes = read_component(&component)?;
+            let wasm = WasmBytes::new(read_component(&component)?);
             let site = guest.call_site(isolation, weights, &policy, 1)?;
             let grants = site.grants(policy.grant_set())?;
-            let outcome = site
-                .call(&WasmBytes::new(bytes), &tool, &args, &grants)
-                .context("calling the tool")?
-                .outcome;
-            print_json(&outcome)?;
-            Ok(match outcome.result {
-                CallResult::Ok(_) => ExitCode::SUCCESS,
-                CallResult::Error(_) => ExitCode::from(1),
+            let mut outcomes = Vec::new();
+            for (i, (tool, args)) in list.iter().enumerate() {
+                let outcome = site
+                    .call(&wasm, tool, args, &grants)
+                    .with_context(|| format!("calling the tool (call {})", i + 1))?
+                    .outcome;
+                outcomes.push(outcome);
+            }
+            let all_ok = outcomes
+                .iter()
+                .all(|o| matches!(o.result, CallResult::Ok(_)));
+            match (calls, outcomes.pop()) {
+                (None, Some(one)) => print_json(&one)?,
+                (_, last) => {
+                    outcomes.extend(last);
+                    print_json(&serde_json::json!({ "calls": outcomes }))?;
+                }
+            }
+            Ok(if all_ok {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
             })
         }
         Cmd::Vm {
@@ -815,6 +841,32 @@ fn guest_image(
         kernel.map_or_else(|| get("vmlinux"), Ok)?,
         initrd.map_or_else(|| get("initramfs"), Ok)?,
     ))
+}
+
+/// `airlock run --calls FILE`: the calls it lists, in order.
+fn read_calls(file: &Path) -> anyhow::Result<Vec<(String, serde_json::Value)>> {
+    #[derive(serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct OneCall {
+        tool: String,
+        #[serde(default = "empty_object")]
+        args: serde_json::Value,
+    }
+    fn empty_object() -> serde_json::Value {
+        serde_json::json!({})
+    }
+    let text = std::fs::read_to_string(file)
+        .with_context(|| format!("reading --calls {}", file.display()))?;
+    let list: Vec<OneCall> = serde_json::from_str(&text).with_context(|| {
+        format!(
+            "--calls {}: expected a JSON array of {{\"tool\": ..., \"args\": {{...}}}}",
+            file.display()
+        )
+    })?;
+    if list.is_empty() {
+        bail!("--calls {}: the array is empty", file.display());
+    }
+    Ok(list.into_iter().map(|c| (c.tool, c.args)).collect())
 }
 
 /// `airlock vm multi`: N microVMs at once, one independent call in each.

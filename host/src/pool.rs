@@ -158,6 +158,35 @@ impl Pool {
         )
     }
 
+    /// A VM of its own for a call with `shares` (warm VMs have none),
+    /// loaded with `artifact`, with [`Pool::take_loaded`]'s retries; with
+    /// no shares, [`Pool::take_loaded`] itself.
+    ///
+    /// # Errors
+    /// As [`Pool::take_loaded`].
+    pub fn take_loaded_with(
+        &self,
+        shares: &[crate::sandbox::OpenShare],
+        artifact: &[u8],
+        engine: &str,
+        docs: &std::collections::BTreeMap<String, String>,
+    ) -> Result<(Sandbox, String), SandboxError> {
+        if shares.is_empty() {
+            return self.take_loaded(artifact, engine, docs);
+        }
+        Sandbox::retry_before_call(
+            || {
+                let sb = Sandbox::boot_with(&self.shared.cfg, shares)?;
+                self.shared.booted.fetch_add(1, Ordering::Relaxed);
+                Ok(sb)
+            },
+            self.shared.cfg.boot_attempts,
+            artifact,
+            engine,
+            docs,
+        )
+    }
+
     /// Sandboxes waiting now.
     pub fn ready(&self) -> usize {
         self.shared.lock().len()

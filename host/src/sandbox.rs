@@ -127,6 +127,21 @@ pub struct SandboxConfig {
     pub jail: Option<JailConfig>,
 }
 
+/// A host directory a VM gets over virtio-fs, opened by the host beneath
+/// its grant's root before the boot (`policy::vm`): the VMM inherits this
+/// descriptor, never a path.
+#[derive(Debug)]
+pub struct OpenShare {
+    /// The virtio-fs tag.
+    pub tag: String,
+    /// Where the guest mounts it.
+    pub mount: PathBuf,
+    /// Mounted and served read-only.
+    pub read_only: bool,
+    /// The directory.
+    pub dir: std::os::fd::OwnedFd,
+}
+
 /// A running microVM with its agent connected.
 pub struct Sandbox {
     conn: UnixStream,
@@ -230,6 +245,15 @@ impl Sandbox {
     /// The host cannot run VMs, the guest ends or is not ready in time, or
     /// its engine differs. The VM is stopped and joined in every case.
     pub fn boot(cfg: &SandboxConfig) -> Result<Self, SandboxError> {
+        Self::boot_with(cfg, &[])
+    }
+
+    /// [`Sandbox::boot`] with `shares` mounted in the guest.
+    ///
+    /// # Errors
+    /// As [`Sandbox::boot`].
+    pub fn boot_with(cfg: &SandboxConfig, shares: &[OpenShare]) -> Result<Self, SandboxError> {
+        use std::os::fd::{AsFd, AsRawFd};
         // Whether this host can run the guest at all was checked once, by
         // the call site; `airlock_vmm::run` refuses such a host again.
         let start = Instant::now();
@@ -248,6 +272,17 @@ impl Sandbox {
                 if cfg.weights.is_some() {
                     c.push_str(" airlock.weights=/dev/pmem0:/weights");
                 }
+                if !shares.is_empty() {
+                    let mounts: Vec<String> = shares
+                        .iter()
+                        .map(|s| {
+                            let ro = if s.read_only { ":ro" } else { "" };
+                            format!("{}:{}{ro}", s.tag, s.mount.display())
+                        })
+                        .collect();
+                    c.push_str(" airlock.fs=");
+                    c.push_str(&mounts.join(","));
+                }
                 if !cfg.cmdline_extra.is_empty() {
                     c.push(' ');
                     c.push_str(&cfg.cmdline_extra);
@@ -265,7 +300,12 @@ impl Sandbox {
             // The VMM process is stopped through its stdin pipe.
             stop: None,
             pmem: cfg.weights.clone(),
-            shares: Vec::new(),
+            shares: shares
+                .iter()
+                .map(|s| {
+                    airlock_vmm::ShareConfig::by_fd(s.tag.clone(), s.dir.as_raw_fd(), s.read_only)
+                })
+                .collect(),
             seccomp: None,
             seccomp_selftest: false,
             jail_selftest: None,
@@ -291,10 +331,10 @@ impl Sandbox {
         ));
         let egress = spawn_egress(&egress_path, proxy.clone(), stop.clone()).map_err(cleanup)?;
         let handed = jail.as_ref().map_or(Ok(()), |j| j.hand_over(&egress_path));
-        let vm = match handed
-            .map_err(SandboxError::from)
-            .and_then(|()| Ok(VmProcess::spawn(&cfg.vmm, &vm_cfg, jail)?))
-        {
+        let vm = match handed.map_err(SandboxError::from).and_then(|()| {
+            let fds: Vec<_> = shares.iter().map(|s| s.dir.as_fd()).collect();
+            Ok(VmProcess::spawn_inheriting(&cfg.vmm, &vm_cfg, jail, &fds)?)
+        }) {
             Ok(vm) => vm,
             Err(e) => {
                 stop.store(true, Ordering::SeqCst);

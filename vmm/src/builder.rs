@@ -262,30 +262,32 @@ fn attach_shares(
     cfg: &VmConfig,
 ) -> Result<(), VmmError> {
     for (share, slot) in cfg.shares.iter().zip(devices::FS_SLOTS) {
-        let device = devices::fs::share::Share::new(
-            &share.dir,
+        let opened = devices::fs::share::Share::new(
+            &share.open_path(),
             share.read_only,
             devices::fs::share::ShareLimits::default(),
-        )
-        .map_err(|e| VmmError::Device {
-            device: slot.name,
-            source: crate::devices::virtio_mmio::VirtioError::Activate(format!(
-                "sharing {}: {e}",
-                share.dir.display()
-            )),
-        })
-        .and_then(|s| {
-            VirtioFs::new(
-                &share.tag,
-                &share.dir,
-                s,
-                cfg.seccomp.as_ref().map(|f| f.fs.clone()),
-            )
-            .map_err(|source| VmmError::Device {
+        );
+        share.close_inherited();
+        let device = opened
+            .map_err(|e| VmmError::Device {
                 device: slot.name,
-                source,
+                source: crate::devices::virtio_mmio::VirtioError::Activate(format!(
+                    "sharing {}: {e}",
+                    share.dir.display()
+                )),
             })
-        })?;
+            .and_then(|s| {
+                VirtioFs::new(
+                    &share.tag,
+                    &share.dir,
+                    s,
+                    cfg.seccomp.as_ref().map(|f| f.fs.clone()),
+                )
+                .map_err(|source| VmmError::Device {
+                    device: slot.name,
+                    source,
+                })
+            })?;
         attach_virtio(devs, vm, mem, slot, Box::new(device))?;
     }
     Ok(())

@@ -371,7 +371,7 @@ impl VmJail {
     pub fn prepare(cfg: &JailConfig, vm_dir: &Path, vm: &VmConfig) -> Result<Self, JailError> {
         require_root()?;
         for s in &vm.shares {
-            match std::fs::metadata(&s.dir) {
+            match std::fs::metadata(s.open_path()) {
                 Ok(m) if m.is_dir() => {}
                 Ok(_) => {
                     return Err(JailError::Unreadable {
@@ -615,6 +615,19 @@ pub fn enter(
     let kvm_dev = nix::sys::stat::stat("/dev/kvm")
         .map_err(step("finding /dev/kvm"))?
         .st_rdev;
+    // Shares are cloned as detached mounts while this process still sees
+    // the daemon's mounts: a directory the daemon opened and handed over
+    // (`ShareConfig::by_fd`) lives on a mount of its namespace, which a
+    // bind made in the new namespace refuses. Then the inherited
+    // descriptors go: one of a host directory would lead out of the jail.
+    let share_trees = vm
+        .shares
+        .iter()
+        .map(|s| clone_tree(&s.open_path()))
+        .collect::<Result<Vec<_>, _>>()?;
+    for s in &vm.shares {
+        s.close_inherited();
+    }
     nix::sched::unshare(
         CloneFlags::CLONE_NEWNS
             | CloneFlags::CLONE_NEWPID
@@ -660,7 +673,7 @@ pub fn enter(
                 });
             }
             drop(alive_r);
-            build_root(spec, vm, kvm_dev)?;
+            build_root(spec, vm, kvm_dev, share_trees)?;
             // As root still: the images, whatever their host permissions.
             let mut pre = PREOPENED.lock().unwrap_or_else(|p| p.into_inner());
             for path in [Some(&vm.kernel), Some(&vm.initrd), vm.pmem.as_ref()]
@@ -720,8 +733,14 @@ fn keep(
     unsafe { libc::_exit(code) }
 }
 
-/// Mount the jail's root, pivot into it and point `vm` at what is inside.
-fn build_root(spec: &JailSpec, vm: &mut VmConfig, kvm_dev: libc::dev_t) -> Result<(), JailError> {
+/// Mount the jail's root, pivot into it and point `vm` at what is inside
+/// (its shares are `share_trees`, one per share, from [`clone_tree`]).
+fn build_root(
+    spec: &JailSpec,
+    vm: &mut VmConfig,
+    kvm_dev: libc::dev_t,
+    share_trees: Vec<std::os::fd::OwnedFd>,
+) -> Result<(), JailError> {
     let none = None::<&str>;
     mount(none, "/", none, MsFlags::MS_REC | MsFlags::MS_PRIVATE, none)
         .map_err(step("making mounts private"))?;
@@ -757,19 +776,16 @@ fn build_root(spec: &JailSpec, vm: &mut VmConfig, kvm_dev: libc::dev_t) -> Resul
     }
     if !vm.shares.is_empty() {
         let mut servers = FILE_SERVERS.lock().unwrap_or_else(|p| p.into_inner());
-        for (i, share) in vm.shares.iter_mut().enumerate() {
-            let meta = std::fs::metadata(&share.dir)
+        for (i, (share, tree)) in vm.shares.iter_mut().zip(share_trees).enumerate() {
+            let meta = nix::sys::stat::fstat(&tree)
                 .map_err(step(format!("finding the share {}", share.dir.display())))?;
             let path = Path::new(SHARES).join(i.to_string());
             let target = inside(&path.to_string_lossy());
             std::fs::create_dir_all(&target).map_err(step(format!("making {}", path.display())))?;
-            bind(&share.dir, &target, share.read_only)?;
+            attach_tree(tree, &target)?;
+            restrict(&target, share.read_only, &share.dir)?;
             share.dir = path.clone();
-            servers.push((
-                path,
-                std::os::unix::fs::MetadataExt::uid(&meta),
-                std::os::unix::fs::MetadataExt::gid(&meta),
-            ));
+            servers.push((path, meta.st_uid, meta.st_gid));
         }
         // The passthrough reopens files through /proc/self/fd: a procfs of
         // this pid namespace (this VMM alone), nothing but pid entries.
@@ -830,6 +846,62 @@ fn bind(src: &Path, target: &Path, read_only: bool) -> Result<(), JailError> {
     let none = None::<&str>;
     mount(Some(src), target, none, MsFlags::MS_BIND, none)
         .map_err(step(format!("binding {}", src.display())))?;
+    restrict(target, read_only, src)
+}
+
+/// A detached copy of the mount at directory `dir` (not its submounts),
+/// to attach later with [`attach_tree`], in another mount namespace.
+fn clone_tree(dir: &Path) -> Result<std::os::fd::OwnedFd, JailError> {
+    use std::os::fd::FromRawFd;
+    let failed = || step(format!("cloning the mount of {}", dir.display()));
+    let c = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes())
+        .map_err(|_| failed()(std::io::Error::from(std::io::ErrorKind::InvalidInput)))?;
+    // SAFETY: open_tree(2) reads the NUL-terminated path and returns a new
+    // descriptor or -1; nothing else is touched.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_open_tree,
+            libc::AT_FDCWD,
+            c.as_ptr(),
+            libc::OPEN_TREE_CLONE | libc::O_CLOEXEC as libc::c_uint,
+        )
+    };
+    if fd < 0 {
+        return Err(failed()(std::io::Error::last_os_error()));
+    }
+    // SAFETY: a descriptor open_tree just returned, owned by nobody else.
+    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// Attach the detached mount `tree` ([`clone_tree`]) at `target`.
+fn attach_tree(tree: std::os::fd::OwnedFd, target: &Path) -> Result<(), JailError> {
+    use std::os::fd::AsRawFd;
+    const MOVE_MOUNT_F_EMPTY_PATH: libc::c_uint = 0x4;
+    let failed = || step(format!("attaching a share at {}", target.display()));
+    let c = std::ffi::CString::new(target.as_os_str().as_encoded_bytes())
+        .map_err(|_| failed()(std::io::Error::from(std::io::ErrorKind::InvalidInput)))?;
+    // SAFETY: move_mount(2) reads the empty string and the NUL-terminated
+    // target path; `tree` is a live descriptor of a detached mount.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_move_mount,
+            tree.as_raw_fd(),
+            c"".as_ptr(),
+            libc::AT_FDCWD,
+            c.as_ptr(),
+            MOVE_MOUNT_F_EMPTY_PATH,
+        )
+    };
+    if rc != 0 {
+        return Err(failed()(std::io::Error::last_os_error()));
+    }
+    Ok(())
+}
+
+/// Make the mount at `target` (of `src`) never suid, devices or exec, and
+/// read-only when asked.
+fn restrict(target: &Path, read_only: bool, src: &Path) -> Result<(), JailError> {
+    let none = None::<&str>;
     let mut flags = MsFlags::MS_BIND
         | MsFlags::MS_REMOUNT
         | MsFlags::MS_NOSUID

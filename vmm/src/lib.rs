@@ -179,6 +179,54 @@ pub struct ShareConfig {
     pub read_only: bool,
 }
 
+impl ShareConfig {
+    /// A share of the directory open at descriptor `fd` of the process
+    /// that spawns the VMM, which the VMM inherits at the same number
+    /// ([`process::VmProcess::spawn_inheriting`]): `dir` names it through
+    /// `/proc/self/fd`, so the VMM serves the directory its parent opened,
+    /// whatever its path names by then.
+    pub fn by_fd(tag: String, fd: std::os::fd::RawFd, read_only: bool) -> Self {
+        Self {
+            tag,
+            dir: PathBuf::from(format!("/proc/self/fd/{fd}")),
+            read_only,
+        }
+    }
+
+    /// The inherited descriptor `dir` names, if it is [`Self::by_fd`]'s.
+    pub fn inherited_fd(&self) -> Option<std::os::fd::RawFd> {
+        self.dir
+            .strip_prefix("/proc/self/fd")
+            .ok()?
+            .to_str()?
+            .parse()
+            .ok()
+            .filter(|fd| *fd > 2)
+    }
+
+    /// The path to open the directory by: `dir`, with a final `.` for a
+    /// [`Self::by_fd`] share, so its magic link is followed to the
+    /// directory itself.
+    pub fn open_path(&self) -> PathBuf {
+        match self.inherited_fd() {
+            Some(_) => PathBuf::from(format!("{}/.", self.dir.display())),
+            None => self.dir.clone(),
+        }
+    }
+
+    /// Close the inherited descriptor, once the directory is held another
+    /// way (bound into the jail, or opened by the file server): a
+    /// descriptor of a host directory outside a jail's root would be a way
+    /// out of it (`..`).
+    pub fn close_inherited(&self) {
+        if let Some(fd) = self.inherited_fd() {
+            // SAFETY: the descriptor was inherited for this share alone
+            // and nothing in this process owns or uses it after this.
+            unsafe { libc::close(fd) };
+        }
+    }
+}
+
 /// Guest-physical base of the pmem region (above RAM and the MMIO hole).
 pub const PMEM_BASE: u64 = devices::MMIO_HOLE.end;
 

@@ -371,6 +371,23 @@ impl VmProcess {
         cfg: &VmConfig,
         jail: Option<crate::jail::VmJail>,
     ) -> Result<Self, ProcessError> {
+        Self::spawn_inheriting(binary, cfg, jail, &[])
+    }
+
+    /// [`VmProcess::spawn`], the child inheriting `fds` at the same
+    /// numbers (a share given as [`ShareConfig::by_fd`](crate::ShareConfig::by_fd)
+    /// names one); no other descriptor of this process reaches it.
+    ///
+    /// # Errors
+    /// [`ProcessError::Spawn`].
+    pub fn spawn_inheriting(
+        binary: &Path,
+        cfg: &VmConfig,
+        jail: Option<crate::jail::VmJail>,
+        fds: &[std::os::fd::BorrowedFd<'_>],
+    ) -> Result<Self, ProcessError> {
+        use std::os::fd::AsRawFd;
+        use std::os::unix::process::CommandExt;
         let spawn_err = |source| ProcessError::Spawn {
             binary: binary.to_path_buf(),
             source,
@@ -379,13 +396,29 @@ impl VmProcess {
         if let Some(j) = &jail {
             args.extend(j.spec().to_args());
         }
-        let mut child = Command::new(binary)
-            .args(args)
+        let mut cmd = Command::new(binary);
+        cmd.args(args)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .map_err(spawn_err)?;
+            .stderr(Stdio::piped());
+        if !fds.is_empty() {
+            let raw: Vec<i32> = fds.iter().map(AsRawFd::as_raw_fd).collect();
+            // SAFETY: the closure runs in the forked child before exec and
+            // only calls fcntl(2), which is async-signal-safe, on
+            // descriptors the caller keeps open across this call; it
+            // allocates nothing (`raw` was built before the fork).
+            unsafe {
+                cmd.pre_exec(move || {
+                    for &fd in &raw {
+                        if libc::fcntl(fd, libc::F_SETFD, 0) == -1 {
+                            return Err(std::io::Error::last_os_error());
+                        }
+                    }
+                    Ok(())
+                });
+            }
+        }
+        let mut child = cmd.spawn().map_err(spawn_err)?;
         let stdin = child.stdin.take();
         let out = child.stdout.take().map(|o| read_capped(o, "out"));
         let err = child.stderr.take().map(|e| read_capped(e, "err"));

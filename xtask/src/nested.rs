@@ -451,6 +451,42 @@ wanted share-ro-guest-rw && share_host share-ro-guest-rw /tmp/share-ro
 scenario_retry share-rw 400 $BOOT --initrd $G/initramfs.cpio.gz --share grant0=/tmp/share-rw \
   --cmdline 'airlock.fs=grant0:/share airlock.selftest=share' --timeout-secs 300
 wanted share-rw && share_host share-rw /tmp/share-rw
+# Wall parity for files: one policy (a read-only and a read-write grant,
+# both 0700 directories of uid 1234, the read-write one holding `out`, a
+# symlink to a host file), the escape component's file attacks and two
+# legitimate calls, in microVMs (each call a fresh jailed VM, its grants
+# over virtio-fs) and in process. The test compares results and audit
+# events call by call; what the calls left on the host is printed after
+# each run (then the file made is removed, so each wall starts alike).
+mkdir -p /tmp/parity/ro/sub /tmp/parity/rw && echo "parity notes" > /tmp/parity/ro/notes.txt \
+  && ln -s /tmp/host-secret.txt /tmp/parity/rw/out && chown -h -R 1234:1234 /tmp/parity \
+  && chmod 0700 /tmp/parity/ro /tmp/parity/rw || echo "NESTED-ERROR making the parity directories failed"
+printf 'version = 1\n[[filesystem]]\nhost = "/tmp/parity/ro"\nguest = "/data"\nmode = "ro"\n[[filesystem]]\nhost = "/tmp/parity/rw"\nguest = "/work"\nmode = "rw"\n' > /tmp/parity.toml
+cat > /tmp/parity-calls.json <<'EOC'
+[
+  {"tool": "read-outside", "args": {"path": "/data/notes.txt"}},
+  {"tool": "read-outside", "args": {"path": "/tmp/host-secret.txt"}},
+  {"tool": "climb-out", "args": {"dir": "/data", "depth": 3}},
+  {"tool": "read-outside", "args": {"path": "/work/out"}},
+  {"tool": "write-readonly", "args": {"path": "/data/notes.txt"}},
+  {"tool": "write-readonly", "args": {"path": "/data/new.txt"}},
+  {"tool": "change-readonly", "args": {"dir": "/data"}},
+  {"tool": "write-readonly", "args": {"path": "/work/made.txt"}}
+]
+EOC
+parity_host() {
+  echo "NESTED-RESULT-BEGIN $1-host"
+  printf '{"ro": "%s", "rw": "%s", "notes": "%s", "made": "%s", "made_owner": "%s"}\n' \
+    "$(ls /tmp/parity/ro | tr '\n' ' ')" "$(ls /tmp/parity/rw | tr '\n' ' ')" \
+    "$(cat /tmp/parity/ro/notes.txt | tr '\n' ' ')" "$(cat /tmp/parity/rw/made.txt 2>/dev/null)" \
+    "$(stat -c %u:%g /tmp/parity/rw/made.txt 2>/dev/null)"
+  rm -f /tmp/parity/rw/made.txt
+  echo "NESTED-RESULT-END $1-host 0"
+}
+scenario files-parity-vm 1200 run $E/escape.wasm --policy /tmp/parity.toml --calls /tmp/parity-calls.json $VMRUN
+wanted files-parity-vm && parity_host files-parity-vm
+scenario files-parity-process 300 run $E/escape.wasm --policy /tmp/parity.toml --calls /tmp/parity-calls.json --isolation process
+wanted files-parity-process && parity_host files-parity-process
 scenario vm-weights-tool 900 run $E/files.wasm --tool files_read --args '{"path": "/models/tokenizer.json"}' \
   --policy /tmp/models.toml --weights /models:$G/weights.erofs $VMRUN
 scenario process-weights-tool 120 run $E/files.wasm --tool files_read --args '{"path": "/models/tokenizer.json"}' \

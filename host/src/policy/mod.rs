@@ -244,6 +244,8 @@ impl Policy {
                 host_path: f.host.clone(),
                 guest_path: f.guest.clone(),
                 writable: f.mode == Mode::Rw,
+                origin: None,
+                refused: None,
             });
         }
         Ok(GrantSet {

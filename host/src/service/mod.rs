@@ -594,7 +594,7 @@ impl Service {
         }
         let (checked, policy_version) = self.policy_at(&who.tenant, component, None)?;
         let grants = self.site.grants(checked.grants).map_err(|e| {
-            let crate::policy::vm::VmGrantError::NotServable { index, .. } = &e;
+            let crate::policy::vm::VmGrantError::TooManyShares { index } = &e;
             bad(
                 "unsupported_in_vm",
                 Some(format!("policy.filesystem[{index}]")),

@@ -9,7 +9,6 @@ pub(crate) mod http;
 pub(crate) mod sockets;
 
 pub(crate) use fs::WriteBudget;
-pub(crate) use fs::open_beneath;
 pub(crate) use http::EgressHooks;
 
 use super::MemoryLimiter;
@@ -80,14 +79,7 @@ pub(crate) fn build_wasi(
             FsPerms::ReadOnly
         };
         let mode = if d.writable { "rw" } else { "ro" };
-        let dir = open_beneath(&d.root, &d.host_path).map_err(|e| {
-            format!(
-                "directory {} (granted as {}) cannot be opened beneath {}: {e}",
-                d.host_path.display(),
-                d.guest_path,
-                d.root.display()
-            )
-        })?;
+        let dir = d.open()?;
         // wasmtime-wasi takes a path, not a descriptor: hand it the one we
         // opened through /proc, which names this very directory whatever
         // happens to its path from now on.
@@ -95,7 +87,7 @@ pub(crate) fn build_wasi(
         b.preopened_dir(&by_fd, &d.guest_path, perms).map_err(|e| {
             format!(
                 "directory {} (granted as {}) cannot be opened: {e:#}",
-                d.host_path.display(),
+                d.named().display(),
                 d.guest_path
             )
         })?;
@@ -106,7 +98,7 @@ pub(crate) fn build_wasi(
             Decision::Allow,
             format!(
                 "granted by policy from host directory {}",
-                d.host_path.display()
+                d.named().display()
             ),
         );
     }
