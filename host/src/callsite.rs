@@ -483,6 +483,7 @@ impl CallSite {
         let taken = component.artifact(runner).and_then(|artifact| {
             Ok(vm.pool.take_loaded_with(
                 &shares,
+                guest.limits.max_write_bytes,
                 &artifact,
                 &runner.fingerprint(),
                 &component.docs(),

@@ -376,6 +376,7 @@ impl BootImage {
             seccomp: None,
             seccomp_selftest: false,
             jail_selftest: None,
+            share_write_limit: None,
         }
     }
 }

@@ -158,15 +158,17 @@ impl Pool {
         )
     }
 
-    /// A VM of its own for a call with `shares` (warm VMs have none),
-    /// loaded with `artifact`, with [`Pool::take_loaded`]'s retries; with
-    /// no shares, [`Pool::take_loaded`] itself.
+    /// A VM of its own for a call with `shares` (warm VMs have none;
+    /// `write_limit` as [`Sandbox::boot_with`] takes it), loaded with
+    /// `artifact`, with [`Pool::take_loaded`]'s retries; with no shares,
+    /// [`Pool::take_loaded`] itself.
     ///
     /// # Errors
     /// As [`Pool::take_loaded`].
     pub fn take_loaded_with(
         &self,
         shares: &[crate::sandbox::OpenShare],
+        write_limit: u64,
         artifact: &[u8],
         engine: &str,
         docs: &std::collections::BTreeMap<String, String>,
@@ -176,7 +178,7 @@ impl Pool {
         }
         Sandbox::retry_before_call(
             || {
-                let sb = Sandbox::boot_with(&self.shared.cfg, shares)?;
+                let sb = Sandbox::boot_with(&self.shared.cfg, shares, write_limit)?;
                 self.shared.booted.fetch_add(1, Ordering::Relaxed);
                 Ok(sb)
             },

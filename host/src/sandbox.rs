@@ -245,14 +245,20 @@ impl Sandbox {
     /// The host cannot run VMs, the guest ends or is not ready in time, or
     /// its engine differs. The VM is stopped and joined in every case.
     pub fn boot(cfg: &SandboxConfig) -> Result<Self, SandboxError> {
-        Self::boot_with(cfg, &[])
+        Self::boot_with(cfg, &[], 0)
     }
 
-    /// [`Sandbox::boot`] with `shares` mounted in the guest.
+    /// [`Sandbox::boot`] with `shares` mounted in the guest, which may
+    /// write at most `write_limit` bytes into them together (the call's
+    /// write limit, held by the host's file server too).
     ///
     /// # Errors
     /// As [`Sandbox::boot`].
-    pub fn boot_with(cfg: &SandboxConfig, shares: &[OpenShare]) -> Result<Self, SandboxError> {
+    pub fn boot_with(
+        cfg: &SandboxConfig,
+        shares: &[OpenShare],
+        write_limit: u64,
+    ) -> Result<Self, SandboxError> {
         use std::os::fd::{AsFd, AsRawFd};
         // Whether this host can run the guest at all was checked once, by
         // the call site; `airlock_vmm::run` refuses such a host again.
@@ -309,6 +315,7 @@ impl Sandbox {
             seccomp: None,
             seccomp_selftest: false,
             jail_selftest: None,
+            share_write_limit: (!shares.is_empty()).then_some(write_limit),
         };
         let cleanup = |e: SandboxError| {
             let _ = std::fs::remove_dir_all(&dir);

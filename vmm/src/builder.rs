@@ -261,12 +261,17 @@ fn attach_shares(
     mem: &GuestMemoryMmap,
     cfg: &VmConfig,
 ) -> Result<(), VmmError> {
+    let cap = cfg.share_write_limit.map(devices::fs::share::WriteCap::new);
     for (share, slot) in cfg.shares.iter().zip(devices::FS_SLOTS) {
         let opened = devices::fs::share::Share::new(
             &share.open_path(),
             share.read_only,
             devices::fs::share::ShareLimits::default(),
-        );
+        )
+        .map(|s| match &cap {
+            Some(c) => s.capped(c.clone()),
+            None => s,
+        });
         share.close_inherited();
         let device = opened
             .map_err(|e| VmmError::Device {

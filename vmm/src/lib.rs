@@ -156,6 +156,9 @@ pub struct VmConfig {
     /// Host directories served over virtio-fs, one device each (at most
     /// [`devices::FS_SLOTS`]`.len()`); the guest mounts each by its tag.
     pub shares: Vec<ShareConfig>,
+    /// Bytes the guest may write into all its shares together (writes
+    /// and allocations), held by the host's file server; `None`: no cap.
+    pub share_write_limit: Option<u64>,
     /// Per-thread seccomp filters to install (the VMM process installs
     /// them; a VMM running inside another program leaves this `None`).
     pub seccomp: Option<seccomp::Filters>,
@@ -439,6 +442,7 @@ impl VmConfig {
             seccomp: None,
             seccomp_selftest: false,
             jail_selftest: None,
+            share_write_limit: None,
         }
     }
 

@@ -101,7 +101,7 @@ pub enum ProcessError {
 }
 
 /// The usage line of `airlock-vmm`.
-pub const USAGE: &str = "usage: airlock-vmm --kernel FILE --initrd FILE [--cmdline TEXT] [--memory-mib N] [--vcpus N] [--timeout-secs N] [--pmem FILE] [--share TAG=DIR]... [--share-ro TAG=DIR]... [--vsock-uds PATH --guest-cid N] [--console-cap BYTES] [--stop-on-stdin-eof] [--seccomp enforce|log|off] [--seccomp-selftest] [--jail-root DIR --jail-uid N --jail-gid N [--jail-cgroup DIR] [--jail-selftest keeper-gone|memory|tasks]]";
+pub const USAGE: &str = "usage: airlock-vmm --kernel FILE --initrd FILE [--cmdline TEXT] [--memory-mib N] [--vcpus N] [--timeout-secs N] [--pmem FILE] [--share TAG=DIR]... [--share-ro TAG=DIR]... [--share-write-limit BYTES] [--vsock-uds PATH --guest-cid N] [--console-cap BYTES] [--stop-on-stdin-eof] [--seccomp enforce|log|off] [--seccomp-selftest] [--jail-root DIR --jail-uid N --jail-gid N [--jail-cgroup DIR] [--jail-selftest keeper-gone|memory|tasks]]";
 
 /// What `airlock-vmm`'s flags ask for.
 #[derive(Debug)]
@@ -142,6 +142,9 @@ pub fn to_args(cfg: &VmConfig, stop_on_stdin_eof: bool) -> Vec<String> {
             if s.read_only { "--share-ro" } else { "--share" }.into(),
             format!("{}={}", s.tag, s.dir.display()),
         ]);
+    }
+    if let Some(n) = cfg.share_write_limit {
+        a.extend(["--share-write-limit".into(), n.to_string()]);
     }
     if let Some(v) = &cfg.vsock {
         a.extend([
@@ -205,6 +208,7 @@ pub fn from_args(args: impl IntoIterator<Item = String>) -> Result<ProcessArgs, 
                     read_only: flag == "--share-ro",
                 });
             }
+            "--share-write-limit" => cfg.share_write_limit = Some(number("--share-write-limit")?),
             "--vsock-uds" => uds = Some(PathBuf::from(value)),
             "--guest-cid" => cid = Some(number("--guest-cid")?),
             "--memory-mib" => {
@@ -623,6 +627,7 @@ mod tests {
                     read_only: false,
                 },
             ],
+            share_write_limit: Some(64 << 20),
             seccomp: None,
             seccomp_selftest: false,
             jail_selftest: None,
@@ -636,6 +641,7 @@ mod tests {
         );
         let back = parsed.cfg;
         assert_eq!(back.shares, cfg.shares);
+        assert_eq!(back.share_write_limit, cfg.share_write_limit);
         assert_eq!(
             (back.kernel, back.initrd, back.cmdline_extra.as_str()),
             (

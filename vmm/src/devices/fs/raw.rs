@@ -35,7 +35,15 @@ impl RawFuse {
     /// # Panics
     /// The share or the memory cannot be made (test setup).
     pub fn new(root: &Path, read_only: bool, limits: ShareLimits) -> Self {
-        let share = Arc::new(Share::new(root, read_only, limits).expect("share"));
+        Self::serving(Share::new(root, read_only, limits).expect("share"))
+    }
+
+    /// Serve `share`.
+    ///
+    /// # Panics
+    /// The memory cannot be made (test setup).
+    pub fn serving(share: Share) -> Self {
+        let share = Arc::new(share);
         Self {
             server: Server::new(share.clone()),
             share,

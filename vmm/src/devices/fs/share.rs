@@ -20,6 +20,11 @@
 //!   handles (CVE-2020-10717); past the caps it gets `ENFILE`/`EMFILE`.
 //! * Requests run with the server's own credentials: the guest's uid/gid
 //!   in a request never switch the host thread's (`id_remap`).
+//! * What the guest writes is capped when the share has a [`WriteCap`]
+//!   (one for all shares of a VM: the call's write limit): each write and
+//!   allocation takes its size first, past the cap it fails with `ENOSPC`
+//!   and nothing is written — the same count the guest's runner keeps, so
+//!   an honest guest meets the runner's limit first and a lying one this.
 
 use fuse_backend_rs::abi::fuse_abi::{
     CreateIn, FsOptions, OpenOptions, SetattrValid, stat64, statvfs64,
@@ -33,7 +38,7 @@ use std::ffi::CStr;
 use std::io;
 use std::path::Path;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 /// What one share may make the host hold, at most.
@@ -56,11 +61,40 @@ impl Default for ShareLimits {
     }
 }
 
+/// Bytes a VM's guest may still write into its shares, shared by them.
+#[derive(Debug)]
+pub struct WriteCap {
+    left: AtomicU64,
+}
+
+impl WriteCap {
+    /// A cap of `bytes`.
+    pub fn new(bytes: u64) -> std::sync::Arc<Self> {
+        std::sync::Arc::new(Self {
+            left: AtomicU64::new(bytes),
+        })
+    }
+
+    /// Bytes still allowed.
+    pub fn left(&self) -> u64 {
+        self.left.load(Ordering::SeqCst)
+    }
+
+    /// Take `n` bytes, or fail with `ENOSPC` taking nothing.
+    fn take(&self, n: u64) -> io::Result<()> {
+        self.left
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |l| l.checked_sub(n))
+            .map(|_| ())
+            .map_err(|_| errno(libc::ENOSPC))
+    }
+}
+
 /// One share (see the module docs).
 pub struct Share {
     inner: PassthroughFs,
     read_only: bool,
     limits: ShareLimits,
+    cap: Option<std::sync::Arc<WriteCap>>,
     /// Lookup counts as the guest kernel holds them (inode → count).
     lookups: Mutex<HashMap<u64, u64>>,
     handles: AtomicUsize,
@@ -122,9 +156,22 @@ impl Share {
             inner,
             read_only,
             limits,
+            cap: None,
             lookups: Mutex::new(HashMap::new()),
             handles: AtomicUsize::new(0),
         })
+    }
+
+    /// Hold what the guest writes here to `cap` (see the module docs).
+    #[must_use]
+    pub fn capped(mut self, cap: std::sync::Arc<WriteCap>) -> Self {
+        self.cap = Some(cap);
+        self
+    }
+
+    /// Take `n` bytes of the write cap, if there is one.
+    fn charge(&self, n: u64) -> io::Result<()> {
+        self.cap.as_ref().map_or(Ok(()), |c| c.take(n))
     }
 
     fn lookups(&self) -> std::sync::MutexGuard<'_, HashMap<u64, u64>> {
@@ -433,6 +480,7 @@ impl FileSystem for Share {
         fuse_flags: u32,
     ) -> io::Result<usize> {
         self.writable()?;
+        self.charge(u64::from(size))?;
         self.inner.write(
             ctx,
             inode,
@@ -465,6 +513,9 @@ impl FileSystem for Share {
         length: u64,
     ) -> io::Result<()> {
         self.writable()?;
+        if mode & libc::FALLOC_FL_PUNCH_HOLE as u32 == 0 {
+            self.charge(length)?;
+        }
         self.inner
             .fallocate(ctx, inode, handle, mode, offset, length)
     }

@@ -29,8 +29,12 @@ struct Fuse {
 
 impl Fuse {
     fn new(root: &Path, read_only: bool, limits: ShareLimits) -> Self {
+        Self::serving(super::share::Share::new(root, read_only, limits).unwrap())
+    }
+
+    fn serving(share: super::share::Share) -> Self {
         let mut f = Self {
-            raw: RawFuse::new(root, read_only, limits),
+            raw: RawFuse::serving(share),
             unique: 0,
         };
         let (err, _) = f.call(Opcode::Init, 0, &[INIT.as_slice()]);
@@ -417,6 +421,45 @@ fn what_a_guest_can_make_the_host_hold_is_capped() {
     let (inode, fh) = fhs.pop().unwrap();
     f.release(inode, fh);
     assert!(f.open(held[5], libc::O_RDONLY).is_ok());
+}
+
+#[test]
+fn what_a_guest_writes_is_held_to_the_vms_write_cap_across_its_shares() {
+    // Two shares of one VM, one cap of 10 bytes: a guest that ignores its
+    // runner's write limit meets it on the host, whichever share it uses.
+    let (a, b) = (tree(), tree());
+    let cap = super::share::WriteCap::new(10);
+    let share = |d: &Path| {
+        super::share::Share::new(d, false, ShareLimits::default())
+            .unwrap()
+            .capped(cap.clone())
+    };
+    let (mut fa, mut fb) = (
+        Fuse::serving(share(a.path())),
+        Fuse::serving(share(b.path())),
+    );
+    let (ia, ha) = fa.create(ROOT, b"one").unwrap();
+    assert_eq!(fa.write(ia, ha, b"123456"), 0);
+    let (ib, hb) = fb.create(ROOT, b"two").unwrap();
+    // 6 taken, 4 left: 5 bytes are refused whole, nothing written.
+    assert_eq!(fb.write(ib, hb, b"12345"), -libc::ENOSPC);
+    assert_eq!(std::fs::read(b.path().join("two")).unwrap(), b"");
+    assert_eq!(fb.write(ib, hb, b"1234"), 0);
+    assert_eq!(cap.left(), 0);
+    assert_eq!(fa.write(ia, ha, b"x"), -libc::ENOSPC);
+    // Allocating is writing too.
+    let fa_in = fuse_backend_rs::abi::fuse_abi::FallocateIn {
+        fh: ha,
+        offset: 0,
+        length: 1 << 30,
+        mode: 0,
+        padding: 0,
+    };
+    assert_eq!(
+        fa.call(Opcode::Fallocate, ia, &[fa_in.as_slice()]).0,
+        -libc::ENOSPC
+    );
+    assert_eq!(std::fs::metadata(a.path().join("one")).unwrap().len(), 6);
 }
 
 /// The device with its queues on mock rings in guest memory, its worker
