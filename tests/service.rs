@@ -1343,3 +1343,79 @@ fn secret_env_values_are_never_returned() {
             .contains("sk-live")
     );
 }
+
+/// Issue 14: a per-tenant state volume. A policy grants it by name; two
+/// calls see the same state; another tenant's volume of the same name is
+/// its own; a call may write only the room left (none when it is full:
+/// the call still runs, so it can read and remove).
+#[test]
+fn a_state_volume_keeps_a_tenants_state_across_calls_within_its_quota() {
+    let d = tmp();
+    let srv = Server::start(
+        d.path(),
+        "[[volumes]]\nname = \"notes\"\nquota = \"64 KiB\"\n",
+    );
+    let c = srv.client();
+    let policy =
+        "version = 1\n[[filesystem]]\nvolume = \"notes\"\nguest = \"/state\"\nmode = \"rw\"\n";
+    for t in [ADMIN, OTHER_ADMIN] {
+        c.upload_example(t, "notes", "notes");
+        let r = c.put_policy(t, "notes", policy);
+        assert_eq!(r.status, 201, "{}", r.json);
+    }
+    let add = |t: &str, text: &str| c.invoke(t, "notes__notes_add", json!({ "text": text }));
+    let list = |t: &str| {
+        let r = c.invoke(t, "notes__notes_list", json!({}));
+        assert_eq!(r.status, 200, "{}", r.json);
+        r.json["result"]["ok"]["ok"].clone()
+    };
+    assert_eq!(add(ADMIN, "first").json["result"]["ok"]["ok"], 1);
+    assert_eq!(add(ADMIN, "second\tline").json["result"]["ok"]["ok"], 2);
+    assert_eq!(
+        list(ADMIN),
+        json!([{"id": 1, "text": "first"}, {"id": 2, "text": "second\tline"}])
+    );
+    assert_eq!(list(OTHER_ADMIN), json!([]));
+    let vol = srv.data().join("volumes/acme/notes");
+    assert!(vol.join("notes.txt").is_file());
+    assert!(!srv.data().join("volumes/globex/notes/notes.txt").exists());
+
+    // A volume the server does not have.
+    let r = c.put_policy(ADMIN, "notes", &policy.replace("\"notes\"", "\"other\""));
+    assert_eq!(r.status, 400, "{}", r.json);
+    assert_eq!(r.json["error"]["field"], "policy.filesystem[0].volume");
+
+    // 52 KiB more: about 8 KiB left. Notes of 4000 bytes: within three,
+    // one is refused by the write limit, and what was there stays.
+    std::fs::write(vol.join("pad"), vec![0u8; 52 << 10]).unwrap();
+    let big = "n".repeat(4000);
+    let kinds: Vec<Value> = (0..3)
+        .map(|_| add(ADMIN, &big).json["result"].clone())
+        .collect();
+    assert!(
+        kinds.iter().any(|r| r["error"]["kind"] == "write_limit"),
+        "{kinds:?}"
+    );
+    let notes = list(ADMIN);
+    assert_eq!(notes[0], json!({"id": 1, "text": "first"}), "{notes}");
+
+    // Full: no write at all, reading and removing still work.
+    std::fs::write(vol.join("pad"), vec![0u8; 64 << 10]).unwrap();
+    let r = add(ADMIN, "more");
+    assert_eq!(
+        r.json["result"]["error"]["kind"], "write_limit",
+        "{}",
+        r.json
+    );
+    assert_eq!(list(ADMIN)[0]["id"], 1);
+    let r = c.invoke(ADMIN, "notes__notes_clear", json!({}));
+    assert!(
+        r.json["result"]["ok"]["ok"].as_u64().unwrap() >= 2,
+        "{}",
+        r.json
+    );
+    assert!(!vol.join("notes.txt").exists());
+    // Room again once something goes.
+    std::fs::remove_file(vol.join("pad")).unwrap();
+    assert!(add(ADMIN, "after").json["result"]["ok"]["ok"].is_u64());
+}

@@ -21,7 +21,7 @@ use serde::Serialize;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-pub use parse::{limits_over, parse};
+pub use parse::{limits_over, parse, size, valid_volume_name};
 
 /// Largest memory limit a policy may ask for (the engine's slot size).
 pub const MAX_MEMORY_BYTES: u64 = 4 << 30;
@@ -80,8 +80,12 @@ pub enum Mode {
 /// One filesystem grant.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct FsRule {
-    /// Host directory (absolute after loading).
+    /// Host directory (absolute after loading); empty for a volume until
+    /// the service resolves it ([`tenant::check`]).
     pub host: PathBuf,
+    /// A state volume of the service (`volume = "name"`), in place of a
+    /// host directory.
+    pub volume: Option<String>,
     /// Path inside the sandbox.
     pub guest: String,
     /// Access mode.
@@ -200,6 +204,12 @@ impl Policy {
         };
         let base = std::fs::canonicalize(&base).unwrap_or(base);
         let mut policy = parse(&text, &base)?;
+        if let Some(i) = policy.filesystem.iter().position(|f| f.volume.is_some()) {
+            return Err(PolicyError::Field {
+                field: format!("filesystem[{i}].volume"),
+                message: "state volumes belong to the service (`airlock serve`, [[volumes]]); grant a host directory with `host` here".into(),
+            });
+        }
         // The operator's own file: a granted directory reached through a
         // symlink is taken at its real path now; at call time the runner
         // opens that path from `/` following no link, so a link swapped in
@@ -215,33 +225,59 @@ impl Policy {
     /// The grant set for one call with `airlock run`: each directory is
     /// opened beneath `/` (without following links).
     pub fn grant_set(&self) -> GrantSet {
-        self.grant_set_beneath(&[PathBuf::from("/")])
-            .expect("every absolute path is beneath /")
+        self.grant_set_beneath(&[PathBuf::from("/")], &BTreeMap::new())
+            .expect("every absolute path is beneath /, and load refuses volumes")
     }
 
     /// The grant set for one call, each directory bound to the first of
     /// `roots` it lies in (compared component by component; host paths hold
-    /// no `..`). The runner opens it beneath that root.
+    /// no `..`), each volume to its directory in `volumes` (name →
+    /// directory, which is also its root). The runner opens it beneath
+    /// that root.
     ///
     /// # Errors
     /// [`PolicyError::Field`] naming `filesystem[i].host` when a directory is
-    /// inside none of `roots`.
-    pub fn grant_set_beneath(&self, roots: &[PathBuf]) -> Result<GrantSet, PolicyError> {
+    /// inside none of `roots`, or `filesystem[i].volume` when `volumes` has
+    /// no such volume.
+    pub fn grant_set_beneath(
+        &self,
+        roots: &[PathBuf],
+        volumes: &BTreeMap<String, PathBuf>,
+    ) -> Result<GrantSet, PolicyError> {
         let mut dirs = Vec::with_capacity(self.filesystem.len());
         for (i, f) in self.filesystem.iter().enumerate() {
-            let root = roots
-                .iter()
-                .find(|r| f.host.is_absolute() && f.host.starts_with(r))
-                .ok_or_else(|| PolicyError::Field {
-                    field: format!("filesystem[{i}].host"),
-                    message: format!(
-                        "{} is not inside a directory this server allows this tenant to grant (allowed_host_dirs)",
-                        f.host.display()
-                    ),
-                })?;
+            let (root, host) = match &f.volume {
+                Some(name) => {
+                    let dir = volumes.get(name).ok_or_else(|| PolicyError::Field {
+                        field: format!("filesystem[{i}].volume"),
+                        message: format!(
+                            "no volume named {name:?} on this server (its [[volumes]]: {})",
+                            if volumes.is_empty() {
+                                "none".to_string()
+                            } else {
+                                volumes.keys().cloned().collect::<Vec<_>>().join(", ")
+                            }
+                        ),
+                    })?;
+                    (dir.clone(), dir.clone())
+                }
+                None => {
+                    let root = roots
+                        .iter()
+                        .find(|r| f.host.is_absolute() && f.host.starts_with(r))
+                        .ok_or_else(|| PolicyError::Field {
+                            field: format!("filesystem[{i}].host"),
+                            message: format!(
+                                "{} is not inside a directory this server allows this tenant to grant (allowed_host_dirs)",
+                                f.host.display()
+                            ),
+                        })?;
+                    (root.clone(), f.host.clone())
+                }
+            };
             dirs.push(DirGrant {
-                root: root.clone(),
-                host_path: f.host.clone(),
+                root,
+                host_path: host,
                 guest_path: f.guest.clone(),
                 writable: f.mode == Mode::Rw,
                 origin: None,

@@ -169,7 +169,7 @@ pub fn limits_over(v: &Value, base: Limits) -> Result<Limits, PolicyError> {
 }
 
 /// `1048576`, `"64 MiB"`, `"512KiB"`, `"1GiB"`, `"100 B"`.
-fn size(v: &Value, path: &str) -> Result<u64, PolicyError> {
+pub fn size(v: &Value, path: &str) -> Result<u64, PolicyError> {
     with_unit(
         v,
         path,
@@ -254,7 +254,7 @@ fn filesystem(v: &Value, base: &Path) -> Result<Vec<FsRule>, PolicyError> {
     for (i, item) in arr.iter().enumerate() {
         let p = format!("filesystem[{i}]");
         let t = table(item, &p)?;
-        check_keys(t, &p, &["host", "guest", "mode"])?;
+        check_keys(t, &p, &["host", "volume", "guest", "mode"])?;
         let get_str = |k: &str| -> Result<&str, PolicyError> {
             match t.get(k) {
                 Some(Value::String(s)) => Ok(s.as_str()),
@@ -265,8 +265,26 @@ fn filesystem(v: &Value, base: &Path) -> Result<Vec<FsRule>, PolicyError> {
                 None => Err(field(&format!("{p}.{k}"), "missing required field")),
             }
         };
-        let host = get_str("host")?;
-        if host.is_empty() {
+        let (host, volume) = match (t.contains_key("host"), t.contains_key("volume")) {
+            (true, false) => (get_str("host")?, None),
+            (false, true) => {
+                let name = get_str("volume")?;
+                if !valid_volume_name(name) {
+                    return Err(field(
+                        &format!("{p}.volume"),
+                        format!("expected 1-32 characters of a-z, 0-9, '-' and '_', got {name:?}"),
+                    ));
+                }
+                ("", Some(name.to_string()))
+            }
+            _ => {
+                return Err(field(
+                    &format!("{p}.host"),
+                    "give exactly one of `host` (a host directory) and `volume` (a state volume of the service)",
+                ));
+            }
+        };
+        if host.is_empty() && volume.is_none() {
             return Err(field(&format!("{p}.host"), "must not be empty"));
         }
         // `..` lets a path that names one directory today name another
@@ -315,12 +333,25 @@ fn filesystem(v: &Value, base: &Path) -> Result<Vec<FsRule>, PolicyError> {
             ));
         }
         out.push(FsRule {
-            host: lexical(&base.join(host)),
+            host: if volume.is_some() {
+                PathBuf::new()
+            } else {
+                lexical(&base.join(host))
+            },
+            volume,
             guest,
             mode,
         });
     }
     Ok(out)
+}
+
+/// A state volume's name: 1-32 of a-z, 0-9, `-`, `_`.
+pub fn valid_volume_name(name: &str) -> bool {
+    (1..=32).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
 }
 
 /// `path` without `.` components or a trailing `/` (no filesystem access;
@@ -450,6 +481,7 @@ mod tests {
             pol.filesystem[0],
             FsRule {
                 host: "/base/data".into(),
+                volume: None,
                 guest: "/data".into(),
                 mode: Mode::Ro
             }
@@ -507,6 +539,26 @@ mod tests {
             err_field("version = 1\n[[filesystem]]\nguest=\"/a\"\nmode=\"ro\""),
             "filesystem[0].host"
         );
+        // A state volume, by name; never both a host path and a volume.
+        let v = p("version = 1\n[[filesystem]]\nvolume=\"notes\"\nguest=\"/state\"\nmode=\"rw\"")
+            .unwrap();
+        assert_eq!(v.filesystem[0].volume.as_deref(), Some("notes"));
+        assert!(v.filesystem[0].host.as_os_str().is_empty());
+        assert_eq!(
+            err_field(
+                "version = 1\n[[filesystem]]\nvolume=\"n\"\nhost=\"a\"\nguest=\"/a\"\nmode=\"ro\""
+            ),
+            "filesystem[0].host"
+        );
+        for bad in ["", "../x", "a/b", "UPPER", &"x".repeat(33)] {
+            assert_eq!(
+                err_field(&format!(
+                    "version = 1\n[[filesystem]]\nvolume={bad:?}\nguest=\"/a\"\nmode=\"ro\""
+                )),
+                "filesystem[0].volume",
+                "{bad:?}"
+            );
+        }
         assert_eq!(
             err_field(
                 "version = 1\n[[filesystem]]\nhost=\"a\"\nguest=\"/a\"\nmode=\"ro\"\n[[filesystem]]\nhost=\"b\"\nguest=\"/a\"\nmode=\"rw\""

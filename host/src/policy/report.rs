@@ -115,7 +115,8 @@ pub fn static_report(tools: &ToolSet, policy: &Policy) -> Report {
             "environment variables are supplied but the component does not import wasi:cli/environment".into());
     }
     for (i, r) in policy.filesystem.iter().enumerate() {
-        if !r.host.is_dir() {
+        // A volume is the service's to make.
+        if r.volume.is_none() && !r.host.is_dir() {
             push(
                 Severity::Warning,
                 CapabilityClass::Filesystem,

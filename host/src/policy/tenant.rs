@@ -21,6 +21,8 @@ pub struct TenantRules<'a> {
     pub allowed_host_dirs: &'a [PathBuf],
     /// The highest limits its policies may ask for.
     pub ceiling: &'a Limits,
+    /// Its state volumes: name → its own directory of each (canonical).
+    pub volumes: &'a std::collections::BTreeMap<String, PathBuf>,
 }
 
 /// How much [`check`] checks.
@@ -56,7 +58,7 @@ fn field(field: impl Into<String>, message: impl Into<String>) -> PolicyError {
 pub fn check(text: &str, rules: &TenantRules<'_>, how: Check) -> Result<Checked, PolicyError> {
     let policy = parse(text, Path::new(""))?;
     for (i, fs) in policy.filesystem.iter().enumerate() {
-        if !fs.host.is_absolute() {
+        if fs.volume.is_none() && !fs.host.is_absolute() {
             return Err(field(
                 format!("filesystem[{i}].host"),
                 format!(
@@ -66,7 +68,7 @@ pub fn check(text: &str, rules: &TenantRules<'_>, how: Check) -> Result<Checked,
             ));
         }
     }
-    let grants = policy.grant_set_beneath(rules.allowed_host_dirs)?;
+    let grants = policy.grant_set_beneath(rules.allowed_host_dirs, rules.volumes)?;
     if let Some((name, asked, max)) = policy.over_ceiling(rules.ceiling) {
         return Err(field(
             name,
@@ -77,7 +79,13 @@ pub fn check(text: &str, rules: &TenantRules<'_>, how: Check) -> Result<Checked,
         ));
     }
     if how == Check::Store {
-        for (i, fs) in policy.filesystem.iter().enumerate() {
+        // Volumes are the service's own directories.
+        for (i, fs) in policy
+            .filesystem
+            .iter()
+            .enumerate()
+            .filter(|(_, f)| f.volume.is_none())
+        {
             let name = format!("filesystem[{i}].host");
             let real = std::fs::canonicalize(&fs.host).map_err(|e| {
                 field(
@@ -110,12 +118,52 @@ pub fn check(text: &str, rules: &TenantRules<'_>, how: Check) -> Result<Checked,
 mod tests {
     use super::*;
 
+    static NO_VOLUMES: std::collections::BTreeMap<String, PathBuf> =
+        std::collections::BTreeMap::new();
+
     fn rules<'a>(dirs: &'a [PathBuf], ceiling: &'a Limits) -> TenantRules<'a> {
         TenantRules {
             tenant: "acme",
             allowed_host_dirs: dirs,
             ceiling,
+            volumes: &NO_VOLUMES,
         }
+    }
+
+    #[test]
+    fn a_volume_is_granted_by_name_as_its_own_root_and_only_if_it_exists() {
+        let allowed = tempfile::tempdir().unwrap();
+        let allowed = std::fs::canonicalize(allowed.path()).unwrap();
+        let vol = tempfile::tempdir().unwrap();
+        let volumes =
+            std::collections::BTreeMap::from([("notes".to_string(), vol.path().to_path_buf())]);
+        let dirs = [allowed];
+        let ceiling = Limits::default();
+        let r = TenantRules {
+            volumes: &volumes,
+            ..rules(&dirs, &ceiling)
+        };
+        let text =
+            "version = 1\n[[filesystem]]\nvolume = \"notes\"\nguest = \"/state\"\nmode = \"rw\"\n";
+        let c = check(text, &r, Check::Store).unwrap();
+        assert_eq!(c.grants.dirs[0].root, vol.path());
+        assert_eq!(c.grants.dirs[0].host_path, vol.path());
+        assert!(c.grants.dirs[0].writable);
+        // A volume this server does not have; a host path inside a volume.
+        let e = check(&text.replace("notes", "other"), &r, Check::Store).unwrap_err();
+        assert!(
+            matches!(&e, PolicyError::Field { field, message } if field == "filesystem[0].volume" && message.contains("notes")),
+            "{e}"
+        );
+        let by_path = format!(
+            "version = 1\n[[filesystem]]\nhost = {:?}\nguest = \"/state\"\nmode = \"rw\"\n",
+            vol.path()
+        );
+        let e = check(&by_path, &r, Check::Use).unwrap_err();
+        assert!(
+            matches!(&e, PolicyError::Field { field, .. } if field == "filesystem[0].host"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -26,6 +26,10 @@
 //! egress_ca = "/etc/airlock/private-ca.pem"   # optional, either mode: extra CAs for https egress
 //! vmm = "/usr/lib/airlock/airlock-vmm"         # optional: the VMM binary (default: next to airlock)
 //!
+//! [[volumes]]           # per-tenant state a policy grants by name (`volume = "notes"`)
+//! name = "notes"
+//! quota = "64 MiB"        # per tenant
+//!
 //! [[tokens]]
 //! name = "ci-admin"
 //! token = "…"             # or token_sha256 = "<hex>"
@@ -146,7 +150,20 @@ struct File {
     tokens: Vec<TokenEntry>,
     #[serde(default)]
     isolation: IsolationEntry,
+    #[serde(default)]
+    volumes: Vec<VolumeEntry>,
 }
+
+/// `[[volumes]]` as written.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct VolumeEntry {
+    name: String,
+    quota: toml::Value,
+}
+
+/// The most a volume's quota may be (per tenant).
+pub const MAX_VOLUME_QUOTA: u64 = 1 << 40;
 
 /// `[tenants.<name>]` as written.
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -243,6 +260,8 @@ pub struct Config {
     pub tokens: Vec<Token>,
     /// Where calls run.
     pub isolation: Isolation,
+    /// State volumes every tenant has one of (`[[volumes]]`).
+    pub volumes: Vec<super::volumes::VolumeSpec>,
 }
 
 /// The default listen address.
@@ -352,6 +371,7 @@ impl Config {
         let tenants = tenants(f.tenants)?;
         let egress_ca = egress_ca(&f.isolation)?;
         let isolation = isolation(f.isolation)?;
+        let volumes = volumes(f.volumes)?;
         Ok(Self {
             listen,
             data_dir,
@@ -361,6 +381,7 @@ impl Config {
             limits: l,
             tokens,
             isolation,
+            volumes,
         })
     }
 
@@ -477,6 +498,41 @@ fn tenants(
                 max_limits,
             },
         );
+    }
+    Ok(out)
+}
+
+/// `[[volumes]]`: names valid and unique, quotas sizes.
+fn volumes(entries: Vec<VolumeEntry>) -> Result<Vec<super::volumes::VolumeSpec>, ConfigError> {
+    let mut out: Vec<super::volumes::VolumeSpec> = Vec::new();
+    for (i, v) in entries.into_iter().enumerate() {
+        if !crate::policy::valid_volume_name(&v.name) {
+            return Err(field(
+                format!("volumes[{i}].name"),
+                format!(
+                    "expected 1-32 characters of a-z, 0-9, '-' and '_', got {:?}",
+                    v.name
+                ),
+            ));
+        }
+        if out.iter().any(|o| o.name == v.name) {
+            return Err(field(
+                format!("volumes[{i}].name"),
+                format!("{:?} is named twice", v.name),
+            ));
+        }
+        let at = format!("volumes[{i}].quota");
+        let quota_bytes = crate::policy::size(&v.quota, &at).map_err(|e| match e {
+            crate::policy::PolicyError::Field { message, .. } => field(at.clone(), message),
+            other => field(at.clone(), other.to_string()),
+        })?;
+        if !(super::volumes::ENTRY_BYTES..=MAX_VOLUME_QUOTA).contains(&quota_bytes) {
+            return Err(field(at, "must be between 4 KiB and 1 TiB"));
+        }
+        out.push(super::volumes::VolumeSpec {
+            name: v.name,
+            quota_bytes,
+        });
     }
     Ok(out)
 }

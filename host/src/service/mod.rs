@@ -25,6 +25,7 @@ pub mod export;
 pub mod mcp;
 mod metrics;
 pub mod store;
+pub mod volumes;
 
 use crate::callsite::{CallSite, CallSiteError, Component};
 use crate::policy::{self, Policy};
@@ -239,6 +240,8 @@ pub struct Service {
     metrics: metrics::Metrics,
     /// MCP sessions: id → (tenant, last used).
     sessions: Mutex<HashMap<String, (String, std::time::Instant)>>,
+    /// Per-tenant state volumes.
+    volumes: volumes::Volumes,
 }
 
 /// An MCP session unused this long is gone.
@@ -263,6 +266,11 @@ impl Service {
         config
             .check_data_dir_not_grantable()
             .map_err(|e| ServiceError::Internal(e.to_string()))?;
+        // Volume paths are compared with grant roots: by their real path.
+        let data_dir = std::fs::canonicalize(&config.data_dir).map_err(|e| {
+            ServiceError::Internal(format!("data_dir {}: {e}", config.data_dir.display()))
+        })?;
+        let volumes = volumes::Volumes::new(&data_dir, config.volumes.clone());
         let vm = match &config.isolation {
             config::Isolation::Process => None,
             config::Isolation::Vm(v) => Some(v.as_ref().clone()),
@@ -285,6 +293,7 @@ impl Service {
             tenants: Mutex::new(HashMap::new()),
             metrics: metrics::Metrics::new(),
             sessions: Mutex::new(HashMap::new()),
+            volumes,
         })
     }
 
@@ -353,10 +362,15 @@ impl Service {
         check: PolicyCheck,
     ) -> Result<policy::tenant::Checked, ServiceError> {
         let ceiling = self.config.max_limits(tenant);
+        let volumes = self
+            .volumes
+            .dirs(tenant)
+            .map_err(|e| ServiceError::Internal(e.to_string()))?;
         let rules = policy::tenant::TenantRules {
             tenant,
             allowed_host_dirs: self.config.allowed_host_dirs(tenant),
             ceiling: &ceiling,
+            volumes: &volumes,
         };
         policy::tenant::check(text, &rules, check).map_err(|e| {
             let field = match &e {
@@ -593,7 +607,7 @@ impl Service {
             )));
         }
         let (checked, policy_version) = self.policy_at(&who.tenant, component, None)?;
-        let grants = self.site.grants(checked.grants).map_err(|e| {
+        let mut grants = self.site.grants(checked.grants).map_err(|e| {
             let crate::policy::vm::VmGrantError::TooManyShares { index } = &e;
             bad(
                 "unsupported_in_vm",
@@ -610,6 +624,12 @@ impl Service {
         // holds its tenant slot until then, and is recorded.
         let task = tokio::spawn(async move {
             let _permit = permit;
+            // The volumes it grants: one call at a time each, and room left.
+            let _volumes = svc
+                .volumes
+                .hold(&tenant, &mut grants.grants)
+                .await
+                .map_err(|e| ServiceError::Internal(e.to_string()))?;
             svc.metrics.running.inc();
             let stored: Arc<dyn Component> = Arc::new(Stored {
                 svc: svc.clone(),
