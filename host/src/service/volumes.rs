@@ -237,11 +237,10 @@ mod tests {
         for i in 10..16 {
             std::fs::write(dir.join(format!("f{i}")), "").unwrap();
         }
-        let e = v.hold("acme", &mut grant(&dir)).await.unwrap_err();
-        assert!(
-            matches!(e, VolumeError::Full { used, quota, .. } if used == 64 << 10 && quota == 64 << 10),
-            "{e}"
-        );
+        // Full: the call may write nothing (it may still read and remove).
+        let mut g = grant(&dir);
+        drop(v.hold("acme", &mut g).await.unwrap());
+        assert_eq!(g.limits.max_write_bytes, 0);
         // Another tenant's volume is its own.
         let other = v.dirs("globex").unwrap()["notes"].clone();
         assert!(v.hold("globex", &mut grant(&other)).await.is_ok());
