@@ -90,13 +90,46 @@ if [ -e /sys/module/kvm_pvm ] || [ ! -e /dev/kvm ]; then
   # The outer VM's QEMU command line comes from the manifest (the tests use the same).
   mapfile -t outer_qemu < <(python3 -c 'import json,sys; print("\n".join(json.load(open(sys.argv[1]))["qemu"]))' "$nested")
   outer_append="$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["append"])' "$nested")"
-  out="$(timeout 1800 "${outer_qemu[@]}" -append "$outer_append airlock_only=vm-invoke" </dev/null | tr -d "\r" || true)"
+  say "Then a state volume in VM isolation: the service's notes tool writes to its tenant's volume from two fresh microVMs, and a third lists both notes"
+  out="$(timeout 2400 "${outer_qemu[@]}" -append "$outer_append airlock_only=vm-invoke,service-vm-state" </dev/null | tr -d "\r" || true)"
   sed -n "/NESTED-RESULT-BEGIN/,/NESTED-RESULT-END/p" <<<"$out"
-  if ! grep -q "NESTED-RESULT-END vm-invoke 0" <<<"$out"; then
-    echo "demo: the call in the microVM failed; the outer VM printed:" >&2
-    tail -n 40 <<<"$out" >&2
-    exit 1
-  fi
+  for s in vm-invoke service-vm-state; do
+    if ! grep -q "NESTED-RESULT-END $s 0" <<<"$out"; then
+      echo "demo: $s in the microVM failed; the outer VM printed:" >&2
+      tail -n 40 <<<"$out" >&2
+      exit 1
+    fi
+  done
 else
   "$AIRLOCK" run "$EX/kitchen.wasm" --tool recipes_summarize --args '{"values": [12, 30, 45, 8]}' --isolation vm
+  say "A state volume in VM isolation: the service's notes tool writes to its tenant's volume from two fresh microVMs, and a third lists both notes"
+  agent="$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["initramfs"])' "$image")"
+  cat > "$work/serve-vm.toml" <<TOML
+[isolation]
+mode = "vm"
+kernel = "$vmlinux"
+initrd = "$agent"
+warm = 0
+[[volumes]]
+name = "notes"
+quota = "1 MiB"
+[[tokens]]
+name = "demo-admin"
+token = "$token"
+tenant = "demo"
+role = "admin"
+TOML
+  "$AIRLOCK" serve --config "$work/serve-vm.toml" --data-dir "$work/data-vm" --listen 127.0.0.1:0 > "$work/serve-vm.out" &
+  server=$!
+  for _ in $(seq 100); do grep -q listening "$work/serve-vm.out" 2>/dev/null && break; sleep 0.1; done
+  url="$(sed -n 's/^airlock: listening on //p' "$work/serve-vm.out")"
+  printf 'version = 1\n[[filesystem]]\nvolume = "notes"\nguest = "/state"\nmode = "rw"\n' > "$work/notes.toml"
+  curl -sSf "${auth[@]}" -F name=notes -F "component=@$EX/notes.wasm" -F "policy=<$work/notes.toml" "$url/v1/components"; echo
+  for n in first second; do
+    curl -sSf "${auth[@]}" -d "{\"arguments\": {\"text\": \"written in the $n microVM\"}}" "$url/v1/tools/notes__notes_add:invoke" \
+      | python3 -c 'import json,sys; r=json.load(sys.stdin); print("  add:", r["result"], "isolation:", r["isolation"])'
+  done
+  curl -sSf "${auth[@]}" -d '{"arguments": {}}' "$url/v1/tools/notes__notes_list:invoke" \
+    | python3 -c 'import json,sys; r=json.load(sys.stdin); print("  list:", r["result"])'
+  kill "$server"; wait "$server" || true
 fi

@@ -808,6 +808,50 @@ fn file_grants_and_attacks_on_them_give_the_same_results_and_audit_in_both_walls
 }
 
 #[test]
+fn a_state_volume_carries_a_tools_state_from_one_fresh_microvm_to_the_next() {
+    // The service in VM isolation; the notes tool's policy grants the
+    // `notes` volume: two calls, each in a microVM of its own, then a
+    // third lists what both wrote. On the host the state is one file in
+    // the tenant's volume directory; no VMM is left.
+    let (v, code) = scenario("service-vm-state");
+    assert_eq!(code, 0, "{v}");
+    assert_eq!(v["add1"]["result"]["ok"]["ok"], 1, "{v}");
+    assert_eq!(v["add2"]["result"]["ok"]["ok"], 2, "{v}");
+    assert_eq!(v["add1"]["isolation"], "vm", "{v}");
+    assert_eq!(
+        v["list"]["result"]["ok"]["ok"],
+        json!([
+            {"id": 1, "text": "written in the first microVM"},
+            {"id": 2, "text": "written in the second microVM"},
+        ]),
+        "{v}"
+    );
+    assert!(v["vms_booted"].as_u64().unwrap_or(0) >= 3, "{v}");
+    assert_eq!(
+        v["on_host"], "1|written in the first microVM 2|written in the second microVM ",
+        "{v}"
+    );
+    // The service made the volume (root's, 0700); the file server serves
+    // as its owner.
+    assert_eq!(v["owner"], "0:0", "{v}");
+    assert_eq!(v["vmms_left"], 0, "{v}");
+    let preopen = v["list"]["audit"]["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["action"] == "fs.preopen")
+        .cloned()
+        .unwrap_or_default();
+    assert!(
+        preopen["reason"]
+            .as_str()
+            .unwrap_or_default()
+            .ends_with("/volumes/acme/notes"),
+        "{preopen}"
+    );
+}
+
+#[test]
 fn the_vmm_process_runs_a_guest_to_its_end_under_its_filters() {
     // `airlock-vmm` with its filters enforced (the default): the whole run,
     // setup to report, stays inside every thread's filter.

@@ -155,17 +155,33 @@ poweroff -f
 /// Shell helpers of the scenarios that talk to `airlock serve` on
 /// 127.0.0.1:8420 (with `$T`, an admin token, set).
 const SERVICE_HELPERS: &str = r#"
-# upload_kitchen: upload /examples/kitchen.wasm as `kitchen`. busybox wget
+# upload_example NAME: upload /examples/NAME.wasm as NAME. busybox wget
 # sends --post-file up to the first NUL byte: upload with nc, keeping its
 # stdin open until the answer (busybox nc stops at stdin EOF).
-upload_kitchen() {
-  W=/examples/kitchen.wasm
+upload_example() {
+  W=/examples/$1.wasm
   : > /tmp/upload.txt
-  { printf 'POST /v1/components?name=kitchen HTTP/1.0\r\nHost: 127.0.0.1\r\nAuthorization: Bearer %s\r\n' "$T"
+  { printf 'POST /v1/components?name=%s HTTP/1.0\r\nHost: 127.0.0.1\r\nAuthorization: Bearer %s\r\n' "$1" "$T"
     printf 'Content-Type: application/wasm\r\nContent-Length: %s\r\n\r\n' "$(wc -c < $W)"; cat $W
-    i=0; while ! grep -q '}' /tmp/upload.txt && [ $i -lt 300 ]; do sleep 1; i=$((i+1)); done; } \
+    i=0; while ! grep -q '}' /tmp/upload.txt && [ $i -lt 600 ]; do sleep 1; i=$((i+1)); done; } \
     | nc 127.0.0.1 8420 > /tmp/upload.txt
   grep -q '"created":true' /tmp/upload.txt || { cat /tmp/upload.txt; exit 4; }
+}
+upload_kitchen() { upload_example kitchen; }
+# put_policy NAME FILE: store FILE as NAME's policy (busybox wget cannot PUT).
+put_policy() {
+  : > /tmp/policy.txt
+  { printf 'PUT /v1/components/%s/policy HTTP/1.0\r\nHost: 127.0.0.1\r\nAuthorization: Bearer %s\r\n' "$1" "$T"
+    printf 'Content-Type: application/toml\r\nContent-Length: %s\r\n\r\n' "$(wc -c < $2)"; cat $2
+    i=0; while ! grep -q '}' /tmp/policy.txt && [ $i -lt 60 ]; do sleep 1; i=$((i+1)); done; } \
+    | nc 127.0.0.1 8420 > /tmp/policy.txt
+  grep -q ' 201 ' /tmp/policy.txt || { cat /tmp/policy.txt; exit 6; }
+}
+# invoke TOOL ARGS OUT: call TOOL with the JSON object ARGS, the answer in OUT.
+invoke() {
+  wget -q -O "$3" --header "Authorization: Bearer $T" --header "Content-Type: application/json" \
+    --post-data "{\"arguments\": $2}" "http://127.0.0.1:8420/v1/tools/$1:invoke" \
+    || { echo "call $1 failed; server log:"; tail -n 40 /tmp/serve.err; exit 5; }
 }
 # jailed_vmms: VMM processes running now (each jailed VMM is pid 1 of its
 # pid namespace; its keeper outside is not counted).
@@ -417,6 +433,54 @@ if wanted service-vm; then
   echo "NESTED-RESULT-BEGIN service-vm"
   timeout -s KILL 900 sh /tmp/service-vm.sh 2>&1
   echo "NESTED-RESULT-END service-vm $?"
+fi
+# A state volume in VM isolation: the notes tool's policy grants the
+# service's `notes` volume; each call boots a fresh microVM of its own
+# (its grants over virtio-fs) and the second sees what the first wrote.
+cat > /tmp/service-vm-state.sh <<'EOT'
+set -e
+T=nested-admin-token-0123456
+. /service-helpers.sh
+cat > /tmp/serve.toml <<EOC
+data_dir = "/tmp/svc-state"
+listen = "127.0.0.1:8420"
+[isolation]
+mode = "vm"
+kernel = "/guest/vmlinux"
+initrd = "/guest/initramfs.cpio.gz"
+warm = 0
+max_vms = 2
+[[volumes]]
+name = "notes"
+quota = "1 MiB"
+[[tokens]]
+name = "admin"
+token = "$T"
+tenant = "acme"
+role = "admin"
+EOC
+printf 'version = 1\n[[filesystem]]\nvolume = "notes"\nguest = "/state"\nmode = "rw"\n' > /tmp/notes.toml
+progress() { echo "NESTED-PROGRESS service-vm-state: $*"; }
+start_serve
+progress "serving; uploading notes.wasm (compiled in the outer VM)"
+upload_example notes
+put_policy notes /tmp/notes.toml
+progress "two calls, each in a fresh microVM, writing to the volume"
+invoke notes__notes_add '{"text": "written in the first microVM"}' /tmp/add1.json
+invoke notes__notes_add '{"text": "written in the second microVM"}' /tmp/add2.json
+progress "a third microVM lists what both wrote"
+invoke notes__notes_list '{}' /tmp/list.json
+booted=$(wget -q -O - --header "Authorization: Bearer $T" http://127.0.0.1:8420/metrics | grep '^airlock_vms_booted_total' | cut -d' ' -f2)
+f=/tmp/svc-state/volumes/acme/notes/notes.txt
+kill $serve_pid; wait $serve_pid 2>/dev/null || true
+printf '{"add1": '; cat /tmp/add1.json; printf ', "add2": '; cat /tmp/add2.json; printf ', "list": '; cat /tmp/list.json
+printf ', "vms_booted": %s, "on_host": "%s", "owner": "%s", "vmms_left": %s}\n' "${booted:-null}" \
+  "$(tr '\t\n' '| ' < $f)" "$(stat -c %u:%g $f)" "$(pidof airlock-vmm | wc -w)"
+EOT
+if wanted service-vm-state; then
+  echo "NESTED-RESULT-BEGIN service-vm-state"
+  timeout -s KILL 900 sh /tmp/service-vm-state.sh 2>&1
+  echo "NESTED-RESULT-END service-vm-state $?"
 fi
 scenario_retry weights 600 $BOOT --initrd $G/initramfs.cpio.gz --pmem $G/weights.erofs \
   --cmdline 'airlock.weights=/dev/pmem0:/weights airlock.selftest=weights' --timeout-secs 500
@@ -783,6 +847,11 @@ pub fn build_image(kind: Kind) -> anyhow::Result<PathBuf> {
         (
             "examples/escape.wasm".into(),
             super::examples_out().join("escape.wasm"),
+            0o100_644,
+        ),
+        (
+            "examples/notes.wasm".into(),
+            super::examples_out().join("notes.wasm"),
             0o100_644,
         ),
         (
