@@ -852,6 +852,33 @@ fn a_state_volume_carries_a_tools_state_from_one_fresh_microvm_to_the_next() {
 }
 
 #[test]
+fn a_granted_directory_gone_at_call_time_is_the_same_grant_error_in_both_walls() {
+    let (vm, _) = scenario("files-gone-vm");
+    let (local, _) = scenario("files-gone-process");
+    assert_eq!(vm["result"]["error"]["kind"], "grant", "{vm}");
+    assert_eq!(vm["result"], local["result"], "vm: {vm}\nprocess: {local}");
+    assert!(
+        vm["result"]["error"]["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("/tmp/parity/gone"),
+        "{vm}"
+    );
+    assert_eq!(call_view(&vm)["audit"], call_view(&local)["audit"]);
+}
+
+#[test]
+fn a_guest_asking_for_a_tag_its_vm_lacks_ends_its_vm_and_leaves_nothing_on_the_host() {
+    let (v, _) = scenario("share-bad-tag");
+    let console = v["console"].as_str().unwrap_or_default();
+    assert!(console.contains("virtio-fs"), "{v}");
+    assert!(console.contains("nosuchtag"), "{v}");
+    assert!(!console.contains("AIRLOCK-SHARE-"), "{v}");
+    let (h, _) = scenario("share-bad-tag-host");
+    assert_eq!(h, json!({"share_mounts": 0, "vmms": 0, "jail_dirs": 0}));
+}
+
+#[test]
 fn the_vmm_process_runs_a_guest_to_its_end_under_its_filters() {
     // `airlock-vmm` with its filters enforced (the default): the whole run,
     // setup to report, stays inside every thread's filter.

@@ -551,6 +551,23 @@ scenario files-parity-vm 1200 run $E/escape.wasm --policy /tmp/parity.toml --cal
 wanted files-parity-vm && parity_host files-parity-vm
 scenario files-parity-process 300 run $E/escape.wasm --policy /tmp/parity.toml --calls /tmp/parity-calls.json --isolation process
 wanted files-parity-process && parity_host files-parity-process
+# A granted directory that is gone when the call starts: the same `grant`
+# error in both walls (in a VM the host finds it gone and does not share
+# it; the guest's runner fails the call where the process wall's would).
+printf 'version = 1\n[[filesystem]]\nhost = "/tmp/parity/ro"\nguest = "/data"\nmode = "ro"\n[[filesystem]]\nhost = "/tmp/parity/gone"\nguest = "/gone"\nmode = "rw"\n' > /tmp/parity-gone.toml
+scenario files-gone-vm 900 run $E/escape.wasm --policy /tmp/parity-gone.toml --tool read-outside --args '{"path": "/data/notes.txt"}' $VMRUN
+scenario files-gone-process 300 run $E/escape.wasm --policy /tmp/parity-gone.toml --tool read-outside --args '{"path": "/data/notes.txt"}' --isolation process
+# A guest that asks for a tag its VM does not have: the mount fails in the
+# guest, the VM ends, and nothing of the share stays mounted or open on
+# the host (the jail's mount namespace went with the VMM).
+scenario_retry share-bad-tag 400 $BOOT --initrd $G/initramfs.cpio.gz --share grant0=/tmp/share-rw \
+  --cmdline 'airlock.fs=nosuchtag:/share airlock.selftest=share' --timeout-secs 300
+if wanted share-bad-tag; then
+  echo "NESTED-RESULT-BEGIN share-bad-tag-host"
+  printf '{"share_mounts": %s, "vmms": %s, "jail_dirs": %s}\n' "$(grep -c share-rw /proc/mounts)" \
+    "$(pidof airlock-vmm | wc -w)" "$(ls -d /tmp/airlock-boot-* 2>/dev/null | wc -l)"
+  echo "NESTED-RESULT-END share-bad-tag-host 0"
+fi
 scenario vm-weights-tool 900 run $E/files.wasm --tool files_read --args '{"path": "/models/tokenizer.json"}' \
   --policy /tmp/models.toml --weights /models:$G/weights.erofs $VMRUN
 scenario process-weights-tool 120 run $E/files.wasm --tool files_read --args '{"path": "/models/tokenizer.json"}' \
