@@ -348,6 +348,15 @@ fn files_in_a_read_only_grant() {
         &g,
     );
     assert_eq!(ok(&out)["ok"].as_array().unwrap().len(), 2);
+    // "alpha\nneedle here\nomega\n": 24 bytes, three LE words summed.
+    let out = call(&l, "files_checksum", json!({"path": "/data/notes.txt"}), &g);
+    let words = b"alpha\nneedle here\nomega\n"
+        .chunks(8)
+        .map(|c| u64::from_le_bytes(c.try_into().unwrap()))
+        .fold(0u64, u64::wrapping_add);
+    assert_eq!(ok(&out)["ok"], json!(format!("24 bytes, sum {words:016x}")));
+    let out = call(&l, "files_stat-dir", json!({"dir": "/data"}), &g);
+    assert_eq!(ok(&out)["ok"]["entries"], json!(3), "{out:?}");
 
     // Writing is refused by the sandbox and audited.
     let out = call(
