@@ -15,6 +15,9 @@
 //! * `cargo xtask bench boot` — inside the nested harness, boot of our VMM
 //!   against QEMU `-M microvm` (same vmlinux + initramfs), ratio of medians,
 //!   plus the VMM's own RSS overhead
+//! * `cargo xtask bench fs [--rounds N]` — inside the nested harness, a
+//!   64 MiB read and 10,000 stats through virtio-fs against process
+//!   isolation on the same directory, and boots with and without a share.
 //! * `cargo xtask bench runner` — per-call latency of the runner's fast path
 //!   against instantiate-from-bytes, printed as a ratio.
 //! * `cargo xtask fuzz [--seconds N] [--target NAME] [--quick-build]` — every fuzz target in
@@ -73,7 +76,7 @@ enum Cmd {
     },
     /// Benchmarks that print ratios measured in one run.
     Bench {
-        /// Which benchmark: `runner`, `service`, `load` or `boot`.
+        /// Which benchmark: `runner`, `service`, `load`, `boot` or `fs`.
         which: String,
         /// Calls per measurement.
         #[arg(long, default_value_t = 2000)]
@@ -151,7 +154,10 @@ fn main() -> anyhow::Result<()> {
                 other => bail!("--isolation: expected process or vm, got {other:?}"),
             },
             "boot" => nested::bench_boot(rounds, reference_vmm),
-            other => bail!("unknown benchmark {other:?}; available: runner, service, load, boot"),
+            "fs" => nested::bench_fs(rounds),
+            other => {
+                bail!("unknown benchmark {other:?}; available: runner, service, load, boot, fs")
+            }
         },
     }
 }

@@ -756,6 +756,48 @@ EOC
   echo "NESTED-RESULT-END bench-load 0"
   exit 0
 fi
+if [ "$airlock_bench" = fs ]; then
+  # virtio-fs against the process wall on the same host directory: a
+  # 64 MiB file read whole, 10,000 small files stat-ed; then boots with
+  # and without one share. Rounds alternate the two sides.
+  R=${airlock_rounds:-5}
+  echo "NESTED-RESULT-BEGIN bench-fs"
+  mkdir -p /tmp/fsb/many
+  dd if=/dev/urandom of=/tmp/fsb/blob bs=1M count=64 2>/dev/null
+  i=0; while [ $i -lt 10000 ]; do echo "$i" > /tmp/fsb/many/f$i; i=$((i+1)); done
+  printf 'version = 1\n[limits]\ntimeout = "30m"\nfuel = "100000000000"\n[[filesystem]]\nhost = "/tmp/fsb"\nguest = "/fsb"\nmode = "ro"\n' > /tmp/fsb.toml
+  {
+    echo '['
+    i=0; while [ $i -lt $R ]; do
+      [ $i -gt 0 ] && echo ','
+      echo '{"tool": "files_checksum", "args": {"path": "/fsb/blob"}}, {"tool": "files_stat-dir", "args": {"dir": "/fsb/many"}}'
+      i=$((i+1))
+    done
+    echo ']'
+  } > /tmp/fsb-calls.json
+  echo "NESTED-PROGRESS bench-fs: $R rounds in process isolation"
+  /airlock run /examples/files.wasm --policy /tmp/fsb.toml --calls /tmp/fsb-calls.json --isolation process > /tmp/fsb-process.json
+  echo "NESTED-PROGRESS bench-fs: $R rounds in VM isolation (a fresh microVM per call)"
+  /airlock run /examples/files.wasm --policy /tmp/fsb.toml --calls /tmp/fsb-calls.json --isolation vm \
+    --kernel $G/vmlinux --initrd $G/initramfs.cpio.gz --boot-attempts 5 > /tmp/fsb-vm.json
+  echo "NESTED-PROGRESS bench-fs: $R boots with and without a share"
+  printf '{"process": '; cat /tmp/fsb-process.json; printf ', "vm": '; cat /tmp/fsb-vm.json
+  printf ', "boots": ['
+  i=0; while [ $i -lt $R ]; do
+    [ $i -gt 0 ] && printf ','
+    printf '{"plain": '
+    /airlock vm boot --kernel $G/vmlinux --initrd $G/initramfs-selftest.cpio.gz \
+      --cmdline airlock.selftest=panic --timeout-secs 300 | tr -d '\n'
+    printf ', "share": '
+    /airlock vm boot --kernel $G/vmlinux --initrd $G/initramfs-selftest.cpio.gz --share-ro grant0=/tmp/fsb \
+      --cmdline 'airlock.fs=grant0:/fsb:ro airlock.selftest=panic' --timeout-secs 300 | tr -d '\n'
+    printf '}'
+    i=$((i+1))
+  done
+  printf ']}\n'
+  echo "NESTED-RESULT-END bench-fs 0"
+  exit 0
+fi
 # The boot benchmark: our VMM vs QEMU microvm, same kernel + initramfs.
 echo "NESTED-RESULT-BEGIN bench-boot"
 # With /airlock-vmm-ref in the image, the reference is that VMM build
@@ -999,14 +1041,30 @@ fn outer_cpio(files: &[(String, Vec<u8>, u32)]) -> anyhow::Result<Vec<u8>> {
 /// Boot the outer VM described by `manifest` with `extra` on its kernel
 /// command line; echo its console to stderr and return it (`\r` removed).
 fn boot_outer(manifest: &Path, extra: &str, limit: std::time::Duration) -> anyhow::Result<String> {
+    boot_outer_sized(manifest, extra, limit, None)
+}
+
+/// [`boot_outer`] with `memory_mib` for the outer VM in place of the
+/// manifest's (a load needs more than the scenarios do).
+fn boot_outer_sized(
+    manifest: &Path,
+    extra: &str,
+    limit: std::time::Duration,
+    memory_mib: Option<u32>,
+) -> anyhow::Result<String> {
     use std::io::{BufRead, BufReader};
     let m: serde_json::Value = serde_json::from_slice(&std::fs::read(manifest)?)?;
-    let argv: Vec<String> = m["qemu"]
+    let mut argv: Vec<String> = m["qemu"]
         .as_array()
         .context("manifest without a qemu command")?
         .iter()
         .filter_map(|a| a.as_str().map(String::from))
         .collect();
+    if let (Some(mib), Some(i)) = (memory_mib, argv.iter().position(|a| a == "-m"))
+        && let Some(v) = argv.get_mut(i + 1)
+    {
+        *v = mib.to_string();
+    }
     let append = format!("{} {extra}", m["append"].as_str().unwrap_or(OUTER_APPEND));
     let mut child = Command::new(&argv[0])
         .args(&argv[1..])
@@ -1093,6 +1151,138 @@ pub fn bench_boot(rounds: u32, reference: Option<PathBuf>) -> anyhow::Result<()>
     Ok(())
 }
 
+/// `cargo xtask bench fs`: inside the outer VM, a 64 MiB file read whole
+/// and 10,000 small files stat-ed through a read-only grant, in VM
+/// isolation (virtio-fs) against process isolation on the same directory
+/// (the tool's own time, measured by the runner in each wall); and boots
+/// with one share against boots without. Ratios of medians, one run.
+pub fn bench_fs(rounds: u32) -> anyhow::Result<()> {
+    let manifest = build_image(Kind::Bench { reference: None })?;
+    eprintln!("bench fs: booting the outer VM (QEMU TCG + kvm-amd); this takes many minutes");
+    let console = boot_outer(
+        &manifest,
+        &format!("airlock_bench=fs airlock_rounds={rounds}"),
+        std::time::Duration::from_secs(2 * 60 * 60),
+    )?;
+    let body = console
+        .split("NESTED-RESULT-BEGIN bench-fs")
+        .nth(1)
+        .and_then(|b| b.split("NESTED-RESULT-END").next())
+        .context("the outer VM printed no bench result")?;
+    let json = body
+        .lines()
+        .map(str::trim)
+        .filter(|l| l.starts_with('{'))
+        .find_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .with_context(|| format!("the bench printed no JSON:\n{body}"))?;
+    println!("{}", fs_report(&json, rounds)?);
+    Ok(())
+}
+
+/// The `bench fs` report from what the outer VM printed.
+fn fs_report(json: &serde_json::Value, rounds: u32) -> anyhow::Result<String> {
+    use std::fmt::Write;
+    // Tool time (runner's wall_us) of every call of `tool` in one wall;
+    // a failed call fails the benchmark.
+    let times = |wall: &str, tool: &str| -> anyhow::Result<Vec<f64>> {
+        let calls = json[wall]["calls"]
+            .as_array()
+            .with_context(|| format!("no {wall} calls: {}", json[wall]))?;
+        calls
+            .iter()
+            .filter(|c| c["tool"] == tool)
+            .map(|c| {
+                anyhow::ensure!(
+                    c["result"]["ok"]["ok"].is_string() || c["result"]["ok"]["ok"].is_object(),
+                    "{wall} {tool} failed: {}",
+                    c["result"]
+                );
+                Ok(c["metering"]["wall_us"].as_f64().unwrap_or(0.0) / 1000.0)
+            })
+            .collect()
+    };
+    let boot = |side: &str, what: &dyn Fn(&serde_json::Value) -> Option<f64>| -> Vec<f64> {
+        json["boots"]
+            .as_array()
+            .map(|a| a.iter().filter_map(|b| what(&b[side])).collect())
+            .unwrap_or_default()
+    };
+    let median = |v: &[f64]| -> f64 {
+        let mut v = v.to_vec();
+        v.sort_by(f64::total_cmp);
+        if v.is_empty() {
+            f64::NAN
+        } else {
+            v[v.len() / 2]
+        }
+    };
+    let spread = |v: &[f64]| -> String {
+        let lo = v.iter().copied().fold(f64::INFINITY, f64::min);
+        let hi = v.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        format!(
+            "median {:.0} ms (min {lo:.0}, max {hi:.0}, n = {})",
+            median(v),
+            v.len()
+        )
+    };
+    let mut out = String::new();
+    writeln!(
+        out,
+        "bench fs: files.wasm through a read-only grant of one host directory, inside the nested harness"
+    )?;
+    writeln!(
+        out,
+        "(absolute times ≈ 20× hardware; tool time as each wall's runner measures it; {rounds} rounds)"
+    )?;
+    writeln!(
+        out,
+        "  reference: the same call in process isolation on the same directory"
+    )?;
+    for (tool, what, mib) in [
+        ("files_checksum", "read a 64 MiB file", Some(64.0)),
+        ("files_stat-dir", "stat 10,000 small files", None),
+    ] {
+        let (p, v) = (times("process", tool)?, times("vm", tool)?);
+        writeln!(out, "  {what}:")?;
+        writeln!(out, "    process: {}", spread(&p))?;
+        writeln!(out, "    vm:      {}", spread(&v))?;
+        let ratio = median(&p) / median(&v);
+        match mib {
+            Some(m) => writeln!(
+                out,
+                "    throughput vm / process: {ratio:.2} ({:.0} vs {:.0} MiB/s; goal ≥ 0.5)",
+                m * 1000.0 / median(&v),
+                m * 1000.0 / median(&p)
+            )?,
+            None => writeln!(out, "    rate vm / process: {ratio:.2}")?,
+        }
+    }
+    let wall = |b: &serde_json::Value| b["wall_ms"].as_f64();
+    let mounts = |b: &serde_json::Value| {
+        b["stages"]
+            .as_array()?
+            .iter()
+            .find(|s| s["stage"] == "mounts")?["after_us"]
+            .as_f64()
+            .map(|u| u / 1000.0)
+    };
+    let (pw, sw) = (boot("plain", &wall), boot("share", &wall));
+    let (pm, sm) = (boot("plain", &mounts), boot("share", &mounts));
+    writeln!(
+        out,
+        "  boot to the guest's mounts stage (selftest image, exits there):"
+    )?;
+    writeln!(out, "    without a share: {}", spread(&pm))?;
+    writeln!(out, "    with one share:  {}", spread(&sm))?;
+    writeln!(
+        out,
+        "    ratio with / without: {:.3} (goal ≤ 1.05); whole run: {:.3}",
+        median(&sm) / median(&pm),
+        median(&sw) / median(&pw)
+    )?;
+    Ok(out)
+}
+
 /// `cargo xtask bench load --isolation vm`: inside the outer VM, the
 /// service in VM isolation (`max_vms` at once) under `concurrency` calls
 /// started together, against the same call made one at a time in the same
@@ -1102,10 +1292,15 @@ pub fn bench_load_vm(concurrency: u32, max_vms: u32) -> anyhow::Result<()> {
     eprintln!(
         "bench load: booting the outer VM (QEMU TCG + kvm-amd); {concurrency} VM calls take a long while"
     );
-    let console = boot_outer(
+    // Each waiting call is two processes (a shell and nc) and a connection
+    // in the server; with 2 GiB a thousand of them next to max_vms VMs
+    // leave the outer VM no room (it stalls in reclaim).
+    let memory_mib = (2048 + concurrency.saturating_mul(4)).min(8192);
+    let console = boot_outer_sized(
         &manifest,
         &format!("airlock_bench=load airlock_load={concurrency} airlock_max_vms={max_vms}"),
         std::time::Duration::from_secs(4 * 60 * 60),
+        Some(memory_mib),
     )?;
     let body = console
         .split("NESTED-RESULT-BEGIN bench-load")
