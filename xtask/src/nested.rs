@@ -190,6 +190,30 @@ jailed_vmms() {
   for p in $(pidof airlock-vmm); do grep -q '^NSpid:.*[[:space:]]1$' /proc/$p/status 2>/dev/null && n=$((n+1)); done
   echo $n
 }
+# vm_serve_config DATA_DIR WARM MAX_VMS MAX_CALLS MEMORY_MIB [TOML]: write
+# /tmp/serve.toml for `airlock serve` in VM isolation on 127.0.0.1:8420,
+# one admin token $T of tenant ${TENANT:-acme}, TOML appended.
+vm_serve_config() {
+  cat > /tmp/serve.toml <<EOC
+data_dir = "$1"
+listen = "127.0.0.1:8420"
+[limits]
+max_concurrent_calls_per_tenant = $4
+[isolation]
+mode = "vm"
+kernel = "/guest/vmlinux"
+initrd = "/guest/initramfs.cpio.gz"
+memory_mib = $5
+warm = $2
+max_vms = $3
+[[tokens]]
+name = "admin"
+token = "$T"
+tenant = "${TENANT:-acme}"
+role = "admin"
+${6:-}
+EOC
+}
 # start_serve: run `airlock serve --config /tmp/serve.toml`, wait until it listens.
 start_serve() {
   AIRLOCK_LOG=airlock=info /airlock serve --config /tmp/serve.toml > /tmp/serve.out 2> /tmp/serve.err &
@@ -325,23 +349,7 @@ set -e
 T=nested-admin-token-0123456
 U=http://127.0.0.1:8420
 . /service-helpers.sh
-cat > /tmp/serve.toml <<EOC
-data_dir = "/tmp/svc"
-listen = "127.0.0.1:8420"
-[isolation]
-mode = "vm"
-kernel = "/guest/vmlinux"
-initrd = "/guest/initramfs.cpio.gz"
-warm = 1
-max_vms = 2
-[limits]
-max_concurrent_calls_per_tenant = 16
-[[tokens]]
-name = "admin"
-token = "$T"
-tenant = "acme"
-role = "admin"
-EOC
+vm_serve_config /tmp/svc 1 2 16 256
 # Progress lines: uploading compiles the component inside the outer VM,
 # which takes minutes under emulation.
 progress() { echo "NESTED-PROGRESS service-vm: $*"; }
@@ -441,24 +449,9 @@ cat > /tmp/service-vm-state.sh <<'EOT'
 set -e
 T=nested-admin-token-0123456
 . /service-helpers.sh
-cat > /tmp/serve.toml <<EOC
-data_dir = "/tmp/svc-state"
-listen = "127.0.0.1:8420"
-[isolation]
-mode = "vm"
-kernel = "/guest/vmlinux"
-initrd = "/guest/initramfs.cpio.gz"
-warm = 0
-max_vms = 2
-[[volumes]]
+vm_serve_config /tmp/svc-state 0 2 16 256 '[[volumes]]
 name = "notes"
-quota = "1 MiB"
-[[tokens]]
-name = "admin"
-token = "$T"
-tenant = "acme"
-role = "admin"
-EOC
+quota = "1 MiB"'
 printf 'version = 1\n[[filesystem]]\nvolume = "notes"\nguest = "/state"\nmode = "rw"\n' > /tmp/notes.toml
 progress() { echo "NESTED-PROGRESS service-vm-state: $*"; }
 start_serve
@@ -681,24 +674,7 @@ if [ "$airlock_bench" = load ]; then
   T=bench-admin-token-0000000
   U=http://127.0.0.1:8420
   . /service-helpers.sh
-  cat > /tmp/serve.toml <<EOC
-data_dir = "/tmp/svc"
-listen = "127.0.0.1:8420"
-[limits]
-max_concurrent_calls_per_tenant = $N
-[isolation]
-mode = "vm"
-kernel = "/guest/vmlinux"
-initrd = "/guest/initramfs.cpio.gz"
-memory_mib = 128
-warm = 1
-max_vms = $M
-[[tokens]]
-name = "bench"
-token = "$T"
-tenant = "bench"
-role = "admin"
-EOC
+  TENANT=bench vm_serve_config /tmp/svc 1 $M $N 128
   echo "NESTED-RESULT-BEGIN bench-load"
   start_serve
   echo "NESTED-PROGRESS bench-load: serving; uploading kitchen.wasm (compiled in the outer VM)"
