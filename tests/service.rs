@@ -1419,3 +1419,45 @@ fn a_state_volume_keeps_a_tenants_state_across_calls_within_its_quota() {
     std::fs::remove_file(vol.join("pad")).unwrap();
     assert!(add(ADMIN, "after").json["result"]["ok"]["ok"].is_u64());
 }
+
+/// Connections are capped (they must not take the descriptors calls and
+/// their microVMs need) and a connection that sends no request is closed
+/// after `header_timeout_secs`: idle clients can hold the slots only that
+/// long, and a waiting client is then served.
+#[test]
+fn idle_connections_hold_the_connection_slots_only_until_their_timeout() {
+    use std::net::TcpStream;
+    use std::time::{Duration, Instant};
+    let d = tmp();
+    let srv = Server::start(
+        d.path(),
+        "[limits]\nmax_connections = 2\nheader_timeout_secs = 2\n",
+    );
+    let addr = srv.url.trim_start_matches("http://").to_string();
+    let idle: Vec<TcpStream> = (0..2).map(|_| TcpStream::connect(&addr).unwrap()).collect();
+    std::thread::sleep(Duration::from_millis(300));
+    let started = Instant::now();
+    let mut s = TcpStream::connect(&addr).unwrap();
+    s.write_all(b"GET /healthz HTTP/1.0\r\nHost: x\r\n\r\n")
+        .unwrap();
+    // Not served while both slots are held...
+    s.set_read_timeout(Some(Duration::from_millis(800)))
+        .unwrap();
+    let mut buf = [0u8; 64];
+    assert!(s.read(&mut buf).is_err(), "served past the connection cap");
+    // ...then served once the idle ones are closed.
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let mut answer = String::new();
+    s.read_to_string(&mut answer).unwrap();
+    assert!(answer.starts_with("HTTP/1.0 200"), "{answer}");
+    let waited = started.elapsed();
+    assert!(waited >= Duration::from_millis(1500), "{waited:?}");
+    for mut c in idle {
+        c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        assert_eq!(
+            c.read(&mut buf).unwrap_or(0),
+            0,
+            "the idle connection is closed"
+        );
+    }
+}

@@ -776,6 +776,8 @@ fn serve(
     if let Some(l) = listen {
         cfg.listen = l;
     }
+    let open_files = raise_open_files();
+    let max_connections = cfg.max_connections(open_files);
     let service = std::sync::Arc::new(Service::new(cfg)?);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -789,7 +791,7 @@ fn serve(
         // The one line on stdout: scripts and tests read the bound address from it.
         println!("airlock: listening on http://{addr}");
         std::io::stdout().flush()?;
-        tracing::info!(%addr, data_dir = %service.config.data_dir.display(), isolation = service.isolation(), "serving");
+        tracing::info!(%addr, data_dir = %service.config.data_dir.display(), isolation = service.isolation(), open_files, max_connections, "serving");
         let shutdown = async {
             let mut term =
                 tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
@@ -800,7 +802,7 @@ fn serve(
             }
             tracing::info!("shutting down: finishing requests in flight");
         };
-        api::serve(service.clone(), listener, shutdown).await?;
+        api::serve(service.clone(), listener, max_connections, shutdown).await?;
         anyhow::Ok(())
     });
     // Drop the server runtime before the service (the runner owns a runtime of
@@ -842,6 +844,22 @@ fn guest_image(
         kernel.map_or_else(|| get("vmlinux"), Ok)?,
         initrd.map_or_else(|| get("initramfs"), Ok)?,
     ))
+}
+
+/// The server's descriptor limit raised to its hard limit (connections and
+/// microVMs both need descriptors); what it is now.
+fn raise_open_files() -> u64 {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, hard)) => {
+            if soft < hard && setrlimit(Resource::RLIMIT_NOFILE, hard, hard).is_ok() {
+                hard
+            } else {
+                soft
+            }
+        }
+        Err(_) => 1024,
+    }
 }
 
 /// `airlock run --calls FILE`: the calls it lists, in order.

@@ -613,19 +613,37 @@ async fn audit_verify(
 ///
 /// # Errors
 /// The listener fails.
+///
+/// At most `max_connections` connections are open at once: the next is
+/// accepted when one closes (until then it waits in the listen queue), so
+/// clients cannot take the descriptors calls need. A connection that does
+/// not send a request's headers within the config's `header_timeout_secs`
+/// (or idles that long between requests) is closed.
 pub async fn serve(
     state: AppState,
     listener: tokio::net::TcpListener,
+    max_connections: usize,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    use hyper_util::rt::TokioIo;
+    use hyper_util::rt::{TokioIo, TokioTimer};
     use hyper_util::service::TowerToHyperService;
+    let header_timeout = std::time::Duration::from_secs(state.config.limits.header_timeout_secs);
     let service = TowerToHyperService::new(router(state));
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let mut http = hyper::server::conn::http1::Builder::new();
-    http.half_close(true);
+    http.half_close(true)
+        .timer(TokioTimer::new())
+        .header_read_timeout(Some(header_timeout));
+    let slots = Arc::new(tokio::sync::Semaphore::new(max_connections.max(1)));
     tokio::pin!(shutdown);
     loop {
+        let slot = tokio::select! {
+            () = &mut shutdown => break,
+            slot = slots.clone().acquire_owned() => match slot {
+                Ok(s) => s,
+                Err(_) => break,
+            },
+        };
         let stream = tokio::select! {
             () = &mut shutdown => break,
             accepted = listener.accept() => match accepted {
@@ -642,6 +660,7 @@ pub async fn serve(
         let _ = stream.set_nodelay(true);
         let conn = graceful.watch(http.serve_connection(TokioIo::new(stream), service.clone()));
         tokio::spawn(async move {
+            let _slot = slot;
             if let Err(e) = conn.await {
                 tracing::debug!(error = %e, "connection ended with an error");
             }

@@ -119,6 +119,15 @@ pub struct Limits {
     pub max_args_bytes: u64,
     /// Calls one tenant may have running at once; more get 429.
     pub max_concurrent_calls_per_tenant: u32,
+    /// Client connections open at once; more wait to be accepted (in the
+    /// kernel's listen queue). Unset: from the descriptor limit
+    /// ([`Config::max_connections`]), so connections never take the
+    /// descriptors a call's microVM needs.
+    pub max_connections: Option<u32>,
+    /// Seconds a connection may take to send a request's headers (and
+    /// may sit idle between requests) before it is closed: idle
+    /// connections cannot hold the connection slots.
+    pub header_timeout_secs: u64,
 }
 
 impl Default for Limits {
@@ -128,6 +137,8 @@ impl Default for Limits {
             max_request_bytes: 1 << 20,
             max_args_bytes: 256 << 10,
             max_concurrent_calls_per_tenant: 8,
+            max_connections: None,
+            header_timeout_secs: 20,
         }
     }
 }
@@ -357,6 +368,11 @@ impl Config {
                 "limits.max_concurrent_calls_per_tenant",
                 u64::from(l.max_concurrent_calls_per_tenant),
             ),
+            (
+                "limits.max_connections",
+                l.max_connections.map_or(1, u64::from),
+            ),
+            ("limits.header_timeout_secs", l.header_timeout_secs),
         ] {
             if v == 0 {
                 return Err(field(name, "must be greater than 0"));
@@ -383,6 +399,22 @@ impl Config {
             isolation,
             volumes,
         })
+    }
+
+    /// Connections served at once when this process may hold
+    /// `open_files` descriptors: `limits.max_connections` if set, else
+    /// what is left after a reserve for the store, the listener and each
+    /// microVM's descriptors (pipes, sockets, shares), at least 16.
+    pub fn max_connections(&self, open_files: u64) -> usize {
+        if let Some(n) = self.limits.max_connections {
+            return n as usize;
+        }
+        let vms = match &self.isolation {
+            Isolation::Process => 0,
+            Isolation::Vm(v) => (v.max_vms + v.warm) as u64,
+        };
+        let reserve = 256 + vms * 32;
+        open_files.saturating_sub(reserve).clamp(16, 1 << 20) as usize
     }
 
     /// The most `tenant`'s policies may ask for.
