@@ -1070,6 +1070,25 @@ fn boot_outer_sized(
     Ok(console)
 }
 
+/// The JSON a benchmark `name` printed between its result markers: one
+/// line of its own, or everything from the first `{`.
+fn bench_result(console: &str, name: &str) -> anyhow::Result<serde_json::Value> {
+    let body = console
+        .split(&format!("NESTED-RESULT-BEGIN {name}"))
+        .nth(1)
+        .and_then(|b| b.split("NESTED-RESULT-END").next())
+        .context("the outer VM printed no bench result")?;
+    body.lines()
+        .map(str::trim)
+        .filter(|l| l.starts_with('{'))
+        .find_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .or_else(|| {
+            body.find('{')
+                .and_then(|i| serde_json::from_str(body[i..].trim()).ok())
+        })
+        .with_context(|| format!("the bench printed no JSON:\n{body}"))
+}
+
 /// `cargo xtask bench boot`: inside the outer VM, our VMM vs QEMU microvm.
 pub fn bench_boot(rounds: u32, reference: Option<PathBuf>) -> anyhow::Result<()> {
     let manifest = build_image(Kind::Bench { reference })?;
@@ -1079,15 +1098,7 @@ pub fn bench_boot(rounds: u32, reference: Option<PathBuf>) -> anyhow::Result<()>
         &format!("airlock_rounds={rounds}"),
         std::time::Duration::from_secs(60 * 60),
     )?;
-    let body = console
-        .split("NESTED-RESULT-BEGIN bench-boot")
-        .nth(1)
-        .and_then(|b| b.split("NESTED-RESULT-END").next())
-        .context("the outer VM printed no bench result")?;
-    let json = body
-        .find('{')
-        .and_then(|i| serde_json::from_str::<serde_json::Value>(&body[i..]).ok())
-        .with_context(|| format!("the bench printed no JSON:\n{body}"))?;
+    let json = bench_result(&console, "bench-boot")?;
     let walls = |k: &str| -> Vec<String> {
         json[k]
             .as_array()
@@ -1140,17 +1151,7 @@ pub fn bench_fs(rounds: u32) -> anyhow::Result<()> {
         &format!("airlock_bench=fs airlock_rounds={rounds}"),
         std::time::Duration::from_secs(2 * 60 * 60),
     )?;
-    let body = console
-        .split("NESTED-RESULT-BEGIN bench-fs")
-        .nth(1)
-        .and_then(|b| b.split("NESTED-RESULT-END").next())
-        .context("the outer VM printed no bench result")?;
-    let json = body
-        .lines()
-        .map(str::trim)
-        .filter(|l| l.starts_with('{'))
-        .find_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .with_context(|| format!("the bench printed no JSON:\n{body}"))?;
+    let json = bench_result(&console, "bench-fs")?;
     println!("{}", fs_report(&json, rounds)?);
     Ok(())
 }
@@ -1278,16 +1279,7 @@ pub fn bench_load_vm(concurrency: u32, max_vms: u32) -> anyhow::Result<()> {
         std::time::Duration::from_secs(4 * 60 * 60),
         Some(memory_mib),
     )?;
-    let body = console
-        .split("NESTED-RESULT-BEGIN bench-load")
-        .nth(1)
-        .and_then(|b| b.split("NESTED-RESULT-END").next())
-        .context("the outer VM printed no bench result")?;
-    let json = body
-        .lines()
-        .filter(|l| l.starts_with('{'))
-        .find_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .with_context(|| format!("the bench printed no JSON:\n{body}"))?;
+    let json = bench_result(&console, "bench-load")?;
     let secs = |k: &str| -> Vec<std::time::Duration> {
         json[k]
             .as_array()
