@@ -741,7 +741,7 @@ if [ "$airlock_bench" = fs ]; then
   mkdir -p /tmp/fsb/many
   dd if=/dev/urandom of=/tmp/fsb/blob bs=1M count=64 2>/dev/null
   i=0; while [ $i -lt 10000 ]; do echo "$i" > /tmp/fsb/many/f$i; i=$((i+1)); done
-  printf 'version = 1\n[limits]\ntimeout = "30m"\nfuel = "100000000000"\n[[filesystem]]\nhost = "/tmp/fsb"\nguest = "/fsb"\nmode = "ro"\n' > /tmp/fsb.toml
+  printf 'version = 1\n[limits]\ntimeout = "30m"\nfuel = 100000000000\n[[filesystem]]\nhost = "/tmp/fsb"\nguest = "/fsb"\nmode = "ro"\n' > /tmp/fsb.toml
   {
     echo '['
     i=0; while [ $i -lt $R ]; do
@@ -752,10 +752,12 @@ if [ "$airlock_bench" = fs ]; then
     echo ']'
   } > /tmp/fsb-calls.json
   echo "NESTED-PROGRESS bench-fs: $R rounds in process isolation"
-  /airlock run /examples/files.wasm --policy /tmp/fsb.toml --calls /tmp/fsb-calls.json --isolation process > /tmp/fsb-process.json
+  /airlock run /examples/files.wasm --policy /tmp/fsb.toml --calls /tmp/fsb-calls.json --isolation process > /tmp/fsb-process.json 2>/tmp/fsb-process.err
+  grep -q '"calls"' /tmp/fsb-process.json || { cat /tmp/fsb-process.json /tmp/fsb-process.err; echo "NESTED-RESULT-END bench-fs 1"; exit 1; }
   echo "NESTED-PROGRESS bench-fs: $R rounds in VM isolation (a fresh microVM per call)"
   /airlock run /examples/files.wasm --policy /tmp/fsb.toml --calls /tmp/fsb-calls.json --isolation vm \
-    --kernel $G/vmlinux --initrd $G/initramfs.cpio.gz --boot-attempts 5 > /tmp/fsb-vm.json
+    --kernel $G/vmlinux --initrd $G/initramfs.cpio.gz --boot-attempts 5 > /tmp/fsb-vm.json 2>/tmp/fsb-vm.err
+  grep -q '"calls"' /tmp/fsb-vm.json || { cat /tmp/fsb-vm.json /tmp/fsb-vm.err; echo "NESTED-RESULT-END bench-fs 1"; exit 1; }
   echo "NESTED-PROGRESS bench-fs: $R boots with and without a share"
   printf '{"process": '; cat /tmp/fsb-process.json; printf ', "vm": '; cat /tmp/fsb-vm.json
   printf ', "boots": ['
