@@ -852,6 +852,22 @@ fn a_state_volume_carries_a_tools_state_from_one_fresh_microvm_to_the_next() {
 }
 
 #[test]
+fn a_directory_of_thousands_of_files_is_walked_the_same_in_both_walls() {
+    // Every entry looked up holds an inode on the host's file server
+    // until the guest forgets it: 3,000 of them fit a share's cap.
+    let (vm, code) = scenario("files-many-vm");
+    assert_eq!(code, 0, "{vm}");
+    let (local, _) = scenario("files-many-process");
+    let total: u64 = (0..3000u64).map(|i| i.to_string().len() as u64 + 1).sum();
+    assert_eq!(
+        vm["result"]["ok"]["ok"],
+        json!({"entries": 3000, "bytes": total}),
+        "{vm}"
+    );
+    assert_eq!(vm["result"], local["result"], "vm: {vm}\nprocess: {local}");
+}
+
+#[test]
 fn a_granted_directory_gone_at_call_time_is_the_same_grant_error_in_both_walls() {
     let (vm, _) = scenario("files-gone-vm");
     let (local, _) = scenario("files-gone-process");

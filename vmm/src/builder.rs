@@ -262,16 +262,21 @@ fn attach_shares(
     cfg: &VmConfig,
 ) -> Result<(), VmmError> {
     let cap = cfg.share_write_limit.map(devices::fs::share::WriteCap::new);
+    // What this process may hold decides what each share may: the limit
+    // `confine_self` set (less where it could not be raised as far).
+    let open_files = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+        .map_or(crate::process::MAX_OPEN_FILES, |(soft, _)| soft);
+    let limits = devices::fs::share::ShareLimits::within(
+        open_files,
+        crate::process::MAX_OPEN_FILES,
+        cfg.shares.len(),
+    );
     for (share, slot) in cfg.shares.iter().zip(devices::FS_SLOTS) {
-        let opened = devices::fs::share::Share::new(
-            &share.open_path(),
-            share.read_only,
-            devices::fs::share::ShareLimits::default(),
-        )
-        .map(|s| match &cap {
-            Some(c) => s.capped(c.clone()),
-            None => s,
-        });
+        let opened = devices::fs::share::Share::new(&share.open_path(), share.read_only, limits)
+            .map(|s| match &cap {
+                Some(c) => s.capped(c.clone()),
+                None => s,
+            });
         share.close_inherited();
         let device = opened
             .map_err(|e| VmmError::Device {

@@ -44,11 +44,18 @@ pub fn open_files_for(cfg: &VmConfig) -> u64 {
 /// Confine the calling VMM process before it does anything else: no core
 /// dumps (they would hold guest memory), not dumpable (no ptrace or
 /// /proc/<pid>/mem by same-uid processes), at most `open_files`
-/// descriptors ([`open_files_for`] its configuration).
+/// descriptors ([`open_files_for`] its configuration) — or, when this
+/// process may not raise its hard limit that far (not root), its hard
+/// limit; the shares then get less ([`ShareLimits::within`](crate::devices::fs::share::ShareLimits::within)).
 ///
 /// # Errors
 /// A limit cannot be set.
 pub fn confine_self(open_files: u64) -> std::io::Result<()> {
+    let open_files =
+        match nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE) {
+            Ok((_, hard)) if hard < open_files && !nix::unistd::geteuid().is_root() => hard,
+            _ => open_files,
+        };
     let set = |resource, value: u64| {
         let lim = libc::rlimit {
             rlim_cur: value,

@@ -544,6 +544,13 @@ scenario files-parity-vm 1200 run $E/escape.wasm --policy /tmp/parity.toml --cal
 wanted files-parity-vm && parity_host files-parity-vm
 scenario files-parity-process 300 run $E/escape.wasm --policy /tmp/parity.toml --calls /tmp/parity-calls.json --isolation process
 wanted files-parity-process && parity_host files-parity-process
+# A directory of 3,000 files (past the 1,024 inodes a share once held):
+# every entry stat-ed through the grant, the same answer in both walls.
+mkdir -p /tmp/many && i=0 && while [ $i -lt 3000 ]; do echo "$i" > /tmp/many/f$i; i=$((i+1)); done \
+  || echo "NESTED-ERROR making /tmp/many failed"
+printf 'version = 1\n[[filesystem]]\nhost = "/tmp/many"\nguest = "/many"\nmode = "ro"\n' > /tmp/many.toml
+scenario files-many-vm 900 run $E/files.wasm --policy /tmp/many.toml --tool files_stat-dir --args '{"dir": "/many"}' $VMRUN
+scenario files-many-process 300 run $E/files.wasm --policy /tmp/many.toml --tool files_stat-dir --args '{"dir": "/many"}' --isolation process
 # A granted directory that is gone when the call starts: the same `grant`
 # error in both walls (in a VM the host finds it gone and does not share
 # it; the guest's runner fails the call where the process wall's would).

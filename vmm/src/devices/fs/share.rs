@@ -51,12 +51,36 @@ pub struct ShareLimits {
 }
 
 impl Default for ShareLimits {
-    /// What each share of a VM gets; the VMM's descriptor limit grows by
-    /// as much per share (`process::open_files_for`).
+    /// The most each share of a VM gets: enough for a guest to walk a
+    /// directory of tens of thousands of files (the guest kernel holds an
+    /// inode per entry it has looked up, and forgets them only under
+    /// memory pressure). The VMM's descriptor limit grows by as much per
+    /// share (`process::open_files_for`).
     fn default() -> Self {
         Self {
-            max_inodes: 1024,
-            max_handles: 128,
+            max_inodes: 32_768,
+            max_handles: 1024,
+        }
+    }
+}
+
+impl ShareLimits {
+    /// What each of `shares` shares gets in a process that may hold
+    /// `open_files` descriptors, `reserved` of them kept for the rest of
+    /// the VMM: an even split, at most [`ShareLimits::default`] — so a
+    /// process whose limit could not be raised as far still runs, with
+    /// smaller shares, and its guest meets a share's cap before the
+    /// process's.
+    pub fn within(open_files: u64, reserved: u64, shares: usize) -> Self {
+        let full = Self::default();
+        let per = open_files.saturating_sub(reserved) / shares.max(1) as u64;
+        // Each share also holds its root and /proc/self/fd.
+        let per = per.saturating_sub(2) as usize;
+        let max_handles = full.max_handles.min(per / 32).max(1);
+        let max_inodes = full.max_inodes.min(per.saturating_sub(max_handles)).max(1);
+        Self {
+            max_inodes,
+            max_handles,
         }
     }
 }

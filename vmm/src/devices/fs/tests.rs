@@ -424,6 +424,29 @@ fn what_a_guest_can_make_the_host_hold_is_capped() {
 }
 
 #[test]
+fn shares_split_what_the_process_may_hold() {
+    let full = ShareLimits::default();
+    // Room for everything: the defaults.
+    assert_eq!(ShareLimits::within(u64::MAX / 2, 512, 4), full);
+    // A hard limit of 4096 (not root), two shares: each gets an even part
+    // of what is left after the VMM's own 512, handles a small part.
+    let l = ShareLimits::within(4096, 512, 2);
+    assert!(
+        l.max_inodes + l.max_handles + 2 <= (4096 - 512) / 2,
+        "{l:?}"
+    );
+    assert!(l.max_inodes > 1500 && l.max_handles >= 32, "{l:?}");
+    // Nothing left: still a share, of one inode and one handle.
+    assert_eq!(
+        ShareLimits::within(100, 512, 1),
+        ShareLimits {
+            max_inodes: 1,
+            max_handles: 1
+        }
+    );
+}
+
+#[test]
 fn what_a_guest_writes_is_held_to_the_vms_write_cap_across_its_shares() {
     // Two shares of one VM, one cap of 10 bytes: a guest that ignores its
     // runner's write limit meets it on the host, whichever share it uses.
