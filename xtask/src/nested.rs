@@ -548,7 +548,7 @@ wanted files-parity-process && parity_host files-parity-process
 # every entry stat-ed through the grant, the same answer in both walls.
 mkdir -p /tmp/many && i=0 && while [ $i -lt 3000 ]; do echo "$i" > /tmp/many/f$i; i=$((i+1)); done \
   || echo "NESTED-ERROR making /tmp/many failed"
-printf 'version = 1\n[[filesystem]]\nhost = "/tmp/many"\nguest = "/many"\nmode = "ro"\n' > /tmp/many.toml
+printf 'version = 1\n[limits]\ntimeout = "2m"\n[[filesystem]]\nhost = "/tmp/many"\nguest = "/many"\nmode = "ro"\n' > /tmp/many.toml
 scenario files-many-vm 900 run $E/files.wasm --policy /tmp/many.toml --tool files_stat-dir --args '{"dir": "/many"}' $VMRUN
 scenario files-many-process 300 run $E/files.wasm --policy /tmp/many.toml --tool files_stat-dir --args '{"dir": "/many"}' --isolation process
 # A granted directory that is gone when the call starts: the same `grant`

@@ -16,8 +16,9 @@
 //!   followed on the host: the passthrough resolves each name with
 //!   `O_PATH | O_NOFOLLOW` beneath the share's root.
 //! * What the guest can make the host hold is capped: inodes it has
-//!   looked up and not forgotten (each holds a host descriptor), and open
-//!   handles (CVE-2020-10717); past the caps it gets `ENFILE`/`EMFILE`.
+//!   looked up (or listed with READDIRPLUS) and not forgotten (each holds
+//!   a host descriptor), and open handles (CVE-2020-10717); past the caps
+//!   it gets `ENFILE`/`EMFILE`, never a silently short listing.
 //! * Requests run with the server's own credentials: the guest's uid/gid
 //!   in a request never switch the host thread's (`id_remap`).
 //! * What the guest writes is capped when the share has a [`WriteCap`]
@@ -287,11 +288,7 @@ impl FileSystem for Share {
     type Handle = u64;
 
     fn init(&self, capable: FsOptions) -> io::Result<FsOptions> {
-        // No readdirplus: every entry it returns would be an inode the
-        // guest holds; lookups are counted one by one instead.
-        self.inner
-            .init(capable)
-            .map(|o| o - FsOptions::DO_READDIRPLUS - FsOptions::READDIRPLUS_AUTO)
+        self.inner.init(capable)
     }
 
     fn destroy(&self) {
@@ -590,6 +587,43 @@ impl FileSystem for Share {
     ) -> io::Result<()> {
         self.inner
             .readdir(ctx, inode, handle, size, offset, add_entry)
+    }
+
+    /// Entries with their attributes in one reply (a guest listing and
+    /// stat-ing a large directory makes one request per batch, not two per
+    /// entry). Each entry is an inode the guest now holds: counted like a
+    /// lookup, and past the cap the listing stops with `ENFILE` — never a
+    /// short listing the guest would take for the end of the directory.
+    fn readdirplus(
+        &self,
+        ctx: &Context,
+        inode: u64,
+        handle: u64,
+        size: u32,
+        offset: u64,
+        add_entry: &mut dyn FnMut(DirEntry, Entry) -> io::Result<usize>,
+    ) -> io::Result<()> {
+        let mut added = 0usize;
+        let mut full = false;
+        self.inner
+            .readdirplus(ctx, inode, handle, size, offset, &mut |d, e| {
+                if self.lookups().len() >= self.limits.max_inodes {
+                    full = true;
+                    // 0: no room; the inner server forgets its lookup.
+                    return Ok(0);
+                }
+                let ino = e.inode;
+                let n = add_entry(d, e)?;
+                if n > 0 {
+                    *self.lookups().entry(ino).or_insert(0) += 1;
+                    added += 1;
+                }
+                Ok(n)
+            })?;
+        if full && added == 0 {
+            return Err(errno(libc::ENFILE));
+        }
+        Ok(())
     }
 
     fn fsyncdir(&self, ctx: &Context, inode: u64, datasync: bool, handle: u64) -> io::Result<()> {

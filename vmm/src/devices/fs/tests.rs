@@ -423,6 +423,66 @@ fn what_a_guest_can_make_the_host_hold_is_capped() {
     assert!(f.open(held[5], libc::O_RDONLY).is_ok());
 }
 
+/// `fuse_direntplus` entries in a READDIRPLUS reply: their names and the
+/// offset to continue from.
+fn direntplus_names(mut reply: &[u8]) -> (Vec<String>, u64) {
+    // fuse_entry_out (128) then fuse_dirent: ino, off, namelen, type, name
+    // padded to 8.
+    let (mut names, mut next) = (Vec::new(), 0);
+    while reply.len() >= 128 + 24 {
+        let d = &reply[128..];
+        next = u64::from_le_bytes(d[8..16].try_into().unwrap());
+        let namelen = u32::from_le_bytes(d[16..20].try_into().unwrap()) as usize;
+        names.push(String::from_utf8_lossy(&d[24..24 + namelen]).into_owned());
+        let len = (128 + 24 + namelen).div_ceil(8) * 8;
+        reply = &reply[len.min(reply.len())..];
+    }
+    (names, next)
+}
+
+#[test]
+fn a_listing_with_attributes_counts_each_entry_and_stops_at_the_cap() {
+    let d = tree();
+    for i in 0..12 {
+        std::fs::write(d.path().join(format!("f{i:02}")), "x").unwrap();
+    }
+    let limits = ShareLimits {
+        max_inodes: 8,
+        max_handles: 4,
+    };
+    let mut f = Fuse::new(d.path(), false, limits);
+    let (err, p) = f.call(Opcode::Opendir, ROOT, &[OpenIn::default().as_slice()]);
+    assert_eq!(err, 0);
+    let fh = OpenOut::from_slice(&p[..16]).unwrap().fh;
+    let mut seen = Vec::new();
+    let mut offset = 0;
+    let refused = loop {
+        let r = ReadIn {
+            fh,
+            offset,
+            size: 4096,
+            ..Default::default()
+        };
+        match f.call(Opcode::Readdirplus, ROOT, &[r.as_slice()]) {
+            (0, p) if p.is_empty() => break None,
+            (0, p) => {
+                let (names, next) = direntplus_names(&p);
+                assert!(!names.is_empty());
+                // Every entry is one inode held: never past the cap.
+                assert!(f.raw.share.inodes_held() <= 8);
+                offset = next;
+                seen.extend(names);
+            }
+            (e, _) => break Some(e),
+        }
+    };
+    // The cap is met before the directory's end: an error, not a short
+    // listing the guest would take for the end.
+    assert_eq!(refused, Some(-libc::ENFILE), "{seen:?}");
+    assert_eq!(f.raw.share.inodes_held(), 8);
+    assert!(!seen.iter().any(|n| n == "." || n == ".."), "{seen:?}");
+}
+
 #[test]
 fn shares_split_what_the_process_may_hold() {
     let full = ShareLimits::default();
@@ -718,6 +778,8 @@ fn the_fs_worker_serves_every_operation_under_its_filter() {
     };
     let listing = rig.ok(Opcode::Readdir, ROOT, &[readdir.as_slice()]);
     assert!(listing.windows(5).any(|w| w == b"a.txt"));
+    let plus = rig.ok(Opcode::Readdirplus, ROOT, &[readdir.as_slice()]);
+    assert!(direntplus_names(&plus).0.iter().any(|n| n == "a.txt"));
     let release = fuse_backend_rs::abi::fuse_abi::ReleaseIn {
         fh: dh,
         ..Default::default()
