@@ -766,20 +766,26 @@ if [ "$airlock_bench" = fs ]; then
     --kernel $G/vmlinux --initrd $G/initramfs.cpio.gz --boot-attempts 5 > /tmp/fsb-vm.json 2>/tmp/fsb-vm.err
   grep -q '"calls"' /tmp/fsb-vm.json || { cat /tmp/fsb-vm.json /tmp/fsb-vm.err; echo "NESTED-RESULT-END bench-fs 1"; exit 1; }
   echo "NESTED-PROGRESS bench-fs: $R boots with and without a share"
-  printf '{"process": '; cat /tmp/fsb-process.json; printf ', "vm": '; cat /tmp/fsb-vm.json
-  printf ', "boots": ['
-  i=0; while [ $i -lt $R ]; do
-    [ $i -gt 0 ] && printf ','
-    printf '{"plain": '
-    /airlock vm boot --kernel $G/vmlinux --initrd $G/initramfs-selftest.cpio.gz \
-      --cmdline airlock.selftest=panic --timeout-secs 300 | tr -d '\n'
-    printf ', "share": '
-    /airlock vm boot --kernel $G/vmlinux --initrd $G/initramfs-selftest.cpio.gz --share-ro grant0=/tmp/fsb \
-      --cmdline 'airlock.fs=grant0:/fsb:ro airlock.selftest=panic' --timeout-secs 300 | tr -d '\n'
-    printf '}'
-    i=$((i+1))
-  done
-  printf ']}\n'
+  # One line of JSON, assembled in a file: the kernel's console messages
+  # (a VM starting) must not land inside it.
+  {
+    printf '{"process": '; tr -d '\n' < /tmp/fsb-process.json
+    printf ', "vm": '; tr -d '\n' < /tmp/fsb-vm.json
+    printf ', "boots": ['
+    i=0; while [ $i -lt $R ]; do
+      [ $i -gt 0 ] && printf ','
+      printf '{"plain": '
+      /airlock vm boot --kernel $G/vmlinux --initrd $G/initramfs-selftest.cpio.gz \
+        --cmdline airlock.selftest=panic --timeout-secs 300 2>/dev/null | tr -d '\n'
+      printf ', "share": '
+      /airlock vm boot --kernel $G/vmlinux --initrd $G/initramfs-selftest.cpio.gz --share-ro grant0=/tmp/fsb \
+        --cmdline 'airlock.fs=grant0:/fsb:ro airlock.selftest=panic' --timeout-secs 300 2>/dev/null | tr -d '\n'
+      printf '}'
+      i=$((i+1))
+    done
+    printf ']}\n'
+  } > /tmp/fsb-result.json
+  cat /tmp/fsb-result.json
   echo "NESTED-RESULT-END bench-fs 0"
   exit 0
 fi
@@ -1087,6 +1093,12 @@ fn bench_result(console: &str, name: &str) -> anyhow::Result<serde_json::Value> 
         .nth(1)
         .and_then(|b| b.split("NESTED-RESULT-END").next())
         .context("the outer VM printed no bench result")?;
+    // Without the kernel's console messages, which may land anywhere.
+    let body: String = body
+        .lines()
+        .filter(|l| !l.trim_start().starts_with('['))
+        .collect::<Vec<_>>()
+        .join("\n");
     body.lines()
         .map(str::trim)
         .filter(|l| l.starts_with('{'))
