@@ -1085,6 +1085,19 @@ fn boot_outer_sized(
     Ok(console)
 }
 
+/// A kernel console message: `[  62.523785] ...`.
+fn is_kernel_line(line: &str) -> bool {
+    line.trim_start()
+        .strip_prefix('[')
+        .and_then(|l| l.split_once(']'))
+        .is_some_and(|(stamp, _)| {
+            !stamp.trim().is_empty()
+                && stamp
+                    .chars()
+                    .all(|c| c == ' ' || c == '.' || c.is_ascii_digit())
+        })
+}
+
 /// The JSON a benchmark `name` printed between its result markers: one
 /// line of its own, or everything from the first `{`.
 fn bench_result(console: &str, name: &str) -> anyhow::Result<serde_json::Value> {
@@ -1096,7 +1109,7 @@ fn bench_result(console: &str, name: &str) -> anyhow::Result<serde_json::Value> 
     // Without the kernel's console messages, which may land anywhere.
     let body: String = body
         .lines()
-        .filter(|l| !l.trim_start().starts_with('['))
+        .filter(|l| !is_kernel_line(l))
         .collect::<Vec<_>>()
         .join("\n");
     body.lines()
