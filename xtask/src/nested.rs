@@ -1377,3 +1377,44 @@ pub fn bench_load_vm(concurrency: u32, max_vms: u32) -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bench_output_is_found_between_kernel_messages() {
+        let console = "NESTED-RESULT-BEGIN bench-x\nNESTED-PROGRESS bench-x: going\n[   62.523785] kvm [402]: vcpu0, Unhandled WRMSR\n{\"a\": [1, 2]}\nNESTED-RESULT-END bench-x 0\n";
+        assert_eq!(
+            bench_result(console, "bench-x").unwrap(),
+            serde_json::json!({"a": [1, 2]})
+        );
+        assert!(is_kernel_line("  [ 3.1] x"));
+        assert!(!is_kernel_line("[1, 2]") && !is_kernel_line("[]"));
+        assert!(bench_result("nothing", "bench-x").is_err());
+    }
+
+    #[test]
+    fn the_fs_report_gives_ratios_of_medians_and_fails_on_a_failed_call() {
+        let call = |tool: &str, ms: f64, ok: serde_json::Value| serde_json::json!({"tool": tool, "result": {"ok": {"ok": ok}}, "metering": {"wall_us": ms * 1000.0}});
+        let wall = |read: f64, stat: f64| {
+            serde_json::json!({"calls": [
+                call("files_checksum", read, "64 bytes".into()),
+                call("files_stat-dir", stat, serde_json::json!({"entries": 1})),
+            ]})
+        };
+        let boot = |mounts_us: u64| serde_json::json!({"wall_ms": 100, "stages": [{"stage": "mounts", "after_us": mounts_us}]});
+        let json = serde_json::json!({
+            "process": wall(1000.0, 500.0),
+            "vm": wall(2000.0, 2000.0),
+            "boots": [{"plain": boot(1000), "share": boot(1050)}],
+        });
+        let r = fs_report(&json, 1).unwrap();
+        assert!(r.contains("throughput vm / process: 0.50"), "{r}");
+        assert!(r.contains("rate vm / process: 0.25"), "{r}");
+        assert!(r.contains("ratio with / without: 1.050"), "{r}");
+        let mut failed = json.clone();
+        failed["vm"]["calls"][0]["result"] = serde_json::json!({"error": {"kind": "timeout"}});
+        assert!(fs_report(&failed, 1).is_err());
+    }
+}
