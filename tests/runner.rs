@@ -410,7 +410,9 @@ fn writes_into_a_read_write_grant_are_held_to_max_write() {
     let l = load("files");
     let d = data_dir();
     let mut g = dir_grant(&d, true);
-    g.limits.max_write_bytes = 1024;
+    // Making each file costs an entry; 1,024 bytes are left to write.
+    let limit = 2 * airlock_abi::ENTRY_WRITE_BYTES + 1024;
+    g.limits.max_write_bytes = limit;
     let out = call(
         &l,
         "files_write",
@@ -418,15 +420,17 @@ fn writes_into_a_read_write_grant_are_held_to_max_write() {
         &g,
     );
     assert_eq!(ok(&out)["ok"], json!(1000));
+    g.limits.max_write_bytes = airlock_abi::ENTRY_WRITE_BYTES + 1024;
     let out = call(
         &l,
         "files_write",
         json!({"path": "/data/big.txt", "content": "y".repeat(64 << 10)}),
         &g,
     );
+    let limit = g.limits.max_write_bytes;
     assert_eq!(
         err(&out),
-        &CallError::WriteLimit { limit_bytes: 1024 },
+        &CallError::WriteLimit { limit_bytes: limit },
         "{out:?}"
     );
     let events: Vec<_> = out
@@ -439,6 +443,39 @@ fn writes_into_a_read_write_grant_are_held_to_max_write() {
     assert!(written <= 1024, "{written} bytes reached the disk");
     let v = serde_json::to_value(&out.result).unwrap();
     assert_eq!(v["error"]["kind"], "write_limit", "{v}");
+}
+
+/// Making a file costs the write limit an entry
+/// ([`airlock_abi::ENTRY_WRITE_BYTES`]) even when it stays empty, so a call
+/// cannot fill a volume with empty files; replacing a file that exists
+/// costs only its bytes. (The VMM's file server charges the same: the
+/// `files-parity` nested scenarios run this in a microVM.)
+#[test]
+fn making_an_entry_costs_the_write_limit_and_replacing_one_does_not() {
+    let l = load("files");
+    let d = data_dir();
+    let mut g = dir_grant(&d, true);
+    g.limits.max_write_bytes = airlock_abi::ENTRY_WRITE_BYTES - 1;
+    let empty =
+        |path: &str, g: &GrantSet| call(&l, "files_write", json!({"path": path, "content": ""}), g);
+    let out = empty("/data/new.txt", &g);
+    assert!(matches!(err(&out), CallError::WriteLimit { .. }), "{out:?}");
+    assert!(!d.path().join("new.txt").exists());
+    assert_eq!(
+        out.audit
+            .iter()
+            .filter(|e| e.action == "limit.disk")
+            .count(),
+        1,
+        "{:?}",
+        out.audit
+    );
+    std::fs::write(d.path().join("old.txt"), "was here").unwrap();
+    assert_eq!(ok(&empty("/data/old.txt", &g))["ok"], json!(0));
+    assert_eq!(std::fs::read(d.path().join("old.txt")).unwrap(), b"");
+    g.limits.max_write_bytes = airlock_abi::ENTRY_WRITE_BYTES;
+    assert_eq!(ok(&empty("/data/new.txt", &g))["ok"], json!(0));
+    assert!(d.path().join("new.txt").is_file());
 }
 
 /// A grant whose path has a symbolic link swapped in after the policy was

@@ -29,6 +29,14 @@ pub fn boot_stage_name(code: u8) -> Option<&'static str> {
     BOOT_STAGES.get(usize::from(code).checked_sub(1)?).copied()
 }
 
+/// What making one entry (a file, directory or link) in a writable grant
+/// costs of a call's write limit (`limits.max_write`), in both walls: the
+/// runner charges it, and in a VM the host's file server charges it again
+/// against the share's cap, so a call cannot fill a volume with empty
+/// files. A state volume measures each entry at least this much too, so
+/// the charge within a call and the measure between calls agree.
+pub const ENTRY_WRITE_BYTES: u64 = 4096;
+
 #[cfg(test)]
 mod tests {
     use super::*;

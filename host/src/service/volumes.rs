@@ -21,8 +21,9 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-/// What each entry of a volume counts for at least.
-pub const ENTRY_BYTES: u64 = 4096;
+/// What each entry of a volume counts for at least: what making one costs
+/// a call.
+pub const ENTRY_BYTES: u64 = airlock_abi::ENTRY_WRITE_BYTES;
 /// Entries a volume may hold before measuring it is refused (it is full).
 pub const MAX_ENTRIES: u64 = 100_000;
 

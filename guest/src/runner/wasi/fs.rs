@@ -50,6 +50,11 @@ impl WriteBudget {
         ok
     }
 
+    /// Give back `n` bytes taken for something that did not happen.
+    pub(crate) fn give(&self, n: u64) {
+        self.left.fetch_add(n, std::sync::atomic::Ordering::SeqCst);
+    }
+
     pub(crate) fn hit(&self) -> bool {
         self.hit.load(std::sync::atomic::Ordering::SeqCst)
     }
@@ -104,6 +109,45 @@ impl wasmtime_wasi::p2::OutputStream for Budgeted {
     }
 }
 
+/// Charge the call's write budget [`airlock_abi::ENTRY_WRITE_BYTES`] for
+/// an entry about to be made through the directory `fd`, when `fd` may
+/// change its directory (a read-write grant) and `path` names nothing yet
+/// (`None` for operations that only ever make a new entry). `Ok(true)`:
+/// charged (give it back if the entry is not made); `Ok(false)`: nothing
+/// to charge; `Err`: the budget is spent — the operation must fail with
+/// `insufficient-space`. The same charge as the VMM's file server makes,
+/// so both walls stop a call at the same entry.
+async fn charge_entry(
+    state: &mut CallState,
+    fd: u32,
+    path: Option<(
+        wasmtime_wasi::p2::bindings::filesystem::types::PathFlags,
+        &str,
+    )>,
+) -> wasmtime::Result<Result<bool, ()>> {
+    use wasmtime::component::Resource;
+    use wasmtime_wasi::filesystem::{Descriptor, WasiFilesystemView};
+    use wasmtime_wasi::p2::bindings::filesystem::types::{DescriptorFlags, HostDescriptor as _};
+    let mut view = state.filesystem();
+    let flags = view.get_flags(Resource::<Descriptor>::new_borrow(fd)).await;
+    if !matches!(flags, Ok(f) if f.contains(DescriptorFlags::MUTATE_DIRECTORY)) {
+        return Ok(Ok(false));
+    }
+    if let Some((path_flags, path)) = path {
+        let there = view
+            .stat_at(Resource::new_borrow(fd), path_flags, path.to_string())
+            .await;
+        if there.is_ok() {
+            return Ok(Ok(false));
+        }
+    }
+    Ok(if state.writes.take(airlock_abi::ENTRY_WRITE_BYTES) {
+        Ok(true)
+    } else {
+        Err(())
+    })
+}
+
 /// Wrap `descriptor.open-at` so every file open is an audit event: denials
 /// (outside the preopen, writing a read-only grant) as `deny`, the rest as
 /// `allow` with their outcome.
@@ -151,8 +195,25 @@ pub(crate) fn add_audited_open_at(linker: &mut Linker<CallState>) -> wasmtime::R
                     .intersects(DescriptorFlags::WRITE | DescriptorFlags::MUTATE_DIRECTORY)
                     || open_flags.intersects(OpenFlags::CREATE | OpenFlags::TRUNCATE);
                 let target = format!("{path} ({})", if writes { "write" } else { "read" });
+                let charged = if open_flags.contains(OpenFlags::CREATE) {
+                    match charge_entry(state, fd.rep(), Some((path_flags, &path))).await? {
+                        Ok(c) => c,
+                        Err(()) => {
+                            let code = fs::ErrorCode::InsufficientSpace;
+                            record_fs(&audit, "fs.open", target, Err(&code)).await;
+                            return Ok((Err(code),));
+                        }
+                    }
+                } else {
+                    false
+                };
                 let mut view = state.filesystem();
-                match view.open_at(fd, path_flags, path, open_flags, flags).await {
+                let opened = view.open_at(fd, path_flags, path, open_flags, flags).await;
+                if charged && opened.is_err() {
+                    state.writes.give(airlock_abi::ENTRY_WRITE_BYTES);
+                }
+                let mut view = state.filesystem();
+                match opened {
                     Ok(new_fd) => {
                         record_fs(&audit, "fs.open", target, Ok("inside a granted directory"))
                             .await;
@@ -201,13 +262,15 @@ pub(crate) fn add_audited_changes(linker: &mut Linker<CallState>) -> wasmtime::R
     use wasmtime::component::Resource;
     use wasmtime_wasi::filesystem::{Descriptor, WasiFilesystemView};
     use wasmtime_wasi::p2::bindings::filesystem::types::{
-        Filesize, Host as _, HostDescriptor as _, NewTimestamp, PathFlags,
+        ErrorCode, Filesize, Host as _, HostDescriptor as _, NewTimestamp, PathFlags,
     };
     type D = Resource<Descriptor>;
     /// One wrapper: `$args` as the component passes them, `$target` the
     /// event's target, `$call` the wasmtime-wasi method it wraps.
+    /// `$makes`: the directory descriptor through which it makes a new
+    /// entry (charged to the write budget, see [`charge_entry`]), if any.
     macro_rules! wrap {
-        ($name:literal, ($($a:ident : $t:ty),*), $target:expr, |$view:ident| $call:expr) => {
+        ($name:literal, ($($a:ident : $t:ty),*), $target:expr, $makes:expr, |$view:ident| $call:expr) => {
             linker.instance(WASI_FILESYSTEM_TYPES)?.func_wrap_async(
                 concat!("[method]descriptor.", $name),
                 |mut store, ($($a,)*): ($($t,)*)| {
@@ -215,10 +278,24 @@ pub(crate) fn add_audited_changes(linker: &mut Linker<CallState>) -> wasmtime::R
                         let state: &mut CallState = store.data_mut();
                         let audit = state.audit.clone();
                         let target: String = $target;
-                        let mut $view = state.filesystem();
-                        let r = match $call.await {
-                            Ok(()) => Ok(()),
-                            Err(e) => Err($view.convert_error_code(e)?),
+                        let makes: Option<&D> = $makes;
+                        let charged = match makes {
+                            Some(dir) => charge_entry(state, dir.rep(), None).await?,
+                            None => Ok(false),
+                        };
+                        let r = match charged {
+                            Err(()) => Err(ErrorCode::InsufficientSpace),
+                            Ok(charged) => {
+                                let mut $view = state.filesystem();
+                                let r = match $call.await {
+                                    Ok(()) => Ok(()),
+                                    Err(e) => Err($view.convert_error_code(e)?),
+                                };
+                                if charged && r.is_err() {
+                                    state.writes.give(airlock_abi::ENTRY_WRITE_BYTES);
+                                }
+                                r
+                            }
                         };
                         let how = r.as_ref().map(|()| "inside a granted, writable directory");
                         record_fs(&audit, "fs.change", target, how).await;
@@ -229,23 +306,23 @@ pub(crate) fn add_audited_changes(linker: &mut Linker<CallState>) -> wasmtime::R
         };
     }
     wrap!("create-directory-at", (fd: D, path: String),
-        format!("mkdir {path}"), |v| v.create_directory_at(fd, path));
+        format!("mkdir {path}"), Some(&fd), |v| v.create_directory_at(fd, path));
     wrap!("remove-directory-at", (fd: D, path: String),
-        format!("rmdir {path}"), |v| v.remove_directory_at(fd, path));
+        format!("rmdir {path}"), None, |v| v.remove_directory_at(fd, path));
     wrap!("unlink-file-at", (fd: D, path: String),
-        format!("unlink {path}"), |v| v.unlink_file_at(fd, path));
+        format!("unlink {path}"), None, |v| v.unlink_file_at(fd, path));
     wrap!("symlink-at", (fd: D, src: String, dest: String),
-        format!("symlink {dest} -> {src}"), |v| v.symlink_at(fd, src, dest));
+        format!("symlink {dest} -> {src}"), Some(&fd), |v| v.symlink_at(fd, src, dest));
     wrap!("rename-at", (fd: D, old: String, new_fd: D, new: String),
-        format!("rename {old} -> {new}"), |v| v.rename_at(fd, old, new_fd, new));
+        format!("rename {old} -> {new}"), None, |v| v.rename_at(fd, old, new_fd, new));
     wrap!("link-at", (fd: D, flags: PathFlags, old: String, new_fd: D, new: String),
-        format!("link {new} -> {old}"), |v| v.link_at(fd, flags, old, new_fd, new));
+        format!("link {new} -> {old}"), Some(&new_fd), |v| v.link_at(fd, flags, old, new_fd, new));
     wrap!("set-times-at", (fd: D, flags: PathFlags, path: String, a: NewTimestamp, m: NewTimestamp),
-        format!("set-times {path}"), |v| v.set_times_at(fd, flags, path, a, m));
+        format!("set-times {path}"), None, |v| v.set_times_at(fd, flags, path, a, m));
     wrap!("set-times", (fd: D, a: NewTimestamp, m: NewTimestamp),
-        "set-times (open file)".to_string(), |v| v.set_times(fd, a, m));
+        "set-times (open file)".to_string(), None, |v| v.set_times(fd, a, m));
     wrap!("set-size", (fd: D, size: Filesize),
-        format!("set-size (open file) {size}"), |v| v.set_size(fd, size));
+        format!("set-size (open file) {size}"), None, |v| v.set_size(fd, size));
     Ok(())
 }
 

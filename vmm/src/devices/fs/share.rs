@@ -23,7 +23,9 @@
 //!   in a request never switch the host thread's (`id_remap`).
 //! * What the guest writes is capped when the share has a [`WriteCap`]
 //!   (one for all shares of a VM: the call's write limit): each write and
-//!   allocation takes its size first, past the cap it fails with `ENOSPC`
+//!   allocation takes its size first, each new entry (create, mkdir,
+//!   symlink, link) [`airlock_abi::ENTRY_WRITE_BYTES`] (given back if it
+//!   is not made); past the cap it fails with `ENOSPC`
 //!   and nothing is written — the same count the guest's runner keeps, so
 //!   an honest guest meets the runner's limit first and a lying one this.
 
@@ -112,6 +114,11 @@ impl WriteCap {
             .map(|_| ())
             .map_err(|_| errno(libc::ENOSPC))
     }
+
+    /// Give back `n` bytes taken for something that did not happen.
+    fn give(&self, n: u64) {
+        self.left.fetch_add(n, Ordering::SeqCst);
+    }
 }
 
 /// One share (see the module docs).
@@ -197,6 +204,21 @@ impl Share {
     /// Take `n` bytes of the write cap, if there is one.
     fn charge(&self, n: u64) -> io::Result<()> {
         self.cap.as_ref().map_or(Ok(()), |c| c.take(n))
+    }
+
+    /// Make a new entry with `make`, charging the write cap
+    /// [`airlock_abi::ENTRY_WRITE_BYTES`] for it first (given back when
+    /// `make` fails), so a capped guest cannot fill the share with empty
+    /// files or directories.
+    fn new_entry<T>(&self, make: impl FnOnce() -> io::Result<T>) -> io::Result<T> {
+        self.charge(airlock_abi::ENTRY_WRITE_BYTES)?;
+        let made = make();
+        if made.is_err()
+            && let Some(c) = &self.cap
+        {
+            c.give(airlock_abi::ENTRY_WRITE_BYTES);
+        }
+        made
     }
 
     fn lookups(&self) -> std::sync::MutexGuard<'_, HashMap<u64, u64>> {
@@ -359,7 +381,7 @@ impl FileSystem for Share {
     ) -> io::Result<Entry> {
         self.writable()?;
         check_name(name)?;
-        self.entry(|| self.inner.symlink(ctx, linkname, parent, name))
+        self.new_entry(|| self.entry(|| self.inner.symlink(ctx, linkname, parent, name)))
     }
 
     fn mknod(
@@ -388,7 +410,7 @@ impl FileSystem for Share {
         self.writable()?;
         check_name(name)?;
         let mode = mode & 0o777;
-        self.entry(|| self.inner.mkdir(ctx, parent, name, mode, umask))
+        self.new_entry(|| self.entry(|| self.inner.mkdir(ctx, parent, name, mode, umask)))
     }
 
     fn unlink(&self, ctx: &Context, parent: u64, name: &CStr) -> io::Result<()> {
@@ -426,7 +448,7 @@ impl FileSystem for Share {
     fn link(&self, ctx: &Context, inode: u64, newparent: u64, newname: &CStr) -> io::Result<Entry> {
         self.writable()?;
         check_name(newname)?;
-        self.entry(|| self.inner.link(ctx, inode, newparent, newname))
+        self.new_entry(|| self.entry(|| self.inner.link(ctx, inode, newparent, newname)))
     }
 
     fn open(
@@ -459,15 +481,17 @@ impl FileSystem for Share {
             mode: args.mode & 0o777,
             ..args
         };
-        self.counted(
-            || {
-                self.handle(
-                    || self.inner.create(ctx, parent, name, args),
-                    |(_, h, _, _)| h.is_some(),
-                )
-            },
-            |(e, _, _, _)| e.inode,
-        )
+        self.new_entry(|| {
+            self.counted(
+                || {
+                    self.handle(
+                        || self.inner.create(ctx, parent, name, args),
+                        |(_, h, _, _)| h.is_some(),
+                    )
+                },
+                |(e, _, _, _)| e.inode,
+            )
+        })
     }
 
     #[allow(clippy::too_many_arguments)]

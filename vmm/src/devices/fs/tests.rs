@@ -511,7 +511,8 @@ fn what_a_guest_writes_is_held_to_the_vms_write_cap_across_its_shares() {
     // Two shares of one VM, one cap of 10 bytes: a guest that ignores its
     // runner's write limit meets it on the host, whichever share it uses.
     let (a, b) = (tree(), tree());
-    let cap = super::share::WriteCap::new(10);
+    // Each of the two files costs an entry; 10 bytes are left to write.
+    let cap = super::share::WriteCap::new(2 * airlock_abi::ENTRY_WRITE_BYTES + 10);
     let share = |d: &Path| {
         super::share::Share::new(d, false, ShareLimits::default())
             .unwrap()
@@ -543,6 +544,48 @@ fn what_a_guest_writes_is_held_to_the_vms_write_cap_across_its_shares() {
         -libc::ENOSPC
     );
     assert_eq!(std::fs::metadata(a.path().join("one")).unwrap().len(), 6);
+}
+
+#[test]
+fn each_new_entry_costs_the_write_cap_and_a_failed_one_costs_nothing() {
+    // A guest with a full volume (cap 0 beyond two entries) cannot fill
+    // the host directory with empty files or directories.
+    let d = tree();
+    let cap = super::share::WriteCap::new(2 * airlock_abi::ENTRY_WRITE_BYTES);
+    let share = super::share::Share::new(d.path(), false, ShareLimits::default())
+        .unwrap()
+        .capped(cap.clone());
+    let mut f = Fuse::serving(share);
+    let mkdir = MkdirIn {
+        mode: 0o755,
+        umask: 0,
+    };
+    assert_eq!(
+        f.call(Opcode::Mkdir, ROOT, &[mkdir.as_slice(), b"d\0"]).0,
+        0
+    );
+    assert_eq!(cap.left(), airlock_abi::ENTRY_WRITE_BYTES);
+    // A name that exists: refused by the file system, the charge given back.
+    assert_eq!(
+        f.call(Opcode::Mkdir, ROOT, &[mkdir.as_slice(), b"d\0"]).0,
+        -libc::EEXIST
+    );
+    assert_eq!(cap.left(), airlock_abi::ENTRY_WRITE_BYTES);
+    f.create(ROOT, b"empty").unwrap();
+    assert_eq!(cap.left(), 0);
+    // Nothing left: no file, directory or link is made.
+    assert_eq!(f.create(ROOT, b"more"), Err(-libc::ENOSPC));
+    assert_eq!(
+        f.call(Opcode::Mkdir, ROOT, &[mkdir.as_slice(), b"e\0"]).0,
+        -libc::ENOSPC
+    );
+    assert_eq!(
+        f.call(Opcode::Symlink, ROOT, &[b"s\0", b"empty\0"]).0,
+        -libc::ENOSPC
+    );
+    for name in ["more", "e", "s"] {
+        assert!(!d.path().join(name).exists(), "{name} was made");
+    }
 }
 
 /// The device with its queues on mock rings in guest memory, its worker
