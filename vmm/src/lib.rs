@@ -29,6 +29,7 @@ mod layout;
 pub mod process;
 mod ram;
 pub mod seccomp;
+pub mod snapshot;
 mod vcpu;
 
 use crate::devices::marker::StageMark;
