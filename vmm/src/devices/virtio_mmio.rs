@@ -229,6 +229,69 @@ pub trait VirtioDevice: Send {
     fn shutdown(&mut self);
 }
 
+/// How the driver configured one queue (fixed once the device runs).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct QueueConfig {
+    /// Its size.
+    pub size: u16,
+    /// Ready.
+    pub ready: bool,
+    /// Guest address of the descriptor table.
+    pub desc: u64,
+    /// Guest address of the available ring.
+    pub avail: u64,
+    /// Guest address of the used ring.
+    pub used: u64,
+}
+
+impl QueueConfig {
+    fn of(q: &Queue) -> Self {
+        Self {
+            size: q.size(),
+            ready: q.ready(),
+            desc: q.desc_table(),
+            avail: q.avail_ring(),
+            used: q.used_ring(),
+        }
+    }
+
+    fn apply(&self, q: &mut Queue) {
+        q.set_size(self.size);
+        q.set_desc_table_address(Some(self.desc as u32), Some((self.desc >> 32) as u32));
+        q.set_avail_ring_address(Some(self.avail as u32), Some((self.avail >> 32) as u32));
+        q.set_used_ring_address(Some(self.used as u32), Some((self.used >> 32) as u32));
+        q.set_ready(self.ready);
+    }
+}
+
+/// A transport's registers, for a snapshot. Queue positions are not kept:
+/// a snapshot is taken with every queue idle (each chain the device took
+/// is in the used ring), so both positions are the used ring's index,
+/// which is in guest memory.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct TransportState {
+    /// The device's virtio id (a check on restore).
+    pub device_type: u32,
+    /// Device status.
+    pub status: u32,
+    /// Features the driver took.
+    pub driver_features: u64,
+    /// Selectors.
+    pub device_features_sel: u32,
+    /// Selectors.
+    pub driver_features_sel: u32,
+    /// Selectors.
+    pub queue_sel: u32,
+    /// Config generation.
+    pub config_generation: u32,
+    /// InterruptStatus.
+    pub interrupt_status: u32,
+    /// Whether the device was running.
+    pub activated: bool,
+    /// Each queue's configuration.
+    pub queues: Vec<QueueConfig>,
+}
+
 /// One virtio-mmio device: registers + the device.
 pub struct MmioTransport {
     device: Box<dyn VirtioDevice>,
@@ -243,6 +306,8 @@ pub struct MmioTransport {
     status: u32,
     config_generation: u32,
     activated: bool,
+    /// The queues' configuration as the device took them.
+    configured: Vec<QueueConfig>,
 }
 
 impl MmioTransport {
@@ -275,6 +340,7 @@ impl MmioTransport {
             status: 0,
             config_generation: 0,
             activated: false,
+            configured: Vec::new(),
         })
     }
 
@@ -424,6 +490,7 @@ impl MmioTransport {
         let evts: Option<Vec<EventFd>> = self.queue_evts.iter_mut().map(Option::take).collect();
         let Some(queue_evts) = evts else { return };
         // The device thread owns the queues from now on.
+        self.configured = self.queues.iter().map(QueueConfig::of).collect();
         let queues = std::mem::take(&mut self.queues);
         let r = self.device.activate(Activation {
             mem: self.mem.clone(),
@@ -443,6 +510,83 @@ impl MmioTransport {
     /// Stop the device (at VM teardown).
     pub fn shutdown(&mut self) {
         self.device.shutdown();
+    }
+
+    /// The registers, for a snapshot (see [`TransportState`]).
+    pub fn state(&self) -> TransportState {
+        TransportState {
+            device_type: self.device.device_type(),
+            status: self.status,
+            driver_features: self.driver_features,
+            device_features_sel: self.device_features_sel,
+            driver_features_sel: self.driver_features_sel,
+            queue_sel: self.queue_sel,
+            config_generation: self.config_generation,
+            interrupt_status: self.interrupt.status.load(Ordering::SeqCst),
+            activated: self.activated,
+            queues: if self.activated {
+                self.configured.clone()
+            } else {
+                self.queues.iter().map(QueueConfig::of).collect()
+            },
+        }
+    }
+
+    /// Take a snapshot's registers on a transport that has not run, and
+    /// start the device if it was running: each queue resumes at its used
+    /// ring's index, read from the restored guest memory.
+    ///
+    /// # Errors
+    /// The state is another device's or does not fit this one, a used
+    /// ring cannot be read, or the device cannot start.
+    pub fn restore(&mut self, s: &TransportState) -> Result<(), VirtioError> {
+        let bad = |m: String| Err(VirtioError::Activate(format!("restoring: {m}")));
+        if self.activated || self.status != 0 {
+            return bad("the device has already run".into());
+        }
+        if s.device_type != self.device.device_type() {
+            return bad(format!(
+                "the snapshot has device type {} here, this VM {}",
+                s.device_type,
+                self.device.device_type()
+            ));
+        }
+        if s.queues.len() != self.queues.len() {
+            return bad(format!(
+                "the snapshot has {} queues, the device {}",
+                s.queues.len(),
+                self.queues.len()
+            ));
+        }
+        for (q, c) in self.queues.iter_mut().zip(&s.queues) {
+            if c.size > q.max_size() {
+                return bad(format!("queue size {} above {}", c.size, q.max_size()));
+            }
+            c.apply(q);
+            if s.activated && c.ready {
+                let at = q
+                    .used_idx(&self.mem, Ordering::Acquire)
+                    .map_err(|e| VirtioError::Activate(format!("restoring a used ring: {e}")))?;
+                q.set_next_avail(at.0);
+                q.set_next_used(at.0);
+            }
+        }
+        self.driver_features = s.driver_features;
+        self.device_features_sel = s.device_features_sel;
+        self.driver_features_sel = s.driver_features_sel;
+        self.queue_sel = s.queue_sel;
+        self.config_generation = s.config_generation;
+        self.interrupt
+            .status
+            .store(s.interrupt_status, Ordering::SeqCst);
+        self.status = s.status;
+        if s.activated {
+            self.activate();
+            if !self.activated {
+                return bad("the device did not start".into());
+            }
+        }
+        Ok(())
     }
 }
 impl super::BusDevice for MmioTransport {
@@ -476,6 +620,87 @@ mod tests {
             Ok(())
         }
         fn shutdown(&mut self) {}
+    }
+
+    /// A device that reports where its queues start.
+    struct Probe(std::sync::mpsc::Sender<Vec<(u16, u16, bool)>>);
+    impl VirtioDevice for Probe {
+        fn device_type(&self) -> u32 {
+            19
+        }
+        fn features(&self) -> u64 {
+            0
+        }
+        fn queue_max_sizes(&self) -> &[u16] {
+            &[16, 16]
+        }
+        fn read_config(&self, _: u64, _: &mut [u8]) {}
+        fn activate(&mut self, a: Activation) -> Result<(), VirtioError> {
+            let at = a
+                .queues
+                .iter()
+                .map(|q| (q.next_avail(), q.next_used(), q.ready()))
+                .collect();
+            self.0.send(at).unwrap();
+            Ok(())
+        }
+        fn shutdown(&mut self) {}
+    }
+
+    fn probe() -> (
+        MmioTransport,
+        std::sync::mpsc::Receiver<Vec<(u16, u16, bool)>>,
+    ) {
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x1_0000)]).unwrap();
+        let irq = Arc::new(EventFd::new(libc::EFD_NONBLOCK).unwrap());
+        let evts = (0..2)
+            .map(|_| EventFd::new(libc::EFD_NONBLOCK).unwrap())
+            .collect();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let t = MmioTransport::new(Box::new(Probe(tx)), mem, irq, evts).unwrap();
+        (t, rx)
+    }
+
+    fn reg(t: &mut MmioTransport, r: u32, v: u32) {
+        t.write(u64::from(r), &v.to_le_bytes());
+    }
+
+    #[test]
+    fn a_restored_transport_resumes_its_queues_at_the_used_index_in_memory() {
+        use vm_memory::Bytes;
+        let (mut t, rx) = probe();
+        reg(&mut t, VIRTIO_MMIO_STATUS, 1 | 2);
+        reg(&mut t, VIRTIO_MMIO_DRIVER_FEATURES_SEL, 1);
+        reg(&mut t, VIRTIO_MMIO_DRIVER_FEATURES, 1); // VERSION_1
+        reg(&mut t, VIRTIO_MMIO_STATUS, 1 | 2 | 8);
+        // Queue 0 only; queue 1 stays not ready.
+        reg(&mut t, VIRTIO_MMIO_QUEUE_SEL, 0);
+        reg(&mut t, VIRTIO_MMIO_QUEUE_NUM, 8);
+        reg(&mut t, VIRTIO_MMIO_QUEUE_DESC_LOW, 0x1000);
+        reg(&mut t, VIRTIO_MMIO_QUEUE_AVAIL_LOW, 0x2000);
+        reg(&mut t, VIRTIO_MMIO_QUEUE_USED_LOW, 0x3000);
+        reg(&mut t, VIRTIO_MMIO_QUEUE_READY, 1);
+        reg(&mut t, VIRTIO_MMIO_STATUS, 1 | 2 | 8 | 4);
+        assert_eq!(rx.recv().unwrap()[0], (0, 0, true));
+        let saved = t.state();
+        assert!(saved.activated);
+        assert_eq!(saved.queues[0].used, 0x3000);
+
+        // The guest had 5 chains used when the snapshot was taken.
+        let (mut back, rx) = probe();
+        back.mem.write_obj(5u16, GuestAddress(0x3002)).unwrap();
+        back.restore(&saved).unwrap();
+        assert_eq!(rx.recv().unwrap(), vec![(5, 5, true), (0, 0, false)]);
+        assert_eq!(back.state(), saved);
+        // Once running, it cannot be restored again; nor can another
+        // device's state be restored onto it.
+        assert!(back.restore(&saved).is_err());
+        let (mut other, _rx) = probe();
+        let foreign = TransportState {
+            device_type: 26,
+            ..saved
+        };
+        assert!(other.restore(&foreign).is_err());
     }
 
     /// Linux's virtio-fs probes for a DAX window through the shared-memory
