@@ -377,6 +377,7 @@ impl BootImage {
             seccomp_selftest: false,
             jail_selftest: None,
             share_write_limit: None,
+            snapshot: None,
         }
     }
 }

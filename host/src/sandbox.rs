@@ -168,6 +168,7 @@ fn exit_text(e: &VmExit) -> String {
         VmExit::Halted => "halted".into(),
         VmExit::Timeout => "timeout".into(),
         VmExit::Stopped => "stopped by the host".into(),
+        VmExit::Paused => "paused for a snapshot".into(),
         VmExit::Error(m) => format!("KVM error: {m}"),
     }
 }
@@ -316,6 +317,7 @@ impl Sandbox {
             seccomp_selftest: false,
             jail_selftest: None,
             share_write_limit: (!shares.is_empty()).then_some(write_limit),
+            snapshot: None,
         };
         let cleanup = |e: SandboxError| {
             let _ = std::fs::remove_dir_all(&dir);

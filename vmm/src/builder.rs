@@ -7,7 +7,7 @@ use crate::devices::fs::device::VirtioFs;
 use crate::devices::marker::BootMarker;
 use crate::devices::pmem::{Pmem, PmemMapping};
 use crate::devices::rtc::Rtc;
-use crate::devices::serial::{ConsoleLog, com1};
+use crate::devices::serial::{self, Com1, ConsoleLog, com1};
 use crate::devices::virtio_mmio::MmioTransport;
 use crate::devices::vsock::Vsock;
 use crate::devices::{self, Bus, MmioSlot, PioSlot, VirtioDevice};
@@ -57,7 +57,22 @@ pub(crate) struct Memory {
 /// it with the VM.
 pub(crate) fn guest_memory(vm: &VmFd, size: u64) -> Result<Memory, VmmError> {
     let ram = ram::GuestRam::new(size as usize).map_err(VmmError::MapRam)?;
-    // SAFETY: `ram` is a live anonymous mapping of exactly this size and
+    register_memory(vm, ram)
+}
+
+/// Step 2 of a restore: guest RAM from a snapshot's memory image, mapped
+/// copy-on-write ([`ram::GuestRam::from_file`]).
+pub(crate) fn guest_memory_from(
+    vm: &VmFd,
+    size: u64,
+    image: &std::fs::File,
+) -> Result<Memory, VmmError> {
+    let ram = ram::GuestRam::from_file(image, size as usize).map_err(VmmError::MapRam)?;
+    register_memory(vm, ram)
+}
+
+fn register_memory(vm: &VmFd, ram: ram::GuestRam) -> Result<Memory, VmmError> {
+    // SAFETY: `ram` is a live private mapping of exactly this size and
     // outlives `mem` and all its clones (`Memory` drops `mem` first; the
     // devices holding clones are dropped before `Memory` by `run`).
     let region = unsafe {
@@ -150,7 +165,9 @@ pub(crate) struct Devices {
     pub buses: Buses,
     pub console: ConsoleLog,
     pub marker: Arc<Mutex<BootMarker>>,
-    virtio: Vec<Arc<Mutex<MmioTransport>>>,
+    serial: Arc<Mutex<Com1>>,
+    /// Each virtio transport with its table name.
+    virtio: Vec<(&'static str, Arc<Mutex<MmioTransport>>)>,
     /// The command-line entries that announce the virtio devices.
     pub cmdline: Vec<String>,
     /// The weights mapping behind the pmem memory slot; `run` drops it
@@ -161,9 +178,76 @@ pub(crate) struct Devices {
 impl Devices {
     /// Stop every virtio device's worker thread.
     pub fn shutdown(&self) {
-        for d in &self.virtio {
+        for (_, d) in &self.virtio {
             d.lock().unwrap_or_else(|p| p.into_inner()).shutdown();
         }
+    }
+
+    /// Every device's state for a snapshot, by table name (COM1, then the
+    /// virtio transports).
+    ///
+    /// # Errors
+    /// A state cannot be encoded.
+    pub fn save(&self) -> Result<Vec<(String, Vec<u8>)>, VmmError> {
+        let serial = self.serial.lock().unwrap_or_else(|p| p.into_inner());
+        let mut out = vec![(devices::COM1.name.to_string(), serial::save(&serial))];
+        for (name, t) in &self.virtio {
+            let st = t.lock().unwrap_or_else(|p| p.into_inner()).state();
+            let bytes = postcard::to_allocvec(&st).map_err(|e| restore_err(name, e.to_string()))?;
+            out.push((name.to_string(), bytes));
+        }
+        Ok(out)
+    }
+
+    /// Put back a snapshot's device states: the same devices must be
+    /// there, no more and no fewer.
+    ///
+    /// # Errors
+    /// A device is missing on either side, or its state does not decode or
+    /// fit.
+    pub fn restore(&self, states: &[(String, Vec<u8>)]) -> Result<(), VmmError> {
+        let mut names: Vec<&str> = std::iter::once(devices::COM1.name)
+            .chain(self.virtio.iter().map(|(n, _)| *n))
+            .collect();
+        let mut saved: Vec<&str> = states.iter().map(|(n, _)| n.as_str()).collect();
+        names.sort_unstable();
+        saved.sort_unstable();
+        if names != saved {
+            return Err(restore_err(
+                "devices",
+                format!("the snapshot has devices {saved:?}, this VM {names:?}"),
+            ));
+        }
+        for (name, bytes) in states {
+            if name == devices::COM1.name {
+                let mut serial = self.serial.lock().unwrap_or_else(|p| p.into_inner());
+                *serial = serial::restored(&serial, bytes)
+                    .map_err(|e| restore_err(devices::COM1.name, e))?;
+                continue;
+            }
+            let Some((slot, t)) = self.virtio.iter().find(|(n, _)| *n == name) else {
+                continue; // the name check above makes this unreachable
+            };
+            let st: crate::devices::virtio_mmio::TransportState =
+                postcard::from_bytes(bytes).map_err(|e| restore_err(slot, e.to_string()))?;
+            t.lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .restore(&st)
+                .map_err(|source| VmmError::Device {
+                    device: slot,
+                    source,
+                })?;
+        }
+        Ok(())
+    }
+}
+
+fn restore_err(device: &'static str, message: String) -> VmmError {
+    VmmError::Device {
+        device,
+        source: crate::devices::virtio_mmio::VirtioError::Activate(format!(
+            "snapshot state: {message}"
+        )),
     }
 }
 
@@ -186,8 +270,8 @@ pub(crate) fn attach_devices(
         vm.register_irqfd(&serial_irq, irq)
             .map_err(kvm_err("register serial irqfd"))?;
     }
-    let serial = com1(serial_irq, console.clone());
-    place_pio(&mut pio, devices::COM1, Arc::new(Mutex::new(serial)))?;
+    let serial = Arc::new(Mutex::new(com1(serial_irq, console.clone())));
+    place_pio(&mut pio, devices::COM1, serial.clone())?;
     place_pio(&mut pio, devices::RTC, Arc::new(Mutex::new(Rtc::default())))?;
     place_pio(&mut pio, devices::MARKER, marker.clone())?;
 
@@ -198,6 +282,7 @@ pub(crate) fn attach_devices(
         },
         console,
         marker,
+        serial,
         virtio: Vec::new(),
         cmdline: Vec::new(),
         weights: None,
@@ -352,7 +437,7 @@ fn attach_virtio(
             t.clone(),
         )
         .map_err(VmmError::Bus)?;
-    devs.virtio.push(t);
+    devs.virtio.push((slot.name, t));
     devs.cmdline.push(slot.cmdline());
     Ok(())
 }

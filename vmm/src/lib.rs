@@ -124,6 +124,12 @@ pub enum VmmError {
     /// A vCPU thread could not be started.
     #[error("A vCPU thread cannot be started: {0}.")]
     Thread(#[source] std::io::Error),
+    /// A snapshot could not be made or read.
+    #[error("{0}")]
+    Snapshot(#[from] snapshot::SnapshotError),
+    /// KVM refused to save or restore state.
+    #[error("{0}")]
+    KvmState(#[from] snapshot::kvm_state::KvmStateError),
 }
 
 fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmmError {
@@ -169,6 +175,45 @@ pub struct VmConfig {
     /// Debug hook for the jail's tests: an attack on the jail made in
     /// place of the VM (see [`jail::Selftest`]).
     pub jail_selftest: Option<jail::Selftest>,
+    /// Make a snapshot of this VM, or start it from one.
+    pub snapshot: Option<SnapshotPlan>,
+}
+
+/// What to do with snapshots ([`snapshot`]).
+#[derive(Debug, Clone)]
+pub enum SnapshotPlan {
+    /// Boot; when the guest reaches boot stage `at` (its marker), pause
+    /// the VM, write its snapshot into `dir` (`state` and `memory`) and
+    /// end the run as [`VmExit::Paused`]. The main thread stays without
+    /// its seccomp filter (it saves state and writes files after the
+    /// vCPUs stop); vCPU and device threads keep theirs.
+    Make {
+        /// The boot stage to snapshot at.
+        at: String,
+        /// Where to write it.
+        dir: PathBuf,
+    },
+    /// Start from the snapshot in `dir` instead of booting: the VM's
+    /// configuration must be the one the snapshot was made with.
+    Restore {
+        /// Where it is.
+        dir: PathBuf,
+        /// What the snapshot must have been made from, when the caller has
+        /// worked it out already (else it is computed from the files).
+        identity: Option<snapshot::Identity>,
+    },
+}
+
+impl SnapshotPlan {
+    /// The state file in a snapshot directory.
+    pub fn state_path(dir: &Path) -> PathBuf {
+        dir.join("state")
+    }
+
+    /// The memory image in a snapshot directory.
+    pub fn memory_path(dir: &Path) -> PathBuf {
+        dir.join("memory")
+    }
 }
 
 /// One host directory for the guest (virtio-fs).
@@ -258,6 +303,9 @@ pub enum VmExit {
     Timeout,
     /// The host asked the VM to stop.
     Stopped,
+    /// The guest reached the stage a snapshot was asked for; the VM was
+    /// paused and saved ([`SnapshotPlan::Make`]).
+    Paused,
     /// KVM reported an error exit (failed entry, internal error).
     Error(String),
 }
@@ -270,6 +318,7 @@ impl VmExit {
             VmExit::Halted => "halted".into(),
             VmExit::Timeout => "timeout".into(),
             VmExit::Stopped => "stopped".into(),
+            VmExit::Paused => "snapshot".into(),
             VmExit::Error(e) => format!("error: {e}"),
         }
     }
@@ -444,6 +493,7 @@ impl VmConfig {
             seccomp_selftest: false,
             jail_selftest: None,
             share_write_limit: None,
+            snapshot: None,
         }
     }
 
@@ -510,7 +560,44 @@ impl VmConfig {
     }
 }
 
-/// Boot a VM and run it until it resets, halts, fails or times out.
+/// What a snapshot of `cfg` must have been made from: this VMM's build
+/// (its executable), the kernel, initramfs and weights (their digests), the
+/// VM's shape and its extra command line.
+///
+/// # Errors
+/// A file cannot be read.
+pub fn snapshot_identity(cfg: &VmConfig) -> Result<snapshot::Identity, VmmError> {
+    let digest = |path: &Path| -> Result<String, VmmError> {
+        use sha2::{Digest, Sha256};
+        let mut f = std::fs::File::open(path).map_err(|source| VmmError::File {
+            path: path.into(),
+            source,
+        })?;
+        let mut h = Sha256::new();
+        std::io::copy(&mut f, &mut h).map_err(|source| VmmError::File {
+            path: path.into(),
+            source,
+        })?;
+        Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
+    };
+    let exe = std::env::current_exe().map_err(|source| VmmError::File {
+        path: "/proc/self/exe".into(),
+        source,
+    })?;
+    Ok(snapshot::Identity {
+        vmm: digest(&exe)?,
+        kernel: digest(&cfg.kernel)?,
+        initrd: digest(&cfg.initrd)?,
+        memory_mib: cfg.memory_mib,
+        vcpus: cfg.vcpus,
+        cmdline: cfg.cmdline_extra.clone(),
+        weights: cfg.pmem.as_deref().map(digest).transpose()?,
+    })
+}
+
+/// Boot a VM (or restore it from a snapshot, see [`VmConfig::snapshot`])
+/// and run it until it resets, halts, fails, times out or pauses for a
+/// snapshot.
 ///
 /// # Errors
 /// Anything that prevents the VM from starting; once it runs, its end is a
@@ -519,23 +606,110 @@ pub fn run(cfg: &VmConfig) -> Result<RunReport, VmmError> {
     let start = Instant::now();
     cfg.validate()?;
     let kvm = check_host()?;
+    // A restore reads and checks the whole state file before KVM is asked
+    // for anything.
+    let restoring = match &cfg.snapshot {
+        Some(SnapshotPlan::Restore { dir, identity }) => {
+            let identity = match identity {
+                Some(i) => i.clone(),
+                None => snapshot_identity(cfg)?,
+            };
+            let state = snapshot::read_state(&SnapshotPlan::state_path(dir), &identity)?;
+            let image = SnapshotPlan::memory_path(dir);
+            let file = std::fs::File::open(&image).map_err(|source| VmmError::File {
+                path: image.clone(),
+                source,
+            })?;
+            Some((state, file))
+        }
+        _ => None,
+    };
+    let making = match &cfg.snapshot {
+        Some(SnapshotPlan::Make { at, dir }) => {
+            let code = airlock_abi::boot_stage_code(at).ok_or_else(|| VmmError::Config {
+                field: "snapshot.at",
+                message: format!(
+                    "{at:?} is not a boot stage ({:?})",
+                    airlock_abi::BOOT_STAGES
+                ),
+            })?;
+            Some((code, dir.clone(), snapshot_identity(cfg)?))
+        }
+        _ => None,
+    };
     // Until `vcpu::run`, no vCPU has entered the guest, so an early return
     // may drop memory and mappings in any order.
     let (vm, vcpus) = builder::create_vm(&kvm, cfg.vcpus)?;
     let mem_size = u64::from(cfg.memory_mib) << 20;
-    let memory = builder::guest_memory(&vm, mem_size)?;
+    let memory = match &restoring {
+        Some((_, file)) => builder::guest_memory_from(&vm, mem_size, file)?,
+        None => builder::guest_memory(&vm, mem_size)?,
+    };
     let load_start = Instant::now();
-    let kernel = builder::load_kernel(&memory.mem, &cfg.kernel)?;
-    let initrd = builder::load_initrd(&memory.mem, &cfg.initrd, mem_size, kernel.kernel_end)?;
+    let loaded = match restoring {
+        Some(_) => None,
+        None => {
+            let kernel = builder::load_kernel(&memory.mem, &cfg.kernel)?;
+            let initrd =
+                builder::load_initrd(&memory.mem, &cfg.initrd, mem_size, kernel.kernel_end)?;
+            Some((kernel, initrd))
+        }
+    };
     let image_load = load_start.elapsed();
     let devices = builder::attach_devices(&vm, &memory.mem, cfg, start)?;
     let threads = jail::thread_caps();
-    let cmdline = builder::kernel_cmdline(cfg, &vcpus[0], &devices.cmdline)?;
-    builder::configure_boot(&memory.mem, mem_size, &cmdline, initrd, cfg.vcpus)?;
-    vcpu::configure(&kvm, &vcpus, &memory.mem, kernel.kernel_load)?;
+    match (&restoring, loaded) {
+        (Some((state, _)), _) => {
+            // The guest's memory is the snapshot's: set KVM's state, then
+            // each device's (virtio devices resume at their used rings).
+            snapshot::kvm_state::restore(&vm, &vcpus, &state.vm)?;
+            devices.restore(&state.devices)?;
+        }
+        (None, Some((kernel, initrd))) => {
+            let cmdline = builder::kernel_cmdline(cfg, &vcpus[0], &devices.cmdline)?;
+            builder::configure_boot(&memory.mem, mem_size, &cmdline, initrd, cfg.vcpus)?;
+            vcpu::configure(&kvm, &vcpus, &memory.mem, kernel.kernel_load)?;
+        }
+        (None, None) => unreachable!("a boot loads its images"),
+    }
+    let pause = making.as_ref().map(|(code, _, _)| {
+        let flag = Arc::new(AtomicBool::new(false));
+        devices
+            .marker
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .pause_at(*code, flag.clone());
+        flag
+    });
 
     let setup = start.elapsed();
-    let ran = vcpu::run(vcpus, &devices.buses, cfg);
+    // A VM that is to be saved keeps its main thread unfiltered.
+    let run_cfg;
+    let cfg_for_run = if making.is_some() && cfg.seccomp.is_some() {
+        run_cfg = VmConfig {
+            seccomp: cfg.seccomp.clone().map(|mut f| {
+                f.main = f.device.clone();
+                f
+            }),
+            ..cfg.clone()
+        };
+        &run_cfg
+    } else {
+        cfg
+    };
+    let ran = vcpu::run(vcpus, &devices.buses, cfg_for_run, pause.as_deref());
+    let saved = match (&ran, making) {
+        (Ok((VmExit::Paused, vcpus)), Some((_, dir, identity))) => Some(save_snapshot(
+            &kvm,
+            &vm,
+            vcpus,
+            &memory.mem,
+            &devices,
+            &dir,
+            identity,
+        )),
+        _ => None,
+    };
     // Every vCPU thread is joined. Stop the device workers, then drop the
     // VM fd before the mappings its memory slots point into.
     devices.shutdown();
@@ -547,11 +721,15 @@ pub fn run(cfg: &VmConfig) -> Result<RunReport, VmmError> {
         ..
     } = devices;
     drop(buses);
+    let (exit, vcpus) = ran?;
+    drop(vcpus);
     drop(vm);
     drop(weights);
     let guest_resident_bytes = resident_bytes(&memory.mem);
     drop(memory);
-    let exit = ran?;
+    if let Some(saved) = saved {
+        saved?;
+    }
     let (stages, dropped) = marker.lock().unwrap_or_else(|p| p.into_inner()).marks();
     if dropped > 0 {
         tracing::warn!(
@@ -569,6 +747,55 @@ pub fn run(cfg: &VmConfig) -> Result<RunReport, VmmError> {
         image_load,
         threads,
     })
+}
+
+/// Write the snapshot of a paused VM into `dir`: the memory image first,
+/// then the state file that names it (so a state file never points at an
+/// image that is not all there).
+fn save_snapshot(
+    kvm: &Kvm,
+    vm: &kvm_ioctls::VmFd,
+    vcpus: &[kvm_ioctls::VcpuFd],
+    mem: &GuestMemoryMmap,
+    devices: &builder::Devices,
+    dir: &Path,
+    identity: snapshot::Identity,
+) -> Result<(), VmmError> {
+    let vm_state = snapshot::kvm_state::save(kvm, vm, vcpus)?;
+    let device_states = devices.save()?;
+    std::fs::create_dir_all(dir).map_err(|source| VmmError::File {
+        path: dir.into(),
+        source,
+    })?;
+    let region = mem.iter().next().ok_or(VmmError::RegionOverflow)?;
+    let host = mem
+        .get_host_address(region.start_addr())
+        .map_err(VmmError::BootData)?;
+    let len = region.len() as usize;
+    let mut resident = vec![0u8; len.div_ceil(4096)];
+    // SAFETY: `host..host+len` is the live RAM mapping (page aligned) and
+    // `resident` has one byte per page of it.
+    let rc = unsafe { libc::mincore(host.cast(), len, resident.as_mut_ptr()) };
+    if rc != 0 {
+        resident.fill(1);
+    }
+    // SAFETY: the vCPUs are stopped and joined; the RAM mapping lives
+    // until `run` drops `memory`, after this returns. Device threads are
+    // idle at the snapshot stage (no host connection, no share request).
+    let ram = unsafe { std::slice::from_raw_parts(host.cast_const(), len) };
+    let image = snapshot::write_memory(&SnapshotPlan::memory_path(dir), ram, |i| {
+        resident.get(i).is_some_and(|b| b & 1 == 1)
+    })?;
+    snapshot::write_state(
+        &SnapshotPlan::state_path(dir),
+        &snapshot::SnapshotState {
+            identity,
+            memory: image,
+            vm: vm_state,
+            devices: device_states,
+        },
+    )?;
+    Ok(())
 }
 
 #[cfg(test)]

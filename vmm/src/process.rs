@@ -108,7 +108,7 @@ pub enum ProcessError {
 }
 
 /// The usage line of `airlock-vmm`.
-pub const USAGE: &str = "usage: airlock-vmm --kernel FILE --initrd FILE [--cmdline TEXT] [--memory-mib N] [--vcpus N] [--timeout-secs N] [--pmem FILE] [--share TAG=DIR]... [--share-ro TAG=DIR]... [--share-write-limit BYTES] [--vsock-uds PATH --guest-cid N] [--console-cap BYTES] [--stop-on-stdin-eof] [--seccomp enforce|log|off] [--seccomp-selftest] [--jail-root DIR --jail-uid N --jail-gid N [--jail-cgroup DIR] [--jail-selftest keeper-gone|memory|tasks]]";
+pub const USAGE: &str = "usage: airlock-vmm --kernel FILE --initrd FILE [--cmdline TEXT] [--memory-mib N] [--vcpus N] [--timeout-secs N] [--pmem FILE] [--share TAG=DIR]... [--share-ro TAG=DIR]... [--share-write-limit BYTES] [--vsock-uds PATH --guest-cid N] [--console-cap BYTES] [--stop-on-stdin-eof] [--seccomp enforce|log|off] [--seccomp-selftest] [--jail-root DIR --jail-uid N --jail-gid N [--jail-cgroup DIR] [--jail-selftest keeper-gone|memory|tasks]] [--snapshot-at STAGE --snapshot-dir DIR | --restore DIR]";
 
 /// What `airlock-vmm`'s flags ask for.
 #[derive(Debug)]
@@ -167,6 +167,18 @@ pub fn to_args(cfg: &VmConfig, stop_on_stdin_eof: bool) -> Vec<String> {
     if let Some(t) = cfg.jail_selftest {
         a.extend(["--jail-selftest".into(), t.name().into()]);
     }
+    match &cfg.snapshot {
+        Some(crate::SnapshotPlan::Make { at, dir }) => a.extend([
+            "--snapshot-at".into(),
+            at.clone(),
+            "--snapshot-dir".into(),
+            dir.display().to_string(),
+        ]),
+        Some(crate::SnapshotPlan::Restore { dir, .. }) => {
+            a.extend(["--restore".into(), dir.display().to_string()]);
+        }
+        None => {}
+    }
     a
 }
 
@@ -178,6 +190,7 @@ pub fn from_args(args: impl IntoIterator<Item = String>) -> Result<ProcessArgs, 
     let mut cfg = VmConfig::new(PathBuf::new(), PathBuf::new());
     let (mut uds, mut cid, mut stop_on_eof) = (None, None, false);
     let (mut jail_root, mut jail_uid, mut jail_gid, mut jail_cgroup) = (None, None, None, None);
+    let (mut snapshot_at, mut snapshot_dir, mut restore) = (None, None, None);
     let mut seccomp = Some(crate::seccomp::Mode::Enforce);
     let mut args = args.into_iter();
     while let Some(flag) = args.next() {
@@ -242,6 +255,9 @@ pub fn from_args(args: impl IntoIterator<Item = String>) -> Result<ProcessArgs, 
             "--jail-uid" => jail_uid = Some(jail_id("--jail-uid", number("--jail-uid")?)?),
             "--jail-gid" => jail_gid = Some(jail_id("--jail-gid", number("--jail-gid")?)?),
             "--jail-cgroup" => jail_cgroup = Some(PathBuf::from(value)),
+            "--snapshot-at" => snapshot_at = Some(value),
+            "--snapshot-dir" => snapshot_dir = Some(PathBuf::from(value)),
+            "--restore" => restore = Some(PathBuf::from(value)),
             "--console-cap" => {
                 cfg.console_cap = number("--console-cap")?.try_into().unwrap_or(usize::MAX);
             }
@@ -262,6 +278,19 @@ pub fn from_args(args: impl IntoIterator<Item = String>) -> Result<ProcessArgs, 
         _ => {
             return Err(ProcessError::Usage(
                 "--vsock-uds and --guest-cid go together".into(),
+            ));
+        }
+    };
+    cfg.snapshot = match (snapshot_at, snapshot_dir, restore) {
+        (Some(at), Some(dir), None) => Some(crate::SnapshotPlan::Make { at, dir }),
+        (None, None, Some(dir)) => Some(crate::SnapshotPlan::Restore {
+            dir,
+            identity: None,
+        }),
+        (None, None, None) => None,
+        _ => {
+            return Err(ProcessError::Usage(
+                "--snapshot-at and --snapshot-dir go together, and not with --restore".into(),
             ));
         }
     };
@@ -329,6 +358,7 @@ impl VmExit {
             "halted" => VmExit::Halted,
             "timeout" => VmExit::Timeout,
             "stopped" => VmExit::Stopped,
+            "snapshot" => VmExit::Paused,
             other => VmExit::Error(other.strip_prefix("error: ").unwrap_or(other).to_string()),
         }
     }
@@ -638,6 +668,10 @@ mod tests {
             seccomp: None,
             seccomp_selftest: false,
             jail_selftest: None,
+            snapshot: Some(crate::SnapshotPlan::Make {
+                at: "ready".into(),
+                dir: "/snap".into(),
+            }),
         };
         let parsed = from_args(to_args(&cfg, true)).unwrap();
         assert!(parsed.stop_on_stdin_eof);
@@ -664,6 +698,21 @@ mod tests {
         let v = back.vsock.unwrap();
         assert_eq!((v.guest_cid, v.uds_path), (7, PathBuf::from("/tmp/v.sock")));
         assert_eq!(back.pmem, cfg.pmem);
+        assert!(matches!(
+            &back.snapshot,
+            Some(crate::SnapshotPlan::Make { at, dir }) if at == "ready" && dir == Path::new("/snap")
+        ));
+        let restore = VmConfig {
+            snapshot: Some(crate::SnapshotPlan::Restore {
+                dir: "/snap".into(),
+                identity: None,
+            }),
+            ..VmConfig::new("/k".into(), "/i".into())
+        };
+        assert!(matches!(
+            from_args(to_args(&restore, false)).unwrap().cfg.snapshot,
+            Some(crate::SnapshotPlan::Restore { dir, .. }) if dir == Path::new("/snap")
+        ));
 
         for (args, says) in [
             (vec!["--kernel"], "needs a value"),
@@ -680,6 +729,25 @@ mod tests {
                 vec!["--kernel", "k", "--initrd", "i", "--guest-cid", "3"],
                 "go together",
             ),
+            (
+                vec!["--kernel", "k", "--initrd", "i", "--snapshot-at", "ready"],
+                "go together",
+            ),
+            (
+                vec![
+                    "--kernel",
+                    "k",
+                    "--initrd",
+                    "i",
+                    "--snapshot-at",
+                    "ready",
+                    "--snapshot-dir",
+                    "/s",
+                    "--restore",
+                    "/s",
+                ],
+                "not with --restore",
+            ),
         ] {
             let e = from_args(args.into_iter().map(String::from))
                 .unwrap_err()
@@ -695,6 +763,7 @@ mod tests {
             VmExit::Halted,
             VmExit::Timeout,
             VmExit::Stopped,
+            VmExit::Paused,
             VmExit::Error("KVM_RUN: EFAULT".into()),
         ] {
             assert_eq!(VmExit::from_label(&e.label()), e);

@@ -68,6 +68,41 @@ impl GuestRam {
         })
     }
 
+    /// Map the memory image `file` (`len` bytes) copy-on-write at a
+    /// 2 MiB-aligned address: the guest reads the image's pages through
+    /// the host page cache, shared with every other VM mapping it, and its
+    /// writes go to private copies; the file never changes.
+    ///
+    /// # Errors
+    /// The file is shorter than `len`, or the mmap failed.
+    pub fn from_file(file: &std::fs::File, len: usize) -> io::Result<Self> {
+        use std::os::fd::AsRawFd;
+        let have = file.metadata()?.len();
+        if have < len as u64 {
+            return Err(io::Error::other(format!(
+                "the memory image is {have} bytes, the guest's RAM {len}"
+            )));
+        }
+        let ram = Self::new(len)?;
+        // SAFETY: `ram.addr..ram.addr + len` is a mapping this value owns
+        // and nothing references yet; MAP_FIXED replaces exactly it with a
+        // private mapping of the file, which `Drop` unmaps the same way.
+        let at = unsafe {
+            libc::mmap(
+                ram.addr.cast(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_FIXED | libc::MAP_NORESERVE,
+                file.as_raw_fd(),
+                0,
+            )
+        };
+        if at == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(ram)
+    }
+
     /// The start of the mapping.
     pub fn as_ptr(&self) -> *mut u8 {
         self.addr
@@ -104,5 +139,27 @@ mod tests {
             *ram.as_ptr().add(5 << 20) = 7;
             assert_eq!(*ram.as_ptr().add(5 << 20), 7);
         }
+    }
+
+    #[test]
+    fn an_image_is_mapped_copy_on_write_and_never_changes() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("mem");
+        let mut image = vec![0u8; 4 << 20];
+        image[3 << 20] = 42;
+        std::fs::write(&p, &image).unwrap();
+        let f = std::fs::File::open(&p).unwrap();
+        let ram = GuestRam::from_file(&f, 4 << 20).unwrap();
+        assert_eq!(ram.as_ptr() as usize % HUGE, 0);
+        // SAFETY: inside the live mapping.
+        unsafe {
+            assert_eq!(*ram.as_ptr().add(3 << 20), 42);
+            *ram.as_ptr().add(3 << 20) = 7;
+            assert_eq!(*ram.as_ptr().add(3 << 20), 7);
+        }
+        drop(ram);
+        assert_eq!(std::fs::read(&p).unwrap()[3 << 20], 42);
+        // An image shorter than the RAM is refused.
+        assert!(GuestRam::from_file(&f, 8 << 20).is_err());
     }
 }

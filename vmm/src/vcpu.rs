@@ -102,7 +102,16 @@ pub(crate) struct Buses {
 /// # Errors
 /// A vCPU thread cannot be started (the ones already started are stopped
 /// and joined first).
-pub(crate) fn run(vcpus: Vec<VcpuFd>, buses: &Buses, cfg: &VmConfig) -> Result<VmExit, VmmError> {
+/// `pause`, when set (by the boot marker at a snapshot's stage), ends the
+/// run as [`VmExit::Paused`]. The vCPUs come back with the exit, each
+/// having completed any I/O it was in the middle of, so their state can
+/// be saved.
+pub(crate) fn run(
+    vcpus: Vec<VcpuFd>,
+    buses: &Buses,
+    cfg: &VmConfig,
+    pause: Option<&AtomicBool>,
+) -> Result<(VmExit, Vec<VcpuFd>), VmmError> {
     let (timeout, external_stop) = (cfg.timeout, cfg.stop.as_deref());
     static HANDLER: std::sync::Once = std::sync::Once::new();
     HANDLER.call_once(|| {
@@ -154,9 +163,10 @@ pub(crate) fn run(vcpus: Vec<VcpuFd>, buses: &Buses, cfg: &VmConfig) -> Result<V
     let exit = if spawn_error.is_some() {
         VmExit::Stopped
     } else {
-        wait_for_exit(&rx, timeout, external_stop)
+        wait_for_exit(&rx, timeout, external_stop, pause)
     };
     stop.store(true, Ordering::SeqCst);
+    let mut back = Vec::with_capacity(threads.len());
     for t in threads {
         // Kick every vCPU until it leaves KVM_RUN and sees `stop`.
         while !t.is_finished() {
@@ -164,12 +174,14 @@ pub(crate) fn run(vcpus: Vec<VcpuFd>, buses: &Buses, cfg: &VmConfig) -> Result<V
             let _ = t.kill(kick_signal());
             std::thread::sleep(Duration::from_millis(5));
         }
-        // The vCPU fd drops (closes) here, on this thread.
-        drop(t.join());
+        // The vCPU fds close on this thread when the caller drops them.
+        if let Ok(vcpu) = t.join() {
+            back.push(vcpu);
+        }
     }
     match spawn_error {
         Some(e) => Err(e),
-        None => Ok(exit),
+        None => Ok((exit, back)),
     }
 }
 
@@ -177,6 +189,7 @@ fn wait_for_exit(
     rx: &mpsc::Receiver<VmExit>,
     timeout: Duration,
     external_stop: Option<&AtomicBool>,
+    pause: Option<&AtomicBool>,
 ) -> VmExit {
     let deadline = Instant::now() + timeout;
     loop {
@@ -187,7 +200,11 @@ fn wait_for_exit(
         if external_stop.is_some_and(|s| s.load(Ordering::SeqCst)) {
             return VmExit::Stopped;
         }
-        match rx.recv_timeout(left.min(Duration::from_millis(50))) {
+        if pause.is_some_and(|s| s.load(Ordering::SeqCst)) {
+            return VmExit::Paused;
+        }
+        let tick = if pause.is_some() { 2 } else { 50 };
+        match rx.recv_timeout(left.min(Duration::from_millis(tick))) {
             Ok(e) => return e,
             Err(mpsc::RecvTimeoutError::Timeout) => {}
             Err(mpsc::RecvTimeoutError::Disconnected) => {
@@ -212,6 +229,12 @@ fn forbidden_syscall() {
 fn vcpu_loop(vcpu: &mut VcpuFd, buses: &Buses, stop: &AtomicBool) -> VmExit {
     loop {
         if stop.load(Ordering::SeqCst) {
+            // Let KVM finish the I/O instruction of the last exit (an OUT
+            // or MMIO write completes, RIP moves past it) without entering
+            // the guest, so saved state never replays it.
+            vcpu.set_kvm_immediate_exit(1);
+            let _ = vcpu.run();
+            vcpu.set_kvm_immediate_exit(0);
             return VmExit::Timeout;
         }
         match vcpu.run() {

@@ -8,7 +8,8 @@
 //! that name no stage are kept with their number, never dropped silently.
 
 use airlock_abi::boot_stage_name;
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// Marks kept per VM.
@@ -30,6 +31,7 @@ pub struct StageMark {
 pub struct BootMarker {
     start: Instant,
     marks: Mutex<(Vec<StageMark>, u64)>,
+    pause: Option<(u8, Arc<AtomicBool>)>,
 }
 
 impl BootMarker {
@@ -38,12 +40,24 @@ impl BootMarker {
         Self {
             start,
             marks: Mutex::new((Vec::new(), 0)),
+            pause: None,
         }
+    }
+
+    /// Set `flag` when the guest writes `code` (the VM is to pause there
+    /// for a snapshot).
+    pub fn pause_at(&mut self, code: u8, flag: Arc<AtomicBool>) {
+        self.pause = Some((code, flag));
     }
 
     /// The guest wrote `code` to the port.
     pub fn record(&self, code: u8) {
         let after = self.start.elapsed();
+        if let Some((at, flag)) = &self.pause
+            && *at == code
+        {
+            flag.store(true, Ordering::SeqCst);
+        }
         let mut m = self.marks.lock().unwrap_or_else(|p| p.into_inner());
         if m.0.len() < MAX_MARKS {
             m.0.push(StageMark {

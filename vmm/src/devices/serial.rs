@@ -85,6 +85,61 @@ impl Write for ConsoleLog {
 /// The COM1 device.
 pub type Com1 = Serial<IrqTrigger, vm_superio::serial::NoEvents, ConsoleLog>;
 
+/// COM1's registers and receive buffer, for a snapshot: the nine
+/// register bytes, then the buffer.
+pub fn save(serial: &Com1) -> Vec<u8> {
+    let st = serial.state();
+    let mut out = vec![
+        st.baud_divisor_low,
+        st.baud_divisor_high,
+        st.interrupt_enable,
+        st.interrupt_identification,
+        st.line_control,
+        st.line_status,
+        st.modem_control,
+        st.modem_status,
+        st.scratch,
+    ];
+    out.extend_from_slice(&st.in_buffer);
+    out
+}
+
+/// COM1 as [`save`] left it, raising the same interrupt and writing to the
+/// same log as `now`.
+///
+/// # Errors
+/// The state is too short, its buffer too long, or the eventfd cannot be
+/// cloned.
+pub fn restored(now: &Com1, state: &[u8]) -> Result<Com1, String> {
+    let [a, b, c, d, e, f, g, h, i, rest @ ..] = state else {
+        return Err(format!("COM1 state of {} bytes, fewer than 9", state.len()));
+    };
+    let st = vm_superio::serial::SerialState {
+        baud_divisor_low: *a,
+        baud_divisor_high: *b,
+        interrupt_enable: *c,
+        interrupt_identification: *d,
+        line_control: *e,
+        line_status: *f,
+        modem_control: *g,
+        modem_status: *h,
+        scratch: *i,
+        in_buffer: rest.to_vec(),
+    };
+    let irq = now
+        .interrupt_evt()
+        .0
+        .try_clone()
+        .map_err(|e| format!("COM1 interrupt: {e}"))?;
+    Serial::from_state(
+        &st,
+        IrqTrigger(irq),
+        vm_superio::serial::NoEvents,
+        now.writer().clone(),
+    )
+    .map_err(|e| format!("COM1 state: {e:?}"))
+}
+
 /// Create COM1 writing to `log`, raising `irq`.
 pub fn com1(irq: EventFd, log: ConsoleLog) -> Com1 {
     Serial::new(IrqTrigger(irq), log)

@@ -622,8 +622,11 @@ mod tests {
         fn shutdown(&mut self) {}
     }
 
+    /// Each queue's (next avail, next used, ready) as the device got it.
+    type Starts = Vec<(u16, u16, bool)>;
+
     /// A device that reports where its queues start.
-    struct Probe(std::sync::mpsc::Sender<Vec<(u16, u16, bool)>>);
+    struct Probe(std::sync::mpsc::Sender<Starts>);
     impl VirtioDevice for Probe {
         fn device_type(&self) -> u32 {
             19
@@ -647,10 +650,7 @@ mod tests {
         fn shutdown(&mut self) {}
     }
 
-    fn probe() -> (
-        MmioTransport,
-        std::sync::mpsc::Receiver<Vec<(u16, u16, bool)>>,
-    ) {
+    fn probe() -> (MmioTransport, std::sync::mpsc::Receiver<Starts>) {
         let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x1_0000)]).unwrap();
         let irq = Arc::new(EventFd::new(libc::EFD_NONBLOCK).unwrap());
         let evts = (0..2)

@@ -20,8 +20,11 @@ use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::epoll::EpollEvent;
 use vmm_sys_util::eventfd::EventFd;
 
-/// Queue size of both queues.
-pub const QUEUE_SIZE: u16 = 128;
+/// Queue size of both queues. The guest's FUSE driver sends at most
+/// `QUEUE_SIZE - 4` pages per request (a 6.1 kernel caps `max_pages` by
+/// the queue): 256 lets a read or write carry 1 MiB, the most the server
+/// accepts (`fuse_backend_rs` answers INIT with 256 pages).
+pub const QUEUE_SIZE: u16 = 256;
 /// Longest tag the config space holds.
 pub const TAG_LEN: usize = 36;
 
