@@ -894,6 +894,57 @@ fn a_guest_asking_for_a_tag_its_vm_lacks_ends_its_vm_and_leaves_nothing_on_the_h
     assert_eq!(h, json!({"share_mounts": 0, "vmms": 0, "jail_dirs": 0}));
 }
 
+/// The JSON report on the scenario line that starts with `prefix`.
+fn line_json(body: &str, prefix: &str) -> Value {
+    let line = body
+        .lines()
+        .find_map(|l| l.strip_prefix(prefix))
+        .unwrap_or_else(|| panic!("no {prefix:?} line in:\n{body}"));
+    line.find('{')
+        .and_then(|i| serde_json::from_str(&line[i..]).ok())
+        .unwrap_or_else(|| panic!("{prefix:?} line is not a report: {line}\n{body}"))
+}
+
+#[test]
+fn a_vm_restored_from_a_snapshot_runs_on_from_where_it_was_saved() {
+    let (body, code) = scenario_body("snapshot-restore");
+    assert_eq!(code, 0, "{body}");
+    let made = line_json(body, "MAKE ");
+    assert_eq!(made["exit"], "snapshot", "{body}");
+    let made_console = made["console"].as_str().unwrap_or("");
+    assert!(
+        !made_console.contains("AIRLOCK-SELFTEST"),
+        "the snapshot was taken before the self-test: {body}"
+    );
+    // The image holds the guest's RAM (256 MiB), sparse.
+    let image = body.lines().find_map(|l| l.strip_prefix("IMAGE ")).unwrap();
+    assert!(image.contains(&format!("size={}", 256u64 << 20)), "{image}");
+    let kib: u64 = image
+        .split("blocks_kib=")
+        .nth(1)
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(u64::MAX);
+    assert!(kib < 200 << 10, "{image}");
+    for i in ["RESTORE1 ", "RESTORE2 "] {
+        let r = line_json(body, i);
+        assert_eq!(r["exit"], "reset", "{i}{r}");
+        let console = r["console"].as_str().unwrap_or("");
+        assert!(console.contains("AIRLOCK-SELFTEST-DONE ok"), "{i}{console}");
+        // Not booted: the guest's init wrote no stage marker in this run.
+        let stages = r["stages"].as_array().cloned().unwrap_or_default();
+        assert!(
+            stages.iter().all(|s| s["stage"] != "init"),
+            "{i} booted: {r}"
+        );
+    }
+    let edited = body
+        .lines()
+        .find_map(|l| l.strip_prefix("EDITED "))
+        .unwrap();
+    assert!(edited.starts_with("rc=2 "), "{edited}");
+    assert!(edited.contains("fails its checksum"), "{edited}");
+}
+
 #[test]
 fn the_vmm_process_runs_a_guest_to_its_end_under_its_filters() {
     // `airlock-vmm` with its filters enforced (the default): the whole run,

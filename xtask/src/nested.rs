@@ -342,6 +342,29 @@ if wanted vmm-seccomp-trap; then
   timeout -s KILL 300 /airlock-vmm --kernel $G/vmlinux --initrd $G/initramfs.cpio.gz --seccomp-selftest 2>&1
   echo "NESTED-RESULT-END vmm-seccomp-trap $?"
 fi
+# Snapshot/restore: boot the selftest guest and snapshot it at its
+# `mounts` stage (just before it runs its Wasm self-test), then start two
+# VMs from that one snapshot: each must run the self-test to its end (its
+# AIRLOCK-SELFTEST lines and a reset), from the restored memory and CPU
+# state alone. The memory image is sparse (its blocks, `du`, well under
+# its size). Then an edited state file is refused before any guest runs.
+if wanted snapshot-restore; then
+  echo "NESTED-RESULT-BEGIN snapshot-restore"
+  S=/tmp/snap; rm -rf $S
+  SNAPVM="/airlock-vmm --kernel $G/vmlinux --initrd $G/initramfs-selftest.cpio.gz --cmdline airlock.selftest=1 --timeout-secs 300"
+  OUT=$(timeout -s KILL 400 $SNAPVM --snapshot-at mounts --snapshot-dir $S 2>/tmp/snap.err | tr -d '\n')
+  echo "MAKE $OUT"
+  cat /tmp/snap.err
+  echo "IMAGE size=$(stat -c %s $S/memory 2>/dev/null) blocks_kib=$(du -k $S/memory 2>/dev/null | cut -f1)"
+  for i in 1 2; do
+    echo "RESTORE$i $(timeout -s KILL 400 $SNAPVM --restore $S 2>/tmp/snap.err | tr -d '\n')"
+    cat /tmp/snap.err
+  done
+  printf 'x' | dd of=$S/state bs=1 seek=200 conv=notrunc 2>/dev/null
+  echo "EDITED rc=$(timeout -s KILL 100 $SNAPVM --restore $S > /dev/null 2>/tmp/snap.err; echo $?) $(cat /tmp/snap.err)"
+  rm -rf $S
+  echo "NESTED-RESULT-END snapshot-restore 0"
+fi
 # The service with isolation = vm: upload over HTTP, two calls, each in a
 # fresh microVM from the warm pool.
 cat > /tmp/service-vm.sh <<'EOT'

@@ -115,6 +115,27 @@ mod linux {
             .map_err(|e| format!("mount {fstype} {src} on {target}: {e}"))
     }
 
+    /// Readahead for a virtio-fs share: one FUSE read of up to 1 MiB (the
+    /// VMM's request queue holds 256 descriptors, so the guest may send
+    /// 252 pages at once) instead of the kernel's 128 KiB default, so a
+    /// large sequential read costs a quarter of the guest→VMM round trips.
+    const SHARE_READAHEAD_KB: u32 = 1024;
+
+    /// Set the readahead of the filesystem mounted at `path` (its backing
+    /// device info, named by its device number, in sysfs).
+    fn readahead(path: &str, kb: u32) -> Result<(), String> {
+        use std::os::unix::fs::MetadataExt;
+        let dev = std::fs::metadata(path)
+            .map_err(|e| format!("stat {path}: {e}"))?
+            .dev();
+        let knob = format!(
+            "/sys/class/bdi/{}:{}/read_ahead_kb",
+            nix::sys::stat::major(dev),
+            nix::sys::stat::minor(dev)
+        );
+        std::fs::write(&knob, kb.to_string()).map_err(|e| format!("write {knob}: {e}"))
+    }
+
     fn cmdline() -> BTreeMap<String, String> {
         let text = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
         text.split_whitespace()
@@ -186,6 +207,9 @@ mod linux {
                 };
                 if let Err(e) = mount_fs(tag, path, "virtiofs", flags, None) {
                     fatal("virtio-fs", e);
+                }
+                if let Err(e) = readahead(path, SHARE_READAHEAD_KB) {
+                    tracing::warn!(share = tag, error = %e, "virtio-fs readahead left at the default");
                 }
             }
         }
