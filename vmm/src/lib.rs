@@ -683,21 +683,7 @@ pub fn run(cfg: &VmConfig) -> Result<RunReport, VmmError> {
     });
 
     let setup = start.elapsed();
-    // A VM that is to be saved keeps its main thread unfiltered.
-    let run_cfg;
-    let cfg_for_run = if making.is_some() && cfg.seccomp.is_some() {
-        run_cfg = VmConfig {
-            seccomp: cfg.seccomp.clone().map(|mut f| {
-                f.main = f.device.clone();
-                f
-            }),
-            ..cfg.clone()
-        };
-        &run_cfg
-    } else {
-        cfg
-    };
-    let ran = vcpu::run(vcpus, &devices.buses, cfg_for_run, pause.as_deref());
+    let ran = vcpu::run(vcpus, &devices.buses, cfg, pause.as_deref());
     let saved = match (&ran, making) {
         (Ok((VmExit::Paused, vcpus)), Some((_, dir, identity))) => Some(save_snapshot(
             &kvm,

@@ -156,8 +156,12 @@ pub(crate) fn run(
     }
     drop(tx);
     // Every thread of this VM exists now: the main thread takes its own
-    // filter for the rest of the process's life.
-    if let Some(f) = &cfg.seccomp {
+    // filter for the rest of the process's life — unless it is to save
+    // the VM when it pauses (KVM's get ioctls, writing the snapshot), which
+    // its filter does not allow.
+    if let Some(f) = &cfg.seccomp
+        && pause.is_none()
+    {
         seccomp::enter(Role::Main, &f.main);
     }
     let exit = if spawn_error.is_some() {
