@@ -19,15 +19,38 @@ pub enum SessionEnd {
     Closed,
 }
 
-/// Serve one host connection until shutdown or close.
+/// How the agent applies a [`Message::Refresh`]: mix `seed` into the
+/// kernel's RNG and reseed it, set the wall clock to `unix_ns`. The init
+/// passes the real one; an agent without one refuses refreshes.
+pub type RefreshFn<'a> = &'a dyn Fn(&[u8], u64) -> Result<(), String>;
+
+/// Serve one host connection until shutdown or close, refusing refreshes
+/// (see [`serve_with`]).
 ///
 /// # Errors
-/// Protocol violations by the host (bad frames) end the session with an error;
-/// a bad request (unknown component, invalid artifact) only answers `Error`.
+/// As [`serve_with`].
 pub fn serve<S: Read + Write>(
     conn: &mut S,
     runner: &Runner,
     boot: Vec<BootStage>,
+) -> Result<SessionEnd, ProtoError> {
+    serve_with(conn, runner, boot, &|_: &[u8], _: u64| {
+        Err("this agent cannot refresh its guest".to_string())
+    })
+}
+
+/// Serve one host connection until shutdown or close, applying the host's
+/// [`Message::Refresh`] with `refresh`.
+///
+/// # Errors
+/// Protocol violations by the host (bad frames) end the session with an error;
+/// a bad request (unknown component, invalid artifact, a refresh without
+/// exactly [`proto::REFRESH_SEED`] bytes of seed) only answers `Error`.
+pub fn serve_with<S: Read + Write>(
+    conn: &mut S,
+    runner: &Runner,
+    boot: Vec<BootStage>,
+    refresh: RefreshFn<'_>,
 ) -> Result<SessionEnd, ProtoError> {
     proto::write_frame(
         conn,
@@ -57,6 +80,22 @@ pub fn serve<S: Read + Write>(
             }
         };
         match frame.msg {
+            Message::Refresh { unix_ns } => {
+                let reply = if frame.blob.len() != proto::REFRESH_SEED {
+                    Err(format!(
+                        "A refresh carries {} bytes of seed, not {}.",
+                        frame.blob.len(),
+                        proto::REFRESH_SEED
+                    ))
+                } else {
+                    refresh(&frame.blob, unix_ns)
+                };
+                let reply = match reply {
+                    Ok(()) => Message::Refreshed,
+                    Err(message) => Message::Error { id: None, message },
+                };
+                proto::write_frame(conn, &reply, b"")?;
+            }
             Message::Load { digest, docs } => {
                 tracing::info!(%digest, bytes = frame.blob.len(), "load");
                 let docs = Docs { functions: docs };
@@ -115,6 +154,8 @@ pub fn serve<S: Read + Write>(
 fn kind(m: &Message) -> &'static str {
     match m {
         Message::Hello { .. } => "hello",
+        Message::Refresh { .. } => "refresh",
+        Message::Refreshed => "refreshed",
         Message::Load { .. } => "load",
         Message::Loaded { .. } => "loaded",
         Message::Invoke { .. } => "invoke",

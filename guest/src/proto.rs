@@ -14,7 +14,7 @@ use std::collections::BTreeMap;
 use std::io::{Read, Write};
 
 /// The protocol version this build speaks.
-pub const PROTOCOL_VERSION: u16 = 1;
+pub const PROTOCOL_VERSION: u16 = 2;
 const MAGIC: [u8; 4] = *b"ALRK";
 const HEADER_LEN: usize = 14;
 
@@ -80,6 +80,9 @@ pub struct BootStage {
     pub at_us: u64,
 }
 
+/// Bytes of entropy a [`Message::Refresh`] carries.
+pub const REFRESH_SEED: usize = 64;
+
 /// Messages in both directions.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
@@ -93,6 +96,17 @@ pub enum Message {
         /// Boot-stage timestamps.
         boot: Vec<BootStage>,
     },
+    /// Host → guest, right after Hello: what a VM started from a snapshot
+    /// must not share with the others started from it. The blob holds
+    /// fresh entropy ([`REFRESH_SEED`] bytes) the guest mixes into its
+    /// kernel's RNG before reseeding it; `unix_ns` is the host's wall
+    /// clock, which the guest's clock takes.
+    Refresh {
+        /// Nanoseconds since the Unix epoch, on the host.
+        unix_ns: u64,
+    },
+    /// Guest → host: the RNG is reseeded and the clock set.
+    Refreshed,
     /// Host → guest: load a precompiled component (artifact in the blob).
     Load {
         /// sha256 of the artifact payload, used to refer to it later.

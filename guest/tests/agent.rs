@@ -139,3 +139,53 @@ fn example_bytes(name: &str) -> Vec<u8> {
     std::fs::read(&p)
         .unwrap_or_else(|e| panic!("{}: {e}; run `cargo xtask examples` first", p.display()))
 }
+
+#[test]
+fn a_refresh_hands_the_seed_and_clock_to_the_hook_and_a_bad_seed_is_refused() {
+    use std::sync::{Arc, Mutex};
+    let (mut host, mut guest) = UnixStream::pair().unwrap();
+    type Seen = Vec<(Vec<u8>, u64)>;
+    let got: Arc<Mutex<Seen>> = Arc::default();
+    let seen = got.clone();
+    let t = std::thread::spawn(move || {
+        let runner = Runner::new(EngineConfig {
+            pooling: false,
+            ..EngineConfig::default()
+        })
+        .unwrap();
+        let hook = move |seed: &[u8], ns: u64| {
+            seen.lock().unwrap().push((seed.to_vec(), ns));
+            Ok(())
+        };
+        agent::serve_with(&mut guest, &runner, vec![], &hook)
+    });
+    assert!(matches!(recv(&mut host), Message::Hello { .. }));
+    let seed = [7u8; proto::REFRESH_SEED];
+    let now = 1_764_600_000_000_000_000u64;
+    proto::write_frame(&mut host, &Message::Refresh { unix_ns: now }, &seed).unwrap();
+    assert_eq!(recv(&mut host), Message::Refreshed);
+    // Too little entropy is refused, and never reaches the hook.
+    proto::write_frame(&mut host, &Message::Refresh { unix_ns: now }, &[1u8; 8]).unwrap();
+    match recv(&mut host) {
+        Message::Error { message, .. } => assert!(message.contains("8 bytes"), "{message}"),
+        other => panic!("{other:?}"),
+    }
+    proto::write_frame(&mut host, &Message::Shutdown, b"").unwrap();
+    assert_eq!(t.join().unwrap().unwrap(), SessionEnd::Shutdown);
+    assert_eq!(*got.lock().unwrap(), vec![(seed.to_vec(), now)]);
+}
+
+#[test]
+fn an_agent_without_a_refresh_hook_refuses_one() {
+    let (mut host, guest, _runner) = start();
+    assert!(matches!(recv(&mut host), Message::Hello { .. }));
+    proto::write_frame(
+        &mut host,
+        &Message::Refresh { unix_ns: 1 },
+        &[0u8; proto::REFRESH_SEED],
+    )
+    .unwrap();
+    assert!(matches!(recv(&mut host), Message::Error { .. }));
+    proto::write_frame(&mut host, &Message::Shutdown, b"").unwrap();
+    assert_eq!(guest.join().unwrap().unwrap(), SessionEnd::Shutdown);
+}

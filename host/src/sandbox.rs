@@ -406,6 +406,7 @@ impl Sandbox {
                 )));
             }
         }
+        sb.refresh()?;
         sb.ready_after = start.elapsed();
         Ok(sb)
     }
@@ -469,6 +470,28 @@ impl Sandbox {
     /// Whether the VM is still running (a warm sandbox may have ended).
     pub fn is_alive(&self) -> bool {
         self.vm.as_ref().is_some_and(|p| !p.is_finished())
+    }
+
+    /// Give the guest fresh entropy and the wall clock
+    /// ([`Message::Refresh`]): every VM gets its own, whether it booted or
+    /// was restored from a snapshot its siblings share.
+    fn refresh(&mut self) -> Result<(), SandboxError> {
+        let mut seed = [0u8; airlock_guest::proto::REFRESH_SEED];
+        getrandom::fill(&mut seed)
+            .map_err(|e| SandboxError::Guest(format!("no host entropy for the guest: {e}")))?;
+        let unix_ns = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64);
+        proto::write_frame(&mut self.conn, &Message::Refresh { unix_ns }, &seed)?;
+        match self.recv()? {
+            Message::Refreshed => Ok(()),
+            Message::Error { message, .. } => Err(SandboxError::Guest(format!(
+                "the guest could not take fresh entropy and time: {message}"
+            ))),
+            other => Err(SandboxError::Guest(format!(
+                "expected Refreshed, got {other:?}"
+            ))),
+        }
     }
 
     fn recv(&mut self) -> Result<Message, SandboxError> {

@@ -255,11 +255,53 @@ mod linux {
         console(&format!("airlock-init: ready on vsock port {port}"));
         let mut conn = vsock_accept(&listener).unwrap_or_else(|e| fatal("vsock accept", e));
         stage(&mut boot, "ready");
-        match agent::serve(&mut conn, &runner, boot) {
+        match agent::serve_with(&mut conn, &runner, boot, &refresh) {
             Ok(SessionEnd::Shutdown) => power_off("shutdown requested by the host"),
             Ok(SessionEnd::Closed) => power_off("the host closed the control connection"),
             Err(e) => fatal("control connection", e),
         }
+    }
+
+    /// The host's [`Message::Refresh`](airlock_guest::proto::Message):
+    /// credit `seed` to the kernel's entropy pool (RNDADDENTROPY), force
+    /// the CRNG to reseed from it (RNDRESEEDCRNG) — so VMs restored from
+    /// one snapshot draw different random numbers from then on — and set
+    /// the wall clock, which a restored guest would otherwise take from
+    /// the time of its snapshot.
+    fn refresh(seed: &[u8], unix_ns: u64) -> Result<(), String> {
+        use std::os::fd::AsRawFd;
+        const RNDADDENTROPY: nix::libc::c_ulong = 0x4008_5203;
+        const RNDRESEEDCRNG: nix::libc::c_ulong = 0x5207;
+        let random = std::fs::OpenOptions::new()
+            .write(true)
+            .open("/dev/urandom")
+            .map_err(|e| format!("/dev/urandom: {e}"))?;
+        // struct rand_pool_info { int entropy_count; int buf_size; u32 buf[]; }
+        let mut info = Vec::with_capacity(8 + seed.len());
+        info.extend_from_slice(&((seed.len() * 8) as i32).to_ne_bytes());
+        info.extend_from_slice(&(seed.len() as i32).to_ne_bytes());
+        info.extend_from_slice(seed);
+        // SAFETY: `info` is a rand_pool_info header followed by `buf_size`
+        // bytes, alive for the call; the kernel only reads it.
+        if unsafe { nix::libc::ioctl(random.as_raw_fd(), RNDADDENTROPY, info.as_ptr()) } != 0 {
+            return Err(format!(
+                "adding entropy: {}",
+                std::io::Error::last_os_error()
+            ));
+        }
+        // SAFETY: an argument-less ioctl on the descriptor we hold.
+        if unsafe { nix::libc::ioctl(random.as_raw_fd(), RNDRESEEDCRNG) } != 0 {
+            return Err(format!(
+                "reseeding the RNG: {}",
+                std::io::Error::last_os_error()
+            ));
+        }
+        let t = nix::sys::time::TimeSpec::new(
+            (unix_ns / 1_000_000_000) as nix::libc::time_t,
+            (unix_ns % 1_000_000_000) as nix::libc::c_long,
+        );
+        nix::time::clock_settime(ClockId::CLOCK_REALTIME, t)
+            .map_err(|e| format!("setting the clock: {e}"))
     }
 
     fn vsock_listen(port: u32) -> nix::Result<std::os::fd::OwnedFd> {
