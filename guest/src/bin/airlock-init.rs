@@ -270,8 +270,10 @@ mod linux {
     /// the time of its snapshot.
     fn refresh(seed: &[u8], unix_ns: u64) -> Result<(), String> {
         use std::os::fd::AsRawFd;
-        const RNDADDENTROPY: nix::libc::c_ulong = 0x4008_5203;
-        const RNDRESEEDCRNG: nix::libc::c_ulong = 0x5207;
+        // _IOW('R', 0x03, int[2]) and _IO('R', 0x07); the request's type
+        // differs between libcs (musl: int, glibc: unsigned long).
+        const RNDADDENTROPY: nix::libc::Ioctl = 0x4008_5203 as nix::libc::Ioctl;
+        const RNDRESEEDCRNG: nix::libc::Ioctl = 0x5207 as nix::libc::Ioctl;
         let random = std::fs::OpenOptions::new()
             .write(true)
             .open("/dev/urandom")
@@ -296,10 +298,7 @@ mod linux {
                 std::io::Error::last_os_error()
             ));
         }
-        let t = nix::sys::time::TimeSpec::new(
-            (unix_ns / 1_000_000_000) as nix::libc::time_t,
-            (unix_ns % 1_000_000_000) as nix::libc::c_long,
-        );
+        let t = nix::sys::time::TimeSpec::from_duration(std::time::Duration::from_nanos(unix_ns));
         nix::time::clock_settime(ClockId::CLOCK_REALTIME, t)
             .map_err(|e| format!("setting the clock: {e}"))
     }
