@@ -683,7 +683,7 @@ pub fn run(cfg: &VmConfig) -> Result<RunReport, VmmError> {
     });
 
     let setup = start.elapsed();
-    let ran = vcpu::run(vcpus, &devices.buses, cfg, pause.as_deref());
+    let ran = vcpu::run(vcpus, &devices.buses, cfg, pause);
     let saved = match (&ran, making) {
         (Ok((VmExit::Paused, vcpus)), Some((_, dir, identity))) => Some(save_snapshot(
             &kvm,

@@ -110,7 +110,7 @@ pub(crate) fn run(
     vcpus: Vec<VcpuFd>,
     buses: &Buses,
     cfg: &VmConfig,
-    pause: Option<&AtomicBool>,
+    pause: Option<Arc<AtomicBool>>,
 ) -> Result<(VmExit, Vec<VcpuFd>), VmmError> {
     let (timeout, external_stop) = (cfg.timeout, cfg.stop.as_deref());
     static HANDLER: std::sync::Once = std::sync::Once::new();
@@ -125,6 +125,7 @@ pub(crate) fn run(
     let mut spawn_error = None;
     for (i, mut vcpu) in vcpus.into_iter().enumerate() {
         let stop = stop.clone();
+        let pause = pause.clone();
         let tx = tx.clone();
         let buses = buses.clone();
         let filter = cfg.seccomp.as_ref().map(|f| f.vcpu.clone());
@@ -139,7 +140,7 @@ pub(crate) fn run(
                         forbidden_syscall();
                     }
                 }
-                let exit = vcpu_loop(&mut vcpu, &buses, &stop);
+                let exit = vcpu_loop(&mut vcpu, &buses, &stop, pause.as_deref());
                 stop.store(true, Ordering::SeqCst);
                 let _ = tx.send(exit);
                 // Handed back, so the main thread closes it: a vCPU thread's
@@ -167,7 +168,7 @@ pub(crate) fn run(
     let exit = if spawn_error.is_some() {
         VmExit::Stopped
     } else {
-        wait_for_exit(&rx, timeout, external_stop, pause)
+        wait_for_exit(&rx, timeout, external_stop, pause.as_deref())
     };
     stop.store(true, Ordering::SeqCst);
     let mut back = Vec::with_capacity(threads.len());
@@ -207,8 +208,7 @@ fn wait_for_exit(
         if pause.is_some_and(|s| s.load(Ordering::SeqCst)) {
             return VmExit::Paused;
         }
-        let tick = if pause.is_some() { 2 } else { 50 };
-        match rx.recv_timeout(left.min(Duration::from_millis(tick))) {
+        match rx.recv_timeout(left.min(Duration::from_millis(50))) {
             Ok(e) => return e,
             Err(mpsc::RecvTimeoutError::Timeout) => {}
             Err(mpsc::RecvTimeoutError::Disconnected) => {
@@ -230,15 +230,30 @@ fn forbidden_syscall() {
     }
 }
 
-fn vcpu_loop(vcpu: &mut VcpuFd, buses: &Buses, stop: &AtomicBool) -> VmExit {
+/// Let KVM finish the I/O instruction of the last exit (an OUT or MMIO
+/// write completes, RIP moves past it) without entering the guest, so
+/// state saved now never replays it.
+fn finish_pending_io(vcpu: &mut VcpuFd) {
+    vcpu.set_kvm_immediate_exit(1);
+    let _ = vcpu.run();
+    vcpu.set_kvm_immediate_exit(0);
+}
+
+/// `pause` (set by the boot marker on the writing vCPU's own thread) stops
+/// this vCPU right after the exit that set it, before the guest runs on.
+fn vcpu_loop(
+    vcpu: &mut VcpuFd,
+    buses: &Buses,
+    stop: &AtomicBool,
+    pause: Option<&AtomicBool>,
+) -> VmExit {
     loop {
+        if pause.is_some_and(|p| p.load(Ordering::SeqCst)) {
+            finish_pending_io(vcpu);
+            return VmExit::Paused;
+        }
         if stop.load(Ordering::SeqCst) {
-            // Let KVM finish the I/O instruction of the last exit (an OUT
-            // or MMIO write completes, RIP moves past it) without entering
-            // the guest, so saved state never replays it.
-            vcpu.set_kvm_immediate_exit(1);
-            let _ = vcpu.run();
-            vcpu.set_kvm_immediate_exit(0);
+            finish_pending_io(vcpu);
             return VmExit::Timeout;
         }
         match vcpu.run() {
