@@ -524,6 +524,14 @@ impl VmConfig {
                 ),
             });
         }
+        if self.snapshot.is_some() && !self.shares.is_empty() {
+            // The guest kernel's FUSE session (the inodes it holds) would
+            // stay behind in the VMM that made the snapshot.
+            return Err(VmmError::Config {
+                field: "snapshot",
+                message: "a VM with virtio-fs shares cannot be snapshotted or restored yet".into(),
+            });
+        }
         for (i, s) in self.shares.iter().enumerate() {
             let ok_tag = !s.tag.is_empty()
                 && s.tag.len() <= devices::fs::device::TAG_LEN
@@ -820,6 +828,35 @@ mod tests {
                 }
                 other => panic!("{why}: {other:?}"),
             }
+        }
+    }
+
+    #[test]
+    fn a_vm_with_shares_is_not_snapshotted_or_restored() {
+        let mut c = VmConfig::new("/k".into(), "/i".into());
+        c.shares = vec![ShareConfig {
+            tag: "grant0".into(),
+            dir: "/srv/a".into(),
+            read_only: true,
+        }];
+        for plan in [
+            SnapshotPlan::Make {
+                at: "runner".into(),
+                dir: "/s".into(),
+            },
+            SnapshotPlan::Restore {
+                dir: "/s".into(),
+                identity: None,
+            },
+        ] {
+            c.snapshot = Some(plan);
+            assert!(matches!(
+                c.validate(),
+                Err(VmmError::Config {
+                    field: "snapshot",
+                    ..
+                })
+            ));
         }
     }
 }

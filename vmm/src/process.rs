@@ -309,6 +309,12 @@ pub fn from_args(args: impl IntoIterator<Item = String>) -> Result<ProcessArgs, 
             ));
         }
     };
+    if cfg.snapshot.is_some() && jail.is_some() {
+        return Err(ProcessError::Usage(
+            "--snapshot-at/--restore do not run in the jail yet (its root has no snapshot directory)"
+                .into(),
+        ));
+    }
     if cfg.jail_selftest.is_some() && jail.is_none() {
         return Err(ProcessError::Usage(
             "--jail-selftest needs the jail (--jail-*)".into(),
@@ -747,6 +753,23 @@ mod tests {
                     "/s",
                 ],
                 "not with --restore",
+            ),
+            (
+                vec![
+                    "--kernel",
+                    "k",
+                    "--initrd",
+                    "i",
+                    "--restore",
+                    "/s",
+                    "--jail-root",
+                    "/j",
+                    "--jail-uid",
+                    "2000000",
+                    "--jail-gid",
+                    "2000000",
+                ],
+                "do not run in the jail",
             ),
         ] {
             let e = from_args(args.into_iter().map(String::from))
