@@ -215,7 +215,11 @@ ${6:-}
 EOC
 }
 # start_serve: run `airlock serve --config /tmp/serve.toml`, wait until it listens.
+# The logs are emptied here first: the background job's own redirection
+# truncates them only once it runs, and until then the wait below could
+# read an earlier scenario's "listening" and go on before this server is up.
 start_serve() {
+  : > /tmp/serve.out; : > /tmp/serve.err
   AIRLOCK_LOG=airlock=info /airlock serve --config /tmp/serve.toml > /tmp/serve.out 2> /tmp/serve.err &
   serve_pid=$!
   i=0
