@@ -396,22 +396,26 @@ fn peak_rss_kib() -> u64 {
 
 /// How much of guest memory is resident (mincore over every region).
 fn resident_bytes(mem: &GuestMemoryMmap) -> u64 {
-    let page = 4096usize;
-    let mut total = 0u64;
-    for region in mem.iter() {
-        let Ok(host) = mem.get_host_address(region.start_addr()) else {
-            continue;
-        };
-        let len = region.len() as usize;
-        let mut vec = vec![0u8; len.div_ceil(page)];
-        // SAFETY: `host..host+len` is one live mapping owned by `mem` (page
-        // aligned: mmap'd), and `vec` has one byte per page of it.
-        let rc = unsafe { libc::mincore(host.cast(), len, vec.as_mut_ptr()) };
-        if rc == 0 {
-            total += vec.iter().filter(|b| **b & 1 == 1).count() as u64 * page as u64;
-        }
-    }
-    total
+    mem.iter()
+        .filter_map(|region| region_mapping(mem, region).ok()?.2)
+        .map(|pages| pages.iter().filter(|b| **b & 1 == 1).count() as u64 * 4096)
+        .sum()
+}
+
+/// One region's host mapping (its start and length) and which of its
+/// 4 KiB pages are resident (`mincore`: bit 0 of each byte; `None` when
+/// `mincore` fails).
+fn region_mapping(
+    mem: &GuestMemoryMmap,
+    region: &vm_memory::GuestRegionMmap,
+) -> Result<(*mut u8, usize, Option<Vec<u8>>), vm_memory::GuestMemoryError> {
+    let host = mem.get_host_address(region.start_addr())?;
+    let len = region.len() as usize;
+    let mut pages = vec![0u8; len.div_ceil(4096)];
+    // SAFETY: `host..host+len` is one live mapping owned by `mem` (page
+    // aligned: mmap'd), and `pages` has one byte per page of it.
+    let rc = unsafe { libc::mincore(host.cast(), len, pages.as_mut_ptr()) };
+    Ok((host, len, (rc == 0).then_some(pages)))
 }
 
 /// This process's resource usage, for leak checks across many boots.
@@ -576,17 +580,11 @@ impl VmConfig {
 /// A file cannot be read.
 pub fn snapshot_identity(cfg: &VmConfig) -> Result<snapshot::Identity, VmmError> {
     let digest = |path: &Path| -> Result<String, VmmError> {
-        use sha2::{Digest, Sha256};
-        let mut f = std::fs::File::open(path).map_err(|source| VmmError::File {
+        let sum = snapshot::file_sha256(path).map_err(|source| VmmError::File {
             path: path.into(),
             source,
         })?;
-        let mut h = Sha256::new();
-        std::io::copy(&mut f, &mut h).map_err(|source| VmmError::File {
-            path: path.into(),
-            source,
-        })?;
-        Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
+        Ok(sum.iter().map(|b| format!("{b:02x}")).collect())
     };
     let exe = std::env::current_exe().map_err(|source| VmmError::File {
         path: "/proc/self/exe".into(),
@@ -762,17 +760,9 @@ fn save_snapshot(
         source,
     })?;
     let region = mem.iter().next().ok_or(VmmError::RegionOverflow)?;
-    let host = mem
-        .get_host_address(region.start_addr())
-        .map_err(VmmError::BootData)?;
-    let len = region.len() as usize;
-    let mut resident = vec![0u8; len.div_ceil(4096)];
-    // SAFETY: `host..host+len` is the live RAM mapping (page aligned) and
-    // `resident` has one byte per page of it.
-    let rc = unsafe { libc::mincore(host.cast(), len, resident.as_mut_ptr()) };
-    if rc != 0 {
-        resident.fill(1);
-    }
+    let (host, len, resident) = region_mapping(mem, region).map_err(VmmError::BootData)?;
+    // Without mincore every page is written (those that are not zero).
+    let resident = resident.unwrap_or_else(|| vec![1; len.div_ceil(4096)]);
     // SAFETY: the vCPUs are stopped and joined; the RAM mapping lives
     // until `run` drops `memory`, after this returns. Device threads are
     // idle at the snapshot stage (no host connection, no share request).

@@ -348,6 +348,21 @@ pub fn write_memory(
     })
 }
 
+/// The SHA-256 of the file at `path` (an image or binary an [`Identity`]
+/// names, or a memory image).
+///
+/// # Errors
+/// The file cannot be read.
+pub fn file_sha256(path: &Path) -> std::io::Result<[u8; 32]> {
+    sha256_of(&mut std::fs::File::open(path)?)
+}
+
+fn sha256_of(f: &mut std::fs::File) -> std::io::Result<[u8; 32]> {
+    let mut hash = Sha256::new();
+    std::io::copy(f, &mut hash)?;
+    Ok(hash.finalize().into())
+}
+
 /// Check the memory image at `path` against `image` (length and digest).
 ///
 /// # Errors
@@ -365,16 +380,7 @@ pub fn check_memory(path: &Path, image: &MemoryImage) -> Result<(), SnapshotErro
             image.len
         )));
     }
-    let mut hash = Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = f.read(&mut buf).map_err(io_err(path))?;
-        if n == 0 {
-            break;
-        }
-        hash.update(&buf[..n]);
-    }
-    if <[u8; 32]>::from(hash.finalize()) != image.sha256 {
+    if sha256_of(&mut f).map_err(io_err(path))? != image.sha256 {
         return Err(bad("its contents fail the snapshot's checksum".into()));
     }
     Ok(())
