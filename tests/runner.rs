@@ -448,8 +448,9 @@ fn writes_into_a_read_write_grant_are_held_to_max_write() {
 /// Making a file costs the write limit an entry
 /// ([`airlock_abi::ENTRY_WRITE_BYTES`]) even when it stays empty, so a call
 /// cannot fill a volume with empty files; replacing a file that exists
-/// costs only its bytes. (The VMM's file server charges the same: the
-/// `files-parity` nested scenarios run this in a microVM.)
+/// costs only its bytes. (In a microVM this same runner charges it, and
+/// the VMM's file server charges it again: see the raw-FUSE test
+/// `each_new_entry_costs_the_write_cap_and_a_failed_one_costs_nothing`.)
 #[test]
 fn making_an_entry_costs_the_write_limit_and_replacing_one_does_not() {
     let l = load("files");
