@@ -103,6 +103,9 @@ pub struct VmSettings {
     pub life_timeout: Duration,
     /// The jail every VMM process runs in, if any (see [`JailMode`]).
     pub jail: Option<JailConfig>,
+    /// Where VM snapshots are cached (`crate::snapshots`): VMs without
+    /// shares start from one; `None`: every VM boots.
+    pub snapshots: Option<PathBuf>,
 }
 
 /// Whether VMM processes run jailed (`airlock_vmm::jail`).
@@ -160,6 +163,10 @@ impl VmSettings {
             boot_attempts: self.boot_attempts,
             egress_ca: egress_ca.to_vec(),
             jail: self.jail.clone(),
+            snapshots: self
+                .snapshots
+                .clone()
+                .map(|root| Arc::new(crate::snapshots::SnapshotCache::new(root))),
         }
     }
 }
@@ -244,6 +251,8 @@ pub struct Called {
     pub outcome: CallOutcome,
     /// In VM isolation: how long the guest took to be ready.
     pub ready_after: Option<Duration>,
+    /// In VM isolation: how its VM started.
+    pub start: Option<crate::sandbox::Start>,
 }
 
 struct VmSite {
@@ -443,6 +452,7 @@ impl CallSite {
             return Ok(Called {
                 outcome: self.runner.invoke(&loaded, tool, args, &grants.grants),
                 ready_after: None,
+                start: None,
             });
         };
         let _slot = futures_executor::block_on(vm.permit())?;
@@ -493,9 +503,10 @@ impl CallSite {
         drop(shares);
         ready();
         let (mut sb, digest) = taken?;
-        tracing::debug!(ready_ms = sb.ready_after.as_millis() as u64, boot = ?sb.boot, "guest ready");
+        tracing::debug!(ready_ms = sb.ready_after.as_millis() as u64, start = sb.start.label(), boot = ?sb.boot, "guest ready");
         let result = sb.invoke(&digest, tool, args, &guest);
         let ready_after = Some(sb.ready_after);
+        let start = Some(sb.start);
         match sb.shutdown() {
             Ok(r) => {
                 tracing::debug!(exit = ?r.exit, wall_ms = r.wall.as_millis() as u64, "VM ended")
@@ -505,6 +516,7 @@ impl CallSite {
         Ok(Called {
             outcome: result?,
             ready_after,
+            start,
         })
     }
 
@@ -537,6 +549,7 @@ impl CallSite {
             return Ok(Called {
                 outcome,
                 ready_after: None,
+                start: None,
             });
         };
         let slot = vm.permit().await?;

@@ -11,4 +11,5 @@ pub mod policy;
 pub mod pool;
 pub mod sandbox;
 pub mod service;
+pub mod snapshots;
 pub mod weights;

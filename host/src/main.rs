@@ -250,6 +250,11 @@ struct GuestArgs {
     /// its own, a cgroup leaf): auto (when root), on, off.
     #[arg(long, default_value = "auto")]
     jail: airlock::callsite::JailMode,
+    /// How microVMs start: `restore` (from a snapshot of the guest made
+    /// once per guest image and VM shape, cached in
+    /// `$AIRLOCK_CACHE/snapshots`) or `boot` (a cold boot each).
+    #[arg(long, default_value = "restore", value_parser = ["restore", "boot"])]
+    start: String,
 }
 
 impl GuestArgs {
@@ -295,6 +300,14 @@ impl GuestArgs {
                     life_timeout: std::time::Duration::from_millis(policy.limits.timeout_ms)
                         + std::time::Duration::from_secs(420),
                     jail: self.jail.resolve(airlock_vmm::jail::JailConfig::default()),
+                    snapshots: match (self.start.as_str(), cache_dir()) {
+                        ("restore", Ok(c)) => Some(c.join("snapshots")),
+                        ("restore", Err(e)) => {
+                            tracing::warn!(error = %e, "no cache directory for VM snapshots; every VM boots");
+                            None
+                        }
+                        _ => None,
+                    },
                 })
             }
         };
@@ -526,16 +539,19 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let site = guest.call_site(isolation, weights, &policy, 1)?;
             let grants = site.grants(policy.grant_set())?;
             let mut outcomes = Vec::new();
+            let mut all_ok = true;
             for (i, (tool, args)) in list.iter().enumerate() {
-                let outcome = site
+                let called = site
                     .call(&wasm, tool, args, &grants)
-                    .with_context(|| format!("calling the tool (call {})", i + 1))?
-                    .outcome;
+                    .with_context(|| format!("calling the tool (call {})", i + 1))?;
+                all_ok &= matches!(called.outcome.result, CallResult::Ok(_));
+                // In VM isolation the answer says how the VM started.
+                let mut outcome = serde_json::to_value(&called.outcome)?;
+                if let (Some(start), Some(o)) = (called.start, outcome.as_object_mut()) {
+                    o.insert("start".into(), start.label().into());
+                }
                 outcomes.push(outcome);
             }
-            let all_ok = outcomes
-                .iter()
-                .all(|o| matches!(o.result, CallResult::Ok(_)));
             match (calls, outcomes.pop()) {
                 (None, Some(one)) => print_json(&one)?,
                 (_, last) => {
@@ -815,6 +831,14 @@ fn serve(
     Ok(ExitCode::SUCCESS)
 }
 
+/// Airlock's cache directory: `$AIRLOCK_CACHE`, else `~/.cache/airlock`.
+fn cache_dir() -> anyhow::Result<PathBuf> {
+    std::env::var_os("AIRLOCK_CACHE")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/airlock")))
+        .context("set AIRLOCK_CACHE or HOME")
+}
+
 /// The guest kernel and agent initramfs: flags, else the manifest written by
 /// `cargo xtask guest-image`.
 fn guest_image(
@@ -824,11 +848,7 @@ fn guest_image(
     if let (Some(k), Some(i)) = (&kernel, &initrd) {
         return Ok((k.clone(), i.clone()));
     }
-    let cache = std::env::var_os("AIRLOCK_CACHE")
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/airlock")))
-        .context("set AIRLOCK_CACHE or HOME")?;
-    let manifest = cache.join("guest-image.json");
+    let manifest = cache_dir()?.join("guest-image.json");
     let text = std::fs::read_to_string(&manifest).with_context(|| {
         format!(
             "--isolation vm needs a guest image: pass --kernel and --initrd, or build one with `cargo xtask guest-image` ({} is missing)",
@@ -938,6 +958,7 @@ fn vm_multi(a: MultiArgs) -> anyhow::Result<serde_json::Value> {
             Ok(called) => serde_json::json!({
                 "args": v,
                 "ready_ms": called.ready_after.unwrap_or_default().as_millis() as u64,
+                "start": called.start.map(airlock::sandbox::Start::label),
                 "outcome": called.outcome,
             }),
             Err(e) => serde_json::json!({"args": v, "error": e.to_string()}),

@@ -18,7 +18,8 @@ use airlock_guest::proto::{self, BootStage, FrameLimits, Message, ProtoError};
 use airlock_guest::{CallOutcome, GrantSet};
 use airlock_vmm::jail::{JailConfig, VmJail};
 use airlock_vmm::process::{ProcessEnd, ProcessError, VmProcess};
-use airlock_vmm::{VmConfig, VmExit, VsockConfig};
+use crate::snapshots::SnapshotCache;
+use airlock_vmm::{SnapshotPlan, VmConfig, VmExit, VsockConfig};
 use sha2::{Digest, Sha256};
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
@@ -125,6 +126,28 @@ pub struct SandboxConfig {
     pub egress_ca: Vec<u8>,
     /// The jail each VMM process runs in (`airlock_vmm::jail`), if any.
     pub jail: Option<JailConfig>,
+    /// Where VMs without shares start from: their shape's snapshot, made
+    /// once (`None`: every VM boots).
+    pub snapshots: Option<Arc<SnapshotCache>>,
+}
+
+/// How a sandbox's VM started.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Start {
+    /// Restored from its shape's snapshot.
+    Restore,
+    /// Booted (no snapshot, a VM with shares, or a restore that failed).
+    Boot,
+}
+
+impl Start {
+    /// `restore` or `boot`, as answers and metrics say it.
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Restore => "restore",
+            Self::Boot => "boot",
+        }
+    }
 }
 
 /// A host directory a VM gets over virtio-fs, opened by the host beneath
@@ -154,6 +177,8 @@ pub struct Sandbox {
     pub boot: Vec<BootStage>,
     /// Host wall time from `boot()` to the agent's Hello.
     pub ready_after: Duration,
+    /// How the VM started.
+    pub start: Start,
     next_id: u64,
 }
 
@@ -260,7 +285,33 @@ impl Sandbox {
         shares: &[OpenShare],
         write_limit: u64,
     ) -> Result<Self, SandboxError> {
-        use std::os::fd::{AsFd, AsRawFd};
+        // Shares are per call: such a VM always boots.
+        if let Some(cache) = cfg.snapshots.as_ref().filter(|_| shares.is_empty()) {
+            let shape = vm_config(cfg, shares, write_limit, Path::new(""));
+            match cache.plan(&cfg.vmm, &shape, &|making| make_snapshot(cfg, making)) {
+                Ok(plan) => match Self::start(cfg, shares, write_limit, Some(plan.clone())) {
+                    Ok(sb) => return Ok(sb),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "restoring the VM snapshot failed; booting instead (the snapshot will be made again)");
+                        cache.forget(&plan);
+                    }
+                },
+                Err(e) => {
+                    tracing::warn!(error = %e, "no VM snapshot; booting instead");
+                }
+            }
+        }
+        Self::start(cfg, shares, write_limit, None)
+    }
+
+    /// Start one VM: restored by `plan`, else booted.
+    fn start(
+        cfg: &SandboxConfig,
+        shares: &[OpenShare],
+        write_limit: u64,
+        plan: Option<SnapshotPlan>,
+    ) -> Result<Self, SandboxError> {
+        use std::os::fd::AsFd;
         // Whether this host can run the guest at all was checked once, by
         // the call site; `airlock_vmm::run` refuses such a host again.
         let start = Instant::now();
@@ -271,54 +322,13 @@ impl Sandbox {
         std::fs::create_dir_all(&sockets)?;
         let uds = sockets.join("vsock.sock");
         let stop = Arc::new(AtomicBool::new(false));
-        let vm_cfg = VmConfig {
-            kernel: cfg.kernel.clone(),
-            initrd: cfg.initrd.clone(),
-            cmdline_extra: {
-                let mut c = format!("airlock.port={AGENT_PORT}");
-                if cfg.weights.is_some() {
-                    c.push_str(" airlock.weights=/dev/pmem0:/weights");
-                }
-                if !shares.is_empty() {
-                    let mounts: Vec<String> = shares
-                        .iter()
-                        .map(|s| {
-                            let ro = if s.read_only { ":ro" } else { "" };
-                            format!("{}:{}{ro}", s.tag, s.mount.display())
-                        })
-                        .collect();
-                    c.push_str(" airlock.fs=");
-                    c.push_str(&mounts.join(","));
-                }
-                if !cfg.cmdline_extra.is_empty() {
-                    c.push(' ');
-                    c.push_str(&cfg.cmdline_extra);
-                }
-                c
-            },
-            memory_mib: cfg.memory_mib,
-            vcpus: cfg.vcpus,
-            timeout: cfg.life_timeout,
-            console_cap: 256 << 10,
-            vsock: Some(VsockConfig {
-                guest_cid: 3,
-                uds_path: uds.clone(),
-            }),
-            // The VMM process is stopped through its stdin pipe.
-            stop: None,
-            pmem: cfg.weights.clone(),
-            shares: shares
-                .iter()
-                .map(|s| {
-                    airlock_vmm::ShareConfig::by_fd(s.tag.clone(), s.dir.as_raw_fd(), s.read_only)
-                })
-                .collect(),
-            seccomp: None,
-            seccomp_selftest: false,
-            jail_selftest: None,
-            share_write_limit: (!shares.is_empty()).then_some(write_limit),
-            snapshot: None,
+        let kind = if plan.is_some() {
+            Start::Restore
+        } else {
+            Start::Boot
         };
+        let mut vm_cfg = vm_config(cfg, shares, write_limit, &uds);
+        vm_cfg.snapshot = plan;
         let cleanup = |e: SandboxError| {
             let _ = std::fs::remove_dir_all(&dir);
             e
@@ -361,6 +371,7 @@ impl Sandbox {
             egress: Some((egress_path, egress)),
             boot: Vec::new(),
             ready_after: Duration::ZERO,
+            start: kind,
             next_id: 1,
         };
         loop {
@@ -628,6 +639,95 @@ impl Sandbox {
         let _ = std::fs::remove_dir_all(&self.dir);
         Ok(r?)
     }
+}
+
+/// The VMM configuration of a VM of `cfg` with `shares` (its vsock socket
+/// at `uds`), to boot.
+fn vm_config(cfg: &SandboxConfig, shares: &[OpenShare], write_limit: u64, uds: &Path) -> VmConfig {
+    use std::os::fd::AsRawFd;
+VmConfig {
+        kernel: cfg.kernel.clone(),
+        initrd: cfg.initrd.clone(),
+        cmdline_extra: {
+            let mut c = format!("airlock.port={AGENT_PORT}");
+            if cfg.weights.is_some() {
+                c.push_str(" airlock.weights=/dev/pmem0:/weights");
+            }
+            if !shares.is_empty() {
+                let mounts: Vec<String> = shares
+                    .iter()
+                    .map(|s| {
+                        let ro = if s.read_only { ":ro" } else { "" };
+                        format!("{}:{}{ro}", s.tag, s.mount.display())
+                    })
+                    .collect();
+                c.push_str(" airlock.fs=");
+                c.push_str(&mounts.join(","));
+            }
+            if !cfg.cmdline_extra.is_empty() {
+                c.push(' ');
+                c.push_str(&cfg.cmdline_extra);
+            }
+            c
+        },
+        memory_mib: cfg.memory_mib,
+        vcpus: cfg.vcpus,
+        timeout: cfg.life_timeout,
+        console_cap: 256 << 10,
+        vsock: Some(VsockConfig {
+            guest_cid: 3,
+            uds_path: uds.to_path_buf(),
+        }),
+        // The VMM process is stopped through its stdin pipe.
+        stop: None,
+        pmem: cfg.weights.clone(),
+        shares: shares
+            .iter()
+            .map(|s| {
+                airlock_vmm::ShareConfig::by_fd(s.tag.clone(), s.dir.as_raw_fd(), s.read_only)
+            })
+            .collect(),
+        seccomp: None,
+        seccomp_selftest: false,
+        jail_selftest: None,
+        share_write_limit: (!shares.is_empty()).then_some(write_limit),
+        snapshot: None,
+    }
+}
+
+/// Run `making` (a VM of `cfg` that snapshots itself, see
+/// [`SnapshotCache::plan`]) to its end, jailed like every VM of `cfg`,
+/// within `cfg.ready_timeout`.
+fn make_snapshot(cfg: &SandboxConfig, making: &VmConfig) -> Result<(), String> {
+    let dir = airlock_vmm::jail::fresh_dir("airlock-snap").map_err(|e| e.to_string())?;
+    let made = (|| {
+        let sockets = dir.join("run");
+        std::fs::create_dir_all(&sockets).map_err(|e| e.to_string())?;
+        let mut making = making.clone();
+        making.timeout = cfg.ready_timeout;
+        if let Some(v) = making.vsock.as_mut() {
+            v.uds_path = sockets.join("vsock.sock");
+        }
+        let jail = cfg
+            .jail
+            .as_ref()
+            .map(|j| VmJail::prepare(j, &dir, &making))
+            .transpose()
+            .map_err(|e| e.to_string())?;
+        let end = VmProcess::spawn(&cfg.vmm, &making, jail)
+            .and_then(VmProcess::wait)
+            .map_err(|e| e.to_string())?;
+        match end.exit {
+            VmExit::Paused => Ok(()),
+            other => Err(format!(
+                "ended as {} instead of pausing at the guest's runner stage; its console: {}",
+                exit_text(&other),
+                tail(&end.console, 20)
+            )),
+        }
+    })();
+    let _ = std::fs::remove_dir_all(&dir);
+    made
 }
 
 /// The egress proxy's accept loop: one request per connection, in order.

@@ -20,6 +20,7 @@
 //! | `/run/vsock/`    | the VM's socket directory (bind, owned by its uid) |
 //! | `/dev/kvm`       | a device node of its own, owned by its uid |
 //! | `/shares/<i>`    | share `i` (virtio-fs), bound `nosuid,nodev,noexec`, read-only for a read-only share |
+//! | `/snapshot/`     | a restore's `state` and `memory` (read-only binds, opened as root like the images), or the directory a snapshot is made in (bind, owned by its uid) |
 //! | `/proc`          | only with shares: a procfs of the jail's own pid namespace (`subset=pid,hidepid=invisible`), for the file server's `/proc/self/fd` |
 //!
 //! and nothing else: no `/sys`, `/tmp`, binaries or libraries.
@@ -127,6 +128,10 @@ pub const KERNEL: &str = "/kernel";
 pub const INITRD: &str = "/initrd";
 /// The weights image inside the jail.
 pub const PMEM: &str = "/weights.img";
+/// The snapshot directory inside the jail: a restore's state file and
+/// memory image (read-only binds), or the directory a snapshot is written
+/// to (a bind the jail uid owns).
+pub const SNAPSHOT: &str = "/snapshot";
 /// The socket directory inside the jail.
 pub const SOCKETS: &str = "/run/vsock";
 /// Where shares are bound inside the jail (`/shares/<index>`).
@@ -334,7 +339,15 @@ fn random_u64() -> std::io::Result<u64> {
 /// # Errors
 /// No randomness, or the directory cannot be made.
 pub fn fresh_dir(prefix: &str) -> std::io::Result<std::path::PathBuf> {
-    let dir = std::env::temp_dir().join(format!("{prefix}-{:016x}", random_u64()?));
+    fresh_dir_in(&std::env::temp_dir(), prefix)
+}
+
+/// [`fresh_dir`] in `parent`: `<parent>/<prefix>-<random>`.
+///
+/// # Errors
+/// No randomness, or the directory cannot be made.
+pub fn fresh_dir_in(parent: &Path, prefix: &str) -> std::io::Result<std::path::PathBuf> {
+    let dir = parent.join(format!("{prefix}-{:016x}", random_u64()?));
     std::fs::create_dir(&dir)?;
     Ok(dir)
 }
@@ -412,6 +425,10 @@ impl VmJail {
             jail.hand_over(dir)?;
             std::fs::set_permissions(dir, std::os::unix::fs::PermissionsExt::from_mode(0o700))
                 .map_err(step("restricting the socket directory"))?;
+        }
+        // A snapshot is written by the jail uid, into a directory of its own.
+        if let Some(crate::SnapshotPlan::Make { dir, .. }) = &vm.snapshot {
+            jail.hand_over(dir)?;
         }
         let name = vm_dir.file_name().map_or_else(
             || format!("vm-{slot}"),
@@ -676,9 +693,17 @@ pub fn enter(
             build_root(spec, vm, kvm_dev, share_trees)?;
             // As root still: the images, whatever their host permissions.
             let mut pre = PREOPENED.lock().unwrap_or_else(|p| p.into_inner());
+            let snapshot = match &vm.snapshot {
+                Some(crate::SnapshotPlan::Restore { dir, .. }) => vec![
+                    crate::SnapshotPlan::state_path(dir),
+                    crate::SnapshotPlan::memory_path(dir),
+                ],
+                _ => Vec::new(),
+            };
             for path in [Some(&vm.kernel), Some(&vm.initrd), vm.pmem.as_ref()]
                 .into_iter()
                 .flatten()
+                .chain(&snapshot)
             {
                 let f = std::fs::File::open(path)
                     .map_err(step(format!("opening {} in the jail", path.display())))?;
@@ -761,6 +786,21 @@ fn build_root(
     if let Some(p) = &vm.pmem {
         bind_file(p, &inside(PMEM))?;
         vm.pmem = Some(PMEM.into());
+    }
+    match vm.snapshot.as_mut() {
+        Some(crate::SnapshotPlan::Restore { dir, .. }) => {
+            std::fs::create_dir_all(inside(SNAPSHOT)).map_err(step("making /snapshot"))?;
+            for path in [crate::SnapshotPlan::state_path, crate::SnapshotPlan::memory_path] {
+                bind_file(&path(dir), &path(&inside(SNAPSHOT)))?;
+            }
+            *dir = SNAPSHOT.into();
+        }
+        Some(crate::SnapshotPlan::Make { dir, .. }) => {
+            std::fs::create_dir_all(inside(SNAPSHOT)).map_err(step("making /snapshot"))?;
+            bind(dir, &inside(SNAPSHOT), false)?;
+            *dir = SNAPSHOT.into();
+        }
+        None => {}
     }
     if let Some(v) = vm.vsock.as_mut() {
         let (Some(dir), Some(name)) = (v.uds_path.parent(), v.uds_path.file_name()) else {

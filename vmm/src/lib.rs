@@ -579,25 +579,41 @@ impl VmConfig {
 /// # Errors
 /// A file cannot be read.
 pub fn snapshot_identity(cfg: &VmConfig) -> Result<snapshot::Identity, VmmError> {
-    let digest = |path: &Path| -> Result<String, VmmError> {
-        let sum = snapshot::file_sha256(path).map_err(|source| VmmError::File {
-            path: path.into(),
-            source,
-        })?;
-        Ok(sum.iter().map(|b| format!("{b:02x}")).collect())
-    };
     let exe = std::env::current_exe().map_err(|source| VmmError::File {
         path: "/proc/self/exe".into(),
         source,
     })?;
+    snapshot_identity_with(&exe, cfg, &mut |path| {
+        let sum = snapshot::file_sha256(path)?;
+        Ok(sum.iter().map(|b| format!("{b:02x}")).collect())
+    })
+}
+
+/// [`snapshot_identity`] of `cfg` run by the VMM binary `vmm`, each file's
+/// digest (hex SHA-256) from `digest` — a caller that starts many VMs
+/// keeps the digests of files it has hashed.
+///
+/// # Errors
+/// `digest` fails for a file.
+pub fn snapshot_identity_with(
+    vmm: &Path,
+    cfg: &VmConfig,
+    digest: &mut dyn FnMut(&Path) -> std::io::Result<String>,
+) -> Result<snapshot::Identity, VmmError> {
+    let mut digest = |path: &Path| -> Result<String, VmmError> {
+        digest(path).map_err(|source| VmmError::File {
+            path: path.into(),
+            source,
+        })
+    };
     Ok(snapshot::Identity {
-        vmm: digest(&exe)?,
+        vmm: digest(vmm)?,
         kernel: digest(&cfg.kernel)?,
         initrd: digest(&cfg.initrd)?,
         memory_mib: cfg.memory_mib,
         vcpus: cfg.vcpus,
         cmdline: cfg.cmdline_extra.clone(),
-        weights: cfg.pmem.as_deref().map(digest).transpose()?,
+        weights: cfg.pmem.as_deref().map(&mut digest).transpose()?,
     })
 }
 
@@ -622,7 +638,7 @@ pub fn run(cfg: &VmConfig) -> Result<RunReport, VmmError> {
             };
             let state = snapshot::read_state(&SnapshotPlan::state_path(dir), &identity)?;
             let image = SnapshotPlan::memory_path(dir);
-            let file = std::fs::File::open(&image).map_err(|source| VmmError::File {
+            let file = jail::open_image(&image).map_err(|source| VmmError::File {
                 path: image.clone(),
                 source,
             })?;

@@ -108,7 +108,7 @@ pub enum ProcessError {
 }
 
 /// The usage line of `airlock-vmm`.
-pub const USAGE: &str = "usage: airlock-vmm --kernel FILE --initrd FILE [--cmdline TEXT] [--memory-mib N] [--vcpus N] [--timeout-secs N] [--pmem FILE] [--share TAG=DIR]... [--share-ro TAG=DIR]... [--share-write-limit BYTES] [--vsock-uds PATH --guest-cid N] [--console-cap BYTES] [--stop-on-stdin-eof] [--seccomp enforce|log|off] [--seccomp-selftest] [--jail-root DIR --jail-uid N --jail-gid N [--jail-cgroup DIR] [--jail-selftest keeper-gone|memory|tasks]] [--snapshot-at STAGE --snapshot-dir DIR | --restore DIR]";
+pub const USAGE: &str = "usage: airlock-vmm --kernel FILE --initrd FILE [--cmdline TEXT] [--memory-mib N] [--vcpus N] [--timeout-secs N] [--pmem FILE] [--share TAG=DIR]... [--share-ro TAG=DIR]... [--share-write-limit BYTES] [--vsock-uds PATH --guest-cid N] [--console-cap BYTES] [--stop-on-stdin-eof] [--seccomp enforce|log|off] [--seccomp-selftest] [--jail-root DIR --jail-uid N --jail-gid N [--jail-cgroup DIR] [--jail-selftest keeper-gone|memory|tasks]] [--snapshot-at STAGE --snapshot-dir DIR | --restore DIR [--restore-identity JSON]]";
 
 /// What `airlock-vmm`'s flags ask for.
 #[derive(Debug)]
@@ -174,8 +174,13 @@ pub fn to_args(cfg: &VmConfig, stop_on_stdin_eof: bool) -> Vec<String> {
             "--snapshot-dir".into(),
             dir.display().to_string(),
         ]),
-        Some(crate::SnapshotPlan::Restore { dir, .. }) => {
+        Some(crate::SnapshotPlan::Restore { dir, identity }) => {
             a.extend(["--restore".into(), dir.display().to_string()]);
+            if let Some(i) = identity
+                && let Ok(json) = serde_json::to_string(i)
+            {
+                a.extend(["--restore-identity".into(), json]);
+            }
         }
         None => {}
     }
@@ -191,6 +196,7 @@ pub fn from_args(args: impl IntoIterator<Item = String>) -> Result<ProcessArgs, 
     let (mut uds, mut cid, mut stop_on_eof) = (None, None, false);
     let (mut jail_root, mut jail_uid, mut jail_gid, mut jail_cgroup) = (None, None, None, None);
     let (mut snapshot_at, mut snapshot_dir, mut restore) = (None, None, None);
+    let mut restore_identity = None;
     let mut seccomp = Some(crate::seccomp::Mode::Enforce);
     let mut args = args.into_iter();
     while let Some(flag) = args.next() {
@@ -257,6 +263,13 @@ pub fn from_args(args: impl IntoIterator<Item = String>) -> Result<ProcessArgs, 
             "--jail-cgroup" => jail_cgroup = Some(PathBuf::from(value)),
             "--snapshot-at" => snapshot_at = Some(value),
             "--snapshot-dir" => snapshot_dir = Some(PathBuf::from(value)),
+            "--restore-identity" => {
+                restore_identity = Some(serde_json::from_str(&value).map_err(|e| {
+                    ProcessError::Usage(format!(
+                        "--restore-identity: not a snapshot identity (JSON): {e}"
+                    ))
+                })?);
+            }
             "--restore" => restore = Some(PathBuf::from(value)),
             "--console-cap" => {
                 cfg.console_cap = number("--console-cap")?.try_into().unwrap_or(usize::MAX);
@@ -285,7 +298,7 @@ pub fn from_args(args: impl IntoIterator<Item = String>) -> Result<ProcessArgs, 
         (Some(at), Some(dir), None) => Some(crate::SnapshotPlan::Make { at, dir }),
         (None, None, Some(dir)) => Some(crate::SnapshotPlan::Restore {
             dir,
-            identity: None,
+            identity: restore_identity.take(),
         }),
         (None, None, None) => None,
         _ => {
@@ -309,10 +322,9 @@ pub fn from_args(args: impl IntoIterator<Item = String>) -> Result<ProcessArgs, 
             ));
         }
     };
-    if cfg.snapshot.is_some() && jail.is_some() {
+    if restore_identity.is_some() {
         return Err(ProcessError::Usage(
-            "--snapshot-at/--restore do not run in the jail yet (its root has no snapshot directory)"
-                .into(),
+            "--restore-identity goes with --restore".into(),
         ));
     }
     if cfg.jail_selftest.is_some() && jail.is_none() {
@@ -717,7 +729,28 @@ mod tests {
         };
         assert!(matches!(
             from_args(to_args(&restore, false)).unwrap().cfg.snapshot,
-            Some(crate::SnapshotPlan::Restore { dir, .. }) if dir == Path::new("/snap")
+            Some(crate::SnapshotPlan::Restore { dir, identity: None }) if dir == Path::new("/snap")
+        ));
+        // An identity the caller worked out travels whole.
+        let identity = crate::snapshot::Identity {
+            vmm: "aa".into(),
+            kernel: "bb".into(),
+            initrd: "cc".into(),
+            memory_mib: 256,
+            vcpus: 1,
+            cmdline: "airlock.port=1024".into(),
+            weights: Some("dd".into()),
+        };
+        let known = VmConfig {
+            snapshot: Some(crate::SnapshotPlan::Restore {
+                dir: "/snap".into(),
+                identity: Some(identity.clone()),
+            }),
+            ..VmConfig::new("/k".into(), "/i".into())
+        };
+        assert!(matches!(
+            from_args(to_args(&known, false)).unwrap().cfg.snapshot,
+            Some(crate::SnapshotPlan::Restore { identity: Some(i), .. }) if i == identity
         ));
 
         for (args, says) in [
@@ -760,16 +793,23 @@ mod tests {
                     "k",
                     "--initrd",
                     "i",
+                    "--restore-identity",
+                    r#"{"vmm":"a","kernel":"b","initrd":"c","memory_mib":1,"vcpus":1,"cmdline":"","weights":null}"#,
+                ],
+                "goes with --restore",
+            ),
+            (
+                vec![
+                    "--kernel",
+                    "k",
+                    "--initrd",
+                    "i",
                     "--restore",
                     "/s",
-                    "--jail-root",
-                    "/j",
-                    "--jail-uid",
-                    "2000000",
-                    "--jail-gid",
-                    "2000000",
+                    "--restore-identity",
+                    "{\"vmm\": 1}",
                 ],
-                "do not run in the jail",
+                "not a snapshot identity",
             ),
         ] {
             let e = from_args(args.into_iter().map(String::from))

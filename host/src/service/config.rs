@@ -25,6 +25,7 @@
 //! weights = "/srv/models:/srv/models.erofs"  # optional: DIR:IMAGE (airlock weights pack)
 //! egress_ca = "/etc/airlock/private-ca.pem"   # optional, either mode: extra CAs for https egress
 //! vmm = "/usr/lib/airlock/airlock-vmm"         # optional: the VMM binary (default: next to airlock)
+//! start = "restore"        # VMs start from a snapshot (made once, in <data_dir>/snapshots); "boot": cold boots
 //!
 //! [[volumes]]           # per-tenant state a policy grants by name (`volume = "notes"`)
 //! name = "notes"
@@ -236,6 +237,7 @@ struct IsolationEntry {
     jail: Option<String>,
     jail_uid_base: Option<u32>,
     jail_cgroup: Option<PathBuf>,
+    start: Option<String>,
 }
 
 /// Where calls run.
@@ -386,7 +388,7 @@ impl Config {
         }
         let tenants = tenants(f.tenants)?;
         let egress_ca = egress_ca(&f.isolation)?;
-        let isolation = isolation(f.isolation)?;
+        let isolation = isolation(f.isolation, &data_dir)?;
         let volumes = volumes(f.volumes)?;
         Ok(Self {
             listen,
@@ -580,7 +582,7 @@ fn egress_ca(i: &IsolationEntry) -> Result<Vec<u8>, ConfigError> {
     }
 }
 
-fn isolation(i: IsolationEntry) -> Result<Isolation, ConfigError> {
+fn isolation(i: IsolationEntry, data_dir: &std::path::Path) -> Result<Isolation, ConfigError> {
     match i.mode.as_deref().unwrap_or("process") {
         "process" => {
             if i.kernel.is_some()
@@ -589,10 +591,11 @@ fn isolation(i: IsolationEntry) -> Result<Isolation, ConfigError> {
                 || i.max_vms.is_some()
                 || i.weights.is_some()
                 || i.vmm.is_some()
+                || i.start.is_some()
             {
                 return Err(field(
                     "isolation.mode",
-                    "kernel, initrd, warm, max_vms, weights and vmm only apply to mode = \"vm\"",
+                    "kernel, initrd, warm, max_vms, weights, vmm and start only apply to mode = \"vm\"",
                 ));
             }
             Ok(Isolation::Process)
@@ -670,6 +673,16 @@ fn isolation(i: IsolationEntry) -> Result<Isolation, ConfigError> {
                 // Warm VMs wait for calls; each call has its own limit.
                 life_timeout: std::time::Duration::from_secs(24 * 3600),
                 jail: jail_mode.resolve(jail),
+                snapshots: match i.start.as_deref().unwrap_or("restore") {
+                    "restore" => Some(data_dir.join("snapshots")),
+                    "boot" => None,
+                    other => {
+                        return Err(field(
+                            "isolation.start",
+                            format!("expected \"restore\" or \"boot\", got {other:?}"),
+                        ));
+                    }
+                },
             })))
         }
         other => Err(field(

@@ -20,6 +20,7 @@ pub(crate) struct Metrics {
     pub(crate) vms: Gauge,
     pub(crate) vms_booted: Counter,
     pub(crate) vm_waiting: Gauge,
+    starts: Family<Labels, Counter>,
 }
 
 impl Metrics {
@@ -34,6 +35,12 @@ impl Metrics {
         let vms = Gauge::<i64>::default();
         let vms_booted = Counter::default();
         let vm_waiting = Gauge::<i64>::default();
+        let starts = Family::<Labels, Counter>::default();
+        registry.register(
+            "airlock_vm_starts",
+            "Calls' microVMs by how they started: restore (from the snapshot) or boot",
+            starts.clone(),
+        );
         registry.register(
             "airlock_calls",
             "Tool calls by tenant and outcome (ok or the error kind)",
@@ -80,7 +87,15 @@ impl Metrics {
             vms,
             vms_booted,
             vm_waiting,
+            starts,
         }
+    }
+
+    /// A call's VM started as `start` (`restore` or `boot`).
+    pub(crate) fn observe_start(&self, start: &'static str) {
+        self.starts
+            .get_or_create(&vec![("start", start.to_string())])
+            .inc();
     }
 
     pub(crate) fn observe_call(&self, tenant: &str, outcome_kind: &str, o: &CallOutcome) {

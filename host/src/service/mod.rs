@@ -216,6 +216,10 @@ pub struct Invocation {
     pub isolation: &'static str,
     /// Policy version the call ran under (0: none).
     pub policy_version: i64,
+    /// In VM isolation, how the call's VM started: `restore` (from its
+    /// snapshot) or `boot`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub start: Option<&'static str>,
 }
 
 /// Audit ids of one invocation.
@@ -636,20 +640,24 @@ impl Service {
                 digest: row.digest.clone(),
                 loaded,
             });
-            let outcome = svc
+            let called = svc
                 .site
                 .call_async(stored, tool.clone(), args.clone(), grants)
                 .await
-                .map(|c| c.outcome)
                 .map_err(|e| ServiceError::Internal(e.to_string()));
             svc.metrics.running.dec();
-            let outcome = outcome?;
+            let called = called?;
+            let start = called.start.map(crate::sandbox::Start::label);
+            if let Some(s) = start {
+                svc.metrics.observe_start(s);
+            }
+            let outcome = called.outcome;
             if matches!(
                 outcome.result,
                 CallResult::Error(CallError::BadArguments { .. })
             ) {
                 // Refused before running: nothing happened to record.
-                return Ok((outcome, 0));
+                return Ok((outcome, 0, start));
             }
             let denied = outcome.audit.iter().any(|e| e.decision == Decision::Deny);
             let decision = match (&outcome.result, denied) {
@@ -666,6 +674,7 @@ impl Service {
                 "digest": row.digest,
                 "policy_version": policy_version,
                 "isolation": svc.isolation(),
+                "start": start,
                 "result": result_kind,
                 "metering": outcome.metering,
                 "events": outcome.audit,
@@ -699,9 +708,9 @@ impl Service {
             })
             .await
             .map_err(|e| ServiceError::Internal(format!("the audit task failed: {e}")))??;
-            Ok::<_, ServiceError>((outcome, seq))
+            Ok::<_, ServiceError>((outcome, seq, start))
         });
-        let (outcome, seq) = task
+        let (outcome, seq, start) = task
             .await
             .map_err(|e| ServiceError::Internal(format!("the call task failed: {e}")))??;
         if let CallResult::Error(CallError::BadArguments { path, message }) = &outcome.result {
@@ -737,6 +746,7 @@ impl Service {
             stderr: outcome.stderr,
             isolation: self.isolation(),
             policy_version,
+            start,
         })
     }
 

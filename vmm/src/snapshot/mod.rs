@@ -253,7 +253,8 @@ pub fn write_state(path: &Path, state: &SnapshotState) -> Result<(), SnapshotErr
 /// # Errors
 /// Every check has its [`SnapshotError`] variant.
 pub fn read_state(path: &Path, expected: &Identity) -> Result<SnapshotState, SnapshotError> {
-    let file = std::fs::File::open(path).map_err(io_err(path))?;
+    // In a jail, the file its root opened before the uid dropped.
+    let file = crate::jail::open_image(path).map_err(io_err(path))?;
     let mut header = [0u8; HEADER_LEN];
     let mut got = 0;
     let mut reader = file.take(HEADER_LEN as u64 + MAX_STATE_BYTES + 1);
