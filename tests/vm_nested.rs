@@ -478,6 +478,9 @@ fn the_service_runs_calls_in_microvms_from_its_warm_pool() {
     for (key, n) in [("first", 1.0), ("second", 2.0)] {
         let call = &v[key];
         assert_eq!(call["isolation"], "vm", "{v}");
+        // Each call's VM was restored from the snapshot the service made
+        // of its VM shape once.
+        assert_eq!(call["start"], "restore", "{v}");
         assert_eq!(call["result"]["ok"]["mean"], (n + 10.0) / 2.0, "{v}");
         assert!(call["audit"]["record"].as_i64().unwrap() > 0, "{v}");
     }
@@ -517,8 +520,9 @@ fn the_service_runs_calls_in_microvms_from_its_warm_pool() {
     assert_eq!(v["keeper_uid"], v["vmm_uid"], "{v}");
     assert_eq!(v["keeper_filtered"], 1, "{v}");
     assert_eq!(v["vmm_other_namespaces"], 5, "{v}");
+    // (A restored VM: its snapshot's state and memory image, read-only.)
     let root: Vec<&str> = v["vmm_root"].as_str().unwrap().split_whitespace().collect();
-    assert_eq!(root, ["dev", "initrd", "kernel", "run"], "{v}");
+    assert_eq!(root, ["dev", "initrd", "kernel", "run", "snapshot"], "{v}");
     assert!(
         v["vmm_cgroup"].as_str().unwrap().starts_with("/airlock/"),
         "{v}"
@@ -943,6 +947,54 @@ fn a_vm_restored_from_a_snapshot_runs_on_from_where_it_was_saved() {
         .unwrap();
     assert!(edited.starts_with("rc=2 "), "{edited}");
     assert!(edited.contains("fails its checksum"), "{edited}");
+}
+
+#[test]
+fn vms_restored_from_one_snapshot_have_their_own_randomness_and_the_right_time() {
+    // Three `airlock run` calls in a fresh cache: the first makes the
+    // snapshot of its VM shape, every call's VM is restored from it; the
+    // third runs when the snapshot is over 30 s old.
+    let (body, code) = scenario_body("vm-restore-fresh");
+    assert_eq!(code, 0, "{body}");
+    let mut randoms = std::collections::BTreeSet::new();
+    for i in 1..=3 {
+        let line = body
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("CALL{i} ")))
+            .unwrap_or_else(|| panic!("no CALL{i} line:\n{body}"));
+        let mut parts = line.splitn(3, ' ');
+        let before: u64 = parts.next().and_then(|v| v.parse().ok()).unwrap();
+        let after: u64 = parts.next().and_then(|v| v.parse().ok()).unwrap();
+        let v: Value = serde_json::from_str(parts.next().unwrap_or(""))
+            .unwrap_or_else(|e| panic!("CALL{i} is not an answer ({e}):\n{body}"));
+        assert_eq!(v["start"], "restore", "call {i} did not restore:\n{body}");
+        let ok = &v["result"]["ok"];
+        let random = ok["random"].as_str().unwrap_or_else(|| panic!("{body}"));
+        assert_eq!(random.len(), 32, "{body}");
+        // wasi:random differs between VMs restored from one snapshot (the
+        // host reseeds each guest): a repeat would be a shared secret.
+        assert!(
+            randoms.insert(random.to_string()),
+            "random bytes repeat:\n{body}"
+        );
+        // The guest's wall clock is the host's, not the snapshot's (which
+        // is over 30 s behind by the third call).
+        let guest_s = ok["unix-ms"].as_u64().unwrap() / 1000;
+        assert!(
+            (before.saturating_sub(2)..=after + 2).contains(&guest_s),
+            "call {i}: the guest says {guest_s}, the host ran the call in {before}..={after}:\n{body}"
+        );
+    }
+    // One snapshot for the one VM shape, made once.
+    let snapshots = body
+        .lines()
+        .find_map(|l| l.strip_prefix("SNAPSHOTS "))
+        .unwrap();
+    let dirs: Vec<&str> = snapshots
+        .split_whitespace()
+        .filter(|n| !n.ends_with(".lock"))
+        .collect();
+    assert_eq!(dirs.len(), 1, "{body}");
 }
 
 #[test]

@@ -14,11 +14,11 @@
 //! VM and joins its thread; the socket directory is removed with it.
 
 use crate::egress::{EgressError, Proxy};
+use crate::snapshots::SnapshotCache;
 use airlock_guest::proto::{self, BootStage, FrameLimits, Message, ProtoError};
 use airlock_guest::{CallOutcome, GrantSet};
 use airlock_vmm::jail::{JailConfig, VmJail};
 use airlock_vmm::process::{ProcessEnd, ProcessError, VmProcess};
-use crate::snapshots::SnapshotCache;
 use airlock_vmm::{SnapshotPlan, VmConfig, VmExit, VsockConfig};
 use sha2::{Digest, Sha256};
 use std::io::{BufRead, BufReader, Write};
@@ -399,9 +399,19 @@ impl Sandbox {
         let left = cfg.ready_timeout.saturating_sub(start.elapsed());
         sb.conn
             .set_read_timeout(Some(left.max(Duration::from_secs(1))))?;
-        let hello = sb.recv();
+        let hello = match sb.recv() {
+            Ok(m) => m,
+            Err(e) => {
+                // Say what became of the VM, not only of its connection.
+                let report = sb.finish()?;
+                return Err(SandboxError::GuestEnded {
+                    exit: format!("{e}; then the VM {}", exit_text(&report.exit)),
+                    console: tail(&report.console, 30),
+                });
+            }
+        };
         sb.conn.set_read_timeout(Some(cfg.life_timeout))?;
-        match hello? {
+        match hello {
             Message::Hello { engine, boot, .. } => {
                 if engine != cfg.engine {
                     return Err(SandboxError::EngineMismatch {
@@ -645,7 +655,7 @@ impl Sandbox {
 /// at `uds`), to boot.
 fn vm_config(cfg: &SandboxConfig, shares: &[OpenShare], write_limit: u64, uds: &Path) -> VmConfig {
     use std::os::fd::AsRawFd;
-VmConfig {
+    VmConfig {
         kernel: cfg.kernel.clone(),
         initrd: cfg.initrd.clone(),
         cmdline_extra: {
@@ -683,9 +693,7 @@ VmConfig {
         pmem: cfg.weights.clone(),
         shares: shares
             .iter()
-            .map(|s| {
-                airlock_vmm::ShareConfig::by_fd(s.tag.clone(), s.dir.as_raw_fd(), s.read_only)
-            })
+            .map(|s| airlock_vmm::ShareConfig::by_fd(s.tag.clone(), s.dir.as_raw_fd(), s.read_only))
             .collect(),
         seccomp: None,
         seccomp_selftest: false,
@@ -714,9 +722,13 @@ fn make_snapshot(cfg: &SandboxConfig, making: &VmConfig) -> Result<(), String> {
             .map(|j| VmJail::prepare(j, &dir, &making))
             .transpose()
             .map_err(|e| e.to_string())?;
-        let end = VmProcess::spawn(&cfg.vmm, &making, jail)
-            .and_then(VmProcess::wait)
-            .map_err(|e| e.to_string())?;
+        let vm = VmProcess::spawn(&cfg.vmm, &making, jail).map_err(|e| e.to_string())?;
+        // The VM ends by itself (paused, or at its timeout); `wait` stops
+        // whatever is still running.
+        vm.wait_until_finished(Some(
+            Instant::now() + cfg.ready_timeout + Duration::from_secs(30),
+        ));
+        let end = vm.wait().map_err(|e| e.to_string())?;
         match end.exit {
             VmExit::Paused => Ok(()),
             other => Err(format!(

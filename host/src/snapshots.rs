@@ -205,11 +205,15 @@ impl SnapshotCache {
             making.snapshot = Some(SnapshotPlan::Make {
                 at: SNAPSHOT_STAGE.into(),
                 dir: tmp.clone(),
+                identity: Some(identity.clone()),
             });
             let started = std::time::Instant::now();
             make(&making).map_err(SnapshotCacheError::Make)?;
             // What the jail's uid wrote becomes this process's, private.
-            for f in [SnapshotPlan::state_path(&tmp), SnapshotPlan::memory_path(&tmp)] {
+            for f in [
+                SnapshotPlan::state_path(&tmp),
+                SnapshotPlan::memory_path(&tmp),
+            ] {
                 let me = nix::unistd::geteuid();
                 let _ = nix::unistd::chown(&f, Some(me), Some(nix::unistd::getegid()));
                 std::fs::set_permissions(&f, std::os::unix::fs::PermissionsExt::from_mode(0o600))
@@ -217,7 +221,8 @@ impl SnapshotCache {
             }
             let state = snapshot::read_state(&SnapshotPlan::state_path(&tmp), identity)?;
             snapshot::check_memory(&SnapshotPlan::memory_path(&tmp), &state.memory)?;
-            std::fs::rename(&tmp, dir).map_err(io(format!("moving the snapshot to {}", dir.display())))?;
+            std::fs::rename(&tmp, dir)
+                .map_err(io(format!("moving the snapshot to {}", dir.display())))?;
             tracing::info!(
                 dir = %dir.display(),
                 made_ms = started.elapsed().as_millis() as u64,
@@ -289,7 +294,7 @@ mod tests {
             .plan(&t.path().join("vmm"), &cfg, &|making| {
                 assert!(matches!(
                     &making.snapshot,
-                    Some(SnapshotPlan::Make { at, dir }) if at == SNAPSHOT_STAGE && dir.is_dir()
+                    Some(SnapshotPlan::Make { at, dir, .. }) if at == SNAPSHOT_STAGE && dir.is_dir()
                 ));
                 Err("ended as reset".into())
             })

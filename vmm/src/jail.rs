@@ -790,7 +790,10 @@ fn build_root(
     match vm.snapshot.as_mut() {
         Some(crate::SnapshotPlan::Restore { dir, .. }) => {
             std::fs::create_dir_all(inside(SNAPSHOT)).map_err(step("making /snapshot"))?;
-            for path in [crate::SnapshotPlan::state_path, crate::SnapshotPlan::memory_path] {
+            for path in [
+                crate::SnapshotPlan::state_path,
+                crate::SnapshotPlan::memory_path,
+            ] {
                 bind_file(&path(dir), &path(&inside(SNAPSHOT)))?;
             }
             *dir = SNAPSHOT.into();

@@ -192,6 +192,10 @@ pub enum SnapshotPlan {
         at: String,
         /// Where to write it.
         dir: PathBuf,
+        /// What it is made from, when the caller has worked it out
+        /// already (else it is computed from the files; a jailed VMM
+        /// cannot: it has no `/proc/self/exe`).
+        identity: Option<snapshot::Identity>,
     },
     /// Start from the snapshot in `dir` instead of booting: the VM's
     /// configuration must be the one the snapshot was made with.
@@ -647,7 +651,7 @@ pub fn run(cfg: &VmConfig) -> Result<RunReport, VmmError> {
         _ => None,
     };
     let making = match &cfg.snapshot {
-        Some(SnapshotPlan::Make { at, dir }) => {
+        Some(SnapshotPlan::Make { at, dir, identity }) => {
             let code = airlock_abi::boot_stage_code(at).ok_or_else(|| VmmError::Config {
                 field: "snapshot.at",
                 message: format!(
@@ -655,7 +659,11 @@ pub fn run(cfg: &VmConfig) -> Result<RunReport, VmmError> {
                     airlock_abi::BOOT_STAGES
                 ),
             })?;
-            Some((code, dir.clone(), snapshot_identity(cfg)?))
+            let identity = match identity {
+                Some(i) => i.clone(),
+                None => snapshot_identity(cfg)?,
+            };
+            Some((code, dir.clone(), identity))
         }
         _ => None,
     };
@@ -849,6 +857,7 @@ mod tests {
             SnapshotPlan::Make {
                 at: "runner".into(),
                 dir: "/s".into(),
+                identity: None,
             },
             SnapshotPlan::Restore {
                 dir: "/s".into(),

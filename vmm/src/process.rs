@@ -108,7 +108,7 @@ pub enum ProcessError {
 }
 
 /// The usage line of `airlock-vmm`.
-pub const USAGE: &str = "usage: airlock-vmm --kernel FILE --initrd FILE [--cmdline TEXT] [--memory-mib N] [--vcpus N] [--timeout-secs N] [--pmem FILE] [--share TAG=DIR]... [--share-ro TAG=DIR]... [--share-write-limit BYTES] [--vsock-uds PATH --guest-cid N] [--console-cap BYTES] [--stop-on-stdin-eof] [--seccomp enforce|log|off] [--seccomp-selftest] [--jail-root DIR --jail-uid N --jail-gid N [--jail-cgroup DIR] [--jail-selftest keeper-gone|memory|tasks]] [--snapshot-at STAGE --snapshot-dir DIR | --restore DIR [--restore-identity JSON]]";
+pub const USAGE: &str = "usage: airlock-vmm --kernel FILE --initrd FILE [--cmdline TEXT] [--memory-mib N] [--vcpus N] [--timeout-secs N] [--pmem FILE] [--share TAG=DIR]... [--share-ro TAG=DIR]... [--share-write-limit BYTES] [--vsock-uds PATH --guest-cid N] [--console-cap BYTES] [--stop-on-stdin-eof] [--seccomp enforce|log|off] [--seccomp-selftest] [--jail-root DIR --jail-uid N --jail-gid N [--jail-cgroup DIR] [--jail-selftest keeper-gone|memory|tasks]] [--snapshot-at STAGE --snapshot-dir DIR | --restore DIR] [--snapshot-identity JSON]";
 
 /// What `airlock-vmm`'s flags ask for.
 #[derive(Debug)]
@@ -168,21 +168,25 @@ pub fn to_args(cfg: &VmConfig, stop_on_stdin_eof: bool) -> Vec<String> {
         a.extend(["--jail-selftest".into(), t.name().into()]);
     }
     match &cfg.snapshot {
-        Some(crate::SnapshotPlan::Make { at, dir }) => a.extend([
+        Some(crate::SnapshotPlan::Make { at, dir, .. }) => a.extend([
             "--snapshot-at".into(),
             at.clone(),
             "--snapshot-dir".into(),
             dir.display().to_string(),
         ]),
-        Some(crate::SnapshotPlan::Restore { dir, identity }) => {
+        Some(crate::SnapshotPlan::Restore { dir, .. }) => {
             a.extend(["--restore".into(), dir.display().to_string()]);
-            if let Some(i) = identity
-                && let Ok(json) = serde_json::to_string(i)
-            {
-                a.extend(["--restore-identity".into(), json]);
-            }
         }
         None => {}
+    }
+    if let Some(
+        crate::SnapshotPlan::Make { identity, .. } | crate::SnapshotPlan::Restore { identity, .. },
+    ) = &cfg.snapshot
+        && let Some(json) = identity
+            .as_ref()
+            .and_then(|i| serde_json::to_string(i).ok())
+    {
+        a.extend(["--snapshot-identity".into(), json]);
     }
     a
 }
@@ -196,7 +200,7 @@ pub fn from_args(args: impl IntoIterator<Item = String>) -> Result<ProcessArgs, 
     let (mut uds, mut cid, mut stop_on_eof) = (None, None, false);
     let (mut jail_root, mut jail_uid, mut jail_gid, mut jail_cgroup) = (None, None, None, None);
     let (mut snapshot_at, mut snapshot_dir, mut restore) = (None, None, None);
-    let mut restore_identity = None;
+    let mut snapshot_identity = None;
     let mut seccomp = Some(crate::seccomp::Mode::Enforce);
     let mut args = args.into_iter();
     while let Some(flag) = args.next() {
@@ -263,10 +267,10 @@ pub fn from_args(args: impl IntoIterator<Item = String>) -> Result<ProcessArgs, 
             "--jail-cgroup" => jail_cgroup = Some(PathBuf::from(value)),
             "--snapshot-at" => snapshot_at = Some(value),
             "--snapshot-dir" => snapshot_dir = Some(PathBuf::from(value)),
-            "--restore-identity" => {
-                restore_identity = Some(serde_json::from_str(&value).map_err(|e| {
+            "--snapshot-identity" => {
+                snapshot_identity = Some(serde_json::from_str(&value).map_err(|e| {
                     ProcessError::Usage(format!(
-                        "--restore-identity: not a snapshot identity (JSON): {e}"
+                        "--snapshot-identity: not a snapshot identity (JSON): {e}"
                     ))
                 })?);
             }
@@ -295,10 +299,14 @@ pub fn from_args(args: impl IntoIterator<Item = String>) -> Result<ProcessArgs, 
         }
     };
     cfg.snapshot = match (snapshot_at, snapshot_dir, restore) {
-        (Some(at), Some(dir), None) => Some(crate::SnapshotPlan::Make { at, dir }),
+        (Some(at), Some(dir), None) => Some(crate::SnapshotPlan::Make {
+            at,
+            dir,
+            identity: snapshot_identity.take(),
+        }),
         (None, None, Some(dir)) => Some(crate::SnapshotPlan::Restore {
             dir,
-            identity: restore_identity.take(),
+            identity: snapshot_identity.take(),
         }),
         (None, None, None) => None,
         _ => {
@@ -322,9 +330,9 @@ pub fn from_args(args: impl IntoIterator<Item = String>) -> Result<ProcessArgs, 
             ));
         }
     };
-    if restore_identity.is_some() {
+    if snapshot_identity.is_some() {
         return Err(ProcessError::Usage(
-            "--restore-identity goes with --restore".into(),
+            "--snapshot-identity goes with --snapshot-at or --restore".into(),
         ));
     }
     if cfg.jail_selftest.is_some() && jail.is_none() {
@@ -687,6 +695,7 @@ mod tests {
             seccomp_selftest: false,
             jail_selftest: None,
             snapshot: Some(crate::SnapshotPlan::Make {
+                identity: None,
                 at: "ready".into(),
                 dir: "/snap".into(),
             }),
@@ -718,7 +727,7 @@ mod tests {
         assert_eq!(back.pmem, cfg.pmem);
         assert!(matches!(
             &back.snapshot,
-            Some(crate::SnapshotPlan::Make { at, dir }) if at == "ready" && dir == Path::new("/snap")
+            Some(crate::SnapshotPlan::Make { at, dir, .. }) if at == "ready" && dir == Path::new("/snap")
         ));
         let restore = VmConfig {
             snapshot: Some(crate::SnapshotPlan::Restore {
@@ -793,10 +802,10 @@ mod tests {
                     "k",
                     "--initrd",
                     "i",
-                    "--restore-identity",
+                    "--snapshot-identity",
                     r#"{"vmm":"a","kernel":"b","initrd":"c","memory_mib":1,"vcpus":1,"cmdline":"","weights":null}"#,
                 ],
-                "goes with --restore",
+                "goes with --snapshot-at or --restore",
             ),
             (
                 vec![
@@ -806,7 +815,7 @@ mod tests {
                     "i",
                     "--restore",
                     "/s",
-                    "--restore-identity",
+                    "--snapshot-identity",
                     "{\"vmm\": 1}",
                 ],
                 "not a snapshot identity",

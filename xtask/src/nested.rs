@@ -369,6 +369,25 @@ if wanted snapshot-restore; then
   rm -rf $S
   echo "NESTED-RESULT-END snapshot-restore 0"
 fi
+# VMs restored from one snapshot must not share what the snapshot froze.
+# `airlock run` (jailed: the outer VM runs it as root) makes the snapshot
+# of its VM shape on the first call (cache: $AIRLOCK_CACHE/snapshots) and
+# restores every VM from it; three calls, the last when the snapshot is
+# over 30 s old. Each prints the host clock (s) before and after.
+if wanted vm-restore-fresh; then
+  echo "NESTED-RESULT-BEGIN vm-restore-fresh"
+  rm -rf /tmp/fresh-cache
+  for i in 1 2 3; do
+    [ $i -eq 3 ] && sleep 30
+    before=$(date +%s)
+    out=$(AIRLOCK_CACHE=/tmp/fresh-cache timeout -s KILL 900 /airlock run $E/escape.wasm --tool fresh-state $VMRUN 2>/tmp/fresh.err | tr -d '\n')
+    echo "CALL$i $before $(date +%s) $out"
+    grep -i "snapshot\|booting instead" /tmp/fresh.err | head -5
+  done
+  echo "SNAPSHOTS $(ls /tmp/fresh-cache/snapshots | tr '\n' ' ')"
+  rm -rf /tmp/fresh-cache
+  echo "NESTED-RESULT-END vm-restore-fresh 0"
+fi
 # The service with isolation = vm: upload over HTTP, two calls, each in a
 # fresh microVM from the warm pool.
 cat > /tmp/service-vm.sh <<'EOT'

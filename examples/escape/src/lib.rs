@@ -166,6 +166,17 @@ impl Guest for Escape {
         "r".repeat(bytes as usize)
     }
 
+    fn fresh_state() -> Freshness {
+        let random = wasi::random::random::get_random_bytes(16)
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        let unix_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        Freshness { random, unix_ms }
+    }
+
     fn recurse(depth: u64) -> u64 {
         if depth == 0 {
             return 0;

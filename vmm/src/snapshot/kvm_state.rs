@@ -194,6 +194,33 @@ pub fn save(kvm: &Kvm, vm: &VmFd, vcpus: &[VcpuFd]) -> Result<VmState, KvmStateE
     })
 }
 
+/// TSS descriptor types: available and busy 64-bit TSS.
+const TSS_AVAILABLE: u8 = 9;
+const TSS_BUSY: u8 = 11;
+
+/// `sregs` with the task register as this host's CPU holds it. KVM on AMD
+/// reports TR as busy (type 11) whatever the VMCB says — Intel's VM entry
+/// requires it — while an AMD VMCB holds what `ltr` loaded: the available
+/// type (9). Hardware ignores the type, but an emulated SVM CPU (QEMU's,
+/// which runs the nested test harness) checks it on every user-mode port
+/// access through the TSS I/O bitmap: restored busy, the guest's init
+/// died of a #GP at its first boot-stage marker after a restore.
+fn tr_for_this_host(mut sregs: kvm_sregs) -> kvm_sregs {
+    if sregs.tr.type_ == TSS_BUSY && host_is_amd() {
+        sregs.tr.type_ = TSS_AVAILABLE;
+    }
+    sregs
+}
+
+/// Whether this host's CPU is AMD's (CPUID leaf 0's vendor string).
+fn host_is_amd() -> bool {
+    let r = std::arch::x86_64::__cpuid(0);
+    [r.ebx, r.edx, r.ecx]
+        .iter()
+        .flat_map(|w| w.to_le_bytes())
+        .eq(*b"AuthenticAMD")
+}
+
 /// Write `state` into a new VM (irqchip and PIT created, memory mapped)
 /// whose vCPUs have not run.
 ///
@@ -224,7 +251,7 @@ pub fn restore(vm: &VmFd, vcpus: &[VcpuFd], state: &VmState) -> Result<(), KvmSt
         vcpu.set_mp_state(s.mp_state)
             .map_err(restoring("MP state"))?;
         vcpu.set_regs(&s.regs).map_err(restoring("registers"))?;
-        vcpu.set_sregs(&s.sregs)
+        vcpu.set_sregs(&tr_for_this_host(s.sregs))
             .map_err(restoring("special registers"))?;
         // SAFETY: `check_xsave_size` showed this host's XSAVE area fits
         // the fixed 4096-byte `kvm_xsave` (no dynamically enabled XSTATE
@@ -245,4 +272,26 @@ pub fn restore(vm: &VmFd, vcpus: &[VcpuFd], state: &VmState) -> Result<(), KvmSt
             .map_err(restoring("vCPU events"))?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_busy_task_register_on_amd_is_restored_as_available() {
+        let mut sregs = kvm_sregs::default();
+        sregs.tr.type_ = TSS_BUSY;
+        let want = if host_is_amd() {
+            TSS_AVAILABLE
+        } else {
+            TSS_BUSY
+        };
+        assert_eq!(tr_for_this_host(sregs).tr.type_, want);
+        // Nothing else changes.
+        sregs.tr.type_ = 3;
+        sregs.cs.type_ = TSS_BUSY;
+        assert_eq!(tr_for_this_host(sregs).tr.type_, 3);
+        assert_eq!(tr_for_this_host(sregs).cs.type_, TSS_BUSY);
+    }
 }

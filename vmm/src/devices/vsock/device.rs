@@ -98,13 +98,15 @@ impl VirtioDevice for Vsock {
     }
 
     fn shutdown(&mut self) {
+        // Also reached from a vCPU thread (the guest resets the device),
+        // whose filter has no unlink: the socket file goes on drop.
         self.worker.stop();
-        let _ = std::fs::remove_file(&self.uds_path);
     }
 }
 
 impl Drop for Vsock {
     fn drop(&mut self) {
         self.shutdown();
+        let _ = std::fs::remove_file(&self.uds_path);
     }
 }
