@@ -28,7 +28,7 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// How long a guest may take to become ready: a boot takes seconds (a
 /// minute nested); a guest not ready by then is retried on a fresh VM.
@@ -253,6 +253,13 @@ pub struct Called {
     pub ready_after: Option<Duration>,
     /// In VM isolation: how its VM started.
     pub start: Option<crate::sandbox::Start>,
+    /// In VM isolation: from the VM ready to the component loaded in it.
+    pub load: Option<Duration>,
+    /// In VM isolation: the call itself, sent to answered.
+    pub invoke: Option<Duration>,
+    /// In VM isolation: the VMM's report of its VM's end (`airlock-vmm`'s
+    /// JSON: exit, wall time, memory), when it ended cleanly.
+    pub vm_end: Option<serde_json::Value>,
 }
 
 struct VmSite {
@@ -453,6 +460,9 @@ impl CallSite {
                 outcome: self.runner.invoke(&loaded, tool, args, &grants.grants),
                 ready_after: None,
                 start: None,
+                load: None,
+                invoke: None,
+                vm_end: None,
             });
         };
         let _slot = futures_executor::block_on(vm.permit())?;
@@ -504,19 +514,29 @@ impl CallSite {
         ready();
         let (mut sb, digest) = taken?;
         tracing::debug!(ready_ms = sb.ready_after.as_millis() as u64, start = sb.start.label(), boot = ?sb.boot, "guest ready");
+        let load = Some(sb.load_time);
+        let invoking = Instant::now();
         let result = sb.invoke(&digest, tool, args, &guest);
+        let invoke = Some(invoking.elapsed());
         let ready_after = Some(sb.ready_after);
         let start = Some(sb.start);
-        match sb.shutdown() {
+        let vm_end = match sb.shutdown() {
             Ok(r) => {
-                tracing::debug!(exit = ?r.exit, wall_ms = r.wall.as_millis() as u64, "VM ended")
+                tracing::debug!(exit = ?r.exit, wall_ms = r.wall.as_millis() as u64, "VM ended");
+                Some(r.report)
             }
-            Err(e) => tracing::warn!(error = %e, "a microVM did not shut down cleanly"),
-        }
+            Err(e) => {
+                tracing::warn!(error = %e, "a microVM did not shut down cleanly");
+                None
+            }
+        };
         Ok(Called {
             outcome: result?,
             ready_after,
             start,
+            load,
+            invoke,
+            vm_end,
         })
     }
 
@@ -550,6 +570,9 @@ impl CallSite {
                 outcome,
                 ready_after: None,
                 start: None,
+                load: None,
+                invoke: None,
+                vm_end: None,
             });
         };
         let slot = vm.permit().await?;

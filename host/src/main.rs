@@ -965,6 +965,15 @@ fn vm_multi(a: MultiArgs) -> anyhow::Result<serde_json::Value> {
                 "args": v,
                 "ready_ms": called.ready_after.unwrap_or_default().as_millis() as u64,
                 "start": called.start.map(airlock::sandbox::Start::label),
+                "load_ms": called.load.unwrap_or_default().as_secs_f64() * 1e3,
+                "invoke_ms": called.invoke.unwrap_or_default().as_secs_f64() * 1e3,
+                "vm_end": called.vm_end.map(|mut r| {
+                    // The bench reads the numbers; the console is long.
+                    if let Some(o) = r.as_object_mut() {
+                        o.remove("console");
+                    }
+                    r
+                }),
                 "outcome": called.outcome,
             }),
             Err(e) => serde_json::json!({"args": v, "error": e.to_string()}),

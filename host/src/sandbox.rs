@@ -179,6 +179,8 @@ pub struct Sandbox {
     pub ready_after: Duration,
     /// How the VM started.
     pub start: Start,
+    /// How long the last [`Sandbox::load`] took.
+    pub load_time: Duration,
     next_id: u64,
 }
 
@@ -372,6 +374,7 @@ impl Sandbox {
             boot: Vec::new(),
             ready_after: Duration::ZERO,
             start: kind,
+            load_time: Duration::ZERO,
             next_id: 1,
         };
         loop {
@@ -530,6 +533,7 @@ impl Sandbox {
         engine: &str,
         docs: std::collections::BTreeMap<String, String>,
     ) -> Result<(String, Vec<String>), SandboxError> {
+        let started = Instant::now();
         let payload = airlock_guest::artifact::unwrap(engine, artifact)
             .map_err(|e| SandboxError::Guest(e.to_string()))?;
         let digest = hex::encode(Sha256::digest(payload));
@@ -542,7 +546,9 @@ impl Sandbox {
             },
             artifact,
         )?;
-        match self.recv()? {
+        let answer = self.recv()?;
+        self.load_time = started.elapsed();
+        match answer {
             Message::Loaded { digest, tools } => Ok((digest, tools)),
             Message::Error { message, .. } => Err(SandboxError::Guest(message)),
             other => Err(SandboxError::Guest(format!(

@@ -155,8 +155,11 @@ fn main() -> anyhow::Result<()> {
             },
             "boot" => nested::bench_boot(rounds, reference_vmm),
             "fs" => nested::bench_fs(rounds),
+            "start" => nested::bench_start(rounds),
             other => {
-                bail!("unknown benchmark {other:?}; available: runner, service, load, boot, fs")
+                bail!(
+                    "unknown benchmark {other:?}; available: runner, service, load, boot, fs, start"
+                )
             }
         },
     }

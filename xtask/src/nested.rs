@@ -785,6 +785,47 @@ if [ "$airlock_bench" = load ]; then
   echo "NESTED-RESULT-END bench-load 0"
   exit 0
 fi
+if [ "$airlock_bench" = start ]; then
+  # Restore against cold boot, the same guest and call: R rounds of one
+  # `vm multi` VM each way (alternating), kitchen's greet, and the same call
+  # in process isolation; then 10 VMs at once each way, for the memory each
+  # costs the host. Unjailed: the VMM reads its own RssAnon from /proc.
+  R=${airlock_rounds:-5}
+  echo "NESTED-RESULT-BEGIN bench-start"
+  export AIRLOCK_CACHE=/tmp/bench-start; rm -rf $AIRLOCK_CACHE
+  GA="--kernel $G/vmlinux --initrd $G/initramfs.cpio.gz --boot-attempts 5 --jail off"
+  A='{"name": "bench"}'
+  echo "NESTED-PROGRESS bench-start: making the snapshot (one call)"
+  /airlock vm multi $E/kitchen.wasm --tool greet --args "$A" $GA --start restore > /dev/null 2>/tmp/bs.err || cat /tmp/bs.err
+  {
+    printf '{"rounds": ['
+    i=0; while [ $i -lt $R ]; do
+      [ $i -gt 0 ] && printf ','
+      printf '{"boot": '
+      /airlock vm multi $E/kitchen.wasm --tool greet --args "$A" $GA --start boot 2>>/tmp/bs.err | tr -d '\n'
+      printf ', "restore": '
+      /airlock vm multi $E/kitchen.wasm --tool greet --args "$A" $GA --start restore 2>>/tmp/bs.err | tr -d '\n'
+      printf ', "process": '
+      /airlock run $E/kitchen.wasm --tool greet --args "$A" --isolation process 2>>/tmp/bs.err | tr -d '\n'
+      printf '}'
+      i=$((i+1))
+      echo "NESTED-PROGRESS bench-start: round $i of $R" >&2
+    done
+    printf '], "ten": {'
+    for how in boot restore; do
+      [ $how = restore ] && printf ','
+      echo "NESTED-PROGRESS bench-start: 10 VMs at once ($how)" >&2
+      printf '"%s": ' $how
+      /airlock vm multi $E/kitchen.wasm --tool greet $(i=0; while [ $i -lt 10 ]; do printf -- "--args {} "; i=$((i+1)); done) \
+        $GA --start $how 2>>/tmp/bs.err | tr -d '\n'
+    done
+    printf '}}\n'
+  } > /tmp/bs.json 2>/dev/console
+  cat /tmp/bs.json
+  grep -i "warn\|error" /tmp/bs.err | head -5
+  echo "NESTED-RESULT-END bench-start 0"
+  exit 0
+fi
 if [ "$airlock_bench" = fs ]; then
   # virtio-fs against the process wall on the same host directory: a
   # 64 MiB file read whole, 10,000 small files stat-ed; then boots with
@@ -1223,6 +1264,148 @@ pub fn bench_boot(rounds: u32, reference: Option<PathBuf>) -> anyhow::Result<()>
 /// isolation (virtio-fs) against process isolation on the same directory
 /// (the tool's own time, measured by the runner in each wall); and boots
 /// with one share against boots without. Ratios of medians, one run.
+/// `cargo xtask bench start`: VMs restored from a snapshot against cold
+/// boots of the same guest, in the nested harness (see docs/benchmarks.md).
+///
+/// # Errors
+/// The harness failed or a call failed.
+pub fn bench_start(rounds: u32) -> anyhow::Result<()> {
+    let manifest = build_image(Kind::Bench { reference: None })?;
+    eprintln!("bench start: booting the outer VM (QEMU TCG + kvm-amd); this takes many minutes");
+    let console = boot_outer(
+        &manifest,
+        &format!("airlock_bench=start airlock_rounds={rounds}"),
+        std::time::Duration::from_secs(2 * 60 * 60),
+    )?;
+    let json = bench_result(&console, "bench-start")?;
+    println!("{}", start_report(&json)?);
+    Ok(())
+}
+
+/// The median of `v` (NaN when empty).
+fn median(v: &[f64]) -> f64 {
+    let mut v = v.to_vec();
+    v.sort_by(f64::total_cmp);
+    if v.is_empty() {
+        f64::NAN
+    } else {
+        v[v.len() / 2]
+    }
+}
+
+/// `median X unit (min, max, n)`.
+fn median_spread(v: &[f64], unit: &str) -> String {
+    let lo = v.iter().copied().fold(f64::INFINITY, f64::min);
+    let hi = v.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    let digits = if median(v).abs() >= 100.0 { 0 } else { 1 };
+    format!(
+        "median {:.digits$} {unit} (min {lo:.digits$}, max {hi:.digits$}, n = {})",
+        median(v),
+        v.len()
+    )
+}
+
+/// The `bench start` report from what the outer VM printed.
+fn start_report(json: &serde_json::Value) -> anyhow::Result<String> {
+    use std::fmt::Write;
+    let vm = |v: &serde_json::Value| -> anyhow::Result<serde_json::Value> {
+        let one = &v["vms"][0];
+        anyhow::ensure!(
+            one["outcome"]["result"]["ok"].is_string(),
+            "a call failed: {v}"
+        );
+        Ok(one.clone())
+    };
+    let rounds = json["rounds"].as_array().context("no rounds")?;
+    let (mut boot, mut restore, mut e2e, mut process) = (vec![], vec![], vec![], vec![]);
+    let (mut load, mut invoke) = (vec![], vec![]);
+    for r in rounds {
+        let b = vm(&r["boot"])?;
+        let s = vm(&r["restore"])?;
+        anyhow::ensure!(
+            b["start"] == "boot" && s["start"] == "restore",
+            "the VMs did not start as asked: {r}"
+        );
+        let f = |v: &serde_json::Value, k: &str| v[k].as_f64().unwrap_or(f64::NAN);
+        boot.push(f(&b, "ready_ms"));
+        restore.push(f(&s, "ready_ms"));
+        load.push(f(&s, "load_ms"));
+        invoke.push(f(&s, "invoke_ms"));
+        e2e.push(f(&s, "ready_ms") + f(&s, "load_ms") + f(&s, "invoke_ms"));
+        process.push(
+            r["process"]["metering"]["wall_us"]
+                .as_f64()
+                .unwrap_or(f64::NAN)
+                / 1000.0,
+        );
+    }
+    let stat = |v: &[f64]| median_spread(v, "ms");
+    let mut out = String::new();
+    writeln!(
+        out,
+        "bench start: {} rounds, kitchen greet, one VM at a time",
+        rounds.len()
+    )?;
+    writeln!(
+        out,
+        "  ready (host: VMM start to agent ready), cold boot: {}",
+        stat(&boot)
+    )?;
+    writeln!(
+        out,
+        "  ready, restored from the snapshot:          {}",
+        stat(&restore)
+    )?;
+    writeln!(
+        out,
+        "  restore / boot: {:.3} (goal <= 0.05)",
+        median(&restore) / median(&boot)
+    )?;
+    writeln!(
+        out,
+        "  end to end through a restored VM (ready + load + call): {}",
+        stat(&e2e)
+    )?;
+    writeln!(
+        out,
+        "    of which load {} and call {}",
+        stat(&load),
+        stat(&invoke)
+    )?;
+    writeln!(
+        out,
+        "  the same call in process isolation (instantiate + run): {}",
+        stat(&process)
+    )?;
+    writeln!(
+        out,
+        "  restored VM / process: {:.1}",
+        median(&e2e) / median(&process)
+    )?;
+    for how in ["boot", "restore"] {
+        let vms = json["ten"][how]["vms"]
+            .as_array()
+            .context("no ten-VM run")?;
+        let anon: Vec<f64> = vms
+            .iter()
+            .filter_map(|v| v["vm_end"]["rss_anon_kib"].as_f64())
+            .map(|k| k / 1024.0)
+            .collect();
+        anyhow::ensure!(
+            anon.len() == 10,
+            "{how}: not every VM reported its memory: {}",
+            json["ten"][how]
+        );
+        writeln!(
+            out,
+            "  10 VMs at once ({how}): anonymous host memory per VM after its call: {} = {:.1} % of the 256 MiB guest",
+            median_spread(&anon, "MiB"),
+            median(&anon) / 256.0 * 100.0
+        )?;
+    }
+    Ok(out)
+}
+
 pub fn bench_fs(rounds: u32) -> anyhow::Result<()> {
     let manifest = build_image(Kind::Bench { reference: None })?;
     eprintln!("bench fs: booting the outer VM (QEMU TCG + kvm-amd); this takes many minutes");
@@ -1264,24 +1447,7 @@ fn fs_report(json: &serde_json::Value, rounds: u32) -> anyhow::Result<String> {
             .map(|a| a.iter().filter_map(|b| what(&b[side])).collect())
             .unwrap_or_default()
     };
-    let median = |v: &[f64]| -> f64 {
-        let mut v = v.to_vec();
-        v.sort_by(f64::total_cmp);
-        if v.is_empty() {
-            f64::NAN
-        } else {
-            v[v.len() / 2]
-        }
-    };
-    let spread = |v: &[f64]| -> String {
-        let lo = v.iter().copied().fold(f64::INFINITY, f64::min);
-        let hi = v.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-        format!(
-            "median {:.0} ms (min {lo:.0}, max {hi:.0}, n = {})",
-            median(v),
-            v.len()
-        )
-    };
+    let spread = |v: &[f64]| median_spread(v, "ms");
     let mut out = String::new();
     writeln!(
         out,

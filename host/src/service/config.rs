@@ -779,6 +779,27 @@ role = "admin"
             Isolation::Vm(v) => assert_eq!(v.max_vms, 2),
             other => panic!("{other:?}"),
         }
+        // VMs start from snapshots under the data directory unless told to
+        // boot; anything else is named.
+        let data = Config::parse(&vm).unwrap().data_dir;
+        for (extra, want) in [
+            ("", Some(data.join("snapshots"))),
+            ("start = \"restore\"", Some(data.join("snapshots"))),
+            ("start = \"boot\"", None),
+        ] {
+            match Config::parse(&format!("{vm}{extra}\n")).unwrap().isolation {
+                Isolation::Vm(v) => assert_eq!(v.snapshots, want, "{extra}"),
+                other => panic!("{other:?}"),
+            }
+        }
+        let e = Config::parse(&format!("{vm}start = \"thaw\"\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("isolation.start"), "{e}");
+        let e = Config::parse(&format!("{OK}\n[isolation]\nstart = \"boot\"\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("start only apply"), "{e}");
         let e = Config::parse(&vm.replace("warm = 3", "warm = 99"))
             .unwrap_err()
             .to_string();
