@@ -490,6 +490,8 @@ fn the_service_runs_calls_in_microvms_from_its_warm_pool() {
     // never more than max_vms + warm = 3 VMMs run at once, and the calls
     // beyond them wait (counted by airlock_vm_calls_waiting).
     assert_eq!(v["flood_answered"], 10, "{v}");
+    // The metrics count every call's VM by how it started.
+    assert_eq!(v["restored_starts"], 12, "{v}");
     let peak = v["flood_peak_vmms"].as_u64().unwrap();
     assert!((1..=3).contains(&peak), "{v}");
     assert!(v["flood_peak_waiting"].as_u64().unwrap() >= 1, "{v}");
@@ -947,6 +949,19 @@ fn a_vm_restored_from_a_snapshot_runs_on_from_where_it_was_saved() {
         .unwrap();
     assert!(edited.starts_with("rc=2 "), "{edited}");
     assert!(edited.contains("fails its checksum"), "{edited}");
+    // `airlock vm snapshot` / `vm restore`, the VMM jailed both times.
+    let made = line_json(body, "CLIMAKE ");
+    assert_eq!(made["exit"], "snapshot", "{body}");
+    assert!(made["jail"].is_object(), "not jailed: {made}");
+    let r = line_json(body, "CLIRESTORE ");
+    assert_eq!(r["exit"], "reset", "{r}");
+    assert!(
+        r["console"]
+            .as_str()
+            .unwrap_or("")
+            .contains("AIRLOCK-SELFTEST-DONE ok"),
+        "{r}"
+    );
 }
 
 #[test]
@@ -995,6 +1010,20 @@ fn vms_restored_from_one_snapshot_have_their_own_randomness_and_the_right_time()
         .filter(|n| !n.ends_with(".lock"))
         .collect();
     assert_eq!(dirs.len(), 1, "{body}");
+    // One byte of the cached state file changed: refused before any guest
+    // ran (its checksum), said in the log, made again and restored.
+    let damaged: Value = body
+        .lines()
+        .find_map(|l| l.strip_prefix("DAMAGED "))
+        .and_then(|l| serde_json::from_str(l).ok())
+        .unwrap_or_else(|| panic!("no DAMAGED answer:\n{body}"));
+    assert_eq!(damaged["start"], "restore", "{body}");
+    assert!(damaged["result"]["ok"]["random"].is_string(), "{body}");
+    let log = body
+        .lines()
+        .find_map(|l| l.strip_prefix("DAMAGED-LOG "))
+        .unwrap_or("");
+    assert!(log.contains("fails its checksum"), "{body}");
 }
 
 #[test]

@@ -145,27 +145,32 @@ enum VmCmd {
     /// timeout), print the exit, wall time and console as JSON.
     Boot {
         #[command(flatten)]
-        image: BootImage,
-        /// Guest memory, MiB.
-        #[arg(long, default_value_t = 256)]
-        memory_mib: u32,
-        /// vCPUs.
-        #[arg(long, default_value_t = 1)]
-        vcpus: u8,
-        /// Wall-clock limit, seconds.
-        #[arg(long, default_value_t = 60)]
-        timeout_secs: u64,
-        /// The VMM binary (default: `airlock-vmm` next to this program).
-        #[arg(long)]
-        vmm: Option<PathBuf>,
-        /// Run the VMM in its jail: auto (when root), on, off. The report
-        /// says what was done under "jail".
-        #[arg(long, default_value = "auto")]
-        jail: airlock::callsite::JailMode,
+        vm: VmRunArgs,
         /// Test hook: the jailed VMM attacks its jail instead of booting
         /// (keeper-gone, memory, tasks).
         #[arg(long, hide = true)]
         jail_selftest: Option<airlock_vmm::jail::Selftest>,
+    },
+    /// Boot like `vm boot` until the guest reaches boot stage `--at`, save
+    /// the VM into DIR (its state file and memory image) and end there
+    /// (`"exit": "snapshot"`).
+    Snapshot {
+        /// Where to write the snapshot.
+        dir: PathBuf,
+        /// The boot stage to save at (the agent listens at `runner`).
+        #[arg(long, default_value = "runner")]
+        at: String,
+        #[command(flatten)]
+        vm: VmRunArgs,
+    },
+    /// Start the VM `vm snapshot` saved in DIR and run it like `vm boot`;
+    /// refused unless the VMM, kernel, initramfs, weights, memory, vCPUs
+    /// and command line are the ones it was made with.
+    Restore {
+        /// The snapshot.
+        dir: PathBuf,
+        #[command(flatten)]
+        vm: VmRunArgs,
     },
     /// Boot `count` rounds of `parallel` VMs and report how each ended plus
     /// this process's fds, threads and RSS before and after (leak check).
@@ -321,6 +326,66 @@ impl GuestArgs {
             ),
             e => e.into(),
         })
+    }
+}
+
+/// One VM run by `vm boot`, `vm snapshot` and `vm restore`.
+#[derive(clap::Args)]
+struct VmRunArgs {
+    #[command(flatten)]
+    image: BootImage,
+    /// Guest memory, MiB.
+    #[arg(long, default_value_t = 256)]
+    memory_mib: u32,
+    /// vCPUs.
+    #[arg(long, default_value_t = 1)]
+    vcpus: u8,
+    /// Wall-clock limit, seconds.
+    #[arg(long, default_value_t = 60)]
+    timeout_secs: u64,
+    /// The VMM binary (default: `airlock-vmm` next to this program).
+    #[arg(long)]
+    vmm: Option<PathBuf>,
+    /// Run the VMM in its jail: auto (when root), on, off. The report
+    /// says what was done under "jail".
+    #[arg(long, default_value = "auto")]
+    jail: airlock::callsite::JailMode,
+}
+
+impl VmRunArgs {
+    /// Run the VM (with `snapshot`, if any: its identity is worked out
+    /// here, as a jailed VMM cannot) to its end; its report.
+    fn run(
+        self,
+        snapshot: Option<airlock_vmm::SnapshotPlan>,
+        selftest: Option<airlock_vmm::jail::Selftest>,
+    ) -> anyhow::Result<airlock_vmm::process::ProcessEnd> {
+        use airlock_vmm::SnapshotPlan;
+        let mut cfg = self
+            .image
+            .config(self.memory_mib, self.vcpus, self.timeout_secs, 1 << 20);
+        cfg.jail_selftest = selftest;
+        let vmm = self
+            .vmm
+            .unwrap_or_else(airlock::callsite::default_vmm_binary);
+        cfg.snapshot = match snapshot {
+            None => None,
+            Some(mut plan) => {
+                let id = airlock_vmm::snapshot_identity_with(&vmm, &cfg, &mut |p| {
+                    Ok(hex::encode(airlock_vmm::snapshot::file_sha256(p)?))
+                })?;
+                match &mut plan {
+                    SnapshotPlan::Make { dir, identity, .. } => {
+                        std::fs::create_dir_all(&*dir)
+                            .with_context(|| format!("making {}", dir.display()))?;
+                        *identity = Some(id);
+                    }
+                    SnapshotPlan::Restore { identity, .. } => *identity = Some(id),
+                }
+                Some(plan)
+            }
+        };
+        boot_process(&vmm, &cfg, self.jail)
     }
 }
 
@@ -572,21 +637,36 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             })
         }
         Cmd::Vm {
-            cmd:
-                VmCmd::Boot {
-                    image,
-                    memory_mib,
-                    vcpus,
-                    timeout_secs,
-                    vmm,
-                    jail,
-                    jail_selftest,
-                },
+            cmd: VmCmd::Boot { vm, jail_selftest },
         } => {
-            let mut cfg = image.config(memory_mib, vcpus, timeout_secs, 1 << 20);
-            cfg.jail_selftest = jail_selftest;
-            let vmm = vmm.unwrap_or_else(airlock::callsite::default_vmm_binary);
-            let end = boot_process(&vmm, &cfg, jail)?;
+            let end = vm.run(None, jail_selftest)?;
+            print_json(&end.report)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Vm {
+            cmd: VmCmd::Snapshot { dir, at, vm },
+        } => {
+            let plan = airlock_vmm::SnapshotPlan::Make {
+                at,
+                dir,
+                identity: None,
+            };
+            let end = vm.run(Some(plan), None)?;
+            print_json(&end.report)?;
+            Ok(if end.exit == airlock_vmm::VmExit::Paused {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            })
+        }
+        Cmd::Vm {
+            cmd: VmCmd::Restore { dir, vm },
+        } => {
+            let plan = airlock_vmm::SnapshotPlan::Restore {
+                dir,
+                identity: None,
+            };
+            let end = vm.run(Some(plan), None)?;
             print_json(&end.report)?;
             Ok(ExitCode::SUCCESS)
         }

@@ -154,10 +154,22 @@ impl SnapshotCache {
     ) -> Result<SnapshotPlan, SnapshotCacheError> {
         let identity = self.identity(vmm, cfg)?;
         let dir = self.dir_of(&identity);
-        if !SnapshotPlan::state_path(&dir).exists() {
+        let made_now = !SnapshotPlan::state_path(&dir).exists();
+        if made_now {
             self.make(cfg, &identity, &dir, make)?;
         }
-        self.check(&dir, &identity)?;
+        match self.check(&dir, &identity) {
+            Ok(()) => {}
+            Err(e) if !made_now => {
+                // A damaged cache (an edited, truncated or foreign file)
+                // is made again, not restored and not kept.
+                tracing::warn!(error = %e, dir = %dir.display(), "the cached VM snapshot fails its checks; making it again");
+                self.remove(&dir);
+                self.make(cfg, &identity, &dir, make)?;
+                self.check(&dir, &identity)?;
+            }
+            Err(e) => return Err(e),
+        }
         Ok(SnapshotPlan::Restore {
             dir,
             identity: Some(identity),
@@ -240,13 +252,17 @@ impl SnapshotCache {
     /// start makes it again.
     pub fn forget(&self, plan: &SnapshotPlan) {
         if let SnapshotPlan::Restore { dir, .. } = plan {
-            lock(&self.checked).remove(dir);
-            let _guard = lock(&self.making);
-            if let Err(e) = std::fs::remove_dir_all(dir)
-                && e.kind() != std::io::ErrorKind::NotFound
-            {
-                tracing::warn!(dir = %dir.display(), error = %e, "cannot remove a snapshot");
-            }
+            self.remove(dir);
+        }
+    }
+
+    fn remove(&self, dir: &Path) {
+        lock(&self.checked).remove(dir);
+        let _guard = lock(&self.making);
+        if let Err(e) = std::fs::remove_dir_all(dir)
+            && e.kind() != std::io::ErrorKind::NotFound
+        {
+            tracing::warn!(dir = %dir.display(), error = %e, "cannot remove a snapshot");
         }
     }
 }
@@ -329,5 +345,27 @@ mod tests {
         assert!(matches!(e, SnapshotCacheError::Check(_)), "{e}");
         let id = cache.identity(&vmm, &cfg).unwrap();
         assert!(!cache.dir_of(&id).exists());
+    }
+
+    #[test]
+    fn a_damaged_cached_snapshot_is_made_again_not_restored() {
+        let t = tempfile::tempdir().unwrap();
+        let cfg = shape(t.path());
+        let cache = SnapshotCache::new(t.path().join("snap"));
+        let vmm = t.path().join("vmm");
+        let dir = cache.dir_of(&cache.identity(&vmm, &cfg).unwrap());
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(SnapshotPlan::state_path(&dir), b"AIRLKSNP edited").unwrap();
+        let makes = std::sync::atomic::AtomicU32::new(0);
+        let e = cache
+            .plan(&vmm, &cfg, &|_| {
+                makes.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                Err("the VM could not be made".into())
+            })
+            .unwrap_err();
+        // The damaged one is gone and a new one was attempted.
+        assert_eq!(makes.load(std::sync::atomic::Ordering::SeqCst), 1);
+        assert!(e.to_string().contains("could not be made"), "{e}");
+        assert!(!dir.exists());
     }
 }

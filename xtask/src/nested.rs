@@ -367,6 +367,11 @@ if wanted snapshot-restore; then
   printf 'x' | dd of=$S/state bs=1 seek=200 conv=notrunc 2>/dev/null
   echo "EDITED rc=$(timeout -s KILL 100 $SNAPVM --restore $S > /dev/null 2>/tmp/snap.err; echo $?) $(cat /tmp/snap.err)"
   rm -rf $S
+  # The same through the CLI, jailed (the outer VM runs it as root).
+  CLIVM="--kernel $G/vmlinux --initrd $G/initramfs-selftest.cpio.gz --cmdline airlock.selftest=1 --timeout-secs 300 --jail on"
+  echo "CLIMAKE $(timeout -s KILL 400 /airlock vm snapshot $S --at mounts $CLIVM 2>&1 | tr -d '\n')"
+  echo "CLIRESTORE $(timeout -s KILL 400 /airlock vm restore $S $CLIVM 2>&1 | tr -d '\n')"
+  rm -rf $S
   echo "NESTED-RESULT-END snapshot-restore 0"
 fi
 # VMs restored from one snapshot must not share what the snapshot froze.
@@ -385,6 +390,12 @@ if wanted vm-restore-fresh; then
     grep -i "snapshot\|booting instead" /tmp/fresh.err | head -5
   done
   echo "SNAPSHOTS $(ls /tmp/fresh-cache/snapshots | tr '\n' ' ')"
+  # A damaged cache: one byte of the state file changed. The next call
+  # refuses it before any guest runs, says so, makes it again, restores.
+  for f in /tmp/fresh-cache/snapshots/*/state; do printf 'x' | dd of=$f bs=1 seek=200 conv=notrunc 2>/dev/null; done
+  out=$(AIRLOCK_CACHE=/tmp/fresh-cache timeout -s KILL 900 /airlock run $E/escape.wasm --tool fresh-state $VMRUN 2>/tmp/fresh.err | tr -d '\n')
+  echo "DAMAGED $out"
+  echo "DAMAGED-LOG $(grep -i 'snapshot' /tmp/fresh.err | tr -d '\n' | cut -c1-600)"
   rm -rf /tmp/fresh-cache
   echo "NESTED-RESULT-END vm-restore-fresh 0"
 fi
@@ -435,6 +446,7 @@ flood_ok=0
 for v in 1 2 3 4 5 6 7 8 9 10; do grep -q '"mean":' /tmp/flood$v.json 2>/dev/null && flood_ok=$((flood_ok+1)); done
 progress "flood: $flood_ok answered; at most $peak_vmms VMMs at once"
 booted=$(wget -q -O - --header "Authorization: Bearer $T" "$U/metrics" | grep '^airlock_vms_booted_total' | cut -d' ' -f2)
+restored=$(wget -q -O - --header "Authorization: Bearer $T" "$U/metrics" | grep '^airlock_vm_starts_total{start="restore"}' | cut -d' ' -f2)
 # Every VM's VMM is its own process; the warm one waits now. Killing the
 # server outright must not leave it running: it stops when its stdin closes.
 i=0; while [ -z "$(pidof airlock-vmm)" ] && [ $i -lt 600 ]; do sleep 1; i=$((i+1)); done
@@ -481,7 +493,8 @@ printf ', "vmm_uid": %s, "keeper_uid": %s, "keeper_filtered": %s, "vmm_other_nam
 printf ', "vmm_root": "%s", "vmm_cgroup": "%s", "cgroup_memory_max": "%s", "cgroup_pids_max": "%s", "cgroup_cpu_max": "%s"' \
   "$root_entries" "$cg" "$mem_max" "$pids_max" "$cpu_max"
 printf ', "cgroup_leaves_while_serving": %s, "jailed_vmms_while_serving": %s' "$leaves" "$jailed"
-printf ', "flood_answered": %s, "flood_peak_vmms": %s, "flood_peak_waiting": %s}\n' "$flood_ok" "$peak_vmms" "$peak_waiting"
+printf ', "flood_answered": %s, "flood_peak_vmms": %s, "flood_peak_waiting": %s' "$flood_ok" "$peak_vmms" "$peak_waiting"
+printf ', "restored_starts": %s}\n' "${restored:-0}"
 EOT
 if wanted service-vm; then
   echo "NESTED-RESULT-BEGIN service-vm"
@@ -796,17 +809,17 @@ if [ "$airlock_bench" = start ]; then
   GA="--kernel $G/vmlinux --initrd $G/initramfs.cpio.gz --boot-attempts 5 --jail off"
   A='{"name": "bench"}'
   echo "NESTED-PROGRESS bench-start: making the snapshot (one call)"
-  /airlock vm multi $E/kitchen.wasm --tool greet --args "$A" $GA --start restore > /dev/null 2>/tmp/bs.err || cat /tmp/bs.err
+  /airlock vm multi /examples/kitchen.wasm --tool greet --args "$A" $GA --start restore > /dev/null 2>/tmp/bs.err || cat /tmp/bs.err
   {
     printf '{"rounds": ['
     i=0; while [ $i -lt $R ]; do
       [ $i -gt 0 ] && printf ','
       printf '{"boot": '
-      /airlock vm multi $E/kitchen.wasm --tool greet --args "$A" $GA --start boot 2>>/tmp/bs.err | tr -d '\n'
+      /airlock vm multi /examples/kitchen.wasm --tool greet --args "$A" $GA --start boot 2>>/tmp/bs.err | tr -d '\n'
       printf ', "restore": '
-      /airlock vm multi $E/kitchen.wasm --tool greet --args "$A" $GA --start restore 2>>/tmp/bs.err | tr -d '\n'
+      /airlock vm multi /examples/kitchen.wasm --tool greet --args "$A" $GA --start restore 2>>/tmp/bs.err | tr -d '\n'
       printf ', "process": '
-      /airlock run $E/kitchen.wasm --tool greet --args "$A" --isolation process 2>>/tmp/bs.err | tr -d '\n'
+      /airlock run /examples/kitchen.wasm --tool greet --args "$A" --isolation process 2>>/tmp/bs.err | tr -d '\n'
       printf '}'
       i=$((i+1))
       echo "NESTED-PROGRESS bench-start: round $i of $R" >&2
@@ -816,7 +829,7 @@ if [ "$airlock_bench" = start ]; then
       [ $how = restore ] && printf ','
       echo "NESTED-PROGRESS bench-start: 10 VMs at once ($how)" >&2
       printf '"%s": ' $how
-      /airlock vm multi $E/kitchen.wasm --tool greet $(i=0; while [ $i -lt 10 ]; do printf -- "--args {} "; i=$((i+1)); done) \
+      /airlock vm multi /examples/kitchen.wasm --tool greet $(i=0; while [ $i -lt 10 ]; do printf -- "--args {} "; i=$((i+1)); done) \
         $GA --start $how 2>>/tmp/bs.err | tr -d '\n'
     done
     printf '}}\n'
