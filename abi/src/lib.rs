@@ -14,7 +14,9 @@ pub const BOOT_MARKER_PORT: u16 = 0x440;
 
 /// Boot stages in the order init reaches them; a stage's marker code is
 /// its index here plus one.
-pub const BOOT_STAGES: [&str; 4] = ["init", "mounts", "runner", "ready"];
+/// `listening`: the agent listens on vsock and waits for the host (where
+/// VM snapshots are taken); `ready`: the host has connected.
+pub const BOOT_STAGES: [&str; 5] = ["init", "mounts", "runner", "listening", "ready"];
 
 /// The marker code of `stage` (see [`BOOT_STAGES`]).
 pub fn boot_stage_code(stage: &str) -> Option<u8> {

@@ -157,8 +157,8 @@ enum VmCmd {
     Snapshot {
         /// Where to write the snapshot.
         dir: PathBuf,
-        /// The boot stage to save at (the agent listens at `runner`).
-        #[arg(long, default_value = "runner")]
+        /// The boot stage to save at (the agent listens at `listening`).
+        #[arg(long, default_value = "listening")]
         at: String,
         #[command(flatten)]
         vm: VmRunArgs,

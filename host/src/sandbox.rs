@@ -738,7 +738,7 @@ fn make_snapshot(cfg: &SandboxConfig, making: &VmConfig) -> Result<(), String> {
         match end.exit {
             VmExit::Paused => Ok(()),
             other => Err(format!(
-                "ended as {} instead of pausing at the guest's runner stage; its console: {}",
+                "ended as {} instead of pausing at the guest's listening stage; its console: {}",
                 exit_text(&other),
                 tail(&end.console, 20)
             )),

@@ -1,6 +1,6 @@
 //! The snapshot cache: one snapshot per VM shape (VMM build, guest kernel
 //! and initramfs, weights, memory, vCPUs, command line), made once by
-//! booting a VM to the guest's `runner` stage, then restored by every VM
+//! booting a VM to the guest's `listening` stage, then restored by every VM
 //! that shape starts (`airlock_vmm::snapshot` has the format).
 //!
 //! Layout under the cache's root: `<key>/state` and `<key>/memory`, where
@@ -19,7 +19,7 @@
 //! * One snapshot per shape is made at a time: a mutex in this process, an
 //!   exclusive `flock` across processes; whoever waited finds it made.
 //! * A snapshot carries nothing of a call or a tenant: it is taken at the
-//!   `runner` stage, before any host has connected to its agent; what must
+//!   `listening` stage, before any host has connected to its agent; what must
 //!   differ between VMs (entropy, wall clock) is refreshed after every
 //!   start (`Sandbox::refresh`).
 //! * A snapshot whose restore failed is removed ([`SnapshotCache::forget`]),
@@ -34,8 +34,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 /// The guest boot stage snapshots are taken at: the agent listens, no
-/// host has connected.
-pub const SNAPSHOT_STAGE: &str = "runner";
+/// host has connected (a restored guest resumes waiting in `accept`).
+pub const SNAPSHOT_STAGE: &str = "listening";
 
 /// What went wrong with the snapshot cache.
 #[derive(Debug, thiserror::Error)]

@@ -253,6 +253,8 @@ mod linux {
             .unwrap_or(DEFAULT_PORT);
         let listener = vsock_listen(port).unwrap_or_else(|e| fatal("vsock listen", e));
         console(&format!("airlock-init: ready on vsock port {port}"));
+        // Snapshots are taken here: a restored VM resumes in accept.
+        stage(&mut boot, "listening");
         let mut conn = vsock_accept(&listener).unwrap_or_else(|e| fatal("vsock accept", e));
         stage(&mut boot, "ready");
         match agent::serve_with(&mut conn, &runner, boot, &refresh) {
