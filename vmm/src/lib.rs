@@ -357,6 +357,10 @@ pub struct RunReport {
     /// pages (a restored guest's unchanged pages are the snapshot's page
     /// cache). `None` where there is no `/proc` (a jail without shares).
     pub rss_anon_kib: Option<u64>,
+    /// When each setup step ended, from VM creation: host checks, a
+    /// restore's state file, the VM, its memory, images, devices,
+    /// registers (or the snapshot's KVM and device state).
+    pub setup_steps: Vec<(&'static str, Duration)>,
 }
 
 impl RunReport {
@@ -390,6 +394,12 @@ impl RunReport {
         if let Some(kib) = self.rss_anon_kib {
             json["rss_anon_kib"] = kib.into();
         }
+        json["setup_steps_us"] = self
+            .setup_steps
+            .iter()
+            .map(|(name, at)| ((*name).to_string(), (at.as_micros() as u64).into()))
+            .collect::<serde_json::Map<_, _>>()
+            .into();
         json
     }
 }
@@ -650,8 +660,12 @@ pub fn snapshot_identity_with(
 /// [`VmExit`] in the report.
 pub fn run(cfg: &VmConfig) -> Result<RunReport, VmmError> {
     let start = Instant::now();
+    // Where setup time goes, step by step (the report's `setup_steps_us`).
+    let mut steps: Vec<(&'static str, Duration)> = Vec::new();
+    let mut step = |name: &'static str| steps.push((name, start.elapsed()));
     cfg.validate()?;
     let kvm = check_host()?;
+    step("host");
     // A restore reads and checks the whole state file before KVM is asked
     // for anything.
     let restoring = match &cfg.snapshot {
@@ -670,6 +684,7 @@ pub fn run(cfg: &VmConfig) -> Result<RunReport, VmmError> {
         }
         _ => None,
     };
+    step("snapshot_state");
     let making = match &cfg.snapshot {
         Some(SnapshotPlan::Make { at, dir, identity }) => {
             let code = airlock_abi::boot_stage_code(at).ok_or_else(|| VmmError::Config {
@@ -690,11 +705,13 @@ pub fn run(cfg: &VmConfig) -> Result<RunReport, VmmError> {
     // Until `vcpu::run`, no vCPU has entered the guest, so an early return
     // may drop memory and mappings in any order.
     let (vm, vcpus) = builder::create_vm(&kvm, cfg.vcpus)?;
+    step("vm");
     let mem_size = u64::from(cfg.memory_mib) << 20;
     let memory = match &restoring {
         Some((_, file)) => builder::guest_memory_from(&vm, mem_size, file)?,
         None => builder::guest_memory(&vm, mem_size)?,
     };
+    step("memory");
     let load_start = Instant::now();
     let loaded = match restoring {
         Some(_) => None,
@@ -706,7 +723,9 @@ pub fn run(cfg: &VmConfig) -> Result<RunReport, VmmError> {
         }
     };
     let image_load = load_start.elapsed();
+    step("images");
     let devices = builder::attach_devices(&vm, &memory.mem, cfg, start)?;
+    step("devices");
     let threads = jail::thread_caps();
     match (&restoring, loaded) {
         (Some((state, _)), _) => {
@@ -732,7 +751,9 @@ pub fn run(cfg: &VmConfig) -> Result<RunReport, VmmError> {
         flag
     });
 
+    step("registers");
     let setup = start.elapsed();
+    let setup_steps = steps;
     let ran = vcpu::run(vcpus, &devices.buses, cfg, pause);
     let saved = match (&ran, making) {
         (Ok((VmExit::Paused, vcpus)), Some((_, dir, identity))) => Some(save_snapshot(
@@ -784,6 +805,7 @@ pub fn run(cfg: &VmConfig) -> Result<RunReport, VmmError> {
         image_load,
         threads,
         rss_anon_kib,
+        setup_steps,
     })
 }
 

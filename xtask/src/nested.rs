@@ -1395,6 +1395,52 @@ fn start_report(json: &serde_json::Value) -> anyhow::Result<String> {
         "  restored VM / process: {:.1}",
         median(&e2e) / median(&process)
     )?;
+    // Where a restored VM's ready time goes: the VMM's setup steps (from
+    // VM creation), the guest until the host's connection is accepted
+    // (its `ready` marker), and the rest on the host (process start,
+    // Hello, refresh).
+    let steps = [
+        "host",
+        "snapshot_state",
+        "vm",
+        "memory",
+        "images",
+        "devices",
+        "registers",
+    ];
+    let mut per_step: Vec<Vec<f64>> = vec![Vec::new(); steps.len()];
+    let (mut guest, mut host) = (vec![], vec![]);
+    for r in rounds {
+        let s = &r["restore"]["vms"][0];
+        let end = &s["vm_end"];
+        let at = |k: &str| end["setup_steps_us"][k].as_f64().unwrap_or(f64::NAN) / 1000.0;
+        let mut prev = 0.0;
+        for (i, k) in steps.iter().enumerate() {
+            per_step[i].push(at(k) - prev);
+            prev = at(k);
+        }
+        let marker = end["stages"]
+            .as_array()
+            .and_then(|a| a.iter().find(|m| m["stage"] == "ready"))
+            .and_then(|m| m["after_us"].as_f64())
+            .unwrap_or(f64::NAN)
+            / 1000.0;
+        guest.push(marker - prev);
+        host.push(s["ready_ms"].as_f64().unwrap_or(f64::NAN) - marker);
+    }
+    writeln!(out, "  where a restore's ready time goes (medians, ms):")?;
+    let listed: Vec<String> = steps
+        .iter()
+        .zip(&per_step)
+        .map(|(k, v)| format!("{k} {:.1}", median(v)))
+        .collect();
+    writeln!(out, "    VMM setup steps: {}", listed.join(", "))?;
+    writeln!(
+        out,
+        "    guest from its first instruction to accepting the host: {:.1}; host (VMM process start, Hello, refresh): {:.1}",
+        median(&guest),
+        median(&host)
+    )?;
     for how in ["boot", "restore"] {
         let vms = json["ten"][how]["vms"]
             .as_array()
