@@ -176,6 +176,27 @@ fn a_refresh_hands_the_seed_and_clock_to_the_hook_and_a_bad_seed_is_refused() {
 }
 
 #[test]
+fn a_refresh_sent_before_the_hello_is_read_is_answered_after_it() {
+    // The host pipelines: Refresh right after connecting, then reads
+    // Hello, then Refreshed.
+    let (mut host, mut guest) = UnixStream::pair().unwrap();
+    let t = std::thread::spawn(move || {
+        let runner = Runner::new(EngineConfig {
+            pooling: false,
+            ..EngineConfig::default()
+        })
+        .unwrap();
+        agent::serve_with(&mut guest, &runner, vec![], &|_: &[u8], _| Ok(()))
+    });
+    let seed = [9u8; proto::REFRESH_SEED];
+    proto::write_frame(&mut host, &Message::Refresh { unix_ns: 1 }, &seed).unwrap();
+    assert!(matches!(recv(&mut host), Message::Hello { .. }));
+    assert_eq!(recv(&mut host), Message::Refreshed);
+    proto::write_frame(&mut host, &Message::Shutdown, b"").unwrap();
+    assert_eq!(t.join().unwrap().unwrap(), SessionEnd::Shutdown);
+}
+
+#[test]
 fn an_agent_without_a_refresh_hook_refuses_one() {
     let (mut host, guest, _runner) = start();
     assert!(matches!(recv(&mut host), Message::Hello { .. }));

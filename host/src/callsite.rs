@@ -253,6 +253,9 @@ pub struct Called {
     pub ready_after: Option<Duration>,
     /// In VM isolation: how its VM started.
     pub start: Option<crate::sandbox::Start>,
+    /// In VM isolation: when each step of the VM's becoming ready ended
+    /// ([`Sandbox::ready_steps`](crate::sandbox::Sandbox::ready_steps)).
+    pub ready_steps: Vec<(&'static str, Duration)>,
     /// In VM isolation: from the VM ready to the component loaded in it.
     pub load: Option<Duration>,
     /// In VM isolation: the call itself, sent to answered.
@@ -460,6 +463,7 @@ impl CallSite {
                 outcome: self.runner.invoke(&loaded, tool, args, &grants.grants),
                 ready_after: None,
                 start: None,
+                ready_steps: Vec::new(),
                 load: None,
                 invoke: None,
                 vm_end: None,
@@ -520,6 +524,7 @@ impl CallSite {
         let invoke = Some(invoking.elapsed());
         let ready_after = Some(sb.ready_after);
         let start = Some(sb.start);
+        let ready_steps = sb.ready_steps.clone();
         let vm_end = match sb.shutdown() {
             Ok(r) => {
                 tracing::debug!(exit = ?r.exit, wall_ms = r.wall.as_millis() as u64, "VM ended");
@@ -534,6 +539,7 @@ impl CallSite {
             outcome: result?,
             ready_after,
             start,
+            ready_steps,
             load,
             invoke,
             vm_end,
@@ -570,6 +576,7 @@ impl CallSite {
                 outcome,
                 ready_after: None,
                 start: None,
+                ready_steps: Vec::new(),
                 load: None,
                 invoke: None,
                 vm_end: None,

@@ -1045,6 +1045,11 @@ fn vm_multi(a: MultiArgs) -> anyhow::Result<serde_json::Value> {
                 "args": v,
                 "ready_ms": called.ready_after.unwrap_or_default().as_millis() as u64,
                 "start": called.start.map(airlock::sandbox::Start::label),
+                "ready_steps_ms": called
+                    .ready_steps
+                    .iter()
+                    .map(|(k, d)| ((*k).to_string(), (d.as_secs_f64() * 1e3).into()))
+                    .collect::<serde_json::Map<_, _>>(),
                 "load_ms": called.load.unwrap_or_default().as_secs_f64() * 1e3,
                 "invoke_ms": called.invoke.unwrap_or_default().as_secs_f64() * 1e3,
                 "vm_end": called.vm_end.map(|mut r| {

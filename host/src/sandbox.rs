@@ -181,6 +181,10 @@ pub struct Sandbox {
     pub start: Start,
     /// How long the last [`Sandbox::load`] took.
     pub load_time: Duration,
+    /// When each step of becoming ready ended, from the start: the VMM
+    /// process `spawned`, the agent `connected`, its `hello` read, the
+    /// guest `refreshed`.
+    pub ready_steps: Vec<(&'static str, Duration)>,
     next_id: u64,
 }
 
@@ -375,8 +379,13 @@ impl Sandbox {
             ready_after: Duration::ZERO,
             start: kind,
             load_time: Duration::ZERO,
+            ready_steps: vec![("spawned", start.elapsed())],
             next_id: 1,
         };
+        // A restored guest listens already: its socket appears with the
+        // VMM's devices, so look often. A booting one takes a second or
+        // more, and every early connection costs it a reset.
+        let poll = Duration::from_millis(if kind == Start::Restore { 2 } else { 20 });
         loop {
             if sb.vm.as_ref().is_some_and(VmProcess::is_finished) {
                 let report = sb.finish()?;
@@ -396,8 +405,12 @@ impl Sandbox {
                 sb.conn = c;
                 break;
             }
-            std::thread::sleep(Duration::from_millis(20));
+            std::thread::sleep(poll);
         }
+        sb.ready_steps.push(("connected", start.elapsed()));
+        // Fresh entropy and the clock go out at once; the guest reads them
+        // after sending its Hello (one round trip instead of two).
+        sb.send_refresh()?;
         // The agent's Hello is part of becoming ready.
         let left = cfg.ready_timeout.saturating_sub(start.elapsed());
         sb.conn
@@ -413,7 +426,7 @@ impl Sandbox {
                 });
             }
         };
-        sb.conn.set_read_timeout(Some(cfg.life_timeout))?;
+        sb.ready_steps.push(("hello", start.elapsed()));
         match hello {
             Message::Hello { engine, boot, .. } => {
                 if engine != cfg.engine {
@@ -430,8 +443,10 @@ impl Sandbox {
                 )));
             }
         }
-        sb.refresh()?;
+        sb.refreshed()?;
+        sb.conn.set_read_timeout(Some(cfg.life_timeout))?;
         sb.ready_after = start.elapsed();
+        sb.ready_steps.push(("refreshed", sb.ready_after));
         Ok(sb)
     }
 
@@ -498,8 +513,9 @@ impl Sandbox {
 
     /// Give the guest fresh entropy and the wall clock
     /// ([`Message::Refresh`]): every VM gets its own, whether it booted or
-    /// was restored from a snapshot its siblings share.
-    fn refresh(&mut self) -> Result<(), SandboxError> {
+    /// was restored from a snapshot its siblings share. Its answer is
+    /// [`Sandbox::refreshed`].
+    fn send_refresh(&mut self) -> Result<(), SandboxError> {
         let mut seed = [0u8; airlock_guest::proto::REFRESH_SEED];
         getrandom::fill(&mut seed)
             .map_err(|e| SandboxError::Guest(format!("no host entropy for the guest: {e}")))?;
@@ -507,6 +523,11 @@ impl Sandbox {
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_nanos() as u64);
         proto::write_frame(&mut self.conn, &Message::Refresh { unix_ns }, &seed)?;
+        Ok(())
+    }
+
+    /// The guest's answer to [`Sandbox::send_refresh`].
+    fn refreshed(&mut self) -> Result<(), SandboxError> {
         match self.recv()? {
             Message::Refreshed => Ok(()),
             Message::Error { message, .. } => Err(SandboxError::Guest(format!(

@@ -1441,6 +1441,20 @@ fn start_report(json: &serde_json::Value) -> anyhow::Result<String> {
         median(&guest),
         median(&host)
     )?;
+    // The host's view of the same: when the VMM process was spawned, the
+    // agent connected, its Hello read, the refresh answered.
+    let host_steps = ["spawned", "connected", "hello", "refreshed"];
+    let listed: Vec<String> = host_steps
+        .iter()
+        .map(|k| {
+            let v: Vec<f64> = rounds
+                .iter()
+                .filter_map(|r| r["restore"]["vms"][0]["ready_steps_ms"][k].as_f64())
+                .collect();
+            format!("{k} at {:.1}", median(&v))
+        })
+        .collect();
+    writeln!(out, "    host steps: {}", listed.join(", "))?;
     for how in ["boot", "restore"] {
         let vms = json["ten"][how]["vms"]
             .as_array()
