@@ -814,6 +814,22 @@ fn file_grants_and_attacks_on_them_give_the_same_results_and_audit_in_both_walls
 }
 
 #[test]
+fn making_empty_files_costs_the_write_limit_in_both_walls() {
+    // 100 empty files under a 16 KiB write limit: the fifth entry is past
+    // it (4 KiB each), in a microVM (the runner and the VMM's file server
+    // both charge) as in process; four files reach the host either way.
+    let (vm, vm_code) = scenario("entries-vm");
+    let (local, local_code) = scenario("entries-process");
+    assert_eq!(vm_code, local_code, "vm: {vm}\nprocess: {local}");
+    assert_eq!(call_view(&vm), call_view(&local), "vm vs process");
+    assert_eq!(vm["result"]["error"]["kind"], "write_limit", "{vm}");
+    for name in ["entries-vm-host", "entries-process-host"] {
+        let (h, _) = scenario(name);
+        assert_eq!(h["files"], 4, "{name}: {h}");
+    }
+}
+
+#[test]
 fn a_state_volume_carries_a_tools_state_from_one_fresh_microvm_to_the_next() {
     // The service in VM isolation; the notes tool's policy grants the
     // `notes` volume: two calls, each in a microVM of its own, then a

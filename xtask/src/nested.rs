@@ -603,6 +603,22 @@ scenario files-parity-vm 1200 run $E/escape.wasm --policy /tmp/parity.toml --cal
 wanted files-parity-vm && parity_host files-parity-vm
 scenario files-parity-process 300 run $E/escape.wasm --policy /tmp/parity.toml --calls /tmp/parity-calls.json --isolation process
 wanted files-parity-process && parity_host files-parity-process
+# Entries cost the write limit: a tool making 100 empty files under a
+# 16 KiB limit stops at the fifth (4 KiB each) in both walls — charged by
+# the runner, and in the VM by the VMM's file server too — and the host
+# directory holds exactly the four it made.
+mkdir -p /tmp/entries
+printf 'version = 1\n[limits]\nmax_write = "16 KiB"\n[[filesystem]]\nhost = "/tmp/entries"\nguest = "/w"\nmode = "rw"\n' > /tmp/entries.toml
+entries_host() {
+  echo "NESTED-RESULT-BEGIN $1-host"
+  echo "{\"files\": $(ls /tmp/entries | wc -l)}"
+  echo "NESTED-RESULT-END $1-host 0"
+  rm -f /tmp/entries/*
+}
+scenario entries-vm 900 run $E/escape.wasm --policy /tmp/entries.toml --tool make-files --args '{"dir": "/w", "count": 100}' $VMRUN
+wanted entries-vm && entries_host entries-vm
+scenario entries-process 300 run $E/escape.wasm --policy /tmp/entries.toml --tool make-files --args '{"dir": "/w", "count": 100}' --isolation process
+wanted entries-process && entries_host entries-process
 # A directory of 3,000 files (past the 1,024 inodes a share once held):
 # every entry stat-ed through the grant, the same answer in both walls.
 mkdir -p /tmp/many && i=0 && while [ $i -lt 3000 ]; do echo "$i" > /tmp/many/f$i; i=$((i+1)); done \

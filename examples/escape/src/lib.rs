@@ -166,6 +166,16 @@ impl Guest for Escape {
         "r".repeat(bytes as usize)
     }
 
+    fn make_files(dir: String, count: u32) -> Result<u32, String> {
+        for i in 0..count {
+            let path = format!("{}/empty-{i}", dir.trim_end_matches('/'));
+            if let Err(e) = std::fs::File::create(&path) {
+                return Err(format!("made {i}; {path}: {e}"));
+            }
+        }
+        Ok(count)
+    }
+
     fn fresh_state() -> Freshness {
         let random = wasi::random::random::get_random_bytes(16)
             .iter()
