@@ -282,7 +282,11 @@ impl Sandbox {
 
     /// [`Sandbox::boot`] with `shares` mounted in the guest, which may
     /// write at most `write_limit` bytes into them together (the call's
-    /// write limit, held by the host's file server too).
+    /// write limit, held by the host's file server too). Without shares,
+    /// and with `cfg.snapshots`, the VM is restored from its shape's
+    /// snapshot (made now if there is none); if that cannot be had or the
+    /// restore fails, it boots, with a warning (the sandbox's `start` says
+    /// which).
     ///
     /// # Errors
     /// As [`Sandbox::boot`].
