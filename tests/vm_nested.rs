@@ -1026,6 +1026,16 @@ fn vms_restored_from_one_snapshot_have_their_own_randomness_and_the_right_time()
         .filter(|n| !n.ends_with(".lock"))
         .collect();
     assert_eq!(dirs.len(), 1, "{body}");
+    // Made by a jailed VMM, kept as the daemon's own and private.
+    let owners = body
+        .lines()
+        .find_map(|l| l.strip_prefix("OWNERS "))
+        .unwrap_or("");
+    assert_eq!(
+        owners.split_whitespace().collect::<Vec<_>>(),
+        ["0:700", "0:600", "0:600"],
+        "{body}"
+    );
     // One byte of the cached state file changed: refused before any guest
     // ran (its checksum), said in the log, made again and restored.
     let damaged: Value = body

@@ -221,14 +221,16 @@ impl SnapshotCache {
             });
             let started = std::time::Instant::now();
             make(&making).map_err(SnapshotCacheError::Make)?;
-            // What the jail's uid wrote becomes this process's, private.
-            for f in [
-                SnapshotPlan::state_path(&tmp),
-                SnapshotPlan::memory_path(&tmp),
+            // What the jail's uid made and wrote becomes this process's,
+            // private: both files and their directory.
+            let (me, my_group) = (nix::unistd::geteuid(), nix::unistd::getegid());
+            for (f, mode) in [
+                (SnapshotPlan::state_path(&tmp), 0o600),
+                (SnapshotPlan::memory_path(&tmp), 0o600),
+                (tmp.clone(), 0o700),
             ] {
-                let me = nix::unistd::geteuid();
-                let _ = nix::unistd::chown(&f, Some(me), Some(nix::unistd::getegid()));
-                std::fs::set_permissions(&f, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+                let _ = nix::unistd::chown(&f, Some(me), Some(my_group));
+                std::fs::set_permissions(&f, std::os::unix::fs::PermissionsExt::from_mode(mode))
                     .map_err(io(format!("restricting {}", f.display())))?;
             }
             let state = snapshot::read_state(&SnapshotPlan::state_path(&tmp), identity)?;

@@ -390,6 +390,7 @@ if wanted vm-restore-fresh; then
     grep -i "snapshot\|booting instead" /tmp/fresh.err | head -5
   done
   echo "SNAPSHOTS $(ls /tmp/fresh-cache/snapshots | tr '\n' ' ')"
+  echo "OWNERS $(for f in /tmp/fresh-cache/snapshots/*/ /tmp/fresh-cache/snapshots/*/*; do stat -c '%u:%a' $f; done | tr '\n' ' ')"
   # A damaged cache: one byte of the state file changed. The next call
   # refuses it before any guest runs, says so, makes it again, restores.
   for f in /tmp/fresh-cache/snapshots/*/state; do printf 'x' | dd of=$f bs=1 seek=200 conv=notrunc 2>/dev/null; done
