@@ -371,9 +371,11 @@ impl VmRunArgs {
         cfg.snapshot = match snapshot {
             None => None,
             Some(mut plan) => {
-                let id = airlock_vmm::snapshot_identity_with(&vmm, &cfg, &mut |p| {
-                    Ok(hex::encode(airlock_vmm::snapshot::file_sha256(p)?))
-                })?;
+                let id = airlock_vmm::snapshot_identity_with(
+                    &vmm,
+                    &cfg,
+                    &mut airlock_vmm::snapshot::file_sha256_hex,
+                )?;
                 match &mut plan {
                     SnapshotPlan::Make { dir, identity, .. } => {
                         std::fs::create_dir_all(&*dir)

@@ -21,7 +21,7 @@
 //! * A snapshot carries nothing of a call or a tenant: it is taken at the
 //!   `listening` stage, before any host has connected to its agent; what must
 //!   differ between VMs (entropy, wall clock) is refreshed after every
-//!   start (`Sandbox::refresh`).
+//!   start (`Sandbox::send_refresh`).
 //! * A snapshot whose restore failed is removed ([`SnapshotCache::forget`]),
 //!   so the next start makes it again rather than failing the same way.
 
@@ -117,7 +117,7 @@ impl SnapshotCache {
         if let Some(d) = lock(&self.digests).get(&key) {
             return Ok(d.clone());
         }
-        let d = hex::encode(snapshot::file_sha256(path)?);
+        let d = snapshot::file_sha256_hex(path)?;
         lock(&self.digests).insert(key, d.clone());
         Ok(d)
     }

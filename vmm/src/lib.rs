@@ -617,10 +617,18 @@ pub fn snapshot_identity(cfg: &VmConfig) -> Result<snapshot::Identity, VmmError>
         path: "/proc/self/exe".into(),
         source,
     })?;
-    snapshot_identity_with(&exe, cfg, &mut |path| {
-        let sum = snapshot::file_sha256(path)?;
-        Ok(sum.iter().map(|b| format!("{b:02x}")).collect())
-    })
+    snapshot_identity_with(&exe, cfg, &mut snapshot::file_sha256_hex)
+}
+
+/// The identity a caller gave, else this VMM's own ([`snapshot_identity`]).
+fn given_or_own_identity(
+    given: &Option<snapshot::Identity>,
+    cfg: &VmConfig,
+) -> Result<snapshot::Identity, VmmError> {
+    match given {
+        Some(i) => Ok(i.clone()),
+        None => snapshot_identity(cfg),
+    }
 }
 
 /// [`snapshot_identity`] of `cfg` run by the VMM binary `vmm`, each file's
@@ -670,10 +678,7 @@ pub fn run(cfg: &VmConfig) -> Result<RunReport, VmmError> {
     // for anything.
     let restoring = match &cfg.snapshot {
         Some(SnapshotPlan::Restore { dir, identity }) => {
-            let identity = match identity {
-                Some(i) => i.clone(),
-                None => snapshot_identity(cfg)?,
-            };
+            let identity = given_or_own_identity(identity, cfg)?;
             let state = snapshot::read_state(&SnapshotPlan::state_path(dir), &identity)?;
             let image = SnapshotPlan::memory_path(dir);
             let file = jail::open_image(&image).map_err(|source| VmmError::File {
@@ -694,11 +699,7 @@ pub fn run(cfg: &VmConfig) -> Result<RunReport, VmmError> {
                     airlock_abi::BOOT_STAGES
                 ),
             })?;
-            let identity = match identity {
-                Some(i) => i.clone(),
-                None => snapshot_identity(cfg)?,
-            };
-            Some((code, dir.clone(), identity))
+            Some((code, dir.clone(), given_or_own_identity(identity, cfg)?))
         }
         _ => None,
     };

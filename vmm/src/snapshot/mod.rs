@@ -358,6 +358,17 @@ pub fn file_sha256(path: &Path) -> std::io::Result<[u8; 32]> {
     sha256_of(&mut std::fs::File::open(path)?)
 }
 
+/// [`file_sha256`] in lower-case hex, as an [`Identity`] holds digests.
+///
+/// # Errors
+/// The file cannot be read.
+pub fn file_sha256_hex(path: &Path) -> std::io::Result<String> {
+    Ok(file_sha256(path)?
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect())
+}
+
 fn sha256_of(f: &mut std::fs::File) -> std::io::Result<[u8; 32]> {
     let mut hash = Sha256::new();
     std::io::copy(f, &mut hash)?;
