@@ -6,6 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 source scripts/setup.sh
+source scripts/model.sh
 
 # --- example components ---
 step "building example components (cargo xtask examples)"
@@ -18,6 +19,12 @@ cargo xtask guest-image
 # --- nested-KVM harness: outer QEMU TCG VM with SVM + Debian cloud kernel ---
 step "nested-KVM harness (cargo xtask nested)"
 cargo xtask nested
+
+# --- the inference engine against an independent NumPy forward pass ---
+step "inference engine vs its NumPy reference (tests/nn/reference.py, all-MiniLM-L6-v2)"
+cargo build --release --locked -p airlock-nn --example encode
+"$AIRLOCK_PY/bin/python" tests/nn/reference.py "$AIRLOCK_MINILM" \
+  "$CARGO_TARGET_DIR/release/examples/encode" "$AIRLOCK_MINILM"
 
 # --- the suite ---
 # --no-fail-fast: one failing test binary must not hide the results of the
