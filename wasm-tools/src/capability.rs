@@ -26,6 +26,8 @@ pub enum CapabilityClass {
     Random,
     /// `wasi:io/*`: streams and polling (no effect by itself).
     Io,
+    /// `wasi:nn/*`: machine-learning models the policy grants by name.
+    Models,
     /// Anything Airlock does not provide: the component cannot be instantiated.
     Unsupported,
 }
@@ -48,6 +50,7 @@ impl CapabilityClass {
             ("wasi:clocks", _) => Self::Clocks,
             ("wasi:random", _) => Self::Random,
             ("wasi:io", _) => Self::Io,
+            ("wasi:nn", _) => Self::Models,
             _ => Self::Unsupported,
         }
     }
@@ -57,7 +60,11 @@ impl CapabilityClass {
     pub fn needs_grant(self) -> bool {
         matches!(
             self,
-            Self::Filesystem | Self::Sockets | Self::HttpOutgoing | Self::Environment
+            Self::Filesystem
+                | Self::Sockets
+                | Self::HttpOutgoing
+                | Self::Environment
+                | Self::Models
         )
     }
 
@@ -74,6 +81,7 @@ impl CapabilityClass {
             Self::Clocks => "wall and monotonic clocks",
             Self::Random => "random numbers",
             Self::Io => "streams and polling (no effect by itself)",
+            Self::Models => "machine-learning models the policy grants by name (wasi:nn)",
             Self::Unsupported => "not provided by Airlock: instantiation will fail",
         }
     }

@@ -102,7 +102,7 @@ enum Cmd {
 }
 
 /// Example crates and their output names.
-pub const EXAMPLES: &[&str] = &["kitchen", "files", "fetch", "escape", "notes"];
+pub const EXAMPLES: &[&str] = &["kitchen", "files", "fetch", "escape", "notes", "embed"];
 
 /// The workspace root. Read from the environment `cargo run` sets, not from
 /// the compile-time value: clones that share a cached target directory reuse

@@ -178,7 +178,7 @@ impl Bert {
             serde_json::from_slice(&cfg_text).map_err(|e| bad(&cfg_path, e.to_string()))?;
         cfg.check().map_err(|e| bad(&cfg_path, e))?;
         let path = dir.join("model.safetensors");
-        let file = std::fs::File::open(&path).map_err(|e| bad(&path, e.to_string()))?;
+        let file = open_no_link(&path).map_err(|e| bad(&path, e.to_string()))?;
         // SAFETY: a read-only shared mapping; nothing here writes through
         // it. The crate's invariant is that the host never changes a
         // weights file while it is shared (a read-only image in a VM), so
@@ -450,10 +450,20 @@ fn softmax(row: &mut [f32]) {
     }
 }
 
+/// Open a model file for reading; a symbolic link in its place is refused
+/// (a model directory's files are its own).
+fn open_no_link(path: &Path) -> std::io::Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)
+}
+
 /// Read a small file whole, refusing one over [`MAX_CONFIG_BYTES`].
 fn read_bounded(path: &Path) -> Result<Vec<u8>, String> {
     use std::io::Read;
-    let file = std::fs::File::open(path).map_err(|e| e.to_string())?;
+    let file = open_no_link(path).map_err(|e| e.to_string())?;
     let mut text = Vec::new();
     file.take(MAX_CONFIG_BYTES + 1)
         .read_to_end(&mut text)

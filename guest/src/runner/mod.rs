@@ -172,6 +172,7 @@ impl Runner {
         add_refused_sockets(&mut linker).map_err(|e| RunnerError::Engine(format!("{e:#}")))?;
         add_audited_changes(&mut linker).map_err(|e| RunnerError::Engine(format!("{e:#}")))?;
         add_budgeted_writes(&mut linker).map_err(|e| RunnerError::Engine(format!("{e:#}")))?;
+        wasi::nn::add_to_linker(&mut linker).map_err(|e| RunnerError::Engine(format!("{e:#}")))?;
         linker.allow_shadowing(false);
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
@@ -379,6 +380,11 @@ impl Runner {
                 .collect(),
             audit: audit.clone(),
             writes: WriteBudget::new(limits.max_write_bytes, audit.clone()),
+            nn: wasi::nn::NnState {
+                models: grants.models.clone(),
+                held: 0,
+                budget: limits.memory_bytes,
+            },
         };
         let mut store = Store::new(&self.engine, state);
         store.limiter(|s| &mut s.limiter);

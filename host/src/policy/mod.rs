@@ -16,7 +16,7 @@ pub mod report;
 pub mod tenant;
 pub mod vm;
 
-use airlock_guest::grants::{DirGrant, GrantSet, HttpGrant, Limits};
+use airlock_guest::grants::{DirGrant, GrantSet, HttpGrant, Limits, ModelGrant};
 use serde::Serialize;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -171,6 +171,10 @@ pub struct Policy {
     pub env: BTreeMap<String, EnvValue>,
     /// Outgoing HTTP rules.
     pub http: HttpGrant,
+    /// Models by the name a component loads them by (`wasi:nn`
+    /// `load-by-name`) → the host directory holding the model
+    /// (`config.json`, `model.safetensors`; absolute after loading).
+    pub models: BTreeMap<String, PathBuf>,
 }
 
 impl Default for Policy {
@@ -181,6 +185,7 @@ impl Default for Policy {
             filesystem: vec![],
             env: BTreeMap::new(),
             http: HttpGrant::default(),
+            models: BTreeMap::new(),
         }
     }
 }
@@ -217,6 +222,11 @@ impl Policy {
         for f in &mut policy.filesystem {
             if let Ok(real) = std::fs::canonicalize(&f.host) {
                 f.host = real;
+            }
+        }
+        for dir in policy.models.values_mut() {
+            if let Ok(real) = std::fs::canonicalize(&*dir) {
+                *dir = real;
             }
         }
         Ok(policy)
@@ -284,7 +294,29 @@ impl Policy {
                 refused: None,
             });
         }
+        let mut models = BTreeMap::new();
+        for (name, dir) in &self.models {
+            let root = roots
+                .iter()
+                .find(|r| dir.is_absolute() && dir.starts_with(r))
+                .ok_or_else(|| PolicyError::Field {
+                    field: format!("models.{name}"),
+                    message: format!(
+                        "{} is not inside a directory this server allows this tenant to grant (allowed_host_dirs)",
+                        dir.display()
+                    ),
+                })?;
+            models.insert(
+                name.clone(),
+                ModelGrant {
+                    root: root.clone(),
+                    dir: dir.clone(),
+                    origin: None,
+                },
+            );
+        }
         Ok(GrantSet {
+            models,
             dirs,
             env: self
                 .env

@@ -36,7 +36,7 @@ pub fn parse(text: &str, base: &Path) -> Result<Policy, PolicyError> {
     check_keys(
         &table,
         "",
-        &["version", "limits", "filesystem", "env", "http"],
+        &["version", "limits", "filesystem", "env", "http", "models"],
     )?;
 
     match table.get("version") {
@@ -57,6 +57,9 @@ pub fn parse(text: &str, base: &Path) -> Result<Policy, PolicyError> {
     }
     if let Some(v) = table.get("http") {
         policy.http = http(v)?;
+    }
+    if let Some(v) = table.get("models") {
+        policy.models = models(v, base)?;
     }
     Ok(policy)
 }
@@ -238,6 +241,51 @@ fn with_unit(
             ),
         )),
     }
+}
+
+/// Whether `name` may name a model: what a component passes to
+/// `load-by-name` (1-64 of `A-Z a-z 0-9 . _ -`, not starting with `.`).
+pub fn valid_model_name(name: &str) -> bool {
+    (1..=64).contains(&name.len())
+        && !name.starts_with('.')
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}
+
+/// `[models]`: `name = "directory"` (relative to `base`).
+fn models(v: &Value, base: &Path) -> Result<BTreeMap<String, PathBuf>, PolicyError> {
+    let t = table(v, "models")?;
+    let mut out = BTreeMap::new();
+    for (name, v) in t {
+        let p = format!("models.{name}");
+        if !valid_model_name(name) {
+            return Err(field(
+                &p,
+                "a model name is 1-64 characters of A-Z, a-z, 0-9, '.', '_' and '-', not starting with '.'",
+            ));
+        }
+        let Value::String(dir) = v else {
+            return Err(field(
+                &p,
+                format!(
+                    "expected the model's directory as a string, got a {}",
+                    kind(v)
+                ),
+            ));
+        };
+        if dir.is_empty() {
+            return Err(field(&p, "must not be empty"));
+        }
+        if Path::new(dir)
+            .components()
+            .any(|c| matches!(c, Component::ParentDir))
+        {
+            return Err(field(&p, "must not contain `..`"));
+        }
+        out.insert(name.clone(), base.join(dir));
+    }
+    Ok(out)
 }
 
 fn filesystem(v: &Value, base: &Path) -> Result<Vec<FsRule>, PolicyError> {
@@ -619,5 +667,42 @@ mod tests {
             err_field("version = 1\n[env]\nK = { secret = \"a\", other = \"b\" }\n"),
             "env.K"
         );
+    }
+
+    #[test]
+    fn models_are_granted_by_name_and_refused_outside_the_roots() {
+        let pol = p("version = 1\n[models]\nminilm = \"weights/all-MiniLM-L6-v2\"\n\"e5.small_v2\" = \"/srv/e5\"").unwrap();
+        assert_eq!(
+            pol.models["minilm"],
+            Path::new("/base/weights/all-MiniLM-L6-v2")
+        );
+        let g = pol.grant_set();
+        assert_eq!(g.models["e5.small_v2"].dir, Path::new("/srv/e5"));
+        assert_eq!(g.models["e5.small_v2"].root, Path::new("/"));
+        // A tenant's roots: a model outside them names its field.
+        let e = pol
+            .grant_set_beneath(&[PathBuf::from("/base")], &BTreeMap::new())
+            .unwrap_err();
+        assert!(
+            matches!(&e, PolicyError::Field { field, .. } if field == "models.e5.small_v2"),
+            "{e:?}"
+        );
+        assert_eq!(err_field("version = 1\nmodels = 3"), "models");
+        assert_eq!(err_field("version = 1\n[models]\nm = 3"), "models.m");
+        assert_eq!(err_field("version = 1\n[models]\nm = \"\""), "models.m");
+        assert_eq!(
+            err_field("version = 1\n[models]\nm = \"a/../../etc\""),
+            "models.m"
+        );
+        assert_eq!(
+            err_field("version = 1\n[models]\n\".hidden\" = \"m\""),
+            "models..hidden"
+        );
+        assert_eq!(
+            err_field("version = 1\n[models]\n\"a/b\" = \"m\""),
+            "models.a/b"
+        );
+        assert!(!valid_model_name(&"x".repeat(65)));
+        assert!(valid_model_name("all-MiniLM-L6-v2"));
     }
 }

@@ -89,6 +89,38 @@ pub fn static_report(tools: &ToolSet, policy: &Policy) -> Report {
         push(Severity::WillBeDenied, CapabilityClass::Environment, "env",
             "the component can read its environment but the policy supplies no variables; it will see an empty environment".into());
     }
+    if has(CapabilityClass::Models) && policy.models.is_empty() {
+        push(Severity::WillBeDenied, CapabilityClass::Models, "models",
+            "the component imports wasi:nn but the policy grants no model; every load will be denied".into());
+    }
+    if !has(CapabilityClass::Models) {
+        for name in policy.models.keys() {
+            push(
+                Severity::OverGrant,
+                CapabilityClass::Models,
+                &format!("models.{name}"),
+                format!("model {name:?} is granted but the component does not import wasi:nn"),
+            );
+        }
+    }
+    for (name, dir) in &policy.models {
+        let missing: Vec<&str> = ["config.json", "model.safetensors"]
+            .into_iter()
+            .filter(|f| !dir.join(f).is_file())
+            .collect();
+        if !missing.is_empty() {
+            push(
+                Severity::Warning,
+                CapabilityClass::Models,
+                &format!("models.{name}"),
+                format!(
+                    "{} lacks {}; loading the model will fail",
+                    dir.display(),
+                    missing.join(" and ")
+                ),
+            );
+        }
+    }
     if !has(CapabilityClass::Filesystem) {
         for (i, r) in policy.filesystem.iter().enumerate() {
             push(

@@ -1,4 +1,5 @@
-//! The grant set a microVM gets. A read-only grant inside the weights
+//! The grant set a microVM gets. A model (`[models]`) must lie inside the
+//! weights directory and is read from the image; a read-only grant inside the weights
 //! directory is served from the weights image (virtio-pmem, mounted at
 //! [`GUEST_MOUNT`]); every other directory grant becomes a virtio-fs share
 //! of its own, which the guest mounts at [`share_mount`]`(i)` (read-only
@@ -38,6 +39,19 @@ pub enum VmGrantError {
     TooManyShares {
         /// Index of the first grant past the limit.
         index: usize,
+    },
+    /// A model outside the weights image: a microVM reads models only from
+    /// the image (mapped with DAX, never copied into guest memory).
+    #[error(
+        "models.{name}: in a microVM a model is read from the weights image, and {dir} is not inside the weights directory{hint}."
+    )]
+    ModelOutsideWeights {
+        /// The model's name.
+        name: String,
+        /// Its host directory.
+        dir: PathBuf,
+        /// What to do about it.
+        hint: &'static str,
     },
 }
 
@@ -112,6 +126,25 @@ pub fn for_vm(grants: &GrantSet, weights_dir: Option<&Path>) -> Result<SiteGrant
             }
         }
         d.origin = origin;
+    }
+    for (name, m) in &mut out.models {
+        let rel = base
+            .as_ref()
+            .and_then(|b| m.dir.strip_prefix(b).ok().map(Path::to_path_buf));
+        let Some(rel) = rel else {
+            return Err(VmGrantError::ModelOutsideWeights {
+                name: name.clone(),
+                dir: m.dir.clone(),
+                hint: if base.is_some() {
+                    ""
+                } else {
+                    " (no weights image is configured: --weights DIR:IMAGE, or `weights` in the service config)"
+                },
+            });
+        };
+        m.origin = Some(m.dir.clone());
+        m.root = PathBuf::from(GUEST_MOUNT);
+        m.dir = Path::new(GUEST_MOUNT).join(rel);
     }
     Ok(SiteGrants {
         grants: out,
@@ -231,5 +264,40 @@ mod tests {
         std::fs::remove_file(&inside).unwrap();
         let e = share(&inside).open().unwrap_err();
         assert!(e.contains("cannot be opened beneath"), "{e}");
+    }
+
+    #[test]
+    fn a_model_in_a_vm_is_read_from_the_weights_image_and_only_there() {
+        use airlock_guest::grants::ModelGrant;
+        let weights = tempfile::tempdir().unwrap();
+        let base = std::fs::canonicalize(weights.path()).unwrap();
+        let model = |dir: PathBuf| GrantSet {
+            models: [(
+                "minilm".to_string(),
+                ModelGrant {
+                    root: PathBuf::from("/"),
+                    dir,
+                    origin: None,
+                },
+            )]
+            .into(),
+            ..GrantSet::default()
+        };
+        let g = for_vm(&model(base.join("all-MiniLM-L6-v2")), Some(&base)).unwrap();
+        let m = &g.grants.models["minilm"];
+        assert_eq!(m.dir, Path::new("/weights/all-MiniLM-L6-v2"));
+        assert_eq!(m.root, Path::new("/weights"));
+        // Audit events name the host directory, as in process isolation.
+        assert_eq!(m.named(), base.join("all-MiniLM-L6-v2"));
+        assert!(g.shares.is_empty());
+        // Outside the weights directory, or with no weights at all: refused
+        // (a share would copy the weights into the guest's page cache).
+        let e = for_vm(&model(PathBuf::from("/srv/other")), Some(&base)).unwrap_err();
+        assert!(matches!(&e, VmGrantError::ModelOutsideWeights { name, .. } if name == "minilm"));
+        let e = for_vm(&model(base.join("m")), None).unwrap_err();
+        assert!(
+            e.to_string().contains("no weights image is configured"),
+            "{e}"
+        );
     }
 }

@@ -612,12 +612,12 @@ impl Service {
         }
         let (checked, policy_version) = self.policy_at(&who.tenant, component, None)?;
         let mut grants = self.site.grants(checked.grants).map_err(|e| {
-            let crate::policy::vm::VmGrantError::TooManyShares { index } = &e;
-            bad(
-                "unsupported_in_vm",
-                Some(format!("policy.filesystem[{index}]")),
-                e.to_string(),
-            )
+            use crate::policy::vm::VmGrantError;
+            let field = match &e {
+                VmGrantError::TooManyShares { index } => format!("policy.filesystem[{index}]"),
+                VmGrantError::ModelOutsideWeights { name, .. } => format!("policy.models.{name}"),
+            };
+            bad("unsupported_in_vm", Some(field), e.to_string())
         })?;
         let permit = self.tenant_slot(&who.tenant)?;
         let svc = self.clone();

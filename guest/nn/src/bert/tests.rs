@@ -242,3 +242,24 @@ fn a_tensor_of_another_type_is_refused() {
     std::fs::write(&path, bytes).unwrap();
     assert!(open_err(&dir).contains("embeddings.LayerNorm.bias is I32, not F32"));
 }
+
+#[test]
+fn a_weights_file_that_is_a_symbolic_link_is_refused() {
+    let real = write_model(&tensors(), CFG);
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("config.json"), CFG).unwrap();
+    std::os::unix::fs::symlink(
+        real.path().join("model.safetensors"),
+        dir.path().join("model.safetensors"),
+    )
+    .unwrap();
+    assert!(open_err(&dir).contains("model.safetensors"));
+    // The same file, not through a link, opens.
+    std::fs::remove_file(dir.path().join("model.safetensors")).unwrap();
+    std::fs::copy(
+        real.path().join("model.safetensors"),
+        dir.path().join("model.safetensors"),
+    )
+    .unwrap();
+    Bert::open(dir.path()).unwrap();
+}

@@ -1,11 +1,12 @@
 //! A call's WASI world: the store state, the context built from the grant
 //! set (preopens beneath their roots, env, captured output) and the host
 //! resources a call may hold. By capability: [`fs`], [`env`], [`http`],
-//! [`sockets`].
+//! [`sockets`], [`nn`] (models).
 
 pub(crate) mod env;
 pub(crate) mod fs;
 pub(crate) mod http;
+pub(crate) mod nn;
 pub(crate) mod sockets;
 
 pub(crate) use fs::WriteBudget;
@@ -40,6 +41,7 @@ pub(crate) struct CallState {
     pub(crate) env: Vec<(String, String)>,
     pub(crate) audit: AuditLog,
     pub(crate) writes: WriteBudget,
+    pub(crate) nn: nn::NnState,
 }
 
 impl WasiView for CallState {

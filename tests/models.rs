@@ -1,0 +1,207 @@
+//! Models as a capability (issue 16), in process isolation through the
+//! CLI: the `embed` example runs all-MiniLM-L6-v2 (fetched by
+//! `scripts/model.sh`) through `wasi:nn`, granted by name. The same calls in
+//! a microVM are the nested scenario's.
+
+mod common;
+
+use serde_json::{Value, json};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// The model's directory: `$AIRLOCK_MINILM`, else the cache's.
+fn minilm() -> PathBuf {
+    let dir = std::env::var_os("AIRLOCK_MINILM")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| common::cache_dir().join("models/all-MiniLM-L6-v2"));
+    assert!(
+        dir.join("model.safetensors").is_file(),
+        "{} has no model: run `source scripts/setup.sh; source scripts/model.sh` first",
+        dir.display()
+    );
+    dir
+}
+
+/// `airlock run` of the embed example in process isolation with `policy`;
+/// the outcome's JSON.
+fn run(dir: &Path, policy: &str, tool: &str, args: Value) -> Value {
+    let policy_path = dir.join("policy.toml");
+    std::fs::write(&policy_path, policy).unwrap();
+    let embed = common::example("embed");
+    let o = Command::new(env!("CARGO_BIN_EXE_airlock"))
+        .args([
+            "run",
+            embed.to_str().unwrap(),
+            "--policy",
+            policy_path.to_str().unwrap(),
+            "--tool",
+            tool,
+            "--args",
+            &args.to_string(),
+            "--isolation",
+            "process",
+        ])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    serde_json::from_str(&stdout).unwrap_or_else(|e| {
+        panic!(
+            "not JSON ({e}): {stdout}\nstderr: {}",
+            String::from_utf8_lossy(&o.stderr)
+        )
+    })
+}
+
+fn granted(model: &Path) -> String {
+    format!(
+        "version = 1\n[limits]\nmemory = \"128MiB\"\ntimeout = \"60s\"\n[models]\nminilm = {:?}\n",
+        model.display().to_string()
+    )
+}
+
+fn events<'a>(out: &'a Value, action: &str) -> Vec<&'a Value> {
+    out["audit"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["action"] == action)
+        .collect()
+}
+
+#[test]
+fn a_granted_model_ranks_texts_by_meaning_without_copying_its_weights() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = run(
+        dir.path(),
+        &granted(&minilm()),
+        "similar",
+        json!({"query": "How do I reset my password?", "texts": [
+            "The cat sat on the mat.",
+            "I forgot my login credentials and cannot sign in.",
+            "Paris is the capital of France."
+        ]}),
+    );
+    let ranked = out["result"]["ok"]["ok"]
+        .as_array()
+        .unwrap_or_else(|| panic!("{out}"));
+    assert_eq!(ranked[0]["index"], 1, "{out}");
+    let (best, worst) = (
+        ranked[0]["score"].as_f64().unwrap(),
+        ranked[2]["score"].as_f64().unwrap(),
+    );
+    assert!(best > 0.4 && worst < 0.2, "{out}");
+    let loads = events(&out, "nn.load");
+    assert_eq!(loads.len(), 1, "{out}");
+    assert_eq!(loads[0]["decision"], "allow");
+    assert_eq!(loads[0]["target"], "minilm");
+    assert_eq!(events(&out, "nn.compute").len(), 1, "{out}");
+    // The weights (87 MiB) were read in place: the component's linear
+    // memory holds its tokenizer and activations, not the model.
+    let peak = out["metering"]["peak_memory_bytes"].as_u64().unwrap();
+    assert!(peak < 32 << 20, "peak linear memory {peak} bytes: {out}");
+
+    let out = run(
+        dir.path(),
+        &granted(&minilm()),
+        "embed",
+        json!({"texts": ["one", "two"]}),
+    );
+    let v = out["result"]["ok"]["ok"]
+        .as_array()
+        .unwrap_or_else(|| panic!("{out}"));
+    assert_eq!(v.len(), 2);
+    let e0: Vec<f64> = v[0]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap())
+        .collect();
+    assert_eq!(e0.len(), 384);
+    let norm: f64 = e0.iter().map(|x| x * x).sum::<f64>().sqrt();
+    assert!((norm - 1.0).abs() < 1e-3, "{norm}");
+}
+
+#[test]
+fn a_model_the_policy_does_not_grant_is_denied_and_audited() {
+    let dir = tempfile::tempdir().unwrap();
+    // No [models] at all, then another name only.
+    for policy in [
+        "version = 1\n".to_string(),
+        granted(&minilm()).replace("minilm =", "other ="),
+    ] {
+        let out = run(dir.path(), &policy, "embed", json!({"texts": ["hello"]}));
+        let err = out["result"]["ok"]["err"]
+            .as_str()
+            .unwrap_or_else(|| panic!("{out}"));
+        assert!(err.starts_with("denied: "), "{out}");
+        let loads = events(&out, "nn.load");
+        assert_eq!(loads.len(), 1, "{out}");
+        assert_eq!(loads[0]["decision"], "deny");
+        assert!(events(&out, "nn.compute").is_empty());
+    }
+}
+
+#[test]
+fn a_missing_or_corrupt_model_and_too_long_input_are_structured_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    // Corrupt: the real config, the first MiB of the weights.
+    let bad = dir.path().join("broken-model");
+    std::fs::create_dir(&bad).unwrap();
+    std::fs::copy(minilm().join("config.json"), bad.join("config.json")).unwrap();
+    let head = {
+        use std::io::Read;
+        let mut b = vec![0u8; 1 << 20];
+        std::fs::File::open(minilm().join("model.safetensors"))
+            .unwrap()
+            .read_exact(&mut b)
+            .unwrap();
+        b
+    };
+    std::fs::write(bad.join("model.safetensors"), head).unwrap();
+    let out = run(
+        dir.path(),
+        &granted(&bad),
+        "embed",
+        json!({"texts": ["hello"]}),
+    );
+    let err = out["result"]["ok"]["err"]
+        .as_str()
+        .unwrap_or_else(|| panic!("{out}"));
+    assert!(err.starts_with("model_unavailable: "), "{out}");
+    assert!(
+        err.contains("broken-model"),
+        "the error names the model's directory: {out}"
+    );
+    // Gone altogether.
+    let out = run(
+        dir.path(),
+        &granted(&dir.path().join("no-such-model")),
+        "embed",
+        json!({"texts": ["hello"]}),
+    );
+    let err = out["result"]["ok"]["err"]
+        .as_str()
+        .unwrap_or_else(|| panic!("{out}"));
+    assert!(err.starts_with("model_unavailable: "), "{out}");
+
+    // Longer than the model takes.
+    let long = "word ".repeat(600);
+    let out = run(
+        dir.path(),
+        &granted(&minilm()),
+        "embed",
+        json!({"texts": ["short", long]}),
+    );
+    let err = out["result"]["ok"]["err"]
+        .as_str()
+        .unwrap_or_else(|| panic!("{out}"));
+    assert!(err.starts_with("bad_arguments: texts[1]"), "{out}");
+    // Bad JSON arguments are the runner's, before any model.
+    let out = run(
+        dir.path(),
+        &granted(&minilm()),
+        "embed",
+        json!({"texts": "not a list"}),
+    );
+    assert_eq!(out["result"]["error"]["kind"], "bad_arguments", "{out}");
+}
