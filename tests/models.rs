@@ -205,3 +205,115 @@ fn a_missing_or_corrupt_model_and_too_long_input_are_structured_errors() {
     );
     assert_eq!(out["result"]["error"]["kind"], "bad_arguments", "{out}");
 }
+
+/// `airlock run` of the escape example's `tool` in process isolation.
+fn escape(dir: &Path, policy: &str, tool: &str, args: Value) -> Value {
+    let policy_path = dir.join("policy.toml");
+    std::fs::write(&policy_path, policy).unwrap();
+    let o = Command::new(env!("CARGO_BIN_EXE_airlock"))
+        .args([
+            "run",
+            common::example("escape").to_str().unwrap(),
+            "--policy",
+            policy_path.to_str().unwrap(),
+            "--tool",
+            tool,
+            "--args",
+            &args.to_string(),
+            "--isolation",
+            "process",
+        ])
+        .output()
+        .unwrap();
+    serde_json::from_slice(&o.stdout).unwrap_or_else(|e| {
+        panic!(
+            "not JSON ({e}): {}\nstderr: {}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        )
+    })
+}
+
+#[test]
+fn tensors_the_host_holds_count_against_the_calls_memory_limit() {
+    let dir = tempfile::tempdir().unwrap();
+    let policy = granted(&minilm()).replace("128MiB", "8MiB");
+    // 1,000 tensors of 1 MiB: a gigabyte of host memory without the limit;
+    // the call ends out of memory at 8 MiB, with the event saying why.
+    let out = escape(
+        dir.path(),
+        &policy,
+        "hoard-tensors",
+        json!({"count": 1000, "size": 1 << 20}),
+    );
+    assert_eq!(out["result"]["error"]["kind"], "out_of_memory", "{out}");
+    let limit = events(&out, "limit.memory");
+    assert_eq!(limit.len(), 1, "{out}");
+    assert!(
+        limit[0]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("wasi:nn tensor"),
+        "{out}"
+    );
+    // An output that would not fit: too-large, before the engine allocates it.
+    let out = escape(
+        dir.path(),
+        &policy,
+        "nn-compute",
+        json!({"model": "minilm", "batch": 16, "seq": 512, "id": 1}),
+    );
+    let err = out["result"]["ok"]["err"]
+        .as_str()
+        .unwrap_or_else(|| panic!("{out}"));
+    assert!(err.starts_with("ErrorCode::TooLarge"), "{out}");
+    assert!(events(&out, "nn.compute").is_empty(), "{out}");
+}
+
+#[test]
+fn a_model_from_the_components_bytes_and_input_the_model_cannot_take_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let policy = granted(&minilm());
+    let out = escape(
+        dir.path(),
+        &policy,
+        "load-model-bytes",
+        json!({"size": 4096}),
+    );
+    let err = out["result"]["ok"]["err"]
+        .as_str()
+        .unwrap_or_else(|| panic!("{out}"));
+    assert!(err.starts_with("ErrorCode::Security"), "{out}");
+    assert_eq!(events(&out, "nn.load")[0]["decision"], "deny", "{out}");
+    for (args, says) in [
+        (
+            json!({"batch": 1, "seq": 513, "id": 1}),
+            "longer than the model's context of 512",
+        ),
+        (
+            json!({"batch": 17, "seq": 512, "id": 1}),
+            "more than 8192 tokens at once",
+        ),
+        (
+            json!({"batch": 1, "seq": 4, "id": -5}),
+            "value -5 at 0 is not in 0..30522",
+        ),
+        (
+            json!({"batch": 1, "seq": 4, "id": 30522}),
+            "not in 0..30522",
+        ),
+        (json!({"batch": 0, "seq": 4, "id": 1}), "is empty"),
+    ] {
+        let mut args = args;
+        args["model"] = json!("minilm");
+        let out = escape(dir.path(), &policy, "nn-compute", args);
+        let err = out["result"]["ok"]["err"]
+            .as_str()
+            .unwrap_or_else(|| panic!("{out}"));
+        assert!(
+            err.starts_with("ErrorCode::InvalidArgument: bad_arguments: "),
+            "{out}"
+        );
+        assert!(err.contains(says), "{says}: {out}");
+    }
+}

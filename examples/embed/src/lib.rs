@@ -8,7 +8,7 @@ wit_bindgen::generate!({ path: "wit", world: "embed-tool" });
 /// The standard `wasi:nn` imports (their own world, so `wit/` stays one
 /// file the host can read docs from).
 mod nn {
-    wit_bindgen::generate!({ path: "nn-wit", world: "ml" });
+    wit_bindgen::generate!({ path: "../wasi-nn", world: "ml" });
 }
 
 use nn::wasi::nn::graph::load_by_name;

@@ -3,6 +3,15 @@
 
 wit_bindgen::generate!({ path: "wit", world: "escape" });
 
+/// The standard `wasi:nn` imports.
+mod nn {
+    wit_bindgen::generate!({ path: "../wasi-nn", world: "ml" });
+}
+
+fn nn_err(e: nn::wasi::nn::errors::Error) -> String {
+    format!("{:?}: {}", e.code(), e.data())
+}
+
 use std::io::Write;
 
 struct Escape;
@@ -132,6 +141,37 @@ impl Guest for Escape {
             hoard.push(f);
         }
         Ok(format!("holding {} fields of {size} bytes", hoard.len()))
+    }
+
+    fn hoard_tensors(count: u32, size: u32) -> Result<String, String> {
+        use nn::wasi::nn::tensor::{Tensor, TensorType};
+        let data = vec![7u8; size as usize];
+        let mut hoard = Vec::new();
+        for _ in 0..count {
+            hoard.push(Tensor::new(&[size], TensorType::U8, &data));
+        }
+        Ok(format!("holding {} tensors of {size} bytes", hoard.len()))
+    }
+
+    fn load_model_bytes(size: u32) -> Result<String, String> {
+        use nn::wasi::nn::graph::{ExecutionTarget, GraphEncoding, load};
+        let bytes = vec![0u8; size as usize];
+        load(&[bytes], GraphEncoding::Onnx, ExecutionTarget::Cpu)
+            .map(|_| "the host loaded our model".to_string())
+            .map_err(nn_err)
+    }
+
+    fn nn_compute(model: String, batch: u32, seq: u32, id: i64) -> Result<String, String> {
+        use nn::wasi::nn::tensor::{Tensor, TensorType};
+        let graph = nn::wasi::nn::graph::load_by_name(&model).map_err(nn_err)?;
+        let ctx = graph.init_execution_context().map_err(nn_err)?;
+        let n = batch as usize * seq as usize;
+        let ids: Vec<u8> = std::iter::repeat_n(id.to_le_bytes(), n).flatten().collect();
+        let t = Tensor::new(&[batch, seq], TensorType::I64, &ids);
+        let out = ctx
+            .compute(vec![("input_ids".to_string(), t)])
+            .map_err(nn_err)?;
+        Ok(format!("computed {} outputs", out.len()))
     }
 
     fn change_readonly(dir: String) -> Result<String, String> {

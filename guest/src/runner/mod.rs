@@ -78,13 +78,46 @@ pub enum RunnerError {
     Compile(String),
 }
 
-/// Memory limiter that also measures the peak.
+/// Memory limiter that also measures the peak. The limit covers the
+/// call's linear memories (`total`) and the bytes the host holds for it on
+/// its behalf (`host`: `wasi:nn` tensors) together.
 pub(crate) struct MemoryLimiter {
     pub(crate) limit: u64,
     pub(crate) total: u64,
+    pub(crate) host: u64,
     pub(crate) peak: u64,
     pub(crate) hit: bool,
     pub(crate) audit: AuditLog,
+}
+
+impl MemoryLimiter {
+    /// Hold `bytes` more on the host for the call: whether they fit beside
+    /// its linear memory. When they do not, a `limit.memory` event names
+    /// `what` (the caller decides whether the call ends: set `hit` and trap
+    /// for `out_of_memory`).
+    pub(crate) fn hold(&mut self, bytes: u64, what: &str) -> bool {
+        let next = self.total + self.host.saturating_add(bytes);
+        if next > self.limit {
+            self.audit.record(
+                "limit.memory",
+                format!("{next} bytes"),
+                Decision::Deny,
+                format!(
+                    "{what} beside linear memory would exceed the limit of {} bytes",
+                    self.limit
+                ),
+            );
+            return false;
+        }
+        self.host += bytes;
+        self.peak = self.peak.max(next);
+        true
+    }
+
+    /// The host no longer holds `bytes` for the call.
+    pub(crate) fn release(&mut self, bytes: u64) {
+        self.host = self.host.saturating_sub(bytes);
+    }
 }
 
 impl ResourceLimiter for MemoryLimiter {
@@ -95,7 +128,7 @@ impl ResourceLimiter for MemoryLimiter {
         _max: Option<usize>,
     ) -> wasmtime::Result<bool> {
         let next = self.total - current as u64 + desired as u64;
-        if next > self.limit {
+        if next + self.host > self.limit {
             self.hit = true;
             self.audit.record(
                 "limit.memory",
@@ -109,7 +142,7 @@ impl ResourceLimiter for MemoryLimiter {
             wasmtime::bail!("memory limit of {} bytes exceeded", self.limit);
         }
         self.total = next;
-        self.peak = self.peak.max(next);
+        self.peak = self.peak.max(next + self.host);
         Ok(true)
     }
 
@@ -369,6 +402,7 @@ impl Runner {
             limiter: MemoryLimiter {
                 limit: limits.memory_bytes,
                 total: 0,
+                host: 0,
                 peak: 0,
                 hit: false,
                 audit: audit.clone(),
@@ -382,8 +416,6 @@ impl Runner {
             writes: WriteBudget::new(limits.max_write_bytes, audit.clone()),
             nn: wasi::nn::NnState {
                 models: grants.models.clone(),
-                held: 0,
-                budget: limits.memory_bytes,
             },
         };
         let mut store = Store::new(&self.engine, state);

@@ -16,9 +16,10 @@
 //!   one as `deny`. `load` (model bytes from the component) is refused: a
 //!   component cannot make the host parse a model it brought.
 //! * Tensor data held on the host (inputs the component made, outputs of
-//!   `compute`) never exceeds the call's memory limit in all; past it, the
-//!   constructor traps (`host memory for tensors`) and `compute` answers
-//!   `too-large`.
+//!   `compute`) counts with the call's linear memory against its memory
+//!   limit (the limiter's `host` bytes); past it, the constructor traps and
+//!   the call ends `out_of_memory` with a `limit.memory` event, and
+//!   `compute` answers `too-large` (with the same event).
 //! * A model is opened once per process and shared by every call (its
 //!   weights are a read-only mapping); a model that cannot be opened is an
 //!   error for the call (`runtime-error`, naming the file), never a panic.
@@ -77,15 +78,12 @@ pub struct NnFailure {
     data: String,
 }
 
-/// A call's `wasi:nn` state: its grants and the host bytes its tensors hold.
+/// A call's `wasi:nn` state: its grants (the bytes its tensors hold are
+/// the memory limiter's `host`).
 #[derive(Debug, Default)]
 pub(crate) struct NnState {
     /// Granted models by name.
     pub(crate) models: std::collections::BTreeMap<String, ModelGrant>,
-    /// Tensor bytes held now.
-    pub(crate) held: u64,
-    /// Most tensor bytes the call may hold (its memory limit).
-    pub(crate) budget: u64,
 }
 
 /// Models opened by this process, by directory: each opened (mapped) once.
@@ -134,18 +132,14 @@ impl CallState {
         Ok(Err(e))
     }
 
-    /// Charge `bytes` of tensor data; whether it fit the budget.
-    fn nn_charge(&mut self, bytes: usize) -> bool {
-        let after = self.nn.held.saturating_add(bytes as u64);
-        if after > self.nn.budget {
-            return false;
-        }
-        self.nn.held = after;
-        true
+    /// Charge `bytes` of tensor data to the call's memory limit; whether
+    /// they fit.
+    fn nn_charge(&mut self, bytes: usize, what: &str) -> bool {
+        self.limiter.hold(bytes as u64, what)
     }
 
     fn nn_release(&mut self, bytes: usize) {
-        self.nn.held = self.nn.held.saturating_sub(bytes as u64);
+        self.limiter.release(bytes as u64);
     }
 }
 
@@ -356,11 +350,11 @@ impl CallState {
         let tokens = batch.saturating_mul(seq);
         let out_bytes = tokens.saturating_mul(hidden).saturating_mul(4);
         let charged = tokens <= airlock_nn::MAX_TOKENS;
-        if charged && !self.nn_charge(out_bytes) {
+        if charged && !self.nn_charge(out_bytes, "a wasi:nn output tensor") {
             return Ok(Err((
                 ErrorCode::TooLarge,
                 format!(
-                    "the output ({out_bytes} bytes) does not fit the call's memory limit beside the tensors it holds"
+                    "the output ({out_bytes} bytes) does not fit the call's memory limit beside its memory and tensors"
                 ),
             )));
         }
@@ -412,11 +406,13 @@ impl generated::wasi::nn::tensor::HostTensor for CallState {
         ty: TensorType,
         data: Vec<u8>,
     ) -> wasmtime::Result<Resource<NnTensor>> {
-        if !self.nn_charge(data.len()) {
+        if !self.nn_charge(data.len(), "a wasi:nn tensor") {
+            // The call ends as out of memory, as when its memory grows.
+            self.limiter.hit = true;
             return Err(wasmtime::format_err!(
                 "host memory for tensors: {} more bytes would pass the call's memory limit of {} bytes",
                 data.len(),
-                self.nn.budget
+                self.limiter.limit
             ));
         }
         Ok(self.table.push(NnTensor { dims, ty, data })?)
