@@ -31,8 +31,12 @@ if [ ! -x "$AIRLOCK_PY/bin/python" ]; then
 fi
 step "inference engine vs its NumPy reference (tests/nn/reference.py, all-MiniLM-L6-v2)"
 cargo build --release --locked -p airlock-nn --example encode
-"$AIRLOCK_PY/bin/python" tests/nn/reference.py "$AIRLOCK_MINILM" \
+"$AIRLOCK_PY/bin/python" tests/nn/reference.py "$AIRLOCK_MINILM" engine \
   "$CARGO_TARGET_DIR/release/examples/encode" "$AIRLOCK_MINILM"
+# The embed tool end to end (its tokenizer in Wasm, wasi:nn, its pooling).
+cargo build --locked -p airlock --bin airlock
+"$AIRLOCK_PY/bin/python" tests/nn/reference.py "$AIRLOCK_MINILM" tool \
+  "$CARGO_TARGET_DIR/debug/airlock" examples/out/embed.wasm
 
 # --- the suite ---
 # --no-fail-fast: one failing test binary must not hide the results of the

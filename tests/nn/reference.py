@@ -2,18 +2,27 @@
 """An independent reference for Airlock's inference engine (issue 16).
 
 A BERT forward pass written here in NumPy, from the same safetensors
-weights, against the engine (``ENGINE_CMD``, given the token ids on stdin,
-answering the last hidden states). Both are mean-pooled over the real tokens
-and L2-normalised (all-MiniLM-L6-v2's sentence embedding); every sentence's
-two embeddings must have cosine similarity >= 0.999.
+weights, mean-pooled over the real tokens and L2-normalised (all-MiniLM-L6-v2's
+sentence embedding), against either
 
-usage: reference.py MODEL_DIR ENGINE_CMD...
+* ``engine CMD...``: the engine alone (CMD gets the token ids this script's
+  tokenizer made on stdin and answers the last hidden states), or
+* ``tool AIRLOCK EMBED_WASM``: the ``embed`` example end to end — its own
+  tokenizer (compiled to Wasm), the engine through wasi:nn, its pooling —
+  run by ``airlock run --isolation process`` with the model granted.
+
+Every sentence's two embeddings must have cosine similarity >= 0.999.
+
+usage: reference.py MODEL_DIR engine CMD...
+       reference.py MODEL_DIR tool AIRLOCK EMBED_WASM
 """
 
 import json
 import math
+import os
 import subprocess
 import sys
+import tempfile
 
 import numpy as np
 from safetensors.numpy import load_file
@@ -98,8 +107,30 @@ def sentence(hidden):
     return v / np.linalg.norm(v)
 
 
+def tool_embeddings(model, airlock, wasm):
+    """The embed tool's embeddings of SENTENCES, run by airlock."""
+    with tempfile.TemporaryDirectory() as d:
+        policy = os.path.join(d, "policy.toml")
+        with open(policy, "w") as f:
+            f.write(f'version = 1\n[limits]\nmemory = "256MiB"\ntimeout = "120s"\n'
+                    f'fuel = 100_000_000_000\n[models]\nminilm = {json.dumps(model)}\n')
+        out = subprocess.run(
+            [airlock, "run", wasm, "--isolation", "process", "--policy", policy,
+             "--tool", "embed", "--args", json.dumps({"texts": SENTENCES})],
+            capture_output=True, text=True, check=True,
+        ).stdout
+    result = json.loads(out)["result"]
+    assert "ok" in result and "ok" in result["ok"], f"the tool failed: {result}"
+    return result["ok"]["ok"]
+
+
 def main():
-    model, cmd = sys.argv[1], sys.argv[2:]
+    model, mode, rest = sys.argv[1], sys.argv[2], sys.argv[3:]
+    if mode == "tool":
+        compare_tool(model, *rest)
+        return
+    assert mode == "engine", __doc__
+    cmd = rest
     cfg = json.load(open(f"{model}/config.json"))
     w = load_file(f"{model}/model.safetensors")
     tok = Tokenizer.from_file(f"{model}/tokenizer.json")
@@ -125,6 +156,26 @@ def main():
     a, b = sentence(hidden[1]), sentence(hidden[13])
     assert float(a @ b) < 0.9, "two unrelated sentences embed alike"
     print(f"reference: {len(SENTENCES)} sentences, worst cosine {worst:.6f} (>= 0.999)")
+
+
+def compare_tool(model, airlock, wasm):
+    cfg = json.load(open(f"{model}/config.json"))
+    w = load_file(f"{model}/model.safetensors")
+    tok = Tokenizer.from_file(f"{model}/tokenizer.json")
+    tok.no_padding()
+    tok.no_truncation()
+    got = tool_embeddings(model, airlock, wasm)
+    assert len(got) == len(SENTENCES), f"{len(got)} embeddings for {len(SENTENCES)} sentences"
+    worst = 1.0
+    for s, v in zip(SENTENCES, got):
+        want = sentence(forward(w, cfg, tok.encode(s).ids))
+        v = np.asarray(v, dtype=np.float64)
+        assert len(v) == cfg["hidden_size"], f"{s!r}: {len(v)} numbers"
+        cos = float(v @ want / np.linalg.norm(v))
+        worst = min(worst, cos)
+        print(f"cos {cos:.6f}  {s[:50]!r}")
+        assert cos >= 0.999, f"{s!r}: cosine {cos} < 0.999"
+    print(f"reference (the embed tool): {len(SENTENCES)} sentences, worst cosine {worst:.6f} (>= 0.999)")
 
 
 if __name__ == "__main__":
