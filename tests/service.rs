@@ -1463,3 +1463,51 @@ fn idle_connections_hold_the_connection_slots_only_until_their_timeout() {
         );
     }
 }
+
+#[test]
+fn a_tenant_grants_a_model_inside_its_allowed_directories_and_calls_the_embed_tool() {
+    let d = tmp();
+    let srv = Server::start(d.path(), "");
+    let c = srv.client();
+    // The model inside acme's allowed directory (a hard link where the
+    // cache shares the file system, else a copy; never a symbolic link:
+    // a grant follows none).
+    let model = std::env::var_os("AIRLOCK_MINILM")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| common::cache_dir().join("models/all-MiniLM-L6-v2"));
+    let inside = d.path().join("shared/all-MiniLM-L6-v2");
+    std::fs::create_dir_all(&inside).unwrap();
+    for f in ["config.json", "model.safetensors"] {
+        if std::fs::hard_link(model.join(f), inside.join(f)).is_err() {
+            std::fs::copy(model.join(f), inside.join(f)).unwrap();
+        }
+    }
+    let inside = std::fs::canonicalize(&inside).unwrap();
+    c.upload_example(ADMIN, "embed", "embed");
+    let policy = format!(
+        "version = 1\n[models]\nminilm = {:?}\n",
+        inside.display().to_string()
+    );
+    let r = c.put_policy(ADMIN, "embed", &policy);
+    assert_eq!(r.status, 201, "{}", r.json);
+    let r = c.invoke(
+        ADMIN,
+        "embed__similar",
+        json!({"query": "How do I reset my password?", "texts": [
+            "The cat sat on the mat.",
+            "I forgot my login credentials and cannot sign in."
+        ]}),
+    );
+    assert_eq!(r.status, 200, "{}", r.json);
+    assert_eq!(r.json["result"]["ok"]["ok"][0]["index"], 1, "{}", r.json);
+
+    // Another tenant cannot grant acme's model: outside its directories.
+    c.upload_example(OTHER_ADMIN, "embed", "embed");
+    let r = c.put_policy(OTHER_ADMIN, "embed", &policy);
+    assert_eq!(r.status, 400, "{}", r.json);
+    assert_eq!(
+        r.json["error"]["field"], "policy.models.minilm",
+        "{}",
+        r.json
+    );
+}
