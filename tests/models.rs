@@ -22,16 +22,15 @@ fn minilm() -> PathBuf {
     dir
 }
 
-/// `airlock run` of the embed example in process isolation with `policy`;
-/// the outcome's JSON.
-fn run(dir: &Path, policy: &str, tool: &str, args: Value) -> Value {
+/// `airlock run` of `example`'s `tool` in process isolation with
+/// `policy`; the outcome's JSON.
+fn run_example(dir: &Path, policy: &str, example: &str, tool: &str, args: Value) -> Value {
     let policy_path = dir.join("policy.toml");
     std::fs::write(&policy_path, policy).unwrap();
-    let embed = common::example("embed");
     let o = Command::new(env!("CARGO_BIN_EXE_airlock"))
         .args([
             "run",
-            embed.to_str().unwrap(),
+            common::example(example).to_str().unwrap(),
             "--policy",
             policy_path.to_str().unwrap(),
             "--tool",
@@ -43,13 +42,23 @@ fn run(dir: &Path, policy: &str, tool: &str, args: Value) -> Value {
         ])
         .output()
         .unwrap();
-    let stdout = String::from_utf8_lossy(&o.stdout);
-    serde_json::from_str(&stdout).unwrap_or_else(|e| {
+    serde_json::from_slice(&o.stdout).unwrap_or_else(|e| {
         panic!(
-            "not JSON ({e}): {stdout}\nstderr: {}",
+            "not JSON ({e}): {}\nstderr: {}",
+            String::from_utf8_lossy(&o.stdout),
             String::from_utf8_lossy(&o.stderr)
         )
     })
+}
+
+/// The embed example's `tool`.
+fn run(dir: &Path, policy: &str, tool: &str, args: Value) -> Value {
+    run_example(dir, policy, "embed", tool, args)
+}
+
+/// The escape example's `tool`.
+fn escape(dir: &Path, policy: &str, tool: &str, args: Value) -> Value {
+    run_example(dir, policy, "escape", tool, args)
 }
 
 fn granted(model: &Path) -> String {
@@ -204,34 +213,6 @@ fn a_missing_or_corrupt_model_and_too_long_input_are_structured_errors() {
         json!({"texts": "not a list"}),
     );
     assert_eq!(out["result"]["error"]["kind"], "bad_arguments", "{out}");
-}
-
-/// `airlock run` of the escape example's `tool` in process isolation.
-fn escape(dir: &Path, policy: &str, tool: &str, args: Value) -> Value {
-    let policy_path = dir.join("policy.toml");
-    std::fs::write(&policy_path, policy).unwrap();
-    let o = Command::new(env!("CARGO_BIN_EXE_airlock"))
-        .args([
-            "run",
-            common::example("escape").to_str().unwrap(),
-            "--policy",
-            policy_path.to_str().unwrap(),
-            "--tool",
-            tool,
-            "--args",
-            &args.to_string(),
-            "--isolation",
-            "process",
-        ])
-        .output()
-        .unwrap();
-    serde_json::from_slice(&o.stdout).unwrap_or_else(|e| {
-        panic!(
-            "not JSON ({e}): {}\nstderr: {}",
-            String::from_utf8_lossy(&o.stdout),
-            String::from_utf8_lossy(&o.stderr)
-        )
-    })
 }
 
 #[test]
