@@ -103,6 +103,14 @@ fn a_granted_model_ranks_texts_by_meaning_without_copying_its_weights() {
     assert_eq!(loads.len(), 1, "{out}");
     assert_eq!(loads[0]["decision"], "allow");
     assert_eq!(loads[0]["target"], "minilm");
+    // Not on a read-only image here: a sealed copy no truncation can reach.
+    assert!(
+        loads[0]["reason"]
+            .as_str()
+            .unwrap()
+            .ends_with("(read from this process's sealed copy)"),
+        "{out}"
+    );
     assert_eq!(events(&out, "nn.compute").len(), 1, "{out}");
     // The weights (87 MiB) were read in place: the component's linear
     // memory holds its tokenizer and activations, not the model.

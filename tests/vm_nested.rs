@@ -1166,11 +1166,13 @@ fn a_model_granted_by_name_runs_in_the_vm_from_the_weights_image() {
         })
         .collect();
     // The grant names the host's directory, as in process isolation.
+    // In the guest the model is on the erofs weights image: read in place
+    // (DAX), no copy.
     assert!(
         events.contains(&(
             "nn.load",
             "allow",
-            "granted by policy: /models/all-MiniLM-L6-v2"
+            "granted by policy: /models/all-MiniLM-L6-v2 (read in place from a read-only image)"
         )),
         "{vm}"
     );

@@ -143,6 +143,7 @@ pub struct Batch<'a> {
 /// A BERT encoder over a mapped safetensors file (see the crate docs).
 pub struct Bert {
     map: Mmap,
+    in_place: bool,
     cfg: BertConfig,
     path: PathBuf,
     word: Range<usize>,
@@ -179,11 +180,12 @@ impl Bert {
         cfg.check().map_err(|e| bad(&cfg_path, e))?;
         let path = dir.join("model.safetensors");
         let file = open_no_link(&path).map_err(|e| bad(&path, e.to_string()))?;
+        let (file, in_place) = stable(file).map_err(|e| bad(&path, e))?;
         // SAFETY: a read-only shared mapping; nothing here writes through
-        // it. The crate's invariant is that the host never changes a
-        // weights file while it is shared (a read-only image in a VM), so
-        // the bytes seen through the mapping are stable; every view into
-        // it is bounds- and alignment-checked below before use.
+        // it. The file cannot change while mapped: it is either on a
+        // read-only image file system (`stable`: erofs, squashfs) or a
+        // memfd sealed against writes, shrinking and growing; every view
+        // into it is bounds- and alignment-checked below before use.
         let map = unsafe { memmap2::MmapOptions::new().map(&file) }
             .map_err(|e| bad(&path, format!("cannot map it: {e}")))?;
         let index = Index::new(&map, &path)?;
@@ -228,6 +230,7 @@ impl Bert {
         let embed_norm = norm("embeddings.LayerNorm")?;
         Ok(Self {
             map,
+            in_place,
             cfg,
             path,
             word,
@@ -246,6 +249,13 @@ impl Bert {
     /// The mapped weights file.
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// Whether the weights are read where they lie (a read-only image, the
+    /// page cache shared by every process and VM), rather than from this
+    /// process's sealed copy.
+    pub fn in_place(&self) -> bool {
+        self.in_place
     }
 
     /// The last hidden state of every token: `batch × seq × hidden` floats,
@@ -448,6 +458,59 @@ fn softmax(row: &mut [f32]) {
             *v /= sum;
         }
     }
+}
+
+/// File systems whose files cannot change under a mapping: read-only
+/// images (erofs — the weights image — and squashfs).
+const IMAGE_FS_MAGIC: [u32; 2] = [0xE0F5_E1E2, 0x7371_7368];
+
+/// A file whose bytes cannot change while mapped, and whether it is `file`
+/// itself. A file on a read-only image is; any other may be truncated by
+/// whoever can write it — a mapped page that is gone is a `SIGBUS` that
+/// ends the process — so it is copied once into a memfd sealed against
+/// writing, shrinking and growing.
+fn stable(file: std::fs::File) -> Result<(std::fs::File, bool), String> {
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    // SAFETY: an all-zero statfs is a valid value of the plain C struct.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `file` is an open descriptor and `st` a valid statfs the call
+    // fills; nothing else is touched.
+    if unsafe { libc::fstatfs(file.as_raw_fd(), &mut st) } != 0 {
+        return Err(format!(
+            "cannot stat its file system: {}",
+            std::io::Error::last_os_error()
+        ));
+    }
+    if IMAGE_FS_MAGIC.contains(&(st.f_type as u32)) {
+        return Ok((file, true));
+    }
+    // SAFETY: a NUL-terminated name and flags; the call returns a new
+    // descriptor or -1 and touches no memory of ours.
+    let fd = unsafe {
+        libc::memfd_create(
+            c"airlock-model".as_ptr(),
+            libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING,
+        )
+    };
+    if fd < 0 {
+        return Err(format!(
+            "cannot make a sealed copy: {}",
+            std::io::Error::last_os_error()
+        ));
+    }
+    // SAFETY: memfd_create returned a new descriptor that nothing else owns.
+    let mut copy = std::fs::File::from(unsafe { OwnedFd::from_raw_fd(fd) });
+    let mut src = file;
+    std::io::copy(&mut src, &mut copy).map_err(|e| format!("cannot copy it: {e}"))?;
+    let seals = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_WRITE | libc::F_SEAL_SEAL;
+    // SAFETY: fcntl on the memfd we own, with an integer argument.
+    if unsafe { libc::fcntl(copy.as_raw_fd(), libc::F_ADD_SEALS, seals) } != 0 {
+        return Err(format!(
+            "cannot seal its copy: {}",
+            std::io::Error::last_os_error()
+        ));
+    }
+    Ok((copy, false))
 }
 
 /// Open a model file for reading; a symbolic link in its place is refused

@@ -6,8 +6,10 @@
 //! read-only and the encoder keeps only *offsets* into the mapping: every
 //! matrix product reads the weights where they lie. In a microVM that
 //! mapping is the DAX window of `/weights` — the host's page cache — so no
-//! VM, process or call holds a private copy of the weights; in process
-//! isolation it is the host's page cache directly.
+//! VM, process or call holds a private copy of the weights. A file that is
+//! not on such a read-only image (process isolation, a plain directory) is
+//! copied once per process into a sealed memfd: a file anyone can truncate
+//! must never be mapped, a lost page being a `SIGBUS` for the process.
 //!
 //! **Invariants:**
 //! * Nothing is copied out of the weights file: tensors are `&[f32]` views
@@ -21,8 +23,9 @@
 //!   model's context, a mask of 0/1, and at most [`MAX_TOKENS`] tokens per
 //!   call — so the host memory and time one [`Bert::encode`] costs is
 //!   bounded by the input's size, whatever the caller sends.
-//! * The file is assumed not to change while mapped: the host shares it
-//!   read-only (a read-only DAX image in a VM).
+//! * The mapped bytes cannot change: a file on a read-only image file
+//!   system (erofs, squashfs — the VM's `/weights`) is mapped in place,
+//!   any other is copied once into a sealed memfd ([`Bert::in_place`]).
 
 mod bert;
 

@@ -263,3 +263,21 @@ fn a_weights_file_that_is_a_symbolic_link_is_refused() {
     .unwrap();
     Bert::open(dir.path()).unwrap();
 }
+
+#[test]
+fn a_model_not_on_a_read_only_image_is_read_from_a_sealed_copy_that_truncation_cannot_touch() {
+    let dir = write_model(&tensors(), CFG);
+    let m = Bert::open(dir.path()).unwrap();
+    // A temporary directory is no read-only image.
+    assert!(!m.in_place());
+    let before = m.encode(&one(&[1, 5, 7, 2])).unwrap();
+    // Truncate the file under the open model: without the copy, the next
+    // read of a weight would be a SIGBUS that ends this test process.
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(dir.path().join("model.safetensors"))
+        .unwrap()
+        .set_len(0)
+        .unwrap();
+    assert_eq!(m.encode(&one(&[1, 5, 7, 2])).unwrap(), before);
+}

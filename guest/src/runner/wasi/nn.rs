@@ -183,7 +183,15 @@ impl generated::wasi::nn::graph::Host for CallState {
                     "nn.load",
                     name.clone(),
                     Decision::Allow,
-                    format!("granted by policy: {}", grant.named().display()),
+                    format!(
+                        "granted by policy: {} ({})",
+                        grant.named().display(),
+                        if model.in_place() {
+                            "read in place from a read-only image"
+                        } else {
+                            "read from this process's sealed copy"
+                        }
+                    ),
                 );
                 Ok(Ok(self.table.push(NnGraph { name, model })?))
             }
