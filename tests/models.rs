@@ -306,3 +306,61 @@ fn a_model_from_the_components_bytes_and_input_the_model_cannot_take_are_refused
         assert!(err.contains(says), "{says}: {out}");
     }
 }
+
+#[test]
+fn the_engine_built_into_a_component_gives_the_same_embeddings_from_a_private_copy() {
+    // `embed-inline`, the models benchmark's reference: the same engine
+    // inside the component, reading the weights through a file grant.
+    let dir = tempfile::tempdir().unwrap();
+    let texts = json!({"texts": ["A man is playing a guitar.", "The weather is lovely today."]});
+    let host = run(dir.path(), &granted(&minilm()), "embed", texts.clone());
+    let inline_policy = format!(
+        "version = 1\n[limits]\nmemory = \"256MiB\"\ntimeout = \"60s\"\nfuel = 100000000000\n\
+         [[filesystem]]\nhost = {:?}\nguest = \"/model\"\nmode = \"ro\"\n",
+        minilm().display().to_string()
+    );
+    let inline = run_example(dir.path(), &inline_policy, "embed-inline", "embed", texts);
+    let rows = |out: &Value| -> Vec<Vec<f64>> {
+        out["result"]["ok"]["ok"]
+            .as_array()
+            .unwrap_or_else(|| panic!("{out}"))
+            .iter()
+            .map(|r| {
+                r.as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|x| x.as_f64().unwrap())
+                    .collect()
+            })
+            .collect()
+    };
+    let (a, b) = (rows(&host), rows(&inline));
+    assert_eq!(a.len(), 2);
+    for (x, y) in a.iter().zip(&b) {
+        let cos: f64 = x.iter().zip(y).map(|(p, q)| p * q).sum();
+        assert!(cos > 0.9999, "cosine {cos}");
+    }
+    // The naive way holds the weights (87 MiB) in linear memory; the
+    // capability never does.
+    let weights = std::fs::metadata(minilm().join("model.safetensors"))
+        .unwrap()
+        .len();
+    let peak = |out: &Value| out["metering"]["peak_memory_bytes"].as_u64().unwrap();
+    assert!(peak(&inline) > weights, "{inline}");
+    assert!(peak(&host) < weights / 4, "{host}");
+    // Without its file grant it says what it needs.
+    let bare = run_example(
+        dir.path(),
+        "version = 1\n[limits]\nmemory = \"256MiB\"\n",
+        "embed-inline",
+        "embed",
+        json!({"texts": ["x"]}),
+    );
+    let err = bare["result"]["ok"]["err"]
+        .as_str()
+        .unwrap_or_else(|| panic!("{bare}"));
+    assert!(
+        err.starts_with("model_unavailable:") && err.contains("/model"),
+        "{err}"
+    );
+}

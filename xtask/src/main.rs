@@ -102,7 +102,15 @@ enum Cmd {
 }
 
 /// Example crates and their output names.
-pub const EXAMPLES: &[&str] = &["kitchen", "files", "fetch", "escape", "notes", "embed"];
+pub const EXAMPLES: &[&str] = &[
+    "kitchen",
+    "files",
+    "fetch",
+    "escape",
+    "notes",
+    "embed",
+    "embed-inline",
+];
 
 /// The workspace root. Read from the environment `cargo run` sets, not from
 /// the compile-time value: clones that share a cached target directory reuse
@@ -195,7 +203,8 @@ pub fn examples() -> anyhow::Result<()> {
     let out = examples_out();
     std::fs::create_dir_all(&out)?;
     for name in EXAMPLES {
-        let src = built.join(format!("{name}.wasm"));
+        // Cargo names a library's artifact with `_` for `-`.
+        let src = built.join(format!("{}.wasm", name.replace('-', "_")));
         let dst = out.join(format!("{name}.wasm"));
         let bytes = std::fs::read(&src).with_context(|| format!("reading {}", src.display()))?;
         let bytes = embed_wit(bytes, &dir.join(name).join("wit"))?;

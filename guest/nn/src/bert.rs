@@ -1,7 +1,6 @@
 //! The BERT encoder: config, zero-copy weights, forward pass.
 
 use crate::{MAX_TOKENS, NnError};
-use memmap2::Mmap;
 use ndarray::{Array2, ArrayView1, ArrayView2, s};
 use std::ops::Range;
 use std::path::{Path, PathBuf};
@@ -140,9 +139,30 @@ pub struct Batch<'a> {
     pub token_type_ids: Option<&'a [i64]>,
 }
 
+/// Where a [`Bert`]'s weights lie.
+enum Weights {
+    /// Mapped read-only: a file on a read-only image, or this process's
+    /// sealed copy ([`Bert::open`]).
+    #[cfg(feature = "map")]
+    Mapped(memmap2::Mmap),
+    /// Read into this process's memory ([`Bert::read`]); `u32`s so the
+    /// bytes are aligned for `f32` reads, the first `usize` bytes used.
+    Owned(Vec<u32>, usize),
+}
+
+impl Weights {
+    fn bytes(&self) -> &[u8] {
+        match self {
+            #[cfg(feature = "map")]
+            Self::Mapped(m) => m,
+            Self::Owned(words, len) => &bytemuck::cast_slice(words)[..*len],
+        }
+    }
+}
+
 /// A BERT encoder over a mapped safetensors file (see the crate docs).
 pub struct Bert {
-    map: Mmap,
+    weights: Weights,
     in_place: bool,
     cfg: BertConfig,
     path: PathBuf,
@@ -163,32 +183,63 @@ impl std::fmt::Debug for Bert {
 }
 
 impl Bert {
-    /// Open the model in `dir` (`config.json`, `model.safetensors`).
+    /// Open the model in `dir` (`config.json`, `model.safetensors`),
+    /// its weights mapped, never copied into this process's heap.
     ///
     /// # Errors
     /// [`NnError::Model`] when a file is missing, unreadable, malformed, or
     /// lacks a tensor of the shape the config implies.
+    #[cfg(feature = "map")]
     pub fn open(dir: &Path) -> Result<Self, NnError> {
-        let cfg_path = dir.join("config.json");
-        let bad = |path: &Path, reason: String| NnError::Model {
-            path: path.to_path_buf(),
+        let cfg = read_config(dir)?;
+        let path = dir.join("model.safetensors");
+        let bad = |reason: String| NnError::Model {
+            path: path.clone(),
             reason,
         };
-        let cfg_text = read_bounded(&cfg_path).map_err(|e| bad(&cfg_path, e))?;
-        let cfg: BertConfig =
-            serde_json::from_slice(&cfg_text).map_err(|e| bad(&cfg_path, e.to_string()))?;
-        cfg.check().map_err(|e| bad(&cfg_path, e))?;
-        let path = dir.join("model.safetensors");
-        let file = open_no_link(&path).map_err(|e| bad(&path, e.to_string()))?;
-        let (file, in_place) = stable(file).map_err(|e| bad(&path, e))?;
+        let file = open_no_link(&path).map_err(|e| bad(e.to_string()))?;
+        let (file, in_place) = stable(file).map_err(bad)?;
         // SAFETY: a read-only shared mapping; nothing here writes through
         // it. The file cannot change while mapped: it is either on a
         // read-only image file system (`stable`: erofs, squashfs) or a
         // memfd sealed against writes, shrinking and growing; every view
-        // into it is bounds- and alignment-checked below before use.
+        // into it is bounds- and alignment-checked in `build` before use.
         let map = unsafe { memmap2::MmapOptions::new().map(&file) }
-            .map_err(|e| bad(&path, format!("cannot map it: {e}")))?;
-        let index = Index::new(&map, &path)?;
+            .map_err(|e| bad(format!("cannot map it: {e}")))?;
+        Self::build(cfg, Weights::Mapped(map), path, in_place)
+    }
+
+    /// Read the model in `dir` whole into this process's memory: what a
+    /// program without a mapping (a Wasm component reading a granted file)
+    /// does — a private copy of the weights per reader.
+    ///
+    /// # Errors
+    /// As [`Bert::open`].
+    pub fn read(dir: &Path) -> Result<Self, NnError> {
+        use std::io::Read;
+        let cfg = read_config(dir)?;
+        let path = dir.join("model.safetensors");
+        let bad = |reason: String| NnError::Model {
+            path: path.clone(),
+            reason,
+        };
+        let mut file = open_no_link(&path).map_err(|e| bad(e.to_string()))?;
+        let len = file.metadata().map_err(|e| bad(e.to_string()))?.len();
+        let len = usize::try_from(len).map_err(|_| bad("it is too large to read".into()))?;
+        let mut words = vec![0u32; len.div_ceil(4)];
+        file.read_exact(&mut bytemuck::cast_slice_mut(&mut words)[..len])
+            .map_err(|e| bad(format!("cannot read it: {e}")))?;
+        Self::build(cfg, Weights::Owned(words, len), path, false)
+    }
+
+    /// The encoder over `weights`, every tensor it reads checked.
+    fn build(
+        cfg: BertConfig,
+        weights: Weights,
+        path: PathBuf,
+        in_place: bool,
+    ) -> Result<Self, NnError> {
+        let index = Index::new(weights.bytes(), &path)?;
         let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
         let linear = |name: &str, out: usize, inp: usize| -> Result<Linear, NnError> {
             Ok(Linear {
@@ -228,8 +279,9 @@ impl Bert {
             &[cfg.type_vocab_size, h],
         )?;
         let embed_norm = norm("embeddings.LayerNorm")?;
+        drop(index);
         Ok(Self {
-            map,
+            weights,
             in_place,
             cfg,
             path,
@@ -339,7 +391,7 @@ impl Bert {
 
     /// The weights in `r` (checked when the model opened).
     fn f(&self, r: &Range<usize>) -> &[f32] {
-        bytemuck::cast_slice(&self.map[r.clone()])
+        bytemuck::cast_slice(&self.weights.bytes()[r.clone()])
     }
 
     fn view2(
@@ -460,8 +512,22 @@ fn softmax(row: &mut [f32]) {
     }
 }
 
+/// The checked `config.json` of the model in `dir`.
+fn read_config(dir: &Path) -> Result<BertConfig, NnError> {
+    let path = dir.join("config.json");
+    let bad = |reason: String| NnError::Model {
+        path: path.clone(),
+        reason,
+    };
+    let text = read_bounded(&path).map_err(bad)?;
+    let cfg: BertConfig = serde_json::from_slice(&text).map_err(|e| bad(e.to_string()))?;
+    cfg.check().map_err(bad)?;
+    Ok(cfg)
+}
+
 /// File systems whose files cannot change under a mapping: read-only
 /// images (erofs — the weights image — and squashfs).
+#[cfg(feature = "map")]
 const IMAGE_FS_MAGIC: [u32; 2] = [0xE0F5_E1E2, 0x7371_7368];
 
 /// A file whose bytes cannot change while mapped, and whether it is `file`
@@ -469,6 +535,7 @@ const IMAGE_FS_MAGIC: [u32; 2] = [0xE0F5_E1E2, 0x7371_7368];
 /// whoever can write it — a mapped page that is gone is a `SIGBUS` that
 /// ends the process — so it is copied once into a memfd sealed against
 /// writing, shrinking and growing.
+#[cfg(feature = "map")]
 fn stable(file: std::fs::File) -> Result<(std::fs::File, bool), String> {
     use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
     // SAFETY: an all-zero statfs is a valid value of the plain C struct.
@@ -515,12 +582,20 @@ fn stable(file: std::fs::File) -> Result<(std::fs::File, bool), String> {
 
 /// Open a model file for reading; a symbolic link in its place is refused
 /// (a model directory's files are its own).
+#[cfg(feature = "map")]
 fn open_no_link(path: &Path) -> std::io::Result<std::fs::File> {
     use std::os::unix::fs::OpenOptionsExt;
     std::fs::OpenOptions::new()
         .read(true)
         .custom_flags(libc::O_NOFOLLOW)
         .open(path)
+}
+
+/// Without `map` (built into a Wasm component): the file at `path`; the
+/// component's own file system grant bounds what it can reach.
+#[cfg(not(feature = "map"))]
+fn open_no_link(path: &Path) -> std::io::Result<std::fs::File> {
+    std::fs::File::open(path)
 }
 
 /// Read a small file whole, refusing one over [`MAX_CONFIG_BYTES`].
@@ -545,7 +620,7 @@ struct Index<'a> {
 }
 
 impl<'a> Index<'a> {
-    fn new(map: &'a Mmap, path: &'a Path) -> Result<Self, NnError> {
+    fn new(map: &'a [u8], path: &'a Path) -> Result<Self, NnError> {
         // The parser checks the header and that every tensor's bytes lie
         // inside the file and match its dtype and shape.
         let tensors = safetensors::SafeTensors::deserialize(map).map_err(|e| NnError::Model {

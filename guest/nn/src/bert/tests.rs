@@ -118,6 +118,31 @@ fn a_sequence_encodes_to_one_normalised_row_per_token() {
 }
 
 #[test]
+fn a_model_read_into_memory_encodes_exactly_as_the_mapped_one() {
+    let (d, mapped) = model();
+    let read = Bert::read(d.path()).unwrap();
+    assert!(!read.in_place());
+    let ids = [1, 5, 7, 2];
+    assert_eq!(
+        mapped.encode(&one(&ids)).unwrap(),
+        read.encode(&one(&ids)).unwrap()
+    );
+    // The same checks hold: a file cut short does not load either way.
+    let f = d.path().join("model.safetensors");
+    let len = std::fs::metadata(&f).unwrap().len();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&f)
+        .unwrap()
+        .set_len(len - 4)
+        .unwrap();
+    assert!(matches!(
+        Bert::read(d.path()),
+        Err(crate::NnError::Model { .. })
+    ));
+}
+
+#[test]
 fn padding_changes_nothing_for_the_real_tokens_and_a_batch_is_its_sequences() {
     let (_d, m) = model();
     let alone = m.encode(&one(&[1, 5, 7, 2])).unwrap();

@@ -1,4 +1,4 @@
-//! Build the model's tokenizer into the component: `tokenizer.json` of
+//! Build the model's tokenizer into the embed components: `tokenizer.json` of
 //! all-MiniLM-L6-v2, from `$AIRLOCK_MINILM` or the cache `scripts/model.sh`
 //! fills (`${AIRLOCK_CACHE:-~/.cache/airlock}/models/all-MiniLM-L6-v2`).
 
@@ -23,7 +23,7 @@ fn main() {
     let out = PathBuf::from(std::env::var_os("OUT_DIR").expect("cargo sets OUT_DIR"));
     if let Err(e) = std::fs::copy(&src, out.join("tokenizer.json")) {
         panic!(
-            "the embed example needs the model's tokenizer at {}: {e} (scripts/setup.sh fetches it; or set AIRLOCK_MINILM)",
+            "the embed examples need the model's tokenizer at {}: {e} (scripts/setup.sh fetches it; or set AIRLOCK_MINILM)",
             src.display()
         );
     }
