@@ -217,6 +217,13 @@ struct MultiArgs {
     /// JSON arguments, one per VM (repeat the flag).
     #[arg(long = "args", required = true)]
     args: Vec<String>,
+    /// Policy file (TOML) every call runs under. Without it nothing is
+    /// granted.
+    #[arg(long)]
+    policy: Option<PathBuf>,
+    /// `DIR:IMAGE`, as for `airlock run`.
+    #[arg(long)]
+    weights: Option<String>,
     #[command(flatten)]
     guest: GuestArgs,
 }
@@ -1009,11 +1016,20 @@ fn vm_multi(a: MultiArgs) -> anyhow::Result<serde_json::Value> {
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
     let wasm = WasmBytes::new(read_component(&a.component)?);
-    let policy = Policy::default();
+    let policy = match &a.policy {
+        Some(p) => load_policy(p)?,
+        None => Policy::default(),
+    };
+    let weights = a
+        .weights
+        .as_deref()
+        .map(Weights::parse)
+        .transpose()
+        .context("--weights")?;
     // Every VM at once: the calls wait for each other below.
     let site = a
         .guest
-        .call_site(Isolation::Vm, None, &policy, args.len())?;
+        .call_site(Isolation::Vm, weights, &policy, args.len())?;
     let grants = site.grants(policy.grant_set())?;
     // Every VM waits, once loaded, for the others: the calls overlap.
     let all_ready = std::sync::Barrier::new(args.len());

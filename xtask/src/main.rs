@@ -18,6 +18,10 @@
 //! * `cargo xtask bench fs [--rounds N]` — inside the nested harness, a
 //!   64 MiB read and 10,000 stats through virtio-fs against process
 //!   isolation on the same directory, and boots with and without a share.
+//! * `cargo xtask bench models [--rounds N]` — inside the nested harness,
+//!   host memory per VM of 4 running the `embed` tool at once (the model a
+//!   capability) against `embed-inline` (weights copied into the
+//!   component), and embeddings/s in VM against process isolation.
 //! * `cargo xtask bench runner` — per-call latency of the runner's fast path
 //!   against instantiate-from-bytes, printed as a ratio.
 //! * `cargo xtask fuzz [--seconds N] [--target NAME] [--quick-build]` — every fuzz target in
@@ -76,7 +80,8 @@ enum Cmd {
     },
     /// Benchmarks that print ratios measured in one run.
     Bench {
-        /// Which benchmark: `runner`, `service`, `load`, `boot` or `fs`.
+        /// Which benchmark: `runner`, `service`, `load`, `boot`, `fs`, `start` or
+        /// `models`.
         which: String,
         /// Calls per measurement.
         #[arg(long, default_value_t = 2000)]
@@ -164,9 +169,10 @@ fn main() -> anyhow::Result<()> {
             "boot" => nested::bench_boot(rounds, reference_vmm),
             "fs" => nested::bench_fs(rounds),
             "start" => nested::bench_start(rounds),
+            "models" => nested::bench_models(rounds),
             other => {
                 bail!(
-                    "unknown benchmark {other:?}; available: runner, service, load, boot, fs, start"
+                    "unknown benchmark {other:?}; available: runner, service, load, boot, fs, start, models"
                 )
             }
         },

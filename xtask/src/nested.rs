@@ -883,6 +883,63 @@ if [ "$airlock_bench" = start ]; then
   echo "NESTED-RESULT-END bench-start 0"
   exit 0
 fi
+if [ "$airlock_bench" = models ]; then
+  # Models as a capability against the naive way. Memory: 4 VMs at once
+  # (restored, unjailed so each VMM reads its own RssAnon) running embed
+  # (wasi:nn, the weights read in place from the pmem image), embed-inline
+  # (the same engine in the component, the weights read into its linear
+  # memory through a read-only grant of the same directory), and kitchen's
+  # greet (no model: the baseline). Then embeddings/s of embed, VM against
+  # process isolation, R rounds alternating.
+  R=${airlock_rounds:-3}
+  echo "NESTED-RESULT-BEGIN bench-models"
+  export AIRLOCK_CACHE=/tmp/bench-models; rm -rf $AIRLOCK_CACHE
+  MD=/models/all-MiniLM-L6-v2
+  printf 'version = 1\n[limits]\nmemory = "128 MiB"\ntimeout = "30m"\nfuel = 10000000000000\n[models]\nminilm = "%s"\n' $MD > /tmp/mb-cap.toml
+  printf 'version = 1\n[limits]\nmemory = "256 MiB"\ntimeout = "30m"\nfuel = 10000000000000\n[[filesystem]]\nhost = "%s"\nguest = "/model"\nmode = "ro"\n' $MD > /tmp/mb-inline.toml
+  GA="--kernel $G/vmlinux --initrd $G/initramfs.cpio.gz --boot-attempts 5 --jail off --memory-mib 512 --weights /models:$G/weights.erofs"
+  ONE='{"texts": ["A man is playing a guitar."]}'
+  T='["A man is playing a guitar.", "The weather is lovely today.", "How do I reset my password?", "Paris is the capital of France.", "The cat sat on the mat.", "I forgot my login credentials.", "Stocks fell sharply on Monday.", "She reads a book in the garden."]'
+  {
+    printf '{"weights_bytes": %s, "memory": {' "$(stat -c %s $MD/model.safetensors)"
+    first=1
+    for side in baseline capability naive; do
+      case $side in
+        baseline) C="/examples/kitchen.wasm --tool greet"; P=""; A='{"name": "bench"}' ;;
+        capability) C="/examples/embed.wasm --tool embed"; P="--policy /tmp/mb-cap.toml"; A="$ONE" ;;
+        naive) C="/examples/embed-inline.wasm --tool embed"; P="--policy /tmp/mb-inline.toml"; A="$ONE" ;;
+      esac
+      echo "NESTED-PROGRESS bench-models: $side: the snapshot (one VM), then 4 VMs at once" >&2
+      /airlock vm multi $C --args "$A" $P $GA > /dev/null 2>>/tmp/mb.err
+      [ $first = 1 ] || printf ','
+      first=0
+      printf '"%s": ' $side
+      set --; n=0; while [ $n -lt 4 ]; do set -- "$@" --args "$A"; n=$((n+1)); done
+      /airlock vm multi $C "$@" $P $GA 2>>/tmp/mb.err | tr -d '\n'
+    done
+    printf '}, "rounds": ['
+    echo "[{\"tool\": \"embed\", \"args\": {\"texts\": $T}}, {\"tool\": \"embed\", \"args\": {\"texts\": $T}}]" > /tmp/mb-calls.json
+    i=0; while [ $i -lt $R ]; do
+      [ $i -gt 0 ] && printf ','
+      echo "NESTED-PROGRESS bench-models: throughput round $((i+1)) of $R" >&2
+      printf '{"vm": '
+      /airlock run /examples/embed.wasm --tool embed --args "{\"texts\": $T}" --policy /tmp/mb-cap.toml \
+        --isolation vm $GA 2>>/tmp/mb.err | tr -d '\n'
+      printf ', "process": '
+      # Two calls in one process: the first opens the model (its sealed
+      # copy, once per process); the second is measured.
+      /airlock run /examples/embed.wasm --calls /tmp/mb-calls.json --policy /tmp/mb-cap.toml \
+        --isolation process 2>>/tmp/mb.err | tr -d '\n'
+      printf '}'
+      i=$((i+1))
+    done
+    printf '], "texts": 8}\n'
+  } > /tmp/mb.json 2>/dev/console
+  cat /tmp/mb.json
+  grep -i "warn\|error" /tmp/mb.err | head -5
+  echo "NESTED-RESULT-END bench-models 0"
+  exit 0
+fi
 if [ "$airlock_bench" = fs ]; then
   # virtio-fs against the process wall on the same host directory: a
   # 64 MiB file read whole, 10,000 small files stat-ed; then boots with
@@ -1049,6 +1106,11 @@ pub fn build_image(kind: Kind) -> anyhow::Result<PathBuf> {
             0o100_644,
         ),
         (
+            "examples/embed-inline.wasm".into(),
+            super::examples_out().join("embed-inline.wasm"),
+            0o100_644,
+        ),
+        (
             "examples/notes.wasm".into(),
             super::examples_out().join("notes.wasm"),
             0o100_644,
@@ -1108,6 +1170,15 @@ pub fn build_image(kind: Kind) -> anyhow::Result<PathBuf> {
             }
             if let Some(r) = reference {
                 files.push(("airlock-vmm-ref".into(), r.clone(), 0o100_755));
+            }
+            // The model as a plain directory too, for process isolation
+            // (the VMs read it from the weights image).
+            for f in ["config.json", "model.safetensors"] {
+                files.push((
+                    format!("models/all-MiniLM-L6-v2/{f}"),
+                    weights_src.join("all-MiniLM-L6-v2").join(f),
+                    0o100_644,
+                ));
             }
             BENCH_SCRIPT
         }
@@ -1525,6 +1596,119 @@ fn start_report(json: &serde_json::Value) -> anyhow::Result<String> {
             median(&anon) / 256.0 * 100.0
         )?;
     }
+    Ok(out)
+}
+
+/// `cargo xtask bench models`: inside the outer VM, the host memory each
+/// of 4 VMs running the `embed` tool at once costs (the model a capability,
+/// its weights read in place) against `embed-inline` (the same engine in the
+/// component, the weights copied into its memory) and a VM without a model;
+/// then `embed`'s embeddings/s in VM against process isolation.
+///
+/// # Errors
+/// The harness failed or a call failed.
+pub fn bench_models(rounds: u32) -> anyhow::Result<()> {
+    let manifest = build_image(Kind::Bench { reference: None })?;
+    eprintln!("bench models: booting the outer VM (QEMU TCG + kvm-amd); this takes many minutes");
+    let console = boot_outer(
+        &manifest,
+        &format!("airlock_bench=models airlock_rounds={rounds}"),
+        std::time::Duration::from_secs(2 * 60 * 60),
+    )?;
+    let json = bench_result(&console, "bench-models")?;
+    println!("{}", models_report(&json)?);
+    Ok(())
+}
+
+/// The `bench models` report from what the outer VM printed.
+fn models_report(json: &serde_json::Value) -> anyhow::Result<String> {
+    use std::fmt::Write;
+    const MIB: f64 = 1024.0 * 1024.0;
+    let weights = json["weights_bytes"].as_f64().context("no weights size")? / MIB;
+    let mut out = String::new();
+    writeln!(
+        out,
+        "bench models: all-MiniLM-L6-v2 ({weights:.1} MiB of weights), inside the nested harness"
+    )?;
+    writeln!(
+        out,
+        "  4 VMs at once (restored, 512 MiB guests), anonymous host memory per VMM after its call:"
+    )?;
+    let mut per_vm = std::collections::BTreeMap::new();
+    for (side, what) in [
+        ("baseline", "no model (kitchen greet)"),
+        ("capability", "embed: the model granted, read in place"),
+        ("naive", "embed-inline: the weights read into the component"),
+    ] {
+        let vms = json["memory"][side]["vms"]
+            .as_array()
+            .with_context(|| format!("no {side} run: {}", json["memory"][side]))?;
+        let mut anon = Vec::new();
+        for v in vms {
+            anyhow::ensure!(
+                v["outcome"]["result"]["ok"]
+                    .as_object()
+                    .is_some_and(|o| !o.contains_key("err")),
+                "a {side} call failed: {v}"
+            );
+            anon.push(
+                v["vm_end"]["rss_anon_kib"]
+                    .as_f64()
+                    .with_context(|| format!("a {side} VM did not report its memory: {v}"))?
+                    / 1024.0,
+            );
+        }
+        anyhow::ensure!(anon.len() == 4, "{side}: {} VMs, not 4", anon.len());
+        writeln!(out, "    {what:<52} {}", median_spread(&anon, "MiB"))?;
+        per_vm.insert(side, median(&anon));
+    }
+    let (base, cap, naive) = (per_vm["baseline"], per_vm["capability"], per_vm["naive"]);
+    writeln!(
+        out,
+        "  the model's cost per extra VM (median minus the baseline's): capability {:.1} MiB = {:.1} % of the weights (goal <= 10 %); naive {:.1} MiB = {:.1} %",
+        cap - base,
+        (cap - base) / weights * 100.0,
+        naive - base,
+        (naive - base) / weights * 100.0
+    )?;
+    writeln!(out, "  capability / naive, whole VM: {:.2}", cap / naive)?;
+    let texts = json["texts"].as_f64().context("no text count")?;
+    let rounds = json["rounds"].as_array().context("no rounds")?;
+    let (mut vm, mut process) = (vec![], vec![]);
+    for r in rounds {
+        let v = &r["vm"];
+        let p = &r["process"]["calls"][1];
+        for (side, o) in [("vm", v), ("process", p)] {
+            anyhow::ensure!(
+                o["result"]["ok"]["ok"].is_array(),
+                "a {side} throughput call failed: {o}"
+            );
+        }
+        let rate = |o: &serde_json::Value| {
+            texts / (o["metering"]["wall_us"].as_f64().unwrap_or(f64::NAN) / 1e6)
+        };
+        vm.push(rate(v));
+        process.push(rate(p));
+    }
+    writeln!(
+        out,
+        "  embed, {texts} texts a call (the tool's time as each wall's runner measures it), embeddings/s:"
+    )?;
+    writeln!(
+        out,
+        "    VM isolation (a fresh restored VM per call): {}",
+        median_spread(&vm, "/s")
+    )?;
+    writeln!(
+        out,
+        "    process isolation (model opened by an earlier call): {}",
+        median_spread(&process, "/s")
+    )?;
+    writeln!(
+        out,
+        "  VM / process: {:.2} (goal >= 0.8)",
+        median(&vm) / median(&process)
+    )?;
     Ok(out)
 }
 

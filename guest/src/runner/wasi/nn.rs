@@ -21,8 +21,10 @@
 //!   the call ends `out_of_memory` with a `limit.memory` event, and
 //!   `compute` answers `too-large` (with the same event).
 //! * A model is opened once per process and shared by every call (its
-//!   weights are a read-only mapping); a model that cannot be opened is an
-//!   error for the call (`runtime-error`, naming the file), never a panic.
+//!   weights are a read-only mapping) while its files stay the same (device,
+//!   inode, size, times); at most `MAX_OPEN_MODELS` stay open between calls.
+//!   A model that cannot be opened is an error for the call
+//!   (`runtime-error`, naming the file), never a panic.
 //!
 //! [`GrantSet::models`]: crate::grants::GrantSet::models
 
@@ -30,7 +32,6 @@ use super::CallState;
 use crate::audit::Decision;
 use crate::grants::ModelGrant;
 use airlock_nn::{Batch, Bert};
-use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, OnceLock};
 use wasmtime::component::{HasSelf, Linker, Resource};
@@ -86,33 +87,82 @@ pub(crate) struct NnState {
     pub(crate) models: std::collections::BTreeMap<String, ModelGrant>,
 }
 
-/// Models opened by this process, by directory: each opened (mapped) once.
-fn opened() -> &'static Mutex<HashMap<PathBuf, Arc<Bert>>> {
-    static OPENED: OnceLock<Mutex<HashMap<PathBuf, Arc<Bert>>>> = OnceLock::new();
+/// Most models a process keeps open between calls. Each may be a sealed
+/// copy of its weights (a model not on a read-only image), so a policy
+/// that names many model directories cannot make the host hold more than
+/// this many copies beyond the calls running now (those keep theirs alive).
+const MAX_OPEN_MODELS: usize = 4;
+
+/// What a model's files are: device, inode, size, modification and change
+/// times of `config.json` and `model.safetensors`. A file replaced or
+/// changed in place is another model.
+type FilesKey = [(u64, u64, i64, i64, i64, i64, i64); 2];
+
+/// An open model: its directory, its files, the model.
+type Opened = (PathBuf, FilesKey, Arc<Bert>);
+
+/// Models opened by this process, most recently used last: each opened
+/// (mapped or copied) once while its files stay the same.
+fn opened() -> &'static Mutex<Vec<Opened>> {
+    static OPENED: OnceLock<Mutex<Vec<Opened>>> = OnceLock::new();
     OPENED.get_or_init(Mutex::default)
 }
 
+/// The [`FilesKey`] of the model in the open directory `dir` (no link
+/// followed).
+fn files_key(dir: &std::os::fd::OwnedFd) -> Result<FilesKey, String> {
+    use nix::fcntl::AtFlags;
+    let one = |name: &str| {
+        nix::sys::stat::fstatat(dir, name, AtFlags::AT_SYMLINK_NOFOLLOW)
+            .map(|st| {
+                (
+                    st.st_dev,
+                    st.st_ino,
+                    st.st_size,
+                    st.st_mtime,
+                    st.st_mtime_nsec,
+                    st.st_ctime,
+                    st.st_ctime_nsec,
+                )
+            })
+            .map_err(|e| format!("{name}: {e}"))
+    };
+    Ok([one("config.json")?, one("model.safetensors")?])
+}
+
 /// The model `grant` names: opened beneath its root (no link followed on
-/// the way, none for its files), or the one this process opened before.
+/// the way, none for its files), or the one this process opened before
+/// from the same files.
 fn open_model(grant: &ModelGrant) -> Result<Arc<Bert>, String> {
-    let mut map = opened().lock().unwrap_or_else(|p| p.into_inner());
-    if let Some(m) = map.get(&grant.dir) {
-        return Ok(m.clone());
-    }
     let dir = grant.open()?;
+    let named = grant.named().display().to_string();
+    let key = files_key(&dir).map_err(|e| format!("The model at {named} cannot be used: {e}."))?;
+    let mut cache = opened().lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(i) = cache
+        .iter()
+        .position(|(d, k, _)| *d == grant.dir && *k == key)
+    {
+        let hit = cache.remove(i);
+        let model = hit.2.clone();
+        cache.push(hit);
+        return Ok(model);
+    }
     let by_fd = PathBuf::from(format!(
         "/proc/self/fd/{}",
         std::os::fd::AsRawFd::as_raw_fd(&dir)
     ));
     let model = Bert::open(&by_fd).map_err(|e| {
         // Name the directory the grant names, not the descriptor.
-        e.to_string().replace(
-            &by_fd.display().to_string(),
-            &grant.named().display().to_string(),
-        )
+        e.to_string().replace(&by_fd.display().to_string(), &named)
     })?;
     let model = Arc::new(model);
-    map.insert(grant.dir.clone(), model.clone());
+    // The directory's older model (its files changed) goes, then the
+    // least recently used beyond the bound.
+    cache.retain(|(d, _, _)| *d != grant.dir);
+    if cache.len() >= MAX_OPEN_MODELS {
+        cache.remove(0);
+    }
+    cache.push((grant.dir.clone(), key, model.clone()));
     Ok(model)
 }
 
@@ -124,22 +174,17 @@ pub(crate) fn add_to_linker(linker: &mut Linker<CallState>) -> wasmtime::Result<
 type Answer<T> = wasmtime::Result<Result<Resource<T>, Resource<NnFailure>>>;
 
 impl CallState {
-    fn nn_fail<T>(&mut self, code: ErrorCode, data: impl Into<String>) -> Answer<T> {
+    /// The `wasi:nn` error a function answers.
+    fn nn_fail<T>(
+        &mut self,
+        code: ErrorCode,
+        data: impl Into<String>,
+    ) -> wasmtime::Result<Result<T, Resource<NnFailure>>> {
         let e = self.table.push(NnFailure {
             code,
             data: data.into(),
         })?;
         Ok(Err(e))
-    }
-
-    /// Charge `bytes` of tensor data to the call's memory limit; whether
-    /// they fit.
-    fn nn_charge(&mut self, bytes: usize, what: &str) -> bool {
-        self.limiter.hold(bytes as u64, what)
-    }
-
-    fn nn_release(&mut self, bytes: usize) {
-        self.limiter.release(bytes as u64);
     }
 }
 
@@ -312,7 +357,7 @@ impl generated::wasi::nn::inference::HostGraphExecutionContext for CallState {
     ) -> wasmtime::Result<Result<Vec<(String, Resource<NnTensor>)>, Resource<NnFailure>>> {
         match self.nn_compute(&ctx, &named)? {
             Ok(v) => Ok(Ok(v)),
-            Err((code, data)) => Ok(Err(self.table.push(NnFailure { code, data })?)),
+            Err((code, data)) => self.nn_fail(code, data),
         }
     }
 
@@ -358,7 +403,11 @@ impl CallState {
         let tokens = batch.saturating_mul(seq);
         let out_bytes = tokens.saturating_mul(hidden).saturating_mul(4);
         let charged = tokens <= airlock_nn::MAX_TOKENS;
-        if charged && !self.nn_charge(out_bytes, "a wasi:nn output tensor") {
+        if charged
+            && !self
+                .limiter
+                .hold(out_bytes as u64, "a wasi:nn output tensor")
+        {
             return Ok(Err((
                 ErrorCode::TooLarge,
                 format!(
@@ -381,7 +430,7 @@ impl CallState {
             Ok(v) => v,
             Err(e) => {
                 if charged {
-                    self.nn_release(out_bytes);
+                    self.limiter.release(out_bytes as u64);
                 }
                 return Ok(Err((
                     ErrorCode::InvalidArgument,
@@ -414,7 +463,7 @@ impl generated::wasi::nn::tensor::HostTensor for CallState {
         ty: TensorType,
         data: Vec<u8>,
     ) -> wasmtime::Result<Resource<NnTensor>> {
-        if !self.nn_charge(data.len(), "a wasi:nn tensor") {
+        if !self.limiter.hold(data.len() as u64, "a wasi:nn tensor") {
             // The call ends as out of memory, as when its memory grows.
             self.limiter.hit = true;
             return Err(wasmtime::format_err!(
@@ -440,7 +489,7 @@ impl generated::wasi::nn::tensor::HostTensor for CallState {
 
     fn drop(&mut self, t: Resource<NnTensor>) -> wasmtime::Result<()> {
         let t = self.table.delete(t)?;
-        self.nn_release(t.data.len());
+        self.limiter.release(t.data.len() as u64);
         Ok(())
     }
 }
@@ -463,3 +512,70 @@ impl generated::wasi::nn::errors::HostError for CallState {
 impl generated::wasi::nn::errors::Host for CallState {}
 impl generated::wasi::nn::tensor::Host for CallState {}
 impl generated::wasi::nn::inference::Host for CallState {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// all-MiniLM-L6-v2 from `$AIRLOCK_MINILM` or the cache.
+    fn minilm() -> PathBuf {
+        std::env::var_os("AIRLOCK_MINILM")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| {
+                let cache = std::env::var_os("AIRLOCK_CACHE")
+                    .map(PathBuf::from)
+                    .unwrap_or_else(|| {
+                        PathBuf::from(std::env::var_os("HOME").unwrap_or_default())
+                            .join(".cache/airlock")
+                    });
+                cache.join("models/all-MiniLM-L6-v2")
+            })
+    }
+
+    /// `n` model directories under one root, their files hard links to the
+    /// real model's copy in the root (no 87 MiB copy each).
+    fn models(n: usize) -> (tempfile::TempDir, Vec<ModelGrant>) {
+        let root = tempfile::tempdir().unwrap();
+        for f in ["config.json", "model.safetensors"] {
+            std::fs::copy(minilm().join(f), root.path().join(f)).unwrap();
+        }
+        let grants = (0..n)
+            .map(|i| {
+                let dir = root.path().join(format!("m{i}"));
+                std::fs::create_dir(&dir).unwrap();
+                for f in ["config.json", "model.safetensors"] {
+                    std::fs::hard_link(root.path().join(f), dir.join(f)).unwrap();
+                }
+                ModelGrant {
+                    root: root.path().to_path_buf(),
+                    dir,
+                    origin: None,
+                }
+            })
+            .collect();
+        (root, grants)
+    }
+
+    #[test]
+    fn a_model_is_opened_once_until_its_files_change_and_few_stay_open() {
+        let (_root, grants) = models(MAX_OPEN_MODELS + 2);
+        let a = open_model(&grants[0]).unwrap();
+        assert!(Arc::ptr_eq(&a, &open_model(&grants[0]).unwrap()));
+        // The files replaced (a new inode, as an update would): reopened.
+        let cfg = grants[0].dir.join("config.json");
+        let text = std::fs::read(&cfg).unwrap();
+        std::fs::remove_file(&cfg).unwrap();
+        std::fs::write(&cfg, text).unwrap();
+        let b = open_model(&grants[0]).unwrap();
+        assert!(!Arc::ptr_eq(&a, &b));
+        assert!(Arc::ptr_eq(&b, &open_model(&grants[0]).unwrap()));
+        // Many model directories: at most MAX_OPEN_MODELS stay open
+        // (other tests' models may be among them, never more).
+        for g in &grants {
+            open_model(g).unwrap();
+        }
+        let open = opened().lock().unwrap();
+        assert!(open.len() <= MAX_OPEN_MODELS, "{} open", open.len());
+        assert!(!open.iter().any(|(d, _, _)| *d == grants[0].dir));
+    }
+}
