@@ -1465,7 +1465,8 @@ fn idle_connections_hold_the_connection_slots_only_until_their_timeout() {
 }
 
 #[test]
-fn a_tenant_grants_a_model_inside_its_allowed_directories_and_calls_the_embed_tool() {
+fn a_tenant_grants_a_model_inside_its_allowed_directories_and_an_agent_answers_with_the_embed_tool()
+{
     let d = tmp();
     let srv = Server::start(d.path(), "");
     let c = srv.client();
@@ -1500,6 +1501,26 @@ fn a_tenant_grants_a_model_inside_its_allowed_directories_and_calls_the_embed_to
     );
     assert_eq!(r.status, 200, "{}", r.json);
     assert_eq!(r.json["result"]["ok"]["ok"][0]["index"], 1, "{}", r.json);
+
+    // The agent-loop example's help-desk question, answered with the tool:
+    // the model's search finds the password article by meaning.
+    let manifest = std::env::var_os("CARGO_MANIFEST_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| env!("CARGO_MANIFEST_DIR").into());
+    let script =
+        std::fs::read_to_string(manifest.join("../examples/agent-loop/support.json")).unwrap();
+    let model = agent_loop::ScriptedModel::parse(&script).unwrap();
+    let messages = agent_loop::run(&agent_loop::Airlock::new(&srv.url, INVOKER), &model).unwrap();
+    let tool: Vec<&Value> = messages.iter().filter(|m| m["role"] == "tool").collect();
+    assert_eq!(tool.len(), 1);
+    let found: Value = serde_json::from_str(tool[0]["content"].as_str().unwrap()).unwrap();
+    let best = &found["ok"]["ok"][0];
+    assert_eq!(best["index"], 2, "{found}");
+    assert!(
+        best["text"].as_str().unwrap().starts_with("Password reset"),
+        "{found}"
+    );
+    assert_eq!(messages.last().unwrap()["role"], "assistant");
 
     // Another tenant cannot grant acme's model: outside its directories.
     c.upload_example(OTHER_ADMIN, "embed", "embed");
