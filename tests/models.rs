@@ -224,42 +224,6 @@ fn a_missing_or_corrupt_model_and_too_long_input_are_structured_errors() {
 }
 
 #[test]
-fn tensors_the_host_holds_count_against_the_calls_memory_limit() {
-    let dir = tempfile::tempdir().unwrap();
-    let policy = granted(&minilm()).replace("128MiB", "8MiB");
-    // 1,000 tensors of 1 MiB: a gigabyte of host memory without the limit;
-    // the call ends out of memory at 8 MiB, with the event saying why.
-    let out = escape(
-        dir.path(),
-        &policy,
-        "hoard-tensors",
-        json!({"count": 1000, "size": 1 << 20}),
-    );
-    assert_eq!(out["result"]["error"]["kind"], "out_of_memory", "{out}");
-    let limit = events(&out, "limit.memory");
-    assert_eq!(limit.len(), 1, "{out}");
-    assert!(
-        limit[0]["reason"]
-            .as_str()
-            .unwrap()
-            .contains("wasi:nn tensor"),
-        "{out}"
-    );
-    // An output that would not fit: too-large, before the engine allocates it.
-    let out = escape(
-        dir.path(),
-        &policy,
-        "nn-compute",
-        json!({"model": "minilm", "batch": 16, "seq": 512, "id": 1}),
-    );
-    let err = out["result"]["ok"]["err"]
-        .as_str()
-        .unwrap_or_else(|| panic!("{out}"));
-    assert!(err.starts_with("ErrorCode::TooLarge"), "{out}");
-    assert!(events(&out, "nn.compute").is_empty(), "{out}");
-}
-
-#[test]
 fn a_model_from_the_components_bytes_and_input_the_model_cannot_take_are_refused() {
     let dir = tempfile::tempdir().unwrap();
     let policy = granted(&minilm());
@@ -363,4 +327,33 @@ fn the_engine_built_into_a_component_gives_the_same_embeddings_from_a_private_co
         err.starts_with("model_unavailable:") && err.contains("/model"),
         "{err}"
     );
+}
+
+#[test]
+fn the_attackers_wasi_nn_calls_end_as_in_the_vm() {
+    // The same calls and checks as the nested scenario vm-nn-attacks.
+    let dir = tempfile::tempdir().unwrap();
+    let policy = dir.path().join("policy.toml");
+    std::fs::write(
+        &policy,
+        common::models::nn_attack_policy(&minilm().display().to_string()),
+    )
+    .unwrap();
+    let calls = dir.path().join("calls.json");
+    std::fs::write(&calls, common::models::nn_attack_calls().to_string()).unwrap();
+    let o = Command::new(env!("CARGO_BIN_EXE_airlock"))
+        .args([
+            "run",
+            common::example("escape").to_str().unwrap(),
+            "--policy",
+        ])
+        .arg(&policy)
+        .arg("--calls")
+        .arg(&calls)
+        .args(["--isolation", "process"])
+        .output()
+        .unwrap();
+    let out: Value = serde_json::from_slice(&o.stdout)
+        .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&o.stderr)));
+    common::models::check_nn_attacks(&out);
 }

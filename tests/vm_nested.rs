@@ -1201,6 +1201,14 @@ fn a_model_granted_by_name_runs_in_the_vm_from_the_weights_image() {
 }
 
 #[test]
+fn the_attackers_wasi_nn_calls_end_in_the_vm_as_in_process() {
+    // tests/models.rs makes the same calls in process isolation and checks
+    // them with the same function: same result kinds, same events.
+    let (vm, _code) = scenario("vm-nn-attacks");
+    common::models::check_nn_attacks(&vm);
+}
+
+#[test]
 fn four_vms_at_once_run_independent_calls() {
     let (v, code) = scenario("four-vms");
     assert_eq!(code, 0, "{v}");

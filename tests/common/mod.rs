@@ -2,6 +2,7 @@
 //! server on 127.0.0.1.
 #![allow(dead_code)]
 
+pub mod models;
 pub mod server;
 
 use std::net::SocketAddr;

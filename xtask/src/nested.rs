@@ -653,6 +653,16 @@ printf 'version = 1\n[limits]\nmemory = "128MiB"\ntimeout = "800s"\nfuel = 10000
 scenario vm-embed 1200 run $E/embed.wasm --tool similar \
   --args '{"query": "How do I reset my password?", "texts": ["The cat sat on the mat.", "I forgot my login credentials and cannot sign in.", "Paris is the capital of France."]}' \
   --policy /tmp/embed.toml --weights /models:$G/weights.erofs $VMRUN
+# The attacker's wasi:nn calls (tests/common/models.rs has the same list
+# and checks it in both walls): a tensor flood, an output too large, a
+# model from the component's bytes, input longer than the context.
+printf 'version = 1\n[limits]\nmemory = "8MiB"\ntimeout = "800s"\n[models]\nminilm = "/models/all-MiniLM-L6-v2"\n' > /tmp/nn-attacks.toml
+printf '%s' '[{"tool": "hoard-tensors", "args": {"count": 1000, "size": 1048576}},
+ {"tool": "nn-compute", "args": {"model": "minilm", "batch": 16, "seq": 512, "id": 1}},
+ {"tool": "load-model-bytes", "args": {"size": 4096}},
+ {"tool": "nn-compute", "args": {"model": "minilm", "batch": 1, "seq": 513, "id": 1}}]' > /tmp/nn-attacks.json
+scenario vm-nn-attacks 1200 run $E/escape.wasm --calls /tmp/nn-attacks.json \
+  --policy /tmp/nn-attacks.toml --weights /models:$G/weights.erofs $VMRUN
 scenario vm-embed-denied 900 run $E/embed.wasm --tool embed --args '{"texts": ["hello"]}' \
   --policy /tmp/models.toml --weights /models:$G/weights.erofs $VMRUN
 scenario process-weights-tool 120 run $E/files.wasm --tool files_read --args '{"path": "/models/tokenizer.json"}' \
