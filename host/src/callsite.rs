@@ -147,8 +147,9 @@ impl JailMode {
 
 impl VmSettings {
     /// The sandbox configuration every VM of this site boots from, for a
-    /// host engine with `engine` fingerprint and the egress CA `egress_ca`.
-    pub fn sandbox_config(&self, engine: String, egress_ca: &[u8]) -> SandboxConfig {
+    /// host engine with `engine` fingerprint; each VM's egress proxy is a
+    /// fresh copy of `egress`.
+    pub fn sandbox_config(&self, engine: String, egress: &Proxy) -> SandboxConfig {
         SandboxConfig {
             vmm: self.vmm.clone(),
             kernel: self.kernel.clone(),
@@ -161,7 +162,7 @@ impl VmSettings {
             weights: self.weights.as_ref().map(|w| w.image.clone()),
             cmdline_extra: self.cmdline_extra.clone(),
             boot_attempts: self.boot_attempts,
-            egress_ca: egress_ca.to_vec(),
+            egress: egress.fresh(),
             jail: self.jail.clone(),
             snapshots: self
                 .snapshots
@@ -351,6 +352,7 @@ impl CallSite {
             }
         }
         let proxy = Proxy::with_extra_roots(EGRESS_TIMEOUT, egress_ca)?;
+        let template = proxy.fresh();
         let slots = Arc::new(tokio::sync::Semaphore::new(
             engine.pool_instances.max(1) as usize
         ));
@@ -358,7 +360,7 @@ impl CallSite {
         let vm = match vm {
             None => None,
             Some(settings) => {
-                let cfg = settings.sandbox_config(runner.fingerprint(), egress_ca);
+                let cfg = settings.sandbox_config(runner.fingerprint(), &template);
                 let pool = Pool::start(cfg, settings.warm)?;
                 Some(VmSite {
                     slots: Arc::new(tokio::sync::Semaphore::new(settings.max_vms.max(1))),

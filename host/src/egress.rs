@@ -123,6 +123,17 @@ impl Proxy {
         })
     }
 
+    /// A proxy with no call in flight and this one's trust and timeout:
+    /// no state shared with `self` (a microVM's own proxy, made from one
+    /// template without reading the roots again).
+    pub fn fresh(&self) -> Self {
+        Self {
+            current: Arc::default(),
+            config: self.config.clone(),
+            timeout: self.timeout,
+        }
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, Current> {
         self.current.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -520,6 +531,22 @@ mod tests {
         // After the call, the grant is gone.
         let e = p.handle(get("http://example.test:8080/")).unwrap_err();
         assert!(e.message.contains("no call is in flight"), "{e}");
+    }
+
+    #[test]
+    fn a_fresh_proxy_shares_no_call_with_its_template() {
+        let template = Proxy::new(Duration::from_secs(5)).unwrap();
+        let (a, b) = (template.fresh(), template.fresh());
+        a.begin_call(grant("http://127.0.0.1:9"));
+        // b (another VM's) and the template have no call in flight.
+        for p in [&b, &template] {
+            let e = p.handle(get("http://127.0.0.1:9/")).unwrap_err();
+            assert!(e.message.contains("no call is in flight"), "{e}");
+        }
+        let _ = a.handle(get("http://127.0.0.1:9/x"));
+        let seen = |p: &Proxy| p.end_call().iter().any(|e| e.target.contains("/x"));
+        assert!(!seen(&b) && !seen(&template));
+        assert!(seen(&a));
     }
 
     /// A private CA and a real TLS server on loopback for `localhost` and

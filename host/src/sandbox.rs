@@ -121,9 +121,9 @@ pub struct SandboxConfig {
     pub cmdline_extra: String,
     /// Fresh VMs [`Sandbox::boot_and_load`] tries in all (at least 1).
     pub boot_attempts: u32,
-    /// CA certificates (PEM) the egress proxy trusts besides the Mozilla
-    /// roots, for servers behind a private CA; empty for none.
-    pub egress_ca: Vec<u8>,
+    /// The egress proxy every VM gets a [`Proxy::fresh`] copy of: its
+    /// trust (the Mozilla roots and any private CA) built once.
+    pub egress: Proxy,
     /// The jail each VMM process runs in (`airlock_vmm::jail`), if any.
     pub jail: Option<JailConfig>,
     /// Where VMs without shares start from: their shape's snapshot, made
@@ -351,8 +351,7 @@ impl Sandbox {
             .map_err(|e| cleanup(e.into()))?;
         // The guest reaches the egress proxy at host port EGRESS_PORT, which
         // the vsock device bridges to `<uds>_<port>`.
-        let proxy = Proxy::with_extra_roots(EGRESS_TIMEOUT, &cfg.egress_ca)
-            .map_err(|e| cleanup(e.into()))?;
+        let proxy = cfg.egress.fresh();
         let egress_path = PathBuf::from(format!(
             "{}_{}",
             uds.display(),
