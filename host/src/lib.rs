@@ -11,5 +11,6 @@ pub mod policy;
 pub mod pool;
 pub mod sandbox;
 pub mod service;
+pub mod signing;
 pub mod snapshots;
 pub mod weights;
