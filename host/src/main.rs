@@ -98,6 +98,56 @@ enum Cmd {
         #[command(subcommand)]
         cmd: AuditCmd,
     },
+    /// Make an ed25519 key pair: `<out>.sec` (the secret key, mode 0600,
+    /// wasmsign2's format) and `<out>.pub`; prints the public key as
+    /// `ed25519:<hex>` for a tenant's `trusted_keys`.
+    Keygen {
+        /// Path prefix of the two files.
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Sign a component (writes it with its signature section) or, with
+    /// --policy, a policy for one tenant's component (prints the detached
+    /// signature to send as the `Airlock-Signature` header).
+    Sign {
+        /// The secret key file.
+        #[arg(long)]
+        key: PathBuf,
+        #[command(flatten)]
+        what: SignTarget,
+        /// Where to write the signed component.
+        #[arg(long, required_unless_present = "policy")]
+        out: Option<PathBuf>,
+    },
+    /// Check a component's or policy's signature against a public key
+    /// (`ed25519:<hex>` or a key file); exit 1 when it does not verify.
+    Verify {
+        /// The public key.
+        #[arg(long)]
+        key: String,
+        #[command(flatten)]
+        what: SignTarget,
+        /// The policy's detached signature.
+        #[arg(long, requires = "policy")]
+        signature: Option<String>,
+    },
+}
+
+/// What `sign` and `verify` work on.
+#[derive(clap::Args)]
+struct SignTarget {
+    /// The component (.wasm).
+    #[arg(required_unless_present = "policy", conflicts_with = "policy")]
+    component: Option<PathBuf>,
+    /// A policy file (TOML) instead.
+    #[arg(long, requires_all = ["tenant", "for_component"])]
+    policy: Option<PathBuf>,
+    /// The tenant the policy is for.
+    #[arg(long)]
+    tenant: Option<String>,
+    /// The component name (in the service) the policy is for.
+    #[arg(long = "for")]
+    for_component: Option<String>,
 }
 
 #[derive(Subcommand)]
@@ -226,6 +276,16 @@ struct MultiArgs {
     weights: Option<String>,
     #[command(flatten)]
     guest: GuestArgs,
+}
+
+impl SignTarget {
+    /// The tenant and component a policy is signed for.
+    fn policy_for(&self) -> anyhow::Result<(&str, &str)> {
+        match (&self.tenant, &self.for_component) {
+            (Some(t), Some(c)) => Ok((t, c)),
+            _ => bail!("a policy is signed for one tenant's component: give --tenant and --for"),
+        }
+    }
 }
 
 /// The microVM a tool call runs in: shared by `run` and `vm multi`.
@@ -789,6 +849,88 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             listen,
             data_dir,
         } => serve(&config, listen, data_dir),
+        Cmd::Keygen { out } => {
+            use std::os::unix::fs::OpenOptionsExt;
+            let key = airlock::signing::SigningKey::generate();
+            let sec = out.with_extension("sec");
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&sec)
+                .with_context(|| format!("creating {}", sec.display()))?;
+            f.write_all(&key.to_bytes())?;
+            let id = key.public().id();
+            let public = out.with_extension("pub");
+            std::fs::write(&public, format!("{id}\n"))
+                .with_context(|| format!("writing {}", public.display()))?;
+            print_json(&serde_json::json!({"secret_key": sec, "public_key": id}))?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Sign { key, what, out } => {
+            let key = airlock::signing::SigningKey::from_file(&key)?;
+            match (&what.component, &what.policy, out) {
+                (Some(c), _, Some(out)) => {
+                    let bytes = read_component(c)?;
+                    let signed = key.sign_component(&bytes)?;
+                    std::fs::write(&out, signed)
+                        .with_context(|| format!("writing {}", out.display()))?;
+                    print_json(&serde_json::json!({"signed": out, "key": key.public().id()}))?;
+                }
+                (_, Some(p), _) => {
+                    let text = std::fs::read_to_string(p)
+                        .with_context(|| format!("reading {}", p.display()))?;
+                    let (tenant, comp) = what.policy_for()?;
+                    println!("{}", key.sign_policy(tenant, comp, &text));
+                }
+                _ => bail!("give a component and --out, or --policy"),
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Verify {
+            key,
+            what,
+            signature,
+        } => {
+            let trusted = [airlock::signing::TrustedKey::parse(&key)?];
+            let checked = match (&what.component, &what.policy) {
+                (Some(c), _) => {
+                    let bytes = read_component(c)?;
+                    airlock::signing::check_component(&bytes, &trusted)
+                }
+                (_, Some(p)) => {
+                    let text = std::fs::read_to_string(p)
+                        .with_context(|| format!("reading {}", p.display()))?;
+                    let (tenant, comp) = what.policy_for()?;
+                    airlock::signing::check_policy(
+                        signature.as_deref(),
+                        tenant,
+                        comp,
+                        &text,
+                        &trusted,
+                    )
+                }
+                _ => bail!("give a component or --policy"),
+            };
+            let (ok, out) = match checked {
+                Ok(airlock::signing::Signed::By(k)) => {
+                    (true, serde_json::json!({"signature": "verified", "key": k}))
+                }
+                Ok(airlock::signing::Signed::Unsigned) => {
+                    (false, serde_json::json!({"signature": "unsigned"}))
+                }
+                Err(e) => (
+                    false,
+                    serde_json::json!({"signature": "failed", "error": e.to_string()}),
+                ),
+            };
+            print_json(&out)?;
+            Ok(if ok {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            })
+        }
         Cmd::Weights {
             cmd: WeightsCmd::Pack { dir, out },
         } => {

@@ -23,6 +23,17 @@ pub struct Server {
 
 /// Write the test config into `dir` (keeping `extra` TOML appended).
 pub fn write_config(dir: &Path, extra: &str) -> PathBuf {
+    write_config_tenants(dir, extra, "", "")
+}
+
+/// [`write_config`] with extra lines in the `[tenants.acme]` and
+/// `[tenants.globex]` tables.
+pub fn write_config_tenants(
+    dir: &Path,
+    extra: &str,
+    acme_extra: &str,
+    globex_extra: &str,
+) -> PathBuf {
     std::fs::create_dir_all(dir.join("shared")).unwrap();
     std::fs::create_dir_all(dir.join("globex")).unwrap();
     let shared = std::fs::canonicalize(dir.join("shared")).unwrap();
@@ -58,9 +69,11 @@ role = "admin"
 
 [tenants.acme]
 allowed_host_dirs = [{shared:?}]
+{acme_extra}
 
 [tenants.globex]
 allowed_host_dirs = [{globex:?}]
+{globex_extra}
 "#
     );
     let p = dir.join("config.toml");
@@ -71,7 +84,12 @@ allowed_host_dirs = [{globex:?}]
 impl Server {
     /// Start a server in `dir` (created if needed), config `extra` lines added.
     pub fn start(dir: &Path, extra: &str) -> Self {
-        let config = write_config(dir, extra);
+        Self::start_tenants(dir, extra, "", "")
+    }
+
+    /// [`Server::start`] with extra lines in the tenants' tables.
+    pub fn start_tenants(dir: &Path, extra: &str, acme: &str, globex: &str) -> Self {
+        let config = write_config_tenants(dir, extra, acme, globex);
         let mut child = Command::new(env!("CARGO_BIN_EXE_airlock"))
             .args(["serve", "--listen", "127.0.0.1:0", "--config"])
             .arg(&config)

@@ -192,6 +192,10 @@ struct UploadQuery {
 
 /// `POST /v1/components?name=…` with the raw component as the body, or a
 /// multipart form with parts `name`, `component` and optionally `policy`.
+/// The header carrying a policy's detached signature on `PUT …/policy`
+/// (`ed25519:<128 hex>`, see `airlock sign`).
+pub const SIGNATURE_HEADER: &str = "airlock-signature";
+
 async fn upload(
     State(s): State<AppState>,
     headers: HeaderMap,
@@ -209,6 +213,7 @@ async fn upload(
         .is_some_and(|v| v.starts_with("multipart/form-data"));
     let mut name = q.name;
     let mut policy: Option<String> = None;
+    let mut policy_signature: Option<String> = None;
     let mut staged = None;
     if is_multipart {
         let mut mp = Multipart::from_request(req, &())
@@ -230,7 +235,7 @@ async fn upload(
                     }
                     staged = Some(w.finish()?);
                 }
-                f @ ("name" | "policy") => {
+                f @ ("name" | "policy" | "policy_signature") => {
                     let mut text = Vec::new();
                     while let Some(chunk) = field.chunk().await.map_err(|e| {
                         super::bad("invalid_multipart", Some(f.to_string()), e.body_text())
@@ -238,7 +243,11 @@ async fn upload(
                         text.extend_from_slice(&chunk);
                         if text.len() as u64 > text_limit {
                             return Err(ServiceError::TooLarge {
-                                field: if f == "name" { "name" } else { "policy" },
+                                field: match f {
+                                    "name" => "name",
+                                    "policy" => "policy",
+                                    _ => "policy_signature",
+                                },
                                 limit: text_limit,
                             });
                         }
@@ -250,17 +259,17 @@ async fn upload(
                             "must be UTF-8 text",
                         )
                     })?;
-                    if f == "name" {
-                        name = Some(text.trim().to_string());
-                    } else {
-                        policy = Some(text);
+                    match f {
+                        "name" => name = Some(text.trim().to_string()),
+                        "policy" => policy = Some(text),
+                        _ => policy_signature = Some(text.trim().to_string()),
                     }
                 }
                 other => {
                     return Err(super::bad(
                         "invalid_multipart",
                         Some(other.to_string()),
-                        "unknown part; expected name, component and policy",
+                        "unknown part; expected name, component, policy and policy_signature",
                     ));
                 }
             }
@@ -294,12 +303,18 @@ async fn upload(
     // Compiling takes CPU time: keep it off the async workers.
     let s2 = s.clone();
     let n2 = name.clone();
-    let (created, seq, tools) = tokio::task::spawn_blocking(move || {
-        s2.register_upload(&who, &n2, staged, policy.as_deref())
+    let reg = tokio::task::spawn_blocking(move || {
+        s2.register_upload(
+            &who,
+            &n2,
+            staged,
+            policy.as_deref(),
+            policy_signature.as_deref(),
+        )
     })
     .await
     .map_err(|e| ServiceError::Internal(e.to_string()))??;
-    let status = if created {
+    let status = if reg.created {
         StatusCode::CREATED
     } else {
         StatusCode::OK
@@ -307,8 +322,10 @@ async fn upload(
     Ok((
         status,
         axum::Json(json!({
-            "name": name, "digest": digest, "size": size, "created": created,
-            "tools": tools, "audit_record": seq,
+            "name": name, "digest": digest, "size": size, "created": reg.created,
+            "tools": reg.tools, "audit_record": reg.audit_record,
+            "signature": if reg.signed_by.is_some() { "verified" } else { "unsigned" },
+            "signed_by": reg.signed_by,
         })),
     )
         .into_response())
@@ -367,10 +384,27 @@ async fn put_policy(
         )
     })?;
     s.validate_policy(&who.tenant, &text, super::PolicyCheck::Store)?;
-    let (version, seq) = s.store().put_policy(&who.tenant, &who.name, &name, &text)?;
+    let signature = match headers.get(SIGNATURE_HEADER) {
+        None => None,
+        Some(v) => Some(v.to_str().map_err(|_| {
+            super::bad(
+                "signature_invalid",
+                Some("policy_signature".into()),
+                format!("the {SIGNATURE_HEADER} header is not text"),
+            )
+        })?),
+    };
+    let signed_by = s.policy_signer(&who.tenant, &name, &text, signature)?;
+    let (version, seq) =
+        s.store()
+            .put_policy(&who.tenant, &who.name, &name, &text, signed_by.as_deref())?;
     Ok((
         StatusCode::CREATED,
-        axum::Json(json!({"component": name, "version": version, "audit_record": seq})),
+        axum::Json(json!({
+            "component": name, "version": version, "audit_record": seq,
+            "signature": if signed_by.is_some() { "verified" } else { "unsigned" },
+            "signed_by": signed_by,
+        })),
     )
         .into_response())
 }

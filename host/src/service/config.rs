@@ -8,6 +8,8 @@
 //! [tenants.acme]                                 # per tenant, optional
 //! allowed_host_dirs = ["/srv/airlock/acme"]      # what acme's policies may grant
 //! max_limits = { memory = "256 MiB", timeout = "30s" }  # the most they may ask
+//! trusted_keys = ["ed25519:<64 hex>", "/etc/airlock/acme.pub"]  # who may sign its components and policies
+//! require_signed = true                          # refuse unsigned uploads and policies (default: the top-level value)
 //!
 //! [limits]
 //! max_upload_bytes = 67108864
@@ -164,6 +166,9 @@ struct File {
     isolation: IsolationEntry,
     #[serde(default)]
     volumes: Vec<VolumeEntry>,
+    /// Every tenant's default for `require_signed`.
+    #[serde(default)]
+    require_signed: bool,
 }
 
 /// `[[volumes]]` as written.
@@ -185,6 +190,9 @@ struct TenantEntry {
     allowed_host_dirs: Vec<PathBuf>,
     /// A `[limits]`-shaped table: the most a policy of this tenant may ask.
     max_limits: Option<toml::Value>,
+    #[serde(default)]
+    trusted_keys: Vec<String>,
+    require_signed: Option<bool>,
 }
 
 /// The most a policy may ask for when its tenant's config says nothing:
@@ -210,6 +218,11 @@ pub struct Tenant {
     /// The most its policies may ask for (`max_limits`, over
     /// [`default_ceiling`]).
     pub max_limits: airlock_guest::Limits,
+    /// Keys whose signatures on this tenant's components and policies are
+    /// accepted (no other tenant's).
+    pub trusted_keys: Vec<crate::signing::TrustedKey>,
+    /// Whether unsigned components and policies are refused.
+    pub require_signed: bool,
 }
 
 impl Default for Tenant {
@@ -217,6 +230,8 @@ impl Default for Tenant {
         Self {
             allowed_host_dirs: Vec::new(),
             max_limits: default_ceiling(),
+            trusted_keys: Vec::new(),
+            require_signed: false,
         }
     }
 }
@@ -275,6 +290,9 @@ pub struct Config {
     pub isolation: Isolation,
     /// State volumes every tenant has one of (`[[volumes]]`).
     pub volumes: Vec<super::volumes::VolumeSpec>,
+    /// Whether a tenant without a `[tenants.<name>]` table (so without
+    /// trusted keys) must sign: then it can upload nothing.
+    pub require_signed: bool,
 }
 
 /// The default listen address.
@@ -386,7 +404,7 @@ impl Config {
                 "directories are granted per tenant: move them under [tenants.<name>] allowed_host_dirs (one tenant may not grant another's)",
             ));
         }
-        let tenants = tenants(f.tenants)?;
+        let tenants = tenants(f.tenants, f.require_signed)?;
         let egress_ca = egress_ca(&f.isolation)?;
         let isolation = isolation(f.isolation, &data_dir)?;
         let volumes = volumes(f.volumes)?;
@@ -400,6 +418,7 @@ impl Config {
             tokens,
             isolation,
             volumes,
+            require_signed: f.require_signed,
         })
     }
 
@@ -417,6 +436,15 @@ impl Config {
         };
         let reserve = 256 + vms * 32;
         open_files.saturating_sub(reserve).clamp(16, 1 << 20) as usize
+    }
+
+    /// The keys `tenant` trusts to sign, and whether it must.
+    pub fn signing(&self, tenant: &str) -> (&[crate::signing::TrustedKey], bool) {
+        self.tenants
+            .get(tenant)
+            .map_or((&[], self.require_signed), |t| {
+                (t.trusted_keys.as_slice(), t.require_signed)
+            })
     }
 
     /// The most `tenant`'s policies may ask for.
@@ -473,6 +501,7 @@ impl Config {
 /// and no directory of one tenant inside (or holding) another tenant's.
 fn tenants(
     entries: std::collections::BTreeMap<String, TenantEntry>,
+    require_signed: bool,
 ) -> Result<std::collections::BTreeMap<String, Tenant>, ConfigError> {
     let mut out = std::collections::BTreeMap::new();
     let mut seen: Vec<(String, usize, PathBuf)> = Vec::new();
@@ -525,11 +554,39 @@ fn tenants(
                 other => field(format!("tenants.{name}.max_limits"), other.to_string()),
             })?,
         };
+        let mut trusted_keys = Vec::new();
+        for (i, k) in t.trusted_keys.iter().enumerate() {
+            let key = crate::signing::TrustedKey::parse(k)
+                .map_err(|e| field(format!("tenants.{name}.trusted_keys[{i}]"), e.to_string()))?;
+            if let Some((other, j)) = out.iter().find_map(|(o, ot): (&String, &Tenant)| {
+                ot.trusted_keys
+                    .iter()
+                    .position(|x| *x == key)
+                    .map(|j| (o.clone(), j))
+            }) {
+                return Err(field(
+                    format!("tenants.{name}.trusted_keys[{i}]"),
+                    format!(
+                        "the same key as tenants.{other}.trusted_keys[{j}]: a key signs for one tenant, so one tenant's signed component is not another's"
+                    ),
+                ));
+            }
+            trusted_keys.push(key);
+        }
+        let require_signed = t.require_signed.unwrap_or(require_signed);
+        if require_signed && trusted_keys.is_empty() {
+            return Err(field(
+                format!("tenants.{name}.require_signed"),
+                "signatures are required but no key is trusted (tenants.<name>.trusted_keys)",
+            ));
+        }
         out.insert(
             name,
             Tenant {
                 allowed_host_dirs: dirs,
                 max_limits,
+                trusted_keys,
+                require_signed,
             },
         );
     }
@@ -924,6 +981,42 @@ role = "admin"
                 .unwrap_err()
                 .to_string();
             assert!(e.contains("never grantable"), "{e}");
+        }
+    }
+
+    #[test]
+    fn trusted_keys_belong_to_one_tenant_and_required_signatures_need_one() {
+        let k = crate::signing::SigningKey::generate().public().id();
+        let c = Config::parse(&format!(
+            "{OK}\n[tenants.acme]\ntrusted_keys = [{k:?}]\nrequire_signed = true\n"
+        ))
+        .unwrap();
+        let (keys, required) = c.signing("acme");
+        assert_eq!((keys.len(), required), (1, true));
+        // Unnamed tenants follow the top level.
+        assert_eq!(c.signing("other"), (&[][..], false));
+        let c = Config::parse(&format!("require_signed = true\n{OK}")).unwrap();
+        assert!(c.signing("other").1);
+        for (extra, at) in [
+            (
+                format!(
+                    "[tenants.acme]\ntrusted_keys = [{k:?}]\n[tenants.beta]\ntrusted_keys = [{k:?}]\n"
+                ),
+                "tenants.beta.trusted_keys[0]",
+            ),
+            (
+                "[tenants.acme]\ntrusted_keys = [\"ed25519:00\"]\n".to_string(),
+                "tenants.acme.trusted_keys[0]",
+            ),
+            (
+                "[tenants.acme]\nrequire_signed = true\n".to_string(),
+                "tenants.acme.require_signed",
+            ),
+        ] {
+            let e = Config::parse(&format!("{OK}\n{extra}"))
+                .unwrap_err()
+                .to_string();
+            assert!(e.starts_with(at), "{e}");
         }
     }
 

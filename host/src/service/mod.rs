@@ -105,6 +105,39 @@ impl From<StoreError> for ServiceError {
     }
 }
 
+/// What an upload registered.
+#[derive(Debug)]
+pub struct Registered {
+    /// Whether it is new (an identical re-upload is not).
+    pub created: bool,
+    /// The audit record of the upload (none for a re-upload).
+    pub audit_record: Option<i64>,
+    /// Its exported tool names.
+    pub tools: Vec<String>,
+    /// The key that signed the component, if signed.
+    pub signed_by: Option<String>,
+}
+
+/// The signer's key, or `None` for unsigned `what` when `tenant` does not
+/// require signatures.
+fn signed_or_required(
+    signed: crate::signing::Signed,
+    required: bool,
+    tenant: &str,
+    what: &str,
+    field: &str,
+) -> Result<Option<String>, ServiceError> {
+    match signed {
+        crate::signing::Signed::By(key) => Ok(Some(key)),
+        crate::signing::Signed::Unsigned if required => Err(bad(
+            "signature_invalid",
+            Some(field.to_string()),
+            format!("the {what} is unsigned, and tenant {tenant} requires signatures"),
+        )),
+        crate::signing::Signed::Unsigned => Ok(None),
+    }
+}
+
 fn bad(
     code: &'static str,
     field: impl Into<Option<String>>,
@@ -430,18 +463,47 @@ impl Service {
         }
     }
 
-    /// Validate a staged upload, cache its compiled form, and register it.
-    /// Returns (created, audit seq, tool names).
+    /// The key that signed `text` as `component`'s policy (`signature`:
+    /// the detached signature given), or `None` for an unsigned policy
+    /// the tenant accepts.
     ///
     /// # Errors
-    /// Invalid name, component or policy; name taken.
+    /// `signature_invalid` (field `policy_signature`): a signature no key
+    /// the tenant trusts made for this text and component, or none when
+    /// the tenant requires one.
+    pub fn policy_signer(
+        &self,
+        tenant: &str,
+        component: &str,
+        text: &str,
+        signature: Option<&str>,
+    ) -> Result<Option<String>, ServiceError> {
+        let (keys, required) = self.config.signing(tenant);
+        let signed = crate::signing::check_policy(signature, tenant, component, text, keys)
+            .map_err(|e| {
+                bad(
+                    "signature_invalid",
+                    Some("policy_signature".into()),
+                    e.to_string(),
+                )
+            })?;
+        signed_or_required(signed, required, tenant, "policy", "policy_signature")
+    }
+
+    /// Validate a staged upload, check its signatures, cache its compiled
+    /// form, and register it.
+    ///
+    /// # Errors
+    /// Invalid name, component or policy; a signature that does not verify
+    /// or is missing where required; name taken.
     pub fn register_upload(
         &self,
         who: &Principal,
         name: &str,
         staged: StagedBlob,
         policy_text: Option<&str>,
-    ) -> Result<(bool, Option<i64>, Vec<String>), ServiceError> {
+        policy_signature: Option<&str>,
+    ) -> Result<Registered, ServiceError> {
         who.require(Action::Manage)?;
         if !config::valid_name(name) {
             return Err(bad(
@@ -450,9 +512,20 @@ impl Service {
                 "a component name is 1-32 characters of a-z, 0-9 and '-', not starting with '-'",
             ));
         }
-        if let Some(t) = policy_text {
-            self.validate_policy(&who.tenant, t, PolicyCheck::Store)?;
-        }
+        let policy_signed_by = match policy_text {
+            Some(t) => {
+                self.validate_policy(&who.tenant, t, PolicyCheck::Store)?;
+                self.policy_signer(&who.tenant, name, t, policy_signature)?
+            }
+            None if policy_signature.is_some() => {
+                return Err(bad(
+                    "invalid_multipart",
+                    Some("policy_signature".into()),
+                    "a policy signature without a policy",
+                ));
+            }
+            None => None,
+        };
         let bytes = staged.read()?;
         let loaded = self.runner().load_wasm(&bytes).map_err(|e| {
             bad(
@@ -461,6 +534,13 @@ impl Service {
                 e.to_string(),
             )
         })?;
+        // Signatures are checked on a component that validated: every
+        // section length is within the file.
+        let (keys, required) = self.config.signing(&who.tenant);
+        let signed = crate::signing::check_component(&bytes, keys)
+            .map_err(|e| bad("signature_invalid", Some("component".into()), e.to_string()))?;
+        let signed_by =
+            signed_or_required(signed, required, &who.tenant, "component", "component")?;
         let mut names = Vec::new();
         for t in &loaded.tools.tools {
             let exported = format!("{name}{TOOL_SEP}{}", t.name);
@@ -483,14 +563,27 @@ impl Service {
         let digest = staged.digest.clone();
         self.store
             .put_artifact(&digest, &self.engine_id, &artifact)?;
-        let (created, seq) =
-            self.store
-                .register(&who.tenant, &who.name, name, staged, policy_text)?;
+        let (created, seq) = self.store.register(
+            &who.tenant,
+            &who.name,
+            name,
+            staged,
+            policy_text,
+            store::SignedBy {
+                component: signed_by.as_deref(),
+                policy: policy_signed_by.as_deref(),
+            },
+        )?;
         self.cache_put(digest, Arc::new(loaded));
         if created {
             self.metrics.uploads.inc();
         }
-        Ok((created, seq, names))
+        Ok(Registered {
+            created,
+            audit_record: seq,
+            tools: names,
+            signed_by,
+        })
     }
 
     fn cache_put(&self, digest: String, l: Arc<Loaded>) {

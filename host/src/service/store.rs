@@ -76,6 +76,29 @@ pub struct ComponentRow {
     pub created_by: String,
     /// Latest policy version (0: none, nothing granted).
     pub policy_version: i64,
+    /// `verified` (signed by a key the tenant trusts) or `unsigned`.
+    pub signature: String,
+    /// The key that signed it (`ed25519:<hex>`), if signed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub signed_by: Option<String>,
+}
+
+/// Who signed what is being stored (`None`: unsigned).
+#[derive(Debug, Default, Clone, Copy)]
+pub struct SignedBy<'a> {
+    /// The component's key.
+    pub component: Option<&'a str>,
+    /// The policy's key (an upload with a policy).
+    pub policy: Option<&'a str>,
+}
+
+/// `verified` or `unsigned`.
+fn signature_state(signed_by: Option<&str>) -> &'static str {
+    if signed_by.is_some() {
+        "verified"
+    } else {
+        "unsigned"
+    }
 }
 
 /// One policy version.
@@ -91,6 +114,8 @@ pub struct PolicyRow {
     pub created_ms: i64,
     /// Token name.
     pub created_by: String,
+    /// The key that signed it (`ed25519:<hex>`), if signed.
+    pub signed_by: Option<String>,
 }
 
 /// An upload written to `tmp/` and fsynced, not yet registered.
@@ -209,6 +234,20 @@ impl Store {
                 created_by TEXT NOT NULL,
                 PRIMARY KEY (tenant, component, version));",
         )?;
+        // Signatures came later: a database made before has the columns
+        // added (NULL: unsigned).
+        for table in ["components", "policies"] {
+            let has: bool = db.query_row(
+                &format!(
+                    "SELECT COUNT(*) > 0 FROM pragma_table_info('{table}') WHERE name = 'signed_by'"
+                ),
+                [],
+                |r| r.get(0),
+            )?;
+            if !has {
+                db.execute_batch(&format!("ALTER TABLE {table} ADD COLUMN signed_by TEXT"))?;
+            }
+        }
         audit::init(&db)?;
         let store = Self {
             dir: dir.to_path_buf(),
@@ -327,6 +366,7 @@ impl Store {
         name: &str,
         staged: StagedBlob,
         policy: Option<&str>,
+        signed: SignedBy<'_>,
     ) -> Result<(bool, Option<i64>), StoreError> {
         let mut db = self.db();
         let existing: Option<String> = db
@@ -349,12 +389,31 @@ impl Store {
         let tx = db.transaction()?;
         let now = now_ms();
         tx.execute(
-            "INSERT INTO components(tenant, name, digest, size, created_ms, created_by)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-            params![tenant, name, staged.digest, staged.size as i64, now, actor],
+            "INSERT INTO components(tenant, name, digest, size, created_ms, created_by, signed_by)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            params![
+                tenant,
+                name,
+                staged.digest,
+                staged.size as i64,
+                now,
+                actor,
+                signed.component
+            ],
         )?;
         let policy_hash = match policy {
-            Some(text) => Some(insert_policy(&tx, tenant, actor, name, 1, text, now)?),
+            Some(text) => Some(insert_policy(
+                &tx,
+                &PolicyInsert {
+                    tenant,
+                    actor,
+                    component: name,
+                    version: 1,
+                    text,
+                    signed_by: signed.policy,
+                },
+                now,
+            )?),
             None => None,
         };
         let seq = audit::append(
@@ -371,6 +430,9 @@ impl Store {
                     "size": staged.size,
                     "policy_version": policy_hash.as_ref().map(|_| 1),
                     "policy_sha256": policy_hash,
+                    "signature": signature_state(signed.component),
+                    "signed_by": signed.component,
+                    "policy_signed_by": signed.policy,
                 }),
             },
         )?;
@@ -387,10 +449,12 @@ impl Store {
         let mut stmt = db.prepare(
             "SELECT c.name, c.digest, c.size, c.created_ms, c.created_by,
                     (SELECT COALESCE(MAX(version), 0) FROM policies p
-                      WHERE p.tenant = c.tenant AND p.component = c.name)
+                      WHERE p.tenant = c.tenant AND p.component = c.name),
+                    c.signed_by
              FROM components c WHERE c.tenant = ?1 ORDER BY c.name",
         )?;
         let rows = stmt.query_map([tenant], |r| {
+            let signed_by: Option<String> = r.get(6)?;
             Ok(ComponentRow {
                 name: r.get(0)?,
                 digest: r.get(1)?,
@@ -398,6 +462,8 @@ impl Store {
                 created_ms: r.get(3)?,
                 created_by: r.get(4)?,
                 policy_version: r.get(5)?,
+                signature: signature_state(signed_by.as_deref()).to_string(),
+                signed_by,
             })
         })?;
         Ok(rows.collect::<Result<_, _>>()?)
@@ -473,13 +539,25 @@ impl Store {
         actor: &str,
         component: &str,
         text: &str,
+        signed_by: Option<&str>,
     ) -> Result<(i64, i64), StoreError> {
         let row = self.get(tenant, component)?;
         let old = self.policy(tenant, component, None).ok();
         let mut db = self.db();
         let tx = db.transaction()?;
         let version = row.policy_version + 1;
-        let hash = insert_policy(&tx, tenant, actor, component, version, text, now_ms())?;
+        let hash = insert_policy(
+            &tx,
+            &PolicyInsert {
+                tenant,
+                actor,
+                component,
+                version,
+                text,
+                signed_by,
+            },
+            now_ms(),
+        )?;
         let seq = audit::append(
             &tx,
             &NewRecord {
@@ -494,6 +572,8 @@ impl Store {
                     "old_sha256": old.as_ref().map(|p| p.sha256.clone()),
                     "new_version": version,
                     "new_sha256": hash,
+                    "signature": signature_state(signed_by),
+                    "signed_by": signed_by,
                 }),
             },
         )?;
@@ -514,7 +594,7 @@ impl Store {
         self.get(tenant, component)?;
         let db = self.db();
         db.query_row(
-            "SELECT version, text, sha256, created_ms, created_by FROM policies
+            "SELECT version, text, sha256, created_ms, created_by, signed_by FROM policies
              WHERE tenant = ?1 AND component = ?2 AND (?3 IS NULL OR version = ?3)
              ORDER BY version DESC LIMIT 1",
             params![tenant, component, version],
@@ -525,6 +605,7 @@ impl Store {
                     sha256: r.get(2)?,
                     created_ms: r.get(3)?,
                     created_by: r.get(4)?,
+                    signed_by: r.get(5)?,
                 })
             },
         )
@@ -547,7 +628,7 @@ impl Store {
         self.get(tenant, component)?;
         let db = self.db();
         let mut stmt = db.prepare(
-            "SELECT version, sha256, created_ms, created_by FROM policies
+            "SELECT version, sha256, created_ms, created_by, signed_by FROM policies
              WHERE tenant = ?1 AND component = ?2 ORDER BY version",
         )?;
         let rows = stmt.query_map(params![tenant, component], |r| {
@@ -557,6 +638,7 @@ impl Store {
                 sha256: r.get(1)?,
                 created_ms: r.get(2)?,
                 created_by: r.get(3)?,
+                signed_by: r.get(4)?,
             })
         })?;
         Ok(rows.collect::<Result<_, _>>()?)
@@ -598,20 +680,35 @@ impl Store {
     }
 }
 
+/// A policy version to store.
+struct PolicyInsert<'a> {
+    tenant: &'a str,
+    actor: &'a str,
+    component: &'a str,
+    version: i64,
+    text: &'a str,
+    signed_by: Option<&'a str>,
+}
+
 fn insert_policy(
     tx: &rusqlite::Transaction<'_>,
-    tenant: &str,
-    actor: &str,
-    component: &str,
-    version: i64,
-    text: &str,
+    p: &PolicyInsert<'_>,
     now: i64,
 ) -> Result<String, StoreError> {
-    let hash = hex::encode(Sha256::digest(text.as_bytes()));
+    let hash = hex::encode(Sha256::digest(p.text.as_bytes()));
     tx.execute(
-        "INSERT INTO policies(tenant, component, version, text, sha256, created_ms, created_by)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-        params![tenant, component, version, text, hash, now, actor],
+        "INSERT INTO policies(tenant, component, version, text, sha256, created_ms, created_by, signed_by)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+        params![
+            p.tenant,
+            p.component,
+            p.version,
+            p.text,
+            hash,
+            now,
+            p.actor,
+            p.signed_by
+        ],
     )?;
     Ok(hash)
 }
@@ -631,16 +728,37 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let s = Store::open(d.path()).unwrap();
         let (created, seq) = s
-            .register("a", "tok", "c1", stage(&s, b"one"), Some("version = 1\n"))
+            .register(
+                "a",
+                "tok",
+                "c1",
+                stage(&s, b"one"),
+                Some("version = 1\n"),
+                SignedBy::default(),
+            )
             .unwrap();
         assert!(created && seq == Some(1));
         assert_eq!(
-            s.register("a", "tok", "c1", stage(&s, b"one"), None)
-                .unwrap(),
+            s.register(
+                "a",
+                "tok",
+                "c1",
+                stage(&s, b"one"),
+                None,
+                SignedBy::default()
+            )
+            .unwrap(),
             (false, None)
         );
         assert!(matches!(
-            s.register("a", "tok", "c1", stage(&s, b"two"), None),
+            s.register(
+                "a",
+                "tok",
+                "c1",
+                stage(&s, b"two"),
+                None,
+                SignedBy::default()
+            ),
             Err(StoreError::Exists(_))
         ));
         assert!(s.list("b").unwrap().is_empty());
@@ -659,8 +777,10 @@ mod tests {
     fn delete_removes_rows_and_unshared_blob_and_garbage_is_collected() {
         let d = tempfile::tempdir().unwrap();
         let s = Store::open(d.path()).unwrap();
-        s.register("a", "t", "c1", stage(&s, b"x"), None).unwrap();
-        s.register("b", "t", "c1", stage(&s, b"x"), None).unwrap();
+        s.register("a", "t", "c1", stage(&s, b"x"), None, SignedBy::default())
+            .unwrap();
+        s.register("b", "t", "c1", stage(&s, b"x"), None, SignedBy::default())
+            .unwrap();
         let digest = s.get("a", "c1").unwrap().digest;
         s.delete("a", "t", "c1").unwrap();
         assert!(s.read_blob(&digest).is_ok(), "tenant b still uses it");
@@ -683,13 +803,24 @@ mod tests {
     fn policy_versions_accumulate() {
         let d = tempfile::tempdir().unwrap();
         let s = Store::open(d.path()).unwrap();
-        s.register("a", "t", "c", stage(&s, b"x"), None).unwrap();
+        s.register("a", "t", "c", stage(&s, b"x"), None, SignedBy::default())
+            .unwrap();
         assert!(matches!(
             s.policy("a", "c", None),
             Err(StoreError::NoPolicy { .. })
         ));
-        assert_eq!(s.put_policy("a", "t", "c", "version = 1\n").unwrap().0, 1);
-        assert_eq!(s.put_policy("a", "t", "c", "version = 1 \n").unwrap().0, 2);
+        assert_eq!(
+            s.put_policy("a", "t", "c", "version = 1\n", None)
+                .unwrap()
+                .0,
+            1
+        );
+        assert_eq!(
+            s.put_policy("a", "t", "c", "version = 1 \n", None)
+                .unwrap()
+                .0,
+            2
+        );
         assert_eq!(s.policy("a", "c", None).unwrap().version, 2);
         assert_eq!(s.policy("a", "c", Some(1)).unwrap().text, "version = 1\n");
         assert_eq!(s.policy_versions("a", "c").unwrap().len(), 2);
