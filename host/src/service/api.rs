@@ -26,7 +26,7 @@ pub type AppState = Arc<Service>;
 pub const OPENAPI: &str = include_str!("../../../docs/openapi.json");
 
 impl ServiceError {
-    fn status(&self) -> StatusCode {
+    pub(crate) fn status(&self) -> StatusCode {
         match self {
             Self::Unauthorized => StatusCode::UNAUTHORIZED,
             Self::Forbidden { .. } => StatusCode::FORBIDDEN,
@@ -138,6 +138,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/audit", get(audit_query))
         .route("/v1/audit/verify", get(audit_verify))
         .route("/mcp", post(mcp::post).get(mcp::get).delete(mcp::delete))
+        .merge(super::console::routes())
         .fallback(|| async {
             ServiceError::NotFound("No such route; see /v1/openapi.json.".into())
         })
@@ -458,7 +459,7 @@ struct DiffQuery {
 }
 
 /// Field-by-field differences between two JSON values.
-fn json_diff(path: &str, a: &Value, b: &Value, out: &mut Vec<Value>) {
+pub(crate) fn json_diff(path: &str, a: &Value, b: &Value, out: &mut Vec<Value>) {
     match (a, b) {
         (Value::Object(x), Value::Object(y)) => {
             let keys: std::collections::BTreeSet<&String> = x.keys().chain(y.keys()).collect();

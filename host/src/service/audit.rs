@@ -155,6 +155,8 @@ pub struct Filter {
     pub component: Option<String>,
     /// Tool name.
     pub tool: Option<String>,
+    /// The token name that acted.
+    pub actor: Option<String>,
     /// Record kind.
     pub kind: Option<String>,
     /// `allow`, `deny` or `error`.
@@ -203,7 +205,7 @@ pub fn query(db: &Connection, tenant: &str, f: &Filter) -> Result<Vec<Record>, A
            AND (?2 IS NULL OR component = ?2) AND (?3 IS NULL OR tool = ?3)
            AND (?4 IS NULL OR kind = ?4) AND (?5 IS NULL OR decision = ?5)
            AND (?6 IS NULL OR ts_ms >= ?6) AND (?7 IS NULL OR ts_ms < ?7)
-           AND (?8 IS NULL OR seq > ?8)
+           AND (?8 IS NULL OR seq > ?8) AND (?10 IS NULL OR actor = ?10)
          ORDER BY seq LIMIT ?9"
     ))?;
     let rows = stmt.query_map(
@@ -216,7 +218,8 @@ pub fn query(db: &Connection, tenant: &str, f: &Filter) -> Result<Vec<Record>, A
             f.since_ms,
             f.until_ms,
             f.after_seq,
-            limit
+            limit,
+            f.actor
         ],
         row_to_record,
     )?;

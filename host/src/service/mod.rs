@@ -21,6 +21,7 @@
 pub mod api;
 pub mod audit;
 pub mod config;
+pub mod console;
 pub mod export;
 pub mod mcp;
 mod metrics;
@@ -279,6 +280,8 @@ pub struct Service {
     sessions: Mutex<HashMap<String, (String, std::time::Instant)>>,
     /// Per-tenant state volumes.
     volumes: volumes::Volumes,
+    /// Web console sessions.
+    pub(crate) console: console::Sessions,
 }
 
 /// An MCP session unused this long is gone.
@@ -331,6 +334,7 @@ impl Service {
             metrics: metrics::Metrics::new(),
             sessions: Mutex::new(HashMap::new()),
             volumes,
+            console: console::Sessions::default(),
         })
     }
 
