@@ -17,8 +17,9 @@
 //!   sha256 of their id, expire after [`SESSION_LIFE`], and at most
 //!   [`MAX_SESSIONS`] exist (the oldest goes first).
 //! * The only state-changing requests, login and logout, are refused when
-//!   the browser says they come from another site (`Origin` not this host,
-//!   or `Sec-Fetch-Site: cross-site`): no login CSRF.
+//!   the browser says they come from anywhere but this origin
+//!   (`Sec-Fetch-Site` other than `same-origin`, or an `Origin` that is not
+//!   this host): no login CSRF, not even from another port of this host.
 //! * Every page is sent with a content security policy that allows no
 //!   script at all, `frame-ancestors 'none'`, `no-store` and `nosniff`: an
 //!   uploaded name or description that slipped past escaping still could
@@ -112,7 +113,9 @@ fn secure(mut r: Response) -> Response {
     for (k, v) in [
         (header::CONTENT_SECURITY_POLICY, CSP),
         (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
-        (header::REFERRER_POLICY, "no-referrer"),
+        // Not `no-referrer`: a browser then sends `Origin: null` on the
+        // login form, which the cross-site check must refuse.
+        (header::REFERRER_POLICY, "same-origin"),
         (header::CACHE_CONTROL, "no-store"),
         (header::X_FRAME_OPTIONS, "DENY"),
     ] {
@@ -155,13 +158,12 @@ fn viewer(s: &AppState, headers: &HeaderMap) -> Result<Principal, Box<Response>>
 }
 
 /// Whether a state-changing request comes from this site (see the module
-/// invariants).
+/// invariants): a browser's `Sec-Fetch-Site` must say `same-origin` (or
+/// `none`, typed by the user); without it, an `Origin` must name this host
+/// (`null` does not). A request with neither is not a browser's.
 fn same_site(headers: &HeaderMap) -> bool {
-    if headers
-        .get("sec-fetch-site")
-        .is_some_and(|v| v.as_bytes() == b"cross-site")
-    {
-        return false;
+    if let Some(site) = headers.get("sec-fetch-site") {
+        return matches!(site.as_bytes(), b"same-origin" | b"none");
     }
     match (headers.get(header::ORIGIN), headers.get(header::HOST)) {
         (None, _) => true,
@@ -173,6 +175,24 @@ fn same_site(headers: &HeaderMap) -> bool {
         }
         (Some(_), None) => false,
     }
+}
+
+/// The answer to a login or logout from another site.
+fn cross_site() -> Response {
+    secure(
+        (
+            StatusCode::FORBIDDEN,
+            page(
+                "Refused",
+                None,
+                html! {
+                    p role="alert" { "This request came from another site. Log in from the console's own page." }
+                    p { a href="/console/login" { "Log in" } }
+                },
+            ),
+        )
+            .into_response(),
+    )
 }
 
 fn page(title: &str, who: Option<&Principal>, body: Markup) -> Markup {
@@ -277,13 +297,7 @@ async fn login(
     form: Result<Form<LoginForm>, axum::extract::rejection::FormRejection>,
 ) -> Response {
     if !same_site(&headers) {
-        return error_page(
-            None,
-            &ServiceError::Forbidden {
-                role: "another site",
-                action: "log in here",
-            },
-        );
+        return cross_site();
     }
     let Ok(Form(f)) = form else {
         return secure(
@@ -321,13 +335,7 @@ async fn login(
 
 async fn logout(State(s): State<AppState>, headers: HeaderMap) -> Response {
     if !same_site(&headers) {
-        return error_page(
-            None,
-            &ServiceError::Forbidden {
-                role: "another site",
-                action: "log out here",
-            },
-        );
+        return cross_site();
     }
     if let Some(id) = cookie(&headers) {
         s.console.close(id);
