@@ -138,17 +138,7 @@ fn an_auditor_logs_in_and_sees_denials_diffs_and_a_broken_chain() {
         c.upload(ADMIN, "kitchen", kitchen_with_docs(&evil)).status,
         201
     );
-    c.upload_example(ADMIN, "files", "files");
-    let v1 = format!(
-        "version = 1\n[limits]\ntimeout = \"5s\"\n[[filesystem]]\nhost = {:?}\nguest = \"/data\"\nmode = \"ro\"\n",
-        std::fs::canonicalize(&shared).unwrap()
-    );
-    assert_eq!(c.put_policy(ADMIN, "files", &v1).status, 201);
-    assert_eq!(
-        c.put_policy(ADMIN, "files", &v1.replace("\"5s\"", "\"7s\""))
-            .status,
-        201
-    );
+    c.files_with_two_policies(&shared);
     let r = c.invoke(
         INVOKER,
         "files__files_write",

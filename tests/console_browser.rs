@@ -35,15 +35,19 @@ fn driver() -> Driver {
         .local_addr()
         .unwrap()
         .port();
-    let child = Command::new(CHROMEDRIVER)
-        .arg(format!("--port={port}"))
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    // Owned by the guard at once: a panic below still kills and reaps it.
+    let d = Driver(
+        Command::new(CHROMEDRIVER)
+            .arg(format!("--port={port}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+        port,
+    );
     for _ in 0..200 {
         if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-            return Driver(child, port);
+            return d;
         }
         std::thread::sleep(Duration::from_millis(50));
     }
@@ -68,17 +72,7 @@ fn an_auditor_uses_the_console_in_chromium() {
     let srv = Server::start(d.path(), "");
     let c = srv.client();
     c.upload_example(ADMIN, "kitchen", "kitchen");
-    c.upload_example(ADMIN, "files", "files");
-    let v1 = format!(
-        "version = 1\n[limits]\ntimeout = \"5s\"\n[[filesystem]]\nhost = {:?}\nguest = \"/data\"\nmode = \"ro\"\n",
-        std::fs::canonicalize(d.path().join("shared")).unwrap()
-    );
-    assert_eq!(c.put_policy(ADMIN, "files", &v1).status, 201);
-    assert_eq!(
-        c.put_policy(ADMIN, "files", &v1.replace("\"5s\"", "\"7s\""))
-            .status,
-        201
-    );
+    c.files_with_two_policies(&d.path().join("shared"));
     let r = c.invoke(
         INVOKER,
         "kitchen__greet",

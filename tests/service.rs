@@ -1100,17 +1100,21 @@ fn mcp_works_with_the_official_rust_client_and_validates_origin_and_session() {
     assert_eq!(post(None, Some(&last), &list).status(), 200);
 }
 
+/// A scripted conversation of examples/agent-loop.
+fn agent_script(name: &str) -> String {
+    let manifest = std::env::var_os("CARGO_MANIFEST_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| env!("CARGO_MANIFEST_DIR").into());
+    std::fs::read_to_string(manifest.join("../examples/agent-loop").join(name)).unwrap()
+}
+
 #[test]
 fn agent_loop_example_plays_a_function_calling_conversation() {
     let d = tmp();
     let srv = Server::start(d.path(), "");
     let c = srv.client();
     c.upload_example(ADMIN, "kitchen", "kitchen");
-    let manifest = std::env::var_os("CARGO_MANIFEST_DIR")
-        .map(std::path::PathBuf::from)
-        .unwrap_or_else(|| env!("CARGO_MANIFEST_DIR").into());
-    let script =
-        std::fs::read_to_string(manifest.join("../examples/agent-loop/script.json")).unwrap();
+    let script = agent_script("script.json");
     let model = agent_loop::ScriptedModel::parse(&script).unwrap();
     let messages = agent_loop::run(&agent_loop::Airlock::new(&srv.url, INVOKER), &model).unwrap();
     let tool_msgs: Vec<&Value> = messages.iter().filter(|m| m["role"] == "tool").collect();
@@ -1504,12 +1508,7 @@ fn a_tenant_grants_a_model_inside_its_allowed_directories_and_an_agent_answers_w
 
     // The agent-loop example's help-desk question, answered with the tool:
     // the model's search finds the password article by meaning.
-    let manifest = std::env::var_os("CARGO_MANIFEST_DIR")
-        .map(std::path::PathBuf::from)
-        .unwrap_or_else(|| env!("CARGO_MANIFEST_DIR").into());
-    let script =
-        std::fs::read_to_string(manifest.join("../examples/agent-loop/support.json")).unwrap();
-    let model = agent_loop::ScriptedModel::parse(&script).unwrap();
+    let model = agent_loop::ScriptedModel::parse(&agent_script("support.json")).unwrap();
     let messages = agent_loop::run(&agent_loop::Airlock::new(&srv.url, INVOKER), &model).unwrap();
     let tool: Vec<&Value> = messages.iter().filter(|m| m["role"] == "tool").collect();
     assert_eq!(tool.len(), 1);

@@ -226,6 +226,20 @@ impl Client {
         )
     }
 
+    /// Upload the `files` example with a policy in two versions (a
+    /// read-only grant of `shared` at `/data`; timeout 5 s, then 7 s).
+    pub fn files_with_two_policies(&self, shared: &Path) {
+        self.upload_example(super::server::ADMIN, "files", "files");
+        let v1 = format!(
+            "version = 1\n[limits]\ntimeout = \"5s\"\n[[filesystem]]\nhost = {:?}\nguest = \"/data\"\nmode = \"ro\"\n",
+            std::fs::canonicalize(shared).unwrap()
+        );
+        for text in [v1.clone(), v1.replace("\"5s\"", "\"7s\"")] {
+            let r = self.put_policy(super::server::ADMIN, "files", &text);
+            assert_eq!(r.status, 201, "{}", r.json);
+        }
+    }
+
     pub fn invoke(&self, token: &str, tool: &str, args: serde_json::Value) -> Reply {
         self.post_json(
             token,

@@ -36,21 +36,6 @@ fn inline_encoder() -> impl FnMut(&embed_text::Padded) -> Result<Vec<f32>, Strin
     }
 }
 
-impl Guest for EmbedInline {
-    fn embed(texts: Vec<String>) -> Result<Vec<Vec<f32>>, String> {
-        embed_text::embed_all(&texts, inline_encoder())
-    }
-
-    fn similar(query: String, texts: Vec<String>) -> Result<Vec<Scored>, String> {
-        Ok(embed_text::similar(query, texts, inline_encoder())?
-            .into_iter()
-            .map(|s| Scored {
-                index: s.index,
-                text: s.text,
-                score: s.score,
-            })
-            .collect())
-    }
-}
+embed_text::embed_tools!(EmbedInline, inline_encoder);
 
 export!(EmbedInline);

@@ -162,3 +162,28 @@ pub fn similar(
     scored.sort_by(|a, b| b.score.total_cmp(&a.score));
     Ok(scored)
 }
+
+/// `impl Guest for $tool`: the `embed` and `similar` exports of a
+/// component whose WIT world is the embed tools' (its `Guest` and `Scored`
+/// in scope), over `$encoder()`, a fresh encoder per call.
+#[macro_export]
+macro_rules! embed_tools {
+    ($tool:ident, $encoder:path) => {
+        impl Guest for $tool {
+            fn embed(texts: Vec<String>) -> Result<Vec<Vec<f32>>, String> {
+                $crate::embed_all(&texts, $encoder())
+            }
+
+            fn similar(query: String, texts: Vec<String>) -> Result<Vec<Scored>, String> {
+                Ok($crate::similar(query, texts, $encoder())?
+                    .into_iter()
+                    .map(|s| Scored {
+                        index: s.index,
+                        text: s.text,
+                        score: s.score,
+                    })
+                    .collect())
+            }
+        }
+    };
+}

@@ -68,21 +68,6 @@ fn host_encoder() -> impl FnMut(&embed_text::Padded) -> Result<Vec<f32>, String>
     }
 }
 
-impl Guest for Embed {
-    fn embed(texts: Vec<String>) -> Result<Vec<Vec<f32>>, String> {
-        embed_text::embed_all(&texts, host_encoder())
-    }
-
-    fn similar(query: String, texts: Vec<String>) -> Result<Vec<Scored>, String> {
-        Ok(embed_text::similar(query, texts, host_encoder())?
-            .into_iter()
-            .map(|s| Scored {
-                index: s.index,
-                text: s.text,
-                score: s.score,
-            })
-            .collect())
-    }
-}
+embed_text::embed_tools!(Embed, host_encoder);
 
 export!(Embed);
