@@ -723,7 +723,7 @@ fn weights_image(cache: &Path) -> anyhow::Result<(PathBuf, String, PathBuf)> {
             minilm.display()
         )
     })?;
-    const RECIPE_WEIGHTS: &str = "airlock-weights/1 24MiB 16KiB-blocks erofs -T0";
+    const RECIPE_WEIGHTS: &str = "airlock-weights/2 24MiB 16KiB-blocks erofs -T0 -Enoinline_data";
     let mut seed = Sha256::digest(RECIPE_WEIGHTS.as_bytes()).to_vec();
     let mut block = Vec::with_capacity(16 << 10);
     while block.len() < 16 << 10 {
@@ -754,8 +754,13 @@ fn weights_image(cache: &Path) -> anyhow::Result<(PathBuf, String, PathBuf)> {
                 .with_context(|| format!("copying {f} of {}", minilm.display()))?;
         }
         let tmp = dir.join("weights.erofs.tmp");
-        run(Command::new("mkfs.erofs").arg("-T0").arg(&tmp).arg(&src))
-            .context("mkfs.erofs (apt-get install erofs-utils)")?;
+        // noinline_data: every file DAX-mappable (see airlock weights pack).
+        run(Command::new("mkfs.erofs")
+            .arg("-T0")
+            .arg("-Enoinline_data")
+            .arg(&tmp)
+            .arg(&src))
+        .context("mkfs.erofs (apt-get install erofs-utils)")?;
         // virtio-pmem regions are whole 2 MiB units.
         let f = std::fs::OpenOptions::new().write(true).open(&tmp)?;
         let len = f.metadata()?.len();
