@@ -914,7 +914,7 @@ if [ "$airlock_bench" = models ]; then
   # kernels at run time): the outer VM's, and a guest's from its boot log.
   CPU_OUTER=$(grep -m1 '^flags' /proc/cpuinfo | tr ' ' '\n' | grep -x 'avx\|avx2\|fma\|avx512f' | tr '\n' ' ')
   CPU_GUEST=$(/airlock vm boot --kernel $G/vmlinux --initrd $G/initramfs-selftest.cpio.gz \
-    --cmdline 'airlock.selftest=panic ignore_loglevel' --timeout-secs 300 2>&1 | grep -o "x86/fpu: Supporting XSAVE feature[^']*'[^']*'" | sed "s/.*'\(.*\)'/\1/" | tr '\n' ',' )
+    --cmdline 'airlock.selftest=panic ignore_loglevel' --timeout-secs 300 2>&1 | grep -o 'x86/fpu: [^"\\]*' | head -8 | tr '\n' ';' )
   printf 'version = 1\n[limits]\nmemory = "128 MiB"\ntimeout = "30m"\nfuel = 10000000000000\n[models]\nminilm = "%s"\n' $MD > /tmp/mb-cap.toml
   printf 'version = 1\n[limits]\nmemory = "256 MiB"\ntimeout = "30m"\nfuel = 10000000000000\n[[filesystem]]\nhost = "%s"\nguest = "/model"\nmode = "ro"\n' $MD > /tmp/mb-inline.toml
   GA="--kernel $G/vmlinux --initrd $G/initramfs.cpio.gz --boot-attempts 5 --jail off --memory-mib 512 --weights /models:$G/weights.erofs"
@@ -1737,12 +1737,12 @@ fn models_report(json: &serde_json::Value) -> anyhow::Result<String> {
     )?;
     writeln!(
         out,
-        "  CPU features for the engine's kernels: outer VM (process isolation) [{}], guest (XSAVE states) [{}]",
+        "  CPU features for the engine's kernels: outer VM (process isolation) [{}]; guest [{}]",
         json["cpu_outer"].as_str().unwrap_or("?").trim(),
         json["cpu_guest"]
             .as_str()
             .unwrap_or("?")
-            .trim_end_matches(',')
+            .trim_end_matches(';')
     )?;
     Ok(out)
 }
@@ -1957,7 +1957,7 @@ mod tests {
         };
         let call = |us: u64| serde_json::json!({"result": {"ok": {"ok": [[0.1]]}}, "metering": {"wall_us": us}});
         let mut j = serde_json::json!({
-            "cpu_outer": "avx2 fma ", "cpu_guest": "SSE registers,",
+            "cpu_outer": "avx2 fma ", "cpu_guest": "x86/fpu: x87 FPU will use FXSAVE;",
             "weights_bytes": 100 << 20,
             "memory": {
                 "baseline": side(3 << 10, serde_json::json!("Hello")),
@@ -1976,7 +1976,7 @@ mod tests {
         assert!(r.contains("naive 110.0 MiB = 110.0 %"), "{r}");
         assert!(r.contains("VM / process: 0.50"), "{r}");
         assert!(
-            r.contains("[avx2 fma]") && r.contains("[SSE registers]"),
+            r.contains("[avx2 fma]") && r.contains("[x86/fpu: x87 FPU will use FXSAVE]"),
             "{r}"
         );
         j["memory"]["capability"]["vms"][2]["outcome"]["result"]["ok"] =
