@@ -43,6 +43,8 @@ use std::time::{Duration, Instant};
 pub const SESSION_LIFE: Duration = Duration::from_secs(8 * 60 * 60);
 /// Most console sessions at once.
 pub const MAX_SESSIONS: usize = 4096;
+/// Most audit records the overview reads for its chart (the API's cap).
+const RECENT: u32 = 1000;
 /// The session cookie.
 const COOKIE: &str = "airlock_console";
 /// The stylesheet (served at `/console/style.css`; no inline styles, so the
@@ -410,7 +412,7 @@ async fn overview(State(s): State<AppState>, headers: HeaderMap) -> Response {
             &tenant,
             &Filter {
                 since_ms: Some(since),
-                limit: Some(1000),
+                limit: Some(RECENT),
                 ..Filter::default()
             },
         )?;
@@ -439,6 +441,7 @@ async fn overview(State(s): State<AppState>, headers: HeaderMap) -> Response {
         .unwrap_or(0)
         .max(1);
     let total: u32 = buckets.iter().flatten().sum();
+    let truncated = recent.len() >= RECENT as usize;
     let denials: Vec<_> = recent
         .iter()
         .rev()
@@ -466,7 +469,11 @@ async fn overview(State(s): State<AppState>, headers: HeaderMap) -> Response {
             }
             section aria-labelledby="calls" {
                 h2 id="calls" { "Calls in the last hour" }
-                p { (total) " calls, as of " (utc(now_ms())) ". " a href="/console" { "Refresh" } }
+                p {
+                    @if truncated { "At least " } (total) " calls, as of " (utc(now_ms())) ". "
+                    @if truncated { "(The chart counts the hour's first " (RECENT) " audit records.) " }
+                    a href="/console" { "Refresh" }
+                }
                 svg role="img" aria-labelledby="chart-title" viewBox="0 0 360 110" width="360" height="110" {
                     title id="chart-title" { (total) " calls in the last hour, per 5 minutes (the table below has the numbers)" }
                     @for (i, b) in buckets.iter().enumerate() {
