@@ -202,21 +202,13 @@ pub enum Signed {
     Unsigned,
 }
 
-impl Signed {
-    /// `verified` or `unsigned`.
-    pub fn state(&self) -> &'static str {
-        match self {
-            Self::By(_) => "verified",
-            Self::Unsigned => "unsigned",
-        }
-    }
-
-    /// The key that signed, if any.
-    pub fn key(&self) -> Option<&str> {
-        match self {
-            Self::By(k) => Some(k),
-            Self::Unsigned => None,
-        }
+/// The signature state shown for something stored: `verified` when a
+/// trusted key signed it (`signed_by`), else `unsigned`.
+pub fn state(signed_by: Option<&str>) -> &'static str {
+    if signed_by.is_some() {
+        "verified"
+    } else {
+        "unsigned"
     }
 }
 

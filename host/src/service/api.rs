@@ -325,7 +325,7 @@ async fn upload(
         axum::Json(json!({
             "name": name, "digest": digest, "size": size, "created": reg.created,
             "tools": reg.tools, "audit_record": reg.audit_record,
-            "signature": if reg.signed_by.is_some() { "verified" } else { "unsigned" },
+            "signature": crate::signing::state(reg.signed_by.as_deref()),
             "signed_by": reg.signed_by,
         })),
     )
@@ -403,7 +403,7 @@ async fn put_policy(
         StatusCode::CREATED,
         axum::Json(json!({
             "component": name, "version": version, "audit_record": seq,
-            "signature": if signed_by.is_some() { "verified" } else { "unsigned" },
+            "signature": crate::signing::state(signed_by.as_deref()),
             "signed_by": signed_by,
         })),
     )

@@ -662,8 +662,9 @@ async fn diff(
     let data = blocking(&who, move || {
         let a = s2.store().policy(&tenant, &n2, Some(q.from))?;
         let b = s2.store().policy(&tenant, &n2, Some(q.to))?;
-        let (pa, _) = s2.policy_at(&tenant, &n2, Some(q.from))?;
-        let (pb, _) = s2.policy_at(&tenant, &n2, Some(q.to))?;
+        // The stored versions, each read once, checked as calls see them.
+        let pa = s2.checked_stored(&tenant, &a)?;
+        let pb = s2.checked_stored(&tenant, &b)?;
         let mut changes = Vec::new();
         super::api::json_diff(
             "",

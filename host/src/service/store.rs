@@ -16,6 +16,7 @@
 //! files and unreferenced blobs are removed at the next start.
 
 use super::audit::{self, AuditError, NewRecord, now_ms};
+use crate::signing::state as signature_state;
 use rusqlite::{Connection, OptionalExtension, params};
 use serde::Serialize;
 use sha2::{Digest, Sha256};
@@ -90,15 +91,6 @@ pub struct SignedBy<'a> {
     pub component: Option<&'a str>,
     /// The policy's key (an upload with a policy).
     pub policy: Option<&'a str>,
-}
-
-/// `verified` or `unsigned`.
-fn signature_state(signed_by: Option<&str>) -> &'static str {
-    if signed_by.is_some() {
-        "verified"
-    } else {
-        "unsigned"
-    }
 }
 
 /// One policy version.
