@@ -185,6 +185,10 @@ pub struct Sandbox {
     /// process `spawned`, the agent `connected`, its `hello` read, the
     /// guest `refreshed`.
     pub ready_steps: Vec<(&'static str, Duration)>,
+    /// When the start began, on the clock the VMM reports its own times on
+    /// ([`airlock_vmm::monotonic_ns`]); the VMM's report gets it as
+    /// `clock_ns.host_start`.
+    started_ns: u64,
     next_id: u64,
 }
 
@@ -325,6 +329,7 @@ impl Sandbox {
         // Whether this host can run the guest at all was checked once, by
         // the call site; `airlock_vmm::run` refuses such a host again.
         let start = Instant::now();
+        let started_ns = airlock_vmm::monotonic_ns();
         let dir = airlock_vmm::jail::fresh_dir("airlock-vm")?;
         // The VM's sockets live in `dir/run` (the directory a jailed VMM
         // sees as its /run/vsock); a jail's root is `dir/root`.
@@ -383,6 +388,7 @@ impl Sandbox {
             start: kind,
             load_time: Duration::ZERO,
             ready_steps: vec![("spawned", start.elapsed())],
+            started_ns,
             next_id: 1,
         };
         // A restored guest listens already: its socket appears with the
@@ -677,7 +683,11 @@ impl Sandbox {
             }
         };
         let _ = std::fs::remove_dir_all(&self.dir);
-        Ok(r?)
+        let mut end = r?;
+        if end.report.is_object() {
+            end.report["clock_ns"]["host_start"] = self.started_ns.into();
+        }
+        Ok(end)
     }
 }
 

@@ -659,6 +659,17 @@ pub fn snapshot_identity_with(
     })
 }
 
+/// `CLOCK_MONOTONIC` now, in ns: one clock for the daemon and its VMM
+/// processes, so a VM's start can be followed across both (the VMM's
+/// report gives its `clock_ns`; `cargo xtask bench start` lines them up).
+pub fn monotonic_ns() -> u64 {
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).map_or(0, |t| {
+        (t.tv_sec() as u64)
+            .saturating_mul(1_000_000_000)
+            .saturating_add(t.tv_nsec() as u64)
+    })
+}
+
 /// Boot a VM (or restore it from a snapshot, see [`VmConfig::snapshot`])
 /// and run it until it resets, halts, fails, times out or pauses for a
 /// snapshot.

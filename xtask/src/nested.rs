@@ -1596,6 +1596,37 @@ fn start_report(json: &serde_json::Value) -> anyhow::Result<String> {
         })
         .collect();
     writeln!(out, "    host steps: {}", listed.join(", "))?;
+    // The same start on the one clock the daemon and its VMM share: what
+    // happens before the VMM runs its VM, and after the guest is ready.
+    let mut parts: [Vec<f64>; 5] = Default::default();
+    for r in rounds {
+        let s = &r["restore"]["vms"][0];
+        let end = &s["vm_end"];
+        let ns = |k: &str| end["clock_ns"][k].as_f64().unwrap_or(f64::NAN);
+        let (host, main, run) = (ns("host_start"), ns("main"), ns("run"));
+        let marker = end["stages"]
+            .as_array()
+            .and_then(|a| a.iter().find(|m| m["stage"] == "ready"))
+            .and_then(|m| m["after_us"].as_f64())
+            .unwrap_or(f64::NAN);
+        let step = |k: &str| s["ready_steps_ms"][k].as_f64().unwrap_or(f64::NAN);
+        // All in ms from the host's start.
+        let ready = (run - host) / 1e6 + marker / 1e3;
+        parts[0].push(step("spawned"));
+        parts[1].push((main - host) / 1e6 - step("spawned"));
+        parts[2].push((run - main) / 1e6);
+        parts[3].push(step("connected") - ready);
+        parts[4].push(step("refreshed") - step("connected"));
+    }
+    writeln!(
+        out,
+        "    host, on the shared clock: before the spawn (proxy, socket dir) {:.1}; spawn to the VMM's main {:.1}; its main to running the VM (arguments, limits, seccomp filters) {:.1}; guest ready to connected {:.1}; connected to refreshed (Hello, entropy, clock) {:.1}",
+        median(&parts[0]),
+        median(&parts[1]),
+        median(&parts[2]),
+        median(&parts[3]),
+        median(&parts[4])
+    )?;
     for how in ["boot", "restore"] {
         let vms = json["ten"][how]["vms"]
             .as_array()

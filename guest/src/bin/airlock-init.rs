@@ -18,6 +18,15 @@
 //! * `airlock.selftest=share` — list and read what `/share` holds, try to
 //!   change it, print `AIRLOCK-SHARE ...` lines, power off.
 
+/// musl's allocator gives freed memory back to the kernel at once, so a
+/// guest reading a file (wasmtime allocates a 64 KiB buffer per read)
+/// faulted fresh pages in for every read — each fault a trip through the
+/// hypervisor when guest memory is not yet backed. mimalloc keeps and
+/// reuses what was freed.
+#[cfg(target_env = "musl")]
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[cfg(target_os = "linux")]
 fn main() {
     linux::main()
