@@ -12,6 +12,13 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
+/// A static musl build allocates with mimalloc, as the in-VM init does
+/// (musl's own allocator returns freed buffers to the kernel at once): the
+/// two walls then differ in isolation, not in allocators.
+#[cfg(target_env = "musl")]
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(
     name = "airlock",
