@@ -119,32 +119,57 @@ pub(crate) fn now_ms() -> i64 {
         .unwrap_or(0)
 }
 
+/// A record chained onto the head before it, ready to be stored.
+#[derive(Debug, Clone)]
+pub(crate) struct Chained {
+    pub seq: i64,
+    pub ts_ms: i64,
+    /// The body as stored (JSON text).
+    pub body: String,
+    pub prev: String,
+    pub hash: String,
+}
+
+/// Chain `r` onto `head` (the last record's sequence number and hash;
+/// `None` for an empty log). Every store appends through this, holding
+/// its log's head locked until the record is stored.
+pub(crate) fn chain(head: Option<(i64, String)>, r: &NewRecord<'_>) -> Chained {
+    let (seq, prev) = match head {
+        Some((s, h)) => (s + 1, h),
+        None => (1, GENESIS.to_string()),
+    };
+    let ts_ms = now_ms();
+    let body = r.body.to_string();
+    let fields = [r.tenant, r.actor, r.kind, r.component, r.tool, r.decision];
+    let hash = chain_hash(seq, ts_ms, fields, &body, &prev);
+    Chained {
+        seq,
+        ts_ms,
+        body,
+        prev,
+        hash,
+    }
+}
+
 /// Append a record inside `tx`; returns its sequence number.
 ///
 /// # Errors
 /// Database failure.
 pub fn append(tx: &Transaction<'_>, r: &NewRecord<'_>) -> Result<i64, AuditError> {
-    let last: Option<(i64, String)> = tx
+    let head: Option<(i64, String)> = tx
         .query_row(
             "SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1",
             [],
             |row| Ok((row.get(0)?, row.get(1)?)),
         )
         .optional()?;
-    let (seq, prev) = match last {
-        Some((s, h)) => (s + 1, h),
-        None => (1, GENESIS.to_string()),
-    };
-    let ts = now_ms();
-    let body = r.body.to_string();
-    let fields = [r.tenant, r.actor, r.kind, r.component, r.tool, r.decision];
-    let hash = chain_hash(seq, ts, fields, &body, &prev);
+    let c = chain(head, r);
     tx.execute(
         "INSERT INTO audit(seq, ts_ms, tenant, actor, kind, component, tool, decision, body, prev, hash)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
-        params![seq, ts, r.tenant, r.actor, r.kind, r.component, r.tool, r.decision, body, prev, hash],
+        params![c.seq, c.ts_ms, r.tenant, r.actor, r.kind, r.component, r.tool, r.decision, c.body, c.prev, c.hash],
     )?;
-    Ok(seq)
+    Ok(c.seq)
 }
 
 /// Filter for [`query`]; `None` fields match everything.
@@ -169,6 +194,14 @@ pub struct Filter {
     pub after_seq: Option<i64>,
     /// At most this many (default 100, max 1000).
     pub limit: Option<u32>,
+}
+
+impl Filter {
+    /// How many records one query returns: `limit`, 100 by default, at
+    /// most 1,000.
+    pub fn page_size(&self) -> u32 {
+        self.limit.unwrap_or(100).min(1000)
+    }
 }
 
 fn row_to_record(row: &rusqlite::Row<'_>) -> rusqlite::Result<(Record, String)> {
@@ -199,7 +232,7 @@ const COLUMNS: &str =
 /// # Errors
 /// Database failure or a hand-edited body.
 pub fn query(db: &Connection, tenant: &str, f: &Filter) -> Result<Vec<Record>, AuditError> {
-    let limit = f.limit.unwrap_or(100).min(1000);
+    let limit = f.page_size();
     let mut stmt = db.prepare(&format!(
         "SELECT {COLUMNS} FROM audit WHERE tenant = ?1
            AND (?2 IS NULL OR component = ?2) AND (?3 IS NULL OR tool = ?3)
@@ -223,16 +256,23 @@ pub fn query(db: &Connection, tenant: &str, f: &Filter) -> Result<Vec<Record>, A
         ],
         row_to_record,
     )?;
-    let mut out = Vec::new();
-    for r in rows {
-        let (mut rec, body) = r?;
-        rec.body = serde_json::from_str(&body).map_err(|e| AuditError::Body {
-            seq: rec.seq,
-            message: e.to_string(),
-        })?;
-        out.push(rec);
-    }
-    Ok(out)
+    rows.map(|r| {
+        let (rec, body) = r?;
+        with_body(rec, &body)
+    })
+    .collect()
+}
+
+/// `rec` with its stored `body` text parsed.
+///
+/// # Errors
+/// [`AuditError::Body`] when the text is not JSON (edited by hand).
+pub(crate) fn with_body(mut rec: Record, body: &str) -> Result<Record, AuditError> {
+    rec.body = serde_json::from_str(body).map_err(|e| AuditError::Body {
+        seq: rec.seq,
+        message: e.to_string(),
+    })?;
+    Ok(rec)
 }
 
 /// What [`verify`] found.
@@ -251,6 +291,101 @@ pub struct Verification {
     pub problem: Option<String>,
 }
 
+/// Checks a log's records, fed oldest first, against their chain; every
+/// store's `verify` walks its records through one.
+pub(crate) struct Verifier<'a> {
+    anchor: Option<(i64, &'a str)>,
+    anchor_seen: bool,
+    expected_seq: i64,
+    prev: String,
+    problem: Option<String>,
+}
+
+impl<'a> Verifier<'a> {
+    /// A walk from the start of the log; with `anchor = Some((seq, hash))`,
+    /// record `seq` must exist and have that hash.
+    pub(crate) fn new(anchor: Option<(i64, &'a str)>) -> Self {
+        Self {
+            anchor,
+            anchor_seen: false,
+            expected_seq: 1,
+            prev: GENESIS.to_string(),
+            problem: None,
+        }
+    }
+
+    /// Check the next record (its `body` as stored); false once a problem
+    /// is found (the walk can stop).
+    pub(crate) fn next(&mut self, r: &Record, body: &str) -> bool {
+        let fields = [
+            r.tenant.as_str(),
+            &r.actor,
+            &r.kind,
+            &r.component,
+            &r.tool,
+            &r.decision,
+        ];
+        let bad = if r.seq != self.expected_seq {
+            Some(format!(
+                "record {} is missing (next is {}): records were deleted or renumbered",
+                self.expected_seq, r.seq
+            ))
+        } else if r.prev != self.prev {
+            Some(format!(
+                "record {} does not follow record {}: its previous-hash differs (records deleted, reordered or edited)",
+                r.seq,
+                r.seq - 1
+            ))
+        } else if chain_hash(r.seq, r.ts_ms, fields, body, &r.prev) != r.hash {
+            Some(format!(
+                "record {} was edited: its contents do not match its hash",
+                r.seq
+            ))
+        } else {
+            None
+        };
+        if bad.is_some() {
+            self.problem = bad;
+            return false;
+        }
+        if let Some((s, h)) = self.anchor
+            && s == r.seq
+        {
+            self.anchor_seen = true;
+            if h != r.hash {
+                self.problem = Some(format!(
+                    "record {s} has hash {} but the anchor says {h}",
+                    r.hash
+                ));
+                return false;
+            }
+        }
+        self.prev.clone_from(&r.hash);
+        self.expected_seq += 1;
+        true
+    }
+
+    /// What the walk found.
+    pub(crate) fn finish(mut self) -> Verification {
+        if self.problem.is_none()
+            && let Some((s, _)) = self.anchor
+            && !self.anchor_seen
+        {
+            self.problem = Some(format!(
+                "the anchor names record {s}, but the log ends at record {}: records were removed from the end",
+                self.expected_seq - 1
+            ));
+        }
+        Verification {
+            ok: self.problem.is_none(),
+            records: self.expected_seq - 1,
+            head_seq: self.expected_seq - 1,
+            head_hash: self.prev,
+            problem: self.problem,
+        }
+    }
+}
+
 /// Walk the whole chain. With `anchor = Some((seq, hash))`, also require that
 /// record `seq` exists and has that hash (catches truncation and rewrites of
 /// the history before the anchor).
@@ -260,74 +395,14 @@ pub struct Verification {
 pub fn verify(db: &Connection, anchor: Option<(i64, &str)>) -> Result<Verification, AuditError> {
     let mut stmt = db.prepare(&format!("SELECT {COLUMNS} FROM audit ORDER BY seq"))?;
     let mut rows = stmt.query([])?;
-    let mut expected_seq = 1;
-    let mut prev = GENESIS.to_string();
-    let mut problem = None;
-    let mut anchor_seen = false;
+    let mut v = Verifier::new(anchor);
     while let Some(row) = rows.next()? {
         let (r, body) = row_to_record(row)?;
-        let fields = [
-            r.tenant.as_str(),
-            &r.actor,
-            &r.kind,
-            &r.component,
-            &r.tool,
-            &r.decision,
-        ];
-        let bad = if r.seq != expected_seq {
-            Some(format!(
-                "record {expected_seq} is missing (next is {}): records were deleted or renumbered",
-                r.seq
-            ))
-        } else if r.prev != prev {
-            Some(format!(
-                "record {} does not follow record {}: its previous-hash differs (records deleted, reordered or edited)",
-                r.seq,
-                r.seq - 1
-            ))
-        } else if chain_hash(r.seq, r.ts_ms, fields, &body, &r.prev) != r.hash {
-            Some(format!(
-                "record {} was edited: its contents do not match its hash",
-                r.seq
-            ))
-        } else {
-            None
-        };
-        if bad.is_some() {
-            problem = bad;
+        if !v.next(&r, &body) {
             break;
         }
-        if let Some((s, h)) = anchor
-            && s == r.seq
-        {
-            anchor_seen = true;
-            if h != r.hash {
-                problem = Some(format!(
-                    "record {s} has hash {} but the anchor says {h}",
-                    r.hash
-                ));
-                break;
-            }
-        }
-        prev = r.hash;
-        expected_seq += 1;
     }
-    if problem.is_none()
-        && let Some((s, _)) = anchor
-        && !anchor_seen
-    {
-        problem = Some(format!(
-            "the anchor names record {s}, but the log ends at record {}: records were removed from the end",
-            expected_seq - 1
-        ));
-    }
-    Ok(Verification {
-        ok: problem.is_none(),
-        records: expected_seq - 1,
-        head_seq: expected_seq - 1,
-        head_hash: prev,
-        problem,
-    })
+    Ok(v.finish())
 }
 
 #[cfg(test)]

@@ -1,6 +1,8 @@
 //! The data directory: a content-addressed blob store (sha256) for component
-//! bytes, a cache of precompiled artifacts, and an SQLite database for
-//! metadata (components, policy versions, audit log).
+//! bytes, a cache of precompiled artifacts, and the metadata (components,
+//! policy versions, audit log) behind one interface, [`Metadata`]: an
+//! SQLite file in the data directory ([`sqlite`], the default) or a
+//! PostgreSQL database several nodes share ([`postgres`]).
 //!
 //! ```text
 //! <data>/airlock.db            SQLite (WAL, synchronous=FULL)
@@ -13,16 +15,21 @@
 //! fsynced and its digest computed; a component row is committed only after
 //! its blob is in place (and the directory fsynced). A crash at any point
 //! therefore leaves either no component or a complete one; stray temporary
-//! files and unreferenced blobs are removed at the next start.
+//! files and unreferenced blobs are removed at the next start. Every change
+//! and its audit record are one transaction of the metadata store, and two
+//! writers racing for one name or one policy version meet the store's
+//! unique keys ([`StoreError::Conflict`]), never a silent overwrite.
+
+pub mod postgres;
+pub mod sqlite;
 
 use super::audit::{self, AuditError, NewRecord, now_ms};
 use crate::signing::state as signature_state;
-use rusqlite::{Connection, OptionalExtension, params};
 use serde::Serialize;
 use sha2::{Digest, Sha256};
+use std::collections::HashSet;
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, MutexGuard};
 
 /// Store errors.
 #[derive(Debug, thiserror::Error)]
@@ -38,6 +45,21 @@ pub enum StoreError {
     /// The database failed.
     #[error("The database failed: {0}.")]
     Db(#[from] rusqlite::Error),
+    /// The PostgreSQL database failed or cannot be reached.
+    #[error("The PostgreSQL database failed: {0}.")]
+    Postgres(#[from] ::postgres::Error),
+    /// The PostgreSQL database's schema is newer than this node knows.
+    #[error("The PostgreSQL database has schema version {found}; this node knows {known} at most. Upgrade this node before starting it.")]
+    Schema {
+        /// The database's version.
+        found: i64,
+        /// This node's.
+        known: i64,
+    },
+    /// Another writer took the same key first (a component name, a
+    /// policy version) and trying again did not help.
+    #[error("Another change to {0:?} was made at the same moment; try again.")]
+    Conflict(String),
     /// The audit log failed.
     #[error(transparent)]
     Audit(#[from] AuditError),
@@ -189,10 +211,149 @@ impl Drop for StagedBlob {
     }
 }
 
-/// The data directory.
+/// What a metadata store keeps and does: components, policy versions and
+/// the audit chain. Each write and its audit record are one transaction;
+/// a key another writer took first is [`StoreError::Conflict`].
+pub trait Metadata: Send + Sync {
+    /// The digest of `tenant`'s component `name`, if there is one.
+    ///
+    /// # Errors
+    /// Database failure.
+    fn digest_of(&self, tenant: &str, name: &str) -> Result<Option<String>, StoreError>;
+
+    /// Add a component, its first policy (if any) and `record`; returns
+    /// the record's sequence number.
+    ///
+    /// # Errors
+    /// [`StoreError::Conflict`] when the name was taken meanwhile.
+    fn insert_component(
+        &self,
+        c: &NewComponent<'_>,
+        policy: Option<&PolicyInsert<'_>>,
+        record: &NewRecord<'_>,
+    ) -> Result<i64, StoreError>;
+
+    /// One tenant's components, by name.
+    ///
+    /// # Errors
+    /// Database failure.
+    fn list(&self, tenant: &str) -> Result<Vec<ComponentRow>, StoreError>;
+
+    /// Remove `tenant`'s component `name` (if its digest is still
+    /// `digest`) with its policies, and add `record`; returns the record's
+    /// sequence number and whether another component still uses the digest.
+    ///
+    /// # Errors
+    /// [`StoreError::NoComponent`] when it is not there (any more).
+    fn delete(
+        &self,
+        tenant: &str,
+        name: &str,
+        digest: &str,
+        record: &NewRecord<'_>,
+    ) -> Result<(i64, bool), StoreError>;
+
+    /// Add a policy version and `record`; returns the record's sequence
+    /// number.
+    ///
+    /// # Errors
+    /// [`StoreError::Conflict`] when the version was taken meanwhile.
+    fn insert_policy(&self, p: &PolicyInsert<'_>, record: &NewRecord<'_>)
+    -> Result<i64, StoreError>;
+
+    /// A policy version (`None`: the latest), if there is one.
+    ///
+    /// # Errors
+    /// Database failure.
+    fn policy(
+        &self,
+        tenant: &str,
+        component: &str,
+        version: Option<i64>,
+    ) -> Result<Option<PolicyRow>, StoreError>;
+
+    /// Every policy version of a component, oldest first, without texts.
+    ///
+    /// # Errors
+    /// Database failure.
+    fn policy_versions(&self, tenant: &str, component: &str) -> Result<Vec<PolicyRow>, StoreError>;
+
+    /// Append a record on its own.
+    ///
+    /// # Errors
+    /// Database failure.
+    fn audit_append(&self, r: &NewRecord<'_>) -> Result<i64, StoreError>;
+
+    /// One tenant's records matching `f`, oldest first.
+    ///
+    /// # Errors
+    /// Database failure or a hand-edited body.
+    fn audit_query(
+        &self,
+        tenant: &str,
+        f: &audit::Filter,
+    ) -> Result<Vec<audit::Record>, StoreError>;
+
+    /// Walk the whole chain ([`audit::Verifier`]).
+    ///
+    /// # Errors
+    /// Database failure (a broken chain is `Ok` with `ok: false`).
+    fn audit_verify(&self, anchor: Option<(i64, &str)>) -> Result<audit::Verification, StoreError>;
+
+    /// Every digest a component refers to.
+    ///
+    /// # Errors
+    /// Database failure.
+    fn live_digests(&self) -> Result<HashSet<String>, StoreError>;
+}
+
+/// A component row to add.
+#[derive(Debug)]
+pub struct NewComponent<'a> {
+    /// Tenant.
+    pub tenant: &'a str,
+    /// Name.
+    pub name: &'a str,
+    /// sha256 of the bytes.
+    pub digest: &'a str,
+    /// Size in bytes.
+    pub size: i64,
+    /// When, ms since epoch.
+    pub created_ms: i64,
+    /// Token name.
+    pub actor: &'a str,
+    /// The key that signed it.
+    pub signed_by: Option<&'a str>,
+}
+
+/// A policy version to add.
+#[derive(Debug)]
+pub struct PolicyInsert<'a> {
+    /// Tenant.
+    pub tenant: &'a str,
+    /// Token name.
+    pub actor: &'a str,
+    /// Component.
+    pub component: &'a str,
+    /// 1, 2, ...
+    pub version: i64,
+    /// The TOML text.
+    pub text: &'a str,
+    /// sha256 of the text.
+    pub sha256: String,
+    /// When, ms since epoch.
+    pub created_ms: i64,
+    /// The key that signed it.
+    pub signed_by: Option<&'a str>,
+}
+
+/// How often a write that met another writer's key is tried again.
+const CONFLICT_TRIES: usize = 5;
+
+/// The data directory and its metadata store.
 pub struct Store {
     dir: PathBuf,
-    db: Mutex<Connection>,
+    meta: Box<dyn Metadata>,
 }
 
 fn fsync_dir(dir: &Path) -> Result<(), StoreError> {
@@ -202,57 +363,38 @@ fn fsync_dir(dir: &Path) -> Result<(), StoreError> {
 }
 
 impl Store {
-    /// Open (creating if needed) a data directory, and clean up after any crash.
+    /// Open (creating if needed) a data directory with its SQLite
+    /// metadata (`airlock.db`), and clean up after any crash.
     ///
     /// # Errors
     /// The directory or database cannot be used.
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
-        for sub in ["blobs", "tmp", "artifacts"] {
-            std::fs::create_dir_all(dir.join(sub))
-                .map_err(io(format!("creating {}", dir.join(sub).display())))?;
-        }
-        let db = Connection::open(dir.join("airlock.db"))?;
-        db.execute_batch(
-            "PRAGMA journal_mode = WAL;
-             PRAGMA synchronous = FULL;
-             PRAGMA foreign_keys = ON;
-             CREATE TABLE IF NOT EXISTS components(
-                tenant TEXT NOT NULL, name TEXT NOT NULL, digest TEXT NOT NULL,
-                size INTEGER NOT NULL, created_ms INTEGER NOT NULL, created_by TEXT NOT NULL,
-                PRIMARY KEY (tenant, name));
-             CREATE TABLE IF NOT EXISTS policies(
-                tenant TEXT NOT NULL, component TEXT NOT NULL, version INTEGER NOT NULL,
-                text TEXT NOT NULL, sha256 TEXT NOT NULL, created_ms INTEGER NOT NULL,
-                created_by TEXT NOT NULL,
-                PRIMARY KEY (tenant, component, version));",
-        )?;
-        // Signatures came later: a database made before has the columns
-        // added (NULL: unsigned).
-        for table in ["components", "policies"] {
-            let has: bool = db.query_row(
-                &format!(
-                    "SELECT COUNT(*) > 0 FROM pragma_table_info('{table}') WHERE name = 'signed_by'"
-                ),
-                [],
-                |r| r.get(0),
-            )?;
-            if !has {
-                db.execute_batch(&format!("ALTER TABLE {table} ADD COLUMN signed_by TEXT"))?;
-            }
-        }
-        audit::init(&db)?;
+        Self::make_dirs(dir)?;
+        let meta = sqlite::Sqlite::open(&dir.join("airlock.db"))?;
+        Self::with(dir, Box::new(meta))
+    }
+
+    /// A data directory (blobs, uploads in progress, artifacts) whose
+    /// metadata is `meta`; cleans up after any crash.
+    ///
+    /// # Errors
+    /// The directory cannot be used, or `meta` fails.
+    pub fn with(dir: &Path, meta: Box<dyn Metadata>) -> Result<Self, StoreError> {
+        Self::make_dirs(dir)?;
         let store = Self {
             dir: dir.to_path_buf(),
-            db: Mutex::new(db),
+            meta,
         };
         store.collect_garbage()?;
         Ok(store)
     }
 
-    fn db(&self) -> MutexGuard<'_, Connection> {
-        // A panic while holding the lock cannot leave SQLite half-written
-        // (transactions roll back on drop), so a poisoned lock is still usable.
-        self.db.lock().unwrap_or_else(|p| p.into_inner())
+    fn make_dirs(dir: &Path) -> Result<(), StoreError> {
+        for sub in ["blobs", "tmp", "artifacts"] {
+            std::fs::create_dir_all(dir.join(sub))
+                .map_err(io(format!("creating {}", dir.join(sub).display())))?;
+        }
+        Ok(())
     }
 
     /// Remove abandoned uploads and blobs/artifacts no component refers to.
@@ -263,12 +405,7 @@ impl Store {
             tracing::info!(file = %e.path().display(), "removing an abandoned upload");
             let _ = std::fs::remove_file(e.path());
         }
-        let live: std::collections::HashSet<String> = {
-            let db = self.db();
-            let mut stmt = db.prepare("SELECT DISTINCT digest FROM components")?;
-            stmt.query_map([], |r| r.get(0))?
-                .collect::<Result<_, _>>()?
-        };
+        let live = self.meta.live_digests()?;
         for sub in ["blobs", "artifacts"] {
             for e in std::fs::read_dir(self.dir.join(sub)).map_err(io("listing blobs/"))? {
                 let e = e.map_err(io("listing blobs/"))?;
@@ -347,7 +484,8 @@ impl Store {
     /// Register a staged, validated upload as component `name` of `tenant`,
     /// with an optional first policy, and its audit record — all or nothing.
     /// Returns `(created, audit seq)`; uploading the same bytes under the same
-    /// name again is a no-op (`created = false`).
+    /// name again is a no-op (`created = false`), also when two such uploads
+    /// race.
     ///
     /// # Errors
     /// [`StoreError::Exists`] when the name is taken by other bytes.
@@ -360,76 +498,63 @@ impl Store {
         policy: Option<&str>,
         signed: SignedBy<'_>,
     ) -> Result<(bool, Option<i64>), StoreError> {
-        let mut db = self.db();
-        let existing: Option<String> = db
-            .query_row(
-                "SELECT digest FROM components WHERE tenant = ?1 AND name = ?2",
-                params![tenant, name],
-                |r| r.get(0),
-            )
-            .optional()?;
-        match existing {
-            Some(d) if d == staged.digest && policy.is_none() => return Ok((false, None)),
-            Some(_) => return Err(StoreError::Exists(name.to_string())),
-            None => {}
+        let unchanged_or_taken = |existing: Option<String>| match existing {
+            Some(d) if d == staged.digest && policy.is_none() => Ok(Some((false, None))),
+            Some(_) => Err(StoreError::Exists(name.to_string())),
+            None => Ok(None),
+        };
+        if let Some(same) = unchanged_or_taken(self.meta.digest_of(tenant, name)?)? {
+            return Ok(same);
         }
         let dest = self.blob_path(&staged.digest);
         if !dest.exists() {
             std::fs::rename(&staged.path, &dest).map_err(io("storing a blob"))?;
             fsync_dir(&self.dir.join("blobs"))?;
         }
-        let tx = db.transaction()?;
         let now = now_ms();
-        tx.execute(
-            "INSERT INTO components(tenant, name, digest, size, created_ms, created_by, signed_by)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-            params![
-                tenant,
-                name,
-                staged.digest,
-                staged.size as i64,
-                now,
-                actor,
-                signed.component
-            ],
-        )?;
-        let policy_hash = match policy {
-            Some(text) => Some(insert_policy(
-                &tx,
-                &PolicyInsert {
-                    tenant,
-                    actor,
-                    component: name,
-                    version: 1,
-                    text,
-                    signed_by: signed.policy,
-                },
-                now,
-            )?),
-            None => None,
+        let policy = policy.map(|text| PolicyInsert {
+            tenant,
+            actor,
+            component: name,
+            version: 1,
+            text,
+            sha256: hex::encode(Sha256::digest(text.as_bytes())),
+            created_ms: now,
+            signed_by: signed.policy,
+        });
+        let record = NewRecord {
+            tenant,
+            actor,
+            kind: "component.upload",
+            component: name,
+            tool: "",
+            decision: "allow",
+            body: serde_json::json!({
+                "digest": staged.digest,
+                "size": staged.size,
+                "policy_version": policy.as_ref().map(|_| 1),
+                "policy_sha256": policy.as_ref().map(|p| p.sha256.clone()),
+                "signature": signature_state(signed.component),
+                "signed_by": signed.component,
+                "policy_signed_by": signed.policy,
+            }),
         };
-        let seq = audit::append(
-            &tx,
-            &NewRecord {
-                tenant,
-                actor,
-                kind: "component.upload",
-                component: name,
-                tool: "",
-                decision: "allow",
-                body: serde_json::json!({
-                    "digest": staged.digest,
-                    "size": staged.size,
-                    "policy_version": policy_hash.as_ref().map(|_| 1),
-                    "policy_sha256": policy_hash,
-                    "signature": signature_state(signed.component),
-                    "signed_by": signed.component,
-                    "policy_signed_by": signed.policy,
-                }),
-            },
-        )?;
-        tx.commit()?;
-        Ok((true, Some(seq)))
+        let row = NewComponent {
+            tenant,
+            name,
+            digest: &staged.digest,
+            size: staged.size as i64,
+            created_ms: now,
+            actor,
+            signed_by: signed.component,
+        };
+        match self.meta.insert_component(&row, policy.as_ref(), &record) {
+            Ok(seq) => Ok((true, Some(seq))),
+            // Another upload took the name between the check and now.
+            Err(StoreError::Conflict(_)) => unchanged_or_taken(self.meta.digest_of(tenant, name)?)?
+                .ok_or_else(|| StoreError::Conflict(name.to_string())),
+            Err(e) => Err(e),
+        }
     }
 
     /// One tenant's components.
@@ -437,28 +562,7 @@ impl Store {
     /// # Errors
     /// Database failure.
     pub fn list(&self, tenant: &str) -> Result<Vec<ComponentRow>, StoreError> {
-        let db = self.db();
-        let mut stmt = db.prepare(
-            "SELECT c.name, c.digest, c.size, c.created_ms, c.created_by,
-                    (SELECT COALESCE(MAX(version), 0) FROM policies p
-                      WHERE p.tenant = c.tenant AND p.component = c.name),
-                    c.signed_by
-             FROM components c WHERE c.tenant = ?1 ORDER BY c.name",
-        )?;
-        let rows = stmt.query_map([tenant], |r| {
-            let signed_by: Option<String> = r.get(6)?;
-            Ok(ComponentRow {
-                name: r.get(0)?,
-                digest: r.get(1)?,
-                size: r.get(2)?,
-                created_ms: r.get(3)?,
-                created_by: r.get(4)?,
-                policy_version: r.get(5)?,
-                signature: signature_state(signed_by.as_deref()).to_string(),
-                signed_by,
-            })
-        })?;
-        Ok(rows.collect::<Result<_, _>>()?)
+        self.meta.list(tenant)
     }
 
     /// One component.
@@ -478,35 +582,17 @@ impl Store {
     /// [`StoreError::NoComponent`].
     pub fn delete(&self, tenant: &str, actor: &str, name: &str) -> Result<i64, StoreError> {
         let row = self.get(tenant, name)?;
-        let mut db = self.db();
-        let tx = db.transaction()?;
-        tx.execute(
-            "DELETE FROM components WHERE tenant = ?1 AND name = ?2",
-            params![tenant, name],
-        )?;
-        tx.execute(
-            "DELETE FROM policies WHERE tenant = ?1 AND component = ?2",
-            params![tenant, name],
-        )?;
-        let seq = audit::append(
-            &tx,
-            &NewRecord {
-                tenant,
-                actor,
-                kind: "component.delete",
-                component: name,
-                tool: "",
-                decision: "allow",
-                body: serde_json::json!({"digest": row.digest}),
-            },
-        )?;
-        let still_used: i64 = tx.query_row(
-            "SELECT COUNT(*) FROM components WHERE digest = ?1",
-            [&row.digest],
-            |r| r.get(0),
-        )?;
-        tx.commit()?;
-        if still_used == 0 {
+        let record = NewRecord {
+            tenant,
+            actor,
+            kind: "component.delete",
+            component: name,
+            tool: "",
+            decision: "allow",
+            body: serde_json::json!({"digest": row.digest}),
+        };
+        let (seq, still_used) = self.meta.delete(tenant, name, &row.digest, &record)?;
+        if !still_used {
             // After the commit: a crash here leaves an unreferenced blob,
             // which the next start removes.
             let _ = std::fs::remove_file(self.blob_path(&row.digest));
@@ -522,6 +608,7 @@ impl Store {
     }
 
     /// Add a policy version (validated by the caller); returns (version, audit seq).
+    /// Two writers adding a version at once both succeed, one after the other.
     ///
     /// # Errors
     /// [`StoreError::NoComponent`].
@@ -533,26 +620,22 @@ impl Store {
         text: &str,
         signed_by: Option<&str>,
     ) -> Result<(i64, i64), StoreError> {
-        let row = self.get(tenant, component)?;
-        let old = self.policy(tenant, component, None).ok();
-        let mut db = self.db();
-        let tx = db.transaction()?;
-        let version = row.policy_version + 1;
-        let hash = insert_policy(
-            &tx,
-            &PolicyInsert {
+        let sha256 = hex::encode(Sha256::digest(text.as_bytes()));
+        for _ in 0..CONFLICT_TRIES {
+            let row = self.get(tenant, component)?;
+            let old = self.meta.policy(tenant, component, None)?;
+            let version = old.as_ref().map_or(0, |p| p.version).max(row.policy_version) + 1;
+            let p = PolicyInsert {
                 tenant,
                 actor,
                 component,
                 version,
                 text,
+                sha256: sha256.clone(),
+                created_ms: now_ms(),
                 signed_by,
-            },
-            now_ms(),
-        )?;
-        let seq = audit::append(
-            &tx,
-            &NewRecord {
+            };
+            let record = NewRecord {
                 tenant,
                 actor,
                 kind: "policy.put",
@@ -563,14 +646,18 @@ impl Store {
                     "old_version": old.as_ref().map(|p| p.version),
                     "old_sha256": old.as_ref().map(|p| p.sha256.clone()),
                     "new_version": version,
-                    "new_sha256": hash,
+                    "new_sha256": sha256,
                     "signature": signature_state(signed_by),
                     "signed_by": signed_by,
                 }),
-            },
-        )?;
-        tx.commit()?;
-        Ok((version, seq))
+            };
+            match self.meta.insert_policy(&p, &record) {
+                Ok(seq) => return Ok((version, seq)),
+                Err(StoreError::Conflict(_)) => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        Err(StoreError::Conflict(component.to_string()))
     }
 
     /// A policy version (`None`: the latest).
@@ -584,28 +671,12 @@ impl Store {
         version: Option<i64>,
     ) -> Result<PolicyRow, StoreError> {
         self.get(tenant, component)?;
-        let db = self.db();
-        db.query_row(
-            "SELECT version, text, sha256, created_ms, created_by, signed_by FROM policies
-             WHERE tenant = ?1 AND component = ?2 AND (?3 IS NULL OR version = ?3)
-             ORDER BY version DESC LIMIT 1",
-            params![tenant, component, version],
-            |r| {
-                Ok(PolicyRow {
-                    version: r.get(0)?,
-                    text: r.get(1)?,
-                    sha256: r.get(2)?,
-                    created_ms: r.get(3)?,
-                    created_by: r.get(4)?,
-                    signed_by: r.get(5)?,
-                })
-            },
-        )
-        .optional()?
-        .ok_or_else(|| StoreError::NoPolicy {
-            component: component.to_string(),
-            version: version.unwrap_or(0),
-        })
+        self.meta
+            .policy(tenant, component, version)?
+            .ok_or_else(|| StoreError::NoPolicy {
+                component: component.to_string(),
+                version: version.unwrap_or(0),
+            })
     }
 
     /// All policy versions of a component, oldest first (text omitted).
@@ -618,22 +689,7 @@ impl Store {
         component: &str,
     ) -> Result<Vec<PolicyRow>, StoreError> {
         self.get(tenant, component)?;
-        let db = self.db();
-        let mut stmt = db.prepare(
-            "SELECT version, sha256, created_ms, created_by, signed_by FROM policies
-             WHERE tenant = ?1 AND component = ?2 ORDER BY version",
-        )?;
-        let rows = stmt.query_map(params![tenant, component], |r| {
-            Ok(PolicyRow {
-                version: r.get(0)?,
-                text: String::new(),
-                sha256: r.get(1)?,
-                created_ms: r.get(2)?,
-                created_by: r.get(3)?,
-                signed_by: r.get(4)?,
-            })
-        })?;
-        Ok(rows.collect::<Result<_, _>>()?)
+        self.meta.policy_versions(tenant, component)
     }
 
     /// Append an invocation record.
@@ -641,11 +697,7 @@ impl Store {
     /// # Errors
     /// Database failure.
     pub fn audit_append(&self, r: &NewRecord<'_>) -> Result<i64, StoreError> {
-        let mut db = self.db();
-        let tx = db.transaction()?;
-        let seq = audit::append(&tx, r)?;
-        tx.commit()?;
-        Ok(seq)
+        self.meta.audit_append(r)
     }
 
     /// Query one tenant's audit records.
@@ -657,7 +709,7 @@ impl Store {
         tenant: &str,
         f: &audit::Filter,
     ) -> Result<Vec<audit::Record>, StoreError> {
-        Ok(audit::query(&self.db(), tenant, f)?)
+        self.meta.audit_query(tenant, f)
     }
 
     /// Verify the whole chain.
@@ -668,41 +720,8 @@ impl Store {
         &self,
         anchor: Option<(i64, &str)>,
     ) -> Result<audit::Verification, StoreError> {
-        Ok(audit::verify(&self.db(), anchor)?)
+        self.meta.audit_verify(anchor)
     }
-}
-
-/// A policy version to store.
-struct PolicyInsert<'a> {
-    tenant: &'a str,
-    actor: &'a str,
-    component: &'a str,
-    version: i64,
-    text: &'a str,
-    signed_by: Option<&'a str>,
-}
-
-fn insert_policy(
-    tx: &rusqlite::Transaction<'_>,
-    p: &PolicyInsert<'_>,
-    now: i64,
-) -> Result<String, StoreError> {
-    let hash = hex::encode(Sha256::digest(p.text.as_bytes()));
-    tx.execute(
-        "INSERT INTO policies(tenant, component, version, text, sha256, created_ms, created_by, signed_by)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
-        params![
-            p.tenant,
-            p.component,
-            p.version,
-            p.text,
-            hash,
-            now,
-            p.actor,
-            p.signed_by
-        ],
-    )?;
-    Ok(hash)
 }
 
 #[cfg(test)]
