@@ -220,7 +220,8 @@ fn full_flow_upload_policy_export_invoke_audit_verify_and_restart() {
         v["head_hash"].as_str().unwrap().to_string(),
     );
 
-    // Metrics and health.
+    // Metrics and health; every series names the node (the host's name).
+    let node = nix::unistd::gethostname().unwrap().into_string().unwrap();
     let m = c.send(
         c.http
             .get(format!("{}/metrics", c.url))
@@ -228,11 +229,17 @@ fn full_flow_upload_policy_export_invoke_audit_verify_and_restart() {
     );
     let text = m.json.as_str().unwrap().to_string();
     assert!(
-        text.contains("airlock_calls_total{tenant=\"acme\",outcome=\"ok\"}"),
+        text.contains(&format!(
+            "airlock_calls_total{{node=\"{}\",tenant=\"acme\",outcome=\"ok\"}}",
+            node
+        )),
         "{text}"
     );
     assert!(
-        text.contains("airlock_denials_total{tenant=\"acme\",action=\"fs.open\"}"),
+        text.contains(&format!(
+            "airlock_denials_total{{node=\"{}\",tenant=\"acme\",action=\"fs.open\"}}",
+            node
+        )),
         "{text}"
     );
     assert!(text.contains("airlock_vms_running"));

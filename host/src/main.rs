@@ -159,11 +159,17 @@ struct SignTarget {
 
 #[derive(Subcommand)]
 enum AuditCmd {
-    /// Check the hash chain of a data directory's audit log (exit 1 when broken).
+    /// Check the hash chain of the audit log (exit 1 when broken): a data
+    /// directory's, or the one the service's config names (its PostgreSQL
+    /// database in cluster mode).
     Verify {
-        /// The service's data directory.
+        /// The service's data directory (with --config: instead of the
+        /// file's `data_dir`).
+        #[arg(long, required_unless_present = "config")]
+        data_dir: Option<PathBuf>,
+        /// The service's config file (`[storage]`, `data_dir`).
         #[arg(long)]
-        data_dir: PathBuf,
+        config: Option<PathBuf>,
         /// A head recorded earlier (`seq:hash`), to detect removal of the newest records.
         #[arg(long)]
         anchor: Option<String>,
@@ -946,7 +952,12 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Audit {
-            cmd: AuditCmd::Verify { data_dir, anchor },
+            cmd:
+                AuditCmd::Verify {
+                    data_dir,
+                    config,
+                    anchor,
+                },
         } => {
             let anchor = match &anchor {
                 Some(a) => {
@@ -958,14 +969,31 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 }
                 None => None,
             };
-            if !data_dir.join("airlock.db").exists() {
-                bail!(
-                    "{} is not an Airlock data directory (no airlock.db)",
-                    data_dir.display()
-                );
-            }
-            let store = airlock::service::store::Store::open(&data_dir)?;
-            let v = store.audit_verify(anchor)?;
+            use airlock::service::config::Storage;
+            use airlock::service::store::Metadata;
+            let (data_dir, storage) = match (data_dir, config) {
+                (d, Some(c)) => {
+                    let c = service_config(&c, d.as_deref())?;
+                    (c.data_dir, c.storage)
+                }
+                (Some(d), None) => (d, Storage::Sqlite),
+                (None, None) => bail!("give --data-dir or --config"),
+            };
+            let v = match storage {
+                Storage::Postgres { url } => {
+                    airlock::service::store::postgres::Postgres::connect(&url)?
+                        .audit_verify(anchor)?
+                }
+                Storage::Sqlite => {
+                    if !data_dir.join("airlock.db").exists() {
+                        bail!(
+                            "{} is not an Airlock data directory (no airlock.db)",
+                            data_dir.display()
+                        );
+                    }
+                    airlock::service::store::Store::open(&data_dir)?.audit_verify(anchor)?
+                }
+            };
             print_json(&v)?;
             Ok(if v.ok {
                 ExitCode::SUCCESS
@@ -1016,24 +1044,32 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     }
 }
 
-fn serve(
+/// The service's config file, `data_dir` given by a flag or in the file
+/// (the flag wins: a config without `data_dir` is fine with `--data-dir`).
+fn service_config(
     config: &Path,
-    listen: Option<std::net::SocketAddr>,
-    data_dir: Option<PathBuf>,
-) -> anyhow::Result<ExitCode> {
-    use airlock::service::{Service, api, config::Config};
-    // Flags override the file; a config without data_dir is fine with --data-dir.
+    data_dir: Option<&Path>,
+) -> anyhow::Result<airlock::service::config::Config> {
     let text = std::fs::read_to_string(config)
         .with_context(|| format!("cannot read config {}", config.display()))?;
-    let text = match &data_dir {
+    let text = match data_dir {
         Some(d) => format!(
             "data_dir = {}\n{text}",
             toml::Value::from(d.display().to_string())
         ),
         None => text,
     };
-    let mut cfg = Config::parse(&text)
-        .map_err(|e| anyhow::anyhow!("invalid config {}: {e}", config.display()))?;
+    airlock::service::config::Config::parse(&text)
+        .map_err(|e| anyhow::anyhow!("invalid config {}: {e}", config.display()))
+}
+
+fn serve(
+    config: &Path,
+    listen: Option<std::net::SocketAddr>,
+    data_dir: Option<PathBuf>,
+) -> anyhow::Result<ExitCode> {
+    use airlock::service::{Service, api};
+    let mut cfg = service_config(config, data_dir.as_deref())?;
     if let Some(l) = listen {
         cfg.listen = l;
     }

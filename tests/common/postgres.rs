@@ -133,7 +133,11 @@ impl Postgres {
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(60);
         while postgres::Client::connect(&self.url("postgres"), postgres::NoTls).is_err() {
-            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
                 let mut err = String::new();
                 if let Some(mut e) = self.child.take().and_then(|c| c.stderr) {
                     use std::io::Read;

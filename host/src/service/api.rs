@@ -6,6 +6,7 @@
 //! are read with explicit limits, so an oversized body is a 413 JSON error,
 //! never a truncated read.
 
+use super::store::StoreError;
 use super::{Action, Principal, Service, ServiceError, export, mcp};
 use crate::policy::report::static_report;
 use axum::Router;
@@ -35,6 +36,9 @@ impl ServiceError {
             Self::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Self::TooManyCalls { .. } => StatusCode::TOO_MANY_REQUESTS,
             Self::Conflict(_) => StatusCode::CONFLICT,
+            // The shared database is down or unreachable: nothing was
+            // written; the same request may succeed later.
+            Self::Store(StoreError::Postgres(_)) => StatusCode::SERVICE_UNAVAILABLE,
             Self::Store(_) | Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -48,6 +52,7 @@ impl ServiceError {
             Self::TooLarge { .. } => "too_large",
             Self::TooManyCalls { .. } => "too_many_calls",
             Self::Conflict(_) => "conflict",
+            Self::Store(StoreError::Postgres(_)) => "storage_unavailable",
             Self::Store(_) => "storage_error",
             Self::Internal(_) => "internal_error",
         }
@@ -117,6 +122,10 @@ pub(crate) async fn read_body(
 /// The router with every route.
 pub fn router(state: AppState) -> Router {
     let c = "/v1/components/{name}";
+    // Every answer names the node that gave it (the config checked the
+    // name's characters).
+    let node = header::HeaderValue::from_str(&state.config.node)
+        .unwrap_or_else(|_| header::HeaderValue::from_static("airlock"));
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
@@ -142,6 +151,13 @@ pub fn router(state: AppState) -> Router {
         .fallback(|| async {
             ServiceError::NotFound("No such route; see /v1/openapi.json.".into())
         })
+        .layer(axum::middleware::map_response(move |mut r: Response| {
+            let node = node.clone();
+            async move {
+                r.headers_mut().insert("airlock-node", node);
+                r
+            }
+        }))
         .with_state(state)
 }
 

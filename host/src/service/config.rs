@@ -33,6 +33,12 @@
 //! name = "notes"
 //! quota = "64 MiB"        # per tenant
 //!
+//! node = "node-1"        # this node's name in responses, audit records and metrics (default: the host name)
+//!
+//! [storage]             # where components, policies and the audit chain live
+//! kind = "sqlite"         # default: <data_dir>/airlock.db; "postgres": one database several nodes share
+//! url_env = "AIRLOCK_POSTGRES_URL"  # postgres: the URL from this variable, or url_file = "/run/secrets/pg-url"
+//!
 //! [[tokens]]
 //! name = "ci-admin"
 //! token = "…"             # or token_sha256 = "<hex>"
@@ -169,6 +175,117 @@ struct File {
     /// Every tenant's default for `require_signed`.
     #[serde(default)]
     require_signed: bool,
+    node: Option<String>,
+    #[serde(default)]
+    storage: StorageEntry,
+}
+
+/// `[storage]` as written.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StorageEntry {
+    kind: Option<String>,
+    url: Option<String>,
+    url_env: Option<String>,
+    url_file: Option<PathBuf>,
+}
+
+/// Where the metadata (components, policies, the audit chain) lives.
+#[derive(Clone, PartialEq, Eq)]
+pub enum Storage {
+    /// `<data_dir>/airlock.db`: one node.
+    Sqlite,
+    /// One PostgreSQL database every node shares.
+    Postgres {
+        /// Its URL, credentials included (from the environment or a file).
+        url: String,
+    },
+}
+
+impl std::fmt::Debug for Storage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the URL: it holds the password.
+        match self {
+            Self::Sqlite => f.write_str("Sqlite"),
+            Self::Postgres { .. } => f.write_str("Postgres"),
+        }
+    }
+}
+
+/// `[storage]`, validated: the PostgreSQL URL read from where it is kept.
+fn storage(e: StorageEntry) -> Result<Storage, ConfigError> {
+    match e.kind.as_deref().unwrap_or("sqlite") {
+        "sqlite" => {
+            if e.url.is_some() || e.url_env.is_some() || e.url_file.is_some() {
+                return Err(field("storage.url", "only kind = \"postgres\" takes a URL"));
+            }
+            Ok(Storage::Sqlite)
+        }
+        "postgres" => {
+            let url = match (e.url, e.url_env, e.url_file) {
+                (Some(u), None, None) => {
+                    if u.parse::<::postgres::Config>()
+                        .is_ok_and(|c| c.get_password().is_some())
+                    {
+                        return Err(field(
+                            "storage.url",
+                            "holds a password; keep it out of the config file with url_env or url_file",
+                        ));
+                    }
+                    u
+                }
+                (None, Some(var), None) => std::env::var(&var).map_err(|_| {
+                    field("storage.url_env", format!("the environment has no {var}"))
+                })?,
+                (None, None, Some(path)) => std::fs::read_to_string(&path)
+                    .map(|t| t.trim().to_string())
+                    .map_err(|e| field("storage.url_file", format!("{}: {e}", path.display())))?,
+                _ => {
+                    return Err(field(
+                        "storage.url",
+                        "give exactly one of url, url_env and url_file",
+                    ));
+                }
+            };
+            url.parse::<::postgres::Config>().map_err(|e| {
+                field(
+                    "storage.url",
+                    format!("not a PostgreSQL URL or connection string: {e}"),
+                )
+            })?;
+            Ok(Storage::Postgres { url })
+        }
+        other => Err(field(
+            "storage.kind",
+            format!("expected \"sqlite\" or \"postgres\", got {other:?}"),
+        )),
+    }
+}
+
+/// A node name: 1-63 characters of letters, digits, `.`, `-` and `_`.
+fn valid_node(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 63
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_'))
+}
+
+/// `node`, else the host name (else `airlock`, if the host's name is not
+/// a valid node name).
+fn node_name(given: Option<String>) -> Result<String, ConfigError> {
+    match given {
+        Some(n) if valid_node(&n) => Ok(n),
+        Some(_) => Err(field(
+            "node",
+            "expected 1-63 characters of letters, digits, '.', '-' and '_'",
+        )),
+        None => Ok(nix::unistd::gethostname()
+            .ok()
+            .and_then(|h| h.into_string().ok())
+            .filter(|h| valid_node(h))
+            .unwrap_or_else(|| "airlock".into())),
+    }
 }
 
 /// `[[volumes]]` as written.
@@ -293,6 +410,10 @@ pub struct Config {
     /// Whether a tenant without a `[tenants.<name>]` table (so without
     /// trusted keys) must sign: then it can upload nothing.
     pub require_signed: bool,
+    /// This node's name (responses' `Airlock-Node`, audit records, metrics).
+    pub node: String,
+    /// Where the metadata lives.
+    pub storage: Storage,
 }
 
 /// The default listen address.
@@ -419,6 +540,8 @@ impl Config {
             isolation,
             volumes,
             require_signed: f.require_signed,
+            node: node_name(f.node)?,
+            storage: storage(f.storage)?,
         })
     }
 
@@ -778,6 +901,69 @@ role = "admin"
         assert!(c.authenticate("0123456789abcdef").is_some());
         assert!(c.authenticate("0123456789abcdeX").is_none());
         assert_eq!(c.limits.max_concurrent_calls_per_tenant, 8);
+    }
+
+    #[test]
+    fn storage_keeps_the_postgres_password_out_of_the_file() {
+        // Top-level lines go first, tables after the tokens.
+        let with = |t: &str| match t.split_once("[storage]") {
+            Some((top, table)) => Config::parse(&format!("{top}\n{OK}\n[storage]{table}")),
+            None => Config::parse(&format!("{t}\n{OK}")),
+        };
+        let c = with("").unwrap();
+        assert_eq!(c.storage, Storage::Sqlite);
+        assert!(valid_node(&c.node));
+        let c = with("node = \"eu-1\"\n[storage]\nkind = \"postgres\"\nurl = \"postgres://airlock@db/airlock\"").unwrap();
+        assert_eq!(c.node, "eu-1");
+        assert!(matches!(c.storage, Storage::Postgres { .. }));
+        // A password in the file is refused; from a file or the environment it is fine.
+        let e =
+            with("[storage]\nkind = \"postgres\"\nurl = \"postgres://a:secret@db/x\"").unwrap_err();
+        assert!(
+            e.to_string().starts_with("storage.url: holds a password"),
+            "{e}"
+        );
+        assert!(
+            !format!(
+                "{:?}",
+                with("[storage]\nkind = \"postgres\"\nurl = \"postgres://a@db/x\"")
+                    .unwrap()
+                    .storage
+            )
+            .contains("db")
+        );
+        let d = tempfile::tempdir().unwrap();
+        let f = d.path().join("pg-url");
+        std::fs::write(&f, "postgres://a:secret@db/x\n").unwrap();
+        let c = with(&format!("[storage]\nkind = \"postgres\"\nurl_file = {f:?}")).unwrap();
+        assert_eq!(
+            c.storage,
+            Storage::Postgres {
+                url: "postgres://a:secret@db/x".into()
+            }
+        );
+        for (text, field) in [
+            (
+                "[storage]\nkind = \"postgres\"\nurl_env = \"AIRLOCK_NO_SUCH_VARIABLE\"",
+                "storage.url_env",
+            ),
+            ("[storage]\nkind = \"postgres\"", "storage.url"),
+            (
+                "[storage]\nkind = \"postgres\"\nurl = \"x\"\nurl_env = \"Y\"",
+                "storage.url",
+            ),
+            (
+                "[storage]\nkind = \"postgres\"\nurl = \"postgres://a@db:notaport/x\"",
+                "storage.url",
+            ),
+            ("[storage]\nkind = \"mysql\"", "storage.kind"),
+            ("[storage]\nurl = \"postgres://a@db/x\"", "storage.url"),
+            ("node = \"a b\"", "node"),
+            ("node = \"\"", "node"),
+        ] {
+            let e = with(text).unwrap_err().to_string();
+            assert!(e.starts_with(&format!("{field}:")), "{text}: {e}");
+        }
     }
 
     #[test]

@@ -24,8 +24,10 @@ pub(crate) struct Metrics {
 }
 
 impl Metrics {
-    pub(crate) fn new() -> Self {
-        let mut registry = Registry::default();
+    /// Metrics of node `node` (a `node` label on every one).
+    pub(crate) fn new(node: &str) -> Self {
+        let mut registry =
+            Registry::with_labels(std::iter::once(("node".into(), node.to_string().into())));
         let calls = Family::<Labels, Counter>::default();
         let denials = Family::<Labels, Counter>::default();
         // 100 µs .. ~26 s

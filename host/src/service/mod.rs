@@ -100,7 +100,7 @@ impl From<StoreError> for ServiceError {
             StoreError::NoComponent(_) | StoreError::NoPolicy { .. } => {
                 Self::NotFound(e.to_string())
             }
-            StoreError::Exists(_) => Self::Conflict(e.to_string()),
+            StoreError::Exists(_) | StoreError::Conflict(_) => Self::Conflict(e.to_string()),
             other => Self::Store(other),
         }
     }
@@ -302,7 +302,14 @@ impl Service {
     /// # Errors
     /// The data directory or the engine cannot be set up.
     pub fn new(config: Config) -> Result<Self, ServiceError> {
-        let store = Store::open(&config.data_dir)?;
+        let store = match &config.storage {
+            config::Storage::Sqlite => Store::open(&config.data_dir)?,
+            config::Storage::Postgres { url } => Store::with(
+                &config.data_dir,
+                Box::new(store::postgres::Postgres::connect(url)?),
+            )?,
+        }
+        .on_node(&config.node);
         config
             .check_data_dir_not_grantable()
             .map_err(|e| ServiceError::Internal(e.to_string()))?;
@@ -324,6 +331,7 @@ impl Service {
             })
         })?;
         let engine_id = hex::encode(&Sha256::digest(site.runner().fingerprint().as_bytes())[..8]);
+        let metrics = metrics::Metrics::new(&config.node);
         Ok(Self {
             config,
             store,
@@ -331,7 +339,7 @@ impl Service {
             engine_id,
             cache: Mutex::new(HashMap::new()),
             tenants: Mutex::new(HashMap::new()),
-            metrics: metrics::Metrics::new(),
+            metrics,
             sessions: Mutex::new(HashMap::new()),
             volumes,
             console: console::Sessions::default(),

@@ -46,10 +46,12 @@ pub enum StoreError {
     #[error("The database failed: {0}.")]
     Db(#[from] rusqlite::Error),
     /// The PostgreSQL database failed or cannot be reached.
-    #[error("The PostgreSQL database failed: {0}.")]
+    #[error("The PostgreSQL database failed: {}.", postgres_reason(.0))]
     Postgres(#[from] ::postgres::Error),
     /// The PostgreSQL database's schema is newer than this node knows.
-    #[error("The PostgreSQL database has schema version {found}; this node knows {known} at most. Upgrade this node before starting it.")]
+    #[error(
+        "The PostgreSQL database has schema version {found}; this node knows {known} at most. Upgrade this node before starting it."
+    )]
     Schema {
         /// The database's version.
         found: i64,
@@ -77,6 +79,22 @@ pub enum StoreError {
         /// The version asked for.
         version: i64,
     },
+}
+
+/// What the server said (`ERROR 23505: duplicate key …`), else the
+/// client's error with its causes (`postgres::Error` alone says only
+/// "db error").
+fn postgres_reason(e: &::postgres::Error) -> String {
+    if let Some(db) = e.as_db_error() {
+        return format!("{} {}: {}", db.severity(), db.code().code(), db.message());
+    }
+    let mut text = e.to_string();
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        text = format!("{text}: {s}");
+        source = s.source();
+    }
+    text
 }
 
 fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> StoreError {
@@ -258,8 +276,11 @@ pub trait Metadata: Send + Sync {
     ///
     /// # Errors
     /// [`StoreError::Conflict`] when the version was taken meanwhile.
-    fn insert_policy(&self, p: &PolicyInsert<'_>, record: &NewRecord<'_>)
-    -> Result<i64, StoreError>;
+    fn insert_policy(
+        &self,
+        p: &PolicyInsert<'_>,
+        record: &NewRecord<'_>,
+    ) -> Result<i64, StoreError>;
 
     /// A policy version (`None`: the latest), if there is one.
     ///
@@ -354,6 +375,8 @@ const CONFLICT_TRIES: usize = 5;
 pub struct Store {
     dir: PathBuf,
     meta: Box<dyn Metadata>,
+    /// The node every audit record this store writes names (`body.node`).
+    node: Option<String>,
 }
 
 fn fsync_dir(dir: &Path) -> Result<(), StoreError> {
@@ -384,9 +407,27 @@ impl Store {
         let store = Self {
             dir: dir.to_path_buf(),
             meta,
+            node: None,
         };
         store.collect_garbage()?;
         Ok(store)
+    }
+
+    /// Name `node` in every audit record written from now on (`body.node`:
+    /// which node of a cluster acted).
+    #[must_use]
+    pub fn on_node(mut self, node: &str) -> Self {
+        self.node = Some(node.to_string());
+        self
+    }
+
+    /// `r` naming this store's node, if it has one.
+    fn stamped<'a>(&self, r: &NewRecord<'a>) -> NewRecord<'a> {
+        let mut r = r.clone();
+        if let (Some(node), Some(body)) = (&self.node, r.body.as_object_mut()) {
+            body.insert("node".into(), node.clone().into());
+        }
+        r
     }
 
     fn make_dirs(dir: &Path) -> Result<(), StoreError> {
@@ -548,7 +589,10 @@ impl Store {
             actor,
             signed_by: signed.component,
         };
-        match self.meta.insert_component(&row, policy.as_ref(), &record) {
+        match self
+            .meta
+            .insert_component(&row, policy.as_ref(), &self.stamped(&record))
+        {
             Ok(seq) => Ok((true, Some(seq))),
             // Another upload took the name between the check and now.
             Err(StoreError::Conflict(_)) => unchanged_or_taken(self.meta.digest_of(tenant, name)?)?
@@ -591,7 +635,9 @@ impl Store {
             decision: "allow",
             body: serde_json::json!({"digest": row.digest}),
         };
-        let (seq, still_used) = self.meta.delete(tenant, name, &row.digest, &record)?;
+        let (seq, still_used) =
+            self.meta
+                .delete(tenant, name, &row.digest, &self.stamped(&record))?;
         if !still_used {
             // After the commit: a crash here leaves an unreferenced blob,
             // which the next start removes.
@@ -624,7 +670,11 @@ impl Store {
         for _ in 0..CONFLICT_TRIES {
             let row = self.get(tenant, component)?;
             let old = self.meta.policy(tenant, component, None)?;
-            let version = old.as_ref().map_or(0, |p| p.version).max(row.policy_version) + 1;
+            let version = old
+                .as_ref()
+                .map_or(0, |p| p.version)
+                .max(row.policy_version)
+                + 1;
             let p = PolicyInsert {
                 tenant,
                 actor,
@@ -651,7 +701,7 @@ impl Store {
                     "signed_by": signed_by,
                 }),
             };
-            match self.meta.insert_policy(&p, &record) {
+            match self.meta.insert_policy(&p, &self.stamped(&record)) {
                 Ok(seq) => return Ok((version, seq)),
                 Err(StoreError::Conflict(_)) => continue,
                 Err(e) => return Err(e),
@@ -697,7 +747,7 @@ impl Store {
     /// # Errors
     /// Database failure.
     pub fn audit_append(&self, r: &NewRecord<'_>) -> Result<i64, StoreError> {
-        self.meta.audit_append(r)
+        self.meta.audit_append(&self.stamped(r))
     }
 
     /// Query one tenant's audit records.

@@ -146,7 +146,27 @@ impl Postgres {
     /// Run `f` on the connection, connecting first if there is none (or it
     /// broke). A connection that fails is dropped, so the next request
     /// connects again.
-    fn with<T>(
+    ///
+    /// `postgres`' blocking client drives its own runtime, which must not
+    /// be entered from a thread that belongs to another (the service's
+    /// handlers call the store from async code): there, `f` runs on a
+    /// thread of its own while this one waits, as it would on the socket.
+    fn with<T: Send>(
+        &self,
+        f: impl FnOnce(&mut Client) -> Result<T, StoreError> + Send,
+    ) -> Result<T, StoreError> {
+        if tokio::runtime::Handle::try_current().is_err() {
+            return self.with_here(f);
+        }
+        std::thread::scope(|scope| {
+            scope
+                .spawn(|| self.with_here(f))
+                .join()
+                .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+        })
+    }
+
+    fn with_here<T>(
         &self,
         f: impl FnOnce(&mut Client) -> Result<T, StoreError>,
     ) -> Result<T, StoreError> {
@@ -165,9 +185,9 @@ impl Postgres {
     }
 
     /// `f` in one transaction, committed when it succeeds.
-    fn tx<T>(
+    fn tx<T: Send>(
         &self,
-        f: impl FnOnce(&mut Transaction<'_>) -> Result<T, StoreError>,
+        f: impl FnOnce(&mut Transaction<'_>) -> Result<T, StoreError> + Send,
     ) -> Result<T, StoreError> {
         self.with(|c| {
             let mut tx = c.transaction()?;
@@ -181,7 +201,10 @@ impl Postgres {
 /// Append `r` to the chain inside `tx`, holding the head row locked until
 /// `tx` ends (see the module invariants).
 fn append(tx: &mut Transaction<'_>, r: &NewRecord<'_>) -> Result<i64, StoreError> {
-    let head = tx.query_one("SELECT seq, hash FROM audit_head WHERE id = 1 FOR UPDATE", &[])?;
+    let head = tx.query_one(
+        "SELECT seq, hash FROM audit_head WHERE id = 1 FOR UPDATE",
+        &[],
+    )?;
     let (seq, hash): (i64, String) = (head.get(0), head.get(1));
     let c = audit::chain((seq > 0).then_some((seq, hash)), r);
     tx.execute(
@@ -227,7 +250,8 @@ fn insert_policy(tx: &mut Transaction<'_>, p: &PolicyInsert<'_>) -> Result<(), S
     Ok(())
 }
 
-const COLUMNS: &str = "seq, ts_ms, tenant, actor, kind, component, tool, decision, body, prev, hash";
+const COLUMNS: &str =
+    "seq, ts_ms, tenant, actor, kind, component, tool, decision, body, prev, hash";
 
 /// A row of [`COLUMNS`] and its body text.
 fn record(row: &Row) -> (audit::Record, String) {
@@ -347,7 +371,11 @@ impl Metadata for Postgres {
         })
     }
 
-    fn insert_policy(&self, p: &PolicyInsert<'_>, record: &NewRecord<'_>) -> Result<i64, StoreError> {
+    fn insert_policy(
+        &self,
+        p: &PolicyInsert<'_>,
+        record: &NewRecord<'_>,
+    ) -> Result<i64, StoreError> {
         self.tx(|tx| {
             insert_policy(tx, p)?;
             append(tx, record)

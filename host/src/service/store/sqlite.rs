@@ -5,8 +5,8 @@
 //! the audit head is read and the record appended inside it, and SQLite's
 //! single writer serialises appends.
 
-use super::{Metadata, NewComponent, PolicyInsert, StoreError};
 use super::{ComponentRow, PolicyRow};
+use super::{Metadata, NewComponent, PolicyInsert, StoreError};
 use crate::service::audit::{self, NewRecord};
 use crate::signing::state as signature_state;
 use rusqlite::{Connection, OptionalExtension, params};
@@ -195,7 +195,11 @@ impl Metadata for Sqlite {
         Ok((seq, still_used > 0))
     }
 
-    fn insert_policy(&self, p: &PolicyInsert<'_>, record: &NewRecord<'_>) -> Result<i64, StoreError> {
+    fn insert_policy(
+        &self,
+        p: &PolicyInsert<'_>,
+        record: &NewRecord<'_>,
+    ) -> Result<i64, StoreError> {
         let mut db = self.db();
         let tx = db.transaction()?;
         insert_policy(&tx, p)?;
