@@ -145,7 +145,7 @@ fn exercise(s: &Store) {
 fn node(url: &str) -> (tempfile::TempDir, Store) {
     let dir = tempfile::tempdir().unwrap();
     let meta = PgMeta::connect(url).expect("connect to the test database");
-    let s = Store::with(dir.path(), Box::new(meta)).unwrap();
+    let s = Store::with(dir.path(), Box::new(meta), None).unwrap();
     (dir, s)
 }
 
@@ -260,38 +260,52 @@ fn node_config(node: &str, url: &str) -> String {
 }
 
 #[test]
-fn serve_nodes_share_components_policies_and_one_audit_chain() {
+fn three_serve_nodes_share_one_registry() {
+    use common::s3::S3;
     use common::server::{ADMIN, AUDITOR, Server};
     let mut pg = Postgres::start();
     let url = pg.database("nodes");
+    let mut s3 = S3::start();
     let base = tempfile::tempdir().unwrap();
-    let dirs = [base.path().join("n1"), base.path().join("n2")];
-    let n1 = Server::start(&dirs[0], &node_config("n1", &url));
-    let n2 = Server::start(&dirs[1], &node_config("n2", &url));
-    let (c1, c2) = (n1.client(), n2.client());
+    let dirs: Vec<_> = ["n1", "n2", "n3"]
+        .iter()
+        .map(|n| base.path().join(n))
+        .collect();
+    let mut nodes: Vec<Server> = ["n1", "n2", "n3"]
+        .iter()
+        .zip(&dirs)
+        .map(|(n, d)| Server::start(d, &format!("{}{}", node_config(n, &url), s3.config(d))))
+        .collect();
+    let c: Vec<_> = nodes.iter().map(Server::client).collect();
 
-    // Uploaded on one node, listed on the other; a policy put on one is
-    // what the other serves next.
-    c1.upload_example(ADMIN, "kitchen", "kitchen");
-    let listed = c2.get(AUDITOR, "/v1/components");
+    // Uploaded on node 1, listed on node 2, called on node 3 (which reads
+    // the bytes from the object store); a policy put on one node is what
+    // the next call on another uses.
+    c[0].upload_example(ADMIN, "kitchen", "kitchen");
+    let listed = c[1].get(AUDITOR, "/v1/components");
     assert_eq!(
         listed.json["components"][0]["name"], "kitchen",
         "{}",
         listed.json
     );
-    let put = c1.put_policy(
+    let put = c[0].put_policy(
         ADMIN,
         "kitchen",
         "version = 1\n[limits]\ntimeout = \"9s\"\n",
     );
     assert_eq!(put.status, 201, "{}", put.json);
-    let got = c2.get(AUDITOR, "/v1/components/kitchen/policy");
+    let got = c[1].get(AUDITOR, "/v1/components/kitchen/policy");
     assert_eq!(got.json["version"], put.json["version"], "{}", got.json);
-    let called = c1.invoke(ADMIN, "kitchen__greet", serde_json::json!({"name": "n1"}));
+    let called = c[2].invoke(ADMIN, "kitchen__greet", serde_json::json!({"name": "n3"}));
     assert_eq!(called.status, 200, "{}", called.json);
+    assert_eq!(
+        called.json["policy_version"], put.json["version"],
+        "{}",
+        called.json
+    );
 
     // Every answer and every record names its node; metrics carry it.
-    for (c, node) in [(&c1, "n1"), (&c2, "n2")] {
+    for (c, node) in c.iter().zip(["n1", "n2", "n3"]) {
         let r = c.http.get(format!("{}/healthz", c.url)).send().unwrap();
         assert_eq!(r.headers()["airlock-node"], node);
         let m = c
@@ -304,56 +318,152 @@ fn serve_nodes_share_components_policies_and_one_audit_chain() {
             .unwrap();
         assert!(m.contains(&format!("node=\"{node}\"")), "{m}");
     }
-    let records = c2.get(AUDITOR, "/v1/audit").json["records"].clone();
-    let nodes: Vec<&str> = records
+    let nodes_of = |c: &common::server::Client| -> Vec<String> {
+        c.get(AUDITOR, "/v1/audit").json["records"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["body"]["node"].as_str().unwrap_or("none").to_string())
+            .collect()
+    };
+    assert_eq!(nodes_of(&c[1]), ["n1", "n1", "n3"], "upload, policy, call");
+
+    // Bytes changed in the bucket are refused by a node that has not
+    // cached them, never run.
+    c[0].upload_example(ADMIN, "files", "files");
+    let digest = c[0].get(AUDITOR, "/v1/components/files").json["digest"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let object = s3.object(&format!("airlock/blobs/{digest}"));
+    let mut bytes = std::fs::read(&object).expect("the blob is in the bucket");
+    *bytes.last_mut().unwrap() ^= 1;
+    std::fs::write(&object, bytes).unwrap();
+    let r = c[1].invoke(ADMIN, "files__list", serde_json::json!({"dir": "/"}));
+    assert_eq!(r.status, 500, "{}", r.json);
+    assert!(
+        r.json["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("does not match its digest"),
+        "{}",
+        r.json
+    );
+
+    // Node 1 killed in the middle of an upload: nothing of it is listed,
+    // the chain is whole.
+    let slow = {
+        let url = nodes[0].url.clone();
+        std::thread::spawn(move || {
+            let chunks = (0..50).map(|_| {
+                std::thread::sleep(std::time::Duration::from_millis(100));
+                Ok::<_, std::io::Error>(vec![0u8; 4096])
+            });
+            let body = reqwest::blocking::Body::new(ChunkReader(Box::new(chunks), Vec::new()));
+            reqwest::blocking::Client::new()
+                .post(format!("{url}/v1/components?name=half"))
+                .bearer_auth(ADMIN)
+                .header("content-type", "application/wasm")
+                .body(body)
+                .send()
+        })
+    };
+    std::thread::sleep(std::time::Duration::from_millis(700));
+    nodes[0].kill9();
+    assert!(slow.join().unwrap().is_err(), "the upload was cut off");
+    let names: Vec<String> = c[1].get(AUDITOR, "/v1/components").json["components"]
         .as_array()
         .unwrap()
         .iter()
-        .map(|r| r["body"]["node"].as_str().unwrap_or("none"))
+        .map(|c| c["name"].as_str().unwrap().to_string())
         .collect();
-    assert_eq!(nodes, ["n1", "n1", "n1"], "upload, policy, call: {records}");
+    assert_eq!(names, ["files", "kitchen"]);
 
-    // The chain, checked from the other node's config (its database).
+    // The chain, checked from another node's config (its database).
     let verify = |dir: &std::path::Path| {
-        std::process::Command::new(env!("CARGO_BIN_EXE_airlock"))
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_airlock"))
             .args(["audit", "verify", "--config"])
             .arg(dir.join("config.toml"))
             .arg("--data-dir")
             .arg(dir.join("data"))
             .output()
-            .unwrap()
+            .unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert!(out.status.success() && v["ok"] == true, "{v}");
+        v["records"].as_i64().unwrap()
     };
-    let out = verify(&dirs[1]);
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert!(
-        out.status.success() && v["ok"] == true && v["records"] == 3,
-        "{v}"
-    );
+    let before = verify(&dirs[1]);
 
-    // The database gone: uploads fail whole with 503, nothing half-written;
-    // back, the nodes reconnect.
-    pg.kill();
-    let r = c1.upload(ADMIN, "later", common::example_bytes("kitchen"));
+    // The object store gone: an upload fails whole with 503; a call of a
+    // component this node has cached still runs.
+    s3.stop();
+    let r = c[1].upload(ADMIN, "later", common::example_bytes("fetch"));
     assert_eq!(
         (r.status, r.json["error"]["code"].as_str()),
         (503, Some("storage_unavailable")),
         "{}",
         r.json
     );
-    assert_eq!(c2.get(AUDITOR, "/v1/components").status, 503);
-    pg.run();
-    let listed = c2.get(AUDITOR, "/v1/components");
-    assert_eq!(listed.status, 200, "{}", listed.json);
-    assert_eq!(listed.json["components"].as_array().unwrap().len(), 1);
-    assert!(
-        std::fs::read_dir(dirs[0].join("data/tmp"))
-            .unwrap()
-            .next()
-            .is_none(),
-        "the failed upload left its bytes"
+    let r = c[2].invoke(
+        ADMIN,
+        "kitchen__greet",
+        serde_json::json!({"name": "cached"}),
     );
-    c2.upload_example(ADMIN, "kitchen2", "kitchen");
-    let out = verify(&dirs[0]);
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert!(v["ok"] == true && v["records"] == 4, "{v}");
+    assert_eq!(r.status, 200, "{}", r.json);
+    s3.run();
+
+    // The database gone: requests fail with 503, nothing half-written;
+    // back, the nodes reconnect.
+    pg.kill();
+    let r = c[1].upload(ADMIN, "later", common::example_bytes("fetch"));
+    assert_eq!(
+        (r.status, r.json["error"]["code"].as_str()),
+        (503, Some("storage_unavailable")),
+        "{}",
+        r.json
+    );
+    assert_eq!(c[2].get(AUDITOR, "/v1/components").status, 503);
+    pg.run();
+    assert_eq!(
+        c[2].get(AUDITOR, "/v1/components").json["components"]
+            .as_array()
+            .unwrap()
+            .len(),
+        2
+    );
+    for d in &dirs[1..] {
+        assert!(
+            std::fs::read_dir(d.join("data/tmp"))
+                .unwrap()
+                .next()
+                .is_none(),
+            "a failed upload left its bytes in {}",
+            d.display()
+        );
+    }
+    c[1].upload_example(ADMIN, "later", "fetch");
+    // Upload and call records since: the call on node 3 while the object
+    // store was down, the last upload.
+    assert_eq!(verify(&dirs[2]), before + 2);
+}
+
+/// A reader over chunks that come slowly (an upload still in progress).
+struct ChunkReader(
+    Box<dyn Iterator<Item = std::io::Result<Vec<u8>>> + Send>,
+    Vec<u8>,
+);
+
+impl std::io::Read for ChunkReader {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        if self.1.is_empty() {
+            match self.0.next() {
+                Some(c) => self.1 = c?,
+                None => return Ok(0),
+            }
+        }
+        let n = buf.len().min(self.1.len());
+        buf[..n].copy_from_slice(&self.1[..n]);
+        self.1.drain(..n);
+        Ok(n)
+    }
 }

@@ -38,7 +38,9 @@ impl ServiceError {
             Self::Conflict(_) => StatusCode::CONFLICT,
             // The shared database is down or unreachable: nothing was
             // written; the same request may succeed later.
-            Self::Store(StoreError::Postgres(_)) => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Store(StoreError::Postgres(_) | StoreError::ObjectStore { .. }) => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             Self::Store(_) | Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -52,7 +54,9 @@ impl ServiceError {
             Self::TooLarge { .. } => "too_large",
             Self::TooManyCalls { .. } => "too_many_calls",
             Self::Conflict(_) => "conflict",
-            Self::Store(StoreError::Postgres(_)) => "storage_unavailable",
+            Self::Store(StoreError::Postgres(_) | StoreError::ObjectStore { .. }) => {
+                "storage_unavailable"
+            }
             Self::Store(_) => "storage_error",
             Self::Internal(_) => "internal_error",
         }

@@ -39,6 +39,15 @@
 //! kind = "sqlite"         # default: <data_dir>/airlock.db; "postgres": one database several nodes share
 //! url_env = "AIRLOCK_POSTGRES_URL"  # postgres: the URL from this variable, or url_file = "/run/secrets/pg-url"
 //!
+//! [blobs]               # where component bytes live; <data_dir>/blobs by default
+//! kind = "s3"             # an S3-compatible object store every node shares (blobs/ becomes a cache)
+//! endpoint = "https://s3.example.com"  # optional (AWS when absent); http:// needs allow_http = true
+//! bucket = "airlock"
+//! region = "us-east-1"    # optional
+//! prefix = "airlock/"     # optional: key prefix in the bucket
+//! credentials_file = "/run/secrets/s3"  # TOML: access_key_id, secret_access_key; else the
+//!                         # variables access_key_id_env / secret_access_key_env name (AWS_* by default)
+//!
 //! [[tokens]]
 //! name = "ci-admin"
 //! token = "…"             # or token_sha256 = "<hex>"
@@ -46,6 +55,7 @@
 //! role = "admin"           # admin | invoker | auditor
 //! ```
 
+use super::store::blobs::S3Config;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use std::net::SocketAddr;
@@ -178,6 +188,120 @@ struct File {
     node: Option<String>,
     #[serde(default)]
     storage: StorageEntry,
+    blobs: Option<BlobsEntry>,
+}
+
+/// `[blobs]` as written.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BlobsEntry {
+    kind: String,
+    endpoint: Option<String>,
+    bucket: String,
+    region: Option<String>,
+    prefix: Option<String>,
+    #[serde(default)]
+    allow_http: bool,
+    credentials_file: Option<PathBuf>,
+    access_key_id_env: Option<String>,
+    secret_access_key_env: Option<String>,
+}
+
+/// The credentials file of `[blobs]`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct S3Credentials {
+    access_key_id: String,
+    secret_access_key: String,
+}
+
+/// `[blobs]`, validated, credentials read from where they are kept.
+fn blobs(e: Option<BlobsEntry>) -> Result<Option<S3Config>, ConfigError> {
+    let Some(e) = e else { return Ok(None) };
+    if e.kind != "s3" {
+        return Err(field(
+            "blobs.kind",
+            format!(
+                "expected \"s3\", got {:?} (leave [blobs] out for <data_dir>/blobs)",
+                e.kind
+            ),
+        ));
+    }
+    if e.bucket.is_empty() {
+        return Err(field("blobs.bucket", "must not be empty"));
+    }
+    if let Some(url) = &e.endpoint {
+        match url.split_once("://") {
+            Some(("https", _)) => {}
+            Some(("http", _)) if e.allow_http => {}
+            Some(("http", _)) => {
+                return Err(field(
+                    "blobs.endpoint",
+                    "is plain http: set allow_http = true to send keys and components unencrypted",
+                ));
+            }
+            _ => return Err(field("blobs.endpoint", "expected an http(s):// URL")),
+        }
+    }
+    let (access_key_id, secret_access_key) = match &e.credentials_file {
+        Some(path) => {
+            if e.access_key_id_env.is_some() || e.secret_access_key_env.is_some() {
+                return Err(field(
+                    "blobs.credentials_file",
+                    "give either credentials_file or the *_env names, not both",
+                ));
+            }
+            let text = std::fs::read_to_string(path).map_err(|err| {
+                field(
+                    "blobs.credentials_file",
+                    format!("{}: {err}", path.display()),
+                )
+            })?;
+            let c: S3Credentials = toml::from_str(&text).map_err(|err| {
+                field(
+                    "blobs.credentials_file",
+                    format!(
+                        "{}: expected access_key_id and secret_access_key: {}",
+                        path.display(),
+                        err.message()
+                    ),
+                )
+            })?;
+            (c.access_key_id, c.secret_access_key)
+        }
+        None => {
+            let var = |name: &Option<String>, default: &str, at: &str| {
+                let name = name.clone().unwrap_or_else(|| default.to_string());
+                std::env::var(&name)
+                    .map_err(|_| field(at, format!("the environment has no {name}")))
+            };
+            (
+                var(
+                    &e.access_key_id_env,
+                    "AWS_ACCESS_KEY_ID",
+                    "blobs.access_key_id_env",
+                )?,
+                var(
+                    &e.secret_access_key_env,
+                    "AWS_SECRET_ACCESS_KEY",
+                    "blobs.secret_access_key_env",
+                )?,
+            )
+        }
+    };
+    let mut prefix = e.prefix.unwrap_or_else(|| "airlock/".into());
+    if !prefix.is_empty() && !prefix.ends_with('/') {
+        prefix.push('/');
+    }
+    Ok(Some(S3Config {
+        endpoint: e.endpoint,
+        bucket: e.bucket,
+        region: e.region.unwrap_or_else(|| "us-east-1".into()),
+        prefix,
+        access_key_id,
+        secret_access_key,
+        allow_http: e.allow_http,
+    }))
 }
 
 /// `[storage]` as written.
@@ -414,6 +538,8 @@ pub struct Config {
     pub node: String,
     /// Where the metadata lives.
     pub storage: Storage,
+    /// The object store component bytes live in (`None`: `<data_dir>/blobs`).
+    pub blobs: Option<S3Config>,
 }
 
 /// The default listen address.
@@ -542,6 +668,7 @@ impl Config {
             require_signed: f.require_signed,
             node: node_name(f.node)?,
             storage: storage(f.storage)?,
+            blobs: blobs(f.blobs)?,
         })
     }
 

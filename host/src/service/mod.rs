@@ -303,10 +303,22 @@ impl Service {
     /// The data directory or the engine cannot be set up.
     pub fn new(config: Config) -> Result<Self, ServiceError> {
         let store = match &config.storage {
-            config::Storage::Sqlite => Store::open(&config.data_dir)?,
+            config::Storage::Sqlite => {
+                std::fs::create_dir_all(&config.data_dir).map_err(|e| {
+                    ServiceError::Internal(format!("data_dir {}: {e}", config.data_dir.display()))
+                })?;
+                Store::with(
+                    &config.data_dir,
+                    Box::new(store::sqlite::Sqlite::open(
+                        &config.data_dir.join("airlock.db"),
+                    )?),
+                    config.blobs.as_ref(),
+                )?
+            }
             config::Storage::Postgres { url } => Store::with(
                 &config.data_dir,
                 Box::new(store::postgres::Postgres::connect(url)?),
+                config.blobs.as_ref(),
             )?,
         }
         .on_node(&config.node);

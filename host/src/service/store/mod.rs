@@ -20,8 +20,11 @@
 //! writers racing for one name or one policy version meet the store's
 //! unique keys ([`StoreError::Conflict`]), never a silent overwrite.
 
+pub mod blobs;
 pub mod postgres;
 pub mod sqlite;
+
+use blobs::Blobs;
 
 use super::audit::{self, AuditError, NewRecord, now_ms};
 use crate::signing::state as signature_state;
@@ -58,6 +61,20 @@ pub enum StoreError {
         /// This node's.
         known: i64,
     },
+    /// The object store failed or cannot be reached.
+    #[error("The object store failed {what}: {reason}.")]
+    ObjectStore {
+        /// What was being done (`storing blob <digest>`).
+        what: String,
+        /// Why.
+        reason: String,
+    },
+    /// Bytes read back do not match their digest: changed where they are
+    /// kept (the object store's bucket, the cache), and refused.
+    #[error(
+        "Blob {0} does not match its digest (its bytes were changed where they are kept); refused."
+    )]
+    Tampered(String),
     /// Another writer took the same key first (a component name, a
     /// policy version) and trying again did not help.
     #[error("Another change to {0:?} was made at the same moment; try again.")]
@@ -95,6 +112,23 @@ fn postgres_reason(e: &::postgres::Error) -> String {
         source = s.source();
     }
     text
+}
+
+/// Run `f`, which blocks on a runtime of its own (a database or object
+/// store client's), off the caller's runtime: a thread that drives one
+/// (the service's handlers call the store from async code) may not enter
+/// another, so there `f` runs on a thread of its own while the caller
+/// waits, as it would on a socket.
+pub(crate) fn off_runtime<T: Send>(f: impl FnOnce() -> T + Send) -> T {
+    if tokio::runtime::Handle::try_current().is_err() {
+        return f();
+    }
+    std::thread::scope(|scope| {
+        scope
+            .spawn(f)
+            .join()
+            .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+    })
 }
 
 fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> StoreError {
@@ -371,18 +405,13 @@ pub struct PolicyInsert<'a> {
 /// How often a write that met another writer's key is tried again.
 const CONFLICT_TRIES: usize = 5;
 
-/// The data directory and its metadata store.
+/// The data directory, its metadata store and its blob store.
 pub struct Store {
     dir: PathBuf,
     meta: Box<dyn Metadata>,
+    blobs: Box<dyn Blobs>,
     /// The node every audit record this store writes names (`body.node`).
     node: Option<String>,
-}
-
-fn fsync_dir(dir: &Path) -> Result<(), StoreError> {
-    std::fs::File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(io(format!("fsyncing {}", dir.display())))
 }
 
 impl Store {
@@ -394,19 +423,30 @@ impl Store {
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
         Self::make_dirs(dir)?;
         let meta = sqlite::Sqlite::open(&dir.join("airlock.db"))?;
-        Self::with(dir, Box::new(meta))
+        Self::with(dir, Box::new(meta), None)
     }
 
-    /// A data directory (blobs, uploads in progress, artifacts) whose
-    /// metadata is `meta`; cleans up after any crash.
+    /// A data directory (uploads in progress, artifacts, and blobs or
+    /// their cache) whose metadata is `meta` and whose blobs are in the
+    /// object store `s3` (else in `blobs/`); cleans up after any crash.
     ///
     /// # Errors
-    /// The directory cannot be used, or `meta` fails.
-    pub fn with(dir: &Path, meta: Box<dyn Metadata>) -> Result<Self, StoreError> {
+    /// The directory cannot be used, or `meta` or the object store fails.
+    pub fn with(
+        dir: &Path,
+        meta: Box<dyn Metadata>,
+        s3: Option<&blobs::S3Config>,
+    ) -> Result<Self, StoreError> {
         Self::make_dirs(dir)?;
+        let local = dir.join("blobs");
+        let blobs: Box<dyn Blobs> = match s3 {
+            Some(cfg) => Box::new(blobs::S3Blobs::new(cfg, &local)?),
+            None => Box::new(blobs::LocalBlobs::new(&local)),
+        };
         let store = Self {
             dir: dir.to_path_buf(),
             meta,
+            blobs,
             node: None,
         };
         store.collect_garbage()?;
@@ -447,15 +487,14 @@ impl Store {
             let _ = std::fs::remove_file(e.path());
         }
         let live = self.meta.live_digests()?;
-        for sub in ["blobs", "artifacts"] {
-            for e in std::fs::read_dir(self.dir.join(sub)).map_err(io("listing blobs/"))? {
-                let e = e.map_err(io("listing blobs/"))?;
-                let name = e.file_name().to_string_lossy().into_owned();
-                let digest = name.split(['-', '.']).next().unwrap_or("");
-                if !live.contains(digest) {
-                    tracing::info!(file = %e.path().display(), "removing an unreferenced file");
-                    let _ = std::fs::remove_file(e.path());
-                }
+        self.blobs.collect(&live)?;
+        for e in std::fs::read_dir(self.dir.join("artifacts")).map_err(io("listing artifacts/"))? {
+            let e = e.map_err(io("listing artifacts/"))?;
+            let name = e.file_name().to_string_lossy().into_owned();
+            let digest = name.split(['-', '.']).next().unwrap_or("");
+            if !live.contains(digest) {
+                tracing::info!(file = %e.path().display(), "removing an unreferenced artifact");
+                let _ = std::fs::remove_file(e.path());
             }
         }
         Ok(())
@@ -481,16 +520,12 @@ impl Store {
         })
     }
 
-    fn blob_path(&self, digest: &str) -> PathBuf {
-        self.dir.join("blobs").join(digest)
-    }
-
     /// Bytes of a stored blob.
     ///
     /// # Errors
     /// Missing or unreadable blob.
     pub fn read_blob(&self, digest: &str) -> Result<Vec<u8>, StoreError> {
-        std::fs::read(self.blob_path(digest)).map_err(io(format!("reading blob {digest}")))
+        self.blobs.get(digest)
     }
 
     /// The cached precompiled artifact for `digest` under engine `engine_id`.
@@ -547,11 +582,7 @@ impl Store {
         if let Some(same) = unchanged_or_taken(self.meta.digest_of(tenant, name)?)? {
             return Ok(same);
         }
-        let dest = self.blob_path(&staged.digest);
-        if !dest.exists() {
-            std::fs::rename(&staged.path, &dest).map_err(io("storing a blob"))?;
-            fsync_dir(&self.dir.join("blobs"))?;
-        }
+        self.blobs.put(&staged.digest, &staged.path)?;
         let now = now_ms();
         let policy = policy.map(|text| PolicyInsert {
             tenant,
@@ -641,7 +672,7 @@ impl Store {
         if !still_used {
             // After the commit: a crash here leaves an unreferenced blob,
             // which the next start removes.
-            let _ = std::fs::remove_file(self.blob_path(&row.digest));
+            self.blobs.forget(&row.digest);
             if let Ok(rd) = std::fs::read_dir(self.dir.join("artifacts")) {
                 for e in rd.flatten() {
                     if e.file_name().to_string_lossy().starts_with(&row.digest) {

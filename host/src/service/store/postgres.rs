@@ -147,23 +147,13 @@ impl Postgres {
     /// broke). A connection that fails is dropped, so the next request
     /// connects again.
     ///
-    /// `postgres`' blocking client drives its own runtime, which must not
-    /// be entered from a thread that belongs to another (the service's
-    /// handlers call the store from async code): there, `f` runs on a
-    /// thread of its own while this one waits, as it would on the socket.
+    /// `postgres`' blocking client drives its own runtime: `f` runs off
+    /// the caller's ([`super::off_runtime`]).
     fn with<T: Send>(
         &self,
         f: impl FnOnce(&mut Client) -> Result<T, StoreError> + Send,
     ) -> Result<T, StoreError> {
-        if tokio::runtime::Handle::try_current().is_err() {
-            return self.with_here(f);
-        }
-        std::thread::scope(|scope| {
-            scope
-                .spawn(|| self.with_here(f))
-                .join()
-                .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
-        })
+        super::off_runtime(|| self.with_here(f))
     }
 
     fn with_here<T>(
