@@ -232,6 +232,27 @@ fn a_node_refuses_a_newer_schema() {
 }
 
 #[test]
+fn a_hung_database_fails_the_request_instead_of_holding_it() {
+    let pg = Postgres::start();
+    let url = pg.database("hung");
+    drop(node(&url));
+    // Another session holds the chain's head: every append waits on it.
+    let mut other = postgres::Client::connect(&url, postgres::NoTls).unwrap();
+    let mut hold = other.transaction().unwrap();
+    hold.query_one("SELECT seq FROM audit_head WHERE id = 1 FOR UPDATE", &[])
+        .unwrap();
+    let (_dir, s) = node(&format!("{url}?options=-c%20statement_timeout%3D500"));
+    let t = std::time::Instant::now();
+    let e = s.audit_append(&record("a", 0)).unwrap_err();
+    assert!(matches!(e, StoreError::Postgres(_)), "{e}");
+    assert!(e.to_string().contains("statement timeout"), "{e}");
+    assert!(t.elapsed() < std::time::Duration::from_secs(10));
+    hold.rollback().unwrap();
+    s.audit_append(&record("a", 1)).unwrap();
+    assert!(s.audit_verify(None).unwrap().ok);
+}
+
+#[test]
 fn a_lost_server_fails_requests_cleanly_and_is_reconnected() {
     let mut pg = Postgres::start();
     let url = pg.database("lost");

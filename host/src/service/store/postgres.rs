@@ -36,6 +36,9 @@ const SCHEMA_LOCK: i64 = 0x0061_6972_6c6f_636b;
 /// How long a connection attempt may take before the request fails.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// How long one statement may run (or wait for a lock) on the server.
+const STATEMENT_TIMEOUT: Duration = Duration::from_secs(15);
+
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS airlock_schema(
     id INTEGER PRIMARY KEY CHECK (id = 1), version BIGINT NOT NULL);
@@ -97,6 +100,16 @@ impl Postgres {
         if config.get_connect_timeout().is_none() {
             config.connect_timeout(CONNECT_TIMEOUT);
         }
+        // A server that hangs fails the request instead of holding it
+        // (and the node's one connection) for good; a lock wait (the
+        // chain's head) counts too. The URL's own `options` come after,
+        // so they may set another.
+        let options = format!(
+            "-c statement_timeout={} {}",
+            STATEMENT_TIMEOUT.as_millis(),
+            config.get_options().unwrap_or("")
+        );
+        config.options(options.trim_end());
         config.application_name("airlock");
         let store = Self {
             config,
