@@ -38,6 +38,18 @@ cargo build --locked -p airlock --bin airlock
 "$AIRLOCK_PY/bin/python" tests/nn/reference.py "$AIRLOCK_MINILM" tool \
   "$CARGO_TARGET_DIR/debug/airlock" examples/out/embed.wasm
 
+# --- Kubernetes manifests: the API schemas and airlock's own config check ---
+AIRLOCK_PY_DEPLOY="$AIRLOCK_CACHE/py-deploy-$(sha256sum deploy/requirements.txt | cut -c1-16)"
+if [ ! -x "$AIRLOCK_PY_DEPLOY/bin/python" ]; then
+  step "Python for the manifest check (deploy/requirements.txt)"
+  rm -rf "$AIRLOCK_PY_DEPLOY.tmp"
+  python3 -m venv "$AIRLOCK_PY_DEPLOY.tmp"
+  "$AIRLOCK_PY_DEPLOY.tmp/bin/pip" install --quiet -r deploy/requirements.txt
+  mv "$AIRLOCK_PY_DEPLOY.tmp" "$AIRLOCK_PY_DEPLOY"
+fi
+step "Kubernetes manifests (deploy/check.py: kubernetes-validate strict, cross-checks, airlock serve --check)"
+"$AIRLOCK_PY_DEPLOY/bin/python" deploy/check.py "$CARGO_TARGET_DIR/debug/airlock"
+
 # --- the suite ---
 # --no-fail-fast: one failing test binary must not hide the results of the
 # others (the nested VM tests and the service tests come late).

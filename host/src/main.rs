@@ -99,6 +99,11 @@ enum Cmd {
         /// Data directory (overrides the config).
         #[arg(long)]
         data_dir: Option<PathBuf>,
+        /// Only check the config (secrets it names read, files it names
+        /// present), print what it says as JSON, and exit: nothing is
+        /// opened or served.
+        #[arg(long)]
+        check: bool,
     },
     /// Audit-log tools.
     Audit {
@@ -859,8 +864,29 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Cmd::Serve {
             config,
+            data_dir,
+            check: true,
+            ..
+        } => {
+            use airlock::service::config::{Isolation, Storage};
+            let c = service_config(&config, data_dir.as_deref())?;
+            print_json(&serde_json::json!({
+                "ok": true,
+                "listen": c.listen.to_string(),
+                "node": c.node,
+                "data_dir": c.data_dir,
+                "storage": match c.storage { Storage::Sqlite => "sqlite", Storage::Postgres { .. } => "postgres" },
+                "blobs": c.blobs.as_ref().map_or("data_dir", |_| "s3"),
+                "isolation": match c.isolation { Isolation::Process => "process", Isolation::Vm(_) => "vm" },
+                "tokens": c.tokens.len(),
+            }))?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Serve {
+            config,
             listen,
             data_dir,
+            check: false,
         } => serve(&config, listen, data_dir),
         Cmd::Keygen { out } => {
             use std::os::unix::fs::OpenOptionsExt;
@@ -1052,12 +1078,18 @@ fn service_config(
 ) -> anyhow::Result<airlock::service::config::Config> {
     let text = std::fs::read_to_string(config)
         .with_context(|| format!("cannot read config {}", config.display()))?;
-    let text = match data_dir {
-        Some(d) => format!(
+    let text = match (data_dir, text.parse::<toml::Table>()) {
+        // The file names one too: the flag's replaces it (everything the
+        // config derives from data_dir follows).
+        (Some(d), Ok(mut t)) if t.contains_key("data_dir") => {
+            t.insert("data_dir".into(), d.display().to_string().into());
+            t.to_string()
+        }
+        (Some(d), _) => format!(
             "data_dir = {}\n{text}",
             toml::Value::from(d.display().to_string())
         ),
-        None => text,
+        (None, _) => text,
     };
     airlock::service::config::Config::parse(&text)
         .map_err(|e| anyhow::anyhow!("invalid config {}: {e}", config.display()))
