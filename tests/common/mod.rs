@@ -3,9 +3,10 @@
 #![allow(dead_code)]
 
 pub mod models;
-pub mod postgres;
-pub mod s3;
 pub mod server;
+
+#[allow(unused_imports)]
+pub use airlock_testkit::{postgres, s3};
 
 use std::net::SocketAddr;
 use std::path::PathBuf;

@@ -129,26 +129,31 @@ pub fn load(concurrency: u32) -> anyhow::Result<()> {
 /// A server allowing `per_tenant` calls at once, with `f` run against it
 /// (its binary, URL and the kitchen component); the server is killed and
 /// its directory removed after.
-fn with_server(
-    per_tenant: u32,
-    f: impl FnOnce(&Path, &str, &Path) -> anyhow::Result<()>,
-) -> anyhow::Result<()> {
-    let root = crate::root();
-    let kitchen = crate::examples_out().join("kitchen.wasm");
-    if !kitchen.exists() {
-        crate::examples()?;
+/// A running `airlock serve`, killed on drop.
+struct Node {
+    child: std::process::Child,
+    url: String,
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
-    let bin = airlock_binary(&root)?;
-    let dir = std::env::temp_dir().join(format!("airlock-bench-service-{}", std::process::id()));
-    std::fs::create_dir_all(&dir)?;
+}
+
+/// Start `airlock serve` in `dir` with the bench token, `per_tenant` calls
+/// at once, and `extra` config lines first (top-level keys, then tables).
+fn start_node(bin: &Path, dir: &Path, per_tenant: u32, extra: &str) -> anyhow::Result<Node> {
+    std::fs::create_dir_all(dir)?;
     let config = dir.join("config.toml");
     std::fs::write(
         &config,
         format!(
-            "[limits]\nmax_concurrent_calls_per_tenant = {per_tenant}\n\n[[tokens]]\nname = \"bench\"\ntoken = \"{TOKEN}\"\ntenant = \"bench\"\nrole = \"admin\"\n"
+            "{extra}\n[limits]\nmax_concurrent_calls_per_tenant = {per_tenant}\n\n[[tokens]]\nname = \"bench\"\ntoken = \"{TOKEN}\"\ntenant = \"bench\"\nrole = \"admin\"\n"
         ),
     )?;
-    let mut server = Command::new(&bin)
+    let mut child = Command::new(bin)
         .args(["serve", "--listen", "127.0.0.1:0", "--config"])
         .arg(&config)
         .arg("--data-dir")
@@ -156,21 +161,173 @@ fn with_server(
         .stdout(Stdio::piped())
         .spawn()
         .context("start airlock serve")?;
-    let result = (|| {
-        let mut line = String::new();
-        std::io::BufReader::new(server.stdout.take().context("server stdout")?)
-            .read_line(&mut line)?;
-        let url = line
+    let mut line = String::new();
+    let read = child
+        .stdout
+        .take()
+        .context("server stdout")
+        .and_then(|o| Ok(std::io::BufReader::new(o).read_line(&mut line)?));
+    let node = Node {
+        child,
+        url: line
             .trim()
             .strip_prefix("airlock: listening on ")
-            .with_context(|| format!("unexpected server output {line:?}"))?
-            .to_string();
-        f(&bin, &url, &kitchen)
-    })();
-    let _ = server.kill();
-    let _ = server.wait();
+            .unwrap_or_default()
+            .to_string(),
+    };
+    read?;
+    if node.url.is_empty() {
+        bail!("unexpected server output {line:?}");
+    }
+    Ok(node)
+}
+
+/// The example and the `airlock` binary the service benches use.
+fn kitchen_and_binary() -> anyhow::Result<(PathBuf, PathBuf)> {
+    let kitchen = crate::examples_out().join("kitchen.wasm");
+    if !kitchen.exists() {
+        crate::examples()?;
+    }
+    Ok((kitchen, airlock_binary(&crate::root())?))
+}
+
+fn with_server(
+    per_tenant: u32,
+    f: impl FnOnce(&Path, &str, &Path) -> anyhow::Result<()>,
+) -> anyhow::Result<()> {
+    let (kitchen, bin) = kitchen_and_binary()?;
+    let dir = std::env::temp_dir().join(format!("airlock-bench-service-{}", std::process::id()));
+    let result =
+        start_node(&bin, &dir, per_tenant, "").and_then(|node| f(&bin, &node.url, &kitchen));
     let _ = std::fs::remove_dir_all(&dir);
     result
+}
+
+/// `cargo xtask bench service --cluster`: `greet` calls at concurrency 8
+/// through the embedded default (one node, SQLite, local blobs) and
+/// through cluster mode (a real PostgreSQL and S3-compatible server on
+/// loopback) with 1, 2 and 3 nodes, the workers spread over the nodes;
+/// all in this run, on this machine's cores.
+pub fn cluster(requests: u32) -> anyhow::Result<()> {
+    use airlock_testkit::{postgres::Postgres, s3::S3};
+    let (kitchen, bin) = kitchen_and_binary()?;
+    let base = std::env::temp_dir().join(format!("airlock-bench-cluster-{}", std::process::id()));
+    let pg = Postgres::start();
+    let s3 = S3::start();
+    let mut rows: Vec<(String, Stats)> = Vec::new();
+    let result = (|| {
+        rows.push((
+            "embedded (SQLite + data_dir), 1 node".into(),
+            spread(&bin, &kitchen, &base.join("embedded"), &[""], requests)?,
+        ));
+        for n in 1..=3usize {
+            let url = pg.database(&format!("bench{n}"));
+            let dir = base.join(format!("cluster{n}"));
+            let extras: Vec<String> = (1..=n)
+                .map(|i| {
+                    let d = dir.join(format!("n{i}"));
+                    format!(
+                        "node = \"n{i}\"\n[storage]\nkind = \"postgres\"\nurl = \"{url}\"\n{}",
+                        s3.config(&d)
+                    )
+                })
+                .collect();
+            let extras: Vec<&str> = extras.iter().map(String::as_str).collect();
+            rows.push((
+                format!(
+                    "cluster (PostgreSQL + S3), {n} node{}",
+                    if n > 1 { "s" } else { "" }
+                ),
+                spread(&bin, &kitchen, &dir, &extras, requests)?,
+            ));
+        }
+        Ok::<_, anyhow::Error>(())
+    })();
+    let _ = std::fs::remove_dir_all(&base);
+    result?;
+    let reference = rows[0].1.per_sec;
+    println!(
+        "bench service --cluster: kitchen__greet at concurrency {CLUSTER_CONCURRENCY}, {} build, {requests} requests per row, process isolation, {} cores",
+        if cfg!(debug_assertions) {
+            "debug"
+        } else {
+            "release"
+        },
+        std::thread::available_parallelism().map_or(0, |n| n.get())
+    );
+    println!("  reference: the embedded default (what one node runs without a cluster)");
+    println!(
+        "  {:<40} {:>10} {:>11} {:>11} {:>22}",
+        "setup", "calls/s", "p50 ms", "p99 ms", "calls/s vs embedded"
+    );
+    for (name, s) in &rows {
+        println!(
+            "  {:<40} {:>10.1} {:>11.3} {:>11.3} {:>22.3}",
+            name,
+            s.per_sec,
+            s.p50.as_secs_f64() * 1e3,
+            s.p99.as_secs_f64() * 1e3,
+            s.per_sec / reference
+        );
+    }
+    println!(
+        "  cluster mode's single-node cost: {:.2}x the embedded default's time per call (goal <= 1.5)",
+        reference / rows[1].1.per_sec
+    );
+    Ok(())
+}
+
+/// Workers at once in the cluster bench.
+const CLUSTER_CONCURRENCY: usize = 8;
+
+/// Start one node per `extras` entry under `dir`, upload kitchen through
+/// the first, warm every node, then `requests` calls from
+/// [`CLUSTER_CONCURRENCY`] workers, worker `i` on node `i % nodes`.
+fn spread(
+    bin: &Path,
+    kitchen: &Path,
+    dir: &Path,
+    extras: &[&str],
+    requests: u32,
+) -> anyhow::Result<Stats> {
+    let nodes: Vec<Node> = extras
+        .iter()
+        .enumerate()
+        .map(|(i, extra)| start_node(bin, &dir.join(format!("n{}", i + 1)), 64, extra))
+        .collect::<anyhow::Result<_>>()?;
+    upload(&nodes[0].url, kitchen)?;
+    let callers: Vec<_> = nodes.iter().map(|n| caller(&n.url)).collect();
+    // Warm-up: each node reads the bytes (from the object store), compiles
+    // them and opens its connections.
+    let http = reqwest::blocking::Client::new();
+    for c in &callers {
+        for _ in 0..20 {
+            c(&http)?;
+        }
+    }
+    let per_worker = (requests as usize / CLUSTER_CONCURRENCY).max(5);
+    let start = Instant::now();
+    let lat: Vec<Duration> = std::thread::scope(|sc| {
+        let handles: Vec<_> = (0..CLUSTER_CONCURRENCY)
+            .map(|w| {
+                let call = &callers[w % callers.len()];
+                sc.spawn(move || {
+                    let client = reqwest::blocking::Client::new();
+                    (0..per_worker)
+                        .map(|_| call(&client))
+                        .collect::<anyhow::Result<Vec<_>>>()
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("worker thread"))
+            .collect::<anyhow::Result<Vec<Vec<_>>>>()
+    })?
+    .into_iter()
+    .flatten()
+    .collect();
+    Ok(stats(lat, start.elapsed()))
 }
 
 /// Upload kitchen.wasm and return a function making one `greet` call.
@@ -178,6 +335,12 @@ fn upload_and_caller(
     url: &str,
     kitchen: &Path,
 ) -> anyhow::Result<impl Fn(&reqwest::blocking::Client) -> anyhow::Result<Duration> + Sync> {
+    upload(url, kitchen)?;
+    Ok(caller(url))
+}
+
+/// Upload kitchen.wasm as `kitchen`.
+fn upload(url: &str, kitchen: &Path) -> anyhow::Result<()> {
     let http = reqwest::blocking::Client::new();
     let up = http
         .post(format!("{url}/v1/components?name=kitchen"))
@@ -187,24 +350,27 @@ fn upload_and_caller(
     if !up.status().is_success() {
         bail!("upload failed: {}", up.text()?);
     }
+    Ok(())
+}
+
+/// A function making one `greet` call through the service at `url`.
+fn caller(url: &str) -> impl Fn(&reqwest::blocking::Client) -> anyhow::Result<Duration> + Sync {
     let invoke_url = format!("{url}/v1/tools/kitchen__greet:invoke");
     let body = serde_json::json!({"arguments": {"name": "bench", "excited": false}});
-    Ok(
-        move |client: &reqwest::blocking::Client| -> anyhow::Result<Duration> {
-            let t = Instant::now();
-            let r = client
-                .post(&invoke_url)
-                .bearer_auth(TOKEN)
-                .json(&body)
-                .send()?;
-            let status = r.status();
-            let v: serde_json::Value = r.json()?;
-            if !status.is_success() || v["result"]["ok"].is_null() {
-                bail!("call failed: {status} {v}");
-            }
-            Ok(t.elapsed())
-        },
-    )
+    move |client: &reqwest::blocking::Client| -> anyhow::Result<Duration> {
+        let t = Instant::now();
+        let r = client
+            .post(&invoke_url)
+            .bearer_auth(TOKEN)
+            .json(&body)
+            .send()?;
+        let status = r.status();
+        let v: serde_json::Value = r.json()?;
+        if !status.is_success() || v["result"]["ok"].is_null() {
+            bail!("call failed: {status} {v}");
+        }
+        Ok(t.elapsed())
+    }
 }
 
 fn measure(bin: &Path, url: &str, kitchen: &Path, requests: u32) -> anyhow::Result<()> {

@@ -7,7 +7,9 @@
 //! * `cargo xtask rootfs [--selftest]` — build the initramfs, reproducibly.
 //! * `cargo xtask guest-image` — all of the above, paths in `<cache>/guest-image.json`.
 //! * `cargo xtask bench service` — HTTP invocations/s and p50/p99 at
-//!   concurrency 1/8/64 next to the CLI runner, in one run
+//!   concurrency 1/8/64 next to the CLI runner, in one run; `--cluster`:
+//!   calls/s and p50/p99 with 1, 2 and 3 nodes sharing a real PostgreSQL
+//!   and S3-compatible server, beside the embedded default
 //! * `cargo xtask bench load` — N (1,000) invocations at once through the
 //!   service: no errors, p50/p99 against one call at a time, same run;
 //!   `--isolation vm` runs the service in VM isolation inside the nested
@@ -103,6 +105,10 @@ enum Cmd {
         /// instead of QEMU — an A/B of two VMMs in one run.
         #[arg(long)]
         reference_vmm: Option<PathBuf>,
+        /// For `service`: cluster mode (PostgreSQL + S3) with 1, 2 and 3
+        /// nodes beside the embedded default.
+        #[arg(long)]
+        cluster: bool,
     },
 }
 
@@ -158,8 +164,10 @@ fn main() -> anyhow::Result<()> {
             isolation,
             max_vms,
             reference_vmm,
+            cluster,
         } => match which.as_str() {
             "runner" => bench_runner(iterations),
+            "service" if cluster => bench_service::cluster(iterations),
             "service" => bench_service::run(iterations),
             "load" => match isolation.as_str() {
                 "process" => bench_service::load(concurrency),

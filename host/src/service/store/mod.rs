@@ -117,18 +117,22 @@ fn postgres_reason(e: &::postgres::Error) -> String {
 /// Run `f`, which blocks on a runtime of its own (a database or object
 /// store client's), off the caller's runtime: a thread that drives one
 /// (the service's handlers call the store from async code) may not enter
-/// another, so there `f` runs on a thread of its own while the caller
+/// another. On a multi-threaded runtime the thread leaves it for the
+/// while (`block_in_place`, its other tasks move to other workers); on a
+/// single-threaded one `f` runs on a thread of its own while the caller
 /// waits, as it would on a socket.
 pub(crate) fn off_runtime<T: Send>(f: impl FnOnce() -> T + Send) -> T {
-    if tokio::runtime::Handle::try_current().is_err() {
-        return f();
+    use tokio::runtime::{Handle, RuntimeFlavor};
+    match Handle::try_current().map(|h| h.runtime_flavor()) {
+        Err(_) => f(),
+        Ok(RuntimeFlavor::MultiThread) => tokio::task::block_in_place(f),
+        Ok(_) => std::thread::scope(|scope| {
+            scope
+                .spawn(f)
+                .join()
+                .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+        }),
     }
-    std::thread::scope(|scope| {
-        scope
-            .spawn(f)
-            .join()
-            .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
-    })
 }
 
 fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> StoreError {
@@ -285,11 +289,11 @@ pub trait Metadata: Send + Sync {
         record: &NewRecord<'_>,
     ) -> Result<i64, StoreError>;
 
-    /// One tenant's components, by name.
+    /// One tenant's components by name (only `name`, when given).
     ///
     /// # Errors
     /// Database failure.
-    fn list(&self, tenant: &str) -> Result<Vec<ComponentRow>, StoreError>;
+    fn list(&self, tenant: &str, name: Option<&str>) -> Result<Vec<ComponentRow>, StoreError>;
 
     /// Remove `tenant`'s component `name` (if its digest is still
     /// `digest`) with its policies, and add `record`; returns the record's
@@ -637,7 +641,7 @@ impl Store {
     /// # Errors
     /// Database failure.
     pub fn list(&self, tenant: &str) -> Result<Vec<ComponentRow>, StoreError> {
-        self.meta.list(tenant)
+        self.meta.list(tenant, None)
     }
 
     /// One component.
@@ -645,9 +649,9 @@ impl Store {
     /// # Errors
     /// [`StoreError::NoComponent`].
     pub fn get(&self, tenant: &str, name: &str) -> Result<ComponentRow, StoreError> {
-        self.list(tenant)?
-            .into_iter()
-            .find(|c| c.name == name)
+        self.meta
+            .list(tenant, Some(name))?
+            .pop()
             .ok_or_else(|| StoreError::NoComponent(name.to_string()))
     }
 
@@ -751,13 +755,18 @@ impl Store {
         component: &str,
         version: Option<i64>,
     ) -> Result<PolicyRow, StoreError> {
-        self.get(tenant, component)?;
-        self.meta
-            .policy(tenant, component, version)?
-            .ok_or_else(|| StoreError::NoPolicy {
-                component: component.to_string(),
-                version: version.unwrap_or(0),
-            })
+        // A policy row exists only with its component (deleted together):
+        // the component is looked up only to say which is missing.
+        match self.meta.policy(tenant, component, version)? {
+            Some(p) => Ok(p),
+            None => {
+                self.get(tenant, component)?;
+                Err(StoreError::NoPolicy {
+                    component: component.to_string(),
+                    version: version.unwrap_or(0),
+                })
+            }
+        }
     }
 
     /// All policy versions of a component, oldest first (text omitted).

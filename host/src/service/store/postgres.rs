@@ -13,17 +13,20 @@
 //! * Schema changes are made by one node at a time (an advisory lock), and
 //!   a node refuses a database whose schema is newer than it knows
 //!   ([`StoreError::Schema`]) rather than write rows it does not understand.
-//! * A connection that broke (the server restarted, the network failed) is
-//!   dropped and made again on the next request; nothing is retried
-//!   silently inside a transaction.
+//! * A node holds at most [`MAX_CONNECTIONS`] connections (more requests
+//!   at once wait for one); a connection that broke (the server restarted,
+//!   the network failed) is dropped and made again by a later request;
+//!   nothing is retried silently inside a transaction.
 
 use super::{ComponentRow, Metadata, NewComponent, PolicyInsert, PolicyRow, StoreError};
 use crate::service::audit::{self, NewRecord};
 use crate::signing::state as signature_state;
 use postgres::error::SqlState;
-use postgres::{Client, NoTls, Row, Transaction};
+use postgres::types::ToSql;
+use postgres::{Client, GenericClient, NoTls, Row, Statement, Transaction};
+use std::collections::HashMap;
 use std::collections::HashSet;
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Condvar, Mutex, MutexGuard};
 use std::time::Duration;
 
 /// The schema version this node writes (`airlock_schema.version`).
@@ -66,8 +69,82 @@ CREATE TABLE IF NOT EXISTS audit_head(
 /// The PostgreSQL metadata store.
 pub struct Postgres {
     config: postgres::Config,
-    client: Mutex<Option<Client>>,
+    pool: Mutex<Pool>,
+    /// Signalled when a connection goes back to the pool.
+    returned: Condvar,
 }
+
+/// The node's connections: idle ones, and how many are open in all.
+#[derive(Default)]
+struct Pool {
+    idle: Vec<Conn>,
+    open: usize,
+}
+
+/// A connection and the statements prepared on it: each SQL text is
+/// parsed once per connection, then only bound and run (one round trip
+/// where a text query takes two).
+struct Conn {
+    client: Client,
+    stmts: HashMap<&'static str, Statement>,
+}
+
+/// A connection, or a transaction on one, with the connection's prepared
+/// statements: what every query of this store goes through.
+struct Session<'a, C> {
+    c: &'a mut C,
+    stmts: &'a mut HashMap<&'static str, Statement>,
+}
+
+impl<C: GenericClient> Session<'_, C> {
+    fn prepared(&mut self, sql: &'static str) -> Result<Statement, postgres::Error> {
+        if let Some(s) = self.stmts.get(sql) {
+            return Ok(s.clone());
+        }
+        let s = self.c.prepare(sql)?;
+        self.stmts.insert(sql, s.clone());
+        Ok(s)
+    }
+
+    fn query(
+        &mut self,
+        sql: &'static str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Vec<Row>, postgres::Error> {
+        let s = self.prepared(sql)?;
+        self.c.query(&s, params)
+    }
+
+    fn query_opt(
+        &mut self,
+        sql: &'static str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Option<Row>, postgres::Error> {
+        let s = self.prepared(sql)?;
+        self.c.query_opt(&s, params)
+    }
+
+    fn query_one(
+        &mut self,
+        sql: &'static str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Row, postgres::Error> {
+        let s = self.prepared(sql)?;
+        self.c.query_one(&s, params)
+    }
+
+    fn execute(
+        &mut self,
+        sql: &'static str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<u64, postgres::Error> {
+        let s = self.prepared(sql)?;
+        self.c.execute(&s, params)
+    }
+}
+
+/// Connections one node holds at most; more requests at once wait for one.
+pub const MAX_CONNECTIONS: usize = 16;
 
 impl std::fmt::Debug for Postgres {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -113,7 +190,8 @@ impl Postgres {
         config.application_name("airlock");
         let store = Self {
             config,
-            client: Mutex::new(None),
+            pool: Mutex::new(Pool::default()),
+            returned: Condvar::new(),
         };
         store.migrate()?;
         Ok(store)
@@ -123,7 +201,7 @@ impl Postgres {
         self.with(|c| {
             c.execute("SELECT pg_advisory_lock($1)", &[&SCHEMA_LOCK])?;
             let made = (|| {
-                c.batch_execute(SCHEMA)?;
+                c.c.batch_execute(SCHEMA)?;
                 let found: Option<i64> = c
                     .query_opt("SELECT version FROM airlock_schema WHERE id = 1", &[])?
                     .map(|r| r.get(0));
@@ -152,49 +230,85 @@ impl Postgres {
         })
     }
 
-    fn lock(&self) -> MutexGuard<'_, Option<Client>> {
-        self.client.lock().unwrap_or_else(|p| p.into_inner())
+    fn lock(&self) -> MutexGuard<'_, Pool> {
+        self.pool.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Run `f` on the connection, connecting first if there is none (or it
-    /// broke). A connection that fails is dropped, so the next request
+    /// Run `f` on a connection of the pool, connecting first if none is
+    /// idle (up to [`MAX_CONNECTIONS`]; past that, wait for one). A
+    /// connection that fails or broke is dropped, so a later request
     /// connects again.
     ///
     /// `postgres`' blocking client drives its own runtime: `f` runs off
     /// the caller's ([`super::off_runtime`]).
     fn with<T: Send>(
         &self,
-        f: impl FnOnce(&mut Client) -> Result<T, StoreError> + Send,
+        f: impl FnOnce(&mut Session<'_, Client>) -> Result<T, StoreError> + Send,
     ) -> Result<T, StoreError> {
         super::off_runtime(|| self.with_here(f))
     }
 
     fn with_here<T>(
         &self,
-        f: impl FnOnce(&mut Client) -> Result<T, StoreError>,
+        f: impl FnOnce(&mut Session<'_, Client>) -> Result<T, StoreError>,
     ) -> Result<T, StoreError> {
-        let mut guard = self.lock();
-        if guard.as_ref().is_none_or(Client::is_closed) {
-            *guard = Some(self.config.connect(NoTls)?);
+        let mut conn = self.take()?;
+        let r = f(&mut Session {
+            c: &mut conn.client,
+            stmts: &mut conn.stmts,
+        });
+        let mut pool = self.lock();
+        if conn.client.is_closed() {
+            pool.open -= 1;
+        } else {
+            pool.idle.push(conn);
         }
-        let Some(client) = guard.as_mut() else {
-            unreachable!("connected just above")
-        };
-        let r = f(client);
-        if client.is_closed() {
-            *guard = None;
-        }
+        drop(pool);
+        self.returned.notify_one();
         r
+    }
+
+    /// An idle connection, else a new one, else (at the cap) the next one
+    /// given back.
+    fn take(&self) -> Result<Conn, StoreError> {
+        let mut pool = self.lock();
+        loop {
+            while let Some(c) = pool.idle.pop() {
+                if !c.client.is_closed() {
+                    return Ok(c);
+                }
+                pool.open -= 1;
+            }
+            if pool.open < MAX_CONNECTIONS {
+                pool.open += 1;
+                drop(pool);
+                return match self.config.connect(NoTls) {
+                    Ok(client) => Ok(Conn {
+                        client,
+                        stmts: HashMap::new(),
+                    }),
+                    Err(e) => {
+                        self.lock().open -= 1;
+                        self.returned.notify_one();
+                        Err(e.into())
+                    }
+                };
+            }
+            pool = self.returned.wait(pool).unwrap_or_else(|p| p.into_inner());
+        }
     }
 
     /// `f` in one transaction, committed when it succeeds.
     fn tx<T: Send>(
         &self,
-        f: impl FnOnce(&mut Transaction<'_>) -> Result<T, StoreError> + Send,
+        f: impl FnOnce(&mut Session<'_, Transaction<'_>>) -> Result<T, StoreError> + Send,
     ) -> Result<T, StoreError> {
-        self.with(|c| {
-            let mut tx = c.transaction()?;
-            let r = f(&mut tx)?;
+        self.with(|s| {
+            let mut tx = s.c.transaction()?;
+            let r = f(&mut Session {
+                c: &mut tx,
+                stmts: s.stmts,
+            })?;
             tx.commit()?;
             Ok(r)
         })
@@ -203,16 +317,19 @@ impl Postgres {
 
 /// Append `r` to the chain inside `tx`, holding the head row locked until
 /// `tx` ends (see the module invariants).
-fn append(tx: &mut Transaction<'_>, r: &NewRecord<'_>) -> Result<i64, StoreError> {
+fn append(tx: &mut Session<'_, Transaction<'_>>, r: &NewRecord<'_>) -> Result<i64, StoreError> {
     let head = tx.query_one(
         "SELECT seq, hash FROM audit_head WHERE id = 1 FOR UPDATE",
         &[],
     )?;
     let (seq, hash): (i64, String) = (head.get(0), head.get(1));
     let c = audit::chain((seq > 0).then_some((seq, hash)), r);
+    // The record and the new head in one statement (one round trip).
     tx.execute(
-        "INSERT INTO audit(seq, ts_ms, tenant, actor, kind, component, tool, decision, body, prev, hash)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
+        "WITH added AS (
+            INSERT INTO audit(seq, ts_ms, tenant, actor, kind, component, tool, decision, body, prev, hash)
+            VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11) RETURNING seq, hash)
+         UPDATE audit_head SET seq = added.seq, hash = added.hash FROM added WHERE id = 1",
         &[
             &c.seq,
             &c.ts_ms,
@@ -227,14 +344,13 @@ fn append(tx: &mut Transaction<'_>, r: &NewRecord<'_>) -> Result<i64, StoreError
             &c.hash,
         ],
     )?;
-    tx.execute(
-        "UPDATE audit_head SET seq = $1, hash = $2 WHERE id = 1",
-        &[&c.seq, &c.hash],
-    )?;
     Ok(c.seq)
 }
 
-fn insert_policy(tx: &mut Transaction<'_>, p: &PolicyInsert<'_>) -> Result<(), StoreError> {
+fn insert_policy(
+    tx: &mut Session<'_, Transaction<'_>>,
+    p: &PolicyInsert<'_>,
+) -> Result<(), StoreError> {
     tx.execute(
         "INSERT INTO policies(tenant, component, version, text, sha256, created_ms, created_by, signed_by)
          VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
@@ -253,8 +369,13 @@ fn insert_policy(tx: &mut Transaction<'_>, p: &PolicyInsert<'_>) -> Result<(), S
     Ok(())
 }
 
-const COLUMNS: &str =
-    "seq, ts_ms, tenant, actor, kind, component, tool, decision, body, prev, hash";
+/// An audit row's columns, in [`record`]'s order (a macro, for `concat!`).
+macro_rules! columns {
+    () => {
+        "seq, ts_ms, tenant, actor, kind, component, tool, decision, body, prev, hash"
+    };
+}
+const COLUMNS: &str = columns!();
 
 /// A row of [`COLUMNS`] and its body text.
 fn record(row: &Row) -> (audit::Record, String) {
@@ -315,15 +436,16 @@ impl Metadata for Postgres {
         })
     }
 
-    fn list(&self, tenant: &str) -> Result<Vec<ComponentRow>, StoreError> {
+    fn list(&self, tenant: &str, name: Option<&str>) -> Result<Vec<ComponentRow>, StoreError> {
         self.with(|c| {
             let rows = c.query(
                 "SELECT c.name, c.digest, c.size, c.created_ms, c.created_by,
                         (SELECT COALESCE(MAX(version), 0) FROM policies p
                           WHERE p.tenant = c.tenant AND p.component = c.name),
                         c.signed_by
-                 FROM components c WHERE c.tenant = $1 ORDER BY c.name",
-                &[&tenant],
+                 FROM components c WHERE c.tenant = $1 AND ($2::TEXT IS NULL OR c.name = $2)
+                 ORDER BY c.name",
+                &[&tenant, &name],
             )?;
             Ok(rows
                 .iter()
@@ -441,8 +563,10 @@ impl Metadata for Postgres {
         let limit = i64::from(f.page_size());
         self.with(|c| {
             let rows = c.query(
-                &format!(
-                    "SELECT {COLUMNS} FROM audit WHERE tenant = $1
+                concat!(
+                    "SELECT ",
+                    columns!(),
+                    " FROM audit WHERE tenant = $1
                        AND ($2::TEXT IS NULL OR component = $2) AND ($3::TEXT IS NULL OR tool = $3)
                        AND ($4::TEXT IS NULL OR kind = $4) AND ($5::TEXT IS NULL OR decision = $5)
                        AND ($6::BIGINT IS NULL OR ts_ms >= $6) AND ($7::BIGINT IS NULL OR ts_ms < $7)
@@ -475,11 +599,11 @@ impl Metadata for Postgres {
         use postgres::fallible_iterator::FallibleIterator;
         self.with(|c| {
             // One snapshot of the whole log, read as a stream.
-            let mut tx = c
-                .build_transaction()
-                .isolation_level(postgres::IsolationLevel::RepeatableRead)
-                .read_only(true)
-                .start()?;
+            let mut tx =
+                c.c.build_transaction()
+                    .isolation_level(postgres::IsolationLevel::RepeatableRead)
+                    .read_only(true)
+                    .start()?;
             let mut v = audit::Verifier::new(anchor);
             {
                 let mut rows = tx.query_raw(

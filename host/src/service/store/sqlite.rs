@@ -140,16 +140,17 @@ impl Metadata for Sqlite {
         Ok(seq)
     }
 
-    fn list(&self, tenant: &str) -> Result<Vec<ComponentRow>, StoreError> {
+    fn list(&self, tenant: &str, name: Option<&str>) -> Result<Vec<ComponentRow>, StoreError> {
         let db = self.db();
         let mut stmt = db.prepare(
             "SELECT c.name, c.digest, c.size, c.created_ms, c.created_by,
                     (SELECT COALESCE(MAX(version), 0) FROM policies p
                       WHERE p.tenant = c.tenant AND p.component = c.name),
                     c.signed_by
-             FROM components c WHERE c.tenant = ?1 ORDER BY c.name",
+             FROM components c WHERE c.tenant = ?1 AND (?2 IS NULL OR c.name = ?2)
+             ORDER BY c.name",
         )?;
-        let rows = stmt.query_map([tenant], |r| {
+        let rows = stmt.query_map(params![tenant, name], |r| {
             let signed_by: Option<String> = r.get(6)?;
             Ok(ComponentRow {
                 name: r.get(0)?,
