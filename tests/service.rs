@@ -1538,3 +1538,78 @@ fn a_tenant_grants_a_model_inside_its_allowed_directories_and_an_agent_answers_w
         r.json
     );
 }
+
+/// Spans go to the collector `[telemetry]` names, over OTLP/HTTP: a call
+/// and an upload, each naming its tenant, tool or component and the node.
+#[test]
+fn spans_go_to_the_configured_otlp_collector() {
+    use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
+    use opentelemetry_proto::tonic::common::v1::any_value::Value as Any;
+    use prost::Message;
+    let received = std::sync::Arc::new(std::sync::Mutex::new(Vec::<(String, Vec<u8>)>::new()));
+    let sink = received.clone();
+    let collector = common::http_server_answering(move |path, body| {
+        sink.lock().unwrap().push((path.to_string(), body));
+        ("application/x-protobuf", Vec::new())
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = Server::start(
+        dir.path(),
+        &format!("node = \"otel-node\"\n[telemetry]\notlp_endpoint = \"http://{collector}\"\n"),
+    );
+    let c = server.client();
+    c.upload_example(ADMIN, "kitchen", "kitchen");
+    let r = c.invoke(INVOKER, "kitchen__greet", json!({"name": "otel"}));
+    assert_eq!(r.status, 200, "{}", r.json);
+    // A graceful stop sends what is still batched.
+    server.stop();
+    let received = received.lock().unwrap();
+    assert!(!received.is_empty(), "nothing reached the collector");
+    let text = |v: &Option<opentelemetry_proto::tonic::common::v1::AnyValue>| match v
+        .as_ref()
+        .and_then(|v| v.value.as_ref())
+    {
+        Some(Any::StringValue(s)) => s.clone(),
+        _ => String::new(),
+    };
+    let mut spans = std::collections::BTreeMap::new();
+    for (path, body) in received.iter() {
+        assert_eq!(path, "/v1/traces");
+        let req = ExportTraceServiceRequest::decode(body.as_slice()).expect("OTLP protobuf");
+        for rs in &req.resource_spans {
+            let resource: std::collections::BTreeMap<String, String> = rs
+                .resource
+                .iter()
+                .flat_map(|r| &r.attributes)
+                .map(|kv| (kv.key.clone(), text(&kv.value)))
+                .collect();
+            assert_eq!(resource["service.name"], "airlock");
+            assert_eq!(resource["service.instance.id"], "otel-node");
+            for span in rs.scope_spans.iter().flat_map(|s| &s.spans) {
+                let attrs: std::collections::BTreeMap<String, String> = span
+                    .attributes
+                    .iter()
+                    .map(|kv| (kv.key.clone(), text(&kv.value)))
+                    .collect();
+                spans.insert(span.name.clone(), attrs);
+            }
+        }
+    }
+    let invoke = &spans["airlock.invoke"];
+    assert_eq!(invoke["tool"], "kitchen__greet", "{invoke:?}");
+    assert_eq!(
+        (invoke["tenant"].as_str(), invoke["node"].as_str()),
+        ("acme", "otel-node")
+    );
+    assert!(
+        !invoke
+            .values()
+            .any(|v| v.contains("otel\"") || v.contains(INVOKER)),
+        "arguments or tokens exported: {invoke:?}"
+    );
+    let upload = &spans["airlock.upload"];
+    assert_eq!(
+        (upload["component"].as_str(), upload["actor"].as_str()),
+        ("kitchen", "acme-admin")
+    );
+}

@@ -571,23 +571,63 @@ enum Isolation {
 }
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        // Warnings by default: a fallback (a VM that booted because its
-        // snapshot could not be restored) must be said.
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("AIRLOCK_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
-        )
+    use tracing_subscriber::Layer as _;
+    use tracing_subscriber::layer::SubscriberExt as _;
+    use tracing_subscriber::util::SubscriberInitExt as _;
+    let cli = Cli::parse();
+    // `serve` exports its spans when its config names a collector (a
+    // config that does not load is reported by `serve` itself).
+    let provider = match &cli.cmd {
+        Cmd::Serve {
+            config,
+            data_dir,
+            check: false,
+            ..
+        } => service_config(config, data_dir.as_deref())
+            .ok()
+            .and_then(|c| Some((c.telemetry?, c.node)))
+            .map(|(t, node)| airlock::service::telemetry::provider(&t, &node)),
+        _ => None,
+    };
+    let provider = match provider.transpose() {
+        Ok(p) => p,
+        Err(e) => {
+            let _ = writeln!(std::io::stderr(), "error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let log = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
-    match run(Cli::parse()) {
+        // Warnings by default: a fallback (a VM that booted because its
+        // snapshot could not be restored) must be said.
+        .with_filter(
+            tracing_subscriber::EnvFilter::try_from_env("AIRLOCK_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        );
+    let spans = provider.as_ref().map(|p| {
+        airlock::service::telemetry::layer(p).with_filter(
+            tracing_subscriber::filter::Targets::new().with_target("airlock", tracing::Level::INFO),
+        )
+    });
+    tracing_subscriber::registry().with(log).with(spans).init();
+    let code = match run(cli) {
         Ok(code) => code,
         Err(e) => {
             let _ = writeln!(std::io::stderr(), "error: {e:#}");
             ExitCode::from(2)
         }
+    };
+    // What is still batched goes out before the process ends.
+    if let Some(p) = provider
+        && let Err(e) = p.shutdown()
+    {
+        let _ = writeln!(
+            std::io::stderr(),
+            "warning: exporting the last spans failed: {e}"
+        );
     }
+    code
 }
 
 fn read_component(path: &Path) -> anyhow::Result<Vec<u8>> {

@@ -37,8 +37,18 @@ pub fn example_bytes(name: &str) -> Vec<u8> {
 /// A real HTTP/1.1 server on 127.0.0.1 (hyper), answering every request with
 /// `hello from <path>`; it runs until the process exits.
 pub fn http_server() -> SocketAddr {
-    use http_body_util::Full;
+    http_server_answering(|path, _body| ("text/plain", format!("hello from {path}").into_bytes()))
+}
+
+/// A real HTTP/1.1 server on 127.0.0.1 (hyper) answering each request with
+/// `answer(path, body)`: (content type, body). It runs until the process
+/// exits.
+pub fn http_server_answering(
+    answer: impl Fn(&str, Vec<u8>) -> (&'static str, Vec<u8>) + Send + Sync + 'static,
+) -> SocketAddr {
+    use http_body_util::{BodyExt, Full};
     use hyper::service::service_fn;
+    let answer = std::sync::Arc::new(answer);
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         let rt = tokio::runtime::Builder::new_current_thread()
@@ -50,15 +60,26 @@ pub fn http_server() -> SocketAddr {
             tx.send(listener.local_addr().unwrap()).unwrap();
             loop {
                 let (stream, _) = listener.accept().await.unwrap();
+                let answer = answer.clone();
                 tokio::spawn(async move {
-                    let svc = service_fn(|req: hyper::Request<hyper::body::Incoming>| async move {
-                        let body = format!("hello from {}", req.uri().path());
-                        Ok::<_, std::convert::Infallible>(
-                            hyper::Response::builder()
-                                .header("content-type", "text/plain")
-                                .body(Full::new(bytes::Bytes::from(body)))
-                                .unwrap(),
-                        )
+                    let svc = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                        let answer = answer.clone();
+                        async move {
+                            let path = req.uri().path().to_string();
+                            let body = req
+                                .into_body()
+                                .collect()
+                                .await
+                                .map(|b| b.to_bytes().to_vec())
+                                .unwrap_or_default();
+                            let (kind, out) = answer(&path, body);
+                            Ok::<_, std::convert::Infallible>(
+                                hyper::Response::builder()
+                                    .header("content-type", kind)
+                                    .body(Full::new(bytes::Bytes::from(out)))
+                                    .unwrap(),
+                            )
+                        }
                     });
                     let _ = hyper::server::conn::http1::Builder::new()
                         .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)

@@ -48,6 +48,9 @@
 //! credentials_file = "/run/secrets/s3"  # TOML: access_key_id, secret_access_key; else the
 //!                         # variables access_key_id_env / secret_access_key_env name (AWS_* by default)
 //!
+//! [telemetry]           # optional: spans (calls, uploads) over OTLP/HTTP to a collector
+//! otlp_endpoint = "http://collector:4318"
+//!
 //! [[tokens]]
 //! name = "ci-admin"
 //! token = "…"             # or token_sha256 = "<hex>"
@@ -56,6 +59,7 @@
 //! ```
 
 use super::store::blobs::S3Config;
+use super::telemetry::Telemetry;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use std::net::SocketAddr;
@@ -189,6 +193,35 @@ struct File {
     #[serde(default)]
     storage: StorageEntry,
     blobs: Option<BlobsEntry>,
+    telemetry: Option<TelemetryEntry>,
+}
+
+/// `[telemetry]` as written.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TelemetryEntry {
+    otlp_endpoint: String,
+    service_name: Option<String>,
+}
+
+/// `[telemetry]`, validated.
+fn telemetry(e: Option<TelemetryEntry>) -> Result<Option<Telemetry>, ConfigError> {
+    let Some(e) = e else { return Ok(None) };
+    if !matches!(e.otlp_endpoint.split_once("://"), Some(("http" | "https", rest)) if !rest.is_empty())
+    {
+        return Err(field(
+            "telemetry.otlp_endpoint",
+            "expected the collector's OTLP/HTTP URL, like http://collector:4318",
+        ));
+    }
+    let service_name = e.service_name.unwrap_or_else(|| "airlock".into());
+    if service_name.is_empty() {
+        return Err(field("telemetry.service_name", "must not be empty"));
+    }
+    Ok(Some(Telemetry {
+        otlp_endpoint: e.otlp_endpoint,
+        service_name,
+    }))
 }
 
 /// `[blobs]` as written.
@@ -540,6 +573,8 @@ pub struct Config {
     pub storage: Storage,
     /// The object store component bytes live in (`None`: `<data_dir>/blobs`).
     pub blobs: Option<S3Config>,
+    /// Where spans are exported (`None`: nowhere).
+    pub telemetry: Option<Telemetry>,
 }
 
 /// The default listen address.
@@ -669,6 +704,7 @@ impl Config {
             node: node_name(f.node)?,
             storage: storage(f.storage)?,
             blobs: blobs(f.blobs)?,
+            telemetry: telemetry(f.telemetry)?,
         })
     }
 

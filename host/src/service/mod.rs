@@ -26,6 +26,7 @@ pub mod export;
 pub mod mcp;
 mod metrics;
 pub mod store;
+pub mod telemetry;
 pub mod volumes;
 
 use crate::callsite::{CallSite, CallSiteError, Component};
@@ -520,6 +521,11 @@ impl Service {
     /// # Errors
     /// Invalid name, component or policy; a signature that does not verify
     /// or is missing where required; name taken.
+    #[tracing::instrument(
+        name = "airlock.upload",
+        skip_all,
+        fields(tenant = %who.tenant, actor = %who.name, component = name, node = %self.config.node)
+    )]
     pub fn register_upload(
         &self,
         who: &Principal,
@@ -695,6 +701,11 @@ impl Service {
     ///
     /// # Errors
     /// Role, unknown tool, argument size or shape, tenant concurrency.
+    #[tracing::instrument(
+        name = "airlock.invoke",
+        skip_all,
+        fields(tenant = %who.tenant, actor = %who.name, tool = exported, node = %self.config.node)
+    )]
     pub async fn invoke(
         self: &Arc<Self>,
         who: &Principal,
