@@ -144,7 +144,7 @@ fn exercise(s: &Store) {
 
 fn node(url: &str) -> (tempfile::TempDir, Store) {
     let dir = tempfile::tempdir().unwrap();
-    let meta = PgMeta::connect(url).expect("connect to the test database");
+    let meta = PgMeta::connect(url, b"").expect("connect to the test database");
     let s = Store::with(dir.path(), Box::new(meta), None).unwrap();
     (dir, s)
 }
@@ -226,7 +226,7 @@ fn a_node_refuses_a_newer_schema() {
         &[&(SCHEMA_VERSION + 1)],
     )
     .unwrap();
-    let e = PgMeta::connect(&url).unwrap_err();
+    let e = PgMeta::connect(&url, b"").unwrap_err();
     assert!(matches!(e, StoreError::Schema { .. }), "{e}");
     assert!(e.to_string().contains("Upgrade this node"), "{e}");
 }
@@ -487,4 +487,42 @@ impl std::io::Read for ChunkReader {
         self.1.drain(..n);
         Ok(n)
     }
+}
+
+/// TLS to the database is verified: with the CA that signed the server's
+/// certificate the node connects; with only the public roots it refuses
+/// the server; a server without TLS is refused under sslmode=require.
+#[test]
+fn postgres_tls_is_verified() {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    let issuer = Issuer::new(ca_params, ca_key);
+    let key = KeyPair::generate().unwrap();
+    let cert = CertificateParams::new(vec!["127.0.0.1".to_string()])
+        .unwrap()
+        .signed_by(&key, &issuer)
+        .unwrap();
+    let pg = Postgres::start_tls(&cert.pem(), &key.serialize_pem());
+    let url = format!("{}?sslmode=require", pg.database("tls"));
+    let meta = PgMeta::connect(&url, ca.pem().as_bytes()).expect("TLS with the private CA");
+    let dir = tempfile::tempdir().unwrap();
+    let s = Store::with(dir.path(), Box::new(meta), None).unwrap();
+    s.audit_append(&record("a", 0)).unwrap();
+    assert!(s.audit_verify(None).unwrap().ok);
+    let e = PgMeta::connect(&url, b"").unwrap_err().to_string();
+    assert!(
+        e.contains("certificate") || e.contains("UnknownIssuer"),
+        "{e}"
+    );
+    let plain = Postgres::start();
+    let e = PgMeta::connect(
+        &format!("{}?sslmode=require", plain.database("plain")),
+        ca.pem().as_bytes(),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.to_lowercase().contains("tls") || e.contains("ssl"), "{e}");
 }

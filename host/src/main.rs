@@ -1046,8 +1046,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 (None, None) => bail!("give --data-dir or --config"),
             };
             let v = match storage {
-                Storage::Postgres { url } => {
-                    airlock::service::store::postgres::Postgres::connect(&url)?
+                Storage::Postgres { url, ca } => {
+                    airlock::service::store::postgres::Postgres::connect(&url, &ca)?
                         .audit_verify(anchor)?
                 }
                 Storage::Sqlite => {

@@ -18,6 +18,8 @@ pub struct Postgres {
     /// Its port on 127.0.0.1.
     pub port: u16,
     run_as: Option<(u32, u32)>,
+    /// Server settings besides the defaults (`-c name=value`).
+    settings: Vec<String>,
 }
 
 /// The newest `/usr/lib/postgresql/<version>/bin` (Debian's layout), or
@@ -63,6 +65,16 @@ fn free_port() -> u16 {
 impl Postgres {
     /// Make a cluster and start it.
     pub fn start() -> Self {
+        Self::start_with(None)
+    }
+
+    /// [`Postgres::start`] serving TLS with this certificate and key (PEM)
+    /// besides plain connections.
+    pub fn start_tls(cert_pem: &str, key_pem: &str) -> Self {
+        Self::start_with(Some((cert_pem, key_pem)))
+    }
+
+    fn start_with(tls: Option<(&str, &str)>) -> Self {
         let bin = bin_dir();
         let dir = tempfile::Builder::new()
             .prefix("airlock-pg")
@@ -84,12 +96,33 @@ impl Postgres {
             "initdb failed: {}",
             String::from_utf8_lossy(&out.stderr)
         );
+        let mut settings = Vec::new();
+        if let Some((cert, key)) = tls {
+            // The key must be the server's own and private to it.
+            for (name, text) in [("server.crt", cert), ("server.key", key)] {
+                let path = data.join(name);
+                std::fs::write(&path, text).unwrap();
+                std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+                if let Some((uid, gid)) = run_as {
+                    std::os::unix::fs::chown(&path, Some(uid), Some(gid)).unwrap();
+                }
+            }
+            settings.extend(
+                [
+                    "ssl=on",
+                    "ssl_cert_file=server.crt",
+                    "ssl_key_file=server.key",
+                ]
+                .map(String::from),
+            );
+        }
         let mut pg = Self {
             child: None,
             bin,
             dir,
             port: free_port(),
             run_as,
+            settings,
         };
         pg.run();
         pg
@@ -126,6 +159,7 @@ impl Postgres {
             // Throwaway data: no fsync, and enough connections for
             // several nodes' pools at once.
             .args(["-c", "fsync=off", "-c", "max_connections=200"])
+            .args(self.settings.iter().flat_map(|s| ["-c", s.as_str()]))
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()

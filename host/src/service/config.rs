@@ -345,6 +345,7 @@ struct StorageEntry {
     url: Option<String>,
     url_env: Option<String>,
     url_file: Option<PathBuf>,
+    ca_file: Option<PathBuf>,
 }
 
 /// Where the metadata (components, policies, the audit chain) lives.
@@ -356,6 +357,9 @@ pub enum Storage {
     Postgres {
         /// Its URL, credentials included (from the environment or a file).
         url: String,
+        /// CA certificates (PEM) its TLS certificate may chain to besides
+        /// the Mozilla roots; empty for none.
+        ca: Vec<u8>,
     },
 }
 
@@ -373,7 +377,8 @@ impl std::fmt::Debug for Storage {
 fn storage(e: StorageEntry) -> Result<Storage, ConfigError> {
     match e.kind.as_deref().unwrap_or("sqlite") {
         "sqlite" => {
-            if e.url.is_some() || e.url_env.is_some() || e.url_file.is_some() {
+            if e.url.is_some() || e.url_env.is_some() || e.url_file.is_some() || e.ca_file.is_some()
+            {
                 return Err(field("storage.url", "only kind = \"postgres\" takes a URL"));
             }
             Ok(Storage::Sqlite)
@@ -404,19 +409,49 @@ fn storage(e: StorageEntry) -> Result<Storage, ConfigError> {
                     ));
                 }
             };
-            url.parse::<::postgres::Config>().map_err(|e| {
+            let parsed = url.parse::<::postgres::Config>().map_err(|e| {
                 field(
                     "storage.url",
                     format!("not a PostgreSQL URL or connection string: {e}"),
                 )
             })?;
-            Ok(Storage::Postgres { url })
+            // Credentials and the audit chain cross the network only over
+            // TLS: a database beyond this host needs sslmode=require
+            // (verified against the Mozilla roots and ca_file).
+            if parsed.get_ssl_mode() != ::postgres::config::SslMode::Require
+                && let Some(host) = parsed.get_hosts().iter().find_map(|h| match h {
+                    ::postgres::config::Host::Tcp(name) if !loopback(name) => Some(name.clone()),
+                    _ => None,
+                })
+            {
+                return Err(field(
+                    "storage.url",
+                    format!("reaches {host} without sslmode=require: add it (TLS, verified)"),
+                ));
+            }
+            let ca = match &e.ca_file {
+                Some(path) => std::fs::read(path).map_err(|err| {
+                    field("storage.ca_file", format!("{}: {err}", path.display()))
+                })?,
+                None => Vec::new(),
+            };
+            Ok(Storage::Postgres { url, ca })
         }
         other => Err(field(
             "storage.kind",
             format!("expected \"sqlite\" or \"postgres\", got {other:?}"),
         )),
     }
+}
+
+/// `host` is this machine (`localhost`, 127.0.0.0/8, `::1`).
+fn loopback(host: &str) -> bool {
+    host == "localhost"
+        || host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
 }
 
 /// A node name: 1-63 characters of letters, digits, `.`, `-` and `_`.
@@ -1076,7 +1111,7 @@ role = "admin"
         let c = with("").unwrap();
         assert_eq!(c.storage, Storage::Sqlite);
         assert!(valid_node(&c.node));
-        let c = with("node = \"eu-1\"\n[storage]\nkind = \"postgres\"\nurl = \"postgres://airlock@db/airlock\"").unwrap();
+        let c = with("node = \"eu-1\"\n[storage]\nkind = \"postgres\"\nurl = \"postgres://airlock@db/airlock?sslmode=require\"").unwrap();
         assert_eq!(c.node, "eu-1");
         assert!(matches!(c.storage, Storage::Postgres { .. }));
         // A password in the file is refused; from a file or the environment it is fine.
@@ -1089,7 +1124,7 @@ role = "admin"
         assert!(
             !format!(
                 "{:?}",
-                with("[storage]\nkind = \"postgres\"\nurl = \"postgres://a@db/x\"")
+                with("[storage]\nkind = \"postgres\"\nurl = \"postgres://a@db/x?sslmode=require\"")
                     .unwrap()
                     .storage
             )
@@ -1097,14 +1132,25 @@ role = "admin"
         );
         let d = tempfile::tempdir().unwrap();
         let f = d.path().join("pg-url");
-        std::fs::write(&f, "postgres://a:secret@db/x\n").unwrap();
+        std::fs::write(&f, "postgres://a:secret@127.0.0.1/x\n").unwrap();
         let c = with(&format!("[storage]\nkind = \"postgres\"\nurl_file = {f:?}")).unwrap();
         assert_eq!(
             c.storage,
             Storage::Postgres {
-                url: "postgres://a:secret@db/x".into()
+                url: "postgres://a:secret@127.0.0.1/x".into(),
+                ca: Vec::new(),
             }
         );
+        // Beyond this host only with TLS.
+        let e = with("[storage]\nkind = \"postgres\"\nurl = \"postgres://a@db.example/x\"")
+            .unwrap_err();
+        assert!(e.to_string().contains("without sslmode=require"), "{e}");
+        for local in ["localhost", "127.0.0.1", "[::1]"] {
+            with(&format!(
+                "[storage]\nkind = \"postgres\"\nurl = \"postgres://a@{local}/x\""
+            ))
+            .unwrap();
+        }
         for (text, field) in [
             (
                 "[storage]\nkind = \"postgres\"\nurl_env = \"AIRLOCK_NO_SUCH_VARIABLE\"",
@@ -1121,6 +1167,10 @@ role = "admin"
             ),
             ("[storage]\nkind = \"mysql\"", "storage.kind"),
             ("[storage]\nurl = \"postgres://a@db/x\"", "storage.url"),
+            (
+                "[storage]\nkind = \"postgres\"\nurl = \"postgres://a@localhost/x\"\nca_file = \"/nonexistent/ca.pem\"",
+                "storage.ca_file",
+            ),
             ("node = \"a b\"", "node"),
             ("node = \"\"", "node"),
         ] {

@@ -316,9 +316,9 @@ impl Service {
                     config.blobs.as_ref(),
                 )?
             }
-            config::Storage::Postgres { url } => Store::with(
+            config::Storage::Postgres { url, ca } => Store::with(
                 &config.data_dir,
-                Box::new(store::postgres::Postgres::connect(url)?),
+                Box::new(store::postgres::Postgres::connect(url, ca)?),
                 config.blobs.as_ref(),
             )?,
         }

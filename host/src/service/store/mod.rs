@@ -51,6 +51,9 @@ pub enum StoreError {
     /// The PostgreSQL database failed or cannot be reached.
     #[error("The PostgreSQL database failed: {}.", postgres_reason(.0))]
     Postgres(#[from] ::postgres::Error),
+    /// The TLS settings for the database cannot be used.
+    #[error("TLS to the PostgreSQL database cannot be set up: {0}.")]
+    Tls(String),
     /// The PostgreSQL database's schema is newer than this node knows.
     #[error(
         "The PostgreSQL database has schema version {found}; this node knows {known} at most. Upgrade this node before starting it."

@@ -23,11 +23,12 @@ use crate::service::audit::{self, NewRecord};
 use crate::signing::state as signature_state;
 use postgres::error::SqlState;
 use postgres::types::ToSql;
-use postgres::{Client, GenericClient, NoTls, Row, Statement, Transaction};
+use postgres::{Client, GenericClient, Row, Statement, Transaction};
 use std::collections::HashMap;
 use std::collections::HashSet;
 use std::sync::{Condvar, Mutex, MutexGuard};
 use std::time::Duration;
+use tokio_postgres_rustls::MakeRustlsConnect;
 
 /// The schema version this node writes (`airlock_schema.version`).
 pub const SCHEMA_VERSION: i64 = 1;
@@ -69,6 +70,7 @@ CREATE TABLE IF NOT EXISTS audit_head(
 /// The PostgreSQL metadata store.
 pub struct Postgres {
     config: postgres::Config,
+    tls: MakeRustlsConnect,
     pool: Mutex<Pool>,
     /// Signalled when a connection goes back to the pool.
     returned: Condvar,
@@ -167,12 +169,16 @@ fn conflict(e: postgres::Error, what: &str) -> StoreError {
 
 impl Postgres {
     /// Connect to `url` (`postgres://user:password@host:port/db` or
-    /// `host=... dbname=...`), then create or check the schema.
+    /// `host=... dbname=...`), then create or check the schema. TLS (the
+    /// URL's `sslmode`) is verified against the Mozilla roots and the CA
+    /// certificates in `ca_pem` (PEM; empty for none).
     ///
     /// # Errors
-    /// A malformed URL, an unreachable server, or a schema newer than
-    /// this node's ([`StoreError::Schema`]).
-    pub fn connect(url: &str) -> Result<Self, StoreError> {
+    /// A malformed URL or CA file, an unreachable server, a certificate
+    /// no root vouches for, or a schema newer than this node's
+    /// ([`StoreError::Schema`]).
+    pub fn connect(url: &str, ca_pem: &[u8]) -> Result<Self, StoreError> {
+        let tls = tls(ca_pem)?;
         let mut config: postgres::Config = url.parse()?;
         if config.get_connect_timeout().is_none() {
             config.connect_timeout(CONNECT_TIMEOUT);
@@ -190,6 +196,7 @@ impl Postgres {
         config.application_name("airlock");
         let store = Self {
             config,
+            tls,
             pool: Mutex::new(Pool::default()),
             returned: Condvar::new(),
         };
@@ -282,7 +289,7 @@ impl Postgres {
             if pool.open < MAX_CONNECTIONS {
                 pool.open += 1;
                 drop(pool);
-                return match self.config.connect(NoTls) {
+                return match self.config.connect(self.tls.clone()) {
                     Ok(client) => Ok(Conn {
                         client,
                         stmts: HashMap::new(),
@@ -313,6 +320,36 @@ impl Postgres {
             Ok(r)
         })
     }
+}
+
+/// The TLS connector: the Mozilla roots and the CAs in `ca_pem`.
+fn tls(ca_pem: &[u8]) -> Result<MakeRustlsConnect, StoreError> {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject;
+    let bad = |reason: String| StoreError::Tls(reason);
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add_parsable_certificates(webpki_root_certs::TLS_SERVER_ROOT_CERTS.iter().cloned());
+    if !ca_pem.is_empty() {
+        let mut n = 0;
+        for cert in CertificateDer::pem_slice_iter(ca_pem) {
+            let cert = cert.map_err(|e| bad(format!("the CA file: {e}")))?;
+            roots
+                .add(cert)
+                .map_err(|e| bad(format!("the CA file: {e}")))?;
+            n += 1;
+        }
+        if n == 0 {
+            return Err(bad("the CA file holds no CERTIFICATE block".into()));
+        }
+    }
+    let config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|e| bad(e.to_string()))?
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    Ok(MakeRustlsConnect::new(config))
 }
 
 /// Append `r` to the chain inside `tx`, holding the head row locked until
