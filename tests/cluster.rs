@@ -419,12 +419,7 @@ fn three_serve_nodes_share_one_registry() {
     // component this node has cached still runs.
     s3.stop();
     let r = c[1].upload(ADMIN, "later", common::example_bytes("fetch"));
-    assert_eq!(
-        (r.status, r.json["error"]["code"].as_str()),
-        (503, Some("storage_unavailable")),
-        "{}",
-        r.json
-    );
+    unavailable(&r);
     let r = c[2].invoke(
         ADMIN,
         "kitchen__greet",
@@ -437,12 +432,7 @@ fn three_serve_nodes_share_one_registry() {
     // back, the nodes reconnect.
     pg.kill();
     let r = c[1].upload(ADMIN, "later", common::example_bytes("fetch"));
-    assert_eq!(
-        (r.status, r.json["error"]["code"].as_str()),
-        (503, Some("storage_unavailable")),
-        "{}",
-        r.json
-    );
+    unavailable(&r);
     assert_eq!(c[2].get(AUDITOR, "/v1/components").status, 503);
     pg.run();
     assert_eq!(
@@ -525,4 +515,14 @@ fn postgres_tls_is_verified() {
     .unwrap_err()
     .to_string();
     assert!(e.to_lowercase().contains("tls") || e.contains("ssl"), "{e}");
+}
+
+/// `r` says the shared storage is unavailable (503), as a client can retry.
+fn unavailable(r: &common::server::Reply) {
+    assert_eq!(
+        (r.status, r.json["error"]["code"].as_str()),
+        (503, Some("storage_unavailable")),
+        "{}",
+        r.json
+    );
 }

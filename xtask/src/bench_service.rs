@@ -305,10 +305,22 @@ fn spread(
             c(&http)?;
         }
     }
-    let per_worker = (requests as usize / CLUSTER_CONCURRENCY).max(5);
+    workers(
+        CLUSTER_CONCURRENCY,
+        (requests as usize / CLUSTER_CONCURRENCY).max(5),
+        &callers,
+    )
+}
+
+/// `n` workers at once, each with a client (connection) of its own, like
+/// separate agents, each making `per_worker` calls with `callers[w % len]`.
+fn workers<C>(n: usize, per_worker: usize, callers: &[C]) -> anyhow::Result<Stats>
+where
+    C: Fn(&reqwest::blocking::Client) -> anyhow::Result<Duration> + Sync,
+{
     let start = Instant::now();
     let lat: Vec<Duration> = std::thread::scope(|sc| {
-        let handles: Vec<_> = (0..CLUSTER_CONCURRENCY)
+        let handles: Vec<_> = (0..n)
             .map(|w| {
                 let call = &callers[w % callers.len()];
                 sc.spawn(move || {
@@ -382,32 +394,10 @@ fn measure(bin: &Path, url: &str, kitchen: &Path, requests: u32) -> anyhow::Resu
     }
     let mut rows = Vec::new();
     for conc in [1u32, 8, 64] {
-        let per_worker = (requests / conc).max(5);
-        let start = Instant::now();
-        let lat: Vec<Duration> = std::thread::scope(|sc| {
-            let handles: Vec<_> = (0..conc)
-                .map(|_| {
-                    let call = &call;
-                    sc.spawn(move || {
-                        // One client (connection) per worker, like separate agents.
-                        let client = reqwest::blocking::Client::new();
-                        (0..per_worker)
-                            .map(|_| call(&client))
-                            .collect::<anyhow::Result<Vec<_>>>()
-                    })
-                })
-                .collect();
-            handles
-                .into_iter()
-                .map(|h| h.join().expect("worker thread"))
-                .collect::<anyhow::Result<Vec<Vec<_>>>>()
-        })?
-        .into_iter()
-        .flatten()
-        .collect();
+        let per_worker = (requests / conc).max(5) as usize;
         rows.push((
             format!("HTTP, concurrency {conc}"),
-            stats(lat, start.elapsed()),
+            workers(conc as usize, per_worker, std::slice::from_ref(&call))?,
         ));
     }
     // The CLI runner: one `airlock run` process per call (compiles each time).
