@@ -438,7 +438,7 @@ while :; do
   alive=0; for p in $fpids; do kill -0 $p 2>/dev/null && alive=$((alive+1)); done
   [ $alive -eq 0 ] && break
   n=$(jailed_vmms); [ $n -gt $peak_vmms ] && peak_vmms=$n
-  w=$(wget -q -O - --header "Authorization: Bearer $T" "$U/metrics" | sed -n 's/^airlock_vm_calls_waiting //p')
+  w=$(wget -q -O - --header "Authorization: Bearer $T" "$U/metrics" | awk '/^airlock_vm_calls_waiting[ {]/ {print $NF}')
   [ "${w:-0}" -gt $peak_waiting ] && peak_waiting=$w
   t=$((t+1)); [ $((t % 30)) -eq 0 ] && progress "flood: $alive calls unanswered after ${t}s"
   sleep 1
@@ -446,8 +446,8 @@ done
 flood_ok=0
 for v in 1 2 3 4 5 6 7 8 9 10; do grep -q '"mean":' /tmp/flood$v.json 2>/dev/null && flood_ok=$((flood_ok+1)); done
 progress "flood: $flood_ok answered; at most $peak_vmms VMMs at once"
-booted=$(wget -q -O - --header "Authorization: Bearer $T" "$U/metrics" | grep '^airlock_vms_booted_total' | cut -d' ' -f2)
-restored=$(wget -q -O - --header "Authorization: Bearer $T" "$U/metrics" | grep '^airlock_vm_starts_total{start="restore"}' | cut -d' ' -f2)
+booted=$(wget -q -O - --header "Authorization: Bearer $T" "$U/metrics" | awk '/^airlock_vms_booted_total[ {]/ {print $NF}')
+restored=$(wget -q -O - --header "Authorization: Bearer $T" "$U/metrics" | awk '/^airlock_vm_starts_total[{].*start="restore"/ {print $NF}')
 # Every VM's VMM is its own process; the warm one waits now. Killing the
 # server outright must not leave it running: it stops when its stdin closes.
 i=0; while [ -z "$(pidof airlock-vmm)" ] && [ $i -lt 600 ]; do sleep 1; i=$((i+1)); done
@@ -523,7 +523,7 @@ invoke notes__notes_add '{"text": "written in the first microVM"}' /tmp/add1.jso
 invoke notes__notes_add '{"text": "written in the second microVM"}' /tmp/add2.json
 progress "a third microVM lists what both wrote"
 invoke notes__notes_list '{}' /tmp/list.json
-booted=$(wget -q -O - --header "Authorization: Bearer $T" http://127.0.0.1:8420/metrics | grep '^airlock_vms_booted_total' | cut -d' ' -f2)
+booted=$(wget -q -O - --header "Authorization: Bearer $T" http://127.0.0.1:8420/metrics | awk '/^airlock_vms_booted_total[ {]/ {print $NF}')
 f=/tmp/svc-state/volumes/acme/notes/notes.txt
 kill $serve_pid; wait $serve_pid 2>/dev/null || true
 printf '{"add1": '; cat /tmp/add1.json; printf ', "add2": '; cat /tmp/add2.json; printf ', "list": '; cat /tmp/list.json
@@ -836,7 +836,7 @@ if [ "$airlock_bench" = load ]; then
     done_n=0; for f in /tmp/r/b*.t; do [ -e "$f" ] && done_n=$((done_n+1)); done
     [ $done_n -ge $N ] && break
     v=$(jailed_vmms); [ $v -gt $peak ] && peak=$v
-    w=$(wget -q -O - --header "Authorization: Bearer $T" "$U/metrics" | sed -n 's/^airlock_vm_calls_waiting //p')
+    w=$(wget -q -O - --header "Authorization: Bearer $T" "$U/metrics" | awk '/^airlock_vm_calls_waiting[ {]/ {print $NF}')
     [ "${w:-0}" -gt $waited ] && waited=$w
     echo "NESTED-PROGRESS bench-load: $done_n of $N answered, $v VMMs running, ${w:-?} waiting"
     sleep 30
@@ -848,7 +848,7 @@ if [ "$airlock_bench" = load ]; then
   first=""
   f=$(head -n 1 /tmp/failed)
   [ -n "$f" ] && first=$(cat "$f" "${f%.json}.err" 2>/dev/null | head -c 300 | tr -d '"\\\r\n')
-  booted=$(wget -q -O - --header "Authorization: Bearer $T" "$U/metrics" | sed -n 's/^airlock_vms_booted_total //p')
+  booted=$(wget -q -O - --header "Authorization: Bearer $T" "$U/metrics" | awk '/^airlock_vms_booted_total[ {]/ {print $NF}')
   a=$(lat a); b=$(lat b)
   printf '{"alone_s": [%s], "burst_s": [%s], "errors": %s, "first_error": "%s", "spawn_s": %s, "wall_s": %s, "peak_vmms": %s, "peak_waiting": %s, "max_vms": %s, "vms_booted": %s}\n' \
     "${a%,}" "${b%,}" "$errors" "$first" "$(awk "BEGIN{print $t_spawned - $t_start}")" \
