@@ -571,31 +571,36 @@ enum Isolation {
 }
 
 fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let outcome = match cli.cmd {
+        // `serve` reads its config before logging starts: the config says
+        // where spans go.
+        Cmd::Serve {
+            config,
+            listen,
+            data_dir,
+            check: false,
+        } => serve_logged(&config, listen, data_dir.as_deref()),
+        cmd => {
+            init_logging(None);
+            run(Cli { cmd })
+        }
+    };
+    match outcome {
+        Ok(code) => code,
+        Err(e) => {
+            let _ = writeln!(std::io::stderr(), "error: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+/// Logs to stderr (warnings unless `AIRLOCK_LOG` says otherwise) and, with
+/// a tracer provider, airlock's spans to it.
+fn init_logging(spans: Option<&opentelemetry_sdk::trace::SdkTracerProvider>) {
     use tracing_subscriber::Layer as _;
     use tracing_subscriber::layer::SubscriberExt as _;
     use tracing_subscriber::util::SubscriberInitExt as _;
-    let cli = Cli::parse();
-    // `serve` exports its spans when its config names a collector (a
-    // config that does not load is reported by `serve` itself).
-    let provider = match &cli.cmd {
-        Cmd::Serve {
-            config,
-            data_dir,
-            check: false,
-            ..
-        } => service_config(config, data_dir.as_deref())
-            .ok()
-            .and_then(|c| Some((c.telemetry?, c.node)))
-            .map(|(t, node)| airlock::service::telemetry::provider(&t, &node)),
-        _ => None,
-    };
-    let provider = match provider.transpose() {
-        Ok(p) => p,
-        Err(e) => {
-            let _ = writeln!(std::io::stderr(), "error: {e}");
-            return ExitCode::from(2);
-        }
-    };
     let log = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
@@ -605,20 +610,31 @@ fn main() -> ExitCode {
             tracing_subscriber::EnvFilter::try_from_env("AIRLOCK_LOG")
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
         );
-    let spans = provider.as_ref().map(|p| {
+    let spans = spans.map(|p| {
         airlock::service::telemetry::layer(p).with_filter(
             tracing_subscriber::filter::Targets::new().with_target("airlock", tracing::Level::INFO),
         )
     });
     tracing_subscriber::registry().with(log).with(spans).init();
-    let code = match run(cli) {
-        Ok(code) => code,
-        Err(e) => {
-            let _ = writeln!(std::io::stderr(), "error: {e:#}");
-            ExitCode::from(2)
-        }
-    };
-    // What is still batched goes out before the process ends.
+}
+
+/// `serve`: the config read once, logging (and spans, when `[telemetry]`
+/// names a collector) set up from it, then the service; what is still
+/// batched is exported before the process ends.
+fn serve_logged(
+    config: &Path,
+    listen: Option<std::net::SocketAddr>,
+    data_dir: Option<&Path>,
+) -> anyhow::Result<ExitCode> {
+    let cfg = service_config(config, data_dir).inspect_err(|_| init_logging(None))?;
+    let provider = cfg
+        .telemetry
+        .as_ref()
+        .map(|t| airlock::service::telemetry::provider(t, &cfg.node))
+        .transpose()
+        .inspect_err(|_| init_logging(None))?;
+    init_logging(provider.as_ref());
+    let served = serve(cfg, listen);
     if let Some(p) = provider
         && let Err(e) = p.shutdown()
     {
@@ -627,7 +643,7 @@ fn main() -> ExitCode {
             "warning: exporting the last spans failed: {e}"
         );
     }
-    code
+    served
 }
 
 fn read_component(path: &Path) -> anyhow::Result<Vec<u8>> {
@@ -922,12 +938,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }))?;
             Ok(ExitCode::SUCCESS)
         }
-        Cmd::Serve {
-            config,
-            listen,
-            data_dir,
-            check: false,
-        } => serve(&config, listen, data_dir),
+        // main() runs it: it sets logging up from the config.
+        Cmd::Serve { check: false, .. } => unreachable!("main() serves"),
         Cmd::Keygen { out } => {
             use std::os::unix::fs::OpenOptionsExt;
             let key = airlock::signing::SigningKey::generate();
@@ -1136,12 +1148,10 @@ fn service_config(
 }
 
 fn serve(
-    config: &Path,
+    mut cfg: airlock::service::config::Config,
     listen: Option<std::net::SocketAddr>,
-    data_dir: Option<PathBuf>,
 ) -> anyhow::Result<ExitCode> {
     use airlock::service::{Service, api};
-    let mut cfg = service_config(config, data_dir.as_deref())?;
     if let Some(l) = listen {
         cfg.listen = l;
     }

@@ -256,20 +256,9 @@ pub fn cluster(requests: u32) -> anyhow::Result<()> {
         std::thread::available_parallelism().map_or(0, |n| n.get())
     );
     println!("  reference: the embedded default (what one node runs without a cluster)");
-    println!(
-        "  {:<40} {:>10} {:>11} {:>11} {:>22}",
-        "setup", "calls/s", "p50 ms", "p99 ms", "calls/s vs embedded"
-    );
-    for (name, s) in &rows {
-        println!(
-            "  {:<40} {:>10.1} {:>11.3} {:>11.3} {:>22.3}",
-            name,
-            s.per_sec,
-            s.p50.as_secs_f64() * 1e3,
-            s.p99.as_secs_f64() * 1e3,
-            s.per_sec / reference
-        );
-    }
+    table("setup", "calls/s vs embedded", &rows, |s| {
+        s.per_sec / reference
+    });
     println!(
         "  cluster mode's single-node cost: {:.2}x the embedded default's time per call (goal <= 1.5)",
         reference / rows[1].1.per_sec
@@ -439,19 +428,27 @@ fn measure(bin: &Path, url: &str, kitchen: &Path, requests: u32) -> anyhow::Resu
             "release"
         }
     );
+    table("path", "p50 / CLI p50", &rows, |s| {
+        s.p50.as_secs_f64() / reference.as_secs_f64()
+    });
+    Ok(())
+}
+
+/// Print `rows`: name (under `first`), calls/s, p50 and p99, and `ratio`
+/// of each row against the run's reference (under `ratio_header`).
+fn table(first: &str, ratio_header: &str, rows: &[(String, Stats)], ratio: impl Fn(&Stats) -> f64) {
     println!(
-        "  {:<44} {:>10} {:>11} {:>11} {:>14}",
-        "path", "calls/s", "p50 ms", "p99 ms", "p50 / CLI p50"
+        "  {first:<44} {:>10} {:>11} {:>11} {ratio_header:>22}",
+        "calls/s", "p50 ms", "p99 ms"
     );
-    for (name, s) in &rows {
+    for (name, s) in rows {
         println!(
-            "  {:<44} {:>10.1} {:>11.3} {:>11.3} {:>14.4}",
+            "  {:<44} {:>10.1} {:>11.3} {:>11.3} {:>22.4}",
             name,
             s.per_sec,
             s.p50.as_secs_f64() * 1e3,
             s.p99.as_secs_f64() * 1e3,
-            s.p50.as_secs_f64() / reference.as_secs_f64()
+            ratio(s)
         );
     }
-    Ok(())
 }

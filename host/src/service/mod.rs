@@ -304,18 +304,7 @@ impl Service {
     /// The data directory or the engine cannot be set up.
     pub fn new(config: Config) -> Result<Self, ServiceError> {
         let store = match &config.storage {
-            config::Storage::Sqlite => {
-                std::fs::create_dir_all(&config.data_dir).map_err(|e| {
-                    ServiceError::Internal(format!("data_dir {}: {e}", config.data_dir.display()))
-                })?;
-                Store::with(
-                    &config.data_dir,
-                    Box::new(store::sqlite::Sqlite::open(
-                        &config.data_dir.join("airlock.db"),
-                    )?),
-                    config.blobs.as_ref(),
-                )?
-            }
+            config::Storage::Sqlite => Store::embedded(&config.data_dir, config.blobs.as_ref())?,
             config::Storage::Postgres { url, ca } => Store::with(
                 &config.data_dir,
                 Box::new(store::postgres::Postgres::connect(url, ca)?),

@@ -428,9 +428,17 @@ impl Store {
     /// # Errors
     /// The directory or database cannot be used.
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
+        Self::embedded(dir, None)
+    }
+
+    /// [`Store::open`] with the blobs in the object store `s3`, if given.
+    ///
+    /// # Errors
+    /// As [`Store::with`].
+    pub fn embedded(dir: &Path, s3: Option<&blobs::S3Config>) -> Result<Self, StoreError> {
         Self::make_dirs(dir)?;
         let meta = sqlite::Sqlite::open(&dir.join("airlock.db"))?;
-        Self::with(dir, Box::new(meta), None)
+        Self::with(dir, Box::new(meta), s3)
     }
 
     /// A data directory (uploads in progress, artifacts, and blobs or
@@ -706,13 +714,12 @@ impl Store {
     ) -> Result<(i64, i64), StoreError> {
         let sha256 = hex::encode(Sha256::digest(text.as_bytes()));
         for _ in 0..CONFLICT_TRIES {
-            let row = self.get(tenant, component)?;
+            // The latest version; without one, the component must exist.
             let old = self.meta.policy(tenant, component, None)?;
-            let version = old
-                .as_ref()
-                .map_or(0, |p| p.version)
-                .max(row.policy_version)
-                + 1;
+            if old.is_none() {
+                self.get(tenant, component)?;
+            }
+            let version = old.as_ref().map_or(0, |p| p.version) + 1;
             let p = PolicyInsert {
                 tenant,
                 actor,
