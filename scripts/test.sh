@@ -7,6 +7,13 @@ cd "$(dirname "$0")/.."
 
 source scripts/setup.sh
 
+# --- the cache: stale builds out before new ones go in ---
+# (A target directory shared by many commits would otherwise grow by
+# gigabytes a day until the disk is full.)
+step "pruning stale builds from the cached target directories (cargo xtask prune-cache)"
+cargo xtask prune-cache
+df -h "$AIRLOCK_CACHE" | tail -1 >&2
+
 # --- example components ---
 step "building example components (cargo xtask examples)"
 cargo xtask examples

@@ -83,6 +83,8 @@ pub fn run(seconds: u64, only: Option<String>, quick: bool) -> anyhow::Result<()
     super::run(cargo_fuzz(&root, &cache).args(["build", mode]))
         .context("building the fuzz targets")?;
     eprintln!("fuzz: built in {}s", start.elapsed().as_secs());
+    // Each build with new dependencies leaves ~3 GB of binaries behind.
+    super::cache::prune_target_logged(&cache.join("target"))?;
     for t in targets {
         let corpus = cache.join("corpus").join(t);
         let artifacts = cache.join("artifacts").join(t);

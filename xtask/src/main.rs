@@ -28,6 +28,8 @@
 //!   against instantiate-from-bytes, printed as a ratio.
 //! * `cargo xtask fuzz [--seconds N] [--target NAME] [--quick-build]` — every fuzz target in
 //!   `fuzz/` for N seconds (cargo-fuzz on nightly; see docs/fuzzing.md).
+//! * `cargo xtask prune-cache` — remove the stale builds (older generations
+//!   of a crate) from the cached cargo target directories.
 
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
@@ -80,6 +82,10 @@ enum Cmd {
         #[arg(long)]
         quick_build: bool,
     },
+    /// Remove stale builds from the cargo target directories under the
+    /// cache (the shared target and the fuzz build's): what a rebuild with
+    /// new dependencies left behind.
+    PruneCache,
     /// Benchmarks that print ratios measured in one run.
     Bench {
         /// Which benchmark: `runner`, `service`, `load`, `boot`, `fs`, `start` or
@@ -152,6 +158,16 @@ fn main() -> anyhow::Result<()> {
             target,
             quick_build,
         } => fuzz::run(seconds, target, quick_build),
+        Cmd::PruneCache => {
+            let mut targets = vec![kernel::cache_dir().join("fuzz/target")];
+            if let Some(t) = std::env::var_os("CARGO_TARGET_DIR") {
+                targets.push(PathBuf::from(t));
+            }
+            for t in targets.iter().filter(|t| t.is_dir()) {
+                cache::prune_target_logged(t)?;
+            }
+            Ok(())
+        }
         Cmd::Kernel => kernel::build().map(|k| {
             println!("vmlinux {}", k.vmlinux.display());
             println!("bzImage {}", k.bzimage.display());
