@@ -19,10 +19,55 @@ pub enum SessionEnd {
     Closed,
 }
 
-/// How the agent applies a [`Message::Refresh`]: mix `seed` into the
-/// kernel's RNG and reseed it, set the wall clock to `unix_ns`. The init
-/// passes the real one; an agent without one refuses refreshes.
-pub type RefreshFn<'a> = &'a dyn Fn(&[u8], u64) -> Result<(), String>;
+/// What a [`Message::Refresh`] asks of the guest, checked by the agent.
+#[derive(Debug, Clone, Copy)]
+pub struct Fresh<'a> {
+    /// Entropy to mix into the kernel's RNG before reseeding it
+    /// ([`proto::REFRESH_SEED`] bytes).
+    pub seed: &'a [u8],
+    /// The host's wall clock, ns since the Unix epoch.
+    pub unix_ns: u64,
+    /// Shares to mount (each [`proto::Mount::check`]ed; at most once a
+    /// session, before any component is loaded).
+    pub mounts: &'a [proto::Mount],
+}
+
+/// How the agent applies a [`Message::Refresh`]: mix the seed into the
+/// kernel's RNG and reseed it, set the wall clock, mount the shares. The
+/// init passes the real one; an agent without one refuses refreshes.
+pub type RefreshFn<'a> = &'a dyn Fn(&Fresh<'_>) -> Result<(), String>;
+
+/// Why the agent refuses a refresh before its hook sees it.
+fn refusal(seed: &[u8], mounts: &[proto::Mount], mounted: bool, loaded: bool) -> Option<String> {
+    if seed.len() != proto::REFRESH_SEED {
+        return Some(format!(
+            "A refresh carries {} bytes of seed, not {}.",
+            seed.len(),
+            proto::REFRESH_SEED
+        ));
+    }
+    if mounts.is_empty() {
+        return None;
+    }
+    if mounted || loaded {
+        return Some("Shares are mounted once, before any component is loaded.".to_string());
+    }
+    if mounts.len() > 4 {
+        return Some(format!("{} shares; a VM has at most 4.", mounts.len()));
+    }
+    for (i, m) in mounts.iter().enumerate() {
+        if let Err(e) = m.check() {
+            return Some(format!("Share {i}: {e}."));
+        }
+        if mounts[..i]
+            .iter()
+            .any(|o| o.tag == m.tag || o.path == m.path)
+        {
+            return Some(format!("Share {i}: its tag or path is given twice."));
+        }
+    }
+    None
+}
 
 /// Serve one host connection until shutdown or close, refusing refreshes
 /// (see [`serve_with`]).
@@ -34,7 +79,7 @@ pub fn serve<S: Read + Write>(
     runner: &Runner,
     boot: Vec<BootStage>,
 ) -> Result<SessionEnd, ProtoError> {
-    serve_with(conn, runner, boot, &|_: &[u8], _: u64| {
+    serve_with(conn, runner, boot, &|_: &Fresh<'_>| {
         Err("this agent cannot refresh its guest".to_string())
     })
 }
@@ -62,6 +107,7 @@ pub fn serve_with<S: Read + Write>(
         b"",
     )?;
     let mut loaded: HashMap<String, Loaded> = HashMap::new();
+    let mut mounted = false;
     loop {
         let frame = match proto::read_frame(conn, FrameLimits::default()) {
             Ok(f) => f,
@@ -80,15 +126,19 @@ pub fn serve_with<S: Read + Write>(
             }
         };
         match frame.msg {
-            Message::Refresh { unix_ns } => {
-                let reply = if frame.blob.len() != proto::REFRESH_SEED {
-                    Err(format!(
-                        "A refresh carries {} bytes of seed, not {}.",
-                        frame.blob.len(),
-                        proto::REFRESH_SEED
-                    ))
-                } else {
-                    refresh(&frame.blob, unix_ns)
+            Message::Refresh { unix_ns, mounts } => {
+                let reply = match refusal(&frame.blob, &mounts, mounted, !loaded.is_empty()) {
+                    Some(why) => Err(why),
+                    None => {
+                        // Tried once, whatever came of it: a half-made
+                        // mount is never made again over itself.
+                        mounted |= !mounts.is_empty();
+                        refresh(&Fresh {
+                            seed: &frame.blob,
+                            unix_ns,
+                            mounts: &mounts,
+                        })
+                    }
                 };
                 let reply = match reply {
                     Ok(()) => Message::Refreshed,

@@ -80,6 +80,51 @@ pub struct BootStage {
     pub at_us: u64,
 }
 
+/// A virtio-fs share the guest mounts when the host says so
+/// ([`Message::Refresh`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Mount {
+    /// The device's tag.
+    pub tag: String,
+    /// Where it is mounted: an absolute path of plain components.
+    pub path: String,
+    /// Mounted read-only.
+    pub read_only: bool,
+}
+
+impl Mount {
+    /// Whether the guest can take it: a tag of 1..=36 letters, digits, `-`
+    /// or `_` (as the VMM names its devices), and a path that is absolute,
+    /// not `/`, and made of plain components (no `.`, `..` or empty ones).
+    ///
+    /// # Errors
+    /// What is wrong, naming the field.
+    pub fn check(&self) -> Result<(), String> {
+        let tag_ok = !self.tag.is_empty()
+            && self.tag.len() <= 36
+            && self
+                .tag
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+        if !tag_ok {
+            return Err(format!("mount tag {:?} is not a device tag", self.tag));
+        }
+        let plain = self.path.strip_prefix('/').is_some_and(|rest| {
+            !rest.is_empty()
+                && rest
+                    .split('/')
+                    .all(|c| !c.is_empty() && c != "." && c != ".." && !c.contains('\0'))
+        });
+        if !plain {
+            return Err(format!(
+                "mount path {:?} is not an absolute path of plain components",
+                self.path
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// Bytes of entropy a [`Message::Refresh`] carries.
 pub const REFRESH_SEED: usize = 64;
 
@@ -101,9 +146,18 @@ pub enum Message {
     /// fresh entropy ([`REFRESH_SEED`] bytes) the guest mixes into its
     /// kernel's RNG before reseeding it; `unix_ns` is the host's wall
     /// clock, which the guest's clock takes.
+    ///
+    /// A VM restored from a snapshot of its shape with shares gets them
+    /// here (`mounts`): the snapshot was made before anything was mounted,
+    /// so the guest's FUSE sessions start with the file servers of the VMM
+    /// that restored it. A booted VM mounted them from its command line
+    /// and gets none.
     Refresh {
         /// Nanoseconds since the Unix epoch, on the host.
         unix_ns: u64,
+        /// Shares to mount now.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        mounts: Vec<Mount>,
     },
     /// Guest → host: the RNG is reseeded and the clock set.
     Refreshed,

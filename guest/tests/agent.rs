@@ -153,8 +153,8 @@ fn a_refresh_hands_the_seed_and_clock_to_the_hook_and_a_bad_seed_is_refused() {
             ..EngineConfig::default()
         })
         .unwrap();
-        let hook = move |seed: &[u8], ns: u64| {
-            seen.lock().unwrap().push((seed.to_vec(), ns));
+        let hook = move |f: &agent::Fresh<'_>| {
+            seen.lock().unwrap().push((f.seed.to_vec(), f.unix_ns));
             Ok(())
         };
         agent::serve_with(&mut guest, &runner, vec![], &hook)
@@ -162,10 +162,26 @@ fn a_refresh_hands_the_seed_and_clock_to_the_hook_and_a_bad_seed_is_refused() {
     assert!(matches!(recv(&mut host), Message::Hello { .. }));
     let seed = [7u8; proto::REFRESH_SEED];
     let now = 1_764_600_000_000_000_000u64;
-    proto::write_frame(&mut host, &Message::Refresh { unix_ns: now }, &seed).unwrap();
+    proto::write_frame(
+        &mut host,
+        &Message::Refresh {
+            unix_ns: now,
+            mounts: vec![],
+        },
+        &seed,
+    )
+    .unwrap();
     assert_eq!(recv(&mut host), Message::Refreshed);
     // Too little entropy is refused, and never reaches the hook.
-    proto::write_frame(&mut host, &Message::Refresh { unix_ns: now }, &[1u8; 8]).unwrap();
+    proto::write_frame(
+        &mut host,
+        &Message::Refresh {
+            unix_ns: now,
+            mounts: vec![],
+        },
+        &[1u8; 8],
+    )
+    .unwrap();
     match recv(&mut host) {
         Message::Error { message, .. } => assert!(message.contains("8 bytes"), "{message}"),
         other => panic!("{other:?}"),
@@ -173,6 +189,78 @@ fn a_refresh_hands_the_seed_and_clock_to_the_hook_and_a_bad_seed_is_refused() {
     proto::write_frame(&mut host, &Message::Shutdown, b"").unwrap();
     assert_eq!(t.join().unwrap().unwrap(), SessionEnd::Shutdown);
     assert_eq!(*got.lock().unwrap(), vec![(seed.to_vec(), now)]);
+}
+
+#[test]
+fn shares_are_mounted_once_before_any_load_and_only_plain_paths() {
+    use std::sync::{Arc, Mutex};
+    let (mut host, mut guest) = UnixStream::pair().unwrap();
+    let got: Arc<Mutex<Vec<proto::Mount>>> = Arc::default();
+    let seen = got.clone();
+    let t = std::thread::spawn(move || {
+        let runner = Runner::new(EngineConfig {
+            pooling: false,
+            ..EngineConfig::default()
+        })
+        .unwrap();
+        let hook = move |f: &agent::Fresh<'_>| {
+            seen.lock().unwrap().extend_from_slice(f.mounts);
+            Ok(())
+        };
+        agent::serve_with(&mut guest, &runner, vec![], &hook)
+    });
+    assert!(matches!(recv(&mut host), Message::Hello { .. }));
+    let seed = [3u8; proto::REFRESH_SEED];
+    let m = |tag: &str, path: &str| proto::Mount {
+        tag: tag.into(),
+        path: path.into(),
+        read_only: true,
+    };
+    let mut refresh = |mounts: Vec<proto::Mount>| {
+        proto::write_frame(&mut host, &Message::Refresh { unix_ns: 1, mounts }, &seed).unwrap();
+        recv(&mut host)
+    };
+    // What a lying or confused host could ask for never reaches the hook.
+    for (bad, why) in [
+        (vec![m("fs0", "relative")], "path"),
+        (vec![m("fs0", "/")], "path"),
+        (vec![m("fs0", "/data/../etc")], "path"),
+        (vec![m("fs0", "/data/./x")], "path"),
+        (vec![m("fs0", "/data//x")], "path"),
+        (vec![m("fs0", "/data/")], "path"),
+        (vec![m("", "/data")], "tag"),
+        (vec![m("a/b", "/data")], "tag"),
+        (vec![m("fs0", "/a"), m("fs0", "/b")], "twice"),
+        (vec![m("fs0", "/a"), m("fs1", "/a")], "twice"),
+        (
+            (0..5)
+                .map(|i| m(&format!("fs{i}"), &format!("/d{i}")))
+                .collect(),
+            "at most 4",
+        ),
+    ] {
+        match refresh(bad) {
+            Message::Error { message, .. } => assert!(message.contains(why), "{why}: {message}"),
+            other => panic!("{why}: {other:?}"),
+        }
+    }
+    assert_eq!(
+        refresh(vec![m("fs0", "/data"), m("fs1", "/state")]),
+        Message::Refreshed
+    );
+    // Once a session.
+    match refresh(vec![m("fs2", "/more")]) {
+        Message::Error { message, .. } => assert!(message.contains("once"), "{message}"),
+        other => panic!("{other:?}"),
+    }
+    // A refresh without mounts is still taken.
+    assert_eq!(refresh(vec![]), Message::Refreshed);
+    proto::write_frame(&mut host, &Message::Shutdown, b"").unwrap();
+    assert_eq!(t.join().unwrap().unwrap(), SessionEnd::Shutdown);
+    assert_eq!(
+        *got.lock().unwrap(),
+        vec![m("fs0", "/data"), m("fs1", "/state")]
+    );
 }
 
 #[test]
@@ -186,10 +274,18 @@ fn a_refresh_sent_before_the_hello_is_read_is_answered_after_it() {
             ..EngineConfig::default()
         })
         .unwrap();
-        agent::serve_with(&mut guest, &runner, vec![], &|_: &[u8], _| Ok(()))
+        agent::serve_with(&mut guest, &runner, vec![], &|_: &agent::Fresh<'_>| Ok(()))
     });
     let seed = [9u8; proto::REFRESH_SEED];
-    proto::write_frame(&mut host, &Message::Refresh { unix_ns: 1 }, &seed).unwrap();
+    proto::write_frame(
+        &mut host,
+        &Message::Refresh {
+            unix_ns: 1,
+            mounts: vec![],
+        },
+        &seed,
+    )
+    .unwrap();
     assert!(matches!(recv(&mut host), Message::Hello { .. }));
     assert_eq!(recv(&mut host), Message::Refreshed);
     proto::write_frame(&mut host, &Message::Shutdown, b"").unwrap();
@@ -202,7 +298,10 @@ fn an_agent_without_a_refresh_hook_refuses_one() {
     assert!(matches!(recv(&mut host), Message::Hello { .. }));
     proto::write_frame(
         &mut host,
-        &Message::Refresh { unix_ns: 1 },
+        &Message::Refresh {
+            unix_ns: 1,
+            mounts: vec![],
+        },
         &[0u8; proto::REFRESH_SEED],
     )
     .unwrap();

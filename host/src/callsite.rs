@@ -103,8 +103,9 @@ pub struct VmSettings {
     pub life_timeout: Duration,
     /// The jail every VMM process runs in, if any (see [`JailMode`]).
     pub jail: Option<JailConfig>,
-    /// Where VM snapshots are cached (`crate::snapshots`): VMs without
-    /// shares start from one; `None`: every VM boots.
+    /// Where VM snapshots are cached (`crate::snapshots`): VMs start from
+    /// one (with shares too: one per set of share tags); `None`: every VM
+    /// boots.
     pub snapshots: Option<PathBuf>,
 }
 
@@ -476,7 +477,7 @@ impl CallSite {
     }
 
     /// A call in a fresh microVM, its `max_vms` permit held by the caller.
-    /// A call with shares boots a VM of its own with them (warm VMs have
+    /// A call with shares starts a VM of its own with them (warm VMs have
     /// none), each directory opened here beneath its root first; one that
     /// cannot be opened is not shared, and the guest's runner fails the
     /// call with the process wall's error at the same point of the call.

@@ -70,6 +70,10 @@ pub enum SandboxError {
     /// The guest answered with an error or something unexpected.
     #[error("The guest answered: {0}.")]
     Guest(String),
+    /// The guest refused its refresh (entropy, clock, or the shares a
+    /// restored VM mounts then): the VM started, so its snapshot is sound.
+    #[error("The guest could not take its refresh (entropy, clock or shares): {0}")]
+    Refresh(String),
     /// A local I/O error.
     #[error("Sandbox I/O: {0}.")]
     Io(#[from] std::io::Error),
@@ -126,8 +130,8 @@ pub struct SandboxConfig {
     pub egress: Proxy,
     /// The jail each VMM process runs in (`airlock_vmm::jail`), if any.
     pub jail: Option<JailConfig>,
-    /// Where VMs without shares start from: their shape's snapshot, made
-    /// once (`None`: every VM boots).
+    /// Where VMs start from: their shape's snapshot (memory, weights,
+    /// share tags), made once (`None`: every VM boots).
     pub snapshots: Option<Arc<SnapshotCache>>,
 }
 
@@ -136,7 +140,7 @@ pub struct SandboxConfig {
 pub enum Start {
     /// Restored from its shape's snapshot.
     Restore,
-    /// Booted (no snapshot, a VM with shares, or a restore that failed).
+    /// Booted (no snapshot, or a restore that failed).
     Boot,
 }
 
@@ -286,11 +290,13 @@ impl Sandbox {
 
     /// [`Sandbox::boot`] with `shares` mounted in the guest, which may
     /// write at most `write_limit` bytes into them together (the call's
-    /// write limit, held by the host's file server too). Without shares,
-    /// and with `cfg.snapshots`, the VM is restored from its shape's
-    /// snapshot (made now if there is none); if that cannot be had or the
-    /// restore fails, it boots, with a warning (the sandbox's `start` says
-    /// which).
+    /// write limit, held by the host's file server too). With
+    /// `cfg.snapshots`, the VM is restored from its shape's snapshot (made
+    /// now if there is none; the shape counts the shares' tags) and mounts
+    /// the shares when its refresh names them; if the snapshot cannot be
+    /// had or the restore fails, it boots, with a warning (the sandbox's
+    /// `start` says which). A refresh the restored guest refuses (a share
+    /// that would not mount) is the call's error, not a reason to boot.
     ///
     /// # Errors
     /// As [`Sandbox::boot`].
@@ -299,12 +305,17 @@ impl Sandbox {
         shares: &[OpenShare],
         write_limit: u64,
     ) -> Result<Self, SandboxError> {
-        // Shares are per call: such a VM always boots.
-        if let Some(cache) = cfg.snapshots.as_ref().filter(|_| shares.is_empty()) {
-            let shape = vm_config(cfg, shares, write_limit, Path::new(""));
+        // A VM with shares restores from the snapshot of its shape (how
+        // many shares, their tags), made before any mount; it mounts the
+        // call's directories when the refresh tells it where.
+        if let Some(cache) = cfg.snapshots.as_ref() {
+            let shape = vm_config(cfg, shares, write_limit, Path::new(""), false);
             match cache.plan(&cfg.vmm, &shape, &|making| make_snapshot(cfg, making)) {
                 Ok(plan) => match Self::start(cfg, shares, write_limit, Some(plan.clone())) {
                     Ok(sb) => return Ok(sb),
+                    // The VM restored and answered; what failed (a share
+                    // that would not mount) would fail a boot as well.
+                    Err(e @ SandboxError::Refresh(_)) => return Err(e),
                     Err(e) => {
                         tracing::warn!(error = %e, "restoring the VM snapshot failed; booting instead (the snapshot will be made again)");
                         cache.forget(&plan);
@@ -342,8 +353,21 @@ impl Sandbox {
         } else {
             Start::Boot
         };
-        let mut vm_cfg = vm_config(cfg, shares, write_limit, &uds);
+        // A booted VM mounts its shares from its command line, a restored
+        // one when its refresh says so.
+        let mut vm_cfg = vm_config(cfg, shares, write_limit, &uds, plan.is_none());
         vm_cfg.snapshot = plan;
+        let mounts: Vec<proto::Mount> = match kind {
+            Start::Restore => shares
+                .iter()
+                .map(|s| proto::Mount {
+                    tag: s.tag.clone(),
+                    path: s.mount.to_string_lossy().into_owned(),
+                    read_only: s.read_only,
+                })
+                .collect(),
+            Start::Boot => Vec::new(),
+        };
         let cleanup = |e: SandboxError| {
             let _ = std::fs::remove_dir_all(&dir);
             e
@@ -419,7 +443,7 @@ impl Sandbox {
         sb.ready_steps.push(("connected", start.elapsed()));
         // Fresh entropy and the clock go out at once; the guest reads them
         // after sending its Hello (one round trip instead of two).
-        sb.send_refresh()?;
+        sb.send_refresh(mounts)?;
         // The agent's Hello is part of becoming ready.
         let left = cfg.ready_timeout.saturating_sub(start.elapsed());
         sb.conn
@@ -524,14 +548,14 @@ impl Sandbox {
     /// ([`Message::Refresh`]): every VM gets its own, whether it booted or
     /// was restored from a snapshot its siblings share. Its answer is
     /// [`Sandbox::refreshed`].
-    fn send_refresh(&mut self) -> Result<(), SandboxError> {
+    fn send_refresh(&mut self, mounts: Vec<proto::Mount>) -> Result<(), SandboxError> {
         let mut seed = [0u8; airlock_guest::proto::REFRESH_SEED];
         getrandom::fill(&mut seed)
             .map_err(|e| SandboxError::Guest(format!("no host entropy for the guest: {e}")))?;
         let unix_ns = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_nanos() as u64);
-        proto::write_frame(&mut self.conn, &Message::Refresh { unix_ns }, &seed)?;
+        proto::write_frame(&mut self.conn, &Message::Refresh { unix_ns, mounts }, &seed)?;
         Ok(())
     }
 
@@ -539,9 +563,7 @@ impl Sandbox {
     fn refreshed(&mut self) -> Result<(), SandboxError> {
         match self.recv()? {
             Message::Refreshed => Ok(()),
-            Message::Error { message, .. } => Err(SandboxError::Guest(format!(
-                "the guest could not take fresh entropy and time: {message}"
-            ))),
+            Message::Error { message, .. } => Err(SandboxError::Refresh(message)),
             other => Err(SandboxError::Guest(format!(
                 "expected Refreshed, got {other:?}"
             ))),
@@ -692,8 +714,16 @@ impl Sandbox {
 }
 
 /// The VMM configuration of a VM of `cfg` with `shares` (its vsock socket
-/// at `uds`), to boot.
-fn vm_config(cfg: &SandboxConfig, shares: &[OpenShare], write_limit: u64, uds: &Path) -> VmConfig {
+/// at `uds`); `mount_at_boot`: its command line tells the guest where to
+/// mount them (a booted VM), else its refresh will (a restored one — the
+/// snapshot's command line names no mounts).
+fn vm_config(
+    cfg: &SandboxConfig,
+    shares: &[OpenShare],
+    write_limit: u64,
+    uds: &Path,
+    mount_at_boot: bool,
+) -> VmConfig {
     use std::os::fd::AsRawFd;
     VmConfig {
         kernel: cfg.kernel.clone(),
@@ -703,7 +733,7 @@ fn vm_config(cfg: &SandboxConfig, shares: &[OpenShare], write_limit: u64, uds: &
             if cfg.weights.is_some() {
                 c.push_str(" airlock.weights=/dev/pmem0:/weights");
             }
-            if !shares.is_empty() {
+            if mount_at_boot && !shares.is_empty() {
                 let mounts: Vec<String> = shares
                     .iter()
                     .map(|s| {
@@ -747,12 +777,22 @@ fn vm_config(cfg: &SandboxConfig, shares: &[OpenShare], write_limit: u64, uds: &
 /// [`SnapshotCache::plan`]) to its end, jailed like every VM of `cfg`,
 /// within `cfg.ready_timeout`.
 fn make_snapshot(cfg: &SandboxConfig, making: &VmConfig) -> Result<(), String> {
+    use std::os::fd::{AsFd, AsRawFd};
     let dir = airlock_vmm::jail::fresh_dir("airlock-snap").map_err(|e| e.to_string())?;
     let made = (|| {
         let sockets = dir.join("run");
         std::fs::create_dir_all(&sockets).map_err(|e| e.to_string())?;
         let mut making = making.clone();
         making.timeout = cfg.ready_timeout;
+        // The making VM never mounts its shares (the snapshot is taken
+        // before): each is served from an empty read-only directory, never
+        // from the directories of the call that asked for the shape.
+        let empty = dir.join("empty");
+        std::fs::create_dir(&empty).map_err(|e| e.to_string())?;
+        let empty = std::fs::File::open(&empty).map_err(|e| e.to_string())?;
+        for s in &mut making.shares {
+            *s = airlock_vmm::ShareConfig::by_fd(s.tag.clone(), empty.as_raw_fd(), true);
+        }
         if let Some(v) = making.vsock.as_mut() {
             v.uds_path = sockets.join("vsock.sock");
         }
@@ -762,7 +802,8 @@ fn make_snapshot(cfg: &SandboxConfig, making: &VmConfig) -> Result<(), String> {
             .map(|j| VmJail::prepare(j, &dir, &making))
             .transpose()
             .map_err(|e| e.to_string())?;
-        let vm = VmProcess::spawn(&cfg.vmm, &making, jail).map_err(|e| e.to_string())?;
+        let vm = VmProcess::spawn_inheriting(&cfg.vmm, &making, jail, &[empty.as_fd()])
+            .map_err(|e| e.to_string())?;
         // The VM ends by itself (paused, or at its timeout); `wait` stops
         // whatever is still running.
         vm.wait_until_finished(Some(

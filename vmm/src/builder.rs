@@ -192,7 +192,11 @@ impl Devices {
         let serial = self.serial.lock().unwrap_or_else(|p| p.into_inner());
         let mut out = vec![(devices::COM1.name.to_string(), serial::save(&serial))];
         for (name, t) in &self.virtio {
-            let st = t.lock().unwrap_or_else(|p| p.into_inner()).state();
+            let t = t.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(why) = t.snapshot_refusal() {
+                return Err(restore_err(name, why));
+            }
+            let st = t.state();
             let bytes = postcard::to_allocvec(&st).map_err(|e| restore_err(name, e.to_string()))?;
             out.push((name.to_string(), bytes));
         }

@@ -562,14 +562,6 @@ impl VmConfig {
                 ),
             });
         }
-        if self.snapshot.is_some() && !self.shares.is_empty() {
-            // The guest kernel's FUSE session (the inodes it holds) would
-            // stay behind in the VMM that made the snapshot.
-            return Err(VmmError::Config {
-                field: "snapshot",
-                message: "a VM with virtio-fs shares cannot be snapshotted or restored yet".into(),
-            });
-        }
         for (i, s) in self.shares.iter().enumerate() {
             let ok_tag = !s.tag.is_empty()
                 && s.tag.len() <= devices::fs::device::TAG_LEN
@@ -656,6 +648,7 @@ pub fn snapshot_identity_with(
         vcpus: cfg.vcpus,
         cmdline: cfg.cmdline_extra.clone(),
         weights: cfg.pmem.as_deref().map(&mut digest).transpose()?,
+        shares: cfg.shares.iter().map(|s| s.tag.clone()).collect(),
     })
 }
 
@@ -902,32 +895,30 @@ mod tests {
     }
 
     #[test]
-    fn a_vm_with_shares_is_not_snapshotted_or_restored() {
-        let mut c = VmConfig::new("/k".into(), "/i".into());
+    fn a_snapshot_names_how_many_shares_its_vm_has() {
+        let dir = tempfile::tempdir().unwrap();
+        for f in ["vmm", "k", "i"] {
+            std::fs::write(dir.path().join(f), f).unwrap();
+        }
+        let mut c = VmConfig::new(dir.path().join("k"), dir.path().join("i"));
+        let digest = &mut crate::snapshot::file_sha256_hex;
+        let none = snapshot_identity_with(&dir.path().join("vmm"), &c, digest).unwrap();
         c.shares = vec![ShareConfig {
-            tag: "grant0".into(),
+            tag: "fs0".into(),
             dir: "/srv/a".into(),
             read_only: true,
         }];
-        for plan in [
-            SnapshotPlan::Make {
-                at: "runner".into(),
-                dir: "/s".into(),
-                identity: None,
-            },
-            SnapshotPlan::Restore {
-                dir: "/s".into(),
-                identity: None,
-            },
-        ] {
-            c.snapshot = Some(plan);
-            assert!(matches!(
-                c.validate(),
-                Err(VmmError::Config {
-                    field: "snapshot",
-                    ..
-                })
-            ));
-        }
+        // A VM with shares is snapshotted and restored (before its guest
+        // mounts them); its shape is another one.
+        assert!(c.validate().is_ok());
+        let one = snapshot_identity_with(&dir.path().join("vmm"), &c, digest).unwrap();
+        assert_eq!(one.shares, ["fs0"]);
+        assert!(matches!(
+            one.check(&none),
+            Err(crate::snapshot::SnapshotError::Mismatch {
+                field: "shares",
+                ..
+            })
+        ));
     }
 }

@@ -749,6 +749,7 @@ mod tests {
             vcpus: 1,
             cmdline: "airlock.port=1024".into(),
             weights: Some("dd".into()),
+            shares: vec!["grant0".into(), "grant1".into()],
         };
         let known = VmConfig {
             snapshot: Some(crate::SnapshotPlan::Restore {
@@ -803,7 +804,7 @@ mod tests {
                     "--initrd",
                     "i",
                     "--snapshot-identity",
-                    r#"{"vmm":"a","kernel":"b","initrd":"c","memory_mib":1,"vcpus":1,"cmdline":"","weights":null}"#,
+                    r#"{"vmm":"a","kernel":"b","initrd":"c","memory_mib":1,"vcpus":1,"cmdline":"","weights":null,"shares":[]}"#,
                 ],
                 "goes with --snapshot-at or --restore",
             ),

@@ -867,8 +867,13 @@ if [ "$airlock_bench" = start ]; then
   export AIRLOCK_CACHE=/tmp/bench-start; rm -rf $AIRLOCK_CACHE
   GA="--kernel $G/vmlinux --initrd $G/initramfs.cpio.gz --boot-attempts 5 --jail off"
   A='{"name": "bench"}'
-  echo "NESTED-PROGRESS bench-start: making the snapshot (one call)"
+  # A VM with a share (a read-only grant kitchen does not use): restored
+  # from its own shape's snapshot, mounting the share after the restore.
+  mkdir -p /tmp/bs-share && echo x > /tmp/bs-share/x
+  printf 'version = 1\n[[filesystem]]\nhost = "/tmp/bs-share"\nguest = "/share"\nmode = "ro"\n' > /tmp/bs-share.toml
+  echo "NESTED-PROGRESS bench-start: making the snapshots (one call each, without and with a share)"
   /airlock vm multi /examples/kitchen.wasm --tool greet --args "$A" $GA --start restore > /dev/null 2>/tmp/bs.err || cat /tmp/bs.err
+  /airlock vm multi /examples/kitchen.wasm --tool greet --args "$A" $GA --policy /tmp/bs-share.toml --start restore > /dev/null 2>>/tmp/bs.err || cat /tmp/bs.err
   {
     printf '{"rounds": ['
     i=0; while [ $i -lt $R ]; do
@@ -877,6 +882,10 @@ if [ "$airlock_bench" = start ]; then
       /airlock vm multi /examples/kitchen.wasm --tool greet --args "$A" $GA --start boot 2>>/tmp/bs.err | tr -d '\n'
       printf ', "restore": '
       /airlock vm multi /examples/kitchen.wasm --tool greet --args "$A" $GA --start restore 2>>/tmp/bs.err | tr -d '\n'
+      printf ', "share_boot": '
+      /airlock vm multi /examples/kitchen.wasm --tool greet --args "$A" $GA --policy /tmp/bs-share.toml --start boot 2>>/tmp/bs.err | tr -d '\n'
+      printf ', "share_restore": '
+      /airlock vm multi /examples/kitchen.wasm --tool greet --args "$A" $GA --policy /tmp/bs-share.toml --start restore 2>>/tmp/bs.err | tr -d '\n'
       printf ', "process": '
       /airlock run /examples/kitchen.wasm --tool greet --args "$A" --isolation process 2>>/tmp/bs.err | tr -d '\n'
       printf '}'
@@ -1473,16 +1482,24 @@ fn start_report(json: &serde_json::Value) -> anyhow::Result<String> {
     let rounds = json["rounds"].as_array().context("no rounds")?;
     let (mut boot, mut restore, mut e2e, mut process) = (vec![], vec![], vec![], vec![]);
     let (mut load, mut invoke) = (vec![], vec![]);
+    let (mut share_boot, mut share_restore) = (vec![], vec![]);
     for r in rounds {
         let b = vm(&r["boot"])?;
         let s = vm(&r["restore"])?;
+        let sb = vm(&r["share_boot"])?;
+        let sr = vm(&r["share_restore"])?;
         anyhow::ensure!(
-            b["start"] == "boot" && s["start"] == "restore",
+            b["start"] == "boot"
+                && s["start"] == "restore"
+                && sb["start"] == "boot"
+                && sr["start"] == "restore",
             "the VMs did not start as asked: {r}"
         );
         let f = |v: &serde_json::Value, k: &str| v[k].as_f64().unwrap_or(f64::NAN);
         boot.push(f(&b, "ready_ms"));
         restore.push(f(&s, "ready_ms"));
+        share_boot.push(f(&sb, "ready_ms"));
+        share_restore.push(f(&sr, "ready_ms"));
         load.push(f(&s, "load_ms"));
         invoke.push(f(&s, "invoke_ms"));
         e2e.push(f(&s, "ready_ms") + f(&s, "load_ms") + f(&s, "invoke_ms"));
@@ -1514,6 +1531,13 @@ fn start_report(json: &serde_json::Value) -> anyhow::Result<String> {
         out,
         "  restore / boot: {:.3} (goal <= 0.05)",
         median(&restore) / median(&boot)
+    )?;
+    writeln!(
+        out,
+        "  with one share (mounted after the restore): boot {}, restore {}: {:.3}",
+        stat(&share_boot),
+        stat(&share_restore),
+        median(&share_restore) / median(&share_boot)
     )?;
     writeln!(
         out,

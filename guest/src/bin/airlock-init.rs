@@ -145,6 +145,21 @@ mod linux {
         std::fs::write(&knob, kb.to_string()).map_err(|e| format!("write {knob}: {e}"))
     }
 
+    /// Mount the virtio-fs device `tag` at `path` (`nodev,nosuid,noexec`,
+    /// plus `ro`), with a large readahead: at boot (the command line's
+    /// `airlock.fs`) or when a restored VM's host says so (its refresh).
+    fn mount_share(tag: &str, path: &str, read_only: bool) -> Result<(), String> {
+        let mut flags = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
+        if read_only {
+            flags |= MsFlags::MS_RDONLY;
+        }
+        mount_fs(tag, path, "virtiofs", flags, None)?;
+        if let Err(e) = readahead(path, SHARE_READAHEAD_KB) {
+            tracing::warn!(share = tag, error = %e, "virtio-fs readahead left at the default");
+        }
+        Ok(())
+    }
+
     fn cmdline() -> BTreeMap<String, String> {
         let text = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
         text.split_whitespace()
@@ -210,15 +225,12 @@ mod linux {
                 let Some((tag, rest)) = m.split_once(':') else {
                     fatal("airlock.fs", format!("{m:?} is not tag:/path[:ro]"))
                 };
-                let (path, flags) = match rest.strip_suffix(":ro") {
-                    Some(p) => (p, nodev | MsFlags::MS_RDONLY),
-                    None => (rest, nodev),
+                let (path, read_only) = match rest.strip_suffix(":ro") {
+                    Some(p) => (p, true),
+                    None => (rest, false),
                 };
-                if let Err(e) = mount_fs(tag, path, "virtiofs", flags, None) {
+                if let Err(e) = mount_share(tag, path, read_only) {
                     fatal("virtio-fs", e);
-                }
-                if let Err(e) = readahead(path, SHARE_READAHEAD_KB) {
-                    tracing::warn!(share = tag, error = %e, "virtio-fs readahead left at the default");
                 }
             }
         }
@@ -278,9 +290,11 @@ mod linux {
     /// the CRNG to reseed from it (RNDRESEEDCRNG) — so VMs restored from
     /// one snapshot draw different random numbers from then on — and set
     /// the wall clock, which a restored guest would otherwise take from
-    /// the time of its snapshot.
-    fn refresh(seed: &[u8], unix_ns: u64) -> Result<(), String> {
+    /// the time of its snapshot; then mount the shares a restored VM with
+    /// shares is given (its snapshot was made before any mount).
+    fn refresh(fresh: &agent::Fresh<'_>) -> Result<(), String> {
         use std::os::fd::AsRawFd;
+        let (seed, unix_ns) = (fresh.seed, fresh.unix_ns);
         // _IOW('R', 0x03, int[2]) and _IO('R', 0x07); the request's type
         // differs between libcs (musl: int, glibc: unsigned long).
         const RNDADDENTROPY: nix::libc::Ioctl = 0x4008_5203 as nix::libc::Ioctl;
@@ -311,7 +325,12 @@ mod linux {
         }
         let t = nix::sys::time::TimeSpec::from_duration(std::time::Duration::from_nanos(unix_ns));
         nix::time::clock_settime(ClockId::CLOCK_REALTIME, t)
-            .map_err(|e| format!("setting the clock: {e}"))
+            .map_err(|e| format!("setting the clock: {e}"))?;
+        // The agent checked them (tags, plain absolute paths, once).
+        for m in fresh.mounts {
+            mount_share(&m.tag, &m.path, m.read_only)?;
+        }
+        Ok(())
     }
 
     fn vsock_listen(port: u32) -> nix::Result<std::os::fd::OwnedFd> {

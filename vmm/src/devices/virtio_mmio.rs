@@ -227,6 +227,11 @@ pub trait VirtioDevice: Send {
     fn activate(&mut self, a: Activation) -> Result<(), VirtioError>;
     /// Stop any thread and release resources (idempotent).
     fn shutdown(&mut self);
+    /// Why a snapshot of this device now would be wrong (state of its own
+    /// that the snapshot cannot carry), if it would.
+    fn snapshot_refusal(&self) -> Option<String> {
+        None
+    }
 }
 
 /// How the driver configured one queue (fixed once the device runs).
@@ -510,6 +515,12 @@ impl MmioTransport {
     /// Stop the device (at VM teardown).
     pub fn shutdown(&mut self) {
         self.device.shutdown();
+    }
+
+    /// Why the device cannot be snapshotted now, if it cannot
+    /// ([`VirtioDevice::snapshot_refusal`]).
+    pub fn snapshot_refusal(&self) -> Option<String> {
+        self.device.snapshot_refusal()
     }
 
     /// The registers, for a snapshot (see [`TransportState`]).

@@ -36,7 +36,7 @@ use std::path::{Path, PathBuf};
 /// The first bytes of every state file.
 pub const MAGIC: [u8; 8] = *b"AIRLKSNP";
 /// The state file format this VMM writes and reads.
-pub const FORMAT_VERSION: u32 = 1;
+pub const FORMAT_VERSION: u32 = 2;
 /// The largest state body read (vCPU and device state, not memory).
 pub const MAX_STATE_BYTES: u64 = 16 << 20;
 const HEADER_LEN: usize = 8 + 4 + 8 + 32;
@@ -136,6 +136,11 @@ pub struct Identity {
     pub cmdline: String,
     /// The weights image's SHA-256, hex, if the VM has one.
     pub weights: Option<String>,
+    /// The virtio-fs devices' tags, in device order (the guest's driver
+    /// reads them when it finds the devices, before the snapshot; the
+    /// guest mounts none before it, a restored guest mounts them when its
+    /// host tells it where).
+    pub shares: Vec<String>,
 }
 
 impl Identity {
@@ -145,7 +150,7 @@ impl Identity {
     /// # Errors
     /// [`SnapshotError::Mismatch`] naming it.
     pub fn check(&self, expected: &Identity) -> Result<(), SnapshotError> {
-        let fields: [(&'static str, String, String); 7] = [
+        let fields: [(&'static str, String, String); 8] = [
             ("VMM build", self.vmm.clone(), expected.vmm.clone()),
             ("kernel", self.kernel.clone(), expected.kernel.clone()),
             ("initramfs", self.initrd.clone(), expected.initrd.clone()),
@@ -168,6 +173,11 @@ impl Identity {
                 "weights image",
                 format!("{:?}", self.weights),
                 format!("{:?}", expected.weights),
+            ),
+            (
+                "shares",
+                format!("{:?}", self.shares),
+                format!("{:?}", expected.shares),
             ),
         ];
         match fields.into_iter().find(|(_, a, b)| a != b) {

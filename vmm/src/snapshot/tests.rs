@@ -14,6 +14,7 @@ fn identity() -> Identity {
         vcpus: 1,
         cmdline: "console=ttyS0 airlock.port=1024".into(),
         weights: None,
+        shares: vec![],
     }
 }
 
@@ -120,12 +121,13 @@ fn a_foreign_file_or_another_version_is_refused_before_its_body_is_read() {
         let r = read_state(&p, &identity());
         assert!(matches!(r, Err(SnapshotError::Foreign { .. })), "{r:?}");
     }
-    let mut v2 = bytes.clone();
-    v2[8..12].copy_from_slice(&2u32.to_le_bytes());
-    std::fs::write(&p, &v2).unwrap();
+    let mut other = bytes.clone();
+    let v = FORMAT_VERSION + 1;
+    other[8..12].copy_from_slice(&v.to_le_bytes());
+    std::fs::write(&p, &other).unwrap();
     let r = read_state(&p, &identity());
     assert!(
-        matches!(r, Err(SnapshotError::Version { found: 2, .. })),
+        matches!(r, Err(SnapshotError::Version { found, .. }) if found == v),
         "{r:?}"
     );
     // A header that claims a huge body is refused before allocating it.
@@ -140,13 +142,14 @@ fn a_foreign_file_or_another_version_is_refused_before_its_body_is_read() {
 fn a_snapshot_of_another_vmm_kernel_initramfs_or_shape_is_refused_naming_it() {
     let (_d, p) = written();
     type Change = fn(&mut Identity);
-    let cases: [(&str, Change); 6] = [
+    let cases: [(&str, Change); 7] = [
         ("VMM build", |i| i.vmm = "00".repeat(32)),
         ("kernel", |i| i.kernel = "00".repeat(32)),
         ("initramfs", |i| i.initrd = "00".repeat(32)),
         ("memory size (MiB)", |i| i.memory_mib = 512),
         ("vCPU count", |i| i.vcpus = 2),
         ("weights image", |i| i.weights = Some("11".repeat(32))),
+        ("shares", |i| i.shares = vec!["grant0".into()]),
     ];
     for (field, change) in cases {
         let mut expected = identity();

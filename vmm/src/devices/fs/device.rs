@@ -15,6 +15,7 @@ use fuse_backend_rs::api::server::Server;
 use fuse_backend_rs::transport::{Reader, VirtioFsWriter};
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::epoll::EpollEvent;
@@ -35,6 +36,10 @@ const T_QUEUE0: u64 = 1;
 pub struct VirtioFs {
     config: [u8; TAG_LEN + 4],
     worker: DeviceWorker,
+    /// Requests answered so far: a snapshot is made only before the
+    /// first (before the guest mounts the share), so it never carries a
+    /// FUSE session the restoring VMM's server would not have.
+    served: Arc<AtomicU64>,
 }
 
 impl VirtioFs {
@@ -61,20 +66,31 @@ impl VirtioFs {
         // num_request_queues
         config[TAG_LEN..].copy_from_slice(&1u32.to_le_bytes());
         let server = Server::new(Arc::new(share));
+        let served = Arc::new(AtomicU64::new(0));
+        let counted = served.clone();
         let dir = dir.to_path_buf();
         let setup = move || crate::jail::become_file_server(&dir).map_err(|e| e.to_string());
         let worker =
             DeviceWorker::spawn_as("airlock-fs", Role::Fs, filter, setup, move |a, stop| {
-                if let Err(e) = serve(a, &stop, &server) {
+                if let Err(e) = serve(a, &stop, &server, &counted) {
                     tracing::error!(error = %e, "virtio-fs stopped");
                 }
             })?;
-        Ok(Self { config, worker })
+        Ok(Self {
+            config,
+            worker,
+            served,
+        })
     }
 }
 
 /// Answer every chain on `queue`; whether any was used.
-fn drain(mem: &GuestMemoryMmap, queue: &mut Queue, server: &Server<Arc<Share>>) -> bool {
+fn drain(
+    mem: &GuestMemoryMmap,
+    queue: &mut Queue,
+    server: &Server<Arc<Share>>,
+    served: &AtomicU64,
+) -> bool {
     let mut used = false;
     loop {
         let chains: Vec<_> = match queue.iter(mem) {
@@ -88,6 +104,7 @@ fn drain(mem: &GuestMemoryMmap, queue: &mut Queue, server: &Server<Arc<Share>>) 
             return used;
         }
         for chain in chains {
+            served.fetch_add(1, Ordering::Relaxed);
             let head = chain.head_index();
             let written = match (
                 Reader::from_descriptor_chain(mem, chain.clone()),
@@ -112,7 +129,12 @@ fn drain(mem: &GuestMemoryMmap, queue: &mut Queue, server: &Server<Arc<Share>>) 
     }
 }
 
-fn serve(a: Activation, stop: &EventFd, server: &Server<Arc<Share>>) -> Result<(), VirtioError> {
+fn serve(
+    a: Activation,
+    stop: &EventFd,
+    server: &Server<Arc<Share>>,
+    served: &AtomicU64,
+) -> Result<(), VirtioError> {
     let Activation {
         mem,
         mut queues,
@@ -136,7 +158,7 @@ fn serve(a: Activation, stop: &EventFd, server: &Server<Arc<Share>>) -> Result<(
             // No event for 100 ms: look anyway, so a missed notification
             // costs latency, never a stall.
             for q in queues.iter_mut() {
-                used |= drain(&mem, q, server);
+                used |= drain(&mem, q, server, served);
             }
         }
         for ev in &events[..n] {
@@ -146,7 +168,7 @@ fn serve(a: Activation, stop: &EventFd, server: &Server<Arc<Share>>) -> Result<(
                     let i = (t - T_QUEUE0) as usize;
                     if let (Some(e), Some(q)) = (queue_evts.get(i), queues.get_mut(i)) {
                         let _ = e.read();
-                        used |= drain(&mem, q, server);
+                        used |= drain(&mem, q, server, served);
                     }
                 }
             }
@@ -190,6 +212,14 @@ impl VirtioDevice for VirtioFs {
     }
     fn shutdown(&mut self) {
         self.worker.stop();
+    }
+    fn snapshot_refusal(&self) -> Option<String> {
+        let n = self.served.load(Ordering::Relaxed);
+        (n > 0).then(|| {
+            format!(
+                "the guest has used this share ({n} requests): a snapshot is made before any share is mounted"
+            )
+        })
     }
 }
 

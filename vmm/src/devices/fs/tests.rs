@@ -749,7 +749,13 @@ fn the_device_answers_requests_on_its_queue() {
     rig.dev.read_config(0, &mut cfg);
     assert_eq!(&cfg[..7], b"grant0\0");
     assert_eq!(u32::from_le_bytes(cfg[36..].try_into().unwrap()), 1);
+    // Found by the driver, nothing mounted: it may be snapshotted.
+    assert_eq!(rig.dev.snapshot_refusal(), None);
     rig.ok(Opcode::Init, 0, &[INIT.as_slice()]);
+    // A FUSE session has begun: a snapshot would carry it to a VMM whose
+    // file server never saw it.
+    let why = rig.dev.snapshot_refusal().expect("refused after a request");
+    assert!(why.contains("before any share is mounted"), "{why}");
     assert!(rig.irq.read().unwrap() > 0, "the guest was interrupted");
     // A lone writable descriptor: no request at all.
     assert_eq!(
