@@ -3,6 +3,11 @@
 export AIRLOCK_CACHE="${AIRLOCK_CACHE:-$HOME/.cache/airlock}"
 mkdir -p "$AIRLOCK_CACHE"
 # Share the cargo target directory between clones (CI runs in a fresh clone).
+# Cargo tells stale from fresh by mtimes: a fresh clone's files are newer
+# than any artifact, so it always rebuilds what changed. A working tree
+# edited before another clone built into this directory is not: its edits
+# look older than that build (touch the edited files, or give the working
+# tree a CARGO_TARGET_DIR of its own).
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$AIRLOCK_CACHE/target}"
 
 # Each step says how long the one before it took and the time so far, so a
