@@ -140,24 +140,32 @@ fn example_bytes(name: &str) -> Vec<u8> {
         .unwrap_or_else(|e| panic!("{}: {e}; run `cargo xtask examples` first", p.display()))
 }
 
-#[test]
-fn a_refresh_hands_the_seed_and_clock_to_the_hook_and_a_bad_seed_is_refused() {
-    use std::sync::{Arc, Mutex};
-    let (mut host, mut guest) = UnixStream::pair().unwrap();
-    type Seen = Vec<(Vec<u8>, u64)>;
-    let got: Arc<Mutex<Seen>> = Arc::default();
-    let seen = got.clone();
+/// An agent applying refreshes with `hook`, on the other end of the
+/// returned host socket.
+fn serve_refreshing(
+    hook: impl Fn(&agent::Fresh<'_>) -> Result<(), String> + Send + 'static,
+) -> (UnixStream, JoinHandle<Result<SessionEnd, ProtoError>>) {
+    let (host, mut guest) = UnixStream::pair().unwrap();
     let t = std::thread::spawn(move || {
         let runner = Runner::new(EngineConfig {
             pooling: false,
             ..EngineConfig::default()
         })
         .unwrap();
-        let hook = move |f: &agent::Fresh<'_>| {
-            seen.lock().unwrap().push((f.seed.to_vec(), f.unix_ns));
-            Ok(())
-        };
         agent::serve_with(&mut guest, &runner, vec![], &hook)
+    });
+    (host, t)
+}
+
+#[test]
+fn a_refresh_hands_the_seed_and_clock_to_the_hook_and_a_bad_seed_is_refused() {
+    use std::sync::{Arc, Mutex};
+    type Seen = Vec<(Vec<u8>, u64)>;
+    let got: Arc<Mutex<Seen>> = Arc::default();
+    let seen = got.clone();
+    let (mut host, t) = serve_refreshing(move |f| {
+        seen.lock().unwrap().push((f.seed.to_vec(), f.unix_ns));
+        Ok(())
     });
     assert!(matches!(recv(&mut host), Message::Hello { .. }));
     let seed = [7u8; proto::REFRESH_SEED];
@@ -194,20 +202,11 @@ fn a_refresh_hands_the_seed_and_clock_to_the_hook_and_a_bad_seed_is_refused() {
 #[test]
 fn shares_are_mounted_once_before_any_load_and_only_plain_paths() {
     use std::sync::{Arc, Mutex};
-    let (mut host, mut guest) = UnixStream::pair().unwrap();
     let got: Arc<Mutex<Vec<proto::Mount>>> = Arc::default();
     let seen = got.clone();
-    let t = std::thread::spawn(move || {
-        let runner = Runner::new(EngineConfig {
-            pooling: false,
-            ..EngineConfig::default()
-        })
-        .unwrap();
-        let hook = move |f: &agent::Fresh<'_>| {
-            seen.lock().unwrap().extend_from_slice(f.mounts);
-            Ok(())
-        };
-        agent::serve_with(&mut guest, &runner, vec![], &hook)
+    let (mut host, t) = serve_refreshing(move |f| {
+        seen.lock().unwrap().extend_from_slice(f.mounts);
+        Ok(())
     });
     assert!(matches!(recv(&mut host), Message::Hello { .. }));
     let seed = [3u8; proto::REFRESH_SEED];
@@ -267,15 +266,7 @@ fn shares_are_mounted_once_before_any_load_and_only_plain_paths() {
 fn a_refresh_sent_before_the_hello_is_read_is_answered_after_it() {
     // The host pipelines: Refresh right after connecting, then reads
     // Hello, then Refreshed.
-    let (mut host, mut guest) = UnixStream::pair().unwrap();
-    let t = std::thread::spawn(move || {
-        let runner = Runner::new(EngineConfig {
-            pooling: false,
-            ..EngineConfig::default()
-        })
-        .unwrap();
-        agent::serve_with(&mut guest, &runner, vec![], &|_: &agent::Fresh<'_>| Ok(()))
-    });
+    let (mut host, t) = serve_refreshing(|_| Ok(()));
     let seed = [9u8; proto::REFRESH_SEED];
     proto::write_frame(
         &mut host,
