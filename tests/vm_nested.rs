@@ -862,6 +862,17 @@ fn file_grants_and_attacks_on_them_give_the_same_results_and_audit_in_both_walls
 }
 
 #[test]
+fn an_unjailed_vmm_serves_its_shares_by_the_descriptors_it_inherits() {
+    // Without a jail the shares stay inherited descriptors, which the
+    // file server opens again at the guest's FUSE_INIT (closed, every
+    // such call once failed with ECONNREFUSED in the guest).
+    let (v, code) = scenario("files-unjailed-vm");
+    assert_eq!(code, 0, "{v}");
+    assert_eq!(v["result"]["ok"]["ok"], "parity notes\n", "{v}");
+    assert_eq!(v["start"], "restore", "{v}");
+}
+
+#[test]
 fn making_empty_files_costs_the_write_limit_in_both_walls() {
     // 100 empty files under a 16 KiB write limit: the fifth entry is past
     // it (4 KiB each), in a microVM (the runner and the VMM's file server

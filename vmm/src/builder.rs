@@ -366,7 +366,13 @@ fn attach_shares(
                 Some(c) => s.capped(c.clone()),
                 None => s,
             });
-        share.close_inherited();
+        // An inherited descriptor is still here only when the VMM is not
+        // jailed (a jail binds the share and closes it first): there is no
+        // jail root to leave through it, and the file server opens the
+        // share's root again by it at the guest's FUSE_INIT — closed, that
+        // failed every call with a share in an unjailed VMM (the guest saw
+        // ECONNREFUSED), and a reused number could have named another
+        // file. It lives as long as the process.
         let device = opened
             .map_err(|e| VmmError::Device {
                 device: slot.name,

@@ -267,10 +267,10 @@ impl ShareConfig {
         }
     }
 
-    /// Close the inherited descriptor, once the directory is held another
-    /// way (bound into the jail, or opened by the file server): a
-    /// descriptor of a host directory outside a jail's root would be a way
-    /// out of it (`..`).
+    /// Close the inherited descriptor, once the directory is bound into
+    /// the jail: a descriptor of a host directory outside a jail's root
+    /// would be a way out of it (`..`). (Unjailed, it stays open: the file
+    /// server opens the root again by it at each FUSE_INIT.)
     pub fn close_inherited(&self) {
         if let Some(fd) = self.inherited_fd() {
             // SAFETY: the descriptor was inherited for this share alone

@@ -601,6 +601,10 @@ parity_host() {
   echo "NESTED-RESULT-END $1-host 0"
 }
 scenario files-parity-vm 1200 run $E/escape.wasm --policy /tmp/parity.toml --calls /tmp/parity-calls.json $VMRUN
+# An unjailed VMM (`--jail off`, as a non-root user gets) serves its shares
+# by the descriptors it inherits: a read through the read-only grant.
+scenario files-unjailed-vm 600 run $E/escape.wasm --policy /tmp/parity.toml --tool read-outside \
+  --args '{"path": "/data/notes.txt"}' $VMRUN --jail off
 wanted files-parity-vm && parity_host files-parity-vm
 scenario files-parity-process 300 run $E/escape.wasm --policy /tmp/parity.toml --calls /tmp/parity-calls.json --isolation process
 wanted files-parity-process && parity_host files-parity-process
