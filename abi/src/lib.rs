@@ -39,6 +39,23 @@ pub fn boot_stage_name(code: u8) -> Option<&'static str> {
 /// the charge within a call and the measure between calls agree.
 pub const ENTRY_WRITE_BYTES: u64 = 4096;
 
+/// Directories (virtio-fs devices) one VM can share at most.
+pub const MAX_SHARES: usize = 4;
+
+/// The longest virtio-fs tag (the device's config space holds 36 bytes).
+pub const SHARE_TAG_LEN: usize = 36;
+
+/// Whether `tag` can name a share: 1..=[`SHARE_TAG_LEN`] ASCII letters,
+/// digits, `-` or `_`. The VMM refuses a configuration with another, and
+/// the guest a mount that names one.
+pub fn is_share_tag(tag: &str) -> bool {
+    !tag.is_empty()
+        && tag.len() <= SHARE_TAG_LEN
+        && tag
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -53,5 +70,15 @@ mod tests {
         assert_eq!(boot_stage_code("nope"), None);
         assert_eq!(boot_stage_name(0), None);
         assert_eq!(boot_stage_name(200), None);
+    }
+
+    #[test]
+    fn share_tags_are_device_shaped() {
+        for ok in ["grant0", "a", "A-b_9", &"x".repeat(SHARE_TAG_LEN)] {
+            assert!(is_share_tag(ok), "{ok}");
+        }
+        for bad in ["", "a b", "a/b", "a\0", "é", &"x".repeat(SHARE_TAG_LEN + 1)] {
+            assert!(!is_share_tag(bad), "{bad:?}");
+        }
     }
 }

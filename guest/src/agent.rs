@@ -52,8 +52,12 @@ fn refusal(seed: &[u8], mounts: &[proto::Mount], mounted: bool, loaded: bool) ->
     if mounted || loaded {
         return Some("Shares are mounted once, before any component is loaded.".to_string());
     }
-    if mounts.len() > 4 {
-        return Some(format!("{} shares; a VM has at most 4.", mounts.len()));
+    if mounts.len() > airlock_abi::MAX_SHARES {
+        return Some(format!(
+            "{} shares; a VM has at most {}.",
+            mounts.len(),
+            airlock_abi::MAX_SHARES
+        ));
     }
     for (i, m) in mounts.iter().enumerate() {
         if let Err(e) = m.check() {

@@ -93,20 +93,14 @@ pub struct Mount {
 }
 
 impl Mount {
-    /// Whether the guest can take it: a tag of 1..=36 letters, digits, `-`
-    /// or `_` (as the VMM names its devices), and a path that is absolute,
+    /// Whether the guest can take it: a tag the VMM takes
+    /// ([`airlock_abi::is_share_tag`]), and a path that is absolute,
     /// not `/`, and made of plain components (no `.`, `..` or empty ones).
     ///
     /// # Errors
     /// What is wrong, naming the field.
     pub fn check(&self) -> Result<(), String> {
-        let tag_ok = !self.tag.is_empty()
-            && self.tag.len() <= 36
-            && self
-                .tag
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
-        if !tag_ok {
+        if !airlock_abi::is_share_tag(&self.tag) {
             return Err(format!("mount tag {:?} is not a device tag", self.tag));
         }
         let plain = self.path.strip_prefix('/').is_some_and(|rest| {

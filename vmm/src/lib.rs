@@ -563,12 +563,7 @@ impl VmConfig {
             });
         }
         for (i, s) in self.shares.iter().enumerate() {
-            let ok_tag = !s.tag.is_empty()
-                && s.tag.len() <= devices::fs::device::TAG_LEN
-                && s.tag
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
-            if !ok_tag {
+            if !airlock_abi::is_share_tag(&s.tag) {
                 return Err(VmmError::Config {
                     field: "shares",
                     message: format!(

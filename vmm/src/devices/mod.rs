@@ -110,7 +110,7 @@ pub const PMEM: MmioSlot = MmioSlot {
     irq: 6,
 };
 /// virtio-fs: one per shared host directory.
-pub const FS_SLOTS: [MmioSlot; 4] = [
+pub const FS_SLOTS: [MmioSlot; airlock_abi::MAX_SHARES] = [
     MmioSlot {
         name: "fs0",
         base: 0xd000_2000,

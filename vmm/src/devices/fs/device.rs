@@ -27,7 +27,7 @@ use vmm_sys_util::eventfd::EventFd;
 /// accepts (`fuse_backend_rs` answers INIT with 256 pages).
 pub const QUEUE_SIZE: u16 = 256;
 /// Longest tag the config space holds.
-pub const TAG_LEN: usize = 36;
+pub const TAG_LEN: usize = airlock_abi::SHARE_TAG_LEN;
 
 const T_STOP: u64 = 0;
 const T_QUEUE0: u64 = 1;
