@@ -484,17 +484,11 @@ impl std::io::Read for ChunkReader {
 /// the server; a server without TLS is refused under sslmode=require.
 #[test]
 fn postgres_tls_is_verified() {
-    use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
-    let ca_key = KeyPair::generate().unwrap();
-    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    let ca = ca_params.self_signed(&ca_key).unwrap();
-    let issuer = Issuer::new(ca_params, ca_key);
-    let key = KeyPair::generate().unwrap();
-    let cert = CertificateParams::new(vec!["127.0.0.1".to_string()])
-        .unwrap()
-        .signed_by(&key, &issuer)
-        .unwrap();
+    let airlock_testkit::tls::TestPki {
+        ca,
+        leaf: cert,
+        leaf_key: key,
+    } = airlock_testkit::tls::ca_and_leaf(&["127.0.0.1"]);
     let pg = Postgres::start_tls(&cert.pem(), &key.serialize_pem());
     let url = format!("{}?sslmode=require", pg.database("tls"));
     let meta = PgMeta::connect(&url, ca.pem().as_bytes()).expect("TLS with the private CA");

@@ -554,19 +554,10 @@ mod tests {
     /// `hello over tls` to every request on `accepts` connections. Returns
     /// the CA (PEM) and the port.
     fn tls_server(accepts: usize) -> (String, u16) {
-        use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
         use rustls::pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
         use std::io::{Read, Write};
-        let ca_key = KeyPair::generate().unwrap();
-        let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
-        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        let ca = ca_params.self_signed(&ca_key).unwrap();
-        let issuer = Issuer::new(ca_params, ca_key);
-        let leaf_key = KeyPair::generate().unwrap();
-        let leaf = CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()])
-            .unwrap()
-            .signed_by(&leaf_key, &issuer)
-            .unwrap();
+        let airlock_testkit::tls::TestPki { ca, leaf, leaf_key } =
+            airlock_testkit::tls::ca_and_leaf(&["localhost", "127.0.0.1"]);
         let config = rustls::ServerConfig::builder_with_provider(Arc::new(
             rustls::crypto::ring::default_provider(),
         ))

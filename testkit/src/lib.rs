@@ -5,3 +5,4 @@
 
 pub mod postgres;
 pub mod s3;
+pub mod tls;
