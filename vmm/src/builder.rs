@@ -4,6 +4,7 @@
 //! fails with its own [`VmmError`] variant.
 
 use crate::devices::fs::device::VirtioFs;
+use crate::devices::fs::window::DaxWindow;
 use crate::devices::marker::BootMarker;
 use crate::devices::pmem::{Pmem, PmemMapping};
 use crate::devices::rtc::Rtc;
@@ -173,6 +174,8 @@ pub(crate) struct Devices {
     /// The weights mapping behind the pmem memory slot; `run` drops it
     /// only after the VM fd.
     pub weights: Option<PmemMapping>,
+    /// The shares' DAX windows behind their memory slots; as `weights`.
+    pub windows: Vec<Arc<DaxWindow>>,
 }
 
 impl Devices {
@@ -290,6 +293,7 @@ pub(crate) fn attach_devices(
         virtio: Vec::new(),
         cmdline: Vec::new(),
         weights: None,
+        windows: Vec::new(),
     };
     // Shares first: their worker threads take what they need of a jail's
     // capabilities, then this thread drops them all, before any other
@@ -360,7 +364,12 @@ fn attach_shares(
         crate::process::MAX_OPEN_FILES,
         cfg.shares.len(),
     );
-    for (share, slot) in cfg.shares.iter().zip(devices::FS_SLOTS) {
+    for (i, (share, slot)) in cfg.shares.iter().zip(devices::FS_SLOTS).enumerate() {
+        let window = dax_window(vm, i).map_err(|e| VmmError::Device {
+            device: slot.name,
+            source: crate::devices::virtio_mmio::VirtioError::Activate(format!("DAX window: {e}")),
+        })?;
+        devs.windows.push(window.clone());
         let opened = devices::fs::share::Share::new(&share.open_path(), share.read_only, limits)
             .map(|s| match &cap {
                 Some(c) => s.capped(c.clone()),
@@ -387,6 +396,7 @@ fn attach_shares(
                     &share.dir,
                     s,
                     cfg.seccomp.as_ref().map(|f| f.fs.clone()),
+                    Some((devices::fs_window_base(i), window)),
                 )
                 .map_err(|source| VmmError::Device {
                     device: slot.name,
@@ -396,6 +406,25 @@ fn attach_shares(
         attach_virtio(devs, vm, mem, slot, Box::new(device))?;
     }
     Ok(())
+}
+
+/// Share `i`'s DAX window, reserved and made its read-only memory slot
+/// (every share has one, so a VM's devices — and its snapshot's shape —
+/// do not depend on which shares the guest maps files from).
+fn dax_window(vm: &VmFd, i: usize) -> Result<Arc<DaxWindow>, String> {
+    let window = DaxWindow::new(devices::fs::window::WINDOW_SIZE).map_err(|e| e.to_string())?;
+    let r = kvm_userspace_memory_region {
+        slot: devices::FS_WINDOW_FIRST_SLOT + i as u32,
+        flags: kvm_bindings::KVM_MEM_READONLY,
+        guest_phys_addr: devices::fs_window_base(i),
+        memory_size: window.len(),
+        userspace_addr: window.host_addr(),
+    };
+    // SAFETY: `window` is a live reservation of `window.len()` bytes that
+    // only its file server maps files into; it is kept in `Devices`, which
+    // `run` drops only after the VM fd.
+    unsafe { vm.set_user_memory_region(r) }.map_err(|e| format!("set memory region: {e}"))?;
+    Ok(window)
 }
 
 /// The filter device threads install, if the VMM runs filtered.

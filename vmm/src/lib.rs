@@ -282,6 +282,9 @@ impl ShareConfig {
 
 /// Guest-physical base of the pmem region (above RAM and the MMIO hole).
 pub const PMEM_BASE: u64 = devices::MMIO_HOLE.end;
+/// The largest weights image: the pmem region ends below the virtio-fs
+/// DAX windows ([`devices::FS_WINDOWS_BASE`]).
+pub const MAX_PMEM_BYTES: u64 = devices::FS_WINDOWS_BASE - PMEM_BASE;
 
 /// The guest's vsock device.
 #[derive(Debug, Clone)]
@@ -775,6 +778,7 @@ pub fn run(cfg: &VmConfig) -> Result<RunReport, VmmError> {
         console,
         marker,
         weights,
+        windows,
         ..
     } = devices;
     drop(buses);
@@ -782,6 +786,7 @@ pub fn run(cfg: &VmConfig) -> Result<RunReport, VmmError> {
     drop(vcpus);
     drop(vm);
     drop(weights);
+    drop(windows);
     let guest_resident_bytes = resident_bytes(&memory.mem);
     let rss_anon_kib = rss_anon_kib();
     drop(memory);

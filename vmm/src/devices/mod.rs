@@ -132,6 +132,21 @@ pub const FS_SLOTS: [MmioSlot; airlock_abi::MAX_SHARES] = [
         irq: 11,
     },
 ];
+/// Guest-physical base of the virtio-fs DAX windows (one per share,
+/// [`FS_WINDOW_STRIDE`] apart), high above RAM, the MMIO hole and the
+/// weights' pmem region (which must end below it).
+pub const FS_WINDOWS_BASE: u64 = 64 << 30;
+/// Distance between two shares' windows: each starts on its own 1 GiB
+/// boundary (the guest hot-plugs each as device memory).
+pub const FS_WINDOW_STRIDE: u64 = 1 << 30;
+/// The first KVM memory slot of the windows (0 is RAM, 1 the weights).
+pub const FS_WINDOW_FIRST_SLOT: u32 = 2;
+
+/// Where share `i`'s DAX window starts (guest-physical).
+pub const fn fs_window_base(i: usize) -> u64 {
+    FS_WINDOWS_BASE + i as u64 * FS_WINDOW_STRIDE
+}
+
 /// Every virtio-mmio device.
 pub const MMIO_SLOTS: [MmioSlot; 6] = [
     VSOCK,
@@ -278,6 +293,20 @@ mod tests {
             "virtio_mmio.device=4K@0xd0000000:5",
             "the guest parses this form"
         );
+    }
+
+    #[test]
+    fn dax_windows_are_apart_aligned_and_above_everything_else() {
+        let window = fs::window::WINDOW_SIZE;
+        assert!(window <= FS_WINDOW_STRIDE);
+        for i in 0..FS_SLOTS.len() {
+            let base = fs_window_base(i);
+            assert_eq!(base % FS_WINDOW_STRIDE, 0);
+            assert!(base >= crate::PMEM_BASE + crate::MAX_PMEM_BYTES);
+            // Below 2^39: x86-64 CPUs address at least 39 physical bits
+            // (Intel's client parts; AMD's and servers more).
+            assert!(base + window <= 1 << 39);
+        }
     }
 
     #[test]

@@ -54,6 +54,12 @@ impl PmemMapping {
                 "its size ({len} bytes) must be a non-zero multiple of {PMEM_ALIGN} bytes (pad it with truncate)"
             )));
         }
+        if len > crate::MAX_PMEM_BYTES {
+            return Err(err(format!(
+                "its size ({len} bytes) is more than the {} bytes a VM maps",
+                crate::MAX_PMEM_BYTES
+            )));
+        }
         let len = usize::try_from(len).map_err(|_| err("too large".into()))?;
         // SAFETY: a fresh mapping (addr NULL) of an open file descriptor with
         // a length equal to the file's size; the result is checked.

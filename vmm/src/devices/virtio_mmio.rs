@@ -23,6 +23,7 @@ use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
 // Shared-memory region registers (virtio 1.2 MMIO layout).
+const SHM_SEL: u32 = 0x0ac;
 const SHM_LEN_LOW: u32 = 0x0b0;
 const SHM_LEN_HIGH: u32 = 0x0b4;
 const SHM_BASE_LOW: u32 = 0x0b8;
@@ -232,6 +233,11 @@ pub trait VirtioDevice: Send {
     fn snapshot_refusal(&self) -> Option<String> {
         None
     }
+    /// Shared-memory region `id` (virtio 1.2, 2.10): its guest-physical
+    /// base and length, if the device has one.
+    fn shm_region(&self, _id: u32) -> Option<(u64, u64)> {
+        None
+    }
 }
 
 /// How the driver configured one queue (fixed once the device runs).
@@ -308,6 +314,7 @@ pub struct MmioTransport {
     driver_features_sel: u32,
     driver_features: u64,
     queue_sel: u32,
+    shm_sel: u32,
     status: u32,
     config_generation: u32,
     activated: bool,
@@ -342,6 +349,7 @@ impl MmioTransport {
             driver_features_sel: 0,
             driver_features: 0,
             queue_sel: 0,
+            shm_sel: 0,
             status: 0,
             config_generation: 0,
             activated: false,
@@ -379,10 +387,22 @@ impl MmioTransport {
             VIRTIO_MMIO_INTERRUPT_STATUS => self.interrupt.status.load(Ordering::SeqCst),
             VIRTIO_MMIO_STATUS => self.status,
             VIRTIO_MMIO_CONFIG_GENERATION => self.config_generation,
-            // No shared memory regions: SHMLen and SHMBase read all ones
-            // (virtio 1.2, 4.2.2). Zero would announce an empty region at
-            // address 0, which Linux's virtio-fs fails to reserve (EBUSY).
-            SHM_LEN_LOW | SHM_LEN_HIGH | SHM_BASE_LOW | SHM_BASE_HIGH => u32::MAX,
+            // The selected shared-memory region; none: SHMLen and SHMBase
+            // read all ones (virtio 1.2, 4.2.2). Zero would announce an
+            // empty region at address 0, which Linux's virtio-fs fails to
+            // reserve (EBUSY).
+            SHM_LEN_LOW | SHM_LEN_HIGH | SHM_BASE_LOW | SHM_BASE_HIGH => {
+                let (base, len) = self
+                    .device
+                    .shm_region(self.shm_sel)
+                    .unwrap_or((u64::MAX, u64::MAX));
+                match offset as u32 {
+                    SHM_LEN_LOW => len as u32,
+                    SHM_LEN_HIGH => (len >> 32) as u32,
+                    SHM_BASE_LOW => base as u32,
+                    _ => (base >> 32) as u32,
+                }
+            }
             _ => 0,
         };
         let bytes = v.to_le_bytes();
@@ -411,6 +431,7 @@ impl MmioTransport {
                 _ => {}
             },
             VIRTIO_MMIO_QUEUE_SEL => self.queue_sel = v,
+            SHM_SEL => self.shm_sel = v,
             VIRTIO_MMIO_QUEUE_NUM if configurable => {
                 if let Some(q) = self.queue() {
                     q.set_size(v as u16);
@@ -723,7 +744,7 @@ mod tests {
         let irq = Arc::new(EventFd::new(libc::EFD_NONBLOCK).unwrap());
         let evt = EventFd::new(libc::EFD_NONBLOCK).unwrap();
         let mut t = MmioTransport::new(Box::new(Quiet), mem, irq, vec![evt]).unwrap();
-        t.write(0x0ac, &0u32.to_le_bytes()); // SHMSel
+        t.write(u64::from(SHM_SEL), &0u32.to_le_bytes());
         for reg in [SHM_LEN_LOW, SHM_LEN_HIGH, SHM_BASE_LOW, SHM_BASE_HIGH] {
             let mut v = [0u8; 4];
             t.read(u64::from(reg), &mut v);
@@ -732,5 +753,47 @@ mod tests {
         let mut v = [0u8; 4];
         t.read(u64::from(VIRTIO_MMIO_DEVICE_ID), &mut v);
         assert_eq!(u32::from_le_bytes(v), 26);
+    }
+
+    /// A device with a region reports its base and length when it is
+    /// selected, and all ones for any other id.
+    #[test]
+    fn a_device_with_shared_memory_reports_it_by_id() {
+        struct Windowed;
+        impl VirtioDevice for Windowed {
+            fn device_type(&self) -> u32 {
+                26
+            }
+            fn features(&self) -> u64 {
+                0
+            }
+            fn queue_max_sizes(&self) -> &[u16] {
+                &[16]
+            }
+            fn read_config(&self, _: u64, _: &mut [u8]) {}
+            fn activate(&mut self, _: Activation) -> Result<(), VirtioError> {
+                Ok(())
+            }
+            fn shutdown(&mut self) {}
+            fn shm_region(&self, id: u32) -> Option<(u64, u64)> {
+                (id == 0).then_some((0x10_2000_0000, 0x400_0000))
+            }
+        }
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x1_0000)]).unwrap();
+        let irq = Arc::new(EventFd::new(libc::EFD_NONBLOCK).unwrap());
+        let evt = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let mut t = MmioTransport::new(Box::new(Windowed), mem, irq, vec![evt]).unwrap();
+        let read = |t: &MmioTransport, reg: u32| {
+            let mut v = [0u8; 4];
+            t.read(u64::from(reg), &mut v);
+            u32::from_le_bytes(v)
+        };
+        let regs = [SHM_LEN_LOW, SHM_LEN_HIGH, SHM_BASE_LOW, SHM_BASE_HIGH];
+        let got: Vec<u32> = regs.iter().map(|r| read(&t, *r)).collect();
+        assert_eq!(got, [0x400_0000, 0, 0x2000_0000, 0x10]);
+        t.write(u64::from(SHM_SEL), &1u32.to_le_bytes());
+        for reg in regs {
+            assert_eq!(read(&t, reg), u32::MAX, "register {reg:#x}");
+        }
     }
 }

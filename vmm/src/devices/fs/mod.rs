@@ -6,6 +6,7 @@ pub mod device;
 #[cfg(any(test, feature = "fuzzing"))]
 pub mod raw;
 pub mod share;
+pub mod window;
 
 #[cfg(test)]
 mod tests;

@@ -3,6 +3,7 @@
 //! for the unit tests and the fuzzer.
 
 use super::share::{Share, ShareLimits};
+use super::window::{DaxWindow, WindowRequests};
 use fuse_backend_rs::abi::fuse_abi::OutHeader;
 use fuse_backend_rs::api::server::Server;
 use fuse_backend_rs::transport::{Reader, VirtioFsWriter};
@@ -27,6 +28,7 @@ pub struct RawFuse {
     /// The share served.
     pub share: Arc<Share>,
     mem: GuestMemoryMmap,
+    window: Option<WindowRequests>,
 }
 
 impl RawFuse {
@@ -49,7 +51,16 @@ impl RawFuse {
             share,
             mem: GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x40_0000)])
                 .expect("guest memory"),
+            window: None,
         }
+    }
+
+    /// Serve SETUPMAPPING and REMOVEMAPPING into `window`, as a device
+    /// with a DAX window does.
+    #[must_use]
+    pub fn with_window(mut self, window: Arc<DaxWindow>) -> Self {
+        self.window = Some(WindowRequests(window));
+        self
     }
 
     /// Send `request` (header included, at most [`MAX_REQUEST`] bytes) in a
@@ -90,7 +101,14 @@ impl RawFuse {
         let writer = VirtioFsWriter::new(&self.mem, chain).ok()?;
         let written = self
             .server
-            .handle_message(reader, writer.into(), None, None)
+            .handle_message(
+                reader,
+                writer.into(),
+                self.window
+                    .as_mut()
+                    .map(|w| w as &mut dyn fuse_backend_rs::transport::FsCacheReqHandler),
+                None,
+            )
             .unwrap_or(0);
         if written < std::mem::size_of::<OutHeader>() {
             return None;
@@ -127,7 +145,8 @@ pub fn fuzz_one(data: &[u8]) {
                 max_inodes: 64,
                 max_handles: 16,
             },
-        );
+        )
+        .with_window(DaxWindow::new(4 * super::window::MAP_ALIGN).expect("DAX window"));
         // INIT (FUSE 7.31), so the fuzzer reaches every opcode.
         let mut init = Vec::new();
         init.extend_from_slice(&(40u32 + 16).to_le_bytes()); // len

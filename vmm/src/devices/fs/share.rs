@@ -19,6 +19,9 @@
 //!   looked up (or listed with READDIRPLUS) and not forgotten (each holds
 //!   a host descriptor), and open handles (CVE-2020-10717); past the caps
 //!   it gets `ENFILE`/`EMFILE`, never a silently short listing.
+//! * A DAX mapping (`FUSE_SETUPMAPPING`) is of a regular file only and
+//!   never writable (`EROFS` on a read-only share, `EPERM` on another);
+//!   the device's [`super::window::DaxWindow`] bounds where it goes.
 //! * Requests run with the server's own credentials: the guest's uid/gid
 //!   in a request never switch the host thread's (`id_remap`).
 //! * What the guest writes is capped when the share has a [`WriteCap`]
@@ -32,10 +35,12 @@
 use fuse_backend_rs::abi::fuse_abi::{
     CreateIn, FsOptions, OpenOptions, SetattrValid, stat64, statvfs64,
 };
+use fuse_backend_rs::abi::virtio_fs::{RemovemappingOne, SetupmappingFlags};
 use fuse_backend_rs::api::filesystem::{
     Context, DirEntry, Entry, FileSystem, ZeroCopyReader, ZeroCopyWriter,
 };
 use fuse_backend_rs::passthrough::{CachePolicy, Config, PassthroughFs};
+use fuse_backend_rs::transport::FsCacheReqHandler;
 use std::collections::HashMap;
 use std::ffi::CStr;
 use std::io;
@@ -676,5 +681,46 @@ impl FileSystem for Share {
         whence: u32,
     ) -> io::Result<u64> {
         self.inner.lseek(ctx, inode, handle, offset, whence)
+    }
+
+    /// A piece of a regular file into the device's DAX window, read-only
+    /// (the window checks the offsets and the length): never writable,
+    /// never a directory, device node or link (the passthrough reopens
+    /// the inode for the mapping, so this is an open like any other).
+    #[allow(clippy::too_many_arguments)]
+    fn setupmapping(
+        &self,
+        ctx: &Context,
+        inode: u64,
+        handle: u64,
+        foffset: u64,
+        len: u64,
+        flags: u64,
+        moffset: u64,
+        vu_req: &mut dyn FsCacheReqHandler,
+    ) -> io::Result<()> {
+        if flags & SetupmappingFlags::WRITE.bits() != 0 {
+            return Err(if self.read_only {
+                erofs()
+            } else {
+                errno(libc::EPERM)
+            });
+        }
+        let (st, _) = self.inner.getattr(ctx, inode, None)?;
+        if st.st_mode & libc::S_IFMT != libc::S_IFREG {
+            return Err(errno(libc::EACCES));
+        }
+        self.inner
+            .setupmapping(ctx, inode, handle, foffset, len, flags, moffset, vu_req)
+    }
+
+    fn removemapping(
+        &self,
+        ctx: &Context,
+        inode: u64,
+        requests: Vec<RemovemappingOne>,
+        vu_req: &mut dyn FsCacheReqHandler,
+    ) -> io::Result<()> {
+        self.inner.removemapping(ctx, inode, requests, vu_req)
     }
 }

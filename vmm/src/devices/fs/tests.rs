@@ -4,12 +4,17 @@
 
 use super::raw::RawFuse;
 use super::share::ShareLimits;
+use super::window::{DaxWindow, MAP_ALIGN};
 use fuse_backend_rs::abi::fuse_abi::{
     CreateIn, EntryOut, ForgetIn, InHeader, InitIn, LinkIn, MkdirIn, MknodIn, Opcode, OpenIn,
     OpenOut, ReadIn, Rename2In, RenameIn, SetattrIn, WriteIn,
 };
+use fuse_backend_rs::abi::virtio_fs::{
+    RemovemappingIn, RemovemappingOne, SetupmappingFlags, SetupmappingIn,
+};
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
+use std::sync::Arc;
 use vm_memory::ByteValued;
 
 const ROOT: u64 = 1;
@@ -163,6 +168,254 @@ fn tree() -> tempfile::TempDir {
 }
 
 const EROFS: i32 = -libc::EROFS;
+
+/// A SETUPMAPPING body: `pieces` of [`MAP_ALIGN`] of the file from
+/// `foffset` into the window at `moffset`, for reading.
+fn setup(foffset: u64, moffset: u64, pieces: u64) -> SetupmappingIn {
+    SetupmappingIn {
+        fh: u64::MAX, // Linux sends no handle: the mapping is by inode
+        foffset,
+        len: pieces * MAP_ALIGN,
+        flags: SetupmappingFlags::READ.bits(),
+        moffset,
+    }
+}
+
+/// A REMOVEMAPPING body for `ranges` (window offset, length).
+fn removal(ranges: &[(u64, u64)]) -> Vec<u8> {
+    let mut body = RemovemappingIn {
+        count: ranges.len() as u32,
+    }
+    .as_slice()
+    .to_vec();
+    for (moffset, len) in ranges {
+        body.extend_from_slice(
+            RemovemappingOne {
+                moffset: *moffset,
+                len: *len,
+            }
+            .as_slice(),
+        );
+    }
+    body
+}
+
+/// A share with a 3-piece file whose every 8 bytes say their offset, and
+/// a client whose server maps into a 4-piece window.
+fn dax_share(read_only: bool) -> (tempfile::TempDir, Fuse, Arc<DaxWindow>, u64) {
+    let d = tree();
+    let bytes: Vec<u8> = (0..3 * MAP_ALIGN / 8)
+        .flat_map(|i| (i * 8).to_le_bytes())
+        .collect();
+    std::fs::write(d.path().join("big"), bytes).unwrap();
+    let window = DaxWindow::new(4 * MAP_ALIGN).unwrap();
+    let share = super::share::Share::new(d.path(), read_only, ShareLimits::default()).unwrap();
+    let mut f = Fuse {
+        raw: RawFuse::serving(share).with_window(window.clone()),
+        unique: 0,
+    };
+    let (err, _) = f.call(Opcode::Init, 0, &[INIT.as_slice()]);
+    assert_eq!(err, 0, "INIT");
+    let big = f.lookup(ROOT, b"big").unwrap().nodeid;
+    (d, f, window, big)
+}
+
+#[test]
+fn dax_mappings_show_the_files_host_pages_and_go_away() {
+    let (d, mut f, window, big) = dax_share(true);
+    // The file's second piece into the window's third, then its third
+    // (1 MiB past its end: a partial piece) into the first.
+    assert_eq!(
+        f.call(
+            Opcode::SetupMapping,
+            big,
+            &[setup(MAP_ALIGN, 2 * MAP_ALIGN, 1).as_slice()]
+        )
+        .0,
+        0
+    );
+    assert_eq!(
+        f.call(
+            Opcode::SetupMapping,
+            big,
+            &[setup(2 * MAP_ALIGN, 0, 1).as_slice()]
+        )
+        .0,
+        0
+    );
+    assert_eq!(window.pieces_mapped(), 2);
+    let at = |w: &DaxWindow, offset: u64| {
+        // SAFETY: the tests map these ranges to the file, within its size.
+        u64::from_le_bytes(unsafe { w.read(offset, 8) }.try_into().unwrap())
+    };
+    assert_eq!(at(&window, 2 * MAP_ALIGN), MAP_ALIGN);
+    assert_eq!(at(&window, 2 * MAP_ALIGN + 4096), MAP_ALIGN + 4096);
+    assert_eq!(at(&window, 8), 2 * MAP_ALIGN + 8);
+    // The host's pages, not a copy: a change on the host shows.
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .open(d.path().join("big"))
+        .unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&file, &7u64.to_le_bytes(), MAP_ALIGN).unwrap();
+    assert_eq!(at(&window, 2 * MAP_ALIGN), 7);
+    // Mapping again over a mapped piece replaces it.
+    assert_eq!(
+        f.call(
+            Opcode::SetupMapping,
+            big,
+            &[setup(0, 2 * MAP_ALIGN, 1).as_slice()]
+        )
+        .0,
+        0
+    );
+    assert_eq!(at(&window, 2 * MAP_ALIGN + 16), 16);
+    assert_eq!(window.pieces_mapped(), 2);
+    // Removed one at a time, then all at once (length all ones).
+    assert_eq!(
+        f.call(Opcode::RemoveMapping, big, &[&removal(&[(0, MAP_ALIGN)])])
+            .0,
+        0
+    );
+    assert_eq!(window.pieces_mapped(), 1);
+    assert_eq!(
+        f.call(Opcode::SetupMapping, big, &[setup(0, 0, 2).as_slice()])
+            .0,
+        0
+    );
+    assert_eq!(window.pieces_mapped(), 3);
+    assert_eq!(
+        f.call(Opcode::RemoveMapping, big, &[&removal(&[(0, u64::MAX)])])
+            .0,
+        0
+    );
+    assert_eq!(window.pieces_mapped(), 0);
+    // No descriptor is held for a mapping (nor after it).
+    assert_eq!(f.raw.share.handles_open(), 0);
+}
+
+#[test]
+fn dax_mappings_refuse_what_a_hostile_guest_asks() {
+    let (_d, mut f, window, big) = dax_share(true);
+    let einval = -libc::EINVAL;
+    let mut asks: Vec<(&str, SetupmappingIn, i32)> = vec![
+        (
+            "writable",
+            SetupmappingIn {
+                flags: SetupmappingFlags::WRITE.bits() | SetupmappingFlags::READ.bits(),
+                ..setup(0, 0, 1)
+            },
+            EROFS,
+        ),
+        ("unaligned window offset", setup(0, 4096, 1), einval),
+        ("unaligned file offset", setup(4096, 0, 1), einval),
+        (
+            "unaligned length",
+            SetupmappingIn {
+                len: MAP_ALIGN + 4096,
+                ..setup(0, 0, 1)
+            },
+            einval,
+        ),
+        ("empty", setup(0, 0, 0), einval),
+        ("past the window's end", setup(0, 3 * MAP_ALIGN, 2), einval),
+        ("outside the window", setup(0, 4 * MAP_ALIGN, 1), einval),
+        (
+            "wrapping around",
+            SetupmappingIn {
+                len: u64::MAX - MAP_ALIGN + 1,
+                ..setup(0, 2 * MAP_ALIGN, 0)
+            },
+            einval,
+        ),
+        ("file offset past any off_t", setup(1 << 63, 0, 1), einval),
+    ];
+    for name in ["sub", "fifo", "out"] {
+        let node = f.lookup(ROOT, name.as_bytes()).unwrap().nodeid;
+        asks.push((
+            name,
+            SetupmappingIn {
+                fh: node,
+                ..setup(0, 0, 1)
+            },
+            -libc::EACCES,
+        ));
+    }
+    if nix::unistd::geteuid().is_root() {
+        let null = f.lookup(ROOT, b"null").unwrap().nodeid;
+        asks.push((
+            "a device node",
+            SetupmappingIn {
+                fh: null,
+                ..setup(0, 0, 1)
+            },
+            -libc::EACCES,
+        ));
+    }
+    for (what, body, want) in asks {
+        // The special files' asks carry their node in `fh` (see above).
+        let node = if body.fh == u64::MAX { big } else { body.fh };
+        let body = SetupmappingIn {
+            fh: u64::MAX,
+            ..body
+        };
+        assert_eq!(
+            f.call(Opcode::SetupMapping, node, &[body.as_slice()]).0,
+            want,
+            "{what}"
+        );
+        assert_eq!(window.pieces_mapped(), 0, "{what}");
+    }
+    // An inode the guest never looked up.
+    assert_ne!(
+        f.call(Opcode::SetupMapping, 9_999, &[setup(0, 0, 1).as_slice()])
+            .0,
+        0
+    );
+    // Removals outside the window or unaligned change nothing.
+    assert_eq!(
+        f.call(Opcode::SetupMapping, big, &[setup(0, 0, 1).as_slice()])
+            .0,
+        0
+    );
+    for r in [
+        (4096, MAP_ALIGN),
+        (0, 4096),
+        (3 * MAP_ALIGN, 2 * MAP_ALIGN),
+        (u64::MAX - 4095, MAP_ALIGN),
+    ] {
+        assert_eq!(
+            f.call(Opcode::RemoveMapping, big, &[&removal(&[r])]).0,
+            einval,
+            "{r:?}"
+        );
+    }
+    assert_eq!(window.pieces_mapped(), 1);
+    // A count larger than the request holds is an error, not a read past it.
+    let mut body = removal(&[(0, MAP_ALIGN)]);
+    body[..4].copy_from_slice(&1000u32.to_le_bytes());
+    assert_ne!(f.call(Opcode::RemoveMapping, big, &[&body]).0, 0);
+    // On a read-write share a writable mapping is refused too.
+    let (_d, mut rw, rw_window, big) = dax_share(false);
+    let writable = SetupmappingIn {
+        flags: SetupmappingFlags::WRITE.bits(),
+        ..setup(0, 0, 1)
+    };
+    assert_eq!(
+        rw.call(Opcode::SetupMapping, big, &[writable.as_slice()]).0,
+        -libc::EPERM
+    );
+    assert_eq!(rw_window.pieces_mapped(), 0);
+    // A device without a window maps nothing.
+    let d = tree();
+    let mut plain = Fuse::new(d.path(), true, ShareLimits::default());
+    let a = plain.lookup(ROOT, b"a.txt").unwrap().nodeid;
+    assert_eq!(
+        plain
+            .call(Opcode::SetupMapping, a, &[setup(0, 0, 1).as_slice()])
+            .0,
+        einval
+    );
+}
 
 #[test]
 fn a_read_only_share_refuses_every_change_whatever_the_guest_sends() {
@@ -593,6 +846,7 @@ fn each_new_entry_costs_the_write_cap_and_a_failed_one_costs_nothing() {
 /// test process (status 159) with a line naming it.
 struct Rig<'m> {
     dev: super::device::VirtioFs,
+    window: std::sync::Arc<super::window::DaxWindow>,
     mem: &'m vm_memory::GuestMemoryMmap,
     req: virtio_queue::mock::MockSplitQueue<'m, vm_memory::GuestMemoryMmap>,
     kick: vmm_sys_util::eventfd::EventFd,
@@ -610,8 +864,15 @@ impl<'m> Rig<'m> {
         crate::seccomp::install_trap_handler().unwrap();
         let filters = crate::seccomp::Filters::load(crate::seccomp::Mode::Enforce).unwrap();
         let share = super::share::Share::new(root, read_only, ShareLimits::default()).unwrap();
-        let mut dev =
-            super::device::VirtioFs::new("grant0", root, share, Some(filters.fs)).unwrap();
+        let window = super::window::DaxWindow::new(4 * super::window::MAP_ALIGN).unwrap();
+        let mut dev = super::device::VirtioFs::new(
+            "grant0",
+            root,
+            share,
+            Some(filters.fs),
+            Some((crate::devices::fs_window_base(0), window.clone())),
+        )
+        .unwrap();
         let hiprio = virtio_queue::mock::MockSplitQueue::create(mem, GuestAddress(0x1000), 16);
         let req = virtio_queue::mock::MockSplitQueue::create(mem, GuestAddress(0x4000), 128);
         let evts: Vec<EventFd> = (0..2)
@@ -631,6 +892,7 @@ impl<'m> Rig<'m> {
         .unwrap();
         Self {
             dev,
+            window,
             mem,
             req,
             kick,
@@ -802,6 +1064,11 @@ fn the_fs_worker_serves_every_operation_under_its_filter() {
         ..Default::default()
     };
     assert_eq!(rig.ok(Opcode::Read, a, &[read.as_slice()]), b"hello");
+    // Map it into the DAX window and take it out again.
+    rig.ok(Opcode::SetupMapping, a, &[setup(0, 0, 1).as_slice()]);
+    assert_eq!(rig.window.pieces_mapped(), 1);
+    rig.ok(Opcode::RemoveMapping, a, &[&removal(&[(0, MAP_ALIGN)])]);
+    assert_eq!(rig.window.pieces_mapped(), 0);
     let mut lseek = Vec::new();
     for v in [fh, 1, 0] {
         lseek.extend_from_slice(&v.to_le_bytes());

@@ -1,0 +1,234 @@
+//! The DAX window of a virtio-fs device: a range of guest-physical memory
+//! (a read-only KVM memory slot) into which the file server maps pieces
+//! of the share's files at the guest's request (`FUSE_SETUPMAPPING`), so
+//! the guest reads them straight from the host's page cache — no FUSE
+//! round trip per read, no copy into fresh guest pages, and every VM
+//! reading one file reads the same host pages.
+//!
+//! The window is reserved once (`PROT_NONE`, no memory behind it); a
+//! mapping replaces a piece with the file's pages, read-only and shared;
+//! a removal puts the reservation back.
+//!
+//! **Invariants** (each has a unit test):
+//! * Only this reservation is ever mapped over: a request whose offset or
+//!   length is not a multiple of [`MAP_ALIGN`] (the guest kernel's own
+//!   unit), or that reaches past the window's end (checked without
+//!   overflow), is `EINVAL` before any `mmap`; so the pieces, and the
+//!   host's memory-map entries for them, are at most `len / MAP_ALIGN`.
+//! * Mappings are never writable: a request with the write flag is
+//!   `EPERM` whatever the share (the slot is `KVM_MEM_READONLY` too, so a
+//!   guest write is an MMIO exit, never a store into a host file).
+//! * The window is not part of the guest memory the devices use
+//!   (`GuestMemoryMmap`): a guest pointing a queue descriptor into it gets
+//!   an invalid-address error, never a VMM thread reading a file mapping
+//!   (which could fault past the end of a file).
+//! * A guest that reads a piece it never mapped (or a mapped file past its
+//!   end) makes `KVM_RUN` fail: its own VM ends, nothing else.
+
+use fuse_backend_rs::abi::virtio_fs::{RemovemappingOne, SetupmappingFlags};
+use fuse_backend_rs::transport::FsCacheReqHandler;
+use std::io;
+use std::os::fd::RawFd;
+use std::sync::{Arc, Mutex};
+
+/// Size of each share's window (guest-physical): 32 pieces of
+/// [`MAP_ALIGN`]. The guest holds a `struct page` per 4 KiB of it (1 MiB
+/// of guest memory), and reclaims its oldest pieces when it runs out.
+pub const WINDOW_SIZE: u64 = 64 << 20;
+/// The unit of a mapping: Linux's virtio-fs maps 2 MiB pieces
+/// (`FUSE_DAX_SZ`) at 2 MiB-aligned window and file offsets.
+pub const MAP_ALIGN: u64 = 2 << 20;
+
+fn einval() -> io::Error {
+    io::Error::from_raw_os_error(libc::EINVAL)
+}
+
+/// A reserved window (see the module docs).
+#[derive(Debug)]
+pub struct DaxWindow {
+    addr: *mut libc::c_void,
+    len: u64,
+    /// Which pieces hold a file mapping now.
+    mapped: Mutex<Vec<bool>>,
+}
+
+// SAFETY: the window is a range of this process's address space that only
+// `map`/`unmap` change (under `mapped`'s lock) and only KVM reads; the
+// pointer is never dereferenced by Rust code outside the tests.
+unsafe impl Send for DaxWindow {}
+// SAFETY: as above.
+unsafe impl Sync for DaxWindow {}
+
+impl DaxWindow {
+    /// Reserve a window of `len` bytes (a non-zero multiple of
+    /// [`MAP_ALIGN`]), nothing mapped.
+    ///
+    /// # Errors
+    /// A bad length, or the reservation fails.
+    pub fn new(len: u64) -> io::Result<Arc<Self>> {
+        if len == 0 || !len.is_multiple_of(MAP_ALIGN) {
+            return Err(einval());
+        }
+        let size = usize::try_from(len).map_err(|_| einval())?;
+        // SAFETY: a fresh anonymous reservation (addr NULL, no access, no
+        // swap reserved); the result is checked.
+        let addr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                size,
+                libc::PROT_NONE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                -1,
+                0,
+            )
+        };
+        if addr == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(Arc::new(Self {
+            addr,
+            len,
+            mapped: Mutex::new(vec![false; (len / MAP_ALIGN) as usize]),
+        }))
+    }
+
+    /// Host address of the window (for its memory slot).
+    pub fn host_addr(&self) -> u64 {
+        self.addr as u64
+    }
+
+    /// Its length in bytes.
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    /// Never empty (a window has at least one piece).
+    pub fn is_empty(&self) -> bool {
+        false
+    }
+
+    /// Pieces holding a file mapping now.
+    pub fn pieces_mapped(&self) -> usize {
+        self.pieces().iter().filter(|m| **m).count()
+    }
+
+    fn pieces(&self) -> std::sync::MutexGuard<'_, Vec<bool>> {
+        self.mapped.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The pieces `[moffset, moffset + len)` covers, if that range is
+    /// aligned and inside the window.
+    fn range(&self, moffset: u64, len: u64) -> io::Result<std::ops::Range<usize>> {
+        let end = moffset.checked_add(len).ok_or_else(einval)?;
+        if len == 0 || !moffset.is_multiple_of(MAP_ALIGN) || !len.is_multiple_of(MAP_ALIGN) || end > self.len {
+            return Err(einval());
+        }
+        Ok((moffset / MAP_ALIGN) as usize..(end / MAP_ALIGN) as usize)
+    }
+
+    /// Map `len` bytes of `fd` from `foffset` at `moffset`, read-only.
+    fn map_file(&self, foffset: u64, moffset: u64, len: u64, fd: RawFd) -> io::Result<()> {
+        let pieces = self.range(moffset, len)?;
+        if !foffset.is_multiple_of(MAP_ALIGN) {
+            return Err(einval());
+        }
+        let foffset = libc::off_t::try_from(foffset).map_err(|_| einval())?;
+        let mut mapped = self.pieces();
+        // SAFETY: the target range lies inside this window's reservation
+        // (checked above) and MAP_FIXED replaces only that range; the file
+        // is mapped read-only and shared; the result is checked.
+        let r = unsafe {
+            libc::mmap(
+                self.addr.cast::<u8>().add(moffset as usize).cast(),
+                len as usize,
+                libc::PROT_READ,
+                libc::MAP_SHARED | libc::MAP_FIXED | libc::MAP_NORESERVE,
+                fd,
+                foffset,
+            )
+        };
+        if r == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        mapped[pieces].fill(true);
+        Ok(())
+    }
+
+    /// Put the reservation back over `[moffset, moffset + len)`.
+    fn unmap_range(&self, moffset: u64, len: u64) -> io::Result<()> {
+        let pieces = self.range(moffset, len)?;
+        let mut mapped = self.pieces();
+        // SAFETY: as in `map_file`: a range inside the reservation, made
+        // an anonymous no-access reservation again.
+        let r = unsafe {
+            libc::mmap(
+                self.addr.cast::<u8>().add(moffset as usize).cast(),
+                len as usize,
+                libc::PROT_NONE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE | libc::MAP_FIXED,
+                -1,
+                0,
+            )
+        };
+        if r == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        mapped[pieces].fill(false);
+        Ok(())
+    }
+
+    /// The window's bytes at `[offset, offset + n)`, for tests.
+    ///
+    /// # Safety
+    /// That range must be mapped to a file at least that long.
+    #[cfg(test)]
+    pub unsafe fn read(&self, offset: u64, n: usize) -> Vec<u8> {
+        // SAFETY: the caller's promise.
+        unsafe { std::slice::from_raw_parts(self.addr.cast::<u8>().add(offset as usize), n) }
+            .to_vec()
+    }
+}
+
+impl Drop for DaxWindow {
+    fn drop(&mut self) {
+        // SAFETY: the whole reservation (with whatever is mapped in it),
+        // owned by this value alone; KVM's slot over it is gone first
+        // (the VM fd is dropped before the devices' windows).
+        unsafe { libc::munmap(self.addr, self.len as usize) };
+    }
+}
+
+/// The file server's handle on a window (what `fuse-backend-rs` calls for
+/// SETUPMAPPING and REMOVEMAPPING).
+#[derive(Debug, Clone)]
+pub struct WindowRequests(pub Arc<DaxWindow>);
+
+impl FsCacheReqHandler for WindowRequests {
+    fn map(
+        &mut self,
+        foffset: u64,
+        moffset: u64,
+        len: u64,
+        flags: u64,
+        fd: RawFd,
+    ) -> io::Result<()> {
+        if flags & SetupmappingFlags::WRITE.bits() != 0 {
+            return Err(io::Error::from_raw_os_error(libc::EPERM));
+        }
+        self.0.map_file(foffset, moffset, len, fd)
+    }
+
+    fn unmap(&mut self, requests: Vec<RemovemappingOne>) -> io::Result<()> {
+        for r in requests {
+            // All ones: from `moffset` to the window's end (the protocol's
+            // "everything" spelling).
+            let len = if r.len == u64::MAX {
+                self.0.len.saturating_sub(r.moffset)
+            } else {
+                r.len
+            };
+            self.0.unmap_range(r.moffset, len)?;
+        }
+        Ok(())
+    }
+}
