@@ -157,7 +157,13 @@ mod linux {
         if read_only {
             flags |= MsFlags::MS_RDONLY;
         }
-        mount_fs(tag, path, "virtiofs", flags, read_only.then_some("dax=always"))?;
+        mount_fs(
+            tag,
+            path,
+            "virtiofs",
+            flags,
+            read_only.then_some("dax=always"),
+        )?;
         if let Err(e) = readahead(path, SHARE_READAHEAD_KB) {
             tracing::warn!(share = tag, error = %e, "virtio-fs readahead left at the default");
         }

@@ -223,6 +223,11 @@ fn dax_share(read_only: bool) -> (tempfile::TempDir, Fuse, Arc<DaxWindow>, u64) 
 #[test]
 fn dax_mappings_show_the_files_host_pages_and_go_away() {
     let (d, mut f, window, big) = dax_share(true);
+    assert_eq!(
+        window.host_addr() % MAP_ALIGN,
+        0,
+        "the window is 2 MiB-aligned"
+    );
     // The file's second piece into the window's third, then its third
     // (1 MiB past its end: a partial piece) into the first.
     assert_eq!(
