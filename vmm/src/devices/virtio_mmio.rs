@@ -636,7 +636,8 @@ mod tests {
     use super::*;
     use vm_memory::GuestAddress;
 
-    struct Quiet;
+    /// A device that does nothing, with shared-memory region 0 if given.
+    struct Quiet(Option<(u64, u64)>);
     impl VirtioDevice for Quiet {
         fn device_type(&self) -> u32 {
             26
@@ -652,6 +653,9 @@ mod tests {
             Ok(())
         }
         fn shutdown(&mut self) {}
+        fn shm_region(&self, id: u32) -> Option<(u64, u64)> {
+            self.0.filter(|_| id == 0)
+        }
     }
 
     /// Each queue's (next avail, next used, ready) as the device got it.
@@ -743,7 +747,7 @@ mod tests {
         let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x1_0000)]).unwrap();
         let irq = Arc::new(EventFd::new(libc::EFD_NONBLOCK).unwrap());
         let evt = EventFd::new(libc::EFD_NONBLOCK).unwrap();
-        let mut t = MmioTransport::new(Box::new(Quiet), mem, irq, vec![evt]).unwrap();
+        let mut t = MmioTransport::new(Box::new(Quiet(None)), mem, irq, vec![evt]).unwrap();
         t.write(u64::from(SHM_SEL), &0u32.to_le_bytes());
         for reg in [SHM_LEN_LOW, SHM_LEN_HIGH, SHM_BASE_LOW, SHM_BASE_HIGH] {
             let mut v = [0u8; 4];
@@ -759,30 +763,16 @@ mod tests {
     /// selected, and all ones for any other id.
     #[test]
     fn a_device_with_shared_memory_reports_it_by_id() {
-        struct Windowed;
-        impl VirtioDevice for Windowed {
-            fn device_type(&self) -> u32 {
-                26
-            }
-            fn features(&self) -> u64 {
-                0
-            }
-            fn queue_max_sizes(&self) -> &[u16] {
-                &[16]
-            }
-            fn read_config(&self, _: u64, _: &mut [u8]) {}
-            fn activate(&mut self, _: Activation) -> Result<(), VirtioError> {
-                Ok(())
-            }
-            fn shutdown(&mut self) {}
-            fn shm_region(&self, id: u32) -> Option<(u64, u64)> {
-                (id == 0).then_some((0x10_2000_0000, 0x400_0000))
-            }
-        }
         let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x1_0000)]).unwrap();
         let irq = Arc::new(EventFd::new(libc::EFD_NONBLOCK).unwrap());
         let evt = EventFd::new(libc::EFD_NONBLOCK).unwrap();
-        let mut t = MmioTransport::new(Box::new(Windowed), mem, irq, vec![evt]).unwrap();
+        let mut t = MmioTransport::new(
+            Box::new(Quiet(Some((0x10_2000_0000, 0x400_0000)))),
+            mem,
+            irq,
+            vec![evt],
+        )
+        .unwrap();
         let read = |t: &MmioTransport, reg: u32| {
             let mut v = [0u8; 4];
             t.read(u64::from(reg), &mut v);

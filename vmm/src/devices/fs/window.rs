@@ -153,52 +153,52 @@ impl DaxWindow {
 
     /// Map `len` bytes of `fd` from `foffset` at `moffset`, read-only.
     fn map_file(&self, foffset: u64, moffset: u64, len: u64, fd: RawFd) -> io::Result<()> {
-        let pieces = self.range(moffset, len)?;
         if !foffset.is_multiple_of(MAP_ALIGN) {
             return Err(einval());
         }
         let foffset = libc::off_t::try_from(foffset).map_err(|_| einval())?;
-        let mut mapped = self.pieces();
-        // SAFETY: the target range lies inside this window's reservation
-        // (checked above) and MAP_FIXED replaces only that range; the file
-        // is mapped read-only and shared; the result is checked.
-        let r = unsafe {
-            libc::mmap(
-                self.addr.cast::<u8>().add(moffset as usize).cast(),
-                len as usize,
-                libc::PROT_READ,
-                libc::MAP_SHARED | libc::MAP_FIXED | libc::MAP_NORESERVE,
-                fd,
-                foffset,
-            )
-        };
-        if r == libc::MAP_FAILED {
-            return Err(io::Error::last_os_error());
-        }
-        mapped[pieces].fill(true);
-        Ok(())
+        self.place(moffset, len, Some((fd, foffset)))
     }
 
     /// Put the reservation back over `[moffset, moffset + len)`.
     fn unmap_range(&self, moffset: u64, len: u64) -> io::Result<()> {
+        self.place(moffset, len, None)
+    }
+
+    /// Replace `[moffset, moffset + len)` (checked by [`Self::range`])
+    /// with `file` (a descriptor and offset: read-only, shared) or, with
+    /// `None`, with the no-access reservation; note which pieces hold a
+    /// file.
+    fn place(&self, moffset: u64, len: u64, file: Option<(RawFd, libc::off_t)>) -> io::Result<()> {
         let pieces = self.range(moffset, len)?;
+        let (prot, flags, fd, offset) = match file {
+            Some((fd, offset)) => (libc::PROT_READ, libc::MAP_SHARED, fd, offset),
+            None => (
+                libc::PROT_NONE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            ),
+        };
         let mut mapped = self.pieces();
-        // SAFETY: as in `map_file`: a range inside the reservation, made
-        // an anonymous no-access reservation again.
+        // SAFETY: the target range lies inside this window's reservation
+        // (`range` checked it) and MAP_FIXED replaces only that range, with
+        // a read-only file mapping or a no-access reservation; the result
+        // is checked.
         let r = unsafe {
             libc::mmap(
                 self.addr.cast::<u8>().add(moffset as usize).cast(),
                 len as usize,
-                libc::PROT_NONE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE | libc::MAP_FIXED,
-                -1,
-                0,
+                prot,
+                flags | libc::MAP_FIXED | libc::MAP_NORESERVE,
+                fd,
+                offset,
             )
         };
         if r == libc::MAP_FAILED {
             return Err(io::Error::last_os_error());
         }
-        mapped[pieces].fill(false);
+        mapped[pieces].fill(file.is_some());
         Ok(())
     }
 
