@@ -127,7 +127,7 @@ impl RawFuse {
 
 /// Entry point of the `fuse` fuzz target: `data` as one FUSE request to a
 /// read-write share of a small tree under the temp directory (made once
-/// per process), after INIT.
+/// per process) with an 8 MiB DAX window, after INIT.
 #[cfg(feature = "fuzzing")]
 pub fn fuzz_one(data: &[u8]) {
     use std::sync::{Mutex, OnceLock};
