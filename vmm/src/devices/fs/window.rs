@@ -9,7 +9,8 @@
 //! mapping replaces a piece with the file's pages, read-only and shared;
 //! a removal puts the reservation back.
 //!
-//! **Invariants** (each has a unit test):
+//! **Invariants** (the first two have unit tests in `tests.rs`; the last
+//! two follow from where the builder puts the window):
 //! * Only this reservation is ever mapped over: a request whose offset or
 //!   length is not a multiple of [`MAP_ALIGN`] (the guest kernel's own
 //!   unit), or that reaches past the window's end (checked without
@@ -53,8 +54,8 @@ pub struct DaxWindow {
 }
 
 // SAFETY: the window is a range of this process's address space that only
-// `map`/`unmap` change (under `mapped`'s lock) and only KVM reads; the
-// pointer is never dereferenced by Rust code outside the tests.
+// `place` changes (under `mapped`'s lock) and only KVM reads; the pointer
+// is never dereferenced by Rust code outside the tests.
 unsafe impl Send for DaxWindow {}
 // SAFETY: as above.
 unsafe impl Sync for DaxWindow {}
