@@ -250,12 +250,38 @@ impl Devices {
 }
 
 fn restore_err(device: &'static str, message: String) -> VmmError {
+    device_err(device, format!("snapshot state: {message}"))
+}
+
+/// `device` could not be set up: `message` says why.
+fn device_err(device: &'static str, message: String) -> VmmError {
     VmmError::Device {
         device,
-        source: crate::devices::virtio_mmio::VirtioError::Activate(format!(
-            "snapshot state: {message}"
-        )),
+        source: crate::devices::virtio_mmio::VirtioError::Activate(message),
     }
+}
+
+/// Make `len` bytes at `host` the read-only memory slot `slot` at
+/// guest-physical `gpa` (a guest write there is an MMIO exit).
+///
+/// # Safety
+/// `host..host + len` must be a live mapping that outlives the VM fd.
+unsafe fn read_only_slot(
+    vm: &VmFd,
+    slot: u32,
+    gpa: u64,
+    len: u64,
+    host: u64,
+) -> Result<(), kvm_ioctls::Error> {
+    let r = kvm_userspace_memory_region {
+        slot,
+        flags: kvm_bindings::KVM_MEM_READONLY,
+        guest_phys_addr: gpa,
+        memory_size: len,
+        userspace_addr: host,
+    };
+    // SAFETY: the caller's promise.
+    unsafe { vm.set_user_memory_region(r) }
 }
 
 fn eventfd() -> Result<EventFd, VmmError> {
@@ -299,10 +325,7 @@ pub(crate) fn attach_devices(
     // capabilities, then this thread drops them all, before any other
     // device thread (or vCPU) is started from it.
     attach_shares(&mut devs, vm, mem, cfg)?;
-    crate::jail::end_file_server_setup().map_err(|e| VmmError::Device {
-        device: "jail",
-        source: crate::devices::virtio_mmio::VirtioError::Activate(e.to_string()),
-    })?;
+    crate::jail::end_file_server_setup().map_err(|e| device_err("jail", e.to_string()))?;
     if let Some(v) = &cfg.vsock {
         if v.guest_cid < 3 {
             return Err(VmmError::Config {
@@ -324,17 +347,19 @@ pub(crate) fn attach_devices(
             device: devices::PMEM.name,
             source,
         })?;
-        let r = kvm_userspace_memory_region {
-            slot: 1,
-            flags: kvm_bindings::KVM_MEM_READONLY,
-            guest_phys_addr: PMEM_BASE,
-            memory_size: map.len(),
-            userspace_addr: map.host_addr(),
-        };
         // SAFETY: `map` is a live read-only mapping of `map.len()` bytes;
         // it moves into `Devices`, which `run` drops only after the VM fd
         // (and no vCPU runs before this function returns).
-        unsafe { vm.set_user_memory_region(r) }.map_err(kvm_err("set pmem memory region"))?;
+        unsafe {
+            read_only_slot(
+                vm,
+                devices::PMEM_SLOT,
+                PMEM_BASE,
+                map.len(),
+                map.host_addr(),
+            )
+        }
+        .map_err(kvm_err("set pmem memory region"))?;
         let dev = Pmem::new(PMEM_BASE, map.len(), device_filter(cfg)).map_err(|source| {
             VmmError::Device {
                 device: devices::PMEM.name,
@@ -365,10 +390,8 @@ fn attach_shares(
         cfg.shares.len(),
     );
     for (i, (share, slot)) in cfg.shares.iter().zip(devices::FS_SLOTS).enumerate() {
-        let window = dax_window(vm, i).map_err(|e| VmmError::Device {
-            device: slot.name,
-            source: crate::devices::virtio_mmio::VirtioError::Activate(format!("DAX window: {e}")),
-        })?;
+        let window =
+            dax_window(vm, i).map_err(|e| device_err(slot.name, format!("DAX window: {e}")))?;
         devs.windows.push(window.clone());
         let opened = devices::fs::share::Share::new(&share.open_path(), share.read_only, limits)
             .map(|s| match &cap {
@@ -383,13 +406,7 @@ fn attach_shares(
         // ECONNREFUSED), and a reused number could have named another
         // file. It lives as long as the process.
         let device = opened
-            .map_err(|e| VmmError::Device {
-                device: slot.name,
-                source: crate::devices::virtio_mmio::VirtioError::Activate(format!(
-                    "sharing {}: {e}",
-                    share.dir.display()
-                )),
-            })
+            .map_err(|e| device_err(slot.name, format!("sharing {}: {e}", share.dir.display())))
             .and_then(|s| {
                 VirtioFs::new(
                     &share.tag,
@@ -413,17 +430,19 @@ fn attach_shares(
 /// do not depend on which shares the guest maps files from).
 fn dax_window(vm: &VmFd, i: usize) -> Result<Arc<DaxWindow>, String> {
     let window = DaxWindow::new(devices::fs::window::WINDOW_SIZE).map_err(|e| e.to_string())?;
-    let r = kvm_userspace_memory_region {
-        slot: devices::FS_WINDOW_FIRST_SLOT + i as u32,
-        flags: kvm_bindings::KVM_MEM_READONLY,
-        guest_phys_addr: devices::fs_window_base(i),
-        memory_size: window.len(),
-        userspace_addr: window.host_addr(),
-    };
     // SAFETY: `window` is a live reservation of `window.len()` bytes that
     // only its file server maps files into; it is kept in `Devices`, which
     // `run` drops only after the VM fd.
-    unsafe { vm.set_user_memory_region(r) }.map_err(|e| format!("set memory region: {e}"))?;
+    unsafe {
+        read_only_slot(
+            vm,
+            devices::FS_WINDOW_FIRST_SLOT + i as u32,
+            devices::fs_window_base(i),
+            window.len(),
+            window.host_addr(),
+        )
+    }
+    .map_err(|e| format!("set memory region: {e}"))?;
     Ok(window)
 }
 

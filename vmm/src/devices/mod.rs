@@ -139,8 +139,10 @@ pub const FS_WINDOWS_BASE: u64 = 64 << 30;
 /// Distance between two shares' windows: each starts on its own 1 GiB
 /// boundary (the guest hot-plugs each as device memory).
 pub const FS_WINDOW_STRIDE: u64 = 1 << 30;
-/// The first KVM memory slot of the windows (0 is RAM, 1 the weights).
-pub const FS_WINDOW_FIRST_SLOT: u32 = 2;
+/// The KVM memory slot of the weights' pmem region (0 is RAM).
+pub const PMEM_SLOT: u32 = 1;
+/// The first KVM memory slot of the windows (after RAM and the weights).
+pub const FS_WINDOW_FIRST_SLOT: u32 = PMEM_SLOT + 1;
 
 /// Where share `i`'s DAX window starts (guest-physical).
 pub const fn fs_window_base(i: usize) -> u64 {
