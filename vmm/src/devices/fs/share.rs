@@ -302,10 +302,16 @@ impl Share {
 
     /// Only regular files and directories are opened.
     fn openable(&self, ctx: &Context, inode: u64) -> io::Result<()> {
+        self.of_type(ctx, inode, &[libc::S_IFREG, libc::S_IFDIR])
+    }
+
+    /// `inode` is one of `types` (`S_IF*`), else `EACCES`.
+    fn of_type(&self, ctx: &Context, inode: u64, types: &[u32]) -> io::Result<()> {
         let (st, _) = self.inner.getattr(ctx, inode, None)?;
-        match st.st_mode & libc::S_IFMT {
-            libc::S_IFREG | libc::S_IFDIR => Ok(()),
-            _ => Err(errno(libc::EACCES)),
+        if types.contains(&(st.st_mode & libc::S_IFMT)) {
+            Ok(())
+        } else {
+            Err(errno(libc::EACCES))
         }
     }
 }
@@ -706,10 +712,7 @@ impl FileSystem for Share {
                 errno(libc::EPERM)
             });
         }
-        let (st, _) = self.inner.getattr(ctx, inode, None)?;
-        if st.st_mode & libc::S_IFMT != libc::S_IFREG {
-            return Err(errno(libc::EACCES));
-        }
+        self.of_type(ctx, inode, &[libc::S_IFREG])?;
         self.inner
             .setupmapping(ctx, inode, handle, foffset, len, flags, moffset, vu_req)
     }
