@@ -413,7 +413,7 @@ fn attach_shares(
                     &share.dir,
                     s,
                     cfg.seccomp.as_ref().map(|f| f.fs.clone()),
-                    Some((devices::fs_window_base(i), window)),
+                    (devices::fs_window_base(i), window),
                 )
                 .map_err(|source| VmmError::Device {
                     device: slot.name,

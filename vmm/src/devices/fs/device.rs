@@ -42,13 +42,13 @@ pub struct VirtioFs {
     /// FUSE session the restoring VMM's server would not have.
     served: Arc<AtomicU64>,
     /// The DAX window: its guest-physical base and the reservation.
-    window: Option<(u64, Arc<DaxWindow>)>,
+    window: (u64, Arc<DaxWindow>),
 }
 
 impl VirtioFs {
     /// A device serving `share` (the directory `dir`) under `tag` (at most
     /// [`TAG_LEN`] bytes), with a DAX `window` at a guest-physical base
-    /// if given (the caller has made it a memory slot); its worker starts
+    /// (the caller has made it a memory slot); its worker starts
     /// now, takes the share's credentials in a jail
     /// ([`crate::jail::become_file_server`]), enters `filter` (if given)
     /// and waits for the guest's driver.
@@ -60,7 +60,7 @@ impl VirtioFs {
         dir: &std::path::Path,
         share: Share,
         filter: Option<Arc<BpfProgram>>,
-        window: Option<(u64, Arc<DaxWindow>)>,
+        window: (u64, Arc<DaxWindow>),
     ) -> Result<Self, VirtioError> {
         if tag.is_empty() || tag.len() > TAG_LEN || tag.contains('\0') {
             return Err(VirtioError::Activate(format!(
@@ -75,12 +75,12 @@ impl VirtioFs {
         let served = Arc::new(AtomicU64::new(0));
         let counted = served.clone();
         let dir = dir.to_path_buf();
-        let requests = window.as_ref().map(|(_, w)| WindowRequests(w.clone()));
+        let requests = WindowRequests(window.1.clone());
         let setup = move || crate::jail::become_file_server(&dir).map_err(|e| e.to_string());
         let worker =
             DeviceWorker::spawn_as("airlock-fs", Role::Fs, filter, setup, move |a, stop| {
                 let mut requests = requests;
-                if let Err(e) = serve(a, &stop, &server, &counted, requests.as_mut()) {
+                if let Err(e) = serve(a, &stop, &server, &counted, &mut requests) {
                     tracing::error!(error = %e, "virtio-fs stopped");
                 }
             })?;
@@ -99,7 +99,7 @@ fn drain(
     queue: &mut Queue,
     server: &Server<Arc<Share>>,
     served: &AtomicU64,
-    mut window: Option<&mut WindowRequests>,
+    window: &mut WindowRequests,
 ) -> bool {
     let mut used = false;
     loop {
@@ -121,14 +121,7 @@ fn drain(
                 VirtioFsWriter::new(mem, chain),
             ) {
                 (Ok(r), Ok(w)) => server
-                    .handle_message(
-                        r,
-                        w.into(),
-                        window
-                            .as_deref_mut()
-                            .map(|w| w as &mut dyn fuse_backend_rs::transport::FsCacheReqHandler),
-                        None,
-                    )
+                    .handle_message(r, w.into(), Some(&mut *window), None)
                     .unwrap_or_else(|e| {
                         tracing::debug!(error = %e, "virtio-fs request failed");
                         0
@@ -151,7 +144,7 @@ fn serve(
     stop: &EventFd,
     server: &Server<Arc<Share>>,
     served: &AtomicU64,
-    mut window: Option<&mut WindowRequests>,
+    window: &mut WindowRequests,
 ) -> Result<(), VirtioError> {
     let Activation {
         mem,
@@ -176,7 +169,7 @@ fn serve(
             // No event for 100 ms: look anyway, so a missed notification
             // costs latency, never a stall.
             for q in queues.iter_mut() {
-                used |= drain(&mem, q, server, served, window.as_deref_mut());
+                used |= drain(&mem, q, server, served, window);
             }
         }
         for ev in &events[..n] {
@@ -186,7 +179,7 @@ fn serve(
                     let i = (t - T_QUEUE0) as usize;
                     if let (Some(e), Some(q)) = (queue_evts.get(i), queues.get_mut(i)) {
                         let _ = e.read();
-                        used |= drain(&mem, q, server, served, window.as_deref_mut());
+                        used |= drain(&mem, q, server, served, window);
                     }
                 }
             }
@@ -233,10 +226,8 @@ impl VirtioDevice for VirtioFs {
     }
     fn shm_region(&self, id: u32) -> Option<(u64, u64)> {
         // Region 0 is the cache (VIRTIO_FS_SHMCAP_ID_CACHE).
-        match (&self.window, id) {
-            (Some((base, w)), 0) => Some((*base, w.len())),
-            _ => None,
-        }
+        let (base, w) = &self.window;
+        (id == 0).then(|| (*base, w.len()))
     }
     fn snapshot_refusal(&self) -> Option<String> {
         let n = self.served.load(Ordering::Relaxed);

@@ -875,7 +875,7 @@ impl<'m> Rig<'m> {
             root,
             share,
             Some(filters.fs),
-            Some((crate::devices::fs_window_base(0), window.clone())),
+            (crate::devices::fs_window_base(0), window.clone()),
         )
         .unwrap();
         let hiprio = virtio_queue::mock::MockSplitQueue::create(mem, GuestAddress(0x1000), 16);
