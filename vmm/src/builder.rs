@@ -173,7 +173,7 @@ pub(crate) struct Devices {
     pub cmdline: Vec<String>,
     /// The weights mapping behind the pmem memory slot; `run` drops it
     /// only after the VM fd.
-    pub weights: Option<PmemMapping>,
+    pub weights: Option<Arc<PmemMapping>>,
     /// The shares' DAX windows behind their memory slots; as `weights`.
     pub windows: Vec<Arc<DaxWindow>>,
 }
@@ -360,7 +360,8 @@ pub(crate) fn attach_devices(
             )
         }
         .map_err(kvm_err("set pmem memory region"))?;
-        let dev = Pmem::new(PMEM_BASE, map.len(), device_filter(cfg)).map_err(|source| {
+        let map = Arc::new(map);
+        let dev = Pmem::new(PMEM_BASE, map.clone(), device_filter(cfg)).map_err(|source| {
             VmmError::Device {
                 device: devices::PMEM.name,
                 source,

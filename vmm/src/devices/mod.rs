@@ -14,6 +14,7 @@
 //! rows, so no device address is written anywhere else.
 
 pub mod fs;
+pub mod huge;
 pub mod marker;
 pub mod pmem;
 pub mod rtc;

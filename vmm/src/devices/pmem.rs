@@ -15,6 +15,7 @@
 use super::virtio_mmio::{Activation, DeviceWorker, VirtioDevice, VirtioError};
 use std::os::fd::AsRawFd;
 use std::path::Path;
+use std::sync::Arc;
 use virtio_queue::QueueT;
 use vm_memory::Bytes;
 use vmm_sys_util::epoll::EpollEvent;
@@ -61,20 +62,28 @@ impl PmemMapping {
             )));
         }
         let len = usize::try_from(len).map_err(|_| err("too large".into()))?;
-        // SAFETY: a fresh mapping (addr NULL) of an open file descriptor with
-        // a length equal to the file's size; the result is checked.
+        // At a 2 MiB-aligned host address, like its guest address, so the
+        // image's huge page-cache folios (see `huge`) map whole.
+        let at =
+            super::huge::reserve(len).map_err(|e| err(format!("reserving address space: {e}")))?;
+        // SAFETY: MAP_FIXED over the reservation just made (`len` bytes,
+        // owned here), with a length equal to the file's size; the result
+        // is checked and the reservation given back on failure.
         let addr = unsafe {
             libc::mmap(
-                std::ptr::null_mut(),
+                at,
                 len,
                 libc::PROT_READ,
-                libc::MAP_SHARED | libc::MAP_NORESERVE,
+                libc::MAP_SHARED | libc::MAP_NORESERVE | libc::MAP_FIXED,
                 file.as_raw_fd(),
                 0,
             )
         };
         if addr == libc::MAP_FAILED {
-            return Err(err(format!("mmap: {}", std::io::Error::last_os_error())));
+            let e = std::io::Error::last_os_error();
+            // SAFETY: the reservation made above, unused.
+            unsafe { libc::munmap(at, len) };
+            return Err(err(format!("mmap: {e}")));
         }
         Ok(Self { addr, len })
     }
@@ -92,6 +101,16 @@ impl PmemMapping {
     /// Whether it is empty (never: `open` refuses empty images).
     pub fn is_empty(&self) -> bool {
         self.len == 0
+    }
+
+    /// Have the host hold the image in huge pages (`huge::collapse`):
+    /// once per host it copies the image into 2 MiB folios, after that it
+    /// finds them made. Best effort, logged.
+    pub fn collapse(&self) {
+        match super::huge::collapse(self.addr as usize, self.len) {
+            Ok(()) => tracing::debug!(len = self.len, "weights image in huge pages"),
+            Err(e) => tracing::debug!(error = %e, "weights image stays in 4 KiB pages"),
+        }
     }
 }
 
@@ -113,20 +132,28 @@ pub struct Pmem {
 }
 
 impl Pmem {
-    /// A device describing a region at guest-physical `start` of `size`
-    /// bytes; its worker thread starts now (under `filter`, if given).
+    /// A device describing `image` at guest-physical `start`; its worker
+    /// thread starts now (under `filter`, if given) and, once the driver
+    /// is up, has the host hold the image in huge pages
+    /// ([`PmemMapping::collapse`], off the path of the VM's start).
     ///
     /// # Errors
     /// The worker cannot start.
     pub fn new(
         start: u64,
-        size: u64,
-        filter: Option<std::sync::Arc<crate::seccomp::BpfProgram>>,
+        image: Arc<PmemMapping>,
+        filter: Option<Arc<crate::seccomp::BpfProgram>>,
     ) -> Result<Self, VirtioError> {
+        let size = image.len();
+        let body = move |a: Activation, stop: EventFd| {
+            image.collapse();
+            drop(image);
+            serve(a, stop);
+        };
         Ok(Self {
             start,
             size,
-            worker: DeviceWorker::spawn("airlock-pmem", filter, serve)?,
+            worker: DeviceWorker::spawn("airlock-pmem", filter, body)?,
         })
     }
 }
@@ -229,7 +256,11 @@ mod tests {
 
     #[test]
     fn config_space_is_start_then_size_little_endian() {
-        let p = Pmem::new(0x1_0000_0000, 4 << 20, None).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let image = dir.path().join("image");
+        std::fs::write(&image, vec![0u8; 4 << 20]).unwrap();
+        let image = Arc::new(PmemMapping::open(&image).unwrap());
+        let p = Pmem::new(0x1_0000_0000, image, None).unwrap();
         let mut b = [0u8; 16];
         p.read_config(0, &mut b);
         assert_eq!(
@@ -255,7 +286,13 @@ mod tests {
         std::fs::write(&good, &data).unwrap();
         let m = PmemMapping::open(&good).unwrap();
         assert_eq!(m.len(), PMEM_ALIGN);
+        assert_eq!(m.host_addr() % PMEM_ALIGN, 0, "2 MiB-aligned on the host");
         // SAFETY: the mapping is live and at least 5 bytes long.
+        let head = unsafe { std::slice::from_raw_parts(m.host_addr() as *const u8, 5) };
+        assert_eq!(head, b"erofs");
+        // Collapsed or not (the host decides), it reads the same.
+        m.collapse();
+        // SAFETY: as above.
         let head = unsafe { std::slice::from_raw_parts(m.host_addr() as *const u8, 5) };
         assert_eq!(head, b"erofs");
         let e = PmemMapping::open(&dir.path().join("missing.img"))

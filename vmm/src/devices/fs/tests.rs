@@ -4,7 +4,7 @@
 
 use super::raw::RawFuse;
 use super::share::ShareLimits;
-use super::window::{DaxWindow, MAP_ALIGN};
+use super::window::{COLLAPSE_BUDGET, DaxWindow, MAP_ALIGN};
 use fuse_backend_rs::abi::fuse_abi::{
     CreateIn, EntryOut, ForgetIn, InHeader, InitIn, LinkIn, MkdirIn, MknodIn, Opcode, OpenIn,
     OpenOut, ReadIn, Rename2In, RenameIn, SetattrIn, WriteIn,
@@ -296,6 +296,45 @@ fn dax_mappings_show_the_files_host_pages_and_go_away() {
     assert_eq!(window.pieces_mapped(), 0);
     // No descriptor is held for a mapping (nor after it).
     assert_eq!(f.raw.share.handles_open(), 0);
+    // Each piece mapped took one unit of the collapse budget (5 pieces in
+    // 4 mappings); what a collapse made still reads the file's bytes.
+    assert_eq!(window.collapses_left(), COLLAPSE_BUDGET - 5);
+    assert_eq!(
+        f.call(Opcode::SetupMapping, big, &[setup(0, 0, 3).as_slice()])
+            .0,
+        0
+    );
+    assert_eq!(at(&window, 4 * 4096), 4 * 4096);
+    assert_eq!(at(&window, MAP_ALIGN), 7);
+    assert_eq!(at(&window, 2 * MAP_ALIGN + 64), 2 * MAP_ALIGN + 64);
+}
+
+/// A guest mapping and unmapping pieces forever cannot make the host
+/// collapse more than the budget: past it, pieces map in 4 KiB pages.
+#[test]
+fn dax_collapses_stop_at_the_budget() {
+    let (_d, mut f, window, big) = dax_share(true);
+    window.set_collapses_left(3);
+    for (moffset, pieces, left) in [
+        (0, 2, 1),
+        (2 * MAP_ALIGN, 2, 1),
+        (0, 1, 0),
+        (MAP_ALIGN, 1, 0),
+    ] {
+        assert_eq!(
+            f.call(
+                Opcode::SetupMapping,
+                big,
+                &[setup(0, moffset, pieces).as_slice()]
+            )
+            .0,
+            0
+        );
+        assert_eq!(window.collapses_left(), left, "{moffset} {pieces}");
+    }
+    // SAFETY: piece 1 maps the file's first piece, 3 pieces long.
+    let first = u64::from_le_bytes(unsafe { window.read(MAP_ALIGN + 8, 8) }.try_into().unwrap());
+    assert_eq!(first, 8);
 }
 
 #[test]
@@ -369,6 +408,7 @@ fn dax_mappings_refuse_what_a_hostile_guest_asks() {
             "{what}"
         );
         assert_eq!(window.pieces_mapped(), 0, "{what}");
+        assert_eq!(window.collapses_left(), COLLAPSE_BUDGET, "{what}");
     }
     // An inode the guest never looked up.
     assert_ne!(
@@ -1175,5 +1215,83 @@ fn the_fs_worker_serves_every_operation_under_its_filter() {
         i32::MIN
     );
     assert_eq!(std::fs::read(d.path().join("kept")).unwrap(), b"reme");
+    rig.dev.shutdown();
+}
+
+/// A guest that points a request's buffers into its DAX window (at a
+/// piece that is mapped, even) gives the device no address there: the
+/// window is a KVM slot over the host's page cache, not guest memory the
+/// device reads or writes, so such a chain is used with 0 bytes, the
+/// host's file keeps its bytes and the device goes on.
+#[test]
+fn buffers_in_the_dax_window_are_no_address_for_the_device() {
+    use crate::devices::virtio_mmio::VirtioDevice;
+    use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
+    use virtio_queue::desc::RawDescriptor;
+    use virtio_queue::desc::split::Descriptor;
+    use vm_memory::{Bytes, GuestAddress};
+    let d = tree();
+    let mem =
+        vm_memory::GuestMemoryMmap::<()>::from_ranges(&[(vm_memory::GuestAddress(0), 0x40_0000)])
+            .unwrap();
+    let mut rig = Rig::new(&mem, d.path(), true);
+    rig.ok(Opcode::Init, 0, &[INIT.as_slice()]);
+    let a = rig.entry(Opcode::Lookup, ROOT, &[b"a.txt\0"]).nodeid;
+    rig.ok(Opcode::SetupMapping, a, &[setup(0, 0, 1).as_slice()]);
+    let open = OpenIn {
+        flags: libc::O_RDONLY as u32,
+        fuse_flags: 0,
+    };
+    let fh = OpenOut::from_slice(&rig.ok(Opcode::Open, a, &[open.as_slice()])[..16])
+        .unwrap()
+        .fh;
+    let read = ReadIn {
+        fh,
+        size: 100,
+        ..Default::default()
+    };
+    let h = InHeader {
+        len: (std::mem::size_of::<InHeader>() + std::mem::size_of::<ReadIn>()) as u32,
+        opcode: Opcode::Read as u32,
+        unique: 1000,
+        nodeid: a,
+        ..Default::default()
+    };
+    let req = [h.as_slice(), read.as_slice()].concat();
+    let window = crate::devices::fs_window_base(0);
+    let at = 0x10_0000;
+    rig.mem.write_slice(&req, GuestAddress(at)).unwrap();
+    // A good request whose reply should land in the window's mapped piece,
+    // a request read from there, and one reply straddling the end of RAM.
+    let chains: [[(u64, u32, bool); 2]; 3] = [
+        [(at, req.len() as u32, false), (window, 0x1000, true)],
+        [(window, req.len() as u32, false), (0x20_0000, 0x1000, true)],
+        [
+            (at, req.len() as u32, false),
+            (0x40_0000 - 16, 0x1000, true),
+        ],
+    ];
+    for (i, chain) in chains.iter().enumerate() {
+        let slot = rig.sent * 2;
+        let descs: Vec<RawDescriptor> = chain
+            .iter()
+            .enumerate()
+            .map(|(k, &(addr, len, write))| {
+                let flags = if write { VRING_DESC_F_WRITE as u16 } else { 0 };
+                let (flags, next) = if k == 0 {
+                    (flags | VRING_DESC_F_NEXT as u16, slot + 1)
+                } else {
+                    (flags, 0)
+                };
+                RawDescriptor::from(Descriptor::new(addr, len, flags, next))
+            })
+            .collect();
+        assert_eq!(rig.chain(&descs), 0, "chain {i} was served");
+    }
+    assert_eq!(rig.window.pieces_mapped(), 1);
+    // SAFETY: piece 0 maps a.txt (5 bytes, within the file's page).
+    assert_eq!(unsafe { rig.window.read(0, 5) }, b"hello");
+    assert_eq!(std::fs::read(d.path().join("a.txt")).unwrap(), b"hello");
+    assert_eq!(rig.ok(Opcode::Read, a, &[read.as_slice()]), b"hello");
     rig.dev.shutdown();
 }

@@ -30,6 +30,7 @@ use fuse_backend_rs::abi::virtio_fs::{RemovemappingOne, SetupmappingFlags};
 use fuse_backend_rs::transport::FsCacheReqHandler;
 use std::io;
 use std::os::fd::RawFd;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 
 /// Size of each share's window (guest-physical): 32 pieces of
@@ -38,7 +39,13 @@ use std::sync::{Arc, Mutex};
 pub const WINDOW_SIZE: u64 = 64 << 20;
 /// The unit of a mapping: Linux's virtio-fs maps 2 MiB pieces
 /// (`FUSE_DAX_SZ`) at 2 MiB-aligned window and file offsets.
-pub const MAP_ALIGN: u64 = 2 << 20;
+pub const MAP_ALIGN: u64 = crate::devices::huge::HUGE_PAGE as u64;
+/// How many pieces one window (one VM's share) may have collapsed into
+/// huge pages (`huge::collapse`): 1 GiB of file data. Each collapse is a
+/// 2 MiB copy the first time (later ones find the folio made) and may make
+/// the host compact memory for a free huge page, so what a guest can make
+/// the host do is bounded whatever it maps and unmaps.
+pub const COLLAPSE_BUDGET: u32 = 512;
 
 fn einval() -> io::Error {
     io::Error::from_raw_os_error(libc::EINVAL)
@@ -51,6 +58,9 @@ pub struct DaxWindow {
     len: u64,
     /// Which pieces hold a file mapping now.
     mapped: Mutex<Vec<bool>>,
+    /// Pieces this window may still ask the host kernel to hold in a
+    /// huge page ([`COLLAPSE_BUDGET`]).
+    collapses_left: AtomicU32,
 }
 
 // SAFETY: the window is a range of this process's address space that only
@@ -71,46 +81,16 @@ impl DaxWindow {
             return Err(einval());
         }
         let size = usize::try_from(len).map_err(|_| einval())?;
-        let align = MAP_ALIGN as usize;
-        // Reserve one piece more than needed, then give back what lies
-        // outside the first aligned `len`: the window starts on a 2 MiB
-        // boundary of the host's address space too, so a file whose page
-        // cache holds huge pages (tmpfs `huge=`, large folios) can be
-        // mapped by the host — and so by KVM for the guest — 2 MiB at a
-        // time instead of 4 KiB.
-        // SAFETY: a fresh anonymous reservation (addr NULL, no access, no
-        // swap reserved); the result is checked.
-        let raw = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                size + align,
-                libc::PROT_NONE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
-                -1,
-                0,
-            )
-        };
-        if raw == libc::MAP_FAILED {
-            return Err(io::Error::last_os_error());
-        }
-        let head = (align - raw as usize % align) % align;
-        // SAFETY: both ranges lie inside the reservation just made and
-        // nothing else refers to them; an empty range is not unmapped.
-        let addr = unsafe {
-            if head > 0 {
-                libc::munmap(raw, head);
-            }
-            let addr = raw.cast::<u8>().add(head);
-            let tail = align - head;
-            if tail > 0 {
-                libc::munmap(addr.add(size).cast(), tail);
-            }
-            addr.cast::<libc::c_void>()
-        };
+        // 2 MiB-aligned in the host's address space too, so a file whose
+        // page cache holds huge pages (tmpfs `huge=`, large folios, or
+        // made so by `collapse`) is mapped by the host — and so by KVM
+        // for the guest — 2 MiB at a time instead of 4 KiB.
+        let addr = crate::devices::huge::reserve(size)?;
         Ok(Arc::new(Self {
             addr,
             len,
             mapped: Mutex::new(vec![false; (len / MAP_ALIGN) as usize]),
+            collapses_left: AtomicU32::new(COLLAPSE_BUDGET),
         }))
     }
 
@@ -199,8 +179,40 @@ impl DaxWindow {
         if r == libc::MAP_FAILED {
             return Err(io::Error::last_os_error());
         }
+        if file.is_some() {
+            self.collapse(r as usize, len);
+        }
         mapped[pieces].fill(file.is_some());
         Ok(())
+    }
+
+    /// Have the file pages just mapped at `addr` (`len` bytes) held in
+    /// huge pages, while the budget lasts (one unit per piece).
+    fn collapse(&self, addr: usize, len: u64) {
+        let pieces = (len / MAP_ALIGN) as u32;
+        let granted = self
+            .collapses_left
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |left| {
+                left.checked_sub(pieces)
+            })
+            .is_ok();
+        if !granted {
+            return;
+        }
+        if let Err(e) = crate::devices::huge::collapse(addr, len as usize) {
+            tracing::debug!(error = %e, len, "DAX piece stays in 4 KiB pages");
+        }
+    }
+
+    /// Pieces this window may still have collapsed.
+    pub fn collapses_left(&self) -> u32 {
+        self.collapses_left.load(Ordering::Relaxed)
+    }
+
+    /// Set what is left of the budget, for tests.
+    #[cfg(test)]
+    pub fn set_collapses_left(&self, n: u32) {
+        self.collapses_left.store(n, Ordering::Relaxed);
     }
 
     /// The window's bytes at `[offset, offset + n)`, for tests.

@@ -1,0 +1,146 @@
+//! Host mappings that KVM can hand a guest 2 MiB at a time.
+//!
+//! KVM maps a guest page with a 2 MiB entry only when the host maps the
+//! same memory with one: the host address must sit at the same offset in
+//! a 2 MiB page as the guest address (so both are 2 MiB-aligned here) and
+//! the page cache must hold the file's data as a 2 MiB folio. A file
+//! written on an ordinary tmpfs is cached in 4 KiB pages, and then every
+//! 4 KiB a guest touches in a file mapping (a DAX piece, the weights
+//! image) costs a fault in the host's KVM — the cost that dominated
+//! virtio-fs reads in the nested harness. [`collapse`] asks the host
+//! kernel to rebuild such a range of the page cache as 2 MiB folios
+//! (`MADV_COLLAPSE`, Linux 6.1): the file's bytes do not change, the copy
+//! is made once per host (every later mapping of the file, by any VM or
+//! process, finds the folios made), and the host memory it costs is the
+//! same file's pages.
+//!
+//! **Invariants:** a reservation is `PROT_NONE` and 2 MiB-aligned; a
+//! collapse never changes what a mapping reads and its failure (an older
+//! kernel, a file open for writing elsewhere, no free 2 MiB page) only
+//! leaves the 4 KiB pages in place.
+
+use std::io;
+
+/// The unit of a huge mapping.
+pub const HUGE_PAGE: usize = 2 << 20;
+
+/// Linux's `MADV_COLLAPSE` (uapi `mman-common.h`; the libc crate names it
+/// only for glibc).
+const MADV_COLLAPSE: libc::c_int = 25;
+
+/// Reserve `len` bytes (a multiple of [`HUGE_PAGE`]) of address space at
+/// a 2 MiB-aligned address: no access, no memory behind it, for the
+/// caller to map over with `MAP_FIXED` and unmap when done.
+///
+/// # Errors
+/// A bad length, or the kernel refuses the reservation.
+pub fn reserve(len: usize) -> io::Result<*mut libc::c_void> {
+    if len == 0 || !len.is_multiple_of(HUGE_PAGE) {
+        return Err(io::Error::from_raw_os_error(libc::EINVAL));
+    }
+    let padded = len
+        .checked_add(HUGE_PAGE)
+        .ok_or_else(|| io::Error::from_raw_os_error(libc::EINVAL))?;
+    // Reserve one huge page more than asked, then give back what lies
+    // outside the first aligned `len`.
+    // SAFETY: a fresh anonymous reservation (addr NULL, no access, no swap
+    // reserved); the result is checked.
+    let raw = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            padded,
+            libc::PROT_NONE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+            -1,
+            0,
+        )
+    };
+    if raw == libc::MAP_FAILED {
+        return Err(io::Error::last_os_error());
+    }
+    let head = (HUGE_PAGE - raw as usize % HUGE_PAGE) % HUGE_PAGE;
+    // SAFETY: both ranges lie inside the reservation just made and nothing
+    // else refers to them; an empty range is not unmapped.
+    unsafe {
+        if head > 0 {
+            libc::munmap(raw, head);
+        }
+        let addr = raw.cast::<u8>().add(head);
+        let tail = HUGE_PAGE - head;
+        if tail > 0 {
+            libc::munmap(addr.add(len).cast(), tail);
+        }
+        Ok(addr.cast())
+    }
+}
+
+/// Ask the host kernel to hold `[addr, addr + len)` (a shared, read-only
+/// file mapping this process made, 2 MiB-aligned with its file offset) in
+/// 2 MiB page-cache folios. Best effort: the error says why it did not.
+///
+/// # Errors
+/// The kernel's: `EINVAL` (no `MADV_COLLAPSE`, or the file cannot be
+/// collapsed), `EAGAIN`/`ENOMEM` (no huge page to be had now).
+pub fn collapse(addr: usize, len: usize) -> io::Result<()> {
+    // SAFETY: MADV_COLLAPSE changes how the range's pages are held, never
+    // their content or the mapping's protection (so the address is taken
+    // as a number: any is sound); on one not mapped the kernel answers
+    // ENOMEM.
+    if unsafe { libc::madvise(addr as *mut libc::c_void, len, MADV_COLLAPSE) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+    use std::os::fd::AsRawFd;
+
+    #[test]
+    fn reservations_are_aligned_and_refuse_odd_sizes() {
+        for pieces in [1, 3, 8] {
+            let len = pieces * HUGE_PAGE;
+            let addr = reserve(len).unwrap();
+            assert_eq!(addr as usize % HUGE_PAGE, 0);
+            // SAFETY: the reservation just made.
+            unsafe { libc::munmap(addr, len) };
+        }
+        for len in [0, 4096, HUGE_PAGE + 4096, usize::MAX - 4095] {
+            assert!(reserve(len).is_err(), "{len}");
+        }
+    }
+
+    /// Whether the kernel collapses or not (it depends on the host), a
+    /// collapsed mapping reads the file's bytes.
+    #[test]
+    fn a_collapse_keeps_what_the_mapping_reads() {
+        let mut f = tempfile::tempfile().unwrap();
+        let bytes: Vec<u8> = (0..2 * HUGE_PAGE).map(|i| (i * 7 % 251) as u8).collect();
+        f.write_all(&bytes).unwrap();
+        let len = 2 * HUGE_PAGE;
+        let addr = reserve(len).unwrap();
+        // SAFETY: MAP_FIXED over the reservation just made, read-only.
+        let m = unsafe {
+            libc::mmap(
+                addr,
+                len,
+                libc::PROT_READ,
+                libc::MAP_SHARED | libc::MAP_FIXED,
+                f.as_raw_fd(),
+                0,
+            )
+        };
+        assert_eq!(m, addr);
+        let outcome = collapse(addr as usize, len);
+        // SAFETY: the mapping above, `len` bytes of a file that long.
+        let seen = unsafe { std::slice::from_raw_parts(addr.cast::<u8>(), len) };
+        assert!(
+            seen == bytes.as_slice(),
+            "collapse ({outcome:?}) changed the bytes"
+        );
+        // SAFETY: the mapping above, unmapped once.
+        unsafe { libc::munmap(addr, len) };
+    }
+}
