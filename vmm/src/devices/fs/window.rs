@@ -25,6 +25,8 @@
 //!   (which could fault past the end of a file).
 //! * A guest that reads a piece it never mapped (or a mapped file past its
 //!   end) makes `KVM_RUN` fail: its own VM ends, nothing else.
+//! * At most [`COLLAPSE_BUDGET`] pieces per window are collapsed into huge
+//!   host pages (`huge::collapse`); past it pieces map as they are.
 
 use fuse_backend_rs::abi::virtio_fs::{RemovemappingOne, SetupmappingFlags};
 use fuse_backend_rs::transport::FsCacheReqHandler;
