@@ -31,6 +31,9 @@ pub const PMEM_ALIGN: u64 = 2 << 20;
 pub struct PmemMapping {
     addr: *mut libc::c_void,
     len: usize,
+    /// How much of the image, from its start, is data without a hole
+    /// (in whole [`PMEM_ALIGN`] units): what [`Self::collapse`] may touch.
+    dense: usize,
 }
 
 // SAFETY: the mapping is a plain read-only memory range; nothing in it is
@@ -85,7 +88,12 @@ impl PmemMapping {
             unsafe { libc::munmap(at, len) };
             return Err(err(format!("mmap: {e}")));
         }
-        Ok(Self { addr, len })
+        // SAFETY: lseek on the open descriptor; it moves only the offset.
+        let hole = unsafe { libc::lseek(file.as_raw_fd(), 0, libc::SEEK_HOLE) };
+        let dense = usize::try_from(hole).map_or(0, |h| {
+            h.min(len) / PMEM_ALIGN as usize * PMEM_ALIGN as usize
+        });
+        Ok(Self { addr, len, dense })
     }
 
     /// Host address of the mapping.
@@ -105,9 +113,14 @@ impl PmemMapping {
 
     /// Have the host hold the image in huge pages (`huge::collapse`):
     /// once per host it copies the image into 2 MiB folios, after that it
-    /// finds them made. Best effort, logged.
+    /// finds them made. Only the part before its first hole (images are
+    /// padded with `truncate`): a collapse would fill holes with memory.
+    /// Best effort, logged.
     pub fn collapse(&self) {
-        match super::huge::collapse(self.addr as usize, self.len) {
+        if self.dense == 0 {
+            return;
+        }
+        match super::huge::collapse(self.addr as usize, self.dense) {
             Ok(()) => tracing::debug!(len = self.len, "weights image in huge pages"),
             Err(e) => tracing::debug!(error = %e, "weights image stays in 4 KiB pages"),
         }
@@ -290,11 +303,21 @@ mod tests {
         // SAFETY: the mapping is live and at least 5 bytes long.
         let head = unsafe { std::slice::from_raw_parts(m.host_addr() as *const u8, 5) };
         assert_eq!(head, b"erofs");
+        assert_eq!(m.dense, PMEM_ALIGN as usize, "no hole");
         // Collapsed or not (the host decides), it reads the same.
         m.collapse();
         // SAFETY: as above.
         let head = unsafe { std::slice::from_raw_parts(m.host_addr() as *const u8, 5) };
         assert_eq!(head, b"erofs");
+        // Padded with a hole: only the data before it may be collapsed.
+        let padded = dir.path().join("padded.img");
+        let f = std::fs::File::create(&padded).unwrap();
+        std::os::unix::fs::FileExt::write_all_at(&f, &data, 0).unwrap();
+        f.set_len(4 * PMEM_ALIGN).unwrap();
+        assert_eq!(
+            PmemMapping::open(&padded).unwrap().dense,
+            PMEM_ALIGN as usize
+        );
         let e = PmemMapping::open(&dir.path().join("missing.img"))
             .unwrap_err()
             .to_string();

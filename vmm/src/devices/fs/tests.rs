@@ -332,6 +332,31 @@ fn dax_collapses_stop_at_the_budget() {
         );
         assert_eq!(window.collapses_left(), left, "{moffset} {pieces}");
     }
+    // A short file and a sparse one map, but are never collapsed (that
+    // would fill their holes and tail with host memory).
+    window.set_collapses_left(3);
+    std::fs::write(_d.path().join("short"), b"tiny").unwrap();
+    let sparse = std::fs::File::create(_d.path().join("sparse")).unwrap();
+    sparse.set_len(3 * MAP_ALIGN).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&sparse, b"x", MAP_ALIGN).unwrap();
+    for name in [b"short".as_slice(), b"sparse"] {
+        let node = f.lookup(ROOT, name).unwrap().nodeid;
+        assert_eq!(
+            f.call(
+                Opcode::SetupMapping,
+                node,
+                &[setup(0, 3 * MAP_ALIGN, 1).as_slice()]
+            )
+            .0,
+            0
+        );
+        assert_eq!(
+            window.collapses_left(),
+            3,
+            "{}",
+            String::from_utf8_lossy(name)
+        );
+    }
     // SAFETY: piece 1 maps the file's first piece, 3 pieces long.
     let first = u64::from_le_bytes(unsafe { window.read(MAP_ALIGN + 8, 8) }.try_into().unwrap());
     assert_eq!(first, 8);

@@ -26,7 +26,9 @@
 //! * A guest that reads a piece it never mapped (or a mapped file past its
 //!   end) makes `KVM_RUN` fail: its own VM ends, nothing else.
 //! * At most [`COLLAPSE_BUDGET`] pieces per window are collapsed into huge
-//!   host pages (`huge::collapse`); past it pieces map as they are.
+//!   host pages (`huge::collapse`), and only pieces wholly inside a file
+//!   without holes (a collapse fills holes with memory); the others map
+//!   as they are.
 
 use fuse_backend_rs::abi::virtio_fs::{RemovemappingOne, SetupmappingFlags};
 use fuse_backend_rs::transport::FsCacheReqHandler;
@@ -43,11 +45,11 @@ pub const WINDOW_SIZE: u64 = 64 << 20;
 /// (`FUSE_DAX_SZ`) at 2 MiB-aligned window and file offsets.
 pub const MAP_ALIGN: u64 = crate::devices::huge::HUGE_PAGE as u64;
 /// How many pieces one window (one VM's share) may have collapsed into
-/// huge pages (`huge::collapse`): 1 GiB of file data. Each collapse is a
+/// huge pages (`huge::collapse`): 256 MiB of file data. Each collapse is a
 /// 2 MiB copy the first time (later ones find the folio made) and may make
 /// the host compact memory for a free huge page, so what a guest can make
 /// the host do is bounded whatever it maps and unmaps.
-pub const COLLAPSE_BUDGET: u32 = 512;
+pub const COLLAPSE_BUDGET: u32 = 128;
 
 fn einval() -> io::Error {
     io::Error::from_raw_os_error(libc::EINVAL)
@@ -139,8 +141,12 @@ impl DaxWindow {
         if !foffset.is_multiple_of(MAP_ALIGN) {
             return Err(einval());
         }
-        let foffset = libc::off_t::try_from(foffset).map_err(|_| einval())?;
-        self.place(moffset, len, Some((fd, foffset)))
+        let start = libc::off_t::try_from(foffset).map_err(|_| einval())?;
+        self.place(moffset, len, Some((fd, start)))?;
+        if dense(fd, foffset, len) {
+            self.collapse(self.addr as usize + moffset as usize, len);
+        }
+        Ok(())
     }
 
     /// Put the reservation back over `[moffset, moffset + len)`.
@@ -180,9 +186,6 @@ impl DaxWindow {
         };
         if r == libc::MAP_FAILED {
             return Err(io::Error::last_os_error());
-        }
-        if file.is_some() {
-            self.collapse(r as usize, len);
         }
         mapped[pieces].fill(file.is_some());
         Ok(())
@@ -236,6 +239,24 @@ impl Drop for DaxWindow {
         // (the VM fd is dropped before the devices' windows).
         unsafe { libc::munmap(self.addr, self.len as usize) };
     }
+}
+
+/// Whether `[offset, offset + len)` of `fd` is file data throughout: inside
+/// the file and the file without holes. Only such a range is collapsed: a
+/// collapse fills a tmpfs file's holes (and its tail past the end) with
+/// memory, so a 4 KiB or sparse file could otherwise cost the host a
+/// 2 MiB page per piece.
+fn dense(fd: RawFd, offset: u64, len: u64) -> bool {
+    let mut st = std::mem::MaybeUninit::<libc::stat>::uninit();
+    // SAFETY: fstat writes a `stat` into the buffer on success; it is read
+    // only then.
+    if unsafe { libc::fstat(fd, st.as_mut_ptr()) } != 0 {
+        return false;
+    }
+    // SAFETY: fstat succeeded.
+    let st = unsafe { st.assume_init() };
+    let (size, allocated) = (st.st_size as u64, (st.st_blocks as u64).saturating_mul(512));
+    offset.checked_add(len).is_some_and(|end| end <= size) && allocated >= size
 }
 
 /// The file server's handle on a window (what `fuse-backend-rs` calls for
