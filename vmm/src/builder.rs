@@ -176,6 +176,8 @@ pub(crate) struct Devices {
     pub weights: Option<Arc<PmemMapping>>,
     /// The shares' DAX windows behind their memory slots; as `weights`.
     pub windows: Vec<Arc<DaxWindow>>,
+    /// Each share's file-server counters, for the report.
+    pub fs_stats: Vec<Arc<crate::devices::fs::device::FsStats>>,
 }
 
 impl Devices {
@@ -320,6 +322,7 @@ pub(crate) fn attach_devices(
         cmdline: Vec::new(),
         weights: None,
         windows: Vec::new(),
+        fs_stats: Vec::new(),
     };
     // Shares first: their worker threads take what they need of a jail's
     // capabilities, then this thread drops them all, before any other
@@ -421,6 +424,7 @@ fn attach_shares(
                     source,
                 })
             })?;
+        devs.fs_stats.push(device.stats());
         attach_virtio(devs, vm, mem, slot, Box::new(device))?;
     }
     Ok(())

@@ -364,6 +364,9 @@ pub struct RunReport {
     /// restore's state file, the VM, its memory, images, devices,
     /// registers (or the snapshot's KVM and device state).
     pub setup_steps: Vec<(&'static str, Duration)>,
+    /// Each share's file server: requests, notifications, requests found
+    /// without one, time busy ([`devices::fs::device::FsStats`]).
+    pub fs: Vec<serde_json::Value>,
 }
 
 impl RunReport {
@@ -388,6 +391,7 @@ impl RunReport {
             "setup_us": self.setup.as_micros() as u64,
             "image_load_us": self.image_load.as_micros() as u64,
             "peak_rss_kib": peak_rss_kib(),
+            "rusage": rusage(),
             "guest_resident_kib": self.guest_resident_bytes >> 10,
             "console": self.console,
         });
@@ -396,6 +400,9 @@ impl RunReport {
         }
         if let Some(kib) = self.rss_anon_kib {
             json["rss_anon_kib"] = kib.into();
+        }
+        if !self.fs.is_empty() {
+            json["fs"] = self.fs.clone().into();
         }
         json["setup_steps_us"] = self
             .setup_steps
@@ -407,16 +414,36 @@ impl RunReport {
     }
 }
 
-/// This process's peak resident set, KiB (getrusage: a jailed VMM has no
-/// /proc).
-fn peak_rss_kib() -> u64 {
+/// This process's resource use so far (getrusage: a jailed VMM has no
+/// /proc), if the kernel tells.
+fn usage() -> Option<libc::rusage> {
     // SAFETY: an all-zero rusage is a valid value of the C struct.
     let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
     // SAFETY: getrusage(2) writes the struct we pass.
-    if unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut usage) } != 0 {
-        return 0;
-    }
-    u64::try_from(usage.ru_maxrss).unwrap_or(0)
+    (unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut usage) } == 0).then_some(usage)
+}
+
+/// This process's peak resident set, KiB.
+fn peak_rss_kib() -> u64 {
+    usage().map_or(0, |u| u64::try_from(u.ru_maxrss).unwrap_or(0))
+}
+
+/// Where this process's time went (its vCPUs' guest time counts as
+/// user time) and how often it faulted and waited: what tells a guest
+/// that computes from one that waits.
+fn rusage() -> serde_json::Value {
+    let Some(u) = usage() else {
+        return serde_json::Value::Null;
+    };
+    let ms = |t: libc::timeval| t.tv_sec as u64 * 1000 + t.tv_usec as u64 / 1000;
+    serde_json::json!({
+        "user_ms": ms(u.ru_utime),
+        "sys_ms": ms(u.ru_stime),
+        "minor_faults": u.ru_minflt,
+        "major_faults": u.ru_majflt,
+        "waits": u.ru_nvcsw,
+        "preempted": u.ru_nivcsw,
+    })
 }
 
 /// `RssAnon` of /proc/self/status, KiB, if there is a /proc.
@@ -779,8 +806,10 @@ pub fn run(cfg: &VmConfig) -> Result<RunReport, VmmError> {
         marker,
         weights,
         windows,
+        fs_stats,
         ..
     } = devices;
+    let fs = fs_stats.iter().map(|s| s.to_json()).collect();
     drop(buses);
     let (exit, vcpus) = ran?;
     drop(vcpus);
@@ -811,6 +840,7 @@ pub fn run(cfg: &VmConfig) -> Result<RunReport, VmmError> {
         threads,
         rss_anon_kib,
         setup_steps,
+        fs,
     })
 }
 

@@ -37,10 +37,11 @@ const T_QUEUE0: u64 = 1;
 pub struct VirtioFs {
     config: [u8; TAG_LEN + 4],
     worker: DeviceWorker,
-    /// Requests answered so far: a snapshot is made only before the
-    /// first (before the guest mounts the share), so it never carries a
-    /// FUSE session the restoring VMM's server would not have.
-    served: Arc<AtomicU64>,
+    /// What the worker did; `requests` is also what keeps a snapshot
+    /// before the first request (before the guest mounts the share), so
+    /// it never carries a FUSE session the restoring VMM's server would
+    /// not have.
+    stats: Arc<FsStats>,
     /// The DAX window: its guest-physical base and the reservation.
     window: (u64, Arc<DaxWindow>),
 }
@@ -72,8 +73,8 @@ impl VirtioFs {
         // num_request_queues
         config[TAG_LEN..].copy_from_slice(&1u32.to_le_bytes());
         let server = Server::new(Arc::new(share));
-        let served = Arc::new(AtomicU64::new(0));
-        let counted = served.clone();
+        let stats = Arc::new(FsStats::default());
+        let counted = stats.clone();
         let dir = dir.to_path_buf();
         let requests = WindowRequests(window.1.clone());
         let setup = move || crate::jail::become_file_server(&dir).map_err(|e| e.to_string());
@@ -87,8 +88,41 @@ impl VirtioFs {
         Ok(Self {
             config,
             worker,
-            served,
+            stats,
             window,
+        })
+    }
+
+    /// The worker's counters (they live on after the device).
+    pub fn stats(&self) -> Arc<FsStats> {
+        self.stats.clone()
+    }
+}
+
+/// What a virtio-fs worker did, for the VMM's report: enough to tell a
+/// slow file server from a slow guest or lost notifications.
+#[derive(Debug, Default)]
+pub struct FsStats {
+    /// Requests answered (chains used).
+    pub requests: AtomicU64,
+    /// Queue notifications the worker woke for.
+    pub kicks: AtomicU64,
+    /// Times its 100 ms look found requests that no notification had
+    /// announced (each cost the guest up to 100 ms).
+    pub unannounced: AtomicU64,
+    /// Time spent answering requests, µs.
+    pub busy_us: AtomicU64,
+}
+
+impl FsStats {
+    /// As the report shows it.
+    pub fn to_json(&self) -> serde_json::Value {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        serde_json::json!({
+            "requests": get(&self.requests),
+            "kicks": get(&self.kicks),
+            "unannounced": get(&self.unannounced),
+            "busy_ms": get(&self.busy_us) / 1000,
         })
     }
 }
@@ -98,7 +132,21 @@ fn drain(
     mem: &GuestMemoryMmap,
     queue: &mut Queue,
     server: &Server<Arc<Share>>,
-    served: &AtomicU64,
+    stats: &FsStats,
+    window: &mut WindowRequests,
+) -> bool {
+    let start = std::time::Instant::now();
+    let used = answer_all(mem, queue, server, stats, window);
+    let us = u64::try_from(start.elapsed().as_micros()).unwrap_or(u64::MAX);
+    stats.busy_us.fetch_add(us, Ordering::Relaxed);
+    used
+}
+
+fn answer_all(
+    mem: &GuestMemoryMmap,
+    queue: &mut Queue,
+    server: &Server<Arc<Share>>,
+    stats: &FsStats,
     window: &mut WindowRequests,
 ) -> bool {
     let mut used = false;
@@ -114,7 +162,7 @@ fn drain(
             return used;
         }
         for chain in chains {
-            served.fetch_add(1, Ordering::Relaxed);
+            stats.requests.fetch_add(1, Ordering::Relaxed);
             let head = chain.head_index();
             let written = match (
                 Reader::from_descriptor_chain(mem, chain.clone()),
@@ -143,7 +191,7 @@ fn serve(
     a: Activation,
     stop: &EventFd,
     server: &Server<Arc<Share>>,
-    served: &AtomicU64,
+    stats: &FsStats,
     window: &mut WindowRequests,
 ) -> Result<(), VirtioError> {
     let Activation {
@@ -169,7 +217,10 @@ fn serve(
             // No event for 100 ms: look anyway, so a missed notification
             // costs latency, never a stall.
             for q in queues.iter_mut() {
-                used |= drain(&mem, q, server, served, window);
+                used |= drain(&mem, q, server, stats, window);
+            }
+            if used {
+                stats.unannounced.fetch_add(1, Ordering::Relaxed);
             }
         }
         for ev in &events[..n] {
@@ -179,7 +230,8 @@ fn serve(
                     let i = (t - T_QUEUE0) as usize;
                     if let (Some(e), Some(q)) = (queue_evts.get(i), queues.get_mut(i)) {
                         let _ = e.read();
-                        used |= drain(&mem, q, server, served, window);
+                        stats.kicks.fetch_add(1, Ordering::Relaxed);
+                        used |= drain(&mem, q, server, stats, window);
                     }
                 }
             }
@@ -230,7 +282,7 @@ impl VirtioDevice for VirtioFs {
         (id == 0).then(|| (*base, w.len()))
     }
     fn snapshot_refusal(&self) -> Option<String> {
-        let n = self.served.load(Ordering::Relaxed);
+        let n = self.stats.requests.load(Ordering::Relaxed);
         (n > 0).then(|| {
             format!(
                 "the guest has used this share ({n} requests): a snapshot is made before any share is mounted"

@@ -1101,6 +1101,35 @@ fn the_device_answers_requests_on_its_queue() {
     );
     let e = rig.entry(Opcode::Lookup, ROOT, &[b"a.txt\0"]);
     assert_eq!(e.attr.size, 5);
+    // The report's counters: three chains, each announced by its kick.
+    let stats = rig.dev.stats().to_json();
+    assert_eq!(stats["requests"], 3, "{stats}");
+    assert_eq!(stats["kicks"], 3, "{stats}");
+    assert_eq!(stats["unannounced"], 0, "{stats}");
+    // A chain put on the ring without a kick is found by the worker's
+    // own look, and counted.
+    let n = rig.req.add_desc_chains(
+        &[RawDescriptor::from(Descriptor::new(
+            0x30_0000,
+            0x100,
+            VRING_DESC_F_WRITE as u16,
+            0,
+        ))],
+        rig.sent * 2,
+    );
+    n.unwrap();
+    rig.sent += 1;
+    let start = std::time::Instant::now();
+    while rig.used_idx() < rig.sent {
+        assert!(start.elapsed() < std::time::Duration::from_secs(5));
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    let stats = rig.dev.stats().to_json();
+    assert_eq!(
+        (stats["requests"].as_u64(), stats["unannounced"].as_u64()),
+        (Some(4), Some(1)),
+        "{stats}"
+    );
     rig.dev.shutdown();
 }
 
