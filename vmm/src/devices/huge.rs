@@ -92,6 +92,40 @@ pub fn collapse(addr: usize, len: usize) -> io::Result<()> {
     Ok(())
 }
 
+/// [`collapse`] `len` bytes of the file `fd` from `offset` (both
+/// multiples of [`HUGE_PAGE`], inside the file) through a mapping of this
+/// call's own, gone when it returns: one call for a whole run of pieces,
+/// before any of them is mapped where a guest reads.
+///
+/// # Errors
+/// The reservation or mapping fails, or [`collapse`]'s.
+pub fn collapse_file(fd: std::os::fd::RawFd, offset: u64, len: usize) -> io::Result<()> {
+    let offset =
+        libc::off_t::try_from(offset).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+    let at = reserve(len)?;
+    // SAFETY: MAP_FIXED over the reservation just made (`len` bytes, owned
+    // here), read-only and shared; the result is checked.
+    let m = unsafe {
+        libc::mmap(
+            at,
+            len,
+            libc::PROT_READ,
+            libc::MAP_SHARED | libc::MAP_FIXED,
+            fd,
+            offset,
+        )
+    };
+    let result = if m == libc::MAP_FAILED {
+        Err(io::Error::last_os_error())
+    } else {
+        collapse(at as usize, len)
+    };
+    // SAFETY: the reservation (and the mapping over it) made above, used by
+    // nothing else.
+    unsafe { libc::munmap(at, len) };
+    result
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -142,5 +176,14 @@ mod tests {
         );
         // SAFETY: the mapping above, unmapped once.
         unsafe { libc::munmap(addr, len) };
+        // Through a mapping of its own: the file's bytes are still its own.
+        let outcome = collapse_file(f.as_raw_fd(), HUGE_PAGE as u64, HUGE_PAGE);
+        let mut back = vec![0u8; 16];
+        std::os::unix::fs::FileExt::read_exact_at(&f, &mut back, HUGE_PAGE as u64).unwrap();
+        assert_eq!(back, bytes[HUGE_PAGE..][..16], "{outcome:?}");
+        assert!(
+            collapse_file(f.as_raw_fd(), 4096, HUGE_PAGE).is_err(),
+            "unaligned"
+        );
     }
 }

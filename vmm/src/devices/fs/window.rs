@@ -26,9 +26,9 @@
 //! * A guest that reads a piece it never mapped (or a mapped file past its
 //!   end) makes `KVM_RUN` fail: its own VM ends, nothing else.
 //! * At most [`COLLAPSE_BUDGET`] pieces per window are collapsed into huge
-//!   host pages (`huge::collapse`), and only pieces wholly inside a file
-//!   without holes (a collapse fills holes with memory); the others map
-//!   as they are.
+//!   host pages (`huge::collapse_file`, at most [`COLLAPSE_AHEAD`] per
+//!   request), and only whole pieces of a file without holes (a collapse
+//!   fills holes with memory); the others map as they are.
 
 use fuse_backend_rs::abi::virtio_fs::{RemovemappingOne, SetupmappingFlags};
 use fuse_backend_rs::transport::FsCacheReqHandler;
@@ -50,6 +50,13 @@ pub const MAP_ALIGN: u64 = crate::devices::huge::HUGE_PAGE as u64;
 /// the host compact memory for a free huge page, so what a guest can make
 /// the host do is bounded whatever it maps and unmaps.
 pub const COLLAPSE_BUDGET: u32 = 128;
+/// Most pieces of a file collapsed in one call (64 MiB): the first piece
+/// the guest maps and those after it, so a file read in order costs one
+/// call per 64 MiB.
+pub const COLLAPSE_AHEAD: u64 = 32;
+/// Runs a window remembers as collapsed (the oldest forgotten first: a
+/// forgotten run is only asked for again, at the budget's cost).
+const REMEMBERED_RUNS: usize = 64;
 
 fn einval() -> io::Error {
     io::Error::from_raw_os_error(libc::EINVAL)
@@ -65,6 +72,8 @@ pub struct DaxWindow {
     /// Pieces this window may still ask the host kernel to hold in a
     /// huge page ([`COLLAPSE_BUDGET`]).
     collapses_left: AtomicU32,
+    /// Runs of pieces collapsed so far (at most [`REMEMBERED_RUNS`]).
+    collapsed: Mutex<std::collections::VecDeque<Collapsed>>,
 }
 
 // SAFETY: the window is a range of this process's address space that only
@@ -95,6 +104,7 @@ impl DaxWindow {
             len,
             mapped: Mutex::new(vec![false; (len / MAP_ALIGN) as usize]),
             collapses_left: AtomicU32::new(COLLAPSE_BUDGET),
+            collapsed: Mutex::new(std::collections::VecDeque::new()),
         }))
     }
 
@@ -142,11 +152,11 @@ impl DaxWindow {
             return Err(einval());
         }
         let start = libc::off_t::try_from(foffset).map_err(|_| einval())?;
-        self.place(moffset, len, Some((fd, start)))?;
-        if dense(fd, foffset, len) {
-            self.collapse(self.addr as usize + moffset as usize, len);
-        }
-        Ok(())
+        // A request refused costs nothing; one taken is collapsed before
+        // it is mapped, so the guest's first touch finds huge pages.
+        self.range(moffset, len)?;
+        self.collapse_ahead(fd, foffset);
+        self.place(moffset, len, Some((fd, start)))
     }
 
     /// Put the reservation back over `[moffset, moffset + len)`.
@@ -191,22 +201,48 @@ impl DaxWindow {
         Ok(())
     }
 
-    /// Have the file pages just mapped at `addr` (`len` bytes) held in
-    /// huge pages, while the budget lasts (one unit per piece).
-    fn collapse(&self, addr: usize, len: u64) {
-        let pieces = (len / MAP_ALIGN) as u32;
-        let granted = self
-            .collapses_left
-            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |left| {
-                left.checked_sub(pieces)
-            })
-            .is_ok();
-        if !granted {
+    /// Have the host hold the file's pieces from the one at `foffset` in
+    /// huge pages: up to [`COLLAPSE_AHEAD`] whole pieces in one call (each
+    /// call has a fixed cost — the kernel drains its page lists — so one
+    /// per run of pieces, not one per piece), only for a file without
+    /// holes, while the budget lasts; a run collapsed in this window's
+    /// life is not asked for again.
+    fn collapse_ahead(&self, fd: RawFd, foffset: u64) {
+        let Some(st) = fstat(fd) else { return };
+        let (size, allocated) = (st.st_size as u64, (st.st_blocks as u64).saturating_mul(512));
+        let (first, whole) = (foffset / MAP_ALIGN, size / MAP_ALIGN);
+        if allocated < size || first >= whole {
             return;
         }
-        if let Err(e) = crate::devices::huge::collapse(addr, len as usize) {
-            tracing::debug!(error = %e, len, "DAX piece stays in 4 KiB pages");
+        let (dev, ino) = (st.st_dev as u64, st.st_ino as u64);
+        let mut done = self.collapsed.lock().unwrap_or_else(|p| p.into_inner());
+        if done
+            .iter()
+            .any(|c| (c.dev, c.ino) == (dev, ino) && c.pieces.contains(&first))
+        {
+            return;
         }
+        let want = u32::try_from((whole - first).min(COLLAPSE_AHEAD)).unwrap_or(0);
+        let Ok(left) =
+            self.collapses_left
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |left| {
+                    (left > 0).then(|| left - left.min(want))
+                })
+        else {
+            return;
+        };
+        let n = u64::from(left.min(want));
+        if let Err(e) = crate::devices::huge::collapse_file(fd, foffset, (n * MAP_ALIGN) as usize) {
+            tracing::debug!(error = %e, pieces = n, "file stays in 4 KiB pages");
+        }
+        if done.len() == REMEMBERED_RUNS {
+            done.pop_front();
+        }
+        done.push_back(Collapsed {
+            dev,
+            ino,
+            pieces: first..first + n,
+        });
     }
 
     /// Pieces this window may still have collapsed.
@@ -241,22 +277,23 @@ impl Drop for DaxWindow {
     }
 }
 
-/// Whether `[offset, offset + len)` of `fd` is file data throughout: inside
-/// the file and the file without holes. Only such a range is collapsed: a
-/// collapse fills a tmpfs file's holes (and its tail past the end) with
-/// memory, so a 4 KiB or sparse file could otherwise cost the host a
-/// 2 MiB page per piece.
-fn dense(fd: RawFd, offset: u64, len: u64) -> bool {
+/// `fstat` of `fd`, if it answers.
+fn fstat(fd: RawFd) -> Option<libc::stat> {
     let mut st = std::mem::MaybeUninit::<libc::stat>::uninit();
     // SAFETY: fstat writes a `stat` into the buffer on success; it is read
     // only then.
-    if unsafe { libc::fstat(fd, st.as_mut_ptr()) } != 0 {
-        return false;
-    }
-    // SAFETY: fstat succeeded.
-    let st = unsafe { st.assume_init() };
-    let (size, allocated) = (st.st_size as u64, (st.st_blocks as u64).saturating_mul(512));
-    offset.checked_add(len).is_some_and(|end| end <= size) && allocated >= size
+    (unsafe { libc::fstat(fd, st.as_mut_ptr()) } == 0).then(|| {
+        // SAFETY: fstat succeeded.
+        unsafe { st.assume_init() }
+    })
+}
+
+/// A run of a file's pieces collapsed in a window's life.
+#[derive(Debug)]
+struct Collapsed {
+    dev: u64,
+    ino: u64,
+    pieces: std::ops::Range<u64>,
 }
 
 /// The file server's handle on a window (what `fuse-backend-rs` calls for
