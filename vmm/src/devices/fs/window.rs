@@ -214,7 +214,7 @@ impl DaxWindow {
         if allocated < size || first >= whole {
             return;
         }
-        let (dev, ino) = (st.st_dev as u64, st.st_ino as u64);
+        let (dev, ino) = (st.st_dev, st.st_ino);
         let mut done = self.collapsed.lock().unwrap_or_else(|p| p.into_inner());
         if done
             .iter()
