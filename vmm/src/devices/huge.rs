@@ -103,27 +103,41 @@ pub fn collapse_file(fd: std::os::fd::RawFd, offset: u64, len: usize) -> io::Res
     let offset =
         libc::off_t::try_from(offset).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
     let at = reserve(len)?;
-    // SAFETY: MAP_FIXED over the reservation just made (`len` bytes, owned
-    // here), read-only and shared; the result is checked.
+    // SAFETY: `at` is the reservation just made, `len` bytes, owned here.
+    let result = unsafe { map_over(at, len, fd, offset) }.and_then(|()| collapse(at as usize, len));
+    // SAFETY: the reservation (and the mapping over it) made above, used by
+    // nothing else.
+    unsafe { libc::munmap(at, len) };
+    result
+}
+
+/// Map `len` bytes of `fd` from `offset` over `[at, at + len)`, read-only
+/// and shared (`MAP_FIXED`).
+///
+/// # Safety
+/// `[at, at + len)` must be address space the caller owns (a
+/// [`reserve`]d range), with nothing in it anyone still uses.
+pub unsafe fn map_over(
+    at: *mut libc::c_void,
+    len: usize,
+    fd: std::os::fd::RawFd,
+    offset: libc::off_t,
+) -> io::Result<()> {
+    // SAFETY: the caller owns the range; the result is checked.
     let m = unsafe {
         libc::mmap(
             at,
             len,
             libc::PROT_READ,
-            libc::MAP_SHARED | libc::MAP_FIXED,
+            libc::MAP_SHARED | libc::MAP_FIXED | libc::MAP_NORESERVE,
             fd,
             offset,
         )
     };
-    let result = if m == libc::MAP_FAILED {
-        Err(io::Error::last_os_error())
-    } else {
-        collapse(at as usize, len)
-    };
-    // SAFETY: the reservation (and the mapping over it) made above, used by
-    // nothing else.
-    unsafe { libc::munmap(at, len) };
-    result
+    if m == libc::MAP_FAILED {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -155,18 +169,8 @@ mod tests {
         f.write_all(&bytes).unwrap();
         let len = 2 * HUGE_PAGE;
         let addr = reserve(len).unwrap();
-        // SAFETY: MAP_FIXED over the reservation just made, read-only.
-        let m = unsafe {
-            libc::mmap(
-                addr,
-                len,
-                libc::PROT_READ,
-                libc::MAP_SHARED | libc::MAP_FIXED,
-                f.as_raw_fd(),
-                0,
-            )
-        };
-        assert_eq!(m, addr);
+        // SAFETY: over the reservation just made.
+        unsafe { map_over(addr, len, f.as_raw_fd(), 0) }.unwrap();
         let outcome = collapse(addr as usize, len);
         // SAFETY: the mapping above, `len` bytes of a file that long.
         let seen = unsafe { std::slice::from_raw_parts(addr.cast::<u8>(), len) };

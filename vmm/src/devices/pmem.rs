@@ -69,25 +69,14 @@ impl PmemMapping {
         // image's huge page-cache folios (see `huge`) map whole.
         let at =
             super::huge::reserve(len).map_err(|e| err(format!("reserving address space: {e}")))?;
-        // SAFETY: MAP_FIXED over the reservation just made (`len` bytes,
-        // owned here), with a length equal to the file's size; the result
-        // is checked and the reservation given back on failure.
-        let addr = unsafe {
-            libc::mmap(
-                at,
-                len,
-                libc::PROT_READ,
-                libc::MAP_SHARED | libc::MAP_NORESERVE | libc::MAP_FIXED,
-                file.as_raw_fd(),
-                0,
-            )
-        };
-        if addr == libc::MAP_FAILED {
-            let e = std::io::Error::last_os_error();
+        // SAFETY: `at` is the reservation just made (`len` bytes, owned
+        // here, the file's size); it is given back on failure.
+        if let Err(e) = unsafe { super::huge::map_over(at, len, file.as_raw_fd(), 0) } {
             // SAFETY: the reservation made above, unused.
             unsafe { libc::munmap(at, len) };
             return Err(err(format!("mmap: {e}")));
         }
+        let addr = at;
         // SAFETY: lseek on the open descriptor; it moves only the offset.
         let hole = unsafe { libc::lseek(file.as_raw_fd(), 0, libc::SEEK_HOLE) };
         let dense = usize::try_from(hole).map_or(0, |h| {

@@ -922,6 +922,12 @@ fn each_new_entry_costs_the_write_cap_and_a_failed_one_costs_nothing() {
     }
 }
 
+/// 4 MiB of guest memory for a [`Rig`].
+fn ram() -> vm_memory::GuestMemoryMmap {
+    vm_memory::GuestMemoryMmap::<()>::from_ranges(&[(vm_memory::GuestAddress(0), 0x40_0000)])
+        .unwrap()
+}
+
 /// The device with its queues on mock rings in guest memory, its worker
 /// under the real `fs` seccomp filter: a syscall the filter lacks ends the
 /// test process (status 159) with a line naming it.
@@ -1000,10 +1006,17 @@ impl<'m> Rig<'m> {
     /// Put `descs` (a chain at slot `2 * sent`) on the request queue, kick,
     /// wait for it to be used; its used length.
     fn chain(&mut self, descs: &[virtio_queue::desc::RawDescriptor]) -> u32 {
+        self.put(descs, true)
+    }
+
+    /// [`Self::chain`], with or without the kick.
+    fn put(&mut self, descs: &[virtio_queue::desc::RawDescriptor], kick: bool) -> u32 {
         let slot = self.sent * 2;
         self.req.add_desc_chains(descs, slot).unwrap();
         self.sent += 1;
-        self.kick.write(1).unwrap();
+        if kick {
+            self.kick.write(1).unwrap();
+        }
         let start = std::time::Instant::now();
         while self.used_idx() < self.sent {
             assert!(
@@ -1061,6 +1074,17 @@ impl<'m> Rig<'m> {
         (out.error, payload)
     }
 
+    /// A read-only handle on `inode`.
+    fn open_ro(&mut self, inode: u64) -> u64 {
+        let open = OpenIn {
+            flags: libc::O_RDONLY as u32,
+            fuse_flags: 0,
+        };
+        OpenOut::from_slice(&self.ok(Opcode::Open, inode, &[open.as_slice()])[..16])
+            .unwrap()
+            .fh
+    }
+
     fn entry(&mut self, op: Opcode, nodeid: u64, parts: &[&[u8]]) -> EntryOut {
         let (e, p) = self.call(op, nodeid, parts);
         assert_eq!(e, 0, "{op:?}");
@@ -1084,9 +1108,7 @@ fn the_device_answers_requests_on_its_queue() {
     use virtio_queue::desc::RawDescriptor;
     use virtio_queue::desc::split::Descriptor;
     let d = tree();
-    let mem =
-        vm_memory::GuestMemoryMmap::<()>::from_ranges(&[(vm_memory::GuestAddress(0), 0x40_0000)])
-            .unwrap();
+    let mem = ram();
     let mut rig = Rig::new(&mem, d.path(), true);
     let mut cfg = [0u8; 40];
     rig.dev.read_config(0, &mut cfg);
@@ -1119,22 +1141,15 @@ fn the_device_answers_requests_on_its_queue() {
     assert_eq!(stats["unannounced"], 0, "{stats}");
     // A chain put on the ring without a kick is found by the worker's
     // own look, and counted.
-    let n = rig.req.add_desc_chains(
+    rig.put(
         &[RawDescriptor::from(Descriptor::new(
             0x30_0000,
             0x100,
             VRING_DESC_F_WRITE as u16,
             0,
         ))],
-        rig.sent * 2,
+        false,
     );
-    n.unwrap();
-    rig.sent += 1;
-    let start = std::time::Instant::now();
-    while rig.used_idx() < rig.sent {
-        assert!(start.elapsed() < std::time::Duration::from_secs(5));
-        std::thread::sleep(std::time::Duration::from_millis(5));
-    }
     let stats = rig.dev.stats().to_json();
     assert_eq!(
         (stats["requests"].as_u64(), stats["unannounced"].as_u64()),
@@ -1151,9 +1166,7 @@ fn the_device_answers_requests_on_its_queue() {
 fn the_fs_worker_serves_every_operation_under_its_filter() {
     use crate::devices::virtio_mmio::VirtioDevice;
     let d = tree();
-    let mem =
-        vm_memory::GuestMemoryMmap::<()>::from_ranges(&[(vm_memory::GuestAddress(0), 0x40_0000)])
-            .unwrap();
+    let mem = ram();
     let mut rig = Rig::new(&mem, d.path(), false);
     rig.ok(Opcode::Init, 0, &[INIT.as_slice()]);
     rig.ok(Opcode::Statfs, ROOT, &[]);
@@ -1161,13 +1174,7 @@ fn the_fs_worker_serves_every_operation_under_its_filter() {
     rig.ok(Opcode::Access, ROOT, &[&4u32.to_le_bytes(), &[0u8; 4]]);
     // Read a file.
     let a = rig.entry(Opcode::Lookup, ROOT, &[b"a.txt\0"]).nodeid;
-    let open = OpenIn {
-        flags: libc::O_RDONLY as u32,
-        fuse_flags: 0,
-    };
-    let fh = OpenOut::from_slice(&rig.ok(Opcode::Open, a, &[open.as_slice()])[..16])
-        .unwrap()
-        .fh;
+    let fh = rig.open_ro(a);
     let read = ReadIn {
         fh,
         size: 100,
@@ -1296,20 +1303,12 @@ fn buffers_in_the_dax_window_are_no_address_for_the_device() {
     use virtio_queue::desc::split::Descriptor;
     use vm_memory::{Bytes, GuestAddress};
     let d = tree();
-    let mem =
-        vm_memory::GuestMemoryMmap::<()>::from_ranges(&[(vm_memory::GuestAddress(0), 0x40_0000)])
-            .unwrap();
+    let mem = ram();
     let mut rig = Rig::new(&mem, d.path(), true);
     rig.ok(Opcode::Init, 0, &[INIT.as_slice()]);
     let a = rig.entry(Opcode::Lookup, ROOT, &[b"a.txt\0"]).nodeid;
     rig.ok(Opcode::SetupMapping, a, &[setup(0, 0, 1).as_slice()]);
-    let open = OpenIn {
-        flags: libc::O_RDONLY as u32,
-        fuse_flags: 0,
-    };
-    let fh = OpenOut::from_slice(&rig.ok(Opcode::Open, a, &[open.as_slice()])[..16])
-        .unwrap()
-        .fh;
+    let fh = rig.open_ro(a);
     let read = ReadIn {
         fh,
         size: 100,
