@@ -351,7 +351,7 @@ fn vm_boot_runs_the_vmm_in_its_jail_and_says_so() {
     );
     assert_eq!(j["max_tasks"], 17, "{v}");
     let limits = &j["cgroup_limits"];
-    assert_eq!(limits["memory.max"], (320u64 << 20).to_string(), "{v}");
+    assert_eq!(limits["memory.max"], (384u64 << 20).to_string(), "{v}");
     assert_eq!(limits["pids.max"], "17", "{v}");
     assert_eq!(limits["cpu.max"], "200000 100000", "{v}");
 }
@@ -559,7 +559,7 @@ fn the_service_runs_calls_in_microvms_from_its_warm_pool() {
     assert_eq!(v["vmm_max_core"], "0/0", "{v}");
     // Its jail, from outside: a uid of its own (and its keeper the same),
     // other namespaces than the host's, a root holding only what the VM
-    // needs, a cgroup leaf with the VM's limits (256 MiB guest + 64 MiB,
+    // needs, a cgroup leaf with the VM's limits (256 MiB guest + 128 MiB,
     // 1 vCPU + 1 CPU for devices, 1 + 16 tasks).
     let uid = v["vmm_uid"].as_u64().unwrap_or(0);
     assert!((2_000_000..2_000_000 + 65_536).contains(&uid), "{v}");
@@ -573,7 +573,7 @@ fn the_service_runs_calls_in_microvms_from_its_warm_pool() {
         v["vmm_cgroup"].as_str().unwrap().starts_with("/airlock/"),
         "{v}"
     );
-    assert_eq!(v["cgroup_memory_max"], (320u64 << 20).to_string(), "{v}");
+    assert_eq!(v["cgroup_memory_max"], (384u64 << 20).to_string(), "{v}");
     assert_eq!(v["cgroup_pids_max"], "17", "{v}");
     assert_eq!(v["cgroup_cpu_max"], "200000 100000", "{v}");
     // The calls' VMs are gone, and so are their leaves (a refill may be
@@ -614,8 +614,8 @@ fn a_jailed_vmm_whose_keeper_ends_first_does_not_run_unwatched() {
 
 #[test]
 fn a_jailed_vmm_that_grabs_memory_is_killed_by_its_cgroup() {
-    // The jailed VMM touches up to 1 GiB; its leaf allows guest + 64 MiB
-    // (320 MiB): the kernel kills it (the keeper ends with 128 + 9).
+    // The jailed VMM touches up to 1 GiB; its leaf allows guest + 128 MiB
+    // (384 MiB): the kernel kills it (the keeper ends with 128 + 9).
     let (v, code) = scenario("jail-memory");
     assert_eq!(code, 2, "{v}");
     let out = v["output"].as_str().unwrap_or("");

@@ -173,7 +173,7 @@ pub(crate) struct Devices {
     pub cmdline: Vec<String>,
     /// The weights mapping behind the pmem memory slot; `run` drops it
     /// only after the VM fd.
-    pub weights: Option<Arc<PmemMapping>>,
+    pub weights: Option<PmemMapping>,
     /// The shares' DAX windows behind their memory slots; as `weights`.
     pub windows: Vec<Arc<DaxWindow>>,
     /// Each share's file-server counters, for the report.
@@ -363,8 +363,7 @@ pub(crate) fn attach_devices(
             )
         }
         .map_err(kvm_err("set pmem memory region"))?;
-        let map = Arc::new(map);
-        let dev = Pmem::new(PMEM_BASE, map.clone(), device_filter(cfg)).map_err(|source| {
+        let dev = Pmem::new(PMEM_BASE, map.len(), device_filter(cfg)).map_err(|source| {
             VmmError::Device {
                 device: devices::PMEM.name,
                 source,
@@ -393,9 +392,12 @@ fn attach_shares(
         crate::process::MAX_OPEN_FILES,
         cfg.shares.len(),
     );
+    // One collapse budget for all the VM's windows: what its cgroup
+    // allows for (`jail::COLLAPSE_ALLOWANCE_MIB`).
+    let budget = DaxWindow::budget();
     for (i, (share, slot)) in cfg.shares.iter().zip(devices::FS_SLOTS).enumerate() {
-        let window =
-            dax_window(vm, i).map_err(|e| device_err(slot.name, format!("DAX window: {e}")))?;
+        let window = dax_window(vm, i, &budget)
+            .map_err(|e| device_err(slot.name, format!("DAX window: {e}")))?;
         devs.windows.push(window.clone());
         let opened = devices::fs::share::Share::new(&share.open_path(), share.read_only, limits)
             .map(|s| match &cap {
@@ -433,8 +435,13 @@ fn attach_shares(
 /// Share `i`'s DAX window, reserved and made its read-only memory slot
 /// (every share has one, so a VM's devices — and its snapshot's shape —
 /// do not depend on which shares the guest maps files from).
-fn dax_window(vm: &VmFd, i: usize) -> Result<Arc<DaxWindow>, String> {
-    let window = DaxWindow::new(devices::fs::window::WINDOW_SIZE).map_err(|e| e.to_string())?;
+fn dax_window(
+    vm: &VmFd,
+    i: usize,
+    budget: &Arc<std::sync::atomic::AtomicU32>,
+) -> Result<Arc<DaxWindow>, String> {
+    let window = DaxWindow::sharing(devices::fs::window::WINDOW_SIZE, budget.clone())
+        .map_err(|e| e.to_string())?;
     // SAFETY: `window` is a live reservation of `window.len()` bytes that
     // only its file server maps files into; it is kept in `Devices`, which
     // `run` drops only after the VM fd.

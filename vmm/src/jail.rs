@@ -114,8 +114,13 @@ pub const UID_SLOTS: u32 = 65_536;
 pub const DEFAULT_CGROUP_PARENT: &str = "/sys/fs/cgroup/airlock";
 /// What the VMM process may use beyond its guest's memory: its own heap
 /// and threads, KVM's page tables and structures charged to it, socket
-/// and pipe buffers.
-pub const MEMORY_OVERHEAD_MIB: u64 = 64;
+/// and pipe buffers (64 MiB), and [`COLLAPSE_ALLOWANCE_MIB`].
+pub const MEMORY_OVERHEAD_MIB: u64 = 64 + COLLAPSE_ALLOWANCE_MIB;
+/// The huge page-cache pages a DAX window's collapses make
+/// (`devices::fs::window::COLLAPSE_BUDGET` pieces of 2 MiB) are charged to
+/// the VMM's cgroup: room for them, so a VM that read a host file never
+/// has less room for its own guest memory.
+pub const COLLAPSE_ALLOWANCE_MIB: u64 = 64;
 /// Threads a VMM has besides its vCPUs (main, stop watcher, device
 /// workers, the keeper), with room to spare.
 pub const EXTRA_TASKS: u64 = 16;

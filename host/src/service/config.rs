@@ -67,7 +67,7 @@ use std::path::{Path, PathBuf};
 
 /// `isolation.max_vms` unless set: calls holding a microVM at once. With
 /// `memory_mib` and `warm` it bounds what VM calls cost the host, however
-/// many arrive: at most `(max_vms + warm) × (memory_mib + 64 MiB)`.
+/// many arrive: at most `(max_vms + warm) × (memory_mib + 128 MiB)`.
 pub const DEFAULT_MAX_VMS: usize = 8;
 
 /// A configuration problem, naming the field.

@@ -31,9 +31,6 @@ pub const PMEM_ALIGN: u64 = 2 << 20;
 pub struct PmemMapping {
     addr: *mut libc::c_void,
     len: usize,
-    /// How much of the image, from its start, is data without a hole
-    /// (in whole [`PMEM_ALIGN`] units): what [`Self::collapse`] may touch.
-    dense: usize,
 }
 
 // SAFETY: the mapping is a plain read-only memory range; nothing in it is
@@ -76,13 +73,7 @@ impl PmemMapping {
             unsafe { libc::munmap(at, len) };
             return Err(err(format!("mmap: {e}")));
         }
-        let addr = at;
-        // SAFETY: lseek on the open descriptor; it moves only the offset.
-        let hole = unsafe { libc::lseek(file.as_raw_fd(), 0, libc::SEEK_HOLE) };
-        let dense = usize::try_from(hole).map_or(0, |h| {
-            h.min(len) / PMEM_ALIGN as usize * PMEM_ALIGN as usize
-        });
-        Ok(Self { addr, len, dense })
+        Ok(Self { addr: at, len })
     }
 
     /// Host address of the mapping.
@@ -98,21 +89,6 @@ impl PmemMapping {
     /// Whether it is empty (never: `open` refuses empty images).
     pub fn is_empty(&self) -> bool {
         self.len == 0
-    }
-
-    /// Have the host hold the image in huge pages (`huge::collapse`):
-    /// once per host it copies the image into 2 MiB folios, after that it
-    /// finds them made. Only the part before its first hole (images are
-    /// padded with `truncate`): a collapse would fill holes with memory.
-    /// Best effort, logged.
-    pub fn collapse(&self) {
-        if self.dense == 0 {
-            return;
-        }
-        match super::huge::collapse(self.addr as usize, self.dense) {
-            Ok(()) => tracing::debug!(len = self.len, "weights image in huge pages"),
-            Err(e) => tracing::debug!(error = %e, "weights image stays in 4 KiB pages"),
-        }
     }
 }
 
@@ -134,28 +110,20 @@ pub struct Pmem {
 }
 
 impl Pmem {
-    /// A device describing `image` at guest-physical `start`; its worker
-    /// thread starts now (under `filter`, if given) and, once the driver
-    /// is up, has the host hold the image in huge pages
-    /// ([`PmemMapping::collapse`], off the path of the VM's start).
+    /// A device describing a region at guest-physical `start` of `size`
+    /// bytes; its worker thread starts now (under `filter`, if given).
     ///
     /// # Errors
     /// The worker cannot start.
     pub fn new(
         start: u64,
-        image: Arc<PmemMapping>,
+        size: u64,
         filter: Option<Arc<crate::seccomp::BpfProgram>>,
     ) -> Result<Self, VirtioError> {
-        let size = image.len();
-        let body = move |a: Activation, stop: EventFd| {
-            image.collapse();
-            drop(image);
-            serve(a, stop);
-        };
         Ok(Self {
             start,
             size,
-            worker: DeviceWorker::spawn("airlock-pmem", filter, body)?,
+            worker: DeviceWorker::spawn("airlock-pmem", filter, serve)?,
         })
     }
 }
@@ -258,11 +226,7 @@ mod tests {
 
     #[test]
     fn config_space_is_start_then_size_little_endian() {
-        let dir = tempfile::tempdir().unwrap();
-        let image = dir.path().join("image");
-        std::fs::write(&image, vec![0u8; 4 << 20]).unwrap();
-        let image = Arc::new(PmemMapping::open(&image).unwrap());
-        let p = Pmem::new(0x1_0000_0000, image, None).unwrap();
+        let p = Pmem::new(0x1_0000_0000, 4 << 20, None).unwrap();
         let mut b = [0u8; 16];
         p.read_config(0, &mut b);
         assert_eq!(
@@ -292,21 +256,6 @@ mod tests {
         // SAFETY: the mapping is live and at least 5 bytes long.
         let head = unsafe { std::slice::from_raw_parts(m.host_addr() as *const u8, 5) };
         assert_eq!(head, b"erofs");
-        assert_eq!(m.dense, PMEM_ALIGN as usize, "no hole");
-        // Collapsed or not (the host decides), it reads the same.
-        m.collapse();
-        // SAFETY: as above.
-        let head = unsafe { std::slice::from_raw_parts(m.host_addr() as *const u8, 5) };
-        assert_eq!(head, b"erofs");
-        // Padded with a hole: only the data before it may be collapsed.
-        let padded = dir.path().join("padded.img");
-        let f = std::fs::File::create(&padded).unwrap();
-        std::os::unix::fs::FileExt::write_all_at(&f, &data, 0).unwrap();
-        f.set_len(4 * PMEM_ALIGN).unwrap();
-        assert_eq!(
-            PmemMapping::open(&padded).unwrap().dense,
-            PMEM_ALIGN as usize
-        );
         let e = PmemMapping::open(&dir.path().join("missing.img"))
             .unwrap_err()
             .to_string();

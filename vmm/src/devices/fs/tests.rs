@@ -1359,3 +1359,20 @@ fn buffers_in_the_dax_window_are_no_address_for_the_device() {
     assert_eq!(rig.ok(Opcode::Read, a, &[read.as_slice()]), b"hello");
     rig.dev.shutdown();
 }
+
+/// The windows of one VM spend one collapse budget: what its cgroup
+/// allows for, however many shares it has.
+#[test]
+fn a_vms_windows_share_one_collapse_budget() {
+    let budget = DaxWindow::budget();
+    let a = DaxWindow::sharing(4 * MAP_ALIGN, budget.clone()).unwrap();
+    let b = DaxWindow::sharing(4 * MAP_ALIGN, budget).unwrap();
+    assert_eq!(a.collapses_left(), COLLAPSE_BUDGET);
+    a.set_collapses_left(5);
+    assert_eq!(b.collapses_left(), 5);
+    // A window made alone has its own.
+    assert_eq!(
+        DaxWindow::new(4 * MAP_ALIGN).unwrap().collapses_left(),
+        COLLAPSE_BUDGET
+    );
+}

@@ -45,11 +45,15 @@ pub const WINDOW_SIZE: u64 = 64 << 20;
 /// (`FUSE_DAX_SZ`) at 2 MiB-aligned window and file offsets.
 pub const MAP_ALIGN: u64 = crate::devices::huge::HUGE_PAGE as u64;
 /// How many pieces one window (one VM's share) may have collapsed into
-/// huge pages (`huge::collapse`): 256 MiB of file data. Each collapse is a
+/// huge pages (`huge::collapse`): 64 MiB of file data. Each collapse is a
 /// 2 MiB copy the first time (later ones find the folio made) and may make
 /// the host compact memory for a free huge page, so what a guest can make
-/// the host do is bounded whatever it maps and unmaps.
-pub const COLLAPSE_BUDGET: u32 = 128;
+/// the host do is bounded whatever it maps and unmaps. The huge pages a
+/// collapse makes are charged to this VMM's cgroup, which allows for them
+/// (`jail::COLLAPSE_ALLOWANCE_MIB`): never at the cost of the guest's own
+/// memory. One budget serves all of a VM's windows (the builder shares
+/// it); past it pieces stay in 4 KiB pages.
+pub const COLLAPSE_BUDGET: u32 = 32;
 /// Most pieces of a file collapsed in one call (64 MiB): the first piece
 /// the guest maps and those after it, so a file read in order costs one
 /// call per 64 MiB.
@@ -69,9 +73,10 @@ pub struct DaxWindow {
     len: u64,
     /// Which pieces hold a file mapping now.
     mapped: Mutex<Vec<bool>>,
-    /// Pieces this window may still ask the host kernel to hold in a
-    /// huge page ([`COLLAPSE_BUDGET`]).
-    collapses_left: AtomicU32,
+    /// Pieces this window (and the VM's other windows: it is shared) may
+    /// still ask the host kernel to hold in a huge page
+    /// ([`COLLAPSE_BUDGET`]).
+    collapses_left: Arc<AtomicU32>,
     /// Runs of pieces collapsed so far (at most [`REMEMBERED_RUNS`]).
     collapsed: Mutex<std::collections::VecDeque<Collapsed>>,
 }
@@ -85,11 +90,26 @@ unsafe impl Sync for DaxWindow {}
 
 impl DaxWindow {
     /// Reserve a window of `len` bytes (a non-zero multiple of
-    /// [`MAP_ALIGN`]), nothing mapped.
+    /// [`MAP_ALIGN`]), nothing mapped, with a collapse budget of its own.
     ///
     /// # Errors
     /// A bad length, or the reservation fails.
     pub fn new(len: u64) -> io::Result<Arc<Self>> {
+        Self::sharing(len, Self::budget())
+    }
+
+    /// A fresh collapse budget ([`COLLAPSE_BUDGET`] pieces), for all the
+    /// windows of one VM.
+    pub fn budget() -> Arc<AtomicU32> {
+        Arc::new(AtomicU32::new(COLLAPSE_BUDGET))
+    }
+
+    /// [`Self::new`], spending `budget` (shared with the VM's other
+    /// windows) on collapses.
+    ///
+    /// # Errors
+    /// A bad length, or the reservation fails.
+    pub fn sharing(len: u64, budget: Arc<AtomicU32>) -> io::Result<Arc<Self>> {
         if len == 0 || !len.is_multiple_of(MAP_ALIGN) {
             return Err(einval());
         }
@@ -103,7 +123,7 @@ impl DaxWindow {
             addr,
             len,
             mapped: Mutex::new(vec![false; (len / MAP_ALIGN) as usize]),
-            collapses_left: AtomicU32::new(COLLAPSE_BUDGET),
+            collapses_left: budget,
             collapsed: Mutex::new(std::collections::VecDeque::new()),
         }))
     }
