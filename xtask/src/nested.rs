@@ -637,7 +637,17 @@ scenario files-many-process 300 run $E/files.wasm --policy /tmp/many.toml --tool
 mkdir -p /tmp/big && dd if=/dev/urandom of=/tmp/big/blob bs=1M count=100 2>/dev/null \
   || echo "NESTED-ERROR making /tmp/big failed"
 printf 'version = 1\n[limits]\ntimeout = "3m"\nfuel = 100000000000\n[[filesystem]]\nhost = "/tmp/big"\nguest = "/big"\nmode = "ro"\n' > /tmp/big.toml
+# The host's huge pages made by the read (this tmpfs has none of its own,
+# shmem_enabled is never here): the VMM collapses the first pieces the
+# guest maps, up to its budget of 64 MiB.
+shmem_huge() { awk '/^ShmemHugePages:/ {print $2}' /proc/meminfo; }
+huge_before=$(shmem_huge)
 scenario files-big-vm 900 run $E/files.wasm --policy /tmp/big.toml --tool files_checksum --args '{"path": "/big/blob"}' $VMRUN
+if wanted files-big-vm; then
+  echo "NESTED-RESULT-BEGIN files-big-huge"
+  echo "{\"before_kib\": $huge_before, \"after_kib\": $(shmem_huge)}"
+  echo "NESTED-RESULT-END files-big-huge 0"
+fi
 scenario files-big-process 300 run $E/files.wasm --policy /tmp/big.toml --tool files_checksum --args '{"path": "/big/blob"}' --isolation process
 # A granted directory that is gone when the call starts: the same `grant`
 # error in both walls (in a VM the host finds it gone and does not share
@@ -1005,15 +1015,20 @@ if [ "$airlock_bench" = fs ]; then
   /airlock run /examples/files.wasm --policy /tmp/fsb.toml --calls /tmp/fsb-calls.json --isolation process > /tmp/fsb-process.json 2>/tmp/fsb-process.err
   grep -q '"calls"' /tmp/fsb-process.json || { cat /tmp/fsb-process.json /tmp/fsb-process.err; echo "NESTED-RESULT-END bench-fs 1"; exit 1; }
   echo "NESTED-PROGRESS bench-fs: $R rounds in VM isolation (a fresh microVM per call)"
+  # The host's huge pages before and after (this tmpfs makes none itself):
+  # what the VMMs' collapses made of the 64 MiB file.
+  huge_before=$(awk '/^ShmemHugePages:/ {print $2}' /proc/meminfo)
   /airlock run /examples/files.wasm --policy /tmp/fsb.toml --calls /tmp/fsb-calls.json --isolation vm \
     --kernel $G/vmlinux --initrd $G/initramfs.cpio.gz --boot-attempts 5 > /tmp/fsb-vm.json 2>/tmp/fsb-vm.err
   grep -q '"calls"' /tmp/fsb-vm.json || { cat /tmp/fsb-vm.json /tmp/fsb-vm.err; echo "NESTED-RESULT-END bench-fs 1"; exit 1; }
+  huge_after=$(awk '/^ShmemHugePages:/ {print $2}' /proc/meminfo)
   echo "NESTED-PROGRESS bench-fs: $R boots with and without a share"
   # One line of JSON, assembled in a file: the kernel's console messages
   # (a VM starting) must not land inside it.
   {
     printf '{"process": '; tr -d '\n' < /tmp/fsb-process.json
     printf ', "vm": '; tr -d '\n' < /tmp/fsb-vm.json
+    printf ', "huge_kib": [%s, %s]' "$huge_before" "$huge_after"
     printf ', "boots": ['
     i=0; while [ $i -lt $R ]; do
       [ $i -gt 0 ] && printf ','
@@ -1887,6 +1902,21 @@ fn fs_report(json: &serde_json::Value, rounds: u32) -> anyhow::Result<String> {
             )?,
             None => writeln!(out, "    rate vm / process: {ratio:.2}")?,
         }
+    }
+    if let Some([before, after]) = json["huge_kib"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(serde_json::Value::as_f64)
+                .collect::<Vec<_>>()
+        })
+        .as_deref()
+    {
+        writeln!(
+            out,
+            "  host huge pages the VMs' collapses made of the 64 MiB file: {:.0} MiB",
+            (after - before) / 1024.0
+        )?;
     }
     let wall = |b: &serde_json::Value| b["wall_ms"].as_f64();
     let mounts = |b: &serde_json::Value| {
