@@ -178,6 +178,10 @@ pub(crate) struct Devices {
     pub windows: Vec<Arc<DaxWindow>>,
     /// Each share's file-server counters, for the report.
     pub fs_stats: Vec<Arc<crate::devices::fs::device::FsStats>>,
+    /// When each part of attaching them ended, since the run's start (the
+    /// report's `setup_steps_us`, before `devices`; with several shares a
+    /// share's part is the last one's).
+    pub steps: Vec<(&'static str, std::time::Duration)>,
 }
 
 impl Devices {
@@ -323,12 +327,14 @@ pub(crate) fn attach_devices(
         weights: None,
         windows: Vec::new(),
         fs_stats: Vec::new(),
+        steps: vec![("devices_pio", start.elapsed())],
     };
     // Shares first: their worker threads take what they need of a jail's
     // capabilities, then this thread drops them all, before any other
     // device thread (or vCPU) is started from it.
-    attach_shares(&mut devs, vm, mem, cfg)?;
+    attach_shares(&mut devs, vm, mem, cfg, start)?;
     crate::jail::end_file_server_setup().map_err(|e| device_err("jail", e.to_string()))?;
+    devs.steps.push(("file_server_setup_end", start.elapsed()));
     if let Some(v) = &cfg.vsock {
         if v.guest_cid < 3 {
             return Err(VmmError::Config {
@@ -344,6 +350,7 @@ pub(crate) fn attach_devices(
                 }
             })?;
         attach_virtio(&mut devs, vm, mem, devices::VSOCK, Box::new(device))?;
+        devs.steps.push(("vsock", start.elapsed()));
     }
     if let Some(path) = &cfg.pmem {
         let map = PmemMapping::open(path).map_err(|source| VmmError::Device {
@@ -371,6 +378,7 @@ pub(crate) fn attach_devices(
         })?;
         devs.weights = Some(map);
         attach_virtio(&mut devs, vm, mem, devices::PMEM, Box::new(dev))?;
+        devs.steps.push(("pmem", start.elapsed()));
     }
     Ok(devs)
 }
@@ -381,7 +389,15 @@ fn attach_shares(
     vm: &VmFd,
     mem: &GuestMemoryMmap,
     cfg: &VmConfig,
+    start: Instant,
 ) -> Result<(), VmmError> {
+    let step = |devs: &mut Devices, name| {
+        let at = start.elapsed();
+        match devs.steps.iter_mut().find(|(n, _)| *n == name) {
+            Some(s) => s.1 = at,
+            None => devs.steps.push((name, at)),
+        }
+    };
     let cap = cfg.share_write_limit.map(devices::fs::share::WriteCap::new);
     // What this process may hold decides what each share may: the limit
     // `confine_self` set (less where it could not be raised as far).
@@ -399,11 +415,13 @@ fn attach_shares(
         let window = dax_window(vm, i, &budget)
             .map_err(|e| device_err(slot.name, format!("DAX window: {e}")))?;
         devs.windows.push(window.clone());
+        step(devs, "share_window");
         let opened = devices::fs::share::Share::new(&share.open_path(), share.read_only, limits)
             .map(|s| match &cap {
                 Some(c) => s.capped(c.clone()),
                 None => s,
             });
+        step(devs, "share_open");
         // An inherited descriptor is still here only when the VMM is not
         // jailed (a jail binds the share and closes it first): there is no
         // jail root to leave through it, and the file server opens the
@@ -426,8 +444,10 @@ fn attach_shares(
                     source,
                 })
             })?;
+        step(devs, "share_server");
         devs.fs_stats.push(device.stats());
         attach_virtio(devs, vm, mem, slot, Box::new(device))?;
+        step(devs, "share_attach");
     }
     Ok(())
 }

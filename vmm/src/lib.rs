@@ -783,7 +783,11 @@ pub fn run(cfg: &VmConfig) -> Result<RunReport, VmmError> {
 
     step("registers");
     let setup = start.elapsed();
-    let setup_steps = steps;
+    let mut setup_steps = steps;
+    // The devices step in its parts, before it.
+    if let Some(at) = setup_steps.iter().position(|(n, _)| *n == "devices") {
+        setup_steps.splice(at..at, devices.steps.iter().copied());
+    }
     let ran = vcpu::run(vcpus, &devices.buses, cfg, pause);
     let saved = match (&ran, making) {
         (Ok((VmExit::Paused, vcpus)), Some((_, dir, identity))) => Some(save_snapshot(

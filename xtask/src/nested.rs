@@ -1941,6 +1941,38 @@ fn fs_report(json: &serde_json::Value, rounds: u32) -> anyhow::Result<String> {
         median(&sm) / median(&pm),
         median(&sw) / median(&pw)
     )?;
+    // The VMM's setup steps the share made longer (median of each side).
+    let step_ms = |side: &str| -> std::collections::BTreeMap<String, Vec<f64>> {
+        let mut out: std::collections::BTreeMap<String, Vec<f64>> = Default::default();
+        for b in json["boots"].as_array().into_iter().flatten() {
+            let Some(map) = b[side]["setup_steps_us"].as_object() else {
+                continue;
+            };
+            let mut at: Vec<(&String, f64)> = map
+                .iter()
+                .filter_map(|(k, v)| Some((k, v.as_f64()?)))
+                .collect();
+            at.sort_by(|a, b| a.1.total_cmp(&b.1));
+            let mut prev = 0.0;
+            for (k, us) in at {
+                out.entry(k.clone()).or_default().push((us - prev) / 1000.0);
+                prev = us;
+            }
+        }
+        out
+    };
+    let (plain, share) = (step_ms("plain"), step_ms("share"));
+    let longer: Vec<String> = share
+        .iter()
+        .map(|(k, v)| (k, median(v) - plain.get(k).map_or(0.0, |p| median(p))))
+        .filter(|(_, d)| *d >= 0.5)
+        .map(|(k, d)| format!("{k} +{d:.1}"))
+        .collect();
+    writeln!(
+        out,
+        "    VMM setup steps the share made longer (median ms): {}",
+        longer.join(", ")
+    )?;
     Ok(out)
 }
 
