@@ -35,14 +35,24 @@ const MADV_COLLAPSE: libc::c_int = 25;
 /// # Errors
 /// A bad length, or the kernel refuses the reservation.
 pub fn reserve(len: usize) -> io::Result<*mut libc::c_void> {
+    reserve_aligned(len, HUGE_PAGE)
+}
+
+/// What one page table of 2 MiB entries maps on x86-64 (a page-directory
+/// table: 512 × 2 MiB).
+const TABLE_SPAN: usize = 1 << 30;
+
+/// [`reserve`] at a multiple of `align` (a power of two, at least
+/// [`HUGE_PAGE`]).
+fn reserve_aligned(len: usize, align: usize) -> io::Result<*mut libc::c_void> {
     if len == 0 || !len.is_multiple_of(HUGE_PAGE) {
         return Err(io::Error::from_raw_os_error(libc::EINVAL));
     }
     let padded = len
-        .checked_add(HUGE_PAGE)
+        .checked_add(align)
         .ok_or_else(|| io::Error::from_raw_os_error(libc::EINVAL))?;
-    // Reserve one huge page more than asked, then give back what lies
-    // outside the first aligned `len`.
+    // Reserve `align` more than asked, then give back what lies outside
+    // the first aligned `len`.
     // SAFETY: a fresh anonymous reservation (addr NULL, no access, no swap
     // reserved); the result is checked.
     let raw = unsafe {
@@ -58,7 +68,7 @@ pub fn reserve(len: usize) -> io::Result<*mut libc::c_void> {
     if raw == libc::MAP_FAILED {
         return Err(io::Error::last_os_error());
     }
-    let head = (HUGE_PAGE - raw as usize % HUGE_PAGE) % HUGE_PAGE;
+    let head = (align - raw as usize % align) % align;
     // SAFETY: both ranges lie inside the reservation just made and nothing
     // else refers to them; an empty range is not unmapped.
     unsafe {
@@ -66,7 +76,7 @@ pub fn reserve(len: usize) -> io::Result<*mut libc::c_void> {
             libc::munmap(raw, head);
         }
         let addr = raw.cast::<u8>().add(head);
-        let tail = HUGE_PAGE - head;
+        let tail = align - head;
         if tail > 0 {
             libc::munmap(addr.add(len).cast(), tail);
         }
@@ -93,43 +103,38 @@ pub fn collapse(addr: usize, len: usize) -> io::Result<()> {
 }
 
 /// [`collapse`] `len` bytes of the file `fd` from `offset` (both
-/// multiples of [`HUGE_PAGE`], inside the file) through a mapping of this
-/// call's own, gone when it returns, before any of them is mapped where a
-/// guest reads. One `madvise` per piece: Linux 6.1 ends a call after the
-/// first piece it collapsed whenever the page table around the mapping
-/// exists but holds nothing there (its `SCAN_PMD_NONE`, not on its list of
-/// results to go on after; later kernels go on) — in a VMM, whose address
-/// space is full of mappings, that was nearly always, and a 64 MiB run
-/// became one huge page per VM. Each call answers for its piece alone, and
-/// 6.1 answers `EINVAL` for a piece it did collapse but found unmapped, so
-/// an error does not stop the others.
+/// multiples of [`HUGE_PAGE`], inside the file) in one call, through a
+/// mapping of this call's own (gone when it returns), before any of them
+/// is mapped where a guest reads.
 ///
-/// Returns how many pieces' calls succeeded.
+/// The mapping sits alone in a reservation of whole page tables' spans
+/// ([`TABLE_SPAN`]), where no page table is ever made: Linux 6.1 ends a
+/// collapse after the first piece it rebuilt whenever the page table over
+/// the mapping exists but is empty there (its `SCAN_PMD_NONE`, not among
+/// the results it goes on after; later kernels go on), and in a VMM's
+/// busy address space it nearly always did — a 64 MiB run became one huge
+/// page per VM. Without a table each piece ends `SCAN_PMD_NULL`, which
+/// every kernel goes on after. 6.1 then answers `EINVAL` although every
+/// piece was rebuilt, so the answer says little.
 ///
 /// # Errors
-/// The reservation or the mapping fails, or every piece's call did: the
-/// last error.
-pub fn collapse_file(fd: std::os::fd::RawFd, offset: u64, len: usize) -> io::Result<usize> {
+/// The reservation or mapping fails, or [`collapse`]'s.
+pub fn collapse_file(fd: std::os::fd::RawFd, offset: u64, len: usize) -> io::Result<()> {
     let offset =
         libc::off_t::try_from(offset).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
-    let at = reserve(len)?;
-    // SAFETY: `at` is the reservation just made, `len` bytes, owned here.
-    let result = unsafe { map_over(at, len, fd, offset) }.and_then(|()| {
-        let (mut ok, mut last) = (0, None);
-        for piece in (0..len).step_by(HUGE_PAGE) {
-            match collapse(at as usize + piece, HUGE_PAGE) {
-                Ok(()) => ok += 1,
-                Err(e) => last = Some(e),
-            }
-        }
-        match last {
-            Some(e) if ok == 0 => Err(e),
-            _ => Ok(ok),
-        }
-    });
-    // SAFETY: the reservation (and the mapping over it) made above, used by
+    let span = len
+        .checked_next_multiple_of(TABLE_SPAN)
+        .ok_or_else(|| io::Error::from_raw_os_error(libc::EINVAL))?;
+    if !len.is_multiple_of(HUGE_PAGE) {
+        return Err(io::Error::from_raw_os_error(libc::EINVAL));
+    }
+    let at = reserve_aligned(span, TABLE_SPAN)?;
+    // SAFETY: `at` is the reservation just made, `span` ≥ `len` bytes,
+    // owned here.
+    let result = unsafe { map_over(at, len, fd, offset) }.and_then(|()| collapse(at as usize, len));
+    // SAFETY: the reservation (and the mapping in it) made above, used by
     // nothing else.
-    unsafe { libc::munmap(at, len) };
+    unsafe { libc::munmap(at, span) };
     result
 }
 
@@ -232,9 +237,9 @@ mod tests {
     }
 
     /// Every piece of a run is collapsed, not only the first: Linux 6.1
-    /// stopped a one-call collapse after its first piece whenever the
-    /// page table around the mapping existed (as it does in a busy
-    /// process; here, other mappings are faulted next to it first). Where
+    /// stopped a collapse after its first piece whenever the page table
+    /// around the mapping existed (as it does in a busy process; here,
+    /// other mappings are faulted all around first). Where
     /// the host kernel collapses nothing (no `MADV_COLLAPSE`), nothing is
     /// asserted but the bytes.
     #[test]

@@ -54,9 +54,9 @@ pub const MAP_ALIGN: u64 = crate::devices::huge::HUGE_PAGE as u64;
 /// memory. One budget serves all of a VM's windows (the builder shares
 /// it); past it pieces stay in 4 KiB pages.
 pub const COLLAPSE_BUDGET: u32 = 32;
-/// Most pieces of a file collapsed at once (64 MiB): the first piece the
-/// guest maps and those after it, through one scratch mapping, so a file
-/// read in order costs one such step per 64 MiB.
+/// Most pieces of a file collapsed in one call (64 MiB): the first piece
+/// the guest maps and those after it, so a file read in order costs one
+/// call per 64 MiB.
 pub const COLLAPSE_AHEAD: u64 = 32;
 /// Runs a window remembers as collapsed (the oldest forgotten first: a
 /// forgotten run is only asked for again, at the budget's cost).
@@ -222,10 +222,11 @@ impl DaxWindow {
     }
 
     /// Have the host hold the file's pieces from the one at `foffset` in
-    /// huge pages: up to [`COLLAPSE_AHEAD`] whole pieces at once (one
-    /// scratch mapping, a call per piece: see `huge::collapse_file`), only
-    /// for a file without holes, while the budget lasts; a run collapsed in
-    /// this window's life is not asked for again.
+    /// huge pages: up to [`COLLAPSE_AHEAD`] whole pieces in one call (each
+    /// call has a fixed cost — the kernel drains its page lists — so one
+    /// per run of pieces, not one per piece; see `huge::collapse_file`),
+    /// only for a file without holes, while the budget lasts; a run
+    /// collapsed in this window's life is not asked for again.
     fn collapse_ahead(&self, fd: RawFd, foffset: u64) {
         let Some(st) = fstat(fd) else { return };
         let (size, allocated) = (st.st_size as u64, (st.st_blocks as u64).saturating_mul(512));
@@ -251,9 +252,8 @@ impl DaxWindow {
             return;
         };
         let n = u64::from(left.min(want));
-        match crate::devices::huge::collapse_file(fd, foffset, (n * MAP_ALIGN) as usize) {
-            Ok(ok) => tracing::debug!(pieces = n, answered_ok = ok, "collapse asked"),
-            Err(e) => tracing::debug!(error = %e, pieces = n, "file stays in 4 KiB pages"),
+        if let Err(e) = crate::devices::huge::collapse_file(fd, foffset, (n * MAP_ALIGN) as usize) {
+            tracing::debug!(error = %e, pieces = n, "collapse answered an error (some pieces may stay in 4 KiB pages)");
         }
         if done.len() == REMEMBERED_RUNS {
             done.pop_front();
