@@ -73,6 +73,13 @@ impl GuestRam {
     /// the host page cache, shared with every other VM mapping it, and its
     /// writes go to private copies; the file never changes.
     ///
+    /// Only the 2 MiB chunks that hold data are the file's: a chunk that is
+    /// all hole (memory the guest had not used when the snapshot was made)
+    /// stays fresh anonymous memory, as in a booted VM — the same zeros,
+    /// but where the guest puts new data KVM maps it 2 MiB at a time on a
+    /// transparent huge page, instead of faulting in and copying each
+    /// 4 KiB page of a file mapping.
+    ///
     /// # Errors
     /// The file is shorter than `len`, or the mmap failed.
     pub fn from_file(file: &std::fs::File, len: usize) -> io::Result<Self> {
@@ -84,21 +91,24 @@ impl GuestRam {
             )));
         }
         let ram = Self::new(len)?;
-        // SAFETY: `ram.addr..ram.addr + len` is a mapping this value owns
-        // and nothing references yet; MAP_FIXED replaces exactly it with a
-        // private mapping of the file, which `Drop` unmaps the same way.
-        let at = unsafe {
-            libc::mmap(
-                ram.addr.cast(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_FIXED | libc::MAP_NORESERVE,
-                file.as_raw_fd(),
-                0,
-            )
-        };
-        if at == libc::MAP_FAILED {
-            return Err(io::Error::last_os_error());
+        for run in data_chunks(file.as_raw_fd(), len)? {
+            // SAFETY: `run` lies inside `ram.addr..ram.addr + len`, a
+            // mapping this value owns and nothing references yet; MAP_FIXED
+            // replaces exactly that range with a private mapping of the
+            // file at the same offset, which `Drop` unmaps with the rest.
+            let at = unsafe {
+                libc::mmap(
+                    ram.addr.add(run.start).cast(),
+                    run.len(),
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    libc::MAP_PRIVATE | libc::MAP_FIXED | libc::MAP_NORESERVE,
+                    file.as_raw_fd(),
+                    run.start as libc::off_t,
+                )
+            };
+            if at == libc::MAP_FAILED {
+                return Err(io::Error::last_os_error());
+            }
         }
         Ok(ram)
     }
@@ -112,6 +122,41 @@ impl GuestRam {
     pub fn len(&self) -> usize {
         self.len
     }
+}
+
+/// The runs of whole 2 MiB chunks of `fd`'s first `len` bytes that hold
+/// any data (`SEEK_DATA`/`SEEK_HOLE`), in order and apart. A file system
+/// that does not tell holes reports all of it as data.
+fn data_chunks(fd: std::os::fd::RawFd, len: usize) -> io::Result<Vec<std::ops::Range<usize>>> {
+    let seek = |from: usize, whence| -> io::Result<Option<usize>> {
+        let from = libc::off_t::try_from(from).map_err(io::Error::other)?;
+        // SAFETY: lseek on a descriptor the caller holds; it moves only
+        // the file offset, which nothing else here uses.
+        let at = unsafe { libc::lseek(fd, from, whence) };
+        match at {
+            -1 if io::Error::last_os_error().raw_os_error() == Some(libc::ENXIO) => Ok(None),
+            -1 => Err(io::Error::last_os_error()),
+            at => Ok(Some(usize::try_from(at).map_err(io::Error::other)?)),
+        }
+    };
+    let mut runs: Vec<std::ops::Range<usize>> = Vec::new();
+    let mut from = 0;
+    while from < len {
+        let Some(data) = seek(from, libc::SEEK_DATA)? else {
+            break;
+        };
+        if data >= len {
+            break;
+        }
+        let hole = seek(data, libc::SEEK_HOLE)?.unwrap_or(len).min(len);
+        let (start, end) = (data / HUGE * HUGE, hole.next_multiple_of(HUGE).min(len));
+        match runs.last_mut() {
+            Some(last) if last.end >= start => last.end = last.end.max(end),
+            _ => runs.push(start..end),
+        }
+        from = hole.max(data + 1);
+    }
+    Ok(runs)
 }
 
 impl Drop for GuestRam {
@@ -161,5 +206,50 @@ mod tests {
         assert_eq!(std::fs::read(&p).unwrap()[3 << 20], 42);
         // An image shorter than the RAM is refused.
         assert!(GuestRam::from_file(&f, 8 << 20).is_err());
+    }
+
+    /// A sparse image: its data reads back wherever it is, its holes read
+    /// as zeros whether they are the file's (in a chunk with data) or fresh
+    /// memory (a chunk that is all hole), and writes anywhere stay private.
+    #[test]
+    fn only_chunks_with_data_are_the_files_and_all_reads_the_same() {
+        use std::os::unix::fs::FileExt;
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("mem");
+        let f = std::fs::File::create(&p).unwrap();
+        let len = 16 << 20;
+        f.set_len(len as u64).unwrap();
+        // Data in chunk 1 (one page), chunks 3 and 4 (a run across their
+        // border) and the image's last page; chunks 0, 2 and 5..7 are holes.
+        let marks = [
+            (HUGE + 4096, 11u8),
+            (4 * HUGE - 4096, 22),
+            (4 * HUGE + 8192, 33),
+            (len - 1, 44),
+        ];
+        for (at, v) in marks {
+            f.write_all_at(&[v], at as u64).unwrap();
+        }
+        f.write_all_at(
+            &vec![5u8; 4 * HUGE + 4096 - (4 * HUGE - 4096)],
+            (4 * HUGE - 4096) as u64,
+        )
+        .unwrap();
+        let fd = std::os::fd::AsRawFd::as_raw_fd(&f);
+        let runs = data_chunks(fd, len).unwrap();
+        // A file system that reports no holes maps it all; tmpfs and ext4 do.
+        if runs.len() != 1 || runs[0] != (0..len) {
+            assert_eq!(runs, [HUGE..2 * HUGE, 3 * HUGE..5 * HUGE, 7 * HUGE..len]);
+        }
+        let ram = GuestRam::from_file(&std::fs::File::open(&p).unwrap(), len).unwrap();
+        let image = std::fs::read(&p).unwrap();
+        // SAFETY: the live mapping, `len` bytes.
+        let seen = unsafe { std::slice::from_raw_parts_mut(ram.as_ptr(), len) };
+        assert!(seen == image.as_slice(), "the guest sees the image");
+        for at in [0, HUGE + 4096, 2 * HUGE + 7, 4 * HUGE, 6 * HUGE] {
+            seen[at] = 99;
+        }
+        drop(ram);
+        assert_eq!(std::fs::read(&p).unwrap(), image, "the image never changes");
     }
 }
