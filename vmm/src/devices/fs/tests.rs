@@ -373,6 +373,84 @@ fn dax_collapses_stop_at_the_budget() {
     assert_eq!(first, 8);
 }
 
+/// The host changing a file under a guest that maps it — truncating it,
+/// punching holes, writing it again — while the file server maps and
+/// collapses its pieces: every request gets an answer, no collapse goes
+/// past the budget, and once the file is whole again a mapping reads its
+/// bytes. (What the guest reads from a piece whose file shrank is its
+/// own VM's `KVM_RUN` failing, never a VMM thread's: no VMM thread reads
+/// the window.)
+#[test]
+fn a_file_the_host_changes_while_it_is_mapped_and_collapsed() {
+    let (d, mut f, window, big) = dax_share(true);
+    let path = d.path().join("big");
+    let bytes = std::fs::read(&path).unwrap();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let changer = {
+        let (path, bytes, stop) = (path.clone(), bytes.clone(), stop.clone());
+        std::thread::spawn(move || {
+            use std::os::fd::AsRawFd;
+            let mut rounds = 0u32;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) || rounds < 3 {
+                let file = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+                file.set_len(MAP_ALIGN / 2).unwrap();
+                std::os::unix::fs::FileExt::write_all_at(&file, &bytes, 0).unwrap();
+                // SAFETY: fallocate on a descriptor this thread owns; it
+                // changes only the file's blocks.
+                unsafe {
+                    libc::fallocate(
+                        file.as_raw_fd(),
+                        libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                        MAP_ALIGN as i64,
+                        (MAP_ALIGN / 2) as i64,
+                    )
+                };
+                std::os::unix::fs::FileExt::write_all_at(&file, &bytes, 0).unwrap();
+                rounds += 1;
+            }
+        })
+    };
+    let mut answered = 0;
+    for i in 0..200u64 {
+        window.set_collapses_left(COLLAPSE_BUDGET);
+        let (foffset, moffset) = ((i % 3) * MAP_ALIGN, (i % 4) * MAP_ALIGN);
+        let (err, _) = f.call(
+            Opcode::SetupMapping,
+            big,
+            &[setup(foffset, moffset, 1).as_slice()],
+        );
+        assert!(err <= 0, "{err}");
+        assert!(window.collapses_left() <= COLLAPSE_BUDGET);
+        if i % 7 == 0 {
+            let (err, _) = f.call(Opcode::RemoveMapping, big, &[&removal(&[(0, u64::MAX)])]);
+            assert_eq!(err, 0);
+        }
+        answered += 1;
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    changer.join().unwrap();
+    assert_eq!(answered, 200);
+    assert!(window.pieces_mapped() <= 4);
+    assert_eq!(
+        std::fs::read(&path).unwrap(),
+        bytes,
+        "the file is whole again"
+    );
+    assert_eq!(
+        f.call(
+            Opcode::SetupMapping,
+            big,
+            &[setup(MAP_ALIGN, 0, 1).as_slice()]
+        )
+        .0,
+        0
+    );
+    // SAFETY: window piece 0 maps the file's second piece; the file is
+    // three pieces long again and nothing changes it now.
+    let v = u64::from_le_bytes(unsafe { window.read(8, 8) }.try_into().unwrap());
+    assert_eq!(v, MAP_ALIGN + 8);
+}
+
 #[test]
 fn dax_mappings_refuse_what_a_hostile_guest_asks() {
     let (_d, mut f, window, big) = dax_share(true);
