@@ -709,6 +709,7 @@ pub fn run(cfg: &VmConfig) -> Result<RunReport, VmmError> {
         Some(SnapshotPlan::Restore { dir, identity }) => {
             let identity = given_or_own_identity(identity, cfg)?;
             let state = snapshot::read_state(&SnapshotPlan::state_path(dir), &identity)?;
+            step("state_file");
             let image = SnapshotPlan::memory_path(dir);
             let file = jail::open_image(&image).map_err(|source| VmmError::File {
                 path: image.clone(),
@@ -761,6 +762,7 @@ pub fn run(cfg: &VmConfig) -> Result<RunReport, VmmError> {
             // The guest's memory is the snapshot's: set KVM's state, then
             // each device's (virtio devices resume at their used rings).
             snapshot::kvm_state::restore(&vm, &vcpus, &state.vm)?;
+            step("kvm_state");
             devices.restore(&state.devices)?;
         }
         (None, Some((kernel, initrd))) => {

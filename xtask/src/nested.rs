@@ -1548,6 +1548,27 @@ fn median_spread(v: &[f64], unit: &str) -> String {
     )
 }
 
+/// The VMM's setup steps of one report (`setup_steps_us`: when each
+/// ended), in order, as durations in ms.
+fn step_durations(report: &serde_json::Value) -> Vec<(String, f64)> {
+    let Some(map) = report["setup_steps_us"].as_object() else {
+        return Vec::new();
+    };
+    let mut at: Vec<(&String, f64)> = map
+        .iter()
+        .filter_map(|(k, v)| Some((k, v.as_f64()?)))
+        .collect();
+    at.sort_by(|a, b| a.1.total_cmp(&b.1));
+    let mut prev = 0.0;
+    at.into_iter()
+        .map(|(k, us)| {
+            let d = (us - prev) / 1000.0;
+            prev = us;
+            (k.clone(), d)
+        })
+        .collect()
+}
+
 /// The `bench start` report from what the outer VM printed.
 fn start_report(json: &serde_json::Value) -> anyhow::Result<String> {
     use std::fmt::Write;
@@ -1644,25 +1665,18 @@ fn start_report(json: &serde_json::Value) -> anyhow::Result<String> {
     // VM creation), the guest until the host's connection is accepted
     // (its `ready` marker), and the rest on the host (process start,
     // Hello, refresh).
-    let steps = [
-        "host",
-        "snapshot_state",
-        "vm",
-        "memory",
-        "images",
-        "devices",
-        "registers",
-    ];
-    let mut per_step: Vec<Vec<f64>> = vec![Vec::new(); steps.len()];
+    let mut per_step: Vec<(String, Vec<f64>)> = Vec::new();
     let (mut guest, mut host) = (vec![], vec![]);
     for r in rounds {
         let s = &r["restore"]["vms"][0];
         let end = &s["vm_end"];
-        let at = |k: &str| end["setup_steps_us"][k].as_f64().unwrap_or(f64::NAN) / 1000.0;
-        let mut prev = 0.0;
-        for (i, k) in steps.iter().enumerate() {
-            per_step[i].push(at(k) - prev);
-            prev = at(k);
+        let mut setup_ms = 0.0;
+        for (k, d) in step_durations(end) {
+            setup_ms += d;
+            match per_step.iter_mut().find(|(n, _)| *n == k) {
+                Some((_, v)) => v.push(d),
+                None => per_step.push((k, vec![d])),
+            }
         }
         let marker = end["stages"]
             .as_array()
@@ -1670,13 +1684,12 @@ fn start_report(json: &serde_json::Value) -> anyhow::Result<String> {
             .and_then(|m| m["after_us"].as_f64())
             .unwrap_or(f64::NAN)
             / 1000.0;
-        guest.push(marker - prev);
+        guest.push(marker - setup_ms);
         host.push(s["ready_ms"].as_f64().unwrap_or(f64::NAN) - marker);
     }
     writeln!(out, "  where a restore's ready time goes (medians, ms):")?;
-    let listed: Vec<String> = steps
+    let listed: Vec<String> = per_step
         .iter()
-        .zip(&per_step)
         .map(|(k, v)| format!("{k} {:.1}", median(v)))
         .collect();
     writeln!(out, "    VMM setup steps: {}", listed.join(", "))?;
@@ -1999,18 +2012,8 @@ fn fs_report(json: &serde_json::Value, rounds: u32) -> anyhow::Result<String> {
     let step_ms = |side: &str| -> std::collections::BTreeMap<String, Vec<f64>> {
         let mut out: std::collections::BTreeMap<String, Vec<f64>> = Default::default();
         for b in json["boots"].as_array().into_iter().flatten() {
-            let Some(map) = b[side]["setup_steps_us"].as_object() else {
-                continue;
-            };
-            let mut at: Vec<(&String, f64)> = map
-                .iter()
-                .filter_map(|(k, v)| Some((k, v.as_f64()?)))
-                .collect();
-            at.sort_by(|a, b| a.1.total_cmp(&b.1));
-            let mut prev = 0.0;
-            for (k, us) in at {
-                out.entry(k.clone()).or_default().push((us - prev) / 1000.0);
-                prev = us;
+            for (k, d) in step_durations(&b[side]) {
+                out.entry(k).or_default().push(d);
             }
         }
         out
@@ -2176,16 +2179,26 @@ mod tests {
                 call("files_stat-dir", stat, serde_json::json!({"entries": 1})),
             ]})
         };
-        let boot = |mounts_us: u64| serde_json::json!({"wall_ms": 100, "stages": [{"stage": "mounts", "after_us": mounts_us}]});
+        let boot = |mounts_us: u64, steps: serde_json::Value| serde_json::json!({"wall_ms": 100, "stages": [{"stage": "mounts", "after_us": mounts_us}], "setup_steps_us": steps});
         let json = serde_json::json!({
             "process": wall(1000.0, 500.0),
             "vm": wall(2000.0, 2000.0),
-            "boots": [{"plain": boot(1000), "share": boot(1050)}],
+            "huge_kib": [2048, 67584],
+            "boots": [{
+                "plain": boot(1000, serde_json::json!({"host": 1000, "devices": 3000})),
+                "share": boot(1050, serde_json::json!({"host": 1000, "share_server": 6000, "devices": 8000})),
+            }],
         });
         let r = fs_report(&json, 1).unwrap();
         assert!(r.contains("throughput vm / process: 0.50"), "{r}");
         assert!(r.contains("rate vm / process: 0.25"), "{r}");
         assert!(r.contains("ratio with / without: 1.050"), "{r}");
+        assert!(r.contains("made of the 64 MiB file: 64 MiB"), "{r}");
+        assert!(
+            r.contains("made longer (median ms): share_server +5.0"),
+            "{r}"
+        );
+        assert!(!r.contains("devices +"), "{r}");
         let mut failed = json.clone();
         failed["vm"]["calls"][0]["result"] = serde_json::json!({"error": {"kind": "timeout"}});
         assert!(fs_report(&failed, 1).is_err());
