@@ -757,6 +757,10 @@ pub fn run(cfg: &VmConfig) -> Result<RunReport, VmmError> {
     step("images");
     let devices = builder::attach_devices(&vm, &memory.mem, cfg, start)?;
     step("devices");
+    // Each thread's capabilities, for the report: read now, while the
+    // device threads live (they end with the guest's reset, before the run
+    // returns).
+    let threads = jail::thread_caps();
     match (&restoring, loaded) {
         (Some((state, _)), _) => {
             // The guest's memory is the snapshot's: set KVM's state, then
@@ -790,13 +794,6 @@ pub fn run(cfg: &VmConfig) -> Result<RunReport, VmmError> {
         setup_steps.splice(at..at, devices.steps.iter().copied());
     }
     let ran = vcpu::run(vcpus, &devices.buses, cfg, pause);
-    // Each thread's capabilities for the report, read after the run (the
-    // procfs reads cost milliseconds under emulation, on every boot with a
-    // share): the device threads are still alive, the vCPU threads are
-    // joined — they were made by the main thread after it dropped every
-    // capability (`end_file_server_setup`), so they hold what it holds,
-    // and its entry is here.
-    let threads = jail::thread_caps();
     let saved = match (&ran, making) {
         (Ok((VmExit::Paused, vcpus)), Some((_, dir, identity))) => Some(save_snapshot(
             &kvm,
