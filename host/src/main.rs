@@ -218,6 +218,10 @@ enum VmCmd {
         /// (keeper-gone, memory, tasks).
         #[arg(long, hide = true)]
         jail_selftest: Option<airlock_vmm::jail::Selftest>,
+        /// Test hook: the report lists each thread's capabilities (a jail
+        /// with shares).
+        #[arg(long, hide = true)]
+        report_threads: bool,
     },
     /// Boot like `vm boot` until the guest reaches boot stage `--at`, save
     /// the VM into DIR (its state file and memory image) and end there
@@ -444,12 +448,14 @@ impl VmRunArgs {
         self,
         snapshot: Option<airlock_vmm::SnapshotPlan>,
         selftest: Option<airlock_vmm::jail::Selftest>,
+        report_threads: bool,
     ) -> anyhow::Result<airlock_vmm::process::ProcessEnd> {
         use airlock_vmm::SnapshotPlan;
         let mut cfg = self
             .image
             .config(self.memory_mib, self.vcpus, self.timeout_secs, 1 << 20);
         cfg.jail_selftest = selftest;
+        cfg.report_threads = report_threads;
         let vmm = self
             .vmm
             .unwrap_or_else(airlock::callsite::default_vmm_binary);
@@ -541,6 +547,7 @@ impl BootImage {
             seccomp: None,
             seccomp_selftest: false,
             jail_selftest: None,
+            report_threads: false,
             share_write_limit: None,
             snapshot: None,
         }
@@ -780,9 +787,14 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             })
         }
         Cmd::Vm {
-            cmd: VmCmd::Boot { vm, jail_selftest },
+            cmd:
+                VmCmd::Boot {
+                    vm,
+                    jail_selftest,
+                    report_threads,
+                },
         } => {
-            let end = vm.run(None, jail_selftest)?;
+            let end = vm.run(None, jail_selftest, report_threads)?;
             print_json(&end.report)?;
             Ok(ExitCode::SUCCESS)
         }
@@ -794,7 +806,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 dir,
                 identity: None,
             };
-            let end = vm.run(Some(plan), None)?;
+            let end = vm.run(Some(plan), None, false)?;
             print_json(&end.report)?;
             Ok(if end.exit == airlock_vmm::VmExit::Paused {
                 ExitCode::SUCCESS
@@ -809,7 +821,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 dir,
                 identity: None,
             };
-            let end = vm.run(Some(plan), None)?;
+            let end = vm.run(Some(plan), None, false)?;
             print_json(&end.report)?;
             Ok(ExitCode::SUCCESS)
         }

@@ -768,6 +768,7 @@ fn vm_config(
         seccomp: None,
         seccomp_selftest: false,
         jail_selftest: None,
+        report_threads: false,
         share_write_limit: (!shares.is_empty()).then_some(write_limit),
         snapshot: None,
     }

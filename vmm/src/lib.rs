@@ -175,6 +175,10 @@ pub struct VmConfig {
     /// Debug hook for the jail's tests: an attack on the jail made in
     /// place of the VM (see [`jail::Selftest`]).
     pub jail_selftest: Option<jail::Selftest>,
+    /// Test hook: the report lists each thread's capabilities in a jail
+    /// with shares (`"threads"`, [`jail::thread_caps`]). Off by default:
+    /// the procfs reads cost every such boot milliseconds under emulation.
+    pub report_threads: bool,
     /// Make a snapshot of this VM, or start it from one.
     pub snapshot: Option<SnapshotPlan>,
 }
@@ -560,6 +564,7 @@ impl VmConfig {
             seccomp: None,
             seccomp_selftest: false,
             jail_selftest: None,
+            report_threads: false,
             share_write_limit: None,
             snapshot: None,
         }
@@ -757,10 +762,14 @@ pub fn run(cfg: &VmConfig) -> Result<RunReport, VmmError> {
     step("images");
     let devices = builder::attach_devices(&vm, &memory.mem, cfg, start)?;
     step("devices");
-    // Each thread's capabilities, for the report: read now, while the
-    // device threads live (they end with the guest's reset, before the run
-    // returns).
-    let threads = jail::thread_caps();
+    // Each thread's capabilities, when the report is to list them: read
+    // now, while the device threads live (they end with the guest's reset,
+    // before the run returns).
+    let threads = if cfg.report_threads {
+        jail::thread_caps()
+    } else {
+        Vec::new()
+    };
     match (&restoring, loaded) {
         (Some((state, _)), _) => {
             // The guest's memory is the snapshot's: set KVM's state, then

@@ -167,6 +167,9 @@ pub fn to_args(cfg: &VmConfig, stop_on_stdin_eof: bool) -> Vec<String> {
     if let Some(t) = cfg.jail_selftest {
         a.extend(["--jail-selftest".into(), t.name().into()]);
     }
+    if cfg.report_threads {
+        a.push("--report-threads".into());
+    }
     match &cfg.snapshot {
         Some(crate::SnapshotPlan::Make { at, dir, .. }) => a.extend([
             "--snapshot-at".into(),
@@ -211,6 +214,10 @@ pub fn from_args(args: impl IntoIterator<Item = String>) -> Result<ProcessArgs, 
             }
             "--seccomp-selftest" => {
                 cfg.seccomp_selftest = true;
+                continue;
+            }
+            "--report-threads" => {
+                cfg.report_threads = true;
                 continue;
             }
             _ => {}
@@ -694,6 +701,7 @@ mod tests {
             seccomp: None,
             seccomp_selftest: false,
             jail_selftest: None,
+            report_threads: true,
             snapshot: Some(crate::SnapshotPlan::Make {
                 identity: None,
                 at: "ready".into(),

@@ -556,7 +556,7 @@ share_host() {
     "$(stat -c %u:%g $2/made-in-guest.txt 2>/dev/null)" "$(stat -c %u:%g $2/guest-dir 2>/dev/null)"
   echo "NESTED-RESULT-END $1-host 0"
 }
-scenario_retry share-ro 400 $BOOT --initrd $G/initramfs.cpio.gz --share-ro grant0=/tmp/share-ro \
+scenario_retry share-ro 400 $BOOT --initrd $G/initramfs.cpio.gz --share-ro grant0=/tmp/share-ro --report-threads \
   --cmdline 'airlock.fs=grant0:/share:ro airlock.selftest=share' --timeout-secs 300
 wanted share-ro && share_host share-ro /tmp/share-ro
 # A guest that mounts a read-only share read-write (as a modified guest
@@ -565,7 +565,7 @@ wanted share-ro && share_host share-ro /tmp/share-ro
 scenario_retry share-ro-guest-rw 400 $BOOT --initrd $G/initramfs.cpio.gz --share-ro grant0=/tmp/share-ro --jail off \
   --cmdline 'airlock.fs=grant0:/share airlock.selftest=share' --timeout-secs 300
 wanted share-ro-guest-rw && share_host share-ro-guest-rw /tmp/share-ro
-scenario_retry share-rw 400 $BOOT --initrd $G/initramfs.cpio.gz --share grant0=/tmp/share-rw \
+scenario_retry share-rw 400 $BOOT --initrd $G/initramfs.cpio.gz --share grant0=/tmp/share-rw --report-threads \
   --cmdline 'airlock.fs=grant0:/share airlock.selftest=share' --timeout-secs 300
 wanted share-rw && share_host share-rw /tmp/share-rw
 # Wall parity for files: one policy (a read-only and a read-write grant,
