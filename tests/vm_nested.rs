@@ -1003,12 +1003,17 @@ fn a_guest_asking_for_a_tag_its_vm_lacks_ends_its_vm_and_leaves_nothing_on_the_h
     assert_eq!(h, json!({"share_mounts": 0, "vmms": 0, "jail_dirs": 0}));
 }
 
+/// The rest of the scenario line that starts with `prefix`, trimmed.
+fn line_text<'a>(body: &'a str, prefix: &str) -> &'a str {
+    body.lines()
+        .find_map(|l| l.strip_prefix(prefix))
+        .unwrap_or_else(|| panic!("no {prefix:?} line in:\n{body}"))
+        .trim()
+}
+
 /// The JSON report on the scenario line that starts with `prefix`.
 fn line_json(body: &str, prefix: &str) -> Value {
-    let line = body
-        .lines()
-        .find_map(|l| l.strip_prefix(prefix))
-        .unwrap_or_else(|| panic!("no {prefix:?} line in:\n{body}"));
+    let line = line_text(body, prefix);
     line.find('{')
         .and_then(|i| serde_json::from_str(&line[i..]).ok())
         .unwrap_or_else(|| panic!("{prefix:?} line is not a report: {line}\n{body}"))
@@ -1046,6 +1051,31 @@ fn a_vm_restored_from_a_snapshot_runs_on_from_where_it_was_saved() {
             "{i} booted: {r}"
         );
     }
+    // Parked and stopped without the word: it said it was parked, had
+    // the snapshot's state loaded, and the guest never ran (it printed
+    // nothing; no `go`).
+    assert_eq!(line_text(body, "PARKSTOP-FIRST "), "parked", "{body}");
+    let stopped = line_json(body, "PARKSTOP ");
+    assert_eq!(stopped["exit"], "stopped", "{stopped}");
+    assert_eq!(stopped["console"], "", "{stopped}");
+    assert!(stopped["setup_steps_us"]["kvm_state"].is_u64(), "{stopped}");
+    assert!(stopped["setup_steps_us"]["go"].is_null(), "{stopped}");
+    // Given the word after 5 s: its clocks set back to the snapshot's
+    // instant, the guest ran from there to the self-test's end.
+    assert_eq!(line_text(body, "PARKGO-FIRST "), "parked", "{body}");
+    let went = line_json(body, "PARKGO ");
+    assert_eq!(went["exit"], "reset", "{went}");
+    assert!(
+        went["console"]
+            .as_str()
+            .unwrap_or("")
+            .contains("AIRLOCK-SELFTEST-DONE ok"),
+        "{went}"
+    );
+    let steps = &went["setup_steps_us"];
+    let go = steps["go"].as_u64().unwrap_or(0);
+    assert!(go >= 4_000_000, "the word came after 5 s: {went}");
+    assert!(steps["clocks"].as_u64().is_some_and(|c| c >= go), "{went}");
     let edited = body
         .lines()
         .find_map(|l| l.strip_prefix("EDITED "))
@@ -1075,17 +1105,39 @@ fn vms_restored_from_one_snapshot_have_their_own_randomness_and_the_right_time()
     let (body, code) = scenario_body("vm-restore-fresh");
     assert_eq!(code, 0, "{body}");
     let mut randoms = std::collections::BTreeSet::new();
-    for i in 1..=3 {
+    // Calls 4 and 5 went through a VM parked ahead (`vm multi --start
+    // parked`): the same freshness holds for them.
+    for (i, tag) in [
+        (1, "CALL"),
+        (2, "CALL"),
+        (3, "CALL"),
+        (4, "PARKED"),
+        (5, "PARKED"),
+    ] {
         let line = body
             .lines()
-            .find_map(|l| l.strip_prefix(&format!("CALL{i} ")))
-            .unwrap_or_else(|| panic!("no CALL{i} line:\n{body}"));
+            .find_map(|l| l.strip_prefix(&format!("{tag}{i} ")))
+            .unwrap_or_else(|| panic!("no {tag}{i} line:\n{body}"));
         let mut parts = line.splitn(3, ' ');
         let before: u64 = parts.next().and_then(|v| v.parse().ok()).unwrap();
         let after: u64 = parts.next().and_then(|v| v.parse().ok()).unwrap();
-        let v: Value = serde_json::from_str(parts.next().unwrap_or(""))
-            .unwrap_or_else(|e| panic!("CALL{i} is not an answer ({e}):\n{body}"));
-        assert_eq!(v["start"], "restore", "call {i} did not restore:\n{body}");
+        let answer: Value = serde_json::from_str(parts.next().unwrap_or(""))
+            .unwrap_or_else(|e| panic!("{tag}{i} is not an answer ({e}):\n{body}"));
+        let v = if tag == "PARKED" {
+            let vm = &answer["vms"][0];
+            assert!(
+                vm["ready_steps_ms"]["go"].is_number(),
+                "call {i} did not start from the parked VM:\n{body}"
+            );
+            assert_eq!(vm["start"], "restore", "call {i} did not restore:\n{body}");
+            vm["outcome"].clone()
+        } else {
+            assert_eq!(
+                answer["start"], "restore",
+                "call {i} did not restore:\n{body}"
+            );
+            answer
+        };
         let ok = &v["result"]["ok"];
         let random = ok["random"].as_str().unwrap_or_else(|| panic!("{body}"));
         assert_eq!(random.len(), 32, "{body}");

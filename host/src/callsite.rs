@@ -87,9 +87,14 @@ pub struct VmSettings {
     pub memory_mib: u32,
     /// VMs kept booted ahead of calls (0: boot per call).
     pub warm: usize,
+    /// With `snapshots`: keep one VM parked (restored and waiting to run,
+    /// [`crate::sandbox::Sandbox::park`]) for the next call that finds no
+    /// warm one.
+    pub park: bool,
     /// Calls holding a microVM at once, at most (booting, loading, running
     /// or shutting down); further calls wait for one to end, in order.
-    /// With the warm pool's waiting VMs, at most `max_vms + warm` VMMs run.
+    /// With the warm pool's waiting VMs and the parked one, at most
+    /// `max_vms + warm + 1` VMMs run.
     pub max_vms: usize,
     /// Weights directory and its erofs image: read-only grants inside the
     /// directory are served from the image over virtio-pmem.
@@ -362,7 +367,7 @@ impl CallSite {
             None => None,
             Some(settings) => {
                 let cfg = settings.sandbox_config(runner.fingerprint(), &template);
-                let pool = Pool::start(cfg, settings.warm)?;
+                let pool = Pool::start(cfg, settings.warm, settings.park)?;
                 Some(VmSite {
                     slots: Arc::new(tokio::sync::Semaphore::new(settings.max_vms.max(1))),
                     settings,

@@ -346,8 +346,10 @@ struct GuestArgs {
     jail: airlock::callsite::JailMode,
     /// How microVMs start: `restore` (from a snapshot of the guest made
     /// once per guest image and VM shape, cached in
-    /// `$AIRLOCK_CACHE/snapshots`) or `boot` (a cold boot each).
-    #[arg(long, default_value = "restore", value_parser = ["restore", "boot"])]
+    /// `$AIRLOCK_CACHE/snapshots`), `boot` (a cold boot each) or `parked`
+    /// (restored into a VMM started ahead and waiting, set up, for the
+    /// call; `vm multi` waits until it is before its calls).
+    #[arg(long, default_value = "restore", value_parser = ["restore", "boot", "parked"])]
     start: String,
 }
 
@@ -387,6 +389,7 @@ impl GuestArgs {
                     initrd,
                     memory_mib: self.memory_mib,
                     warm: 0,
+                    park: self.start == "parked",
                     max_vms: vms,
                     weights,
                     cmdline_extra: self.guest_cmdline,
@@ -395,8 +398,8 @@ impl GuestArgs {
                         + std::time::Duration::from_secs(420),
                     jail: self.jail.resolve(airlock_vmm::jail::JailConfig::default()),
                     snapshots: match (self.start.as_str(), cache_dir()) {
-                        ("restore", Ok(c)) => Some(c.join("snapshots")),
-                        ("restore", Err(e)) => {
+                        ("restore" | "parked", Ok(c)) => Some(c.join("snapshots")),
+                        ("restore" | "parked", Err(e)) => {
                             tracing::warn!(error = %e, "no cache directory for VM snapshots; every VM boots");
                             None
                         }
@@ -550,6 +553,7 @@ impl BootImage {
             report_threads: false,
             share_write_limit: None,
             snapshot: None,
+            park: None,
         }
     }
 }
@@ -1305,10 +1309,21 @@ fn vm_multi(a: MultiArgs) -> anyhow::Result<serde_json::Value> {
         .map(Weights::parse)
         .transpose()
         .context("--weights")?;
+    let parked = a.guest.start == "parked";
     // Every VM at once: the calls wait for each other below.
     let site = a
         .guest
         .call_site(Isolation::Vm, weights, &policy, args.len())?;
+    if parked
+        && !site
+            .pool()
+            .is_some_and(|p| p.wait_parked(airlock::callsite::READY_TIMEOUT))
+    {
+        anyhow::bail!(
+            "--start parked: no VM was parked within {:?} (see the warnings above)",
+            airlock::callsite::READY_TIMEOUT
+        );
+    }
     let grants = site.grants(policy.grant_set())?;
     // Every VM waits, once loaded, for the others: the calls overlap.
     let all_ready = std::sync::Barrier::new(args.len());

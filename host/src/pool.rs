@@ -1,14 +1,22 @@
 //! A warm pool of microVMs for the service: sandboxes are booted ahead of
 //! calls so a call only pays for load + invoke, not for a boot.
 //!
+//! Besides them (or instead: `warm` 0), with VM snapshots the pool keeps
+//! one VM *parked* ([`Sandbox::park`]): its VMM process started, the
+//! snapshot's state loaded and memory mapped, the guest not yet run. A
+//! call that finds no warm sandbox takes it and only pays for the guest to
+//! run from the snapshot and answer; a new one is parked behind it.
+//!
 //! **Invariants:** a sandbox serves exactly one call and is then shut down —
 //! nothing a call leaves behind in a guest (files in its tmpfs, kernel
 //! state, a compromised agent) can reach another call or tenant. A sandbox
 //! whose VM has ended while it waited is discarded, never handed out.
-//! [`Pool::shutdown`] (also run on drop) stops the filler thread and reaps
-//! every waiting VM.
+//! A parked VM holds nothing of a call (no shares, no connection; its
+//! entropy and clock are refreshed when it goes). [`Pool::shutdown`] (also
+//! run on drop) stops the filler thread and reaps every waiting VM, parked
+//! ones included (their guests never run).
 
-use crate::sandbox::{Sandbox, SandboxConfig, SandboxError};
+use crate::sandbox::{Parked, Sandbox, SandboxConfig, SandboxError};
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
@@ -19,6 +27,12 @@ struct Shared {
     cfg: SandboxConfig,
     warm: usize,
     ready: Mutex<VecDeque<Sandbox>>,
+    /// Keep a VM parked (needs snapshots).
+    park: bool,
+    parked: Mutex<Option<Parked>>,
+    /// A parked VM is going (taken, not yet ready): the next is parked
+    /// after, not while it competes for the host's CPUs.
+    going: AtomicBool,
     wake: Condvar,
     stop: AtomicBool,
     booted: AtomicU64,
@@ -53,12 +67,36 @@ impl Shared {
         Ok(sb)
     }
 
-    /// Keep `warm` sandboxes ready until told to stop.
+    fn parked(&self) -> std::sync::MutexGuard<'_, Option<Parked>> {
+        self.parked.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Whether a VM is to be parked now: asked for, and none is (one that
+    /// ended while it waited is dropped here).
+    fn wants_parked(&self) -> bool {
+        if !self.park {
+            return false;
+        }
+        let mut slot = self.parked();
+        // Read under the slot's lock, where `take` sets it.
+        if self.going.load(Ordering::SeqCst) {
+            return false;
+        }
+        if slot.as_ref().is_some_and(|p| !p.is_alive()) {
+            tracing::warn!("a parked VM had ended; parking another");
+            *slot = None;
+        }
+        slot.is_none()
+    }
+
+    /// Keep `warm` sandboxes ready, and one VM parked when asked, until
+    /// told to stop.
     fn fill(&self) {
         let mut failures = 0u32;
         while !self.stop.load(Ordering::SeqCst) {
             let guard = self.lock();
-            if guard.len() >= self.warm {
+            let boot = guard.len() < self.warm;
+            if !boot && !self.wants_parked() {
                 let _ = self
                     .wake
                     .wait_timeout(guard, Duration::from_millis(500))
@@ -66,15 +104,19 @@ impl Shared {
                 continue;
             }
             drop(guard);
-            match self.boot() {
-                Ok(sb) => {
+            let made = if boot {
+                self.boot().map(|sb| self.lock().push_back(sb))
+            } else {
+                Sandbox::park(&self.cfg).map(|p| *self.parked() = Some(p))
+            };
+            match made {
+                Ok(()) => {
                     failures = 0;
-                    self.lock().push_back(sb);
                     self.wake.notify_all();
                 }
                 Err(e) => {
                     failures += 1;
-                    tracing::warn!(error = %e, failures, "warm pool: a boot failed");
+                    tracing::warn!(error = %e, failures, "warm pool: a boot (or a parked VM) failed");
                     // Back off, but stay responsive to shutdown.
                     for _ in 0..(failures.min(10) * 10) {
                         if self.stop.load(Ordering::SeqCst) {
@@ -89,20 +131,25 @@ impl Shared {
 }
 
 impl Pool {
-    /// Start a pool that keeps `warm` sandboxes booted (0: boot per call).
+    /// Start a pool that keeps `warm` sandboxes booted (0: boot per call)
+    /// and, with `park` (when `cfg` has snapshots), one VM parked.
     ///
     /// # Errors
     /// The filler thread could not be started.
-    pub fn start(cfg: SandboxConfig, warm: usize) -> Result<Self, SandboxError> {
+    pub fn start(cfg: SandboxConfig, warm: usize, park: bool) -> Result<Self, SandboxError> {
+        let park = park && cfg.snapshots.is_some();
         let shared = Arc::new(Shared {
             cfg,
             warm,
+            park,
+            parked: Mutex::new(None),
+            going: AtomicBool::new(false),
             ready: Mutex::new(VecDeque::new()),
             wake: Condvar::new(),
             stop: AtomicBool::new(false),
             booted: AtomicU64::new(0),
         });
-        let filler = if warm > 0 {
+        let filler = if warm > 0 || park {
             let s = shared.clone();
             Some(
                 std::thread::Builder::new()
@@ -118,7 +165,8 @@ impl Pool {
         })
     }
 
-    /// A ready sandbox: a warm one if there is one, else one booted now.
+    /// A ready sandbox: a warm one if there is one, else the parked VM
+    /// run now, else one started now (restored or booted).
     ///
     /// # Errors
     /// A boot failed.
@@ -132,8 +180,52 @@ impl Pool {
                     tracing::warn!("warm pool: a waiting VM had ended; discarding it");
                     drop(dead);
                 }
-                None => return self.shared.boot(),
+                None => break,
             }
+        }
+        let parked = {
+            let mut slot = self.shared.parked();
+            let p = slot.take();
+            self.shared.going.store(p.is_some(), Ordering::SeqCst);
+            p
+        };
+        if let Some(p) = parked.filter(Parked::is_alive) {
+            let went = p.go(&self.shared.cfg);
+            // The filler parks the next one now that this one is ready.
+            self.shared.going.store(false, Ordering::SeqCst);
+            self.shared.wake.notify_all();
+            match went {
+                Ok(sb) => {
+                    self.shared.booted.fetch_add(1, Ordering::Relaxed);
+                    return Ok(sb);
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "the parked VM failed to start; starting another");
+                }
+            }
+        }
+        self.shared.going.store(false, Ordering::SeqCst);
+        self.shared.wake.notify_all();
+        self.shared.boot()
+    }
+
+    /// Wait until a VM is parked and set up (for benchmarks and tests that
+    /// measure a parked start), at most `timeout`; whether one is.
+    pub fn wait_parked(&self, timeout: Duration) -> bool {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            if self
+                .shared
+                .parked()
+                .as_ref()
+                .is_some_and(|p| p.is_alive() && p.is_parked())
+            {
+                return true;
+            }
+            if !self.shared.park || std::time::Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(10));
         }
     }
 
@@ -211,6 +303,8 @@ impl Pool {
         for sb in waiting {
             let _ = sb.shutdown();
         }
+        // Its VMM ends without running the guest.
+        drop(self.shared.parked().take());
     }
 }
 

@@ -212,18 +212,23 @@ fn exit_text(e: &VmExit) -> String {
     }
 }
 
-/// Connect to the agent through the hybrid-vsock socket; `None` while the
-/// guest is not listening yet.
-fn try_connect(uds: &Path) -> Option<UnixStream> {
+/// Connect to the VM's hybrid-vsock socket and ask for the agent's port;
+/// `None` when the socket is not there yet.
+fn connect_request(uds: &Path) -> Option<UnixStream> {
     let mut s = UnixStream::connect(uds).ok()?;
     s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
     s.write_all(format!("CONNECT {AGENT_PORT}\n").as_bytes())
         .ok()?;
+    Some(s)
+}
+
+/// Whether the agent accepted a [`connect_request`] (`false` while the
+/// guest is not listening yet).
+fn read_ok(s: &mut UnixStream) -> bool {
     let mut line = String::new();
     // Read byte by byte: the agent's first frame follows the OK line.
-    let mut r = BufReader::with_capacity(1, &mut s);
-    r.read_line(&mut line).ok()?;
-    line.starts_with("OK ").then_some(s)
+    let mut r = BufReader::with_capacity(1, s);
+    r.read_line(&mut line).is_ok() && line.starts_with("OK ")
 }
 
 /// The largest `Result` frame an honest guest sends for a call under
@@ -336,6 +341,61 @@ impl Sandbox {
         write_limit: u64,
         plan: Option<SnapshotPlan>,
     ) -> Result<Self, SandboxError> {
+        Self::spawn(cfg, shares, write_limit, plan, false)?.ready(cfg, None)
+    }
+
+    /// A VM restored from the snapshot of the share-less shape of `cfg`
+    /// and parked: its VMM process runs, jailed and filtered, with the
+    /// snapshot's state loaded and its memory mapped, and waits for
+    /// [`Parked::go`] before the guest runs a single instruction. Nothing
+    /// of a call is in it (no shares, no connection); its entropy and
+    /// clock are refreshed when it goes.
+    ///
+    /// # Errors
+    /// `cfg` has no snapshot cache or the snapshot cannot be had (made
+    /// now when missing); the VMM process cannot be started.
+    pub fn park(cfg: &SandboxConfig) -> Result<Parked, SandboxError> {
+        let cache = cfg
+            .snapshots
+            .as_ref()
+            .ok_or_else(|| SandboxError::Guest("parking needs VM snapshots".into()))?;
+        let shape = vm_config(cfg, &[], 0, Path::new(""), false);
+        let plan = cache
+            .plan(&cfg.vmm, &shape, &|making| make_snapshot(cfg, making))
+            .map_err(|e| SandboxError::Guest(format!("no snapshot to park a VM from: {e}")))?;
+        let spawned = Self::spawn(cfg, &[], 0, Some(plan), true)?;
+        // The host's connection is made now, while the VMM sets the VM up
+        // (as for any restore): the VMM queues it for the guest, which
+        // finds it the moment it runs.
+        let poll = Duration::from_millis(2);
+        loop {
+            if let Some(c) = connect_request(&spawned.uds) {
+                return Ok(Parked { spawned, early: c });
+            }
+            if spawned.sb.vm.as_ref().is_none_or(VmProcess::is_finished)
+                || spawned.start.elapsed() > cfg.ready_timeout
+            {
+                let mut sb = spawned.sb;
+                let report = sb.finish()?;
+                return Err(SandboxError::GuestEnded {
+                    exit: format!("the VM to park {}", exit_text(&report.exit)),
+                    console: tail(&report.console, 30),
+                });
+            }
+            std::thread::sleep(poll);
+        }
+    }
+
+    /// Start the VMM process of one VM (restored by `plan`, else booted;
+    /// parked first when `park`): its socket directory, jail and egress
+    /// proxy, then the process. The agent is not reached yet.
+    fn spawn(
+        cfg: &SandboxConfig,
+        shares: &[OpenShare],
+        write_limit: u64,
+        plan: Option<SnapshotPlan>,
+        park: bool,
+    ) -> Result<Spawned, SandboxError> {
         use std::os::fd::AsFd;
         // Whether this host can run the guest at all was checked once, by
         // the call site; `airlock_vmm::run` refuses such a host again.
@@ -357,6 +417,7 @@ impl Sandbox {
         // one when its refresh says so.
         let mut vm_cfg = vm_config(cfg, shares, write_limit, &uds, plan.is_none());
         vm_cfg.snapshot = plan;
+        vm_cfg.park = park.then(|| Arc::new(airlock_vmm::Park::default()));
         let mounts: Vec<proto::Mount> = match kind {
             Start::Restore => shares
                 .iter()
@@ -400,7 +461,7 @@ impl Sandbox {
                 return Err(cleanup(e));
             }
         };
-        let mut sb = Self {
+        let sb = Self {
             conn: UnixStream::pair()?.0,
             vm: Some(vm),
             stop,
@@ -415,72 +476,12 @@ impl Sandbox {
             started_ns,
             next_id: 1,
         };
-        // A restored guest listens already: its socket appears with the
-        // VMM's devices, so look often. A booting one takes a second or
-        // more, and every early connection costs it a reset.
-        let poll = Duration::from_millis(if kind == Start::Restore { 2 } else { 20 });
-        loop {
-            if sb.vm.as_ref().is_some_and(VmProcess::is_finished) {
-                let report = sb.finish()?;
-                return Err(SandboxError::GuestEnded {
-                    exit: exit_text(&report.exit),
-                    console: tail(&report.console, 30),
-                });
-            }
-            if start.elapsed() > cfg.ready_timeout {
-                let report = sb.finish()?;
-                return Err(SandboxError::NotReady(
-                    cfg.ready_timeout,
-                    tail(&report.console, 30),
-                ));
-            }
-            if let Some(c) = try_connect(&uds) {
-                sb.conn = c;
-                break;
-            }
-            std::thread::sleep(poll);
-        }
-        sb.ready_steps.push(("connected", start.elapsed()));
-        // Fresh entropy and the clock go out at once; the guest reads them
-        // after sending its Hello (one round trip instead of two).
-        sb.send_refresh(mounts)?;
-        // The agent's Hello is part of becoming ready.
-        let left = cfg.ready_timeout.saturating_sub(start.elapsed());
-        sb.conn
-            .set_read_timeout(Some(left.max(Duration::from_secs(1))))?;
-        let hello = match sb.recv() {
-            Ok(m) => m,
-            Err(e) => {
-                // Say what became of the VM, not only of its connection.
-                let report = sb.finish()?;
-                return Err(SandboxError::GuestEnded {
-                    exit: format!("{e}; then the VM {}", exit_text(&report.exit)),
-                    console: tail(&report.console, 30),
-                });
-            }
-        };
-        sb.ready_steps.push(("hello", start.elapsed()));
-        match hello {
-            Message::Hello { engine, boot, .. } => {
-                if engine != cfg.engine {
-                    return Err(SandboxError::EngineMismatch {
-                        guest: engine,
-                        host: cfg.engine.clone(),
-                    });
-                }
-                sb.boot = boot;
-            }
-            other => {
-                return Err(SandboxError::Guest(format!(
-                    "expected Hello, got {other:?}"
-                )));
-            }
-        }
-        sb.refreshed()?;
-        sb.conn.set_read_timeout(Some(cfg.life_timeout))?;
-        sb.ready_after = start.elapsed();
-        sb.ready_steps.push(("refreshed", sb.ready_after));
-        Ok(sb)
+        Ok(Spawned {
+            sb,
+            uds,
+            mounts,
+            start,
+        })
     }
 
     /// Boot a VM and load `artifact` into it. If the guest never became
@@ -713,6 +714,184 @@ impl Sandbox {
     }
 }
 
+/// A VM whose VMM process runs (booting, restoring, or parked) and whose
+/// agent the host has not reached yet.
+struct Spawned {
+    sb: Sandbox,
+    uds: PathBuf,
+    mounts: Vec<proto::Mount>,
+    /// When its start began: what its ready time counts from.
+    start: Instant,
+}
+
+impl Spawned {
+    /// Reach the agent (through `early`, a connection whose `CONNECT`
+    /// line is written, or by polling the VM's socket), refresh it and
+    /// read its Hello: the sandbox is ready.
+    fn ready(
+        self,
+        cfg: &SandboxConfig,
+        early: Option<UnixStream>,
+    ) -> Result<Sandbox, SandboxError> {
+        let Spawned {
+            mut sb,
+            uds,
+            mounts,
+            start,
+        } = self;
+        let kind = sb.start;
+        match early {
+            Some(c) => {
+                // Fresh entropy and the clock follow the CONNECT line at
+                // once (the VMM hands the guest what follows it).
+                sb.conn = c;
+                sb.send_refresh(mounts)?;
+                if !read_ok(&mut sb.conn) {
+                    let report = sb.finish()?;
+                    return Err(SandboxError::GuestEnded {
+                        exit: format!(
+                            "the parked VM did not accept the host; then it {}",
+                            exit_text(&report.exit)
+                        ),
+                        console: tail(&report.console, 30),
+                    });
+                }
+                sb.ready_steps.push(("connected", start.elapsed()));
+            }
+            None => {
+                // A restored guest listens already: its socket appears
+                // with the VMM's devices, so look often. A booting one
+                // takes a second or more, and every early connection costs
+                // it a reset.
+                let poll = Duration::from_millis(if kind == Start::Restore { 2 } else { 20 });
+                loop {
+                    if sb.vm.as_ref().is_some_and(VmProcess::is_finished) {
+                        let report = sb.finish()?;
+                        return Err(SandboxError::GuestEnded {
+                            exit: exit_text(&report.exit),
+                            console: tail(&report.console, 30),
+                        });
+                    }
+                    if start.elapsed() > cfg.ready_timeout {
+                        let report = sb.finish()?;
+                        return Err(SandboxError::NotReady(
+                            cfg.ready_timeout,
+                            tail(&report.console, 30),
+                        ));
+                    }
+                    if let Some(mut c) = connect_request(&uds)
+                        && read_ok(&mut c)
+                    {
+                        sb.conn = c;
+                        break;
+                    }
+                    std::thread::sleep(poll);
+                }
+                sb.ready_steps.push(("connected", start.elapsed()));
+                // Fresh entropy and the clock go out at once; the guest
+                // reads them after sending its Hello (one round trip
+                // instead of two).
+                sb.send_refresh(mounts)?;
+            }
+        }
+        // The agent's Hello is part of becoming ready.
+        let left = cfg.ready_timeout.saturating_sub(start.elapsed());
+        sb.conn
+            .set_read_timeout(Some(left.max(Duration::from_secs(1))))?;
+        let hello = match sb.recv() {
+            Ok(m) => m,
+            Err(e) => {
+                // Say what became of the VM, not only of its connection.
+                let report = sb.finish()?;
+                return Err(SandboxError::GuestEnded {
+                    exit: format!("{e}; then the VM {}", exit_text(&report.exit)),
+                    console: tail(&report.console, 30),
+                });
+            }
+        };
+        sb.ready_steps.push(("hello", start.elapsed()));
+        match hello {
+            Message::Hello { engine, boot, .. } => {
+                if engine != cfg.engine {
+                    return Err(SandboxError::EngineMismatch {
+                        guest: engine,
+                        host: cfg.engine.clone(),
+                    });
+                }
+                sb.boot = boot;
+            }
+            other => {
+                return Err(SandboxError::Guest(format!(
+                    "expected Hello, got {other:?}"
+                )));
+            }
+        }
+        sb.refreshed()?;
+        sb.conn.set_read_timeout(Some(cfg.life_timeout))?;
+        sb.ready_after = start.elapsed();
+        sb.ready_steps.push(("refreshed", sb.ready_after));
+        Ok(sb)
+    }
+}
+
+/// A restored VM waiting, set up, to run ([`Sandbox::park`]), the host's
+/// connection to its agent queued. Dropped without [`Parked::go`], its
+/// VMM ends without the guest having run.
+pub struct Parked {
+    spawned: Spawned,
+    /// Its `CONNECT` line written; the guest answers once it runs.
+    early: UnixStream,
+}
+
+impl std::fmt::Debug for Parked {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Parked")
+            .field("vm", &self.spawned.sb.vm)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Parked {
+    /// Whether its VMM process still runs.
+    pub fn is_alive(&self) -> bool {
+        self.spawned.sb.is_alive()
+    }
+
+    /// Whether its VM is set up and waiting (else the VMM is still
+    /// setting it up: [`Parked::go`] then waits for that too).
+    pub fn is_parked(&self) -> bool {
+        self.spawned
+            .sb
+            .vm
+            .as_ref()
+            .is_some_and(VmProcess::is_parked)
+    }
+
+    /// Run the guest and make the sandbox ready; its ready time counts
+    /// from this call.
+    ///
+    /// # Errors
+    /// As [`Sandbox::boot`]; the VM is stopped and reaped.
+    pub fn go(self, cfg: &SandboxConfig) -> Result<Sandbox, SandboxError> {
+        let Parked { mut spawned, early } = self;
+        spawned.start = Instant::now();
+        spawned.sb.started_ns = airlock_vmm::monotonic_ns();
+        spawned.sb.ready_steps.clear();
+        let went = spawned.sb.vm.as_mut().map(VmProcess::go);
+        spawned.sb.ready_steps.push(("go", spawned.start.elapsed()));
+        match went {
+            Some(Ok(())) => spawned.ready(cfg, Some(early)),
+            _ => {
+                let report = spawned.sb.finish()?;
+                Err(SandboxError::GuestEnded {
+                    exit: format!("the parked VM could not go; it {}", exit_text(&report.exit)),
+                    console: tail(&report.console, 30),
+                })
+            }
+        }
+    }
+}
+
 /// The VMM configuration of a VM of `cfg` with `shares` (its vsock socket
 /// at `uds`); `mount_at_boot`: its command line tells the guest where to
 /// mount them (a booted VM), else its refresh will (a restored one — the
@@ -771,6 +950,7 @@ fn vm_config(
         report_threads: false,
         share_write_limit: (!shares.is_empty()).then_some(write_limit),
         snapshot: None,
+        park: None,
     }
 }
 

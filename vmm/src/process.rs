@@ -23,6 +23,8 @@ use crate::{VmConfig, VmExit, VsockConfig};
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -108,7 +110,7 @@ pub enum ProcessError {
 }
 
 /// The usage line of `airlock-vmm`.
-pub const USAGE: &str = "usage: airlock-vmm --kernel FILE --initrd FILE [--cmdline TEXT] [--memory-mib N] [--vcpus N] [--timeout-secs N] [--pmem FILE] [--share TAG=DIR]... [--share-ro TAG=DIR]... [--share-write-limit BYTES] [--vsock-uds PATH --guest-cid N] [--console-cap BYTES] [--stop-on-stdin-eof] [--seccomp enforce|log|off] [--seccomp-selftest] [--jail-root DIR --jail-uid N --jail-gid N [--jail-cgroup DIR] [--jail-selftest keeper-gone|memory|tasks]] [--snapshot-at STAGE --snapshot-dir DIR | --restore DIR] [--snapshot-identity JSON]";
+pub const USAGE: &str = "usage: airlock-vmm --kernel FILE --initrd FILE [--cmdline TEXT] [--memory-mib N] [--vcpus N] [--timeout-secs N] [--pmem FILE] [--share TAG=DIR]... [--share-ro TAG=DIR]... [--share-write-limit BYTES] [--vsock-uds PATH --guest-cid N] [--console-cap BYTES] [--stop-on-stdin-eof [--park]] [--seccomp enforce|log|off] [--seccomp-selftest] [--jail-root DIR --jail-uid N --jail-gid N [--jail-cgroup DIR] [--jail-selftest keeper-gone|memory|tasks]] [--snapshot-at STAGE --snapshot-dir DIR | --restore DIR] [--snapshot-identity JSON]";
 
 /// What `airlock-vmm`'s flags ask for.
 #[derive(Debug)]
@@ -121,7 +123,13 @@ pub struct ProcessArgs {
     pub seccomp: Option<crate::seccomp::Mode>,
     /// The jail to enter first, if any.
     pub jail: Option<crate::jail::JailSpec>,
+    /// Park the VM once set up ([`crate::VmConfig::park`]) until a byte
+    /// arrives on stdin.
+    pub park: bool,
 }
+
+/// What a parked VMM prints first on stdout once its VM waits, set up.
+pub const PARKED_LINE: &str = "parked";
 
 /// A configuration as `airlock-vmm` flags, plus whether to stop on stdin EOF.
 pub fn to_args(cfg: &VmConfig, stop_on_stdin_eof: bool) -> Vec<String> {
@@ -163,6 +171,9 @@ pub fn to_args(cfg: &VmConfig, stop_on_stdin_eof: bool) -> Vec<String> {
     }
     if stop_on_stdin_eof {
         a.push("--stop-on-stdin-eof".into());
+        if cfg.park.is_some() {
+            a.push("--park".into());
+        }
     }
     if let Some(t) = cfg.jail_selftest {
         a.extend(["--jail-selftest".into(), t.name().into()]);
@@ -200,7 +211,7 @@ pub fn to_args(cfg: &VmConfig, stop_on_stdin_eof: bool) -> Vec<String> {
 /// [`ProcessError::Usage`] naming the flag.
 pub fn from_args(args: impl IntoIterator<Item = String>) -> Result<ProcessArgs, ProcessError> {
     let mut cfg = VmConfig::new(PathBuf::new(), PathBuf::new());
-    let (mut uds, mut cid, mut stop_on_eof) = (None, None, false);
+    let (mut uds, mut cid, mut stop_on_eof, mut park) = (None, None, false, false);
     let (mut jail_root, mut jail_uid, mut jail_gid, mut jail_cgroup) = (None, None, None, None);
     let (mut snapshot_at, mut snapshot_dir, mut restore) = (None, None, None);
     let mut snapshot_identity = None;
@@ -210,6 +221,10 @@ pub fn from_args(args: impl IntoIterator<Item = String>) -> Result<ProcessArgs, 
         match flag.as_str() {
             "--stop-on-stdin-eof" => {
                 stop_on_eof = true;
+                continue;
+            }
+            "--park" => {
+                park = true;
                 continue;
             }
             "--seccomp-selftest" => {
@@ -347,6 +362,16 @@ pub fn from_args(args: impl IntoIterator<Item = String>) -> Result<ProcessArgs, 
             "--jail-selftest needs the jail (--jail-*)".into(),
         ));
     }
+    if park && !stop_on_eof {
+        return Err(ProcessError::Usage(
+            "--park needs --stop-on-stdin-eof (the word to run comes on stdin)".into(),
+        ));
+    }
+    if park && matches!(cfg.snapshot, Some(crate::SnapshotPlan::Make { .. })) {
+        return Err(ProcessError::Usage(
+            "--park does not go with --snapshot-at".into(),
+        ));
+    }
     if cfg.seccomp_selftest && seccomp.is_none() {
         return Err(ProcessError::Usage(
             "--seccomp-selftest needs the filters (not --seccomp off)".into(),
@@ -357,6 +382,7 @@ pub fn from_args(args: impl IntoIterator<Item = String>) -> Result<ProcessArgs, 
         stop_on_stdin_eof: stop_on_eof,
         seccomp,
         jail,
+        park,
     })
 }
 
@@ -408,6 +434,8 @@ pub struct VmProcess {
     stopped_at: Option<Instant>,
     /// Released (its cgroup removed) after the child is reaped.
     jail: Option<crate::jail::VmJail>,
+    /// Set when a parked VMM says its VM waits ([`PARKED_LINE`]).
+    parked: Arc<AtomicBool>,
 }
 
 impl std::fmt::Debug for VmProcess {
@@ -419,17 +447,40 @@ impl std::fmt::Debug for VmProcess {
     }
 }
 
-fn read_capped(r: impl Read + Send + 'static, name: &str) -> std::io::Result<JoinHandle<String>> {
+/// Read `r` whole (at most [`MAX_REPORT`] kept) on a thread of its own;
+/// when `parked` is given, it is set as soon as the text begins with
+/// [`PARKED_LINE`] (which the text returned then leaves out).
+fn read_capped(
+    r: impl Read + Send + 'static,
+    name: &str,
+    parked: Option<Arc<AtomicBool>>,
+) -> std::io::Result<JoinHandle<String>> {
     std::thread::Builder::new()
         .name(format!("airlock-vmm-{name}"))
         .stack_size(crate::devices::THREAD_STACK)
         .spawn(move || {
+            let line = format!("{PARKED_LINE}\n");
             let mut buf = Vec::new();
             let mut r = r.take(MAX_REPORT);
-            let _ = r.read_to_end(&mut buf);
+            let mut chunk = [0u8; 4096];
+            loop {
+                match r.read(&mut chunk) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                }
+                if let Some(p) = &parked
+                    && buf.starts_with(line.as_bytes())
+                {
+                    p.store(true, Ordering::SeqCst);
+                }
+            }
             // Keep draining so the child never blocks on a full pipe.
             let _ = std::io::copy(&mut r.into_inner(), &mut std::io::sink());
-            String::from_utf8_lossy(&buf).into_owned()
+            let text = match &parked {
+                Some(_) => buf.strip_prefix(line.as_bytes()).unwrap_or(&buf),
+                None => &buf[..],
+            };
+            String::from_utf8_lossy(text).into_owned()
         })
 }
 
@@ -494,8 +545,10 @@ impl VmProcess {
         }
         let mut child = cmd.spawn().map_err(spawn_err)?;
         let stdin = child.stdin.take();
-        let out = child.stdout.take().map(|o| read_capped(o, "out"));
-        let err = child.stderr.take().map(|e| read_capped(e, "err"));
+        let parked = Arc::new(AtomicBool::new(false));
+        let watch = cfg.park.is_some().then(|| parked.clone());
+        let out = child.stdout.take().map(|o| read_capped(o, "out", watch));
+        let err = child.stderr.take().map(|e| read_capped(e, "err", None));
         let (stdout, stderr) = match (out, err) {
             (Some(Ok(o)), Some(Ok(e))) => (Some(o), Some(e)),
             (o, e) => {
@@ -516,7 +569,30 @@ impl VmProcess {
             stderr,
             stopped_at: None,
             jail,
+            parked,
         })
+    }
+
+    /// Whether the VMM (spawned with [`VmConfig::park`]) has set its VM up
+    /// and waits for [`VmProcess::go`].
+    pub fn is_parked(&self) -> bool {
+        self.parked.load(Ordering::SeqCst)
+    }
+
+    /// Tell a parked VMM to run its guest (one byte on its stdin; a VMM
+    /// still setting up finds it when it parks).
+    ///
+    /// # Errors
+    /// The pipe is closed (the VMM has ended or was stopped).
+    pub fn go(&mut self) -> std::io::Result<()> {
+        use std::io::Write;
+        match self.stdin.as_mut() {
+            Some(pipe) => pipe.write_all(b"g"),
+            None => Err(std::io::Error::new(
+                std::io::ErrorKind::BrokenPipe,
+                "the VMM was stopped",
+            )),
+        }
     }
 
     /// The child's pid.
@@ -670,6 +746,28 @@ mod tests {
     }
 
     #[test]
+    fn a_parked_line_is_seen_first_and_kept_out_of_the_report() {
+        let read = |text: &'static [u8], watch: bool| {
+            let flag = Arc::new(AtomicBool::new(false));
+            let t = read_capped(text, "t", watch.then(|| flag.clone())).unwrap();
+            (t.join().unwrap(), flag.load(Ordering::SeqCst))
+        };
+        assert_eq!(
+            read(b"parked\n{\"exit\": \"stopped\"}\n", true),
+            ("{\"exit\": \"stopped\"}\n".to_string(), true)
+        );
+        // Only a parked VMM's first line counts, and only when asked for.
+        assert_eq!(
+            read(b"{\"exit\": \"reset\"}\nparked\n", true),
+            ("{\"exit\": \"reset\"}\nparked\n".to_string(), false)
+        );
+        assert_eq!(
+            read(b"parked\n{}", false),
+            ("parked\n{}".to_string(), false)
+        );
+    }
+
+    #[test]
     fn flags_round_trip_and_bad_ones_are_named() {
         let cfg = VmConfig {
             kernel: "/k".into(),
@@ -707,9 +805,11 @@ mod tests {
                 at: "ready".into(),
                 dir: "/snap".into(),
             }),
+            park: None,
         };
         let parsed = from_args(to_args(&cfg, true)).unwrap();
         assert!(parsed.stop_on_stdin_eof);
+        assert!(!parsed.park);
         assert_eq!(
             parsed.seccomp,
             Some(crate::seccomp::Mode::Enforce),
@@ -748,6 +848,14 @@ mod tests {
             from_args(to_args(&restore, false)).unwrap().cfg.snapshot,
             Some(crate::SnapshotPlan::Restore { dir, identity: None }) if dir == Path::new("/snap")
         ));
+        // A parked restore: the word to run comes on stdin, so `--park`
+        // goes out only with the stop pipe.
+        let parked = VmConfig {
+            park: Some(Arc::new(crate::Park::default())),
+            ..restore.clone()
+        };
+        assert!(from_args(to_args(&parked, true)).unwrap().park);
+        assert!(!to_args(&parked, false).contains(&"--park".to_string()));
         // An identity the caller worked out travels whole.
         let identity = crate::snapshot::Identity {
             vmm: "aa".into(),
@@ -782,6 +890,25 @@ mod tests {
                 "unknown flag",
             ),
             (vec!["--kernel", "k"], "required"),
+            (
+                vec!["--kernel", "k", "--initrd", "i", "--park"],
+                "--park needs --stop-on-stdin-eof",
+            ),
+            (
+                vec![
+                    "--kernel",
+                    "k",
+                    "--initrd",
+                    "i",
+                    "--stop-on-stdin-eof",
+                    "--park",
+                    "--snapshot-at",
+                    "listening",
+                    "--snapshot-dir",
+                    "/s",
+                ],
+                "--park does not go with --snapshot-at",
+            ),
             (
                 vec!["--kernel", "k", "--initrd", "i", "--guest-cid", "3"],
                 "go together",

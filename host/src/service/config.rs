@@ -562,6 +562,7 @@ struct IsolationEntry {
     jail_uid_base: Option<u32>,
     jail_cgroup: Option<PathBuf>,
     start: Option<String>,
+    park: Option<bool>,
 }
 
 /// Where calls run.
@@ -1044,6 +1045,8 @@ fn isolation(i: IsolationEntry, data_dir: &std::path::Path) -> Result<Isolation,
                 initrd: file("initrd", i.initrd)?,
                 memory_mib,
                 warm,
+                // One VM restored ahead and waiting (with snapshots).
+                park: i.park.unwrap_or(true),
                 max_vms,
                 weights,
                 cmdline_extra: String::new(),

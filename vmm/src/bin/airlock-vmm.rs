@@ -7,13 +7,17 @@
 //! airlock-vmm --kernel vmlinux --initrd initramfs.cpio.gz [--cmdline "…"]
 //!             [--memory-mib 256] [--vcpus 1] [--timeout-secs 60] [--pmem image]
 //!             [--vsock-uds PATH --guest-cid N] [--console-cap BYTES]
-//!             [--stop-on-stdin-eof]
+//!             [--stop-on-stdin-eof [--park]]
 //! ```
 //! Prints one JSON object: exit, wall_ms, stages, peak_rss_kib,
 //! guest_resident_kib, console. Exit status 0 when the VM ran (whatever its
 //! exit), 2 on bad input or when the VM cannot start (stderr says why).
 //! With `--stop-on-stdin-eof` the VM is stopped (exit `stopped`) when stdin
 //! closes: the parent's way to stop it, and what happens if the parent dies.
+//! With `--park` as well, the VM is set up (a restore: its state loaded)
+//! and waits: the process prints `parked` on stdout and runs the guest
+//! when one byte arrives on stdin (EOF first: it ends `stopped`, the guest
+//! never having run).
 //! The process confines itself first (no core dumps, not dumpable, at most
 //! `MAX_OPEN_FILES` descriptors). With `--jail-root/--jail-uid/--jail-gid`
 //! (run as root) it then enters its jail (`airlock_vmm::jail`: cgroup,
@@ -93,7 +97,15 @@ fn main() -> ExitCode {
         }
         cfg.seccomp = Some(f);
     }
+    if args.park {
+        // The parent learns that the VM waits from this line, the first
+        // on stdout (the report follows at the end).
+        cfg.park = Some(Arc::new(airlock_vmm::Park::announcing(|| {
+            println!("{}", airlock_vmm::process::PARKED_LINE);
+        })));
+    }
     if stop_on_eof {
+        let park = cfg.park.clone();
         let filter = cfg.seccomp.as_ref().map(|f| f.watcher.clone());
         let stop = Arc::new(AtomicBool::new(false));
         cfg.stop = Some(stop.clone());
@@ -110,8 +122,21 @@ fn main() -> ExitCode {
                 if let Some(f) = filter {
                     seccomp::enter(Role::Watcher, &f);
                 }
-                let _ = std::io::copy(&mut std::io::stdin().lock().by_ref(), &mut std::io::sink());
+                let mut stdin = std::io::stdin().lock();
+                if let Some(park) = &park {
+                    // A parked VM's first byte is the word to run; EOF
+                    // before it, not to.
+                    let mut word = [0u8; 1];
+                    match stdin.read(&mut word) {
+                        Ok(1) => park.go(),
+                        _ => park.cancel(),
+                    }
+                }
+                let _ = std::io::copy(&mut stdin, &mut std::io::sink());
                 stop.store(true, Ordering::SeqCst);
+                if let Some(park) = &park {
+                    park.cancel();
+                }
             });
         if let Err(e) = watcher {
             eprintln!("airlock-vmm: cannot watch stdin: {e}");
