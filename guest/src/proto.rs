@@ -249,17 +249,30 @@ pub fn write_frame(w: &mut impl Write, msg: &Message, blob: &[u8]) -> Result<(),
         len: u32::MAX,
         max: u32::MAX,
     })?;
-    let mut header = [0u8; HEADER_LEN];
-    header[0..4].copy_from_slice(&MAGIC);
-    header[4..6].copy_from_slice(&PROTOCOL_VERSION.to_be_bytes());
-    header[6..10].copy_from_slice(&jl.to_be_bytes());
-    header[10..14].copy_from_slice(&bl.to_be_bytes());
-    w.write_all(&header)?;
-    w.write_all(&json)?;
-    w.write_all(blob)?;
+    // One write for the header, the JSON and a small blob: over vsock
+    // each write is a packet of its own (a queue notification, a wake-up
+    // on the other side), and most frames are small.
+    let small = blob.len() <= SMALL_BLOB;
+    let mut out = Vec::with_capacity(HEADER_LEN + json.len() + if small { blob.len() } else { 0 });
+    out.extend_from_slice(&MAGIC);
+    out.extend_from_slice(&PROTOCOL_VERSION.to_be_bytes());
+    out.extend_from_slice(&jl.to_be_bytes());
+    out.extend_from_slice(&bl.to_be_bytes());
+    out.extend_from_slice(&json);
+    if small {
+        out.extend_from_slice(blob);
+    }
+    w.write_all(&out)?;
+    if !small {
+        w.write_all(blob)?;
+    }
     w.flush()?;
     Ok(())
 }
+
+/// Blobs up to this size go out in the frame's one write; larger ones
+/// (artifacts) are written from where they are, not copied.
+const SMALL_BLOB: usize = 64 << 10;
 
 /// Read one frame, enforcing `limits` before allocating.
 ///
