@@ -450,7 +450,17 @@ impl Sandbox {
         let egress = spawn_egress(&egress_path, proxy.clone(), stop.clone()).map_err(cleanup)?;
         let handed = jail.as_ref().map_or(Ok(()), |j| j.hand_over(&egress_path));
         let vm = match handed.map_err(SandboxError::from).and_then(|()| {
-            let fds: Vec<_> = shares.iter().map(|s| s.dir.as_fd()).collect();
+            let mut fds: Vec<_> = shares.iter().map(|s| s.dir.as_fd()).collect();
+            if let Some(SnapshotPlan::Restore {
+                memory_fd: Some(fd),
+                ..
+            }) = &vm_cfg.snapshot
+            {
+                // SAFETY: the snapshot cache keeps its memory images open
+                // for its life (a forgotten one too), and `cfg` holds the
+                // cache: the descriptor is open and names the image.
+                fds.push(unsafe { std::os::fd::BorrowedFd::borrow_raw(*fd) });
+            }
             Ok(VmProcess::spawn_inheriting(&cfg.vmm, &vm_cfg, jail, &fds)?)
         }) {
             Ok(vm) => vm,
