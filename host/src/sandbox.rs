@@ -451,15 +451,13 @@ impl Sandbox {
         let handed = jail.as_ref().map_or(Ok(()), |j| j.hand_over(&egress_path));
         let vm = match handed.map_err(SandboxError::from).and_then(|()| {
             let mut fds: Vec<_> = shares.iter().map(|s| s.dir.as_fd()).collect();
+            // The plan holds the image open while the VMM inherits it.
             if let Some(SnapshotPlan::Restore {
-                memory_fd: Some(fd),
+                memory_fd: Some(airlock_vmm::MemoryFd::Held(fd)),
                 ..
             }) = &vm_cfg.snapshot
             {
-                // SAFETY: the snapshot cache keeps its memory images open
-                // for its life (a forgotten one too), and `cfg` holds the
-                // cache: the descriptor is open and names the image.
-                fds.push(unsafe { std::os::fd::BorrowedFd::borrow_raw(*fd) });
+                fds.push(fd.as_fd());
             }
             Ok(VmProcess::spawn_inheriting(&cfg.vmm, &vm_cfg, jail, &fds)?)
         }) {

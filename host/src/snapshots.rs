@@ -26,7 +26,7 @@
 //!   so the next start makes it again rather than failing the same way.
 
 use airlock_vmm::snapshot::{self, Identity};
-use airlock_vmm::{SnapshotPlan, VmConfig};
+use airlock_vmm::{MemoryFd, SnapshotPlan, VmConfig};
 use sha2::{Digest, Sha256};
 use std::collections::{HashMap, HashSet};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
@@ -85,12 +85,10 @@ pub struct SnapshotCache {
     checked: Mutex<HashSet<PathBuf>>,
     making: Mutex<()>,
     /// Each checked snapshot's memory image in memory ([`memory_image`]),
-    /// by snapshot directory; VMMs inherit it by descriptor.
+    /// by snapshot directory; VMMs inherit it by descriptor. A plan holds
+    /// its image too: one forgotten here stays open until the last start
+    /// that was handed it is done with it, and no longer.
     images: Mutex<HashMap<PathBuf, Arc<OwnedFd>>>,
-    /// Images of snapshots forgotten since: kept open for the cache's
-    /// life, so a descriptor number a start is handing over never names
-    /// another file.
-    retired: Mutex<Vec<Arc<OwnedFd>>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -106,7 +104,6 @@ impl SnapshotCache {
             checked: Mutex::new(HashSet::new()),
             making: Mutex::new(()),
             images: Mutex::new(HashMap::new()),
-            retired: Mutex::new(Vec::new()),
         }
     }
 
@@ -181,7 +178,9 @@ impl SnapshotCache {
             }
             Err(e) => return Err(e),
         }
-        let memory_fd = lock(&self.images).get(&dir).map(|fd| fd.as_raw_fd());
+        let memory_fd = lock(&self.images)
+            .get(&dir)
+            .map(|fd| MemoryFd::Held(Arc::clone(fd)));
         Ok(SnapshotPlan::Restore {
             dir,
             identity: Some(identity),
@@ -286,9 +285,7 @@ impl SnapshotCache {
 
     fn remove(&self, dir: &Path) {
         lock(&self.checked).remove(dir);
-        if let Some(fd) = lock(&self.images).remove(dir) {
-            lock(&self.retired).push(fd);
-        }
+        lock(&self.images).remove(dir);
         let _guard = lock(&self.making);
         if let Err(e) = std::fs::remove_dir_all(dir)
             && e.kind() != std::io::ErrorKind::NotFound

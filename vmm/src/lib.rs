@@ -279,11 +279,33 @@ pub enum SnapshotPlan {
         /// What the snapshot must have been made from, when the caller has
         /// worked it out already (else it is computed from the files).
         identity: Option<snapshot::Identity>,
-        /// The memory image as a descriptor the VMM process inherits at
-        /// this number (the caller's checked, sealed in-memory copy: see
-        /// the host's snapshot cache), used instead of `dir`'s `memory`.
-        memory_fd: Option<std::os::fd::RawFd>,
+        /// The memory image as a descriptor (the caller's checked, sealed
+        /// in-memory copy: see the host's snapshot cache), used instead of
+        /// `dir`'s `memory`.
+        memory_fd: Option<MemoryFd>,
     },
+}
+
+/// A snapshot's memory image handed to a restore as a descriptor.
+#[derive(Debug, Clone)]
+pub enum MemoryFd {
+    /// Held by the caller, open for as long as any plan names it: the
+    /// VMM process it spawns inherits it at the same number.
+    Held(Arc<std::os::fd::OwnedFd>),
+    /// Inherited by this process at this number (`--restore-memory-fd`);
+    /// checked (sealed) before it is used.
+    Inherited(std::os::fd::RawFd),
+}
+
+impl MemoryFd {
+    /// The descriptor's number.
+    pub fn raw(&self) -> std::os::fd::RawFd {
+        use std::os::fd::AsRawFd;
+        match self {
+            Self::Held(fd) => fd.as_raw_fd(),
+            Self::Inherited(fd) => *fd,
+        }
+    }
 }
 
 impl SnapshotPlan {
@@ -818,7 +840,7 @@ pub fn run(cfg: &VmConfig) -> Result<RunReport, VmmError> {
             step("state_file");
             let image = SnapshotPlan::memory_path(dir);
             let file = match memory_fd {
-                Some(fd) => inherited_image(*fd),
+                Some(fd) => inherited_image(fd.raw()),
                 None => jail::open_image(&image),
             }
             .map_err(|source| VmmError::File {

@@ -191,7 +191,7 @@ pub fn to_args(cfg: &VmConfig, stop_on_stdin_eof: bool) -> Vec<String> {
         Some(crate::SnapshotPlan::Restore { dir, memory_fd, .. }) => {
             a.extend(["--restore".into(), dir.display().to_string()]);
             if let Some(fd) = memory_fd {
-                a.extend(["--restore-memory-fd".into(), fd.to_string()]);
+                a.extend(["--restore-memory-fd".into(), fd.raw().to_string()]);
             }
         }
         None => {}
@@ -301,7 +301,7 @@ pub fn from_args(args: impl IntoIterator<Item = String>) -> Result<ProcessArgs, 
             }
             "--restore" => restore = Some(PathBuf::from(value)),
             "--restore-memory-fd" => {
-                memory_fd = Some(
+                memory_fd = Some(crate::MemoryFd::Inherited(
                     std::os::fd::RawFd::try_from(number("--restore-memory-fd")?)
                         .ok()
                         .filter(|fd| *fd > 2)
@@ -310,7 +310,7 @@ pub fn from_args(args: impl IntoIterator<Item = String>) -> Result<ProcessArgs, 
                                 "--restore-memory-fd must be a descriptor above 2, got {value}"
                             ))
                         })?,
-                );
+                ));
             }
             "--console-cap" => {
                 cfg.console_cap = number("--console-cap")?.try_into().unwrap_or(usize::MAX);
@@ -893,13 +893,13 @@ mod tests {
             snapshot: Some(crate::SnapshotPlan::Restore {
                 dir: "/snap".into(),
                 identity: Some(identity.clone()),
-                memory_fd: Some(9),
+                memory_fd: Some(crate::MemoryFd::Inherited(9)),
             }),
             ..VmConfig::new("/k".into(), "/i".into())
         };
         assert!(matches!(
             from_args(to_args(&known, false)).unwrap().cfg.snapshot,
-            Some(crate::SnapshotPlan::Restore { identity: Some(i), memory_fd: Some(9), .. }) if i == identity
+            Some(crate::SnapshotPlan::Restore { identity: Some(i), memory_fd: Some(crate::MemoryFd::Inherited(9)), .. }) if i == identity
         ));
 
         for (args, says) in [
