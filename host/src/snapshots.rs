@@ -392,7 +392,7 @@ pub fn memory_image(
 }
 
 /// The 2 MiB chunks the restore maps and collapses.
-const HUGE: u64 = 2 << 20;
+const HUGE: u64 = airlock_vmm::devices::huge::HUGE_PAGE as u64;
 
 /// The next data extent of `f` at or after `from` (below `len`): its
 /// start and end (the hole after it, or `len`).

@@ -936,10 +936,13 @@ pub fn run(cfg: &VmConfig) -> Result<RunReport, VmmError> {
         None => true,
         Some(p) => {
             let go = p.wait();
-            setup_steps.push(("go", start.elapsed()));
-            if let (true, Some((state, _))) = (go, &restoring) {
-                snapshot::kvm_state::resume_clocks(&vm, &vcpus, &state.vm)?;
-                setup_steps.push(("clocks", start.elapsed()));
+            // A VM stopped without the word has no `go` step.
+            if go {
+                setup_steps.push(("go", start.elapsed()));
+                if let Some((state, _)) = &restoring {
+                    snapshot::kvm_state::resume_clocks(&vm, &vcpus, &state.vm)?;
+                    setup_steps.push(("clocks", start.elapsed()));
+                }
             }
             go
         }

@@ -12,7 +12,7 @@
 
 use std::io;
 
-const HUGE: usize = 2 << 20;
+use crate::devices::huge::HUGE_PAGE as HUGE;
 
 /// The mapping (unmapped on drop).
 #[derive(Debug)]

@@ -67,7 +67,8 @@ use std::path::{Path, PathBuf};
 
 /// `isolation.max_vms` unless set: calls holding a microVM at once. With
 /// `memory_mib` and `warm` it bounds what VM calls cost the host, however
-/// many arrive: at most `(max_vms + warm) × (memory_mib + 128 MiB)`.
+/// many arrive: at most `(max_vms + warm + 1) × (memory_mib + 128 MiB)`
+/// (the one: the pool's parked VM, `isolation.park`).
 pub const DEFAULT_MAX_VMS: usize = 8;
 
 /// A configuration problem, naming the field.
@@ -754,7 +755,7 @@ impl Config {
         }
         let vms = match &self.isolation {
             Isolation::Process => 0,
-            Isolation::Vm(v) => (v.max_vms + v.warm) as u64,
+            Isolation::Vm(v) => (v.max_vms + v.warm + usize::from(v.park)) as u64,
         };
         let reserve = 256 + vms * 32;
         open_files.saturating_sub(reserve).clamp(16, 1 << 20) as usize
