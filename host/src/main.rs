@@ -824,7 +824,6 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let plan = airlock_vmm::SnapshotPlan::Restore {
                 dir,
                 identity: None,
-                memory_fd: None,
             };
             let end = vm.run(Some(plan), None, false)?;
             print_json(&end.report)?;

@@ -450,15 +450,7 @@ impl Sandbox {
         let egress = spawn_egress(&egress_path, proxy.clone(), stop.clone()).map_err(cleanup)?;
         let handed = jail.as_ref().map_or(Ok(()), |j| j.hand_over(&egress_path));
         let vm = match handed.map_err(SandboxError::from).and_then(|()| {
-            let mut fds: Vec<_> = shares.iter().map(|s| s.dir.as_fd()).collect();
-            // The plan holds the image open while the VMM inherits it.
-            if let Some(SnapshotPlan::Restore {
-                memory_fd: Some(airlock_vmm::MemoryFd::Held(fd)),
-                ..
-            }) = &vm_cfg.snapshot
-            {
-                fds.push(fd.as_fd());
-            }
+            let fds: Vec<_> = shares.iter().map(|s| s.dir.as_fd()).collect();
             Ok(VmProcess::spawn_inheriting(&cfg.vmm, &vm_cfg, jail, &fds)?)
         }) {
             Ok(vm) => vm,

@@ -26,13 +26,11 @@
 //!   so the next start makes it again rather than failing the same way.
 
 use airlock_vmm::snapshot::{self, Identity};
-use airlock_vmm::{MemoryFd, SnapshotPlan, VmConfig};
+use airlock_vmm::{SnapshotPlan, VmConfig};
 use sha2::{Digest, Sha256};
 use std::collections::{HashMap, HashSet};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::fs::{DirBuilderExt, MetadataExt};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::sync::Mutex;
 
 /// The guest boot stage snapshots are taken at: the agent listens, no
@@ -84,11 +82,6 @@ pub struct SnapshotCache {
     digests: Mutex<HashMap<FileKey, String>>,
     checked: Mutex<HashSet<PathBuf>>,
     making: Mutex<()>,
-    /// Each checked snapshot's memory image in memory ([`memory_image`]),
-    /// by snapshot directory; VMMs inherit it by descriptor. A plan holds
-    /// its image too: one forgotten here stays open until the last start
-    /// that was handed it is done with it, and no longer.
-    images: Mutex<HashMap<PathBuf, Arc<OwnedFd>>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -103,7 +96,6 @@ impl SnapshotCache {
             digests: Mutex::new(HashMap::new()),
             checked: Mutex::new(HashSet::new()),
             making: Mutex::new(()),
-            images: Mutex::new(HashMap::new()),
         }
     }
 
@@ -178,36 +170,19 @@ impl SnapshotCache {
             }
             Err(e) => return Err(e),
         }
-        let memory_fd = lock(&self.images)
-            .get(&dir)
-            .map(|fd| MemoryFd::Held(Arc::clone(fd)));
         Ok(SnapshotPlan::Restore {
             dir,
             identity: Some(identity),
-            memory_fd,
         })
     }
 
-    /// Check `dir`'s snapshot once in this process, and keep its memory
-    /// image in memory ([`memory_image`]; checked there, as the copy every
-    /// VM will map). A host that cannot make the copy (no memfd) restores
-    /// from the file.
+    /// Check `dir`'s snapshot once in this process.
     fn check(&self, dir: &Path, identity: &Identity) -> Result<(), SnapshotCacheError> {
         if lock(&self.checked).contains(dir) {
             return Ok(());
         }
         let state = snapshot::read_state(&SnapshotPlan::state_path(dir), identity)?;
-        let path = SnapshotPlan::memory_path(dir);
-        match memory_image(&path, &state.memory) {
-            Ok(fd) => {
-                lock(&self.images).insert(dir.to_path_buf(), Arc::new(fd));
-            }
-            Err(SnapshotCacheError::Io { what, source }) => {
-                tracing::warn!(%what, error = %source, "the snapshot's memory image stays a file (VMs map it from disk)");
-                snapshot::check_memory(&path, &state.memory)?;
-            }
-            Err(e) => return Err(e),
-        }
+        snapshot::check_memory(&SnapshotPlan::memory_path(dir), &state.memory)?;
         lock(&self.checked).insert(dir.to_path_buf());
         Ok(())
     }
@@ -285,7 +260,6 @@ impl SnapshotCache {
 
     fn remove(&self, dir: &Path) {
         lock(&self.checked).remove(dir);
-        lock(&self.images).remove(dir);
         let _guard = lock(&self.making);
         if let Err(e) = std::fs::remove_dir_all(dir)
             && e.kind() != std::io::ErrorKind::NotFound
@@ -295,181 +269,9 @@ impl SnapshotCache {
     }
 }
 
-/// The snapshot memory image at `path` copied into a sealed memfd — its
-/// data where the file has data, holes where it has holes — each 2 MiB
-/// chunk that holds data rebuilt as a huge page-cache page: restored VMs
-/// map it copy-on-write as they would the file, and their guests' reads
-/// of unchanged memory (kernel text, page cache) are then mapped 2 MiB at
-/// a time instead of 4 KiB, one nested-paging fault per chunk instead of
-/// hundreds. It costs the host the image's data chunks in memory once per
-/// snapshot (not per VM), wherever the cache lives. The copy, not the
-/// file, is checked against `image` (length and digest) once sealed:
-/// what VMs map is what was checked.
-///
-/// # Errors
-/// [`SnapshotCacheError::Io`] when the copy cannot be made;
-/// [`SnapshotCacheError::Check`] when it fails its checks.
-pub fn memory_image(
-    path: &Path,
-    image: &snapshot::MemoryImage,
-) -> Result<OwnedFd, SnapshotCacheError> {
-    use std::os::unix::fs::FileExt;
-    let src = std::fs::File::open(path).map_err(io(format!("opening {}", path.display())))?;
-    let len = src
-        .metadata()
-        .map_err(io(format!("reading {}", path.display())))?
-        .len();
-    // SAFETY: memfd_create with a NUL-terminated name and flags; the
-    // result is checked and owned below.
-    let raw = unsafe {
-        nix::libc::memfd_create(
-            c"airlock-snapshot-memory".as_ptr(),
-            nix::libc::MFD_CLOEXEC | nix::libc::MFD_ALLOW_SEALING,
-        )
-    };
-    if raw < 0 {
-        return Err(io("making a memfd for the snapshot's memory")(
-            std::io::Error::last_os_error(),
-        ));
-    }
-    // SAFETY: `raw` is the descriptor memfd_create just returned.
-    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
-    let mut copy = std::fs::File::from(fd);
-    copy.set_len(len)
-        .map_err(io("sizing the snapshot's memory copy"))?;
-    let mut chunks_with_data = Vec::new();
-    let mut buf = vec![0u8; 1 << 20];
-    let mut at = 0;
-    while let Some((data, hole)) = next_extent(&src, at, len).map_err(io("finding data"))? {
-        let mut o = data;
-        while o < hole {
-            let n = buf.len().min((hole - o) as usize);
-            src.read_exact_at(&mut buf[..n], o)
-                .map_err(io(format!("reading {}", path.display())))?;
-            copy.write_all_at(&buf[..n], o)
-                .map_err(io("writing the snapshot's memory copy"))?;
-            o += n as u64;
-        }
-        let first = data / HUGE;
-        let last = (hole - 1) / HUGE;
-        for c in first..=last {
-            if chunks_with_data.last() != Some(&c) {
-                chunks_with_data.push(c);
-            }
-        }
-        at = hole;
-    }
-    // Runs of chunks with data, each rebuilt as huge pages in one call
-    // (best effort: on a kernel that cannot, the pages stay small).
-    let mut runs: Vec<(u64, u64)> = Vec::new();
-    for c in chunks_with_data {
-        match runs.last_mut() {
-            Some((start, n)) if *start + *n == c => *n += 1,
-            _ => runs.push((c, 1)),
-        }
-    }
-    for (start, n) in runs {
-        let (offset, bytes) = (start * HUGE, (n * HUGE).min(len - start * HUGE));
-        if bytes % HUGE == 0
-            && let Err(e) =
-                airlock_vmm::devices::huge::collapse_file(copy.as_raw_fd(), offset, bytes as usize)
-        {
-            tracing::debug!(offset, bytes, error = %e, "collapsing the snapshot's memory copy");
-        }
-    }
-    let seals = nix::libc::F_SEAL_WRITE
-        | nix::libc::F_SEAL_SHRINK
-        | nix::libc::F_SEAL_GROW
-        | nix::libc::F_SEAL_SEAL;
-    // SAFETY: F_ADD_SEALS on the memfd we own; nothing maps it writable.
-    if unsafe { nix::libc::fcntl(copy.as_raw_fd(), nix::libc::F_ADD_SEALS, seals) } != 0 {
-        return Err(io("sealing the snapshot's memory copy")(
-            std::io::Error::last_os_error(),
-        ));
-    }
-    snapshot::check_memory_file(&mut copy, path, image)?;
-    Ok(copy.into())
-}
-
-/// The 2 MiB chunks the restore maps and collapses.
-const HUGE: u64 = airlock_vmm::devices::huge::HUGE_PAGE as u64;
-
-/// The next data extent of `f` at or after `from` (below `len`): its
-/// start and end (the hole after it, or `len`).
-fn next_extent(f: &std::fs::File, from: u64, len: u64) -> std::io::Result<Option<(u64, u64)>> {
-    let seek = |at: u64, whence| -> std::io::Result<Option<u64>> {
-        let at = nix::libc::off_t::try_from(at).map_err(std::io::Error::other)?;
-        // SAFETY: lseek on a descriptor we hold; it moves only its offset,
-        // which the reads here (pread) do not use.
-        match unsafe { nix::libc::lseek(f.as_raw_fd(), at, whence) } {
-            -1 => match std::io::Error::last_os_error() {
-                e if e.raw_os_error() == Some(nix::libc::ENXIO) => Ok(None),
-                e => Err(e),
-            },
-            n => Ok(Some(n as u64)),
-        }
-    };
-    if from >= len {
-        return Ok(None);
-    }
-    let Some(data) = seek(from, nix::libc::SEEK_DATA)?.filter(|d| *d < len) else {
-        return Ok(None);
-    };
-    let hole = seek(data, nix::libc::SEEK_HOLE)?.unwrap_or(len).min(len);
-    Ok(Some((data, hole)))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn the_memory_copy_is_the_file_sealed_with_its_holes_and_checked() {
-        let t = tempfile::tempdir().unwrap();
-        let path = t.path().join("memory");
-        // 8 MiB of "RAM": data in the first and third chunks only.
-        let mut ram = vec![0u8; 8 << 20];
-        ram[100] = 1;
-        ram[(4 << 20) + 4096..(4 << 20) + 8192].fill(7);
-        let image = snapshot::write_memory(&path, &ram, |_| true).unwrap();
-        let fd = memory_image(&path, &image).unwrap();
-        let mut copy = std::fs::File::from(fd);
-        let mut back = Vec::new();
-        std::io::Seek::rewind(&mut copy).unwrap();
-        std::io::Read::read_to_end(&mut copy, &mut back).unwrap();
-        assert!(back == ram, "the copy differs from the image");
-        // The all-zero chunks stay holes (the restore keeps them
-        // anonymous); the data chunks have data.
-        assert_eq!(
-            next_extent(&copy, 0, 8 << 20).unwrap().map(|e| e.0),
-            Some(0)
-        );
-        let (_, end) = next_extent(&copy, 0, 8 << 20).unwrap().unwrap();
-        let second = next_extent(&copy, end, 8 << 20).unwrap().unwrap();
-        assert!(
-            second.0 >= 2 << 20 && second.0 <= (4 << 20) + 4096,
-            "{second:?}"
-        );
-        assert!(second.1 <= 6 << 20, "{second:?}");
-        // Sealed: no write, no resize, no more seals.
-        use std::os::unix::fs::FileExt;
-        assert!(copy.write_at(b"x", 0).is_err());
-        assert!(copy.set_len(1).is_err());
-        // SAFETY: F_GET_SEALS reads the seals of a descriptor we hold.
-        let seals = unsafe { nix::libc::fcntl(copy.as_raw_fd(), nix::libc::F_GET_SEALS) };
-        assert_eq!(seals & nix::libc::F_SEAL_SEAL, nix::libc::F_SEAL_SEAL);
-        // A file that no longer matches its snapshot's digest is refused.
-        std::fs::OpenOptions::new()
-            .write(true)
-            .open(&path)
-            .unwrap()
-            .write_at(b"z", 200)
-            .unwrap();
-        assert!(matches!(
-            memory_image(&path, &image),
-            Err(SnapshotCacheError::Check(_))
-        ));
-    }
 
     fn shape(dir: &Path) -> VmConfig {
         std::fs::write(dir.join("k"), b"kernel").unwrap();

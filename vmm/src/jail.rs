@@ -20,7 +20,7 @@
 //! | `/run/vsock/`    | the VM's socket directory (bind, owned by its uid) |
 //! | `/dev/kvm`       | a device node of its own, owned by its uid |
 //! | `/shares/<i>`    | share `i` (virtio-fs), bound `nosuid,nodev,noexec`, read-only for a read-only share |
-//! | `/snapshot/`     | a restore's `state` and `memory` (read-only binds, opened as root like the images; no `memory` when the image comes as an inherited sealed descriptor), or the directory a snapshot is made in (bind, owned by its uid) |
+//! | `/snapshot/`     | a restore's `state` and `memory` (read-only binds, opened as root like the images), or the directory a snapshot is made in (bind, owned by its uid) |
 //! | `/proc`          | only with shares: a procfs of the jail's own pid namespace (`subset=pid,hidepid=invisible`), for the file server's `/proc/self/fd` |
 //!
 //! and nothing else: no `/sys`, `/tmp`, binaries or libraries.
@@ -699,14 +699,10 @@ pub fn enter(
             // As root still: the images, whatever their host permissions.
             let mut pre = PREOPENED.lock().unwrap_or_else(|p| p.into_inner());
             let snapshot = match &vm.snapshot {
-                Some(crate::SnapshotPlan::Restore { dir, memory_fd, .. }) => {
-                    let mut files = vec![crate::SnapshotPlan::state_path(dir)];
-                    // An image handed over as a descriptor is not opened.
-                    if memory_fd.is_none() {
-                        files.push(crate::SnapshotPlan::memory_path(dir));
-                    }
-                    files
-                }
+                Some(crate::SnapshotPlan::Restore { dir, .. }) => vec![
+                    crate::SnapshotPlan::state_path(dir),
+                    crate::SnapshotPlan::memory_path(dir),
+                ],
                 _ => Vec::new(),
             };
             for path in [Some(&vm.kernel), Some(&vm.initrd), vm.pmem.as_ref()]
@@ -797,13 +793,13 @@ fn build_root(
         vm.pmem = Some(PMEM.into());
     }
     match vm.snapshot.as_mut() {
-        Some(crate::SnapshotPlan::Restore { dir, memory_fd, .. }) => {
+        Some(crate::SnapshotPlan::Restore { dir, .. }) => {
             std::fs::create_dir_all(inside(SNAPSHOT)).map_err(step("making /snapshot"))?;
-            let state = crate::SnapshotPlan::state_path;
-            bind_file(&state(dir), &state(&inside(SNAPSHOT)))?;
-            if memory_fd.is_none() {
-                let memory = crate::SnapshotPlan::memory_path;
-                bind_file(&memory(dir), &memory(&inside(SNAPSHOT)))?;
+            for path in [
+                crate::SnapshotPlan::state_path,
+                crate::SnapshotPlan::memory_path,
+            ] {
+                bind_file(&path(dir), &path(&inside(SNAPSHOT)))?;
             }
             *dir = SNAPSHOT.into();
         }

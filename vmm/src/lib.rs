@@ -279,33 +279,7 @@ pub enum SnapshotPlan {
         /// What the snapshot must have been made from, when the caller has
         /// worked it out already (else it is computed from the files).
         identity: Option<snapshot::Identity>,
-        /// The memory image as a descriptor (the caller's checked, sealed
-        /// in-memory copy: see the host's snapshot cache), used instead of
-        /// `dir`'s `memory`.
-        memory_fd: Option<MemoryFd>,
     },
-}
-
-/// A snapshot's memory image handed to a restore as a descriptor.
-#[derive(Debug, Clone)]
-pub enum MemoryFd {
-    /// Held by the caller, open for as long as any plan names it: the
-    /// VMM process it spawns inherits it at the same number.
-    Held(Arc<std::os::fd::OwnedFd>),
-    /// Inherited by this process at this number (`--restore-memory-fd`);
-    /// checked (sealed) before it is used.
-    Inherited(std::os::fd::RawFd),
-}
-
-impl MemoryFd {
-    /// The descriptor's number.
-    pub fn raw(&self) -> std::os::fd::RawFd {
-        use std::os::fd::AsRawFd;
-        match self {
-            Self::Held(fd) => fd.as_raw_fd(),
-            Self::Inherited(fd) => *fd,
-        }
-    }
 }
 
 impl SnapshotPlan {
@@ -779,28 +753,6 @@ pub fn snapshot_identity_with(
     })
 }
 
-/// The memory image the parent handed over at descriptor `fd` (a sealed
-/// memfd): a descriptor of our own to it, after checking that it is one
-/// no one can write to or resize any more.
-fn inherited_image(fd: std::os::fd::RawFd) -> std::io::Result<std::fs::File> {
-    // SAFETY: F_GET_SEALS only reads the descriptor's seals; an fd that
-    // is not open answers EBADF.
-    let seals = unsafe { libc::fcntl(fd, libc::F_GET_SEALS) };
-    if seals < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    let need = libc::F_SEAL_WRITE | libc::F_SEAL_SHRINK | libc::F_SEAL_GROW;
-    if seals & need != need {
-        return Err(std::io::Error::other(format!(
-            "descriptor {fd} is not a sealed memory image"
-        )));
-    }
-    // SAFETY: the descriptor is open (F_GET_SEALS answered) and was
-    // inherited for this image; it is only borrowed for the dup.
-    let borrowed = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
-    Ok(borrowed.try_clone_to_owned()?.into())
-}
-
 /// `CLOCK_MONOTONIC` now, in ns: one clock for the daemon and its VMM
 /// processes, so a VM's start can be followed across both (the VMM's
 /// report gives its `clock_ns`; `cargo xtask bench start` lines them up).
@@ -830,20 +782,12 @@ pub fn run(cfg: &VmConfig) -> Result<RunReport, VmmError> {
     // A restore reads and checks the whole state file before KVM is asked
     // for anything.
     let restoring = match &cfg.snapshot {
-        Some(SnapshotPlan::Restore {
-            dir,
-            identity,
-            memory_fd,
-        }) => {
+        Some(SnapshotPlan::Restore { dir, identity }) => {
             let identity = given_or_own_identity(identity, cfg)?;
             let state = snapshot::read_state(&SnapshotPlan::state_path(dir), &identity)?;
             step("state_file");
             let image = SnapshotPlan::memory_path(dir);
-            let file = match memory_fd {
-                Some(fd) => inherited_image(fd.raw()),
-                None => jail::open_image(&image),
-            }
-            .map_err(|source| VmmError::File {
+            let file = jail::open_image(&image).map_err(|source| VmmError::File {
                 path: image.clone(),
                 source,
             })?;

@@ -110,7 +110,7 @@ pub enum ProcessError {
 }
 
 /// The usage line of `airlock-vmm`.
-pub const USAGE: &str = "usage: airlock-vmm --kernel FILE --initrd FILE [--cmdline TEXT] [--memory-mib N] [--vcpus N] [--timeout-secs N] [--pmem FILE] [--share TAG=DIR]... [--share-ro TAG=DIR]... [--share-write-limit BYTES] [--vsock-uds PATH --guest-cid N] [--console-cap BYTES] [--stop-on-stdin-eof [--park]] [--seccomp enforce|log|off] [--seccomp-selftest] [--jail-root DIR --jail-uid N --jail-gid N [--jail-cgroup DIR] [--jail-selftest keeper-gone|memory|tasks]] [--snapshot-at STAGE --snapshot-dir DIR | --restore DIR [--restore-memory-fd N]] [--snapshot-identity JSON]";
+pub const USAGE: &str = "usage: airlock-vmm --kernel FILE --initrd FILE [--cmdline TEXT] [--memory-mib N] [--vcpus N] [--timeout-secs N] [--pmem FILE] [--share TAG=DIR]... [--share-ro TAG=DIR]... [--share-write-limit BYTES] [--vsock-uds PATH --guest-cid N] [--console-cap BYTES] [--stop-on-stdin-eof [--park]] [--seccomp enforce|log|off] [--seccomp-selftest] [--jail-root DIR --jail-uid N --jail-gid N [--jail-cgroup DIR] [--jail-selftest keeper-gone|memory|tasks]] [--snapshot-at STAGE --snapshot-dir DIR | --restore DIR] [--snapshot-identity JSON]";
 
 /// What `airlock-vmm`'s flags ask for.
 #[derive(Debug)]
@@ -188,11 +188,8 @@ pub fn to_args(cfg: &VmConfig, stop_on_stdin_eof: bool) -> Vec<String> {
             "--snapshot-dir".into(),
             dir.display().to_string(),
         ]),
-        Some(crate::SnapshotPlan::Restore { dir, memory_fd, .. }) => {
+        Some(crate::SnapshotPlan::Restore { dir, .. }) => {
             a.extend(["--restore".into(), dir.display().to_string()]);
-            if let Some(fd) = memory_fd {
-                a.extend(["--restore-memory-fd".into(), fd.raw().to_string()]);
-            }
         }
         None => {}
     }
@@ -217,7 +214,7 @@ pub fn from_args(args: impl IntoIterator<Item = String>) -> Result<ProcessArgs, 
     let (mut uds, mut cid, mut stop_on_eof, mut park) = (None, None, false, false);
     let (mut jail_root, mut jail_uid, mut jail_gid, mut jail_cgroup) = (None, None, None, None);
     let (mut snapshot_at, mut snapshot_dir, mut restore) = (None, None, None);
-    let (mut snapshot_identity, mut memory_fd) = (None, None);
+    let mut snapshot_identity = None;
     let mut seccomp = Some(crate::seccomp::Mode::Enforce);
     let mut args = args.into_iter();
     while let Some(flag) = args.next() {
@@ -300,18 +297,6 @@ pub fn from_args(args: impl IntoIterator<Item = String>) -> Result<ProcessArgs, 
                 })?);
             }
             "--restore" => restore = Some(PathBuf::from(value)),
-            "--restore-memory-fd" => {
-                memory_fd = Some(crate::MemoryFd::Inherited(
-                    std::os::fd::RawFd::try_from(number("--restore-memory-fd")?)
-                        .ok()
-                        .filter(|fd| *fd > 2)
-                        .ok_or_else(|| {
-                            ProcessError::Usage(format!(
-                                "--restore-memory-fd must be a descriptor above 2, got {value}"
-                            ))
-                        })?,
-                ));
-            }
             "--console-cap" => {
                 cfg.console_cap = number("--console-cap")?.try_into().unwrap_or(usize::MAX);
             }
@@ -344,7 +329,6 @@ pub fn from_args(args: impl IntoIterator<Item = String>) -> Result<ProcessArgs, 
         (None, None, Some(dir)) => Some(crate::SnapshotPlan::Restore {
             dir,
             identity: snapshot_identity.take(),
-            memory_fd: memory_fd.take(),
         }),
         (None, None, None) => None,
         _ => {
@@ -368,11 +352,6 @@ pub fn from_args(args: impl IntoIterator<Item = String>) -> Result<ProcessArgs, 
             ));
         }
     };
-    if memory_fd.is_some() {
-        return Err(ProcessError::Usage(
-            "--restore-memory-fd goes with --restore".into(),
-        ));
-    }
     if snapshot_identity.is_some() {
         return Err(ProcessError::Usage(
             "--snapshot-identity goes with --snapshot-at or --restore".into(),
@@ -862,13 +841,12 @@ mod tests {
             snapshot: Some(crate::SnapshotPlan::Restore {
                 dir: "/snap".into(),
                 identity: None,
-                memory_fd: None,
             }),
             ..VmConfig::new("/k".into(), "/i".into())
         };
         assert!(matches!(
             from_args(to_args(&restore, false)).unwrap().cfg.snapshot,
-            Some(crate::SnapshotPlan::Restore { dir, identity: None, memory_fd: None }) if dir == Path::new("/snap")
+            Some(crate::SnapshotPlan::Restore { dir, identity: None }) if dir == Path::new("/snap")
         ));
         // A parked restore: the word to run comes on stdin, so `--park`
         // goes out only with the stop pipe.
@@ -893,13 +871,12 @@ mod tests {
             snapshot: Some(crate::SnapshotPlan::Restore {
                 dir: "/snap".into(),
                 identity: Some(identity.clone()),
-                memory_fd: Some(crate::MemoryFd::Inherited(9)),
             }),
             ..VmConfig::new("/k".into(), "/i".into())
         };
         assert!(matches!(
             from_args(to_args(&known, false)).unwrap().cfg.snapshot,
-            Some(crate::SnapshotPlan::Restore { identity: Some(i), memory_fd: Some(crate::MemoryFd::Inherited(9)), .. }) if i == identity
+            Some(crate::SnapshotPlan::Restore { identity: Some(i), .. }) if i == identity
         ));
 
         for (args, says) in [

@@ -391,21 +391,6 @@ fn sha256_of(f: &mut std::fs::File) -> std::io::Result<[u8; 32]> {
 /// [`SnapshotError::Memory`] or [`SnapshotError::Io`].
 pub fn check_memory(path: &Path, image: &MemoryImage) -> Result<(), SnapshotError> {
     let mut f = std::fs::File::open(path).map_err(io_err(path))?;
-    check_memory_file(&mut f, path, image)
-}
-
-/// [`check_memory`] of an open file (read from its start), `path` naming
-/// it in errors.
-///
-/// # Errors
-/// As [`check_memory`].
-pub fn check_memory_file(
-    f: &mut std::fs::File,
-    path: &Path,
-    image: &MemoryImage,
-) -> Result<(), SnapshotError> {
-    use std::io::Seek;
-    f.rewind().map_err(io_err(path))?;
     let len = f.metadata().map_err(io_err(path))?.len();
     let bad = |reason: String| SnapshotError::Memory {
         path: path.to_path_buf(),
@@ -417,7 +402,7 @@ pub fn check_memory_file(
             image.len
         )));
     }
-    if sha256_of(f).map_err(io_err(path))? != image.sha256 {
+    if sha256_of(&mut f).map_err(io_err(path))? != image.sha256 {
         return Err(bad("its contents fail the snapshot's checksum".into()));
     }
     Ok(())
