@@ -1705,18 +1705,25 @@ fn start_report(json: &serde_json::Value) -> anyhow::Result<String> {
         median(&parked_guest),
         median(&parked_host)
     )?;
-    let host_steps = ["go", "connected", "hello", "refreshed"];
-    let listed: Vec<String> = host_steps
-        .iter()
-        .map(|k| {
-            let v: Vec<f64> = rounds
-                .iter()
-                .filter_map(|r| r["parked"]["vms"][0]["ready_steps_ms"][k].as_f64())
-                .collect();
-            format!("{k} at {:.1}", median(&v))
-        })
-        .collect();
-    writeln!(out, "    parked, host steps: {}", listed.join(", "))?;
+    // The host's steps of one kind of start, medians over the rounds.
+    let host_steps = |kind: &str, steps: &[&str]| -> String {
+        steps
+            .iter()
+            .map(|k| {
+                let v: Vec<f64> = rounds
+                    .iter()
+                    .filter_map(|r| r[kind]["vms"][0]["ready_steps_ms"][k].as_f64())
+                    .collect();
+                format!("{k} at {:.1}", median(&v))
+            })
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    writeln!(
+        out,
+        "    parked, host steps: {}",
+        host_steps("parked", &["go", "connected", "hello", "refreshed"])
+    )?;
     writeln!(
         out,
         "  with one share (mounted after the restore): boot {}, restore {}: {:.3}",
@@ -1785,18 +1792,11 @@ fn start_report(json: &serde_json::Value) -> anyhow::Result<String> {
     )?;
     // The host's view of the same: when the VMM process was spawned, the
     // agent connected, its Hello read, the refresh answered.
-    let host_steps = ["spawned", "connected", "hello", "refreshed"];
-    let listed: Vec<String> = host_steps
-        .iter()
-        .map(|k| {
-            let v: Vec<f64> = rounds
-                .iter()
-                .filter_map(|r| r["restore"]["vms"][0]["ready_steps_ms"][k].as_f64())
-                .collect();
-            format!("{k} at {:.1}", median(&v))
-        })
-        .collect();
-    writeln!(out, "    host steps: {}", listed.join(", "))?;
+    writeln!(
+        out,
+        "    host steps: {}",
+        host_steps("restore", &["spawned", "connected", "hello", "refreshed"])
+    )?;
     // The same start on the one clock the daemon and its VMM share: what
     // happens before the VMM runs its VM, and after the guest is ready.
     let mut parts: [Vec<f64>; 5] = Default::default();
