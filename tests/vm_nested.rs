@@ -549,10 +549,18 @@ fn the_service_runs_calls_in_microvms_from_its_warm_pool() {
     assert_eq!(v["vmm_processes_after_kill9"], 0, "{v}");
     // Seen from outside (/proc): every thread of a waiting VMM (main,
     // stop-pipe watcher, vCPU, vsock worker) runs under its seccomp
-    // filter, with no_new_privs.
+    // filter, with no_new_privs. The VMM looked at may be the parked one
+    // (3 threads: no vCPU yet): it has run no guest instruction, and its
+    // main thread enters its filter at the word, with the vCPU's start —
+    // its watcher and vsock worker are filtered already.
     let threads = v["vmm_threads"].as_u64().unwrap();
-    assert!(threads >= 4, "{v}");
-    assert_eq!(v["vmm_threads_filtered"].as_u64(), Some(threads), "{v}");
+    let filtered = v["vmm_threads_filtered"].as_u64().unwrap();
+    if threads == 3 {
+        assert_eq!(filtered, 2, "{v}");
+    } else {
+        assert!(threads >= 4, "{v}");
+        assert_eq!(filtered, threads, "{v}");
+    }
     assert_eq!(v["vmm_no_new_privs"], 1, "{v}");
     // Its rlimits, from outside: no core dumps (they would hold guest
     // memory), a bounded descriptor table (soft/hard).
