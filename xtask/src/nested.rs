@@ -1606,6 +1606,17 @@ fn step_durations(report: &serde_json::Value) -> Vec<(String, f64)> {
 }
 
 /// The `bench start` report from what the outer VM printed.
+/// When a VM's guest wrote its `ready` stage marker, ms into its run (NaN
+/// without one).
+fn ready_marker_ms(end: &serde_json::Value) -> f64 {
+    end["stages"]
+        .as_array()
+        .and_then(|a| a.iter().find(|m| m["stage"] == "ready"))
+        .and_then(|m| m["after_us"].as_f64())
+        .unwrap_or(f64::NAN)
+        / 1000.0
+}
+
 fn start_report(json: &serde_json::Value) -> anyhow::Result<String> {
     use std::fmt::Write;
     let vm = |v: &serde_json::Value| -> anyhow::Result<serde_json::Value> {
@@ -1632,12 +1643,7 @@ fn start_report(json: &serde_json::Value) -> anyhow::Result<String> {
         // Its ready time counts from the take; the guest's part runs from
         // the word to go (`go` in the VMM's steps) to its `ready` marker.
         let end = &p["vm_end"];
-        let marker_ms = end["stages"]
-            .as_array()
-            .and_then(|a| a.iter().find(|m| m["stage"] == "ready"))
-            .and_then(|m| m["after_us"].as_f64())
-            .unwrap_or(f64::NAN)
-            / 1000.0;
+        let marker_ms = ready_marker_ms(end);
         let go_ms = end["setup_steps_us"]["go"].as_f64().unwrap_or(f64::NAN) / 1000.0;
         parked.push(p["ready_ms"].as_f64().unwrap_or(f64::NAN));
         parked_guest.push(marker_ms - go_ms);
@@ -1769,12 +1775,7 @@ fn start_report(json: &serde_json::Value) -> anyhow::Result<String> {
                 None => per_step.push((k, vec![d])),
             }
         }
-        let marker = end["stages"]
-            .as_array()
-            .and_then(|a| a.iter().find(|m| m["stage"] == "ready"))
-            .and_then(|m| m["after_us"].as_f64())
-            .unwrap_or(f64::NAN)
-            / 1000.0;
+        let marker = ready_marker_ms(end);
         guest.push(marker - setup_ms);
         host.push(s["ready_ms"].as_f64().unwrap_or(f64::NAN) - marker);
     }
