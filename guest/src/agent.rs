@@ -27,8 +27,9 @@ pub struct Fresh<'a> {
     pub seed: &'a [u8],
     /// The host's wall clock, ns since the Unix epoch.
     pub unix_ns: u64,
-    /// Shares to mount (each [`proto::Mount::check`]ed; at most once a
-    /// session, before any component is loaded).
+    /// Shares to mount (each [`proto::Mount::check`]ed; a session's
+    /// refresh is its first frame, so they are mounted before anything is
+    /// loaded, once).
     pub mounts: &'a [proto::Mount],
 }
 
@@ -38,19 +39,13 @@ pub struct Fresh<'a> {
 pub type RefreshFn<'a> = &'a dyn Fn(&Fresh<'_>) -> Result<(), String>;
 
 /// Why the agent refuses a refresh before its hook sees it.
-fn refusal(seed: &[u8], mounts: &[proto::Mount], mounted: bool, loaded: bool) -> Option<String> {
+fn refusal(seed: &[u8], mounts: &[proto::Mount]) -> Option<String> {
     if seed.len() != proto::REFRESH_SEED {
         return Some(format!(
             "A refresh carries {} bytes of seed, not {}.",
             seed.len(),
             proto::REFRESH_SEED
         ));
-    }
-    if mounts.is_empty() {
-        return None;
-    }
-    if mounted || loaded {
-        return Some("Shares are mounted once, before any component is loaded.".to_string());
     }
     if mounts.len() > airlock_abi::MAX_SHARES {
         return Some(format!(
@@ -73,8 +68,9 @@ fn refusal(seed: &[u8], mounts: &[proto::Mount], mounted: bool, loaded: bool) ->
     None
 }
 
-/// Serve one host connection until shutdown or close, refusing refreshes
-/// (see [`serve_with`]).
+/// Serve one host connection until shutdown or close, without refreshing
+/// the guest: Hello goes out at once, and a [`Message::Refresh`] is
+/// refused (see [`serve_with`]).
 ///
 /// # Errors
 /// As [`serve_with`].
@@ -83,24 +79,67 @@ pub fn serve<S: Read + Write>(
     runner: &Runner,
     boot: Vec<BootStage>,
 ) -> Result<SessionEnd, ProtoError> {
-    serve_with(conn, runner, boot, &|_: &Fresh<'_>| {
-        Err("this agent cannot refresh its guest".to_string())
-    })
+    write_hello(conn, runner, boot)?;
+    session(conn, runner)
 }
 
-/// Serve one host connection until shutdown or close, applying the host's
-/// [`Message::Refresh`] with `refresh`.
+/// Serve one host connection until shutdown or close. The host's first
+/// frame is the session's [`Message::Refresh`]: the agent applies it with
+/// `refresh` and only then answers [`Message::Hello`] — one round trip
+/// makes the guest fresh and ready. A refresh refused (a bad seed or
+/// mount) or failed is answered with `Error` and ends the session: a
+/// guest that may share its RNG state or clock with its snapshot's
+/// siblings never runs a call.
 ///
 /// # Errors
-/// Protocol violations by the host (bad frames) end the session with an error;
-/// a bad request (unknown component, invalid artifact, a refresh without
-/// exactly [`proto::REFRESH_SEED`] bytes of seed) only answers `Error`.
+/// Protocol violations by the host (bad frames, a first frame that is
+/// not a refresh) and a refused refresh end the session with an error; a
+/// bad request later (unknown component, invalid artifact, another
+/// refresh) only answers `Error`.
 pub fn serve_with<S: Read + Write>(
     conn: &mut S,
     runner: &Runner,
     boot: Vec<BootStage>,
     refresh: RefreshFn<'_>,
 ) -> Result<SessionEnd, ProtoError> {
+    let Some(frame) = next_frame(conn)? else {
+        return Ok(SessionEnd::Closed);
+    };
+    let applied = match frame.msg {
+        Message::Refresh { unix_ns, mounts } => match refusal(&frame.blob, &mounts) {
+            Some(why) => Err(why),
+            None => refresh(&Fresh {
+                seed: &frame.blob,
+                unix_ns,
+                mounts: &mounts,
+            }),
+        },
+        other => Err(format!(
+            "A session starts with a refresh, not a {} message.",
+            kind(&other)
+        )),
+    };
+    if let Err(message) = applied {
+        proto::write_frame(
+            conn,
+            &Message::Error {
+                id: None,
+                message: message.clone(),
+            },
+            b"",
+        )?;
+        return Err(ProtoError::Refused(message));
+    }
+    write_hello(conn, runner, boot)?;
+    session(conn, runner)
+}
+
+/// Say Hello: this guest is ready for work.
+fn write_hello<S: Write>(
+    conn: &mut S,
+    runner: &Runner,
+    boot: Vec<BootStage>,
+) -> Result<(), ProtoError> {
     proto::write_frame(
         conn,
         &Message::Hello {
@@ -109,47 +148,38 @@ pub fn serve_with<S: Read + Write>(
             boot,
         },
         b"",
-    )?;
+    )
+}
+
+/// The next frame, or `None` when the host closed the connection between
+/// frames. A bad frame is answered with `Error` (the host learns why)
+/// and ends the session: it is never trusted.
+fn next_frame<S: Read + Write>(conn: &mut S) -> Result<Option<proto::Frame>, ProtoError> {
+    match proto::read_frame(conn, FrameLimits::default()) {
+        Ok(f) => Ok(Some(f)),
+        Err(ProtoError::Closed) => Ok(None),
+        Err(e) => {
+            let _ = proto::write_frame(
+                conn,
+                &Message::Error {
+                    id: None,
+                    message: e.to_string(),
+                },
+                b"",
+            );
+            Err(e)
+        }
+    }
+}
+
+/// The session after Hello: loads, calls, shutdown.
+fn session<S: Read + Write>(conn: &mut S, runner: &Runner) -> Result<SessionEnd, ProtoError> {
     let mut loaded: HashMap<String, Loaded> = HashMap::new();
-    let mut mounted = false;
     loop {
-        let frame = match proto::read_frame(conn, FrameLimits::default()) {
-            Ok(f) => f,
-            Err(ProtoError::Closed) => return Ok(SessionEnd::Closed),
-            Err(e) => {
-                // Tell the host why before hanging up; a bad frame is never trusted.
-                let _ = proto::write_frame(
-                    conn,
-                    &Message::Error {
-                        id: None,
-                        message: e.to_string(),
-                    },
-                    b"",
-                );
-                return Err(e);
-            }
+        let Some(frame) = next_frame(conn)? else {
+            return Ok(SessionEnd::Closed);
         };
         match frame.msg {
-            Message::Refresh { unix_ns, mounts } => {
-                let reply = match refusal(&frame.blob, &mounts, mounted, !loaded.is_empty()) {
-                    Some(why) => Err(why),
-                    None => {
-                        // Tried once, whatever came of it: a half-made
-                        // mount is never made again over itself.
-                        mounted |= !mounts.is_empty();
-                        refresh(&Fresh {
-                            seed: &frame.blob,
-                            unix_ns,
-                            mounts: &mounts,
-                        })
-                    }
-                };
-                let reply = match reply {
-                    Ok(()) => Message::Refreshed,
-                    Err(message) => Message::Error { id: None, message },
-                };
-                proto::write_frame(conn, &reply, b"")?;
-            }
             Message::Load { digest, docs } => {
                 tracing::info!(%digest, bytes = frame.blob.len(), "load");
                 let docs = Docs { functions: docs };
@@ -197,6 +227,10 @@ pub fn serve_with<S: Read + Write>(
                 proto::write_frame(conn, &reply, b"")?;
             }
             Message::Shutdown => return Ok(SessionEnd::Shutdown),
+            Message::Refresh { .. } => {
+                let message = "A session is refreshed once, by its first frame.".to_string();
+                proto::write_frame(conn, &Message::Error { id: None, message }, b"")?;
+            }
             other => {
                 let message = format!("The guest does not accept {} messages.", kind(&other));
                 proto::write_frame(conn, &Message::Error { id: None, message }, b"")?;
@@ -209,7 +243,6 @@ fn kind(m: &Message) -> &'static str {
     match m {
         Message::Hello { .. } => "hello",
         Message::Refresh { .. } => "refresh",
-        Message::Refreshed => "refreshed",
         Message::Load { .. } => "load",
         Message::Loaded { .. } => "loaded",
         Message::Invoke { .. } => "invoke",

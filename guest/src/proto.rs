@@ -14,7 +14,7 @@ use std::collections::BTreeMap;
 use std::io::{Read, Write};
 
 /// The protocol version this build speaks.
-pub const PROTOCOL_VERSION: u16 = 2;
+pub const PROTOCOL_VERSION: u16 = 3;
 const MAGIC: [u8; 4] = *b"ALRK";
 const HEADER_LEN: usize = 14;
 
@@ -67,6 +67,9 @@ pub enum ProtoError {
     /// The JSON part is not a valid message.
     #[error("The frame's message is malformed: {0}.")]
     Malformed(String),
+    /// The session's refresh was refused or failed (the host was told why).
+    #[error("The guest could not be refreshed: {0}")]
+    Refused(String),
 }
 
 pub use airlock_abi::{BOOT_MARKER_PORT, BOOT_STAGES, boot_stage_code, boot_stage_name};
@@ -126,7 +129,10 @@ pub const REFRESH_SEED: usize = 64;
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum Message {
-    /// Guest → host, first frame: the guest is ready for work.
+    /// Guest → host, its first frame: the guest is ready for work. An
+    /// agent that refreshes its guest sends it in answer to the session's
+    /// [`Message::Refresh`], once that is applied (else `Error`, and the
+    /// session ends).
     Hello {
         /// Protocol version.
         protocol: u16,
@@ -135,8 +141,8 @@ pub enum Message {
         /// Boot-stage timestamps.
         boot: Vec<BootStage>,
     },
-    /// Host → guest, right after Hello: what a VM started from a snapshot
-    /// must not share with the others started from it. The blob holds
+    /// Host → guest, the session's first frame: what a VM started from a
+    /// snapshot must not share with the others started from it. The blob holds
     /// fresh entropy ([`REFRESH_SEED`] bytes) the guest mixes into its
     /// kernel's RNG before reseeding it; `unix_ns` is the host's wall
     /// clock, which the guest's clock takes.
@@ -153,8 +159,6 @@ pub enum Message {
         #[serde(default, skip_serializing_if = "Vec::is_empty")]
         mounts: Vec<Mount>,
     },
-    /// Guest → host: the RNG is reseeded and the clock set.
-    Refreshed,
     /// Host → guest: load a precompiled component (artifact in the blob).
     Load {
         /// sha256 of the artifact payload, used to refer to it later.

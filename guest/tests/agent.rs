@@ -157,8 +157,21 @@ fn serve_refreshing(
     (host, t)
 }
 
+/// Send a refresh (`seed`, `mounts`, clock 1) and read the answer.
+fn refresh(host: &mut UnixStream, seed: &[u8], mounts: Vec<proto::Mount>) -> Message {
+    proto::write_frame(host, &Message::Refresh { unix_ns: 1, mounts }, seed).unwrap();
+    recv(host)
+}
+
+fn error_text(m: &Message) -> &str {
+    match m {
+        Message::Error { message, .. } => message,
+        other => panic!("expected an error, got {other:?}"),
+    }
+}
+
 #[test]
-fn a_refresh_hands_the_seed_and_clock_to_the_hook_and_a_bad_seed_is_refused() {
+fn hello_answers_the_refresh_once_the_hook_has_the_seed_and_clock() {
     use std::sync::{Arc, Mutex};
     type Seen = Vec<(Vec<u8>, u64)>;
     let got: Arc<Mutex<Seen>> = Arc::default();
@@ -167,7 +180,6 @@ fn a_refresh_hands_the_seed_and_clock_to_the_hook_and_a_bad_seed_is_refused() {
         seen.lock().unwrap().push((f.seed.to_vec(), f.unix_ns));
         Ok(())
     });
-    assert!(matches!(recv(&mut host), Message::Hello { .. }));
     let seed = [7u8; proto::REFRESH_SEED];
     let now = 1_764_600_000_000_000_000u64;
     proto::write_frame(
@@ -179,48 +191,27 @@ fn a_refresh_hands_the_seed_and_clock_to_the_hook_and_a_bad_seed_is_refused() {
         &seed,
     )
     .unwrap();
-    assert_eq!(recv(&mut host), Message::Refreshed);
-    // Too little entropy is refused, and never reaches the hook.
-    proto::write_frame(
-        &mut host,
-        &Message::Refresh {
-            unix_ns: now,
-            mounts: vec![],
-        },
-        &[1u8; 8],
-    )
-    .unwrap();
-    match recv(&mut host) {
-        Message::Error { message, .. } => assert!(message.contains("8 bytes"), "{message}"),
-        other => panic!("{other:?}"),
-    }
+    assert!(matches!(recv(&mut host), Message::Hello { .. }));
+    assert_eq!(*got.lock().unwrap(), vec![(seed.to_vec(), now)]);
+    // Once a session: a later refresh is refused and never reaches the hook.
+    let again = refresh(&mut host, &seed, vec![]);
+    assert!(error_text(&again).contains("once"), "{again:?}");
     proto::write_frame(&mut host, &Message::Shutdown, b"").unwrap();
     assert_eq!(t.join().unwrap().unwrap(), SessionEnd::Shutdown);
-    assert_eq!(*got.lock().unwrap(), vec![(seed.to_vec(), now)]);
+    assert_eq!(got.lock().unwrap().len(), 1);
 }
 
 #[test]
-fn shares_are_mounted_once_before_any_load_and_only_plain_paths() {
-    use std::sync::{Arc, Mutex};
-    let got: Arc<Mutex<Vec<proto::Mount>>> = Arc::default();
-    let seen = got.clone();
-    let (mut host, t) = serve_refreshing(move |f| {
-        seen.lock().unwrap().extend_from_slice(f.mounts);
-        Ok(())
-    });
-    assert!(matches!(recv(&mut host), Message::Hello { .. }));
-    let seed = [3u8; proto::REFRESH_SEED];
+fn a_session_that_does_not_start_fresh_ends_before_any_hello() {
     let m = |tag: &str, path: &str| proto::Mount {
         tag: tag.into(),
         path: path.into(),
         read_only: true,
     };
-    let mut refresh = |mounts: Vec<proto::Mount>| {
-        proto::write_frame(&mut host, &Message::Refresh { unix_ns: 1, mounts }, &seed).unwrap();
-        recv(&mut host)
-    };
-    // What a lying or confused host could ask for never reaches the hook.
-    for (bad, why) in [
+    let seed = [3u8; proto::REFRESH_SEED];
+    // What a lying or confused host could send first never reaches the
+    // hook, gets no Hello, and ends the session.
+    let bad_mounts = [
         (vec![m("fs0", "relative")], "path"),
         (vec![m("fs0", "/")], "path"),
         (vec![m("fs0", "/data/../etc")], "path"),
@@ -237,66 +228,76 @@ fn shares_are_mounted_once_before_any_load_and_only_plain_paths() {
                 .collect(),
             "at most 4",
         ),
-    ] {
-        match refresh(bad) {
-            Message::Error { message, .. } => assert!(message.contains(why), "{why}: {message}"),
+    ];
+    let cases = bad_mounts
+        .into_iter()
+        .map(|(mounts, why)| (Some((seed.to_vec(), mounts)), why))
+        .chain([
+            // Too little entropy.
+            (Some((vec![1u8; 8], vec![])), "8 bytes"),
+            // A load before any refresh.
+            (None, "starts with a refresh"),
+        ]);
+    for (first, why) in cases {
+        let (mut host, t) = serve_refreshing(|_| panic!("the hook must not run"));
+        let answer = match first {
+            Some((seed, mounts)) => refresh(&mut host, &seed, mounts),
+            None => {
+                let load = Message::Load {
+                    digest: "d".into(),
+                    docs: Default::default(),
+                };
+                proto::write_frame(&mut host, &load, b"").unwrap();
+                recv(&mut host)
+            }
+        };
+        assert!(error_text(&answer).contains(why), "{why}: {answer:?}");
+        match t.join().unwrap() {
+            Err(ProtoError::Refused(message)) => assert!(message.contains(why), "{message}"),
             other => panic!("{why}: {other:?}"),
         }
+        assert!(
+            proto::read_frame(&mut host, FrameLimits::default()).is_err(),
+            "{why}: the session is over"
+        );
     }
-    assert_eq!(
-        refresh(vec![m("fs0", "/data"), m("fs1", "/state")]),
-        Message::Refreshed
-    );
-    // Once a session.
-    match refresh(vec![m("fs2", "/more")]) {
-        Message::Error { message, .. } => assert!(message.contains("once"), "{message}"),
-        other => panic!("{other:?}"),
-    }
-    // A refresh without mounts is still taken.
-    assert_eq!(refresh(vec![]), Message::Refreshed);
-    proto::write_frame(&mut host, &Message::Shutdown, b"").unwrap();
-    assert_eq!(t.join().unwrap().unwrap(), SessionEnd::Shutdown);
-    assert_eq!(
-        *got.lock().unwrap(),
-        vec![m("fs0", "/data"), m("fs1", "/state")]
-    );
+    // The hook's own failure ends it the same way.
+    let (mut host, t) = serve_refreshing(|_| Err("no clock".to_string()));
+    assert!(error_text(&refresh(&mut host, &seed, vec![])).contains("no clock"));
+    assert!(matches!(t.join().unwrap(), Err(ProtoError::Refused(_))));
 }
 
 #[test]
-fn a_refresh_sent_before_the_hello_is_read_is_answered_after_it() {
-    // The host pipelines: Refresh right after connecting, then reads
-    // Hello, then Refreshed.
-    let (mut host, t) = serve_refreshing(|_| Ok(()));
-    let seed = [9u8; proto::REFRESH_SEED];
-    proto::write_frame(
-        &mut host,
-        &Message::Refresh {
-            unix_ns: 1,
-            mounts: vec![],
-        },
-        &seed,
-    )
-    .unwrap();
-    assert!(matches!(recv(&mut host), Message::Hello { .. }));
-    assert_eq!(recv(&mut host), Message::Refreshed);
+fn shares_come_with_the_refresh_and_reach_the_hook() {
+    use std::sync::{Arc, Mutex};
+    let got: Arc<Mutex<Vec<proto::Mount>>> = Arc::default();
+    let seen = got.clone();
+    let (mut host, t) = serve_refreshing(move |f| {
+        seen.lock().unwrap().extend_from_slice(f.mounts);
+        Ok(())
+    });
+    let m = |tag: &str, path: &str| proto::Mount {
+        tag: tag.into(),
+        path: path.into(),
+        read_only: true,
+    };
+    let shares = vec![m("fs0", "/data"), m("fs1", "/state")];
+    let seed = [3u8; proto::REFRESH_SEED];
+    assert!(matches!(
+        refresh(&mut host, &seed, shares.clone()),
+        Message::Hello { .. }
+    ));
     proto::write_frame(&mut host, &Message::Shutdown, b"").unwrap();
     assert_eq!(t.join().unwrap().unwrap(), SessionEnd::Shutdown);
+    assert_eq!(*got.lock().unwrap(), shares);
 }
 
 #[test]
-fn an_agent_without_a_refresh_hook_refuses_one() {
+fn an_agent_without_a_refresh_hook_says_hello_at_once_and_refuses_one() {
     let (mut host, guest, _runner) = start();
     assert!(matches!(recv(&mut host), Message::Hello { .. }));
-    proto::write_frame(
-        &mut host,
-        &Message::Refresh {
-            unix_ns: 1,
-            mounts: vec![],
-        },
-        &[0u8; proto::REFRESH_SEED],
-    )
-    .unwrap();
-    assert!(matches!(recv(&mut host), Message::Error { .. }));
+    let answer = refresh(&mut host, &[0u8; proto::REFRESH_SEED], vec![]);
+    assert!(matches!(answer, Message::Error { .. }), "{answer:?}");
     proto::write_frame(&mut host, &Message::Shutdown, b"").unwrap();
     assert_eq!(guest.join().unwrap().unwrap(), SessionEnd::Shutdown);
 }

@@ -186,8 +186,8 @@ pub struct Sandbox {
     /// How long the last [`Sandbox::load`] took.
     pub load_time: Duration,
     /// When each step of becoming ready ended, from the start: the VMM
-    /// process `spawned`, the agent `connected`, its `hello` read, the
-    /// guest `refreshed`.
+    /// process `spawned`, the agent `connected`, its `hello` read (its
+    /// refresh applied).
     pub ready_steps: Vec<(&'static str, Duration)>,
     /// When the start began, on the clock the VMM reports its own times on
     /// ([`airlock_vmm::monotonic_ns`]); the VMM's report gets it as
@@ -547,8 +547,8 @@ impl Sandbox {
 
     /// Give the guest fresh entropy and the wall clock
     /// ([`Message::Refresh`]): every VM gets its own, whether it booted or
-    /// was restored from a snapshot its siblings share. Its answer is
-    /// [`Sandbox::refreshed`].
+    /// was restored from a snapshot its siblings share. It is the
+    /// session's first frame; the agent's Hello answers it once applied.
     fn send_refresh(&mut self, mounts: Vec<proto::Mount>) -> Result<(), SandboxError> {
         let mut seed = [0u8; airlock_guest::proto::REFRESH_SEED];
         getrandom::fill(&mut seed)
@@ -558,17 +558,6 @@ impl Sandbox {
             .map_or(0, |d| d.as_nanos() as u64);
         proto::write_frame(&mut self.conn, &Message::Refresh { unix_ns, mounts }, &seed)?;
         Ok(())
-    }
-
-    /// The guest's answer to [`Sandbox::send_refresh`].
-    fn refreshed(&mut self) -> Result<(), SandboxError> {
-        match self.recv()? {
-            Message::Refreshed => Ok(()),
-            Message::Error { message, .. } => Err(SandboxError::Refresh(message)),
-            other => Err(SandboxError::Guest(format!(
-                "expected Refreshed, got {other:?}"
-            ))),
-        }
     }
 
     fn recv(&mut self) -> Result<Message, SandboxError> {
@@ -788,13 +777,12 @@ impl Spawned {
                     std::thread::sleep(poll);
                 }
                 sb.ready_steps.push(("connected", start.elapsed()));
-                // Fresh entropy and the clock go out at once; the guest
-                // reads them after sending its Hello (one round trip
-                // instead of two).
+                // Fresh entropy and the clock go out at once: the guest
+                // answers Hello once it has applied them.
                 sb.send_refresh(mounts)?;
             }
         }
-        // The agent's Hello is part of becoming ready.
+        // The agent's Hello (its refresh applied) makes it ready.
         let left = cfg.ready_timeout.saturating_sub(start.elapsed());
         sb.conn
             .set_read_timeout(Some(left.max(Duration::from_secs(1))))?;
@@ -809,7 +797,6 @@ impl Spawned {
                 });
             }
         };
-        sb.ready_steps.push(("hello", start.elapsed()));
         match hello {
             Message::Hello { engine, boot, .. } => {
                 if engine != cfg.engine {
@@ -820,16 +807,16 @@ impl Spawned {
                 }
                 sb.boot = boot;
             }
+            Message::Error { message, .. } => return Err(SandboxError::Refresh(message)),
             other => {
                 return Err(SandboxError::Guest(format!(
                     "expected Hello, got {other:?}"
                 )));
             }
         }
-        sb.refreshed()?;
         sb.conn.set_read_timeout(Some(cfg.life_timeout))?;
         sb.ready_after = start.elapsed();
-        sb.ready_steps.push(("refreshed", sb.ready_after));
+        sb.ready_steps.push(("hello", sb.ready_after));
         Ok(sb)
     }
 }

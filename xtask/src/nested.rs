@@ -1647,12 +1647,8 @@ fn start_report(json: &serde_json::Value) -> anyhow::Result<String> {
         let go_ms = end["setup_steps_us"]["go"].as_f64().unwrap_or(f64::NAN) / 1000.0;
         parked.push(p["ready_ms"].as_f64().unwrap_or(f64::NAN));
         parked_guest.push(marker_ms - go_ms);
-        parked_host.push(
-            p["ready_steps_ms"]["refreshed"]
-                .as_f64()
-                .unwrap_or(f64::NAN)
-                - (marker_ms - go_ms),
-        );
+        parked_host
+            .push(p["ready_steps_ms"]["hello"].as_f64().unwrap_or(f64::NAN) - (marker_ms - go_ms));
         let sb = vm(&r["share_boot"])?;
         let sr = vm(&r["share_restore"])?;
         anyhow::ensure!(
@@ -1706,7 +1702,7 @@ fn start_report(json: &serde_json::Value) -> anyhow::Result<String> {
     )?;
     writeln!(
         out,
-        "  parked restore / boot: {:.3} (goal <= 0.05); of it the guest from the word to go to accepting the host {:.1} ms, the host (word, connect, Hello, refresh) {:.1} ms",
+        "  parked restore / boot: {:.3} (goal <= 0.05); of it the guest from the word to go to accepting the host {:.1} ms, the host (word, connect, refresh and Hello) {:.1} ms",
         median(&parked) / median(&boot),
         median(&parked_guest),
         median(&parked_host)
@@ -1728,7 +1724,7 @@ fn start_report(json: &serde_json::Value) -> anyhow::Result<String> {
     writeln!(
         out,
         "    parked, host steps: {}",
-        host_steps("parked", &["go", "connected", "hello", "refreshed"])
+        host_steps("parked", &["go", "connected", "hello"])
     )?;
     writeln!(
         out,
@@ -1761,7 +1757,7 @@ fn start_report(json: &serde_json::Value) -> anyhow::Result<String> {
     // Where a restored VM's ready time goes: the VMM's setup steps (from
     // VM creation), the guest until the host's connection is accepted
     // (its `ready` marker), and the rest on the host (process start,
-    // Hello, refresh).
+    // refresh and Hello).
     let mut per_step: Vec<(String, Vec<f64>)> = Vec::new();
     let (mut guest, mut host) = (vec![], vec![]);
     for r in rounds {
@@ -1787,16 +1783,16 @@ fn start_report(json: &serde_json::Value) -> anyhow::Result<String> {
     writeln!(out, "    VMM setup steps: {}", listed.join(", "))?;
     writeln!(
         out,
-        "    guest from its first instruction to accepting the host: {:.1}; host (VMM process start, Hello, refresh): {:.1}",
+        "    guest from its first instruction to accepting the host: {:.1}; host (VMM process start, refresh and Hello): {:.1}",
         median(&guest),
         median(&host)
     )?;
     // The host's view of the same: when the VMM process was spawned, the
-    // agent connected, its Hello read, the refresh answered.
+    // agent connected, its Hello (the refresh applied) read.
     writeln!(
         out,
         "    host steps: {}",
-        host_steps("restore", &["spawned", "connected", "hello", "refreshed"])
+        host_steps("restore", &["spawned", "connected", "hello"])
     )?;
     // The same start on the one clock the daemon and its VMM share: what
     // happens before the VMM runs its VM, and after the guest is ready.
@@ -1818,11 +1814,11 @@ fn start_report(json: &serde_json::Value) -> anyhow::Result<String> {
         parts[1].push((main - host) / 1e6 - step("spawned"));
         parts[2].push((run - main) / 1e6);
         parts[3].push(step("connected") - ready);
-        parts[4].push(step("refreshed") - step("connected"));
+        parts[4].push(step("hello") - step("connected"));
     }
     writeln!(
         out,
-        "    host, on the shared clock: before the spawn (proxy, socket dir) {:.1}; spawn to the VMM's main {:.1}; its main to running the VM (arguments, limits, seccomp filters) {:.1}; guest ready to connected {:.1}; connected to refreshed (Hello, entropy, clock) {:.1}",
+        "    host, on the shared clock: before the spawn (proxy, socket dir) {:.1}; spawn to the VMM's main {:.1}; its main to running the VM (arguments, limits, seccomp filters) {:.1}; guest ready to connected {:.1}; connected to Hello (entropy and clock applied) {:.1}",
         median(&parts[0]),
         median(&parts[1]),
         median(&parts[2]),

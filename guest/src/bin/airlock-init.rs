@@ -282,12 +282,19 @@ mod linux {
             .get("port")
             .and_then(|p| p.parse().ok())
             .unwrap_or(DEFAULT_PORT);
+        // Open before a snapshot is taken: a restored guest's refresh
+        // finds it open.
+        let random = std::fs::OpenOptions::new()
+            .write(true)
+            .open("/dev/urandom")
+            .unwrap_or_else(|e| fatal("/dev/urandom", e));
         let listener = vsock_listen(port).unwrap_or_else(|e| fatal("vsock listen", e));
         console(&format!("airlock-init: ready on vsock port {port}"));
         // Snapshots are taken here: a restored VM resumes in accept.
         stage(&mut boot, "listening");
         let mut conn = vsock_accept(&listener).unwrap_or_else(|e| fatal("vsock accept", e));
         stage(&mut boot, "ready");
+        let refresh = |fresh: &agent::Fresh<'_>| refresh(&random, fresh);
         match agent::serve_with(&mut conn, &runner, boot, &refresh) {
             Ok(SessionEnd::Shutdown) => power_off("shutdown requested by the host"),
             Ok(SessionEnd::Closed) => power_off("the host closed the control connection"),
@@ -296,23 +303,19 @@ mod linux {
     }
 
     /// The host's [`Message::Refresh`](airlock_guest::proto::Message):
-    /// credit `seed` to the kernel's entropy pool (RNDADDENTROPY), force
+    /// through `random` (`/dev/urandom`, opened for writing) credit `seed` to the kernel's entropy pool (RNDADDENTROPY), force
     /// the CRNG to reseed from it (RNDRESEEDCRNG) — so VMs restored from
     /// one snapshot draw different random numbers from then on — and set
     /// the wall clock, which a restored guest would otherwise take from
     /// the time of its snapshot; then mount the shares a restored VM with
     /// shares is given (its snapshot was made before any mount).
-    fn refresh(fresh: &agent::Fresh<'_>) -> Result<(), String> {
+    fn refresh(random: &std::fs::File, fresh: &agent::Fresh<'_>) -> Result<(), String> {
         use std::os::fd::AsRawFd;
         let (seed, unix_ns) = (fresh.seed, fresh.unix_ns);
         // _IOW('R', 0x03, int[2]) and _IO('R', 0x07); the request's type
         // differs between libcs (musl: int, glibc: unsigned long).
         const RNDADDENTROPY: nix::libc::Ioctl = 0x4008_5203 as nix::libc::Ioctl;
         const RNDRESEEDCRNG: nix::libc::Ioctl = 0x5207 as nix::libc::Ioctl;
-        let random = std::fs::OpenOptions::new()
-            .write(true)
-            .open("/dev/urandom")
-            .map_err(|e| format!("/dev/urandom: {e}"))?;
         // struct rand_pool_info { int entropy_count; int buf_size; u32 buf[]; }
         let mut info = Vec::with_capacity(8 + seed.len());
         info.extend_from_slice(&((seed.len() * 8) as i32).to_ne_bytes());
@@ -336,7 +339,7 @@ mod linux {
         let t = nix::sys::time::TimeSpec::from_duration(std::time::Duration::from_nanos(unix_ns));
         nix::time::clock_settime(ClockId::CLOCK_REALTIME, t)
             .map_err(|e| format!("setting the clock: {e}"))?;
-        // The agent checked them (tags, plain absolute paths, once).
+        // The agent checked them (tags, plain absolute paths, no twins).
         for m in fresh.mounts {
             mount_share(&m.tag, &m.path, m.read_only)?;
         }
