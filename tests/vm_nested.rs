@@ -1048,11 +1048,18 @@ fn a_vm_restored_from_a_snapshot_runs_on_from_where_it_was_saved() {
         .and_then(|v| v.trim().parse().ok())
         .unwrap_or(u64::MAX);
     assert!(kib < 200 << 10, "{image}");
+    // A VM that ran the self-test to its end and powered off.
+    let ran_the_selftest = |what: &str, r: &Value| {
+        assert_eq!(r["exit"], "reset", "{what}: {r}");
+        let console = r["console"].as_str().unwrap_or("");
+        assert!(
+            console.contains("AIRLOCK-SELFTEST-DONE ok"),
+            "{what}: {console}"
+        );
+    };
     for i in ["RESTORE1 ", "RESTORE2 "] {
         let r = line_json(body, i);
-        assert_eq!(r["exit"], "reset", "{i}{r}");
-        let console = r["console"].as_str().unwrap_or("");
-        assert!(console.contains("AIRLOCK-SELFTEST-DONE ok"), "{i}{console}");
+        ran_the_selftest(i, &r);
         // Not booted: the guest's init wrote no stage marker in this run.
         let stages = r["stages"].as_array().cloned().unwrap_or_default();
         assert!(
@@ -1073,14 +1080,7 @@ fn a_vm_restored_from_a_snapshot_runs_on_from_where_it_was_saved() {
     // instant, the guest ran from there to the self-test's end.
     assert_eq!(line_text(body, "PARKGO-FIRST "), "parked", "{body}");
     let went = line_json(body, "PARKGO ");
-    assert_eq!(went["exit"], "reset", "{went}");
-    assert!(
-        went["console"]
-            .as_str()
-            .unwrap_or("")
-            .contains("AIRLOCK-SELFTEST-DONE ok"),
-        "{went}"
-    );
+    ran_the_selftest("parked, then given the word", &went);
     let steps = &went["setup_steps_us"];
     let go = steps["go"].as_u64().unwrap_or(0);
     assert!(go >= 4_000_000, "the word came after 5 s: {went}");
@@ -1095,15 +1095,7 @@ fn a_vm_restored_from_a_snapshot_runs_on_from_where_it_was_saved() {
     let made = line_json(body, "CLIMAKE ");
     assert_eq!(made["exit"], "snapshot", "{body}");
     assert!(made["jail"].is_object(), "not jailed: {made}");
-    let r = line_json(body, "CLIRESTORE ");
-    assert_eq!(r["exit"], "reset", "{r}");
-    assert!(
-        r["console"]
-            .as_str()
-            .unwrap_or("")
-            .contains("AIRLOCK-SELFTEST-DONE ok"),
-        "{r}"
-    );
+    ran_the_selftest("airlock vm restore", &line_json(body, "CLIRESTORE "));
 }
 
 #[test]
