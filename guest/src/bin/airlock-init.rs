@@ -133,40 +133,16 @@ mod linux {
     /// Set the readahead of the filesystem mounted at `path` (its backing
     /// device info, named by its device number, in sysfs).
     fn readahead(path: &str, kb: u32) -> Result<(), String> {
-        // The mount's device number from the kernel's mount table, not
-        // from a stat of its root: that would be a FUSE request, which
-        // waits for the session's FUSE_INIT answer — two round trips to
-        // the VMM on every boot with a share, for a number the kernel has.
-        let table = std::fs::read_to_string("/proc/self/mountinfo")
-            .map_err(|e| format!("/proc/self/mountinfo: {e}"))?;
-        let dev = mount_device(&table, path)
-            .ok_or_else(|| format!("{path} is not in /proc/self/mountinfo"))?;
-        let knob = format!("/sys/class/bdi/{dev}/read_ahead_kb");
+        use std::os::unix::fs::MetadataExt;
+        let dev = std::fs::metadata(path)
+            .map_err(|e| format!("stat {path}: {e}"))?
+            .dev();
+        let knob = format!(
+            "/sys/class/bdi/{}:{}/read_ahead_kb",
+            nix::sys::stat::major(dev),
+            nix::sys::stat::minor(dev)
+        );
         std::fs::write(&knob, kb.to_string()).map_err(|e| format!("write {knob}: {e}"))
-    }
-
-    /// The `major:minor` of the last mount at `path` in a
-    /// `/proc/self/mountinfo` text (fields: id, parent, major:minor, root,
-    /// mount point with space, tab, newline and backslash octal-escaped).
-    fn mount_device<'t>(table: &'t str, path: &str) -> Option<&'t str> {
-        let mut escaped = String::with_capacity(path.len());
-        for c in path.chars() {
-            match c {
-                ' ' => escaped.push_str("\\040"),
-                '\t' => escaped.push_str("\\011"),
-                '\n' => escaped.push_str("\\012"),
-                '\\' => escaped.push_str("\\134"),
-                c => escaped.push(c),
-            }
-        }
-        table
-            .lines()
-            .filter_map(|line| {
-                let mut f = line.split(' ');
-                let dev = f.nth(2)?;
-                (f.nth(1)? == escaped).then_some(dev)
-            })
-            .last()
     }
 
     /// Mount the virtio-fs device `tag` at `path` (`nodev,nosuid,noexec`,
@@ -565,30 +541,5 @@ mod linux {
             if all_ok { "ok" } else { "failed" }
         ));
         power_off("self-test finished")
-    }
-
-    #[cfg(test)]
-    mod tests {
-        use super::mount_device;
-
-        #[test]
-        fn a_mounts_device_comes_from_its_line_in_the_mount_table() {
-            let table = "\
-22 1 0:20 / /proc rw,nosuid,nodev,noexec - proc proc rw
-30 1 0:31 / /data rw,nosuid - virtiofs fs0 rw
-31 1 0:32 / /data2 ro - virtiofs fs1 ro
-32 1 0:33 / /with\\040space ro - virtiofs fs2 ro
-33 30 0:34 / /data rw - virtiofs fs3 rw
-";
-            // The last mount at a path is the one on top.
-            assert_eq!(mount_device(table, "/data"), Some("0:34"));
-            assert_eq!(mount_device(table, "/data2"), Some("0:32"));
-            assert_eq!(mount_device(table, "/with space"), Some("0:33"));
-            // No prefix matches, no other field matches.
-            assert_eq!(mount_device(table, "/dat"), None);
-            assert_eq!(mount_device(table, "/"), None);
-            assert_eq!(mount_device("", "/data"), None);
-            assert_eq!(mount_device("1 2", "/data"), None);
-        }
     }
 }
