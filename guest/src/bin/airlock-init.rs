@@ -134,6 +134,12 @@ mod linux {
     /// device info, named by its device number, in sysfs).
     fn readahead(path: &str, kb: u32) -> Result<(), String> {
         use std::os::unix::fs::MetadataExt;
+        // The stat of the share's root is a FUSE request, so it waits for
+        // the session's FUSE_INIT answer — which must come first: the
+        // kernel takes the smaller of the bdi's readahead and the
+        // server's `max_readahead` when that answer arrives, so a knob
+        // written before it would be undone. (Tried on 2026-12-03: the
+        // device number from /proc/self/mountinfo, no wait; reverted.)
         let dev = std::fs::metadata(path)
             .map_err(|e| format!("stat {path}: {e}"))?
             .dev();
