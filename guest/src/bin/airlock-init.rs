@@ -309,8 +309,9 @@ mod linux {
     }
 
     /// The host's [`Message::Refresh`](airlock_guest::proto::Message):
-    /// through `random` (`/dev/urandom`, opened for writing) credit `seed` to the kernel's entropy pool (RNDADDENTROPY), force
-    /// the CRNG to reseed from it (RNDRESEEDCRNG) — so VMs restored from
+    /// through `random` (`/dev/urandom`, opened for writing) credit `seed`
+    /// to the kernel's entropy pool (RNDADDENTROPY), force the CRNG to
+    /// reseed from it (RNDRESEEDCRNG) — so VMs restored from
     /// one snapshot draw different random numbers from then on — and set
     /// the wall clock, which a restored guest would otherwise take from
     /// the time of its snapshot; then mount the shares a restored VM with
