@@ -549,10 +549,11 @@ fn the_service_runs_calls_in_microvms_from_its_warm_pool() {
     assert_eq!(v["vmm_processes_after_kill9"], 0, "{v}");
     // Seen from outside (/proc): every thread of a waiting VMM (main,
     // stop-pipe watcher, vCPU, vsock worker) runs under its seccomp
-    // filter, with no_new_privs. The VMM looked at may be the parked one
-    // (3 threads: no vCPU yet): it has run no guest instruction, and its
-    // main thread enters its filter at the word, with the vCPU's start —
-    // its watcher and vsock worker are filtered already.
+    // filter, with no_new_privs. The VMM looked at may be one still
+    // setting its VM up (the next parked one: 3 threads, no vCPU yet): it
+    // has run no guest instruction, and its main thread enters its filter
+    // with the vCPU's start — its watcher and vsock worker are filtered
+    // already.
     let threads = v["vmm_threads"].as_u64().unwrap();
     let filtered = v["vmm_threads_filtered"].as_u64().unwrap();
     if threads == 3 {
@@ -1067,24 +1068,28 @@ fn a_vm_restored_from_a_snapshot_runs_on_from_where_it_was_saved() {
             "{i} booted: {r}"
         );
     }
-    // Parked and stopped without the word: it said it was parked, had
-    // the snapshot's state loaded, and the guest never ran (it printed
-    // nothing; no `go`).
-    assert_eq!(line_text(body, "PARKSTOP-FIRST "), "parked", "{body}");
+    // A snapshot of the agent's guest, waiting in accept.
+    assert_eq!(line_json(body, "AGENTMAKE ")["exit"], "snapshot", "{body}");
+    // Parked, its life 2 s, and stopped (EOF) without the word after 5 s:
+    // its life had not begun, so it was stopped, not timed out.
     let stopped = line_json(body, "PARKSTOP ");
     assert_eq!(stopped["exit"], "stopped", "{stopped}");
-    assert_eq!(stopped["console"], "", "{stopped}");
     assert!(stopped["setup_steps_us"]["kvm_state"].is_u64(), "{stopped}");
     assert!(stopped["setup_steps_us"]["go"].is_null(), "{stopped}");
-    // Given the word after 5 s: its clocks set back to the snapshot's
-    // instant, the guest ran from there to the self-test's end.
-    assert_eq!(line_text(body, "PARKGO-FIRST "), "parked", "{body}");
+    assert!(
+        stopped["wall_ms"].as_u64().unwrap_or(0) >= 4_500,
+        "{stopped}"
+    );
+    // Given the word after 5 s: its 2 s life ran from there.
     let went = line_json(body, "PARKGO ");
-    ran_the_selftest("parked, then given the word", &went);
-    let steps = &went["setup_steps_us"];
-    let go = steps["go"].as_u64().unwrap_or(0);
-    assert!(go >= 4_000_000, "the word came after 5 s: {went}");
-    assert!(steps["clocks"].as_u64().is_some_and(|c| c >= go), "{went}");
+    assert_eq!(went["exit"], "timeout", "{went}");
+    let go_ms = went["setup_steps_us"]["go"].as_u64().unwrap_or(0) / 1000;
+    assert!(go_ms >= 4_500, "the word came after 5 s: {went}");
+    let wall = went["wall_ms"].as_u64().unwrap_or(0);
+    assert!(
+        wall >= go_ms + 1_900 && wall < go_ms + 30_000,
+        "its life was 2 s from the word: {went}"
+    );
     let edited = body
         .lines()
         .find_map(|l| l.strip_prefix("EDITED "))
@@ -1129,6 +1134,18 @@ fn vms_restored_from_one_snapshot_have_their_own_randomness_and_the_right_time()
             assert!(
                 vm["ready_steps_ms"]["go"].is_number(),
                 "call {i} did not start from the parked VM:\n{body}"
+            );
+            // Its guest ran ahead: it took the host's connection (its
+            // `ready` marker) before the call took the VM (`go`).
+            let end = &vm["vm_end"];
+            let ready_us = end["stages"]
+                .as_array()
+                .and_then(|a| a.iter().find(|m| m["stage"] == "ready"))
+                .and_then(|m| m["after_us"].as_u64());
+            let go_us = end["setup_steps_us"]["go"].as_u64();
+            assert!(
+                ready_us.is_some() && go_us.is_some() && ready_us < go_us,
+                "call {i}'s guest did not run ahead of the take:\n{body}"
             );
             assert_eq!(vm["start"], "restore", "call {i} did not restore:\n{body}");
             vm["outcome"].clone()

@@ -2,19 +2,20 @@
 //! calls so a call only pays for load + invoke, not for a boot.
 //!
 //! Besides them (or instead: `warm` 0), with VM snapshots the pool keeps
-//! one VM *parked* ([`Sandbox::park`]): its VMM process started, the
-//! snapshot's state loaded and memory mapped, the guest not yet run. A
-//! call that finds no warm sandbox takes it and only pays for the guest to
-//! run from the snapshot and answer; a new one is parked behind it.
+//! one VM *parked* ([`Sandbox::park`]): restored from the snapshot ahead
+//! of any call, its guest's agent holding the host's connection, told
+//! nothing yet. A call that finds no warm sandbox takes it and only pays
+//! for the agent's refresh and Hello; a new one is parked behind it.
 //!
 //! **Invariants:** a sandbox serves exactly one call and is then shut down —
 //! nothing a call leaves behind in a guest (files in its tmpfs, kernel
 //! state, a compromised agent) can reach another call or tenant. A sandbox
 //! whose VM has ended while it waited is discarded, never handed out.
-//! A parked VM holds nothing of a call (no shares, no connection; its
-//! entropy and clock are refreshed when it goes). [`Pool::shutdown`] (also
+//! A parked VM holds nothing of a call (no shares, no grant, no component;
+//! its entropy and clock are refreshed when it goes, before anything
+//! else reaches its agent, and its life begins then). [`Pool::shutdown`] (also
 //! run on drop) stops the filler thread and reaps every waiting VM, parked
-//! ones included (their guests never run).
+//! ones included.
 
 use crate::sandbox::{Parked, Sandbox, SandboxConfig, SandboxError};
 use std::collections::VecDeque;
@@ -209,8 +210,9 @@ impl Pool {
         self.shared.boot()
     }
 
-    /// Wait until a VM is parked and set up (for benchmarks and tests that
-    /// measure a parked start), at most `timeout`; whether one is.
+    /// Wait until a VM is parked and its agent has the host's connection
+    /// (for benchmarks and tests that measure a parked start), at most
+    /// `timeout`; whether one is.
     pub fn wait_parked(&self, timeout: Duration) -> bool {
         let deadline = std::time::Instant::now() + timeout;
         loop {

@@ -24,8 +24,8 @@ use sha2::{Digest, Sha256};
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -341,15 +341,15 @@ impl Sandbox {
         write_limit: u64,
         plan: Option<SnapshotPlan>,
     ) -> Result<Self, SandboxError> {
-        Self::spawn(cfg, shares, write_limit, plan, false)?.ready(cfg, None)
+        Self::spawn(cfg, shares, write_limit, plan, false)?.ready(cfg, Reach::Connect)
     }
 
     /// A VM restored from the snapshot of the share-less shape of `cfg`
-    /// and parked: its VMM process runs, jailed and filtered, with the
-    /// snapshot's state loaded and its memory mapped, and waits for
-    /// [`Parked::go`] before the guest runs a single instruction. Nothing
-    /// of a call is in it (no shares, no connection); its entropy and
-    /// clock are refreshed when it goes.
+    /// and parked: its VMM process runs, jailed and filtered, the guest
+    /// resumed from the snapshot, and the host connects to its agent as
+    /// it does to any restored VM; but the agent gets nothing (no refresh:
+    /// no fresh entropy, no clock, no share) until [`Parked::go`], and the
+    /// VM's life begins then. Nothing of a call is in it.
     ///
     /// # Errors
     /// `cfg` has no snapshot cache or the snapshot cannot be had (made
@@ -366,11 +366,25 @@ impl Sandbox {
         let spawned = Self::spawn(cfg, &[], 0, Some(plan), true)?;
         // The host's connection is made now, while the VMM sets the VM up
         // (as for any restore): the VMM queues it for the guest, which
-        // finds it the moment it runs.
+        // takes it once it runs; a thread waits for that.
         let poll = Duration::from_millis(2);
         loop {
             if let Some(c) = connect_request(&spawned.uds) {
-                return Ok(Parked { spawned, early: c });
+                let accepted = Arc::new(Accepted::default());
+                let waiting = c.try_clone()?;
+                waiting.set_read_timeout(Some(cfg.ready_timeout))?;
+                let a = accepted.clone();
+                std::thread::Builder::new()
+                    .name("airlock-park".into())
+                    .spawn(move || {
+                        let mut waiting = waiting;
+                        a.set(read_ok(&mut waiting));
+                    })?;
+                return Ok(Parked {
+                    spawned,
+                    conn: c,
+                    accepted,
+                });
             }
             if spawned.sb.vm.as_ref().is_none_or(VmProcess::is_finished)
                 || spawned.start.elapsed() > cfg.ready_timeout
@@ -713,15 +727,20 @@ struct Spawned {
     start: Instant,
 }
 
+/// How [`Spawned::ready`] reaches the agent.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Reach {
+    /// Poll the VM's socket until the agent takes a connection, then
+    /// refresh it.
+    Connect,
+    /// Connected and refreshed already (a parked VM taken).
+    Refreshed,
+}
+
 impl Spawned {
-    /// Reach the agent (through `early`, a connection whose `CONNECT`
-    /// line is written, or by polling the VM's socket), refresh it and
-    /// read its Hello: the sandbox is ready.
-    fn ready(
-        self,
-        cfg: &SandboxConfig,
-        early: Option<UnixStream>,
-    ) -> Result<Sandbox, SandboxError> {
+    /// Reach the agent (as `reach` says), refresh it and read its Hello:
+    /// the sandbox is ready.
+    fn ready(self, cfg: &SandboxConfig, reach: Reach) -> Result<Sandbox, SandboxError> {
         let Spawned {
             mut sb,
             uds,
@@ -729,25 +748,9 @@ impl Spawned {
             start,
         } = self;
         let kind = sb.start;
-        match early {
-            Some(c) => {
-                // Fresh entropy and the clock follow the CONNECT line at
-                // once (the VMM hands the guest what follows it).
-                sb.conn = c;
-                sb.send_refresh(mounts)?;
-                if !read_ok(&mut sb.conn) {
-                    let report = sb.finish()?;
-                    return Err(SandboxError::GuestEnded {
-                        exit: format!(
-                            "the parked VM did not accept the host; then it {}",
-                            exit_text(&report.exit)
-                        ),
-                        console: tail(&report.console, 30),
-                    });
-                }
-                sb.ready_steps.push(("connected", start.elapsed()));
-            }
-            None => {
+        match reach {
+            Reach::Refreshed => {}
+            Reach::Connect => {
                 // A restored guest listens already: its socket appears
                 // with the VMM's devices, so look often. A booting one
                 // takes a second or more, and every early connection costs
@@ -821,53 +824,111 @@ impl Spawned {
     }
 }
 
-/// A restored VM waiting, set up, to run ([`Sandbox::park`]), the host's
-/// connection to its agent queued. Dropped without [`Parked::go`], its
-/// VMM ends without the guest having run.
+/// Whether a parked VM's agent took the host's connection: unknown
+/// until the thread reading the VMM's answer sets it.
+#[derive(Default)]
+struct Accepted {
+    answer: Mutex<Option<bool>>,
+    told: Condvar,
+}
+
+impl Accepted {
+    fn set(&self, ok: bool) {
+        *self.answer.lock().unwrap_or_else(|p| p.into_inner()) = Some(ok);
+        self.told.notify_all();
+    }
+
+    fn now(&self) -> Option<bool> {
+        *self.answer.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Wait for the answer (the reading thread gives one within the ready
+    /// timeout: the socket's own).
+    fn wait(&self) -> bool {
+        let mut answer = self.answer.lock().unwrap_or_else(|p| p.into_inner());
+        loop {
+            if let Some(ok) = *answer {
+                return ok;
+            }
+            answer = self.told.wait(answer).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+}
+
+/// A restored VM started ahead of a call ([`Sandbox::park`]): its guest
+/// runs and its agent has (or is about to have) the host's connection,
+/// but has been told nothing. Dropped without [`Parked::go`], its VMM is
+/// stopped.
 pub struct Parked {
     spawned: Spawned,
-    /// Its `CONNECT` line written; the guest answers once it runs.
-    early: UnixStream,
+    /// Its `CONNECT` line written; the VMM's `OK` goes to `accepted`.
+    conn: UnixStream,
+    accepted: Arc<Accepted>,
 }
 
 impl std::fmt::Debug for Parked {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Parked")
             .field("vm", &self.spawned.sb.vm)
+            .field("accepted", &self.accepted.now())
             .finish_non_exhaustive()
     }
 }
 
 impl Parked {
-    /// Whether its VMM process still runs.
+    /// Whether its VMM process still runs and its agent has not failed to
+    /// take the host's connection.
     pub fn is_alive(&self) -> bool {
-        self.spawned.sb.is_alive()
+        self.spawned.sb.is_alive() && self.accepted.now() != Some(false)
     }
 
-    /// Whether its VM is set up and waiting (else the VMM is still
-    /// setting it up: [`Parked::go`] then waits for that too).
+    /// Whether its agent has taken the host's connection (else the guest
+    /// is still getting there: [`Parked::go`] then waits for it too).
     pub fn is_parked(&self) -> bool {
-        self.spawned
-            .sb
-            .vm
-            .as_ref()
-            .is_some_and(VmProcess::is_parked)
+        self.accepted.now() == Some(true)
     }
 
-    /// Run the guest and make the sandbox ready; its ready time counts
-    /// from this call.
+    /// Refresh its guest (entropy, clock), begin its life and make the
+    /// sandbox ready; its ready time counts from this call.
     ///
     /// # Errors
     /// As [`Sandbox::boot`]; the VM is stopped and reaped.
     pub fn go(self, cfg: &SandboxConfig) -> Result<Sandbox, SandboxError> {
-        let Parked { mut spawned, early } = self;
+        let Parked {
+            mut spawned,
+            conn,
+            accepted,
+        } = self;
         spawned.start = Instant::now();
         spawned.sb.started_ns = airlock_vmm::monotonic_ns();
         spawned.sb.ready_steps.clear();
+        if !accepted.wait() {
+            let report = spawned.sb.finish()?;
+            return Err(SandboxError::GuestEnded {
+                exit: format!(
+                    "the parked VM did not accept the host; then it {}",
+                    exit_text(&report.exit)
+                ),
+                console: tail(&report.console, 30),
+            });
+        }
+        spawned
+            .sb
+            .ready_steps
+            .push(("connected", spawned.start.elapsed()));
+        // The refresh first, so the guest is at it while the VMM hears
+        // that the VM's life begins.
+        spawned.sb.conn = conn;
+        let mounts = std::mem::take(&mut spawned.mounts);
+        spawned.sb.send_refresh(mounts)?;
+        spawned
+            .sb
+            .ready_steps
+            .push(("refresh", spawned.start.elapsed()));
         let went = spawned.sb.vm.as_mut().map(VmProcess::go);
         spawned.sb.ready_steps.push(("go", spawned.start.elapsed()));
         match went {
-            Some(Ok(())) => spawned.ready(cfg, Some(early)),
+            Some(Ok(())) => spawned.ready(cfg, Reach::Refreshed),
             _ => {
                 let report = spawned.sb.finish()?;
                 Err(SandboxError::GuestEnded {

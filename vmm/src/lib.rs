@@ -181,75 +181,45 @@ pub struct VmConfig {
     pub report_threads: bool,
     /// Make a snapshot of this VM, or start it from one.
     pub snapshot: Option<SnapshotPlan>,
-    /// Park the VM once it is set up: [`run`] does every step up to the
-    /// first vCPU entry (a restore: state read and checked, memory mapped,
-    /// devices made, KVM and device state loaded), then waits on this gate
-    /// and runs the guest only when it opens ([`Park::go`]); closed
-    /// ([`Park::cancel`]), the run ends as [`VmExit::Stopped`] without the
-    /// guest having run. (`airlock-vmm --park`: one byte on stdin opens
-    /// it, EOF closes it.)
+    /// Park the VM: it runs its guest as soon as it is set up (a restored
+    /// one resumes and waits for the host in its agent, as any restore
+    /// does), but its life — [`VmConfig::timeout`] — begins only at the
+    /// word to go ([`Park::go`]); until then nothing ends it but its guest,
+    /// a stop or [`Park::cancel`] (the run then ends as
+    /// [`VmExit::Stopped`]). So a VM started ahead of a call has the
+    /// call's whole time when the call takes it. (`airlock-vmm --park`:
+    /// one byte on stdin is the word, EOF before it a stop.)
     pub park: Option<Arc<Park>>,
 }
 
-/// The gate a parked VM waits at ([`VmConfig::park`]). Its first word
-/// counts: once opened or closed it stays so.
-#[derive(Default)]
+/// The word a parked VM waits for ([`VmConfig::park`]). The first word
+/// counts: once given or cancelled it stays so.
+#[derive(Debug, Default)]
 pub struct Park {
-    word: std::sync::Mutex<Option<bool>>,
-    changed: std::sync::Condvar,
-    /// Told once the VM is set up and waiting (the VMM process prints
-    /// `parked` for its parent).
-    on_parked: Option<Box<dyn Fn() + Send + Sync>>,
-}
-
-impl std::fmt::Debug for Park {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Park")
-            .field("word", &*self.lock())
-            .finish_non_exhaustive()
-    }
+    word: std::sync::Mutex<Option<(bool, Instant)>>,
 }
 
 impl Park {
-    /// A gate that calls `on_parked` when the VM starts waiting at it.
-    pub fn announcing(on_parked: impl Fn() + Send + Sync + 'static) -> Self {
-        Self {
-            on_parked: Some(Box::new(on_parked)),
-            ..Self::default()
-        }
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, Option<bool>> {
-        self.word.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
     fn say(&self, go: bool) {
-        self.lock().get_or_insert(go);
-        self.changed.notify_all();
+        self.word
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get_or_insert((go, Instant::now()));
     }
 
-    /// Run the guest.
+    /// Its life begins now.
     pub fn go(&self) {
         self.say(true);
     }
 
-    /// Do not run it: the parked VM ends as stopped.
+    /// Stop it (if the word has not come first).
     pub fn cancel(&self) {
         self.say(false);
     }
 
-    /// Announce the park, then wait for the word: whether to run.
-    fn wait(&self) -> bool {
-        if let Some(f) = &self.on_parked {
-            f();
-        }
-        let mut word = self.lock();
-        loop {
-            if let Some(go) = *word {
-                return go;
-            }
-            word = self.changed.wait(word).unwrap_or_else(|p| p.into_inner());
-        }
+    /// The word so far: none yet, or whether to go and when it came.
+    pub fn word(&self) -> Option<(bool, Instant)> {
+        *self.word.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
 
@@ -873,29 +843,11 @@ pub fn run(cfg: &VmConfig) -> Result<RunReport, VmmError> {
     if let Some(at) = setup_steps.iter().position(|(n, _)| *n == "devices") {
         setup_steps.splice(at..at, devices.steps.iter().copied());
     }
-    // A parked VM waits here, set up, for the word to run; a restored
-    // one then resumes its clocks from the snapshot's instant, not from
-    // when they were loaded.
-    let go = match &cfg.park {
-        None => true,
-        Some(p) => {
-            let go = p.wait();
-            // A VM stopped without the word has no `go` step.
-            if go {
-                setup_steps.push(("go", start.elapsed()));
-                if let Some((state, _)) = &restoring {
-                    snapshot::kvm_state::resume_clocks(&vm, &vcpus, &state.vm)?;
-                    setup_steps.push(("clocks", start.elapsed()));
-                }
-            }
-            go
-        }
-    };
-    let ran = if go {
-        vcpu::run(vcpus, &devices.buses, cfg, pause)
-    } else {
-        Ok((VmExit::Stopped, vcpus))
-    };
+    let ran = vcpu::run(vcpus, &devices.buses, cfg, pause);
+    // A parked VM's word, if it came while the VM ran.
+    if let Some((true, at)) = cfg.park.as_ref().and_then(|p| p.word()) {
+        setup_steps.push(("go", at.saturating_duration_since(start)));
+    }
     let saved = match (&ran, making) {
         (Ok((VmExit::Paused, vcpus)), Some((_, dir, identity))) => Some(save_snapshot(
             &kvm,
@@ -1037,29 +989,19 @@ mod tests {
 
     #[test]
     fn a_parked_vm_takes_the_first_word_only() {
-        let announced = Arc::new(std::sync::atomic::AtomicU32::new(0));
-        let a = announced.clone();
-        let park = Arc::new(Park::announcing(move || {
-            a.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        }));
-        let waiter = {
-            let park = park.clone();
-            std::thread::spawn(move || park.wait())
-        };
-        while announced.load(std::sync::atomic::Ordering::SeqCst) == 0 {
-            std::thread::yield_now();
-        }
+        let park = Park::default();
+        assert!(park.word().is_none());
         park.go();
+        let (went, at) = park.word().unwrap();
+        assert!(went);
         // The parent's stop after the word does not take it back.
         park.cancel();
-        assert!(waiter.join().unwrap());
-        assert!(park.wait());
-        assert_eq!(announced.load(std::sync::atomic::Ordering::SeqCst), 2);
-        // Stopped before the word: the guest never runs.
+        assert_eq!(park.word(), Some((true, at)));
+        // Stopped before the word: it never comes.
         let stopped = Park::default();
         stopped.cancel();
         stopped.go();
-        assert!(!stopped.wait());
+        assert!(!stopped.word().unwrap().0);
     }
 
     #[test]

@@ -23,8 +23,6 @@ use crate::{VmConfig, VmExit, VsockConfig};
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, Stdio};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -123,13 +121,10 @@ pub struct ProcessArgs {
     pub seccomp: Option<crate::seccomp::Mode>,
     /// The jail to enter first, if any.
     pub jail: Option<crate::jail::JailSpec>,
-    /// Park the VM once set up ([`crate::VmConfig::park`]) until a byte
-    /// arrives on stdin.
+    /// Park the VM ([`crate::VmConfig::park`]): its life begins when a
+    /// byte arrives on stdin.
     pub park: bool,
 }
-
-/// What a parked VMM prints first on stdout once its VM waits, set up.
-pub const PARKED_LINE: &str = "parked";
 
 /// A configuration as `airlock-vmm` flags, plus whether to stop on stdin EOF.
 pub fn to_args(cfg: &VmConfig, stop_on_stdin_eof: bool) -> Vec<String> {
@@ -434,8 +429,6 @@ pub struct VmProcess {
     stopped_at: Option<Instant>,
     /// Released (its cgroup removed) after the child is reaped.
     jail: Option<crate::jail::VmJail>,
-    /// Set when a parked VMM says its VM waits ([`PARKED_LINE`]).
-    parked: Arc<AtomicBool>,
 }
 
 impl std::fmt::Debug for VmProcess {
@@ -447,40 +440,18 @@ impl std::fmt::Debug for VmProcess {
     }
 }
 
-/// Read `r` whole (at most [`MAX_REPORT`] kept) on a thread of its own;
-/// when `parked` is given, it is set as soon as the text begins with
-/// [`PARKED_LINE`] (which the text returned then leaves out).
-fn read_capped(
-    r: impl Read + Send + 'static,
-    name: &str,
-    parked: Option<Arc<AtomicBool>>,
-) -> std::io::Result<JoinHandle<String>> {
+/// Read `r` whole (at most [`MAX_REPORT`] kept) on a thread of its own.
+fn read_capped(r: impl Read + Send + 'static, name: &str) -> std::io::Result<JoinHandle<String>> {
     std::thread::Builder::new()
         .name(format!("airlock-vmm-{name}"))
         .stack_size(crate::devices::THREAD_STACK)
         .spawn(move || {
-            let line = format!("{PARKED_LINE}\n");
             let mut buf = Vec::new();
             let mut r = r.take(MAX_REPORT);
-            let mut chunk = [0u8; 4096];
-            loop {
-                match r.read(&mut chunk) {
-                    Ok(0) | Err(_) => break,
-                    Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                }
-                if let Some(p) = &parked
-                    && buf.starts_with(line.as_bytes())
-                {
-                    p.store(true, Ordering::SeqCst);
-                }
-            }
+            let _ = r.read_to_end(&mut buf);
             // Keep draining so the child never blocks on a full pipe.
             let _ = std::io::copy(&mut r.into_inner(), &mut std::io::sink());
-            let text = match &parked {
-                Some(_) => buf.strip_prefix(line.as_bytes()).unwrap_or(&buf),
-                None => &buf[..],
-            };
-            String::from_utf8_lossy(text).into_owned()
+            String::from_utf8_lossy(&buf).into_owned()
         })
 }
 
@@ -545,10 +516,8 @@ impl VmProcess {
         }
         let mut child = cmd.spawn().map_err(spawn_err)?;
         let stdin = child.stdin.take();
-        let parked = Arc::new(AtomicBool::new(false));
-        let watch = cfg.park.is_some().then(|| parked.clone());
-        let out = child.stdout.take().map(|o| read_capped(o, "out", watch));
-        let err = child.stderr.take().map(|e| read_capped(e, "err", None));
+        let out = child.stdout.take().map(|o| read_capped(o, "out"));
+        let err = child.stderr.take().map(|e| read_capped(e, "err"));
         let (stdout, stderr) = match (out, err) {
             (Some(Ok(o)), Some(Ok(e))) => (Some(o), Some(e)),
             (o, e) => {
@@ -569,18 +538,11 @@ impl VmProcess {
             stderr,
             stopped_at: None,
             jail,
-            parked,
         })
     }
 
-    /// Whether the VMM (spawned with [`VmConfig::park`]) has set its VM up
-    /// and waits for [`VmProcess::go`].
-    pub fn is_parked(&self) -> bool {
-        self.parked.load(Ordering::SeqCst)
-    }
-
-    /// Tell a parked VMM to run its guest (one byte on its stdin; a VMM
-    /// still setting up finds it when it parks).
+    /// Tell a parked VMM that its VM's life begins (one byte on its stdin;
+    /// a VMM still setting up finds it when its VM runs).
     ///
     /// # Errors
     /// The pipe is closed (the VMM has ended or was stopped).
@@ -746,25 +708,12 @@ mod tests {
     }
 
     #[test]
-    fn a_parked_line_is_seen_first_and_kept_out_of_the_report() {
-        let read = |text: &'static [u8], watch: bool| {
-            let flag = Arc::new(AtomicBool::new(false));
-            let t = read_capped(text, "t", watch.then(|| flag.clone())).unwrap();
-            (t.join().unwrap(), flag.load(Ordering::SeqCst))
-        };
-        assert_eq!(
-            read(b"parked\n{\"exit\": \"stopped\"}\n", true),
-            ("{\"exit\": \"stopped\"}\n".to_string(), true)
-        );
-        // Only a parked VMM's first line counts, and only when asked for.
-        assert_eq!(
-            read(b"{\"exit\": \"reset\"}\nparked\n", true),
-            ("{\"exit\": \"reset\"}\nparked\n".to_string(), false)
-        );
-        assert_eq!(
-            read(b"parked\n{}", false),
-            ("parked\n{}".to_string(), false)
-        );
+    fn a_report_is_read_whole_up_to_its_cap() {
+        let t = read_capped(&b"{\"exit\": \"stopped\"}\n"[..], "t").unwrap();
+        assert_eq!(t.join().unwrap(), "{\"exit\": \"stopped\"}\n");
+        let flood = std::io::repeat(b'x').take(MAX_REPORT + 4096);
+        let t = read_capped(flood, "t").unwrap();
+        assert_eq!(t.join().unwrap().len() as u64, MAX_REPORT);
     }
 
     #[test]
@@ -851,7 +800,7 @@ mod tests {
         // A parked restore: the word to run comes on stdin, so `--park`
         // goes out only with the stop pipe.
         let parked = VmConfig {
-            park: Some(Arc::new(crate::Park::default())),
+            park: Some(std::sync::Arc::new(crate::Park::default())),
             ..restore.clone()
         };
         assert!(from_args(to_args(&parked, true)).unwrap().park);

@@ -97,7 +97,8 @@ pub(crate) struct Buses {
 }
 
 /// Run every vCPU on its own thread until one of them ends the VM, the
-/// `timeout` passes or `external_stop` is set; then stop and join them all.
+/// `timeout` passes (for a parked VM: counted from its word to go) or
+/// `external_stop` is set; then stop and join them all.
 ///
 /// # Errors
 /// A vCPU thread cannot be started (the ones already started are stopped
@@ -168,7 +169,13 @@ pub(crate) fn run(
     let exit = if spawn_error.is_some() {
         VmExit::Stopped
     } else {
-        wait_for_exit(&rx, timeout, external_stop, pause.as_deref())
+        wait_for_exit(
+            &rx,
+            timeout,
+            external_stop,
+            pause.as_deref(),
+            cfg.park.as_deref(),
+        )
     };
     stop.store(true, Ordering::SeqCst);
     let mut back = Vec::with_capacity(threads.len());
@@ -190,16 +197,28 @@ pub(crate) fn run(
     }
 }
 
+/// Wait for the first vCPU's exit, a stop, a pause or the deadline: at
+/// `timeout` from now, or for a parked VM from its word to go (none before
+/// it; cancelled instead, the VM stops).
 fn wait_for_exit(
     rx: &mpsc::Receiver<VmExit>,
     timeout: Duration,
     external_stop: Option<&AtomicBool>,
     pause: Option<&AtomicBool>,
+    park: Option<&crate::Park>,
 ) -> VmExit {
-    let deadline = Instant::now() + timeout;
+    let poll = Duration::from_millis(50);
+    let mut deadline = park.is_none().then(|| Instant::now() + timeout);
     loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
+        if deadline.is_none() {
+            match park.and_then(crate::Park::word) {
+                Some((true, at)) => deadline = Some(at + timeout),
+                Some((false, _)) => return VmExit::Stopped,
+                None => {}
+            }
+        }
+        let left = deadline.map(|d| d.saturating_duration_since(Instant::now()));
+        if left.is_some_and(|l| l.is_zero()) {
             return VmExit::Timeout;
         }
         if external_stop.is_some_and(|s| s.load(Ordering::SeqCst)) {
@@ -208,7 +227,7 @@ fn wait_for_exit(
         if pause.is_some_and(|s| s.load(Ordering::SeqCst)) {
             return VmExit::Paused;
         }
-        match rx.recv_timeout(left.min(Duration::from_millis(50))) {
+        match rx.recv_timeout(left.map_or(poll, |l| l.min(poll))) {
             Ok(e) => return e,
             Err(mpsc::RecvTimeoutError::Timeout) => {}
             Err(mpsc::RecvTimeoutError::Disconnected) => {
@@ -286,5 +305,49 @@ fn vcpu_loop(
             Err(e) if e.errno() == 4 || e.errno() == 11 => {} // EINTR/EAGAIN: kicked
             Err(e) => return VmExit::Error(format!("KVM_RUN: {e}")),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_parked_vms_life_begins_at_its_word() {
+        let (_tx, rx) = mpsc::channel::<VmExit>();
+        let life = Duration::from_millis(20);
+        // Not parked: its life runs from now.
+        let t = Instant::now();
+        assert!(matches!(
+            wait_for_exit(&rx, life, None, None, None),
+            VmExit::Timeout
+        ));
+        assert!(t.elapsed() < Duration::from_millis(200));
+        // Parked: no deadline before the word, then the whole life.
+        let park = Arc::new(crate::Park::default());
+        let word = {
+            let park = park.clone();
+            std::thread::spawn(move || {
+                std::thread::sleep(Duration::from_millis(300));
+                park.go();
+            })
+        };
+        let t = Instant::now();
+        assert!(matches!(
+            wait_for_exit(&rx, life, None, None, Some(&park)),
+            VmExit::Timeout
+        ));
+        word.join().unwrap();
+        let (_, at) = park.word().unwrap();
+        assert!(t.elapsed() >= Duration::from_millis(300));
+        assert!(at.elapsed() < t.elapsed());
+        assert!(Instant::now() >= at + life);
+        // Cancelled before any word: stopped, not timed out.
+        let cancelled = crate::Park::default();
+        cancelled.cancel();
+        assert!(matches!(
+            wait_for_exit(&rx, life, None, None, Some(&cancelled)),
+            VmExit::Stopped
+        ));
     }
 }

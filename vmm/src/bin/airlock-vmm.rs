@@ -14,10 +14,10 @@
 //! exit), 2 on bad input or when the VM cannot start (stderr says why).
 //! With `--stop-on-stdin-eof` the VM is stopped (exit `stopped`) when stdin
 //! closes: the parent's way to stop it, and what happens if the parent dies.
-//! With `--park` as well, the VM is set up (a restore: its state loaded)
-//! and waits: the process prints `parked` on stdout and runs the guest
-//! when one byte arrives on stdin (EOF first: it ends `stopped`, the guest
-//! never having run).
+//! With `--park` as well, the VM runs at once (a restore: its guest waits
+//! for the host in its agent) but `--timeout-secs` counts only from the
+//! first byte on stdin, the word that a call has taken it (EOF first: it
+//! ends `stopped`).
 //! The process confines itself first (no core dumps, not dumpable, at most
 //! `MAX_OPEN_FILES` descriptors). With `--jail-root/--jail-uid/--jail-gid`
 //! (run as root) it then enters its jail (`airlock_vmm::jail`: cgroup,
@@ -98,11 +98,7 @@ fn main() -> ExitCode {
         cfg.seccomp = Some(f);
     }
     if args.park {
-        // The parent learns that the VM waits from this line, the first
-        // on stdout (the report follows at the end).
-        cfg.park = Some(Arc::new(airlock_vmm::Park::announcing(|| {
-            println!("{}", airlock_vmm::process::PARKED_LINE);
-        })));
+        cfg.park = Some(Arc::new(airlock_vmm::Park::default()));
     }
     if stop_on_eof {
         let park = cfg.park.clone();
@@ -124,8 +120,8 @@ fn main() -> ExitCode {
                 }
                 let mut stdin = std::io::stdin().lock();
                 if let Some(park) = &park {
-                    // A parked VM's first byte is the word to run; EOF
-                    // before it, not to.
+                    // A parked VM's first byte is the word that begins its
+                    // life; EOF before it stops it.
                     let mut word = [0u8; 1];
                     match stdin.read(&mut word) {
                         Ok(1) => park.go(),

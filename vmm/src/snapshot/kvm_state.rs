@@ -8,9 +8,9 @@
 
 use kvm_bindings::{
     CpuId, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE,
-    KVM_MAX_CPUID_ENTRIES, Msrs, kvm_clock_data, kvm_debugregs, kvm_device_attr, kvm_irqchip,
-    kvm_lapic_state, kvm_mp_state, kvm_msr_entry, kvm_pit_state2, kvm_regs, kvm_sregs,
-    kvm_vcpu_events, kvm_xcrs, kvm_xsave,
+    KVM_MAX_CPUID_ENTRIES, Msrs, kvm_clock_data, kvm_debugregs, kvm_irqchip, kvm_lapic_state,
+    kvm_mp_state, kvm_msr_entry, kvm_pit_state2, kvm_regs, kvm_sregs, kvm_vcpu_events, kvm_xcrs,
+    kvm_xsave,
 };
 use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
 use serde::{Deserialize, Serialize};
@@ -274,182 +274,9 @@ pub fn restore(vm: &VmFd, vcpus: &[VcpuFd], state: &VmState) -> Result<(), KvmSt
     Ok(())
 }
 
-/// `IA32_TSC`: the guest's time-stamp counter.
-const MSR_IA32_TSC: u32 = 0x10;
-/// `IA32_TSC_DEADLINE`: the LAPIC timer's deadline, on that counter.
-const MSR_IA32_TSC_DEADLINE: u32 = 0x6e0;
-
-/// The saved MSRs that carry the guest's time, the counter before the
-/// deadline set on it.
-fn clock_msrs(msrs: &Msrs) -> Vec<kvm_msr_entry> {
-    [MSR_IA32_TSC, MSR_IA32_TSC_DEADLINE]
-        .iter()
-        .filter_map(|i| msrs.as_slice().iter().find(|e| e.index == *i).copied())
-        .collect()
-}
-
-// `KVM_{GET,SET}_DEVICE_ATTR` on a vCPU fd (kvm-ioctls offers them on
-// aarch64 only); x86 has the TSC offset there (`KVM_VCPU_TSC_CTRL`, Linux
-// 5.16+).
-mod attr_ioctl {
-    #![allow(missing_docs)]
-    use kvm_bindings::kvm_device_attr;
-    vmm_sys_util::ioctl_iow_nr!(
-        KVM_SET_DEVICE_ATTR,
-        kvm_bindings::KVMIO,
-        0xe1,
-        kvm_device_attr
-    );
-    vmm_sys_util::ioctl_iow_nr!(
-        KVM_GET_DEVICE_ATTR,
-        kvm_bindings::KVMIO,
-        0xe2,
-        kvm_device_attr
-    );
-}
-use attr_ioctl::{KVM_GET_DEVICE_ATTR, KVM_SET_DEVICE_ATTR};
-
-/// Read (`set` `None`) or write a vCPU's TSC offset: the guest's counter
-/// is the host's (scaled) plus it.
-fn tsc_offset(vcpu: &VcpuFd, set: Option<u64>) -> std::io::Result<u64> {
-    let mut value = set.unwrap_or(0);
-    let attr = kvm_device_attr {
-        flags: 0,
-        group: kvm_bindings::KVM_VCPU_TSC_CTRL,
-        attr: u64::from(kvm_bindings::KVM_VCPU_TSC_OFFSET),
-        addr: std::ptr::addr_of_mut!(value) as u64,
-    };
-    let request = match set {
-        Some(_) => KVM_SET_DEVICE_ATTR(),
-        None => KVM_GET_DEVICE_ATTR(),
-    };
-    // SAFETY: the ioctl reads `attr` and reads or writes the u64 at
-    // `attr.addr`, which is `value`, alive and not otherwise borrowed
-    // until the call returns.
-    let rc = unsafe { vmm_sys_util::ioctl::ioctl_with_ref(vcpu, request, &attr) };
-    if rc < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(value)
-}
-
-/// The guest's time-stamp counter now, as the host reads it.
-fn guest_tsc(vcpu: &VcpuFd) -> Result<u64, KvmStateError> {
-    let mut msrs = Msrs::from_entries(&[kvm_msr_entry {
-        index: MSR_IA32_TSC,
-        ..Default::default()
-    }])
-    .map_err(|_| KvmStateError::Msrs { set: 0, saved: 1 })?;
-    match vcpu.get_msrs(&mut msrs).map_err(restoring("TSC"))? {
-        1 => Ok(msrs.as_slice()[0].data),
-        set => Err(KvmStateError::Msrs { set, saved: 1 }),
-    }
-}
-
-/// Put the vCPU's counter back at `saved`, exactly: through its TSC
-/// offset where KVM has it, moved by what the counter ran since it was
-/// loaded. (A host-side write of the counter MSR within a second of the
-/// last write is taken by KVM as a vCPU sync and keeps the old offset,
-/// so it could leave up to a second of the wait in the guest's counter;
-/// that write is the fallback on kernels before 5.16.)
-fn resume_tsc(vcpu: &VcpuFd, saved: u64) -> Result<(), KvmStateError> {
-    if let Ok(offset) = tsc_offset(vcpu, None) {
-        let ran = guest_tsc(vcpu)?.wrapping_sub(saved);
-        return tsc_offset(vcpu, Some(offset.wrapping_sub(ran)))
-            .map(|_| ())
-            .map_err(|e| KvmStateError::Ioctl {
-                what: "TSC offset",
-                doing: "restoring",
-                source: kvm_ioctls::Error::new(e.raw_os_error().unwrap_or(libc::EIO)),
-            });
-    }
-    let entry = kvm_msr_entry {
-        index: MSR_IA32_TSC,
-        data: saved,
-        ..Default::default()
-    };
-    let msrs =
-        Msrs::from_entries(&[entry]).map_err(|_| KvmStateError::Msrs { set: 0, saved: 1 })?;
-    match vcpu.set_msrs(&msrs).map_err(restoring("TSC"))? {
-        1 => Ok(()),
-        set => Err(KvmStateError::Msrs { set, saved: 1 }),
-    }
-}
-
-/// Set the guest's clocks from `state` again, as [`restore`] did: each
-/// vCPU's time-stamp counter, the KVM clock (which reads the counter) and
-/// each vCPU's timer deadline (on the counter). For a VM restored a while
-/// before it runs (parked): KVM's clocks run from the moment they are
-/// set, so without this the guest would find the whole wait passed at
-/// once — every timer due together, its clocks jumped. Set just before
-/// the first entry, the guest resumes at the instant it was saved, as a
-/// restore that runs at once does. The LAPIC and the PIT are not set
-/// again: an interrupt a device raised during the wait (the host's
-/// connection, queued for the guest) is pending in them and must stay.
-///
-/// # Errors
-/// A KVM call fails or refuses an MSR.
-pub fn resume_clocks(vm: &VmFd, vcpus: &[VcpuFd], state: &VmState) -> Result<(), KvmStateError> {
-    for (vcpu, s) in vcpus.iter().zip(&state.vcpus) {
-        if let Some(tsc) = clock_msrs(&s.msrs)
-            .first()
-            .filter(|e| e.index == MSR_IA32_TSC)
-        {
-            resume_tsc(vcpu, tsc.data)?;
-        }
-    }
-    let clock = kvm_clock_data {
-        clock: state.clock.clock,
-        flags: 0,
-        ..Default::default()
-    };
-    vm.set_clock(&clock).map_err(restoring("clock"))?;
-    for (vcpu, s) in vcpus.iter().zip(&state.vcpus) {
-        let entries: Vec<kvm_msr_entry> = clock_msrs(&s.msrs)
-            .into_iter()
-            .filter(|e| e.index != MSR_IA32_TSC)
-            .collect();
-        let msrs = Msrs::from_entries(&entries).map_err(|_| KvmStateError::Msrs {
-            set: 0,
-            saved: entries.len(),
-        })?;
-        let set = vcpu.set_msrs(&msrs).map_err(restoring("MSRs"))?;
-        if set != entries.len() {
-            return Err(KvmStateError::Msrs {
-                set,
-                saved: entries.len(),
-            });
-        }
-    }
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn the_clock_msrs_are_the_counter_then_its_deadline() {
-        let entry = |index, data| kvm_msr_entry {
-            index,
-            data,
-            ..Default::default()
-        };
-        let saved = Msrs::from_entries(&[
-            entry(MSR_IA32_TSC_DEADLINE, 9),
-            entry(0x1b, 1),
-            entry(MSR_IA32_TSC, 7),
-        ])
-        .unwrap();
-        let got: Vec<(u32, u64)> = clock_msrs(&saved)
-            .iter()
-            .map(|e| (e.index, e.data))
-            .collect();
-        assert_eq!(got, [(MSR_IA32_TSC, 7), (MSR_IA32_TSC_DEADLINE, 9)]);
-        // A vCPU without a deadline MSR sets its counter alone.
-        let saved = Msrs::from_entries(&[entry(MSR_IA32_TSC, 7)]).unwrap();
-        assert_eq!(clock_msrs(&saved).len(), 1);
-    }
 
     #[test]
     fn only_a_busy_task_register_on_amd_is_restored_as_available() {
