@@ -152,12 +152,15 @@ mod linux {
     }
 
     /// Mount the virtio-fs device `tag` at `path` (`nodev,nosuid,noexec`,
-    /// plus `ro`), with a large readahead: at boot (the command line's
-    /// `airlock.fs`) or when a restored VM's host says so (its refresh).
-    /// A read-only share is mounted with DAX: its files are read straight
-    /// from the host's page cache through the device's window (the VMM
-    /// maps them read-only; writable mappings it refuses, so a read-write
-    /// share goes through the guest's page cache and FUSE writes).
+    /// plus `ro`): at boot (the command line's `airlock.fs`) or when a
+    /// restored VM's host says so (its refresh). A read-only share is
+    /// mounted with DAX: its files are read straight from the host's page
+    /// cache through the device's window (the VMM maps them read-only;
+    /// writable mappings it refuses), so the guest's readahead never
+    /// applies to them and is left alone — setting it would wait for the
+    /// session's FUSE_INIT answer and cost a GETATTR at every boot. A
+    /// read-write share goes through the guest's page cache and FUSE
+    /// reads and writes, and gets the large readahead.
     fn mount_share(tag: &str, path: &str, read_only: bool) -> Result<(), String> {
         let mut flags = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
         if read_only {
@@ -170,7 +173,7 @@ mod linux {
             flags,
             read_only.then_some("dax=always"),
         )?;
-        if let Err(e) = readahead(path, SHARE_READAHEAD_KB) {
+        if !read_only && let Err(e) = readahead(path, SHARE_READAHEAD_KB) {
             tracing::warn!(share = tag, error = %e, "virtio-fs readahead left at the default");
         }
         Ok(())
