@@ -390,11 +390,7 @@ impl Sandbox {
                 || spawned.start.elapsed() > cfg.ready_timeout
             {
                 let mut sb = spawned.sb;
-                let report = sb.finish()?;
-                return Err(SandboxError::GuestEnded {
-                    exit: format!("the VM to park {}", exit_text(&report.exit)),
-                    console: tail(&report.console, 30),
-                });
+                return Err(sb.ended(|end| format!("the VM to park {end}")));
             }
             std::thread::sleep(poll);
         }
@@ -692,6 +688,19 @@ impl Sandbox {
         self.finish()
     }
 
+    /// Stop and reap the VM ([`Sandbox::finish`]) and say how it ended:
+    /// `exit` words its end (`reset`, `timeout`, …), the console's tail
+    /// goes along. A failure to reap is the error instead.
+    fn ended(&mut self, exit: impl FnOnce(String) -> String) -> SandboxError {
+        match self.finish() {
+            Ok(report) => SandboxError::GuestEnded {
+                exit: exit(exit_text(&report.exit)),
+                console: tail(&report.console, 30),
+            },
+            Err(e) => e,
+        }
+    }
+
     /// Stop the VM (if still running), reap its process, remove the socket
     /// directory.
     fn finish(&mut self) -> Result<ProcessEnd, SandboxError> {
@@ -758,11 +767,7 @@ impl Spawned {
                 let poll = Duration::from_millis(if kind == Start::Restore { 2 } else { 20 });
                 loop {
                     if sb.vm.as_ref().is_some_and(VmProcess::is_finished) {
-                        let report = sb.finish()?;
-                        return Err(SandboxError::GuestEnded {
-                            exit: exit_text(&report.exit),
-                            console: tail(&report.console, 30),
-                        });
+                        return Err(sb.ended(|end| end));
                     }
                     if start.elapsed() > cfg.ready_timeout {
                         let report = sb.finish()?;
@@ -793,11 +798,7 @@ impl Spawned {
             Ok(m) => m,
             Err(e) => {
                 // Say what became of the VM, not only of its connection.
-                let report = sb.finish()?;
-                return Err(SandboxError::GuestEnded {
-                    exit: format!("{e}; then the VM {}", exit_text(&report.exit)),
-                    console: tail(&report.console, 30),
-                });
+                return Err(sb.ended(|end| format!("{e}; then the VM {end}")));
             }
         };
         match hello {
@@ -903,14 +904,9 @@ impl Parked {
         spawned.sb.started_ns = airlock_vmm::monotonic_ns();
         spawned.sb.ready_steps.clear();
         if !accepted.wait() {
-            let report = spawned.sb.finish()?;
-            return Err(SandboxError::GuestEnded {
-                exit: format!(
-                    "the parked VM did not accept the host; then it {}",
-                    exit_text(&report.exit)
-                ),
-                console: tail(&report.console, 30),
-            });
+            return Err(spawned
+                .sb
+                .ended(|end| format!("the parked VM did not accept the host; then it {end}")));
         }
         spawned
             .sb
@@ -929,13 +925,9 @@ impl Parked {
         spawned.sb.ready_steps.push(("go", spawned.start.elapsed()));
         match went {
             Some(Ok(())) => spawned.ready(cfg, Reach::Refreshed),
-            _ => {
-                let report = spawned.sb.finish()?;
-                Err(SandboxError::GuestEnded {
-                    exit: format!("the parked VM could not go; it {}", exit_text(&report.exit)),
-                    console: tail(&report.console, 30),
-                })
-            }
+            _ => Err(spawned
+                .sb
+                .ended(|end| format!("the parked VM could not go; it {end}"))),
         }
     }
 }

@@ -1634,6 +1634,7 @@ fn start_report(json: &serde_json::Value) -> anyhow::Result<String> {
     let (mut share_boot, mut share_restore) = (vec![], vec![]);
     let (mut parked, mut parked_ahead) = (vec![], vec![]);
     let (mut parked_load, mut parked_invoke) = (vec![], vec![]);
+    let f = |v: &serde_json::Value, k: &str| v[k].as_f64().unwrap_or(f64::NAN);
     for r in rounds {
         let b = vm(&r["boot"])?;
         let s = vm(&r["restore"])?;
@@ -1646,10 +1647,10 @@ fn start_report(json: &serde_json::Value) -> anyhow::Result<String> {
         // host's connection before (the `ready` marker ahead of `go`).
         let end = &p["vm_end"];
         let go_ms = end["setup_steps_us"]["go"].as_f64().unwrap_or(f64::NAN) / 1000.0;
-        parked.push(p["ready_ms"].as_f64().unwrap_or(f64::NAN));
+        parked.push(f(&p, "ready_ms"));
         parked_ahead.push(go_ms - ready_marker_ms(end));
-        parked_load.push(p["load_ms"].as_f64().unwrap_or(f64::NAN));
-        parked_invoke.push(p["invoke_ms"].as_f64().unwrap_or(f64::NAN));
+        parked_load.push(f(&p, "load_ms"));
+        parked_invoke.push(f(&p, "invoke_ms"));
         let sb = vm(&r["share_boot"])?;
         let sr = vm(&r["share_restore"])?;
         anyhow::ensure!(
@@ -1659,7 +1660,6 @@ fn start_report(json: &serde_json::Value) -> anyhow::Result<String> {
                 && sr["start"] == "restore",
             "the VMs did not start as asked: {r}"
         );
-        let f = |v: &serde_json::Value, k: &str| v[k].as_f64().unwrap_or(f64::NAN);
         boot.push(f(&b, "ready_ms"));
         restore.push(f(&s, "ready_ms"));
         share_boot.push(f(&sb, "ready_ms"));
