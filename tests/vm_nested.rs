@@ -1090,6 +1090,23 @@ fn a_vm_restored_from_a_snapshot_runs_on_from_where_it_was_saved() {
         wall >= go_ms + 1_900 && wall < go_ms + 30_000,
         "its life was 2 s from the word: {went}"
     );
+    // Parked, a guest that computes instead of idling, 300 ms of CPU
+    // allowed: ended with the allowance's error long before its self-test
+    // could finish, no word given.
+    let spun = line_json(body, "PARKSPIN ");
+    let exit = spun["exit"].as_str().unwrap_or("");
+    assert!(
+        exit.starts_with("error: the parked VM used") && exit.contains("before its call"),
+        "{spun}"
+    );
+    assert!(spun["setup_steps_us"]["go"].is_null(), "{spun}");
+    assert!(
+        !spun["console"]
+            .as_str()
+            .unwrap_or("")
+            .contains("AIRLOCK-SELFTEST-DONE"),
+        "{spun}"
+    );
     let edited = body
         .lines()
         .find_map(|l| l.strip_prefix("EDITED "))

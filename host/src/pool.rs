@@ -72,47 +72,74 @@ impl Shared {
         self.parked.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Whether a VM is to be parked now: asked for, and none is (one that
-    /// ended while it waited is dropped here).
-    fn wants_parked(&self) -> bool {
+    /// Whether a VM is to be parked now: asked for, and none is. One that
+    /// ended while it waited is taken out and is the error, for the filler
+    /// to reap (outside the pool's lock) and count as a failed park: a
+    /// guest that keeps ending (e.g. past its parked CPU allowance,
+    /// `ParkCpu`) is parked again only after a pause, not in a loop.
+    fn wants_parked(&self) -> Result<bool, Box<Parked>> {
         if !self.park {
-            return false;
+            return Ok(false);
         }
-        let mut slot = self.parked();
-        // Read under the slot's lock, where `take` sets it.
-        if self.going.load(Ordering::SeqCst) {
-            return false;
-        }
-        if slot.as_ref().is_some_and(|p| !p.is_alive()) {
-            tracing::warn!("a parked VM had ended; parking another");
-            *slot = None;
-        }
-        slot.is_none()
+        let ended = {
+            let mut slot = self.parked();
+            // Read under the slot's lock, where `take` sets it.
+            if self.going.load(Ordering::SeqCst) {
+                return Ok(false);
+            }
+            if slot.as_ref().is_some_and(Parked::is_alive) {
+                return Ok(false);
+            }
+            slot.take()
+        };
+        ended.map_or(Ok(true), |p| Err(Box::new(p)))
     }
 
     /// Keep `warm` sandboxes ready, and one VM parked when asked, until
     /// told to stop.
     fn fill(&self) {
         let mut failures = 0u32;
+        // A VM parked here that did not end on its own: when the slot is
+        // found empty again a call took it, and the failures are over (a
+        // park alone does not end them: a parked VM may end later).
+        let mut parked_one = false;
         while !self.stop.load(Ordering::SeqCst) {
             let guard = self.lock();
             let boot = guard.len() < self.warm;
-            if !boot && !self.wants_parked() {
-                let _ = self
-                    .wake
-                    .wait_timeout(guard, Duration::from_millis(500))
-                    .map_err(|_| ());
-                continue;
-            }
-            drop(guard);
             let made = if boot {
+                drop(guard);
                 self.boot().map(|sb| self.lock().push_back(sb))
             } else {
-                Sandbox::park(&self.cfg).map(|p| *self.parked() = Some(p))
+                match self.wants_parked() {
+                    Ok(false) => {
+                        let _ = self
+                            .wake
+                            .wait_timeout(guard, Duration::from_millis(500))
+                            .map_err(|_| ());
+                        continue;
+                    }
+                    Ok(true) => {
+                        drop(guard);
+                        if std::mem::take(&mut parked_one) {
+                            failures = 0;
+                        }
+                        Sandbox::park(&self.cfg).map(|p| {
+                            *self.parked() = Some(p);
+                            parked_one = true;
+                        })
+                    }
+                    Err(ended) => {
+                        drop(guard);
+                        parked_one = false;
+                        Err(ended.end())
+                    }
+                }
             };
             match made {
                 Ok(()) => {
-                    failures = 0;
+                    if boot {
+                        failures = 0;
+                    }
                     self.wake.notify_all();
                 }
                 Err(e) => {

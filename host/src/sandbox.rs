@@ -883,6 +883,14 @@ impl Parked {
         self.spawned.sb.is_alive() && self.accepted.now() != Some(false)
     }
 
+    /// Reap it and say how it ended (for one found not alive: its VMM's
+    /// exit, e.g. past its parked CPU allowance, and the console's tail).
+    pub fn end(mut self) -> SandboxError {
+        self.spawned
+            .sb
+            .ended(|exit| format!("the parked VM ended before its call: {exit}"))
+    }
+
     /// Whether its agent has taken the host's connection (else the guest
     /// is still getting there: [`Parked::go`] then waits for it too).
     pub fn is_parked(&self) -> bool {

@@ -192,14 +192,87 @@ pub struct VmConfig {
     pub park: Option<Arc<Park>>,
 }
 
-/// The word a parked VM waits for ([`VmConfig::park`]). The first word
-/// counts: once given or cancelled it stays so.
+/// The word a parked VM waits for ([`VmConfig::park`]), and what it may
+/// cost the host's CPU until then. The first word counts: once given or
+/// cancelled it stays so.
 #[derive(Debug, Default)]
 pub struct Park {
     word: std::sync::Mutex<Option<(bool, Instant)>>,
+    cpu: ParkCpu,
+}
+
+/// The CPU a parked VM may use before its word: its whole VMM process
+/// (vCPUs' guest time, devices, file servers), counted from when its
+/// vCPUs start. A restored guest runs to its agent's `accept` and then
+/// idles (a tickless kernel), so after a grace for getting there a parked
+/// VM may use only a small share of one CPU. One that uses more — a guest
+/// kernel that spins instead of idling — is ended
+/// ([`VmExit::Error`]): no tenant code has run in it yet, so nothing is
+/// lost, and the pool parks another after a pause.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ParkCpu {
+    /// CPU time allowed outright (getting to `accept`).
+    pub grace: Duration,
+    /// Then this share of one CPU, in thousandths, over the time parked.
+    pub per_mille: u32,
+}
+
+impl Default for ParkCpu {
+    /// 10 s of CPU, then 5 % of one CPU: a restored guest reaches its
+    /// agent with a small part of the grace even under the nested harness
+    /// (~20× slower than hardware), and an idle one uses far less than the
+    /// share; a spinning one is ended after about 10 s.
+    fn default() -> Self {
+        Self {
+            grace: Duration::from_secs(10),
+            per_mille: 50,
+        }
+    }
+}
+
+impl ParkCpu {
+    /// The CPU time allowed after `parked` of wall time.
+    pub fn allowed(&self, parked: Duration) -> Duration {
+        self.grace + parked * self.per_mille / 1000
+    }
+
+    /// As `airlock-vmm --park-cpu` takes it: `GRACE_MS,PER_MILLE`.
+    pub fn to_arg(&self) -> String {
+        format!("{},{}", self.grace.as_millis(), self.per_mille)
+    }
+
+    /// Read `GRACE_MS,PER_MILLE`.
+    ///
+    /// # Errors
+    /// A sentence naming what is wrong.
+    pub fn from_arg(s: &str) -> Result<Self, String> {
+        let bad = || format!("--park-cpu takes GRACE_MS,PER_MILLE (e.g. 10000,50), got {s:?}");
+        let (g, p) = s.split_once(',').ok_or_else(bad)?;
+        let grace = Duration::from_millis(g.trim().parse().map_err(|_| bad())?);
+        let per_mille: u32 = p.trim().parse().map_err(|_| bad())?;
+        if per_mille > 1000 {
+            return Err(format!(
+                "--park-cpu: the share of one CPU is in thousandths (0..=1000), got {per_mille}"
+            ));
+        }
+        Ok(Self { grace, per_mille })
+    }
 }
 
 impl Park {
+    /// A park with this CPU allowance ([`Park::default`]: the default one).
+    pub fn new(cpu: ParkCpu) -> Self {
+        Self {
+            word: std::sync::Mutex::default(),
+            cpu,
+        }
+    }
+
+    /// What it may use before its word.
+    pub fn cpu(&self) -> ParkCpu {
+        self.cpu
+    }
+
     fn say(&self, go: bool) {
         self.word
             .lock()
@@ -465,6 +538,15 @@ fn usage() -> Option<libc::rusage> {
     let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
     // SAFETY: getrusage(2) writes the struct we pass.
     (unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut usage) } == 0).then_some(usage)
+}
+
+/// The CPU time this whole process has used (all its threads; vCPUs'
+/// guest time counts as user time).
+pub(crate) fn cpu_used() -> Duration {
+    let t = |t: libc::timeval| {
+        Duration::from_secs(t.tv_sec.max(0) as u64) + Duration::from_micros(t.tv_usec.max(0) as u64)
+    };
+    usage().map_or(Duration::ZERO, |u| t(u.ru_utime) + t(u.ru_stime))
 }
 
 /// This process's peak resident set, KiB.

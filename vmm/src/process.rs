@@ -108,7 +108,7 @@ pub enum ProcessError {
 }
 
 /// The usage line of `airlock-vmm`.
-pub const USAGE: &str = "usage: airlock-vmm --kernel FILE --initrd FILE [--cmdline TEXT] [--memory-mib N] [--vcpus N] [--timeout-secs N] [--pmem FILE] [--share TAG=DIR]... [--share-ro TAG=DIR]... [--share-write-limit BYTES] [--vsock-uds PATH --guest-cid N] [--console-cap BYTES] [--stop-on-stdin-eof [--park]] [--seccomp enforce|log|off] [--seccomp-selftest] [--jail-root DIR --jail-uid N --jail-gid N [--jail-cgroup DIR] [--jail-selftest keeper-gone|memory|tasks]] [--snapshot-at STAGE --snapshot-dir DIR | --restore DIR] [--snapshot-identity JSON]";
+pub const USAGE: &str = "usage: airlock-vmm --kernel FILE --initrd FILE [--cmdline TEXT] [--memory-mib N] [--vcpus N] [--timeout-secs N] [--pmem FILE] [--share TAG=DIR]... [--share-ro TAG=DIR]... [--share-write-limit BYTES] [--vsock-uds PATH --guest-cid N] [--console-cap BYTES] [--stop-on-stdin-eof [--park [--park-cpu GRACE_MS,PER_MILLE]]] [--seccomp enforce|log|off] [--seccomp-selftest] [--jail-root DIR --jail-uid N --jail-gid N [--jail-cgroup DIR] [--jail-selftest keeper-gone|memory|tasks]] [--snapshot-at STAGE --snapshot-dir DIR | --restore DIR] [--snapshot-identity JSON]";
 
 /// What `airlock-vmm`'s flags ask for.
 #[derive(Debug)]
@@ -122,8 +122,8 @@ pub struct ProcessArgs {
     /// The jail to enter first, if any.
     pub jail: Option<crate::jail::JailSpec>,
     /// Park the VM ([`crate::VmConfig::park`]): its life begins when a
-    /// byte arrives on stdin.
-    pub park: bool,
+    /// byte arrives on stdin; until then it may use this much CPU.
+    pub park: Option<crate::ParkCpu>,
 }
 
 /// A configuration as `airlock-vmm` flags, plus whether to stop on stdin EOF.
@@ -166,8 +166,8 @@ pub fn to_args(cfg: &VmConfig, stop_on_stdin_eof: bool) -> Vec<String> {
     }
     if stop_on_stdin_eof {
         a.push("--stop-on-stdin-eof".into());
-        if cfg.park.is_some() {
-            a.push("--park".into());
+        if let Some(park) = &cfg.park {
+            a.extend(["--park".into(), "--park-cpu".into(), park.cpu().to_arg()]);
         }
     }
     if let Some(t) = cfg.jail_selftest {
@@ -209,7 +209,7 @@ pub fn from_args(args: impl IntoIterator<Item = String>) -> Result<ProcessArgs, 
     let (mut uds, mut cid, mut stop_on_eof, mut park) = (None, None, false, false);
     let (mut jail_root, mut jail_uid, mut jail_gid, mut jail_cgroup) = (None, None, None, None);
     let (mut snapshot_at, mut snapshot_dir, mut restore) = (None, None, None);
-    let mut snapshot_identity = None;
+    let (mut snapshot_identity, mut park_cpu) = (None, None);
     let mut seccomp = Some(crate::seccomp::Mode::Enforce);
     let mut args = args.into_iter();
     while let Some(flag) = args.next() {
@@ -292,6 +292,9 @@ pub fn from_args(args: impl IntoIterator<Item = String>) -> Result<ProcessArgs, 
                 })?);
             }
             "--restore" => restore = Some(PathBuf::from(value)),
+            "--park-cpu" => {
+                park_cpu = Some(crate::ParkCpu::from_arg(&value).map_err(ProcessError::Usage)?);
+            }
             "--console-cap" => {
                 cfg.console_cap = number("--console-cap")?.try_into().unwrap_or(usize::MAX);
             }
@@ -362,6 +365,9 @@ pub fn from_args(args: impl IntoIterator<Item = String>) -> Result<ProcessArgs, 
             "--park needs --stop-on-stdin-eof (the word to run comes on stdin)".into(),
         ));
     }
+    if park_cpu.is_some() && !park {
+        return Err(ProcessError::Usage("--park-cpu goes with --park".into()));
+    }
     if park && matches!(cfg.snapshot, Some(crate::SnapshotPlan::Make { .. })) {
         return Err(ProcessError::Usage(
             "--park does not go with --snapshot-at".into(),
@@ -377,7 +383,7 @@ pub fn from_args(args: impl IntoIterator<Item = String>) -> Result<ProcessArgs, 
         stop_on_stdin_eof: stop_on_eof,
         seccomp,
         jail,
-        park,
+        park: park.then(|| park_cpu.unwrap_or_default()),
     })
 }
 
@@ -758,7 +764,7 @@ mod tests {
         };
         let parsed = from_args(to_args(&cfg, true)).unwrap();
         assert!(parsed.stop_on_stdin_eof);
-        assert!(!parsed.park);
+        assert!(parsed.park.is_none());
         assert_eq!(
             parsed.seccomp,
             Some(crate::seccomp::Mode::Enforce),
@@ -803,7 +809,20 @@ mod tests {
             park: Some(std::sync::Arc::new(crate::Park::default())),
             ..restore.clone()
         };
-        assert!(from_args(to_args(&parked, true)).unwrap().park);
+        assert_eq!(
+            from_args(to_args(&parked, true)).unwrap().park,
+            Some(crate::ParkCpu::default())
+        );
+        // Its CPU allowance goes along.
+        let cpu = crate::ParkCpu {
+            grace: Duration::from_millis(200),
+            per_mille: 0,
+        };
+        let tight = VmConfig {
+            park: Some(std::sync::Arc::new(crate::Park::new(cpu))),
+            ..parked.clone()
+        };
+        assert_eq!(from_args(to_args(&tight, true)).unwrap().park, Some(cpu));
         assert!(!to_args(&parked, false).contains(&"--park".to_string()));
         // An identity the caller worked out travels whole.
         let identity = crate::snapshot::Identity {
@@ -842,6 +861,23 @@ mod tests {
             (
                 vec!["--kernel", "k", "--initrd", "i", "--park"],
                 "--park needs --stop-on-stdin-eof",
+            ),
+            (
+                vec!["--kernel", "k", "--initrd", "i", "--park-cpu", "100,0"],
+                "--park-cpu goes with --park",
+            ),
+            (
+                vec![
+                    "--kernel",
+                    "k",
+                    "--initrd",
+                    "i",
+                    "--stop-on-stdin-eof",
+                    "--park",
+                    "--park-cpu",
+                    "100",
+                ],
+                "--park-cpu takes GRACE_MS,PER_MILLE",
             ),
             (
                 vec![

@@ -199,7 +199,8 @@ pub(crate) fn run(
 
 /// Wait for the first vCPU's exit, a stop, a pause or the deadline: at
 /// `timeout` from now, or for a parked VM from its word to go (none before
-/// it; cancelled instead, the VM stops).
+/// it; cancelled instead, the VM stops). Before its word a parked VM is
+/// held to its CPU allowance ([`crate::ParkCpu`]), measured here from now.
 fn wait_for_exit(
     rx: &mpsc::Receiver<VmExit>,
     timeout: Duration,
@@ -209,12 +210,33 @@ fn wait_for_exit(
 ) -> VmExit {
     let poll = Duration::from_millis(50);
     let mut deadline = park.is_none().then(|| Instant::now() + timeout);
+    let (parked_at, cpu_at) = (Instant::now(), crate::cpu_used());
     loop {
         if deadline.is_none() {
             match park.and_then(crate::Park::word) {
                 Some((true, at)) => deadline = Some(at + timeout),
                 Some((false, _)) => return VmExit::Stopped,
                 None => {}
+            }
+        }
+        if deadline.is_none()
+            && let Some(park) = park
+        {
+            let (parked, used) = (
+                parked_at.elapsed(),
+                crate::cpu_used().saturating_sub(cpu_at),
+            );
+            let allowed = park.cpu().allowed(parked);
+            if used > allowed {
+                return VmExit::Error(format!(
+                    "the parked VM used {} ms of CPU in {} ms before its call, more than the {} ms it may \
+                     (a grace of {} ms, then {}‰ of one CPU)",
+                    used.as_millis(),
+                    parked.as_millis(),
+                    allowed.as_millis(),
+                    park.cpu().grace.as_millis(),
+                    park.cpu().per_mille
+                ));
             }
         }
         let left = deadline.map(|d| d.saturating_duration_since(Instant::now()));
@@ -349,5 +371,78 @@ mod tests {
             wait_for_exit(&rx, life, None, None, Some(&cancelled)),
             VmExit::Stopped
         ));
+    }
+
+    /// A thread of this process that burns CPU until told to stop (what a
+    /// parked guest that spins costs its VMM process).
+    fn spinner() -> (Arc<AtomicBool>, std::thread::JoinHandle<()>) {
+        let stop = Arc::new(AtomicBool::new(false));
+        let s = stop.clone();
+        let t = std::thread::spawn(move || {
+            let mut x = 0u64;
+            while !s.load(Ordering::Relaxed) {
+                x = std::hint::black_box(x.wrapping_mul(31).wrapping_add(7));
+            }
+        });
+        (stop, t)
+    }
+
+    #[test]
+    fn a_parked_vm_that_spins_before_its_word_is_ended() {
+        let (_tx, rx) = mpsc::channel::<VmExit>();
+        let cpu = crate::ParkCpu {
+            grace: Duration::from_millis(100),
+            per_mille: 0,
+        };
+        let park = Arc::new(crate::Park::new(cpu));
+        let (stop, t) = spinner();
+        // Without the allowance it would wait for ever: a cancel after 5 s
+        // makes that a failure here, not a hang.
+        let (ended, ended_rx) = mpsc::channel::<()>();
+        let give_up = {
+            let park = park.clone();
+            std::thread::spawn(move || {
+                if ended_rx.recv_timeout(Duration::from_secs(5)).is_err() {
+                    park.cancel();
+                }
+            })
+        };
+        let start = Instant::now();
+        let exit = wait_for_exit(&rx, Duration::from_secs(1), None, None, Some(&park));
+        let took = start.elapsed();
+        let _ = ended.send(());
+        stop.store(true, Ordering::Relaxed);
+        t.join().unwrap();
+        give_up.join().unwrap();
+        let VmExit::Error(e) = exit else {
+            panic!("a spinning parked VM was not ended: {exit:?}");
+        };
+        assert!(
+            e.contains("the parked VM used") && e.contains("before its call"),
+            "{e}"
+        );
+        // Ended once past its grace, not at some later deadline.
+        assert!(took < Duration::from_secs(4), "{took:?}");
+        // Given its word, the same VM's CPU is its call's: no such end.
+        let park = crate::Park::new(cpu);
+        park.go();
+        let (stop, t) = spinner();
+        let exit = wait_for_exit(&rx, Duration::from_millis(500), None, None, Some(&park));
+        stop.store(true, Ordering::Relaxed);
+        t.join().unwrap();
+        assert!(matches!(exit, VmExit::Timeout), "{exit:?}");
+    }
+
+    #[test]
+    fn park_cpu_reads_its_flag_and_allows_grace_then_a_share() {
+        let c = crate::ParkCpu::from_arg("10000,50").unwrap();
+        assert_eq!(c, crate::ParkCpu::default());
+        assert_eq!(crate::ParkCpu::from_arg(&c.to_arg()).unwrap(), c);
+        assert_eq!(c.allowed(Duration::ZERO), Duration::from_secs(10));
+        assert_eq!(c.allowed(Duration::from_secs(100)), Duration::from_secs(15));
+        for bad in ["", "10", "a,5", "10,b", "10,1001", "-1,5"] {
+            let e = crate::ParkCpu::from_arg(bad).unwrap_err();
+            assert!(e.contains("--park-cpu"), "{bad:?}: {e}");
+        }
     }
 }

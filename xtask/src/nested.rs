@@ -389,6 +389,17 @@ if wanted snapshot-restore; then
     cat /tmp/snap.err
   done
   rm -rf $A /tmp/park.sock*
+  # Parked with a guest that does not idle (the selftest snapshot: its
+  # guest goes on to run the Wasm self-test) and a CPU allowance of
+  # 300 ms, then none: ended with an error before its word, not let run.
+  timeout -s KILL 400 $SNAPVM --restore $S --stop-on-stdin-eof --park --park-cpu 300,0 \
+    < /tmp/park.fifo > /tmp/park.out 2>/tmp/snap.err &
+  PARKPID=$!
+  exec 7>/tmp/park.fifo
+  wait $PARKPID
+  exec 7>&-
+  echo "PARKSPIN $(tr -d '\n' < /tmp/park.out)"
+  cat /tmp/snap.err
   printf 'x' | dd of=$S/state bs=1 seek=200 conv=notrunc 2>/dev/null
   echo "EDITED rc=$(timeout -s KILL 100 $SNAPVM --restore $S > /dev/null 2>/tmp/snap.err; echo $?) $(cat /tmp/snap.err)"
   rm -rf $S

@@ -7,7 +7,7 @@
 //! airlock-vmm --kernel vmlinux --initrd initramfs.cpio.gz [--cmdline "…"]
 //!             [--memory-mib 256] [--vcpus 1] [--timeout-secs 60] [--pmem image]
 //!             [--vsock-uds PATH --guest-cid N] [--console-cap BYTES]
-//!             [--stop-on-stdin-eof [--park]]
+//!             [--stop-on-stdin-eof [--park [--park-cpu GRACE_MS,PER_MILLE]]]
 //! ```
 //! Prints one JSON object: exit, wall_ms, stages, peak_rss_kib,
 //! guest_resident_kib, console. Exit status 0 when the VM ran (whatever its
@@ -17,7 +17,9 @@
 //! With `--park` as well, the VM runs at once (a restore: its guest waits
 //! for the host in its agent) but `--timeout-secs` counts only from the
 //! first byte on stdin, the word that a call has taken it (EOF first: it
-//! ends `stopped`).
+//! ends `stopped`). Until the word the process may use `--park-cpu`'s CPU
+//! (default 10000 ms, then 50‰ of one CPU; `airlock_vmm::ParkCpu`): past
+//! it the VM ends with an error.
 //! The process confines itself first (no core dumps, not dumpable, at most
 //! `MAX_OPEN_FILES` descriptors). With `--jail-root/--jail-uid/--jail-gid`
 //! (run as root) it then enters its jail (`airlock_vmm::jail`: cgroup,
@@ -97,8 +99,8 @@ fn main() -> ExitCode {
         }
         cfg.seccomp = Some(f);
     }
-    if args.park {
-        cfg.park = Some(Arc::new(airlock_vmm::Park::default()));
+    if let Some(cpu) = args.park {
+        cfg.park = Some(Arc::new(airlock_vmm::Park::new(cpu)));
     }
     if stop_on_eof {
         let park = cfg.park.clone();
