@@ -115,6 +115,11 @@ enum Cmd {
         /// nodes beside the embedded default.
         #[arg(long)]
         cluster: bool,
+        /// For `fs`: boot pairs (with and without a share); default three
+        /// a round. Boots under the harness move by hundreds of ms, so a
+        /// ratio near its goal needs many pairs to be placed.
+        #[arg(long)]
+        boot_pairs: Option<u32>,
     },
 }
 
@@ -181,6 +186,7 @@ fn main() -> anyhow::Result<()> {
             max_vms,
             reference_vmm,
             cluster,
+            boot_pairs,
         } => match which.as_str() {
             "runner" => bench_runner(iterations),
             "service" if cluster => bench_service::cluster(iterations),
@@ -191,7 +197,7 @@ fn main() -> anyhow::Result<()> {
                 other => bail!("--isolation: expected process or vm, got {other:?}"),
             },
             "boot" => nested::bench_boot(rounds, reference_vmm),
-            "fs" => nested::bench_fs(rounds),
+            "fs" => nested::bench_fs(rounds, boot_pairs.unwrap_or(rounds.saturating_mul(3))),
             "start" => nested::bench_start(rounds),
             "models" => nested::bench_models(rounds),
             other => {

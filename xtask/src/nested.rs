@@ -1076,8 +1076,9 @@ if [ "$airlock_bench" = fs ]; then
     i=$((i+1))
   done
   huge_after=$(awk '/^ShmemHugePages:/ {print $2}' /proc/meminfo)
-  # Boots are short and their spread wide: three pairs a round.
-  B=$((R * 3))
+  # Boots are short and their spread wide: three pairs a round unless
+  # asked for more (`--boot-pairs`).
+  B=${airlock_boot_pairs:-$((R * 3))}
   echo "NESTED-PROGRESS bench-fs: $B boots with and without a share"
   # One line of JSON, assembled in a file: the kernel's console messages
   # (a VM starting) must not land inside it.
@@ -1088,6 +1089,7 @@ if [ "$airlock_bench" = fs ]; then
     printf ', "boots": ['
     i=0; while [ $i -lt $B ]; do
       [ $i -gt 0 ] && printf ','
+      [ $((i % 10)) = 9 ] && echo "NESTED-PROGRESS bench-fs: boot pair $((i + 1)) of $B" > /dev/console
       printf '{"plain": '
       /airlock vm boot --kernel $G/vmlinux --initrd $G/initramfs-selftest.cpio.gz \
         --cmdline airlock.selftest=panic --timeout-secs 300 2>/dev/null | tr -d '\n'
@@ -2001,12 +2003,12 @@ fn models_report(json: &serde_json::Value) -> anyhow::Result<String> {
     Ok(out)
 }
 
-pub fn bench_fs(rounds: u32) -> anyhow::Result<()> {
+pub fn bench_fs(rounds: u32, boot_pairs: u32) -> anyhow::Result<()> {
     let manifest = build_image(Kind::Bench { reference: None })?;
     eprintln!("bench fs: booting the outer VM (QEMU TCG + kvm-amd); this takes many minutes");
     let console = boot_outer(
         &manifest,
-        &format!("airlock_bench=fs airlock_rounds={rounds}"),
+        &format!("airlock_bench=fs airlock_rounds={rounds} airlock_boot_pairs={boot_pairs}"),
         std::time::Duration::from_secs(2 * 60 * 60),
     )?;
     let json = bench_result(&console, "bench-fs")?;
