@@ -847,6 +847,19 @@ mod tests {
             Some(crate::SnapshotPlan::Restore { identity: Some(i), .. }) if i == identity
         ));
 
+        // A parked VMM's flags, and more.
+        let parked = |more: &[&'static str]| {
+            let mut a = vec![
+                "--kernel",
+                "k",
+                "--initrd",
+                "i",
+                "--stop-on-stdin-eof",
+                "--park",
+            ];
+            a.extend_from_slice(more);
+            a
+        };
         for (args, says) in [
             (vec!["--kernel"], "needs a value"),
             (
@@ -867,31 +880,11 @@ mod tests {
                 "--park-cpu goes with --park",
             ),
             (
-                vec![
-                    "--kernel",
-                    "k",
-                    "--initrd",
-                    "i",
-                    "--stop-on-stdin-eof",
-                    "--park",
-                    "--park-cpu",
-                    "100",
-                ],
+                parked(&["--park-cpu", "100"]),
                 "--park-cpu takes GRACE_MS,PER_MILLE",
             ),
             (
-                vec![
-                    "--kernel",
-                    "k",
-                    "--initrd",
-                    "i",
-                    "--stop-on-stdin-eof",
-                    "--park",
-                    "--snapshot-at",
-                    "listening",
-                    "--snapshot-dir",
-                    "/s",
-                ],
+                parked(&["--snapshot-at", "listening", "--snapshot-dir", "/s"]),
                 "--park does not go with --snapshot-at",
             ),
             (
