@@ -540,13 +540,17 @@ fn usage() -> Option<libc::rusage> {
     (unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut usage) } == 0).then_some(usage)
 }
 
+/// A `getrusage` time as a duration.
+fn timeval(t: libc::timeval) -> Duration {
+    Duration::from_secs(t.tv_sec.max(0) as u64) + Duration::from_micros(t.tv_usec.max(0) as u64)
+}
+
 /// The CPU time this whole process has used (all its threads; vCPUs'
 /// guest time counts as user time).
 pub(crate) fn cpu_used() -> Duration {
-    let t = |t: libc::timeval| {
-        Duration::from_secs(t.tv_sec.max(0) as u64) + Duration::from_micros(t.tv_usec.max(0) as u64)
-    };
-    usage().map_or(Duration::ZERO, |u| t(u.ru_utime) + t(u.ru_stime))
+    usage().map_or(Duration::ZERO, |u| {
+        timeval(u.ru_utime) + timeval(u.ru_stime)
+    })
 }
 
 /// This process's peak resident set, KiB.
@@ -561,7 +565,7 @@ fn rusage() -> serde_json::Value {
     let Some(u) = usage() else {
         return serde_json::Value::Null;
     };
-    let ms = |t: libc::timeval| t.tv_sec as u64 * 1000 + t.tv_usec as u64 / 1000;
+    let ms = |t: libc::timeval| timeval(t).as_millis() as u64;
     serde_json::json!({
         "user_ms": ms(u.ru_utime),
         "sys_ms": ms(u.ru_stime),

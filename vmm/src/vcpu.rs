@@ -210,7 +210,9 @@ fn wait_for_exit(
 ) -> VmExit {
     let poll = Duration::from_millis(50);
     let mut deadline = park.is_none().then(|| Instant::now() + timeout);
-    let (parked_at, cpu_at) = (Instant::now(), crate::cpu_used());
+    // Where a parked VM's allowance counts from (only a parked one reads
+    // the process's CPU time).
+    let start = park.map(|_| (Instant::now(), crate::cpu_used()));
     loop {
         if deadline.is_none() {
             match park.and_then(crate::Park::word) {
@@ -220,7 +222,7 @@ fn wait_for_exit(
             }
         }
         if deadline.is_none()
-            && let Some(park) = park
+            && let (Some(park), Some((parked_at, cpu_at))) = (park, start)
         {
             let (parked, used) = (
                 parked_at.elapsed(),
