@@ -176,6 +176,9 @@ pub(crate) struct Devices {
     pub weights: Option<PmemMapping>,
     /// The shares' DAX windows behind their memory slots; as `weights`.
     pub windows: Vec<Arc<DaxWindow>>,
+    /// The virtio devices' register pages behind their memory slots; as
+    /// `weights`.
+    pub register_pages: Vec<Arc<devices::virtio_mmio::RegisterPage>>,
     /// Each share's file-server counters, for the report.
     pub fs_stats: Vec<Arc<crate::devices::fs::device::FsStats>>,
     /// When each part of attaching them ended, since the run's start (the
@@ -326,6 +329,7 @@ pub(crate) fn attach_devices(
         cmdline: Vec::new(),
         weights: None,
         windows: Vec::new(),
+        register_pages: Vec::new(),
         fs_stats: Vec::new(),
         steps: vec![("devices_pio", start.elapsed())],
     };
@@ -517,6 +521,27 @@ fn attach_virtio(
             source,
         }
     })?;
+    // Reads of the registers from the page, without an exit; writes
+    // still exit to the bus below (and KVM's ioeventfds).
+    let page = t.register_page();
+    let index = devices::MMIO_SLOTS
+        .iter()
+        .position(|s| s.base == slot.base)
+        .ok_or_else(|| device_err(slot.name, "not in the virtio-mmio table".into()))?;
+    // SAFETY: `page` is a live mapping of one window's bytes; a clone is
+    // kept in `Devices::register_pages`, which `run` drops only after the
+    // VM fd.
+    unsafe {
+        read_only_slot(
+            vm,
+            devices::REGISTER_PAGE_FIRST_SLOT + index as u32,
+            slot.base,
+            devices::virtio_mmio::MMIO_SIZE,
+            page.host_addr(),
+        )
+    }
+    .map_err(kvm_err("set a register page's memory region"))?;
+    devs.register_pages.push(page);
     let t = Arc::new(Mutex::new(t));
     devs.buses
         .mmio

@@ -955,6 +955,7 @@ pub fn run(cfg: &VmConfig) -> Result<RunReport, VmmError> {
         marker,
         weights,
         windows,
+        register_pages,
         fs_stats,
         ..
     } = devices;
@@ -965,6 +966,7 @@ pub fn run(cfg: &VmConfig) -> Result<RunReport, VmmError> {
     drop(vm);
     drop(weights);
     drop(windows);
+    drop(register_pages);
     let guest_resident_bytes = resident_bytes(&memory.mem);
     let rss_anon_kib = rss_anon_kib();
     drop(memory);

@@ -144,6 +144,9 @@ pub const FS_WINDOW_STRIDE: u64 = 1 << 30;
 pub const PMEM_SLOT: u32 = 1;
 /// The first KVM memory slot of the windows (after RAM and the weights).
 pub const FS_WINDOW_FIRST_SLOT: u32 = PMEM_SLOT + 1;
+/// The first KVM memory slot of the virtio devices' register pages (one
+/// per row of [`MMIO_SLOTS`], in its order).
+pub const REGISTER_PAGE_FIRST_SLOT: u32 = FS_WINDOW_FIRST_SLOT + airlock_abi::MAX_SHARES as u32;
 
 /// Where share `i`'s DAX window starts (guest-physical).
 pub const fn fs_window_base(i: usize) -> u64 {

@@ -7,9 +7,21 @@
 //! device's own thread wakes without a vCPU exit. Interrupts go out through
 //! an irqfd after setting `InterruptStatus`.
 //!
-//! **Invariant:** the device is activated (handed its queues and guest
+//! Register *reads* need no exit either: each device's window is also a
+//! read-only KVM memory slot backed by its [`RegisterPage`], which holds
+//! what a read of each register would return. The guest reads it as
+//! memory (a probe reads ~60 registers, every interrupt `InterruptStatus`);
+//! its writes still exit (a read-only slot's writes are MMIO), and each
+//! write's handling brings the page up to date before the vCPU runs on.
+//!
+//! **Invariants:** the device is activated (handed its queues and guest
 //! memory) exactly once, when the driver sets DRIVER_OK after negotiating
 //! `VIRTIO_F_VERSION_1`; queue configuration written after that is ignored.
+//! The register page shows exactly what [`MmioTransport::read`] would
+//! return, at every moment the guest can run: registers change only on a
+//! guest write (the page is updated before that exit completes), a
+//! restore, or `InterruptStatus` — whose only copy is the page's word. A
+//! device's configuration space is fixed when the transport is made.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -31,6 +43,24 @@ const SHM_BASE_HIGH: u32 = 0x0bc;
 
 /// Size of one device's MMIO window.
 pub const MMIO_SIZE: u64 = 0x1000;
+
+/// The registers below the configuration space that read as anything but
+/// zero, other than `InterruptStatus` (the register page's own word).
+const READABLE: [u32; 13] = [
+    VIRTIO_MMIO_MAGIC_VALUE,
+    VIRTIO_MMIO_VERSION,
+    VIRTIO_MMIO_DEVICE_ID,
+    VIRTIO_MMIO_VENDOR_ID,
+    VIRTIO_MMIO_DEVICE_FEATURES,
+    VIRTIO_MMIO_QUEUE_NUM_MAX,
+    VIRTIO_MMIO_QUEUE_READY,
+    VIRTIO_MMIO_STATUS,
+    VIRTIO_MMIO_CONFIG_GENERATION,
+    SHM_LEN_LOW,
+    SHM_LEN_HIGH,
+    SHM_BASE_LOW,
+    SHM_BASE_HIGH,
+];
 
 /// Errors of the transport.
 #[derive(Debug, thiserror::Error)]
@@ -65,25 +95,113 @@ pub fn epoll_for(
     Ok(epoll)
 }
 
+/// One page of host memory holding what a read of each of a device's
+/// registers returns (little-endian words at the registers' offsets, the
+/// configuration space from 0x100), for the guest to read through a
+/// read-only memory slot instead of exiting. The host writes it with
+/// atomic stores; the guest cannot write it.
+pub struct RegisterPage {
+    addr: std::ptr::NonNull<u8>,
+}
+
+// SAFETY: the page is plain memory owned by this value; every access from
+// Rust goes through `word`, i.e. through atomics.
+unsafe impl Send for RegisterPage {}
+// SAFETY: as above.
+unsafe impl Sync for RegisterPage {}
+
+impl RegisterPage {
+    /// The page's size (one device window).
+    pub const LEN: usize = MMIO_SIZE as usize;
+
+    /// A zeroed page.
+    ///
+    /// # Errors
+    /// The mapping cannot be made.
+    pub fn new() -> std::io::Result<Arc<Self>> {
+        // SAFETY: a new private anonymous mapping; no existing memory is
+        // named, and the result is checked before use.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                Self::LEN,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err(std::io::Error::last_os_error());
+        }
+        let addr = std::ptr::NonNull::new(p.cast::<u8>())
+            .ok_or_else(|| std::io::Error::other("mmap returned null"))?;
+        let page = Self { addr };
+        // Present before KVM maps it: a read fault on an untouched page
+        // would give the guest the shared zero page until the first store.
+        page.word(0).store(0, Ordering::SeqCst);
+        Ok(Arc::new(page))
+    }
+
+    /// The word at `offset` (4-aligned, inside the page; else the last
+    /// word, which no register uses).
+    fn word(&self, offset: u32) -> &AtomicU32 {
+        let offset = if offset.is_multiple_of(4) && (offset as usize) < Self::LEN {
+            offset as usize
+        } else {
+            Self::LEN - 4
+        };
+        // SAFETY: `offset` is 4-aligned and at most LEN - 4, the mapping
+        // is page-aligned and LEN bytes long and lives as long as `self`;
+        // all Rust access to it is atomic (the guest only reads it).
+        unsafe { &*self.addr.as_ptr().add(offset).cast::<AtomicU32>() }
+    }
+
+    /// What a 4-byte read at `offset` returns now.
+    pub fn load(&self, offset: u32) -> u32 {
+        self.word(offset).load(Ordering::SeqCst)
+    }
+
+    fn store(&self, offset: u32, v: u32) {
+        self.word(offset).store(v, Ordering::SeqCst);
+    }
+
+    /// Host address of the page (for its memory slot).
+    pub fn host_addr(&self) -> u64 {
+        self.addr.as_ptr() as u64
+    }
+}
+
+impl Drop for RegisterPage {
+    fn drop(&mut self) {
+        // SAFETY: `addr` is the mapping `new` made, LEN bytes long; no
+        // reference into it outlives `self` (`word` borrows `self`).
+        unsafe { libc::munmap(self.addr.as_ptr().cast(), Self::LEN) };
+    }
+}
+
 /// The device's way to interrupt the guest.
 #[derive(Clone)]
 pub struct Interrupt {
-    status: Arc<AtomicU32>,
+    /// `InterruptStatus` lives in the register page: the guest reads it
+    /// there.
+    page: Arc<RegisterPage>,
     irqfd: Arc<EventFd>,
 }
 
 impl Interrupt {
-    /// An interrupt raised through `irqfd`.
-    pub fn new(irqfd: Arc<EventFd>) -> Self {
-        Self {
-            status: Arc::new(AtomicU32::new(0)),
-            irqfd,
-        }
+    /// An interrupt raised through `irqfd`, its status word in `page`.
+    pub fn new(page: Arc<RegisterPage>, irqfd: Arc<EventFd>) -> Self {
+        Self { page, irqfd }
+    }
+
+    fn status(&self) -> &AtomicU32 {
+        self.page.word(VIRTIO_MMIO_INTERRUPT_STATUS)
     }
 
     /// Tell the guest that used buffers are ready.
     pub fn signal_used_queue(&self) {
-        self.status
+        self.status()
             .fetch_or(VIRTIO_MMIO_INT_VRING, Ordering::SeqCst);
         if let Err(e) = self.irqfd.write(1) {
             tracing::warn!(error = %e, "virtio interrupt could not be raised");
@@ -339,12 +457,14 @@ impl MmioTransport {
             .iter()
             .map(|&n| Queue::new(n).map_err(|e| VirtioError::Activate(e.to_string())))
             .collect::<Result<_, _>>()?;
-        Ok(Self {
+        let page = RegisterPage::new()
+            .map_err(|e| VirtioError::Activate(format!("register page: {e}")))?;
+        let t = Self {
             device,
             mem,
             queues,
             queue_evts: queue_evts.into_iter().map(Some).collect(),
-            interrupt: Interrupt::new(irqfd),
+            interrupt: Interrupt::new(page, irqfd),
             device_features_sel: 0,
             driver_features_sel: 0,
             driver_features: 0,
@@ -354,7 +474,34 @@ impl MmioTransport {
             config_generation: 0,
             activated: false,
             configured: Vec::new(),
-        })
+        };
+        // The configuration space, once (see the module's invariants).
+        let mut config = [0u8; RegisterPage::LEN - 0x100];
+        t.device.read_config(0, &mut config);
+        for (i, w) in config.chunks_exact(4).enumerate() {
+            t.interrupt.page.store(
+                0x100 + 4 * i as u32,
+                u32::from_le_bytes([w[0], w[1], w[2], w[3]]),
+            );
+        }
+        t.sync_page();
+        Ok(t)
+    }
+
+    /// The page the guest reads the registers from (for its memory slot).
+    pub fn register_page(&self) -> Arc<RegisterPage> {
+        self.interrupt.page.clone()
+    }
+
+    /// Bring the register page up to what [`read`](Self::read) returns
+    /// (every register below the configuration space but
+    /// `InterruptStatus`, which lives there).
+    fn sync_page(&self) {
+        for off in READABLE {
+            let mut b = [0u8; 4];
+            self.read(u64::from(off), &mut b);
+            self.interrupt.page.store(off, u32::from_le_bytes(b));
+        }
     }
 
     fn all_features(&self) -> u64 {
@@ -384,7 +531,7 @@ impl MmioTransport {
             },
             VIRTIO_MMIO_QUEUE_NUM_MAX => q.map_or(0, |q| u32::from(q.max_size())),
             VIRTIO_MMIO_QUEUE_READY => q.map_or(0, |q| u32::from(q.ready())),
-            VIRTIO_MMIO_INTERRUPT_STATUS => self.interrupt.status.load(Ordering::SeqCst),
+            VIRTIO_MMIO_INTERRUPT_STATUS => self.interrupt.status().load(Ordering::SeqCst),
             VIRTIO_MMIO_STATUS => self.status,
             VIRTIO_MMIO_CONFIG_GENERATION => self.config_generation,
             // The selected shared-memory region; none: SHMLen and SHMBase
@@ -412,6 +559,12 @@ impl MmioTransport {
 
     /// A guest write at `offset`.
     pub fn write(&mut self, offset: u64, data: &[u8]) {
+        self.write_register(offset, data);
+        // Before the exit completes: the guest's next read sees it.
+        self.sync_page();
+    }
+
+    fn write_register(&mut self, offset: u64, data: &[u8]) {
         if offset >= 0x100 || data.len() != 4 {
             return; // vsock's config space is read-only; registers are 32-bit
         }
@@ -473,7 +626,7 @@ impl MmioTransport {
                 }
             }
             VIRTIO_MMIO_INTERRUPT_ACK => {
-                self.interrupt.status.fetch_and(!v, Ordering::SeqCst);
+                self.interrupt.status().fetch_and(!v, Ordering::SeqCst);
             }
             VIRTIO_MMIO_STATUS => self.set_status(v),
             _ => {}
@@ -554,7 +707,7 @@ impl MmioTransport {
             driver_features_sel: self.driver_features_sel,
             queue_sel: self.queue_sel,
             config_generation: self.config_generation,
-            interrupt_status: self.interrupt.status.load(Ordering::SeqCst),
+            interrupt_status: self.interrupt.status().load(Ordering::SeqCst),
             activated: self.activated,
             queues: if self.activated {
                 self.configured.clone()
@@ -609,7 +762,7 @@ impl MmioTransport {
         self.queue_sel = s.queue_sel;
         self.config_generation = s.config_generation;
         self.interrupt
-            .status
+            .status()
             .store(s.interrupt_status, Ordering::SeqCst);
         self.status = s.status;
         if s.activated {
@@ -618,6 +771,7 @@ impl MmioTransport {
                 return bad("the device did not start".into());
             }
         }
+        self.sync_page();
         Ok(())
     }
 }
@@ -737,6 +891,134 @@ mod tests {
             ..saved
         };
         assert!(other.restore(&foreign).is_err());
+    }
+
+    /// A device with a configuration space, features in both words, two
+    /// queues and a shared-memory region: every register has something
+    /// to show.
+    struct Shown;
+    const SHOWN_CONFIG: &[u8] = b"a-tag-of-eleven\0\x01\0\0\0";
+    impl VirtioDevice for Shown {
+        fn device_type(&self) -> u32 {
+            26
+        }
+        fn features(&self) -> u64 {
+            (1 << 3) | (1 << 40)
+        }
+        fn queue_max_sizes(&self) -> &[u16] {
+            &[16, 256]
+        }
+        fn read_config(&self, offset: u64, data: &mut [u8]) {
+            for (i, b) in data.iter_mut().enumerate() {
+                *b = SHOWN_CONFIG.get(offset as usize + i).copied().unwrap_or(0);
+            }
+        }
+        fn activate(&mut self, _: Activation) -> Result<(), VirtioError> {
+            Ok(())
+        }
+        fn shutdown(&mut self) {}
+        fn shm_region(&self, id: u32) -> Option<(u64, u64)> {
+            (id == 0).then_some((0x10_0000_0000, 64 << 20))
+        }
+    }
+
+    /// Every word of the page against what an exit's read returns.
+    fn assert_page_shows_reads(t: &MmioTransport, when: &str) {
+        let page = t.register_page();
+        for off in (0..RegisterPage::LEN as u32).step_by(4) {
+            let mut b = [0u8; 4];
+            t.read(u64::from(off), &mut b);
+            assert_eq!(
+                page.load(off),
+                u32::from_le_bytes(b),
+                "register {off:#x} {when}"
+            );
+        }
+    }
+
+    /// The guest reads the registers from the page, without exits: at
+    /// each step of a driver's life the page must say what a read would.
+    #[test]
+    fn the_register_page_shows_what_a_read_returns_at_every_step() {
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x1_0000)]).unwrap();
+        let irq = Arc::new(EventFd::new(libc::EFD_NONBLOCK).unwrap());
+        let evts = (0..2)
+            .map(|_| EventFd::new(libc::EFD_NONBLOCK).unwrap())
+            .collect();
+        let mut t = MmioTransport::new(Box::new(Shown), mem, irq.clone(), evts).unwrap();
+        assert_page_shows_reads(&t, "when made");
+        let page = t.register_page();
+        assert_eq!(page.load(VIRTIO_MMIO_MAGIC_VALUE), 0x7472_6976);
+        assert_eq!(page.load(0x100), u32::from_le_bytes(*b"a-ta"));
+        assert_eq!(page.load(0x110), 1, "the config's last word");
+        let steps: &[(&str, u32, u32)] = &[
+            ("reset", VIRTIO_MMIO_STATUS, 0),
+            ("acknowledge", VIRTIO_MMIO_STATUS, 1),
+            ("driver", VIRTIO_MMIO_STATUS, 1 | 2),
+            ("features word 1", VIRTIO_MMIO_DEVICE_FEATURES_SEL, 1),
+            ("features word 0", VIRTIO_MMIO_DEVICE_FEATURES_SEL, 0),
+            ("features word 7", VIRTIO_MMIO_DEVICE_FEATURES_SEL, 7),
+            ("driver features sel", VIRTIO_MMIO_DRIVER_FEATURES_SEL, 1),
+            ("driver features", VIRTIO_MMIO_DRIVER_FEATURES, 1),
+            ("features ok", VIRTIO_MMIO_STATUS, 1 | 2 | 8),
+            ("queue 1", VIRTIO_MMIO_QUEUE_SEL, 1),
+            ("queue 1 size", VIRTIO_MMIO_QUEUE_NUM, 128),
+            ("queue 1 ready", VIRTIO_MMIO_QUEUE_READY, 1),
+            ("queue 9", VIRTIO_MMIO_QUEUE_SEL, 9),
+            ("queue 0", VIRTIO_MMIO_QUEUE_SEL, 0),
+            ("queue 0 ready", VIRTIO_MMIO_QUEUE_READY, 1),
+            ("region 0", SHM_SEL, 0),
+            ("region 3", SHM_SEL, 3),
+            ("driver ok", VIRTIO_MMIO_STATUS, 1 | 2 | 8 | 4),
+            (
+                "write-only register",
+                VIRTIO_MMIO_QUEUE_DESC_LOW,
+                0xdead_0000,
+            ),
+            ("a write past the registers", 0x200, 0xffff_ffff),
+        ];
+        for &(when, r, v) in steps {
+            reg(&mut t, r, v);
+            assert_page_shows_reads(&t, when);
+        }
+        assert_eq!(page.load(VIRTIO_MMIO_STATUS), 1 | 2 | 8 | 4);
+        assert_eq!(
+            page.load(0x200),
+            0,
+            "the guest's writes never land in the page"
+        );
+        // An interrupt: set by the device's thread, seen in the page
+        // before the irqfd fires; the guest's acknowledgement clears it.
+        t.interrupt.signal_used_queue();
+        assert_eq!(irq.read().unwrap(), 1);
+        assert_eq!(
+            page.load(VIRTIO_MMIO_INTERRUPT_STATUS),
+            VIRTIO_MMIO_INT_VRING
+        );
+        assert_page_shows_reads(&t, "after an interrupt");
+        reg(&mut t, VIRTIO_MMIO_INTERRUPT_ACK, VIRTIO_MMIO_INT_VRING);
+        assert_eq!(page.load(VIRTIO_MMIO_INTERRUPT_STATUS), 0);
+        // A reset of the running device (it stays stopped).
+        reg(&mut t, VIRTIO_MMIO_STATUS, 0);
+        assert_page_shows_reads(&t, "after a reset");
+        // A restored transport's page is its state's, not a fresh one's.
+        let saved = t.state();
+        let evts = (0..2)
+            .map(|_| EventFd::new(libc::EFD_NONBLOCK).unwrap())
+            .collect();
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x1_0000)]).unwrap();
+        let mut back = MmioTransport::new(Box::new(Shown), mem, irq, evts).unwrap();
+        let mut running = saved.clone();
+        running.status = 1 | 2 | 8;
+        running.queue_sel = 1;
+        running.interrupt_status = VIRTIO_MMIO_INT_VRING;
+        back.restore(&running).unwrap();
+        assert_page_shows_reads(&back, "after a restore");
+        assert_eq!(back.register_page().load(VIRTIO_MMIO_STATUS), 1 | 2 | 8);
+        assert_eq!(
+            back.register_page().load(VIRTIO_MMIO_INTERRUPT_STATUS),
+            VIRTIO_MMIO_INT_VRING
+        );
     }
 
     /// Linux's virtio-fs probes for a DAX window through the shared-memory

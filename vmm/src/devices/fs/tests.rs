@@ -1022,7 +1022,7 @@ struct Rig<'m> {
 
 impl<'m> Rig<'m> {
     fn new(mem: &'m vm_memory::GuestMemoryMmap, root: &Path, read_only: bool) -> Self {
-        use crate::devices::virtio_mmio::{Activation, Interrupt, VirtioDevice};
+        use crate::devices::virtio_mmio::{Activation, Interrupt, RegisterPage, VirtioDevice};
         use virtio_queue::Queue;
         use vm_memory::GuestAddress;
         use vmm_sys_util::eventfd::EventFd;
@@ -1052,7 +1052,7 @@ impl<'m> Rig<'m> {
                 req.create_queue::<Queue>().unwrap(),
             ],
             queue_evts: evts,
-            interrupt: Interrupt::new(irq.clone()),
+            interrupt: Interrupt::new(RegisterPage::new().unwrap(), irq.clone()),
         })
         .unwrap();
         Self {

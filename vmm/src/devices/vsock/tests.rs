@@ -6,7 +6,7 @@ use super::Vsock;
 use super::packet::{
     BUF_ALLOC, HOST_CID, OP_CREDIT_UPDATE, OP_REQUEST, OP_RESPONSE, OP_RST, OP_RW, TYPE_STREAM,
 };
-use crate::devices::virtio_mmio::{Activation, Interrupt, VirtioDevice};
+use crate::devices::virtio_mmio::{Activation, Interrupt, RegisterPage, VirtioDevice};
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::sync::Arc;
@@ -229,7 +229,7 @@ fn start(
             .map(|q| q.create_queue::<Queue>().unwrap())
             .collect(),
         queue_evts: evts,
-        interrupt: Interrupt::new(irq.clone()),
+        interrupt: Interrupt::new(RegisterPage::new().unwrap(), irq.clone()),
     })
     .unwrap();
     (dev, guest, irq)
