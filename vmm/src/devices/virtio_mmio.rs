@@ -337,7 +337,10 @@ pub trait VirtioDevice: Send {
     fn features(&self) -> u64;
     /// Maximum size of each queue; the length is the number of queues.
     fn queue_max_sizes(&self) -> &[u16];
-    /// Read the device-specific configuration space.
+    /// Read the device-specific configuration space: `data.len()` bytes
+    /// from `offset`, zeros past its end. The transport reads it once,
+    /// whole, when it is made (for the register page): it must not change
+    /// after that.
     fn read_config(&self, offset: u64, data: &mut [u8]);
     /// Start working.
     ///
