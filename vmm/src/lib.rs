@@ -534,10 +534,16 @@ impl RunReport {
 /// This process's resource use so far (getrusage: a jailed VMM has no
 /// /proc), if the kernel tells.
 fn usage() -> Option<libc::rusage> {
+    usage_of(libc::RUSAGE_SELF)
+}
+
+/// `who`'s resource use so far (`RUSAGE_SELF`, `RUSAGE_THREAD`), if the
+/// kernel tells.
+pub(crate) fn usage_of(who: libc::c_int) -> Option<libc::rusage> {
     // SAFETY: an all-zero rusage is a valid value of the C struct.
     let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
     // SAFETY: getrusage(2) writes the struct we pass.
-    (unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut usage) } == 0).then_some(usage)
+    (unsafe { libc::getrusage(who, &mut usage) } == 0).then_some(usage)
 }
 
 /// A `getrusage` time as a duration.
@@ -545,12 +551,15 @@ fn timeval(t: libc::timeval) -> Duration {
     Duration::from_secs(t.tv_sec.max(0) as u64) + Duration::from_micros(t.tv_usec.max(0) as u64)
 }
 
+/// The CPU time (user and system) a `getrusage` result counts.
+pub(crate) fn cpu_of(u: &libc::rusage) -> Duration {
+    timeval(u.ru_utime) + timeval(u.ru_stime)
+}
+
 /// The CPU time this whole process has used (all its threads; vCPUs'
 /// guest time counts as user time).
 pub(crate) fn cpu_used() -> Duration {
-    usage().map_or(Duration::ZERO, |u| {
-        timeval(u.ru_utime) + timeval(u.ru_stime)
-    })
+    usage().map_or(Duration::ZERO, |u| cpu_of(&u))
 }
 
 /// This process's peak resident set, KiB.

@@ -1029,14 +1029,7 @@ mod tests {
         let vm = VmProcess::spawn(&sleeping_vmm(dir.path(), "1"), &cfg, None).unwrap();
         // Alive: the deadline ends the wait, and says so — having slept
         // through it, not spun.
-        let thread_cpu = || {
-            // SAFETY: an all-zero rusage is a valid value of the C struct,
-            // and getrusage only writes into the one it is given.
-            let mut r: libc::rusage = unsafe { std::mem::zeroed() };
-            // SAFETY: as above.
-            unsafe { libc::getrusage(libc::RUSAGE_THREAD, &mut r) };
-            crate::timeval(r.ru_utime) + crate::timeval(r.ru_stime)
-        };
+        let thread_cpu = || crate::cpu_of(&crate::usage_of(libc::RUSAGE_THREAD).unwrap());
         let (start, cpu) = (Instant::now(), thread_cpu());
         assert!(!vm.wait_until_finished(Some(start + Duration::from_millis(300))));
         assert!(start.elapsed() >= Duration::from_millis(300));
